@@ -1,0 +1,5 @@
+import sys
+
+from flatmount.cli import main
+
+sys.exit(main())
