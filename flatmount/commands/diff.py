@@ -1,0 +1,83 @@
+"""`flatmount diff A B`: what changed between two images, from their metadata (no mount, no object
+reads), printed like `podman image diff`; optionally the layer tar that turns A into B."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+COMPRESSION_BY_SUFFIX = ((".tar", None), (".tar.gz", "gzip"), (".tgz", "gzip"), (".tar.zst", "zstd"))
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "diff", parents=[common], help="list what changed between two images (no mount)",
+        description="List the paths that differ from image A to image B as `podman image diff` does "
+                    "(`A`dded, `C`hanged, `D`eleted; parents of added/deleted paths are `C`). A and B are "
+                    "image names or ids in the store, or paths of EROFS image files. Exit status 0, or 1 "
+                    "with --exit-code when they differ.")
+    p.add_argument("a", metavar="A", help="image name/id, or an EROFS image file")
+    p.add_argument("b", metavar="B", help="image name/id, or an EROFS image file")
+    p.add_argument("--exit-code", action="store_true", help="exit with status 1 when A and B differ")
+    p.add_argument("--strict", action="store_true",
+                   help="compare every field exactly: all xattrs (not only security.capability and "
+                        "user.*), exact mtimes, hardlink groups")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="also write an OCI layer that turns A into B: FILE.tar, .tar.gz/.tgz or .tar.zst")
+    p.add_argument("--objects", action="append", metavar="DIR",
+                   help="object dir holding file content for --output (repeatable; default: the store's)")
+    p.set_defaults(func=cmd_diff, diff_parser=p)
+
+
+def compression_for(path: str) -> str | None:
+    """The layer compression named by an output file's suffix."""
+    for suffix, compression in sorted(COMPRESSION_BY_SUFFIX, key=lambda x: -len(x[0])):
+        if path.endswith(suffix):
+            return compression
+    raise ValueError(path)
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.diff import ImageIndex, changes, export_layer
+
+    compression = None
+    if args.output is not None:
+        try:
+            compression = compression_for(args.output)
+        except ValueError:
+            args.diff_parser.error("--output must end in .tar, .tar.gz, .tgz or .tar.zst")
+    store = None
+    sides = []
+    for ref in (args.a, args.b):
+        if os.path.isfile(ref):                    # an existing file is an image file, never a name
+            sides.append({"ref": ref, "image": os.path.abspath(ref)})
+            continue
+        if store is None:
+            store = open_store(args)
+        from flatmount.flatten import flatten_image
+
+        flat = flatten_image(store, ref)
+        sides.append({"ref": ref, "id": store.resolve_image(ref).id, "image": flat.path})
+    index_a = ImageIndex.for_image(sides[0]["image"])
+    index_b = ImageIndex.for_image(sides[1]["image"])
+    result = changes(index_a, index_b, strict=args.strict)
+    layer = None
+    if args.output is not None:
+        dirs = args.objects
+        if not dirs:
+            dirs = (store if store is not None else open_store(args, readonly=True)).object_dirs()
+        layer = export_layer(index_a, index_b, args.output, dirs, compression)
+    if want_json(args):
+        print_json({"a": sides[0], "b": sides[1], "differ": bool(result),
+                    "changes": [c.to_json() for c in result], "layer": layer})
+    else:
+        out = sys.stdout.buffer
+        out.write(b"".join(c.kind.encode() + b" " + c.path + b"\n" for c in result))
+        out.flush()
+        if layer is not None:
+            print(f"wrote {args.output}: {layer.entries} entries, {layer.whiteouts} whiteouts, "
+                  f"{layer.opaque_dirs} opaque dirs, {layer.size} bytes, diff_id {layer.diff_id}",
+                  file=sys.stderr)
+    return 1 if args.exit_code and result else 0

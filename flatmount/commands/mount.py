@@ -1,0 +1,161 @@
+"""`flatmount` mount commands.
+
+Two layers live here, each in its own section:
+- low-level (flatmount.kmount, no store): `mount-image`, `umount-image`;
+- store-level (`mount`, `umount`, `mounts`, `cleanup`): added by the store/mount worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Add this area's subcommands to the `flatmount` parser."""
+    register_kernel(sub, common)
+    register_store(sub, common)
+
+
+# --- low-level kernel mounts (flatmount.kmount) ----------------------------------------------------
+def register_kernel(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "mount-image", parents=[common],
+        help="mount an EROFS metadata image read-only, its files served from object dirs",
+        description="Mount IMAGE (EROFS, composefs layout) at MOUNTPOINT: overlayfs ro,nodev,nosuid "
+                    "with each --objects DIR as a data-only lower layer; the erofs mount itself stays "
+                    "attached nowhere.  No store is involved (see `flatmount mount` for images by name).")
+    p.add_argument("image", metavar="IMAGE", help="EROFS image file")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="existing directory")
+    p.add_argument("--objects", action="append", default=[], metavar="DIR",
+                   help="object directory (XX/<62 hex> layout); repeatable, searched in order")
+    p.add_argument("--loop", action="store_true",
+                   help="always mount the image through a loop device (default: only when the kernel "
+                        "refuses the file itself)")
+    p.set_defaults(func=cmd_mount_image)
+
+    p = sub.add_parser(
+        "umount-image", parents=[common], help="unmount what mount-image mounted",
+        description="Unmount MOUNTPOINT; the erofs layer and any loop device are freed with it.")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--lazy", action="store_true",
+                   help="detach now even if busy; freed when the last user goes (MNT_DETACH)")
+    p.set_defaults(func=cmd_umount_image)
+
+
+def cmd_mount_image(args: argparse.Namespace) -> int:
+    from flatmount.cli import print_json, want_json
+    from flatmount.kmount import mount_image
+
+    mount_image(args.image, args.mountpoint, args.objects, loop=True if args.loop else None)
+    if want_json(args):
+        import os
+
+        print_json({"image": os.path.abspath(args.image), "mountpoint": os.path.abspath(args.mountpoint),
+                    "objects": [os.path.abspath(d) for d in args.objects]})
+    return 0
+
+
+def cmd_umount_image(args: argparse.Namespace) -> int:
+    from flatmount.cli import print_json, want_json
+    from flatmount.kmount import umount_image
+
+    umount_image(args.mountpoint, lazy=args.lazy)
+    if want_json(args):
+        import os
+
+        print_json({"mountpoint": os.path.abspath(args.mountpoint), "unmounted": True})
+    return 0
+
+
+# --- store-level mounts (flatmount.store leases) ---------------------------------------------------
+# `mount`, `umount`, `mounts`, `cleanup` go here; register them from register() above.
+def register_store(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "mount", parents=[common], help="mount an image read-only at a new private dir; prints the dir",
+        description="Flatten IMAGE's layer chain (cached per top layer, across stores) and mount it "
+                    "read-only at a fresh <runroot>/mounts/<id>/merged, recorded as a lease.  Unmount "
+                    "with `flatmount umount`.")
+    p.add_argument("image", metavar="NAME|ID", help="image name, id or unique id prefix")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", parents=[common], help="unmount a mount made by `flatmount mount`",
+                       description="Unmount MERGED (or the mount with that lease id), drop its lease "
+                                   "and remove its directories.")
+    p.add_argument("target", metavar="MERGED|LEASE_ID")
+    p.set_defaults(func=cmd_umount)
+
+    p = sub.add_parser("mounts", parents=[common], help="list mounts (leases) of the primary store")
+    p.set_defaults(func=cmd_mounts)
+
+    p = sub.add_parser("cleanup", parents=[common],
+                       help="drop stale leases and leftover mount dirs (after crashes or reboots)")
+    p.set_defaults(func=cmd_cleanup)
+
+    p = sub.add_parser("flatten", parents=[common],
+                       help="write (or find cached) the flattened EROFS image of an image; prints it")
+    p.add_argument("image", metavar="NAME|ID", help="image name, id or unique id prefix")
+    p.set_defaults(func=cmd_flatten)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.mount import mount_image_ref
+
+    lease = mount_image_ref(open_store(args), args.image)
+    if want_json(args):
+        print_json(lease)
+    else:
+        print(lease.merged)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.mount import umount
+
+    lease = umount(open_store(args), args.target)
+    if want_json(args):
+        print_json(lease)
+    return 0
+
+
+def cmd_mounts(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, print_table, want_json
+    from flatmount.mount import list_mounts
+
+    leases = list_mounts(open_store(args))
+    if want_json(args):
+        print_json(leases)
+        return 0
+    import time
+
+    print_table([(m.id, (m.image_ref or "")[:40], m.image_digest[:12], m.pid or "",
+                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created or 0)), m.merged)
+                 for m in leases], ("LEASE", "IMAGE", "DIGEST", "PID", "CREATED", "MERGED"))
+    return 0
+
+
+def cmd_cleanup(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.mount import cleanup
+
+    res = cleanup(open_store(args))
+    if want_json(args):
+        print_json(res)
+        return 0
+    print(f"removed {len(res.removed_leases)} stale leases, {len(res.removed_dirs)} dirs, "
+          f"unmounted {len(res.unmounted)} unleased mounts; {len(res.kept)} mounts kept, "
+          f"{len(res.busy)} busy")
+    return 0
+
+
+def cmd_flatten(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.flatten import flatten_image
+
+    flat = flatten_image(open_store(args), args.image)
+    if want_json(args):
+        print_json(flat)
+    else:
+        print(f"{flat.digest} {flat.path}")
+    return 0

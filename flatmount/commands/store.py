@@ -1,0 +1,154 @@
+"""`flatmount pull|images|layers|inspect|tag|rmi`: the store's image records.
+
+`rmi` removes records only: by name it untags that name (the image goes with its last name), by id it
+removes the image with all its names; layers of the primary store that no remaining image uses go
+with it (record, then file).  Object files are left for `gc`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def register(sub, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("pull", parents=[common], help="import an image into the primary store",
+                       description="Import an image: oci:DIR[:TAG], tar:FILE (tar, .gz, .zst; - for "
+                                   "stdin), dir:PATH, containers-storage:IMAGE, or a bare path.")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("--name", help="name the image (default: the OCI tag, if any)")
+    p.set_defaults(func=cmd_pull)
+
+    p = sub.add_parser("images", parents=[common], help="list images (primary, then additional stores)")
+    p.set_defaults(func=cmd_images)
+
+    p = sub.add_parser("layers", parents=[common], help="list layers (primary, then additional stores)")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("inspect", parents=[common], help="show an image (or layer) record as JSON",
+                       description="Print the record of an image (name, id or id prefix) with its layer "
+                                   "chain; a layer id works too.")
+    p.add_argument("ref", metavar="NAME|ID")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("tag", parents=[common], help="add a name to an image")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("name", metavar="NAME")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("rmi", parents=[common], help="remove image names / images (objects: see gc)")
+    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.set_defaults(func=cmd_rmi)
+
+
+def _short(i: str | None) -> str:
+    return i[:12] if i else "-"
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.pull import TerminalProgress, pull
+
+    progress = TerminalProgress() if sys.stderr.isatty() else None
+    try:
+        with open_store(args) as store:
+            result = pull(store, args.source, args.name, progress=progress)
+    finally:
+        if progress is not None:
+            progress.done()
+    if want_json(args):
+        print_json(result)
+    else:
+        for lid in result.present:
+            print(f"layer {lid[:12]}: already present", file=sys.stderr)
+        for lid in result.imported:
+            print(f"layer {lid[:12]}: imported", file=sys.stderr)
+        print(result.image.id)
+    return 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, print_table, want_json
+
+    with open_store(args, readonly=True) as store:
+        images = store.images()
+    if want_json(args):
+        print_json(images)
+        return 0
+    rows = []
+    for im in images:
+        where = "primary" if im.store_root == str(store.root) else im.store_root
+        for n in im.names or ("<none>",):
+            rows.append((n, _short(im.id), _short(im.top_layer), im.created or "-", where))
+    print_table(rows, ("NAME", "IMAGE ID", "TOP LAYER", "CREATED", "STORE"))
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, print_table, want_json
+
+    with open_store(args, readonly=True) as store:
+        layers = store.layers()
+    if want_json(args):
+        print_json(layers)
+        return 0
+    rows = [(_short(r.id), _short(r.parent), (r.diff_id or "-")[:19], _size(r.diff_size),
+             "-" if r.inodes is None else r.inodes, r.created or "-",
+             "primary" if r.store_root == str(store.root) else r.store_root) for r in layers]
+    print_table(rows, ("LAYER ID", "PARENT", "DIFF ID", "SIZE", "INODES", "CREATED", "STORE"))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json
+    from flatmount.errors import NotFoundError
+
+    with open_store(args, readonly=True) as store:
+        try:
+            image = store.resolve_image(args.ref)
+        except NotFoundError as image_error:
+            lid = args.ref.removeprefix("sha256:")
+            matches = [r for r in store.layers() if len(lid) >= 3 and r.id.startswith(lid)]
+            if len(matches) != 1:
+                raise image_error from None
+            print_json({"layer": matches[0]})
+            return 0
+        chain = store.layer_chain(image.top_layer) if image.top_layer else []
+    print_json({"image": image, "layers": chain})
+    return 0
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, want_json
+
+    with open_store(args) as store:
+        image = store.tag(args.image, args.name)
+    if want_json(args):
+        print_json(image)
+    return 0
+
+
+def cmd_rmi(args: argparse.Namespace) -> int:
+    from flatmount.cli import open_store, print_json, want_json
+
+    with open_store(args) as store:
+        results = [store.remove_image(ref) for ref in args.images]
+    if want_json(args):
+        print_json(results)
+        return 0
+    for r in results:
+        for n in r.untagged:
+            print(f"Untagged: {n}")
+        if r.deleted:
+            print(f"Deleted: {r.image_id}")
+    return 0

@@ -1,0 +1,363 @@
+"""EROFS and composefs on-disk records: every struct layout and constant the writer and reader share.
+
+Layouts follow torvalds/linux `fs/erofs/erofs_fs.h` (6.15+ field names in comments) and composefs
+`libcomposefs/lcfs-erofs.h`; /work/shared/spec/EROFS.md has the byte tables.  All integers are
+little-endian.  Each record is a `struct.Struct` (format string grouped by 16 bytes) plus a
+`NamedTuple` with the fields in on-disk order, reserved fields included, so that
+`Superblock._make(SUPERBLOCK.unpack_from(buf, off))` reads and `SUPERBLOCK.pack(*sb)` writes.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from typing import NamedTuple
+
+import xxhash
+
+# --- geometry ------------------------------------------------------------------------------------
+BLKSZBITS = 12
+BLKSZ = 1 << BLKSZBITS
+SLOTSIZE = 32                 # inodes start on 32-byte slots; nid = byte offset / 32
+ISLOTBITS = 5
+SUPER_OFFSET = 1024           # bytes 0..1023 are ignored by the kernel (composefs header lives there)
+NAME_LEN = 255                # longest directory entry name
+NULL_ADDR = 0xFFFFFFFF        # unmapped block / chunk: reads as zeros
+PATH_MAX = 4096               # symlink targets must be shorter than this
+
+# composefs writer choices (libcomposefs/lcfs-writer-erofs.c)
+DIR_INLINE_MAX = BLKSZ // 2   # a directory tail (or inline-content tail) above this gets a full block
+MAX_SHARED_PER_INODE = 128    # at most this many shared xattr ids per inode; the rest stay inline
+MAX_NONINLINE_CHUNKS = 1024   # composefs caps the NULL chunk map at one block
+
+
+# --- composefs header (bytes 0..31) --------------------------------------------------------------
+COMPOSEFS_MAGIC = 0xD078629A
+COMPOSEFS_HEADER_VERSION = 1   # lcfs_erofs_header_s.version (LCFS_EROFS_VERSION)
+
+
+class ComposefsFlags(enum.IntFlag):
+    HAS_ACL = 0x1
+
+
+COMPOSEFS_HEADER = struct.Struct(
+    "<IIII"     # 00 magic, version, flags, composefs_version
+    "16s"       # 10 unused[4]
+)
+
+
+class ComposefsHeader(NamedTuple):
+    magic: int = COMPOSEFS_MAGIC
+    version: int = COMPOSEFS_HEADER_VERSION
+    flags: int = 0
+    composefs_version: int = 0
+    unused: bytes = bytes(16)
+
+
+# --- superblock (absolute offset 1024) ------------------------------------------------------------
+SUPER_MAGIC = 0xE0F5E1E2
+
+
+class FeatureCompat(enum.IntFlag):
+    SB_CHKSUM = 0x1
+    MTIME = 0x2
+    XATTR_FILTER = 0x4
+    SHARED_EA_IN_METABOX = 0x8
+    PLAIN_XATTR_PFX = 0x10
+
+
+class FeatureIncompat(enum.IntFlag):
+    ZERO_PADDING = 0x1
+    COMPR_CFGS = 0x2          # also BIG_PCLUSTER
+    CHUNKED_FILE = 0x4
+    DEVICE_TABLE = 0x8        # also COMPR_HEAD2
+    ZTAILPACKING = 0x10
+    FRAGMENTS = 0x20          # also DEDUPE
+    XATTR_PREFIXES = 0x40
+    BLOCKS_48BIT = 0x80
+    METABOX = 0x100
+
+
+SUPERBLOCK = struct.Struct(
+    "<IIIBBHQ"  # 00 magic, checksum, feature_compat, blkszbits, sb_extslots, root_nid, inos
+    "qII"       # 10 (inos) build_time (epoch, s64), build_time_nsec (fixed_nsec), blocks
+    "II16s"     # 20 (..) meta_blkaddr, xattr_blkaddr, uuid
+    "16s"       # 40 volume_name
+    "IHHHBBI"   # 50 feature_incompat, available_compr_algs, extra_devices, devt_slotoff, dirblkbits,
+                #    xattr_prefix_count, xattr_prefix_start
+    "QB3sI"     # 60 packed_nid, xattr_filter_reserved, reserved, build_time_u32 (6.15+)
+    "Q8s"       # 70 rootnid_8b (48BIT only), reserved2
+)
+
+
+class Superblock(NamedTuple):
+    magic: int = SUPER_MAGIC
+    checksum: int = 0
+    feature_compat: int = 0
+    blkszbits: int = BLKSZBITS
+    sb_extslots: int = 0
+    root_nid: int = 0
+    inos: int = 0
+    build_time: int = 0
+    build_time_nsec: int = 0
+    blocks: int = 0
+    meta_blkaddr: int = 0
+    xattr_blkaddr: int = 0
+    uuid: bytes = bytes(16)
+    volume_name: bytes = bytes(16)
+    feature_incompat: int = 0
+    available_compr_algs: int = 0
+    extra_devices: int = 0
+    devt_slotoff: int = 0
+    dirblkbits: int = 0
+    xattr_prefix_count: int = 0
+    xattr_prefix_start: int = 0
+    packed_nid: int = 0
+    xattr_filter_reserved: int = 0
+    reserved: bytes = bytes(3)
+    build_time_u32: int = 0
+    rootnid_8b: int = 0
+    reserved2: bytes = bytes(8)
+
+
+# --- inodes -------------------------------------------------------------------------------------
+I_VERSION_MASK = 0x1          # i_format bit 0: 0 compact, 1 extended
+I_DATALAYOUT_BIT = 1
+I_DATALAYOUT_MASK = 0x7
+I_FORMAT_KNOWN = 0xF          # bits >= 4 (6.15 NLINK_1 / DOT_OMITTED) are rejected by older kernels
+
+
+class DataLayout(enum.IntEnum):
+    FLAT_PLAIN = 0
+    COMPRESSED_FULL = 1
+    FLAT_INLINE = 2
+    COMPRESSED_COMPACT = 3
+    CHUNK_BASED = 4
+
+
+CHUNK_FORMAT_BLKBITS_MASK = 0x1F
+CHUNK_FORMAT_INDEXES = 0x20
+CHUNK_FORMAT_48BIT = 0x40
+
+INODE_COMPACT = struct.Struct(
+    "<HHHHIIIIHHI"  # 00 i_format, i_xattr_icount, i_mode, i_nlink, i_size, i_mtime, i_u, i_ino,
+                    #    i_uid, i_gid, i_reserved
+)
+
+
+class InodeCompact(NamedTuple):
+    i_format: int = 0
+    i_xattr_icount: int = 0
+    i_mode: int = 0
+    i_nlink: int = 0
+    i_size: int = 0
+    i_mtime: int = 0          # 6.15+: seconds added to the superblock epoch; older kernels ignore it
+    i_u: int = 0              # raw_blkaddr / rdev / chunk format (le16) + reserved (le16)
+    i_ino: int = 0
+    i_uid: int = 0
+    i_gid: int = 0
+    i_reserved: int = 0
+
+
+INODE_EXTENDED = struct.Struct(
+    "<HHHHQII"  # 00 i_format, i_xattr_icount, i_mode, i_reserved (startblk_hi), i_size, i_u, i_ino
+    "IIqII"     # 18 i_uid, i_gid, i_mtime (s64), i_mtime_nsec, i_nlink
+    "16s"       # 30 i_reserved2
+)
+
+
+class InodeExtended(NamedTuple):
+    i_format: int = 1
+    i_xattr_icount: int = 0
+    i_mode: int = 0
+    i_reserved: int = 0
+    i_size: int = 0
+    i_u: int = 0
+    i_ino: int = 0
+    i_uid: int = 0
+    i_gid: int = 0
+    i_mtime: int = 0
+    i_mtime_nsec: int = 0
+    i_nlink: int = 0
+    i_reserved2: bytes = bytes(16)
+
+
+CHUNK_INDEX = struct.Struct(
+    "<HHI"      # 00 startblk_hi, device_id, startblk_lo (8-byte chunk index, INDEXES format)
+)
+
+
+class ChunkIndex(NamedTuple):
+    startblk_hi: int = 0
+    device_id: int = 0
+    startblk_lo: int = NULL_ADDR
+
+
+CHUNK_ADDR = struct.Struct("<I")  # 4-byte block map entry (no INDEXES bit)
+
+
+# --- extended attributes -------------------------------------------------------------------------
+class XattrIndex(enum.IntEnum):
+    NONE = 0                  # composefs writes unknown namespaces with index 0 and the full name
+    USER = 1
+    POSIX_ACL_ACCESS = 2
+    POSIX_ACL_DEFAULT = 3
+    TRUSTED = 4
+    LUSTRE = 5
+    SECURITY = 6
+
+
+XATTR_LONG_PREFIX = 0x80
+XATTR_FILTER_SEED = 0x25BBE08F
+XATTR_FILTER_BITS = 32
+XATTR_FILTER_DEFAULT = 0xFFFFFFFF
+
+# Prefix matching order used by the composefs writer (lustre. is not in it: written as index 0).
+XATTR_WRITE_PREFIXES: tuple[tuple[bytes, int], ...] = (
+    (b"user.", XattrIndex.USER),
+    (b"system.posix_acl_access", XattrIndex.POSIX_ACL_ACCESS),
+    (b"system.posix_acl_default", XattrIndex.POSIX_ACL_DEFAULT),
+    (b"trusted.", XattrIndex.TRUSTED),
+    (b"security.", XattrIndex.SECURITY),
+)
+XATTR_READ_PREFIXES: dict[int, bytes] = {
+    XattrIndex.NONE: b"",
+    XattrIndex.USER: b"user.",
+    XattrIndex.POSIX_ACL_ACCESS: b"system.posix_acl_access",
+    XattrIndex.POSIX_ACL_DEFAULT: b"system.posix_acl_default",
+    XattrIndex.TRUSTED: b"trusted.",
+    XattrIndex.LUSTRE: b"lustre.",
+    XattrIndex.SECURITY: b"security.",
+}
+
+XATTR_IBODY_HEADER = struct.Struct(
+    "<IB7s"     # 00 h_name_filter, h_shared_count, h_reserved2
+)
+
+
+class XattrIbodyHeader(NamedTuple):
+    h_name_filter: int = XATTR_FILTER_DEFAULT
+    h_shared_count: int = 0
+    h_reserved2: bytes = bytes(7)
+
+
+XATTR_ENTRY = struct.Struct(
+    "<BBH"      # 00 e_name_len, e_name_index, e_value_size; then suffix, value, pad to 4
+)
+
+
+class XattrEntry(NamedTuple):
+    e_name_len: int = 0
+    e_name_index: int = 0
+    e_value_size: int = 0
+
+
+XATTR_SHARED_ID = struct.Struct("<I")
+
+# --- directories ---------------------------------------------------------------------------------
+DIRENT = struct.Struct(
+    "<QHBB"     # 00 nid, nameoff, file_type, reserved
+)
+
+
+class Dirent(NamedTuple):
+    nid: int = 0
+    nameoff: int = 0
+    file_type: int = 0
+    reserved: int = 0
+
+
+class FileType(enum.IntEnum):
+    UNKNOWN = 0
+    REG_FILE = 1
+    DIR = 2
+    CHRDEV = 3
+    BLKDEV = 4
+    FIFO = 5
+    SOCK = 6
+    SYMLINK = 7
+
+
+# st_mode file type (S_IFMT bits >> 12) -> dirent file type
+FTYPE_BY_IFMT: dict[int, int] = {
+    0o100000: FileType.REG_FILE, 0o040000: FileType.DIR, 0o020000: FileType.CHRDEV,
+    0o060000: FileType.BLKDEV, 0o010000: FileType.FIFO, 0o140000: FileType.SOCK,
+    0o120000: FileType.SYMLINK,
+}
+
+# --- overlayfs xattrs (EROFS.md section 8) -------------------------------------------------------
+OVERLAY_PREFIX = b"trusted.overlay."
+OVERLAY_ESCAPED_PREFIX = b"trusted.overlay.overlay."
+OVERLAY_METACOPY = b"trusted.overlay.metacopy"
+OVERLAY_REDIRECT = b"trusted.overlay.redirect"
+OVERLAY_OPAQUE = b"trusted.overlay.opaque"
+OVERLAY_ESCAPED_WHITEOUT = b"trusted.overlay.overlay.whiteout"
+OVERLAY_ESCAPED_WHITEOUTS = b"trusted.overlay.overlay.whiteouts"
+OVERLAY_ESCAPED_OPAQUE = b"trusted.overlay.overlay.opaque"
+USER_OVERLAY_WHITEOUT = b"user.overlay.whiteout"
+USER_OVERLAY_WHITEOUTS = b"user.overlay.whiteouts"
+USER_OVERLAY_OPAQUE = b"user.overlay.opaque"
+SELINUX = b"security.selinux"
+POSIX_ACL_ACCESS = b"system.posix_acl_access"
+POSIX_ACL_DEFAULT = b"system.posix_acl_default"
+
+METACOPY_HEADER = b"\x00\x24\x00\x01"   # version 0, len 36, flags 0, FS_VERITY_HASH_ALG_SHA256
+DIGEST_SIZE = 32
+
+# --- checks on the layouts ------------------------------------------------------------------------
+assert COMPOSEFS_HEADER.size == 32
+assert SUPERBLOCK.size == 128
+assert INODE_COMPACT.size == 32
+assert INODE_EXTENDED.size == 64
+assert DIRENT.size == 12
+assert XATTR_IBODY_HEADER.size == 12
+assert XATTR_ENTRY.size == 4
+assert CHUNK_INDEX.size == 8
+assert len(Superblock._fields) == len(SUPERBLOCK.unpack(bytes(SUPERBLOCK.size)))
+assert len(InodeCompact._fields) == len(INODE_COMPACT.unpack(bytes(32)))
+assert len(InodeExtended._fields) == len(INODE_EXTENDED.unpack(bytes(64)))
+
+
+# --- small pure helpers shared by writer and reader ----------------------------------------------
+def xattr_split(name: bytes) -> tuple[int, bytes]:
+    """(e_name_index, suffix) for a full xattr name, composefs prefix order."""
+    for prefix, index in XATTR_WRITE_PREFIXES:
+        if name.startswith(prefix):
+            return int(index), name[len(prefix):]
+    return 0, name
+
+
+def xattr_filter_bit(index: int, suffix: bytes) -> int:
+    """The bloom-filter bit the kernel (6.6+) tests for this xattr name."""
+    return xxhash.xxh32_intdigest(suffix, XATTR_FILTER_SEED + index) & (XATTR_FILTER_BITS - 1)
+
+
+def round_up(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def chunk_bits(size: int) -> int:
+    """composefs chunk size for an external file of `size` (> 0) bytes: one chunk when possible."""
+    bits = max((size - 1).bit_length(), BLKSZBITS)
+    return min(bits, CHUNK_FORMAT_BLKBITS_MASK + BLKSZBITS)
+
+
+def crc32c_linux(data: bytes, crc: int = 0xFFFFFFFF) -> int:
+    """Linux `crc32c()` convention (no final xor), as the superblock checksum uses."""
+    table = _crc32c_table()
+    for b in data:
+        crc = table[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    return crc
+
+
+_CRC_TABLE: list[int] = []
+
+
+def _crc32c_table() -> list[int]:
+    if not _CRC_TABLE:
+        for i in range(256):
+            c = i
+            for _ in range(8):
+                c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+            _CRC_TABLE.append(c)
+    return _CRC_TABLE

@@ -1,0 +1,604 @@
+"""composefs-layout EROFS image -> tree, strict and safe on hostile input.
+
+`Image(data)` validates the composefs header and the superblock eagerly and reads inodes only when
+asked: `root()` builds the whole tree, `lookup(path)` binary-searches directory blocks (EROFS.md
+section 4) and builds only the subtree it finds.  The writer's own rewriting is undone exactly:
+whiteout files go back to char 0:0, `trusted.overlay.overlay.X` back to `trusted.overlay.X`, the
+metacopy/redirect pair becomes `digest`/`payload`, and the root's `opaque` marker, the `00`..`ff`
+root whiteouts and the whiteout-parent markers disappear.
+
+Every problem with the bytes raises `CorruptImageError` (message says which nid / offset).  Sizes
+read from the image are checked against the image length before anything is sliced or allocated,
+each directory is entered at most once (no loops), and the total number of directory entries is
+capped by what the image could hold, so time and memory stay proportional to the image size.
+"""
+
+from __future__ import annotations
+
+import gc
+import mmap
+import os
+import struct
+from collections.abc import Callable
+
+from flatmount.erofs import format as fmt
+from flatmount.errors import CorruptImageError
+from flatmount.tree import Inode, split_path
+
+__all__ = ["Image", "read_tree", "collect_objects"]
+
+S_IFMT = 0o170000
+S_IFDIR = 0o040000
+S_IFREG = 0o100000
+S_IFLNK = 0o120000
+S_IFCHR = 0o020000
+S_IFBLK = 0o060000
+NS = 1_000_000_000
+
+_FTYPE = {k: int(v) for k, v in fmt.FTYPE_BY_IFMT.items()}
+_PREFIX = {int(k): v for k, v in fmt.XATTR_READ_PREFIXES.items()}
+_HEX_NAMES = frozenset(b"%02x" % i for i in range(256))
+_PLAIN = fmt.DataLayout.FLAT_PLAIN
+_INLINE = fmt.DataLayout.FLAT_INLINE
+_CHUNK = fmt.DataLayout.CHUNK_BASED
+_SUPPORTED_INCOMPAT = (fmt.FeatureIncompat.ZERO_PADDING | fmt.FeatureIncompat.CHUNKED_FILE
+                       | fmt.FeatureIncompat.DEVICE_TABLE)
+_COMPACT = struct.Struct("<HHHHIIIIHH")     # compact inode without the trailing reserved word
+_EXTENDED = struct.Struct("<HHHHQIIIIqII")  # extended inode without i_reserved2
+_HDR_COUNT = struct.Struct("<IB")
+_ESC = fmt.OVERLAY_ESCAPED_PREFIX
+_TOP = fmt.OVERLAY_PREFIX
+_WHITEOUT = fmt.OVERLAY_PREFIX + b"whiteout"
+_WHITEOUTS = fmt.OVERLAY_PREFIX + b"whiteouts"
+
+
+def _corrupt(msg: str, offset: int | None = None) -> CorruptImageError:
+    return CorruptImageError(msg if offset is None else f"{msg} @{offset:#x}", offset)
+
+
+class _Rec:
+    """One parsed on-disk inode (before the composefs rewriting is undone)."""
+
+    __slots__ = ("nid", "off", "mode", "nlink", "size", "uid", "gid", "mtime_ns", "iu", "layout",
+                 "isize", "xoff", "xsize", "data_off")
+
+
+class Image:
+    """A composefs/EROFS image held in memory (bytes, memoryview or mmap); see the module docstring."""
+
+    def __init__(self, data: bytes | bytearray | memoryview | mmap.mmap):
+        self._mmap: mmap.mmap | None = None
+        try:
+            self._setup(data)
+        except CorruptImageError:
+            raise
+        except Exception as e:  # struct.error, IndexError, ValueError, OverflowError, ...
+            raise CorruptImageError(f"invalid image: {type(e).__name__}: {e}") from None
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> Image:
+        """Map the image file read-only; call `close()` (or use `with`) when done."""
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size == 0:
+                raise CorruptImageError(f"{os.fspath(path)}: empty image file", 0)
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            img = cls(mm)
+        except BaseException:
+            mm.close()
+            raise
+        img._mmap = mm
+        return img
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            self._d = b""
+            self._mmap.close()
+            self._mmap = None
+
+    def __enter__(self) -> Image:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- setup ------------------------------------------------------------------------------------
+    def _setup(self, data) -> None:
+        if isinstance(data, (bytes, mmap.mmap)):
+            d = data
+            self._get: Callable[[int, int], bytes] = lambda a, b: d[a:b]
+        else:
+            d = memoryview(data).cast("B")
+            self._get = lambda a, b: d[a:b].tobytes()
+        self._d = d
+        n = self._n = len(d)
+        if n < fmt.SUPER_OFFSET + fmt.SUPERBLOCK.size:
+            raise _corrupt(f"image truncated: {n} bytes, no room for a superblock")
+        hdr = fmt.ComposefsHeader._make(fmt.COMPOSEFS_HEADER.unpack_from(d, 0))
+        self.header: fmt.ComposefsHeader | None = None
+        self.composefs_version: int | None = None
+        if hdr.magic == fmt.COMPOSEFS_MAGIC:
+            if hdr.version != fmt.COMPOSEFS_HEADER_VERSION:
+                raise _corrupt(f"unsupported composefs header version {hdr.version}", 4)
+            self.header = hdr
+            self.composefs_version = hdr.composefs_version
+        sb = self.superblock = fmt.Superblock._make(fmt.SUPERBLOCK.unpack_from(d, fmt.SUPER_OFFSET))
+        if sb.magic != fmt.SUPER_MAGIC:
+            raise _corrupt(f"bad EROFS magic {sb.magic:#x}", fmt.SUPER_OFFSET)
+        if not 9 <= sb.blkszbits <= 12:
+            raise _corrupt(f"unsupported block size 2^{sb.blkszbits}", fmt.SUPER_OFFSET + 0xC)
+        bs = self._bs = 1 << sb.blkszbits
+        self._bits = sb.blkszbits
+        if sb.feature_compat & fmt.FeatureCompat.SB_CHKSUM:
+            ln = bs - fmt.SUPER_OFFSET if bs > fmt.SUPER_OFFSET else bs
+            if n < fmt.SUPER_OFFSET + ln:
+                raise _corrupt("image truncated inside the superblock block")
+            raw = bytearray(self._get(fmt.SUPER_OFFSET, fmt.SUPER_OFFSET + ln))
+            raw[4:8] = bytes(4)
+            if fmt.crc32c_linux(bytes(raw)) != sb.checksum:
+                raise _corrupt("superblock checksum mismatch", fmt.SUPER_OFFSET + 4)
+        if sb.dirblkbits != 0:
+            raise _corrupt(f"dirblkbits {sb.dirblkbits} != 0", fmt.SUPER_OFFSET + 0x5A)
+        bad = sb.feature_incompat & ~_SUPPORTED_INCOMPAT
+        if bad:
+            raise _corrupt(f"unsupported incompatible features {bad:#x}", fmt.SUPER_OFFSET + 0x50)
+        if sb.blocks * bs > n:
+            raise _corrupt(f"image truncated: superblock says {sb.blocks} blocks, file has {n} bytes")
+        if not 0 <= sb.build_time_nsec < NS:
+            raise _corrupt(f"bad build_time_nsec {sb.build_time_nsec}", fmt.SUPER_OFFSET + 0x20)
+        self._meta = sb.meta_blkaddr * bs
+        self._xbase = sb.xattr_blkaddr * bs
+        self._epoch = sb.build_time
+        self._root_nid = sb.root_nid
+        self._filter = bool(sb.feature_compat & fmt.FeatureCompat.XATTR_FILTER) and not sb.xattr_filter_reserved
+        self._bitcache: dict[tuple[int, bytes], tuple[bytes, int]] = {}
+        self._shared: dict[int, tuple[bytes, bytes, int]] = {}
+        # every dirent takes >= 12 bytes of image, so a sane image never holds more entries than this
+        self._max_dirents = n // 12 + 16
+        self._dirents_seen = 0
+        root = self._rec(self._root_nid)
+        if root.mode & S_IFMT != S_IFDIR:
+            raise _corrupt(f"root inode {self._root_nid} is not a directory", root.off)
+
+    # --- raw records ------------------------------------------------------------------------------
+    def _rec(self, nid: int) -> _Rec:
+        off = self._meta + (nid << fmt.ISLOTBITS)
+        n = self._n
+        if off + 32 > n:
+            raise _corrupt(f"inode {nid} beyond the end of the image", off)
+        d = self._d
+        r = _Rec()
+        r.nid = nid
+        r.off = off
+        ifmt = d[off] | d[off + 1] << 8
+        if ifmt & ~fmt.I_FORMAT_KNOWN:
+            raise _corrupt(f"inode {nid}: unsupported i_format {ifmt:#x}", off)
+        layout = ifmt >> 1
+        if ifmt & 1:
+            if off + 64 > n:
+                raise _corrupt(f"inode {nid}: extended inode truncated", off)
+            (_f, icount, mode, _r, size, iu, _ino, uid, gid, mtime, nsec,
+             nlink) = _EXTENDED.unpack_from(d, off)
+            if nsec >= NS:
+                raise _corrupt(f"inode {nid}: bad mtime nsec {nsec}", off + 0x28)
+            r.mtime_ns = mtime * NS + nsec
+            r.isize = 64
+        else:
+            (_f, icount, mode, nlink, size, mtime, iu, _ino, uid, gid) = _COMPACT.unpack_from(d, off)
+            r.mtime_ns = (self._epoch + mtime) * NS + self.superblock.build_time_nsec
+            r.isize = 32
+        t = mode & S_IFMT
+        if t not in _FTYPE:
+            raise _corrupt(f"inode {nid}: bad file type in mode {mode:#o}", off + 4)
+        if layout not in (_PLAIN, _INLINE, _CHUNK):
+            raise _corrupt(f"inode {nid}: unsupported data layout {layout}", off)
+        if layout == _CHUNK and t != S_IFREG:
+            raise _corrupt(f"inode {nid}: chunk-based layout on a non-regular file", off)
+        xsize = 12 + 4 * (icount - 1) if icount else 0
+        r.mode = mode
+        r.nlink = nlink
+        r.size = size
+        r.uid = uid
+        r.gid = gid
+        r.iu = iu
+        r.layout = layout
+        r.xoff = off + r.isize
+        r.xsize = xsize
+        r.data_off = off + r.isize + xsize
+        if r.data_off > n:
+            raise _corrupt(f"inode {nid}: xattrs beyond the end of the image", off)
+        return r
+
+    def _data(self, r: _Rec) -> bytes:
+        """The data of a flat (plain or inline) inode, bounded by the image."""
+        size = r.size
+        if size == 0:
+            return b""
+        bs = self._bs
+        n = self._n
+        if size > n:
+            raise _corrupt(f"inode {r.nid}: size {size} larger than the image", r.off)
+        if r.layout == _PLAIN:
+            start = r.iu * bs
+            if start + size > n:
+                raise _corrupt(f"inode {r.nid}: data blocks beyond the end of the image", r.off)
+            return self._get(start, start + size)
+        if r.layout != _INLINE:
+            raise _corrupt(f"inode {r.nid}: unexpected data layout {r.layout}", r.off)
+        nb = (size + bs - 1) >> self._bits
+        head = (nb - 1) * bs
+        tail = size - head
+        t0 = r.data_off
+        if t0 + tail > n or (t0 % bs) + tail > bs:
+            raise _corrupt(f"inode {r.nid}: inline data crosses a block or the image end", t0)
+        if head:
+            start = r.iu * bs
+            if start + head > n:
+                raise _corrupt(f"inode {r.nid}: data blocks beyond the end of the image", r.off)
+            return self._get(start, start + head) + self._get(t0, t0 + tail)
+        return self._get(t0, t0 + tail)
+
+    def _xattrs(self, r: _Rec) -> list[tuple[bytes, bytes]]:
+        """The raw xattrs of an inode: inline entries, then shared ones; filter bits checked."""
+        if not r.xsize:
+            return []
+        d = self._d
+        start = r.xoff
+        end = start + r.xsize
+        filt, shared = _HDR_COUNT.unpack_from(d, start)
+        p = start + 12
+        if p + 4 * shared > end:
+            raise _corrupt(f"inode {r.nid}: {shared} shared xattr ids do not fit the xattr body", start)
+        p += 4 * shared
+        out: list[tuple[bytes, bytes]] = []
+        bits = 0
+        get = self._get
+        cache = self._bitcache
+        entry = fmt.XATTR_ENTRY.unpack_from
+        while p < end:
+            if p + 4 > end:
+                raise _corrupt(f"inode {r.nid}: truncated xattr entry", p)
+            nlen, idx, vlen = entry(d, p)
+            q = p + 4 + nlen
+            if q + vlen > end:
+                raise _corrupt(f"inode {r.nid}: xattr entry overruns the xattr body", p)
+            suffix = get(p + 4, q)
+            key = (idx, suffix)
+            info = cache.get(key)
+            if info is None:
+                info = cache[key] = (self._xname(idx, suffix, r, p), 1 << fmt.xattr_filter_bit(idx, suffix))
+            bits |= info[1]
+            out.append((info[0], get(q, q + vlen)))
+            p += (4 + nlen + vlen + 3) & ~3
+        if shared:
+            scache = self._shared
+            for sid in struct.unpack_from(f"<{shared}I", d, start + 12):
+                ent = scache.get(sid)
+                if ent is None:
+                    ent = scache[sid] = self._shared_entry(sid, r)
+                bits |= ent[2]
+                out.append(ent[:2])
+        if len(out) > 1 and len(dict(out)) != len(out):
+            raise _corrupt(f"inode {r.nid}: duplicate xattr names", start)
+        if filt & bits and self._filter:
+            raise _corrupt(f"inode {r.nid}: xattr name filter hides a present xattr", start)
+        return out
+
+    def _shared_entry(self, sid: int, r: _Rec) -> tuple[bytes, bytes, int]:
+        p = self._xbase + 4 * sid
+        n = self._n
+        if p + 4 > n:
+            raise _corrupt(f"inode {r.nid}: shared xattr id {sid} beyond the end of the image", p)
+        nlen, idx, vlen = fmt.XATTR_ENTRY.unpack_from(self._d, p)
+        q = p + 4 + nlen
+        if q + vlen > n:
+            raise _corrupt(f"inode {r.nid}: shared xattr {sid} overruns the image", p)
+        suffix = self._get(p + 4, q)
+        return (self._xname(idx, suffix, r, p), self._get(q, q + vlen),
+                1 << fmt.xattr_filter_bit(idx, suffix))
+
+    @staticmethod
+    def _xname(idx: int, suffix: bytes, r: _Rec, p: int) -> bytes:
+        prefix = _PREFIX.get(idx)
+        if prefix is None:
+            raise _corrupt(f"inode {r.nid}: unsupported xattr name index {idx:#x}", p)
+        name = prefix + suffix
+        if not name or b"\0" in suffix:
+            raise _corrupt(f"inode {r.nid}: invalid xattr name {name!r}", p)
+        return name
+
+    def _nblocks(self, r: _Rec) -> int:
+        return (r.size + self._bs - 1) >> self._bits
+
+    def _block(self, r: _Rec, b: int, nb: int) -> list[tuple[bytes, int, int]]:
+        """Entries (name, nid, file type) of directory block `b` of `nb`, validated and sorted."""
+        bs = self._bs
+        if r.layout == _INLINE and b == nb - 1:
+            a = r.data_off
+            blen = r.size - b * bs
+            if a + blen > self._n or (a % bs) + blen > bs:
+                raise _corrupt(f"dir {r.nid}: inline block crosses a block or the image end", a)
+        elif r.layout in (_PLAIN, _INLINE):
+            a = (r.iu + b) * bs
+            blen = min(bs, r.size - b * bs)
+            if a + blen > self._n:
+                raise _corrupt(f"dir {r.nid}: block {b} beyond the end of the image", r.off)
+        else:
+            raise _corrupt(f"dir {r.nid}: unsupported data layout {r.layout}", r.off)
+        blk = self._get(a, a + blen)
+        if blen < 12:
+            raise _corrupt(f"dir {r.nid}: directory block {b} too short", a)
+        first = blk[8] | blk[9] << 8
+        if first < 12 or first % 12 or first >= blen:
+            raise _corrupt(f"dir {r.nid}: bad first name offset {first} in block {b}", a)
+        cnt = first // 12
+        self._dirents_seen += cnt
+        if self._dirents_seen > self._max_dirents:
+            raise _corrupt("more directory entries than the image can hold (shared directory blocks?)", a)
+        ents = list(fmt.DIRENT.iter_unpack(blk[:first]))
+        last = ents[-1][1]
+        end = blk.find(b"\0", last)
+        if end < 0:
+            end = blen
+        if last >= end or last > blen:
+            raise _corrupt(f"dir {r.nid}: bad last name offset in block {b}", a)
+        if b"/" in blk[first:end]:
+            raise _corrupt(f"dir {r.nid}: entry name with '/' in block {b}", a)
+        offs = [e[1] for e in ents]
+        offs.append(end)
+        if offs[0] != first:
+            raise _corrupt(f"dir {r.nid}: bad first name offset in block {b}", a)
+        out = []
+        prev_name = b""
+        for k in range(cnt):
+            nid, noff, ftype, _res = ents[k]
+            nxt = offs[k + 1]
+            if not noff < nxt <= noff + fmt.NAME_LEN:
+                raise _corrupt(f"dir {r.nid}: bad name offsets in block {b}, entry {k}", a + 12 * k)
+            name = blk[noff:nxt]
+            if name <= prev_name or not 0 < ftype < 8:
+                raise _corrupt(f"dir {r.nid}: unsorted entry or bad file type at {name!r}", a + noff)
+            out.append((name, nid, ftype))
+            prev_name = name
+        if b"\0" in blk[first:end]:
+            raise _corrupt(f"dir {r.nid}: NUL inside an entry name in block {b}", a)
+        return out
+
+    # --- rewriting undone ---------------------------------------------------------------------------
+    def _make(self, r: _Rec) -> tuple[Inode, bool]:
+        """Inode from a record; second value: True if it is a composefs-escaped whiteout file."""
+        mode = r.mode
+        t = mode & S_IFMT
+        xattrs: dict[bytes, bytes] = {}
+        metacopy = redirect = None
+        for name, value in self._xattrs(r):
+            if name[:16] == _TOP:
+                if name[:24] == _ESC:
+                    name = _TOP + name[24:]
+                elif name == fmt.OVERLAY_METACOPY:
+                    if t == S_IFREG:
+                        metacopy = value
+                    continue
+                elif name == fmt.OVERLAY_REDIRECT:
+                    if t == S_IFREG:
+                        redirect = value
+                    continue
+                else:  # the root's own opaque marker and other unescaped overlay xattrs
+                    continue
+            xattrs[name] = value
+        node = Inode(mode, uid=r.uid, gid=r.gid, mtime_ns=r.mtime_ns, xattrs=xattrs)
+        converted = False
+        if t == S_IFREG:
+            if r.layout == _CHUNK:
+                self._check_chunks(r)
+                node.size = r.size
+                if metacopy:
+                    if len(metacopy) != 4 + fmt.DIGEST_SIZE or metacopy[:4] != fmt.METACOPY_HEADER:
+                        raise _corrupt(f"inode {r.nid}: unsupported metacopy value", r.xoff)
+                    node.digest = metacopy[4:]
+                if redirect is not None:
+                    if len(redirect) < 2 or redirect[:1] != b"/":
+                        raise _corrupt(f"inode {r.nid}: redirect {redirect[:80]!r} is not absolute", r.xoff)
+                    node.payload = redirect[1:].decode("utf-8", "surrogateescape")
+            else:
+                data = self._data(r)
+                node.size = len(data)
+                if data:
+                    node.content = data
+                if xattrs.get(_WHITEOUT) == b"" and r.size == 0:
+                    del xattrs[_WHITEOUT]
+                    if xattrs.get(fmt.USER_OVERLAY_WHITEOUT) == b"":
+                        del xattrs[fmt.USER_OVERLAY_WHITEOUT]
+                    node.mode = S_IFCHR | (mode & ~S_IFMT)
+                    converted = True
+        elif t == S_IFDIR:
+            node.size = r.size
+            node.entries = {}
+        elif t == S_IFLNK:
+            if not 0 < r.size < fmt.PATH_MAX:
+                raise _corrupt(f"inode {r.nid}: bad symlink size {r.size}", r.off)
+            node.target = self._data(r)
+            node.size = r.size
+        elif t == S_IFCHR or t == S_IFBLK:
+            node.rdev = r.iu
+        return node, converted
+
+    def _check_chunks(self, r: _Rec) -> None:
+        cfmt = r.iu & 0xFFFF
+        if cfmt & fmt.CHUNK_FORMAT_48BIT or cfmt & ~0x7F:
+            raise _corrupt(f"inode {r.nid}: unsupported chunk format {cfmt:#x}", r.off + 0x10)
+        bits = self._bits + (cfmt & fmt.CHUNK_FORMAT_BLKBITS_MASK)
+        unit = 8 if cfmt & fmt.CHUNK_FORMAT_INDEXES else 4
+        nchunks = (r.size + (1 << bits) - 1) >> bits
+        start = (r.data_off + unit - 1) // unit * unit
+        if start + nchunks * unit > self._n:
+            raise _corrupt(f"inode {r.nid}: chunk map beyond the end of the image", start)
+
+    def _fill(self, rec: _Rec, node: Inode, parent_nid: int, is_root: bool) -> None:
+        """Read the directory `rec` into `node` and everything below it (iteratively, each dir once)."""
+        built: dict[int, tuple[Inode, int, bool]] = {}
+        dirs_seen = {rec.nid}
+        stack = [(rec, node, parent_nid, is_root)]
+        while stack:
+            r, dnode, parent, root_dir = stack.pop()
+            nb = self._nblocks(r)
+            ents = dnode.entries
+            has_whiteouts = False
+            dots = 0
+            prev = b""
+            for b in range(nb):
+                for name, cnid, ftype in self._block(r, b, nb):
+                    if name <= prev:
+                        raise _corrupt(f"dir {r.nid}: entries not sorted across blocks at {name!r}", r.off)
+                    prev = name
+                    if name == b".":
+                        if cnid != r.nid or ftype != fmt.FileType.DIR:
+                            raise _corrupt(f"dir {r.nid}: '.' points to {cnid}", r.off)
+                        dots += 1
+                        continue
+                    if name == b"..":
+                        if cnid != parent or ftype != fmt.FileType.DIR:
+                            raise _corrupt(f"dir {r.nid}: '..' points to {cnid}, parent is {parent}", r.off)
+                        dots += 1
+                        continue
+                    hit = built.get(cnid)
+                    if hit is None:
+                        if cnid in dirs_seen:
+                            raise _corrupt(f"dir {r.nid}: entry {name!r} links directory {cnid} again", r.off)
+                        crec = self._rec(cnid)
+                        ct = crec.mode & S_IFMT
+                        if _FTYPE[ct] != ftype:
+                            raise _corrupt(f"dir {r.nid}: entry {name!r} type {ftype} != inode {cnid} type",
+                                           r.off)
+                        child, converted = self._make(crec)
+                        if ct == S_IFDIR:
+                            dirs_seen.add(cnid)
+                            stack.append((crec, child, r.nid, False))
+                        else:
+                            built[cnid] = (child, ftype, converted)
+                    else:
+                        child, ctype, converted = hit
+                        if ctype != ftype:
+                            raise _corrupt(f"dir {r.nid}: entry {name!r} type {ftype} != inode {cnid} type",
+                                           r.off)
+                    if converted:
+                        has_whiteouts = True
+                    elif root_dir and name in _HEX_NAMES and child.is_whiteout:
+                        continue  # the writer's own 00..ff root whiteouts
+                    ents[name] = child
+            if dots != 2:
+                raise _corrupt(f"dir {r.nid}: missing '.' or '..'", r.off)
+            if has_whiteouts:
+                x = dnode.xattrs
+                for key, val in ((_WHITEOUTS, b""), (fmt.USER_OVERLAY_WHITEOUTS, b""),
+                                 (fmt.OVERLAY_OPAQUE, b"x"), (fmt.USER_OVERLAY_OPAQUE, b"x")):
+                    if x.get(key) == val and (val == b"" or (self.composefs_version or 0) >= 1):
+                        del x[key]
+
+    # --- public -------------------------------------------------------------------------------------
+    def _guard(self, fn, *args):
+        """Run a read with every non-CorruptImageError failure wrapped; the cyclic GC is paused
+        meanwhile (it would rescan the growing tree every few hundred objects; nothing here is cyclic)."""
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args)
+        except CorruptImageError:
+            raise
+        except Exception as e:
+            raise CorruptImageError(f"invalid image: {type(e).__name__}: {e}") from None
+        finally:
+            if enabled:
+                gc.enable()
+
+    def root(self) -> Inode:
+        """The whole tree (hardlinks as shared Inode objects)."""
+        return self._guard(self._root)
+
+    def _root(self) -> Inode:
+        self._dirents_seen = 0
+        rec = self._rec(self._root_nid)
+        node, _ = self._make(rec)
+        self._fill(rec, node, rec.nid, True)
+        return node
+
+    def lookup(self, path: bytes | str) -> Inode | None:
+        """The inode at `path` (a directory comes with its subtree), or None; reads only what it needs."""
+        parts = split_path(path)
+        return self._guard(self._lookup, parts)
+
+    def _lookup(self, parts: list[bytes]) -> Inode | None:
+        self._dirents_seen = 0
+        nid = parent = self._root_nid
+        rec = self._rec(nid)
+        for depth, name in enumerate(parts):
+            if rec.mode & S_IFMT != S_IFDIR:
+                return None
+            hit = self._find(rec, name)
+            if hit is None:
+                return None
+            cnid, ftype = hit
+            crec = self._rec(cnid)
+            if _FTYPE[crec.mode & S_IFMT] != ftype:
+                raise _corrupt(f"dir {rec.nid}: entry {name!r} type {ftype} != inode {cnid} type", rec.off)
+            if depth == 0 and name in _HEX_NAMES and ftype == fmt.FileType.CHRDEV and crec.iu == 0:
+                return None
+            parent, nid, rec = nid, cnid, crec
+        node, _ = self._make(rec)
+        if node.entries is not None:
+            self._fill(rec, node, parent, nid == self._root_nid)
+        return node
+
+    def _find(self, r: _Rec, name: bytes) -> tuple[int, int] | None:
+        """Binary search over the directory's blocks (by first and last name), then inside one."""
+        nb = self._nblocks(r)
+        lo, hi = 0, nb - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            ents = self._block(r, mid, nb)
+            if name < ents[0][0]:
+                hi = mid - 1
+            elif name > ents[-1][0]:
+                lo = mid + 1
+            else:
+                a, b = 0, len(ents)
+                while a < b:
+                    m = (a + b) // 2
+                    if ents[m][0] < name:
+                        a = m + 1
+                    else:
+                        b = m
+                if a < len(ents) and ents[a][0] == name:
+                    return ents[a][1], ents[a][2]
+                return None
+        return None
+
+
+def read_tree(path: str | os.PathLike) -> Inode:
+    """The tree of the image file at `path`."""
+    with Image.open(path) as img:
+        return img.root()
+
+
+def collect_objects(image: Image | bytes | str | os.PathLike) -> set[str]:
+    """Object paths (`XX/<62 hex>` or whatever the redirects name) referenced by the image."""
+    if isinstance(image, Image):
+        root = image.root()
+    elif isinstance(image, (bytes, bytearray, memoryview)):
+        root = Image(image).root()
+    else:
+        root = read_tree(image)
+    out: set[str] = set()
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        for child in node.entries.values():
+            if child.entries is not None:
+                stack.append(child)
+            elif id(child) not in seen:
+                seen.add(id(child))
+                p = child.object_path if child.is_external else None
+                if p:
+                    out.add(p)
+    return out

@@ -1,0 +1,602 @@
+"""Consistency check of a store and its additional stores, and repair of what can be fixed without loss.
+
+Why: a store is files plus records, written by processes that may be killed at any point.  The write
+rules (objects before refs, records before files on delete, one transaction per owner) keep the
+damage from a crash to garbage, but disks, people and bugs can do worse.  fsck says exactly what is
+wrong, and `repair=True` fixes what needs no lost data.
+
+Checks (kind: severity; what --repair does):
+- corrupt-object (error): an object whose fs-verity digest is not its name; every object of every
+  store, or a random `sample` (a fraction 0 < p <= 1, or a count).  Repair (primary only): move it to
+  `<root>/quarantine/<64 hex>` (never deleted: it may be evidence); if an image needs it, it is then
+  reported missing.
+- missing-object (error, not repairable): an object some layer or flat image references (by refs row or
+  by its image content) that no store has.  Re-pull the images named in the detail.
+- missing-layer-image / corrupt-layer-image (error, not repairable): a layer row whose
+  `layers/<id>.erofs` is missing or unreadable.  dangling-parent / dangling-image (error, not
+  repairable): a layer whose parent, or an image whose top layer, is in no store.
+- dangling-name (error; repair drops it): a name pointing at an image in no store.
+- missing-flat-image (error; repair drops the flat_images row, and its refs unless a lease or another
+  row needs the digest): the cached image is re-made on the next mount.
+- corrupt-flat-image (error; repair quarantines the file and drops the row as above): an
+  `images/<digest>.erofs` whose sha256 is not its name, or that cannot be read.
+- refs-missing / refs-extra (error; repair rewrites the owner's rows from its image): refs rows of a
+  layer or flat image that disagree with the objects its image references (recomputed with
+  flatmount.erofs.reader.collect_objects).  A missing row is dangerous: gc would delete the object.
+- stale-lease (error; repair runs flatmount.mount.cleanup, which deletes the row and rmdir()s its
+  dirs): a lease of another boot or whose merged dir is not mounted, and whose mount dir nobody has
+  flock'ed (the rule of flatmount.gc and flatmount.mount.cleanup).
+Notices (never make fsck fail; what crashes and normal operation leave behind):
+- orphan-object: a primary object no refs row names (`flatmount gc` removes it).
+- orphan-image-file / orphan-layer-file: an image file without a row (gc removes it).
+- dangling-refs: refs rows of an owner that no longer exists (repair deletes them, as gc would).
+- temp-leftover: an entry of `<root>/tmp/` or `objects/.tmp/` no writer uses (repair removes it).
+  When no writer holds the GC lock every entry nobody has flock'ed is a leftover; otherwise only those
+  older than a day.
+
+Additional stores are checked the same way but never written: their problems are reported as not
+repairable.  `ok` is False when an error remains; the CLI then exits 1, like fsck tools.
+
+Locking: a check holds the GC lock shared (imports may run, gc may not); `repair=True` holds it
+exclusive, so no writer is between its first put and its commit while records are rewritten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import math
+import os
+import random
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from flatmount.errors import FlatmountError, ReadOnlyStoreError, StoreError
+from flatmount.gc import (
+    has_db,
+    image_files,
+    layer_files,
+    read_leases,
+    scan_objects,
+    store_lock,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+
+    from flatmount.store import Store
+
+ERROR, NOTICE = "error", "notice"
+KINDS = {
+    "corrupt-object": ERROR, "missing-object": ERROR, "missing-layer-image": ERROR,
+    "corrupt-layer-image": ERROR, "dangling-parent": ERROR, "dangling-image": ERROR,
+    "dangling-name": ERROR, "missing-flat-image": ERROR, "corrupt-flat-image": ERROR,
+    "refs-missing": ERROR, "refs-extra": ERROR, "stale-lease": ERROR,
+    "orphan-object": NOTICE, "orphan-image-file": NOTICE, "orphan-layer-file": NOTICE,
+    "dangling-refs": NOTICE, "temp-leftover": NOTICE,
+}
+STALE_TMP_AGE_S = 24 * 3600
+QUARANTINE = "quarantine"
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One finding.  `repaired`: fixed by this run; `note`: what was done, or why it cannot be."""
+
+    kind: str
+    severity: str
+    store_root: str
+    subject: str
+    detail: str
+    repaired: bool = False
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class FsckResult:
+    ok: bool                          # no error-severity problem remains
+    repair: bool
+    problems: tuple[Problem, ...]
+    objects: int                      # object files seen, all stores
+    objects_verified: int             # digests recomputed
+    layers: int
+    flat_images: int
+    leases: int
+    seconds: float
+    counts: dict[str, int] = field(default_factory=dict)   # kind -> number of findings
+
+    @property
+    def remaining(self) -> tuple[Problem, ...]:
+        return tuple(p for p in self.problems if p.severity == ERROR and not p.repaired)
+
+
+class _Run:
+    def __init__(self, store: Store, repair: bool, sample: float | int | None):
+        self.store = store
+        self.repair = repair
+        self.sample = sample
+        self.problems: list[Problem] = []
+        self.stores = [store, *store.additional]
+        self.present: dict[str, set[str]] = {}        # store root -> objects held
+        self.paths: dict[str, dict[str, str]] = {}    # store root -> object -> abs path
+        self.needed: dict[str, dict[str, set[str]]] = {}   # store root -> owner -> objects (truth)
+        self.leases = []
+        self.verified = 0
+        self.nlayers = self.nflat = 0
+
+    def add(self, kind: str, s: Store, subject: str, detail: str, repaired: bool = False,
+            note: str = "") -> None:
+        self.problems.append(Problem(kind, KINDS[kind], str(s.root), subject, detail, repaired, note))
+
+    def can_repair(self, s: Store) -> bool:
+        return self.repair and s is self.store
+
+
+def fsck(store: Store, repair: bool = False, sample: float | int | None = None) -> FsckResult:
+    """Check `store` and its additional stores (see the module docstring); fix what `repair` can."""
+    if repair and store.readonly:
+        raise ReadOnlyStoreError(f"store {store.root} is opened read-only: fsck --repair needs it writable")
+    if sample is not None and (sample < 0 or (isinstance(sample, float) and sample > 1)):
+        raise StoreError(f"sample must be a count >= 0 or a fraction in (0, 1], not {sample!r}")
+    t0 = time.monotonic()
+    run = _Run(store, repair, sample)
+    idle_tmp = None if repair or not store.root.is_dir() else _idle_tmp_entries(store)
+    with store_lock(store, shared=not repair) if store.root.is_dir() else contextlib.nullcontext():
+        run.leases = read_leases(store.connect()) if has_db(store) else []
+        for s in run.stores:
+            if has_db(s):
+                _check_records(run, s)
+        # objects are listed AFTER the records: an import committing meanwhile adds objects before
+        # its refs, and only gc (excluded by our lock) deletes them
+        for s in run.stores:
+            for obj, path in scan_objects(s.objects_dir):
+                run.present.setdefault(str(s.root), set()).add(obj)
+                run.paths.setdefault(str(s.root), {})[obj] = path
+        _check_leases(run)
+        _verify_objects(run)
+        _check_missing(run)
+        _check_orphans(run)
+        if store.root.is_dir():
+            _check_tmp(run, idle_tmp)
+    problems = tuple(run.problems)
+    counts: dict[str, int] = {}
+    for p in problems:
+        counts[p.kind] = counts.get(p.kind, 0) + 1
+    return FsckResult(
+        ok=not any(p.severity == ERROR and not p.repaired for p in problems),
+        repair=repair, problems=problems,
+        objects=sum(len(v) for v in run.present.values()), objects_verified=run.verified,
+        layers=run.nlayers, flat_images=run.nflat, leases=len(run.leases),
+        seconds=round(time.monotonic() - t0, 3), counts=counts)
+
+
+# --- records: layers, flat images, refs, images, names --------------------------------------------
+
+def _collect(path: str) -> set[str]:
+    from flatmount.erofs.reader import collect_objects
+
+    return collect_objects(path)
+
+
+def _snapshot(db) -> dict[str, list[tuple]]:
+    """Every table fsck compares, read in ONE transaction (a consistent view while imports commit)."""
+    queries = {"refs": "SELECT owner, object FROM refs", "layers": "SELECT id, parent FROM layers",
+               "flat": "SELECT chain_key, digest FROM flat_images", "images": "SELECT id, top_layer FROM images",
+               "names": "SELECT name, image_id FROM names"}
+    db.execute("BEGIN")
+    try:
+        return {k: db.execute(q).fetchall() for k, q in queries.items()}
+    finally:
+        db.execute("COMMIT")
+
+
+def _still(db, sql: str, *params) -> bool:
+    """Whether a row exists NOW: findings from the snapshot are re-checked before an rmi makes them
+    false alarms (it deletes rows, then files)."""
+    return db.execute(sql, params).fetchone() is not None
+
+
+def _check_records(run: _Run, s: Store) -> None:
+    db = s.connect()
+    snap = _snapshot(db)
+    refs: dict[str, set[str]] = {}
+    for owner, obj in snap["refs"]:
+        refs.setdefault(owner, set()).add(obj)
+    needed = run.needed.setdefault(str(s.root), {})
+    store = run.store
+    rewrite: dict[str, set[str]] = {}      # owner -> objects its rows must be
+    drop_owners: set[str] = set()
+    # layers
+    layer_rows = snap["layers"]
+    layer_ids = {r[0] for r in layer_rows}
+    layer_now = "SELECT 1 FROM layers WHERE id = ?"
+    for lid, parent in layer_rows:
+        run.nlayers += 1
+        owner = "layer:" + lid
+        if parent is not None and not store.has_layer(parent) and _still(db, layer_now, lid):
+            run.add("dangling-parent", s, lid, f"parent layer {parent} is in no store", note="not repairable")
+        path = s.layer_image_path(lid)
+        if not os.path.exists(path):
+            if not _still(db, layer_now, lid):
+                continue  # removed meanwhile
+            run.add("missing-layer-image", s, lid, f"{path} is missing",
+                    note="not repairable: re-pull an image containing this layer")
+            needed[owner] = refs.get(owner, set())
+            continue
+        try:
+            content = _collect(path)
+        except (FlatmountError, OSError) as e:
+            if not _still(db, layer_now, lid):
+                continue
+            run.add("corrupt-layer-image", s, lid, f"{path}: {e}",
+                    note="not repairable: re-pull an image containing this layer")
+            needed[owner] = refs.get(owner, set())
+            continue
+        needed[owner] = content
+        if _compare_refs(run, s, owner, content, refs.get(owner, set())):
+            rewrite[owner] = content
+    # flat images
+    leased = {lease.image_digest for lease in run.leases if lease.live} if s is store else set()
+    flat_rows = snap["flat"]
+    digests = {d for _, d in flat_rows}
+    bad_digests: dict[str, str] = {}   # digest -> problem kind
+    checked: set[str] = set()
+    for key, digest in flat_rows:
+        run.nflat += 1
+        path = os.path.join(s.root, "images", digest + ".erofs")
+        owner = "flat:" + digest
+        if digest in bad_digests:
+            kind = bad_digests[digest]
+            run.add(kind, s, key, f"flat image {digest} of chain {key}: see above",
+                    repaired=run.can_repair(s), note=_flat_note(run, s))
+            continue
+        if digest in checked:
+            continue
+        checked.add(digest)
+        err, content = _check_flat_file(path, digest)
+        if err is not None:
+            kind = "missing-flat-image" if err == "missing" else "corrupt-flat-image"
+            bad_digests[digest] = kind
+            run.add(kind, s, key, f"flat image {digest} of chain {key}: {err}",
+                    repaired=run.can_repair(s), note=_flat_note(run, s))
+            if digest in leased:
+                needed[owner] = refs.get(owner, set())
+            continue
+        needed[owner] = content
+        if _compare_refs(run, s, owner, content, refs.get(owner, set())):
+            rewrite[owner] = content
+    # leased images without a row keep their refs: check them too
+    for digest in sorted(leased - digests):
+        path = os.path.join(s.root, "images", digest + ".erofs")
+        owner = "flat:" + digest
+        err, content = _check_flat_file(path, digest)
+        if err is None:
+            needed[owner] = content
+            if _compare_refs(run, s, owner, content, refs.get(owner, set())):
+                rewrite[owner] = content
+        elif owner in refs:
+            needed[owner] = refs[owner]
+    # refs of owners that do not exist
+    kept_digests = (digests - set(bad_digests)) | leased
+    for owner in sorted(refs):
+        kind, _, key = owner.partition(":")
+        if (kind == "layer" and key in layer_ids) or (kind == "flat" and key in kept_digests):
+            continue
+        if kind == "flat" and key in bad_digests:
+            drop_owners.add(owner)  # reported with its flat image
+            continue
+        if kind not in ("layer", "flat"):
+            continue  # not ours to judge
+        run.add("dangling-refs", s, owner, f"{len(refs[owner])} refs rows of an owner that does not exist",
+                repaired=run.can_repair(s), note="deleted" if run.can_repair(s) else
+                ("gc deletes them" if s is store else "additional store: read-only"))
+        drop_owners.add(owner)
+    # images and names
+    for iid, top in snap["images"]:
+        if top is not None and not store.has_layer(top) and _still(db, "SELECT 1 FROM images WHERE id = ?", iid):
+            run.add("dangling-image", s, iid, f"top layer {top} is in no store", note="not repairable")
+    image_ids = {img.id for img in store.images()}
+    bad_names = [(n, i) for n, i in snap["names"] if i not in image_ids
+                 and _still(db, "SELECT 1 FROM names WHERE name = ? AND image_id = ?", n, i)]
+    for name, iid in bad_names:
+        run.add("dangling-name", s, name, f"points at image {iid}, which is in no store",
+                repaired=run.can_repair(s), note="deleted" if run.can_repair(s) else _ro_note(run, s))
+    # files without rows (notices)
+    if s is store:
+        for digest, path in sorted(image_files(s).items()):
+            if digest not in digests and digest not in leased:
+                run.add("orphan-image-file", s, path, "flattened image without a flat_images row",
+                        note="gc removes it")
+        for lid, path in sorted(layer_files(s).items()):
+            if lid not in layer_ids:
+                run.add("orphan-layer-file", s, path, "layer image without a layer row", note="gc removes it")
+    if run.can_repair(s):
+        _repair_records(run, s, rewrite, drop_owners, bad_digests, leased, flat_rows,
+                        [n for n, _ in bad_names])
+
+
+def _compare_refs(run: _Run, s: Store, owner: str, content: set[str], rows: set[str]) -> bool:
+    """Report disagreement between an owner's refs rows and its image; True if they differ."""
+    lacking = content - rows
+    extra = rows - content
+    note = "rewritten from the image" if run.can_repair(s) else _ro_note(run, s)
+    if lacking:
+        run.add("refs-missing", s, owner, f"{len(lacking)} objects the image uses have no refs row "
+                f"(e.g. {min(lacking)})", repaired=run.can_repair(s), note=note)
+    if extra:
+        run.add("refs-extra", s, owner, f"{len(extra)} refs rows name objects the image does not use "
+                f"(e.g. {min(extra)})", repaired=run.can_repair(s), note=note)
+    return bool(lacking or extra)
+
+
+def _ro_note(run: _Run, s: Store) -> str:
+    return "additional store: read-only" if s is not run.store else "run fsck --repair"
+
+
+def _flat_note(run: _Run, s: Store) -> str:
+    if run.can_repair(s):
+        return "row dropped (re-made on the next mount)"
+    return _ro_note(run, s)
+
+
+def _check_flat_file(path: str, digest: str) -> tuple[str | None, set[str]]:
+    """(None, objects it references) if the file exists, hashes to its name and parses; else (what is
+    wrong, empty set)."""
+    from flatmount.erofs.reader import Image, collect_objects
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return "missing", set()
+    except OSError as e:
+        return f"unreadable: {e.strerror}", set()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != digest:
+        return f"content hashes to {actual}", set()
+    try:
+        return None, collect_objects(Image(data))
+    except FlatmountError as e:
+        return f"unreadable: {e}", set()
+
+
+def _repair_records(run: _Run, s: Store, rewrite: dict[str, set[str]], drop_owners: set[str],
+                    bad_digests: dict[str, str], leased: set[str], flat_rows: list[tuple[str, str]],
+                    bad_names: list[str]) -> None:
+    quarantine: list[str] = []
+    with s.transaction() as tx:
+        for owner, objs in sorted(rewrite.items()):
+            kind, _, key = owner.partition(":")
+            if kind == "layer" and not _still(tx, "SELECT 1 FROM layers WHERE id = ?", key):
+                continue  # removed by rmi meanwhile: its refs went with it
+            tx.execute("DELETE FROM refs WHERE owner = ?", (owner,))
+            tx.executemany("INSERT INTO refs(owner, object) VALUES (?, ?)", [(owner, o) for o in sorted(objs)])
+        for digest, kind in sorted(bad_digests.items()):
+            tx.execute("DELETE FROM flat_images WHERE digest = ?", (digest,))
+            if digest not in leased:
+                tx.execute("DELETE FROM refs WHERE owner = ?", ("flat:" + digest,))
+            if kind == "corrupt-flat-image":
+                quarantine.append(digest)
+        for owner in sorted(drop_owners):
+            if owner.startswith("flat:") and owner[5:] in leased:
+                continue
+            tx.execute("DELETE FROM refs WHERE owner = ?", (owner,))
+        for name in bad_names:
+            tx.execute("DELETE FROM names WHERE name = ?", (name,))
+    for digest in quarantine:
+        src = os.path.join(s.root, "images", digest + ".erofs")
+        if os.path.exists(src):
+            _quarantine(s, src, f"image-{digest}.erofs")
+
+
+# --- leases --------------------------------------------------------------------------------------
+
+def _check_leases(run: _Run) -> None:
+    """Stale leases; repair goes through flatmount.mount.cleanup (the one owner of mount dirs)."""
+    s = run.store
+    stale = [lease for lease in run.leases if not lease.live]
+    removed: set[str] = set()
+    if stale and run.can_repair(s):
+        from flatmount.mount import cleanup
+
+        removed = set(cleanup(s).removed_leases)
+    for lease in stale:
+        done = lease.id in removed
+        note = "deleted (flatmount cleanup)" if done else (
+            "still busy or unremovable" if run.repair else "run `flatmount cleanup` or fsck --repair")
+        run.add("stale-lease", s, lease.id, f"{lease.merged} (image {lease.image_digest[:12]}, "
+                f"pid {lease.pid}): {lease.stale_reason}", repaired=done, note=note)
+
+
+# --- objects -------------------------------------------------------------------------------------
+
+def _verify_objects(run: _Run) -> None:
+    from objects.digest import digest_file
+
+    every = [(root, obj) for root in sorted(run.present) for obj in sorted(run.present[root])]
+    sample = run.sample
+    if sample is None:
+        chosen = every
+    elif isinstance(sample, float):
+        chosen = random.sample(every, math.ceil(len(every) * sample)) if every else []
+    else:
+        chosen = random.sample(every, min(int(sample), len(every)))
+    roots = {str(s.root): s for s in run.stores}
+    for root, obj in chosen:
+        s = roots[root]
+        path = run.paths[root][obj]
+        try:
+            actual = digest_file(path)
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            actual = None
+            why = f"unreadable: {e.strerror}"
+        else:
+            why = f"content has digest {actual.hex()}"
+        run.verified += 1
+        if actual is not None and actual.hex() == obj.replace("/", ""):
+            continue
+        repaired = False
+        note = _ro_note(run, s)
+        if run.can_repair(s):
+            dest = _quarantine(s, path, obj.replace("/", ""))
+            repaired = dest is not None
+            note = f"moved to {dest}" if dest else "could not be moved"
+            if repaired:
+                run.present[root].discard(obj)
+        run.add("corrupt-object", s, obj, why, repaired=repaired, note=note)
+
+
+def _quarantine(s: Store, path: str, name: str) -> str | None:
+    qdir = os.path.join(s.root, QUARANTINE)
+    os.makedirs(qdir, mode=0o700, exist_ok=True)
+    dest = os.path.join(qdir, name)
+    n = 0
+    while os.path.exists(dest):
+        n += 1
+        dest = os.path.join(qdir, f"{name}.{n}")
+    try:
+        os.rename(path, dest)
+    except OSError:
+        return None
+    return dest
+
+
+def _check_missing(run: _Run) -> None:
+    """Objects some owner needs that no store holds (lookup covers the primary and every AIS)."""
+    anywhere: set[str] = set().union(*run.present.values()) if run.present else set()
+    missing: dict[str, list[str]] = {}
+    for root, owners in run.needed.items():
+        for owner, objs in owners.items():
+            for obj in objs - anywhere:
+                missing.setdefault(obj, []).append(f"{owner} ({root})")
+    if not missing:
+        return
+    images = _images_by_owner(run)
+    for obj in sorted(missing):
+        owners = sorted(missing[obj])
+        names = sorted({n for o in owners for n in images.get(o.split(" ", 1)[0], ())})
+        detail = "needed by " + ", ".join(owners)
+        if names:
+            detail += "; images: " + ", ".join(names)
+        run.add("missing-object", run.store, obj, detail, note="not repairable: re-pull those images")
+
+
+def _images_by_owner(run: _Run) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for img in run.store.images():
+        if not img.top_layer:
+            continue
+        label = img.names[0] if img.names else img.id[:12]
+        try:
+            chain = run.store.layer_chain(img.top_layer)
+        except StoreError:
+            continue
+        for rec in chain:
+            out.setdefault("layer:" + rec.id, set()).add(label)
+    return out
+
+
+def _check_orphans(run: _Run) -> None:
+    s = run.store
+    if not has_db(s):
+        refd: set[str] = set()
+    else:
+        refd = {r[0] for r in s.connect().execute("SELECT DISTINCT object FROM refs")}
+    for owners in run.needed.get(str(s.root), {}).values():
+        refd |= owners
+    for root, owners in run.needed.items():   # objects an AIS needs but lacks are not orphans here
+        if root != str(s.root):
+            for objs in owners.values():
+                refd |= objs
+    for obj in sorted(run.present.get(str(s.root), set()) - refd):
+        run.add("orphan-object", s, obj, "referenced by no layer or flat image", note="gc removes it")
+
+
+# --- temp leftovers ------------------------------------------------------------------------------
+
+def _tmp_entries(store: Store) -> Iterator[os.DirEntry]:
+    for d in (store.tmp_dir, store.objects_dir / ".tmp"):
+        try:
+            with os.scandir(d) as it:
+                yield from list(it)
+        except FileNotFoundError:
+            continue
+
+
+def _flocked(entry: os.DirEntry) -> bool:
+    """Whether a live process holds an flock on the entry (a writer marks its staging dir this way)."""
+    try:
+        is_dir = entry.is_dir(follow_symlinks=False)
+        fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_DIRECTORY if is_dir else 0))
+    except OSError as e:
+        return e.errno not in (errno.ENOENT, errno.ELOOP)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def _idle_tmp_entries(store: Store) -> set[str] | None:
+    """Paths of tmp entries seen while no writer held the GC lock (None if a writer holds it)."""
+    path = store.root / "gc.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return {e.path for e in _tmp_entries(store) if not _flocked(e)}
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return None
+        return {e.path for e in _tmp_entries(store) if not _flocked(e)}
+    finally:
+        os.close(fd)
+
+
+def _check_tmp(run: _Run, idle: set[str] | None) -> None:
+    """Temp leftovers: with the exclusive lock (repair) every unlocked entry; else see `_idle_tmp_entries`."""
+    import shutil
+
+    s = run.store
+    cutoff = time.time() - STALE_TMP_AGE_S
+    for e in _tmp_entries(s):
+        if _flocked(e):
+            continue
+        if not run.repair and (idle is None or e.path not in idle):
+            try:
+                if max(e.stat(follow_symlinks=False).st_mtime, 0) >= cutoff:
+                    continue
+            except FileNotFoundError:
+                continue
+        repaired = False
+        kind = "directory" if _is_dir(e) else "file"
+        if run.repair:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    shutil.rmtree(e.path)
+                else:
+                    os.unlink(e.path)
+                repaired = True
+            except FileNotFoundError:
+                repaired = True
+            except OSError:
+                repaired = False
+        run.add("temp-leftover", s, e.path, f"{kind} left by a writer that is gone", repaired=repaired,
+                note="removed" if repaired else "fsck --repair removes it")
+
+
+def _is_dir(e: os.DirEntry) -> bool:
+    try:
+        return stat.S_ISDIR(e.stat(follow_symlinks=False).st_mode)
+    except FileNotFoundError:
+        return False
+

@@ -1,0 +1,546 @@
+"""Garbage collection of the primary store: flattened images nobody needs, then unreferenced objects.
+
+Why a collector and not reference counting: objects are shared by any number of layers and flattened
+images, in one SQLite table (`refs`, one row per owner and object) written in the same transaction as
+the owner.  Deleting an owner only deletes rows; the space comes back when `gc` sweeps the objects no
+row names any more.  Nothing in an additional store is ever touched (it is not even opened for writing).
+
+Policy, in order:
+
+1. Leases.  A lease (row of `leases`) is *live* while its mount dir is flock'ed (flatmount.mount is
+   mounting or unmounting it: the lease is written before the mount is made) or when it was recorded
+   on this boot and its merged dir is a mount point; otherwise it is stale, the rule of
+   flatmount.mount.cleanup.  Stale leases pin nothing and are left for `flatmount cleanup` /
+   `fsck --repair` to drop.
+2. Flattened images (`flat_images` rows, `images/<digest>.erofs` files) are kept when
+   - their chain key is the top layer of an image record visible through the store (primary or
+     additional store image, by name or id): that is the image `mount` would use, or
+   - a live lease names their digest (a mounted image whose record was removed stays usable).
+   Every other row is deleted with its `flat:<digest>` refs, and its file removed unless a kept row or
+   a live lease shares the digest.  Flat images of chain prefixes are not kept: flatten only reads them
+   as a head start, and their objects are referenced by the chain's layers anyway.
+   Files in `images/` with no row and no live lease (a flatten killed before its commit) are removed.
+3. Layers are not collected: `rmi` (Store.remove_image) removes the primary layers no image uses, in
+   the same transaction as the image.  Layer image files in `layers/` with no row (an import killed
+   between rename and commit) are removed; rows of layers no image uses are only counted.
+4. refs rows whose owner no longer exists (`layer:<id>` without a layer row, `flat:<digest>` of a
+   flat image not kept) are deleted.
+5. Objects: every object of the primary store that no remaining refs row names is deleted, except
+   - objects whose ctime or mtime is newer than the start of this gc minus the grace period
+     (`grace_s`, default DEFAULT_GRACE_S = 10 minutes): a writer that does not hold the GC lock may
+     have put them and not committed yet (ctime moves on every link/rename, so a fresh object found
+     by a put and renamed into place counts as fresh);
+   - objects of a leased image whose refs rows are missing (its image file is read to find them);
+   - objects that an additional store's records reference but that store lacks (a mount of that
+     store's image then finds them in the primary).
+   Objects in additional stores are never deleted.
+
+Concurrency.  The whole computation and the sweep run under the EXCLUSIVE GC lock
+(`Store.gc_lock(shared=False)`).  Imports and flatten hold it shared from their first object put to
+their commit, so while gc runs no writer has objects on disk that are not yet referenced.  The flat
+rows are deleted in one transaction that re-reads the leases first, so a lease committed before it
+protects its image.  Order on disk: records first, files after, so a crash leaves only more garbage.
+
+`dry_run=True` computes the same plan under the same lock and removes nothing; on a store opened
+read-only it takes the lock through a read-only file descriptor (or none, if no writer ever created the
+lock file) and writes nothing at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flatmount.errors import ReadOnlyStoreError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import sqlite3
+
+    from flatmount.store import Store
+
+DEFAULT_GRACE_S = 600.0
+REMOVE_THREADS = 8     # unlinks in flight (measured: ~2.4x faster than one at a time on ext4)
+REMOVE_BATCH = 512
+BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+OBJPATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
+_FANOUT = re.compile(r"[0-9a-f]{2}")
+_REST = re.compile(r"[0-9a-f]{62}")
+
+
+# --- leases --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lease:
+    """One row of `leases`, with its state as judged now (`stale_reason` None = live)."""
+
+    id: str
+    image_digest: str
+    image_ref: str | None
+    merged: str
+    pid: int | None
+    boot_id: str | None
+    created: float | None
+    stale_reason: str | None
+
+    @property
+    def live(self) -> bool:
+        return self.stale_reason is None
+
+
+def current_boot_id() -> str | None:
+    try:
+        with open(BOOT_ID_PATH) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def dir_busy(path: str) -> bool:
+    """Whether some process holds an flock on directory `path` (a mount or unmount in progress)."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def lease_stale_reason(merged: str, boot_id: str | None, boot: str | None = None) -> str | None:
+    """Why a lease is stale, or None if it is live.
+
+    The rule of flatmount.mount.cleanup: a lease is live when it was recorded on this boot and its merged
+    dir is mounted, or while its mount dir (the merged dir's parent) is flock'ed: flatmount.mount holds
+    that lock from before the lease is written until the mount is made (and while unmounting).
+    """
+    from flatmount.kmount import is_mountpoint
+
+    boot = boot if boot is not None else current_boot_id()
+    if dir_busy(os.path.dirname(os.path.abspath(merged))):
+        return None
+    if boot_id and boot and boot_id != boot:
+        return "recorded on another boot"
+    if is_mountpoint(merged):
+        return None
+    return "merged dir is not mounted"
+
+
+def read_leases(db: sqlite3.Connection, boot: str | None = None) -> list[Lease]:
+    """Every lease of a store's DB with its live/stale state."""
+    boot = boot if boot is not None else current_boot_id()
+    out = []
+    for lid, digest, ref, merged, pid, bid, created in db.execute(
+            "SELECT id, image_digest, image_ref, merged, pid, boot_id, created FROM leases ORDER BY created, id"):
+        out.append(Lease(lid, digest, ref, merged, pid, bid, created,
+                         lease_stale_reason(merged, bid, boot)))
+    return out
+
+
+# --- locking and small helpers shared by fsck and usage ------------------------------------------
+
+@contextlib.contextmanager
+def store_lock(store: Store, shared: bool) -> Iterator[None]:
+    """The store's GC lock without side effects on the store.
+
+    Exclusive on a writable store: `Store.gc_lock`.  Shared, or on a read-only store: flock through a
+    read-only fd of the existing lock file (a shared lock never creates the store, never cleans its
+    tmp/), created only if the store directory exists and is writable to us.
+    """
+    if not store.readonly and not shared:
+        with store.gc_lock(shared=False):
+            yield
+        return
+    import fcntl
+
+    path = store.root / "gc.lock"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+        if not store.readonly and store.root.is_dir():
+            with contextlib.suppress(OSError):
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError:
+        fd = -1
+    if fd < 0:  # no writer ever ran here (or we may not open the file): nothing to exclude
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def has_db(store: Store) -> bool:
+    return store.db_path.exists()
+
+
+def scan_objects(objects_dir: str | os.PathLike) -> Iterator[tuple[str, str]]:
+    """(object path `XX/<62 hex>`, absolute path) of every object file, unsorted, no stat calls."""
+    root = os.fspath(objects_dir)
+    try:
+        with os.scandir(root) as it:
+            fanout = [e.name for e in it if _FANOUT.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+    except FileNotFoundError:
+        return
+    for xx in fanout:
+        d = os.path.join(root, xx)
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    if _REST.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                        yield f"{xx}/{e.name}", e.path
+        except FileNotFoundError:
+            continue
+
+
+def json_list(items: Iterable[str]) -> str:
+    """A list as one SQL parameter, for `IN (SELECT value FROM json_each(?))` (no variable limit)."""
+    return json.dumps(list(items))
+
+
+def image_files(store: Store) -> dict[str, str]:
+    """digest -> path of `images/<64 hex>.erofs` files of a store."""
+    d = store.root / "images"
+    out = {}
+    try:
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.endswith(".erofs") and HEX64.fullmatch(e.name[:-6]):
+                    out[e.name[:-6]] = e.path
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def layer_files(store: Store) -> dict[str, str]:
+    """layer id -> path of `layers/<64 hex>.erofs` files of a store."""
+    d = store.layers_dir
+    out = {}
+    try:
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.endswith(".erofs") and HEX64.fullmatch(e.name[:-6]):
+                    out[e.name[:-6]] = e.path
+    except FileNotFoundError:
+        pass
+    return out
+
+
+def _age_stamp(st: os.stat_result) -> float:
+    return max(st.st_mtime, st.st_ctime)
+
+
+# --- gc ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GcResult:
+    """What one gc did (or, with dry_run, would do).  Byte counts are file sizes (st_size)."""
+
+    dry_run: bool
+    images_removed: tuple[str, ...]        # digests of flattened image files removed
+    flat_rows_removed: tuple[str, ...]     # chain keys whose flat_images row was dropped
+    layer_files_removed: tuple[str, ...]   # layer image files without a layer row
+    refs_removed: int                      # refs rows of owners that no longer exist
+    objects_removed: int
+    object_bytes_freed: int
+    bytes_freed: int                       # objects + image files + layer files
+    images_kept: int                       # flat images (digests) kept
+    objects_kept: int                      # objects of the primary store that are referenced
+    objects_kept_recent: int               # unreferenced but younger than the grace period
+    bytes_kept_recent: int
+    objects_kept_additional: int           # unreferenced here but needed by an additional store
+    leases_live: int
+    leases_stale: int
+    layers_unused: tuple[str, ...]         # primary layers no image's chain uses (rmi's business)
+    grace_s: float
+    seconds: float
+    errors: tuple[str, ...]
+
+
+@dataclass
+class _Plan:
+    start: float
+    remove_rows: list[tuple[str, str]]
+    remove_images: dict[str, str]   # digest -> path
+    remove_layer_files: dict[str, str]
+    dead_owners: set[str]
+    kept_digests: set[str]
+    extra_live: set[str]            # objects of leased images without refs rows
+    leases: list[Lease]
+    layers_unused: list[str]
+    dropped: bool = False           # records deleted (not a dry run)
+    refs_removed: int = 0
+
+
+def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) -> GcResult:
+    """Collect garbage in the primary store `store` (policy in the module docstring)."""
+    if store.is_additional:
+        raise ReadOnlyStoreError(f"store {store.root} is an additional store: gc never touches it")
+    if store.readonly and not dry_run:
+        raise ReadOnlyStoreError(f"store {store.root} is opened read-only: only `gc --dry-run` works")
+    t0 = time.monotonic()
+    start = time.time()
+    if not store.root.is_dir():
+        return _empty(dry_run, grace_s)
+    errors: list[str] = []
+    with store_lock(store, shared=False):
+        if not has_db(store):
+            plan = _Plan(start, [], {}, {}, set(), set(), set(), [], [])
+            db = None
+        else:
+            db = store.connect()
+            plan = _plan(store, db, start, grace_s)
+        if not dry_run and db is not None:
+            _drop_records(store, db, plan)
+        live = _live_objects(db, plan) if db is not None else set()
+        cutoff = start - grace_s
+        candidates: list[tuple[str, int]] = []
+        kept = recent = recent_bytes = 0
+        for obj, path in scan_objects(store.objects_dir):
+            if obj in live:
+                kept += 1
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                continue
+            if _age_stamp(st) > cutoff:
+                recent += 1
+                recent_bytes += st.st_size
+                continue
+            candidates.append((obj, st.st_size))
+        needed = _needed_by_additional(store, [c[0] for c in candidates])
+        other_freed = 0
+        images_removed: list[str] = []
+        layer_files_removed: list[str] = []
+        if not dry_run:
+            for digest, path in sorted(plan.remove_images.items()):
+                n = _unlink(path, errors)
+                if n is not None:
+                    images_removed.append(digest)
+                    other_freed += n
+            for lid, path in sorted(plan.remove_layer_files.items()):
+                n = _unlink(path, errors)
+                if n is not None:
+                    layer_files_removed.append(lid)
+                    other_freed += n
+        else:
+            images_removed = sorted(plan.remove_images)
+            layer_files_removed = sorted(plan.remove_layer_files)
+            other_freed = sum(_size(p) for p in (*plan.remove_images.values(), *plan.remove_layer_files.values()))
+        doomed = [c for c in candidates if c[0] not in needed]
+        if dry_run:
+            removed, freed = len(doomed), sum(size for _, size in doomed)
+        else:
+            removed, freed = _remove_objects(store.objects, doomed, errors)
+    leases = plan.leases
+    return GcResult(
+        dry_run=dry_run,
+        images_removed=tuple(images_removed),
+        flat_rows_removed=tuple(sorted(k for k, _ in plan.remove_rows)),
+        layer_files_removed=tuple(layer_files_removed),
+        refs_removed=plan.refs_removed,
+        objects_removed=removed,
+        object_bytes_freed=freed,
+        bytes_freed=freed + other_freed,
+        images_kept=len(plan.kept_digests),
+        objects_kept=kept,
+        objects_kept_recent=recent,
+        bytes_kept_recent=recent_bytes,
+        objects_kept_additional=len(needed),
+        leases_live=sum(1 for lease in leases if lease.live),
+        leases_stale=sum(1 for lease in leases if not lease.live),
+        layers_unused=tuple(plan.layers_unused),
+        grace_s=grace_s,
+        seconds=round(time.monotonic() - t0, 3),
+        errors=tuple(errors),
+    )
+
+
+def _empty(dry_run: bool, grace_s: float) -> GcResult:
+    return GcResult(dry_run, (), (), (), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (), grace_s, 0.0, ())
+
+
+def _kept_chain_keys(store: Store) -> set[str]:
+    return {img.top_layer for img in store.images() if img.top_layer}
+
+
+def _plan(store: Store, db: sqlite3.Connection, start: float, grace_s: float) -> _Plan:
+    keys = _kept_chain_keys(store)
+    leases = read_leases(db)
+    leased = {lease.image_digest for lease in leases if lease.live}
+    rows = db.execute("SELECT chain_key, digest FROM flat_images").fetchall()
+    kept_rows = [(k, d) for k, d in rows if k in keys or d in leased]
+    remove_rows = [(k, d) for k, d in rows if not (k in keys or d in leased)]
+    kept_digests = {d for _, d in kept_rows} | leased
+    row_digests = {d for _, d in rows}
+    cutoff = start - grace_s
+    remove_images: dict[str, str] = {}
+    for digest, path in image_files(store).items():
+        if digest in kept_digests:
+            continue
+        if digest not in row_digests and _fresh(path, cutoff):
+            continue  # no row yet: maybe a flatten that does not hold the lock
+        remove_images[digest] = path
+    layer_ids = {r[0] for r in db.execute("SELECT id FROM layers")}
+    remove_layer_files = {lid: p for lid, p in layer_files(store).items()
+                          if lid not in layer_ids and not _fresh(p, cutoff)}
+    dead: set[str] = set()
+    zero_ref_leased = set(leased)
+    for (owner,) in db.execute("SELECT DISTINCT owner FROM refs"):
+        kind, _, key = owner.partition(":")
+        if kind == "layer":
+            if key not in layer_ids:
+                dead.add(owner)
+        elif kind == "flat":
+            zero_ref_leased.discard(key)
+            if key not in kept_digests:
+                dead.add(owner)
+    extra_live: set[str] = set()
+    for digest in zero_ref_leased:
+        path = store.root / "images" / f"{digest}.erofs"
+        if path.exists():
+            from flatmount.erofs.reader import collect_objects
+
+            try:
+                extra_live |= collect_objects(path)
+            except Exception:  # noqa: BLE001 - a corrupt leased image pins nothing we can read
+                pass
+    used: set[str] = set()
+    for top in keys:
+        lid: str | None = top
+        while lid is not None and lid not in used:
+            used.add(lid)
+            row = db.execute("SELECT parent FROM layers WHERE id = ?", (lid,)).fetchone()
+            lid = row[0] if row else None
+    unused = sorted(layer_ids - used)
+    return _Plan(start, remove_rows, remove_images, remove_layer_files, dead, kept_digests, extra_live,
+                 leases, unused)
+
+
+def _fresh(path: str, cutoff: float) -> bool:
+    try:
+        return _age_stamp(os.lstat(path)) > cutoff
+    except FileNotFoundError:
+        return False
+
+
+def _drop_records(store: Store, db: sqlite3.Connection, plan: _Plan) -> None:
+    """Delete the planned flat rows and dead refs in one transaction, re-checking the leases first."""
+    plan.dropped = True
+    if not plan.remove_rows and not plan.dead_owners and not plan.remove_images:
+        return
+    with store.transaction() as tx:
+        leased_now = {lease.image_digest for lease in read_leases(tx) if lease.live}
+        newly = leased_now - plan.kept_digests
+        if newly:  # a mount started meanwhile: keep its image and its refs
+            plan.kept_digests |= newly
+            plan.remove_rows = [(k, d) for k, d in plan.remove_rows if d not in newly]
+            plan.dead_owners -= {"flat:" + d for d in newly}
+            for d in newly:
+                plan.remove_images.pop(d, None)
+        tx.executemany("DELETE FROM flat_images WHERE chain_key = ? AND digest = ?", plan.remove_rows)
+        n = 0
+        for owner in sorted(plan.dead_owners):
+            n += tx.execute("DELETE FROM refs WHERE owner = ?", (owner,)).rowcount
+    plan.refs_removed = n
+
+
+def _live_objects(db: sqlite3.Connection, plan: _Plan) -> set[str]:
+    """Objects named by refs rows of live owners (plus leased images' objects without rows)."""
+    if plan.dead_owners and not plan.dropped:  # dry run: the dead rows are still there
+        param = (json_list(plan.dead_owners),)
+        live = {r[0] for r in db.execute(
+            "SELECT DISTINCT object FROM refs WHERE owner NOT IN (SELECT value FROM json_each(?))", param)}
+        plan.refs_removed = db.execute(
+            "SELECT count(*) FROM refs WHERE owner IN (SELECT value FROM json_each(?))", param).fetchone()[0]
+    else:
+        live = {r[0] for r in db.execute("SELECT DISTINCT object FROM refs")}
+    return live | plan.extra_live
+
+
+def _needed_by_additional(store: Store, candidates: list[str]) -> set[str]:
+    """Candidates that some additional store references but does not hold itself."""
+    if not candidates or not store.additional:
+        return set()
+    needed: set[str] = set()
+    param = json_list(candidates)
+    for ais in store.additional:
+        if not has_db(ais):
+            continue
+        rows = ais.connect().execute(
+            "SELECT DISTINCT object FROM refs WHERE object IN (SELECT value FROM json_each(?))",
+            (param,)).fetchall()
+        for (obj,) in rows:
+            if not os.path.isfile(os.path.join(ais.objects_dir, obj)):
+                needed.add(obj)
+    return needed
+
+
+def _remove_objects(objects, doomed: list[tuple[str, int]], errors: list[str]) -> tuple[int, int]:
+    """Unlink objects (in directory order, several threads: unlink waits on the filesystem, not the
+    GIL); (count, bytes) removed."""
+    def batch(items: list[tuple[str, int]]) -> tuple[int, int, list[str]]:
+        n = nbytes = 0
+        errs = []
+        for obj, size in items:
+            try:
+                objects.remove(obj, missing_ok=True)
+            except Exception as e:  # noqa: BLE001 - one failure must not stop the sweep
+                errs.append(f"cannot remove object {obj}: {e}")
+                continue
+            n += 1
+            nbytes += size
+        return n, nbytes, errs
+
+    doomed = sorted(doomed)
+    batches = [doomed[i:i + REMOVE_BATCH] for i in range(0, len(doomed), REMOVE_BATCH)]
+    if len(batches) <= 1:
+        results = [batch(b) for b in batches]
+    else:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(REMOVE_THREADS, thread_name_prefix="gc-unlink") as ex:
+            results = list(ex.map(batch, batches))
+    removed = freed = 0
+    for n, nbytes, errs in results:
+        removed += n
+        freed += nbytes
+        errors.extend(errs)
+    return removed, freed
+
+
+def _size(path: str) -> int:
+    try:
+        return os.lstat(path).st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _unlink(path: str, errors: list[str]) -> int | None:
+    """Remove a file; its size, or None if it could not be removed (error noted)."""
+    try:
+        size = os.lstat(path).st_size
+        os.unlink(path)
+        return size
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        errors.append(f"cannot remove {path}: {e.strerror}")
+        return None

@@ -1,0 +1,662 @@
+"""Low-level kernel mounts: an EROFS metadata image under a read-only overlay (the mount.composefs job).
+
+`mount_image(image, mountpoint, object_dirs)` mounts the image with erofs (file-backed, or on a
+read-only auto-clearing loop device when the kernel refuses a file source), stacks overlayfs on top
+with the image as the only normal lower layer and each objects dir as a data-only lower layer, mounts
+that `ro,nosuid,nodev` at `mountpoint` in the caller's mount namespace, and leaves the erofs mount
+attached nowhere: only the overlay keeps it alive, so unmounting the overlay frees everything
+(erofs superblock, loop device).  No store knowledge lives here.
+
+Ways to hand the erofs layer to overlayfs, best first (`api=`):
+- "fd": new mount API, `lowerdir+` given the detached erofs mount fd (Linux 6.13+);
+- "path": new mount API, `lowerdir+=/proc/self/fd/N` naming the detached erofs mount (6.8+);
+- "mount2": erofs via the new API, overlay via mount(2) `lowerdir=/proc/self/fd/N::obj1::obj2` (6.5+);
+- "legacy": mount(2) only (fsopen blocked, e.g. by a seccomp profile): erofs attached at a private
+  temporary dir, passed by path, and detached once the overlay holds it.
+"auto" tries them in that order and remembers what this kernel accepts.
+
+Every kernel refusal becomes a `MountError` naming the step, the errno and what to check; EPERM
+becomes `PermissionRequiredError`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno as E
+import fcntl
+import os
+import platform
+import stat
+import struct
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from flatmount.errors import MountError, PermissionRequiredError
+
+__all__ = ["MountEntry", "find_mount", "is_mountpoint", "mount_image", "umount_image"]
+
+# --- syscall numbers -------------------------------------------------------------------------------
+# The mount-API syscalls arrived after the unified syscall table (424+): the same numbers on x86_64,
+# aarch64, arm, riscv, ppc, s390, i386.  Only alpha (+110) and mips (ABI offsets) differ.
+SYS_OPEN_TREE = 428
+SYS_MOVE_MOUNT = 429
+SYS_FSOPEN = 430
+SYS_FSCONFIG = 431
+SYS_FSMOUNT = 432
+SYS_MOUNT_SETATTR = 442
+_UNIFIED_SYSCALL_TABLE = not platform.machine().lower().startswith(("alpha", "mips"))
+
+FSOPEN_CLOEXEC = 0x1
+FSMOUNT_CLOEXEC = 0x1
+
+FSCONFIG_SET_FLAG = 0
+FSCONFIG_SET_STRING = 1
+FSCONFIG_SET_FD = 5
+FSCONFIG_CMD_CREATE = 6
+
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+
+MOVE_MOUNT_F_EMPTY_PATH = 0x4
+MOVE_MOUNT_T_SYMLINKS = 0x10
+
+AT_FDCWD = -100
+AT_NO_AUTOMOUNT = 0x800
+
+# mount(2) / umount2(2)
+MS_RDONLY = 0x1
+MS_NOSUID = 0x2
+MS_NODEV = 0x4
+MS_NOEXEC = 0x8
+MS_BIND = 0x1000
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 0x2
+UMOUNT_NOFOLLOW = 0x8
+
+# statx(2)
+STATX_BASIC_STATS = 0x7FF
+STATX_ATTR_MOUNT_ROOT = 0x2000
+_STATX_SIZE = 256
+_STATX_ATTRIBUTES_OFF = 8        # __u64 stx_attributes
+_STATX_ATTRIBUTES_MASK_OFF = 56  # __u64 stx_attributes_mask
+
+# loop devices (linux/loop.h)
+LOOP_CTL_GET_FREE = 0x4C82
+LOOP_CONFIGURE = 0x4C0A
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+LO_FLAGS_DIRECT_IO = 16
+LO_NAME_SIZE = 64
+# struct loop_info64: lo_device, lo_inode, lo_rdevice, lo_offset, lo_sizelimit (u64);
+#   lo_number, lo_encrypt_type, lo_encrypt_key_size, lo_flags (u32);
+#   lo_file_name[64], lo_crypt_name[64], lo_encrypt_key[32]; lo_init[2] (u64)
+LOOP_INFO64 = struct.Struct("=5Q4I64s64s32s2Q")
+# struct loop_config: fd, block_size (u32); struct loop_info64 info; __u64 __reserved[8]
+LOOP_CONFIG = struct.Struct("=2I" + LOOP_INFO64.format.lstrip("=") + "8Q")
+assert LOOP_INFO64.size == 232 and LOOP_CONFIG.size == 304
+
+_OVERLAY_ATTRS = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV
+_EROFS_ATTRS = MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV  # not noexec: it serves inline files
+_LOOP_RETRIES = 16
+APIS = ("auto", "fd", "path", "mount2", "legacy")
+_AUTO_ORDER = ("fd", "path", "mount2")
+_learned_api: str | None = None  # what "auto" found this kernel accepts
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+# --- errors ----------------------------------------------------------------------------------------
+class _Unsupported(Exception):
+    """This way of mounting is not available on this kernel; try the next one."""
+
+
+def _errname(err: int) -> str:
+    return E.errorcode.get(err, f"errno {err}")
+
+
+def _error(step: str, err: int, advice: str | None = None, kernel: Sequence[str] = ()) -> MountError:
+    """The user-facing error for a refused step: errno name, kernel messages, what to check."""
+    msg = f"{step}: {_errname(err)} ({os.strerror(err)})"
+    if kernel:
+        msg += "; kernel: " + "; ".join(kernel)
+    if err == E.EPERM:
+        msg += "; mounting and unmounting need root (CAP_SYS_ADMIN in the initial user namespace)"
+        if advice:
+            msg += f"; {advice}"
+        return PermissionRequiredError(msg, err)
+    if advice:
+        msg += f"; check: {advice}"
+    return MountError(msg, err)
+
+
+def _read_fc_log(fd: int) -> list[str]:
+    """Messages the kernel queued on an fs context ("e ...", "w ...", "i ..." lines)."""
+    out: list[str] = []
+    for _ in range(32):
+        try:
+            b = os.read(fd, 1024)
+        except OSError:  # ENODATA: queue empty
+            break
+        if not b:
+            break
+        out.append(b.decode("utf-8", "replace").rstrip("\n"))
+    return out
+
+
+class _KernelLog:
+    """New /dev/kmsg records from erofs, overlayfs and loop since construction (best effort).
+
+    erofs and overlayfs mostly explain refusals in the kernel log, not on the fs context."""
+
+    PREFIXES = ("erofs", "overlayfs")
+
+    def __init__(self) -> None:
+        self.fd = -1
+        try:
+            self.fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            os.lseek(self.fd, 0, os.SEEK_END)
+        except OSError:
+            self.close()
+
+    def lines(self) -> list[str]:
+        out: list[str] = []
+        if self.fd < 0:
+            return out
+        for _ in range(1000):
+            try:
+                rec = os.read(self.fd, 8192)
+            except BlockingIOError:
+                break
+            except OSError as e:  # EPIPE: records overwritten; keep reading
+                if e.errno == E.EPIPE:
+                    continue
+                break
+            if not rec:
+                break
+            text = rec.decode("utf-8", "replace").split(";", 1)[-1].split("\n", 1)[0]
+            if text.startswith(self.PREFIXES):
+                out.append(text)
+        return out[-5:]
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- raw calls -------------------------------------------------------------------------------------
+def _sys(nr: int, *args: int | bytes | None) -> int:
+    """syscall(nr, ...) with every integer widened to a long; raises OSError(errno)."""
+    cargs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
+    r = _syscall(ctypes.c_long(nr), *cargs)
+    if r < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return int(r)
+
+
+def _b(s: str) -> bytes:
+    return os.fsencode(s)
+
+
+def _mount2(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
+    r = _libc.mount(None if source is None else _b(source), _b(target),
+                    None if fstype is None else _b(fstype), flags, None if data is None else _b(data))
+    if r != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def _umount2(target: str, flags: int) -> None:
+    if _libc.umount2(_b(target), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class _FsContext:
+    """An fsopen() context: fsconfig calls whose refusals carry the context's log messages."""
+
+    def __init__(self, fstype: str, klog: _KernelLog, label: str):
+        self.fstype = fstype
+        self.name = f"{fstype} {label}"
+        self.klog = klog
+        if not _UNIFIED_SYSCALL_TABLE:
+            raise _Unsupported("new mount API syscall numbers unknown on this architecture")
+        try:
+            self.fd = _sys(SYS_FSOPEN, _b(fstype), FSOPEN_CLOEXEC)
+        except OSError as e:
+            if e.errno == E.ENOSYS:
+                raise _Unsupported("fsopen") from None
+            advice = {
+                "erofs": "the kernel has no erofs filesystem: `modprobe erofs` (CONFIG_EROFS_FS)",
+                "overlay": "the kernel has no overlay filesystem: `modprobe overlay` (CONFIG_OVERLAY_FS)",
+            }[fstype] if e.errno == E.ENODEV else None
+            raise _error(f"{self.name}: fsopen", e.errno, advice) from None
+
+    def fail(self, step: str, err: int, advice: str | None = None) -> MountError:
+        return _error(f"{self.name}: {step}", err, advice, _read_fc_log(self.fd) + self.klog.lines())
+
+    def set_string(self, key: str, value: str, advice: str | None = None) -> None:
+        try:
+            _sys(SYS_FSCONFIG, self.fd, FSCONFIG_SET_STRING, _b(key), _b(value), 0)
+        except OSError as e:
+            raise self.fail(f"fsconfig {key}={value}", e.errno, advice) from None
+
+    def set_flag(self, key: str) -> None:
+        try:
+            _sys(SYS_FSCONFIG, self.fd, FSCONFIG_SET_FLAG, _b(key), None, 0)
+        except OSError as e:
+            raise self.fail(f"fsconfig {key}", e.errno) from None
+
+    def set_fd(self, key: str, fd: int) -> None:
+        _sys(SYS_FSCONFIG, self.fd, FSCONFIG_SET_FD, _b(key), None, fd)
+
+    def create(self, advice: dict[int, str]) -> None:
+        """Create the superblock; `advice` maps errno to what to check (key 0: any other errno)."""
+        try:
+            _sys(SYS_FSCONFIG, self.fd, FSCONFIG_CMD_CREATE, None, None, 0)
+        except OSError as e:
+            raise self.fail("creating the superblock (fsconfig CMD_CREATE)", e.errno,
+                            advice.get(e.errno, advice.get(0))) from None
+
+    def mount(self, attrs: int) -> int:
+        try:
+            return _sys(SYS_FSMOUNT, self.fd, FSMOUNT_CLOEXEC, attrs)
+        except OSError as e:
+            raise self.fail("fsmount", e.errno) from None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- loop devices ----------------------------------------------------------------------------------
+def _loop_attach(image: str, direct_io: bool = True) -> tuple[int, str]:
+    """A free loop device bound read-only and auto-clearing to `image`: (open fd, /dev/loopN).
+
+    The device clears itself when its last user goes away, so the caller keeps the fd open only
+    until the filesystem on it holds the device, then closes it; no detach is ever needed."""
+    try:
+        ctl = os.open("/dev/loop-control", os.O_RDWR | os.O_CLOEXEC)
+    except OSError as e:
+        raise _error("loop: open /dev/loop-control", e.errno,
+                     "loop device support: `modprobe loop` (CONFIG_BLK_DEV_LOOP)") from None
+    try:
+        img = os.open(image, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        os.close(ctl)
+        raise _error(f"loop: open {image}", e.errno) from None
+    try:
+        name = _b(image)[: LO_NAME_SIZE - 1]
+        flags = LO_FLAGS_READ_ONLY | LO_FLAGS_AUTOCLEAR | (LO_FLAGS_DIRECT_IO if direct_io else 0)
+        for _ in range(_LOOP_RETRIES):
+            try:
+                n = fcntl.ioctl(ctl, LOOP_CTL_GET_FREE)
+            except OSError as e:
+                raise _error("loop: LOOP_CTL_GET_FREE", e.errno, "free loop devices (`losetup -a`)") from None
+            dev = f"/dev/loop{n}"
+            try:
+                lfd = os.open(dev, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                time.sleep(0.01)  # devtmpfs node not there yet
+                continue
+            except OSError as e:
+                raise _error(f"loop: open {dev}", e.errno) from None
+            cfg = LOOP_CONFIG.pack(img, 0, 0, 0, 0, 0, 0, 0, 0, 0, flags, name, b"", b"", 0, 0, *([0] * 8))
+            try:
+                fcntl.ioctl(lfd, LOOP_CONFIGURE, cfg)
+            except OSError as e:
+                os.close(lfd)
+                if e.errno == E.EBUSY:  # another process took this device between GET_FREE and here
+                    continue
+                if e.errno == E.EINVAL and flags & LO_FLAGS_DIRECT_IO:  # backing fs without O_DIRECT
+                    flags &= ~LO_FLAGS_DIRECT_IO
+                    continue
+                raise _error(f"loop: LOOP_CONFIGURE {dev} with {image}", e.errno) from None
+            return lfd, dev
+        raise _error("loop: LOOP_CONFIGURE", E.EBUSY, "every free loop device was taken concurrently; retry")
+    finally:
+        os.close(img)
+        os.close(ctl)
+
+
+# --- mounting --------------------------------------------------------------------------------------
+def _escape_lowerdir(path: str) -> str:
+    """overlayfs' legacy option syntax: `\\`, `,` and `:` escaped with a backslash."""
+    return path.replace("\\", "\\\\").replace(",", "\\,").replace(":", "\\:")
+
+
+def _check_inputs(image: str, mountpoint: str, object_dirs: Sequence[str]) -> None:
+    """Refuse obviously wrong arguments before the kernel does, with the path in the message."""
+    try:
+        st = os.stat(image)
+    except OSError as e:
+        raise _error(f"image {image}", e.errno, "that the image file exists and is readable") from None
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+        raise _error(f"image {image}", E.EINVAL, "the image must be a regular file (or block device)")
+    for d in object_dirs:
+        try:
+            st = os.stat(d)
+        except OSError as e:
+            raise _error(f"objects dir {d}", e.errno, "that the objects directory exists") from None
+        if not stat.S_ISDIR(st.st_mode):
+            raise _error(f"objects dir {d}", E.ENOTDIR, "objects dirs must be directories")
+    try:
+        st = os.stat(mountpoint)
+    except OSError as e:
+        raise _error(f"mountpoint {mountpoint}", e.errno, "the mountpoint must be an existing directory") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise _error(f"mountpoint {mountpoint}", E.ENOTDIR, "the mountpoint must be a directory")
+
+
+_NO_FILE_SOURCE = (E.ENOTBLK, E.EOPNOTSUPP)
+_EROFS_ADVICE = {
+    0: "that the file is an EROFS image (`fsck.erofs`/`dump.erofs`); the kernel log (`dmesg | grep erofs`)",
+    E.ENODEV: "the kernel has no erofs filesystem: `modprobe erofs` (CONFIG_EROFS_FS)",
+    E.EACCES: "that the image (or loop device) can be opened read-only",
+    **dict.fromkeys(_NO_FILE_SOURCE,
+                    "this kernel cannot mount EROFS from this file directly (file-backed mounts need "
+                    "Linux 6.12+ with CONFIG_EROFS_FS_BACKED_BY_FILE and a backing filesystem that "
+                    "supports them, e.g. not tmpfs); allow a loop device"),
+}
+_OVERLAY_ADVICE = {
+    0: "overlayfs with data-only lower layers (Linux 6.5+); the kernel log (`dmesg | grep overlayfs`)",
+}
+_MOVE_ADVICE = {
+    E.ENOENT: "the mountpoint must exist",
+    E.ENOTDIR: "the mountpoint must be a directory",
+    E.EINVAL: "the mountpoint must be reachable in this mount namespace",
+}
+
+
+def _quietly(fn, *args) -> None:
+    """A cleanup step that must not turn a finished mount into a failure (tests check for leftovers)."""
+    with contextlib.suppress(OSError):
+        fn(*args)
+
+
+class _Mounter:
+    """One mount_image call: owns every fd, loop device, temporary mount and dir it creates."""
+
+    def __init__(self, image: str, mountpoint: str, object_dirs: list[str], loop: bool | None):
+        self.image = image
+        self.mountpoint = mountpoint
+        self.object_dirs = object_dirs
+        self.loop = loop
+        self.klog = _KernelLog()
+        self.stack = contextlib.ExitStack()
+        self.stack.callback(self.klog.close)
+
+    # erofs --------------------------------------------------------------------------------------
+    def _with_source(self, attach):
+        """Call attach(source) on the image file, or on a loop device when asked or refused."""
+        blockdev = stat.S_ISBLK(os.stat(self.image).st_mode)
+        if not self.loop or blockdev:
+            try:
+                return attach(self.image)
+            except MountError as e:
+                if blockdev or self.loop is False or e.errno not in _NO_FILE_SOURCE:
+                    raise
+        lfd, dev = _loop_attach(self.image)
+        try:
+            return attach(dev)
+        finally:
+            os.close(lfd)  # the erofs superblock holds the device now (or nothing does: autoclear)
+
+    def erofs_fd(self) -> int:
+        """A detached, read-only erofs mount of the image (new mount API)."""
+
+        def attach(source: str) -> int:
+            fc = _FsContext("erofs", self.klog, source)
+            try:
+                fc.set_string("source", source)
+                fc.set_flag("ro")
+                fc.create(_EROFS_ADVICE)
+                return fc.mount(_EROFS_ATTRS)
+            finally:
+                fc.close()
+
+        fd = self._with_source(attach)
+        self.stack.callback(os.close, fd)
+        return fd
+
+    def erofs_dir(self) -> str:
+        """The image mounted with mount(2) at a private temporary dir, detached again on exit."""
+        tmp = tempfile.mkdtemp(prefix="flatmount-erofs-")
+        self.stack.callback(_quietly, os.rmdir, tmp)
+        try:
+            # a private bind of the dir onto itself, so the erofs mount never propagates to peers
+            _mount2(tmp, tmp, None, MS_BIND, None)
+            self.stack.callback(_quietly, _umount2, tmp, MNT_DETACH)
+            _mount2(None, tmp, None, MS_PRIVATE, None)
+        except OSError as e:
+            raise _error(f"erofs: private bind mount of {tmp}", e.errno, kernel=self.klog.lines()) from None
+
+        def attach(source: str) -> None:
+            try:
+                _mount2(source, tmp, "erofs", MS_RDONLY | MS_NOSUID | MS_NODEV, None)
+            except OSError as e:
+                advice = _EROFS_ADVICE.get(e.errno, _EROFS_ADVICE[0])
+                raise _error(f"erofs {source}: mount(2) on {tmp}", e.errno, advice,
+                             self.klog.lines()) from None
+            self.stack.callback(_quietly, _umount2, tmp, MNT_DETACH)
+
+        self._with_source(attach)
+        return tmp
+
+    # overlay ------------------------------------------------------------------------------------
+    def overlay_newapi(self, erofs_fd: int, by_fd: bool) -> None:
+        fc = _FsContext("overlay", self.klog, f"at {self.mountpoint}")
+        try:
+            fc.set_string("source", self.image)
+            try:
+                if by_fd:
+                    fc.set_fd("lowerdir+", erofs_fd)
+                else:
+                    fc.set_string("lowerdir+", f"/proc/self/fd/{erofs_fd}")
+            except MountError as e:  # a string-only lowerdir+ (< 6.13) or no lowerdir+ at all (< 6.8)
+                if e.errno == E.EINVAL:
+                    raise _Unsupported(str(e)) from None
+                raise
+            except OSError as e:
+                if e.errno == E.EINVAL:
+                    raise _Unsupported("lowerdir+ by fd") from None
+                raise fc.fail("fsconfig lowerdir+=<erofs mount fd>", e.errno) from None
+            for d in self.object_dirs:
+                fc.set_string("datadir+", d, "overlayfs data-only lower layers need Linux 6.5+ (datadir+ 6.8+)")
+            fc.set_string("metacopy", "on")
+            fc.set_string("redirect_dir", "on")
+            fc.set_flag("ro")
+            fc.create(_OVERLAY_ADVICE)
+            mfd = fc.mount(_OVERLAY_ATTRS)
+        finally:
+            fc.close()
+        try:
+            _sys(SYS_MOVE_MOUNT, mfd, b"", AT_FDCWD, _b(self.mountpoint),
+                 MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_SYMLINKS)
+        except OSError as e:
+            raise _error(f"overlay: move_mount to {self.mountpoint}", e.errno,
+                         _MOVE_ADVICE.get(e.errno), self.klog.lines()) from None
+        finally:
+            os.close(mfd)
+
+    def overlay_mount2(self, lower: str) -> None:
+        layers = "::".join(_escape_lowerdir(p) for p in [lower, *self.object_dirs])
+        data = f"lowerdir={layers},metacopy=on,redirect_dir=on"
+        try:
+            _mount2(self.image, self.mountpoint, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, data)
+        except OSError as e:
+            advice = {
+                E.ENODEV: "`modprobe overlay`",
+                E.EINVAL: "overlayfs data-only lower layers (`::`) need Linux 6.5+; the kernel log "
+                          "(`dmesg | grep overlayfs`)",
+                E.ENOTDIR: "the mountpoint must be a directory",
+            }.get(e.errno)
+            raise _error(f"overlay: mount(2) on {self.mountpoint} with {data}", e.errno, advice,
+                         self.klog.lines()) from None
+
+    def run(self, api: str) -> str:
+        """Mount with `api` (one of APIS minus "auto"); returns it."""
+        if api == "legacy":
+            self.overlay_mount2(self.erofs_dir())
+            return api
+        fd = self.erofs_fd()
+        if api == "mount2":
+            self.overlay_mount2(f"/proc/self/fd/{fd}")
+        else:
+            self.overlay_newapi(fd, by_fd=(api == "fd"))
+        return api
+
+
+def mount_image(image: str, mountpoint: str, object_dirs: Sequence[str], *,
+                loop: bool | None = None, api: str = "auto") -> None:
+    """Mount EROFS `image` read-only at `mountpoint`, its redirects served from `object_dirs`.
+
+    `loop`: None uses the file directly and a loop device only if the kernel refuses the file;
+    True always uses a loop device; False never does.  `api`: see the module doc (tests force each)."""
+    global _learned_api
+    if api not in APIS:
+        raise ValueError(f"api must be one of {APIS}, not {api!r}")
+    image = os.path.abspath(image)
+    mountpoint = os.path.abspath(mountpoint)
+    dirs = [os.path.abspath(d) for d in object_dirs]
+    _check_inputs(image, mountpoint, dirs)
+    if api != "auto":
+        order: tuple[str, ...] = (api,)
+    elif _learned_api is not None:
+        order = (_learned_api,)
+    else:
+        order = (*_AUTO_ORDER, "legacy")
+    last: _Unsupported | None = None
+    for attempt in order:
+        m = _Mounter(image, mountpoint, dirs, loop)
+        try:
+            with m.stack:
+                m.run(attempt)
+        except _Unsupported as e:
+            last = e
+            continue
+        if api == "auto":
+            _learned_api = attempt
+        return
+    raise _error(f"mounting {image} ({'/'.join(order)})", E.ENOSYS,
+                 f"the new mount API or overlayfs data-only layers are unavailable ({last})")
+
+
+# --- unmounting and inspection ---------------------------------------------------------------------
+def umount_image(mountpoint: str, *, lazy: bool = False) -> None:
+    """Unmount what mount_image mounted; erofs and any loop device go with the overlay.
+
+    Without `lazy` a busy mount is refused (EBUSY) rather than hidden and kept alive."""
+    mountpoint = os.path.abspath(mountpoint)
+    try:
+        _umount2(mountpoint, UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0))
+    except OSError as e:
+        advice = None
+        if e.errno == E.EINVAL:
+            advice = (f"{mountpoint} is not a mount point" if not is_mountpoint(mountpoint)
+                      else "the kernel refused the unmount")
+        elif e.errno == E.ENOENT:
+            advice = f"{mountpoint} does not exist"
+        elif e.errno == E.EBUSY:
+            advice = ("files are open or processes have their cwd there (`fuser -vm " + mountpoint
+                      + "`); unmount lazily to detach it now and free it when they are gone")
+        raise _error(f"unmounting {mountpoint}", e.errno, advice) from None
+
+
+def _statx_mount_root(path: str) -> bool | None:
+    """STATX_ATTR_MOUNT_ROOT of `path` (Linux 5.8+), or None where statx cannot tell."""
+    statx = getattr(_libc, "statx", None)
+    if statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if statx(ctypes.c_int(AT_FDCWD), _b(path), ctypes.c_int(AT_NO_AUTOMOUNT),
+             ctypes.c_uint(STATX_BASIC_STATS), buf) != 0:
+        err = ctypes.get_errno()
+        if err == E.ENOSYS:
+            return None
+        raise OSError(err, os.strerror(err), path)
+    (attrs,) = struct.unpack_from("=Q", buf, _STATX_ATTRIBUTES_OFF)
+    (mask,) = struct.unpack_from("=Q", buf, _STATX_ATTRIBUTES_MASK_OFF)
+    if not mask & STATX_ATTR_MOUNT_ROOT:
+        return None
+    return bool(attrs & STATX_ATTR_MOUNT_ROOT)
+
+
+def is_mountpoint(path: str) -> bool:
+    """Whether something is mounted at `path` (False if it does not exist)."""
+    try:
+        r = _statx_mount_root(path)
+    except OSError:
+        return False
+    if r is not None:
+        return r
+    return find_mount(path) is not None
+
+
+@dataclass(frozen=True)
+class MountEntry:
+    """One line of /proc/self/mountinfo."""
+
+    mount_id: int
+    parent_id: int
+    root: str
+    mountpoint: str
+    options: frozenset[str]        # per-mount: ro, nosuid, nodev, relatime...
+    propagation: tuple[str, ...]   # shared:N, master:N, ...
+    fstype: str
+    source: str
+    super_options: tuple[str, ...]
+
+
+def _unescape(field: str) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo."""
+    if "\\" not in field:
+        return field
+    raw = os.fsencode(field)
+    out = bytearray()
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and raw[i + 1: i + 4].isdigit() and len(raw[i + 1: i + 4]) == 3:
+            out.append(int(raw[i + 1: i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def mounts() -> list[MountEntry]:
+    """The calling process' mount table, in mount order."""
+    out = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            left, _, right = os.fsdecode(line.rstrip(b"\n")).partition(" - ")
+            a = left.split(" ")
+            b = right.split(" ")
+            out.append(MountEntry(
+                mount_id=int(a[0]), parent_id=int(a[1]), root=_unescape(a[3]), mountpoint=_unescape(a[4]),
+                options=frozenset(a[5].split(",")), propagation=tuple(a[6:]), fstype=b[0],
+                source=_unescape(b[1]), super_options=tuple(b[2].split(",")) if len(b) > 2 else (),
+            ))
+    return out
+
+
+def find_mount(path: str) -> MountEntry | None:
+    """The topmost mount at `path` (resolved), or None if nothing is mounted there."""
+    target = os.path.realpath(path)
+    found = None
+    for m in mounts():
+        if m.mountpoint == target:
+            found = m
+    return found

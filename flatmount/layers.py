@@ -1,0 +1,629 @@
+"""Layer tarballs (tar, tar+gzip, tar+zstd) -> layer tree + objects, streaming.
+
+Why streaming: layers can be many GB.  The compressed input is read in 1 MiB chunks, decompressed
+with bounded output, hashed (the diff_id is the sha256 of the uncompressed tar, computed while reading,
+including the padding after the end-of-archive blocks) and parsed by `tarfile` through a forward-only
+reader; regular files over 64 bytes go straight from the tar into `ObjectStore.put` (its file object
+ends at the member's end), so memory does not grow with layer or file size, only with the number of
+entries (the tree).
+
+Compression is recognised by magic (gzip 1f8b, zstd 28b52ffd; anything else is read as tar), not by
+media type.  zstandard is imported only for zstd input.
+
+Rules (OCI image-spec layer.md, and what is rejected with LayerError):
+- entry names: a leading `/` and `./` are stripped (tar convention), empty and `.` components
+  dropped; a `..` component, a NUL byte or a component over 255 bytes is an error; `./` (or `/`) gives
+  the layer root its attributes.
+- an entry below a symlink or below a non-directory of this layer is an error; missing parent
+  directories are created implicitly as 0755 root:root with the mtime of the entry that needed them
+  (the root, when the tar has no `./` entry, is 0755 root:root with mtime 0: flatten takes such a root
+  as "no attributes").
+- the same path twice is an error (a directory entry may come after entries below it: it then gives
+  the implicit directory its attributes).
+- whiteouts: `.wh.<name>` -> a whiteout (char 0:0) `<name>`; `.wh..wh..opq` -> the opaque marker on
+  its directory, wherever it appears among its siblings.  A whiteout and an entry of the same name in
+  one layer: the entry stands (the whiteout only hides lower layers), and if it is a directory it
+  becomes opaque, since the lower one is gone.  A bare `.wh.`, a whiteout of `.`/`..`/`/`, a directory
+  named `.wh.*`, and other AUFS `.wh..wh.*` names are errors.  A character device 0:0 in the tar is a
+  whiteout too (that is what it becomes under overlayfs).
+- hardlinks share one Inode with their target, which must be an earlier non-directory entry of this
+  layer; anything else is an error.
+- xattrs from pax `SCHILY.xattr.*` and `LIBARCHIVE.xattr.*` (the latter wins); `trusted.overlay.*`
+  and `user.overlay.*` are overlayfs' own vocabulary and are dropped (a tar expresses deletion and
+  opacity with `.wh.` names only).  mtimes: pax `mtime` with nanoseconds, else the header's seconds.
+- uid/gid are the numeric ids (names are ignored); GNU long names/links and sparse files are read.
+- the archive must end with the end-of-archive block; a truncated, corrupt or unknown-compression
+  stream is an error.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import tarfile
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, BinaryIO
+
+from flatmount.errors import DigestMismatchError, LayerError
+from flatmount.tree import (
+    INLINE_MAX,
+    OPAQUE_XATTR,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFREG,
+    Inode,
+)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatmount.store import ImageRecord, LayerRecord, Store
+    from objects import ObjectStore
+
+CHUNK = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+WHITEOUT_PREFIX = b".wh."
+OPAQUE_WHITEOUT = b".wh..wh..opq"
+NAME_MAX = 255
+_DROPPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
+
+Progress = Callable[[int, int], None]   # (uncompressed bytes read so far, entries read so far)
+
+
+@dataclass
+class TarLayer:
+    """Result of reading one layer tarball."""
+
+    tree: Inode
+    diff_id: str                 # sha256:<hex> of the uncompressed tar
+    diff_size: int               # bytes of the uncompressed tar
+    compressed_digest: str       # <alg>:<hex> of the input as read
+    compressed_size: int
+    compression: str             # "none", "gzip" or "zstd"
+    entries: int
+
+
+# --- byte pipeline -------------------------------------------------------------------------------
+
+class HashingReader:
+    """Reads a binary file, hashing (sha256 or sha512) and counting everything it hands out."""
+
+    def __init__(self, f: BinaryIO, algorithm: str = "sha256"):
+        self._f = f
+        self.algorithm = algorithm
+        self._hash = hashlib.new(algorithm)
+        self.size = 0
+        self._pending = b""
+
+    def peek(self, n: int) -> bytes:
+        while len(self._pending) < n:
+            b = self._f.read(n - len(self._pending))
+            if not b:
+                break
+            self._pending += b
+        return self._pending[:n]
+
+    def read(self, n: int = -1) -> bytes:
+        if self._pending:
+            if n is None or n < 0 or n >= len(self._pending):
+                b, self._pending = self._pending, b""
+            else:
+                b, self._pending = self._pending[:n], self._pending[n:]
+        else:
+            b = self._f.read(CHUNK if n is None or n < 0 else n)
+        if b:
+            self._hash.update(b)
+            self.size += len(b)
+        return b
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    @property
+    def digest(self) -> str:
+        return f"{self.algorithm}:{self._hash.hexdigest()}"
+
+
+def _plain_chunks(raw: HashingReader) -> Iterator[bytes]:
+    while b := raw.read(CHUNK):
+        yield b
+
+
+def _gzip_chunks(raw: HashingReader, where: str) -> Iterator[bytes]:
+    """Decompressed output of one or more concatenated gzip members (zero padding after them is ok)."""
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    in_member = False
+    try:
+        while data := raw.read(CHUNK):
+            while data:
+                if not in_member:
+                    data = data.lstrip(b"\0")
+                    if not data:
+                        break
+                    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                    in_member = True
+                out = d.decompress(data, CHUNK)
+                if out:
+                    yield out
+                if d.eof:
+                    in_member = False
+                    data = d.unused_data
+                else:
+                    data = d.unconsumed_tail
+        if in_member:
+            out = d.flush()
+            if out:
+                yield out
+            if not d.eof:
+                raise LayerError(f"{where}: gzip stream is truncated")
+    except zlib.error as e:
+        raise LayerError(f"{where}: corrupt gzip stream ({e})") from None
+
+
+def _zstd_chunks(raw: HashingReader, where: str) -> Iterator[bytes]:
+    import zstandard
+
+    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK, read_across_frames=True,
+                                                        closefd=False)
+    try:
+        while b := reader.read(CHUNK):
+            yield b
+    except zstandard.ZstdError as e:
+        raise LayerError(f"{where}: corrupt zstd stream ({e})") from None
+
+
+def detect_compression(raw: HashingReader, where: str) -> str:
+    magic = raw.peek(6)
+    if not magic:
+        raise LayerError(f"{where}: empty input (not a tar archive)")
+    if magic.startswith(GZIP_MAGIC):
+        return "gzip"
+    if magic.startswith(ZSTD_MAGIC):
+        return "zstd"
+    if magic.startswith(b"BZh") or magic.startswith(b"\xfd7zXZ\x00"):
+        raise LayerError(f"{where}: bzip2/xz compressed layers are not supported (only gzip and zstd)")
+    return "none"
+
+
+class ForwardReader:
+    """A file object over a chunk iterator that can only move forward, hashing every byte.
+
+    `tarfile` in normal ("r:") mode only ever seeks forward when reading sequentially, so it can read
+    a stream this way without `r|`'s re-buffering; member file objects read straight from here.
+    """
+
+    def __init__(self, chunks: Iterator[bytes], where: str, same_as: HashingReader | None = None):
+        self._chunks = chunks
+        self._buf = b""
+        self._off = 0
+        self._pos = 0
+        # uncompressed input already hashed with sha256 by `same_as`: do not hash it twice
+        self._same_as = same_as
+        self._hash = hashlib.sha256() if same_as is None else None
+        self.where = where
+
+    def _next_chunk(self) -> bytes:
+        b = next(self._chunks, b"")
+        if b and self._hash is not None:
+            self._hash.update(b)
+        return b
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            parts = [self._buf[self._off:]]
+            while b := self._next_chunk():
+                parts.append(b)
+            self._buf, self._off = b"", 0
+            out = b"".join(parts)
+            self._pos += len(out)
+            return out
+        avail = len(self._buf) - self._off
+        if avail >= n:
+            out = self._buf[self._off:self._off + n]
+            self._off += n
+            self._pos += n
+            return out
+        parts = [self._buf[self._off:]] if avail else []
+        got = avail
+        self._buf, self._off = b"", 0
+        while got < n:
+            b = self._next_chunk()
+            if not b:
+                break
+            need = n - got
+            if len(b) > need:
+                parts.append(b[:need])
+                self._buf, self._off = b, need
+                got = n
+                break
+            parts.append(b)
+            got += len(b)
+        out = parts[0] if len(parts) == 1 else b"".join(parts)
+        self._pos += len(out)
+        return out
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence == 1:
+            pos += self._pos
+        elif whence != 0:
+            raise OSError("ForwardReader cannot seek from the end")
+        if pos < self._pos:
+            raise LayerError(f"{self.where}: internal error: backward seek in a stream")
+        skip = pos - self._pos
+        while skip > 0:
+            b = self.read(min(skip, CHUNK))
+            if not b:
+                break
+            skip -= len(b)
+        return self._pos
+
+    def drain(self) -> None:
+        """Read (and hash) everything left, e.g. the zero padding after the end-of-archive blocks."""
+        self._pos += len(self._buf) - self._off
+        self._buf, self._off = b"", 0
+        while b := self._next_chunk():
+            self._pos += len(b)
+
+    @property
+    def digest(self) -> str:
+        if self._hash is None:
+            assert self._same_as is not None
+            return self._same_as.digest
+        return "sha256:" + self._hash.hexdigest()
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+
+# --- tar -> tree ---------------------------------------------------------------------------------
+
+class _TarInfo(tarfile.TarInfo):
+    """Remembers why tarfile stopped: only an end-of-archive block is a proper end."""
+
+    @classmethod
+    def fromtarfile(cls, tf):  # type: ignore[override]
+        try:
+            return super().fromtarfile(tf)
+        except tarfile.HeaderError as e:
+            tf._flatmount_stop = e
+            raise
+
+
+def _parse_pax_time(value: str) -> int | None:
+    """`1700000000.123456789` (or negative) -> ns; None if malformed."""
+    v = value.strip()
+    neg = v.startswith("-")
+    if neg:
+        v = v[1:]
+    sec, _, frac = v.partition(".")
+    if not sec.isdigit() or (frac and not frac.isdigit()):
+        return None
+    ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
+    return -ns if neg else ns
+
+
+def _xattrs(ti: tarfile.TarInfo, where: str) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    libarchive: dict[bytes, bytes] = {}
+    for key, value in ti.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            out[key[13:].encode("utf-8", "surrogateescape")] = value.encode("utf-8", "surrogateescape")
+        elif key.startswith("LIBARCHIVE.xattr."):
+            from urllib.parse import unquote_to_bytes
+
+            name = unquote_to_bytes(key[17:])
+            try:
+                raw = value.encode("ascii")
+                libarchive[name] = base64.b64decode(raw + b"=" * (-len(raw) % 4), validate=True)
+            except (UnicodeEncodeError, ValueError):
+                raise LayerError(f"{where}: bad LIBARCHIVE.xattr value for {name!r}") from None
+    out.update(libarchive)
+    for name in list(out):
+        if not name or b"\0" in name:
+            raise LayerError(f"{where}: invalid xattr name {name!r}")
+        if name.startswith(_DROPPED_XATTR_PREFIXES):
+            del out[name]
+    return out
+
+
+def _split(name: bytes, where: str) -> list[bytes]:
+    if b"\0" in name:
+        raise LayerError(f"{where}: NUL byte in entry name")
+    parts = []
+    for p in name.split(b"/"):
+        if not p or p == b".":
+            continue
+        if p == b"..":
+            raise LayerError(f"{where}: '..' in entry name (path traversal)")
+        if len(p) > NAME_MAX:
+            raise LayerError(f"{where}: name component longer than {NAME_MAX} bytes")
+        parts.append(p)
+    return parts
+
+
+def _show(name: bytes) -> str:
+    return name.decode("utf-8", "backslashreplace")
+
+
+class LayerTreeBuilder:
+    """Builds a layer tree from entries arriving in tar order; `finish()` applies whiteouts/opacity."""
+
+    def __init__(self, label: str = "layer"):
+        self.label = label
+        self.root = Inode(S_IFDIR | 0o755)
+        self._implicit: set[int] = set()          # ids of directories created for a missing parent
+        self._root_explicit = False
+        self._opaque: dict[int, Inode] = {}        # dirs with a .wh..wh..opq entry
+        self._whiteouts: dict[int, tuple[Inode, set[bytes]]] = {}
+        self.entries = 0
+
+    def where(self, name: bytes) -> str:
+        return f"{self.label}: {_show(name)!r}"
+
+    def _parent(self, parts: list[bytes], mtime_ns: int, name: bytes) -> Inode:
+        node = self.root
+        for p in parts:
+            assert node.entries is not None
+            child = node.entries.get(p)
+            if child is None:
+                child = Inode(S_IFDIR | 0o755, mtime_ns=mtime_ns)
+                node.entries[p] = child
+                self._implicit.add(id(child))
+            elif child.is_symlink:
+                raise LayerError(f"{self.where(name)}: below a symlink of this layer")
+            elif not child.is_dir:
+                raise LayerError(f"{self.where(name)}: parent is not a directory")
+            node = child
+        return node
+
+    def _lookup(self, parts: list[bytes]) -> Inode | None:
+        node = self.root
+        for p in parts:
+            if node.entries is None:
+                return None
+            node = node.entries.get(p)
+            if node is None:
+                return None
+        return node
+
+    def add(self, name: bytes, node: Inode | None, *, link: bytes | None = None, mtime_ns: int = 0) -> None:
+        """Add an entry; `node` None with `link` set is a hardlink to the earlier entry `link`.
+
+        `mtime_ns` (default: the node's) dates implicit parent directories.
+        """
+        self.entries += 1
+        where = self.where(name)
+        parts = _split(name, where)
+        if not parts:
+            if node is None or not node.is_dir:
+                raise LayerError(f"{where}: the root must be a directory")
+            if self._root_explicit:
+                raise LayerError(f"{where}: duplicate entry for the root directory")
+            self._root_explicit = True
+            self.root.mode, self.root.uid, self.root.gid = node.mode, node.uid, node.gid
+            self.root.mtime_ns, self.root.xattrs = node.mtime_ns, node.xattrs
+            return
+        base = parts[-1]
+        mtime = node.mtime_ns if node is not None else mtime_ns
+        if base.startswith(WHITEOUT_PREFIX):
+            parent = self._parent(parts[:-1], mtime, name)
+            if node is not None and node.is_dir:
+                raise LayerError(f"{where}: a directory cannot be a whiteout (.wh.*)")
+            if base == OPAQUE_WHITEOUT:
+                if id(parent) in self._opaque:
+                    raise LayerError(f"{where}: duplicate opaque marker")
+                self._opaque[id(parent)] = parent
+                return
+            target = base[len(WHITEOUT_PREFIX):]
+            if not target:
+                raise LayerError(f"{where}: bare '.wh.' whiteout")
+            if target in (b".", b".."):
+                raise LayerError(f"{where}: whiteout of {'/' if target == b'.' else '..'} is not allowed")
+            if target.startswith(WHITEOUT_PREFIX):
+                raise LayerError(f"{where}: AUFS metadata entries (.wh..wh.*) are not supported")
+            _, names = self._whiteouts.setdefault(id(parent), (parent, set()))
+            if target in names:
+                raise LayerError(f"{where}: duplicate whiteout")
+            names.add(target)
+            return
+        parent = self._parent(parts[:-1], mtime, name)
+        assert parent.entries is not None
+        if link is not None:
+            lparts = _split(link, where)
+            target = self._lookup(lparts) if lparts else None
+            if target is None or target.is_dir or target.is_whiteout:
+                what = "a directory" if target is not None and target.is_dir else (
+                    "a whiteout" if target is not None else "missing or outside this layer")
+                raise LayerError(f"{where}: hardlink target {_show(link)!r} is {what}")
+            node = target
+        assert node is not None
+        existing = parent.entries.get(base)
+        if existing is not None:
+            if node.is_dir and existing.is_dir and id(existing) in self._implicit:
+                self._implicit.discard(id(existing))
+                existing.mode, existing.uid, existing.gid = node.mode, node.uid, node.gid
+                existing.mtime_ns, existing.xattrs = node.mtime_ns, node.xattrs
+                return
+            if id(existing) in self._implicit:
+                raise LayerError(f"{where}: not a directory, but earlier entries are below it")
+            raise LayerError(f"{where}: duplicate entry")
+        parent.entries[base] = node
+
+    def finish(self) -> Inode:
+        """Apply whiteouts and opaque markers (order-independent) and return the root."""
+        for parent, names in self._whiteouts.values():
+            assert parent.entries is not None
+            for n in names:
+                existing = parent.entries.get(n)
+                if existing is None:
+                    parent.entries[n] = Inode.whiteout()
+                elif existing.is_dir:
+                    self._opaque[id(existing)] = existing
+        for d in self._opaque.values():
+            d.xattrs = dict(d.xattrs)
+            d.xattrs[OPAQUE_XATTR] = b"y"
+        return self.root
+
+
+def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
+             progress: Progress | None = None, algorithm: str = "sha256") -> TarLayer:
+    """Read one layer tarball (any supported compression) into a tree, content into `objects`.
+
+    Digests are not checked here (see `verify`); `objects` is not synced.
+    """
+    raw = stream if isinstance(stream, HashingReader) else HashingReader(stream, algorithm)
+    compression = detect_compression(raw, label)
+    if compression == "gzip":
+        chunks = _gzip_chunks(raw, label)
+    elif compression == "zstd":
+        chunks = _zstd_chunks(raw, label)
+    else:
+        chunks = _plain_chunks(raw)
+    src = ForwardReader(chunks, label,
+                        same_as=raw if compression == "none" and raw.algorithm == "sha256" else None)
+    builder = LayerTreeBuilder(label)
+    try:
+        tf = tarfile.open(fileobj=src, mode="r:", tarinfo=_TarInfo, encoding="utf-8",  # type: ignore[arg-type]
+                          errors="surrogateescape")
+    except tarfile.ReadError as e:
+        if compression != "none" and src.tell() == 0:
+            raise LayerError(f"{label}: {compression} stream yields no data (truncated or corrupt)") from None
+        raise LayerError(f"{label}: not a tar archive ({e})") from None
+    except tarfile.TarError as e:
+        raise LayerError(f"{label}: bad tar archive ({e})") from None
+    try:
+        while True:
+            try:
+                ti = tf.next()
+            except tarfile.TarError as e:
+                raise LayerError(f"{label}: corrupt tar archive at byte {tf.offset} ({e})") from None
+            if ti is None:
+                break
+            tf.members.clear()  # stream reading: keep no per-entry state in tarfile
+            _add_member(tf, ti, builder, objects)
+            if progress is not None:
+                progress(src.tell(), builder.entries)
+    finally:
+        tf.fileobj = None  # type: ignore[assignment]  # do not let tarfile touch our reader again
+    stop = getattr(tf, "_flatmount_stop", None)
+    if not isinstance(stop, tarfile.EOFHeaderError):
+        why = "truncated" if isinstance(stop, tarfile.EmptyHeaderError | tarfile.TruncatedHeaderError | None) \
+            else f"corrupt ({stop})"
+        raise LayerError(f"{label}: tar archive is {why}: no end-of-archive block at byte {tf.offset}")
+    src.drain()
+    raw.drain()
+    tree = builder.finish()
+    return TarLayer(tree, src.digest, src.tell(), raw.digest, raw.size, compression, builder.entries)
+
+
+def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, builder: LayerTreeBuilder,
+                objects: ObjectStore) -> None:
+    name = ti.name.encode("utf-8", "surrogateescape")
+    where = builder.where(name)
+    pax_mtime = ti.pax_headers.get("mtime")
+    mtime_ns = _parse_pax_time(pax_mtime) if pax_mtime is not None else None
+    if mtime_ns is None:
+        mtime_ns = int(ti.mtime) * 1_000_000_000
+    perm = ti.mode & 0o7777
+    if ti.islnk():
+        builder.add(name, None, link=ti.linkname.encode("utf-8", "surrogateescape"), mtime_ns=mtime_ns)
+        return
+    xattrs = _xattrs(ti, where)
+    kw = {"uid": ti.uid, "gid": ti.gid, "mtime_ns": mtime_ns, "xattrs": xattrs}
+    if ti.isreg():
+        size = ti.size
+        if size > INLINE_MAX:
+            f = tf.extractfile(ti)
+            assert f is not None
+            try:
+                digest = objects.put(f)
+            except tarfile.TarError as e:
+                raise LayerError(f"{where}: archive ends inside this file ({e})") from None
+            node = Inode(S_IFREG | perm, size=size, digest=digest, **kw)
+        else:
+            data = b""
+            if size:
+                f = tf.extractfile(ti)
+                assert f is not None
+                try:
+                    data = f.read()
+                except tarfile.TarError as e:
+                    raise LayerError(f"{where}: archive ends inside this file ({e})") from None
+            node = Inode(S_IFREG | perm, size=len(data), content=data or None, **kw)
+    elif ti.isdir():
+        node = Inode(S_IFDIR | perm, **kw)
+    elif ti.issym():
+        target = ti.linkname.encode("utf-8", "surrogateescape")
+        if not target or b"\0" in target:
+            raise LayerError(f"{where}: symlink with an empty or NUL-containing target")
+        node = Inode(S_IFLNK | 0o777, size=len(target), target=target, **kw)
+    elif ti.ischr() or ti.isblk():
+        kind = S_IFCHR if ti.ischr() else S_IFBLK
+        node = Inode(kind | perm, rdev=os.makedev(ti.devmajor, ti.devminor), **kw)
+        if node.is_whiteout:
+            node = Inode.whiteout()
+    elif ti.isfifo():
+        node = Inode(S_IFIFO | perm, **kw)
+    else:
+        raise LayerError(f"{where}: unsupported tar entry type {ti.type!r}")
+    builder.add(name, node)
+
+
+def verify(layer: TarLayer, *, blob_digest: str | None = None, blob_size: int | None = None,
+           diff_id: str | None = None, label: str = "layer") -> None:
+    """DigestMismatchError unless the stream matched what it was promised to be."""
+    if blob_size is not None and layer.compressed_size != blob_size:
+        raise DigestMismatchError(f"{label}: blob is {layer.compressed_size} bytes, the manifest says "
+                                  f"{blob_size}")
+    if blob_digest is not None and layer.compressed_digest != blob_digest:
+        raise DigestMismatchError(f"{label}: blob digest is {layer.compressed_digest}, expected {blob_digest}")
+    if diff_id is not None and layer.diff_id != diff_id:
+        raise DigestMismatchError(f"{label}: uncompressed digest (diff_id) is {layer.diff_id}, the "
+                                  f"config says {diff_id}")
+
+
+# --- recording (API for other importers, e.g. flatmount.cstorage) --------------------------------
+
+def record_layer(store: Store, layer_id: str, parent: str | None, diff_id: str, tree: Inode, *,
+                 compressed_digest: str | None = None, compressed_size: int | None = None,
+                 diff_size: int | None = None, created: str | None = None) -> LayerRecord:
+    """Write the layer image and record the layer with its object refs, in one transaction.
+
+    The objects `tree` references must already be durable in `store.objects` (put + sync); the
+    caller should hold `store.gc_lock(shared=True)` since those puts.
+    """
+    from flatmount.pull import ImportBatch
+
+    with ImportBatch(store) as batch:
+        batch.add_layer(tree, parent=parent, diff_id=diff_id, layer_id=layer_id,
+                        compressed_digest=compressed_digest, compressed_size=compressed_size,
+                        diff_size=diff_size, created=created)
+        batch.commit()
+    return store.layer(layer_id)
+
+
+def record_image(store: Store, image_id: str, top_layer: str | None, *,
+                 config: dict | bytes | str | None = None, manifest: bytes | str | None = None,
+                 names: list[str] | tuple[str, ...] = (), created: str | None = None) -> ImageRecord:
+    """Record an image (and its names, moved from other images if they had them) whose layers exist."""
+    from flatmount.pull import ImportBatch
+
+    with ImportBatch(store) as batch:
+        batch.set_image(image_id, top_layer, config=config, manifest=manifest, names=names,
+                        created=created)
+        return batch.commit()  # type: ignore[return-value]

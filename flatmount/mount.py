@@ -1,0 +1,363 @@
+"""Mount an image's flattened EROFS image read-only at a merged dir private to that mount, with a lease.
+
+Every mount gets a fresh `<runroot>/mounts/<id>/merged` (parents 0700), so no two processes ever share
+a mountpoint and one can never unmount another's view (the c/storage race this project removes).
+A lease row (id, image digest, ref, merged path, pid, boot id) in the primary store's DB names each
+mount and pins its image's objects against GC.
+
+Crash safety.  Every state change of a mount happens while its process holds an flock on the
+`<id>` directory, in this order:
+    mount:   mkdir <id>, lock, mkdir merged, INSERT lease, mount
+    unmount: lock, umount, DELETE lease, rmdir merged, rmdir <id>
+A process killed anywhere leaves one of: empty dirs without a lease, a lease without a mount (both
+repaired by `cleanup`), or a complete mount with its lease (left alone).  `cleanup` only touches a
+directory whose lock it can take, so it never races a mount or unmount in progress; the kernel drops
+a dead process' flock.  A mount without a lease cannot arise; `cleanup` still unmounts one it finds
+under `<runroot>/mounts` (nothing pins its objects), and nothing a live lease names.
+
+Locks: while mounting, the primary's GC lock is held shared from the flat-image lookup to the lease
+commit (so GC sees either no image use or the lease); while mounted, no lock is held on any store, and
+additional stores are never locked or written at all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flatmount.errors import NotFoundError, PermissionRequiredError, ReadOnlyStoreError, StoreError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatmount.flatten import FlatImage
+    from flatmount.store import Store
+
+DIR_MODE = 0o700
+CAP_SYS_ADMIN = 21
+_LEASE_COLS = "id, image_digest, image_ref, merged, pid, boot_id, created"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """One mount: `merged` is the directory to use; `id` names it for `umount`."""
+
+    id: str
+    image_digest: str
+    image_ref: str | None
+    merged: str
+    pid: int | None
+    boot_id: str | None
+    created: float | None
+
+
+@dataclass(frozen=True)
+class CleanupResult:
+    """What `cleanup` repaired; `busy` are mount dirs another process is mounting or unmounting now."""
+
+    removed_leases: tuple[str, ...]
+    removed_dirs: tuple[str, ...]
+    unmounted: tuple[str, ...]
+    kept: tuple[str, ...]
+    busy: tuple[str, ...]
+
+
+# --- helpers --------------------------------------------------------------------------------------
+
+def boot_id() -> str:
+    """This boot's id: leases from another boot are stale whatever their dirs look like."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def mounts_dir(store: Store) -> str:
+    return os.path.join(os.fspath(store.runroot), "mounts")
+
+
+def _require_mount_privilege() -> None:
+    """Refuse early (before any lease is written) when we cannot mount at all."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("CapEff:"):
+                    if int(line.split()[1], 16) >> CAP_SYS_ADMIN & 1:
+                        return
+                    break
+    except OSError:
+        if os.geteuid() == 0:
+            return
+    raise PermissionRequiredError("mounting needs root (CAP_SYS_ADMIN): run flatmount as root")
+
+
+def _require_writable(store: Store) -> None:
+    if store.readonly:
+        raise ReadOnlyStoreError(f"store {store.root} is opened read-only: mounts need a writable primary "
+                                 "store for their leases")
+
+
+def _mkdir_private(path: str) -> None:
+    """mkdir -p with every created component 0700 (whatever the umask)."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(path)
+    if parent != path:
+        _mkdir_private(parent)
+    try:
+        os.mkdir(path, DIR_MODE)
+        os.chmod(path, DIR_MODE)
+    except FileExistsError:
+        pass
+
+
+def _lock_dir(path: str, wait: bool = True) -> int | None:
+    """An fd of directory `path` holding its exclusive flock; None if busy (wait=False) or gone."""
+    import fcntl
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    if os.fstat(fd).st_nlink == 0:  # removed by someone who held the lock before us
+        os.close(fd)
+        return None
+    return fd
+
+
+def _rmdir(path: str, removed: list[str] | None = None) -> bool:
+    """rmdir (never a recursive delete); True if it is gone."""
+    try:
+        os.rmdir(path)
+    except FileNotFoundError:
+        return True
+    except OSError as e:
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EBUSY, errno.ENOTDIR):
+            return False
+        raise
+    if removed is not None:
+        removed.append(path)
+    return True
+
+
+def _lease(row: tuple) -> Lease:
+    return Lease(*row)
+
+
+def _leases(store: Store, where: str = "", params: tuple = ()) -> list[Lease]:
+    if not store.db_path.exists():
+        return []
+    rows = store.connect().execute(f"SELECT {_LEASE_COLS} FROM leases {where} ORDER BY created, id",
+                                   params).fetchall()
+    return [_lease(r) for r in rows]
+
+
+def _delete_lease(store: Store, lease_id: str) -> None:
+    with store.transaction() as db:
+        db.execute("DELETE FROM leases WHERE id = ?", (lease_id,))
+
+
+def involved_object_dirs(store: Store, chain, image_path: str) -> list[str]:
+    """Object dirs backing an image: the primary's, then those of the additional stores holding a
+    layer of the chain or the image itself (in config order).  A missing one is an error."""
+    need = {layer.store_root for layer in chain}
+    need.add(os.path.dirname(os.path.dirname(os.path.abspath(image_path))))
+    out = []
+    for s in (store, *store.additional):
+        if s is not store and str(s.root) not in need:
+            continue
+        d = str(s.objects_dir)
+        if not os.path.isdir(d):
+            if s is store and str(s.root) not in need:
+                continue
+            raise StoreError(f"object directory {d} of store {s.root} is missing: the image's files "
+                             "live there (store damaged? run fsck)")
+        out.append(d)
+    return out
+
+
+# --- mounting -------------------------------------------------------------------------------------
+
+def mount_image_ref(store: Store, ref: str) -> Lease:
+    """Mount image `ref` (name, id or id prefix) at a new private merged dir; the lease describes it.
+
+    The caller owns the mount: `umount(store, lease.id)` (or `mount()` as a context manager)."""
+    from flatmount.flatten import chain_of, flatten_chain
+    from flatmount.kmount import mount_image
+
+    _require_writable(store)
+    _require_mount_privilege()
+    image = store.resolve_image(ref)
+    chain = chain_of(store, image)
+    with store.gc_lock(shared=True):
+        flat = flatten_chain(store, chain)
+        dirs = involved_object_dirs(store, chain, flat.path)
+        lease, fd = _create_lease(store, ref, flat)
+    try:
+        try:
+            mount_image(flat.path, lease.merged, dirs)
+        except BaseException:
+            _delete_lease(store, lease.id)
+            _rmdir(lease.merged)
+            _rmdir(os.path.dirname(lease.merged))
+            raise
+    finally:
+        os.close(fd)
+    return lease
+
+
+def _create_lease(store: Store, ref: str, flat: FlatImage) -> tuple[Lease, int]:
+    """Fresh `<runroot>/mounts/<id>/merged`, locked, with its lease committed: (lease, lock fd)."""
+    base = mounts_dir(store)
+    _mkdir_private(base)
+    for _ in range(16):
+        lease_id = os.urandom(8).hex()
+        top = os.path.join(base, lease_id)
+        try:
+            os.mkdir(top, DIR_MODE)
+        except FileExistsError:
+            continue
+        fd = _lock_dir(top)
+        if fd is None:  # a concurrent cleanup took it for a leftover: pick another id
+            continue
+        try:
+            os.chmod(top, DIR_MODE)
+            merged = os.path.join(top, "merged")
+            os.mkdir(merged, DIR_MODE)
+            lease = Lease(lease_id, flat.digest, ref, merged, os.getpid(), boot_id(), time.time())
+            with store.transaction() as db:
+                db.execute(f"INSERT INTO leases({_LEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                           (lease.id, lease.image_digest, lease.image_ref, lease.merged, lease.pid,
+                            lease.boot_id, lease.created))
+        except BaseException:
+            _rmdir(os.path.join(top, "merged"))
+            _rmdir(top)
+            os.close(fd)
+            raise
+        return lease, fd
+    raise StoreError(f"cannot create a mount directory under {base}")
+
+
+@contextlib.contextmanager
+def mount(store: Store, ref: str) -> Iterator[str]:
+    """`with mount(store, "alpine") as merged:` the image read-only at a private dir, unmounted after."""
+    lease = mount_image_ref(store, ref)
+    try:
+        yield lease.merged
+    finally:
+        umount(store, lease.id)
+
+
+def find_lease(store: Store, merged_or_lease_id: str) -> Lease:
+    """The lease named by its id, its merged dir or that dir's parent (NotFoundError if none)."""
+    key = os.fspath(merged_or_lease_id)
+    hits = _leases(store, "WHERE id = ?", (key,))
+    if not hits:
+        path = os.path.abspath(key)
+        hits = _leases(store, "WHERE merged = ? OR merged = ?", (path, os.path.join(path, "merged")))
+    if not hits:
+        raise NotFoundError(f"no mount {merged_or_lease_id!r} (see `flatmount mounts`)")
+    return hits[0]
+
+
+def umount(store: Store, merged_or_lease_id: str) -> Lease:
+    """Unmount a mount made by `mount_image_ref`, drop its lease, remove its two dirs (rmdir only).
+
+    A busy mount (files open, a cwd inside) raises MountError and stays mounted with its lease."""
+    from flatmount.kmount import is_mountpoint, umount_image
+
+    _require_writable(store)
+    lease = find_lease(store, merged_or_lease_id)
+    top = os.path.dirname(lease.merged)
+    fd = _lock_dir(top)
+    try:
+        current = _leases(store, "WHERE id = ?", (lease.id,))
+        if not current:
+            raise NotFoundError(f"mount {lease.id} was unmounted meanwhile")
+        if is_mountpoint(lease.merged):
+            _require_mount_privilege()
+            umount_image(lease.merged)
+        _delete_lease(store, lease.id)
+        if fd is not None:
+            _rmdir(lease.merged)
+            _rmdir(top)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    return lease
+
+
+def list_mounts(store: Store) -> list[Lease]:
+    """Every lease of the primary store, oldest first (stale ones included until `cleanup`)."""
+    return _leases(store)
+
+
+def cleanup(store: Store) -> CleanupResult:
+    """Remove stale leases (merged dir not mounted, or from another boot), leftover empty mount dirs,
+    and mounts under `<runroot>/mounts` that no lease names.  Never unmounts a leased mount."""
+    from flatmount.kmount import is_mountpoint, umount_image
+
+    _require_writable(store)
+    removed_leases: list[str] = []
+    removed_dirs: list[str] = []
+    unmounted: list[str] = []
+    kept: list[str] = []
+    busy: list[str] = []
+    boot = boot_id()
+    for lease in _leases(store):
+        top = os.path.dirname(lease.merged)
+        fd = _lock_dir(top, wait=False)
+        if fd is None and os.path.isdir(top):
+            busy.append(top)
+            continue
+        try:
+            if not _leases(store, "WHERE id = ?", (lease.id,)):
+                continue  # unmounted by its owner just before we took the lock
+            if lease.boot_id == boot and is_mountpoint(lease.merged):
+                kept.append(lease.id)
+                continue
+            _delete_lease(store, lease.id)
+            removed_leases.append(lease.id)
+            if fd is not None:
+                _rmdir(lease.merged, removed_dirs)
+                _rmdir(top, removed_dirs)
+        finally:
+            if fd is not None:
+                os.close(fd)
+    base = mounts_dir(store)
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        names = []
+    for name in names:
+        top = os.path.join(base, name)
+        merged = os.path.join(top, "merged")
+        if not os.path.isdir(top) or os.path.islink(top):
+            continue
+        fd = _lock_dir(top, wait=False)
+        if fd is None:
+            if os.path.isdir(top):
+                busy.append(top)
+            continue
+        try:
+            if _leases(store, "WHERE merged = ?", (merged,)):
+                continue  # leased (by a mount that finished after our first pass)
+            if is_mountpoint(merged):
+                _require_mount_privilege()
+                umount_image(merged)
+                unmounted.append(merged)
+            _rmdir(merged, removed_dirs)
+            _rmdir(top, removed_dirs)
+        finally:
+            os.close(fd)
+    return CleanupResult(tuple(removed_leases), tuple(removed_dirs), tuple(unmounted), tuple(kept),
+                         tuple(busy))

@@ -1,0 +1,901 @@
+"""The primary store (writable) and its additional stores (read-only): records in SQLite, files on disk.
+
+Why one module: every other part (import, flatten, mount, diff, gc) needs the same answers (which
+store holds this layer, where are its objects, which image does this name mean), and the rules for
+writing safely (one transaction per import, GC lock, temp + fsync + rename) must be the same for all.
+
+Layout of a store directory (primary and additional stores alike):
+    flatmount.db            SQLite (WAL), schema below, versioned with PRAGMA user_version
+    objects/XX/<62 hex>     content-addressed file content (objects.ObjectStore)
+    layers/<layer id>.erofs layer metadata images (whiteouts kept)
+    images/<sha256>.erofs   flattened images (content-addressed)
+    tmp/                    temp files of running writers (cleaned when stale, see `clean_tmp`)
+    gc.lock                 flock: writers hold it shared from their first object put to their commit
+
+Configuration (TOML, like containers/storage's storage.conf), from `config=`, else $FLATMOUNT_CONFIG,
+else /etc/flatmount/storage.conf if it exists:
+    [storage]
+    root = "/var/lib/flatmount"          # `graphroot` is accepted as an alias
+    runroot = "/run/flatmount"
+    [storage.options]
+    additionalimagestores = ["/mnt/ro-store"]
+Explicit arguments override the file; `additional` replaces the configured list.  Defaults: root
+/var/lib/flatmount and runroot /run/flatmount for root, else $XDG_DATA_HOME/flatmount
+(~/.local/share/flatmount) and $XDG_RUNTIME_DIR/flatmount (/tmp/flatmount-<uid> without it).
+
+Additional stores are flatmount stores opened strictly read-only: nothing in them is ever created or
+written (no DB journal, no lock file).  Their DB is opened with `mode=ro&immutable=1` unless a writer
+of that store is live (its `-wal` and `-shm` files exist), in which case plain `mode=ro` reads through
+the writer's WAL; on a read-only mount it is always `immutable=1`.
+
+Image names: a stored name always carries a tag or digest; `foo` is stored as `foo:latest`
+(`normalise_name`).  `resolve_image(ref)` tries, as containers/storage does: a full image id (64 hex,
+`sha256:` prefix allowed), then the name (as given, with `:latest` added if it has no tag, then with
+`localhost/` in front), then a unique id prefix of at least 3 hex digits.  Primary first, then each
+additional store in order; a name in the primary shadows the same name in an additional store.  A
+name recorded in the primary may point at an image of an additional store (`tag`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import re
+import stat
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flatmount.errors import NotFoundError, ReadOnlyStoreError, StoreError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import sqlite3
+
+    from flatmount.tree import Inode
+    from objects import ObjectStore
+
+DB_NAME = "flatmount.db"
+GC_LOCK = "gc.lock"
+SCHEMA_VERSION = 1
+BUSY_TIMEOUT_MS = 30_000
+DEFAULT_CONFIG = "/etc/flatmount/storage.conf"
+ROOT_MODE = 0o700          # like c/storage's graphroot: other users have no business in a store
+SUBDIR_MODE = 0o755        # objects/, layers/, images/: overlayfs reads them with the mounter's creds
+TMP_MODE = 0o700
+STALE_TMP_AGE_S = 24 * 3600  # tmp files of writers that may still run are removed only after this
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS layers(id TEXT PRIMARY KEY, parent TEXT, diff_id TEXT NOT NULL,
+  compressed_digest TEXT, compressed_size INTEGER, diff_size INTEGER, created TEXT, inodes INTEGER);
+CREATE TABLE IF NOT EXISTS images(id TEXT PRIMARY KEY, top_layer TEXT, config BLOB, manifest BLOB,
+  created TEXT);
+CREATE TABLE IF NOT EXISTS names(name TEXT PRIMARY KEY, image_id TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS flat_images(chain_key TEXT PRIMARY KEY, digest TEXT NOT NULL, created REAL);
+CREATE TABLE IF NOT EXISTS refs(owner TEXT NOT NULL, object TEXT NOT NULL, PRIMARY KEY(owner, object))
+  WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS refs_object ON refs(object);
+CREATE TABLE IF NOT EXISTS leases(id TEXT PRIMARY KEY, image_digest TEXT NOT NULL, image_ref TEXT,
+  merged TEXT NOT NULL, pid INTEGER, boot_id TEXT, created REAL);
+"""
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_HEX_PREFIX = re.compile(r"[0-9a-f]{3,64}")
+_OBJPATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
+_BAD_NAME = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+# --- records ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer as recorded in some store; digests are `sha256:<hex>` strings, ids bare hex."""
+
+    id: str
+    parent: str | None
+    diff_id: str
+    compressed_digest: str | None
+    compressed_size: int | None
+    diff_size: int | None
+    created: str | None
+    store_root: str
+    image_path: str
+    inodes: int | None = field(default=None, compare=False)
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image; `id` is its config digest hex, `names` sorted, `config` the parsed config JSON."""
+
+    id: str
+    names: tuple[str, ...]
+    top_layer: str | None
+    created: str | None
+    store_root: str
+    config: dict | None
+
+
+@dataclass(frozen=True)
+class RemovedImage:
+    """What `Store.remove_image` did: names untagged, and the image/layers deleted (if any)."""
+
+    ref: str
+    image_id: str
+    untagged: tuple[str, ...]
+    deleted: bool
+    layers_removed: tuple[str, ...]
+
+
+# --- names -----------------------------------------------------------------------------------------
+
+def normalise_name(name: str) -> str:
+    """The stored form of an image name: `:latest` appended when it has neither tag nor digest."""
+    if not name or _BAD_NAME.search(name) or name.startswith(("-", "/")) or len(name) > 512:
+        raise StoreError(f"invalid image name {name!r}")
+    if "@" in name:
+        return name
+    if ":" not in name.rsplit("/", 1)[-1]:
+        name += ":latest"
+    return name
+
+
+def name_candidates(ref: str) -> list[str]:
+    """Names `ref` may mean: as given, with `:latest`, with `localhost/` in front."""
+    out = [ref]
+    try:
+        full = normalise_name(ref)
+    except StoreError:
+        return out
+    if full != ref:
+        out.append(full)
+    first = full.split("/", 1)[0]
+    if "/" not in full or not ("." in first or ":" in first or first == "localhost"):
+        out.append("localhost/" + full)
+    return out
+
+
+def chain_id(parent: str | None, diff_id: str) -> str:
+    """Layer id (containers/storage rule): base = diff_id hex; child = sha256(parent + "+" + hex)."""
+    import hashlib
+
+    hexpart = diff_id.split(":", 1)[1] if ":" in diff_id else diff_id
+    if parent is None:
+        return hexpart
+    return hashlib.sha256(f"{parent}+{hexpart}".encode("ascii")).hexdigest()
+
+
+def now_iso() -> str:
+    """UTC timestamp as recorded in `created` columns (RFC 3339, seconds)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StoreConfig:
+    root: str | None = None
+    runroot: str | None = None
+    additional: tuple[str, ...] = ()
+    path: str | None = None
+
+
+def load_config(path: str | os.PathLike | None = None) -> StoreConfig:
+    """The storage.conf named by `path`, $FLATMOUNT_CONFIG or the default file (empty if none)."""
+    explicit = path is not None
+    if path is None:
+        env = os.environ.get("FLATMOUNT_CONFIG")
+        if env:
+            path, explicit = env, True
+        elif os.path.exists(DEFAULT_CONFIG):
+            path = DEFAULT_CONFIG
+        else:
+            return StoreConfig()
+    path = os.fspath(path)
+    import tomllib
+
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        if explicit:
+            raise StoreError(f"config file {path} does not exist") from None
+        return StoreConfig()
+    except OSError as e:
+        raise StoreError(f"cannot read config file {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise StoreError(f"config file {path} is not valid TOML: {e}") from None
+    storage = data.get("storage", {})
+    if not isinstance(storage, dict):
+        raise StoreError(f"{path}: [storage] must be a table")
+
+    def path_value(key: str, value: Any) -> str:
+        if not isinstance(value, str) or not os.path.isabs(value):
+            raise StoreError(f"{path}: {key} must be an absolute path, not {value!r}")
+        return os.path.normpath(value)
+
+    root = storage.get("root", storage.get("graphroot"))
+    runroot = storage.get("runroot")
+    options = storage.get("options", {})
+    if not isinstance(options, dict):
+        raise StoreError(f"{path}: [storage.options] must be a table")
+    ais = options.get("additionalimagestores", [])
+    if not isinstance(ais, list):
+        raise StoreError(f"{path}: additionalimagestores must be a list of paths")
+    return StoreConfig(
+        root=path_value("root", root) if root is not None else None,
+        runroot=path_value("runroot", runroot) if runroot is not None else None,
+        additional=tuple(path_value("additionalimagestores", a) for a in ais),
+        path=path,
+    )
+
+
+def default_root() -> str:
+    if os.geteuid() == 0:
+        return "/var/lib/flatmount"
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(base, "flatmount")
+
+
+def default_runroot() -> str:
+    if os.geteuid() == 0:
+        return "/run/flatmount"
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if base:
+        return os.path.join(base, "flatmount")
+    return f"/tmp/flatmount-{os.geteuid()}"
+
+
+def open_store(root: str | os.PathLike | None = None, additional: Sequence[str | os.PathLike] | None = None,
+               runroot: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
+               readonly: bool = False) -> Store:
+    """The primary store plus its additional stores, from arguments, then config file, then defaults.
+
+    Nothing is created here: the primary's directories appear on its first write.
+    """
+    cfg = load_config(config)
+    root_s = os.fspath(root) if root is not None else (cfg.root or default_root())
+    runroot_s = os.fspath(runroot) if runroot is not None else (cfg.runroot or default_runroot())
+    ais = [os.fspath(a) for a in additional] if additional is not None else list(cfg.additional)
+    primary = Store(root_s, runroot_s, readonly=readonly)
+    seen = {os.path.realpath(primary.root)}
+    for a in ais:
+        real = os.path.realpath(a)
+        if real in seen:
+            raise StoreError(f"additional store {a} is the primary store or listed twice")
+        seen.add(real)
+        if not os.path.isdir(a):
+            raise StoreError(f"additional store {a} does not exist or is not a directory")
+        primary.additional.append(Store(a, runroot_s, readonly=True, is_additional=True))
+    return primary
+
+
+# --- the store -------------------------------------------------------------------------------------
+
+class Store:
+    """One flatmount store directory; the primary one also carries `additional` (read-only) stores.
+
+    Read methods (`images`, `layers`, `resolve_image`, `layer`, ...) look at the primary first, then
+    each additional store.  Writes go to the primary only (ReadOnlyStoreError on a read-only store).
+    """
+
+    def __init__(self, root: str | os.PathLike, runroot: str | os.PathLike | None = None, *,
+                 readonly: bool = False, is_additional: bool = False):
+        self.root = Path(os.path.abspath(os.fspath(root)))
+        self.runroot = Path(os.path.abspath(os.fspath(runroot))) if runroot is not None else self.root / "run"
+        self.readonly = readonly or is_additional
+        self.is_additional = is_additional
+        self.additional: list[Store] = []
+        self._db: sqlite3.Connection | None = None
+        self._objects: ObjectStore | None = None
+        self._write_opened = False
+
+    def __repr__(self) -> str:
+        kind = "additional" if self.is_additional else ("read-only" if self.readonly else "primary")
+        return f"<Store {kind} {self.root}>"
+
+    # --- paths ------------------------------------------------------------------------------------
+    @property
+    def db_path(self) -> Path:
+        return self.root / DB_NAME
+
+    @property
+    def objects_dir(self) -> Path:
+        return self.root / "objects"
+
+    @property
+    def layers_dir(self) -> Path:
+        return self.root / "layers"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    def layer_image_path(self, layer_id: str) -> str:
+        return str(self.layers_dir / f"{layer_id}.erofs")
+
+    def object_dirs(self) -> list[str]:
+        """Object directories to back a mount: the primary's, then each additional store's."""
+        return [str(s.objects_dir) for s in (self, *self.additional)]
+
+    def find_object(self, objpath: str) -> str | None:
+        """Absolute path of object `XX/<62 hex>` in the first store that has it, else None."""
+        if not _OBJPATH.fullmatch(objpath):
+            raise StoreError(f"not an object path: {objpath!r} (want XX/<62 hex>)")
+        for d in self.object_dirs():
+            p = os.path.join(d, objpath)
+            if os.path.isfile(p):
+                return p
+        return None
+
+    # --- objects ----------------------------------------------------------------------------------
+    @property
+    def objects(self) -> ObjectStore:
+        """This store's ObjectStore (read-only for additional/read-only stores)."""
+        if self._objects is None:
+            from objects import ObjectStore
+            from objects.errors import ObjectStoreError
+
+            if self.readonly:
+                try:
+                    self._objects = ObjectStore(self.objects_dir, readonly=True)
+                except ObjectStoreError as e:
+                    raise StoreError(f"store {self.root}: {e}") from None
+            else:
+                self.ensure_writable()
+                self._objects = ObjectStore(self.objects_dir)
+        return self._objects
+
+    # --- write-open -------------------------------------------------------------------------------
+    def ensure_writable(self) -> None:
+        """Create the primary's directories if needed; on the first write in this process, clean tmp."""
+        if self.readonly:
+            what = "an additional store" if self.is_additional else "opened read-only"
+            raise ReadOnlyStoreError(f"store {self.root} is {what}: it cannot be written")
+        if self._write_opened:
+            return
+        try:
+            _mkdir(self.root, ROOT_MODE, parents=True)
+            for sub in ("objects", "layers", "images"):
+                _mkdir(self.root / sub, SUBDIR_MODE)
+            _mkdir(self.tmp_dir, TMP_MODE)
+        except OSError as e:
+            raise StoreError(f"cannot create store {self.root}: {e.strerror}") from None
+        self._write_opened = True
+        self.clean_tmp()
+
+    def clean_tmp(self) -> int:
+        """Remove what crashed writers left (returns how many entries went).
+
+        Writers hold gc.lock shared while their temp files exist, so when the exclusive lock is free
+        nothing is in flight: every temp file, object temp file and layer image without a record is
+        stale.  Otherwise only entries of `tmp/` nobody holds an flock on and older than a day go.
+        """
+        if self.readonly:
+            raise ReadOnlyStoreError(f"store {self.root} is read-only: cannot clean it")
+        if not self.root.is_dir():
+            return 0
+        removed = 0
+        with self._try_exclusive_gc() as idle:
+            cutoff = None if idle else time.time() - STALE_TMP_AGE_S
+            try:
+                entries = list(os.scandir(self.tmp_dir))
+            except FileNotFoundError:
+                entries = []
+            for e in entries:
+                if _remove_stale(e, cutoff):
+                    removed += 1
+            if self.objects_dir.is_dir():
+                try:
+                    removed += self.objects.clean_temp(0 if idle else STALE_TMP_AGE_S)
+                except Exception as e:  # noqa: BLE001 - cleaning is best effort
+                    if not _is_object_store_error(e):
+                        raise
+            if idle and self.db_path.exists():
+                removed += self._remove_orphan_layer_files()
+        return removed
+
+    def _remove_orphan_layer_files(self) -> int:
+        """Layer images renamed into place by an import killed before its commit."""
+        try:
+            names = os.listdir(self.layers_dir)
+        except FileNotFoundError:
+            return 0
+        known = {r[0] for r in self.connect().execute("SELECT id FROM layers")}
+        n = 0
+        for name in names:
+            lid = name[:-6] if name.endswith(".erofs") else None
+            if lid is None or (_HEX64.fullmatch(lid) and lid not in known):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.layers_dir / name)
+                    n += 1
+        return n
+
+    # --- database ---------------------------------------------------------------------------------
+    def connect(self) -> sqlite3.Connection:
+        """This store's DB connection (cached; autocommit mode, use `transaction()` to write).
+
+        The primary's DB (and its directories) are created on first use; a read-only or additional
+        store without a DB yields an empty in-memory DB with the schema.
+        """
+        db = self._db
+        if db is not None:
+            try:
+                db.total_changes  # noqa: B018 - raises if someone closed it
+                return db
+            except Exception:  # noqa: BLE001
+                self._db = None
+        import sqlite3
+
+        try:
+            if self.readonly:
+                db = self._connect_readonly(sqlite3)
+            else:
+                if not self.db_path.exists():
+                    self.ensure_writable()
+                db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+                                     timeout=BUSY_TIMEOUT_MS / 1000)
+                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                self._init_schema(db)
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
+        self._db = db
+        return db
+
+    def _connect_readonly(self, sqlite3):
+        path = self.db_path
+        if not path.exists():
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            db.executescript(SCHEMA)
+            return db
+        from urllib.parse import quote
+
+        uri = f"file:{quote(str(path))}?mode=ro"
+        live_writer = os.path.exists(f"{path}-wal") and os.path.exists(f"{path}-shm")
+        if not _dir_writable(self.root) or (self.is_additional and not live_writer):
+            uri += "&immutable=1"
+        db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
+                             timeout=BUSY_TIMEOUT_MS / 1000)
+        db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"store {self.root} has schema version {version}; this flatmount "
+                             f"understands up to {SCHEMA_VERSION}")
+        if version == 0:  # an empty or half-created DB: read it as empty
+            db.close()
+            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+            db.executescript(SCHEMA)
+        return db
+
+    def _init_schema(self, db) -> None:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == SCHEMA_VERSION:
+            return
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"store {self.root} has schema version {version}; this flatmount "
+                             f"understands up to {SCHEMA_VERSION}")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                for stmt in SCHEMA.split(";"):
+                    if stmt.strip():
+                        db.execute(stmt)
+                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the primary (ROLLBACK if the block raises)."""
+        import sqlite3
+
+        self.ensure_writable()
+        db = self.connect()
+        if db.in_transaction:
+            raise StoreError("nested store transaction")
+        try:
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as e:
+            raise StoreError(f"store {self.root} is busy: {e}") from None
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        try:
+            db.execute("COMMIT")
+        except sqlite3.Error as e:
+            with contextlib.suppress(sqlite3.Error):
+                db.execute("ROLLBACK")
+            raise StoreError(f"cannot commit to store {self.root}: {e}") from None
+
+    # --- flatten / mount (thin wrappers over flatmount.flatten and flatmount.mount) ----------------
+    def flatten(self, ref: str):
+        """Flatten image `ref` into one EROFS image (cached by chain); see flatmount.flatten."""
+        from flatmount.flatten import flatten_image
+
+        return flatten_image(self, ref)
+
+    def mount(self, ref: str):
+        """`with store.mount(ref) as merged:` a private read-only mount of the flattened image."""
+        from flatmount.mount import mount
+
+        return mount(self, ref)
+
+    def mounts(self):
+        """Live mount leases of this store."""
+        from flatmount.mount import list_mounts
+
+        return list_mounts(self)
+
+    def close(self) -> None:
+        """Close the DB connection and object store handles (of the additional stores too)."""
+        for s in (self, *self.additional):
+            if s._db is not None:
+                s._db.close()
+                s._db = None
+            if s._objects is not None:
+                s._objects.close()
+                s._objects = None
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
+        """Rows of a read query; a primary store that was never written reads as empty."""
+        import sqlite3
+
+        if not self.readonly and not self.db_path.exists():
+            return []
+        try:
+            return self.connect().execute(sql, params).fetchall()
+        except sqlite3.Error as e:
+            raise StoreError(f"cannot read the database of store {self.root}: {e}") from None
+
+    # --- locks ------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def gc_lock(self, shared: bool) -> Iterator[None]:
+        """flock on <root>/gc.lock: writers hold it shared from first object put to commit, gc exclusive.
+
+        On a read-only store a shared lock is taken only if the lock file exists (never created);
+        an exclusive one is refused.  Locks on separate opens conflict even within one process.
+        """
+        import fcntl
+
+        path = self.root / GC_LOCK
+        if self.readonly:
+            if not shared:
+                raise ReadOnlyStoreError(f"store {self.root} is read-only: no exclusive GC lock")
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                yield
+                return
+        else:
+            self.ensure_writable()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _try_exclusive_gc(self) -> Iterator[bool]:
+        """The exclusive GC lock if free right now (True), without waiting; else False."""
+        import fcntl
+
+        try:
+            fd = os.open(self.root / GC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            yield False
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    # --- layers -----------------------------------------------------------------------------------
+    _LAYER_COLS = "id, parent, diff_id, compressed_digest, compressed_size, diff_size, created, inodes"
+
+    def _layer_record(self, row: tuple) -> LayerRecord:
+        return LayerRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], str(self.root),
+                           self.layer_image_path(row[0]), row[7])
+
+    def own_layer(self, layer_id: str) -> LayerRecord | None:
+        """The layer if THIS store (not its additional stores) records it."""
+        rows = self._rows(f"SELECT {self._LAYER_COLS} FROM layers WHERE id = ?", (layer_id,))
+        return self._layer_record(rows[0]) if rows else None
+
+    def has_layer(self, layer_id: str) -> bool:
+        return any(s.own_layer(layer_id) is not None for s in (self, *self.additional))
+
+    def layer(self, layer_id: str) -> LayerRecord:
+        """The layer record, primary first, then each additional store (NotFoundError if none)."""
+        lid = layer_id.removeprefix("sha256:")
+        for s in (self, *self.additional):
+            rec = s.own_layer(lid)
+            if rec is not None:
+                return rec
+        raise NotFoundError(f"layer {layer_id!r} is in none of the stores ({self._store_list()})")
+
+    def layers(self) -> list[LayerRecord]:
+        """Every layer, primary first (an id recorded in several stores is listed once)."""
+        out: list[LayerRecord] = []
+        seen: set[str] = set()
+        for s in (self, *self.additional):
+            for row in s._rows(f"SELECT {self._LAYER_COLS} FROM layers ORDER BY rowid"):
+                if row[0] not in seen:
+                    seen.add(row[0])
+                    out.append(s._layer_record(row))
+        return out
+
+    def layer_chain(self, top_id: str) -> list[LayerRecord]:
+        """The layers from the base up to `top_id` (base first); the chain may cross stores."""
+        chain: list[LayerRecord] = []
+        seen: set[str] = set()
+        lid: str | None = top_id
+        while lid is not None:
+            if lid in seen:
+                raise StoreError(f"layer chain of {top_id} has a cycle at {lid}")
+            seen.add(lid)
+            rec = self.layer(lid)
+            chain.append(rec)
+            lid = rec.parent
+        chain.reverse()
+        return chain
+
+    def layer_tree(self, layer_id: str) -> Inode:
+        """The layer's tree as recorded (whiteouts and opaque markers kept)."""
+        from flatmount.erofs.reader import read_tree
+
+        rec = self.layer(layer_id)
+        try:
+            return read_tree(rec.image_path)
+        except FileNotFoundError:
+            raise StoreError(f"layer {rec.id} in {rec.store_root}: image {rec.image_path} is missing "
+                             "(store damaged; run fsck)") from None
+
+    # --- images -----------------------------------------------------------------------------------
+    def _name_map(self) -> dict[str, tuple[str, Store]]:
+        """name -> (image id, store recording the name); primary names shadow additional ones."""
+        names: dict[str, tuple[str, Store]] = {}
+        for s in (self, *self.additional):
+            for name, image_id in s._rows("SELECT name, image_id FROM names"):
+                names.setdefault(name, (image_id, s))
+        return names
+
+    def _image_rows(self) -> dict[str, tuple[tuple, Store]]:
+        """image id -> (row, store); the first store holding an id wins."""
+        out: dict[str, tuple[tuple, Store]] = {}
+        for s in (self, *self.additional):
+            for row in s._rows("SELECT id, top_layer, config, created FROM images ORDER BY rowid"):
+                out.setdefault(row[0], (row, s))
+        return out
+
+    @staticmethod
+    def _image_record(row: tuple, store: Store, names: Sequence[str]) -> ImageRecord:
+        config = None
+        if row[2] is not None:
+            try:
+                config = json.loads(row[2])
+            except (ValueError, UnicodeDecodeError):
+                config = None
+            if not isinstance(config, dict):
+                config = None
+        return ImageRecord(row[0], tuple(sorted(names)), row[1], row[3], str(store.root), config)
+
+    def images(self) -> list[ImageRecord]:
+        """Every image (primary first, an id recorded in several stores listed once) with its names."""
+        rows = self._image_rows()
+        by_id: dict[str, list[str]] = {}
+        for name, (image_id, _s) in self._name_map().items():
+            by_id.setdefault(image_id, []).append(name)
+        return [self._image_record(row, s, by_id.get(iid, ())) for iid, (row, s) in rows.items()]
+
+    def image(self, image_id: str) -> ImageRecord | None:
+        for rec in self.images():
+            if rec.id == image_id:
+                return rec
+        return None
+
+    def resolve_image(self, ref: str) -> ImageRecord:
+        """The image `ref` means: full id, then name, then unique id prefix (>= 3 hex digits)."""
+        ref = ref.strip()
+        rows = self._image_rows()
+        names = self._name_map()
+        by_id: dict[str, list[str]] = {}
+        for name, (image_id, _s) in names.items():
+            by_id.setdefault(image_id, []).append(name)
+
+        def record(iid: str) -> ImageRecord:
+            row, s = rows[iid]
+            return self._image_record(row, s, by_id.get(iid, ()))
+
+        hexref = ref.removeprefix("sha256:")
+        if _HEX64.fullmatch(hexref) and hexref in rows:
+            return record(hexref)
+        if ref:
+            for cand in name_candidates(ref):
+                hit = names.get(cand)
+                if hit is not None and hit[0] in rows:
+                    return record(hit[0])
+        if _HEX_PREFIX.fullmatch(hexref):
+            matches = sorted(i for i in rows if i.startswith(hexref))
+            if len(matches) == 1:
+                return record(matches[0])
+            if len(matches) > 1:
+                raise NotFoundError(f"image id prefix {ref!r} is ambiguous: "
+                                    + ", ".join(m[:12] for m in matches))
+        raise NotFoundError(f"image {ref!r} not found in {self._store_list()}")
+
+    def _store_list(self) -> str:
+        return ", ".join(str(s.root) for s in (self, *self.additional))
+
+    # --- image edits (primary only) ---------------------------------------------------------------
+    def tag(self, ref: str, name: str) -> ImageRecord:
+        """Give image `ref` the name `name` (normalised); the name moves if another image had it."""
+        image = self.resolve_image(ref)
+        full = normalise_name(name)
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO names(name, image_id) VALUES (?, ?)", (full, image.id))
+        return self.resolve_image(image.id)
+
+    def remove_image(self, ref: str) -> RemovedImage:
+        """`rmi`: by name, untag that name (the image goes when its last name goes); by id, remove it.
+
+        Removing an image also removes (records, then files) the primary-store layers of its chain that
+        no remaining image's chain uses.  Objects are left to `gc`.  Images and layers of additional
+        stores cannot be removed (ReadOnlyStoreError); names in the primary pointing at them can.
+        """
+        image = self.resolve_image(ref)
+        names = self._name_map()
+        by_name = ref.strip() not in (image.id, "sha256:" + image.id) and any(
+            c in names and names[c][0] == image.id for c in name_candidates(ref.strip()))
+        untag: list[str] = []
+        if by_name:
+            cand = next(c for c in name_candidates(ref.strip()) if c in names and names[c][0] == image.id)
+            if names[cand][1] is not self:
+                raise ReadOnlyStoreError(f"name {cand!r} is recorded in additional store "
+                                         f"{names[cand][1].root}: it cannot be removed")
+            untag = [cand]
+            remaining = [n for n in image.names if n != cand]
+            delete = not remaining
+        else:
+            untag = [n for n in image.names if names[n][1] is self]
+            delete = True
+        removed_layers: list[str] = []
+        if delete and image.store_root != str(self.root):
+            if by_name:
+                delete = False  # untagging a name of an additional-store image is fine
+            else:
+                raise ReadOnlyStoreError(f"image {image.id[:12]} is in additional store {image.store_root}: "
+                                         "it cannot be removed")
+        with self.transaction() as db:
+            for n in untag:
+                db.execute("DELETE FROM names WHERE name = ?", (n,))
+            if delete:
+                db.execute("DELETE FROM names WHERE image_id = ?", (image.id,))
+                db.execute("DELETE FROM images WHERE id = ?", (image.id,))
+                removed_layers = self._unused_layers(db, image.top_layer)
+                for lid in removed_layers:
+                    db.execute("DELETE FROM layers WHERE id = ?", (lid,))
+                    db.execute("DELETE FROM refs WHERE owner = ?", ("layer:" + lid,))
+        for lid in removed_layers:  # records first, files after: never a record without its file
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.layer_image_path(lid))
+        return RemovedImage(ref, image.id, tuple(untag), delete, tuple(removed_layers))
+
+    def _unused_layers(self, db, top: str | None) -> list[str]:
+        """Primary layers of the chain below `top` that no other image and no other layer uses."""
+        used: set[str] = set()
+        for (t,) in db.execute("SELECT top_layer FROM images WHERE top_layer IS NOT NULL"):
+            lid = t
+            while lid is not None and lid not in used:
+                used.add(lid)
+                row = db.execute("SELECT parent FROM layers WHERE id = ?", (lid,)).fetchone()
+                if row is None:
+                    break
+                lid = row[0]
+        removed: list[str] = []
+        lid = top
+        while lid is not None and lid not in used:
+            row = db.execute("SELECT parent FROM layers WHERE id = ?", (lid,)).fetchone()
+            if row is None:  # in an additional store: below it nothing is ours
+                break
+            children = [c for (c,) in db.execute("SELECT id FROM layers WHERE parent = ?", (lid,))
+                        if c not in removed]
+            if children:
+                break
+            removed.append(lid)
+            lid = row[0]
+        return removed
+
+
+# --- helpers ---------------------------------------------------------------------------------------
+
+def _mkdir(path: Path, mode: int, parents: bool = False) -> None:
+    if path.is_dir():
+        return
+    if parents and not path.parent.is_dir():
+        os.makedirs(path.parent, exist_ok=True)
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        return
+    os.chmod(path, mode)  # whatever the umask
+
+
+def _dir_writable(path: Path) -> bool:
+    try:
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return False
+    except OSError:
+        return False
+    return os.access(path, os.W_OK)
+
+
+def _is_object_store_error(e: BaseException) -> bool:
+    from objects.errors import ObjectStoreError
+
+    return isinstance(e, ObjectStoreError)
+
+
+def _remove_stale(entry: os.DirEntry, cutoff: float | None) -> bool:
+    """Remove a tmp/ entry unless a live writer holds an flock on it or (with a cutoff) it is recent."""
+    import fcntl
+    import shutil
+
+    try:
+        st = entry.stat(follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if cutoff is not None and st.st_mtime >= cutoff:
+        return False
+    is_dir = stat.S_ISDIR(st.st_mode)
+    try:
+        fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+                     | (os.O_DIRECTORY if is_dir else 0))
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOENT):
+            return False
+        fd = -1
+    try:
+        if fd >= 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+        if is_dir:
+            shutil.rmtree(entry.path, onerror=_rmtree_retry)
+        else:
+            os.unlink(entry.path)
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _rmtree_retry(func, path, exc_info) -> None:
+    """rmtree helper: make a read-only directory writable and retry once."""
+    parent = os.path.dirname(path)
+    with contextlib.suppress(OSError):
+        os.chmod(parent, 0o700)
+    with contextlib.suppress(FileNotFoundError):
+        func(path)

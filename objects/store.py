@@ -1,0 +1,621 @@
+"""Content-addressed object directory: `<root>/XX/<62 hex>` named by the fs-verity digest.
+
+The layout is composefs's, so the directory can be handed to overlayfs as a data-only lower layer.
+
+Writes are atomic and never overwrite: content goes to a temp file in `<root>/.tmp/` (an anonymous
+O_TMPFILE where the kernel allows it, so a crash leaves nothing behind), is chmod 0644 and then
+hard-linked to its final name; if that name exists (a concurrent put of the same content in this or
+another process), the link fails and the temp file is dropped.  Readers therefore only ever see whole
+objects.
+
+Durability is batched: `put` does not fsync, `sync()` makes everything put since the previous `sync()`
+durable in one go (a single syncfs() for big batches, per-file fsync for a few files), so importing
+50,000 small files does not pay 50,000 journal commits.  Callers must `sync()` before recording
+references to new objects (e.g. committing a database row).  An object left truncated by a power
+failure before `sync()` (ext4/xfs show such files as short or empty) is detected by its size on the
+next put of that content and replaced.
+
+Digests are accepted as 32 raw bytes, 64 hex digits (str or ASCII bytes) or an `XX/<62 hex>` object
+path; methods return 32 raw bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import os
+import queue
+import stat
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
+
+from .digest import READ_CHUNK, FsVerityHasher, digest_file, fsverity_digest, parse_digest
+from .errors import (
+    ObjectDigestMismatchError,
+    ObjectNotFoundError,
+    ObjectStoreError,
+    ReadOnlyObjectStoreError,
+)
+
+TMP_DIR = ".tmp"
+OBJECT_MODE = 0o644
+DIR_MODE = 0o755
+PIPELINE_BUFFERS = 4  # 1 MiB read buffers in flight between the writer thread and the hasher
+WRITEBACK_EVERY = 16 << 20  # start disk writeback of big objects every 16 MiB, so sync() finds less to do
+SYNCFS_MIN = 16  # from this many pending files/dirs on, one syncfs() is cheaper than one fsync each
+
+_HEX = frozenset("0123456789abcdef")
+_O_TMPFILE = getattr(os, "O_TMPFILE", 0)
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DONE = object()
+
+Digest = bytes | str
+
+
+class _Libc:
+    """syncfs() and sync_file_range(), which the os module lacks; loaded on first use (ctypes is slow to import)."""
+
+    _loaded = False
+    syncfs: Callable[[int], int] | None = None
+    sync_file_range: Callable[[int, int, int, int], int] | None = None
+
+    @classmethod
+    def load(cls) -> type[_Libc]:
+        if not cls._loaded:
+            try:
+                import ctypes
+
+                libc = ctypes.CDLL(None, use_errno=True)
+                fn = libc.syncfs
+                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
+                cls.syncfs = fn
+                fn = libc.sync_file_range
+                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+                fn.restype = ctypes.c_int
+                cls.sync_file_range = fn
+            except (ImportError, OSError, AttributeError):
+                pass
+            cls._loaded = True
+        return cls
+
+
+def _syncfs(fd: int) -> bool:
+    """Flush the whole filesystem holding `fd`; False if syncfs() is unavailable."""
+    fn = _Libc.load().syncfs
+    if fn is None:
+        return False
+    if fn(fd) != 0:
+        import ctypes
+
+        err = ctypes.get_errno()
+        if err == errno.ENOSYS:
+            return False
+        raise OSError(err, os.strerror(err))
+    return True
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing a range to disk now (best effort, does not wait)."""
+    fn = _Libc.load().sync_file_range
+    if fn is not None:
+        fn(fd, offset, length, 2)  # SYNC_FILE_RANGE_WRITE
+
+
+def _write_all(fd: int, data: memoryview | bytes) -> None:
+    """os.write until everything is written (it may write less than asked)."""
+    n = os.write(fd, data)
+    if n < len(data):
+        mv = memoryview(data)
+        while n < len(mv):
+            n += os.write(fd, mv[n:])
+
+
+def _read_full(stream: BinaryIO, size: int) -> bytes:
+    """Up to `size` bytes; fewer only at EOF (streams may return short reads before it)."""
+    data = stream.read(size)
+    if data is None:
+        raise ObjectStoreError("put() needs a blocking stream (read() returned None)")
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = stream.read(size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+def _fill(stream: BinaryIO, buf: bytearray) -> int:
+    """Fill `buf` from the stream; returns the byte count, less than len(buf) only at EOF."""
+    readinto = getattr(stream, "readinto", None)
+    size = len(buf)
+    if readinto is None:
+        data = _read_full(stream, size)
+        buf[: len(data)] = data
+        return len(data)
+    mv = memoryview(buf)
+    got = 0
+    while got < size:
+        n = readinto(mv[got:])
+        if n is None:
+            raise ObjectStoreError("put() needs a blocking stream (readinto() returned None)")
+        if not n:
+            break
+        got += n
+    return got
+
+
+def _stream_chunks(first: bytes, stream: BinaryIO, free: queue.SimpleQueue) -> Iterator[memoryview]:
+    """The stream as 1 MiB memoryviews over recycled buffers (`free` hands back those hashed).
+
+    Buffers are allocated on demand, at most PIPELINE_BUFFERS, so a 2 MiB object does not pay for 4.
+    """
+    yield memoryview(first)
+    allocated = 0
+    while True:
+        try:
+            buf = free.get_nowait()
+        except queue.Empty:
+            if allocated < PIPELINE_BUFFERS:
+                buf = bytearray(READ_CHUNK)
+                allocated += 1
+            else:
+                buf = free.get()
+        if buf is None:  # the consumer gave up
+            return
+        n = _fill(stream, buf)
+        if n:
+            yield memoryview(buf)[:n]
+        if n < len(buf):
+            return
+
+
+def _not_found(hexdigest: str, root: str) -> ObjectNotFoundError:
+    err = ObjectNotFoundError(f"object {hexdigest} is not in object store {root}")
+    err.errno = errno.ENOENT  # (no filename: OSError would then print "[Errno 2] None: path")
+    return err
+
+
+class ObjectStore:
+    """A directory of content-addressed objects (see module docstring); safe across threads and processes.
+
+    `readonly=True` never writes, not even at open, so it works on read-only mounts; write methods then
+    raise ReadOnlyObjectStoreError.  A writable store creates its directory and `.tmp/` if missing and
+    holds a directory fd until `close()` (also a context manager).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], readonly: bool = False) -> None:
+        self.root = os.path.abspath(os.fspath(path))
+        self.readonly = readonly
+        self._dirfd = -1
+        self._lock = threading.Lock()
+        self._pending_files: set[str] = set()  # relative paths of objects put since the last sync()
+        self._pending_dirs: set[str] = set()  # relative paths of directories whose entries changed
+        self._tmpfile: bool | None = None  # O_TMPFILE + link via /proc works here (probed on first put)
+        self._token = os.urandom(4).hex()
+        self._seq = itertools.count()
+        if readonly:
+            if not os.path.isdir(self.root):
+                raise ObjectStoreError(f"object store {self.root} does not exist or is not a directory")
+            return
+        try:
+            if not os.path.isdir(self.root):
+                os.makedirs(self.root, mode=DIR_MODE, exist_ok=True)
+                self._pending_dirs.add("..")
+            os.makedirs(os.path.join(self.root, TMP_DIR), mode=0o700, exist_ok=True)
+            self._dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+        except OSError as e:
+            raise ObjectStoreError(
+                f"cannot open object store {self.root} for writing: {e.strerror or e}"
+                + (" (open it read-only instead)" if e.errno == errno.EROFS else "")
+            ) from e
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the directory fd; pending objects stay non-durable unless `sync()` was called."""
+        fd, self._dirfd = self._dirfd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> ObjectStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if getattr(self, "_dirfd", -1) >= 0:
+            self.close()
+
+    def __repr__(self) -> str:
+        return f"ObjectStore({self.root!r}, readonly={self.readonly})"
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def path(self, digest: Digest) -> str:
+        """Absolute path `<root>/XX/<62 hex>` of an object (whether or not it exists)."""
+        h = parse_digest(digest).hex()
+        return f"{self.root}/{h[:2]}/{h[2:]}"
+
+    def has(self, digest: Digest) -> bool:
+        """Whether the object is present."""
+        return os.path.isfile(self.path(digest))
+
+    __contains__ = has
+
+    def open(self, digest: Digest) -> BinaryIO:
+        """Open an object for reading; ObjectNotFoundError if absent."""
+        path = self.path(digest)
+        try:
+            return open(path, "rb")
+        except FileNotFoundError:
+            raise _not_found(parse_digest(digest).hex(), self.root) from None
+
+    def verify(self, digest: Digest) -> bool:
+        """Recompute the object's digest: False if its content no longer matches its name."""
+        raw = parse_digest(digest)
+        path = self.path(raw)
+        try:
+            return digest_file(path) == raw
+        except FileNotFoundError:
+            raise _not_found(raw.hex(), self.root) from None
+
+    def __iter__(self) -> Iterator[bytes]:
+        """Digests of all objects, sorted; temp files and malformed names are skipped."""
+        try:
+            with os.scandir(self.root) as it:
+                fanout = sorted(
+                    e.name for e in it if _is_hex(e.name, 2) and e.is_dir(follow_symlinks=False)
+                )
+        except FileNotFoundError:
+            return
+        for xx in fanout:
+            try:
+                with os.scandir(os.path.join(self.root, xx)) as it:
+                    names = sorted(
+                        e.name for e in it if _is_hex(e.name, 62) and e.is_file(follow_symlinks=False)
+                    )
+            except FileNotFoundError:
+                continue
+            for rest in names:
+                yield bytes.fromhex(xx + rest)
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def put_bytes(self, data: bytes | bytearray | memoryview, expected: Digest | None = None) -> bytes:
+        """Store in-memory content; returns its digest (32 raw bytes).
+
+        `expected`: raise ObjectDigestMismatchError (and store nothing) if the digest differs.
+        """
+        self._check_writable("put")
+        mv = memoryview(data).cast("B")
+        if len(mv) <= READ_CHUNK:
+            return self._put_small(data if isinstance(data, bytes) else mv, expected)
+        return self._put_large(
+            (mv[i : i + READ_CHUNK] for i in range(0, len(mv), READ_CHUNK)), None, expected
+        )
+
+    def put(self, stream: BinaryIO, expected: Digest | None = None) -> bytes:
+        """Store everything read from `stream` until EOF; returns its digest (32 raw bytes).
+
+        Big content is written by a helper thread while this one hashes (hashlib releases the GIL), so
+        the cost is close to hashing alone.  `expected` as for `put_bytes`.
+        """
+        self._check_writable("put")
+        first = _read_full(stream, READ_CHUNK)
+        if len(first) < READ_CHUNK:
+            return self._put_small(first, expected)
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        return self._put_large(_stream_chunks(first, stream, free), free, expected)
+
+    def put_file(self, path: str | os.PathLike[str], expected: Digest | None = None) -> bytes:
+        """Store a copy of a file's content; returns its digest."""
+        with open(path, "rb", buffering=0) as f:
+            return self.put(f, expected)
+
+    def remove(self, digest: Digest, missing_ok: bool = False) -> None:
+        """Delete an object (ObjectNotFoundError if absent, unless `missing_ok`)."""
+        self._check_writable("remove objects")
+        raw = parse_digest(digest)
+        rel = _rel(raw)
+        try:
+            os.unlink(rel, dir_fd=self._dirfd)
+        except FileNotFoundError:
+            if not missing_ok:
+                raise _not_found(raw.hex(), self.root) from None
+        except OSError as e:
+            raise ObjectStoreError(f"cannot remove {self.path(raw)}: {e.strerror or e}") from e
+        with self._lock:
+            self._pending_files.discard(rel)
+
+    def sync(self) -> None:
+        """Make every object put since the last sync() durable (files and the directory entries naming them)."""
+        with self._lock:
+            files, self._pending_files = self._pending_files, set()
+            dirs, self._pending_dirs = self._pending_dirs, set()
+        if not files and not dirs:
+            return
+        dirfd = self._dirfd
+        if dirfd < 0:
+            raise ObjectStoreError(f"object store {self.root} is closed: cannot sync")
+        try:
+            if len(files) + len(dirs) >= SYNCFS_MIN and _syncfs(dirfd):
+                return
+            for rel in files:
+                self._fsync(rel, os.O_RDONLY)
+            for rel in sorted(dirs, key=len, reverse=True):  # children before parents
+                self._fsync(rel, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise ObjectStoreError(f"cannot make objects in {self.root} durable: {e.strerror or e}") from e
+
+    def clean_temp(self, max_age_s: float = 24 * 3600) -> int:
+        """Delete named temp files older than `max_age_s` (left by crashed puts); returns how many."""
+        self._check_writable("clean temp files")
+        cutoff = time.time() - max_age_s
+        removed = 0
+        try:
+            with os.scandir(os.path.join(self.root, TMP_DIR)) as it:
+                for e in it:
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                        if not stat.S_ISDIR(st.st_mode) and st.st_mtime < cutoff:
+                            os.unlink(e.path)
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise ObjectStoreError(f"cannot clean {self.root}/{TMP_DIR}: {e.strerror or e}") from e
+        return removed
+
+    # -- internals -----------------------------------------------------------------------------------
+
+    def _check_writable(self, what: str) -> None:
+        if self.readonly:
+            raise ReadOnlyObjectStoreError(f"object store {self.root} is opened read-only: cannot {what}")
+        if self._dirfd < 0:
+            raise ObjectStoreError(f"object store {self.root} is closed: cannot {what}")
+
+    def _fsync(self, rel: str, flags: int) -> None:
+        try:
+            fd = os.open(rel, flags | _O_CLOEXEC, dir_fd=self._dirfd)
+        except FileNotFoundError:  # removed since it was put
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _put_small(self, data: bytes | memoryview, expected: Digest | None) -> bytes:
+        """One-chunk content: hash first, so content already stored is never written at all."""
+        digest = fsverity_digest(data)
+        self._check_expected(digest, expected)
+        rel = _rel(digest)
+        damaged = self._existing_damaged(rel, len(data))
+        if damaged is False:
+            return digest
+        try:
+            fd, name = self._open_temp(rel[:2])
+            try:
+                _write_all(fd, data)
+                _chmod_object(fd)
+                self._publish(fd, name, rel, damaged)
+            except BaseException:
+                if name is not None:
+                    _unlink_quiet(name, self._dirfd)
+                raise
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise ObjectStoreError(f"cannot store object {digest.hex()} in {self.root}: {e.strerror or e}") from e
+        return digest
+
+    def _put_large(
+        self, chunks: Iterator[memoryview], free: queue.SimpleQueue | None, expected: Digest | None
+    ) -> bytes:
+        """Write `chunks` to a temp file in a helper thread while hashing them here, then publish it."""
+        try:
+            fd, name = self._open_temp()
+        except OSError as e:
+            raise ObjectStoreError(f"cannot create a temp file in {self.root}/{TMP_DIR}: {e.strerror or e}") from e
+        done: queue.SimpleQueue = queue.SimpleQueue()
+        writer = threading.Thread(target=_writer, args=(fd, chunks, done, f"{self.root}/{TMP_DIR}"), name="objects-put", daemon=True)
+        hasher = FsVerityHasher()
+        published = False
+        try:
+            writer.start()
+            while (item := done.get()) is not _DONE:
+                if isinstance(item, BaseException):
+                    raise item
+                hasher.update(item)
+                if free is not None and isinstance(item.obj, bytearray):
+                    free.put(item.obj)
+            digest = hasher.digest()
+            self._check_expected(digest, expected)
+            rel = _rel(digest)
+            damaged = self._existing_damaged(rel, hasher.size)
+            if damaged is not False:
+                try:
+                    _chmod_object(fd)
+                    self._publish(fd, name, rel, damaged)
+                except OSError as e:
+                    raise ObjectStoreError(f"cannot store object {digest.hex()} in {self.root}: {e.strerror or e}") from e
+                published = True
+            return digest
+        finally:
+            if free is not None:
+                free.put(None)  # unblock the writer if it waits for a buffer
+            writer.join()
+            os.close(fd)
+            if name is not None and not published:
+                _unlink_quiet(name, self._dirfd)
+
+    def _check_expected(self, digest: bytes, expected: Digest | None) -> None:
+        if expected is not None and parse_digest(expected) != digest:
+            raise ObjectDigestMismatchError(
+                f"content has fs-verity digest {digest.hex()}, expected {parse_digest(expected).hex()}"
+            )
+
+    def _existing_damaged(self, rel: str, size: int) -> bool | None:
+        """None: no object yet; False: a good one exists (noted for sync); True: one of the wrong size."""
+        if not os.access(rel, os.F_OK, dir_fd=self._dirfd):  # the common case, without an exception
+            return None
+        try:
+            st = os.stat(rel, dir_fd=self._dirfd)
+        except FileNotFoundError:
+            return None
+        if st.st_size != size or not stat.S_ISREG(st.st_mode):
+            return True
+        # It may come from a concurrent put that has not synced yet: our sync() covers it too.
+        self._note(rel)
+        return False
+
+    def _open_temp(self, fanout: str | None = None) -> tuple[int, str | None]:
+        """A new writable temp file: (fd, relative name), name None for an anonymous O_TMPFILE.
+
+        Named temp files live in .tmp/.  An anonymous one is opened in the object's fan-out dir when
+        known (it has no name there, so nothing can see it): ext4 allocates a new inode near its
+        directory, and funnelling every object through .tmp/'s block group makes that group's
+        allocator scan (recently freed inodes) the bottleneck of small-file imports.
+        """
+        if self._tmpfile is None:
+            self._tmpfile = self._probe_tmpfile()
+        dirfd = self._dirfd
+        if self._tmpfile:
+            where = fanout or TMP_DIR
+            try:
+                return os.open(where, os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC, OBJECT_MODE, dir_fd=dirfd), None
+            except FileNotFoundError:
+                if fanout:
+                    self._make_fanout(fanout)
+                else:
+                    os.makedirs(os.path.join(self.root, TMP_DIR), mode=0o700, exist_ok=True)
+            return os.open(where, os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC, OBJECT_MODE, dir_fd=dirfd), None
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC
+        for attempt in (0, 1):
+            try:
+                while True:
+                    name = self._temp_name()
+                    try:
+                        return os.open(name, flags, OBJECT_MODE, dir_fd=dirfd), name
+                    except FileExistsError:
+                        continue
+            except FileNotFoundError:  # someone removed .tmp/
+                if attempt:
+                    raise
+                os.makedirs(os.path.join(self.root, TMP_DIR), mode=0o700, exist_ok=True)
+        raise AssertionError("unreachable")
+
+    def _temp_name(self) -> str:
+        return f"{TMP_DIR}/{os.getpid()}-{self._token}-{next(self._seq)}"
+
+    def _probe_tmpfile(self) -> bool:
+        """Whether O_TMPFILE files in .tmp/ can be linked into the store via /proc/self/fd."""
+        if not _O_TMPFILE or not os.path.isdir("/proc/self/fd"):
+            return False
+        try:
+            fd = os.open(TMP_DIR, os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC, 0o600, dir_fd=self._dirfd)
+        except OSError:
+            return False
+        name = self._temp_name()
+        try:
+            os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=self._dirfd, dst_dir_fd=self._dirfd)
+        except OSError:
+            return False
+        else:
+            os.unlink(name, dir_fd=self._dirfd)
+            return True
+        finally:
+            os.close(fd)
+
+    def _publish(self, fd: int, name: str | None, rel: str, replace: bool | None) -> None:
+        """Give the finished temp file its object name; if the name appeared meanwhile, keep that object."""
+        dirfd = self._dirfd
+        if replace and name is None:  # rename() needs a name: give the anonymous file one first
+            name = self._temp_name()
+            os.link(f"/proc/self/fd/{fd}", name, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+        src = name if name is not None else f"/proc/self/fd/{fd}"
+        for attempt in (0, 1):
+            try:
+                if replace:
+                    os.replace(src, rel, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+                    name = None
+                else:
+                    # src_dir_fd makes os.link use linkat(AT_SYMLINK_FOLLOW), needed for /proc/self/fd
+                    os.link(src, rel, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+                break
+            except FileExistsError:  # a concurrent put of the same content won: its object is as good
+                break
+            except FileNotFoundError:
+                if attempt:
+                    raise
+                self._make_fanout(rel[:2])
+        if name is not None:
+            _unlink_quiet(name, dirfd)
+        self._note(rel)
+
+    def _make_fanout(self, xx: str) -> None:
+        try:
+            os.mkdir(xx, DIR_MODE, dir_fd=self._dirfd)
+        except FileExistsError:
+            return
+        os.chmod(xx, DIR_MODE, dir_fd=self._dirfd)  # whatever the umask: overlayfs readers need x
+        with self._lock:
+            self._pending_dirs.add(".")
+
+    def _note(self, rel: str) -> None:
+        with self._lock:
+            self._pending_files.add(rel)
+            self._pending_dirs.add(rel[:2])
+
+
+def _is_hex(name: str, length: int) -> bool:
+    return len(name) == length and _HEX.issuperset(name)
+
+
+def _rel(digest: bytes) -> str:
+    h = digest.hex()
+    return f"{h[:2]}/{h[2:]}"
+
+
+def _chmod_object(fd: int) -> None:
+    """Make the new object 0644 whatever the umask; fstat first: a no-op chmod would still be journaled."""
+    if stat.S_IMODE(os.fstat(fd).st_mode) != OBJECT_MODE:
+        os.fchmod(fd, OBJECT_MODE)
+
+
+def _unlink_quiet(name: str, dirfd: int) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
+    except OSError:
+        pass
+
+
+def _writer(fd: int, chunks: Iterator[memoryview], done: queue.SimpleQueue, where: str) -> None:
+    """Helper thread of `_put_large`: pull chunks (reading the source), write them, pass them on to hash.
+
+    Errors go to `done` for the hashing thread to raise: source errors as they are, write errors as
+    ObjectStoreError.
+    """
+    try:
+        written = flushed = 0
+        for mv in chunks:
+            try:
+                _write_all(fd, mv)
+            except OSError as e:
+                raise ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}") from e
+            done.put(mv)
+            written += len(mv)
+            if written - flushed >= WRITEBACK_EVERY:
+                _start_writeback(fd, flushed, written - flushed)
+                flushed = written
+        done.put(_DONE)
+    except BaseException as e:  # handed to the hashing thread, which raises it
+        done.put(e)

@@ -1,0 +1,35 @@
+"""Shared test helpers: tools and privileges are required in CI (CI=true) and may skip only elsewhere."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str) -> str:
+    """Path of an external tool; a missing tool fails under CI and skips elsewhere."""
+    path = shutil.which(name)
+    if path is None:
+        msg = f"{name} is not installed (.ci/run installs it)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return path
+
+
+def require_root() -> None:
+    """Real mounts need root; under CI not being root is a failure."""
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("tests that mount must run as root in CI")
+        pytest.skip("needs root")

@@ -1,0 +1,516 @@
+"""flatten: OCI layer semantics on trees, checked by tables and against the kernel's own overlayfs."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from conftest import require_root
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from layerdirs import extract, mount_overlay, umount
+
+from flatmount.flatten import apply_layer, default_root, flatten_trees
+from flatmount.scan import scan_directory
+from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFIFO, Inode, lookup, walk
+
+# --- helpers --------------------------------------------------------------------------------------
+
+
+def D(entries: dict | None = None, mode: int = 0o755, **kw) -> Inode:  # noqa: N802 - table shorthand
+    d = Inode.directory(mode, **kw)
+    d.entries.update({k.encode(): v for k, v in (entries or {}).items()})
+    return d
+
+
+def F(data: bytes = b"", mode: int = 0o644, **kw) -> Inode:  # noqa: N802
+    return Inode.file(data, mode, **kw)
+
+
+def L(target: str, **kw) -> Inode:  # noqa: N802
+    return Inode.symlink(target.encode(), **kw)
+
+
+def W() -> Inode:  # noqa: N802
+    return Inode.whiteout()
+
+
+def OPQ(entries: dict | None = None, **kw) -> Inode:  # noqa: N802
+    d = D(entries, **kw)
+    d.xattrs[OPAQUE_XATTR] = b"y"
+    return d
+
+
+def root(entries: dict | None = None, **kw) -> Inode:
+    """A layer root with attributes of its own (mtime 1), like a tar with a `./` entry."""
+    kw.setdefault("mtime_ns", 1)
+    return D(entries, **kw)
+
+
+def listing(tree: Inode) -> dict[str, str]:
+    """path -> short description, the form the tables compare."""
+    out = {}
+    for path, node in walk(tree):
+        if node.is_dir:
+            desc = f"d{node.mode & 0o7777:o}"
+        elif node.is_reg:
+            desc = "f:" + (node.content or b"").decode()
+        elif node.is_symlink:
+            desc = "l:" + node.target.decode()
+        else:
+            desc = stat.filemode(node.mode)[0] + f"{os.major(node.rdev)}:{os.minor(node.rdev)}"
+        out[path.decode()] = desc
+    return out
+
+
+def snapshot(tree: Inode) -> list:
+    """Everything about a tree, identity of every inode included, for copy-on-write checks."""
+    return [(p, id(n), n.attrs(), None if n.entries is None else sorted(n.entries)) for p, n in walk(tree)]
+
+
+# --- semantics tables -----------------------------------------------------------------------------
+
+BASE = root({
+    "etc": D({"a": F(b"a"), "b": F(b"b"), "sub": D({"x": F(b"x")})}),
+    "opt": D({"app": D({"one": F(b"1"), "two": F(b"2")})}),
+    "f": F(b"file"),
+    "l": L("etc"),
+})
+
+CASES = {
+    "whiteout removes a file": (
+        root({"etc": D({"a": W()})}),
+        {"/etc/a": None, "/etc/b": "f:b"}),
+    "whiteout removes a whole directory": (
+        root({"opt": W()}),
+        {"/opt": None, "/opt/app": None, "/opt/app/one": None}),
+    "whiteout of a missing name is a no-op": (
+        root({"nope": W(), "etc": D({"zz": W()})}),
+        {"/nope": None, "/etc/zz": None, "/etc/a": "f:a"}),
+    "opaque dir hides lower children": (
+        root({"opt": D({"app": OPQ({"three": F(b"3")})})}),
+        {"/opt/app": "d755", "/opt/app/one": None, "/opt/app/two": None, "/opt/app/three": "f:3"}),
+    "opaque dir where nothing was below": (
+        root({"new": OPQ({"k": F(b"k")})}),
+        {"/new": "d755", "/new/k": "f:k"}),
+    "directory meeting a directory keeps children, takes attributes": (
+        root({"etc": D({"c": F(b"c")}, mode=0o700)}),
+        {"/etc": "d700", "/etc/a": "f:a", "/etc/c": "f:c", "/etc/sub/x": "f:x"}),
+    "file replaces a directory": (
+        root({"opt": F(b"now a file")}),
+        {"/opt": "f:now a file", "/opt/app": None}),
+    "directory replaces a file": (
+        root({"f": D({"in": F(b"in")})}),
+        {"/f": "d755", "/f/in": "f:in"}),
+    "symlink replaces a directory": (
+        root({"etc": L("/elsewhere")}),
+        {"/etc": "l:/elsewhere", "/etc/a": None}),
+    "directory replaces a symlink": (
+        root({"l": D({"x": F(b"x")})}),
+        {"/l": "d755", "/l/x": "f:x"}),
+    "fifo replaces a file; real device kept": (
+        root({"f": Inode(S_IFIFO | 0o600), "null": Inode(S_IFCHR | 0o666, rdev=os.makedev(1, 3))}),
+        {"/f": "p0:0", "/null": "c1:3"}),
+    "whiteout inside a new directory vanishes": (
+        root({"fresh": D({"gone": W(), "kept": F(b"k")})}),
+        {"/fresh/gone": None, "/fresh/kept": "f:k"}),
+    "opaque dir re-adding one lower name": (
+        root({"etc": OPQ({"a": F(b"A2")})}),
+        {"/etc/a": "f:A2", "/etc/b": None, "/etc/sub": None}),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_semantics(name):
+    layer, expect = CASES[name]
+    before_base, before_layer = snapshot(BASE), snapshot(layer)
+    out = listing(apply_layer(BASE, layer))
+    for path, desc in expect.items():
+        assert out.get(path) == desc, (path, out)
+    # copy-on-write: neither input changed, not even by identity
+    assert snapshot(BASE) == before_base
+    assert snapshot(layer) == before_layer
+
+
+def test_result_has_no_whiteouts_or_opaque_markers():
+    layers = [BASE, root({"opt": OPQ({"z": W(), "y": OPQ({"q": W()})}), "etc": D({"a": W()})}, xattrs={
+        OPAQUE_XATTR: b"y"})]
+    out = flatten_trees(layers)
+    for path, node in walk(out):
+        assert not node.is_whiteout, path
+        assert OPAQUE_XATTR not in node.xattrs, path
+    # the opaque root hid everything from below: only the layer's own entries remain, whiteouts gone
+    assert listing(out) == {"/": "d755", "/etc": "d755", "/opt": "d755", "/opt/y": "d755"}
+
+
+def test_directory_attributes_replaced_entirely():
+    base = root({"d": D({"c": F()}, mode=0o755, uid=1, gid=2, mtime_ns=5, xattrs={b"user.a": b"1"})})
+    layer = root({"d": D(mode=0o1777, uid=3, gid=4, mtime_ns=9, xattrs={b"user.b": b"2"})})
+    d = lookup(apply_layer(base, layer), "d")
+    assert (d.mode, d.uid, d.gid, d.mtime_ns, d.xattrs) == (stat.S_IFDIR | 0o1777, 3, 4, 9, {b"user.b": b"2"})
+    assert list(d.entries) == [b"c"]
+
+
+def test_leaves_are_shared_not_copied_and_untouched_subtrees_shared():
+    layer = root({"etc": D({"c": F(b"c")})})
+    out = apply_layer(BASE, layer)
+    assert out.entries[b"opt"] is BASE.entries[b"opt"]          # untouched subtree
+    assert out.entries[b"etc"].entries[b"sub"] is BASE.entries[b"etc"].entries[b"sub"]
+    assert out.entries[b"etc"] is not BASE.entries[b"etc"]      # on the changed path: new
+    assert out.entries[b"etc"].entries[b"c"] is layer.entries[b"etc"].entries[b"c"]
+    assert out is not BASE and out is not layer
+
+
+# --- hardlinks ------------------------------------------------------------------------------------
+
+def test_hardlinks_stay_shared_and_survive_replacement_of_one_name():
+    h = F(b"shared", uid=7)
+    base = root({"a": h, "d": D({"b": h}), "c": h})
+    out1 = flatten_trees([base])
+    assert out1.entries[b"a"] is lookup(out1, "d/b") is out1.entries[b"c"]
+    out2 = apply_layer(out1, root({"a": F(b"new")}))
+    assert out2.entries[b"a"] is not h
+    assert lookup(out2, "d/b") is h and out2.entries[b"c"] is h
+    out3 = apply_layer(out2, root({"d": D({"b": W()})}))
+    assert lookup(out3, "d/b") is None and out3.entries[b"c"] is h
+
+
+def test_hardlink_group_introduced_by_upper_layer():
+    g = F(b"g")
+    out = flatten_trees([BASE, root({"etc": D({"a": g}), "opt": D({"app": D({"one": g})})})])
+    assert lookup(out, "etc/a") is lookup(out, "opt/app/one") is g
+    assert lookup(out, "opt/app/two").content == b"2"
+
+
+# --- root directory rule ----------------------------------------------------------------------------
+
+def attrs(node: Inode) -> tuple:
+    return node.mode, node.uid, node.gid, node.mtime_ns, node.xattrs
+
+
+ROOT_CASES = {
+    "no layer has a root entry: 0755 root:root mtime 0": (
+        [D({"a": F()}), D({"b": F()})], (stat.S_IFDIR | 0o755, 0, 0, 0, {})),
+    "topmost explicit root wins": (
+        [root(mode=0o700, uid=1, mtime_ns=10), root(mode=0o750, uid=2, mtime_ns=20)],
+        (stat.S_IFDIR | 0o750, 2, 0, 20, {})),
+    "implicit top root keeps the root from below": (
+        [root(mode=0o700, uid=1, mtime_ns=10, xattrs={b"user.r": b"1"}), D({"x": F()})],
+        (stat.S_IFDIR | 0o700, 1, 0, 10, {b"user.r": b"1"})),
+    "explicit root in the middle, implicit on top": (
+        [root(mtime_ns=1), root(mode=0o555, mtime_ns=2), D()],
+        (stat.S_IFDIR | 0o555, 0, 0, 2, {})),
+    "opaque implicit root hides content but keeps attributes": (
+        [root(mode=0o711, mtime_ns=3, entries={"a": F()}), OPQ({"b": F()})],
+        (stat.S_IFDIR | 0o711, 0, 0, 3, {})),
+    "xattrs alone make a root explicit": (
+        [root(mode=0o700, mtime_ns=3), D(xattrs={b"user.x": b"y"})],
+        (stat.S_IFDIR | 0o755, 0, 0, 0, {b"user.x": b"y"})),
+}
+
+
+@pytest.mark.parametrize("name", list(ROOT_CASES))
+def test_root_rule(name):
+    layers, expect = ROOT_CASES[name]
+    out = flatten_trees(layers)
+    assert attrs(out) == expect
+    if "opaque" in name:
+        assert list(out.entries) == [b"b"]
+
+
+def test_empty_chain_and_default_root():
+    assert flatten_trees([]) == default_root()
+    assert attrs(default_root()) == (stat.S_IFDIR | 0o755, 0, 0, 0, {})
+
+
+def test_apply_layer_rejects_non_directories():
+    with pytest.raises(ValueError):
+        apply_layer(F(), D())
+
+
+# --- against the kernel: overlayfs of the layers as plain directories -------------------------------
+
+NAMES = st.sampled_from([b"a", b"b", b"c", b"d"])
+OWNERS = st.sampled_from([0, 1, 1000, 65534])
+MTIMES = st.integers(1, 2**31).map(lambda s: s * 1_000_000_000) | st.integers(1, 2**40)
+XATTRS = st.dictionaries(st.sampled_from([b"user.k1", b"user.k2", b"user.long.name"]),
+                         st.binary(max_size=8), max_size=2)
+DATA = st.sampled_from([b"", b"x", b"same", b"y" * 64, b"z" * 65, b"w" * 5000])
+
+
+def _file(data: bytes, mode: int, uid: int, gid: int, mtime: int, xattrs: dict) -> Inode:
+    if len(data) <= 64:
+        return Inode.file(data, mode, uid=uid, gid=gid, mtime_ns=mtime, xattrs=xattrs)
+    from objects.digest import fsverity_digest
+
+    return Inode(stat.S_IFREG | mode, uid=uid, gid=gid, mtime_ns=mtime, size=len(data), xattrs=xattrs,
+                 digest=fsverity_digest(data))
+
+
+FILES = st.builds(_file, DATA, st.sampled_from([0o644, 0o600, 0o755, 0o4755, 0o2711, 0o444]),
+                  OWNERS, OWNERS, MTIMES, XATTRS)
+LEAVES = st.one_of(
+    FILES,
+    st.builds(lambda t, u, g, m: Inode.symlink(t, uid=u, gid=g, mtime_ns=m),
+              st.sampled_from([b"a", b"../b", b"/etc/passwd", b"c/d"]), OWNERS, OWNERS, MTIMES),
+    st.just(None).map(lambda _: Inode.whiteout()),
+    st.builds(lambda m: Inode(stat.S_IFIFO | 0o644, mtime_ns=m), MTIMES),
+)
+DIR_MODES = st.sampled_from([0o755, 0o700, 0o1777, 0o555, 0o2750])
+
+
+def _dir(entries: dict, mode: int, uid: int, gid: int, mtime: int, xattrs: dict, opaque: bool) -> Inode:
+    d = Inode.directory(mode, uid=uid, gid=gid, mtime_ns=mtime, xattrs=dict(xattrs), entries=dict(entries))
+    if opaque:
+        d.xattrs[OPAQUE_XATTR] = b"y"
+    return d
+
+
+def _dirs(children, opaque=None, min_size=0):
+    return st.builds(_dir, st.dictionaries(NAMES, children, min_size=min_size, max_size=4), DIR_MODES,
+                     OWNERS, OWNERS, MTIMES, XATTRS, st.booleans() if opaque is None else opaque)
+
+
+TREES = st.recursive(LEAVES, _dirs, max_leaves=12)
+
+
+@st.composite
+def layer_trees(draw):
+    """A layer: a root with attributes of its own (not opaque: the root rule has its table above),
+    plus hardlinks made by pointing some names at another file of the same layer."""
+    root_ = draw(_dirs(TREES, opaque=st.just(False), min_size=2))
+    files = [(parent, name) for _, parent in walk(root_) if parent.entries is not None
+             for name, n in sorted(parent.entries.items()) if n.is_reg]
+    if len(files) >= 2:
+        for _ in range(draw(st.integers(0, 2))):
+            (pa, na), (pb, nb) = draw(st.permutations(files))[:2]
+            pb.entries[nb] = pa.entries[na]
+    return root_
+
+
+def _blobs() -> dict[bytes, bytes]:
+    """Content of the generated files that are too big to inline, by fs-verity digest."""
+    from objects.digest import fsverity_digest
+
+    return {fsverity_digest(d): d for d in (b"z" * 65, b"w" * 5000)}
+
+
+def normalized(tree: Inode) -> tuple[dict, set]:
+    """path -> comparable attributes (overlay's own xattrs dropped), and the hardlink groups."""
+    out, groups = {}, {}
+    for path, n in walk(tree):
+        data = n.content or b"" if n.is_reg and n.digest is None else n.digest
+        xattrs = sorted((k, v) for k, v in n.xattrs.items() if not k.startswith(b"trusted.overlay."))
+        out[path] = (n.mode, n.uid, n.gid, n.mtime_ns, None if n.is_dir else n.size, n.rdev, xattrs,
+                     n.target, data if n.is_reg else None)
+        if not n.is_dir:
+            groups.setdefault(id(n), []).append(path)
+    return out, {frozenset(g) for g in groups.values() if len(g) > 1}
+
+
+def assert_same_tree(actual: Inode, expected: Inode) -> None:
+    a, ag = normalized(actual)
+    e, eg = normalized(expected)
+    assert sorted(a) == sorted(e)
+    for path in e:
+        assert a[path] == e[path], path
+    assert ag == eg
+
+
+def test_against_kernel_overlay(tmp_path_factory):
+    require_root()
+
+    @settings(max_examples=int(os.environ.get("FLATTEN_EXAMPLES", "25")), deadline=None,
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(layer_trees(), min_size=2, max_size=5))
+    def check(layers):
+        work = tmp_path_factory.mktemp("chain")
+        blobs = _blobs()
+        dirs = []
+        for i, layer in enumerate(layers):
+            d = str(work / f"l{i}")
+            extract(layer, d, blobs)
+            dirs.append(d)
+        mnt = work / "ovl"
+        mnt.mkdir()
+        before = [snapshot(t) for t in layers]
+        expected = flatten_trees(layers)
+        assert [snapshot(t) for t in layers] == before
+        (work / "empty").mkdir()  # overlayfs without an upper dir wants two lower layers at least
+        mount_overlay([*dirs[::-1], str(work / "empty")], str(mnt))
+        try:
+            actual = scan_directory(mnt)
+        finally:
+            umount(str(mnt))
+        assert_same_tree(actual, expected)
+        check_image(expected, blobs, work)
+
+    check()
+
+
+def check_image(expected: Inode, blobs: dict[bytes, bytes], work) -> None:
+    """The flattened tree written as an EROFS image and mounted reads back the same."""
+    from flatmount.erofs.writer import write_image
+    from flatmount.kmount import mount_image, umount_image
+    from flatmount.tree import object_path
+
+    objdir = work / "objects"
+    for digest, data in blobs.items():
+        p = objdir / object_path(digest)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data)
+    image = work / "flat.erofs"
+    write_image(expected, str(image))
+    mnt = work / "img"
+    mnt.mkdir()
+    mount_image(str(image), str(mnt), [str(objdir)])
+    try:
+        actual = scan_directory(mnt)
+    finally:
+        umount_image(str(mnt))
+    assert_same_tree(actual, expected)
+
+
+# --- store integration ----------------------------------------------------------------------------
+
+BIG = [bytes([i]) * (1000 + i) for i in range(1, 4)]
+CHAIN = [
+    {"etc/os": b"base", "usr/bin/tool": BIG[0], "data/a": b"a"},
+    {"data/a": b"<whiteout>", "data/b": b"b", "usr/bin/tool2": BIG[1]},
+    {"etc/os": b"top", "etc/big": BIG[2]},
+]
+
+
+def chain_trees():
+    from layerdirs import file_tree
+
+    return [file_tree(files, mtime_ns=(i + 1) * 10**18) for i, files in enumerate(CHAIN)]
+
+
+def image_files(root: Inode) -> set[str]:
+    return {os.fsdecode(p) for p, n in walk(root) if not n.is_dir}
+
+
+def test_flatten_image_writes_once_and_records_refs(tmp_path):
+    from layerdirs import store_image
+
+    from flatmount.erofs.reader import read_tree
+    from flatmount.flatten import flatten_image
+    from flatmount.store import open_store
+
+    store = open_store(tmp_path / "p", runroot=tmp_path / "run")
+    ids = store_image(store, chain_trees(), "chain", blobs=BIG)
+    flat = flatten_image(store, "chain")
+    assert not flat.reused and flat.chain_key == ids[-1] and flat.layers == tuple(ids)
+    assert flat.path == str(tmp_path / "p" / "images" / f"{flat.digest}.erofs")
+    import hashlib
+
+    with open(flat.path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == flat.digest
+    tree = read_tree(flat.path)
+    assert image_files(tree) == {"/etc/os", "/etc/big", "/usr/bin/tool", "/usr/bin/tool2", "/data/b"}
+    assert lookup(tree, "etc/os").content == b"top"
+    db = store.connect()
+    assert db.execute("SELECT digest FROM flat_images WHERE chain_key = ?", (ids[-1],)).fetchone() == (
+        flat.digest,)
+    refs = {o for (o,) in db.execute("SELECT object FROM refs WHERE owner = ?", ("flat:" + flat.digest,))}
+    from flatmount.tree import object_path
+
+    assert refs == {object_path(n.digest) for _, n in walk(tree) if n.digest} and len(refs) == 3
+    assert os.listdir(tmp_path / "p" / "tmp") == []
+    # second time: the cache, nothing written
+    before = sorted(os.listdir(tmp_path / "p" / "images"))
+    mtime = os.stat(flat.path).st_mtime_ns
+    again = flatten_image(store, store.resolve_image("chain").id[:12])
+    assert again.reused and again.digest == flat.digest and again.path == flat.path
+    assert sorted(os.listdir(tmp_path / "p" / "images")) == before and os.stat(flat.path).st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize("prefix_in_memory", [False, True])
+def test_longest_cached_prefix_gives_the_same_bytes(tmp_path, monkeypatch, prefix_in_memory):
+    from layerdirs import store_image
+
+    from flatmount import flatten
+    from flatmount.flatten import flatten_image
+    from flatmount.store import Store, open_store
+
+    trees = chain_trees()
+    a = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    ids = store_image(a, trees[:2], "two", blobs=BIG)
+    store_image(a, trees[2:], "three", parent=ids[-1], blobs=BIG)
+    two = flatten_image(a, "two")                  # caches the prefix (file, and tree in memory)
+    assert (two.digest in flatten._trees) is True
+    if not prefix_in_memory:
+        monkeypatch.setattr(flatten, "_trees", {})  # a new process: the prefix is read from its file
+    asked = []
+    orig = Store.layer_tree
+    monkeypatch.setattr(Store, "layer_tree", lambda self, lid: asked.append(lid) or orig(self, lid))
+    top = flatten_image(a, "three")
+    assert len(asked) == 1 and asked[0] == top.chain_key   # only the layer above the cached prefix
+    monkeypatch.setattr(Store, "layer_tree", orig)
+    b = open_store(tmp_path / "b", runroot=tmp_path / "run")   # same chain, from scratch
+    store_image(b, trees, "three", blobs=BIG)
+    scratch = flatten_image(b, "three")
+    assert scratch.chain_key == top.chain_key and scratch.digest == top.digest
+
+
+def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):
+    from layerdirs import file_tree, store_image
+
+    from flatmount.errors import NotFoundError, ReadOnlyStoreError
+    from flatmount.flatten import flatten_image
+    from flatmount.store import open_store
+
+    ais_root = tmp_path / "ais"
+    ais = open_store(ais_root, runroot=tmp_path / "run")
+    ids = store_image(ais, chain_trees(), "base", blobs=BIG)
+    in_ais = flatten_image(ais, "base")
+    ais.close()
+    os.chmod(ais_root, 0o555)  # nothing may write there from now on
+    try:
+        p = open_store(tmp_path / "p", additional=[ais_root], runroot=tmp_path / "run")
+        got = flatten_image(p, "base")
+        assert got.reused and got.path == in_ais.path and got.digest == in_ais.digest
+        assert not os.path.exists(tmp_path / "p" / "images") or not os.listdir(tmp_path / "p" / "images")
+        # a primary layer on top of the additional store's chain: prefix read from the AIS image
+        store_image(p, [file_tree({"etc/os": b"mine", "new": BIG[0]}, mtime_ns=5 * 10**18)], "mine",
+                    parent=ids[-1], blobs=BIG[:1])
+        mine = flatten_image(p, "mine")
+        assert not mine.reused and mine.path.startswith(str(tmp_path / "p" / "images"))
+        assert mine.layers == (*ids, mine.chain_key)
+        from flatmount.erofs.reader import read_tree
+
+        assert lookup(read_tree(mine.path), "etc/os").content == b"mine"
+        with pytest.raises(NotFoundError):
+            flatten_image(p, "nonexistent")
+        ro = open_store(tmp_path / "p", additional=[ais_root], runroot=tmp_path / "run", readonly=True)
+        assert flatten_image(ro, "mine").reused
+        os.unlink(mine.path)
+        with pytest.raises(ReadOnlyStoreError):
+            flatten_image(ro, "mine")
+        assert not flatten_image(p, "mine").reused  # a recorded image whose file vanished is rebuilt
+    finally:
+        os.chmod(ais_root, 0o755)
+
+
+def test_flatten_waits_for_a_running_gc(tmp_path):
+    """Writing a new image happens under the shared GC lock: a GC holding it exclusively delays it."""
+    import threading
+
+    from layerdirs import store_image
+
+    from flatmount.flatten import flatten_image
+    from flatmount.store import open_store
+
+    store = open_store(tmp_path / "p", runroot=tmp_path / "run")
+    store_image(store, chain_trees(), "chain", blobs=BIG)
+    gc = open_store(tmp_path / "p", runroot=tmp_path / "run")
+    done = threading.Event()
+    with gc.gc_lock(shared=False):
+        t = threading.Thread(target=lambda: (flatten_image(store, "chain"), done.set()))
+        t.start()
+        assert not done.wait(0.5)
+        assert os.listdir(tmp_path / "p" / "images") == []
+    t.join(30)
+    assert done.is_set() and len(os.listdir(tmp_path / "p" / "images")) == 1

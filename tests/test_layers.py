@@ -1,0 +1,307 @@
+"""flatmount.layers: layer tarballs -> layer tree + objects, checked against trees written down by hand."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import os
+import re
+import tarfile
+import tracemalloc
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flatmount.errors import DigestMismatchError, LayerError
+from flatmount.layers import read_tar, verify
+from flatmount.tree import OPAQUE_XATTR, Inode, lookup, walk
+from objects import ObjectStore
+from tests.tarbuild import NS, Tar, bad_tars, compress
+
+
+@pytest.fixture
+def objects(tmp_path):
+    with ObjectStore(tmp_path / "objects") as store:
+        yield store
+
+
+def check_objects(objects: ObjectStore, t: Tar) -> None:
+    for digest, data in t.blobs.items():
+        with objects.open(digest) as f:
+            assert f.read() == data
+
+
+def full_tar(fmt: int) -> Tar:
+    """Every entry type tar knows, xattrs, ns mtimes, long names and links, big ids."""
+    t = Tar(fmt=fmt, root_mtime=1_700_000_000)
+    t.dir("etc/", mode=0o755, mtime=1_700_000_001)
+    t.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n" * 10, mtime=1_700_000_002)
+    t.file("etc/empty", b"")
+    t.file("etc/exact64", b"6" * 64)
+    t.file("etc/65", b"6" * 65, mode=0o600)
+    t.file("etc/setuid", b"#!/bin/sh\n", mode=0o4755)
+    t.symlink("etc/localtime", "/usr/share/zoneinfo/UTC")
+    t.hardlink("etc/passwd-", "etc/passwd")
+    t.hardlink("etc/empty-link", "etc/empty")
+    t.dir("dev/", mode=0o755)
+    t.device("dev/null", "c", 1, 3, mode=0o666)
+    t.device("dev/sda", "b", 8, 0)
+    t.fifo("dev/initctl", mode=0o600)
+    long_dir = "d" * 90 + "/" + "e" * 90
+    t.file(long_dir + "/" + "f" * 120, b"long name content " * 10)
+    t.symlink("longlink", "/" + "t" * 200)
+    t.hardlink("long-hardlink", long_dir + "/" + "f" * 120)
+    if fmt == tarfile.PAX_FORMAT:
+        t.file("usr/bin/ping", b"\x7fELF" + b"\0" * 200, mode=0o755,
+               xattrs={"security.capability": b"\x01\x00\x00\x02\x00\x20\x00\x00" + b"\0" * 12,
+                       "user.comment": "caf\u00e9"},
+               pax={"mtime": "1700000000.123456789"})
+        t.dir("ns/", pax={"mtime": "1700000000.000000001"})
+        t.file("bigids", b"x", uid=3_000_000, gid=4_000_000)
+        t.file("caf\u00e9/\u00fcml\u00e4ut", b"unicode name")
+    t.whiteout("etc/.wh.shadow")
+    t.file("opt/app/new", b"n")
+    t.whiteout("opt/app/.wh..wh..opq")     # opaque marker after a sibling
+    t.whiteout("srv/.wh..wh..opq")         # before any sibling
+    t.file("srv/data", b"d" * 100)
+    return t
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+@pytest.mark.parametrize("kind", ["none", "gzip", "zstd"])
+def test_every_entry_type(objects, fmt, kind):
+    t = full_tar(fmt)
+    tar = t.bytes()
+    blob = compress(tar, kind)
+    layer = read_tar(io.BytesIO(blob), objects, label="t")
+    expected = t.tree()
+    assert layer.tree == expected
+    assert layer.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert layer.diff_size == len(tar)
+    assert layer.compressed_digest == "sha256:" + hashlib.sha256(blob).hexdigest()
+    assert layer.compressed_size == len(blob)
+    assert layer.compression == kind
+    tree = layer.tree
+    assert lookup(tree, "etc/passwd-") is lookup(tree, "etc/passwd")
+    assert lookup(tree, "etc/empty-link") is lookup(tree, "etc/empty")
+    assert lookup(tree, "long-hardlink") is lookup(tree, "d" * 90 + "/" + "e" * 90 + "/" + "f" * 120)
+    assert lookup(tree, "etc/shadow").is_whiteout
+    assert lookup(tree, "opt/app").is_opaque and lookup(tree, "srv").is_opaque
+    assert lookup(tree, "etc/exact64").content == b"6" * 64
+    assert lookup(tree, "etc/65").digest is not None and lookup(tree, "etc/65").content is None
+    assert lookup(tree, "/").mtime_ns == 1_700_000_000 * NS
+    if fmt == tarfile.PAX_FORMAT:
+        assert lookup(tree, "usr/bin/ping").mtime_ns == 1_700_000_000_123_456_789
+        assert lookup(tree, "ns").mtime_ns == 1_700_000_000_000_000_001
+        assert lookup(tree, "bigids").uid == 3_000_000
+        assert lookup(tree, "usr/bin/ping").xattrs[b"user.comment"] == "caf\u00e9".encode()
+    check_objects(objects, t)
+    verify(layer, blob_digest=layer.compressed_digest, blob_size=len(blob), diff_id=layer.diff_id)
+
+
+def test_implicit_parents_and_default_root(objects):
+    t = Tar(root=False)
+    t.file("a/b/c", b"c", mtime=500)
+    t.dir("a/", mode=0o700, mtime=600, uid=5)   # explicit entry after its children: attributes only
+    tree = read_tar(io.BytesIO(t.bytes()), objects).tree
+    assert tree == t.tree()
+    root = lookup(tree, "/")
+    assert (root.mode, root.uid, root.gid, root.mtime_ns, root.xattrs) == (0o40755, 0, 0, 0, {})
+    a, b = lookup(tree, "a"), lookup(tree, "a/b")
+    assert (a.mode & 0o7777, a.uid, a.mtime_ns) == (0o700, 5, 600 * NS)
+    assert (b.mode, b.uid, b.mtime_ns) == (0o40755, 0, 500 * NS)
+
+
+def test_absolute_and_dot_names_normalised(objects):
+    t = Tar(root=False)
+    t.raw(_info("/etc/abs"), b"abs")
+    t.raw(_info("./etc/dot"), b"dot")
+    t.raw(_info("etc//double/./x"), b"x")
+    tree = read_tar(io.BytesIO(t.bytes()), objects).tree
+    assert sorted(p for p, _ in walk(tree)) == [b"/", b"/etc", b"/etc/abs", b"/etc/dot", b"/etc/double",
+                                                 b"/etc/double/x"]
+
+
+def _info(name, type_=tarfile.REGTYPE, **kw):
+    ti = tarfile.TarInfo(name)
+    ti.type = type_
+    for k, v in kw.items():
+        setattr(ti, k, v)
+    return ti
+
+
+def test_whiteout_and_entry_of_same_name(objects):
+    t = Tar()
+    t.whiteout(".wh.f")
+    t.file("f", b"new file")             # whiteout hides only the lower f: the new one stands
+    t.dir("d/")
+    t.whiteout(".wh.d")                  # lower d deleted, this layer's d stands -> opaque
+    t.file("d/x", b"x")
+    tree = read_tar(io.BytesIO(t.bytes()), objects).tree
+    assert tree == t.tree()
+    assert lookup(tree, "f").content == b"new file"
+    assert lookup(tree, "d").is_opaque and lookup(tree, "d/x") is not None
+
+
+def test_char_0_0_is_a_whiteout_and_other_devices_are_not(objects):
+    t = Tar()
+    t.device("gone", "c", 0, 0)
+    t.device("null", "c", 1, 3)
+    tree = read_tar(io.BytesIO(t.bytes()), objects).tree
+    assert lookup(tree, "gone").is_whiteout
+    assert not lookup(tree, "null").is_whiteout and lookup(tree, "null").rdev == os.makedev(1, 3)
+
+
+def test_overlay_xattrs_dropped_libarchive_xattrs_read(objects):
+    t = Tar()
+    t.raw(_info("f", pax_headers={
+        "SCHILY.xattr.trusted.overlay.opaque": "y",
+        "SCHILY.xattr.user.overlay.redirect": "/x",
+        "SCHILY.xattr.user.keep": "schily",
+        "LIBARCHIVE.xattr.user.keep": base64.b64encode(b"libarchive\x00\xff").decode().rstrip("="),
+        "LIBARCHIVE.xattr.user.%41%3d": base64.b64encode(b"v").decode(),
+    }), b"data")
+    t.raw(_info("d", tarfile.DIRTYPE, pax_headers={"SCHILY.xattr.trusted.overlay.opaque": "y"}))
+    tree = read_tar(io.BytesIO(t.bytes()), objects).tree
+    assert lookup(tree, "f").xattrs == {b"user.keep": b"libarchive\x00\xff", b"user.A=": b"v"}
+    assert not lookup(tree, "d").is_opaque
+
+
+def test_multi_member_gzip_and_multi_frame_zstd(objects):
+    t = Tar()
+    t.file("a", b"a" * 1000)
+    t.file("b", b"b" * 100)
+    tar = t.bytes()
+    half = len(tar) // 2
+    gz = compress(tar[:half], "gzip") + compress(tar[half:], "gzip") + b"\0" * 64  # padded like some tools
+    zs = compress(tar[:half], "zstd") + compress(tar[half:], "zstd")
+    for blob in (gz, zs):
+        layer = read_tar(io.BytesIO(blob), objects)
+        assert layer.tree == t.tree()
+        assert layer.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+
+
+def test_padding_after_end_of_archive_counts_in_diff_id(objects):
+    t = Tar()
+    t.file("a", b"a")
+    tar = t.bytes() + b"\0" * 20480
+    layer = read_tar(io.BytesIO(tar), objects)
+    assert layer.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert layer.diff_size == len(tar)
+
+
+def test_empty_archive_is_an_empty_layer(objects):
+    tar = Tar(root=False).bytes()
+    layer = read_tar(io.BytesIO(tar), objects)
+    assert layer.tree == Inode.directory() and layer.entries == 0
+
+
+@pytest.mark.parametrize("case", bad_tars(), ids=lambda c: c[0])
+def test_bad_input(objects, case):
+    _name, data, message = case
+    with pytest.raises(LayerError, match=message):
+        read_tar(io.BytesIO(data), objects, label="bad")
+
+
+def test_verify_reports_each_mismatch(objects):
+    t = Tar()
+    t.file("a", b"a")
+    tar = t.bytes()
+    layer = read_tar(io.BytesIO(tar), objects)
+    good = "sha256:" + hashlib.sha256(tar).hexdigest()
+    verify(layer, blob_digest=good, blob_size=len(tar), diff_id=good)
+    with pytest.raises(DigestMismatchError, match="bytes"):
+        verify(layer, blob_size=len(tar) + 1)
+    with pytest.raises(DigestMismatchError, match="blob digest"):
+        verify(layer, blob_digest="sha256:" + "0" * 64)
+    with pytest.raises(DigestMismatchError, match="diff_id"):
+        verify(layer, diff_id="sha256:" + "0" * 64)
+
+
+def test_big_file_streams_with_bounded_memory(objects):
+    """48 MiB of content in a gzip layer: Python's peak allocation stays far below the content size."""
+    size = 48 << 20
+
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tf:
+        ti = tarfile.TarInfo("big")
+        ti.size = size
+        tf.addfile(ti, io.BytesIO(bytes(size)))
+    blob = compress(raw.getvalue(), "gzip")
+    del raw
+    tracemalloc.start()
+    try:
+        layer = read_tar(io.BytesIO(blob), objects)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert lookup(layer.tree, "big").size == size
+    assert peak < 16 << 20, f"peak Python allocation {peak >> 20} MiB while importing a {size >> 20} MiB file"
+
+
+def test_progress_reports_bytes_and_entries(objects):
+    t = Tar()
+    for i in range(5):
+        t.file(f"f{i}", bytes([i]) * 1000)
+    calls = []
+    read_tar(io.BytesIO(t.bytes()), objects, progress=lambda b, n: calls.append((b, n)))
+    assert [n for _, n in calls] == list(range(1, 7))
+    assert all(b2 >= b1 for (b1, _), (b2, _) in zip(calls, calls[1:], strict=False))
+
+
+# --- property: any tree written as a tar reads back as itself ----------------------------------------
+
+_names = st.text(alphabet=st.characters(min_codepoint=33, max_codepoint=0x24F, blacklist_characters="/"),
+                 min_size=1, max_size=12).filter(lambda s: s not in (".", "..") and not s.startswith(".wh."))
+_entry = st.tuples(
+    st.lists(_names, min_size=1, max_size=3),
+    st.sampled_from(["file", "dir", "symlink", "fifo"]),
+    st.integers(0, 200),                    # content size (around the 64-byte inline limit)
+    st.integers(0, 0o7777),
+    st.integers(-(2**33), 2**34),           # mtime seconds (pax for the odd ones)
+    st.integers(0, NS - 1),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_entry, max_size=12), st.sampled_from(["none", "gzip", "zstd"]))
+def test_random_trees_round_trip(objects, entries, kind):
+    t = Tar()
+    taken: dict[tuple[str, ...], str] = {}     # path -> type of its explicit entry
+    implicit: set[tuple[str, ...]] = set()     # directories created for a missing parent
+    for parts, typ, size, mode, sec, nsec in entries:
+        path = tuple(parts)
+        # keep only entries a valid layer may contain: no duplicate, nothing below a non-directory,
+        # no non-directory where earlier entries needed a directory
+        if path in taken or any(taken.get(path[:i], "dir") != "dir" for i in range(1, len(path))):
+            continue
+        if path in implicit and typ != "dir":
+            continue
+        taken[path] = typ
+        implicit.discard(path)
+        implicit.update(path[:i] for i in range(1, len(path)) if path[:i] not in taken)
+        name = "/".join(path)
+        pax = {"mtime": f"{sec}.{nsec:09d}"} if sec >= 0 else None
+        mtime = max(sec, 0)
+        if typ == "file":
+            t.file(name, os.urandom(size), mode=mode, mtime=mtime, pax=pax)
+        elif typ == "dir":
+            t.dir(name + "/", mode=mode, mtime=mtime, pax=pax)
+        elif typ == "symlink":
+            t.symlink(name, "target-" + name, mtime=mtime)
+        else:
+            t.fifo(name, mode=mode, mtime=mtime)
+    tar = t.bytes()
+    layer = read_tar(io.BytesIO(compress(tar, kind)), objects)
+    assert layer.tree == t.tree()
+    assert re.fullmatch("sha256:[0-9a-f]{64}", layer.diff_id)
+    check_objects(objects, t)
+
+
+def test_opaque_marker_value(objects):
+    t = Tar()
+    t.whiteout("d/.wh..wh..opq")
+    tree = read_tar(io.BytesIO(t.bytes()), objects).tree
+    assert lookup(tree, "d").xattrs == {OPAQUE_XATTR: b"y"}

@@ -1,0 +1,210 @@
+"""fs-verity digests: known answers, the real `fsverity digest` tool, and a naive reference."""
+
+from __future__ import annotations
+
+import array
+import hashlib
+import io
+import random
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import require_tool
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from objects import (
+    FsVerityHasher,
+    InvalidDigestError,
+    digest_file,
+    digest_stream,
+    fsverity_digest,
+    parse_digest,
+)
+from objects.digest import BLOCK_SIZE
+
+MIB = 1 << 20
+
+# spec/EROFS.md section 9 (fsverity-utils 1.5) and STYLE.md's hello world
+VECTORS = [
+    ("empty", b"", "3d248ca542a24fc62d1c43b916eae5016878e2533c88238480b26128a1f1af95"),
+    ("a", b"a", "bce75948b9e7510293f8f2720412af9697c1479281323f3f220623fb8e94b557"),
+    ("4096 mod 251", bytes(i % 251 for i in range(4096)),
+     "13e9b8848ae484a36acb3f3cac0ceb2f7601e96633d15c92f9bd3dd44e492157"),
+    ("5000 mod 251", bytes(i % 251 for i in range(5000)),
+     "219c2df1dc52c12b7f666570d48b3f57c2e1ef58aa4734111f36773c8e731829"),
+    ("1 MiB zeros", bytes(MIB), "feb19a23e72cb1b8f935d668a09ecaad0bf7c5b9cdfa6dbba7c88a9998ed2b87"),
+    ("600000 7i", bytes(7 * i % 256 for i in range(600000)),
+     "c8be0edef35bb9299173355ceda2b77f99f569725b260ef9fab9809475dd8a38"),
+    ("10000 7i", bytes(7 * i % 256 for i in range(10000)),
+     "5f1b8e28e484d113bf12751f211c8d69c4dabee21d86cce5e2b53befca6f18fc"),
+    ("hello world", b"hello world", "1e2eaa4202d750a41174ee454970b92c1bc2f925b1e35076d8c7d5f56362ba64"),
+]
+
+# sizes around every boundary of a 1-, 2- and 3-block tree level
+BOUNDARY_SIZES = [1, 31, 32, 33, 4095, 4096, 4097, 8192, 127 * 4096, 128 * 4096 - 1, 128 * 4096,
+                  128 * 4096 + 1, 129 * 4096, 256 * 4096, 256 * 4096 + 7, 1000 * 4096 + 123]
+
+
+def reference_digest(data: bytes) -> bytes:
+    """Straight from the definition: whole levels in memory, no streaming."""
+    if not data:
+        root = bytes(32)
+    else:
+        level = [hashlib.sha256(data[i : i + 4096].ljust(4096, b"\0")).digest() for i in range(0, len(data), 4096)]
+        while len(level) > 1:
+            cat = b"".join(level)
+            level = [hashlib.sha256(cat[i : i + 4096].ljust(4096, b"\0")).digest() for i in range(0, len(cat), 4096)]
+        root = level[0]
+    return hashlib.sha256(struct.pack("<BBBBIQ64s32s144s", 1, 1, 12, 0, 0, len(data), root, b"", b"")).digest()
+
+
+def tool_digest(path: Path) -> str:
+    tool = require_tool("fsverity")
+    out = subprocess.run([tool, "digest", "--compact", str(path)], check=True, capture_output=True, text=True)
+    return out.stdout.strip()
+
+
+def chunked(data: bytes, sizes: list[int]) -> FsVerityHasher:
+    """Feed `data` to a hasher in chunks of the given sizes (cycled)."""
+    h = FsVerityHasher()
+    pos, i = 0, 0
+    while pos < len(data):
+        step = sizes[i % len(sizes)]
+        h.update(data[pos : pos + step])
+        pos += step
+        i += 1
+    return h
+
+
+def pseudo_random(size: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+@pytest.mark.parametrize(("name", "data", "expected"), VECTORS, ids=[v[0] for v in VECTORS])
+def test_known_answers(name: str, data: bytes, expected: str) -> None:
+    assert fsverity_digest(data).hex() == expected
+    assert FsVerityHasher(data).hexdigest() == expected
+    assert chunked(data, [1, 4095, 4096, 4097, 100000]).hexdigest() == expected
+    assert reference_digest(data).hex() == expected
+
+
+@pytest.mark.parametrize(("name", "data", "expected"), VECTORS, ids=[v[0] for v in VECTORS])
+def test_known_answers_match_tool(tmp_path: Path, name: str, data: bytes, expected: str) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert tool_digest(path) == expected
+    assert digest_file(path).hex() == expected
+
+
+@pytest.mark.parametrize("size", BOUNDARY_SIZES)
+def test_boundary_sizes_match_tool(tmp_path: Path, size: int) -> None:
+    data = pseudo_random(size, size)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    expected = tool_digest(path)
+    assert fsverity_digest(data).hex() == expected
+    assert chunked(data, [4096 * 3 + 5, 17]).hexdigest() == expected
+    assert reference_digest(data).hex() == expected
+
+
+def test_three_level_tree_matches_tool(tmp_path: Path) -> None:
+    """More than 128*128 blocks (64 MiB) needs a third tree level."""
+    size = 128 * 128 * BLOCK_SIZE + 5000
+    block = pseudo_random(MIB, 3)
+    path = tmp_path / "big"
+    with open(path, "wb") as f:
+        for i in range(size // MIB):
+            f.write(i.to_bytes(4, "little") + block[4:])
+        f.write(block[: size % MIB])
+    expected = tool_digest(path)
+    assert digest_file(path).hex() == expected
+    assert reference_digest(path.read_bytes()).hex() == expected
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    size=st.one_of(st.integers(0, 3 * BLOCK_SIZE), st.integers(0, 300 * BLOCK_SIZE)),
+    seed=st.integers(0, 2**32),
+    chunks=st.lists(st.integers(1, 3 * BLOCK_SIZE), min_size=1, max_size=6),
+)
+def test_streaming_matches_reference(size: int, seed: int, chunks: list[int]) -> None:
+    data = pseudo_random(size, seed)
+    expected = reference_digest(data)
+    assert chunked(data, chunks).digest() == expected
+    assert fsverity_digest(data) == expected
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    size=st.one_of(st.integers(0, 2 * BLOCK_SIZE), st.integers(0, 260 * BLOCK_SIZE)),
+    seed=st.integers(0, 2**32),
+    chunks=st.lists(st.integers(1, 70000), min_size=1, max_size=4),
+)
+def test_streaming_matches_tool(tmp_path: Path, size: int, seed: int, chunks: list[int]) -> None:
+    data = pseudo_random(size, seed)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert chunked(data, chunks).hexdigest() == tool_digest(path)
+
+
+def test_digest_does_not_consume_state() -> None:
+    data = pseudo_random(200000, 1)
+    h = FsVerityHasher()
+    h.update(data[:70000])
+    assert h.digest() == fsverity_digest(data[:70000])
+    assert h.size == 70000
+    h.update(data[70000:])
+    assert h.digest() == h.digest() == fsverity_digest(data)
+    assert h.size == len(data)
+
+
+def test_update_accepts_any_buffer() -> None:
+    words = array.array("I", range(5000))
+    expected = fsverity_digest(words.tobytes())
+    h = FsVerityHasher()
+    h.update(words)
+    assert h.digest() == expected
+    h = FsVerityHasher()
+    h.update(bytearray(words.tobytes()))
+    h.update(memoryview(b""))
+    assert h.digest() == expected
+    assert fsverity_digest(memoryview(words)) == expected
+
+
+class ReadOnlyStream:
+    """A stream with read() only (no readinto), returning short reads."""
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(min(n, 777) if n > 0 else n)
+
+
+def test_digest_stream_and_file(tmp_path: Path) -> None:
+    data = pseudo_random(3 * MIB + 11, 2)
+    expected = reference_digest(data)
+    assert digest_stream(io.BytesIO(data)) == expected
+    assert digest_stream(ReadOnlyStream(data)) == expected
+    path = tmp_path / "f"
+    path.write_bytes(data)
+    assert digest_file(path) == expected
+    assert digest_file(str(path)) == expected
+
+
+def test_parse_digest_forms() -> None:
+    raw = fsverity_digest(b"x" * 100)
+    h = raw.hex()
+    for form in (raw, bytearray(raw), h, h.upper(), h.encode(), f"sha256:{h}", f"{h[:2]}/{h[2:]}"):
+        assert parse_digest(form) == raw
+
+
+@pytest.mark.parametrize("bad", ["", "zz" * 32, "a" * 63, "a" * 65, "ab/" + "c" * 61, "aa " * 21 + "a", b"\xff" * 31,
+                                 b"\xff" * 64, 42])
+def test_parse_digest_rejects(bad: object) -> None:
+    with pytest.raises(InvalidDigestError) as exc:
+        parse_digest(bad)  # type: ignore[arg-type]
+    assert isinstance(exc.value, ValueError)

@@ -1,0 +1,471 @@
+"""ObjectStore: layout, atomic non-overwriting puts, batched sync, read-only use, concurrency."""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import random
+import stat
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from conftest import require_root, require_tool
+
+import objects.store as store_mod
+from objects import (
+    InvalidDigestError,
+    ObjectDigestMismatchError,
+    ObjectNotFoundError,
+    ObjectStore,
+    ObjectStoreError,
+    ReadOnlyObjectStoreError,
+    digest_file,
+    fsverity_digest,
+)
+
+MIB = 1 << 20
+SIZES = [1, 65, 4096, 5000, MIB - 1, MIB, MIB + 1, 3 * MIB + 4097]
+
+
+def data_of(size: int, seed: int = 0) -> bytes:
+    return random.Random(seed * 1000003 + size).randbytes(size)
+
+
+def tmp_entries(store: ObjectStore) -> list[str]:
+    return os.listdir(os.path.join(store.root, ".tmp"))
+
+
+@pytest.fixture(params=["tmpfile", "named"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    """A writable store, once with O_TMPFILE temp files and once with named ones (the fallback)."""
+    s = ObjectStore(tmp_path / "objects")
+    if request.param == "named":
+        s._tmpfile = False
+    yield s
+    s.close()
+
+
+class ShortReads(io.RawIOBase):
+    """A raw stream returning at most `step` bytes per call, like a pipe."""
+
+    def __init__(self, data: bytes, step: int) -> None:
+        self._f = io.BytesIO(data)
+        self._step = step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        chunk = self._f.read(min(len(b), self._step))
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+
+class ReadOnly:
+    """A stream with read() only."""
+
+    def __init__(self, data: bytes) -> None:
+        self._f = io.BytesIO(data)
+
+    def read(self, n: int = -1) -> bytes:
+        return self._f.read(n)
+
+
+class Failing(io.RawIOBase):
+    """Yields `good` bytes, then raises: a source broken mid-way."""
+
+    def __init__(self, good: int) -> None:
+        self._left = good
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: bytearray | memoryview) -> int:  # type: ignore[override]
+        if self._left <= 0:
+            raise ConnectionResetError("source went away")
+        n = min(len(b), self._left)
+        b[:n] = b"x" * n
+        self._left -= n
+        return n
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_put_layout_and_content(store: ObjectStore, size: int) -> None:
+    data = data_of(size)
+    digest = store.put_bytes(data)
+    assert digest == fsverity_digest(data)
+    h = digest.hex()
+    path = store.path(digest)
+    assert path == f"{store.root}/{h[:2]}/{h[2:]}"
+    assert Path(path).read_bytes() == data
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o755
+    assert store.has(digest) and digest in store
+    with store.open(digest) as f:
+        assert f.read() == data
+    assert store.verify(digest)
+    assert tmp_entries(store) == []
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_put_stream_kinds(store: ObjectStore, tmp_path: Path, size: int) -> None:
+    data = data_of(size, 1)
+    expected = fsverity_digest(data)
+    assert store.put(io.BytesIO(data)) == expected
+    store.remove(expected)
+    assert store.put(ShortReads(data, 10000)) == expected
+    store.remove(expected)
+    assert store.put(ReadOnly(data)) == expected
+    store.remove(expected)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    assert store.put_file(src) == expected
+    assert Path(store.path(expected)).read_bytes() == data
+    assert tmp_entries(store) == []
+
+
+def test_put_matches_fsverity_tool(store: ObjectStore) -> None:
+    tool = require_tool("fsverity")
+    digest = store.put(ShortReads(data_of(2 * MIB + 12345, 2), 300000))
+    out = subprocess.run([tool, "digest", "--compact", store.path(digest)], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == digest.hex()
+
+
+def test_existing_object_is_not_rewritten(store: ObjectStore) -> None:
+    for size in (100, 3 * MIB):
+        data = data_of(size, 3)
+        digest = store.put_bytes(data)
+        before = os.stat(store.path(digest))
+        time.sleep(0.01)
+        assert store.put(io.BytesIO(data)) == digest
+        assert store.put_bytes(data) == digest
+        after = os.stat(store.path(digest))
+        assert (after.st_ino, after.st_mtime_ns, after.st_nlink) == (before.st_ino, before.st_mtime_ns, 1)
+    assert tmp_entries(store) == []
+
+
+def test_object_appearing_during_put_is_kept(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A concurrent put that wins between our existence check and our link: its object stays."""
+    for size in (100, 3 * MIB):
+        data = data_of(size, 8)
+        digest = store.put_bytes(data)
+        before = os.stat(store.path(digest))
+        with monkeypatch.context() as m:
+            m.setattr(store, "_existing_damaged", lambda rel, size: None)  # "not there yet"
+            assert store.put_bytes(data) == digest
+            assert store.put(io.BytesIO(data)) == digest
+        after = os.stat(store.path(digest))
+        assert (after.st_ino, after.st_mtime_ns, after.st_nlink) == (before.st_ino, before.st_mtime_ns, 1)
+    assert tmp_entries(store) == []
+
+
+def test_truncated_object_is_replaced(store: ObjectStore) -> None:
+    """What a power failure before sync() can leave: a short file under the right name."""
+    for size in (100, 3 * MIB):
+        data = data_of(size, 4)
+        digest = store.put_bytes(data)
+        os.truncate(store.path(digest), 0)
+        assert not store.verify(digest)
+        assert store.put_bytes(data) == digest
+        assert store.verify(digest)
+    assert tmp_entries(store) == []
+
+
+def test_modes_ignore_umask(store: ObjectStore) -> None:
+    old = os.umask(0o077)
+    try:
+        digest = store.put_bytes(b"umask" * 100)
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(store.path(digest)).st_mode) == 0o644
+    assert stat.S_IMODE(os.stat(os.path.dirname(store.path(digest))).st_mode) == 0o755
+
+
+def test_expected_digest(store: ObjectStore) -> None:
+    for size in (10, 3 * MIB):
+        data = data_of(size, 5)
+        right = fsverity_digest(data)
+        wrong = fsverity_digest(data + b"!")
+        with pytest.raises(ObjectDigestMismatchError, match=wrong.hex()):
+            store.put_bytes(data, expected=wrong)
+        with pytest.raises(ObjectDigestMismatchError):
+            store.put(io.BytesIO(data), expected=wrong.hex())
+        assert not store.has(right)
+        assert store.put(io.BytesIO(data), expected=right.hex()) == right
+    assert tmp_entries(store) == []
+
+
+def test_source_error_propagates_and_leaves_nothing(store: ObjectStore) -> None:
+    with pytest.raises(ConnectionResetError):
+        store.put(Failing(5 * MIB + 3))
+    assert list(store) == []
+    assert tmp_entries(store) == []
+
+
+def test_digest_forms_and_errors(store: ObjectStore) -> None:
+    digest = store.put_bytes(b"forms" * 50)
+    h = digest.hex()
+    for form in (digest, h, h.upper(), f"{h[:2]}/{h[2:]}"):
+        assert store.has(form)
+        assert store.path(form) == store.path(digest)
+    with pytest.raises(InvalidDigestError):
+        store.has("nothex")
+    missing = fsverity_digest(b"missing")
+    assert not store.has(missing)
+    for call in (store.open, store.verify, store.remove):
+        with pytest.raises(ObjectNotFoundError) as exc:
+            call(missing)
+        assert isinstance(exc.value, FileNotFoundError)
+        assert missing.hex() in str(exc.value)
+    store.remove(missing, missing_ok=True)
+    store.remove(digest)
+    assert not store.has(digest)
+
+
+def test_verify_detects_corruption(store: ObjectStore) -> None:
+    digest = store.put_bytes(data_of(10000, 6))
+    path = store.path(digest)
+    with open(path, "r+b") as f:
+        f.seek(5000)
+        f.write(b"\0")
+    assert store.verify(digest) is False
+
+
+def test_iter_skips_temp_and_malformed(store: ObjectStore) -> None:
+    digests = {store.put_bytes(data_of(100 + i, 7)) for i in range(40)}
+    root = Path(store.root)
+    (root / ".tmp" / "leftover").write_bytes(b"x")
+    (root / "README").write_text("not an object")
+    (root / "zz").mkdir()
+    (root / "zz" / ("0" * 62)).write_bytes(b"x")
+    (root / "AB").mkdir()
+    (root / "AB" / ("0" * 62)).write_bytes(b"x")
+    some = next(iter(digests)).hex()
+    fan = root / some[:2]
+    (fan / ("0" * 61)).write_bytes(b"short")
+    (fan / ("A" * 62)).write_bytes(b"upper")
+    (fan / ("1" * 62 + ".tmp")).write_bytes(b"suffix")
+    (fan / ("2" * 62)).mkdir()
+    (fan / ("3" * 62)).symlink_to(store.path(some))
+    listed = list(store)
+    assert listed == sorted(digests)
+    assert all(len(d) == 32 for d in listed)
+
+
+def test_sync_fsyncs_each_file_and_dir_once(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[tuple[int, int]] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        synced.append((st.st_dev, st.st_ino))
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_mod.os, "fsync", counting_fsync)
+    monkeypatch.setattr(store_mod, "_syncfs", lambda fd: pytest.fail("few objects: no syncfs expected"))
+    digests = [store.put_bytes(data_of(100, i)) for i in range(3)]
+    store.put_bytes(data_of(100, 0))  # again: still only once
+    assert synced == []  # puts do not fsync
+    store.sync()
+    files = {(os.stat(store.path(d)).st_dev, os.stat(store.path(d)).st_ino) for d in digests}
+    dirs = {(os.stat(os.path.dirname(store.path(d))).st_dev, os.stat(os.path.dirname(store.path(d))).st_ino)
+            for d in digests}
+    # the root gained fan-out dirs; its parent gained the root (the store created it)
+    created = {(st.st_dev, st.st_ino) for st in (os.stat(store.root), os.stat(os.path.dirname(store.root)))}
+    assert len(synced) == len(set(synced))
+    assert set(synced) == files | dirs | created
+    synced.clear()
+    store.sync()
+    assert synced == []  # nothing put since
+
+
+def test_sync_many_uses_one_syncfs(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[int] = []
+    real = store_mod._syncfs
+    monkeypatch.setattr(store_mod, "_syncfs", lambda fd: calls.append(fd) or real(fd))
+    monkeypatch.setattr(store_mod.os, "fsync", lambda fd: pytest.fail("many objects: fsync per file not expected"))
+    for i in range(200):
+        store.put_bytes(data_of(200, i))
+    store.sync()
+    assert len(calls) == 1
+
+
+def test_sync_tolerates_removed_objects(store: ObjectStore) -> None:
+    digest = store.put_bytes(b"gone" * 100)
+    store.remove(digest)
+    store.sync()
+
+
+def test_clean_temp(store: ObjectStore) -> None:
+    tmp = Path(store.root, ".tmp")
+    old, new = tmp / "old", tmp / "new"
+    old.write_bytes(b"o")
+    new.write_bytes(b"n")
+    past = time.time() - 7200
+    os.utime(old, (past, past))
+    assert store.clean_temp(3600) == 1
+    assert sorted(os.listdir(tmp)) == ["new"]
+    assert store.clean_temp(0) == 1
+    assert os.listdir(tmp) == []
+
+
+def test_recreates_removed_tmp_dir(store: ObjectStore) -> None:
+    store.put_bytes(b"first" * 30)
+    os.rmdir(os.path.join(store.root, ".tmp"))
+    digest = store.put_bytes(b"second" * 30)
+    assert store.verify(digest)
+
+
+def test_readonly_store(tmp_path: Path) -> None:
+    with ObjectStore(tmp_path / "o") as rw:
+        digest = rw.put_bytes(b"ro" * 100)
+        rw.sync()
+    os.rmdir(tmp_path / "o" / ".tmp")
+    ro = ObjectStore(tmp_path / "o", readonly=True)
+    assert not (tmp_path / "o" / ".tmp").exists()  # opening read-only writes nothing
+    assert ro.has(digest) and ro.verify(digest) and list(ro) == [digest]
+    for call in (lambda: ro.put_bytes(b"x"), lambda: ro.put(io.BytesIO(b"x")), lambda: ro.put_file(__file__),
+                 lambda: ro.remove(digest), lambda: ro.clean_temp(0)):
+        with pytest.raises(ReadOnlyObjectStoreError, match="read-only") as exc:
+            call()
+        assert isinstance(exc.value, PermissionError)
+    ro.sync()  # nothing to do
+    assert ro.has(digest)
+    with pytest.raises(ObjectStoreError, match="does not exist"):
+        ObjectStore(tmp_path / "nope", readonly=True)
+
+
+def test_store_on_readonly_mount(tmp_path: Path) -> None:
+    require_root()
+    src, mnt = tmp_path / "src", tmp_path / "mnt"
+    with ObjectStore(src) as rw:
+        digests = sorted(rw.put_bytes(data_of(5000, i)) for i in range(5))
+        rw.sync()
+    mnt.mkdir()
+    subprocess.run(["mount", "--bind", str(src), str(mnt)], check=True)
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(mnt)], check=True)
+        with pytest.raises(OSError):
+            (mnt / "probe").write_bytes(b"x")
+        ro = ObjectStore(mnt, readonly=True)
+        assert list(ro) == digests
+        assert all(ro.verify(d) for d in digests)
+        with ro.open(digests[0]) as f:
+            assert fsverity_digest(f.read()) == digests[0]
+        with pytest.raises(ReadOnlyObjectStoreError):
+            ro.put_bytes(b"y" * 100)
+        os.rmdir(src / ".tmp")
+        with pytest.raises(ObjectStoreError, match="read-only"):
+            ObjectStore(mnt)
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_closed_store_refuses_writes(tmp_path: Path) -> None:
+    s = ObjectStore(tmp_path / "o")
+    digest = s.put_bytes(b"closed" * 20)
+    s.close()
+    assert s.has(digest)
+    with pytest.raises(ObjectStoreError, match="closed"):
+        s.put_bytes(b"more" * 20)
+    with pytest.raises(ObjectStoreError, match="closed"):
+        s.sync()
+
+
+def test_error_classes() -> None:
+    assert issubclass(ObjectNotFoundError, ObjectStoreError) and issubclass(ObjectNotFoundError, FileNotFoundError)
+    assert issubclass(ReadOnlyObjectStoreError, PermissionError)
+    assert issubclass(ObjectDigestMismatchError, ObjectStoreError)
+    assert issubclass(InvalidDigestError, ValueError)
+
+
+def shared_contents() -> list[bytes]:
+    return [data_of(50 + 37 * i, 9) for i in range(150)] + [data_of(2 * MIB + i, 9) for i in range(3)]
+
+
+def _concurrent_putter(root: str, tmpfile: bool, barrier: object) -> None:
+    s = ObjectStore(root)
+    if not tmpfile:
+        s._tmpfile = False
+    contents = shared_contents()
+    barrier.wait()  # type: ignore[attr-defined]
+    for data in contents:
+        assert s.put_bytes(data) == fsverity_digest(data)
+    for data in reversed(contents):
+        assert s.put(io.BytesIO(data)) == fsverity_digest(data)
+    s.sync()
+
+
+@pytest.mark.parametrize("tmpfile", [True, False], ids=["tmpfile", "named"])
+def test_concurrent_processes_put_same_objects(tmp_path: Path, tmpfile: bool) -> None:
+    ctx = multiprocessing.get_context("fork")
+    root = str(tmp_path / "objects")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_concurrent_putter, args=(root, tmpfile, barrier)) for _ in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0, 0, 0]
+    s = ObjectStore(root, readonly=True)
+    expected = sorted({fsverity_digest(d) for d in shared_contents()})
+    assert list(s) == expected
+    for d in expected:
+        assert digest_file(s.path(d)) == d
+        assert os.stat(s.path(d)).st_nlink == 1
+    assert os.listdir(os.path.join(root, ".tmp")) == []
+
+
+def test_concurrent_threads_put_same_objects(store: ObjectStore) -> None:
+    contents = shared_contents()[::5]
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            for data in contents:
+                store.put(io.BytesIO(data))
+        except BaseException as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    store.sync()
+    assert list(store) == sorted({fsverity_digest(d) for d in contents})
+    assert all(store.verify(d) for d in store)
+
+
+def test_put_bytes_accepts_buffers(store: ObjectStore) -> None:
+    for size in (300, 2 * MIB + 5):
+        data = data_of(size, 10)
+        expected = fsverity_digest(data)
+        assert store.put_bytes(bytearray(data)) == expected
+        store.remove(expected)
+        assert store.put_bytes(memoryview(data)) == expected
+        assert Path(store.path(expected)).read_bytes() == data
+
+
+def test_full_filesystem_is_a_store_error(tmp_path: Path) -> None:
+    """ENOSPC while writing: ObjectStoreError naming the store, nothing half-written left behind."""
+    require_root()
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        with ObjectStore(mnt / "objects") as s:
+            for make in (lambda: s.put(io.BytesIO(data_of(3 * MIB, 11))),
+                         lambda: s.put_bytes(data_of(MIB, 12)) and s.put_bytes(data_of(MIB - 1, 13))):
+                with pytest.raises(ObjectStoreError, match=str(mnt)) as exc:
+                    make()
+                assert "No space left" in str(exc.value)
+            assert all(s.verify(d) for d in s)  # whatever made it in is whole
+            assert tmp_entries(s) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)

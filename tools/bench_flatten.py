@@ -1,0 +1,320 @@
+#!/usr/bin/env python3
+"""Benchmark: flatten + write a 5-layer chain, and mount/unmount a cached image, next to the same
+chain mounted as a plain multi-lowerdir overlay of extracted layers (the c/storage way), same run.
+
+    python tools/bench.py flatten            # full: cs9 developer dump (64k inodes) split in 5 layers
+    python tools/bench.py --quick flatten    # cs9 minimal dump (22k inodes), fewer mount cycles
+
+Flatten figures use trees in memory (the dump has no object content).  Mount figures use a real
+store holding a smaller synthetic 5-layer chain with real content (mount cost does not grow with the
+tree: EROFS reads inodes lazily), and its layers extracted as directories for the overlay baseline.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gzip
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for p in (str(ROOT), str(ROOT / "tests")):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+from flatmount.tree import Inode, count_inodes, walk  # noqa: E402
+
+DATA = Path(os.environ.get("FLATMOUNT_DATA", "/work/shared/data"))
+WEIGHTS = (0.40, 0.25, 0.20, 0.10, 0.05)   # share of the files each layer adds, base first
+
+
+def pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def ms(values: list[float]) -> dict:
+    return {"p50_ms": round(pct(values, 0.5) * 1000, 2), "p95_ms": round(pct(values, 0.95) * 1000, 2),
+            "n": len(values)}
+
+
+# --- 5 layers from one dump --------------------------------------------------------------------------
+
+def split_layers(root: Inode, weights=WEIGHTS) -> list[Inode]:
+    """Split a tree into len(weights) layers: each file goes to one layer (by a stable hash of its
+    first path, so hardlinks stay together); upper layers also modify 2% and delete 0.5% of the
+    files below them and one of them makes a directory opaque, as real chains do."""
+    layers = [Inode(root.mode, root.uid, root.gid, root.mtime_ns, xattrs=dict(root.xattrs))
+              for _ in weights]
+    bounds, acc = [], 0.0
+    for w in weights:
+        acc += w
+        bounds.append(acc)
+    where: dict[int, int] = {}
+    files: list[tuple[list[bytes], int]] = []
+    dirs: dict[tuple[bytes, ...], Inode] = {}
+    for path, node in walk(root):
+        if path == b"/":
+            continue
+        parts = path.split(b"/")[1:]
+        if node.entries is not None:
+            dirs[tuple(parts)] = node
+            continue
+        if id(node) not in where:
+            h = zlib.crc32(path) / 2**32
+            where[id(node)] = next(i for i, b in enumerate(bounds) if h < b or i == len(bounds) - 1)
+        files.append((parts, where[id(node)]))
+
+    def parent_in(layer: Inode, parts: list[bytes]) -> Inode:
+        node = layer
+        for i, name in enumerate(parts[:-1]):
+            child = node.entries.get(name)
+            if child is None:
+                d = dirs[tuple(parts[: i + 1])]
+                child = Inode(d.mode, d.uid, d.gid, d.mtime_ns, xattrs=dict(d.xattrs))
+                node.entries[name] = child
+            node = child
+        return node
+
+    for parts, li in files:
+        parent_in(layers[li], parts).entries[parts[-1]] = lookup_parts(root, parts)
+    for li in range(1, len(layers)):
+        for parts, lower in files:
+            if lower >= li:
+                continue
+            h = zlib.crc32(b"%d/" % li + b"/".join(parts)) % 1000
+            if h < 20:
+                new = lookup_parts(root, parts).copy()
+                new.mtime_ns += li
+                parent_in(layers[li], parts).entries[parts[-1]] = new
+            elif h < 25:
+                parent_in(layers[li], parts).entries[parts[-1]] = Inode.whiteout()
+    opaque = next((p for p in sorted(dirs) if p[:2] == (b"usr", b"share") and len(p) == 3), None)
+    if opaque is not None:
+        d = parent_in(layers[3], [*opaque, b"x"])
+        d.xattrs[b"trusted.overlay.opaque"] = b"y"
+    return layers
+
+
+def lookup_parts(root: Inode, parts: list[bytes]) -> Inode:
+    node = root
+    for p in parts:
+        node = node.entries[p]
+    return node
+
+
+def bench_flatten(dump: Path, repeat: int) -> dict:
+    from flatmount import flatten
+    from flatmount.dump import parse_dump
+    from flatmount.erofs.reader import read_tree
+    from flatmount.erofs.writer import write_image
+    from flatmount.flatten import apply_layer, flatten_trees
+
+    with gzip.open(dump, "rb") as f:
+        src = parse_dump(f)
+    layers = split_layers(src)
+    out: dict = {"source": dump.name, "source_inodes": count_inodes(src),
+                 "layer_inodes": [count_inodes(t) for t in layers]}
+    out["total_layer_inodes"] = sum(out["layer_inodes"])
+    tmp = tempfile.mkdtemp(prefix="bench-flatten-")
+    try:
+        full, fl, wr = [], [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            tree = flatten_trees(layers)
+            t1 = time.perf_counter()
+            with open(os.path.join(tmp, "full.erofs"), "wb") as f:
+                write_image(tree, f)
+            t2 = time.perf_counter()
+            fl.append(t1 - t0)
+            wr.append(t2 - t1)
+            full.append(t2 - t0)
+        out["result_inodes"] = count_inodes(tree)
+        out["full_chain"] = {"flatten_s": round(min(fl), 3), "write_s": round(min(wr), 3),
+                             "total_s": round(min(full), 3), "total_median_s": round(statistics.median(full), 3),
+                             "target_s": 2.0}
+        # top layer new, the other four cached: (a) prefix tree in memory (same process), (b) prefix
+        # image read from disk (a new process), both including the write
+        prefix = flatten_trees(layers[:4])
+        ppath = os.path.join(tmp, "prefix.erofs")
+        write_image(prefix, ppath)
+        warm, cold, apply_only = [], [], []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            t = apply_layer(prefix, layers[4])
+            t1 = time.perf_counter()
+            with open(os.path.join(tmp, "top.erofs"), "wb") as f:
+                write_image(t, f)
+            t2 = time.perf_counter()
+            apply_only.append(t1 - t0)
+            warm.append(t2 - t0)
+            flatten._trees.clear()
+            t0 = time.perf_counter()
+            t = apply_layer(read_tree(ppath), layers[4])
+            with open(os.path.join(tmp, "top2.erofs"), "wb") as f:
+                write_image(t, f)
+            cold.append(time.perf_counter() - t0)
+        out["top_layer_only"] = {"apply_s": round(min(apply_only), 4),
+                                 "apply_write_prefix_in_memory_s": round(min(warm), 3),
+                                 "read_apply_write_prefix_from_disk_s": round(min(cold), 3),
+                                 "target_s": 0.3}
+    finally:
+        shutil.rmtree(tmp)
+    return out
+
+
+# --- mounts ---------------------------------------------------------------------------------------------
+
+def synthetic_chain(files_per_layer: int) -> tuple[list[dict[str, bytes]], list[bytes]]:
+    layers = []
+    for li in range(5):
+        d = {}
+        for i in range(files_per_layer):
+            size = (i * 97 + li * 13) % 6000
+            d[f"d{i % 40:02}/l{li}_f{i:05}"] = (b"%d:%d;" % (li, i) * (size // 6 + 1))[:size]
+        for i in range(0, files_per_layer, 50):  # upper layers replace and delete a few lower files
+            if li:
+                d[f"d{i % 40:02}/l{li - 1}_f{i:05}"] = b"<whiteout>" if i % 100 else b"replaced"
+        layers.append(d)
+    blobs = sorted({v for layer in layers for v in layer.values() if len(v) > 64 and v != b"<whiteout>"})
+    return layers, blobs
+
+
+class _Libc:
+    lib = ctypes.CDLL(None, use_errno=True)
+
+    @classmethod
+    def mount(cls, target: str, data: str) -> None:
+        if cls.lib.mount(b"overlay", target.encode(), b"overlay", ctypes.c_ulong(1 | 2 | 4), data.encode()):
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+
+    @classmethod
+    def umount(cls, target: str) -> None:
+        if cls.lib.umount2(target.encode(), 0):
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+
+
+def bench_mounts(api_n: int, cli_n: int, files_per_layer: int) -> dict:
+    from layerdirs import extract, file_tree, store_image
+
+    from flatmount.flatten import flatten_image
+    from flatmount.mount import mount_image_ref, umount
+    from flatmount.store import open_store
+
+    if os.geteuid() != 0:
+        return {"skipped": "mount benchmarks need root"}
+    layers, blobs = synthetic_chain(files_per_layer)
+    trees = [file_tree(f, mtime_ns=(i + 1) * 10**18) for i, f in enumerate(layers)]
+    tmp = tempfile.mkdtemp(prefix="bench-mount-")
+    out: dict = {"layers": 5, "files_per_layer": files_per_layer}
+    mounted: list[str] = []
+    try:
+        root, run = os.path.join(tmp, "store"), os.path.join(tmp, "run")
+        store = open_store(root, runroot=run)
+        store_image(store, trees, "bench", blobs=blobs)
+        flat = flatten_image(store, "bench")
+        out["image_bytes"] = os.path.getsize(flat.path)
+        # Python API
+        m_t, u_t = [], []
+        for _ in range(api_n):
+            t0 = time.perf_counter()
+            lease = mount_image_ref(store, "bench")
+            mounted.append(lease.merged)
+            t1 = time.perf_counter()
+            umount(store, lease.id)
+            mounted.pop()
+            t2 = time.perf_counter()
+            m_t.append(t1 - t0)
+            u_t.append(t2 - t1)
+        out["api_mount"] = ms(m_t)
+        out["api_umount"] = ms(u_t)
+        # CLI, wall time including interpreter start
+        base = [sys.executable, "-m", "flatmount", "--root", root, "--runroot", run]
+        m_t, u_t, py = [], [], []
+        for _ in range(cli_n):
+            t0 = time.perf_counter()
+            r = subprocess.run([*base, "mount", "bench"], capture_output=True, text=True, cwd=ROOT, check=True)
+            t1 = time.perf_counter()
+            merged = r.stdout.strip()
+            mounted.append(merged)
+            subprocess.run([*base, "umount", merged], capture_output=True, cwd=ROOT, check=True)
+            mounted.pop()
+            t2 = time.perf_counter()
+            subprocess.run([sys.executable, "-c", "pass"], check=True)
+            py.append(time.perf_counter() - t2)
+            m_t.append(t1 - t0)
+            u_t.append(t2 - t1)
+        out["cli_mount"] = ms(m_t)
+        out["cli_umount"] = ms(u_t)
+        out["python_start"] = ms(py)
+        out["cli_mount_target_ms"] = 150
+        # baseline: the extracted layers as a plain overlay (what c/storage mounts), same run
+        blob_by_digest = {}
+        from objects.digest import fsverity_digest
+
+        for b in blobs:
+            blob_by_digest[fsverity_digest(b)] = b
+        dirs = []
+        for i, t in enumerate(trees):
+            d = os.path.join(tmp, f"layer{i}")
+            extract(t, d, blob_by_digest)
+            dirs.append(d)
+        target = os.path.join(tmp, "ovl")
+        os.mkdir(target)
+        data = "lowerdir=" + ":".join(reversed(dirs))
+        m_t, u_t = [], []
+        for _ in range(api_n):
+            t0 = time.perf_counter()
+            _Libc.mount(target, data)
+            mounted.append(target)
+            t1 = time.perf_counter()
+            _Libc.umount(target)
+            mounted.pop()
+            t2 = time.perf_counter()
+            m_t.append(t1 - t0)
+            u_t.append(t2 - t1)
+        out["overlay_syscall_mount"] = ms(m_t)
+        out["overlay_syscall_umount"] = ms(u_t)
+        m_t, u_t = [], []
+        for _ in range(cli_n):
+            t0 = time.perf_counter()
+            subprocess.run(["mount", "-t", "overlay", "overlay", "-o", "ro," + data, target], check=True)
+            mounted.append(target)
+            t1 = time.perf_counter()
+            subprocess.run(["umount", target], check=True)
+            mounted.pop()
+            t2 = time.perf_counter()
+            m_t.append(t1 - t0)
+            u_t.append(t2 - t1)
+        out["overlay_cli_mount"] = ms(m_t)
+        out["overlay_cli_umount"] = ms(u_t)
+        store.close()
+    finally:
+        for m in reversed(mounted):
+            subprocess.run(["umount", "-l", m], check=False)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def run(quick: bool) -> dict:
+    dump = DATA / ("cs9-x86_64-minimal.dump.gz" if quick else "cs9-x86_64-developer.dump.gz")
+    res = {"flatten": bench_flatten(dump, repeat=2 if quick else 5)}
+    res["mount"] = bench_mounts(api_n=20 if quick else 200, cli_n=5 if quick else 40,
+                                files_per_layer=100 if quick else 1000)
+    return res
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(run("--quick" in sys.argv), indent=2, sort_keys=True))
