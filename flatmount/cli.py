@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-AREAS = ("image", "store", "mount", "diff", "maint")
+AREAS = ("image", "store", "mount", "diff", "maint", "demo")
 
 
 def common_parser() -> argparse.ArgumentParser:

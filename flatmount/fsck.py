@@ -38,7 +38,10 @@ Additional stores are checked the same way but never written: their problems are
 repairable.  `ok` is False when an error remains; the CLI then exits 1, like fsck tools.
 
 Locking: a check holds the GC lock shared (imports may run, gc may not); `repair=True` holds it
-exclusive, so no writer is between its first put and its commit while records are rewritten.
+exclusive, so no writer is between its first put and its commit while records are rewritten.  The
+records are read in one SQLite transaction and the object dirs listed after it (an import puts
+objects before it commits their refs, and only gc deletes objects); a finding about a layer, image or
+name that `rmi` removed meanwhile is re-checked against the current rows and dropped.
 """
 
 from __future__ import annotations

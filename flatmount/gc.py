@@ -28,18 +28,22 @@ Policy, in order:
 5. Objects: every object of the primary store that no remaining refs row names is deleted, except
    - objects whose ctime or mtime is newer than the start of this gc minus the grace period
      (`grace_s`, default DEFAULT_GRACE_S = 10 minutes): a writer that does not hold the GC lock may
-     have put them and not committed yet (ctime moves on every link/rename, so a fresh object found
-     by a put and renamed into place counts as fresh);
+     have put them and not committed yet (ctime changes on every link and rename, so an object just
+     published by a put (link) or an import (rename from its staging dir) is fresh whatever its mtime);
    - objects of a leased image whose refs rows are missing (its image file is read to find them);
    - objects that an additional store's records reference but that store lacks (a mount of that
      store's image then finds them in the primary).
-   Objects in additional stores are never deleted.
+   Objects in additional stores are never deleted.  A store with objects but no database is refused
+   (every object would look unreferenced).  The grace period protects objects a writer CREATED; a
+   writer that finds its content already stored does not touch the file, so writers must hold the
+   shared GC lock (all of flatmount's do) for that case.
 
 Concurrency.  The whole computation and the sweep run under the EXCLUSIVE GC lock
 (`Store.gc_lock(shared=False)`).  Imports and flatten hold it shared from their first object put to
-their commit, so while gc runs no writer has objects on disk that are not yet referenced.  The flat
-rows are deleted in one transaction that re-reads the leases first, so a lease committed before it
-protects its image.  Order on disk: records first, files after, so a crash leaves only more garbage.
+their commit, so while gc runs no writer has objects on disk that are not yet referenced; mount
+holds it shared from its flat-image lookup to its lease commit, so gc sees either no use of an image
+or its lease.  The flat rows are deleted in one transaction that re-reads the leases first (a lease
+written by a process that does not take the lock still protects its image if it commits first).  Order on disk: records first, files after, so a crash leaves only more garbage.
 
 `dry_run=True` computes the same plan under the same lock and removes nothing; on a store opened
 read-only it takes the lock through a read-only file descriptor (or none, if no writer ever created the
@@ -57,7 +61,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from flatmount.errors import ReadOnlyStoreError
+from flatmount.errors import ReadOnlyStoreError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -301,6 +305,9 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
     errors: list[str] = []
     with store_lock(store, shared=False):
         if not has_db(store):
+            if next(scan_objects(store.objects_dir), None) is not None:
+                raise StoreError(f"store {store.root} has objects but no database ({store.db_path}): "
+                                 "every object would look unreferenced; refusing to collect")
             plan = _Plan(start, [], {}, {}, set(), set(), set(), [], [])
             db = None
         else:

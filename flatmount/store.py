@@ -515,7 +515,13 @@ class Store:
                 db.execute("ROLLBACK")
             raise StoreError(f"cannot commit to store {self.root}: {e}") from None
 
-    # --- flatten / mount (thin wrappers over flatmount.flatten and flatmount.mount) ----------------
+    # --- the data flow as methods (thin wrappers; the work lives in one module per job) -----------
+    def pull(self, source: str, name: str | None = None):
+        """Import `oci:DIR[:TAG]`, `containers-storage:...`, `tar:FILE` or `dir:PATH`; see flatmount.pull."""
+        from flatmount.pull import pull
+
+        return pull(self, source, name)
+
     def flatten(self, ref: str):
         """Flatten image `ref` into one EROFS image (cached by chain); see flatmount.flatten."""
         from flatmount.flatten import flatten_image
@@ -533,6 +539,36 @@ class Store:
         from flatmount.mount import list_mounts
 
         return list_mounts(self)
+
+    def image_file(self, ref: str) -> str:
+        """The EROFS image for `ref`: an existing file is taken as an image file, else the flattened
+        image of the store image `ref` (written if not cached)."""
+        if os.path.isfile(ref):
+            return os.path.abspath(ref)
+        return self.flatten(ref).path
+
+    def diff(self, a: str, b: str, strict: bool = False):
+        """Changes from image `a` to image `b` (names, ids or image files), without mounting."""
+        from flatmount.diff import diff_images
+
+        return diff_images(self.image_file(a), self.image_file(b), strict=strict)
+
+    def gc(self, dry_run: bool = False):
+        """Remove unneeded flattened images and unreferenced objects; see flatmount.gc."""
+        from flatmount.gc import gc
+
+        return gc(self, dry_run=dry_run)
+
+    def fsck(self, repair: bool = False):
+        from flatmount.fsck import fsck
+
+        return fsck(self, repair=repair)
+
+    def usage(self):
+        """Object usage: totals, per image unique/shared bytes; see flatmount.usage."""
+        from flatmount.usage import usage
+
+        return usage(self)
 
     def close(self) -> None:
         """Close the DB connection and object store handles (of the additional stores too)."""

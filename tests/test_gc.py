@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from flatmount.cli import main
-from flatmount.errors import ReadOnlyStoreError
+from flatmount.errors import ReadOnlyStoreError, StoreError
 from flatmount.flatten import flatten_image
 from flatmount.fsck import fsck
 from flatmount.gc import gc, read_leases
@@ -226,6 +226,7 @@ def test_primary_copy_needed_by_additional_store_is_kept(tmp_path):
     lost = objpath(A["a/a1"])
     os.unlink(ais_root / "objects" / lost)  # the AIS lacks it; a copy in the primary serves its mounts
     s = new_store(tmp_path / "store", additional=[str(ais_root)])
+    s.connect()  # a primary that has a database (its objects came from somewhere)
     s.objects.put_bytes(A["a/a1"])
     s.objects.put_bytes(content("orphan", 90))
     res = gc(s, grace_s=0)
@@ -254,6 +255,15 @@ def test_empty_and_missing_store(tmp_path):
     s = new_store(tmp_path / "nothing")
     res = gc(s)
     assert res.objects_removed == 0 and not (tmp_path / "nothing").exists()
+
+
+def test_objects_without_database_are_refused(store):
+    """A lost DB (or a wrong --root) must not turn every object into garbage."""
+    store.close()
+    os.rename(store.db_path, store.root / "moved.db")
+    with pytest.raises(StoreError, match="no database"):
+        gc(store, grace_s=0)
+    assert primary_objects(store) == ALL
 
 
 def test_cli(store, capsys):

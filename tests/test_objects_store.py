@@ -10,6 +10,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -469,3 +470,63 @@ def test_full_filesystem_is_a_store_error(tmp_path: Path) -> None:
             assert tmp_entries(s) == []
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _record_pwrites(monkeypatch: pytest.MonkeyPatch, fail: Callable[[int, int], OSError | int | None]) -> list[tuple[bool, int, int]]:
+    """Wrap os.pwrite: record (O_DIRECT set?, offset, length) of each call; `fail(call_no, flags)` may
+    return an OSError to raise or a byte count to write short."""
+    import fcntl
+
+    calls: list[tuple[bool, int, int]] = []
+    real = os.pwrite
+
+    def pwrite(fd: int, data: memoryview, offset: int) -> int:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        calls.append((bool(flags & os.O_DIRECT), offset, len(data)))
+        outcome = fail(len(calls), flags)
+        if isinstance(outcome, OSError):
+            raise outcome
+        if isinstance(outcome, int):
+            data = data[:outcome]
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(store_mod.os, "pwrite", pwrite)
+    return calls
+
+
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
+def test_big_put_write_modes(store: ObjectStore, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
+    store.direct_io = direct
+    data = data_of(3 * MIB + 4097, 14)
+    calls = _record_pwrites(monkeypatch, lambda n, flags: None)
+    digest = store.put(io.BytesIO(data))
+    assert digest == fsverity_digest(data) and Path(store.path(digest)).read_bytes() == data
+    assert sum(length for _, _, length in calls) == len(data)
+    if direct:  # whole blocks directly, the 1-byte tail through the page cache
+        assert [d for d, _, _ in calls] == [True] * (len(calls) - 1) + [False]
+        assert calls[-1][2] == 1
+    else:
+        assert not any(d for d, _, _ in calls)
+
+
+@pytest.mark.parametrize("failure", ["einval", "short"])
+def test_direct_write_falls_back_to_buffered(store: ObjectStore, monkeypatch: pytest.MonkeyPatch, failure: str) -> None:
+    """A file system that refuses O_DIRECT writes (EINVAL): the rest goes through the page cache, from
+    exactly where the direct writes stopped.  A short direct write: the next one continues from there."""
+    import errno as errno_mod
+
+    def fail(n: int, flags: int) -> OSError | int | None:
+        if n == 2 and flags & os.O_DIRECT:
+            return OSError(errno_mod.EINVAL, "Invalid argument") if failure == "einval" else 8192
+        return None
+
+    calls = _record_pwrites(monkeypatch, fail)
+    data = data_of(3 * MIB + 100, 15)
+    digest = store.put(io.BytesIO(data))
+    assert digest == fsverity_digest(data)
+    assert Path(store.path(digest)).read_bytes() == data
+    assert calls[0][0] and calls[1][0] and not calls[-1][0]
+    if failure == "einval":
+        assert calls[2] == (False, MIB, MIB)  # the refused chunk again, buffered
+    else:
+        assert calls[2] == (True, MIB + 8192, MIB - 8192)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the small deterministic OCI image layout `examples/demo-oci/` (tag `demo`).
+"""Write the small deterministic OCI image layout `examples/demo-oci/` (tags `demo`, `demo-base`).
 
 Four layers exercising what an importer must get right, all with fixed mtimes and numeric owners:
 1. base (tar+gzip): /etc, /usr/bin (a script with an xattr, a hardlink, a symlink), /opt/app;
@@ -28,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DEST = ROOT / "examples" / "demo-oci"
 TAG = "demo"
+BASE_TAG = "demo-base"
 T0 = 1_704_067_200  # 2024-01-01T00:00:00Z
 T1 = T0 + 86_400
 T2 = T1 + 86_400
@@ -184,26 +185,38 @@ def build(dest: str | os.PathLike) -> dict:
         blob = compress(tar)
         layers.append({"mediaType": media_type, "digest": put(blob), "size": len(blob)})
     created = ["2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z", "2024-01-03T00:00:00Z", "2024-01-04T00:00:00Z"]
-    config = {
-        "architecture": "amd64",
-        "os": "linux",
-        "created": created[-1],
-        "config": {"Cmd": ["/usr/bin/hello"], "Env": ["PATH=/usr/bin:/bin"], "WorkingDir": "/opt/app"},
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]},
-        "history": [{"created": c, "created_by": f"make_example.py layer {i + 1}"} for i, c in enumerate(created)],
-    }
-    config_bytes = _json(config)
-    config_desc = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config_bytes),
-                   "size": len(config_bytes)}
-    manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
-                "config": config_desc, "layers": layers}
-    manifest_bytes = _json(manifest)
-    manifest_desc = {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(manifest_bytes),
-                     "size": len(manifest_bytes), "annotations": {"org.opencontainers.image.ref.name": TAG},
-                     "platform": {"architecture": "amd64", "os": "linux"}}
-    (dest / "index.json").write_bytes(_json({"schemaVersion": 2, "manifests": [manifest_desc]}))
+    diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in tars]
+
+    def image(n: int, tag: str) -> dict:
+        """Config + manifest for the first `n` layers; returns the index descriptor (tagged)."""
+        config = {
+            "architecture": "amd64",
+            "os": "linux",
+            "created": created[n - 1],
+            "config": {"Cmd": ["/usr/bin/hello"], "Env": ["PATH=/usr/bin:/bin"], "WorkingDir": "/opt/app"},
+            "rootfs": {"type": "layers", "diff_ids": diff_ids[:n]},
+            "history": [{"created": c, "created_by": f"make_example.py layer {i + 1}"}
+                        for i, c in enumerate(created[:n])],
+        }
+        config_bytes = _json(config)
+        config_desc = {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(config_bytes),
+                       "size": len(config_bytes)}
+        manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "config": config_desc, "layers": layers[:n]}
+        manifest_bytes = _json(manifest)
+        return {"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(manifest_bytes),
+                "size": len(manifest_bytes), "annotations": {"org.opencontainers.image.ref.name": tag},
+                "platform": {"architecture": "amd64", "os": "linux"}, "_config": config_desc["digest"]}
+
+    # `demo` is the whole chain; `demo-base` its first two layers (a parent to diff against)
+    descs = [image(len(tars), TAG), image(2, BASE_TAG)]
+    info = {"manifest": descs[0]["digest"], "config": descs[0].pop("_config")}
+    descs[1].pop("_config")
+    manifest_desc = descs[0]
+    (dest / "index.json").write_bytes(_json({"schemaVersion": 2, "manifests": descs}))
     (dest / "oci-layout").write_bytes(_json({"imageLayoutVersion": "1.0.0"}))
-    return {"manifest": manifest_desc["digest"], "config": config_desc["digest"]}
+    assert manifest_desc is descs[0]
+    return info
 
 
 def main(argv: list[str] | None = None) -> int:
