@@ -4,28 +4,42 @@
     store = ObjectStore("/var/lib/x/objects")
     digest = store.put_file("/etc/os-release")   # 32 raw bytes
     store.sync()                                 # durable from here on
+
+Names are loaded on first use so that `import objects.errors` (done by every CLI start) stays cheap.
 """
 
-from .digest import FsVerityHasher, digest_file, digest_stream, fsverity_digest, parse_digest
-from .errors import (
-    InvalidDigestError,
-    ObjectDigestMismatchError,
-    ObjectNotFoundError,
-    ObjectStoreError,
-    ReadOnlyObjectStoreError,
-)
-from .store import ObjectStore
+from __future__ import annotations
 
-__all__ = [
-    "FsVerityHasher",
-    "InvalidDigestError",
-    "ObjectDigestMismatchError",
-    "ObjectNotFoundError",
-    "ObjectStore",
-    "ObjectStoreError",
-    "ReadOnlyObjectStoreError",
-    "digest_file",
-    "digest_stream",
-    "fsverity_digest",
-    "parse_digest",
-]
+from typing import TYPE_CHECKING
+
+_LAZY = {
+    "FsVerityHasher": "digest", "digest_file": "digest", "digest_stream": "digest",
+    "fsverity_digest": "digest", "parse_digest": "digest",
+    "InvalidDigestError": "errors", "ObjectDigestMismatchError": "errors", "ObjectNotFoundError": "errors",
+    "ObjectStoreError": "errors", "ReadOnlyObjectStoreError": "errors",
+    "ObjectStore": "store",
+}
+__all__ = sorted(_LAZY)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .digest import FsVerityHasher, digest_file, digest_stream, fsverity_digest, parse_digest
+    from .errors import (
+        InvalidDigestError,
+        ObjectDigestMismatchError,
+        ObjectNotFoundError,
+        ObjectStoreError,
+        ReadOnlyObjectStoreError,
+    )
+    from .store import ObjectStore
+
+
+def __getattr__(name: str):
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'objects' has no attribute {name!r}") from None
+    import importlib
+
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value

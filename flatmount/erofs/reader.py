@@ -19,7 +19,10 @@ import gc
 import mmap
 import os
 import struct
+from bisect import bisect_left
 from collections.abc import Callable
+from operator import lt as _lt
+from operator import sub as _sub
 
 from flatmount.erofs import format as fmt
 from flatmount.errors import CorruptImageError
@@ -46,10 +49,36 @@ _SUPPORTED_INCOMPAT = (fmt.FeatureIncompat.ZERO_PADDING | fmt.FeatureIncompat.CH
 _COMPACT = struct.Struct("<HHHHIIIIHH")     # compact inode without the trailing reserved word
 _EXTENDED = struct.Struct("<HHHHQIIIIqII")  # extended inode without i_reserved2
 _HDR_COUNT = struct.Struct("<IB")
+_U16 = struct.Struct("<H")
+_DIRENTS: dict[int, struct.Struct] = {}       # dirent count -> all dirents of a block in one unpack
+# the common xattr body of an external file: header, inline metacopy entry (36-byte value), inline
+# redirect entry; per redirect length, the struct and the redirect entry's expected head
+_MC_ENTRY = fmt.XATTR_ENTRY.pack(16, fmt.XattrIndex.TRUSTED, 4 + fmt.DIGEST_SIZE) + b"overlay.metacopy"
+_BOTH_INLINE: dict[int, tuple[struct.Struct, bytes]] = {}
+_REDIRECT_INLINE: dict[int, tuple[struct.Struct, bytes]] = {}
+_MC_BIT = 1 << fmt.xattr_filter_bit(fmt.XattrIndex.TRUSTED, b"overlay.metacopy")
+_RD_BIT = 1 << fmt.xattr_filter_bit(fmt.XattrIndex.TRUSTED, b"overlay.redirect")
+_EXTERNAL_BITS = _MC_BIT | _RD_BIT
 _ESC = fmt.OVERLAY_ESCAPED_PREFIX
 _TOP = fmt.OVERLAY_PREFIX
 _WHITEOUT = fmt.OVERLAY_PREFIX + b"whiteout"
 _WHITEOUTS = fmt.OVERLAY_PREFIX + b"whiteouts"
+
+
+def _redirect_entry(vlen: int) -> bytes:
+    return fmt.XATTR_ENTRY.pack(16, fmt.XattrIndex.TRUSTED, vlen) + b"overlay.redirect"
+
+
+def _both_inline_struct(vlen: int) -> tuple[struct.Struct, bytes]:
+    """An external file's xattr body after its header, metacopy and redirect (`vlen` bytes) inline:
+    metacopy entry head, metacopy header, digest, redirect entry head, `/`, the rest of the redirect;
+    and the redirect entry head it must have."""
+    return (struct.Struct(f"<20s4s{fmt.DIGEST_SIZE}s20s1s{vlen - 1}s"), _redirect_entry(vlen))
+
+
+def _redirect_inline_struct(vlen: int) -> tuple[struct.Struct, bytes]:
+    """The same with the metacopy shared: its shared id, then the inline redirect."""
+    return struct.Struct(f"<I20s1s{vlen - 1}s"), _redirect_entry(vlen)
 
 
 def _corrupt(msg: str, offset: int | None = None) -> CorruptImageError:
@@ -266,7 +295,7 @@ class Image:
             key = (idx, suffix)
             info = cache.get(key)
             if info is None:
-                info = cache[key] = (self._xname(idx, suffix, r, p), 1 << fmt.xattr_filter_bit(idx, suffix))
+                info = cache[key] = (self._xname(idx, suffix, r.nid, p), 1 << fmt.xattr_filter_bit(idx, suffix))
             bits |= info[1]
             out.append((info[0], get(q, q + vlen)))
             p += (4 + nlen + vlen + 3) & ~3
@@ -275,7 +304,7 @@ class Image:
             for sid in struct.unpack_from(f"<{shared}I", d, start + 12):
                 ent = scache.get(sid)
                 if ent is None:
-                    ent = scache[sid] = self._shared_entry(sid, r)
+                    ent = scache[sid] = self._shared_entry(sid, r.nid)
                 bits |= ent[2]
                 out.append(ent[:2])
         if len(out) > 1 and len(dict(out)) != len(out):
@@ -284,27 +313,28 @@ class Image:
             raise _corrupt(f"inode {r.nid}: xattr name filter hides a present xattr", start)
         return out
 
-    def _shared_entry(self, sid: int, r: _Rec) -> tuple[bytes, bytes, int]:
+    def _shared_entry(self, sid: int, nid: int) -> tuple[bytes, bytes, int]:
+        """(name, value, filter bit) of shared xattr `sid` (first needed by inode `nid`)."""
         p = self._xbase + 4 * sid
         n = self._n
         if p + 4 > n:
-            raise _corrupt(f"inode {r.nid}: shared xattr id {sid} beyond the end of the image", p)
+            raise _corrupt(f"inode {nid}: shared xattr id {sid} beyond the end of the image", p)
         nlen, idx, vlen = fmt.XATTR_ENTRY.unpack_from(self._d, p)
         q = p + 4 + nlen
         if q + vlen > n:
-            raise _corrupt(f"inode {r.nid}: shared xattr {sid} overruns the image", p)
+            raise _corrupt(f"inode {nid}: shared xattr {sid} overruns the image", p)
         suffix = self._get(p + 4, q)
-        return (self._xname(idx, suffix, r, p), self._get(q, q + vlen),
+        return (self._xname(idx, suffix, nid, p), self._get(q, q + vlen),
                 1 << fmt.xattr_filter_bit(idx, suffix))
 
     @staticmethod
-    def _xname(idx: int, suffix: bytes, r: _Rec, p: int) -> bytes:
+    def _xname(idx: int, suffix: bytes, nid: int, p: int) -> bytes:
         prefix = _PREFIX.get(idx)
         if prefix is None:
-            raise _corrupt(f"inode {r.nid}: unsupported xattr name index {idx:#x}", p)
+            raise _corrupt(f"inode {nid}: unsupported xattr name index {idx:#x}", p)
         name = prefix + suffix
         if not name or b"\0" in suffix:
-            raise _corrupt(f"inode {r.nid}: invalid xattr name {name!r}", p)
+            raise _corrupt(f"inode {nid}: invalid xattr name {name!r}", p)
         return name
 
     def _nblocks(self, r: _Rec) -> int:
@@ -312,57 +342,64 @@ class Image:
 
     def _block(self, r: _Rec, b: int, nb: int) -> list[tuple[bytes, int, int]]:
         """Entries (name, nid, file type) of directory block `b` of `nb`, validated and sorted."""
+        names, nids, ftypes = self._dirblock(r.nid, r.off, r.size, r.layout, r.iu, r.data_off, b, nb)
+        return list(zip(names, nids, ftypes, strict=True))
+
+    def _dirblock(self, nid: int, off: int, size: int, layout: int, iu: int, data_off: int, b: int,
+                  nb: int) -> tuple[list[bytes], tuple[int, ...], tuple[int, ...]]:
+        """Names, nids and file types of directory block `b` of `nb` (directory inode `nid` at `off`),
+        validated and sorted; the dirents are unpacked in one call and checked with C-level loops."""
         bs = self._bs
-        if r.layout == _INLINE and b == nb - 1:
-            a = r.data_off
-            blen = r.size - b * bs
+        if layout == _INLINE and b == nb - 1:
+            a = data_off
+            blen = size - b * bs
             if a + blen > self._n or (a % bs) + blen > bs:
-                raise _corrupt(f"dir {r.nid}: inline block crosses a block or the image end", a)
-        elif r.layout in (_PLAIN, _INLINE):
-            a = (r.iu + b) * bs
-            blen = min(bs, r.size - b * bs)
+                raise _corrupt(f"dir {nid}: inline block crosses a block or the image end", a)
+        elif layout == _PLAIN or layout == _INLINE:
+            a = (iu + b) * bs
+            blen = min(bs, size - b * bs)
             if a + blen > self._n:
-                raise _corrupt(f"dir {r.nid}: block {b} beyond the end of the image", r.off)
+                raise _corrupt(f"dir {nid}: block {b} beyond the end of the image", off)
         else:
-            raise _corrupt(f"dir {r.nid}: unsupported data layout {r.layout}", r.off)
+            raise _corrupt(f"dir {nid}: unsupported data layout {layout}", off)
         blk = self._get(a, a + blen)
         if blen < 12:
-            raise _corrupt(f"dir {r.nid}: directory block {b} too short", a)
+            raise _corrupt(f"dir {nid}: directory block {b} too short", a)
         first = blk[8] | blk[9] << 8
         if first < 12 or first % 12 or first >= blen:
-            raise _corrupt(f"dir {r.nid}: bad first name offset {first} in block {b}", a)
+            raise _corrupt(f"dir {nid}: bad first name offset {first} in block {b}", a)
         cnt = first // 12
         self._dirents_seen += cnt
         if self._dirents_seen > self._max_dirents:
             raise _corrupt("more directory entries than the image can hold (shared directory blocks?)", a)
-        ents = list(fmt.DIRENT.iter_unpack(blk[:first]))
-        last = ents[-1][1]
+        st = _DIRENTS.get(cnt)
+        if st is None:
+            st = _DIRENTS[cnt] = struct.Struct("<" + "QHBB" * cnt)
+        flat = st.unpack_from(blk)
+        offs = list(flat[1::4])
+        last = offs[-1]
         end = blk.find(b"\0", last)
         if end < 0:
             end = blen
         if last >= end or last > blen:
-            raise _corrupt(f"dir {r.nid}: bad last name offset in block {b}", a)
+            raise _corrupt(f"dir {nid}: bad last name offset in block {b}", a)
         if b"/" in blk[first:end]:
-            raise _corrupt(f"dir {r.nid}: entry name with '/' in block {b}", a)
-        offs = [e[1] for e in ents]
-        offs.append(end)
+            raise _corrupt(f"dir {nid}: entry name with '/' in block {b}", a)
         if offs[0] != first:
-            raise _corrupt(f"dir {r.nid}: bad first name offset in block {b}", a)
-        out = []
-        prev_name = b""
-        for k in range(cnt):
-            nid, noff, ftype, _res = ents[k]
-            nxt = offs[k + 1]
-            if not noff < nxt <= noff + fmt.NAME_LEN:
-                raise _corrupt(f"dir {r.nid}: bad name offsets in block {b}, entry {k}", a + 12 * k)
-            name = blk[noff:nxt]
-            if name <= prev_name or not 0 < ftype < 8:
-                raise _corrupt(f"dir {r.nid}: unsorted entry or bad file type at {name!r}", a + noff)
-            out.append((name, nid, ftype))
-            prev_name = name
+            raise _corrupt(f"dir {nid}: bad first name offset in block {b}", a)
+        offs.append(end)
+        gaps = list(map(_sub, offs[1:], offs))
+        if min(gaps) <= 0 or max(gaps) > fmt.NAME_LEN:
+            k = next(k for k, g in enumerate(gaps) if not 0 < g <= fmt.NAME_LEN)
+            raise _corrupt(f"dir {nid}: bad name offsets in block {b}, entry {k}", a + 12 * k)
+        names = [blk[x:y] for x, y in zip(offs, offs[1:], strict=False)]
+        ftypes = flat[2::4]
+        if min(ftypes) < 1 or max(ftypes) > 7 or not all(map(_lt, names, names[1:])):
+            k = next(k for k in range(cnt) if not 0 < ftypes[k] < 8 or (k and names[k] <= names[k - 1]))
+            raise _corrupt(f"dir {nid}: unsorted entry or bad file type at {names[k]!r}", a + offs[k])
         if b"\0" in blk[first:end]:
-            raise _corrupt(f"dir {r.nid}: NUL inside an entry name in block {b}", a)
-        return out
+            raise _corrupt(f"dir {nid}: NUL inside an entry name in block {b}", a)
+        return names, flat[0::4], ftypes
 
     # --- rewriting undone ---------------------------------------------------------------------------
     def _make(self, r: _Rec) -> tuple[Inode, bool]:
@@ -435,65 +472,281 @@ class Image:
             raise _corrupt(f"inode {r.nid}: chunk map beyond the end of the image", start)
 
     def _fill(self, rec: _Rec, node: Inode, parent_nid: int, is_root: bool) -> None:
-        """Read the directory `rec` into `node` and everything below it (iteratively, each dir once)."""
+        """Read the directory `rec` into `node` and everything below it (iteratively, each dir once).
+
+        This is the hot loop of every whole-tree read (flatten, diff, gc, fsck), so the common inode
+        forms (no xattrs, or exactly an external file's inline or shared metacopy + redirect pair) are
+        decoded right here with the checks of `_rec`/`_make`/`_check_chunks`; any other form, and any
+        inode failing one of those checks, goes through `_rec`/`_make`, which raise on damage."""
+        d = self._d
+        n = self._n
+        get = self._get
+        meta = self._meta
+        bs = self._bs
+        bits = self._bits
+        base_ns = self._epoch * NS + self.superblock.build_time_nsec
+        check_filter = self._filter
+        compact = _COMPACT.unpack_from
+        extended = _EXTENDED.unpack_from
+        u16 = _U16.unpack_from
+        ftype_of = _FTYPE.get
+        hdr = _HDR_COUNT.unpack_from
+        both_inline = _BOTH_INLINE
+        redirect_inline = _REDIRECT_INLINE
+        shared_mc: dict[int, tuple[int, bytes | None]] = {}
+        mc_header = fmt.METACOPY_HEADER
+        pairs: dict[tuple[int, ...], tuple[int, bytes | None, bytes | None] | None] = {}
         built: dict[int, tuple[Inode, int, bool]] = {}
+        built_get = built.get
         dirs_seen = {rec.nid}
-        stack = [(rec, node, parent_nid, is_root)]
+        stack = [(rec.nid, rec.off, rec.size, rec.layout, rec.iu, rec.data_off, node, parent_nid, is_root)]
         while stack:
-            r, dnode, parent, root_dir = stack.pop()
-            nb = self._nblocks(r)
+            nid, doff, dsize, dlayout, diu, ddata, dnode, parent, root_dir = stack.pop()
+            nb = (dsize + bs - 1) >> bits
             ents = dnode.entries
             has_whiteouts = False
             dots = 0
             prev = b""
             for b in range(nb):
-                for name, cnid, ftype in self._block(r, b, nb):
-                    if name <= prev:
-                        raise _corrupt(f"dir {r.nid}: entries not sorted across blocks at {name!r}", r.off)
-                    prev = name
-                    if name == b".":
-                        if cnid != r.nid or ftype != fmt.FileType.DIR:
-                            raise _corrupt(f"dir {r.nid}: '.' points to {cnid}", r.off)
-                        dots += 1
-                        continue
-                    if name == b"..":
-                        if cnid != parent or ftype != fmt.FileType.DIR:
-                            raise _corrupt(f"dir {r.nid}: '..' points to {cnid}, parent is {parent}", r.off)
-                        dots += 1
-                        continue
-                    hit = built.get(cnid)
-                    if hit is None:
-                        if cnid in dirs_seen:
-                            raise _corrupt(f"dir {r.nid}: entry {name!r} links directory {cnid} again", r.off)
-                        crec = self._rec(cnid)
-                        ct = crec.mode & S_IFMT
-                        if _FTYPE[ct] != ftype:
-                            raise _corrupt(f"dir {r.nid}: entry {name!r} type {ftype} != inode {cnid} type",
-                                           r.off)
-                        child, converted = self._make(crec)
-                        if ct == S_IFDIR:
-                            dirs_seen.add(cnid)
-                            stack.append((crec, child, r.nid, False))
-                        else:
-                            built[cnid] = (child, ftype, converted)
-                    else:
+                names, nids, ftypes = self._dirblock(nid, doff, dsize, dlayout, diu, ddata, b, nb)
+                if names[0] <= prev:
+                    raise _corrupt(f"dir {nid}: entries not sorted across blocks at {names[0]!r}", doff)
+                prev = names[-1]
+                k1 = bisect_left(names, b".")
+                if k1 < len(names) and names[k1][:1] == b".":   # "." and ".." (not always adjacent)
+                    drop = []
+                    for dot, want in ((b".", nid), (b"..", parent)):
+                        k = bisect_left(names, dot, k1)
+                        if k < len(names) and names[k] == dot:
+                            if nids[k] != want or ftypes[k] != fmt.FileType.DIR:
+                                raise _corrupt(f"dir {nid}: {dot.decode()!r} points to {nids[k]}"
+                                               + (f", parent is {parent}" if dot == b".." else ""), doff)
+                            dots += 1
+                            drop.append(k)
+                    if drop:
+                        nids, ftypes = list(nids), list(ftypes)
+                        for k in reversed(drop):
+                            del names[k], nids[k], ftypes[k]
+                for name, cnid, ftype in zip(names, nids, ftypes, strict=True):
+                    hit = built_get(cnid)
+                    if hit is not None:
                         child, ctype, converted = hit
                         if ctype != ftype:
-                            raise _corrupt(f"dir {r.nid}: entry {name!r} type {ftype} != inode {cnid} type",
-                                           r.off)
+                            raise _corrupt(f"dir {nid}: entry {name!r} type {ftype} != inode {cnid} type",
+                                           doff)
+                    else:
+                        if cnid in dirs_seen:
+                            raise _corrupt(f"dir {nid}: entry {name!r} links directory {cnid} again", doff)
+                        child = None
+                        off = meta + (cnid << 5)
+                        if off + 32 <= n:
+                            f, icount, mode, _nl, size, mtime, iu, _ino, uid, gid = compact(d, off)
+                            if not f & 1:
+                                mt = base_ns + mtime * NS
+                                xoff = off + 32
+                            elif off + 64 <= n:
+                                _f, icount, mode, _r, size, iu, _ino, uid, gid, mtime, nsec, _nl = extended(d, off)
+                                mt = mtime * NS + nsec
+                                xoff = off + 64 if nsec < NS else n + 1
+                            else:
+                                xoff = n + 1
+                            t = mode & S_IFMT
+                            layout = f >> 1
+                            xsize = 8 + 4 * icount if icount else 0
+                            data_off = xoff + xsize
+                            if data_off > n or f & ~fmt.I_FORMAT_KNOWN or ftype_of(t) != ftype:
+                                pass
+                            elif t == S_IFREG:
+                                if layout == _CHUNK:
+                                    cfmt = iu & 0xFFFF
+                                    unit = 8 if cfmt & fmt.CHUNK_FORMAT_INDEXES else 4
+                                    cb = bits + (cfmt & fmt.CHUNK_FORMAT_BLKBITS_MASK)
+                                    if (not cfmt & ~0x3F and (data_off + unit - 1) // unit * unit
+                                            + ((size + (1 << cb) - 1) >> cb) * unit <= n):
+                                        if not icount:
+                                            child = Inode(mode, uid, gid, mt, size, 0, {}, None, None, None,
+                                                          None, None)
+                                        else:  # the usual xattr bodies of an external file
+                                            filt, sh = hdr(d, xoff)
+                                            if sh == 0 and xsize >= 92:  # inline metacopy, inline redirect
+                                                vlen = u16(d, xoff + 70)[0]
+                                                if vlen >= 2 and 68 + ((23 + vlen) & ~3) == xsize:
+                                                    st = both_inline.get(vlen)
+                                                    if st is None:
+                                                        st = both_inline[vlen] = _both_inline_struct(vlen)
+                                                    e1, mch, dg, e2, slash, rest = st[0].unpack_from(d, xoff + 12)
+                                                    if (e1 == _MC_ENTRY and mch == mc_header and e2 == st[1]
+                                                            and slash == b"/"
+                                                            and not (filt & _EXTERNAL_BITS and check_filter)):
+                                                        child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
+                                                                      dg, rest.decode("utf-8", "surrogateescape"),
+                                                                      None)
+                                            elif sh == 1 and xsize >= 40:  # shared metacopy, inline redirect
+                                                vlen = u16(d, xoff + 18)[0]
+                                                if vlen >= 2 and 16 + ((23 + vlen) & ~3) == xsize:
+                                                    st = redirect_inline.get(vlen)
+                                                    if st is None:
+                                                        st = redirect_inline[vlen] = _redirect_inline_struct(vlen)
+                                                    sid, e2, slash, rest = st[0].unpack_from(d, xoff + 12)
+                                                    mc = shared_mc.get(sid)
+                                                    if mc is None:
+                                                        mc = self._shared_metacopy(sid, cnid, shared_mc)
+                                                    if (mc is not None and e2 == st[1] and slash == b"/"
+                                                            and not (filt & mc[0] and check_filter)):
+                                                        child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
+                                                                      mc[1], rest.decode("utf-8", "surrogateescape"),
+                                                                      None)
+                                            if child is None:  # any other combination of the two
+                                                ext = self._external(xoff, data_off, cnid, pairs)
+                                                if ext is not None:
+                                                    child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
+                                                                  ext[0], ext[1], None)
+                                elif not icount:
+                                    if not size:
+                                        child = Inode(mode, uid, gid, mt, 0, 0, {}, None, None, None, None, None)
+                                    elif (layout == _INLINE and size <= bs and data_off + size <= n
+                                          and data_off % bs + size <= bs):
+                                        child = Inode(mode, uid, gid, mt, size, 0, {}, None,
+                                                      get(data_off, data_off + size), None, None, None)
+                            elif icount or layout == _CHUNK:
+                                pass
+                            elif t == S_IFDIR:
+                                child = Inode(mode, uid, gid, mt, size, 0, {}, None, None, None, None, {})
+                                dirs_seen.add(cnid)
+                                stack.append((cnid, off, size, layout, iu, data_off, child, nid, False))
+                                ents[name] = child
+                                continue
+                            elif t == S_IFLNK:
+                                if (0 < size < fmt.PATH_MAX and layout == _INLINE and size <= bs
+                                        and data_off + size <= n and data_off % bs + size <= bs):
+                                    child = Inode(mode, uid, gid, mt, size, 0, {}, get(data_off, data_off + size),
+                                                  None, None, None, None)
+                            elif t == S_IFCHR or t == S_IFBLK:
+                                child = Inode(mode, uid, gid, mt, 0, iu, {}, None, None, None, None, None)
+                            else:
+                                child = Inode(mode, uid, gid, mt, 0, 0, {}, None, None, None, None, None)
+                        if child is not None:
+                            converted = False
+                            built[cnid] = (child, ftype, False)
+                        else:  # every other form, and damage: the general path (raises on damage)
+                            crec = self._rec(cnid)
+                            ct = crec.mode & S_IFMT
+                            if _FTYPE[ct] != ftype:
+                                raise _corrupt(f"dir {nid}: entry {name!r} type {ftype} != inode {cnid} type",
+                                               doff)
+                            child, converted = self._make(crec)
+                            if ct == S_IFDIR:
+                                dirs_seen.add(cnid)
+                                stack.append((cnid, crec.off, crec.size, crec.layout, crec.iu, crec.data_off,
+                                              child, nid, False))
+                            else:
+                                built[cnid] = (child, ftype, converted)
                     if converted:
                         has_whiteouts = True
                     elif root_dir and name in _HEX_NAMES and child.is_whiteout:
                         continue  # the writer's own 00..ff root whiteouts
                     ents[name] = child
             if dots != 2:
-                raise _corrupt(f"dir {r.nid}: missing '.' or '..'", r.off)
+                raise _corrupt(f"dir {nid}: missing '.' or '..'", doff)
             if has_whiteouts:
                 x = dnode.xattrs
                 for key, val in ((_WHITEOUTS, b""), (fmt.USER_OVERLAY_WHITEOUTS, b""),
                                  (fmt.OVERLAY_OPAQUE, b"x"), (fmt.USER_OVERLAY_OPAQUE, b"x")):
                     if x.get(key) == val and (val == b"" or (self.composefs_version or 0) >= 1):
                         del x[key]
+
+    def _shared_metacopy(self, sid: int, nid: int, cache: dict[int, tuple[int, bytes | None]]
+                         ) -> tuple[int, bytes | None] | None:
+        """(filter bit, digest or None) if shared xattr `sid` is a metacopy `_make` accepts (empty or
+        header + digest); else None (the general path decides).  `nid`: the inode naming it."""
+        ent = self._shared.get(sid)
+        if ent is None:
+            if not 0 <= self._xbase + 4 * sid < self._n:
+                return None
+            ent = self._shared[sid] = self._shared_entry(sid, nid)
+        if ent[0] != fmt.OVERLAY_METACOPY:
+            return None
+        value = ent[1]
+        if not value:
+            out = (ent[2], None)
+        elif len(value) == 4 + fmt.DIGEST_SIZE and value[:4] == fmt.METACOPY_HEADER:
+            out = (ent[2], value[4:])
+        else:
+            return None
+        cache[sid] = out
+        return out
+
+    def _external(self, start: int, end: int, nid: int, shared: dict
+                  ) -> tuple[bytes | None, str | None] | None:
+        """(digest, payload) of a chunk-based file whose xattr body (`start`..`end`) holds exactly a
+        metacopy and/or a redirect, inline or shared, valid as `_xattrs`/`_make` require; None for
+        anything else (the general path then decides).  `shared`: per-read cache by shared ids."""
+        d = self._d
+        get = self._get
+        filt, sh = _HDR_COUNT.unpack_from(d, start)
+        p = start + 12 + 4 * sh
+        if p > end:
+            return None
+        mc = rd = None
+        bits = 0
+        if sh:
+            ids = struct.unpack_from(f"<{sh}I", d, start + 12)
+            ent = shared.get(ids, 0)
+            if ent == 0:
+                ent = shared[ids] = self._shared_external(ids, nid)
+            if ent is None:
+                return None
+            bits, mc, rd = ent
+        entry = fmt.XATTR_ENTRY.unpack_from
+        while p < end:
+            if p + 20 > end:
+                return None
+            nlen, idx, vlen = entry(d, p)
+            q = p + 20
+            if nlen != 16 or idx != fmt.XattrIndex.TRUSTED or q + vlen > end:
+                return None
+            suffix = get(p + 4, q)
+            if suffix == b"overlay.metacopy" and mc is None:
+                mc = get(q, q + vlen)
+                bits |= _MC_BIT
+            elif suffix == b"overlay.redirect" and rd is None:
+                rd = get(q, q + vlen)
+                bits |= _RD_BIT
+            else:
+                return None
+            p += (23 + vlen) & ~3
+        if filt & bits and self._filter:
+            return None
+        digest = payload = None
+        if mc:
+            if len(mc) != 4 + fmt.DIGEST_SIZE or mc[:4] != fmt.METACOPY_HEADER:
+                return None
+            digest = mc[4:]
+        if rd is not None:
+            if len(rd) < 2 or rd[:1] != b"/":
+                return None
+            payload = rd[1:].decode("utf-8", "surrogateescape")
+        return digest, payload
+
+    def _shared_external(self, ids: tuple[int, ...], nid: int) -> tuple[int, bytes | None, bytes | None] | None:
+        """(filter bits, metacopy, redirect) of shared xattrs that are only those two (each at most
+        once); None otherwise.  `nid`: the inode naming them (for messages)."""
+        bits = 0
+        mc = rd = None
+        scache = self._shared
+        for sid in ids:
+            ent = scache.get(sid)
+            if ent is None:
+                ent = scache[sid] = self._shared_entry(sid, nid)
+            name, value, bit = ent
+            if name == fmt.OVERLAY_METACOPY and mc is None:
+                mc = value
+            elif name == fmt.OVERLAY_REDIRECT and rd is None:
+                rd = value
+            else:
+                return None
+            bits |= bit
+        return bits, mc, rd
 
     # --- public -------------------------------------------------------------------------------------
     def _guard(self, fn, *args):
@@ -555,24 +808,17 @@ class Image:
         lo, hi = 0, nb - 1
         while lo <= hi:
             mid = (lo + hi) // 2
-            ents = self._block(r, mid, nb)
-            if name < ents[0][0]:
+            names, nids, ftypes = self._dirblock(r.nid, r.off, r.size, r.layout, r.iu, r.data_off, mid, nb)
+            if name < names[0]:
                 hi = mid - 1
-            elif name > ents[-1][0]:
+            elif name > names[-1]:
                 lo = mid + 1
             else:
-                a, b = 0, len(ents)
-                while a < b:
-                    m = (a + b) // 2
-                    if ents[m][0] < name:
-                        a = m + 1
-                    else:
-                        b = m
-                if a < len(ents) and ents[a][0] == name:
-                    return ents[a][1], ents[a][2]
+                a = bisect_left(names, name)
+                if a < len(names) and names[a] == name:
+                    return nids[a], ftypes[a]
                 return None
         return None
-
 
 def read_tree(path: str | os.PathLike) -> Inode:
     """The tree of the image file at `path`."""
