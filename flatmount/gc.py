@@ -66,12 +66,12 @@ from flatmount.errors import ReadOnlyStoreError, StoreError
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
 
+    from flatmount.mount import Lease
     from flatmount.store import Store
 
 DEFAULT_GRACE_S = 600.0
 REMOVE_THREADS = 8     # unlinks in flight (measured: ~2.4x faster than one at a time on ext4)
 REMOVE_BATCH = 512
-BOOT_ID_PATH = "/proc/sys/kernel/random/boot_id"
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
 OBJPATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
@@ -79,79 +79,15 @@ _FANOUT = re.compile(r"[0-9a-f]{2}")
 _REST = re.compile(r"[0-9a-f]{62}")
 
 
-# --- leases --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Lease:
-    """One row of `leases`, with its state as judged now (`stale_reason` None = live)."""
-
-    id: str
-    image_digest: str
-    image_ref: str | None
-    merged: str
-    pid: int | None
-    boot_id: str | None
-    created: float | None
-    stale_reason: str | None
-
-    @property
-    def live(self) -> bool:
-        return self.stale_reason is None
-
-
-def current_boot_id() -> str | None:
-    try:
-        with open(BOOT_ID_PATH) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
-
-
-def dir_busy(path: str) -> bool:
-    """Whether some process holds an flock on directory `path` (a mount or unmount in progress)."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-
-
-def lease_stale_reason(merged: str, boot_id: str | None, boot: str | None = None) -> str | None:
-    """Why a lease is stale, or None if it is live.
-
-    The rule of flatmount.mount.cleanup: a lease is live when it was recorded on this boot and its merged
-    dir is mounted, or while its mount dir (the merged dir's parent) is flock'ed: flatmount.mount holds
-    that lock from before the lease is written until the mount is made (and while unmounting).
-    """
-    from flatmount.kmount import is_mountpoint
-
-    boot = boot if boot is not None else current_boot_id()
-    if dir_busy(os.path.dirname(os.path.abspath(merged))):
-        return None
-    if boot_id and boot and boot_id != boot:
-        return "recorded on another boot"
-    if is_mountpoint(merged):
-        return None
-    return "merged dir is not mounted"
-
+# --- leases (the rule lives in flatmount.mount) ---------------------------------------------------
 
 def read_leases(db: sqlite3.Connection, boot: str | None = None) -> list[Lease]:
     """Every lease of a store's DB with its live/stale state."""
-    boot = boot if boot is not None else current_boot_id()
-    out = []
-    for lid, digest, ref, merged, pid, bid, created in db.execute(
-            "SELECT id, image_digest, image_ref, merged, pid, boot_id, created FROM leases ORDER BY created, id"):
-        out.append(Lease(lid, digest, ref, merged, pid, bid, created,
-                         lease_stale_reason(merged, bid, boot)))
-    return out
+    from flatmount.mount import Lease, boot_id, judge_lease
+
+    boot = boot if boot is not None else boot_id()
+    return [judge_lease(Lease(*row), boot) for row in db.execute(
+        "SELECT id, image_digest, image_ref, merged, pid, boot_id, created FROM leases ORDER BY created, id")]
 
 
 # --- locking and small helpers shared by fsck and usage ------------------------------------------

@@ -23,6 +23,7 @@ additional stores are never locked or written at all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import time
@@ -52,6 +53,11 @@ class Lease:
     pid: int | None
     boot_id: str | None
     created: float | None
+    stale_reason: str | None = None   # set by `judge_lease`; None = live (or not judged)
+
+    @property
+    def live(self) -> bool:
+        return self.stale_reason is None
 
 
 @dataclass(frozen=True)
@@ -74,6 +80,41 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
+
+
+def dir_busy(path: str) -> bool:
+    """Whether some process holds the flock of a mount dir (a mount or unmount in progress)."""
+    fd = _lock_dir(path, wait=False)
+    if fd is None:
+        return os.path.isdir(path)
+    os.close(fd)
+    return False
+
+
+def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None = None, *,
+                       locked: bool = False) -> str | None:
+    """Why a lease is stale, or None if it is live: THE rule shared by `cleanup`, gc and fsck.
+
+    A lease is live while its mount dir (the merged dir's parent) is flock'ed -- a mount or unmount
+    holds that lock from before the lease is written until the kernel mount is made or gone -- or
+    when it was recorded on this boot and its merged dir is mounted.  `locked`: the caller holds the
+    lock itself (cleanup), so the in-progress case does not apply.
+    """
+    from flatmount.kmount import is_mountpoint
+
+    if not locked and dir_busy(os.path.dirname(os.path.abspath(merged))):
+        return None
+    boot = boot_id() if boot is None else boot
+    if lease_boot_id and boot and lease_boot_id != boot:
+        return "recorded on another boot"
+    if is_mountpoint(merged):
+        return None
+    return "merged dir is not mounted"
+
+
+def judge_lease(lease: Lease, boot: str | None = None) -> Lease:
+    """`lease` with its `stale_reason` filled in."""
+    return dataclasses.replace(lease, stale_reason=lease_stale_reason(lease.merged, lease.boot_id, boot))
 
 
 def mounts_dir(store: Store) -> str:
@@ -322,7 +363,7 @@ def cleanup(store: Store) -> CleanupResult:
         try:
             if not _leases(store, "WHERE id = ?", (lease.id,)):
                 continue  # unmounted by its owner just before we took the lock
-            if lease.boot_id == boot and is_mountpoint(lease.merged):
+            if lease_stale_reason(lease.merged, lease.boot_id, boot, locked=True) is None:
                 kept.append(lease.id)
                 continue
             _delete_lease(store, lease.id)

@@ -19,7 +19,11 @@ _LAZY = {
     "ObjectStoreError": "errors", "ReadOnlyObjectStoreError": "errors",
     "ObjectStore": "store",
 }
-__all__ = sorted(_LAZY)
+__all__ = [
+    "FsVerityHasher", "InvalidDigestError", "ObjectDigestMismatchError", "ObjectNotFoundError", "ObjectStore",
+    "ObjectStoreError", "ReadOnlyObjectStoreError", "digest_file", "digest_stream", "fsverity_digest",
+    "parse_digest",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from .digest import FsVerityHasher, digest_file, digest_stream, fsverity_digest, parse_digest

@@ -50,6 +50,7 @@ _COMPACT = struct.Struct("<HHHHIIIIHH")     # compact inode without the trailing
 _EXTENDED = struct.Struct("<HHHHQIIIIqII")  # extended inode without i_reserved2
 _HDR_COUNT = struct.Struct("<IB")
 _U16 = struct.Struct("<H")
+_TWO_IDS = struct.Struct("<II").unpack_from
 _DIRENTS: dict[int, struct.Struct] = {}       # dirent count -> all dirents of a block in one unpack
 # the common xattr body of an external file: header, inline metacopy entry (36-byte value), inline
 # redirect entry; per redirect length, the struct and the redirect entry's expected head
@@ -324,8 +325,11 @@ class Image:
         if q + vlen > n:
             raise _corrupt(f"inode {nid}: shared xattr {sid} overruns the image", p)
         suffix = self._get(p + 4, q)
-        return (self._xname(idx, suffix, nid, p), self._get(q, q + vlen),
-                1 << fmt.xattr_filter_bit(idx, suffix))
+        key = (idx, suffix)
+        info = self._bitcache.get(key)
+        if info is None:
+            info = self._bitcache[key] = (self._xname(idx, suffix, nid, p), 1 << fmt.xattr_filter_bit(idx, suffix))
+        return info[0], self._get(q, q + vlen), info[1]
 
     @staticmethod
     def _xname(idx: int, suffix: bytes, nid: int, p: int) -> bytes:
@@ -495,7 +499,8 @@ class Image:
         redirect_inline = _REDIRECT_INLINE
         shared_mc: dict[int, tuple[int, bytes | None]] = {}
         mc_header = fmt.METACOPY_HEADER
-        pairs: dict[tuple[int, ...], tuple[int, bytes | None, bytes | None] | None] = {}
+        pairs: dict[tuple[int, ...], tuple | None] = {}   # shared ids -> decoded (see below)
+        shared_ids: dict[tuple[int, ...], tuple | None] = {}
         built: dict[int, tuple[Inode, int, bool]] = {}
         built_get = built.get
         dirs_seen = {rec.nid}
@@ -596,8 +601,18 @@ class Image:
                                                         child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
                                                                       mc[1], rest.decode("utf-8", "surrogateescape"),
                                                                       None)
+                                            elif sh == 2 and xsize == 20:  # both shared
+                                                key = _TWO_IDS(d, xoff + 12)
+                                                pair = pairs.get(key, 0)
+                                                if pair == 0:
+                                                    pair = self._shared_external(key, cnid)
+                                                    ext = pair and self._checked_external(pair[1], pair[2])
+                                                    pair = pairs[key] = ext and (pair[0], *ext)
+                                                if pair is not None and not (filt & pair[0] and check_filter):
+                                                    child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
+                                                                  pair[1], pair[2], None)
                                             if child is None:  # any other combination of the two
-                                                ext = self._external(xoff, data_off, cnid, pairs)
+                                                ext = self._external(xoff, data_off, cnid, shared_ids)
                                                 if ext is not None:
                                                     child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
                                                                   ext[0], ext[1], None)
@@ -717,6 +732,11 @@ class Image:
             p += (23 + vlen) & ~3
         if filt & bits and self._filter:
             return None
+        return self._checked_external(mc, rd)
+
+    @staticmethod
+    def _checked_external(mc: bytes | None, rd: bytes | None) -> tuple[bytes | None, str | None] | None:
+        """(digest, payload) from a metacopy and a redirect value as `_make` accepts them, else None."""
         digest = payload = None
         if mc:
             if len(mc) != 4 + fmt.DIGEST_SIZE or mc[:4] != fmt.METACOPY_HEADER:
