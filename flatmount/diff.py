@@ -51,6 +51,7 @@ import io
 import marshal
 import mmap
 import os
+import re
 import stat
 import struct
 import tarfile
@@ -317,8 +318,10 @@ class ImageIndex:
                     image_id = xxhash.xxh3_128_digest(b"")
         except OSError as e:
             raise FlatmountError(f"cannot read image {path!r}: {e.strerror}") from None
-        cache = _cache_path(cache_dir, image_id)
-        if cache is not None:
+        # a store's flattened image has its index beside it (flatten writes it); others use the cache
+        for cache in (store_index_path(path), _cache_path(cache_dir, image_id)):
+            if cache is None:
+                continue
             try:
                 with open(cache, "rb") as f:
                     m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
@@ -445,6 +448,24 @@ def _index_bytes(root: Inode, image_id: bytes, image_size: int) -> bytes:
     data = bytearray(b"".join(parts))
     data[_INDEX_HEAD.size - 8:_INDEX_HEAD.size] = struct.pack("<Q", _index_checksum(data))
     return bytes(data)
+
+
+def index_file_bytes(root: Inode, image_id: bytes, image_size: int) -> bytes:
+    """The index file of the image whose xxh3-128 is `image_id` (`image_size` bytes), written from or
+    read back as the tree `root`: what an image writer stores beside the image (`store_index_path`)."""
+    return _index_bytes(root, image_id, image_size)
+
+
+_STORE_IMAGE_NAME = re.compile(r"[0-9a-f]{64}\.erofs")
+
+
+def store_index_path(image: str | os.PathLike) -> str | None:
+    """`<root>/images/<digest>.index` for a store's flattened image `<root>/images/<digest>.erofs`
+    (flatten writes the index there, see flatmount.flatten), else None (a loose image file)."""
+    d, name = os.path.split(os.path.abspath(os.fspath(image)))
+    if os.path.basename(d) != "images" or not _STORE_IMAGE_NAME.fullmatch(name):
+        return None
+    return os.path.join(d, name[:-len(".erofs")] + ".index")
 
 
 def _index_checksum(data) -> int:

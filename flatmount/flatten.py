@@ -31,13 +31,27 @@ already encode the whole chain) in `flat_images`, in the primary or any addition
 whose image is not cached starts from the image of its longest cached prefix and applies only the
 remaining layers; the new image is content-addressed (`images/<sha256>.erofs`) and recorded together
 with the objects it references in one transaction, under the shared GC lock.
+
+Derived files.  Next to each image it writes, flatten keeps two caches named by the same digest:
+`images/<digest>.tree` (the tree, `marshal`led as flat rows: loading it is several times faster than
+parsing the image, which matters when the image is the cached prefix of a longer chain in a new
+process) and `images/<digest>.index` (its `flatmount.diff.ImageIndex`, so the first diff of the image
+reads neither the image nor builds anything).  Both are derived state: written atomically (temp file in
+`tmp/`, rename; no fsync, a torn file fails its checksum), each checked against the image's name and
+size and its own xxh3 checksum before use, ignored (and rewritten where the store is writable) when
+missing or damaged.  `derived_paths` names them; whoever removes an image removes those too.
 """
 
 from __future__ import annotations
 
+import gc
+import marshal
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import starmap
+from operator import attrgetter
 from typing import TYPE_CHECKING
 
 from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, Inode
@@ -150,6 +164,17 @@ def _digest_of(path: str) -> str:
     return os.path.basename(path)[: -len(".erofs")]
 
 
+TREE_SUFFIX = ".tree"     # images/<digest>.tree: the tree cache (see the module docstring)
+INDEX_SUFFIX = ".index"   # images/<digest>.index: the diff index (flatmount.diff.ImageIndex)
+
+
+def derived_paths(image_path: str | os.PathLike) -> tuple[str, str]:
+    """The derived files of a flattened image `<root>/images/<digest>.erofs` (tree cache, diff index):
+    remove them with the image.  They may be absent."""
+    base = os.fspath(image_path)[: -len(".erofs")]
+    return base + TREE_SUFFIX, base + INDEX_SUFFIX
+
+
 def flatten_image(store: Store, ref: str) -> FlatImage:
     """The flattened image of image `ref` (name, id or id prefix), from the cache or freshly written."""
     image = store.resolve_image(ref)
@@ -184,8 +209,9 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
         tree, start = None, 0
         for i in range(len(ids) - 2, -1, -1):  # the longest cached proper prefix
             prefix = cached_flat_image(store, ids[i])
-            if prefix is not None:
-                tree, start = flat_tree(prefix), i + 1
+            if prefix is not None:  # its tree cache may be (re)written only in the primary store
+                in_primary = os.path.dirname(os.path.dirname(prefix)) == os.fspath(store.root)
+                tree, start = flat_tree(prefix, save=in_primary), i + 1
                 break
         if tree is None:
             tree = default_root()
@@ -219,31 +245,176 @@ def _remember_tree(digest: str, tree: Inode) -> None:
         del _trees[next(iter(_trees))]
 
 
-def flat_tree(path: str) -> Inode:
-    """The tree of the flattened image at `path` (`.../<digest>.erofs`); do not modify it."""
+def flat_tree(path: str, *, save: bool = False) -> Inode:
+    """The tree of the flattened image at `path` (`.../<digest>.erofs`); do not modify it.
+
+    From this process's memory, else from the image's tree cache, else read from the image (and,
+    with `save`, for a writable store's image whose caller holds its GC lock shared, the tree cache
+    written for next time)."""
     digest = _digest_of(path)
     tree = _trees.get(digest)
     if tree is None:
-        from flatmount.erofs.reader import read_tree
+        tree = load_tree_cache(path)
+        if tree is None:
+            from flatmount.erofs.reader import read_tree
 
-        tree = read_tree(path)
+            tree = read_tree(path)
+            if save:
+                save_tree_cache(path, tree)
     _remember_tree(digest, tree)
     return tree
 
 
+# --- the tree cache ------------------------------------------------------------------------------
+# Header, then marshal((rows, dirs, counts, names, kids)): `rows` one tuple per distinct inode in
+# breadth-first order (root first; a hardlink group is one row) holding the first eleven arguments of
+# Inode(); `dirs` the rows that are directories, `counts` their entry counts, `names`/`kids` all their
+# entries (names, row numbers) in that order.  The checksum is xxh3-64 of everything after the header.
+_TREE_MAGIC = b"FMTREE01"
+_TREE_HEAD = struct.Struct("<8s32sQQQ")   # magic, image sha256, image size, payload size, checksum
+_ROW = attrgetter("mode", "uid", "gid", "mtime_ns", "size", "rdev", "xattrs", "target", "content",
+                  "digest", "payload")
+
+
+def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
+    """The tree cache file of `root`, the tree an image of sha256 `digest` and `image_size` bytes was
+    written from (or read back from)."""
+    import xxhash
+
+    nodes = [root]
+    index = {id(root): 0}
+    get = index.get
+    dirs: list[int] = []
+    counts: list[int] = []
+    names: list[bytes] = []
+    kids: list[int] = []
+    i = 0
+    while i < len(nodes):
+        ents = nodes[i].entries
+        if ents is not None:
+            dirs.append(i)
+            counts.append(len(ents))
+            names.extend(ents)
+            for c in ents.values():
+                j = get(id(c))
+                if j is None:
+                    j = index[id(c)] = len(nodes)
+                    nodes.append(c)
+                kids.append(j)
+        i += 1
+    payload = marshal.dumps((list(map(_ROW, nodes)), dirs, counts, names, kids), 4)
+    return _TREE_HEAD.pack(_TREE_MAGIC, bytes.fromhex(digest), image_size, len(payload),
+                           xxhash.xxh3_64_intdigest(payload)) + payload
+
+
+def tree_from_cache(data: bytes, digest: str, image_size: int) -> Inode | None:
+    """The tree in a tree cache file, or None if it is not one for that image or is damaged."""
+    import xxhash
+
+    h = _TREE_HEAD.size
+    if len(data) < h:
+        return None
+    magic, dg, size, plen, check = _TREE_HEAD.unpack_from(data)
+    if (magic != _TREE_MAGIC or dg.hex() != digest or size != image_size or plen != len(data) - h
+            or xxhash.xxh3_64_intdigest(memoryview(data)[h:]) != check):
+        return None
+    enabled = gc.isenabled()
+    gc.disable()  # tens of thousands of objects, none cyclic: do not let the GC rescan them meanwhile
+    try:
+        rows, dirs, counts, names, kids = marshal.loads(memoryview(data)[h:])
+        nodes = list(starmap(Inode, rows))
+        if (len(names) != len(kids) or len(dirs) != len(counts) or sum(counts) != len(kids)
+                or (kids and not 0 < min(kids) <= max(kids) < len(nodes))):
+            return None
+        at = nodes.__getitem__
+        p = 0
+        for d, c in zip(dirs, counts, strict=True):
+            node = nodes[d]
+            if node.entries is None:
+                return None
+            q = p + c
+            node.entries = dict(zip(names[p:q], map(at, kids[p:q]), strict=True))
+            p = q
+        root = nodes[0]
+        if sum(1 for n in nodes if n.entries is not None) != len(dirs) or not root.is_dir:
+            return None
+        return root
+    except (EOFError, ValueError, TypeError, IndexError):
+        return None
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def load_tree_cache(image_path: str | os.PathLike) -> Inode | None:
+    """The tree cached next to the image `.../images/<digest>.erofs`, or None (missing, damaged, or
+    not that image's)."""
+    path = os.fspath(image_path)
+    try:
+        size = os.stat(path).st_size
+        with open(derived_paths(path)[0], "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return tree_from_cache(data, _digest_of(path), size)
+
+
+def save_tree_cache(image_path: str | os.PathLike, tree: Inode) -> bool:
+    """Write the tree cache next to a store's image (best effort; False when not written)."""
+    path = os.fspath(image_path)
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return False
+    return _save_derived(path, derived_paths(path)[0], lambda: tree_cache_bytes(tree, _digest_of(path), size))
+
+
+def _save_derived(image_path: str, dest: str, make) -> bool:
+    """Write `make()` to `dest` beside a store image, atomically through the store's `tmp/` (which
+    must exist: additional and foreign stores are never written); best effort."""
+    import tempfile
+
+    tmp_dir = os.path.join(os.path.dirname(os.path.dirname(image_path)), "tmp")
+    if not os.path.isdir(tmp_dir) or not os.access(tmp_dir, os.W_OK):
+        return False
+    try:
+        data = make()
+        fd, tmp = tempfile.mkstemp(prefix="derived-", dir=tmp_dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            os.chmod(tmp, 0o644)
+            os.rename(tmp, dest)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+    except OSError:
+        return False
+    return True
+
+
 class _HashingFile:
-    """A write-only file wrapper that hashes what goes through it (the image's sha256 = its name)."""
+    """A write-only file wrapper that hashes what goes through it: sha256 (the image's name) and
+    xxh3-128 (what the diff index is keyed by), and counts it."""
 
     def __init__(self, f, h):
-        self.f, self.h = f, h
+        import xxhash
+
+        self.f, self.h, self.x, self.size = f, h, xxhash.xxh3_128(), 0
 
     def write(self, b) -> int:
         self.h.update(b)
+        self.x.update(b)
+        self.size += len(b)
         return self.f.write(b)
 
 
-def write_flat_image(store: Store, tree: Inode) -> tuple[str, str]:
-    """Write `tree` as `<root>/images/<sha256>.erofs` (temp in `<root>/tmp`, fsync, rename).
+def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tuple[str, str]:
+    """Write `tree` as `<root>/images/<sha256>.erofs` (temp in `<root>/tmp`, fsync, rename), then (with
+    `derived`) its tree cache and diff index beside it (`derived_paths`; best effort).
 
     The caller holds `store.gc_lock(shared=True)` until the image is recorded (GC and `clean_tmp`
     treat files nobody records as garbage once that lock is free)."""
@@ -258,7 +429,8 @@ def write_flat_image(store: Store, tree: Inode) -> tuple[str, str]:
     try:
         with os.fdopen(fd, "wb") as f:
             h = hashlib.sha256()
-            write_image(tree, _HashingFile(f, h))
+            out = _HashingFile(f, h)
+            write_image(tree, out)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
@@ -276,4 +448,10 @@ def write_flat_image(store: Store, tree: Inode) -> tuple[str, str]:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+    if derived:
+        from flatmount.diff import index_file_bytes
+
+        tree_path, index_path = derived_paths(path)
+        _save_derived(path, tree_path, lambda: tree_cache_bytes(tree, digest, out.size))
+        _save_derived(path, index_path, lambda: index_file_bytes(tree, out.x.digest(), out.size))
     return digest, path

@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flatmount.erofs import reader, writer  # noqa: E402
 from flatmount.tree import Inode, count_inodes  # noqa: E402
 
-DUMP = Path("/work/shared/data/cs9-x86_64-developer.dump.gz")
-DUMP_MINIMAL = Path("/work/shared/data/cs9-x86_64-minimal.dump.gz")
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+DUMP = DATA / "cs9-x86_64-developer.dump.gz"
+DUMP_MINIMAL = DATA / "cs9-x86_64-minimal.dump.gz"
 
 _ESC = re.compile(rb"\\(x[0-9a-fA-F]{2}|.)")
 _SIMPLE = {b"\\": b"\\", b"n": b"\n", b"r": b"\r", b"t": b"\t", b"=": b"="}

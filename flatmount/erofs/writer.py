@@ -43,9 +43,11 @@ from __future__ import annotations
 import bisect
 import gc
 import os
+import struct
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
+from itertools import accumulate, chain
 from typing import BinaryIO
 
 from flatmount.erofs import format as fmt
@@ -138,20 +140,23 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
     that places a multiply-linked inode in the queue; libcomposefs queues the "real" node of a
     hardlink group, which is its first name in a path-sorted composefs dump.
 
-    Returns (nodes, dnames, dkids, nlink, whiteout_parents, raw_whiteouts, version, has_hardlinks).
+    Returns (nodes, dnames, dkids, nlink, whiteout_parents, raw_whiteouts, version, dups, nparent,
+    dparent): `dups` lists (dir index, name, inode index) of every name of an inode after the one that
+    queued it (hardlinks), `nparent` the dir index that queued each inode, `dparent` each dir's parent.
     """
     if root.mode & S_IFMT != S_IFDIR or root.entries is None:
         raise FormatError("the root of an image must be a directory")
     nodes: list[Inode] = [root]
     index: dict[int, int] = {id(root): 0}
     nlink: list[int] = [0]
+    nparent: list[int] = [0]
     dparent: dict[int, int] = {0: 0}
     dnames: dict[int, list[bytes]] = {}
     dkids: dict[int, list[int]] = {}
     whiteout_parents: set[int] = set()
     raw: set[int] = set()
     version = 0
-    hardlinks = False
+    dups: list[tuple[int, bytes, int]] = []
     pending: list[tuple[int, bytes, Inode]] = []
     i = 0
     while i < len(nodes):
@@ -205,6 +210,7 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
                 index[cid] = j
                 nodes.append(child)
                 nlink.append(1)
+                nparent.append(i)
                 if cm == S_IFDIR:
                     dparent[j] = i
                 elif cm == S_IFCHR and child.rdev == 0 and cid not in raw:
@@ -212,7 +218,7 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
                     version = 1
             else:
                 nlink[j] += 1
-                hardlinks = True
+                dups.append((i, name, j))
             kids.append(j)
         nlink[i] = 2 + nsub
         p = bisect.bisect_left(names, _DOT)
@@ -230,27 +236,41 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
             raise FormatError("hardlink to an inode outside the tree")
         nlink[j] += 1
         dkids[i][bisect.bisect_left(dnames[i], name)] = j
-    return nodes, dnames, dkids, nlink, whiteout_parents, raw, version, hardlinks
+    return nodes, dnames, dkids, nlink, whiteout_parents, raw, version, dups, nparent, dparent
 
 
-def _primary_names(root: Inode) -> dict[int, tuple[int, bytes]]:
-    """First (parent, name) of every inode in depth-first, name-sorted order (composefs dump order)."""
+def _primary_names(nodes: list[Inode], dnames: dict[int, list[bytes]], dkids: dict[int, list[int]],
+                   dups: list[tuple[int, bytes, int]], nparent: list[int], dparent: dict[int, int]
+                   ) -> dict[int, tuple[int, bytes]] | None:
+    """For a breadth-first walk with hardlinks (`_collect` without `primary`): id(inode) -> (id(parent
+    dir), name) of the first name of every multiply-linked inode in depth-first, name-sorted order
+    (composefs dump order, i.e. the smallest path compared component by component), or None when
+    that is already the name that queued each of them (the walk is then right as it is)."""
+    paths: dict[int, tuple[bytes, ...]] = {0: ()}
+
+    def path(i: int) -> tuple[bytes, ...]:
+        chain = []
+        while i not in paths:
+            chain.append(i)
+            i = dparent[i]
+        p = paths[i]
+        for c in reversed(chain):
+            up = dparent[c]
+            p = paths[c] = (*p, dnames[up][dkids[up].index(c)])
+        return p
+
+    names: dict[int, list[tuple[int, bytes]]] = {}
+    for i, name, j in dups:
+        names.setdefault(j, []).append((i, name))
     first: dict[int, tuple[int, bytes]] = {}
-    seen_dirs = {id(root)}
-    stack = [(id(root), iter(sorted(root.entries.items())))]
-    while stack:
-        parent, it = stack[-1]
-        for name, child in it:
-            cid = id(child)
-            if cid not in first:
-                first[cid] = (parent, name)
-            if child.entries is not None and cid not in seen_dirs:
-                seen_dirs.add(cid)
-                stack.append((cid, iter(sorted(child.entries.items()))))
-                break
-        else:
-            stack.pop()
-    return first
+    moved = False
+    for j, more in names.items():
+        q = nparent[j]
+        queued = (q, dnames[q][dkids[q].index(j)])
+        best = min([queued, *more], key=lambda o: (*path(o[0]), o[1]))
+        moved = moved or best != queued
+        first[id(nodes[j])] = (id(nodes[best[0]]), best[1])
+    return first if moved else None
 
 
 def _build(root: Inode, root_whiteouts: bool = True) -> bytearray:
@@ -266,11 +286,13 @@ def _build(root: Inode, root_whiteouts: bool = True) -> bytearray:
 
 
 def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
-    (nodes, dnames, dkids, nlink, wparents, raw, version,
-     hardlinks) = _collect(root, root_whiteouts, None)
-    if hardlinks:
-        (nodes, dnames, dkids, nlink, wparents, raw, version,
-         _) = _collect(root, root_whiteouts, _primary_names(root))
+    (nodes, dnames, dkids, nlink, wparents, raw, version, dups, nparent,
+     dparent) = _collect(root, root_whiteouts, None)
+    if dups:  # hardlinks: queued at their first name in dump order, which may be a later one
+        primary = _primary_names(nodes, dnames, dkids, dups, nparent, dparent)
+        if primary is not None:
+            (nodes, dnames, dkids, nlink, wparents, raw, version,
+             *_) = _collect(root, root_whiteouts, primary)
     n = len(nodes)
 
     try:
@@ -449,6 +471,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     # ---- pass 2: xattr sizes and placement ----------------------------------------------------------
     xsizes = [0] * n
     nids = [0] * n
+    forms = [0] * n        # external file: 1 metacopy and redirect inline, 2 metacopy shared, 3 both shared
     pos = fmt.SUPER_OFFSET + fmt.SUPERBLOCK.size
     MAXSH = fmt.MAX_SHARED_PER_INODE
     xs_cache: dict = {}
@@ -460,7 +483,12 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 xsize = xs_cache.get(it_m)
                 if xsize is None:
                     xsize = xs_cache[it_m] = 12 + (4 if it_m in shared_off else (7 + keyinfo[MC][3] + len(it_m[1])) & ~3)
-                xsize += 4 if it_r in shared_off else (rd_suffix + len(it_r[1])) & ~3
+                if it_r in shared_off:
+                    xsize += 4
+                    forms[i] = 3 if xsize == 20 else 0
+                else:
+                    xsize += (rd_suffix + len(it_r[1])) & ~3
+                    forms[i] = 2 if it_m in shared_off else 1
             else:
                 nsh = 0
                 xsize = 12
@@ -540,42 +568,39 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     # ---- inodes, inline tails and data blocks -------------------------------------------------------
     cpack = fmt.INODE_COMPACT.pack_into
     epack = fmt.INODE_EXTENDED.pack_into
-    dpack = fmt.DIRENT.pack_into
     null_map = b"\xff\xff\xff\xff"
     cur_blk = data_start // BLKSZ
     body_cache: dict = {}
     heads: dict = {}
-    for i in range(n):
-        node = nodes[i]
-        mode = modes[i]
+    nulls = {4: null_map}
+    dirent_structs: dict[int, struct.Struct] = {}
+    mc_len = keyinfo[MC][3] if MC in keyinfo else 0
+    rd_len = keyinfo[RD][3] if RD in keyinfo else 0
+    for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items in zip(
+            range(n), nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems,
+            strict=True):
         t = mode & S_IFMT
-        pos = nids[i] << 5
-        nb = nblk[i]
-        u = iu[i]
-        layout = layouts[i]
+        pos = nid << 5
         if nb:
             # a chunk map moved to a block keeps its format in the low half of i_u (libcomposefs
             # writes blkaddr, then the chunk format over it in the same union)
             u = (cur_blk & 0xFFFF0000) | u if layout == _CHUNK else cur_blk
-        xsize = xsizes[i]
         icount = ((xsize - 12) >> 2) + 1 if xsize else 0
-        if isz[i] == 32:
-            cpack(buf, pos, layout, icount, mode, nlink[i], sizes[i], 0, u, i, node.uid, node.gid, 0)
+        if isize == 32:
+            cpack(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0)
             p = pos + 32
         else:
             sec, nsec = divmod(node.mtime_ns, NS)
             try:
-                epack(buf, pos, layout | 1, icount, mode, 0, sizes[i], u, i, node.uid, node.gid,
-                      sec, nsec, nlink[i], b"")
+                epack(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid,
+                      sec, nsec, nl, b"")
             except Exception as e:
                 raise FormatError(f"inode field out of range: {e}") from None
             p = pos + 64
         if xsize:
-            items = xitems[i]
-            it_r = items[1] if fast[i] else None
-            if it_r is not None and it_r not in shared_ids:
-                # the common case, one inode per external file: cached head + the redirect value
-                rv = it_r[1]
+            # the common forms of an external file first (the buffer is zeroed: no padding to write)
+            if form == 2:  # shared metacopy: cached head (header, its id, redirect entry head) + value
+                rv = items[1][1]
                 hk = (items[0], len(rv))
                 head = heads.get(hk)
                 if head is None:
@@ -583,12 +608,29 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 q = p + len(head)
                 buf[p:q] = head
                 buf[q:q + len(rv)] = rv
+            elif form == 1:  # both inline: cached entry heads (by value lengths) around the two values
+                mv = items[0][1]
+                rv = items[1][1]
+                hk = (len(mv), len(rv))
+                head = heads.get(hk)
+                if head is None:
+                    body = _xattr_body(items, shared_ids, xsize, keyinfo)
+                    r0 = 12 + ((7 + mc_len + len(mv)) & ~3)   # where the redirect entry starts
+                    head = heads[hk] = (body[:16 + mc_len], r0, body[r0:r0 + 4 + rd_len])
+                h0, r0, h1 = head
+                q = p + len(h0)
+                buf[p:q] = h0
+                buf[q:q + len(mv)] = mv
+                q = p + r0
+                buf[q:q + len(h1)] = h1
+                q += len(h1)
+                buf[q:q + len(rv)] = rv
             else:
                 key = items if type(items) is tuple else tuple(items)
                 body = body_cache.get(key)
                 if body is None:
                     body = _xattr_body(items, shared_ids, xsize, keyinfo)
-                    if layout != _CHUNK:
+                    if layout != _CHUNK or form == 3:  # an external file's body is unique unless all shared
                         body_cache[key] = body
                 buf[p:p + xsize] = body
             p += xsize
@@ -601,19 +643,27 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             for b in range(len(starts) - 1):
                 a, e = starts[b], starts[b + 1]
                 off = q if b < nb else p
-                no = 12 * (e - a)
-                for k in range(a, e):
-                    c = kids[k]
-                    dpack(buf, off, nids[c], no, ftypes[c], 0)
-                    off += 12
-                    no += len(names[k])
-                blob = b"".join(names[a:e])
+                cnt = e - a
+                bnames = names[a:e]
+                bkids = kids[a:e]
+                st = dirent_structs.get(cnt)
+                if st is None:
+                    st = dirent_structs[cnt] = struct.Struct("<" + "QHBx" * cnt)
+                # all dirents of the block in one pack: (nid, name offset, file type) per entry
+                st.pack_into(buf, off, *chain.from_iterable(zip(
+                    [nids[c] for c in bkids], accumulate(map(len, bnames[:-1]), initial=12 * cnt),
+                    [ftypes[c] for c in bkids], strict=True)))
+                off += 12 * cnt
+                blob = b"".join(bnames)
                 buf[off:off + len(blob)] = blob
                 q += BLKSZ
         else:
             if tail:
                 if layout == _CHUNK:
-                    buf[p:p + tail] = null_map * (tail >> 2)
+                    nm = nulls.get(tail)
+                    if nm is None:
+                        nm = nulls[tail] = null_map * (tail >> 2)
+                    buf[p:p + tail] = nm
                 elif t == S_IFLNK:
                     buf[p:p + tail] = node.target
                 else:
