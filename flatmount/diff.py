@@ -36,11 +36,16 @@ Cost grows with the size of the change: every directory gets an xxh3-128 fingerp
 own attributes, sorted names, the children's attributes and fingerprints) and the comparison never
 enters a pair of directories with equal fingerprints.  For in-memory trees the fingerprints take one
 pass per tree (`TreeIndex`).  For image files, `ImageIndex` keeps them, with every directory's entries
-and one hash per entry, in an index file cached under the xxh3-128 of the image: a diff maps the two
-index files and decodes only the directories whose fingerprints differ, and inside those only the
-entries whose hashes differ (found by comparing hash arrays in C), so it never reads either image.
-The first diff of an image reads it once to build its index (`cache_index` lets the writer of an
-image store the index right away instead).
+and one hash per entry, in an index file: a diff maps the two index files and decodes only the
+directories whose fingerprints differ, and inside those only the entries whose hashes differ (found by
+comparing hash arrays in C), so it never reads either image.  Where the index file is:
+- a store's flattened image `<root>/images/<digest>.erofs` has it beside, `<digest>.index`, written
+  by flatten with the image (`store_index_path`; `index_file_bytes` makes it), so even its first diff
+  reads nothing but the two indexes;
+- any other image file (or a store image without one: flattened before flatten wrote indexes, or in a
+  damaged state) has it in a cache directory under the xxh3-128 of the image, built the first time
+  (reading the image once); `cache_index` lets the writer of a loose image store it right away.
+Every index is checked (checksum, and the xxh3-128 and size of the image at hand) before use.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import struct
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from itertools import accumulate, repeat
 from typing import IO, Any
 
 import xxhash
@@ -145,6 +151,29 @@ def _leaf_node(k: tuple) -> Inode:
                  digest, payload.decode("utf-8", "surrogateescape") if payload is not None else None)
 
 
+def _dir_entries(d: Inode, names: list[bytes], fp: dict[int, bytes], dkeys: dict[int, tuple],
+                 links: dict[int, tuple[bytes, ...]]) -> tuple[list[tuple], list[tuple[int, int]]]:
+    """The entry records of directory `d` (names sorted) whose subdirectories are done, and the
+    (position, id) of those subdirectories."""
+    ents = d.entries
+    keys: list[tuple] = []
+    subdirs: list[tuple[int, int]] = []
+    append = keys.append
+    for name in names:
+        c = ents[name]
+        if c.entries is not None:
+            subdirs.append((len(keys), id(c)))
+            append((fp[id(c)], dkeys[id(c)]))
+        else:
+            append(_leaf_key(c, links))
+    return keys, subdirs
+
+
+def _dir_fingerprint(dk: tuple, names: list[bytes], keys: list[tuple]) -> bytes:
+    # marshal version 2: no back-references, so deterministic
+    return xxhash.xxh3_128_digest(marshal.dumps((dk, list(zip(names, keys, strict=True))), 2))
+
+
 def _dir_node(k: tuple) -> Inode:
     """A directory inode whose `entries` stay empty: its children are listed by the index."""
     mode, uid, gid, mtime, rdev, xattrs = k
@@ -154,6 +183,34 @@ def _dir_node(k: tuple) -> Inode:
 def _path_key(path: bytes) -> list[bytes]:
     """Depth-first order with parents first: compare component by component."""
     return path.split(b"/")
+
+
+def _walk_dirs(root: Inode, sort: bool) -> tuple[list[tuple[bytes, Inode]], dict[int, tuple[bytes, ...]]]:
+    """(path, directory) in pre-order (a parent before its descendants; with `sort`, children in
+    name order), and the hardlink groups (inode id -> its sorted paths)."""
+    dirs: list[tuple[bytes, Inode]] = []
+    stack = [(b"", root)]
+    seen: dict[int, int] = {}
+    get = seen.get
+    while stack:
+        path, d = stack.pop()
+        dirs.append((path, d))
+        for name, c in (sorted(d.entries.items()) if sort else d.entries.items()):
+            if c.entries is not None:
+                stack.append((path + b"/" + name, c))
+            else:
+                k = id(c)
+                seen[k] = get(k, 0) + 1
+    links: dict[int, tuple[bytes, ...]] = {}
+    multi = {k for k, v in seen.items() if v > 1}
+    if multi:
+        groups: dict[int, list[bytes]] = {}
+        for path, d in dirs:
+            for name, c in d.entries.items():
+                if id(c) in multi:
+                    groups.setdefault(id(c), []).append(path + b"/" + name)
+        links = {k: tuple(sorted(v, key=_path_key)) for k, v in groups.items()}
+    return dirs, links
 
 
 class TreeIndex:
@@ -166,46 +223,17 @@ class TreeIndex:
         if not root.is_dir:
             raise ValueError("a tree root must be a directory")
         self.root = root
-        dirs: list[tuple[bytes, Inode]] = []       # pre-order: a parent before its descendants
-        stack = [(b"", root)]
-        seen: dict[int, int] = {}
-        get = seen.get
-        while stack:
-            path, d = stack.pop()
-            dirs.append((path, d))
-            # sorted when the order is kept: index files are then the same whatever the dicts' order
-            for name, c in (sorted(d.entries.items()) if keep_order else d.entries.items()):
-                if c.entries is not None:
-                    stack.append((path + b"/" + name, c))
-                else:
-                    k = id(c)
-                    seen[k] = get(k, 0) + 1
+        # sorted when the order is kept: index files are then the same whatever the dicts' order
+        dirs, links = _walk_dirs(root, keep_order)
         self.ndirs = len(dirs)
-        links: dict[int, tuple[bytes, ...]] = {}
-        multi = {k for k, v in seen.items() if v > 1}
-        if multi:
-            groups: dict[int, list[bytes]] = {}
-            for path, d in dirs:
-                for name, c in d.entries.items():
-                    if id(c) in multi:
-                        groups.setdefault(id(c), []).append(path + b"/" + name)
-            links = {k: tuple(sorted(v, key=_path_key)) for k, v in groups.items()}
         self.links = links
         fp: dict[int, bytes] = {}
         dkeys: dict[int, tuple] = {}
-        dumps, h = marshal.dumps, xxhash.xxh3_128_digest
         for _path, d in reversed(dirs):            # children before parents
-            ents = d.entries
-            items = []
-            append = items.append
-            for name in sorted(ents):
-                c = ents[name]
-                if c.entries is not None:
-                    append((name, (fp[id(c)], dkeys[id(c)])))
-                else:
-                    append((name, _leaf_key(c, links)))
+            names = sorted(d.entries)
+            keys, _ = _dir_entries(d, names, fp, dkeys, links)
             dk = dkeys[id(d)] = _dir_key(d)
-            fp[id(d)] = h(dumps((dk, items), 2))   # version 2: no back-references, so deterministic
+            fp[id(d)] = _dir_fingerprint(dk, names, keys)
         self.fp = fp
         self.order = dirs if keep_order else None
 
@@ -303,9 +331,11 @@ class ImageIndex:
     @classmethod
     def for_image(cls, image: str | os.PathLike, cache_dir: str | os.PathLike | None | bool = None,
                   ) -> ImageIndex:
-        """The index of an image file: from the cache when present, else built and cached.
+        """The index of an image file: the one beside it for a store's flattened image
+        (`store_index_path`), else from the cache when present, else built and cached.
 
-        `cache_dir`: None = `default_cache_dir()`, False = neither read nor write a cache.
+        `cache_dir`: None = `default_cache_dir()`, False = neither read nor write a cache (an index
+        beside a store image is still used: it belongs to the store, not to the cache).
         """
         path = os.fspath(image)
         try:
@@ -413,34 +443,29 @@ def _parse_image(path: str, data: bytes) -> Inode:
 
 
 def _index_bytes(root: Inode, image_id: bytes, image_size: int) -> bytes:
-    """The index file of a tree (see `ImageIndex`)."""
-    ti = TreeIndex(root, keep_order=True)
-    links, fps = ti.links, ti.fp
+    """The index file of a tree (see `ImageIndex`), in one bottom-up pass (the fingerprints are those
+    of `TreeIndex`)."""
+    dirs, links = _walk_dirs(root, True)
     dumps, h = marshal.dumps, xxhash.xxh3_128_digest
+    fps: dict[int, bytes] = {}
+    dkeys: dict[int, tuple] = {}
     parts = [b""]
     pos = _INDEX_HEAD.size
     where: dict[int, tuple[int, int]] = {}            # id(dir) -> (offset, length) of its record
-    for _path, d in reversed(ti.order):            # children first: a parent records where they are
-        ents = d.entries
-        names = sorted(ents)
-        hashes, items = [], []
-        for name in names:
-            c = ents[name]
-            if c.entries is not None:
-                key = (fps[id(c)], _dir_key(c))
-                hashes.append(h(dumps(key, 2)))
-                items.append(dumps(key + where[id(c)], 2))
-            else:
-                blob = dumps(_leaf_key(c, links), 2)
-                hashes.append(h(blob))
-                items.append(blob)
-        offsets = [0]
-        for it in items:
-            offsets.append(offsets[-1] + len(it))
-        dk = dumps(_dir_key(d), 2)
+    for _path, d in reversed(dirs):                # children first: a parent records where they are
+        names = sorted(d.entries)
+        keys, subdirs = _dir_entries(d, names, fps, dkeys, links)
+        items = list(map(dumps, keys, repeat(2)))
+        hashes = list(map(h, items))
+        for k, cid in subdirs:                     # a directory's item also says where its record is
+            items[k] = dumps(keys[k] + where[cid], 2)
+        dk = dkeys[id(d)] = _dir_key(d)
+        fp = fps[id(d)] = _dir_fingerprint(dk, names, keys)
+        dkb = dumps(dk, 2)
         nb = b"\0".join(names)
-        rec = b"".join([_REC_HEAD.pack(fps[id(d)], len(names), len(dk), len(nb)), dk, nb, *hashes,
-                        struct.pack(f"<{len(offsets)}I", *offsets), *items])
+        rec = b"".join([_REC_HEAD.pack(fp, len(names), len(dkb), len(nb)), dkb, nb, *hashes,
+                        struct.pack(f"<{len(items) + 1}I", *accumulate(map(len, items), initial=0)),
+                        *items])
         where[id(d)] = (pos, len(rec))
         parts.append(rec)
         pos += len(rec)

@@ -54,7 +54,7 @@ from itertools import starmap
 from operator import attrgetter
 from typing import TYPE_CHECKING
 
-from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, Inode
+from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFREG, Inode
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import Store
@@ -83,7 +83,13 @@ def apply_layer(base: Inode, layer: Inode) -> Inode:
     """
     if not base.is_dir or not layer.is_dir:
         raise ValueError("apply_layer needs two directory roots")
-    root = _merge_dir(base, layer)
+    enabled = gc.isenabled()
+    gc.disable()  # thousands of new dicts, none cyclic: no rescans of the (big) trees meanwhile
+    try:
+        root = _merge_dir(base, layer)
+    finally:
+        if enabled:
+            gc.enable()
     if not root_has_attributes(layer):
         root.mode, root.uid, root.gid, root.mtime_ns = base.mode, base.uid, base.gid, base.mtime_ns
         root.xattrs = dict(base.xattrs)
@@ -221,14 +227,40 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
         _remember_tree(digest, tree)
         import time
 
-        from flatmount.pull import tree_objects
-
         with store.transaction() as db:
             db.execute("INSERT OR REPLACE INTO flat_images(chain_key, digest, created) VALUES (?, ?, ?)",
                        (key, digest, time.time()))
             db.executemany("INSERT OR IGNORE INTO refs(owner, object) VALUES (?, ?)",
-                           [("flat:" + digest, o) for o in sorted(tree_objects(tree))])
+                           [("flat:" + digest, o) for o in sorted(flat_tree_objects(tree))])
     return FlatImage(digest, path, key, ids, False)
+
+
+def flat_tree_objects(tree: Inode) -> frozenset[str]:
+    """`flatmount.pull.tree_objects` (the object paths a tree's external files reference, each checked
+    to be `XX/<62 hex>`), walking directories only: their files are filtered and mapped in C loops."""
+    from flatmount.errors import LayerError
+    from flatmount.pull import _OBJPATH
+    from flatmount.tree import object_path
+
+    payloads: set[str] = set()
+    digests: set[bytes] = set()
+    stack = [tree]
+    seen: set[int] = set()
+    while stack:
+        d = stack.pop()
+        if id(d) in seen:
+            continue
+        seen.add(id(d))
+        kids = d.entries.values()
+        stack += [c for c in kids if c.entries is not None]
+        ext = [c for c in kids if c.entries is None and c.content is None and c.mode & _FMT == S_IFREG]
+        payloads.update(c.payload for c in ext if c.payload is not None)
+        digests.update(c.digest for c in ext if c.payload is None and c.digest is not None)
+    out = payloads | set(map(object_path, digests))
+    bad = [p for p in out if not _OBJPATH.fullmatch(p)]
+    if bad:
+        raise LayerError(f"file references a malformed object path {sorted(bad)[0]!r}")
+    return frozenset(out)
 
 
 # Flattened trees of the last images this process read or wrote, by image digest: extending a chain
@@ -268,12 +300,15 @@ def flat_tree(path: str, *, save: bool = False) -> Inode:
 # --- the tree cache ------------------------------------------------------------------------------
 # Header, then marshal((rows, dirs, counts, names, kids)): `rows` one tuple per distinct inode in
 # breadth-first order (root first; a hardlink group is one row) holding the first eleven arguments of
-# Inode(); `dirs` the rows that are directories, `counts` their entry counts, `names`/`kids` all their
-# entries (names, row numbers) in that order.  The checksum is xxh3-64 of everything after the header.
+# Inode() (the xattrs as a dict); `dirs` the rows that are directories, `counts` their entry counts,
+# `names`/`kids` all their entries (names, row numbers) in that order.  The checksum is xxh3-64 of
+# everything after the header.  It holds the tree the image was written from, which the writer turns
+# into the same bytes as the tree read back from the image (what the in-memory cache relies on too).
 _TREE_MAGIC = b"FMTREE01"
 _TREE_HEAD = struct.Struct("<8s32sQQQ")   # magic, image sha256, image size, payload size, checksum
 _ROW = attrgetter("mode", "uid", "gid", "mtime_ns", "size", "rdev", "xattrs", "target", "content",
                   "digest", "payload")
+_ENTRIES = attrgetter("entries")
 
 
 def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
@@ -281,6 +316,46 @@ def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
     written from (or read back from)."""
     import xxhash
 
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        walk = _rows_without_hardlinks(root) or _rows(root)
+        # marshal version 2: no back-references (smaller work both ways than 4 for flat rows)
+        payload = marshal.dumps((list(map(_ROW, walk[0])), *walk[1:]), 2)
+    finally:
+        if enabled:
+            gc.enable()
+    return _TREE_HEAD.pack(_TREE_MAGIC, bytes.fromhex(digest), image_size, len(payload),
+                           xxhash.xxh3_64_intdigest(payload)) + payload
+
+
+def _rows_without_hardlinks(root: Inode) -> tuple | None:
+    """(nodes, dirs, counts, names, kids) of a breadth-first walk that takes every name for a new
+    inode (so whole directories are appended at C speed), or None if the tree has hardlinks."""
+    nodes = [root]
+    dirs: list[int] = []
+    counts: list[int] = []
+    names: list[bytes] = []
+    kids: list[int] = []
+    seen_dirs: set[int] = set()
+    for i, node in enumerate(nodes):
+        ents = node.entries
+        if ents is not None:
+            if id(node) in seen_dirs:   # a directory reachable twice: leave it to the exact walk
+                return None
+            seen_dirs.add(id(node))
+            dirs.append(i)
+            counts.append(len(ents))
+            names.extend(ents)
+            kids.extend(range(len(nodes), len(nodes) + len(ents)))
+            nodes.extend(ents.values())
+    if len(set(map(id, nodes))) != len(nodes):
+        return None
+    return nodes, dirs, counts, names, kids
+
+
+def _rows(root: Inode) -> tuple:
+    """The same walk with hardlinks: an inode gets a row at its first name only."""
     nodes = [root]
     index = {id(root): 0}
     get = index.get
@@ -288,10 +363,13 @@ def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
     counts: list[int] = []
     names: list[bytes] = []
     kids: list[int] = []
-    i = 0
-    while i < len(nodes):
-        ents = nodes[i].entries
+    seen_dirs: set[int] = set()
+    for i, node in enumerate(nodes):
+        ents = node.entries
         if ents is not None:
+            if id(node) in seen_dirs:
+                raise ValueError("a directory is reachable twice (hardlinked directory or cycle)")
+            seen_dirs.add(id(node))
             dirs.append(i)
             counts.append(len(ents))
             names.extend(ents)
@@ -301,10 +379,7 @@ def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
                     j = index[id(c)] = len(nodes)
                     nodes.append(c)
                 kids.append(j)
-        i += 1
-    payload = marshal.dumps((list(map(_ROW, nodes)), dirs, counts, names, kids), 4)
-    return _TREE_HEAD.pack(_TREE_MAGIC, bytes.fromhex(digest), image_size, len(payload),
-                           xxhash.xxh3_64_intdigest(payload)) + payload
+    return nodes, dirs, counts, names, kids
 
 
 def tree_from_cache(data: bytes, digest: str, image_size: int) -> Inode | None:
@@ -336,10 +411,10 @@ def tree_from_cache(data: bytes, digest: str, image_size: int) -> Inode | None:
             node.entries = dict(zip(names[p:q], map(at, kids[p:q]), strict=True))
             p = q
         root = nodes[0]
-        if sum(1 for n in nodes if n.entries is not None) != len(dirs) or not root.is_dir:
-            return None
+        if len(nodes) - list(map(_ENTRIES, nodes)).count(None) != len(dirs) or not root.is_dir:
+            return None   # a directory row without its entries
         return root
-    except (EOFError, ValueError, TypeError, IndexError):
+    except (EOFError, ValueError, TypeError, IndexError, OverflowError, AttributeError):
         return None
     finally:
         if enabled:
@@ -391,7 +466,7 @@ def _save_derived(image_path: str, dest: str, make) -> bool:
             except FileNotFoundError:
                 pass
             raise
-    except OSError:
+    except (OSError, ValueError):
         return False
     return True
 
@@ -452,6 +527,12 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
         from flatmount.diff import index_file_bytes
 
         tree_path, index_path = derived_paths(path)
-        _save_derived(path, tree_path, lambda: tree_cache_bytes(tree, digest, out.size))
-        _save_derived(path, index_path, lambda: index_file_bytes(tree, out.x.digest(), out.size))
+        enabled = gc.isenabled()
+        gc.disable()  # both build many objects, none cyclic
+        try:
+            _save_derived(path, tree_path, lambda: tree_cache_bytes(tree, digest, out.size))
+            _save_derived(path, index_path, lambda: index_file_bytes(tree, out.x.digest(), out.size))
+        finally:
+            if enabled:
+                gc.enable()
     return digest, path

@@ -402,6 +402,15 @@ def _check_leases(run: _Run) -> None:
     """Stale leases; repair goes through flatmount.mount.cleanup (the one owner of mount dirs)."""
     s = run.store
     stale = [lease for lease in run.leases if not lease.live]
+    if stale:
+        # judged after the snapshot that listed them: an unmount that finished meanwhile deleted its
+        # row before releasing its lock, so a lease still recorded now and stale again is really stale
+        from flatmount.mount import judge_lease
+
+        # (judge first, then look for the row: the other order has the same race)
+        db = s.connect()
+        stale = [j for j in map(judge_lease, stale)
+                 if not j.live and db.execute("SELECT 1 FROM leases WHERE id = ?", (j.id,)).fetchone()]
     removed: set[str] = set()
     if stale and run.can_repair(s):
         from flatmount.mount import cleanup

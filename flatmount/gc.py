@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flatmount.errors import ReadOnlyStoreError, StoreError
+from flatmount.flatten import derived_paths
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -166,6 +167,20 @@ def image_files(store: Store) -> dict[str, str]:
     except FileNotFoundError:
         pass
     return out
+
+
+def derived_orphans(store: Store) -> list[str]:
+    """Files derived from a flattened image (`flatmount.flatten.derived_paths`: its tree cache and
+    diff index, `images/<digest>.tree|.index`) whose `images/<digest>.erofs` is gone.  Flatten writes
+    them after the image, so outside a flatten's shared lock an image-less one is garbage."""
+    d = store.root / "images"
+    try:
+        names = set(os.listdir(d))
+    except FileNotFoundError:
+        return []
+    return [str(d / n) for n in sorted(names)
+            if n.endswith((".tree", ".index")) and HEX64.fullmatch(n.rpartition(".")[0])
+            and n.rpartition(".")[0] + ".erofs" not in names]
 
 
 def layer_files(store: Store) -> dict[str, str]:
@@ -278,6 +293,8 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
                 if n is not None:
                     images_removed.append(digest)
                     other_freed += n
+            for path in derived_orphans(store):   # the removed images' tree caches and diff indexes
+                other_freed += _unlink(path, errors) or 0
             for lid, path in sorted(plan.remove_layer_files.items()):
                 n = _unlink(path, errors)
                 if n is not None:
@@ -287,6 +304,7 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
             images_removed = sorted(plan.remove_images)
             layer_files_removed = sorted(plan.remove_layer_files)
             other_freed = sum(_size(p) for p in (*plan.remove_images.values(), *plan.remove_layer_files.values()))
+            other_freed += sum(_size(p) for path in plan.remove_images.values() for p in derived_paths(path))
         doomed = [c for c in candidates if c[0] not in needed]
         if dry_run:
             removed, freed = len(doomed), sum(size for _, size in doomed)

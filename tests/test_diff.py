@@ -617,6 +617,47 @@ def test_cli_store_images(tmp_path, capsysbinary, monkeypatch):
     store.close()
 
 
+def test_store_images_use_the_index_flatten_wrote(tmp_path, monkeypatch):
+    """A store's flattened image has its diff index beside it: its first diff reads no image and builds
+    and caches nothing; a damaged beside index is ignored (and the user cache used instead)."""
+    from flatmount import flatten
+    from flatmount.erofs import reader
+    from flatmount.store import open_store
+
+    store = open_store(tmp_path / "root", runroot=tmp_path / "run")
+    objects = store.objects
+    big = b"0123456789" * 20
+    old = d({"etc": d({"conf": f(b"a=1"), "gone": f()}, mtime_ns=S), "bin": {"tool": f(b"t")}})
+    new = d({"etc": d({"conf": f(b"a=2"), "big": ext(objects.put_bytes(big), len(big))}, mtime_ns=2 * S),
+             "bin": {"tool": f(b"t")}})
+    with store.gc_lock(shared=True):
+        pa = flatten.write_flat_image(store, old)[1]
+        pb = flatten.write_flat_image(store, new)[1]
+    store.close()
+    assert D.store_index_path(pa) == flatten.derived_paths(pa)[1] and os.path.exists(D.store_index_path(pa))
+    assert D.store_index_path(tmp_path / "loose.erofs") is None
+    want = changes(old, new)
+    assert lines(want) == ["C /etc", "A /etc/big", "C /etc/conf", "D /etc/gone"]
+    cache = tmp_path / "cache"
+    with monkeypatch.context() as m:
+        m.setattr(reader.Image, "root", lambda self: pytest.fail("image read despite its index"))
+        ia = ImageIndex.for_image(pa, cache)
+        assert ia.source == D.store_index_path(pa)
+        assert diff_images(pa, pb, cache_dir=cache) == want
+    assert not cache.exists()
+    # the index of another image, or a damaged one, is never used
+    with open(D.store_index_path(pb), "rb") as src:
+        other = src.read()
+    with open(D.store_index_path(pa), "wb") as dst:
+        dst.write(other)
+    assert diff_images(pa, pb, cache_dir=cache) == want
+    assert ImageIndex.for_image(pa, cache).source == str(next(cache.iterdir()))
+    with open(D.store_index_path(pb), "r+b") as fb:
+        fb.seek(100)
+        fb.write(b"\xff\xfe")
+    assert diff_images(pa, pb, cache_dir=False) == want
+
+
 # --- against podman -------------------------------------------------------------------------------
 
 def test_matches_podman_image_diff(podman_stores, tmp_path, monkeypatch):

@@ -659,6 +659,95 @@ def test_random_trees_round_trip(tmp_path_factory, root):
     assert_round_trip(root, img)
 
 
+def _dump_order_primaries(root: Inode) -> dict[int, tuple[int, bytes]]:
+    """The first (id(parent), name) of every inode in depth-first, name-sorted order: what the writer
+    once computed for the whole tree whenever it had hardlinks (the reference for the shortcut)."""
+    first: dict[int, tuple[int, bytes]] = {}
+    stack = [(id(root), iter(sorted(root.entries.items())))]
+    while stack:
+        parent, it = stack[-1]
+        for name, child in it:
+            first.setdefault(id(child), (parent, name))
+            if child.entries is not None:
+                stack.append((id(child), iter(sorted(child.entries.items()))))
+                break
+        else:
+            stack.pop()
+    return first
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(trees(max_nodes=60, whiteouts=False))
+def test_hardlink_queue_order_matches_dump_order(root):
+    """The writer walks once and re-walks only when a hardlink's first name in dump order is not the
+    one that queued it: the result is the walk with every inode queued at its dump-order first name."""
+    from flatmount.erofs import writer
+
+    # (without the root whiteouts: each walk makes its own, so their ids differ)
+    want = writer._collect(root, False, _dump_order_primaries(root))
+    walk1 = writer._collect(root, False, None)
+    primary = writer._primary_names(*(walk1[i] for i in (0, 1, 2, 7, 8, 9))) if walk1[7] else None
+    got = walk1 if primary is None else writer._collect(root, False, primary)
+    assert [id(n) for n in got[0]] == [id(n) for n in want[0]]
+    assert got[1:4] == want[1:4]   # names, children, nlink
+
+
+def test_hardlink_deeper_in_dump_order_rewalks():
+    f = Inode.file(b"x")
+    root = Inode.directory()
+    root.entries[b"z"] = f                                               # breadth-first: first
+    root.entries[b"a"] = Inode.directory(entries={b"b": Inode.directory(entries={b"f": f})})  # dump order
+    from flatmount.erofs import writer
+
+    walk1 = writer._collect(root, True, None)
+    assert writer._primary_names(*(walk1[i] for i in (0, 1, 2, 7, 8, 9))) is not None
+    same_dir = Inode.directory(entries={b"a": f, b"b": f})
+    walk2 = writer._collect(same_dir, True, None)
+    assert walk2[7] and writer._primary_names(*(walk2[i] for i in (0, 1, 2, 7, 8, 9))) is None
+
+
+@given(st.lists(st.integers(1, 255), max_size=400))
+def test_dir_block_packing(lengths):
+    """Greedy packing of dirents into blocks, as a plain loop does it."""
+    from flatmount.erofs.writer import _dir_blocks
+
+    names = [b"%06d" % i + b"x" * (n - 6) if n >= 6 else b"%0*d" % (n, i % 10 ** n) for i, n in enumerate(lengths)]
+    starts, used, k = [0], 0, 0
+    for name in names:
+        if used + 12 + len(name) > fmt.BLKSZ:
+            starts.append(k)
+            used = 0
+        used += 12 + len(name)
+        k += 1
+    nblocks = len(starts) - 1
+    if used > fmt.DIR_INLINE_MAX:
+        nblocks, used = nblocks + 1, 0
+    assert _dir_blocks(names) == (starts, nblocks, used)
+
+
+@given(st.lists(st.tuples(st.sampled_from([b"user.a", b"trusted.b", b"security.c"]),
+                          st.binary(max_size=6)), unique=True))
+def test_shared_xattr_order(items):
+    from flatmount.erofs.writer import _shared_order
+
+    assert _shared_order(items) == sorted(items, key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
+
+
+@pytest.mark.parametrize("size", [1, 4096, 4097, (1 << 43) - 1, 1 << 43, (1 << 43) + 1, 5 << 43, 1 << 50])
+def test_chunk_map_sizes(size):
+    """The writer's inline chunk-size rule is `fmt.chunk_bits`: one chunk up to 2^43 bytes, then
+    2^43-byte chunks."""
+    root = Inode.directory()
+    root.entries[b"f"] = Inode(S_IFREG | 0o644, size=size, digest=DIGEST)
+    im = Image(image_bytes(root))
+    rec = im._rec(child_nid(im, im._rec(im._root_nid), b"f"))
+    bits = fmt.chunk_bits(size)
+    assert rec.iu & fmt.CHUNK_FORMAT_BLKBITS_MASK == bits - fmt.BLKSZBITS
+    nchunks = -(-size // (1 << bits))
+    assert im._d[rec.data_off:rec.data_off + 4 * nchunks] == b"\xff" * 4 * nchunks
+    assert im.root().entries[b"f"].size == size
+
+
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow,
                                                                 HealthCheck.function_scoped_fixture])
 @given(root=trees(max_nodes=20))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import stat
 import struct
@@ -309,3 +310,87 @@ def test_whiteout_markers_need_a_whiteout_child():
     root = Inode.directory()
     root.entries[b"d"] = Inode.directory(xattrs=dict(xs))
     assert Image(image_bytes(root)).root() == root
+
+
+# --- the reader's inline fast paths agree with its general path -------------------------------------
+def external_forms_tree() -> Inode:
+    """External files in every xattr form the whole-tree read decodes inline (metacopy and redirect
+    inline; an empty metacopy shared with an inline redirect; both shared), compact and extended
+    inodes, a hardlink, and the plain leaves it decodes inline too."""
+    t = 1_700_000_000 * 10**9
+    root = Inode.directory(mtime_ns=t)
+    d = Inode.directory(mtime_ns=t)
+    root.entries[b"d"] = d
+    for i in range(4):   # unique digests: both inline; odd ones extended (their mtime differs)
+        d.entries[b"inline%d" % i] = Inode(stat.S_IFREG | 0o644, size=100 + i, digest=bytes([i + 1]) * 32,
+                                           mtime_ns=t + i % 2)
+    for i in range(3):   # payload only: the empty metacopy is shared, each redirect inline
+        d.entries[b"payload%d" % i] = Inode(stat.S_IFREG | 0o600, size=70, payload=f"ab/p{i}.file",
+                                            mtime_ns=t + i % 2)
+    for i in range(2):   # the same object twice: metacopy and redirect both shared
+        d.entries[b"dup%d" % i] = Inode(stat.S_IFREG | 0o644, size=99, digest=b"\x77" * 32, mtime_ns=t)
+    d.entries[b"hard"] = d.entries[b"inline0"]
+    d.entries[b"other-xattr"] = Inode(stat.S_IFREG | 0o644, size=80, digest=b"\x55" * 32, mtime_ns=t,
+                                      xattrs={b"user.a": b"1"})
+    d.entries[b"empty"] = Inode.file(b"", mtime_ns=t)
+    d.entries[b"small"] = Inode.file(b"hello", mtime_ns=t + 1)
+    d.entries[b"link"] = Inode.symlink(b"small", mtime_ns=t)
+    d.entries[b"fifo"] = Inode(stat.S_IFIFO | 0o600, mtime_ns=t)
+    d.entries[b"dev"] = Inode(stat.S_IFCHR | 0o600, rdev=os.makedev(1, 3), mtime_ns=t)
+    return root
+
+
+def _leaf_state(n: Inode) -> tuple:
+    return (n.attrs(), n.size, n.payload)
+
+
+def test_fast_paths_equal_general_path():
+    """Every leaf of a whole-tree read (inline decoding) equals a lookup of it (the general `_make`)."""
+    tree = external_forms_tree()
+    data = image_bytes(tree)
+    im = Image(data)
+    back = im.root()
+    assert back == tree
+    assert back.entries[b"d"].entries[b"hard"] is back.entries[b"d"].entries[b"inline0"]
+    for name, node in back.entries[b"d"].entries.items():
+        assert _leaf_state(im.lookup(b"/d/" + name)) == _leaf_state(node), name
+
+
+def test_damaged_external_xattrs_fast_path_never_accepts_more():
+    """Damage every byte of the leaves' inodes and xattr bodies and of the shared xattr area:
+    whatever the whole-tree read accepts, the general path accepts too and decodes the same."""
+    tree = external_forms_tree()
+    data = image_bytes(tree)
+    im = Image(data)
+    d_rec = im._rec(child_nid(im, im._rec(im._root_nid), b"d"))
+    names = sorted(n for n in tree.entries[b"d"].entries if n != b"hard")
+    spots = set()
+    sids = []
+    for name in names:
+        rec = im._rec(child_nid(im, d_rec, name))
+        spots.update(range(rec.off, rec.xoff + rec.xsize))   # the inode and its xattrs
+        if rec.xsize:
+            count = im._d[rec.xoff + 4]
+            sids += struct.unpack_from(f"<{count}I", im._d, rec.xoff + 12)
+    shared_start = im._xbase + 4 * min(sids)
+    spots.update(range(shared_start, shared_start + 4 * (max(sids) - min(sids)) + 64))  # shared xattrs
+    checked = 0
+    for pos in sorted(spots):
+        for mask in ((0x01, 0x06, 0xFF)[pos % 3], 0x80):   # one low-bit change per byte, and the top bit
+            damaged = bytearray(data)
+            damaged[pos] ^= mask
+            damaged = bytes(damaged)
+            try:
+                fast = Image(damaged).root().entries[b"d"].entries
+            except CorruptImageError:
+                continue
+            general = Image(damaged)
+            for name in names:
+                try:
+                    slow = general.lookup(b"/d/" + name)
+                except CorruptImageError:
+                    pytest.fail(f"byte {pos:#x} ^ {mask:#x}: the fast path accepted {name!r}, "
+                                "the general path does not")
+                assert _leaf_state(slow) == _leaf_state(fast[name]), (pos, mask, name)
+            checked += 1
+    assert checked > 100   # plenty of damage that is not structural (digests, redirect bytes, ...)

@@ -14,6 +14,7 @@ from layerdirs import extract, mount_overlay, umount
 from flatmount.flatten import apply_layer, default_root, flatten_trees
 from flatmount.scan import scan_directory
 from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFIFO, Inode, lookup, walk
+from tests.test_erofs import trees as erofs_trees
 
 # --- helpers --------------------------------------------------------------------------------------
 
@@ -516,3 +517,132 @@ def test_flatten_waits_for_a_running_gc(tmp_path):
     assert done.is_set()
     assert sorted(os.path.splitext(n)[1] for n in os.listdir(tmp_path / "p" / "images")) == [
         ".erofs", ".index", ".tree"]   # the image and its derived files
+
+
+# --- derived files: the tree cache (and the diff index) beside each flattened image -----------------
+
+def test_tree_cache_round_trip_and_validation():
+    from flatmount.flatten import tree_cache_bytes, tree_from_cache
+    from tests.test_erofs import every_type_tree
+
+    tree = every_type_tree()
+    digest = "ab" * 32
+    data = tree_cache_bytes(tree, digest, 12345)
+    back = tree_from_cache(data, digest, 12345)
+    assert back == tree
+    assert back.entries[b"hard1"] is back.entries[b"dir"].entries[b"hard3"]   # hardlinks stay one inode
+    assert back.entries[b"dir"].entries is not tree.entries[b"dir"].entries
+    assert tree_from_cache(data, "cd" * 32, 12345) is None        # another image's
+    assert tree_from_cache(data, digest, 12346) is None           # the image changed size
+    assert tree_from_cache(data[:-1], digest, 12345) is None      # truncated
+    for pos in (0, 60, len(data) // 2, len(data) - 1):              # damaged: checksum
+        bad = bytearray(data)
+        bad[pos] ^= 0x40
+        assert tree_from_cache(bytes(bad), digest, 12345) is None
+    # a well-formed file whose content is not a tree is refused, never half-used
+    import marshal
+
+    import xxhash
+
+    from flatmount.flatten import _TREE_HEAD, _TREE_MAGIC
+
+    for payload in ([], ([], [], [], [], []), ([(0o100644,) * 11], [0], [1], [b"x"], [0]),
+                    ([(0o40755, 0, 0, 0, 0, 0, {}, None, None, None, None)], [0], [1], [b"x"], [-1])):
+        blob = marshal.dumps(payload, 2)
+        fake = _TREE_HEAD.pack(_TREE_MAGIC, bytes.fromhex(digest), 1, len(blob),
+                               xxhash.xxh3_64_intdigest(blob)) + blob
+        assert tree_from_cache(fake, digest, 1) is None
+
+
+def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
+    """A prefix flattened earlier is loaded from its tree cache, not parsed; a missing or damaged cache
+    is rebuilt from the image; the images are the same bytes either way."""
+    from layerdirs import store_image
+
+    from flatmount import flatten
+    from flatmount.erofs import reader
+    from flatmount.flatten import derived_paths, flatten_image
+    from flatmount.store import open_store
+
+    trees = chain_trees()
+    a = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    ids = store_image(a, trees[:2], "two", blobs=BIG)
+    store_image(a, trees[2:], "three", parent=ids[-1], blobs=BIG)
+    two = flatten_image(a, "two")
+    tree_path, index_path = derived_paths(two.path)
+    assert os.path.isfile(tree_path) and os.path.isfile(index_path)
+    assert flatten.load_tree_cache(two.path) == reader.read_tree(two.path)
+    assert os.listdir(tmp_path / "a" / "tmp") == []
+    b = open_store(tmp_path / "b", runroot=tmp_path / "run")   # reference: the chain from scratch
+    store_image(b, trees, "three", blobs=BIG)
+    want = flatten_image(b, "three").digest
+
+    def new_process(mode):
+        root = tmp_path / f"a-{mode}"
+        import shutil
+
+        shutil.copytree(tmp_path / "a", root, symlinks=True)
+        s = open_store(root, runroot=tmp_path / f"run-{mode}")
+        tp = derived_paths(str(root / "images" / f"{two.digest}.erofs"))[0]
+        if mode == "missing":
+            os.unlink(tp)
+        elif mode == "damaged":
+            with open(tp, "r+b") as fh:
+                fh.seek(os.path.getsize(tp) // 2)
+                fh.write(b"\x00\x01\x02")
+        monkeypatch.setattr(flatten, "_trees", {})
+        reads = []
+        orig = reader.Image.root
+        monkeypatch.setattr(reader.Image, "root", lambda self: reads.append(1) or orig(self))
+        got = flatten_image(s, "three")
+        monkeypatch.setattr(reader.Image, "root", orig)
+        return got, reads, tp
+
+    got, reads, _ = new_process("cached")
+    assert got.digest == want and reads == [1]       # only the new top layer was parsed
+    for mode in ("missing", "damaged"):
+        got, reads, tp = new_process(mode)
+        assert got.digest == want and len(reads) == 2   # the prefix image too
+        assert flatten.load_tree_cache(tp[: -len(".tree")] + ".erofs") is not None   # rewritten
+    a.close()
+    b.close()
+
+
+def test_no_derived_files_written_into_an_additional_store(tmp_path):
+    from layerdirs import store_image
+
+    from flatmount import flatten
+    from flatmount.flatten import derived_paths, flatten_image
+    from flatmount.store import open_store
+
+    ais_root = tmp_path / "ais"
+    ais = open_store(ais_root, runroot=tmp_path / "run")
+    trees = chain_trees()
+    ids = store_image(ais, trees[:2], "base", blobs=BIG)
+    in_ais = flatten_image(ais, "base")
+    store_image(ais, trees[2:], "top", parent=ids[-1], blobs=BIG)
+    ais.close()
+    os.unlink(derived_paths(in_ais.path)[0])
+    before = sorted(os.listdir(ais_root / "images"))
+    flatten._trees.clear()
+    primary = open_store(tmp_path / "p", runroot=tmp_path / "run", additional=[str(ais_root)])
+    top = flatten_image(primary, "top")
+    assert not top.reused and top.path.startswith(str(tmp_path / "p"))
+    assert sorted(os.listdir(ais_root / "images")) == before            # nothing written there
+    assert all(os.path.isfile(p) for p in derived_paths(top.path))      # the new image's are
+    primary.close()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(erofs_trees(whiteouts=False))
+def test_tree_cache_gives_the_image_bytes(tree):
+    """The tree cache holds the tree an image was written from; written again it is the same image,
+    as is the tree read back from the image: a chain flattened from either has the same digest."""
+    from flatmount.erofs.reader import Image
+    from flatmount.erofs.writer import image_bytes
+    from flatmount.flatten import tree_cache_bytes, tree_from_cache
+
+    data = image_bytes(tree)
+    cached = tree_from_cache(tree_cache_bytes(tree, "00" * 32, len(data)), "00" * 32, len(data))
+    assert image_bytes(cached) == data
+    assert image_bytes(Image(data).root()) == data

@@ -11,6 +11,12 @@ Every problem with the bytes raises `CorruptImageError` (message says which nid 
 read from the image are checked against the image length before anything is sliced or allocated,
 each directory is entered at most once (no loops), and the total number of directory entries is
 capped by what the image could hold, so time and memory stay proportional to the image size.
+
+Speed (a whole 64k-inode tree is read by every flatten from an image, first diff, gc and fsck): the
+whole-tree walk (`_fill`) decodes each directory block with one struct call and the common inode forms
+(no xattrs; an external file's metacopy/redirect pair, inline or shared) inline, with the same checks
+as the general per-inode path (`_rec`/`_make`), which takes every other form and every inode that
+fails a check, so the two never disagree (tests/test_erofs_hostile.py damages images to check that).
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ _HEX_NAMES = frozenset(b"%02x" % i for i in range(256))
 _PLAIN = fmt.DataLayout.FLAT_PLAIN
 _INLINE = fmt.DataLayout.FLAT_INLINE
 _CHUNK = fmt.DataLayout.CHUNK_BASED
+_LAYOUTS = frozenset((int(_PLAIN), int(_INLINE), int(_CHUNK)))
 _SUPPORTED_INCOMPAT = (fmt.FeatureIncompat.ZERO_PADDING | fmt.FeatureIncompat.CHUNKED_FILE
                        | fmt.FeatureIncompat.DEVICE_TABLE)
 _COMPACT = struct.Struct("<HHHHIIIIHH")     # compact inode without the trailing reserved word
@@ -52,8 +59,8 @@ _HDR_COUNT = struct.Struct("<IB")
 _U16 = struct.Struct("<H")
 _TWO_IDS = struct.Struct("<II").unpack_from
 _DIRENTS: dict[int, struct.Struct] = {}       # dirent count -> all dirents of a block in one unpack
-# the common xattr body of an external file: header, inline metacopy entry (36-byte value), inline
-# redirect entry; per redirect length, the struct and the redirect entry's expected head
+# the usual xattr bodies of an external file: the inline metacopy entry head (36-byte value), and per
+# redirect length the struct of the body after the header and the redirect entry's expected head
 _MC_ENTRY = fmt.XATTR_ENTRY.pack(16, fmt.XattrIndex.TRUSTED, 4 + fmt.DIGEST_SIZE) + b"overlay.metacopy"
 _BOTH_INLINE: dict[int, tuple[struct.Struct, bytes]] = {}
 _REDIRECT_INLINE: dict[int, tuple[struct.Struct, bytes]] = {}
@@ -64,6 +71,13 @@ _ESC = fmt.OVERLAY_ESCAPED_PREFIX
 _TOP = fmt.OVERLAY_PREFIX
 _WHITEOUT = fmt.OVERLAY_PREFIX + b"whiteout"
 _WHITEOUTS = fmt.OVERLAY_PREFIX + b"whiteouts"
+
+
+def _remember(cache: dict, key, value):
+    """`value`, kept in the module-level `cache` unless it is full (hostile images could vary the key)."""
+    if len(cache) < 256:
+        cache[key] = value
+    return value
 
 
 def _redirect_entry(vlen: int) -> bytes:
@@ -559,7 +573,8 @@ class Image:
                             layout = f >> 1
                             xsize = 8 + 4 * icount if icount else 0
                             data_off = xoff + xsize
-                            if data_off > n or f & ~fmt.I_FORMAT_KNOWN or ftype_of(t) != ftype:
+                            if (data_off > n or f & ~fmt.I_FORMAT_KNOWN or ftype_of(t) != ftype
+                                    or layout not in _LAYOUTS):
                                 pass
                             elif t == S_IFREG:
                                 if layout == _CHUNK:
@@ -578,7 +593,7 @@ class Image:
                                                 if vlen >= 2 and 68 + ((23 + vlen) & ~3) == xsize:
                                                     st = both_inline.get(vlen)
                                                     if st is None:
-                                                        st = both_inline[vlen] = _both_inline_struct(vlen)
+                                                        st = _remember(both_inline, vlen, _both_inline_struct(vlen))
                                                     e1, mch, dg, e2, slash, rest = st[0].unpack_from(d, xoff + 12)
                                                     if (e1 == _MC_ENTRY and mch == mc_header and e2 == st[1]
                                                             and slash == b"/"
@@ -591,13 +606,14 @@ class Image:
                                                 if vlen >= 2 and 16 + ((23 + vlen) & ~3) == xsize:
                                                     st = redirect_inline.get(vlen)
                                                     if st is None:
-                                                        st = redirect_inline[vlen] = _redirect_inline_struct(vlen)
+                                                        st = _remember(redirect_inline, vlen,
+                                                                       _redirect_inline_struct(vlen))
                                                     sid, e2, slash, rest = st[0].unpack_from(d, xoff + 12)
                                                     mc = shared_mc.get(sid)
                                                     if mc is None:
                                                         mc = self._shared_metacopy(sid, cnid, shared_mc)
                                                     if (mc is not None and e2 == st[1] and slash == b"/"
-                                                            and not (filt & mc[0] and check_filter)):
+                                                            and not (filt & (mc[0] | _RD_BIT) and check_filter)):
                                                         child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
                                                                       mc[1], rest.decode("utf-8", "surrogateescape"),
                                                                       None)

@@ -48,6 +48,7 @@ import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from itertools import accumulate, chain
+from operator import itemgetter
 from typing import BinaryIO
 
 from flatmount.erofs import format as fmt
@@ -110,15 +111,18 @@ def _dir_blocks(names: list[bytes]) -> tuple[list[int], int, int]:
     `starts` holds the index of the first entry of every block including the tail's.
     """
     starts = [0]
-    used = 0
-    k = 0
-    for name in names:
-        ln = 12 + len(name)
-        if used + ln > BLKSZ:
-            starts.append(k)
-            used = 0
-        used += ln
-        k += 1
+    used = 12 * len(names) + sum(map(len, names))
+    if used > BLKSZ:  # more than one block: greedy, by binary search over the running sizes
+        cum = list(accumulate(map(len, names), initial=0))
+        run = [c + 12 * k for k, c in enumerate(cum)]   # bytes taken by the first k entries
+        a = 0
+        while True:
+            e = bisect.bisect_right(run, run[a] + BLKSZ) - 1   # entries a..e-1 fit one block
+            if e == len(names):
+                break
+            starts.append(e)
+            a = e
+        used = run[-1] - run[a]
     nblocks = len(starts) - 1
     if used > fmt.DIR_INLINE_MAX:  # composefs never inlines more than half a block
         nblocks += 1
@@ -136,7 +140,7 @@ def dir_size(names: Iterable[bytes]) -> int:
 def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, bytes]] | None):
     """Breadth-first walk: distinct inodes in queue order plus every directory's sorted names/children.
 
-    `primary` (given only when hardlinks exist) maps id(inode) -> (id(parent dir), name) of the name
+    `primary` (given only when hardlinks need it) maps id(inode) -> (id(parent dir), name) of the name
     that places a multiply-linked inode in the queue; libcomposefs queues the "real" node of a
     hardlink group, which is its first name in a path-sorted composefs dump.
 
@@ -158,17 +162,10 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
     version = 0
     dups: list[tuple[int, bytes, int]] = []
     pending: list[tuple[int, bytes, Inode]] = []
-    i = 0
-    while i < len(nodes):
+    dirq = [0]   # directories in queue order (only they need a visit of their own)
+    for i in dirq:
         node = nodes[i]
         ents = node.entries
-        if ents is None:
-            if node.mode & S_IFMT == S_IFDIR:
-                raise FormatError("directory inode without entries")
-            i += 1
-            continue
-        if node.mode & S_IFMT != S_IFDIR:
-            raise FormatError(f"non-directory inode {node!r} has entries")
         if i == 0 and root_whiteouts:
             missing = [h for h in _HEX_NAMES if h not in ents]
             if missing:
@@ -198,7 +195,11 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
             if cm == S_IFDIR:
                 if j is not None:
                     raise FormatError(f"directory {name!r} appears twice (hardlinked directory or cycle)")
+                if child.entries is None:
+                    raise FormatError("directory inode without entries")
                 nsub += 1
+            elif child.entries is not None:
+                raise FormatError(f"non-directory inode {child!r} has entries")
             if j is None:
                 if primary is not None:
                     p = primary.get(cid)
@@ -213,6 +214,7 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
                 nparent.append(i)
                 if cm == S_IFDIR:
                     dparent[j] = i
+                    dirq.append(j)
                 elif cm == S_IFCHR and child.rdev == 0 and cid not in raw:
                     whiteout_parents.add(i)
                     version = 1
@@ -229,7 +231,6 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
         kids.insert(p, dparent[i])
         dnames[i] = names
         dkids[i] = kids
-        i += 1
     for i, name, child in pending:
         j = index.get(id(child))
         if j is None:
@@ -318,8 +319,8 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     MC, RD = _MC, _RD
     TOP, ESC, NTOP = _TOP, _ESC, _NTOP
     mc_header = fmt.METACOPY_HEADER
-    for i in range(n):
-        node = nodes[i]
+    max_bits = fmt.CHUNK_FORMAT_BLKBITS_MASK + fmt.BLKSZBITS
+    for i, node in enumerate(nodes):
         mode = node.mode
         t = mode & S_IFMT
         xs = node.xattrs
@@ -367,13 +368,17 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                         d[MC] = mv
                         if path:
                             d[RD] = b"/" + path.encode("utf-8", "surrogateescape")
-                    cb = fmt.chunk_bits(size)
-                    nch = (size + (1 << cb) - 1) >> cb
-                    if nch > fmt.MAX_NONINLINE_CHUNKS:
-                        raise FormatError(f"file too large for a composefs image: {size} bytes")
-                    tails[i] = 4 * nch
+                    cb = (size - 1).bit_length()   # fmt.chunk_bits: one chunk when possible
+                    if cb <= max_bits:
+                        tails[i] = 4
+                        iu[i] = cb - fmt.BLKSZBITS if cb > fmt.BLKSZBITS else 0
+                    else:
+                        nch = (size + (1 << max_bits) - 1) >> max_bits
+                        if nch > fmt.MAX_NONINLINE_CHUNKS:
+                            raise FormatError(f"file too large for a composefs image: {size} bytes")
+                        tails[i] = 4 * nch
+                        iu[i] = max_bits - fmt.BLKSZBITS
                     layouts[i] = _CHUNK
-                    iu[i] = cb - fmt.BLKSZBITS
                 elif size < 0:
                     raise FormatError(f"negative file size {size}")
             ftypes[i] = 1
@@ -451,22 +456,19 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     # ---- shared xattrs: every (name, value) used more than once ----------------------------------
     counts = Counter(allitems)
     keyinfo: dict[bytes, tuple[int, bytes, int, int]] = {}
-    shared = sorted([it for it, c in counts.items() if c > 1],
-                    key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
+    shared = _shared_order([it for it, c in counts.items() if c > 1])
     shared_off: dict[tuple[bytes, bytes], int] = {}
     off = 0
     for it in shared:
         shared_off[it] = off
         off += (4 + _keyinfo(it[0])[3] + len(it[1]) + 3) & ~3
     shared_size = off
-    has_acl = False
-    for k, v in counts:
-        if k not in keyinfo:
-            keyinfo[k] = _keyinfo(k)
-        if len(v) > U16:
-            raise FormatError(f"xattr {k[:64]!r} value too long ({len(v)} bytes)")
-        if k == fmt.POSIX_ACL_ACCESS or k == fmt.POSIX_ACL_DEFAULT:
-            has_acl = True
+    for k in set(map(itemgetter(0), counts)):
+        keyinfo[k] = _keyinfo(k)
+    if counts and max(map(len, map(itemgetter(1), counts))) > U16:
+        k, v = next(kv for kv in counts if len(kv[1]) > U16)
+        raise FormatError(f"xattr {k[:64]!r} value too long ({len(v)} bytes)")
+    has_acl = fmt.POSIX_ACL_ACCESS in keyinfo or fmt.POSIX_ACL_DEFAULT in keyinfo
 
     # ---- pass 2: xattr sizes and placement ----------------------------------------------------------
     xsizes = [0] * n
@@ -474,15 +476,13 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     forms = [0] * n        # external file: 1 metacopy and redirect inline, 2 metacopy shared, 3 both shared
     pos = fmt.SUPER_OFFSET + fmt.SUPERBLOCK.size
     MAXSH = fmt.MAX_SHARED_PER_INODE
-    xs_cache: dict = {}
+    mc_suffix = 7 + keyinfo[MC][3] if MC in keyinfo else 0
     rd_suffix = 7 + keyinfo[RD][3] if RD in keyinfo else 0
     for i, items, base, tail, fst in zip(range(n), xitems, isz, tails, fast, strict=True):
         if items:
             if fst:
                 it_m, it_r = items
-                xsize = xs_cache.get(it_m)
-                if xsize is None:
-                    xsize = xs_cache[it_m] = 12 + (4 if it_m in shared_off else (7 + keyinfo[MC][3] + len(it_m[1])) & ~3)
+                xsize = 16 if it_m in shared_off else 12 + ((mc_suffix + len(it_m[1])) & ~3)
                 if it_r in shared_off:
                     xsize += 4
                     forms[i] = 3 if xsize == 20 else 0
@@ -574,6 +574,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     heads: dict = {}
     nulls = {4: null_map}
     dirent_structs: dict[int, struct.Struct] = {}
+    packs: dict[tuple, struct.Struct] = {}
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
     rd_len = keyinfo[RD][3] if RD in keyinfo else 0
     for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items in zip(
@@ -586,6 +587,51 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             # writes blkaddr, then the chunk format over it in the same union)
             u = (cur_blk & 0xFFFF0000) | u if layout == _CHUNK else cur_blk
         icount = ((xsize - 12) >> 2) + 1 if xsize else 0
+        if form and not nb:
+            # an external file in its common forms: inode, xattrs and chunk map in one pack
+            tail = tails[i]
+            if form == 2:  # shared metacopy: cached head (header, its id, redirect entry head) + value
+                rv = items[1][1]
+                hk = (items[0], len(rv))
+                head = heads.get(hk)
+                if head is None:
+                    head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + 3) & ~3)]
+                parts: tuple = (head, rv)
+                sk: tuple = (isize, len(head), len(rv), tail)
+            elif form == 1:  # both inline: cached entry heads (by value lengths) around the two values
+                mv = items[0][1]
+                rv = items[1][1]
+                hk = (len(mv), len(rv))
+                head = heads.get(hk)
+                if head is None:
+                    body = _xattr_body(items, shared_ids, xsize, keyinfo)
+                    r0 = 12 + ((7 + mc_len + len(mv)) & ~3)   # where the redirect entry starts
+                    head = heads[hk] = (body[:16 + mc_len], body[r0:r0 + 4 + rd_len])
+                parts = (head[0], mv, head[1], rv)
+                sk = (isize, 0, len(mv), len(rv), tail)
+            else:  # both shared: the body is the header and two ids
+                body = body_cache.get(items)
+                if body is None:
+                    body = body_cache[items] = _xattr_body(items, shared_ids, xsize, keyinfo)
+                parts = (body,)
+                sk = (isize, tail)
+            st = packs.get(sk)
+            if st is None:
+                st = packs[sk] = _external_struct(isize, [len(x) for x in parts], xsize, tail)
+            nm = nulls.get(tail)
+            if nm is None:
+                nm = nulls[tail] = null_map * (tail >> 2)
+            try:
+                if isize == 32:
+                    st.pack_into(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0,
+                                 *parts, nm)
+                else:
+                    sec, nsec = divmod(node.mtime_ns, NS)
+                    st.pack_into(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid,
+                                 sec, nsec, nl, *parts, nm)
+            except struct.error as e:
+                raise FormatError(f"inode field out of range: {e}") from None
+            continue
         if isize == 32:
             cpack(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0)
             p = pos + 32
@@ -679,6 +725,37 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 buf[q:q + ln] = data[:ln]
         cur_blk += nb
     return buf
+
+
+def _external_struct(isize: int, parts: list[int], xsize: int, tail: int) -> struct.Struct:
+    """One struct for an external file's inode (compact or extended), its xattr body given as byte
+    strings of the lengths `parts` (metacopy entry head, value, redirect entry head, value; or head
+    and redirect value; or the whole body), padded as in the body, then its NULL chunk map (`tail`
+    bytes)."""
+    f = ["<HHHHIIIIHHI" if isize == 32 else "<HHHHQIIIIqII16x"]
+    if len(parts) == 4:   # both inline: metacopy head + value (padded), redirect head + value
+        f += [f"{parts[0]}s{parts[1]}s{-(parts[0] + parts[1]) & 3}x", f"{parts[2]}s{parts[3]}s"]
+        used = 12 + ((parts[0] - 12 + parts[1] + 3) & ~3) + parts[2] + parts[3]
+    else:
+        f += [f"{n}s" for n in parts]
+        used = sum(parts)
+    f.append(f"{xsize - used}x")
+    f.append(f"{tail}s")
+    st = struct.Struct("".join(f))
+    assert st.size == isize + xsize + tail
+    return st
+
+
+def _shared_order(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`sorted(items, key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)` (the shared xattr
+    order of libcomposefs), per name with C-level keys: stable sorts, least significant key first."""
+    out = []
+    for name in sorted(set(map(itemgetter(0), items)), reverse=True):
+        values = [v for k, v in items if k == name]
+        values.sort(reverse=True)
+        values.sort(key=len, reverse=True)
+        out += [(name, v) for v in values]
+    return out
 
 
 def _xattr_body(items, shared_ids: dict, xsize: int, keyinfo: dict) -> bytes:
