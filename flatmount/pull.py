@@ -118,29 +118,67 @@ def tree_objects(tree: Inode) -> frozenset[str]:
 
 
 class _RecordingObjects:
-    """The primary's ObjectStore, remembering every digest put through it (for rollback)."""
+    """The primary's ObjectStore, remembering every digest put through it (for rollback).
+
+    `stored`: those known to be in the store (put returned, or their bulk writer closed cleanly).
+    """
 
     def __init__(self, objects: ObjectStore):
         self._objects = objects
         self.digests: set[bytes] = set()
+        self.stored: set[bytes] = set()
+
+    def _record(self, d: bytes) -> bytes:
+        self.digests.add(d)
+        self.stored.add(d)
+        return d
 
     def put(self, stream, expected=None) -> bytes:
-        d = self._objects.put(stream, expected)
-        self.digests.add(d)
-        return d
+        return self._record(self._objects.put(stream, expected))
 
     def put_bytes(self, data, expected=None) -> bytes:
-        d = self._objects.put_bytes(data, expected)
-        self.digests.add(d)
-        return d
+        return self._record(self._objects.put_bytes(data, expected))
 
     def put_file(self, path, expected=None) -> bytes:
-        d = self._objects.put_file(path, expected)
-        self.digests.add(d)
-        return d
+        return self._record(self._objects.put_file(path, expected))
+
+    def bulk(self, helper=None) -> _RecordingBulk:
+        return _RecordingBulk(self._objects.bulk(helper), self)
 
     def __getattr__(self, name: str):
         return getattr(self._objects, name)
+
+
+class _RecordingBulk:
+    """An ObjectStore bulk writer whose digests are recorded for rollback at once, as stored at close."""
+
+    def __init__(self, bulk, recording: _RecordingObjects):
+        self._bulk = bulk
+        self._recording = recording
+        self._pending: list[bytes] = []
+
+    def put_bytes(self, data) -> bytes:
+        d = self._bulk.put_bytes(data)
+        self._recording.digests.add(d)
+        self._pending.append(d)
+        return d
+
+    def close(self) -> None:
+        self._bulk.close()
+        self._recording.stored.update(self._pending)
+        self._pending = []
+
+    def abort(self) -> None:
+        self._bulk.abort()
+
+    def __enter__(self) -> _RecordingBulk:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
 
 
 class ImportBatch:
@@ -300,9 +338,11 @@ class ImportBatch:
         """Record everything staged in one transaction; returns the image record (if one was set)."""
         store = self.store
         objdir = store.objects_dir
+        # objects this batch stored are there (stored under the shared GC lock): check the others
+        ours = {_objpath(d) for d in self._objects.stored} if self._objects is not None else set()
         for p in self._layers:
-            for o in p.objects:
-                if not os.path.isfile(objdir / o):
+            for o in p.objects - ours:
+                if not os.path.isfile(f"{objdir}/{o}"):
                     raise StoreError(f"layer {p.id} references object {o}, which is not in {objdir}")
         renamed: list[str] = []
         try:
@@ -352,6 +392,11 @@ class ImportBatch:
         if db.execute("SELECT 1 FROM layers WHERE id = ?", (layer_id,)).fetchone():
             return True
         return any(s.own_layer(layer_id) is not None for s in self.store.additional)
+
+
+def _objpath(digest: bytes) -> str:
+    h = digest.hex()
+    return h[:2] + "/" + h[2:]
 
 
 def _fsync_dir(path: str | os.PathLike) -> None:

@@ -17,15 +17,17 @@ _LAZY = {
     "fsverity_digest": "digest", "parse_digest": "digest",
     "InvalidDigestError": "errors", "ObjectDigestMismatchError": "errors", "ObjectNotFoundError": "errors",
     "ObjectStoreError": "errors", "ReadOnlyObjectStoreError": "errors",
-    "ObjectStore": "store",
+    "ObjectStore": "store", "BulkWriter": "bulk",
 }
 __all__ = [
+    "BulkWriter",
     "FsVerityHasher", "InvalidDigestError", "ObjectDigestMismatchError", "ObjectNotFoundError", "ObjectStore",
     "ObjectStoreError", "ReadOnlyObjectStoreError", "digest_file", "digest_stream", "fsverity_digest",
     "parse_digest",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .bulk import BulkWriter
     from .digest import FsVerityHasher, digest_file, digest_stream, fsverity_digest, parse_digest
     from .errors import (
         InvalidDigestError,

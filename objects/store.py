@@ -9,11 +9,16 @@ another process), the link fails and the temp file is dropped.  Readers therefor
 objects.
 
 Durability is batched: `put` does not fsync, `sync()` makes everything put since the previous `sync()`
-durable in one go (a single syncfs() for big batches, per-file fsync for a few files), so importing
+durable in one go (a single syncfs() for big batches, per-file fsync for a few files: syncfs() also
+flushes whatever else is dirty on the file system, e.g. the tarball being imported), so importing
 50,000 small files does not pay 50,000 journal commits.  Callers must `sync()` before recording
 references to new objects (e.g. committing a database row).  An object left truncated by a power
 failure before `sync()` (ext4/xfs show such files as short or empty) is detected by its size on the
 next put of that content and replaced.
+
+Speed: a big put runs as three threads (read the source into aligned 1 MiB buffers, write them with
+O_DIRECT, fs-verity hash them), so it costs about as much as hashing; many small puts go through
+`bulk()` (objects.bulk), whose helper processes create the files on another core.
 
 Digests are accepted as 32 raw bytes, 64 hex digits (str or ASCII bytes) or an `XX/<62 hex>` object
 path; methods return 32 raw bytes.
@@ -29,8 +34,8 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
-from typing import BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, BinaryIO
 
 from .digest import READ_CHUNK, FsVerityHasher, digest_file, fsverity_digest, parse_digest
 from .errors import (
@@ -43,16 +48,19 @@ from .errors import (
 TMP_DIR = ".tmp"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
-PIPELINE_BUFFERS = 4  # 1 MiB read buffers in flight between the writer thread and the hasher
+PIPELINE_BUFFERS = 8  # 1 MiB buffers in flight between the reader, writer and hashing threads
 WRITEBACK_EVERY = 16 << 20  # buffered big objects: start disk writeback every 16 MiB, so sync() has less to do
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
-SYNCFS_MIN = 16  # from this many pending files/dirs on, one syncfs() is cheaper than one fsync each
+SYNCFS_MIN = 64  # from this many pending files/dirs on, one syncfs() is cheaper than one fsync each
 
 _HEX = frozenset("0123456789abcdef")
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _DONE = object()
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .bulk import BulkWriter
 
 Digest = bytes | str
 
@@ -183,12 +191,9 @@ class _Buffers:
         self.owned = []
 
 
-def _stream_chunks(first: bytes, stream: BinaryIO, buffers: _Buffers) -> Iterator[memoryview]:
-    """The stream as 1 MiB memoryviews over recycled aligned buffers (the first chunk already read)."""
-    buf = buffers.take()
-    assert buf is not None
-    buf[: len(first)] = first
-    yield memoryview(buf)[: len(first)]
+def _stream_chunks(first: memoryview, stream: BinaryIO, buffers: _Buffers) -> Iterator[memoryview]:
+    """The stream as 1 MiB memoryviews over recycled aligned buffers (`first`, a full one, already read)."""
+    yield first
     while (buf := buffers.take()) is not None:
         n = _fill(stream, buf)
         if n:
@@ -330,15 +335,20 @@ class ObjectStore:
     def put(self, stream: BinaryIO, expected: Digest | None = None) -> bytes:
         """Store everything read from `stream` until EOF; returns its digest (32 raw bytes).
 
-        Big content is written by a helper thread while this one hashes (hashlib releases the GIL), so
-        the cost is close to hashing alone.  `expected` as for `put_bytes`.
+        Big content is read by one helper thread and written by another while this one hashes
+        (hashlib and the I/O release the GIL), so the cost is close to hashing alone.  Streams with
+        `readinto` fill the store's aligned buffers directly (no intermediate bytes objects).
+        `expected` as for `put_bytes`.
         """
         self._check_writable("put")
-        first = _read_full(stream, READ_CHUNK)
-        if len(first) < READ_CHUNK:
-            return self._put_small(first, expected)
         buffers = _Buffers(self._buffer_pool)
         try:
+            buf = buffers.take()
+            assert buf is not None
+            n = _fill(stream, buf)
+            if n < len(buf):
+                return self._put_small(bytes(buf[:n]), expected)
+            first = memoryview(buf)
             return self._put_large(_stream_chunks(first, stream, buffers), buffers, expected, self.direct_io)
         finally:
             buffers.release()
@@ -347,6 +357,17 @@ class ObjectStore:
         """Store a copy of a file's content; returns its digest."""
         with open(path, "rb", buffering=0) as f:
             return self.put(f, expected)
+
+    def bulk(self, helper: bool | None = None) -> BulkWriter:
+        """A writer for many small objects whose files a helper process creates (see objects.bulk).
+
+        Use as a context manager (or `close()` it): objects are only stored, and noted for `sync()`,
+        once it is closed without error.
+        """
+        from .bulk import BulkWriter
+
+        self._check_writable("put")
+        return BulkWriter(self, helper)
 
     def remove(self, digest: Digest, missing_ok: bool = False) -> None:
         """Delete an object (ObjectNotFoundError if absent, unless `missing_ok`)."""
@@ -426,10 +447,15 @@ class ObjectStore:
         """One-chunk content: hash first, so content already stored is never written at all."""
         digest = fsverity_digest(data)
         self._check_expected(digest, expected)
+        self._store_hashed(digest, data)
+        return digest
+
+    def _store_hashed(self, digest: bytes, data: bytes | memoryview) -> None:
+        """Write in-memory content whose digest is already known (unless a good copy is stored)."""
         rel = _rel(digest)
         damaged = self._existing_damaged(rel, len(data))
         if damaged is False:
-            return digest
+            return
         try:
             fd, name = self._open_temp(rel[:2])
             try:
@@ -444,16 +470,18 @@ class ObjectStore:
                 os.close(fd)
         except OSError as e:
             raise ObjectStoreError(f"cannot store object {digest.hex()} in {self.root}: {e.strerror or e}") from e
-        return digest
 
     def _put_large(
         self, chunks: Iterator[memoryview], buffers: _Buffers | None, expected: Digest | None, direct: bool
     ) -> bytes:
-        """Write `chunks` to a temp file in a helper thread while hashing them here, then publish it.
+        """Read `chunks` in one helper thread, write them to a temp file in another, hash them here; publish.
 
-        `direct`: write with O_DIRECT (chunks must then be aligned buffers).  On this kind of machine
-        (a VM whose fresh page-cache pages cost a host fault each) copying into the page cache, not
-        hashing, is what limits a buffered put; O_DIRECT lets the device DMA from our buffers instead.
+        Three stages, so reading the source (which may itself hash or decompress), the disk writes and
+        the fs-verity hashing overlap; each passes 1 MiB buffers on to the next and this thread
+        recycles them.  `direct`: write with O_DIRECT (chunks must then be aligned buffers).  On this
+        kind of machine (a VM whose fresh page-cache pages cost a host fault each) copying into the
+        page cache, not hashing, is what limits a buffered put; O_DIRECT lets the device DMA from our
+        buffers instead.
         """
         where = f"{self.root}/{TMP_DIR}"
         try:
@@ -461,12 +489,18 @@ class ObjectStore:
         except OSError as e:
             raise ObjectStoreError(f"cannot create a temp file in {where}: {e.strerror or e}") from e
         direct = direct and bool(_O_DIRECT) and bool(_getfl(fd) & _O_DIRECT)
+        to_write: queue.SimpleQueue = queue.SimpleQueue()
         done: queue.SimpleQueue = queue.SimpleQueue()
-        writer = threading.Thread(target=_writer, args=(fd, chunks, done, where, direct), name="objects-put", daemon=True)
+        reader = threading.Thread(target=_reader, args=(chunks, to_write), name="objects-read", daemon=True)
+        writer = threading.Thread(target=_writer, args=(fd, to_write, done, where, direct), name="objects-write",
+                                  daemon=True)
         hasher = FsVerityHasher()
         published = False
+        started: list[threading.Thread] = []
         try:
-            writer.start()
+            for t in (reader, writer):
+                t.start()
+                started.append(t)
             while (item := done.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
@@ -487,8 +521,9 @@ class ObjectStore:
             return digest
         finally:
             if buffers is not None:
-                buffers.free.put(None)  # unblock the writer if it waits for a buffer
-            writer.join()
+                buffers.free.put(None)  # unblock the reader if it waits for a buffer
+            for t in started:
+                t.join()
             os.close(fd)
             if name is not None and not published:
                 _unlink_quiet(name, self._dirfd)
@@ -622,6 +657,15 @@ class ObjectStore:
             self._pending_files.add(rel)
             self._pending_dirs.add(rel[:2])
 
+    def _note_many(self, digests: Iterable[bytes]) -> None:
+        """Note objects another process stored here (and fan-out dirs it may have made) for `sync()`."""
+        rels = [_rel(d) for d in digests]
+        with self._lock:
+            self._pending_files.update(rels)
+            self._pending_dirs.update(r[:2] for r in rels)
+            if rels:
+                self._pending_dirs.add(".")
+
 
 def _is_hex(name: str, length: int) -> bool:
     return len(name) == length and _HEX.issuperset(name)
@@ -659,28 +703,49 @@ def _stop_direct(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
-def _writer(fd: int, chunks: Iterator[memoryview], done: queue.SimpleQueue, where: str, direct: bool) -> None:
-    """Helper thread of `_put_large`: pull chunks (reading the source), write them, pass them on to hash.
+def _reader(chunks: Iterator[memoryview], out: queue.SimpleQueue) -> None:
+    """Helper thread of `_put_large`: pull chunks (reading the source) and pass them on to be written.
 
-    Errors go to `done` for the hashing thread to raise: source errors as they are, write errors as
-    ObjectStoreError.  With `direct`, an unaligned tail (or a file system refusing the aligned writes)
-    switches the fd back to buffered writes.
+    Source errors go on as they are, for the hashing thread to raise; the stream always ends with
+    `_DONE` or an exception.
     """
     try:
-        written = flushed = 0
         for mv in chunks:
-            try:
-                direct = _write_chunk(fd, mv, written, direct)
-            except OSError as e:
-                raise ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}") from e
+            out.put(mv)
+    except BaseException as e:  # handed on to the hashing thread, which raises it
+        out.put(e)
+    else:
+        out.put(_DONE)
+
+
+def _writer(fd: int, chunks: queue.SimpleQueue, done: queue.SimpleQueue, where: str, direct: bool) -> None:
+    """Helper thread of `_put_large`: write the chunks `_reader` passes, then pass them on to be hashed.
+
+    Errors go to `done` for the hashing thread to raise: source errors as they are, write errors as
+    ObjectStoreError (after which nothing more is written).  With `direct`, an unaligned tail (or a
+    file system refusing the aligned writes) switches the fd back to buffered writes.
+    """
+    written = flushed = 0
+    while True:
+        mv = chunks.get()
+        if mv is _DONE or isinstance(mv, BaseException):
             done.put(mv)
-            written += len(mv)
-            if not direct and written - flushed >= WRITEBACK_EVERY:
-                _start_writeback(fd, flushed, written - flushed)
-                flushed = written
-        done.put(_DONE)
-    except BaseException as e:  # handed to the hashing thread, which raises it
-        done.put(e)
+            return
+        try:
+            direct = _write_chunk(fd, mv, written, direct)
+        except OSError as e:
+            err = ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}")
+            err.__cause__ = e
+            done.put(err)
+            return
+        except BaseException as e:
+            done.put(e)
+            return
+        done.put(mv)
+        written += len(mv)
+        if not direct and written - flushed >= WRITEBACK_EVERY:
+            _start_writeback(fd, flushed, written - flushed)
+            flushed = written
 
 
 def _write_chunk(fd: int, mv: memoryview, offset: int, direct: bool) -> bool:

@@ -305,3 +305,143 @@ def test_opaque_marker_value(objects):
     t.whiteout("d/.wh..wh..opq")
     tree = read_tar(io.BytesIO(t.bytes()), objects).tree
     assert lookup(tree, "d").xattrs == {OPAQUE_XATTR: b"y"}
+
+
+# --- payloads read straight from the stream; small objects through the bulk writer ------------------
+
+MIB = 1 << 20
+
+
+class Trickle(io.RawIOBase):
+    """A pipe-like stream: at most `step` bytes per read, so payloads straddle many short reads."""
+
+    def __init__(self, data: bytes, step: int):
+        self._f = io.BytesIO(data)
+        self._step = step
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:  # type: ignore[override]
+        chunk = self._f.read(min(len(b), self._step))
+        b[: len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.mark.parametrize("kind", ["none", "gzip"])
+@pytest.mark.parametrize("step", [None, 70_001], ids=["file", "trickle"])
+def test_payload_sizes_around_the_chunk_size(objects, monkeypatch, kind, step):
+    """Content of every size class (inline, put_bytes/bulk, streamed put) reads back exactly, with the
+    small files going through bulk helper processes once there are enough of them."""
+    import objects.bulk as bulk_mod
+
+    monkeypatch.setattr(bulk_mod, "START_AFTER", 3)
+    started = []
+    real_start = bulk_mod.BulkWriter._start
+    monkeypatch.setattr(bulk_mod.BulkWriter, "_start", lambda self: started.append(1) or real_start(self))
+    t = Tar()
+    for i, size in enumerate([0, 1, 64, 65, 511, 512, 4096, 4097, MIB - 1, MIB, MIB + 1, 3 * MIB + 513]):
+        t.file(f"sized/{i}", os.urandom(size))
+    for i in range(20):
+        t.file(f"small/{i}", os.urandom(100 + 37 * i))
+    t.file("small/dup", t.blobs[next(iter(t.blobs))])  # content already stored: same digest
+    tar = compress(t.bytes(), kind)
+    src = io.BytesIO(tar) if step is None else io.BufferedReader(Trickle(tar, step))
+    layer = read_tar(src, objects)
+    assert layer.tree == t.tree()
+    assert layer.compressed_digest == "sha256:" + hashlib.sha256(tar).hexdigest()
+    assert layer.diff_id == "sha256:" + hashlib.sha256(t.bytes()).hexdigest()
+    assert layer.diff_size == len(t.bytes())
+    check_objects(objects, t)
+    assert started == [1]
+    assert os.listdir(os.path.join(objects.root, ".tmp")) == []
+
+
+@pytest.mark.parametrize("cut", [512 + 1000, 512 + MIB + 5, 512 + 2 * MIB + 4096])
+def test_truncated_inside_a_big_file(objects, cut):
+    t = Tar(root=False)
+    t.file("big", os.urandom(3 * MIB))
+    with pytest.raises(LayerError, match="ends inside this file"):
+        read_tar(io.BytesIO(t.bytes()[:cut]), objects, label="cut")
+    assert list(objects) == []
+    assert os.listdir(os.path.join(objects.root, ".tmp")) == []
+
+
+def test_failing_bulk_helper_fails_the_layer(objects, monkeypatch):
+    """A helper that cannot store objects: read_tar raises ObjectStoreError and no helper is left."""
+    import objects.bulk as bulk_mod
+    from objects import ObjectStoreError
+
+    monkeypatch.setattr(bulk_mod, "START_AFTER", 0)
+    monkeypatch.setattr(bulk_mod, "_CHILD", "import sys; sys.stdout.write('cannot store: broken'); sys.exit(1)")
+    t = Tar()
+    for i in range(50):
+        t.file(f"f{i}", os.urandom(5000))
+    with pytest.raises(ObjectStoreError, match="cannot store: broken"):
+        read_tar(io.BytesIO(t.bytes()), objects)
+
+
+def _header_blocks(ti: tarfile.TarInfo, fmt: int) -> list[bytes]:
+    buf = ti.tobuf(fmt, "utf-8", "surrogateescape")
+    return [buf[i:i + 512] for i in range(0, len(buf), 512)]
+
+
+def _decoded(cls, block: bytes):
+    try:
+        ti = cls.frombuf(block, "utf-8", "surrogateescape")
+    except Exception as e:  # noqa: BLE001 - the exact error is what is compared
+        return type(e), str(e)
+    return {a: getattr(ti, a, None) for a in ("name", "mode", "uid", "gid", "size", "mtime", "chksum", "type",
+                                              "linkname", "uname", "gname", "devmajor", "devminor",
+                                              "pax_headers", "sparse", "_sparse_structs")}
+
+
+def _with_checksum(block: bytes) -> bytes:
+    b = bytearray(block)
+    b[148:156] = b" " * 8
+    b[148:156] = b"%06o\0 " % sum(b)
+    return bytes(b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(name=st.text(min_size=1, max_size=200), type_=st.sampled_from(
+           [tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE, tarfile.SYMTYPE, tarfile.LNKTYPE,
+            tarfile.CHRTYPE, tarfile.FIFOTYPE, tarfile.CONTTYPE, tarfile.GNUTYPE_SPARSE, b"V"]),
+       size=st.integers(0, 2**40), mtime=st.integers(-(2**35), 2**35), ids=st.integers(0, 2**25),
+       fmt=st.sampled_from([tarfile.USTAR_FORMAT, tarfile.GNU_FORMAT, tarfile.PAX_FORMAT]),
+       poke=st.lists(st.tuples(st.integers(0, 511), st.integers(0, 255)), max_size=4),
+       fix_checksum=st.booleans())
+def test_fast_header_decoding_is_tarfiles(name, type_, size, mtime, ids, fmt, poke, fix_checksum):
+    """_TarInfo.frombuf decodes every block (headers of each format, then with bytes poked into them)
+    exactly as tarfile does: the same fields, or the same error."""
+    from flatmount.layers import _TarInfo
+
+    ti = tarfile.TarInfo(name)
+    ti.type, ti.size, ti.mtime, ti.uid, ti.gid = type_, size, mtime, ids, ids // 3
+    ti.devmajor, ti.devminor, ti.linkname = ids % 4096, ids % 255, name[::-1]
+    try:
+        blocks = _header_blocks(ti, fmt)
+    except ValueError:  # not representable in this format
+        return
+    for block in blocks:
+        b = bytearray(block)
+        for pos, value in poke:
+            b[pos] = value
+        for candidate in {bytes(b), _with_checksum(bytes(b)) if fix_checksum else bytes(b), bytes(512),
+                          bytes(b[:300])}:
+            assert _decoded(_TarInfo, candidate) == _decoded(tarfile.TarInfo, candidate)
+
+
+def test_sha512_blob_digest_with_direct_reads(objects):
+    """Uncompressed input read with a sha512 blob digest: big payloads bypass the chunk reader, and
+    the diff_id (sha256) still covers every byte."""
+    from flatmount.layers import HashingReader
+
+    t = Tar()
+    t.file("big", os.urandom(2 * MIB + 3))
+    t.file("small", os.urandom(3000))
+    tar = t.bytes()
+    layer = read_tar(HashingReader(io.BytesIO(tar), "sha512"), objects)
+    assert layer.compressed_digest == "sha512:" + hashlib.sha512(tar).hexdigest()
+    assert layer.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
+    check_objects(objects, t)

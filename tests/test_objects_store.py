@@ -530,3 +530,86 @@ def test_direct_write_falls_back_to_buffered(store: ObjectStore, monkeypatch: py
         assert calls[2] == (False, MIB, MIB)  # the refused chunk again, buffered
     else:
         assert calls[2] == (True, MIB + 8192, MIB - 8192)
+
+
+# --- bulk writer: small objects stored by helper processes -------------------------------------------
+
+@pytest.mark.parametrize("helper", [True, False], ids=["helpers", "in-process"])
+def test_bulk_put_bytes(store: ObjectStore, monkeypatch: pytest.MonkeyPatch, helper: bool) -> None:
+    contents = [data_of(n, 20) for n in (1, 65, 4096, 5000, 70_000)] + [data_of(300, i) for i in range(200)]
+    contents += contents[:10] + [data_of(MIB + 7, 21)]  # duplicates; one too big for a helper
+    present = store.put_bytes(contents[3])  # already stored: not rewritten
+    before = os.stat(store.path(present)).st_ino
+    synced: list[int] = []
+    monkeypatch.setattr(store_mod, "_syncfs", lambda fd: synced.append(fd) or True)
+    with store.bulk(helper=helper) as bulk:
+        digests = [bulk.put_bytes(c) for c in contents]
+        assert bool(bulk._procs) == helper
+    assert digests == [fsverity_digest(c) for c in contents]
+    for d, c in zip(digests, contents, strict=True):
+        assert Path(store.path(d)).read_bytes() == c
+        assert stat.S_IMODE(os.stat(store.path(d)).st_mode) == 0o644
+    assert os.stat(store.path(present)).st_ino == before
+    assert list(store) == sorted(set(digests))
+    assert tmp_entries(store) == []
+    store.sync()  # every object the helpers stored is noted for sync()
+    assert len(synced) == 1
+    with pytest.raises(ObjectStoreError, match="closed"):
+        bulk.put_bytes(b"late" * 100)
+
+
+def test_bulk_objects_noted_for_sync(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A few objects from helpers: sync() fsyncs each of them and its fan-out dir (and the root)."""
+    store.sync()
+    fsynced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(store_mod.os, "fsync", lambda fd: fsynced.append(os.fstat(fd).st_ino) or real(fd))
+    with store.bulk(helper=True) as bulk:
+        digests = {bulk.put_bytes(data_of(200, i)) for i in range(3)}
+    store.sync()
+    expected = {os.stat(store.path(d)).st_ino for d in digests}
+    expected |= {os.stat(os.path.dirname(store.path(d))).st_ino for d in digests}
+    expected.add(os.stat(store.root).st_ino)
+    assert set(fsynced) == expected
+
+
+def test_bulk_helper_failure_is_a_store_error(tmp_path: Path) -> None:
+    """ENOSPC in a helper: ObjectStoreError naming the store, raised by a later put or by close()."""
+    require_root()
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        with ObjectStore(mnt / "objects") as s:
+            with pytest.raises(ObjectStoreError, match=str(mnt)) as exc:  # noqa: PT012
+                with s.bulk(helper=True) as bulk:
+                    for i in range(400):
+                        bulk.put_bytes(data_of(20_000, i))
+            assert "No space left" in str(exc.value)
+            assert bulk._procs == []
+            assert all(s.verify(d) for d in s)  # whatever made it in is whole
+            assert tmp_entries(s) == []
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def test_bulk_abort_stops_the_helpers(store: ObjectStore) -> None:
+    bulk = store.bulk(helper=True)
+    bulk.put_bytes(data_of(100, 1))
+    procs = list(bulk._procs)
+    assert procs
+    bulk.abort()
+    assert all(p.returncode is not None for p in procs) and bulk._procs == []
+    with pytest.raises(ObjectStoreError, match="closed"):
+        bulk.put_bytes(data_of(100, 2))
+    with pytest.raises(RuntimeError), store.bulk(helper=True) as b2:
+        b2.put_bytes(data_of(100, 3))
+        procs = list(b2._procs)
+        raise RuntimeError("import failed")
+    assert all(p.returncode is not None for p in procs)
+
+
+def test_bulk_refused_on_readonly_store(tmp_path: Path) -> None:
+    ObjectStore(tmp_path / "o").close()
+    with ObjectStore(tmp_path / "o", readonly=True) as s, pytest.raises(ReadOnlyObjectStoreError):
+        s.bulk()

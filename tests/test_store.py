@@ -306,6 +306,52 @@ def test_bad_tar_pull_leaves_store_unchanged(store, tmp_path, case):
     assert store_state(store.root) == before
 
 
+@pytest.mark.parametrize("error_at", ["end", "truncated"])
+def test_bad_tar_with_many_small_files_leaves_store_unchanged(store, tmp_path, monkeypatch, error_at):
+    """A layer failing after objects.bulk helpers stored many of its files: they are stopped and the
+    objects they created are rolled back."""
+    import objects.bulk
+
+    started = []
+    real_start = objects.bulk.BulkWriter._start
+    monkeypatch.setattr(objects.bulk.BulkWriter, "_start", lambda self: started.append(1) or real_start(self))
+    pull(store, f"oci:{DEMO}:demo")
+    before = store_state(store.root)
+    t = Tar()
+    for i in range(1000):
+        t.file(f"d/f{i}", os.urandom(200 + i))
+    if error_at == "end":
+        t.file("d/f0", b"again")  # duplicate entry: detected after every file was stored
+        data = t.bytes()
+    else:
+        data = t.bytes()[: len(t.bytes()) * 2 // 3 + 100]
+    (tmp_path / "bad.tar").write_bytes(data)
+    with pytest.raises(LayerError, match="duplicate entry" if error_at == "end" else "truncated|ends inside"):
+        pull(store, f"tar:{tmp_path / 'bad.tar'}", "bad")
+    assert started == [1]
+    assert store_state(store.root) == before
+    me = str(os.getpid())
+    helpers = [p for p in os.listdir("/proc") if p.isdigit() and _ppid(p) == me and
+               b"objects.bulk" in _cmdline(p)]
+    assert helpers == []
+
+
+def _ppid(pid: str) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[1]
+    except OSError:
+        return None
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def test_bad_sources(store, tmp_path):
     with pytest.raises(LayerError, match="unsupported transport 'docker'"):
         pull(store, "docker://alpine")
@@ -379,14 +425,17 @@ store_dir, source, point = sys.argv[1:4]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-if point.startswith("put"):
-    n, orig, count = int(point[3:]), ostore.ObjectStore.put, [0]
-    def put(self, stream, expected=None):
-        count[0] += 1
-        if count[0] == n:
-            die()
-        return orig(self, stream, expected)
-    ostore.ObjectStore.put = put
+if point.startswith("put"):  # the n-th object put, streamed (put) or in memory (put_bytes)
+    n, count = int(point[3:]), [0]
+    def counting(orig):
+        def put(self, data, expected=None):
+            count[0] += 1
+            if count[0] == n:
+                die()
+            return orig(self, data, expected)
+        return put
+    ostore.ObjectStore.put = counting(ostore.ObjectStore.put)
+    ostore.ObjectStore.put_bytes = counting(ostore.ObjectStore.put_bytes)
 elif point == "after-first-layer":
     orig_add = pullmod.ImportBatch.add_layer
     def add_layer(self, *a, **kw):
@@ -418,7 +467,7 @@ def crash_source(tmp_path_factory):
         t = Tar(root=i == 0)
         for j in range(12):
             t.file(f"l{i}/f{j}", os.urandom(300_000))
-        for j in range(50):
+        for j in range(300):  # enough for objects.bulk helper processes (so kills hit them too)
             t.file(f"l{i}/small{j}", os.urandom(100 + j))
         layers.append((t.bytes(), kind))
     make_oci(d / "oci", layers, tag="crash")

@@ -9,7 +9,8 @@
 - peak RSS of each pull, measured in a child process (ru_maxrss), with the RSS of the same child
   before the pull (current RSS, /proc/self/status VmRSS), so the figure that should stay flat as
   layers grow is `big_rss_growth_mb` (the small-files layer grows with the number of entries: the
-  tree and the EROFS image are built in memory).
+  tree and the EROFS image are built in memory); the pull's own helper processes (objects.bulk,
+  which create small objects' files) are reported apart, the largest one's peak.
 
 The tar files are freshly written, so they are read from the page cache: the figures are for the
 import pipeline, not for reading the source.
@@ -49,8 +50,9 @@ t0 = time.perf_counter()
 r = pull(s, "tar:" + source)
 dt = time.perf_counter() - t0
 rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss_helpers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest helper process, if any
 print(json.dumps({{"seconds": dt, "rss_before_kb": rss0, "rss_peak_kb": rss1, "entries": r.entries,
-                  "bytes": r.bytes_read}}))
+                  "bytes": r.bytes_read, "rss_helpers_kb": rss_helpers}}))
 """
 
 
@@ -159,6 +161,8 @@ def run(quick: bool) -> dict:
         "baseline_sha256_mb_per_s": round(sha, 1),
         "baseline_disk_write_fsync_mb_per_s": round(disk, 1),
         "big_import_vs_sha256": round(tar_bytes / b["seconds"] / MB / sha, 3),
+        # the acceptance figure: against the lower of the two ceilings measured above
+        "big_import_vs_ceiling": round(tar_bytes / b["seconds"] / MB / min(sha, disk), 3),
         "big_rss_peak_mb": round(b["rss_peak_kb"] / 1024, 1),
         "big_rss_growth_mb": round((b["rss_peak_kb"] - b["rss_before_kb"]) / 1024, 1),
         "small_files": small_count,
@@ -166,6 +170,7 @@ def run(quick: bool) -> dict:
         "small_seconds": round(s["seconds"], 2),
         "small_rss_peak_mb": round(s["rss_peak_kb"] / 1024, 1),
         "small_rss_growth_mb": round((s["rss_peak_kb"] - s["rss_before_kb"]) / 1024, 1),
+        "small_helper_rss_peak_mb": round(s["rss_helpers_kb"] / 1024, 1),  # objects.bulk helpers (each)
     }
 
 
