@@ -1148,18 +1148,9 @@ def _write_layer(plan: _Plan, out: IO[bytes], object_dirs: Sequence[str],
 
 def _write_atomically(path: str, write) -> Any:
     """Write through `write(f)` into a temp file next to `path`, fsync, rename into place."""
-    d = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            result = write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    from flatmount.atomic import AtomicFile
+
+    with AtomicFile(os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.") as af:
+        result = write(af.file)
+        af.commit(path)
     return result

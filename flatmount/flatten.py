@@ -447,25 +447,16 @@ def save_tree_cache(image_path: str | os.PathLike, tree: Inode) -> bool:
 def _save_derived(image_path: str, dest: str, make) -> bool:
     """Write `make()` to `dest` beside a store image, atomically through the store's `tmp/` (which
     must exist: additional and foreign stores are never written); best effort."""
-    import tempfile
+    from flatmount.atomic import AtomicFile
 
     tmp_dir = os.path.join(os.path.dirname(os.path.dirname(image_path)), "tmp")
     if not os.path.isdir(tmp_dir) or not os.access(tmp_dir, os.W_OK):
         return False
     try:
         data = make()
-        fd, tmp = tempfile.mkstemp(prefix="derived-", dir=tmp_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.chmod(tmp, 0o644)
-            os.rename(tmp, dest)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        with AtomicFile(tmp_dir, durable=False, prefix="derived-") as af:
+            af.file.write(data)
+            af.commit(dest)
     except (OSError, ValueError):
         return False
     return True
@@ -494,35 +485,17 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
     The caller holds `store.gc_lock(shared=True)` until the image is recorded (GC and `clean_tmp`
     treat files nobody records as garbage once that lock is free)."""
     import hashlib
-    import tempfile
 
+    from flatmount.atomic import AtomicFile
     from flatmount.erofs.writer import write_image
 
     store.ensure_writable()
-    images = os.path.join(os.fspath(store.root), "images")
-    fd, tmp = tempfile.mkstemp(prefix="flat-", suffix=".erofs", dir=os.fspath(store.tmp_dir))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            h = hashlib.sha256()
-            out = _HashingFile(f, h)
-            write_image(tree, out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
+    with AtomicFile(store.tmp_dir, prefix="flat-") as af:
+        h = hashlib.sha256()
+        out = _HashingFile(af.file, h)
+        write_image(tree, out)
         digest = h.hexdigest()
-        path = flat_image_path(store.root, digest)
-        os.rename(tmp, path)  # same bytes if it existed already: content-addressed
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(images, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+        path = af.commit(flat_image_path(store.root, digest))  # same bytes if it existed: content-addressed
     if derived:
         from flatmount.diff import index_file_bytes
 

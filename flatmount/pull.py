@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flatmount.atomic import fsync_dir
 from flatmount.errors import LayerError, StoreError
 from flatmount.store import chain_id, normalise_name, now_iso
 
@@ -376,7 +377,7 @@ class ImportBatch:
             db.executemany("INSERT OR IGNORE INTO refs(owner, object) VALUES (?, ?)",
                            [("layer:" + p.id, o) for o in sorted(p.objects)])
         if renamed:
-            _fsync_dir(store.layers_dir)
+            fsync_dir(store.layers_dir)
         img = self._image
         if img is not None:
             top = img.top_layer
@@ -397,14 +398,6 @@ class ImportBatch:
 def _objpath(digest: bytes) -> str:
     h = digest.hex()
     return h[:2] + "/" + h[2:]
-
-
-def _fsync_dir(path: str | os.PathLike) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- configs for single-layer sources ------------------------------------------------------------

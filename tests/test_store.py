@@ -447,12 +447,12 @@ elif point == "before-commit":
         die()
     pullmod.ImportBatch.commit = commit
 elif point == "in-transaction":
-    orig_fsync = pullmod._fsync_dir
+    orig_fsync = pullmod.fsync_dir
     def fsync_dir(path):
         orig_fsync(path)
         if os.path.basename(str(path)) == "layers":
             die()
-    pullmod._fsync_dir = fsync_dir
+    pullmod.fsync_dir = fsync_dir
 s = open_store(store_dir, runroot=store_dir + "-run", config=os.devnull, additional=[])
 pullmod.pull(s, source, "crash")
 print("finished")

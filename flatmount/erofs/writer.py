@@ -44,7 +44,6 @@ import bisect
 import gc
 import os
 import struct
-import tempfile
 from collections import Counter
 from collections.abc import Iterable
 from itertools import accumulate, chain
@@ -794,23 +793,9 @@ def write_image(root: Inode, out: BinaryIO | str | os.PathLike, *, root_whiteout
     if hasattr(out, "write"):
         out.write(buf)
         return
+    from flatmount.atomic import AtomicFile
+
     path = os.fspath(out)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-erofs-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(buf)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    with AtomicFile(os.path.dirname(os.path.abspath(path)), prefix=".tmp-erofs-") as af:
+        af.file.write(buf)
+        af.commit(path)

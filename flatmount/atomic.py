@@ -1,0 +1,59 @@
+"""Nothing half-written is ever visible: write a temp file, fsync it, rename it into place, fsync the
+directory.  One implementation for every file flatmount publishes (images, layer tars, derived
+caches); `objects/` has its own, being a stand-alone library.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import BinaryIO
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename or unlink in directory `path` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AtomicFile:
+    """`with AtomicFile(tmp_dir) as af: af.file.write(...); af.commit(final_path)`.
+
+    The temp file lives in `tmp_dir` (same filesystem as the final path); leaving the block without
+    `commit` removes it.  `durable=False` skips both fsyncs (for derived caches a reader validates).
+    The final name may be chosen after writing (content-addressed files)."""
+
+    def __init__(self, tmp_dir: str | os.PathLike, *, mode: int = 0o644, durable: bool = True,
+                 prefix: str = ".tmp-"):
+        self.mode, self.durable = mode, durable
+        fd, self.tmp = tempfile.mkstemp(prefix=prefix, dir=os.fspath(tmp_dir))
+        self.file: BinaryIO = os.fdopen(fd, "wb")
+        self.committed: str | None = None
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def commit(self, path: str | os.PathLike) -> str:
+        """Flush, fsync, chmod and rename the temp file to `path` (replacing it); returns `path`."""
+        path = os.fspath(path)
+        self.file.flush()
+        if self.durable:
+            os.fsync(self.file.fileno())
+        self.file.close()
+        os.chmod(self.tmp, self.mode)
+        os.rename(self.tmp, path)
+        self.committed = path
+        if self.durable:
+            fsync_dir(os.path.dirname(os.path.abspath(path)))
+        return path
+
+    def __exit__(self, *exc: object) -> None:
+        if self.committed is None:
+            self.file.close()
+            try:
+                os.unlink(self.tmp)
+            except FileNotFoundError:
+                pass
