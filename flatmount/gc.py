@@ -155,9 +155,8 @@ def json_list(items: Iterable[str]) -> str:
     return json.dumps(list(items))
 
 
-def image_files(store: Store) -> dict[str, str]:
-    """digest -> path of `images/<64 hex>.erofs` files of a store."""
-    d = store.root / "images"
+def _erofs_files(d: os.PathLike) -> dict[str, str]:
+    """<64 hex> -> path of the `<64 hex>.erofs` files in directory `d`."""
     out = {}
     try:
         with os.scandir(d) as it:
@@ -167,6 +166,11 @@ def image_files(store: Store) -> dict[str, str]:
     except FileNotFoundError:
         pass
     return out
+
+
+def image_files(store: Store) -> dict[str, str]:
+    """digest -> path of `images/<64 hex>.erofs` files of a store."""
+    return _erofs_files(store.root / "images")
 
 
 def derived_orphans(store: Store) -> list[str]:
@@ -185,16 +189,7 @@ def derived_orphans(store: Store) -> list[str]:
 
 def layer_files(store: Store) -> dict[str, str]:
     """layer id -> path of `layers/<64 hex>.erofs` files of a store."""
-    d = store.layers_dir
-    out = {}
-    try:
-        with os.scandir(d) as it:
-            for e in it:
-                if e.name.endswith(".erofs") and HEX64.fullmatch(e.name[:-6]):
-                    out[e.name[:-6]] = e.path
-    except FileNotFoundError:
-        pass
-    return out
+    return _erofs_files(store.layers_dir)
 
 
 def _age_stamp(st: os.stat_result) -> float:
