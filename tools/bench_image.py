@@ -25,19 +25,28 @@ DATA = REPO.parent / "shared" / "data"          # the shared corpus sits next to
 TARGET_S = 1.0
 
 
+# Run the CLI as `python -m flatmount` would, then report the process's own peak RSS (VmHWM): ru_maxrss
+# of a child is useless here, Linux carries the (large) parent's peak over fork and exec into it.
+_PEAK = ("import runpy, sys\n"
+         "sys.argv = ['flatmount', *sys.argv[1:]]\n"
+         "try:\n    runpy.run_module('flatmount', run_name='__main__', alter_sys=True)\n"
+         "finally:\n"
+         "    hwm = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+         "    sys.stderr.write(f'\\nVmHWM_KB={hwm}\\n')\n")
+
+
 def _timed_child(argv: list[str]) -> tuple[float, int]:
-    """(wall seconds, peak RSS in KiB) of one child process, which must succeed."""
+    """(wall seconds, peak RSS in KiB; 0 unless it is `python -m flatmount`) of a child that must succeed."""
+    flatmount_cli = argv[1:3] == ["-m", "flatmount"]
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     t = time.perf_counter()
-    p = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(p.pid, 0)
+    p = subprocess.run([argv[0], "-c", _PEAK, *argv[3:]] if flatmount_cli else argv, cwd=REPO, env=env,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - t
-    p.returncode = os.waitstatus_to_exitcode(status)
-    err = p.stderr.read().decode(errors="replace")
-    p.stderr.close()
+    err = p.stderr.decode(errors="replace")
     if p.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} exited {p.returncode}: {err.strip()}")
-    return wall, usage.ru_maxrss
+    return wall, int(err.rpartition("VmHWM_KB=")[2].split()[0]) if flatmount_cli else 0
 
 
 def _best(fn, runs: int) -> float:

@@ -49,7 +49,8 @@ rss0 = rss_now_kb()
 t0 = time.perf_counter()
 r = pull(s, "tar:" + source)
 dt = time.perf_counter() - t0
-rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/status") as f:  # VmHWM, not ru_maxrss: that one carries the parent's over exec
+    rss1 = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 rss_helpers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest helper process, if any
 print(json.dumps({{"seconds": dt, "rss_before_kb": rss0, "rss_peak_kb": rss1, "entries": r.entries,
                   "bytes": r.bytes_read, "rss_helpers_kb": rss_helpers}}))
