@@ -50,8 +50,8 @@ import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import starmap
-from operator import attrgetter
+from itertools import islice, starmap
+from operator import attrgetter, lt
 from typing import TYPE_CHECKING
 
 from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFREG, Inode
@@ -301,10 +301,13 @@ def flat_tree(path: str, *, save: bool = False) -> Inode:
 # Header, then marshal((rows, dirs, counts, names, kids)): `rows` one tuple per distinct inode in
 # breadth-first order (root first; a hardlink group is one row) holding the first eleven arguments of
 # Inode() (the xattrs as a dict); `dirs` the rows that are directories, `counts` their entry counts,
-# `names`/`kids` all their entries (names, row numbers) in that order.  The checksum is xxh3-64 of
-# everything after the header.  It holds the tree the image was written from, which the writer turns
-# into the same bytes as the tree read back from the image (what the in-memory cache relies on too).
-_TREE_MAGIC = b"FMTREE01"
+# `names`/`kids` all their entries (names, row numbers) in that order; `kids` is None for a tree
+# without hardlinks, whose entries are then rows 1, 2, ... in that order (each directory's a slice).
+# The checksum is xxh3-64 of everything after the header.  It holds the tree the image was written
+# from, which the writer turns into the same bytes as the tree read back from the image (what the
+# in-memory cache relies on too).  Version 02 (`kids` may be None); a cache of another version is
+# ignored (and rewritten) like a damaged one.
+_TREE_MAGIC = b"FMTREE02"
 _TREE_HEAD = struct.Struct("<8s32sQQQ")   # magic, image sha256, image size, payload size, checksum
 _ROW = attrgetter("mode", "uid", "gid", "mtime_ns", "size", "rdev", "xattrs", "target", "content",
                   "digest", "payload")
@@ -330,13 +333,13 @@ def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
 
 
 def _rows_without_hardlinks(root: Inode) -> tuple | None:
-    """(nodes, dirs, counts, names, kids) of a breadth-first walk that takes every name for a new
-    inode (so whole directories are appended at C speed), or None if the tree has hardlinks."""
+    """(nodes, dirs, counts, names, None) of a breadth-first walk that takes every name for a new
+    inode (so whole directories are appended at C speed; the kids are rows 1, 2, ... in entry order),
+    or None if the tree has hardlinks."""
     nodes = [root]
     dirs: list[int] = []
     counts: list[int] = []
     names: list[bytes] = []
-    kids: list[int] = []
     seen_dirs: set[int] = set()
     for i, node in enumerate(nodes):
         ents = node.entries
@@ -347,11 +350,10 @@ def _rows_without_hardlinks(root: Inode) -> tuple | None:
             dirs.append(i)
             counts.append(len(ents))
             names.extend(ents)
-            kids.extend(range(len(nodes), len(nodes) + len(ents)))
             nodes.extend(ents.values())
     if len(set(map(id, nodes))) != len(nodes):
         return None
-    return nodes, dirs, counts, names, kids
+    return nodes, dirs, counts, names, None
 
 
 def _rows(root: Inode) -> tuple:
@@ -398,18 +400,34 @@ def tree_from_cache(data: bytes, digest: str, image_size: int) -> Inode | None:
     try:
         rows, dirs, counts, names, kids = marshal.loads(memoryview(data)[h:])
         nodes = list(starmap(Inode, rows))
-        if (len(names) != len(kids) or len(dirs) != len(counts) or sum(counts) != len(kids)
-                or (kids and not 0 < min(kids) <= max(kids) < len(nodes))):
+        if len(dirs) != len(counts):
             return None
-        at = nodes.__getitem__
-        p = 0
-        for d, c in zip(dirs, counts, strict=True):
-            node = nodes[d]
-            if node.entries is None:
+        if kids is None:   # no hardlinks: the entries are rows 1, 2, ... (each row below its parent)
+            if (len(names) != len(nodes) - 1 or sum(counts) != len(names) or min(counts, default=0) < 0
+                    or not all(map(lt, dirs, islice(dirs, 1, None)))):   # each directory once
                 return None
-            q = p + c
-            node.entries = dict(zip(names[p:q], map(at, kids[p:q]), strict=True))
-            p = q
+            it = iter(names)
+            p = 1
+            for d, c in zip(dirs, counts, strict=True):
+                node = nodes[d]
+                if node.entries is None or not 0 <= d < p:
+                    return None
+                q = p + c
+                node.entries = dict(zip(islice(it, c), nodes[p:q], strict=True))
+                p = q
+        else:
+            if (len(names) != len(kids) or sum(counts) != len(kids)
+                    or (kids and not 0 < min(kids) <= max(kids) < len(nodes))):
+                return None
+            at = nodes.__getitem__
+            p = 0
+            for d, c in zip(dirs, counts, strict=True):
+                node = nodes[d]
+                if node.entries is None:
+                    return None
+                q = p + c
+                node.entries = dict(zip(names[p:q], map(at, kids[p:q]), strict=True))
+                p = q
         root = nodes[0]
         if len(nodes) - list(map(_ENTRIES, nodes)).count(None) != len(dirs) or not root.is_dir:
             return None   # a directory row without its entries

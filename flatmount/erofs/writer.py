@@ -178,7 +178,8 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
         names = sorted(ents)
         if names:
             joined = b"\0".join(names)
-            if (b"/" in joined or not names[0] or max(map(len, names)) > fmt.NAME_LEN
+            if (b"/" in joined or not names[0]
+                    or (len(joined) > fmt.NAME_LEN and max(map(len, names)) > fmt.NAME_LEN)
                     or joined.count(0) != len(names) - 1 or _DOT in ents or _DOTDOT in ents):
                 bad = [n for n in names if not n or b"/" in n or b"\0" in n or len(n) > fmt.NAME_LEN
                        or n in (_DOT, _DOTDOT)]
@@ -315,10 +316,15 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     dstarts: dict[int, list[int]] = {}
     allitems: list = []
     extend = allitems.extend
+    rditems: list = []   # the redirect items of external files whose metacopy item is mc0 (below)
+    rdappend = rditems.append
     MC, RD = _MC, _RD
     TOP, ESC, NTOP = _TOP, _ESC, _NTOP
     mc_header = fmt.METACOPY_HEADER
     max_bits = fmt.CHUNK_FORMAT_BLKBITS_MASK + fmt.BLKSZBITS
+    blkbits = fmt.BLKSZBITS
+    chunk = _CHUNK
+    mc0 = (MC, b"")   # the metacopy item of every external file without a digest: one object
     for i, node in enumerate(nodes):
         mode = node.mode
         t = mode & S_IFMT
@@ -359,7 +365,8 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                         path = path[:2] + "/" + path[2:]
                     if d is None:
                         if path:
-                            items = ((MC, mv), (RD, b"/" + path.encode("utf-8", "surrogateescape")))
+                            items = (mc0 if dg is None else (MC, mv),
+                                     (RD, ("/" + path).encode("utf-8", "surrogateescape")))
                             fast[i] = True
                         else:
                             items = ((MC, mv),)
@@ -370,14 +377,14 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     cb = (size - 1).bit_length()   # fmt.chunk_bits: one chunk when possible
                     if cb <= max_bits:
                         tails[i] = 4
-                        iu[i] = cb - fmt.BLKSZBITS if cb > fmt.BLKSZBITS else 0
+                        iu[i] = cb - blkbits if cb > blkbits else 0
                     else:
                         nch = (size + (1 << max_bits) - 1) >> max_bits
                         if nch > fmt.MAX_NONINLINE_CHUNKS:
                             raise FormatError(f"file too large for a composefs image: {size} bytes")
                         tails[i] = 4 * nch
                         iu[i] = max_bits - fmt.BLKSZBITS
-                    layouts[i] = _CHUNK
+                    layouts[i] = chunk
                 elif size < 0:
                     raise FormatError(f"negative file size {size}")
             ftypes[i] = 1
@@ -440,7 +447,10 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             items = sorted(d.items())
         if items:
             xitems[i] = items
-            extend(items)
+            if items[0] is mc0:   # (mc0, redirect): mc0 is counted at the end
+                rdappend(items[1])
+            else:
+                extend(items)
         modes[i] = mode
         sizes[i] = size
         uid = node.uid
@@ -454,6 +464,9 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
 
     # ---- shared xattrs: every (name, value) used more than once ----------------------------------
     counts = Counter(allitems)
+    if rditems:
+        counts.update(rditems)
+        counts[mc0] += len(rditems)
     keyinfo: dict[bytes, tuple[int, bytes, int, int]] = {}
     shared = _shared_order([it for it, c in counts.items() if c > 1])
     shared_off: dict[tuple[bytes, bytes], int] = {}
@@ -462,7 +475,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
         shared_off[it] = off
         off += (4 + _keyinfo(it[0])[3] + len(it[1]) + 3) & ~3
     shared_size = off
-    for k in set(map(itemgetter(0), counts)):
+    for k in set(map(itemgetter(0), allitems)) | ({MC, RD} if rditems else set()):
         keyinfo[k] = _keyinfo(k)
     if counts and max(map(len, map(itemgetter(1), counts))) > U16:
         k, v = next(kv for kv in counts if len(kv[1]) > U16)
@@ -477,17 +490,20 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     MAXSH = fmt.MAX_SHARED_PER_INODE
     mc_suffix = 7 + keyinfo[MC][3] if MC in keyinfo else 0
     rd_suffix = 7 + keyinfo[RD][3] if RD in keyinfo else 0
+    mc0_shared = mc0 in shared_off
+    shared_rd = {v for k, v in shared_off if k == RD}   # the values of the shared redirects
     for i, items, base, tail, fst in zip(range(n), xitems, isz, tails, fast, strict=True):
         if items:
             if fst:
                 it_m, it_r = items
-                xsize = 16 if it_m in shared_off else 12 + ((mc_suffix + len(it_m[1])) & ~3)
-                if it_r in shared_off:
+                m_sh = mc0_shared if it_m is mc0 else it_m in shared_off
+                xsize = 16 if m_sh else 12 + ((mc_suffix + len(it_m[1])) & ~3)
+                if it_r[1] in shared_rd and it_r[0] == RD:   # it_r in shared_off, hashing bytes only
                     xsize += 4
                     forms[i] = 3 if xsize == 20 else 0
                 else:
                     xsize += (rd_suffix + len(it_r[1])) & ~3
-                    forms[i] = 2 if it_m in shared_off else 1
+                    forms[i] = 2 if m_sh else 1
             else:
                 nsh = 0
                 xsize = 12
@@ -503,7 +519,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             base += xsize
         pos = (pos + 31) & ~31
         if tail:
-            if modes[i] & S_IFMT == S_IFLNK:
+            if not fst and modes[i] & S_IFMT == S_IFLNK:   # (fst: an external regular file)
                 total = base + tail
                 if total >= BLKSZ:  # inode + xattrs + target do not fit one block: target in a block
                     nblk[i] = 1
@@ -574,6 +590,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     nulls = {4: null_map}
     dirent_structs: dict[int, struct.Struct] = {}
     packs: dict[tuple, struct.Struct] = {}
+    fcache: dict[tuple, tuple] = {}
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
     rd_len = keyinfo[RD][3] if RD in keyinfo else 0
     for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items in zip(
@@ -586,8 +603,32 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             # writes blkaddr, then the chunk format over it in the same union)
             u = (cur_blk & 0xFFFF0000) | u if layout == _CHUNK else cur_blk
         icount = ((xsize - 12) >> 2) + 1 if xsize else 0
+        if form == 2 and not nb:
+            # the most common form of all (shared metacopy, redirect inline): one cached pack per
+            # (metacopy, redirect length, inode size, chunk map size), the redirect the only part of
+            # the body that varies
+            tail = tails[i]
+            rv = items[1][1]
+            it_m = items[0]
+            fk = (len(rv), isize, tail) if it_m is mc0 else (it_m, len(rv), isize, tail)
+            fc = fcache.get(fk)
+            if fc is None:
+                head = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + 3) & ~3)]
+                fc = fcache[fk] = (_external_struct(isize, [len(head), len(rv)], xsize, tail).pack_into,
+                                   head, null_map * (tail >> 2))
+            pk, head, nm = fc
+            try:
+                if isize == 32:
+                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, head, rv, nm)
+                else:
+                    sec, nsec = divmod(node.mtime_ns, NS)
+                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
+                       head, rv, nm)
+            except struct.error as e:
+                raise FormatError(f"inode field out of range: {e}") from None
+            continue
         if form and not nb:
-            # an external file in its common forms: inode, xattrs and chunk map in one pack
+            # an external file in its other common forms: inode, xattrs and chunk map in one pack
             tail = tails[i]
             if form == 2:  # shared metacopy: cached head (header, its id, redirect entry head) + value
                 rv = items[1][1]
@@ -656,7 +697,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             elif form == 1:  # both inline: cached entry heads (by value lengths) around the two values
                 mv = items[0][1]
                 rv = items[1][1]
-                hk = (len(mv), len(rv))
+                hk = (1, len(mv), len(rv))   # not the key of the 2-part heads of the path above
                 head = heads.get(hk)
                 if head is None:
                     body = _xattr_body(items, shared_ids, xsize, keyinfo)
@@ -683,7 +724,22 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
         if t == S_IFDIR:
             names = dnames[i]
             kids = dkids[i]
-            starts = [*dstarts[i], len(names)]
+            starts = dstarts[i]
+            if len(starts) == 1:   # one block (most directories): as below, without the slicing
+                cnt = len(names)
+                off = cur_blk * BLKSZ if nb else p
+                st = dirent_structs.get(cnt)
+                if st is None:
+                    st = dirent_structs[cnt] = struct.Struct("<" + "QHBx" * cnt)
+                st.pack_into(buf, off, *chain.from_iterable(zip(
+                    map(nids.__getitem__, kids), accumulate(map(len, names[:-1]), initial=12 * cnt),
+                    map(ftypes.__getitem__, kids), strict=True)))
+                off += 12 * cnt
+                blob = b"".join(names)
+                buf[off:off + len(blob)] = blob
+                cur_blk += nb
+                continue
+            starts = [*starts, len(names)]
             q = cur_blk * BLKSZ
             for b in range(len(starts) - 1):
                 a, e = starts[b], starts[b + 1]
@@ -696,8 +752,8 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     st = dirent_structs[cnt] = struct.Struct("<" + "QHBx" * cnt)
                 # all dirents of the block in one pack: (nid, name offset, file type) per entry
                 st.pack_into(buf, off, *chain.from_iterable(zip(
-                    [nids[c] for c in bkids], accumulate(map(len, bnames[:-1]), initial=12 * cnt),
-                    [ftypes[c] for c in bkids], strict=True)))
+                    map(nids.__getitem__, bkids), accumulate(map(len, bnames[:-1]), initial=12 * cnt),
+                    map(ftypes.__getitem__, bkids), strict=True)))
                 off += 12 * cnt
                 blob = b"".join(bnames)
                 buf[off:off + len(blob)] = blob
