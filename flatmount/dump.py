@@ -21,7 +21,11 @@ from collections.abc import Iterable
 from typing import BinaryIO, TextIO
 
 from flatmount.errors import DumpSyntaxError
-from flatmount.tree import Inode, object_path
+from flatmount.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, object_path
+from flatmount.tree import S_IFDIR as _S_IFDIR
+from flatmount.tree import S_IFLNK as _S_IFLNK
+from flatmount.tree import S_IFMT as _S_IFMT
+from flatmount.tree import S_IFREG as _S_IFREG
 
 MAX_LINE = 65535           # composefs refuses longer lines
 MAX_CONTENT = 5000         # longest inline CONTENT field composefs accepts
@@ -30,11 +34,7 @@ NSEC = 1_000_000_000
 # so the root's EROFS size, which composefs-info prints, counts them.
 ROOT_WHITEOUTS = frozenset(b"%02x" % i for i in range(256))
 
-_S_IFMT = 0o170000
-_S_IFDIR = 0o040000
-_S_IFREG = 0o100000
-_S_IFLNK = 0o120000
-_FILE_TYPES = frozenset((0o010000, 0o020000, _S_IFDIR, 0o060000, _S_IFREG, _S_IFLNK, 0o140000))
+_FILE_TYPES = frozenset((S_IFIFO, S_IFCHR, _S_IFDIR, S_IFBLK, _S_IFREG, _S_IFLNK, S_IFSOCK))
 _BAD_NAMES = frozenset((b"", b".", b".."))
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 INLINE_MAX = 64  # composefs inlines regular files of at most this many bytes
 
-S_IFMT = stat.S_IFMT
+# file-type bits of st_mode as plain ints (hot loops use `mode & S_IFMT`); the one definition
+S_IFMT = 0o170000
 S_IFDIR = stat.S_IFDIR
 S_IFREG = stat.S_IFREG
 S_IFLNK = stat.S_IFLNK

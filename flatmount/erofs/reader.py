@@ -32,16 +32,10 @@ from operator import sub as _sub
 
 from flatmount.erofs import format as fmt
 from flatmount.errors import CorruptImageError
-from flatmount.tree import Inode, split_path
+from flatmount.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, split_path
 
 __all__ = ["Image", "read_tree", "collect_objects"]
 
-S_IFMT = 0o170000
-S_IFDIR = 0o040000
-S_IFREG = 0o100000
-S_IFLNK = 0o120000
-S_IFCHR = 0o020000
-S_IFBLK = 0o060000
 NS = 1_000_000_000
 
 _FTYPE = {k: int(v) for k, v in fmt.FTYPE_BY_IFMT.items()}

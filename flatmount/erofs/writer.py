@@ -52,18 +52,10 @@ from typing import BinaryIO
 
 from flatmount.erofs import format as fmt
 from flatmount.errors import FormatError
-from flatmount.tree import Inode
+from flatmount.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode
 
 __all__ = ["write_image", "image_bytes", "dir_size"]
 
-S_IFMT = 0o170000
-S_IFDIR = 0o040000
-S_IFREG = 0o100000
-S_IFLNK = 0o120000
-S_IFCHR = 0o020000
-S_IFBLK = 0o060000
-S_IFIFO = 0o010000
-S_IFSOCK = 0o140000
 
 BLKSZ = fmt.BLKSZ
 U32 = 0xFFFFFFFF
