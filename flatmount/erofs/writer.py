@@ -581,6 +581,20 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     heads: dict = {}
     nulls = {4: null_map}
     dirent_structs: dict[int, struct.Struct] = {}
+
+    def pack_block(off: int, bnames: list[bytes], bkids: list[int]) -> None:
+        """One directory block at `off`: every (nid, name offset, file type) in one pack, then names."""
+        cnt = len(bnames)
+        st = dirent_structs.get(cnt)
+        if st is None:
+            st = dirent_structs[cnt] = struct.Struct("<" + "QHBx" * cnt)
+        st.pack_into(buf, off, *chain.from_iterable(zip(
+            map(nids.__getitem__, bkids), accumulate(map(len, bnames[:-1]), initial=12 * cnt),
+            map(ftypes.__getitem__, bkids), strict=True)))
+        off += 12 * cnt
+        blob = b"".join(bnames)
+        buf[off:off + len(blob)] = blob
+
     packs: dict[tuple, struct.Struct] = {}
     fcache: dict[tuple, tuple] = {}
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
@@ -717,38 +731,15 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             names = dnames[i]
             kids = dkids[i]
             starts = dstarts[i]
-            if len(starts) == 1:   # one block (most directories): as below, without the slicing
-                cnt = len(names)
-                off = cur_blk * BLKSZ if nb else p
-                st = dirent_structs.get(cnt)
-                if st is None:
-                    st = dirent_structs[cnt] = struct.Struct("<" + "QHBx" * cnt)
-                st.pack_into(buf, off, *chain.from_iterable(zip(
-                    map(nids.__getitem__, kids), accumulate(map(len, names[:-1]), initial=12 * cnt),
-                    map(ftypes.__getitem__, kids), strict=True)))
-                off += 12 * cnt
-                blob = b"".join(names)
-                buf[off:off + len(blob)] = blob
+            if len(starts) == 1:   # one block (most directories): no slicing
+                pack_block(cur_blk * BLKSZ if nb else p, names, kids)
                 cur_blk += nb
                 continue
             starts = [*starts, len(names)]
             q = cur_blk * BLKSZ
             for b in range(len(starts) - 1):
                 a, e = starts[b], starts[b + 1]
-                off = q if b < nb else p
-                cnt = e - a
-                bnames = names[a:e]
-                bkids = kids[a:e]
-                st = dirent_structs.get(cnt)
-                if st is None:
-                    st = dirent_structs[cnt] = struct.Struct("<" + "QHBx" * cnt)
-                # all dirents of the block in one pack: (nid, name offset, file type) per entry
-                st.pack_into(buf, off, *chain.from_iterable(zip(
-                    map(nids.__getitem__, bkids), accumulate(map(len, bnames[:-1]), initial=12 * cnt),
-                    map(ftypes.__getitem__, bkids), strict=True)))
-                off += 12 * cnt
-                blob = b"".join(bnames)
-                buf[off:off + len(blob)] = blob
+                pack_block(q if b < nb else p, names[a:e], kids[a:e])
                 q += BLKSZ
         else:
             if tail:
