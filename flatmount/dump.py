@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import BinaryIO, TextIO
 
 from flatmount.errors import DumpSyntaxError
-from flatmount.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, object_path
+from flatmount.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup, object_path
 from flatmount.tree import S_IFDIR as _S_IFDIR
 from flatmount.tree import S_IFLNK as _S_IFLNK
 from flatmount.tree import S_IFMT as _S_IFMT
@@ -462,16 +462,11 @@ def _resolve_hardlinks(root: Inode, fixups: list[_Fixup]) -> None:
 
 
 def _lookup(root: Inode, path: bytes) -> Inode | None:
-    node = root
-    for name in path.split(b"/"):
-        if not name:
-            continue
-        if node.entries is None:
-            return None
-        node = node.entries.get(name)
-        if node is None:
-            return None
-    return node
+    """tree.lookup, with a `.`/`..` component meaning "no such path" (reported by the caller)."""
+    try:
+        return lookup(root, path)
+    except ValueError:
+        return None
 
 
 def _path_error(lineno: int, path: bytes, dirs: dict[bytes, Inode], root: Inode | None) -> DumpSyntaxError:

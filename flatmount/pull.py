@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 from flatmount.atomic import fsync_dir
 from flatmount.errors import LayerError, StoreError
 from flatmount.store import chain_id, normalise_name, now_iso
+from flatmount.tree import inodes
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.layers import Progress
@@ -101,16 +102,8 @@ class _PendingImage:
 def tree_objects(tree: Inode) -> frozenset[str]:
     """Object paths (`XX/<62 hex>`) the tree's external files reference."""
     out: set[str] = set()
-    seen: set[int] = set()
-    stack = [tree]
-    while stack:
-        node = stack.pop()
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.entries is not None:
-            stack.extend(node.entries.values())
-        elif node.is_reg and node.is_external:
+    for node in inodes(tree):
+        if node.entries is None and node.is_reg and node.is_external:
             p = node.object_path
             if p is None or not _OBJPATH.fullmatch(p):
                 raise LayerError(f"file references a malformed object path {p!r}")
@@ -524,17 +517,7 @@ class _HashWriter:
 
 
 def _content_size(tree: Inode) -> int:
-    total, seen, stack = 0, set(), [tree]
-    while stack:
-        n = stack.pop()
-        if id(n) in seen:
-            continue
-        seen.add(id(n))
-        if n.entries is not None:
-            stack.extend(n.entries.values())
-        elif n.is_reg:
-            total += n.size
-    return total
+    return sum(n.size for n in inodes(tree) if n.entries is None and n.is_reg)
 
 
 # --- progress ------------------------------------------------------------------------------------

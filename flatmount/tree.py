@@ -206,8 +206,8 @@ def _walk_sorted(node: Inode, base: bytes) -> Iterator[tuple[bytes, Inode]]:
             yield from _walk_sorted(child, path)
 
 
-def count_inodes(root: Inode) -> int:
-    """Distinct inodes in the tree (hardlinks counted once)."""
+def inodes(root: Inode) -> Iterator[Inode]:
+    """Every distinct inode of the tree once (a hardlink group once), in no particular order."""
     seen: set[int] = set()
     stack = [root]
     while stack:
@@ -215,6 +215,11 @@ def count_inodes(root: Inode) -> int:
         if id(node) in seen:
             continue
         seen.add(id(node))
+        yield node
         if node.entries:
             stack.extend(node.entries.values())
-    return len(seen)
+
+
+def count_inodes(root: Inode) -> int:
+    """Distinct inodes in the tree (hardlinks counted once)."""
+    return sum(1 for _ in inodes(root))
