@@ -16,8 +16,8 @@ references to new objects (e.g. committing a database row).  An object left trun
 failure before `sync()` (ext4/xfs show such files as short or empty) is detected by its size on the
 next put of that content and replaced.
 
-Speed: a big put runs as three threads (read the source into aligned 1 MiB buffers, write them with
-O_DIRECT, fs-verity hash them), so it costs about as much as hashing; many small puts go through
+Speed: a big put runs as three threads (read the source into aligned 1 MiB buffers, then write them
+with O_DIRECT and fs-verity hash them side by side), so it costs about as much as hashing; many small puts go through
 `bulk()` (objects.bulk), whose helper processes create the files on another core.
 
 Digests are accepted as 32 raw bytes, 64 hex digits (str or ASCII bytes) or an `XX/<62 hex>` object
@@ -477,11 +477,12 @@ class ObjectStore:
         """Read `chunks` in one helper thread, write them to a temp file in another, hash them here; publish.
 
         Three stages, so reading the source (which may itself hash or decompress), the disk writes and
-        the fs-verity hashing overlap; each passes 1 MiB buffers on to the next and this thread
-        recycles them.  `direct`: write with O_DIRECT (chunks must then be aligned buffers).  On this
-        kind of machine (a VM whose fresh page-cache pages cost a host fault each) copying into the
-        page cache, not hashing, is what limits a buffered put; O_DIRECT lets the device DMA from our
-        buffers instead.
+        the fs-verity hashing overlap.  The reader hands each 1 MiB buffer to the writer and to this
+        thread at once, and the buffer goes back to the reader once both are done with it, so a slow
+        write never holds up hashing.  `direct`: write with O_DIRECT (chunks must then be aligned
+        buffers).  On this kind of machine (a VM whose fresh page-cache pages cost a host fault each)
+        copying into the page cache, not hashing, is what limits a buffered put; O_DIRECT lets the
+        device DMA from our buffers instead.  The helper threads are kept between puts (`_WORKERS`).
         """
         where = f"{self.root}/{TMP_DIR}"
         try:
@@ -490,23 +491,29 @@ class ObjectStore:
             raise ObjectStoreError(f"cannot create a temp file in {where}: {e.strerror or e}") from e
         direct = direct and bool(_O_DIRECT) and bool(_getfl(fd) & _O_DIRECT)
         to_write: queue.SimpleQueue = queue.SimpleQueue()
-        done: queue.SimpleQueue = queue.SimpleQueue()
-        reader = threading.Thread(target=_reader, args=(chunks, to_write), name="objects-read", daemon=True)
-        writer = threading.Thread(target=_writer, args=(fd, to_write, done, where, direct), name="objects-write",
-                                  daemon=True)
+        to_hash: queue.SimpleQueue = queue.SimpleQueue()
+        written: queue.SimpleQueue = queue.SimpleQueue()  # the writer's outcome: _DONE or an exception
+        release = _Release(buffers)
         hasher = FsVerityHasher()
         published = False
-        started: list[threading.Thread] = []
+        outcome: object = None  # the writer's, once seen
+        jobs: list[queue.SimpleQueue] = []
         try:
-            for t in (reader, writer):
-                t.start()
-                started.append(t)
-            while (item := done.get()) is not _DONE:
+            jobs.append(_WORKERS.run(_reader, chunks, (to_write, to_hash)))
+            jobs.append(_WORKERS.run(_writer, fd, to_write, written, where, direct, release))
+            while (item := to_hash.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
                 hasher.update(item)
-                if buffers is not None:
-                    buffers.free.put(item.obj)
+                release(item)
+                if outcome is None and not written.empty():
+                    outcome = written.get()
+                if isinstance(outcome, BaseException):  # a write failed: stop early
+                    raise outcome
+            if outcome is None:
+                outcome = written.get()
+            if isinstance(outcome, BaseException):
+                raise outcome
             digest = hasher.digest()
             self._check_expected(digest, expected)
             rel = _rel(digest)
@@ -522,8 +529,8 @@ class ObjectStore:
         finally:
             if buffers is not None:
                 buffers.free.put(None)  # unblock the reader if it waits for a buffer
-            for t in started:
-                t.join()
+            for job in jobs:
+                job.get()
             os.close(fd)
             if name is not None and not published:
                 _unlink_quiet(name, self._dirfd)
@@ -703,49 +710,118 @@ def _stop_direct(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
-def _reader(chunks: Iterator[memoryview], out: queue.SimpleQueue) -> None:
-    """Helper thread of `_put_large`: pull chunks (reading the source) and pass them on to be written.
+class _Workers:
+    """Daemon threads kept for the helper stages of big puts: starting two fresh threads per put costs
+    about a millisecond each on a busy machine, which a layer of many big files pays many times."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle: list[queue.SimpleQueue] = []  # job queues of idle workers
+        os.register_at_fork(after_in_child=self._forget)  # the threads do not exist in a forked child
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = []
+
+    def run(self, fn: Callable[..., None], *args: object) -> queue.SimpleQueue:
+        """Run `fn(*args)` on an idle worker (a new one if none is idle); the returned queue gets one
+        item when it has returned.  `fn` must not raise (the stages hand their errors on themselves)."""
+        with self._lock:
+            jobs = self._idle.pop() if self._idle else None
+        if jobs is None:
+            jobs = queue.SimpleQueue()
+            threading.Thread(target=self._work, args=(jobs,), name="objects-pipeline", daemon=True).start()
+        finished: queue.SimpleQueue = queue.SimpleQueue()
+        jobs.put((fn, args, finished))
+        return finished
+
+    def _work(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            fn, args, finished = jobs.get()
+            try:
+                fn(*args)
+            finally:
+                with self._lock:
+                    self._idle.append(jobs)
+                finished.put(None)
+
+
+_WORKERS = _Workers()
+
+
+class _Release:
+    """Gives a pipeline buffer back to the reader once both the writer and the hasher are done with it."""
+
+    def __init__(self, buffers: _Buffers | None) -> None:
+        self._free = buffers.free if buffers is not None else None
+        self._lock = threading.Lock()
+        self._half: set[int] = set()  # ids of buffers one of the two is done with
+
+    def __call__(self, mv: memoryview) -> None:
+        if self._free is None:  # chunks of the caller's memory, nothing to recycle
+            return
+        buf = mv.obj
+        with self._lock:
+            key = id(buf)
+            if key not in self._half:
+                self._half.add(key)
+                return
+            self._half.discard(key)
+        self._free.put(buf)
+
+
+def _reader(chunks: Iterator[memoryview], outs: tuple[queue.SimpleQueue, ...]) -> None:
+    """Helper stage of `_put_large`: pull chunks (reading the source) and hand each to every consumer.
 
     Source errors go on as they are, for the hashing thread to raise; the stream always ends with
     `_DONE` or an exception.
     """
     try:
         for mv in chunks:
-            out.put(mv)
+            for out in outs:
+                out.put(mv)
     except BaseException as e:  # handed on to the hashing thread, which raises it
-        out.put(e)
+        for out in outs:
+            out.put(e)
     else:
-        out.put(_DONE)
+        for out in outs:
+            out.put(_DONE)
 
 
-def _writer(fd: int, chunks: queue.SimpleQueue, done: queue.SimpleQueue, where: str, direct: bool) -> None:
-    """Helper thread of `_put_large`: write the chunks `_reader` passes, then pass them on to be hashed.
+def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, where: str, direct: bool,
+            release: _Release) -> None:
+    """Helper stage of `_put_large`: write the chunks `_reader` hands on, releasing each once written.
 
-    Errors go to `done` for the hashing thread to raise: source errors as they are, write errors as
-    ObjectStoreError (after which nothing more is written).  With `direct`, an unaligned tail (or a
-    file system refusing the aligned writes) switches the fd back to buffered writes.
+    Puts exactly one item on `outcome`: `_DONE` once everything is written, or (as soon as a write
+    fails) an ObjectStoreError, after which it only releases the remaining chunks, so the reader
+    never waits for a buffer that will not come back.  With `direct`, an unaligned tail (or a file
+    system refusing the aligned writes) switches the fd back to buffered writes.
     """
     written = flushed = 0
+    failed = False
     while True:
         mv = chunks.get()
         if mv is _DONE or isinstance(mv, BaseException):
-            done.put(mv)
+            if not failed:
+                outcome.put(_DONE)  # a source error reaches the hasher through its own queue
             return
-        try:
-            direct = _write_chunk(fd, mv, written, direct)
-        except OSError as e:
-            err = ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}")
-            err.__cause__ = e
-            done.put(err)
-            return
-        except BaseException as e:
-            done.put(e)
-            return
-        done.put(mv)
-        written += len(mv)
-        if not direct and written - flushed >= WRITEBACK_EVERY:
-            _start_writeback(fd, flushed, written - flushed)
-            flushed = written
+        if not failed:
+            try:
+                direct = _write_chunk(fd, mv, written, direct)
+            except OSError as e:
+                err = ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}")
+                err.__cause__ = e
+                outcome.put(err)
+                failed = True
+            except BaseException as e:
+                outcome.put(e)
+                failed = True
+            else:
+                written += len(mv)
+                if not direct and written - flushed >= WRITEBACK_EVERY:
+                    _start_writeback(fd, flushed, written - flushed)
+                    flushed = written
+        release(mv)
 
 
 def _write_chunk(fd: int, mv: memoryview, offset: int, direct: bool) -> bool:
