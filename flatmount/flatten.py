@@ -29,8 +29,16 @@ reachable from two layers would become a hardlink).
 Store side (`flatten_image`): a flattened image is cached per chain under its top layer id (layer ids
 already encode the whole chain) in `flat_images`, in the primary or any additional store.  A chain
 whose image is not cached starts from the image of its longest cached prefix and applies only the
-remaining layers; the new image is content-addressed (`images/<sha256>.erofs`) and recorded together
-with the objects it references in one transaction, under the shared GC lock.
+remaining layers; the new image is content-addressed (`images/<sha256>.erofs`) and recorded (its
+`flat_images` row) under the shared GC lock.
+
+A flattened image has no refs rows of its own: every object it references is an object of a layer of
+its chain (flatten only drops files, it never makes content), and those layers' `layer:` refs (or, for
+layers of an additional store, that store's records) pin them for as long as an image record names the
+chain, which is also when gc keeps the flat image.  The one case beyond that, a mounted image whose
+record was removed meanwhile, gc covers by reading the objects from the leased image file itself
+(flatmount.gc).  This keeps flatten from writing one row per object (50,000 for a 64k-inode image)
+for facts the layers already record.
 
 Derived files.  Next to each image it writes, flatten keeps two caches named by the same digest:
 `images/<digest>.tree` (the tree, `marshal`led as flat rows: loading it is several times faster than
@@ -54,7 +62,7 @@ from itertools import islice, starmap
 from operator import attrgetter, lt
 from typing import TYPE_CHECKING
 
-from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFREG, Inode
+from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, Inode
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import Store
@@ -227,40 +235,10 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
         _remember_tree(digest, tree)
         import time
 
-        with store.transaction() as db:
+        with store.transaction() as db:  # no refs rows: the chain's layers hold its objects (above)
             db.execute("INSERT OR REPLACE INTO flat_images(chain_key, digest, created) VALUES (?, ?, ?)",
                        (key, digest, time.time()))
-            db.executemany("INSERT OR IGNORE INTO refs(owner, object) VALUES (?, ?)",
-                           [("flat:" + digest, o) for o in sorted(flat_tree_objects(tree))])
     return FlatImage(digest, path, key, ids, False)
-
-
-def flat_tree_objects(tree: Inode) -> frozenset[str]:
-    """`flatmount.pull.tree_objects` (the object paths a tree's external files reference, each checked
-    to be `XX/<62 hex>`), walking directories only: their files are filtered and mapped in C loops."""
-    from flatmount.errors import LayerError
-    from flatmount.pull import _OBJPATH
-    from flatmount.tree import object_path
-
-    payloads: set[str] = set()
-    digests: set[bytes] = set()
-    stack = [tree]
-    seen: set[int] = set()
-    while stack:
-        d = stack.pop()
-        if id(d) in seen:
-            continue
-        seen.add(id(d))
-        kids = d.entries.values()
-        stack += [c for c in kids if c.entries is not None]
-        ext = [c for c in kids if c.entries is None and c.content is None and c.mode & _FMT == S_IFREG]
-        payloads.update(c.payload for c in ext if c.payload is not None)
-        digests.update(c.digest for c in ext if c.payload is None and c.digest is not None)
-    out = payloads | set(map(object_path, digests))
-    bad = [p for p in out if not _OBJPATH.fullmatch(p)]
-    if bad:
-        raise LayerError(f"file references a malformed object path {sorted(bad)[0]!r}")
-    return frozenset(out)
 
 
 # Flattened trees of the last images this process read or wrote, by image digest: extending a chain

@@ -16,20 +16,23 @@ Checks (kind: severity; what --repair does):
   `layers/<id>.erofs` is missing or unreadable.  dangling-parent / dangling-image (error, not
   repairable): a layer whose parent, or an image whose top layer, is in no store.
 - dangling-name (error; repair drops it): a name pointing at an image in no store.
-- missing-flat-image (error; repair drops the flat_images row, and its refs unless a lease or another
-  row needs the digest): the cached image is re-made on the next mount.
+- missing-flat-image (error; repair drops the flat_images row): the cached image is re-made on the
+  next mount.
 - corrupt-flat-image (error; repair quarantines the file and drops the row as above): an
   `images/<digest>.erofs` whose sha256 is not its name, or that cannot be read.
-- refs-missing / refs-extra (error; repair rewrites the owner's rows from its image): refs rows of a
-  layer or flat image that disagree with the objects its image references (recomputed with
+- refs-missing / refs-extra (error; repair rewrites the layer's rows from its image): refs rows of a
+  layer that disagree with the objects its image references (recomputed with
   flatmount.erofs.reader.collect_objects).  A missing row is dangerous: gc would delete the object.
+  Flattened images hold no refs rows (their chain's layers do, flatmount.flatten); the objects they
+  reference are still checked to exist.
 - stale-lease (error; repair runs flatmount.mount.cleanup, which deletes the row and rmdir()s its
   dirs): a lease of another boot or whose merged dir is not mounted, and whose mount dir nobody has
   flock'ed (the rule of flatmount.gc and flatmount.mount.cleanup).
 Notices (never make fsck fail; what crashes and normal operation leave behind):
 - orphan-object: a primary object no refs row names (`flatmount gc` removes it).
 - orphan-image-file / orphan-layer-file: an image file without a row (gc removes it).
-- dangling-refs: refs rows of an owner that no longer exists (repair deletes them, as gc would).
+- dangling-refs: refs rows of an owner that no longer exists, or `flat:` rows that earlier versions
+  wrote for flattened images (repair deletes them, as gc would).
 - temp-leftover: an entry of `<root>/tmp/` or `objects/.tmp/` no writer uses (repair removes it).
   When no writer holds the GC lock every entry nobody has flock'ed is a leftover; otherwise only those
   older than a day.
@@ -266,35 +269,25 @@ def _check_records(run: _Run, s: Store) -> None:
             bad_digests[digest] = kind
             run.add(kind, s, key, f"flat image {digest} of chain {key}: {err}",
                     repaired=run.can_repair(s), note=_flat_note(run, s))
-            if digest in leased:
-                needed[owner] = refs.get(owner, set())
             continue
-        needed[owner] = content
-        if _compare_refs(run, s, owner, content, refs.get(owner, set())):
-            rewrite[owner] = content
-    # leased images without a row keep their refs: check them too
+        needed[owner] = content  # (no refs rows to compare: its chain's layers hold them)
+    # leased images without a row: what they reference must still be there
     for digest in sorted(leased - digests):
         path = os.path.join(s.root, "images", digest + ".erofs")
-        owner = "flat:" + digest
         err, content = _check_flat_file(path, digest)
         if err is None:
-            needed[owner] = content
-            if _compare_refs(run, s, owner, content, refs.get(owner, set())):
-                rewrite[owner] = content
-        elif owner in refs:
-            needed[owner] = refs[owner]
-    # refs of owners that do not exist
-    kept_digests = (digests - set(bad_digests)) | leased
+            needed["flat:" + digest] = content
+    # refs of owners that do not exist; `flat:` rows are all left from earlier versions (flat images
+    # hold no refs rows of their own now)
     for owner in sorted(refs):
         kind, _, key = owner.partition(":")
-        if (kind == "layer" and key in layer_ids) or (kind == "flat" and key in kept_digests):
-            continue
-        if kind == "flat" and key in bad_digests:
-            drop_owners.add(owner)  # reported with its flat image
+        if kind == "layer" and key in layer_ids:
             continue
         if kind not in ("layer", "flat"):
             continue  # not ours to judge
-        run.add("dangling-refs", s, owner, f"{len(refs[owner])} refs rows of an owner that does not exist",
+        what = ("refs rows of a flattened image (flat images hold none now)" if kind == "flat"
+                else "refs rows of an owner that does not exist")
+        run.add("dangling-refs", s, owner, f"{len(refs[owner])} {what}",
                 repaired=run.can_repair(s), note="deleted" if run.can_repair(s) else
                 ("gc deletes them" if s is store else "additional store: read-only"))
         drop_owners.add(owner)
@@ -380,13 +373,9 @@ def _repair_records(run: _Run, s: Store, rewrite: dict[str, set[str]], drop_owne
             tx.executemany("INSERT INTO refs(owner, object) VALUES (?, ?)", [(owner, o) for o in sorted(objs)])
         for digest, kind in sorted(bad_digests.items()):
             tx.execute("DELETE FROM flat_images WHERE digest = ?", (digest,))
-            if digest not in leased:
-                tx.execute("DELETE FROM refs WHERE owner = ?", ("flat:" + digest,))
             if kind == "corrupt-flat-image":
                 quarantine.append(digest)
         for owner in sorted(drop_owners):
-            if owner.startswith("flat:") and owner[5:] in leased:
-                continue
             tx.execute("DELETE FROM refs WHERE owner = ?", (owner,))
         for name in bad_names:
             tx.execute("DELETE FROM names WHERE name = ?", (name,))

@@ -1,7 +1,7 @@
 """Garbage collection of the primary store: flattened images nobody needs, then unreferenced objects.
 
-Why a collector and not reference counting: objects are shared by any number of layers and flattened
-images, in one SQLite table (`refs`, one row per owner and object) written in the same transaction as
+Why a collector and not reference counting: objects are shared by any number of layers, in one SQLite
+table (`refs`, one row per owner and object) written in the same transaction as
 the owner.  Deleting an owner only deletes rows; the space comes back when `gc` sweeps the objects no
 row names any more.  Nothing in an additional store is ever touched (it is not even opened for writing).
 
@@ -16,21 +16,23 @@ Policy, in order:
    - their chain key is the top layer of an image record visible through the store (primary or
      additional store image, by name or id): that is the image `mount` would use, or
    - a live lease names their digest (a mounted image whose record was removed stays usable).
-   Every other row is deleted with its `flat:<digest>` refs, and its file removed unless a kept row or
+   Every other row is deleted, and its file removed unless a kept row or
    a live lease shares the digest.  Flat images of chain prefixes are not kept: flatten only reads them
    as a head start, and their objects are referenced by the chain's layers anyway.
    Files in `images/` with no row and no live lease (a flatten killed before its commit) are removed.
 3. Layers are not collected: `rmi` (Store.remove_image) removes the primary layers no image uses, in
    the same transaction as the image.  Layer image files in `layers/` with no row (an import killed
    between rename and commit) are removed; rows of layers no image uses are only counted.
-4. refs rows whose owner no longer exists (`layer:<id>` without a layer row, `flat:<digest>` of a
-   flat image not kept) are deleted.
+4. refs rows whose owner no longer exists (`layer:<id>` without a layer row; `flat:<digest>` rows,
+   which earlier versions wrote for flattened images) are deleted.  A flattened image has no refs of
+   its own: its objects are objects of its chain's layers (flatmount.flatten), pinned by their refs.
 5. Objects: every object of the primary store that no remaining refs row names is deleted, except
    - objects whose ctime or mtime is newer than the start of this gc minus the grace period
      (`grace_s`, default DEFAULT_GRACE_S = 10 minutes): a writer that does not hold the GC lock may
      have put them and not committed yet (ctime changes on every link and rename, so an object just
      published by a put (link) or an import (rename from its staging dir) is fresh whatever its mtime);
-   - objects of a leased image whose refs rows are missing (its image file is read to find them);
+   - objects of a leased image whose chain no image record names (a mounted image removed meanwhile:
+     its image file is read to find them);
    - objects that an additional store's records reference but that store lacks (a mount of that
      store's image then finds them in the primary).
    Objects in additional stores are never deleted.  A store with objects but no database is refused
@@ -58,7 +60,7 @@ import os
 import re
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flatmount.errors import ReadOnlyStoreError, StoreError
@@ -231,9 +233,11 @@ class _Plan:
     remove_layer_files: dict[str, str]
     dead_owners: set[str]
     kept_digests: set[str]
-    extra_live: set[str]            # objects of leased images without refs rows
+    extra_live: set[str]            # objects of leased images no image record covers (read from them)
     leases: list[Lease]
     layers_unused: list[str]
+    covered: set[str] = field(default_factory=set)  # digests of rows whose chain an image names
+    extra_read: set[str] = field(default_factory=set)  # leased images whose objects are in extra_live
     dropped: bool = False           # records deleted (not a dry run)
     refs_removed: int = 0
 
@@ -261,7 +265,7 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
             plan = _plan(store, db, start, grace_s)
         if not dry_run and db is not None:
             _drop_records(store, db, plan)
-        live = _live_objects(db, plan) if db is not None else set()
+        live = _live_objects(store, db, plan) if db is not None else set()
         cutoff = start - grace_s
         candidates: list[tuple[str, int]] = []
         kept = recent = recent_bytes = 0
@@ -358,26 +362,18 @@ def _plan(store: Store, db: sqlite3.Connection, start: float, grace_s: float) ->
     remove_layer_files = {lid: p for lid, p in layer_files(store).items()
                           if lid not in layer_ids and not _fresh(p, cutoff)}
     dead: set[str] = set()
-    zero_ref_leased = set(leased)
     for (owner,) in db.execute("SELECT DISTINCT owner FROM refs"):
         kind, _, key = owner.partition(":")
         if kind == "layer":
             if key not in layer_ids:
                 dead.add(owner)
-        elif kind == "flat":
-            zero_ref_leased.discard(key)
-            if key not in kept_digests:
-                dead.add(owner)
-    extra_live: set[str] = set()
-    for digest in zero_ref_leased:
-        path = store.root / "images" / f"{digest}.erofs"
-        if path.exists():
-            from flatmount.erofs.reader import collect_objects
-
-            try:
-                extra_live |= collect_objects(path)
-            except Exception:  # noqa: BLE001 - a corrupt leased image pins nothing we can read
-                pass
+        elif kind == "flat":  # rows of earlier versions: flat images hold no refs rows any more
+            dead.add(owner)
+    # a flat image whose chain an image record names has its objects pinned by that chain's layers;
+    # a leased one beyond those (its record removed while it is mounted) pins what its file references
+    covered = {d for k, d in rows if k in keys}
+    extra_read = leased - covered
+    extra_live = _leased_objects(store, extra_read)
     used: set[str] = set()
     for top in keys:
         lid: str | None = top
@@ -387,7 +383,22 @@ def _plan(store: Store, db: sqlite3.Connection, start: float, grace_s: float) ->
             lid = row[0] if row else None
     unused = sorted(layer_ids - used)
     return _Plan(start, remove_rows, remove_images, remove_layer_files, dead, kept_digests, extra_live,
-                 leases, unused)
+                 leases, unused, covered, extra_read)
+
+
+def _leased_objects(store: Store, digests: set[str]) -> set[str]:
+    """The objects the primary's image files of `digests` reference (leased images no record covers)."""
+    out: set[str] = set()
+    for digest in digests:
+        path = store.root / "images" / f"{digest}.erofs"
+        if path.exists():
+            from flatmount.erofs.reader import collect_objects
+
+            try:
+                out |= collect_objects(path)
+            except Exception:  # noqa: BLE001 - a corrupt leased image pins nothing we can read
+                pass
+    return out
 
 
 def _fresh(path: str, cutoff: float) -> bool:
@@ -405,10 +416,11 @@ def _drop_records(store: Store, db: sqlite3.Connection, plan: _Plan) -> None:
     with store.transaction() as tx:
         leased_now = {lease.image_digest for lease in read_leases(tx) if lease.live}
         newly = leased_now - plan.kept_digests
-        if newly:  # a mount started meanwhile: keep its image and its refs
+        if newly:  # a mount started meanwhile: keep its image and what it references
             plan.kept_digests |= newly
             plan.remove_rows = [(k, d) for k, d in plan.remove_rows if d not in newly]
-            plan.dead_owners -= {"flat:" + d for d in newly}
+            plan.extra_live |= _leased_objects(store, newly - plan.covered)
+            plan.extra_read |= newly - plan.covered
             for d in newly:
                 plan.remove_images.pop(d, None)
         tx.executemany("DELETE FROM flat_images WHERE chain_key = ? AND digest = ?", plan.remove_rows)
@@ -418,17 +430,27 @@ def _drop_records(store: Store, db: sqlite3.Connection, plan: _Plan) -> None:
     plan.refs_removed = n
 
 
-def _live_objects(db: sqlite3.Connection, plan: _Plan) -> set[str]:
-    """Objects named by refs rows of live owners (plus leased images' objects without rows)."""
-    if plan.dead_owners and not plan.dropped:  # dry run: the dead rows are still there
-        param = (json_list(plan.dead_owners),)
-        live = {r[0] for r in db.execute(
-            "SELECT DISTINCT object FROM refs WHERE owner NOT IN (SELECT value FROM json_each(?))", param)}
-        plan.refs_removed = db.execute(
-            "SELECT count(*) FROM refs WHERE owner IN (SELECT value FROM json_each(?))", param).fetchone()[0]
-    else:
-        live = {r[0] for r in db.execute("SELECT DISTINCT object FROM refs")}
-    return live | plan.extra_live
+def _live_objects(store: Store, db: sqlite3.Connection, plan: _Plan) -> set[str]:
+    """Objects named by refs rows of live owners, plus those of live leased images that no image
+    record covers, all read in one snapshot: an `rmi` of a mounted image (deleting its layers' refs)
+    either happened before it (the leased image is then read) or did not (its refs are still seen)."""
+    db.execute("BEGIN")
+    try:
+        if plan.dead_owners and not plan.dropped:  # dry run: the dead rows are still there
+            param = (json_list(plan.dead_owners),)
+            live = {r[0] for r in db.execute(
+                "SELECT DISTINCT object FROM refs WHERE owner NOT IN (SELECT value FROM json_each(?))", param)}
+            plan.refs_removed = db.execute(
+                "SELECT count(*) FROM refs WHERE owner IN (SELECT value FROM json_each(?))", param).fetchone()[0]
+        else:
+            live = {r[0] for r in db.execute("SELECT DISTINCT object FROM refs")}
+        keys = _kept_chain_keys(store)
+        covered = {d for k, d in db.execute("SELECT chain_key, digest FROM flat_images") if k in keys}
+        leased = {lease.image_digest for lease in read_leases(db) if lease.live}
+    finally:
+        db.execute("COMMIT")
+    uncovered = leased - covered - plan.extra_read
+    return live | plan.extra_live | _leased_objects(store, uncovered)
 
 
 def _needed_by_additional(store: Store, candidates: list[str]) -> set[str]:

