@@ -44,8 +44,9 @@ Derived files.  Next to each image it writes, flatten keeps two caches named by 
 `images/<digest>.tree` (the tree, `marshal`led as flat rows: loading it is several times faster than
 parsing the image, which matters when the image is the cached prefix of a longer chain in a new
 process) and `images/<digest>.index` (its `flatmount.diff.ImageIndex`, so the first diff of the image
-reads neither the image nor builds anything).  Both are derived state: written atomically (temp file in
-`tmp/`, rename; no fsync, a torn file fails its checksum), each checked against the image's name and
+reads neither the image nor builds anything).  Both are derived state: written after flatten returns by
+a background thread (`_Derivers`), atomically (temp file in `tmp/`, rename; no fsync, a torn file
+fails its checksum), each checked against the image's name and
 size and its own xxh3 checksum before use, ignored (and rewritten where the store is writable) when
 missing or damaged.  `derived_paths` names them; whoever removes an image removes those too.
 """
@@ -56,6 +57,7 @@ import gc
 import marshal
 import os
 import struct
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import islice, starmap
@@ -420,6 +422,7 @@ def tree_from_cache(data: bytes, digest: str, image_size: int) -> Inode | None:
 def load_tree_cache(image_path: str | os.PathLike) -> Inode | None:
     """The tree cached next to the image `.../images/<digest>.erofs`, or None (missing, damaged, or
     not that image's)."""
+    wait_derived()  # one this process is writing is worth waiting for
     path = os.fspath(image_path)
     try:
         size = os.stat(path).st_size
@@ -475,8 +478,9 @@ class _HashingFile:
 
 
 def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tuple[str, str]:
-    """Write `tree` as `<root>/images/<sha256>.erofs` (temp in `<root>/tmp`, fsync, rename), then (with
-    `derived`) its tree cache and diff index beside it (`derived_paths`; best effort).
+    """Write `tree` as `<root>/images/<sha256>.erofs` (temp in `<root>/tmp`, fsync, rename); with
+    `derived`, its tree cache and diff index are then written beside it (`derived_paths`; best effort)
+    by a background thread (`_Derivers`), so the caller can record and mount the image meanwhile.
 
     The caller holds `store.gc_lock(shared=True)` until the image is recorded (GC and `clean_tmp`
     treat files nobody records as garbage once that lock is free)."""
@@ -493,15 +497,63 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
         digest = h.hexdigest()
         path = af.commit(flat_image_path(store.root, digest))  # same bytes if it existed: content-addressed
     if derived:
+        DERIVERS.start(store, path, tree, digest, out.size, out.x.digest())
+    return digest, path
+
+
+class _Derivers:
+    """Background writers of flattened images' derived files (tree cache, diff index).
+
+    They are caches: nothing needs them to be there, so flatten returns (and the image can be
+    recorded and mounted) while they are built, about as long again as writing the image takes.
+    Each thread holds the store's GC lock shared while it writes (like any writer of the store), and
+    writes nothing if the image is gone by then.  The threads are not daemons (the interpreter waits
+    for them at exit); `wait()` joins them, which whatever reads derived files in this process
+    (`load_tree_cache`, flatmount.diff) and whatever may remove them (`Store.close`, gc, fsck) does
+    first, never while holding the GC lock exclusively."""
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def start(self, store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
+        t = threading.Thread(target=self._derive, args=(store, path, tree, digest, size, image_id),
+                             name="flatmount-derived", daemon=False)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+
+    def wait(self) -> None:
+        """Join every pending derived-file writer of this process."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+        me = threading.current_thread()
+        for t in threads:
+            if t is not me:
+                t.join()
+
+    @staticmethod
+    def _derive(store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
         from flatmount.diff import index_file_bytes
 
         tree_path, index_path = derived_paths(path)
-        enabled = gc.isenabled()
-        gc.disable()  # both build many objects, none cyclic
         try:
-            _save_derived(path, tree_path, lambda: tree_cache_bytes(tree, digest, out.size))
-            _save_derived(path, index_path, lambda: index_file_bytes(tree, out.x.digest(), out.size))
-        finally:
-            if enabled:
-                gc.enable()
-    return digest, path
+            with store.gc_lock(shared=True):
+                enabled = gc.isenabled()
+                gc.disable()  # both build many objects, none cyclic
+                try:
+                    for dest, make in ((tree_path, lambda: tree_cache_bytes(tree, digest, size)),
+                                       (index_path, lambda: index_file_bytes(tree, image_id, size))):
+                        if not os.path.exists(path):
+                            return  # removed meanwhile (gc): nothing to derive it for
+                        _save_derived(path, dest, make)
+                finally:
+                    if enabled:
+                        gc.enable()
+        except Exception:  # noqa: BLE001 - best effort: a missing cache is rebuilt when needed
+            pass
+
+
+DERIVERS = _Derivers()
+wait_derived = DERIVERS.wait

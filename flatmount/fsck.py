@@ -70,6 +70,7 @@ from flatmount.gc import (
     read_leases,
     scan_objects,
     store_lock,
+    wait_derived,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -149,6 +150,7 @@ def fsck(store: Store, repair: bool = False, sample: float | int | None = None) 
     if sample is not None and (sample < 0 or (isinstance(sample, float) and sample > 1)):
         raise StoreError(f"sample must be a count >= 0 or a fraction in (0, 1], not {sample!r}")
     t0 = time.monotonic()
+    wait_derived()  # this process's derived-file writers (flatmount.flatten) finish first
     run = _Run(store, repair, sample)
     idle_tmp = None if repair or not store.root.is_dir() else _idle_tmp_entries(store)
     with store_lock(store, shared=not repair) if store.root.is_dir() else contextlib.nullcontext():

@@ -44,6 +44,7 @@ import json
 import os
 import re
 import stat
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -571,7 +572,10 @@ class Store:
         return usage(self)
 
     def close(self) -> None:
-        """Close the DB connection and object store handles (of the additional stores too)."""
+        """Close the DB connection and object store handles (of the additional stores too), once this
+        process's derived-file writers (flatmount.flatten) are done."""
+        if "flatmount.flatten" in sys.modules:
+            sys.modules["flatmount.flatten"].wait_derived()
         for s in (self, *self.additional):
             if s._db is not None:
                 s._db.close()

@@ -213,6 +213,8 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
             else:
                 nlink[j] += 1
                 dups.append((i, name, j))
+                if cm == S_IFCHR and child.rdev == 0 and cid not in raw:  # a hardlinked whiteout:
+                    whiteout_parents.add(i)                               # every parent is marked
             kids.append(j)
         nlink[i] = 2 + nsub
         p = bisect.bisect_left(names, _DOT)
@@ -228,6 +230,8 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
         if j is None:
             raise FormatError("hardlink to an inode outside the tree")
         nlink[j] += 1
+        if child.mode & S_IFMT == S_IFCHR and child.rdev == 0 and id(child) not in raw:
+            whiteout_parents.add(i)
         dkids[i][bisect.bisect_left(dnames[i], name)] = j
     return nodes, dnames, dkids, nlink, whiteout_parents, raw, version, dups, nparent, dparent
 
