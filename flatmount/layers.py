@@ -734,7 +734,7 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, builder: LayerTreeBuil
                 f = _MemberReader(src, size, where) if direct else tf.extractfile(ti)  # type: ignore[arg-type]
                 assert f is not None
                 try:
-                    digest = objects.put(f)  # type: ignore[arg-type]
+                    digest = objects.put(f, size=size)  # type: ignore[arg-type]
                 except tarfile.TarError as e:
                     raise LayerError(f"{where}: archive ends inside this file ({e})") from None
             node = Inode(S_IFREG | perm, size=size, digest=digest, **kw)

@@ -127,8 +127,8 @@ class _RecordingObjects:
         self.stored.add(d)
         return d
 
-    def put(self, stream, expected=None) -> bytes:
-        return self._record(self._objects.put(stream, expected))
+    def put(self, stream, expected=None, size=None) -> bytes:
+        return self._record(self._objects.put(stream, expected, size))
 
     def put_bytes(self, data, expected=None) -> bytes:
         return self._record(self._objects.put_bytes(data, expected))

@@ -191,9 +191,10 @@ class _Buffers:
         self.owned = []
 
 
-def _stream_chunks(first: memoryview, stream: BinaryIO, buffers: _Buffers) -> Iterator[memoryview]:
+def _stream_chunks(first: memoryview | None, stream: BinaryIO, buffers: _Buffers) -> Iterator[memoryview]:
     """The stream as 1 MiB memoryviews over recycled aligned buffers (`first`, a full one, already read)."""
-    yield first
+    if first is not None:
+        yield first
     while (buf := buffers.take()) is not None:
         n = _fill(stream, buf)
         if n:
@@ -332,17 +333,20 @@ class ObjectStore:
             (mv[i : i + READ_CHUNK] for i in range(0, len(mv), READ_CHUNK)), None, expected, direct=False
         )
 
-    def put(self, stream: BinaryIO, expected: Digest | None = None) -> bytes:
+    def put(self, stream: BinaryIO, expected: Digest | None = None, size: int | None = None) -> bytes:
         """Store everything read from `stream` until EOF; returns its digest (32 raw bytes).
 
         Big content is read by one helper thread and written by another while this one hashes
         (hashlib and the I/O release the GIL), so the cost is close to hashing alone.  Streams with
         `readinto` fill the store's aligned buffers directly (no intermediate bytes objects).
-        `expected` as for `put_bytes`.
+        `expected` as for `put_bytes`.  `size`: how much the stream holds, when known (e.g. a tar
+        member); big content then goes to the helper threads from its first byte.
         """
         self._check_writable("put")
         buffers = _Buffers(self._buffer_pool)
         try:
+            if size is not None and size > READ_CHUNK:
+                return self._put_large(_stream_chunks(None, stream, buffers), buffers, expected, self.direct_io)
             buf = buffers.take()
             assert buf is not None
             n = _fill(stream, buf)

@@ -428,11 +428,11 @@ def die():
 if point.startswith("put"):  # the n-th object put, streamed (put) or in memory (put_bytes)
     n, count = int(point[3:]), [0]
     def counting(orig):
-        def put(self, data, expected=None):
+        def put(self, data, *args, **kw):
             count[0] += 1
             if count[0] == n:
                 die()
-            return orig(self, data, expected)
+            return orig(self, data, *args, **kw)
         return put
     ostore.ObjectStore.put = counting(ostore.ObjectStore.put)
     ostore.ObjectStore.put_bytes = counting(ostore.ObjectStore.put_bytes)
