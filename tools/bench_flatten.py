@@ -339,8 +339,8 @@ def build_chain_store(dump: Path, root: str, run: str) -> str:
 
 
 def drop_flat_image(root: str, run: str, chain_key: str) -> None:
-    """Forget the flattened image of `chain_key` (row, refs, image and derived files), so the next
-    flatten writes it again."""
+    """Forget the flattened image of `chain_key` (row, image and derived files; refs rows of earlier
+    versions too), so the next flatten writes it again."""
     from flatmount.flatten import derived_paths
     from flatmount.store import open_store
 
