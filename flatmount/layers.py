@@ -45,13 +45,14 @@ Rules (OCI image-spec layer.md, and what is rejected with LayerError):
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flatmount.errors import DigestMismatchError, LayerError
 from flatmount.tree import (
@@ -626,6 +627,8 @@ def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
     # many small files: their object files are written by a helper process while we parse on
     bulk = objects.bulk() if callable(getattr(objects, "bulk", None)) else None
     put_small = bulk.put_bytes if bulk is not None else objects.put_bytes
+    # big files: hashed and written while the next members are read (their digests are set below)
+    later: list[tuple[Inode, Any]] | None = [] if callable(getattr(objects, "put_async", None)) else None
     try:
         try:
             while True:
@@ -636,7 +639,7 @@ def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
                 if ti is None:
                     break
                 tf.members.clear()  # stream reading: keep no per-entry state in tarfile
-                _add_member(tf, ti, builder, objects, src, put_small)
+                _add_member(tf, ti, builder, objects, src, put_small, later)
                 if progress is not None:
                     progress(src.tell(), builder.entries)
         finally:
@@ -648,7 +651,12 @@ def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
             raise LayerError(f"{label}: tar archive is {why}: no end-of-archive block at byte {tf.offset}")
         src.drain()
         raw.drain()
+        for node, pending in later or ():
+            node.digest = pending.result()
     except BaseException:
+        for _node, pending in later or ():  # none may still write when we return
+            with contextlib.suppress(BaseException):
+                pending.result()
         if bulk is not None:
             bulk.abort()
         raise
@@ -705,11 +713,14 @@ def _payload(src: ForwardReader, size: int, where: str) -> bytes:
 
 def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, builder: LayerTreeBuilder,
                 objects: ObjectStore, src: ForwardReader | None = None,
-                put_small: Callable[[bytes], bytes] | None = None) -> None:
+                put_small: Callable[[bytes], bytes] | None = None,
+                later: list[tuple[Inode, Any]] | None = None) -> None:
     """Add one tar entry to the tree.
 
     Regular file content is read from `src` when given (else through tarfile); content under 1 MiB
-    is stored with `put_small` (default `objects.put_bytes`), bigger content streams into `objects.put`.
+    is stored with `put_small` (default `objects.put_bytes`), bigger content streams into `objects.put`
+    (with `later`, into `objects.put_async`: the node's digest is then set when the caller resolves the
+    (node, pending put) pairs appended to `later`).
     """
     name = ti.name.encode("utf-8", "surrogateescape")
     where = builder.where(name)
@@ -734,6 +745,11 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, builder: LayerTreeBuil
                 f = _MemberReader(src, size, where) if direct else tf.extractfile(ti)  # type: ignore[arg-type]
                 assert f is not None
                 try:
+                    if later is not None and direct:
+                        node = Inode(S_IFREG | perm, size=size, **kw)
+                        later.append((node, objects.put_async(f, size=size)))  # type: ignore[arg-type]
+                        builder.add(name, node)
+                        return
                     digest = objects.put(f, size=size)  # type: ignore[arg-type]
                 except tarfile.TarError as e:
                     raise LayerError(f"{where}: archive ends inside this file ({e})") from None

@@ -130,6 +130,9 @@ class _RecordingObjects:
     def put(self, stream, expected=None, size=None) -> bytes:
         return self._record(self._objects.put(stream, expected, size))
 
+    def put_async(self, stream, expected=None, size=None) -> _RecordedPut:
+        return _RecordedPut(self._objects.put_async(stream, expected, size), self)
+
     def put_bytes(self, data, expected=None) -> bytes:
         return self._record(self._objects.put_bytes(data, expected))
 
@@ -141,6 +144,17 @@ class _RecordingObjects:
 
     def __getattr__(self, name: str):
         return getattr(self._objects, name)
+
+
+class _RecordedPut:
+    """A pending put of `_RecordingObjects`: its digest is recorded when it is waited for."""
+
+    def __init__(self, pending, recording: _RecordingObjects):
+        self._pending = pending
+        self._recording = recording
+
+    def result(self) -> bytes:
+        return self._recording._record(self._pending.result())
 
 
 class _RecordingBulk:

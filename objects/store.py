@@ -49,6 +49,7 @@ TMP_DIR = ".tmp"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
 PIPELINE_BUFFERS = 8  # 1 MiB buffers in flight between the reader, writer and hashing threads
+ASYNC_PUTS = 2  # big puts of one store in flight at once (put_async): one finishing while the next reads
 WRITEBACK_EVERY = 16 << 20  # buffered big objects: start disk writeback every 16 MiB, so sync() has less to do
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
 SYNCFS_MIN = 64  # from this many pending files/dirs on, one syncfs() is cheaper than one fsync each
@@ -231,6 +232,7 @@ class ObjectStore:
         self._token = os.urandom(4).hex()
         self._seq = itertools.count()
         self._buffer_pool: queue.SimpleQueue = queue.SimpleQueue()  # idle aligned buffers of big puts
+        self._async_slots = threading.BoundedSemaphore(ASYNC_PUTS)
         if readonly:
             if not os.path.isdir(self.root):
                 raise ObjectStoreError(f"object store {self.root} does not exist or is not a directory")
@@ -336,26 +338,63 @@ class ObjectStore:
     def put(self, stream: BinaryIO, expected: Digest | None = None, size: int | None = None) -> bytes:
         """Store everything read from `stream` until EOF; returns its digest (32 raw bytes).
 
-        Big content is read by one helper thread and written by another while this one hashes
+        Big content is read by one helper thread and written by another while a third hashes
         (hashlib and the I/O release the GIL), so the cost is close to hashing alone.  Streams with
         `readinto` fill the store's aligned buffers directly (no intermediate bytes objects).
         `expected` as for `put_bytes`.  `size`: how much the stream holds, when known (e.g. a tar
         member); big content then goes to the helper threads from its first byte.
         """
+        return self.put_async(stream, expected, size).result()
+
+    def put_async(self, stream: BinaryIO, expected: Digest | None = None, size: int | None = None
+                  ) -> PendingPut:
+        """`put`, returning as soon as `stream` has been read to its end: the rest (hashing the last
+        chunks, writing, publishing) goes on in the helper threads, so the caller can read on (the next
+        member of a tar) meanwhile.  `result()` of the returned PendingPut gives the digest (or raises
+        the put's error); every one must be waited for before the objects count as stored.  At most
+        ASYNC_PUTS big puts of a store are in flight at once (this call waits for a slot first).
+
+        An error while reading `stream` is raised here (after the put has cleaned up), since the
+        caller must not read on from a stream in an unknown state."""
         self._check_writable("put")
         buffers = _Buffers(self._buffer_pool)
+        handed_over = False
         try:
-            if size is not None and size > READ_CHUNK:
-                return self._put_large(_stream_chunks(None, stream, buffers), buffers, expected, self.direct_io)
-            buf = buffers.take()
-            assert buf is not None
-            n = _fill(stream, buf)
-            if n < len(buf):
-                return self._put_small(bytes(buf[:n]), expected)
-            first = memoryview(buf)
-            return self._put_large(_stream_chunks(first, stream, buffers), buffers, expected, self.direct_io)
+            first = None
+            if size is None or size <= READ_CHUNK:
+                buf = buffers.take()
+                assert buf is not None
+                n = _fill(stream, buf)
+                if n < len(buf):
+                    return PendingPut.completed(self._put_small(bytes(buf[:n]), expected))
+                first = memoryview(buf)
+            self._async_slots.acquire()
+            pending = PendingPut(self._async_slots)
+            read_done = threading.Event()
+            _WORKERS.run(self._put_large_job, _stream_chunks(first, stream, buffers), buffers, expected,
+                         self.direct_io, pending, read_done)
+            handed_over = True
         finally:
+            if not handed_over:
+                buffers.release()
+        read_done.wait()
+        if pending.read_error:
+            pending.result()  # raises the put's error once it has cleaned up
+        return pending
+
+    def _put_large_job(self, chunks: Iterator[memoryview], buffers: _Buffers, expected: Digest | None,
+                       direct: bool, pending: PendingPut, read_done: threading.Event) -> None:
+        """`_put_large` on a helper thread for `put_async`; never raises (the outcome goes to `pending`)."""
+        digest: bytes | None = None
+        error: BaseException | None = None
+        try:
+            digest = self._put_large(chunks, buffers, expected, direct, read_done, pending)
+        except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the put
+            error = e
+        finally:
+            read_done.set()  # (already set by the reader, unless it never ran)
             buffers.release()
+        pending.set(digest, error)
 
     def put_file(self, path: str | os.PathLike[str], expected: Digest | None = None) -> bytes:
         """Store a copy of a file's content; returns its digest."""
@@ -476,7 +515,8 @@ class ObjectStore:
             raise ObjectStoreError(f"cannot store object {digest.hex()} in {self.root}: {e.strerror or e}") from e
 
     def _put_large(
-        self, chunks: Iterator[memoryview], buffers: _Buffers | None, expected: Digest | None, direct: bool
+        self, chunks: Iterator[memoryview], buffers: _Buffers | None, expected: Digest | None, direct: bool,
+        read_done: threading.Event | None = None, pending: PendingPut | None = None,
     ) -> bytes:
         """Read `chunks` in one helper thread, write them to a temp file in another, hash them here; publish.
 
@@ -487,6 +527,8 @@ class ObjectStore:
         buffers).  On this kind of machine (a VM whose fresh page-cache pages cost a host fault each)
         copying into the page cache, not hashing, is what limits a buffered put; O_DIRECT lets the
         device DMA from our buffers instead.  The helper threads are kept between puts (`_WORKERS`).
+        `read_done` is set once the reader is done with the source (`pending.read_error` set first
+        if reading it failed).
         """
         where = f"{self.root}/{TMP_DIR}"
         try:
@@ -503,7 +545,7 @@ class ObjectStore:
         outcome: object = None  # the writer's, once seen
         jobs: list[queue.SimpleQueue] = []
         try:
-            jobs.append(_WORKERS.run(_reader, chunks, (to_write, to_hash)))
+            jobs.append(_WORKERS.run(_reader, chunks, (to_write, to_hash), read_done, pending))
             jobs.append(_WORKERS.run(_writer, fd, to_write, written, where, direct, release))
             while (item := to_hash.get()) is not _DONE:
                 if isinstance(item, BaseException):
@@ -714,6 +756,43 @@ def _stop_direct(fd: int) -> None:
     fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
 
 
+class PendingPut:
+    """A big put under way (`ObjectStore.put_async`): `result()` waits for it and gives its digest."""
+
+    __slots__ = ("_done", "_digest", "_error", "_slot", "read_error")
+
+    def __init__(self, slot: threading.BoundedSemaphore | None = None) -> None:
+        self._done = threading.Event()
+        self._digest: bytes | None = None
+        self._error: BaseException | None = None
+        self._slot = slot              # released when the put is over
+        self.read_error = False        # reading the source failed
+
+    @classmethod
+    def completed(cls, digest: bytes) -> PendingPut:
+        p = cls()
+        p.set(digest, None)
+        return p
+
+    def set(self, digest: bytes | None, error: BaseException | None) -> None:
+        self._digest, self._error = digest, error
+        slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
+        self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self) -> bytes:
+        """The digest (32 raw bytes); raises the put's error."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+
 class _Workers:
     """Daemon threads kept for the helper stages of big puts: starting two fresh threads per put costs
     about a millisecond each on a busy machine, which a layer of many big files pays many times."""
@@ -774,22 +853,29 @@ class _Release:
         self._free.put(buf)
 
 
-def _reader(chunks: Iterator[memoryview], outs: tuple[queue.SimpleQueue, ...]) -> None:
+def _reader(chunks: Iterator[memoryview], outs: tuple[queue.SimpleQueue, ...],
+            read_done: threading.Event | None = None, pending: PendingPut | None = None) -> None:
     """Helper stage of `_put_large`: pull chunks (reading the source) and hand each to every consumer.
 
     Source errors go on as they are, for the hashing thread to raise; the stream always ends with
-    `_DONE` or an exception.
+    `_DONE` or an exception.  Then `read_done` is set (after marking `pending.read_error` on a
+    source error): the source is not touched again.
     """
     try:
         for mv in chunks:
             for out in outs:
                 out.put(mv)
     except BaseException as e:  # handed on to the hashing thread, which raises it
+        if pending is not None:
+            pending.read_error = True
         for out in outs:
             out.put(e)
     else:
         for out in outs:
             out.put(_DONE)
+    finally:
+        if read_done is not None:
+            read_done.set()
 
 
 def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, where: str, direct: bool,
