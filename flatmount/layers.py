@@ -72,6 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from objects import ObjectStore
 
 CHUNK = 1 << 20
+PLAIN_CHUNK = 64 << 10  # reads of an uncompressed tar outside big payloads (see _plain_chunks)
 OBJECT_CHUNK = 1 << 20  # payloads below this are read whole and stored with put_bytes (objects' READ_CHUNK)
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -163,7 +164,10 @@ class HashingReader:
 
 
 def _plain_chunks(raw: HashingReader) -> Iterator[bytes]:
-    while b := raw.read(CHUNK):
+    """An uncompressed stream in small reads: they only serve headers and small payloads; a big
+    payload is read straight into the object store's buffers (`ForwardReader.readinto`), by its
+    reader thread, so the less of it goes through here, the more of the import runs in parallel."""
+    while b := raw.read(PLAIN_CHUNK):
         yield b
 
 
