@@ -10,8 +10,10 @@ Checks (kind: severity; what --repair does):
   store, or a random `sample` (a fraction 0 < p <= 1, or a count).  Repair (primary only): move it to
   `<root>/quarantine/<64 hex>` (never deleted: it may be evidence); if an image needs it, it is then
   reported missing.
-- missing-object (error, not repairable): an object some layer or flat image references (by refs row or
-  by its image content) that no store has.  Re-pull the images named in the detail.
+- missing-object (error, not repairable): an object some layer or flat image in use references (by
+  refs row or by its image content) that no store has.  Re-pull the images named in the detail.  (A
+  flat image whose chain no image names and that is not mounted is a cache row gc drops next: its
+  objects are not required.)
 - missing-layer-image / corrupt-layer-image (error, not repairable): a layer row whose
   `layers/<id>.erofs` is missing or unreadable.  dangling-parent / dangling-image (error, not
   repairable): a layer whose parent, or an image whose top layer, is in no store.
@@ -251,6 +253,10 @@ def _check_records(run: _Run, s: Store) -> None:
     leased = {lease.image_digest for lease in run.leases if lease.live} if s is store else set()
     flat_rows = snap["flat"]
     digests = {d for _, d in flat_rows}
+    # flat images in use: of a chain an image names (its layers pin the objects), or mounted; the
+    # others are cache rows gc drops next, whose objects gc may already have taken
+    tops = {img.top_layer for img in store.images() if img.top_layer}
+    in_use = {d for k, d in flat_rows if k in tops} | leased
     bad_digests: dict[str, str] = {}   # digest -> problem kind
     checked: set[str] = set()
     for key, digest in flat_rows:
@@ -272,7 +278,8 @@ def _check_records(run: _Run, s: Store) -> None:
             run.add(kind, s, key, f"flat image {digest} of chain {key}: {err}",
                     repaired=run.can_repair(s), note=_flat_note(run, s))
             continue
-        needed[owner] = content  # (no refs rows to compare: its chain's layers hold them)
+        if digest in in_use:
+            needed[owner] = content  # (no refs rows to compare: its chain's layers hold them)
     # leased images without a row: what they reference must still be there
     for digest in sorted(leased - digests):
         path = os.path.join(s.root, "images", digest + ".erofs")
