@@ -357,6 +357,22 @@ def test_payload_sizes_around_the_chunk_size(objects, monkeypatch, kind, step):
     assert os.listdir(os.path.join(objects.root, ".tmp")) == []
 
 
+def test_many_big_files_in_a_row(objects):
+    """Big members one after another (each hashed and written while the next is read) and a hardlink
+    to one of them: every digest lands on its node, hardlinked names share it."""
+    t = Tar()
+    sizes = [MIB + 1, 3 * MIB, 2 * MIB + 7, 5 * MIB + 4097, MIB + 512, 4 * MIB]
+    for i, size in enumerate(sizes):
+        t.file(f"big/{i}", os.urandom(size))
+        t.file(f"small/{i}", os.urandom(200 + i))
+    t.hardlink("big/link", "big/3")
+    layer = read_tar(io.BytesIO(t.bytes()), objects)
+    assert layer.tree == t.tree()
+    assert lookup(layer.tree, "big/link") is lookup(layer.tree, "big/3")
+    check_objects(objects, t)
+    assert os.listdir(os.path.join(objects.root, ".tmp")) == []
+
+
 @pytest.mark.parametrize("cut", [512 + 1000, 512 + MIB + 5, 512 + 2 * MIB + 4096])
 def test_truncated_inside_a_big_file(objects, cut):
     t = Tar(root=False)

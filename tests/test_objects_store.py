@@ -207,6 +207,75 @@ def test_source_error_propagates_and_leaves_nothing(store: ObjectStore) -> None:
     assert tmp_entries(store) == []
 
 
+@pytest.mark.parametrize("size", [MIB + 1, 5 * MIB + 3])
+def test_put_async_returns_once_read(store: ObjectStore, size: int) -> None:
+    """put_async returns when the source is read; result() gives put's digest; the object is whole."""
+    data = data_of(size, 21)
+    src = io.BytesIO(data)
+    pending = store.put_async(src, size=size)
+    assert src.tell() == size           # read to its end before put_async returned
+    assert pending.result() == fsverity_digest(data) == store.put(io.BytesIO(data), size=size)
+    with store.open(pending.result()) as f:
+        assert f.read() == data
+    assert tmp_entries(store) == []
+
+
+def test_put_async_small_and_unknown_size(store: ObjectStore) -> None:
+    for data in (b"", b"x" * 100, data_of(MIB, 3), data_of(2 * MIB, 4)):
+        p = store.put_async(io.BytesIO(data))      # size unknown: sniffed from the first chunk
+        assert p.done() or len(data) >= MIB   # small content is stored at once
+        assert p.result() == fsverity_digest(data)
+
+
+def test_put_async_overlaps_and_is_capped(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two big puts may be in flight at once (the first one finishing while the next is read); a
+    third waits for a slot."""
+    held = threading.Event()
+    real_update = store_mod.FsVerityHasher.update
+
+    def slow_update(self, data):  # the hashing of the first put stalls until released
+        held.wait()
+        return real_update(self, data)
+
+    monkeypatch.setattr(store_mod.FsVerityHasher, "update", slow_update)
+    datas = [data_of(2 * MIB, 30 + k) for k in range(3)]
+    first = store.put_async(io.BytesIO(datas[0]), size=2 * MIB)   # read (into buffers), not hashed yet
+    second = store.put_async(io.BytesIO(datas[1]), size=2 * MIB)
+    assert not first.done() and not second.done()
+    third: list = []
+    t = threading.Thread(target=lambda: third.append(store.put_async(io.BytesIO(datas[2]), size=2 * MIB)))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and not third     # no third slot while two are in flight
+    held.set()
+    t.join()
+    assert [p.result() for p in (first, second, third[0])] == [fsverity_digest(d) for d in datas]
+
+
+def test_put_async_source_error_raised_at_once(store: ObjectStore) -> None:
+    """A source that fails mid-way: put_async itself raises (the caller must not read on), after the
+    put has cleaned up."""
+    with pytest.raises(ConnectionResetError):
+        store.put_async(Failing(5 * MIB + 3), size=6 * MIB)
+    assert list(store) == []
+    assert tmp_entries(store) == []
+
+
+def test_put_async_write_error_surfaces_in_result(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing write is the put's error, raised by result(); the source was still read to its end."""
+    import errno as errno_mod
+
+    def pwrite(fd, data, offset):
+        raise OSError(errno_mod.EIO, "Input/output error")
+
+    monkeypatch.setattr(store_mod.os, "pwrite", pwrite)
+    src = io.BytesIO(data_of(4 * MIB, 7))
+    p = store.put_async(src, size=4 * MIB)
+    with pytest.raises(ObjectStoreError, match="Input/output error"):
+        p.result()
+    assert list(store) == [] and tmp_entries(store) == []
+
+
 def test_digest_forms_and_errors(store: ObjectStore) -> None:
     digest = store.put_bytes(b"forms" * 50)
     h = digest.hex()

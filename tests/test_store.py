@@ -425,7 +425,7 @@ store_dir, source, point = sys.argv[1:4]
 def die():
     os.kill(os.getpid(), signal.SIGKILL)
 
-if point.startswith("put"):  # the n-th object put, streamed (put) or in memory (put_bytes)
+if point.startswith("put"):  # the n-th object put, streamed (put_async, which put uses) or in memory
     n, count = int(point[3:]), [0]
     def counting(orig):
         def put(self, data, *args, **kw):
@@ -434,7 +434,7 @@ if point.startswith("put"):  # the n-th object put, streamed (put) or in memory 
                 die()
             return orig(self, data, *args, **kw)
         return put
-    ostore.ObjectStore.put = counting(ostore.ObjectStore.put)
+    ostore.ObjectStore.put_async = counting(ostore.ObjectStore.put_async)
     ostore.ObjectStore.put_bytes = counting(ostore.ObjectStore.put_bytes)
 elif point == "after-first-layer":
     orig_add = pullmod.ImportBatch.add_layer
