@@ -396,6 +396,15 @@ def _plan(store: Store, db: sqlite3.Connection, start: float, grace_s: float) ->
                  leases, unused, covered, extra_read)
 
 
+def leased_beyond_records(store: Store, db: sqlite3.Connection) -> set[str]:
+    """Objects that only live mounts pin: those of leased images whose chain no image record names
+    (read from the image files).  gc keeps them; flatmount.usage counts them as referenced."""
+    keys = _kept_chain_keys(store)
+    covered = {d for k, d in db.execute("SELECT chain_key, digest FROM flat_images") if k in keys}
+    leased = {lease.image_digest for lease in read_leases(db) if lease.live}
+    return _leased_objects(store, leased - covered)
+
+
 def _leased_objects(store: Store, digests: set[str]) -> set[str]:
     """The objects the primary's image files of `digests` reference (leased images no record covers)."""
     out: set[str] = set()

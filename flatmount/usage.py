@@ -19,6 +19,7 @@ Definitions (all byte counts are object file sizes, st_size):
   `logical_bytes` = sum over images of `total_bytes` (an object counted once per image using it);
   `dedup_ratio` = logical_bytes / referenced_bytes (1.0 = nothing shared);
   `unreferenced_objects`/`unreferenced_bytes` = primary objects no refs row of the primary names
+  and no live mount pins (a mounted image whose record was removed)
   (what gc removes once they are older than its grace period).
 - `share`: for each pair of images, the objects (and bytes) both reference.
 
@@ -36,7 +37,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flatmount.errors import FlatmountError, NotFoundError, StoreError
-from flatmount.gc import has_db, json_list, read_leases, scan_objects, store_lock
+from flatmount.gc import has_db, json_list, leased_beyond_records, read_leases, scan_objects, store_lock
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import ImageRecord, Store
@@ -270,7 +271,9 @@ def usage(store: Store) -> UsageReport:
         idx = _Index(store)
         referenced_primary: set[str] = set()
         if has_db(store):
-            referenced_primary = {r[0] for r in store.connect().execute("SELECT DISTINCT object FROM refs")}
+            db = store.connect()
+            referenced_primary = {r[0] for r in db.execute("SELECT DISTINCT object FROM refs")}
+            referenced_primary |= leased_beyond_records(store, db)   # what gc keeps for live mounts
         layer_count = len(store.layers())
     groups = idx.groups()
     n = len(idx.images)
