@@ -227,7 +227,9 @@ def _check_records(run: _Run, s: Store) -> None:
     for lid, parent in layer_rows:
         run.nlayers += 1
         owner = "layer:" + lid
-        if parent is not None and not store.has_layer(parent) and _still(db, layer_now, lid):
+        if parent is not None and not store.has_layer(parent) and _still(
+                db, "SELECT 1 FROM layers WHERE id = ? AND NOT EXISTS (SELECT 1 FROM layers WHERE id = ?)",
+                lid, parent):   # (in one query: an rmi and a re-pull may both have happened since)
             run.add("dangling-parent", s, lid, f"parent layer {parent} is in no store", note="not repairable")
         path = s.layer_image_path(lid)
         if not os.path.exists(path):
@@ -302,11 +304,15 @@ def _check_records(run: _Run, s: Store) -> None:
         drop_owners.add(owner)
     # images and names
     for iid, top in snap["images"]:
-        if top is not None and not store.has_layer(top) and _still(db, "SELECT 1 FROM images WHERE id = ?", iid):
+        if top is not None and not store.has_layer(top) and _still(
+                db, "SELECT 1 FROM images WHERE id = ? AND NOT EXISTS (SELECT 1 FROM layers WHERE id = ?)",
+                iid, top):
             run.add("dangling-image", s, iid, f"top layer {top} is in no store", note="not repairable")
     image_ids = {img.id for img in store.images()}
+    # (still pointing nowhere NOW: an rmi and a re-pull of the same image may both have happened since)
     bad_names = [(n, i) for n, i in snap["names"] if i not in image_ids
-                 and _still(db, "SELECT 1 FROM names WHERE name = ? AND image_id = ?", n, i)]
+                 and _still(db, "SELECT 1 FROM names WHERE name = ? AND image_id = ? AND NOT EXISTS "
+                                "(SELECT 1 FROM images WHERE id = ?)", n, i, i)]
     for name, iid in bad_names:
         run.add("dangling-name", s, name, f"points at image {iid}, which is in no store",
                 repaired=run.can_repair(s), note="deleted" if run.can_repair(s) else _ro_note(run, s))
