@@ -433,6 +433,28 @@ def load_tree_cache(image_path: str | os.PathLike) -> Inode | None:
     return tree_from_cache(data, _digest_of(path), size)
 
 
+def layer_cache_path(layer_image: str | os.PathLike) -> str:
+    """`layers/<id>.tree` beside `layers/<id>.erofs`: the layer's tree cache (same format as a flat
+    image's, keyed by the sha256 of the layer image, which a layer's name is not)."""
+    path = os.fspath(layer_image)
+    return path[: -len(".erofs")] + TREE_SUFFIX if path.endswith(".erofs") else path + TREE_SUFFIX
+
+
+def load_layer_tree_cache(layer_image: str | os.PathLike) -> Inode | None:
+    """The tree cached beside a layer image, or None (missing, damaged, or not that image's: the
+    image is hashed to check, a few ms against the much longer parse it saves)."""
+    import hashlib
+
+    try:
+        with open(layer_image, "rb") as f:
+            data = f.read()
+        with open(layer_cache_path(layer_image), "rb") as f:
+            cache = f.read()
+    except OSError:
+        return None
+    return tree_from_cache(cache, hashlib.sha256(data).hexdigest(), len(data))
+
+
 def save_tree_cache(image_path: str | os.PathLike, tree: Inode) -> bool:
     """Write the tree cache next to a store's image (best effort; False when not written)."""
     path = os.fspath(image_path)

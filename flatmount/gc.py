@@ -177,16 +177,19 @@ def image_files(store: Store) -> dict[str, str]:
 
 def derived_orphans(store: Store) -> list[str]:
     """Files derived from a flattened image (`flatmount.flatten.derived_paths`: its tree cache and
-    diff index, `images/<digest>.tree|.index`) whose `images/<digest>.erofs` is gone.  Flatten writes
-    them after the image, so outside a flatten's shared lock an image-less one is garbage."""
-    d = store.root / "images"
-    try:
-        names = set(os.listdir(d))
-    except FileNotFoundError:
-        return []
-    return [str(d / n) for n in sorted(names)
-            if n.endswith((".tree", ".index")) and HEX64.fullmatch(n.rpartition(".")[0])
-            and n.rpartition(".")[0] + ".erofs" not in names]
+    diff index, `images/<digest>.tree|.index`) or from a layer image (`layers/<id>.tree`) whose
+    `.erofs` is gone.  They are written after the image, so outside a writer's shared lock an
+    image-less one is garbage."""
+    out: list[str] = []
+    for d, suffixes in ((store.root / "images", (".tree", ".index")), (store.layers_dir, (".tree",))):
+        try:
+            names = set(os.listdir(d))
+        except FileNotFoundError:
+            continue
+        out += [str(d / n) for n in sorted(names)
+                if n.endswith(suffixes) and HEX64.fullmatch(n.rpartition(".")[0])
+                and n.rpartition(".")[0] + ".erofs" not in names]
+    return out
 
 
 def layer_files(store: Store) -> dict[str, str]:
@@ -293,13 +296,13 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
                 if n is not None:
                     images_removed.append(digest)
                     other_freed += n
-            for path in derived_orphans(store):   # the removed images' tree caches and diff indexes
-                other_freed += _unlink(path, errors) or 0
             for lid, path in sorted(plan.remove_layer_files.items()):
                 n = _unlink(path, errors)
                 if n is not None:
                     layer_files_removed.append(lid)
                     other_freed += n
+            for path in derived_orphans(store):   # removed images' and layers' tree caches, diff indexes
+                other_freed += _unlink(path, errors) or 0
         else:
             images_removed = sorted(plan.remove_images)
             layer_files_removed = sorted(plan.remove_layer_files)

@@ -700,10 +700,15 @@ class Store:
         return chain
 
     def layer_tree(self, layer_id: str) -> Inode:
-        """The layer's tree as recorded (whiteouts and opaque markers kept)."""
+        """The layer's tree as recorded (whiteouts and opaque markers kept): from the tree cache
+        written beside its image at import when it is there and matches, else read from the image."""
         from flatmount.erofs.reader import read_tree
+        from flatmount.flatten import load_layer_tree_cache
 
         rec = self.layer(layer_id)
+        tree = load_layer_tree_cache(rec.image_path)
+        if tree is not None:
+            return tree
         try:
             return read_tree(rec.image_path)
         except FileNotFoundError:
@@ -838,6 +843,8 @@ class Store:
         for lid in removed_layers:  # records first, files after: never a record without its file
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.layer_image_path(lid))
+            with contextlib.suppress(FileNotFoundError):  # its tree cache (flatmount.flatten)
+                os.unlink(self.layer_image_path(lid)[: -len(".erofs")] + ".tree")
         return RemovedImage(ref, image.id, tuple(untag), delete, tuple(removed_layers))
 
     def _unused_layers(self, db, top: str | None) -> list[str]:

@@ -245,7 +245,8 @@ def test_additional_flatmount_store(podman_stores, tmp_path, mount_guard):
         # only the three new layers were imported into B: its own rows and layer images, no base object
         own = {row[0] for row in b.connect().execute("SELECT id FROM layers")}
         assert own == {lay.id for lay in chain[1:]}
-        assert sorted(os.listdir(b.root / "layers")) == sorted(f"{lay.id}.erofs" for lay in chain[1:])
+        assert sorted(os.listdir(b.root / "layers")) == sorted(f"{lay.id}{ext}" for lay in chain[1:]
+                                                               for ext in (".erofs", ".tree"))
         assert not (b.root / "objects" / busybox).exists()
 
         with b.mount(APP) as merged:

@@ -376,6 +376,44 @@ def test_pull_tar_sources(store, tmp_path):
     assert r.image.config["rootfs"]["diff_ids"] == ["sha256:" + r.image.top_layer]
 
 
+def test_layer_tree_cache(store, tmp_path):
+    """A layer's tree cache is written at import beside its image and gives the image's tree; a
+    damaged or missing one falls back to reading the image; rmi removes it, gc removes an orphan."""
+    from flatmount.erofs.reader import read_tree
+    from flatmount.gc import gc
+
+    t = Tar()
+    t.file("etc/conf", b"c" * 100)
+    t.file("etc/small", b"s")
+    t.whiteout(".wh.gone")
+    t.file("fresh/x", b"x" * 70)
+    t.whiteout("fresh/.wh..wh..opq")
+    t.hardlink("etc/link", "etc/conf")
+    src = tmp_path / "l.tar"
+    src.write_bytes(t.bytes())
+    lid = pull(store, f"tar:{src}", "cached").image.top_layer
+    image = Path(store.layer_image_path(lid))
+    cache = image.with_suffix(".tree")
+    assert cache.is_file()
+    want = read_tree(str(image))
+    assert store.layer_tree(lid) == want
+    data = bytearray(cache.read_bytes())
+    data[-5] ^= 0xFF
+    cache.write_bytes(bytes(data))                      # damaged: checksum fails, the image is read
+    assert store.layer_tree(lid) == want
+    cache.unlink()
+    assert store.layer_tree(lid) == want                # missing
+    pull(store, f"tar:{src}", "again")                  # (present: nothing rewritten)
+    orphan = image.with_name("ab" * 32 + ".tree")
+    orphan.write_bytes(b"orphan")
+    gc(store, grace_s=0)
+    assert not orphan.exists() and image.exists()
+    cache.write_bytes(bytes(data))
+    store.remove_image("cached")
+    store.remove_image("again")
+    assert not image.exists() and not cache.exists()
+
+
 def test_pull_dir_source(store, tmp_path):
     require_root()
     from flatmount.dump import dump_bytes
@@ -482,11 +520,13 @@ def _after_crash_then_repull(store_dir: Path, source: str) -> None:
     assert s.resolve_image("crash").id == r.image.id
     assert os.listdir(store_dir / "tmp") == []
     assert os.listdir(store_dir / "objects" / ".tmp") == []
-    layer_rows = {x.id + ".erofs" for x in s.layers()}
+    layer_rows = {x.id + ext for x in s.layers() for ext in (".erofs", ".tree")}  # image, tree cache
     assert set(os.listdir(store_dir / "layers")) == layer_rows
+    from flatmount.erofs.reader import read_tree
+
     for rec in s.layer_chain(r.image.top_layer):
         tree = s.layer_tree(rec.id)
-        assert len(tree.entries) == 1
+        assert len(tree.entries) == 1 and tree == read_tree(rec.image_path)
     s.close()
 
 
