@@ -399,7 +399,8 @@ class Store:
         return removed
 
     def _remove_orphan_layer_files(self) -> int:
-        """Layer images renamed into place by an import killed before its commit."""
+        """Layer images (and their tree caches) renamed into place by an import killed before its
+        commit; files of no layer's name shape."""
         try:
             names = os.listdir(self.layers_dir)
         except FileNotFoundError:
@@ -407,7 +408,7 @@ class Store:
         known = {r[0] for r in self.connect().execute("SELECT id FROM layers")}
         n = 0
         for name in names:
-            lid = name[:-6] if name.endswith(".erofs") else None
+            lid = name[:-6] if name.endswith(".erofs") else name[:-5] if name.endswith(".tree") else None
             if lid is None or (_HEX64.fullmatch(lid) and lid not in known):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.layers_dir / name)
