@@ -39,6 +39,18 @@ def precompile() -> None:
         compileall.compile_dir(str(HERE.parent / pkg), quiet=1)
 
 
+def settle() -> None:
+    """Start each area on a quiet machine: what the previous one wrote and deleted flushed (on a file
+    system mounted with `discard`, deleting the gc area's 200,000 objects keeps the disk busy trimming
+    for a while) and its garbage collected."""
+    import gc
+
+    os.sync()
+    gc.collect()
+    time.sleep(1.0)
+    os.sync()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("areas", nargs="*", help=f"areas to run (default: all of {', '.join(areas())})")
@@ -59,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     failed = False
     for area in chosen:
         print(f"== {area}", file=sys.stderr, flush=True)
+        settle()
         t0 = time.perf_counter()
         try:
             res = importlib.import_module(f"bench_{area}").run(args.quick)
