@@ -391,10 +391,12 @@ class ObjectStore:
             digest = self._put_large(chunks, buffers, expected, direct, read_done, pending)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the put
             error = e
+            if not read_done.is_set():  # failed before the reader was done (e.g. no temp file):
+                pending.read_error = True  # the source is not read to its end, put_async raises
         finally:
-            read_done.set()  # (already set by the reader, unless it never ran)
             buffers.release()
-        pending.set(digest, error)
+            pending.set(digest, error)
+            read_done.set()  # (already set by the reader, unless it never ran)
 
     def put_file(self, path: str | os.PathLike[str], expected: Digest | None = None) -> bytes:
         """Store a copy of a file's content; returns its digest."""
@@ -766,7 +768,7 @@ class PendingPut:
         self._digest: bytes | None = None
         self._error: BaseException | None = None
         self._slot = slot              # released when the put is over
-        self.read_error = False        # reading the source failed
+        self.read_error = False        # the source was not read to its end (the put failed first)
 
     @classmethod
     def completed(cls, digest: bytes) -> PendingPut:

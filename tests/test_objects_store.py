@@ -261,6 +261,21 @@ def test_put_async_source_error_raised_at_once(store: ObjectStore) -> None:
     assert tmp_entries(store) == []
 
 
+def test_put_async_failing_before_reading_raises_at_once(store: ObjectStore,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """No temp file: the source was not read, so put_async itself raises (the caller must not read on)."""
+    import errno as errno_mod
+
+    def no_temp(*a, **k):
+        raise OSError(errno_mod.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(store, "_open_temp", no_temp)
+    src = io.BytesIO(data_of(3 * MIB, 8))
+    with pytest.raises(ObjectStoreError, match="Too many open files"):
+        store.put_async(src, size=3 * MIB)
+    assert src.tell() == 0
+
+
 def test_put_async_write_error_surfaces_in_result(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A failing write is the put's error, raised by result(); the source was still read to its end."""
     import errno as errno_mod
