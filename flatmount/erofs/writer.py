@@ -601,6 +601,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
 
     packs: dict[tuple, struct.Struct] = {}
     fcache: dict[tuple, tuple] = {}
+    f1cache: dict[tuple, tuple] = {}
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
     rd_len = keyinfo[RD][3] if RD in keyinfo else 0
     for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items in zip(
@@ -634,6 +635,31 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     sec, nsec = divmod(node.mtime_ns, NS)
                     pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
                        head, rv, nm)
+            except struct.error as e:
+                raise FormatError(f"inode field out of range: {e}") from None
+            continue
+        if form == 1 and not nb:
+            # the common form of content no other file shares (metacopy and redirect both inline):
+            # one cached pack and entry heads per (value lengths, inode size, chunk map size)
+            tail = tails[i]
+            mv = items[0][1]
+            rv = items[1][1]
+            fk = (len(mv), len(rv), isize, tail)
+            fc = f1cache.get(fk)
+            if fc is None:
+                body = _xattr_body(items, shared_ids, xsize, keyinfo)
+                r0 = 12 + ((7 + mc_len + len(mv)) & ~3)   # where the redirect entry starts
+                h0, h1 = body[:16 + mc_len], body[r0:r0 + 4 + rd_len]
+                fc = f1cache[fk] = (_external_struct(isize, [len(h0), len(mv), len(h1), len(rv)], xsize,
+                                                     tail).pack_into, h0, h1, null_map * (tail >> 2))
+            pk, h0, h1, nm = fc
+            try:
+                if isize == 32:
+                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, h0, mv, h1, rv, nm)
+                else:
+                    sec, nsec = divmod(node.mtime_ns, NS)
+                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
+                       h0, mv, h1, rv, nm)
             except struct.error as e:
                 raise FormatError(f"inode field out of range: {e}") from None
             continue
