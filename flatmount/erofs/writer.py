@@ -44,6 +44,7 @@ import bisect
 import gc
 import os
 import struct
+from binascii import hexlify as _hexlify
 from collections import Counter
 from collections.abc import Iterable
 from itertools import accumulate, chain
@@ -356,20 +357,26 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     else:
                         raise FormatError(f"digest must be {fmt.DIGEST_SIZE} bytes, got {len(dg)}")
                     path = node.payload
-                    if path is None and dg is not None:
-                        path = dg.hex()
-                        path = path[:2] + "/" + path[2:]
-                    if d is None:
-                        if path:
-                            items = (mc0 if dg is None else (MC, mv),
-                                     (RD, ("/" + path).encode("utf-8", "surrogateescape")))
-                            fast[i] = True
-                        else:
-                            items = ((MC, mv),)
+                    if path is None and dg is not None and d is None:
+                        # the most common case of all: the redirect in bytes straight from the digest
+                        hx = _hexlify(dg)
+                        items = ((MC, mv), (RD, b"/%b/%b" % (hx[:2], hx[2:])))
+                        fast[i] = True
                     else:
-                        d[MC] = mv
-                        if path:
-                            d[RD] = b"/" + path.encode("utf-8", "surrogateescape")
+                        if path is None and dg is not None:
+                            path = dg.hex()
+                            path = path[:2] + "/" + path[2:]
+                        if d is None:
+                            if path:
+                                items = (mc0 if dg is None else (MC, mv),
+                                         (RD, ("/" + path).encode("utf-8", "surrogateescape")))
+                                fast[i] = True
+                            else:
+                                items = ((MC, mv),)
+                        else:
+                            d[MC] = mv
+                            if path:
+                                d[RD] = b"/" + path.encode("utf-8", "surrogateescape")
                     cb = (size - 1).bit_length()   # fmt.chunk_bits: one chunk when possible
                     if cb <= max_bits:
                         tails[i] = 4
