@@ -431,21 +431,39 @@ class Store:
                 self._db = None
         import sqlite3
 
-        try:
-            if self.readonly:
-                db = self._connect_readonly(sqlite3)
-            else:
-                if not self.db_path.exists():
-                    self.ensure_writable()
-                db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
-                                     timeout=BUSY_TIMEOUT_MS / 1000)
-                db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
-                self._init_schema(db)
-        except sqlite3.Error as e:
-            raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
+        deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+        while True:
+            try:
+                if self.readonly:
+                    db = self._connect_readonly(sqlite3)
+                else:
+                    if not self.db_path.exists():
+                        self.ensure_writable()
+                    db = self._connect_writable(sqlite3)
+                break
+            except sqlite3.OperationalError as e:
+                # opening can meet SQLITE_BUSY without the busy handler (another process switching
+                # the WAL on or recovering it): wait and try again, like the busy timeout would
+                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                    raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
+                time.sleep(0.01)
+            except sqlite3.Error as e:
+                raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
         self._db = db
+        return db
+
+    def _connect_writable(self, sqlite3):
+        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+                             timeout=BUSY_TIMEOUT_MS / 1000)
+        try:
+            db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            self._init_schema(db)
+        except BaseException:
+            db.close()
+            raise
         return db
 
     def _connect_readonly(self, sqlite3):
