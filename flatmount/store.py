@@ -721,13 +721,14 @@ class Store:
     def layer_tree(self, layer_id: str) -> Inode:
         """The layer's tree as recorded (whiteouts and opaque markers kept): from the tree cache
         written beside its image at import when it is there and matches, else read from the image."""
-        from flatmount.erofs.reader import read_tree
         from flatmount.flatten import load_layer_tree_cache
 
         rec = self.layer(layer_id)
         tree = load_layer_tree_cache(rec.image_path)
         if tree is not None:
             return tree
+        from flatmount.erofs.reader import read_tree
+
         try:
             return read_tree(rec.image_path)
         except FileNotFoundError:
