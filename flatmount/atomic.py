@@ -32,15 +32,40 @@ class AtomicFile:
         fd, self.tmp = tempfile.mkstemp(prefix=prefix, dir=os.fspath(tmp_dir))
         self.file: BinaryIO = os.fdopen(fd, "wb")
         self.committed: str | None = None
+        self._synced = False  # the content is fsynced already (sync_while)
 
     def __enter__(self) -> AtomicFile:
         return self
+
+    def sync_while(self, work):
+        """Flush the content and fsync it in a helper thread while this one runs `work()` (e.g. hashing
+        the content for the final name: both release the GIL); returns what `work` returns."""
+        import threading
+
+        self.file.flush()
+        failed: list[BaseException] = []
+
+        def sync() -> None:
+            try:
+                os.fsync(self.file.fileno())
+            except BaseException as e:  # noqa: BLE001 - raised by the caller's thread below
+                failed.append(e)
+
+        t = threading.Thread(target=sync, name="flatmount-fsync")
+        t.start()
+        try:
+            return work()
+        finally:
+            t.join()
+            if failed:
+                raise failed[0]
+            self._synced = True
 
     def commit(self, path: str | os.PathLike) -> str:
         """Flush, fsync, chmod and rename the temp file to `path` (replacing it); returns `path`."""
         path = os.fspath(path)
         self.file.flush()
-        if self.durable:
+        if self.durable and not self._synced:
             os.fsync(self.file.fileno())
         self.file.close()
         os.chmod(self.tmp, self.mode)

@@ -488,22 +488,6 @@ def _save_derived(image_path: str, dest: str, make) -> bool:
     return True
 
 
-class _HashingFile:
-    """A write-only file wrapper that hashes what goes through it: sha256 (the image's name) and
-    xxh3-128 (what the diff index is keyed by), and counts it."""
-
-    def __init__(self, f, h):
-        import xxhash
-
-        self.f, self.h, self.x, self.size = f, h, xxhash.xxh3_128(), 0
-
-    def write(self, b) -> int:
-        self.h.update(b)
-        self.x.update(b)
-        self.size += len(b)
-        return self.f.write(b)
-
-
 def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tuple[str, str]:
     """Write `tree` as `<root>/images/<sha256>.erofs` (temp in `<root>/tmp`, fsync, rename); with
     `derived`, its tree cache and diff index are then written beside it (`derived_paths`; best effort)
@@ -513,18 +497,20 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
     treat files nobody records as garbage once that lock is free)."""
     import hashlib
 
+    import xxhash
+
     from flatmount.atomic import AtomicFile
-    from flatmount.erofs.writer import write_image
+    from flatmount.erofs.writer import image_buffer
 
     store.ensure_writable()
+    buf = image_buffer(tree)
     with AtomicFile(store.tmp_dir, prefix="flat-") as af:
-        h = hashlib.sha256()
-        out = _HashingFile(af.file, h)
-        write_image(tree, out)
-        digest = h.hexdigest()
+        af.file.write(buf)
+        # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced
+        digest, image_id = af.sync_while(lambda: (hashlib.sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)))
         path = af.commit(flat_image_path(store.root, digest))  # same bytes if it existed: content-addressed
     if derived:
-        DERIVERS.start(store, path, tree, digest, out.size, out.x.digest())
+        DERIVERS.start(store, path, tree, digest, len(buf), image_id)
     return digest, path
 
 

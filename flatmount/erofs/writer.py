@@ -55,7 +55,7 @@ from flatmount.erofs import format as fmt
 from flatmount.errors import FormatError
 from flatmount.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode
 
-__all__ = ["write_image", "image_bytes", "dir_size"]
+__all__ = ["write_image", "image_bytes", "image_buffer", "dir_size"]
 
 
 BLKSZ = fmt.BLKSZ
@@ -852,6 +852,11 @@ def _xattr_body(items, shared_ids: dict, xsize: int, keyinfo: dict) -> bytes:
                      *[fmt.XATTR_SHARED_ID.pack(x) for x in ids], *inline])
     assert len(body) == xsize
     return body
+
+
+def image_buffer(root: Inode, *, root_whiteouts: bool = True) -> bytearray:
+    """`image_bytes` without the copy into a bytes object (for a caller that only writes and hashes it)."""
+    return _build(root, root_whiteouts)
 
 
 def image_bytes(root: Inode, *, root_whiteouts: bool = True) -> bytes:
