@@ -17,13 +17,13 @@ _LAZY = {
     "fsverity_digest": "digest", "parse_digest": "digest",
     "InvalidDigestError": "errors", "ObjectDigestMismatchError": "errors", "ObjectNotFoundError": "errors",
     "ObjectStoreError": "errors", "ReadOnlyObjectStoreError": "errors",
-    "ObjectStore": "store", "BulkWriter": "bulk",
+    "ObjectStore": "store", "PendingPut": "store", "BulkWriter": "bulk",
 }
 __all__ = [
     "BulkWriter",
     "FsVerityHasher", "InvalidDigestError", "ObjectDigestMismatchError", "ObjectNotFoundError", "ObjectStore",
-    "ObjectStoreError", "ReadOnlyObjectStoreError", "digest_file", "digest_stream", "fsverity_digest",
-    "parse_digest",
+    "ObjectStoreError", "PendingPut", "ReadOnlyObjectStoreError", "digest_file", "digest_stream",
+    "fsverity_digest", "parse_digest",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
         ObjectStoreError,
         ReadOnlyObjectStoreError,
     )
-    from .store import ObjectStore
+    from .store import ObjectStore, PendingPut
 
 
 def __getattr__(name: str):
