@@ -529,9 +529,16 @@ class _Derivers:
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
+    MAX_PENDING = 2  # a process flattening image after image waits for older writers beyond this
+
     def start(self, store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
         t = threading.Thread(target=self._derive, args=(store, path, tree, digest, size, image_id),
                              name="flatmount-derived", daemon=False)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            backlog = self._threads[: max(0, len(self._threads) - self.MAX_PENDING + 1)]
+        for old in backlog:  # bounded: each holds its tree in memory until it is done
+            old.join()
         with self._lock:
             self._threads = [x for x in self._threads if x.is_alive()]
             self._threads.append(t)

@@ -618,6 +618,32 @@ def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
     b.close()
 
 
+def test_derived_files_backlog_is_bounded(tmp_path, monkeypatch):
+    """Image after image: at most MAX_PENDING derived-file writers run (each holds its tree); all
+    their files are there once waited for."""
+    import threading
+    import time
+
+    from layerdirs import file_tree
+
+    from flatmount import flatten
+    from flatmount.store import open_store
+
+    real = flatten.tree_cache_bytes
+    monkeypatch.setattr(flatten, "tree_cache_bytes", lambda *a: time.sleep(0.2) or real(*a))
+    store = open_store(tmp_path / "p", runroot=tmp_path / "run")
+    paths = []
+    for k in range(4):
+        tree = file_tree({"etc/os": b"v%d" % k})
+        with store.gc_lock(shared=True):
+            paths.append(flatten.write_flat_image(store, tree)[1])
+        alive = [t for t in threading.enumerate() if t.name == "flatmount-derived"]
+        assert len(alive) <= flatten._Derivers.MAX_PENDING
+    flatten.wait_derived()
+    assert all(os.path.isfile(p) for path in paths for p in flatten.derived_paths(path))
+    store.close()
+
+
 def test_no_derived_files_written_into_an_additional_store(tmp_path):
     from layerdirs import store_image
 
