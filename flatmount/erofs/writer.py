@@ -654,9 +654,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             fk = (len(mv), len(rv), isize, tail)
             fc = f1cache.get(fk)
             if fc is None:
-                body = _xattr_body(items, shared_ids, xsize, keyinfo)
-                r0 = 12 + ((7 + mc_len + len(mv)) & ~3)   # where the redirect entry starts
-                h0, h1 = body[:16 + mc_len], body[r0:r0 + 4 + rd_len]
+                h0, _, h1 = _inline_heads(items, shared_ids, xsize, keyinfo, mc_len, rd_len)
                 fc = f1cache[fk] = (_external_struct(isize, [len(h0), len(mv), len(h1), len(rv)], xsize,
                                                      tail).pack_into, h0, h1, null_map * (tail >> 2))
             pk, h0, h1, nm = fc
@@ -671,7 +669,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 raise FormatError(f"inode field out of range: {e}") from None
             continue
         if form and not nb:
-            # an external file in its other common forms: inode, xattrs and chunk map in one pack
+            # an external file in its other forms (2, 3): inode, xattrs and chunk map in one pack
             tail = tails[i]
             if form == 2:  # shared metacopy: cached head (header, its id, redirect entry head) + value
                 rv = items[1][1]
@@ -681,18 +679,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + 3) & ~3)]
                 parts: tuple = (head, rv)
                 sk: tuple = (isize, len(head), len(rv), tail)
-            elif form == 1:  # both inline: cached entry heads (by value lengths) around the two values
-                mv = items[0][1]
-                rv = items[1][1]
-                hk = (len(mv), len(rv))
-                head = heads.get(hk)
-                if head is None:
-                    body = _xattr_body(items, shared_ids, xsize, keyinfo)
-                    r0 = 12 + ((7 + mc_len + len(mv)) & ~3)   # where the redirect entry starts
-                    head = heads[hk] = (body[:16 + mc_len], body[r0:r0 + 4 + rd_len])
-                parts = (head[0], mv, head[1], rv)
-                sk = (isize, 0, len(mv), len(rv), tail)
-            else:  # both shared: the body is the header and two ids
+            else:  # both shared: the body is the header and two ids (form 1 is handled above)
                 body = body_cache.get(items)
                 if body is None:
                     body = body_cache[items] = _xattr_body(items, shared_ids, xsize, keyinfo)
@@ -743,9 +730,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 hk = (1, len(mv), len(rv))   # not the key of the 2-part heads of the path above
                 head = heads.get(hk)
                 if head is None:
-                    body = _xattr_body(items, shared_ids, xsize, keyinfo)
-                    r0 = 12 + ((7 + mc_len + len(mv)) & ~3)   # where the redirect entry starts
-                    head = heads[hk] = (body[:16 + mc_len], r0, body[r0:r0 + 4 + rd_len])
+                    head = heads[hk] = _inline_heads(items, shared_ids, xsize, keyinfo, mc_len, rd_len)
                 h0, r0, h1 = head
                 q = p + len(h0)
                 buf[p:q] = h0
@@ -831,6 +816,16 @@ def _shared_order(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]
         values.sort(key=len, reverse=True)
         out += [(name, v) for v in values]
     return out
+
+
+def _inline_heads(items, shared_ids: dict, xsize: int, keyinfo: dict, mc_len: int, rd_len: int
+                  ) -> tuple[bytes, int, bytes]:
+    """For an external file whose metacopy and redirect are both inline: (the bytes before the
+    metacopy value, where the redirect entry starts, the redirect entry's head), the same for every
+    file with those value lengths."""
+    body = _xattr_body(items, shared_ids, xsize, keyinfo)
+    r0 = 12 + ((7 + mc_len + len(items[0][1])) & ~3)
+    return body[:16 + mc_len], r0, body[r0:r0 + 4 + rd_len]
 
 
 def _xattr_body(items, shared_ids: dict, xsize: int, keyinfo: dict) -> bytes:
