@@ -399,13 +399,18 @@ def _plan(store: Store, db: sqlite3.Connection, start: float, grace_s: float) ->
                  leases, unused, covered, extra_read)
 
 
-def leased_beyond_records(store: Store, db: sqlite3.Connection) -> set[str]:
-    """Objects that only live mounts pin: those of leased images whose chain no image record names
-    (read from the image files).  gc keeps them; flatmount.usage counts them as referenced."""
+def _uncovered_leases(store: Store, db: sqlite3.Connection) -> set[str]:
+    """Digests of live leased images whose chain no image record names (their layers' refs may be
+    gone: what they reference is read from the image files)."""
     keys = _kept_chain_keys(store)
     covered = {d for k, d in db.execute("SELECT chain_key, digest FROM flat_images") if k in keys}
-    leased = {lease.image_digest for lease in read_leases(db) if lease.live}
-    return _leased_objects(store, leased - covered)
+    return {lease.image_digest for lease in read_leases(db) if lease.live} - covered
+
+
+def leased_beyond_records(store: Store, db: sqlite3.Connection) -> set[str]:
+    """Objects that only live mounts pin (`_uncovered_leases`).  gc keeps them; flatmount.usage
+    counts them as referenced."""
+    return _leased_objects(store, _uncovered_leases(store, db))
 
 
 def _leased_objects(store: Store, digests: set[str]) -> set[str]:
@@ -466,12 +471,9 @@ def _live_objects(store: Store, db: sqlite3.Connection, plan: _Plan) -> set[str]
                 "SELECT count(*) FROM refs WHERE owner IN (SELECT value FROM json_each(?))", param).fetchone()[0]
         else:
             live = {r[0] for r in db.execute("SELECT DISTINCT object FROM refs")}
-        keys = _kept_chain_keys(store)
-        covered = {d for k, d in db.execute("SELECT chain_key, digest FROM flat_images") if k in keys}
-        leased = {lease.image_digest for lease in read_leases(db) if lease.live}
+        uncovered = _uncovered_leases(store, db) - plan.extra_read
     finally:
         db.execute("COMMIT")
-    uncovered = leased - covered - plan.extra_read
     return live | plan.extra_live | _leased_objects(store, uncovered)
 
 

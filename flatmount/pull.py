@@ -378,6 +378,8 @@ class ImportBatch:
 
     def _record(self, db, renamed: list[str]) -> None:
         """The inserts of `commit` (inside its transaction); layer images renamed into place first."""
+        from flatmount.flatten import layer_cache_path
+
         store = self.store
         in_batch = {p.id for p in self._layers}
         for p in self._layers:
@@ -389,7 +391,7 @@ class ImportBatch:
             os.replace(p.image_tmp, store.layer_image_path(p.id))
             renamed.append(store.layer_image_path(p.id))
             if p.tree_tmp is not None:  # after the image: a cache without its image is gc's garbage
-                cache = store.layer_image_path(p.id)[: -len(".erofs")] + ".tree"
+                cache = layer_cache_path(store.layer_image_path(p.id))
                 with contextlib.suppress(OSError):
                     os.replace(p.tree_tmp, cache)
                     renamed.append(cache)

@@ -860,11 +860,13 @@ class Store:
                 for lid in removed_layers:
                     db.execute("DELETE FROM layers WHERE id = ?", (lid,))
                     db.execute("DELETE FROM refs WHERE owner = ?", ("layer:" + lid,))
+        from flatmount.flatten import layer_cache_path
+
         for lid in removed_layers:  # records first, files after: never a record without its file
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.layer_image_path(lid))
-            with contextlib.suppress(FileNotFoundError):  # its tree cache (flatmount.flatten)
-                os.unlink(self.layer_image_path(lid)[: -len(".erofs")] + ".tree")
+            with contextlib.suppress(FileNotFoundError):  # its tree cache
+                os.unlink(layer_cache_path(self.layer_image_path(lid)))
         return RemovedImage(ref, image.id, tuple(untag), delete, tuple(removed_layers))
 
     def _unused_layers(self, db, top: str | None) -> list[str]:
