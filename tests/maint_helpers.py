@@ -72,6 +72,15 @@ def new_store(root: str | os.PathLike, additional: list[str] | None = None) -> S
     return open_store(root, additional=additional, runroot=os.path.join(os.fspath(root) + "-run"))
 
 
+def xyz_store(tmp_path: Path, a: dict, b: dict, c: dict, d: dict) -> Store:
+    """The store the maintenance tests share: images x = [a, b], y = [a, c] (a shared base) and z = [d]."""
+    s = new_store(tmp_path / "store")
+    pull_image(s, tmp_path, "x", [a, b])
+    pull_image(s, tmp_path, "y", [a, c])
+    pull_image(s, tmp_path, "z", [d])
+    return s
+
+
 def tree_hashes(path: str | os.PathLike) -> dict[str, str]:
     """Every file below `path` (sha256 of content, plus mode/mtime) and every directory."""
     out = {}

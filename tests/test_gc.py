@@ -24,6 +24,7 @@ from tests.maint_helpers import (
     pull_image,
     tree_hashes,
     unmount_all_under,
+    xyz_store,
 )
 
 A = {"a/a1": content("a1", 1000), "a/a2": content("a2", 2000)}
@@ -35,10 +36,7 @@ ALL = {objpath(v) for layer in (A, B, C, D) for v in layer.values() if len(v) > 
 
 @pytest.fixture
 def store(tmp_path):
-    s = new_store(tmp_path / "store")
-    pull_image(s, tmp_path, "x", [A, B])
-    pull_image(s, tmp_path, "y", [A, C])
-    pull_image(s, tmp_path, "z", [D])
+    s = xyz_store(tmp_path, A, B, C, D)
     yield s
     s.close()
     assert not unmount_all_under(tmp_path), "a test left a mount behind"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing
 import os
@@ -38,6 +39,17 @@ def data_of(size: int, seed: int = 0) -> bytes:
 
 def tmp_entries(store: ObjectStore) -> list[str]:
     return os.listdir(os.path.join(store.root, ".tmp"))
+
+
+@contextlib.contextmanager
+def tiny_tmpfs(mnt: Path):
+    """A 1 MiB tmpfs at `mnt` (to run out of space), unmounted afterwards whatever happens."""
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
 
 
 @pytest.fixture(params=["tmpfile", "named"])
@@ -540,10 +552,7 @@ def test_put_bytes_accepts_buffers(store: ObjectStore) -> None:
 def test_full_filesystem_is_a_store_error(tmp_path: Path) -> None:
     """ENOSPC while writing: ObjectStoreError naming the store, nothing half-written left behind."""
     require_root()
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tiny_tmpfs(tmp_path / "small") as mnt:
         with ObjectStore(mnt / "objects") as s:
             for make in (lambda: s.put(io.BytesIO(data_of(3 * MIB, 11))),
                          lambda: s.put_bytes(data_of(MIB, 12)) and s.put_bytes(data_of(MIB - 1, 13))):
@@ -552,8 +561,6 @@ def test_full_filesystem_is_a_store_error(tmp_path: Path) -> None:
                 assert "No space left" in str(exc.value)
             assert all(s.verify(d) for d in s)  # whatever made it in is whole
             assert tmp_entries(s) == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def _record_pwrites(monkeypatch: pytest.MonkeyPatch, fail: Callable[[int, int], OSError | int | None]) -> list[tuple[bool, int, int]]:
@@ -660,10 +667,7 @@ def test_bulk_objects_noted_for_sync(store: ObjectStore, monkeypatch: pytest.Mon
 def test_bulk_helper_failure_is_a_store_error(tmp_path: Path) -> None:
     """ENOSPC in a helper: ObjectStoreError naming the store, raised by a later put or by close()."""
     require_root()
-    mnt = tmp_path / "small"
-    mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], check=True)
-    try:
+    with tiny_tmpfs(tmp_path / "small") as mnt:
         with ObjectStore(mnt / "objects") as s:
             with pytest.raises(ObjectStoreError, match=str(mnt)) as exc:  # noqa: PT012
                 with s.bulk(helper=True) as bulk:
@@ -673,8 +677,6 @@ def test_bulk_helper_failure_is_a_store_error(tmp_path: Path) -> None:
             assert bulk._procs == []
             assert all(s.verify(d) for d in s)  # whatever made it in is whole
             assert tmp_entries(s) == []
-    finally:
-        subprocess.run(["umount", str(mnt)], check=True)
 
 
 def test_bulk_abort_stops_the_helpers(store: ObjectStore) -> None:

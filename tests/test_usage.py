@@ -11,7 +11,7 @@ from flatmount.cli import main
 from flatmount.errors import NotFoundError
 from flatmount.usage import object_refs, parse_object, share, top, usage
 from tests.conftest import require_root
-from tests.maint_helpers import content, new_store, objpath, pull_image, unmount_all_under
+from tests.maint_helpers import content, new_store, objpath, pull_image, unmount_all_under, xyz_store
 
 # Layers: A is the base of x and y; C holds a copy of B's b1 (same object, two layers); D stands alone.
 A = {"a/a1": content("a1", 1000), "a/a2": content("a2", 2000), "a/small": b"inline, no object"}
@@ -22,10 +22,7 @@ D = {"d1": content("d1", 5000)}
 
 @pytest.fixture
 def store(tmp_path):
-    s = new_store(tmp_path / "store")
-    pull_image(s, tmp_path, "x", [A, B])
-    pull_image(s, tmp_path, "y", [A, C])
-    pull_image(s, tmp_path, "z", [D])
+    s = xyz_store(tmp_path, A, B, C, D)
     yield s
     s.close()
 
