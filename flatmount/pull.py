@@ -229,7 +229,9 @@ class ImportBatch:
             os.makedirs(store.tmp_dir, mode=0o700, exist_ok=True)
             self._staging = Path(tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=store.tmp_dir))
             self._staging_fd = os.open(self._staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            fcntl.flock(self._staging_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # blocking: a cleaner (clean_tmp, fsck) may be probing the new dir this very moment,
+            # and holds the lock only for that probe
+            fcntl.flock(self._staging_fd, fcntl.LOCK_EX)
         except BaseException:
             stack.close()
             self._cleanup()
