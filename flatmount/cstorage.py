@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
 from flatmount.store import chain_id
-from flatmount.tree import OPAQUE_XATTR, Inode
+from flatmount.tree import OPAQUE_XATTR, S_IFMT, Inode
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import ImageRecord, Store
@@ -750,7 +750,7 @@ def _apply_override_stat(node: Inode, value: bytes, where: str) -> None:
         uid, gid, mode = int(uid_s), int(gid_s), int(mode_s, 8)
     except (UnicodeDecodeError, ValueError):
         raise LayerError(f"{where}: bad {OVERRIDE_STAT.decode()} value {value!r}") from None
-    if mode & 0o170000 and mode & 0o170000 != node.ftype:
+    if mode & S_IFMT and mode & S_IFMT != node.ftype:
         raise LayerError(f"{where}: {OVERRIDE_STAT.decode()} changes the file type "
                          f"({stat.filemode(node.mode)} -> {stat.filemode(mode)}); not supported")
     node.uid, node.gid = uid, gid

@@ -69,12 +69,11 @@ from typing import IO, Any
 import xxhash
 
 from flatmount.errors import FlatmountError, ObjectNotFoundError, VerityError
-from flatmount.tree import S_IFDIR, S_IFLNK, S_IFREG, Inode
+from flatmount.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode
 
 FIELDS = ("type", "mode", "uid", "gid", "size", "mtime", "content", "xattrs", "target", "rdev", "links")
 CAPABILITY_XATTR = b"security.capability"
 OPAQUE_WHITEOUT = ".wh..wh..opq"
-_FMT = 0o170000
 _NS = 1_000_000_000
 _TYPE_NAMES = {
     stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
@@ -705,7 +704,7 @@ def _same_content(a: Inode, b: Inode, strict: bool) -> bool:
 
 def _field_value(n: Inode, name: str, strict: bool, links: tuple[bytes, ...] | None) -> Any:
     if name == "type":
-        return _TYPE_NAMES.get(n.mode & _FMT, oct(n.mode & _FMT))
+        return _TYPE_NAMES.get(n.mode & S_IFMT, oct(n.mode & S_IFMT))
     if name == "mode":
         return f"{n.mode & 0o7777:04o}"
     if name == "mtime":
@@ -729,7 +728,7 @@ def compare_inodes(a: Inode, b: Inode, strict: bool = False, links_a: tuple[byte
 
     `links_a`/`links_b`: the sorted names of each inode's hardlink group (strict mode only)."""
     out = []
-    fa, fb = a.mode & _FMT, b.mode & _FMT
+    fa, fb = a.mode & S_IFMT, b.mode & S_IFMT
     if fa != fb:
         out.append("type")
     if (a.mode ^ b.mode) & 0o7777:
@@ -1027,7 +1026,7 @@ def _tarinfo(path: bytes, n: Inode) -> tarfile.TarInfo:
     for k, v in sorted(n.xattrs.items()):
         pax["SCHILY.xattr." + _text(k)] = _text(v)
     ti.pax_headers = pax
-    fmt = n.mode & _FMT
+    fmt = n.mode & S_IFMT
     if fmt == S_IFDIR:
         ti.type = tarfile.DIRTYPE
     elif fmt == S_IFREG:
@@ -1118,7 +1117,7 @@ def _write_layer(plan: _Plan, out: IO[bytes], object_dirs: Sequence[str],
         if kind != "entry":
             tf.addfile(_whiteout_info(path))
             continue
-        if n.mode & _FMT == stat.S_IFSOCK:
+        if n.mode & S_IFMT == stat.S_IFSOCK:
             sockets.append(path)
             continue
         ti = _tarinfo(path, n)

@@ -64,13 +64,12 @@ from itertools import islice, starmap
 from operator import attrgetter, lt
 from typing import TYPE_CHECKING
 
-from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, Inode
+from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFMT, Inode
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import Store
 
 DEFAULT_ROOT_MODE = S_IFDIR | 0o755
-_FMT = 0o170000  # file type bits of st_mode
 
 
 # --- pure tree code -------------------------------------------------------------------------------
@@ -124,10 +123,10 @@ def _merge_dir(below: Inode | None, upper: Inode) -> Inode:
         xattrs = dict(xattrs)
     entries = {} if opaque or below is None else dict(below.entries)
     for name, child in upper.entries.items():
-        fmt = child.mode & _FMT
+        fmt = child.mode & S_IFMT
         if fmt == S_IFDIR:
             old = entries.get(name)
-            entries[name] = _merge_dir(old if old is not None and old.mode & _FMT == S_IFDIR else None,
+            entries[name] = _merge_dir(old if old is not None and old.mode & S_IFMT == S_IFDIR else None,
                                        child)
         elif fmt == S_IFCHR and child.rdev == 0:
             entries.pop(name, None)

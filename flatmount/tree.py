@@ -98,23 +98,23 @@ class Inode:
     # --- predicates -------------------------------------------------------------------------------
     @property
     def ftype(self) -> int:
-        return self.mode & 0o170000
+        return self.mode & S_IFMT
 
     @property
     def is_dir(self) -> bool:
-        return self.mode & 0o170000 == S_IFDIR
+        return self.mode & S_IFMT == S_IFDIR
 
     @property
     def is_reg(self) -> bool:
-        return self.mode & 0o170000 == S_IFREG
+        return self.mode & S_IFMT == S_IFREG
 
     @property
     def is_symlink(self) -> bool:
-        return self.mode & 0o170000 == S_IFLNK
+        return self.mode & S_IFMT == S_IFLNK
 
     @property
     def is_whiteout(self) -> bool:
-        return self.mode & 0o170000 == S_IFCHR and self.rdev == 0
+        return self.mode & S_IFMT == S_IFCHR and self.rdev == 0
 
     @property
     def is_opaque(self) -> bool:
