@@ -232,13 +232,17 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
             tree = default_root()
         for layer_id in ids[start:]:
             tree = apply_layer(tree, store.layer_tree(layer_id))
-        digest, path = write_flat_image(store, tree)
+        digest, path, derive = _write_image_file(store, tree)
         _remember_tree(digest, tree)
         import time
 
-        with store.transaction() as db:  # no refs rows: the chain's layers hold its objects (above)
+        # not durable: a lost row costs one flatten again (the image is durable, and named by content)
+        with store.transaction(durable=False) as db:  # no refs rows: the chain's layers hold its objects
             db.execute("INSERT OR REPLACE INTO flat_images(chain_key, digest, created) VALUES (?, ?, ?)",
                        (key, digest, time.time()))
+        # derived files once the image is recorded: started earlier, their thread would take the GIL
+        # from this one at every release (the record's I/O) for a switch interval each time
+        derive()
     return FlatImage(digest, path, key, ids, False)
 
 
@@ -494,6 +498,14 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
 
     The caller holds `store.gc_lock(shared=True)` until the image is recorded (GC and `clean_tmp`
     treat files nobody records as garbage once that lock is free)."""
+    digest, path, derive = _write_image_file(store, tree)
+    if derived:
+        derive()
+    return digest, path
+
+
+def _write_image_file(store: Store, tree: Inode):
+    """`write_flat_image` without its derived files: (digest, path, a call that starts their writer)."""
     import hashlib
 
     import xxhash
@@ -508,9 +520,8 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
         # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced
         digest, image_id = af.sync_while(lambda: (hashlib.sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)))
         path = af.commit(flat_image_path(store.root, digest))  # same bytes if it existed: content-addressed
-    if derived:
-        DERIVERS.start(store, path, tree, digest, len(buf), image_id)
-    return digest, path
+    size = len(buf)
+    return digest, path, lambda: DERIVERS.start(store, path, tree, digest, size, image_id)
 
 
 class _Derivers:

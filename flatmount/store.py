@@ -511,29 +511,39 @@ class Store:
             raise
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT on the primary (ROLLBACK if the block raises)."""
+    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT on the primary (ROLLBACK if the block raises).
+
+        `durable=False` for rows that only cache what can be derived again (a flattened image's
+        record): the commit skips the WAL fsync (synchronous=NORMAL); a power loss may forget the
+        row, never corrupt the DB, and the next durable commit of any process makes it durable."""
         import sqlite3
 
         self.ensure_writable()
         db = self.connect()
         if db.in_transaction:
             raise StoreError("nested store transaction")
+        if not durable:
+            db.execute("PRAGMA synchronous=NORMAL")
         try:
-            db.execute("BEGIN IMMEDIATE")
-        except sqlite3.OperationalError as e:
-            raise StoreError(f"store {self.root} is busy: {e}") from None
-        try:
-            yield db
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        try:
-            db.execute("COMMIT")
-        except sqlite3.Error as e:
-            with contextlib.suppress(sqlite3.Error):
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as e:
+                raise StoreError(f"store {self.root} is busy: {e}") from None
+            try:
+                yield db
+            except BaseException:
                 db.execute("ROLLBACK")
-            raise StoreError(f"cannot commit to store {self.root}: {e}") from None
+                raise
+            try:
+                db.execute("COMMIT")
+            except sqlite3.Error as e:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                raise StoreError(f"cannot commit to store {self.root}: {e}") from None
+        finally:
+            if not durable:
+                db.execute("PRAGMA synchronous=FULL")
 
     # --- the data flow as methods (thin wrappers; the work lives in one module per job) -----------
     def pull(self, source: str, name: str | None = None):

@@ -73,7 +73,7 @@ class Inode:
         self.content = content        # inline content of a small regular file
         self.digest = digest          # fs-verity sha256 of external content (32 bytes)
         self.payload = payload        # object path relative to an object dir; derived from digest if None
-        if entries is None and stat.S_ISDIR(mode):
+        if entries is None and mode & S_IFMT == S_IFDIR:
             entries = {}
         self.entries = entries        # directories only: name -> Inode
 

@@ -48,7 +48,7 @@ from binascii import hexlify as _hexlify
 from collections import Counter
 from collections.abc import Iterable
 from itertools import accumulate, chain
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 from typing import BinaryIO
 
 from flatmount.erofs import format as fmt
@@ -66,6 +66,10 @@ NS = 1_000_000_000
 _DOT = b"."
 _DOTDOT = b".."
 _HEX_NAMES = [b"%02x" % i for i in range(256)]
+_RD_HEADS = [b"/%02x/" % i for i in range(256)]   # redirect of an object: its first byte's part
+_MTIME = attrgetter("mtime_ns")
+_UID = attrgetter("uid")
+_GID = attrgetter("gid")
 
 _MC = fmt.OVERLAY_METACOPY
 _RD = fmt.OVERLAY_REDIRECT
@@ -293,8 +297,9 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
              *_) = _collect(root, root_whiteouts, primary)
     n = len(nodes)
 
+    mtimes = list(map(_MTIME, nodes))
     try:
-        min_mtime = min([node.mtime_ns for node in nodes])
+        min_mtime = min(mtimes)
     except TypeError:
         raise FormatError("mtime_ns must be an integer") from None
     build_sec, build_nsec = divmod(min_mtime, NS)
@@ -308,7 +313,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     nblk = [0] * n         # data blocks
     xitems: list = [()] * n
     fast = [False] * n     # external file whose xattrs are exactly (metacopy, redirect)
-    isz = [32] * n         # 32 compact, 64 extended inode
+    isz = [32 if m == min_mtime else 64 for m in mtimes]   # 32 compact, 64 extended inode (more below)
     ftypes = [0] * n
     dstarts: dict[int, list[int]] = {}
     allitems: list = []
@@ -322,6 +327,9 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     blkbits = fmt.BLKSZBITS
     chunk = _CHUNK
     mc0 = (MC, b"")   # the metacopy item of every external file without a digest: one object
+    rd_heads = _RD_HEADS
+    hexlify = _hexlify
+    DIGEST_SIZE = fmt.DIGEST_SIZE
     for i, node in enumerate(nodes):
         mode = node.mode
         t = mode & S_IFMT
@@ -352,15 +360,14 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     dg = node.digest
                     if dg is None:
                         mv = b""
-                    elif len(dg) == fmt.DIGEST_SIZE:
+                    elif len(dg) == DIGEST_SIZE:
                         mv = mc_header + dg
                     else:
                         raise FormatError(f"digest must be {fmt.DIGEST_SIZE} bytes, got {len(dg)}")
                     path = node.payload
                     if path is None and dg is not None and d is None:
                         # the most common case of all: the redirect in bytes straight from the digest
-                        hx = _hexlify(dg)
-                        items = ((MC, mv), (RD, b"/%b/%b" % (hx[:2], hx[2:])))
+                        items = ((MC, mv), (RD, rd_heads[dg[0]] + hexlify(dg[1:])))
                         fast[i] = True
                     else:
                         if path is None and dg is not None:
@@ -456,14 +463,17 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 extend(items)
         modes[i] = mode
         sizes[i] = size
-        uid = node.uid
-        gid = node.gid
-        if node.mtime_ns != min_mtime or uid > U16 or gid > U16 or nlink[i] > U16 or size > U32:
-            isz[i] = 64
-            if not (0 <= uid <= U32 and 0 <= gid <= U32):
-                raise FormatError(f"uid/gid {uid}/{gid} does not fit 32 bits")
-        elif uid < 0 or gid < 0:
-            raise FormatError(f"negative uid/gid {uid}/{gid}")
+    # the other reasons for an extended inode, rare: looked for inode by inode only when present
+    uids = list(map(_UID, nodes))
+    gids = list(map(_GID, nodes))
+    if (n and (max(uids) > U16 or max(gids) > U16 or max(nlink) > U16 or max(sizes) > U32
+               or min(uids) < 0 or min(gids) < 0)):
+        for i, uid, gid in zip(range(n), uids, gids, strict=True):
+            if uid > U16 or gid > U16 or nlink[i] > U16 or sizes[i] > U32:
+                isz[i] = 64
+            if not (0 <= uid <= (U32 if isz[i] == 64 else U16) and 0 <= gid <= (U32 if isz[i] == 64 else U16)):
+                raise FormatError(f"uid/gid {uid}/{gid} does not fit 32 bits" if uid >= 0 and gid >= 0
+                                  else f"negative uid/gid {uid}/{gid}")
 
     # ---- shared xattrs: every (name, value) used more than once ----------------------------------
     counts = Counter(allitems)
