@@ -303,6 +303,7 @@ POSIX_ACL_DEFAULT = b"system.posix_acl_default"
 
 METACOPY_HEADER = b"\x00\x24\x00\x01"   # version 0, len 36, flags 0, FS_VERITY_HASH_ALG_SHA256
 DIGEST_SIZE = 32
+METACOPY_SIZE = len(METACOPY_HEADER) + DIGEST_SIZE   # the whole value: header and fs-verity digest
 
 # --- checks on the layouts ------------------------------------------------------------------------
 assert COMPOSEFS_HEADER.size == 32

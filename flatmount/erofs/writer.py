@@ -67,6 +67,7 @@ _DOT = b"."
 _DOTDOT = b".."
 _HEX_NAMES = [b"%02x" % i for i in range(256)]
 _RD_HEADS = [b"/%02x/" % i for i in range(256)]   # redirect of an object: its first byte's part
+_RD_SIZE = 66   # len(b"/XX/<62 hex>")
 _MTIME = attrgetter("mtime_ns")
 _UID = attrgetter("uid")
 _GID = attrgetter("gid")
@@ -312,7 +313,10 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     tails = [0] * n        # bytes stored inline after the xattrs
     nblk = [0] * n         # data blocks
     xitems: list = [()] * n
-    fast = [False] * n     # external file whose xattrs are exactly (metacopy, redirect)
+    # external file whose xattrs are exactly (metacopy, redirect): True, or its digest when both
+    # come from the digest (the most common inode of all: no item tuples are made for it at all)
+    fast: list = [False] * n
+    dgs: list[bytes] = []   # those digests
     isz = [32 if m == min_mtime else 64 for m in mtimes]   # 32 compact, 64 extended inode (more below)
     ftypes = [0] * n
     dstarts: dict[int, list[int]] = {}
@@ -327,8 +331,6 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     blkbits = fmt.BLKSZBITS
     chunk = _CHUNK
     mc0 = (MC, b"")   # the metacopy item of every external file without a digest: one object
-    rd_heads = _RD_HEADS
-    hexlify = _hexlify
     DIGEST_SIZE = fmt.DIGEST_SIZE
     for i, node in enumerate(nodes):
         mode = node.mode
@@ -358,18 +360,14 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 size = node.size
                 if size > 0:
                     dg = node.digest
-                    if dg is None:
-                        mv = b""
-                    elif len(dg) == DIGEST_SIZE:
-                        mv = mc_header + dg
-                    else:
+                    if dg is not None and len(dg) != DIGEST_SIZE:
                         raise FormatError(f"digest must be {fmt.DIGEST_SIZE} bytes, got {len(dg)}")
                     path = node.payload
                     if path is None and dg is not None and d is None:
-                        # the most common case of all: the redirect in bytes straight from the digest
-                        items = ((MC, mv), (RD, rd_heads[dg[0]] + hexlify(dg[1:])))
-                        fast[i] = True
+                        fast[i] = dg
+                        dgs.append(dg)
                     else:
+                        mv = b"" if dg is None else mc_header + dg
                         if path is None and dg is not None:
                             path = dg.hex()
                             path = path[:2] + "/" + path[2:]
@@ -480,6 +478,14 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     if rditems:
         counts.update(rditems)
         counts[mc0] += len(rditems)
+    if dgs:   # the digest-only files' items, where they may be shared (more than one use)
+        per_digest = Counter(dgs)
+        many = {dg for dg, c in per_digest.items() if c > 1}
+        many.update(filter(per_digest.__contains__, map(_digest_of_item, list(counts))))
+        for dg in many:
+            it_m, it_r = _digest_items(dg)
+            counts[it_m] += per_digest[dg]
+            counts[it_r] += per_digest[dg]
     keyinfo: dict[bytes, tuple[int, bytes, int, int]] = {}
     shared = _shared_order([it for it, c in counts.items() if c > 1])
     shared_off: dict[tuple[bytes, bytes], int] = {}
@@ -488,7 +494,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
         shared_off[it] = off
         off += (4 + _keyinfo(it[0])[3] + len(it[1]) + 3) & ~3
     shared_size = off
-    for k in set(map(itemgetter(0), allitems)) | ({MC, RD} if rditems else set()):
+    for k in set(map(itemgetter(0), allitems)) | ({MC, RD} if rditems or dgs else set()):
         keyinfo[k] = _keyinfo(k)
     if counts and max(map(len, map(itemgetter(1), counts))) > U16:
         k, v = next(kv for kv in counts if len(kv[1]) > U16)
@@ -505,6 +511,11 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     rd_suffix = 7 + keyinfo[RD][3] if RD in keyinfo else 0
     mc0_shared = mc0 in shared_off
     shared_rd = {v for k, v in shared_off if k == RD}   # the values of the shared redirects
+    # the digests whose derived metacopy / redirect is shared, and the sizes of the inline ones
+    mc_sh = set(filter(None, [_digest_of_item(it) for it in shared_off if it[0] == MC]))
+    rd_sh = set(filter(None, [_digest_of_item(it) for it in shared_off if it[0] == RD]))
+    dg_mc_size = 12 + ((mc_suffix + fmt.METACOPY_SIZE) & ~3)
+    dg_rd_size = (rd_suffix + _RD_SIZE) & ~3
     for i, items, base, tail, fst in zip(range(n), xitems, isz, tails, fast, strict=True):
         if items:
             if fst:
@@ -530,6 +541,22 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     raise FormatError("too many xattrs on one inode")
             xsizes[i] = xsize
             base += xsize
+        elif fst:   # metacopy and redirect from the digest `fst`
+            m_sh = fst in mc_sh
+            xsize = 16 if m_sh else dg_mc_size
+            if fst in rd_sh:
+                xsize += 4
+                forms[i] = 3 if xsize == 20 else 0
+                xitems[i] = _digest_items(fst)   # the rare forms take the general paths below
+            elif m_sh:
+                xsize += dg_rd_size
+                forms[i] = 2
+                xitems[i] = _digest_items(fst)
+            else:
+                xsize += dg_rd_size
+                forms[i] = 1
+            xsizes[i] = xsize
+            base += xsize
         pos = (pos + 31) & ~31
         if tail:
             if not fst and modes[i] & S_IFMT == S_IFLNK:   # (fst: an external regular file)
@@ -548,6 +575,8 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                         pos += extra
                     else:  # no inline tail after all: a full block, and the inode starts a block
                         nblk[i] += 1
+                        if fst and not xitems[i]:   # (the general path writes this one)
+                            xitems[i] = _digest_items(fst)
                         tails[i] = tail = 0
                         if layouts[i] != _CHUNK:
                             layouts[i] = _PLAIN
@@ -619,6 +648,9 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     packs: dict[tuple, struct.Struct] = {}
     fcache: dict[tuple, tuple] = {}
     f1cache: dict[tuple, tuple] = {}
+    dgcache: dict[tuple, tuple] = {}
+    rd_heads = _RD_HEADS
+    hexlify = _hexlify
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
     rd_len = keyinfo[RD][3] if RD in keyinfo else 0
     for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items in zip(
@@ -652,6 +684,30 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     sec, nsec = divmod(node.mtime_ns, NS)
                     pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
                        head, rv, nm)
+            except struct.error as e:
+                raise FormatError(f"inode field out of range: {e}") from None
+            continue
+        if form == 1 and not nb and not items:
+            # the most common inode of all: content no other file shares, metacopy and redirect
+            # made from the digest (both inline): one cached pack per (inode size, chunk map size)
+            tail = tails[i]
+            dg = node.digest
+            fk = (isize, tail, xsize)
+            fc = dgcache.get(fk)
+            if fc is None:
+                h0, _, h1 = _inline_heads(_digest_items(dg), shared_ids, xsize, keyinfo, mc_len, rd_len)
+                fc = dgcache[fk] = (_external_struct(isize, [len(h0) + len(mc_header), DIGEST_SIZE, len(h1),
+                                                             _RD_SIZE], xsize, tail).pack_into,
+                                    h0 + mc_header, h1, null_map * (tail >> 2))
+            pk, h0, h1, nm = fc
+            rv = rd_heads[dg[0]] + hexlify(dg[1:])
+            try:
+                if isize == 32:
+                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, h0, dg, h1, rv, nm)
+                else:
+                    sec, nsec = divmod(node.mtime_ns, NS)
+                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
+                       h0, dg, h1, rv, nm)
             except struct.error as e:
                 raise FormatError(f"inode field out of range: {e}") from None
             continue
@@ -795,6 +851,27 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 buf[q:q + ln] = data[:ln]
         cur_blk += nb
     return buf
+
+
+def _digest_items(dg: bytes) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    """The (metacopy, redirect) items of an external file known only by its digest."""
+    return (_MC, fmt.METACOPY_HEADER + dg), (_RD, _RD_HEADS[dg[0]] + _hexlify(dg[1:]))
+
+
+def _digest_of_item(item: tuple[bytes, bytes]) -> bytes | None:
+    """The digest whose `_digest_items` include `item`, or None."""
+    k, v = item
+    if k == _MC:
+        if len(v) == fmt.METACOPY_SIZE and v[:4] == fmt.METACOPY_HEADER:
+            return v[4:]
+    elif k == _RD and len(v) == _RD_SIZE and v[0] == 0x2F and v[3] == 0x2F:
+        try:
+            dg = bytes.fromhex((v[1:3] + v[4:]).decode("ascii"))
+        except (UnicodeDecodeError, ValueError):
+            return None
+        if _RD_HEADS[dg[0]] + _hexlify(dg[1:]) == v:
+            return dg
+    return None
 
 
 def _external_struct(isize: int, parts: list[int], xsize: int, tail: int) -> struct.Struct:
