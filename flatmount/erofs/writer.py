@@ -648,7 +648,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     packs: dict[tuple, struct.Struct] = {}
     fcache: dict[tuple, tuple] = {}
     f1cache: dict[tuple, tuple] = {}
-    dgcache: dict[tuple, tuple] = {}
+    dgcache: dict[int, tuple] = {}
     rd_heads = _RD_HEADS
     hexlify = _hexlify
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
@@ -663,8 +663,34 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             # writes blkaddr, then the chunk format over it in the same union)
             u = (cur_blk & 0xFFFF0000) | u if layout == _CHUNK else cur_blk
         icount = ((xsize - 12) >> 2) + 1 if xsize else 0
+        if form == 1 and not nb and not items:
+            # the most common inode of all: content no other file shares, metacopy and redirect
+            # made from the digest (both inline, so xsize is the same for all): one cached pack per
+            # (inode size, chunk map size)
+            tail = tails[i]
+            dg = node.digest
+            fk = isize << 16 | tail
+            fc = dgcache.get(fk)
+            if fc is None:
+                h0, _, h1 = _inline_heads(_digest_items(dg), shared_ids, xsize, keyinfo, mc_len, rd_len)
+                fc = dgcache[fk] = (_external_struct(isize, [len(h0) + len(mc_header), DIGEST_SIZE, len(h1),
+                                                             _RD_SIZE], xsize, tail).pack_into,
+                                    h0 + mc_header, h1, null_map * (tail >> 2))
+            pk, h0, h1, nm = fc
+            rv = rd_heads[dg[0]] + hexlify(dg[1:])
+            try:
+                if isize == 32:
+                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, h0, dg, h1, rv, nm)
+                else:
+                    sec, nsec = divmod(node.mtime_ns, NS)
+                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
+                       h0, dg, h1, rv, nm)
+            except struct.error as e:
+                raise FormatError(f"inode field out of range: {e}") from None
+            continue
         if form == 2 and not nb:
-            # the most common form of all (shared metacopy, redirect inline): one cached pack per
+            # shared metacopy, redirect inline (files without a digest, or with a payload of their
+            # own: read back from an image, for one): one cached pack per
             # (metacopy, redirect length, inode size, chunk map size), the redirect the only part of
             # the body that varies
             tail = tails[i]
@@ -684,30 +710,6 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     sec, nsec = divmod(node.mtime_ns, NS)
                     pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
                        head, rv, nm)
-            except struct.error as e:
-                raise FormatError(f"inode field out of range: {e}") from None
-            continue
-        if form == 1 and not nb and not items:
-            # the most common inode of all: content no other file shares, metacopy and redirect
-            # made from the digest (both inline): one cached pack per (inode size, chunk map size)
-            tail = tails[i]
-            dg = node.digest
-            fk = (isize, tail, xsize)
-            fc = dgcache.get(fk)
-            if fc is None:
-                h0, _, h1 = _inline_heads(_digest_items(dg), shared_ids, xsize, keyinfo, mc_len, rd_len)
-                fc = dgcache[fk] = (_external_struct(isize, [len(h0) + len(mc_header), DIGEST_SIZE, len(h1),
-                                                             _RD_SIZE], xsize, tail).pack_into,
-                                    h0 + mc_header, h1, null_map * (tail >> 2))
-            pk, h0, h1, nm = fc
-            rv = rd_heads[dg[0]] + hexlify(dg[1:])
-            try:
-                if isize == 32:
-                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, h0, dg, h1, rv, nm)
-                else:
-                    sec, nsec = divmod(node.mtime_ns, NS)
-                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
-                       h0, dg, h1, rv, nm)
             except struct.error as e:
                 raise FormatError(f"inode field out of range: {e}") from None
             continue
