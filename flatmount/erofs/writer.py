@@ -647,8 +647,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
 
     packs: dict[tuple, struct.Struct] = {}
     fcache: dict[tuple, tuple] = {}
-    f1cache: dict[tuple, tuple] = {}
-    dgcache: dict[int, tuple] = {}
+    f1cache: dict[object, tuple] = {}
     rd_heads = _RD_HEADS
     hexlify = _hexlify
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
@@ -663,28 +662,39 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             # writes blkaddr, then the chunk format over it in the same union)
             u = (cur_blk & 0xFFFF0000) | u if layout == _CHUNK else cur_blk
         icount = ((xsize - 12) >> 2) + 1 if xsize else 0
-        if form == 1 and not nb and not items:
-            # the most common inode of all: content no other file shares, metacopy and redirect
-            # made from the digest (both inline, so xsize is the same for all): one cached pack per
-            # (inode size, chunk map size)
+        if form == 1 and not nb:
+            # content no other file shares (metacopy and redirect both inline): one cached pack and
+            # entry heads per (value lengths, inode size, chunk map size)
             tail = tails[i]
-            dg = node.digest
-            fk = isize << 16 | tail
-            fc = dgcache.get(fk)
-            if fc is None:
-                h0, _, h1 = _inline_heads(_digest_items(dg), shared_ids, xsize, keyinfo, mc_len, rd_len)
-                fc = dgcache[fk] = (_external_struct(isize, [len(h0) + len(mc_header), DIGEST_SIZE, len(h1),
-                                                             _RD_SIZE], xsize, tail).pack_into,
-                                    h0 + mc_header, h1, null_map * (tail >> 2))
+            if items:
+                mv = items[0][1]
+                rv = items[1][1]
+                fk: object = (len(mv), len(rv), isize, tail)
+                fc = f1cache.get(fk)
+                if fc is None:
+                    h0, _, h1 = _inline_heads(items, shared_ids, xsize, keyinfo, mc_len, rd_len)
+                    fc = f1cache[fk] = (_external_struct(isize, [len(h0), len(mv), len(h1), len(rv)], xsize,
+                                                         tail).pack_into, h0, h1, null_map * (tail >> 2))
+            else:
+                # the most common inode of all: both made from the digest (pass 1), so the value
+                # lengths and xsize are the same for all; the metacopy header goes with the head
+                mv = node.digest
+                rv = rd_heads[mv[0]] + hexlify(mv[1:])
+                fk = isize << 16 | tail
+                fc = f1cache.get(fk)
+                if fc is None:
+                    h0, _, h1 = _inline_heads(_digest_items(mv), shared_ids, xsize, keyinfo, mc_len, rd_len)
+                    fc = f1cache[fk] = (_external_struct(isize, [len(h0) + len(mc_header), DIGEST_SIZE,
+                                                                 len(h1), _RD_SIZE], xsize, tail).pack_into,
+                                        h0 + mc_header, h1, null_map * (tail >> 2))
             pk, h0, h1, nm = fc
-            rv = rd_heads[dg[0]] + hexlify(dg[1:])
             try:
                 if isize == 32:
-                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, h0, dg, h1, rv, nm)
+                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, h0, mv, h1, rv, nm)
                 else:
                     sec, nsec = divmod(node.mtime_ns, NS)
                     pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
-                       h0, dg, h1, rv, nm)
+                       h0, mv, h1, rv, nm)
             except struct.error as e:
                 raise FormatError(f"inode field out of range: {e}") from None
             continue
@@ -710,29 +720,6 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                     sec, nsec = divmod(node.mtime_ns, NS)
                     pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
                        head, rv, nm)
-            except struct.error as e:
-                raise FormatError(f"inode field out of range: {e}") from None
-            continue
-        if form == 1 and not nb:
-            # the common form of content no other file shares (metacopy and redirect both inline):
-            # one cached pack and entry heads per (value lengths, inode size, chunk map size)
-            tail = tails[i]
-            mv = items[0][1]
-            rv = items[1][1]
-            fk = (len(mv), len(rv), isize, tail)
-            fc = f1cache.get(fk)
-            if fc is None:
-                h0, _, h1 = _inline_heads(items, shared_ids, xsize, keyinfo, mc_len, rd_len)
-                fc = f1cache[fk] = (_external_struct(isize, [len(h0), len(mv), len(h1), len(rv)], xsize,
-                                                     tail).pack_into, h0, h1, null_map * (tail >> 2))
-            pk, h0, h1, nm = fc
-            try:
-                if isize == 32:
-                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, h0, mv, h1, rv, nm)
-                else:
-                    sec, nsec = divmod(node.mtime_ns, NS)
-                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
-                       h0, mv, h1, rv, nm)
             except struct.error as e:
                 raise FormatError(f"inode field out of range: {e}") from None
             continue
