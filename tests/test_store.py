@@ -154,6 +154,24 @@ def test_connect_survives_a_caller_closing_it(store):
     assert store.connect().execute("SELECT count(*) FROM layers").fetchone() == (0,)
 
 
+def test_transaction_not_durable_only_for_its_own_commit(store):
+    """`durable=False` (a flattened image's row) commits without the WAL fsync; the connection is
+    back to synchronous=FULL afterwards, also when the block raised."""
+    db = store.connect()
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    with store.transaction(durable=False) as tx:
+        assert tx.execute("PRAGMA synchronous").fetchone()[0] == 1
+        tx.execute("INSERT INTO names(name, image_id) VALUES ('a', 'x')")
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    with pytest.raises(RuntimeError), store.transaction(durable=False) as tx:
+        tx.execute("INSERT INTO names(name, image_id) VALUES ('b', 'y')")
+        raise RuntimeError
+    assert db.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert [r[0] for r in db.execute("SELECT name FROM names")] == ["a"]
+    with store.transaction() as tx:
+        assert tx.execute("PRAGMA synchronous").fetchone()[0] == 2
+
+
 # --- names and resolution --------------------------------------------------------------------------
 
 def test_name_rules():
