@@ -58,7 +58,7 @@ import marshal
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice, starmap
 from operator import attrgetter, lt
@@ -504,7 +504,7 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
     return digest, path
 
 
-def _write_image_file(store: Store, tree: Inode):
+def _write_image_file(store: Store, tree: Inode) -> tuple[str, str, Callable[[], None]]:
     """`write_flat_image` without its derived files: (digest, path, a call that starts their writer)."""
     import hashlib
 
