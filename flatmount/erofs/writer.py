@@ -652,9 +652,9 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     hexlify = _hexlify
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
     rd_len = keyinfo[RD][3] if RD in keyinfo else 0
-    for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items in zip(
-            range(n), nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems,
-            strict=True):
+    for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items, uid, gid, fst in zip(
+            range(n), nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems, uids, gids,
+            fast, strict=True):
         t = mode & S_IFMT
         pos = nid << 5
         if nb:
@@ -678,7 +678,7 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             else:
                 # the most common inode of all: both made from the digest (pass 1), so the value
                 # lengths and xsize are the same for all; the metacopy header goes with the head
-                mv = node.digest
+                mv = fst
                 rv = rd_heads[mv[0]] + hexlify(mv[1:])
                 fk = isize << 16 | tail
                 fc = f1cache.get(fk)
@@ -690,10 +690,10 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             pk, h0, h1, nm = fc
             try:
                 if isize == 32:
-                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, h0, mv, h1, rv, nm)
+                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0, h0, mv, h1, rv, nm)
                 else:
                     sec, nsec = divmod(node.mtime_ns, NS)
-                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
+                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid, sec, nsec, nl,
                        h0, mv, h1, rv, nm)
             except struct.error as e:
                 raise FormatError(f"inode field out of range: {e}") from None
@@ -715,10 +715,10 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
             pk, head, nm = fc
             try:
                 if isize == 32:
-                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0, head, rv, nm)
+                    pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0, head, rv, nm)
                 else:
                     sec, nsec = divmod(node.mtime_ns, NS)
-                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid, sec, nsec, nl,
+                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid, sec, nsec, nl,
                        head, rv, nm)
             except struct.error as e:
                 raise FormatError(f"inode field out of range: {e}") from None
@@ -748,22 +748,22 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 nm = nulls[tail] = null_map * (tail >> 2)
             try:
                 if isize == 32:
-                    st.pack_into(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0,
+                    st.pack_into(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0,
                                  *parts, nm)
                 else:
                     sec, nsec = divmod(node.mtime_ns, NS)
-                    st.pack_into(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid,
+                    st.pack_into(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid,
                                  sec, nsec, nl, *parts, nm)
             except struct.error as e:
                 raise FormatError(f"inode field out of range: {e}") from None
             continue
         if isize == 32:
-            cpack(buf, pos, layout, icount, mode, nl, size, 0, u, i, node.uid, node.gid, 0)
+            cpack(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0)
             p = pos + 32
         else:
             sec, nsec = divmod(node.mtime_ns, NS)
             try:
-                epack(buf, pos, layout | 1, icount, mode, 0, size, u, i, node.uid, node.gid,
+                epack(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid,
                       sec, nsec, nl, b"")
             except Exception as e:
                 raise FormatError(f"inode field out of range: {e}") from None
