@@ -53,11 +53,14 @@ missing or damaged.  `derived_paths` names them; whoever removes an image remove
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import marshal
 import os
+import signal
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import islice, starmap
@@ -221,21 +224,23 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
         path = cached_flat_image(store, key)  # another process may have written it meanwhile
         if path is not None:
             return FlatImage(_digest_of(path), path, key, ids, True)
-        tree, start = None, 0
+        prefix, start, save = None, 0, False
         for i in range(len(ids) - 2, -1, -1):  # the longest cached proper prefix
             prefix = cached_flat_image(store, ids[i])
             if prefix is not None:  # its tree cache may be (re)written only in the primary store
-                in_primary = os.path.dirname(os.path.dirname(prefix)) == os.fspath(store.root)
-                tree, start = flat_tree(prefix, save=in_primary), i + 1
+                save = os.path.dirname(os.path.dirname(prefix)) == os.fspath(store.root)
+                start = i + 1
                 break
-        if tree is None:
-            tree = default_root()
-        for layer_id in ids[start:]:
-            tree = apply_layer(tree, store.layer_tree(layer_id))
-        digest, path, derive = _write_image_file(store, tree)
+        layers = list(chain[start:])
+        store.ensure_writable()
+        if _helper_pays(prefix, chain):
+            tree, buf = _build_in_two(lambda: _chain_tree(prefix, layers, save=save),
+                                      lambda: _chain_tree(prefix, layers, save=False))
+        else:
+            tree = _chain_tree(prefix, layers, save=save)
+            buf = None
+        digest, path, derive = _write_image_file(store, tree, buf)
         _remember_tree(digest, tree)
-        import time
-
         # not durable: a lost row costs one flatten again (the image is durable, and named by content)
         with store.transaction(durable=False) as db:  # no refs rows: the chain's layers hold its objects
             db.execute("INSERT OR REPLACE INTO flat_images(chain_key, digest, created) VALUES (?, ?, ?)",
@@ -244,6 +249,139 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
         # from this one at every release (the record's I/O) for a switch interval each time
         derive()
     return FlatImage(digest, path, key, ids, False)
+
+
+def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
+    """The flattened tree of the flat image `prefix` (None: an empty root) with `layers` (records)
+    applied in order.  Reads files only (no database): a helper process builds it too."""
+    from flatmount.store import read_layer_tree
+
+    tree = flat_tree(prefix, save=save) if prefix is not None else default_root()
+    for layer in layers:
+        tree = apply_layer(tree, read_layer_tree(layer))
+    return tree
+
+
+# --- two processes for one big image -------------------------------------------------------------
+# Writing the image of a big tree is per-inode Python work that one core does.  When the tree has to
+# be read from disk anyway (not in this process's memory), a forked helper reads and lays out the same
+# tree and writes the second half of the inodes into a shared buffer while this process writes the
+# first: the layout is deterministic, and the two check they agree on it before writing.  The helper
+# uses no database, lock or thread of this process; if it fails at any point, this process writes
+# the image alone.  Forked before the tree exists, so the two share no memory they write to.
+HELPER = True
+HELPER_MIN_INODES = 20_000   # inodes in the chain's layers (an upper bound of the image's)
+HELPER_SHARE = 0.5   # of the inodes (queue order), written by the helper
+
+
+def _helper_pays(prefix: str | None, chain: Sequence) -> bool:
+    if not HELPER or not hasattr(os, "fork") or len(os.sched_getaffinity(0)) < 2:
+        return False
+    if prefix is not None and _digest_of(prefix) in _trees:
+        return False   # the tree is in memory here: the helper would only start reading it
+    return sum(layer.inodes or 0 for layer in chain) >= HELPER_MIN_INODES
+
+
+def _build_in_two(build_here: Callable[[], Inode], build_there: Callable[[], Inode]):
+    """(tree, image buffer): the tree from `build_here`, its image written half here and half by a
+    forked helper that builds the same tree with `build_there`."""
+    import mmap
+
+    from flatmount.erofs.writer import image_buffer
+
+    fd = os.memfd_create("flatmount-image", os.MFD_CLOEXEC)
+    down_r, down_w = os.pipe()   # to the helper: go or not
+    up_r, up_w = os.pipe()       # from the helper: its layout, then done
+    pid = os.fork()
+    if pid == 0:
+        _helper(build_there, fd, down_r, up_w)   # never returns
+    os.close(down_r)
+    os.close(up_w)
+    started = time.monotonic()
+    try:
+        tree = build_here()
+        agreed = False
+
+        def hook(n: int, layout: bytes, size: int) -> tuple:
+            nonlocal agreed, started
+            os.ftruncate(fd, size)   # before the helper maps it
+            # it does what this process did: waiting longer than that (say, on a lock a thread of
+            # ours held when we forked) would cost more than writing its half here
+            agreed = _read_exact(up_r, len(layout), max(0.5, time.monotonic() - started)) == layout
+            with contextlib.suppress(OSError):   # (gone already)
+                os.write(down_w, b"g" if agreed else b"n")
+            started = time.monotonic()
+            return mmap.mmap(fd, size), 0, _split(n) if agreed else n
+
+        buf = image_buffer(tree, layout_hook=hook)
+        if agreed and _read_exact(up_r, 1, max(0.5, 2 * (time.monotonic() - started))) != b"d":
+            buf = image_buffer(tree)   # the helper failed half-way: all of it here
+        return tree, buf
+    finally:
+        for x in (fd, down_w, up_r):
+            os.close(x)
+        with contextlib.suppress(OSError):   # done or not, it has nothing more to do for us
+            os.kill(pid, signal.SIGKILL)
+        # reaped in the background: it is done with us, its exit (freeing its tree) takes a while
+        threading.Thread(target=_reap, args=(pid,), name="flatmount-reap", daemon=True).start()
+
+
+def _helper(build: Callable[[], Inode], fd: int, down_r: int, up_w: int) -> None:
+    """The forked helper of `_build_in_two`: build, send the layout, on "g" write the second half,
+    send "d"; exits (never returns, never runs the parent's exit handlers)."""
+    import mmap
+
+    from flatmount.erofs.writer import image_buffer
+
+    code = 1
+    try:
+        tree = build()
+
+        def hook(n: int, layout: bytes, size: int) -> tuple:
+            os.write(up_w, layout)
+            if _read_exact(down_r, 1) != b"g":
+                raise _Declined
+            return mmap.mmap(fd, size), _split(n), n
+
+        image_buffer(tree, layout_hook=hook)
+        os.write(up_w, b"d")
+        code = 0
+    except BaseException:  # noqa: BLE001, S110 - the parent sees the missing "d" and does it itself
+        pass
+    finally:
+        os._exit(code)
+
+
+class _Declined(Exception):
+    """The parent laid the image out differently: the helper writes nothing."""
+
+
+def _split(n: int) -> int:
+    """Where the helper's inodes start: it has less to do after writing them (no hashing, no fsync)."""
+    return int(n * (1 - HELPER_SHARE))
+
+
+def _read_exact(fd: int, n: int, timeout: float | None = None) -> bytes:
+    """`n` bytes from a pipe, fewer if the writer closed it first or `timeout` seconds passed."""
+    import select
+
+    deadline = None if timeout is None else time.monotonic() + timeout
+    out = b""
+    while len(out) < n:
+        if deadline is not None:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                break
+        b = os.read(fd, n - len(out))
+        if not b:
+            break
+        out += b
+    return out
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
 
 
 # Flattened trees of the last images this process read or wrote, by image digest: extending a chain
@@ -504,17 +642,20 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
     return digest, path
 
 
-def _write_image_file(store: Store, tree: Inode) -> tuple[str, str, Callable[[], None]]:
-    """`write_flat_image` without its derived files: (digest, path, a call that starts their writer)."""
+def _write_image_file(store: Store, tree: Inode, buf=None) -> tuple[str, str, Callable[[], None]]:
+    """`write_flat_image` without its derived files: (digest, path, a call that starts their writer).
+    `buf`: the image of `tree` if already built."""
     import hashlib
 
     import xxhash
 
     from flatmount.atomic import AtomicFile
-    from flatmount.erofs.writer import image_buffer
 
     store.ensure_writable()
-    buf = image_buffer(tree)
+    if buf is None:
+        from flatmount.erofs.writer import image_buffer
+
+        buf = image_buffer(tree)
     with AtomicFile(store.tmp_dir, prefix="flat-") as af:
         af.file.write(buf)
         # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced

@@ -729,21 +729,8 @@ class Store:
         return chain
 
     def layer_tree(self, layer_id: str) -> Inode:
-        """The layer's tree as recorded (whiteouts and opaque markers kept): from the tree cache
-        written beside its image at import when it is there and matches, else read from the image."""
-        from flatmount.flatten import load_layer_tree_cache
-
-        rec = self.layer(layer_id)
-        tree = load_layer_tree_cache(rec.image_path)
-        if tree is not None:
-            return tree
-        from flatmount.erofs.reader import read_tree
-
-        try:
-            return read_tree(rec.image_path)
-        except FileNotFoundError:
-            raise StoreError(f"layer {rec.id} in {rec.store_root}: image {rec.image_path} is missing "
-                             "(store damaged; run fsck)") from None
+        """The layer's tree as recorded (whiteouts and opaque markers kept)."""
+        return read_layer_tree(self.layer(layer_id))
 
     # --- images -----------------------------------------------------------------------------------
     def _name_map(self) -> dict[str, tuple[str, Store]]:
@@ -906,6 +893,24 @@ class Store:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+def read_layer_tree(rec: LayerRecord) -> Inode:
+    """A recorded layer's tree (whiteouts and opaque markers kept): from the tree cache written beside
+    its image at import when it is there and matches, else read from the image.  Reads files only
+    (no database), so a flatten helper process may call it too."""
+    from flatmount.flatten import load_layer_tree_cache
+
+    tree = load_layer_tree_cache(rec.image_path)
+    if tree is not None:
+        return tree
+    from flatmount.erofs.reader import read_tree
+
+    try:
+        return read_tree(rec.image_path)
+    except FileNotFoundError:
+        raise StoreError(f"layer {rec.id} in {rec.store_root}: image {rec.image_path} is missing "
+                         "(store damaged; run fsck)") from None
+
 
 def _mkdir(path: Path, mode: int, parents: bool = False) -> None:
     if path.is_dir():

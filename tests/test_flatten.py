@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
+import time
 
 import pytest
 from conftest import require_root
@@ -439,8 +441,9 @@ def test_longest_cached_prefix_gives_the_same_bytes(tmp_path, monkeypatch, prefi
     from layerdirs import store_image
 
     from flatmount import flatten
+    from flatmount import store as store_mod
     from flatmount.flatten import flatten_image
-    from flatmount.store import Store, open_store
+    from flatmount.store import open_store
 
     trees = chain_trees()
     a = open_store(tmp_path / "a", runroot=tmp_path / "run")
@@ -451,15 +454,103 @@ def test_longest_cached_prefix_gives_the_same_bytes(tmp_path, monkeypatch, prefi
     if not prefix_in_memory:
         monkeypatch.setattr(flatten, "_trees", {})  # a new process: the prefix is read from its file
     asked = []
-    orig = Store.layer_tree
-    monkeypatch.setattr(Store, "layer_tree", lambda self, lid: asked.append(lid) or orig(self, lid))
+    orig = store_mod.read_layer_tree
+    monkeypatch.setattr(store_mod, "read_layer_tree", lambda rec: asked.append(rec.id) or orig(rec))
     top = flatten_image(a, "three")
     assert len(asked) == 1 and asked[0] == top.chain_key   # only the layer above the cached prefix
-    monkeypatch.setattr(Store, "layer_tree", orig)
+    monkeypatch.setattr(store_mod, "read_layer_tree", orig)
     b = open_store(tmp_path / "b", runroot=tmp_path / "run")   # same chain, from scratch
     store_image(b, trees, "three", blobs=BIG)
     scratch = flatten_image(b, "three")
     assert scratch.chain_key == top.chain_key and scratch.digest == top.digest
+
+
+def _helper_run(tmp_path, monkeypatch, name: str, in_child=None) -> tuple[str, str, list[int]]:
+    """Flatten the test chain with the two-process writer forced (and `in_child(monkeypatch)` applied
+    in the helper only, to make it fail), and again with one process; (digests, helper pids)."""
+    from layerdirs import store_image
+
+    from flatmount import flatten
+    from flatmount.flatten import flatten_image
+    from flatmount.store import open_store
+
+    trees = chain_trees()
+    monkeypatch.setattr(flatten, "HELPER_MIN_INODES", 0)
+    monkeypatch.setattr(flatten, "_helper_pays", lambda prefix, chain: True)  # even with 1 CPU
+    pids: list[int] = []
+    real_fork = os.fork
+
+    def fork():
+        pid = real_fork()
+        if pid == 0 and in_child is not None:
+            in_child(monkeypatch)
+        elif pid:
+            pids.append(pid)
+        return pid
+
+    monkeypatch.setattr(os, "fork", fork)
+    a = open_store(tmp_path / f"{name}-2", runroot=tmp_path / "run")
+    store_image(a, trees, "chain", blobs=BIG)
+    two = flatten_image(a, "chain")
+    monkeypatch.setattr(os, "fork", real_fork)
+    monkeypatch.setattr(flatten, "HELPER", False)
+    monkeypatch.setattr(flatten, "_helper_pays", lambda prefix, chain: False)
+    b = open_store(tmp_path / f"{name}-1", runroot=tmp_path / "run")
+    store_image(b, trees, "chain", blobs=BIG)
+    one = flatten_image(b, "chain")
+    flatten.wait_derived()
+    deadline = time.monotonic() + 10
+    while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not any(os.path.exists(f"/proc/{p}") for p in pids), "helper process not reaped"
+    with open(two.path, "rb") as f:
+        assert hashlib.sha256(f.read()).hexdigest() == two.digest
+    return two.digest, one.digest, pids
+
+
+def test_two_process_writer_writes_the_same_image(tmp_path, monkeypatch):
+    two, one, pids = _helper_run(tmp_path, monkeypatch, "ok")
+    assert len(pids) == 1 and two == one
+
+
+def _fail_build(monkeypatch):
+    from flatmount import flatten
+
+    monkeypatch.setattr(flatten, "_chain_tree", lambda *a, **k: 1 / 0)
+
+
+def _hang(monkeypatch):
+    from flatmount import flatten
+
+    monkeypatch.setattr(flatten, "_chain_tree", lambda *a, **k: time.sleep(3600))
+
+
+def _die_while_writing(monkeypatch):
+    from flatmount.erofs import writer
+
+    emit = writer._emit
+    monkeypatch.setattr(writer, "_emit", lambda buf, lo, *a: os._exit(3) if lo else emit(buf, lo, *a))
+
+
+def _other_tree(monkeypatch):
+    from flatmount import flatten
+
+    build = flatten._chain_tree
+
+    def other(*a, **k):
+        tree = build(*a, **k)
+        tree.entries[b"only-in-the-helper"] = Inode.file(b"x")
+        return tree
+
+    monkeypatch.setattr(flatten, "_chain_tree", other)
+
+
+@pytest.mark.parametrize("fail", [_fail_build, _hang, _die_while_writing, _other_tree])
+def test_two_process_writer_without_its_helper(tmp_path, monkeypatch, fail):
+    """The helper fails before the layout, hangs, dies half-way through writing, or lays out another
+    tree: this process writes the whole image (killing the helper), the same bytes as alone."""
+    two, one, pids = _helper_run(tmp_path, monkeypatch, fail.__name__, in_child=fail)
+    assert len(pids) == 1 and two == one
 
 
 def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):

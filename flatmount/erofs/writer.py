@@ -44,9 +44,10 @@ import bisect
 import gc
 import os
 import struct
+from array import array
 from binascii import hexlify as _hexlify
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from itertools import accumulate, chain
 from operator import attrgetter, itemgetter
 from typing import BinaryIO
@@ -276,19 +277,27 @@ def _primary_names(nodes: list[Inode], dnames: dict[int, list[bytes]], dkids: di
     return first if moved else None
 
 
-def _build(root: Inode, root_whiteouts: bool = True) -> bytearray:
+# `layout_hook(n, layout, size) -> (buffer, lo, hi)`: called once the layout is known (n inodes,
+# `layout` a fingerprint of it, an image of `size` bytes), returns the zeroed buffer of `size` bytes to
+# write into and the slice [lo, hi) of inodes (queue order) to write there, the header, superblock and
+# shared xattrs with the slice starting at 0.  Two processes building the same image can so each
+# write part of one shared buffer (flatmount.flatten does).
+LayoutHook = Callable[[int, bytes, int], tuple]
+
+
+def _build(root: Inode, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None):
     """The whole image in one buffer; the cyclic GC is paused meanwhile (it would rescan the tree
     for every few hundred tuples allocated here, for nothing: nothing built here is cyclic)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build_image(root, root_whiteouts)
+        return _build_image(root, root_whiteouts, layout_hook)
     finally:
         if enabled:
             gc.enable()
 
 
-def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
+def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | None):
     (nodes, dnames, dkids, nlink, wparents, raw, version, dups, nparent,
      dparent) = _collect(root, root_whiteouts, None)
     if dups:  # hardlinks: queued at their first name in dump order, which may be a later one
@@ -596,7 +605,19 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     total_blocks = data_start // BLKSZ + sum(nblk)
     if total_blocks > U32:
         raise FormatError("image too large")
-    buf = bytearray(total_blocks * BLKSZ)
+    if layout_hook is None:
+        buf, lo, hi = bytearray(total_blocks * BLKSZ), 0, n
+    else:
+        import xxhash
+
+        layout = (struct.pack("<QQQQ", n, total_blocks, inodes_end, shared_size)
+                  + xxhash.xxh3_128_digest(array("q", nids)))
+        buf, lo, hi = layout_hook(n, layout, total_blocks * BLKSZ)
+        if lo:
+            _emit(buf, lo, hi, nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems,
+                  uids, gids, fast, tails, dnames, dkids, dstarts, ftypes, shared_ids, keyinfo, mc0,
+                  data_start // BLKSZ + sum(nblk[:lo]))
+            return buf
 
     # ---- header and superblock -----------------------------------------------------------------------
     fmt.COMPOSEFS_HEADER.pack_into(buf, 0, fmt.COMPOSEFS_MAGIC, fmt.COMPOSEFS_HEADER_VERSION,
@@ -623,10 +644,24 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
         p += (4 + nlen + len(v) + 3) & ~3
 
     # ---- inodes, inline tails and data blocks -------------------------------------------------------
+    _emit(buf, lo, hi, nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems,
+          uids, gids, fast, tails, dnames, dkids, dstarts, ftypes, shared_ids, keyinfo, mc0, data_start // BLKSZ)
+    return buf
+
+
+def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: list[int], nblk: list[int],
+          iu: list[int], layouts: list[int], xsizes: list[int], sizes: list[int], nlink: list[int],
+          isz: list[int], forms: list[int], xitems: list, uids: list[int], gids: list[int], fast: list,
+          tails: list[int], dnames: dict, dkids: dict, dstarts: dict, ftypes: list[int], shared_ids: dict,
+          keyinfo: dict, mc0: tuple, cur_blk: int) -> None:
+    """Inodes [lo, hi) of the laid-out image (queue order), their inline tails and data blocks (the
+    first at block `cur_blk`), into `buf`."""
+    MC, RD = _MC, _RD
+    mc_header = fmt.METACOPY_HEADER
+    DIGEST_SIZE = fmt.DIGEST_SIZE
     cpack = fmt.INODE_COMPACT.pack_into
     epack = fmt.INODE_EXTENDED.pack_into
     null_map = b"\xff\xff\xff\xff"
-    cur_blk = data_start // BLKSZ
     body_cache: dict = {}
     heads: dict = {}
     nulls = {4: null_map}
@@ -652,9 +687,11 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
     hexlify = _hexlify
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
     rd_len = keyinfo[RD][3] if RD in keyinfo else 0
+    columns = [nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems, uids, gids, fast]
+    if (lo, hi) != (0, len(nodes)):
+        columns = [c[lo:hi] for c in columns]
     for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items, uid, gid, fst in zip(
-            range(n), nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems, uids, gids,
-            fast, strict=True):
+            range(lo, hi), *columns, strict=True):
         t = mode & S_IFMT
         pos = nid << 5
         if nb:
@@ -839,7 +876,6 @@ def _build_image(root: Inode, root_whiteouts: bool) -> bytearray:
                 ln = min(len(data), nb * BLKSZ)
                 buf[q:q + ln] = data[:ln]
         cur_blk += nb
-    return buf
 
 
 def _digest_items(dg: bytes) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
@@ -925,9 +961,10 @@ def _xattr_body(items, shared_ids: dict, xsize: int, keyinfo: dict) -> bytes:
     return body
 
 
-def image_buffer(root: Inode, *, root_whiteouts: bool = True) -> bytearray:
-    """`image_bytes` without the copy into a bytes object (for a caller that only writes and hashes it)."""
-    return _build(root, root_whiteouts)
+def image_buffer(root: Inode, *, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None):
+    """`image_bytes` without the copy into a bytes object (for a caller that only writes and hashes
+    it): a bytearray, or with `layout_hook` (see LayoutHook) the buffer it gave, written in part."""
+    return _build(root, root_whiteouts, layout_hook)
 
 
 def image_bytes(root: Inode, *, root_whiteouts: bool = True) -> bytes:
