@@ -233,21 +233,27 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
                 break
         layers = list(chain[start:])
         store.ensure_writable()
-        if _helper_pays(prefix, chain):
-            tree, buf = _build_in_two(lambda: _chain_tree(prefix, layers, save=save),
-                                      lambda: _chain_tree(prefix, layers, save=False))
-        else:
-            tree = _chain_tree(prefix, layers, save=save)
-            buf = None
-        digest, path, derive = _write_image_file(store, tree, buf)
-        _remember_tree(digest, tree)
-        # not durable: a lost row costs one flatten again (the image is durable, and named by content)
-        with store.transaction(durable=False) as db:  # no refs rows: the chain's layers hold its objects
-            db.execute("INSERT OR REPLACE INTO flat_images(chain_key, digest, created) VALUES (?, ?, ?)",
-                       (key, digest, time.time()))
-        # derived files once the image is recorded: started earlier, their thread would take the GIL
-        # from this one at every release (the record's I/O) for a switch interval each time
-        derive()
+        helper = _Helper(store, lambda: _chain_tree(prefix, layers, save=False)) \
+            if _helper_pays(prefix, chain) else None
+        try:
+            if helper is not None:
+                tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
+            else:
+                tree, buf = _chain_tree(prefix, layers, save=save), None
+            digest, path, size, image_id = _write_image_file(store, tree, buf)
+            del buf
+            _remember_tree(digest, tree)
+            # not durable: a lost row costs one flatten again (the image is durable, named by content)
+            with store.transaction(durable=False) as db:  # no refs rows: the chain's layers hold its objects
+                db.execute("INSERT OR REPLACE INTO flat_images(chain_key, digest, created) VALUES (?, ?, ?)",
+                           (key, digest, time.time()))
+            # derived files once the image is recorded: started earlier, their thread would take the
+            # GIL from this one at every release (the record's I/O) for a switch interval each time
+            if helper is None or not helper.derive(path, digest, size, image_id):
+                DERIVERS.start(store, path, tree, digest, size, image_id)
+        finally:
+            if helper is not None:
+                helper.close()
     return FlatImage(digest, path, key, ids, False)
 
 
@@ -266,12 +272,15 @@ def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
 # Writing the image of a big tree is per-inode Python work that one core does.  When the tree has to
 # be read from disk anyway (not in this process's memory), a forked helper reads and lays out the same
 # tree and writes the second half of the inodes into a shared buffer while this process writes the
-# first: the layout is deterministic, and the two check they agree on it before writing.  The helper
-# uses no database, lock or thread of this process; if it fails at any point, this process writes
-# the image alone.  Forked before the tree exists, so the two share no memory they write to.
+# first: the layout is deterministic, and the two check they agree on it before writing.  Once the
+# image is recorded, the helper also writes its derived files (its tree is the same), so no thread
+# of this process competes with the caller for the GIL.  The helper uses no database, lock or thread
+# of this process; if it fails at any point, this process writes the image alone (and derives in a
+# thread).  Forked before the tree exists, so the two share no memory they write to.
 HELPER = True
 HELPER_MIN_INODES = 20_000   # inodes in the chain's layers (an upper bound of the image's)
 HELPER_SHARE = 0.5   # of the inodes (queue order), written by the helper
+_DERIVE = struct.Struct("<32s16sQH")   # the derive order: image sha256, xxh3-128, size, path length
 
 
 def _helper_pays(prefix: str | None, chain: Sequence) -> bool:
@@ -282,53 +291,77 @@ def _helper_pays(prefix: str | None, chain: Sequence) -> bool:
     return sum(layer.inodes or 0 for layer in chain) >= HELPER_MIN_INODES
 
 
-def _build_in_two(build_here: Callable[[], Inode], build_there: Callable[[], Inode]):
-    """(tree, image buffer): the tree from `build_here`, its image written half here and half by a
-    forked helper that builds the same tree with `build_there`."""
-    import mmap
+class _Helper:
+    """A forked helper process building the same image (see above).  Use: `image()`, then once the
+    image is recorded `derive()`; `close()` in any case."""
 
-    from flatmount.erofs.writer import image_buffer
+    def __init__(self, store: Store, build: Callable[[], Inode]) -> None:
+        self.fd = os.memfd_create("flatmount-image", os.MFD_CLOEXEC)
+        down_r, self.down = os.pipe()   # to the helper: go or not, then the derive order
+        self.up, up_w = os.pipe()       # from the helper: its layout, then done
+        self.started = time.monotonic()
+        self.pid = os.fork()
+        if self.pid == 0:
+            _helper_main(store, build, self.fd, down_r, up_w)   # never returns
+        os.close(down_r)
+        os.close(up_w)
+        self.wrote = False   # it wrote its half and waits for the derive order
 
-    fd = os.memfd_create("flatmount-image", os.MFD_CLOEXEC)
-    down_r, down_w = os.pipe()   # to the helper: go or not
-    up_r, up_w = os.pipe()       # from the helper: its layout, then done
-    pid = os.fork()
-    if pid == 0:
-        _helper(build_there, fd, down_r, up_w)   # never returns
-    os.close(down_r)
-    os.close(up_w)
-    started = time.monotonic()
-    try:
-        tree = build_here()
+    def image(self, build: Callable[[], Inode]) -> tuple[Inode, object]:
+        """(tree, image buffer): the tree from `build` here, its image written half here, half there."""
+        import mmap
+
+        from flatmount.erofs.writer import image_buffer
+
+        tree = build()
         agreed = False
 
         def hook(n: int, layout: bytes, size: int) -> tuple:
-            nonlocal agreed, started
-            os.ftruncate(fd, size)   # before the helper maps it
+            nonlocal agreed
+            os.ftruncate(self.fd, size)   # before the helper maps it
             # it does what this process did: waiting longer than that (say, on a lock a thread of
             # ours held when we forked) would cost more than writing its half here
-            agreed = _read_exact(up_r, len(layout), max(0.5, time.monotonic() - started)) == layout
+            agreed = _read_exact(self.up, len(layout), max(0.5, time.monotonic() - self.started)) == layout
             with contextlib.suppress(OSError):   # (gone already)
-                os.write(down_w, b"g" if agreed else b"n")
-            started = time.monotonic()
-            return mmap.mmap(fd, size), 0, _split(n) if agreed else n
+                os.write(self.down, b"g" if agreed else b"n")
+            self.started = time.monotonic()
+            return mmap.mmap(self.fd, size), 0, _split(n) if agreed else n
 
         buf = image_buffer(tree, layout_hook=hook)
-        if agreed and _read_exact(up_r, 1, max(0.5, 2 * (time.monotonic() - started))) != b"d":
+        if agreed and _read_exact(self.up, 1, max(0.5, 2 * (time.monotonic() - self.started))) == b"d":
+            self.wrote = True
+        elif agreed:
             buf = image_buffer(tree)   # the helper failed half-way: all of it here
         return tree, buf
-    finally:
-        for x in (fd, down_w, up_r):
+
+    def derive(self, path: str, digest: str, size: int, image_id: bytes) -> bool:
+        """Have the helper write the derived files of the recorded image at `path`; False if it
+        cannot (they are then for this process to write)."""
+        if not self.wrote:
+            return False
+        p = os.fsencode(path)
+        try:
+            os.write(self.down, _DERIVE.pack(bytes.fromhex(digest), image_id, size, len(p)) + p)
+        except OSError:
+            return False
+        DERIVERS.adopt(self.pid)
+        self.pid = 0
+        return True
+
+    def close(self) -> None:
+        for x in (self.fd, self.down, self.up):
             os.close(x)
-        with contextlib.suppress(OSError):   # done or not, it has nothing more to do for us
-            os.kill(pid, signal.SIGKILL)
-        # reaped in the background: it is done with us, its exit (freeing its tree) takes a while
-        threading.Thread(target=_reap, args=(pid,), name="flatmount-reap", daemon=True).start()
+        if self.pid:   # not deriving: it has nothing more to do for us
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, signal.SIGKILL)
+            # reaped in the background: its exit (freeing its tree) takes a while
+            threading.Thread(target=_reap, args=(self.pid,), name="flatmount-reap", daemon=True).start()
 
 
-def _helper(build: Callable[[], Inode], fd: int, down_r: int, up_w: int) -> None:
-    """The forked helper of `_build_in_two`: build, send the layout, on "g" write the second half,
-    send "d"; exits (never returns, never runs the parent's exit handlers)."""
+def _helper_main(store: Store, build: Callable[[], Inode], fd: int, down_r: int, up_w: int) -> None:
+    """The forked helper: build, send the layout, on "g" write the second half and send "d"; then
+    on a derive order write the derived files.  Exits (never returns, never runs the parent's exit
+    handlers)."""
     import mmap
 
     from flatmount.erofs.writer import image_buffer
@@ -345,8 +378,14 @@ def _helper(build: Callable[[], Inode], fd: int, down_r: int, up_w: int) -> None
 
         image_buffer(tree, layout_hook=hook)
         os.write(up_w, b"d")
+        os.close(up_w)
+        order = _read_exact(down_r, _DERIVE.size)
+        if len(order) == _DERIVE.size:
+            digest, image_id, size, plen = _DERIVE.unpack(order)
+            path = os.fsdecode(_read_exact(down_r, plen))
+            _Derivers.write_derived(store, path, tree, digest.hex(), size, image_id)
         code = 0
-    except BaseException:  # noqa: BLE001, S110 - the parent sees the missing "d" and does it itself
+    except BaseException:  # noqa: BLE001, S110 - the parent sees no "d" and does it itself
         pass
     finally:
         os._exit(code)
@@ -636,14 +675,14 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
 
     The caller holds `store.gc_lock(shared=True)` until the image is recorded (GC and `clean_tmp`
     treat files nobody records as garbage once that lock is free)."""
-    digest, path, derive = _write_image_file(store, tree)
+    digest, path, size, image_id = _write_image_file(store, tree)
     if derived:
-        derive()
+        DERIVERS.start(store, path, tree, digest, size, image_id)
     return digest, path
 
 
-def _write_image_file(store: Store, tree: Inode, buf=None) -> tuple[str, str, Callable[[], None]]:
-    """`write_flat_image` without its derived files: (digest, path, a call that starts their writer).
+def _write_image_file(store: Store, tree: Inode, buf=None) -> tuple[str, str, int, bytes]:
+    """`write_flat_image` without its derived files: (digest, path, size, xxh3-128 of the image).
     `buf`: the image of `tree` if already built."""
     import hashlib
 
@@ -661,8 +700,7 @@ def _write_image_file(store: Store, tree: Inode, buf=None) -> tuple[str, str, Ca
         # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced
         digest, image_id = af.sync_while(lambda: (hashlib.sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)))
         path = af.commit(flat_image_path(store.root, digest))  # same bytes if it existed: content-addressed
-    size = len(buf)
-    return digest, path, lambda: DERIVERS.start(store, path, tree, digest, size, image_id)
+    return digest, path, len(buf), image_id
 
 
 class _Derivers:
@@ -670,20 +708,23 @@ class _Derivers:
 
     They are caches: nothing needs them to be there, so flatten returns (and the image can be
     recorded and mounted) while they are built, about as long again as writing the image takes.
-    Each thread holds the store's GC lock shared while it writes (like any writer of the store), and
-    writes nothing if the image is gone by then.  The threads are not daemons (the interpreter waits
-    for them at exit); `wait()` joins them, which whatever reads derived files in this process
-    (`load_tree_cache`, flatmount.diff) and whatever may remove them (`Store.close`, gc, fsck) does
-    first, never while holding the GC lock exclusively."""
+    Each writer holds the store's GC lock shared while it writes (like any writer of the store), and
+    writes nothing if the image is gone by then.  A writer is a thread of this process, or the helper
+    process that wrote half of a big image (`_Helper`, adopted here).  The threads are not daemons
+    (the interpreter waits for them at exit; a helper finishes on its own); `wait()` waits for both,
+    which whatever reads derived files in this process (`load_tree_cache`, flatmount.diff) and
+    whatever may remove them (`Store.close`, gc, fsck) does first, never while holding the GC lock
+    exclusively."""
 
     def __init__(self) -> None:
         self._threads: list[threading.Thread] = []
+        self._helpers: list[int] = []   # pids
         self._lock = threading.Lock()
 
     MAX_PENDING = 2  # a process flattening image after image waits for older writers beyond this
 
     def start(self, store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
-        t = threading.Thread(target=self._derive, args=(store, path, tree, digest, size, image_id),
+        t = threading.Thread(target=self.write_derived, args=(store, path, tree, digest, size, image_id),
                              name="flatmount-derived", daemon=False)
         with self._lock:
             self._threads = [x for x in self._threads if x.is_alive()]
@@ -695,17 +736,30 @@ class _Derivers:
             self._threads.append(t)
         t.start()
 
+    def adopt(self, pid: int) -> None:
+        """A helper process (our child) now writing derived files: waited for like the threads."""
+        with self._lock:
+            self._helpers.append(pid)
+            backlog = self._helpers[: max(0, len(self._helpers) - self.MAX_PENDING)]
+            del self._helpers[: len(backlog)]
+        for old in backlog:  # bounded: each holds a tree in memory until it is done
+            _reap(old)
+
     def wait(self) -> None:
-        """Join every pending derived-file writer of this process."""
+        """Wait for every pending derived-file writer of this process."""
         with self._lock:
             threads, self._threads = self._threads, []
+            helpers, self._helpers = self._helpers, []
         me = threading.current_thread()
         for t in threads:
             if t is not me:
                 t.join()
+        for pid in helpers:
+            _reap(pid)
 
     @staticmethod
-    def _derive(store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
+    def write_derived(store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
+        """Write the tree cache and diff index of the image at `path` (best effort, never raises)."""
         from flatmount.diff import index_file_bytes
 
         tree_path, index_path = derived_paths(path)

@@ -489,9 +489,16 @@ def _helper_run(tmp_path, monkeypatch, name: str, in_child=None) -> tuple[str, s
         return pid
 
     monkeypatch.setattr(os, "fork", fork)
+    threads = []
+    start = flatten.DERIVERS.start
+    monkeypatch.setattr(flatten.DERIVERS, "start", lambda *a: threads.append(a) or start(*a))
     a = open_store(tmp_path / f"{name}-2", runroot=tmp_path / "run")
     store_image(a, trees, "chain", blobs=BIG)
     two = flatten_image(a, "chain")
+    flatten.wait_derived()
+    # its tree cache and diff index: written by the helper when it wrote its half, else by a thread
+    assert flatten.load_tree_cache(two.path) is not None and os.path.exists(flatten.derived_paths(two.path)[1])
+    assert bool(threads) == (in_child is not None)
     monkeypatch.setattr(os, "fork", real_fork)
     monkeypatch.setattr(flatten, "HELPER", False)
     monkeypatch.setattr(flatten, "_helper_pays", lambda prefix, chain: False)
