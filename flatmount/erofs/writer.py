@@ -341,10 +341,27 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
     chunk = _CHUNK
     mc0 = (MC, b"")   # the metacopy item of every external file without a digest: one object
     DIGEST_SIZE = fmt.DIGEST_SIZE
+    one_chunk = 1 << max_bits   # the largest file with a single chunk
     for i, node in enumerate(nodes):
         mode = node.mode
         t = mode & S_IFMT
         xs = node.xattrs
+        if t == S_IFREG and not xs and node.content is None and node.payload is None:
+            # the most common inode of all first, in as few steps as can be: a file known by its
+            # digest alone, one chunk (metacopy and redirect are made from the digest later)
+            dg = node.digest
+            size = node.size
+            if dg is not None and 0 < size <= one_chunk and len(dg) == DIGEST_SIZE:
+                fast[i] = dg
+                dgs.append(dg)
+                cb = (size - 1).bit_length()
+                iu[i] = cb - blkbits if cb > blkbits else 0
+                tails[i] = 4
+                layouts[i] = chunk
+                ftypes[i] = 1
+                modes[i] = mode
+                sizes[i] = size
+                continue
         d = None
         if xs:
             d = {}
@@ -525,6 +542,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
     rd_sh = set(filter(None, [_digest_of_item(it) for it in shared_off if it[0] == RD]))
     dg_mc_size = 12 + ((mc_suffix + fmt.METACOPY_SIZE) & ~3)
     dg_rd_size = (rd_suffix + _RD_SIZE) & ~3
+    dg_shared = bool(mc_sh or rd_sh)
     for i, items, base, tail, fst in zip(range(n), xitems, isz, tails, fast, strict=True):
         if items:
             if fst:
@@ -551,18 +569,18 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
             xsizes[i] = xsize
             base += xsize
         elif fst:   # metacopy and redirect from the digest `fst`
-            m_sh = fst in mc_sh
-            xsize = 16 if m_sh else dg_mc_size
-            if fst in rd_sh:
-                xsize += 4
-                forms[i] = 3 if xsize == 20 else 0
+            if dg_shared and (fst in mc_sh or fst in rd_sh):
+                m_sh = fst in mc_sh
+                xsize = 16 if m_sh else dg_mc_size
+                if fst in rd_sh:
+                    xsize += 4
+                    forms[i] = 3 if xsize == 20 else 0
+                else:
+                    xsize += dg_rd_size
+                    forms[i] = 2
                 xitems[i] = _digest_items(fst)   # the rare forms take the general paths below
-            elif m_sh:
-                xsize += dg_rd_size
-                forms[i] = 2
-                xitems[i] = _digest_items(fst)
             else:
-                xsize += dg_rd_size
+                xsize = dg_mc_size + dg_rd_size
                 forms[i] = 1
             xsizes[i] = xsize
             base += xsize
