@@ -67,8 +67,7 @@ NS = 1_000_000_000
 _DOT = b"."
 _DOTDOT = b".."
 _HEX_NAMES = [b"%02x" % i for i in range(256)]
-_RD_HEADS = [b"/%02x/" % i for i in range(256)]   # redirect of an object: its first byte's part
-_RD_SIZE = 66   # len(b"/XX/<62 hex>")
+_RD_SIZE = 66   # len(b"/XX/<62 hex>"): b"/" + hexlify(digest, b"/", 31) (one separator, after 1 byte)
 _MTIME = attrgetter("mtime_ns")
 _UID = attrgetter("uid")
 _GID = attrgetter("gid")
@@ -701,7 +700,6 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
     packs: dict[tuple, struct.Struct] = {}
     fcache: dict[tuple, tuple] = {}
     f1cache: dict[object, tuple] = {}
-    rd_heads = _RD_HEADS
     hexlify = _hexlify
     mc_len = keyinfo[MC][3] if MC in keyinfo else 0
     rd_len = keyinfo[RD][3] if RD in keyinfo else 0
@@ -733,15 +731,17 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
             else:
                 # the most common inode of all: both made from the digest (pass 1), so the value
                 # lengths and xsize are the same for all; the metacopy header goes with the head
+                # before the digest, the redirect's leading "/" with the one before "XX/<62 hex>"
                 mv = fst
-                rv = rd_heads[mv[0]] + hexlify(mv[1:])
+                rv = hexlify(mv, b"/", 31)
                 fk = isize << 16 | tail
                 fc = f1cache.get(fk)
                 if fc is None:
                     h0, _, h1 = _inline_heads(_digest_items(mv), shared_ids, xsize, keyinfo, mc_len, rd_len)
                     fc = f1cache[fk] = (_external_struct(isize, [len(h0) + len(mc_header), DIGEST_SIZE,
-                                                                 len(h1), _RD_SIZE], xsize, tail).pack_into,
-                                        h0 + mc_header, h1, null_map * (tail >> 2))
+                                                                 len(h1) + 1, _RD_SIZE - 1], xsize,
+                                                         tail).pack_into,
+                                        h0 + mc_header, h1 + b"/", null_map * (tail >> 2))
             pk, h0, h1, nm = fc
             try:
                 if isize == 32:
@@ -898,7 +898,7 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
 
 def _digest_items(dg: bytes) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
     """The (metacopy, redirect) items of an external file known only by its digest."""
-    return (_MC, fmt.METACOPY_HEADER + dg), (_RD, _RD_HEADS[dg[0]] + _hexlify(dg[1:]))
+    return (_MC, fmt.METACOPY_HEADER + dg), (_RD, b"/" + _hexlify(dg, b"/", 31))
 
 
 def _digest_of_item(item: tuple[bytes, bytes]) -> bytes | None:
@@ -912,7 +912,7 @@ def _digest_of_item(item: tuple[bytes, bytes]) -> bytes | None:
             dg = bytes.fromhex((v[1:3] + v[4:]).decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             return None
-        if _RD_HEADS[dg[0]] + _hexlify(dg[1:]) == v:
+        if b"/" + _hexlify(dg, b"/", 31) == v:
             return dg
     return None
 
