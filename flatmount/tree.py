@@ -73,7 +73,7 @@ class Inode:
         self.content = content        # inline content of a small regular file
         self.digest = digest          # fs-verity sha256 of external content (32 bytes)
         self.payload = payload        # object path relative to an object dir; derived from digest if None
-        if entries is None and mode & S_IFMT == S_IFDIR:
+        if entries is None and mode & 0o170000 == 0o040000:   # S_IFMT, S_IFDIR (literals: no lookups)
             entries = {}
         self.entries = entries        # directories only: name -> Inode
 
