@@ -233,7 +233,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
                 break
         layers = list(chain[start:])
         store.ensure_writable()
-        helper = _Helper(store, lambda: _chain_tree(prefix, layers, save=False)) \
+        helper = _Helper.start(store, lambda: _chain_tree(prefix, layers, save=False)) \
             if _helper_pays(prefix, chain) else None
         try:
             if helper is not None:
@@ -295,17 +295,31 @@ class _Helper:
     """A forked helper process building the same image (see above).  Use: `image()`, then once the
     image is recorded `derive()`; `close()` in any case."""
 
-    def __init__(self, store: Store, build: Callable[[], Inode]) -> None:
-        self.fd = os.memfd_create("flatmount-image", os.MFD_CLOEXEC)
-        down_r, self.down = os.pipe()   # to the helper: go or not, then the derive order
-        self.up, up_w = os.pipe()       # from the helper: its layout, then done
+    def __init__(self, fd: int, down: int, up: int, pid: int) -> None:
+        self.fd, self.down, self.up, self.pid = fd, down, up, pid
         self.started = time.monotonic()
-        self.pid = os.fork()
-        if self.pid == 0:
-            _helper_main(store, build, self.fd, down_r, up_w)   # never returns
+        self.wrote = False   # it wrote its half and waits for the derive order
+
+    @classmethod
+    def start(cls, store: Store, build: Callable[[], Inode]) -> _Helper | None:
+        """Fork the helper, which builds its tree with `build`; None if the system refuses (no
+        memfd, no process to spare): this process then writes the image alone."""
+        fds: list[int] = []
+        try:
+            fds.append(os.memfd_create("flatmount-image", os.MFD_CLOEXEC))
+            fds += os.pipe()   # to the helper: go or not, then the derive order
+            fds += os.pipe()   # from the helper: its layout, then done
+            pid = os.fork()
+        except OSError:
+            for x in fds:
+                os.close(x)
+            return None
+        fd, down_r, down_w, up_r, up_w = fds
+        if pid == 0:
+            _helper_main(store, build, fd, down_r, up_w)   # never returns
         os.close(down_r)
         os.close(up_w)
-        self.wrote = False   # it wrote its half and waits for the derive order
+        return cls(fd, down_w, up_r, pid)
 
     def image(self, build: Callable[[], Inode]) -> tuple[Inode, object]:
         """(tree, image buffer): the tree from `build` here, its image written half here, half there."""

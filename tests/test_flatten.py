@@ -560,6 +560,36 @@ def test_two_process_writer_without_its_helper(tmp_path, monkeypatch, fail):
     assert len(pids) == 1 and two == one
 
 
+def test_two_process_writer_when_fork_is_refused(tmp_path, monkeypatch):
+    """No process to spare (fork fails): this process writes the image alone, nothing leaks."""
+    import errno
+
+    from layerdirs import store_image
+
+    from flatmount import flatten
+    from flatmount.flatten import flatten_image
+    from flatmount.store import open_store
+
+    def refuse():
+        raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(flatten, "_helper_pays", lambda prefix, chain: True)
+    monkeypatch.setattr(os, "fork", refuse)
+    a = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    store_image(a, chain_trees(), "chain", blobs=BIG)
+    refused = flatten_image(a, "chain")
+    monkeypatch.undo()
+    monkeypatch.setattr(flatten, "HELPER", False)
+    b = open_store(tmp_path / "b", runroot=tmp_path / "run")
+    store_image(b, chain_trees(), "chain", blobs=BIG)
+    assert flatten_image(b, "chain").digest == refused.digest
+    flatten.wait_derived()
+    a.close()
+    b.close()
+    assert len(os.listdir("/proc/self/fd")) == fds
+
+
 def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):
     from layerdirs import file_tree, store_image
 
