@@ -410,7 +410,8 @@ class _Declined(Exception):
 
 
 def _split(n: int) -> int:
-    """Where the helper's inodes start: it has less to do after writing them (no hashing, no fsync)."""
+    """Where the helper's inodes start: it writes the last HELPER_SHARE of them (both processes
+    build the same tree and layout first, so an even split ends their writing together)."""
     return int(n * (1 - HELPER_SHARE))
 
 
