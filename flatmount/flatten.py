@@ -382,6 +382,9 @@ def _helper_main(store: Store, build: Callable[[], Inode], fd: int, down_r: int,
 
     code = 1
     try:
+        # keep nothing of the parent's open: not its ends of our pipes (we would never see them
+        # close when it dies), not its GC lock (ours would hold it as long as we live), not its DB
+        _close_all_but((0, 1, 2, fd, down_r, up_w))
         tree = build()
 
         def hook(n: int, layout: bytes, size: int) -> tuple:
@@ -403,6 +406,15 @@ def _helper_main(store: Store, build: Callable[[], Inode], fd: int, down_r: int,
         pass
     finally:
         os._exit(code)
+
+
+def _close_all_but(keep: Sequence[int]) -> None:
+    """Close every file descriptor of this process but `keep`."""
+    for name in os.listdir("/proc/self/fd"):
+        n = int(name)
+        if n not in keep:
+            with contextlib.suppress(OSError):   # (the listing's own, closed already)
+                os.close(n)
 
 
 class _Declined(Exception):

@@ -6,6 +6,7 @@ import hashlib
 import os
 import stat
 import time
+from pathlib import Path
 
 import pytest
 from conftest import require_root
@@ -588,6 +589,70 @@ def test_two_process_writer_when_fork_is_refused(tmp_path, monkeypatch):
     a.close()
     b.close()
     assert len(os.listdir("/proc/self/fd")) == fds
+
+
+HELPER_ORPHAN_CHILD = """
+import os, sys, time
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from flatmount import flatten
+from flatmount.store import open_store
+flatten._helper_pays = lambda prefix, chain: True
+build = flatten._chain_tree
+parent = os.getpid()
+
+def slow_here(*a, **k):   # the parent builds slowly: the test kills it while the helper waits for it
+    if os.getpid() == parent:
+        print("forked", flush=True)
+        time.sleep(60)
+    return build(*a, **k)
+
+flatten._chain_tree = slow_here
+store = open_store({store!r}, runroot={run!r}, config=os.devnull, additional=[])
+flatten.flatten_image(store, "chain")
+"""
+
+
+def test_helper_of_a_killed_flatten_exits_and_holds_no_lock(tmp_path):
+    """kill -9 of a flatten whose helper waits for it: the helper sees its pipes close and exits,
+    and holds no GC lock meanwhile (it closed what it inherited)."""
+    import fcntl
+    import signal
+    import subprocess
+    import sys
+
+    from layerdirs import store_image
+
+    from flatmount.store import open_store
+
+    store = open_store(tmp_path / "s", runroot=tmp_path / "run")
+    store_image(store, chain_trees(), "chain", blobs=BIG)
+    store.close()
+    script = tmp_path / "orphan.py"
+    root = Path(__file__).resolve().parent.parent
+    script.write_text(HELPER_ORPHAN_CHILD.format(root=str(root), tests=str(root / "tests"),
+                                                 store=str(tmp_path / "s"), run=str(tmp_path / "run")))
+    p = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert p.stdout.readline().strip() == "forked"
+        time.sleep(1.0)   # the helper has built its tree and waits for the parent's go
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        left = subprocess.run(["pgrep", "-f", str(script)], capture_output=True, text=True).stdout.split()
+        if not left:
+            break
+        time.sleep(0.05)
+    else:
+        for pid in left:
+            os.kill(int(pid), signal.SIGKILL)
+        raise AssertionError(f"helper still running: {left}")
+    fd = os.open(tmp_path / "s" / "gc.lock", os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)   # nobody holds it any more
+    finally:
+        os.close(fd)
 
 
 def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):
