@@ -283,12 +283,29 @@ HELPER_SHARE = 0.5   # of the inodes (queue order), written by the helper
 _DERIVE = struct.Struct("<32s16sQH")   # the derive order: image sha256, xxh3-128, size, path length
 
 
+HELPER_BYTES_PER_INODE = 2048   # a generous bound of what one inode of a tree takes in memory
+
+
 def _helper_pays(prefix: str | None, chain: Sequence) -> bool:
     if not HELPER or not hasattr(os, "fork") or len(os.sched_getaffinity(0)) < 2:
         return False
     if prefix is not None and _digest_of(prefix) in _trees:
         return False   # the tree is in memory here: the helper would only start reading it
-    return sum(layer.inodes or 0 for layer in chain) >= HELPER_MIN_INODES
+    inodes = sum(layer.inodes or 0 for layer in chain)
+    # a second copy of the tree must fit with room to spare: never trade a flatten for a faster one
+    return inodes >= HELPER_MIN_INODES and 4 * inodes * HELPER_BYTES_PER_INODE <= _mem_available()
+
+
+def _mem_available() -> int:
+    """MemAvailable of /proc/meminfo in bytes (0 when unknown: no helper then)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
 
 
 class _Helper:

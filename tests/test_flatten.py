@@ -655,6 +655,24 @@ def test_helper_of_a_killed_flatten_exits_and_holds_no_lock(tmp_path):
         os.close(fd)
 
 
+def test_helper_only_for_big_trees_and_when_memory_allows(monkeypatch):
+    from types import SimpleNamespace
+
+    from flatmount import flatten
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(flatten, "_mem_available", lambda: 8 << 30)
+    big = [SimpleNamespace(inodes=15_000), SimpleNamespace(inodes=15_000)]
+    assert flatten._helper_pays(None, big)
+    assert not flatten._helper_pays(None, big[:1])                          # small
+    assert not flatten._helper_pays(None, [SimpleNamespace(inodes=None)])   # unknown
+    monkeypatch.setattr(flatten, "_mem_available", lambda: 100 << 20)
+    assert not flatten._helper_pays(None, big)                              # no room for a 2nd tree
+    monkeypatch.setattr(flatten, "_mem_available", lambda: 8 << 30)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    assert not flatten._helper_pays(None, big)                              # one CPU
+
+
 def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):
     from layerdirs import file_tree, store_image
 
