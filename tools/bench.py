@@ -83,6 +83,35 @@ def settle() -> None:
     os.sync()
 
 
+def machine_state() -> dict:
+    """How fast this machine is right now, by three plain yardsticks (these VMs drift by a third
+    within an hour): interpreter start-up, first touch of fresh memory, and 1-core sha256.  Taken
+    before and after the areas, so every figure can be read against the machine it ran on."""
+    import hashlib
+    import subprocess
+
+    starts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        starts.append(time.perf_counter() - t0)
+    size = 256 << 20
+    t0 = time.perf_counter()
+    buf = bytearray(size)
+    for i in range(0, size, 4096):
+        buf[i] = 1
+    touch = time.perf_counter() - t0
+    del buf
+    block = os.urandom(1 << 20)
+    t0 = time.perf_counter()
+    for _ in range(256):
+        hashlib.sha256(block).digest()
+    sha = time.perf_counter() - t0
+    return {"python_startup_ms": round(min(starts) * 1000, 1),
+            "first_touch_us_per_page": round(touch / (size // 4096) * 1e6, 2),
+            "sha256_1core_mb_s": round(256 * (1 << 20) / sha / 1e6)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("areas", nargs="*", help=f"areas to run (default: all of {', '.join(areas())})")
@@ -100,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         "areas": {},
     }
     precompile()
+    results["machine"]["state_before"] = machine_state()
     failed = False
     for area in chosen:
         print(f"== {area}", file=sys.stderr, flush=True)
@@ -114,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         res["_seconds"] = round(time.perf_counter() - t0, 2)
         results["areas"][area] = res
         print(json.dumps(res, indent=2, sort_keys=True), file=sys.stderr, flush=True)
+    results["machine"]["state_after"] = machine_state()
     Path(args.output).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"results written to {args.output}", file=sys.stderr)
     return 1 if failed else 0
