@@ -630,18 +630,25 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
         layout = (struct.pack("<QQQQ", n, total_blocks, inodes_end, shared_size)
                   + xxhash.xxh3_128_digest(array("q", nids)))
         buf, lo, hi = layout_hook(n, layout, total_blocks * BLKSZ)
-        if lo:
-            _emit(buf, lo, hi, nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems,
-                  uids, gids, fast, tails, dnames, dkids, dstarts, ftypes, shared_ids, keyinfo, mc0,
-                  data_start // BLKSZ + sum(nblk[:lo]))
-            return buf
+    if not lo:   # the header, superblock and shared xattrs go with the first inodes
+        _emit_head(buf, has_acl, version, nids[0], n, build_sec, build_nsec, total_blocks, xattr_blkaddr,
+                   shared, keyinfo, inodes_end)
+    # ---- inodes, inline tails and data blocks -------------------------------------------------------
+    _emit(buf, lo, hi, nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems,
+          uids, gids, fast, tails, dnames, dkids, dstarts, ftypes, shared_ids, keyinfo, mc0,
+          data_start // BLKSZ + sum(nblk[:lo]))
+    return buf
 
+
+def _emit_head(buf, has_acl: bool, version: int, root_nid: int, n: int, build_sec: int, build_nsec: int,
+               total_blocks: int, xattr_blkaddr: int, shared: list, keyinfo: dict, inodes_end: int) -> None:
+    """The composefs header, the superblock and the shared xattr entries (after the inodes)."""
     # ---- header and superblock -----------------------------------------------------------------------
     fmt.COMPOSEFS_HEADER.pack_into(buf, 0, fmt.COMPOSEFS_MAGIC, fmt.COMPOSEFS_HEADER_VERSION,
                                    fmt.ComposefsFlags.HAS_ACL if has_acl else 0, version, b"")
     sb = fmt.Superblock(
         feature_compat=fmt.FeatureCompat.MTIME | fmt.FeatureCompat.XATTR_FILTER,
-        root_nid=nids[0], inos=n, build_time=build_sec, build_time_nsec=build_nsec,
+        root_nid=root_nid, inos=n, build_time=build_sec, build_time_nsec=build_nsec,
         blocks=total_blocks, meta_blkaddr=0, xattr_blkaddr=xattr_blkaddr)
     try:
         fmt.SUPERBLOCK.pack_into(buf, fmt.SUPER_OFFSET, *sb)
@@ -659,11 +666,6 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
         q += nlen
         buf[q:q + len(v)] = v
         p += (4 + nlen + len(v) + 3) & ~3
-
-    # ---- inodes, inline tails and data blocks -------------------------------------------------------
-    _emit(buf, lo, hi, nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems,
-          uids, gids, fast, tails, dnames, dkids, dstarts, ftypes, shared_ids, keyinfo, mc0, data_start // BLKSZ)
-    return buf
 
 
 def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: list[int], nblk: list[int],
