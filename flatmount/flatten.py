@@ -280,10 +280,8 @@ def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
 HELPER = True
 HELPER_MIN_INODES = 20_000   # inodes in the chain's layers (an upper bound of the image's)
 HELPER_SHARE = 0.5   # of the inodes (queue order), written by the helper
-_DERIVE = struct.Struct("<32s16sQH")   # the derive order: image sha256, xxh3-128, size, path length
-
-
 HELPER_BYTES_PER_INODE = 2048   # a generous bound of what one inode of a tree takes in memory
+_DERIVE = struct.Struct("<32s16sQH")   # the derive order: image sha256, xxh3-128, size, path length
 
 
 def _helper_pays(prefix: str | None, chain: Sequence) -> bool:
