@@ -59,7 +59,6 @@ import os
 import re
 import stat
 import struct
-import sys
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -350,8 +349,10 @@ class ImageIndex:
             raise FlatmountError(f"cannot read image {path!r}: {e.strerror}") from None
         # a store's flattened image has its index beside it (flatten writes it, perhaps still in a
         # thread of this process); others use the cache
-        if store_index_path(path) is not None and "flatmount.flatten" in sys.modules:
-            sys.modules["flatmount.flatten"].wait_derived()
+        if store_index_path(path) is not None:
+            from flatmount.store import wait_derived
+
+            wait_derived()
         for cache in (store_index_path(path), _cache_path(cache_dir, image_id)):
             if cache is None:
                 continue

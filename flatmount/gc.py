@@ -64,7 +64,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flatmount.errors import ReadOnlyStoreError, StoreError
-from flatmount.flatten import derived_paths
+from flatmount.flatten import derived_paths, wait_derived
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -252,7 +252,7 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
     if store.readonly and not dry_run:
         raise ReadOnlyStoreError(f"store {store.root} is opened read-only: only `gc --dry-run` works")
     t0 = time.monotonic()
-    wait_derived()
+    wait_derived()  # this process's derived-file writers hold the GC lock shared: let them finish
     start = time.time()
     if not store.root.is_dir():
         return _empty(dry_run, grace_s)
@@ -339,15 +339,6 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
 
 def _empty(dry_run: bool, grace_s: float) -> GcResult:
     return GcResult(dry_run, (), (), (), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (), grace_s, 0.0, ())
-
-
-def wait_derived() -> None:
-    """Let this process's derived-file writers (flatmount.flatten) finish first: they hold the GC
-    lock shared, and their files would be orphans to remove."""
-    import sys
-
-    if "flatmount.flatten" in sys.modules:
-        sys.modules["flatmount.flatten"].wait_derived()
 
 
 def _kept_chain_keys(store: Store) -> set[str]:

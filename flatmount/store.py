@@ -603,8 +603,7 @@ class Store:
     def close(self) -> None:
         """Close the DB connection and object store handles (of the additional stores too), once this
         process's derived-file writers (flatmount.flatten) are done."""
-        if "flatmount.flatten" in sys.modules:
-            sys.modules["flatmount.flatten"].wait_derived()
+        wait_derived()
         for s in (self, *self.additional):
             if s._db is not None:
                 s._db.close()
@@ -893,6 +892,14 @@ class Store:
 
 
 # --- helpers ---------------------------------------------------------------------------------------
+
+def wait_derived() -> None:
+    """Wait for this process's derived-file writers (flatmount.flatten.wait_derived), if it has
+    flattened anything (flatten is not imported for nothing)."""
+    flatten = sys.modules.get("flatmount.flatten")
+    if flatten is not None:
+        flatten.wait_derived()
+
 
 def read_layer_tree(rec: LayerRecord) -> Inode:
     """A recorded layer's tree (whiteouts and opaque markers kept): from the tree cache written beside
