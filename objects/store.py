@@ -369,10 +369,14 @@ class ObjectStore:
                     return PendingPut.completed(self._put_small(bytes(buf[:n]), expected))
                 first = memoryview(buf)
             self._async_slots.acquire()
-            pending = PendingPut(self._async_slots)
+            pending = PendingPut(self._async_slots)   # (its set() gives the slot back)
             read_done = threading.Event()
-            _WORKERS.run(self._put_large_job, _stream_chunks(first, stream, buffers), buffers, expected,
-                         self.direct_io, pending, read_done)
+            try:
+                _WORKERS.run(self._put_large_job, _stream_chunks(first, stream, buffers), buffers, expected,
+                             self.direct_io, pending, read_done)
+            except BaseException as e:   # no thread to run it (the slot must not leak)
+                pending.set(None, e)
+                raise
             handed_over = True
         finally:
             if not handed_over:
