@@ -257,7 +257,8 @@ def _check_records(run: _Run, s: Store) -> None:
     digests = {d for _, d in flat_rows}
     # flat images in use: of a chain an image names (its layers pin the objects), or mounted; the
     # others are cache rows gc drops next, whose objects gc may already have taken
-    tops = {img.top_layer for img in store.images() if img.top_layer}
+    images = store.images()
+    tops = {img.top_layer for img in images if img.top_layer}
     in_use = {d for k, d in flat_rows if k in tops} | leased
     bad_digests: dict[str, str] = {}   # digest -> problem kind
     checked: set[str] = set()
@@ -308,7 +309,7 @@ def _check_records(run: _Run, s: Store) -> None:
                 db, "SELECT 1 FROM images WHERE id = ? AND NOT EXISTS (SELECT 1 FROM layers WHERE id = ?)",
                 iid, top):
             run.add("dangling-image", s, iid, f"top layer {top} is in no store", note="not repairable")
-    image_ids = {img.id for img in store.images()}
+    image_ids = {img.id for img in images}
     # (still pointing nowhere NOW: an rmi and a re-pull of the same image may both have happened since)
     bad_names = [(n, i) for n, i in snap["names"] if i not in image_ids
                  and _still(db, "SELECT 1 FROM names WHERE name = ? AND image_id = ? AND NOT EXISTS "
