@@ -444,7 +444,7 @@ class Store:
             except sqlite3.OperationalError as e:
                 # opening can meet SQLITE_BUSY without the busy handler (another process switching
                 # the WAL on or recovering it): wait and try again, like the busy timeout would
-                if "locked" not in str(e) and "busy" not in str(e) or time.monotonic() > deadline:
+                if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
                     raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
                 time.sleep(0.01)
             except sqlite3.Error as e:
