@@ -68,6 +68,7 @@ from operator import attrgetter, lt
 from typing import TYPE_CHECKING
 
 from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFMT, Inode
+from objects import usable_cpus
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import Store
@@ -285,7 +286,7 @@ _DERIVE = struct.Struct("<32s16sQH")   # the derive order: image sha256, xxh3-12
 
 
 def _helper_pays(prefix: str | None, chain: Sequence) -> bool:
-    if not HELPER or not hasattr(os, "fork") or len(os.sched_getaffinity(0)) < 2:
+    if not HELPER or not hasattr(os, "fork") or usable_cpus() < 2:
         return False
     if prefix is not None and _digest_of(prefix) in _trees:
         return False   # the tree is in memory here: the helper would only start reading it

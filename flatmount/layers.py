@@ -45,10 +45,12 @@ Rules (OCI image-spec layer.md, and what is rejected with LayerError):
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import hashlib
 import os
 import tarfile
+import threading
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -100,7 +102,14 @@ class TarLayer:
 # --- byte pipeline -------------------------------------------------------------------------------
 
 class HashingReader:
-    """Reads a binary file, hashing (sha256 or sha512) and counting everything it hands out."""
+    """Reads a binary file, hashing (sha256 or sha512) and counting everything it hands out.
+
+    Deferred hashing: while an object store pipeline reads from it (`defer_work()`, see
+    `ObjectStore.put_async`), what it hands out is only noted, in order, and hashed by whichever
+    thread calls `settle()`: the pipeline's hashing thread, before it lets a buffer be refilled.  The
+    reading thread then only copies, and the two SHA-256 passes of an uncompressed layer (this one and
+    the objects' fs-verity) share both cores instead of both landing on the reader.
+    """
 
     def __init__(self, f: BinaryIO, algorithm: str = "sha256"):
         self._f = f
@@ -108,6 +117,38 @@ class HashingReader:
         self._hash = hashlib.new(algorithm)
         self.size = 0
         self._pending = b""
+        self._deferrals = 0  # pipelines reading from us now
+        self._waiting: collections.deque = collections.deque()  # handed out, not yet hashed (in order)
+        self._settle_lock = threading.Lock()
+
+    def defer_work(self) -> _Deferral:
+        """Hash what is handed out from now on in `settle()` calls, until the returned object's `end()`."""
+        with self._settle_lock:
+            self._deferrals += 1
+        return _Deferral(self)
+
+    def settle(self) -> None:
+        """Hash everything handed out so far (any thread; one at a time, in order)."""
+        with self._settle_lock:
+            waiting, update = self._waiting, self._hash.update
+            while waiting:
+                update(waiting.popleft())
+
+    def _end_deferral(self) -> None:
+        with self._settle_lock:
+            self._deferrals -= 1
+        self.settle()
+
+    def _hashed(self, data: bytes | memoryview) -> None:
+        """Hash `data` now, or note it if a pipeline settles for us (it then must not change till settled)."""
+        if self._deferrals:
+            self._waiting.append(data)
+            return
+        with self._settle_lock:  # (a pipeline that just ended may still be settling)
+            waiting, update = self._waiting, self._hash.update
+            while waiting:
+                update(waiting.popleft())
+            update(data)
 
     def peek(self, n: int) -> bytes:
         while len(self._pending) < n:
@@ -126,7 +167,7 @@ class HashingReader:
         else:
             b = self._f.read(CHUNK if n is None or n < 0 else n)
         if b:
-            self._hash.update(b)
+            self._hashed(b)
             self.size += len(b)
         return b
 
@@ -147,7 +188,7 @@ class HashingReader:
                 mv[n:n + len(data)] = data
                 n += len(data)
         if n:
-            self._hash.update(mv[:n])
+            self._hashed(mv[:n])
             self.size += n
         return n
 
@@ -156,11 +197,31 @@ class HashingReader:
             pass
 
     def hexdigest(self) -> str:
+        self.settle()
         return self._hash.hexdigest()
 
     @property
     def digest(self) -> str:
         return f"{self.algorithm}:{self._hash.hexdigest()}"
+
+
+class _Deferral:
+    """A pipeline's hold on a HashingReader's deferred hashing (`HashingReader.defer_work`)."""
+
+    __slots__ = ("_reader", "_ended")
+
+    def __init__(self, reader: HashingReader):
+        self._reader = reader
+        self._ended = False
+
+    def settle(self) -> None:
+        self._reader.settle()
+
+    def end(self) -> None:
+        """Settle, and hash inline again once no other pipeline defers (idempotent)."""
+        if not self._ended:
+            self._ended = True
+            self._reader._end_deferral()
 
 
 def _plain_chunks(raw: HashingReader) -> Iterator[bytes]:
@@ -316,6 +377,11 @@ class ForwardReader:
         if self._off == len(self._buf):
             self._buf, self._off = b"", 0
         return n
+
+    def defer_work(self) -> _Deferral | None:
+        """For `ObjectStore.put_async`: uncompressed input read straight from the file is hashed by
+        whoever settles (see HashingReader)."""
+        return self._direct.defer_work() if self._direct is not None else None
 
     def tell(self) -> int:
         return self._pos
@@ -693,6 +759,9 @@ class _MemberReader:
             raise LayerError(f"{self._where}: archive ends inside this file (truncated)")
         self._left -= n
         return n
+
+    def defer_work(self) -> _Deferral | None:
+        return self._src.defer_work()
 
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0 or n > self._left:

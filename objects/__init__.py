@@ -10,6 +10,7 @@ Names are loaded on first use so that `import objects.errors` (done by every CLI
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 _LAZY = {
@@ -23,7 +24,7 @@ __all__ = [
     "BulkWriter",
     "FsVerityHasher", "InvalidDigestError", "ObjectDigestMismatchError", "ObjectNotFoundError", "ObjectStore",
     "ObjectStoreError", "PendingPut", "ReadOnlyObjectStoreError", "digest_file", "digest_stream",
-    "fsverity_digest", "parse_digest",
+    "fsverity_digest", "parse_digest", "usable_cpus",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -37,6 +38,14 @@ if TYPE_CHECKING:  # pragma: no cover
         ReadOnlyObjectStoreError,
     )
     from .store import ObjectStore, PendingPut
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on: whether helper threads or processes can run beside it."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def __getattr__(name: str):

@@ -32,6 +32,7 @@ import sys
 import threading
 from typing import TYPE_CHECKING
 
+from . import usable_cpus
 from .digest import READ_CHUNK, fsverity_digest
 from .errors import ObjectStoreError
 
@@ -52,19 +53,12 @@ _CHILD = (
 )
 
 
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
 class BulkWriter:
     """`put_bytes()` many small objects (see module docstring); a context manager."""
 
     def __init__(self, store: ObjectStore, helper: bool | None = None) -> None:
         self.store = store
-        self._use_helper = _cpus() >= 2 if helper is None else helper
+        self._use_helper = usable_cpus() >= 2 if helper is None else helper
         self._start_after = START_AFTER if helper is None else 0
         self._count = 0
         self._procs: list[subprocess.Popen] = []

@@ -44,12 +44,26 @@ def descriptor_digest(size: int, root_hash: bytes) -> bytes:
     return sha256(DESCRIPTOR.pack(1, HASH_ALG_SHA256, LOG_BLOCKSIZE, 0, 0, size, root_hash, b"", b"")).digest()
 
 
+def _hash_full_blocks_py(mv: memoryview) -> bytes:
+    """Concatenated SHA-256 of each 4096-byte block of `mv` (its length a multiple of 4096)."""
+    h = sha256
+    return b"".join([h(mv[i : i + BLOCK_SIZE]).digest() for i in range(0, len(mv), BLOCK_SIZE)])
+
+
+try:  # the same in one compiled loop, without the GIL (objects/_fsverity.c; optional at install)
+    from ._fsverity import hash_blocks as hash_full_blocks
+except ImportError:  # pragma: no cover - exercised where the extension is not built
+    hash_full_blocks = _hash_full_blocks_py
+
+NATIVE = hash_full_blocks is not _hash_full_blocks_py  # whether the compiled loop is in use
+
+
 def _hash_blocks(data: bytes | bytearray | memoryview) -> bytes:
     """Concatenated SHA-256 of each 4096-byte block of `data` (the last block zero-padded)."""
     mv = memoryview(data)
     n = len(mv)
     full = n - n % BLOCK_SIZE
-    out = b"".join([sha256(mv[i : i + BLOCK_SIZE]).digest() for i in range(0, full, BLOCK_SIZE)])
+    out = hash_full_blocks(mv[:full]) if full else b""
     if full < n:
         out += sha256(bytes(mv[full:]) + _ZERO_BLOCK[: BLOCK_SIZE - (n - full)]).digest()
     return out
@@ -71,14 +85,28 @@ class FsVerityHasher:
         if data:
             self.update(data)
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        """Hash more data."""
+    def update(self, data: bytes | bytearray | memoryview, head_hashes: bytes | None = None) -> None:
+        """Hash more data.
+
+        `head_hashes`: the SHA-256 of each of the first whole blocks of `data`, already computed
+        (e.g. by another thread, `hash_full_blocks`); only where `data` starts on a block boundary.
+        """
         mv = memoryview(data)
         if mv.itemsize != 1 or mv.ndim != 1:
             mv = mv.cast("B")
         n = len(mv)
         if not n:
             return
+        if head_hashes:
+            done = len(head_hashes) // HASH_SIZE * BLOCK_SIZE
+            if self._partial or done > n or len(head_hashes) % HASH_SIZE:
+                raise ValueError("head_hashes given for data that does not start on a block boundary, or too many")
+            self.size += done
+            self._push(0, head_hashes)
+            mv = mv[done:]
+            n -= done
+            if not n:
+                return
         self.size += n
         pos = 0
         partial = self._partial
@@ -91,8 +119,7 @@ class FsVerityHasher:
             partial.clear()
         end = n - (n - pos) % BLOCK_SIZE
         if end > pos:
-            h = sha256
-            self._push(0, b"".join([h(mv[i : i + BLOCK_SIZE]).digest() for i in range(pos, end, BLOCK_SIZE)]))
+            self._push(0, hash_full_blocks(mv[pos:end]))
         if end < n:
             partial += mv[end:]
 

@@ -35,9 +35,18 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from .digest import READ_CHUNK, FsVerityHasher, digest_file, fsverity_digest, parse_digest
+from .digest import (
+    BLOCK_SIZE,
+    NATIVE,
+    READ_CHUNK,
+    FsVerityHasher,
+    digest_file,
+    fsverity_digest,
+    hash_full_blocks,
+    parse_digest,
+)
 from .errors import (
     ObjectDigestMismatchError,
     ObjectNotFoundError,
@@ -53,12 +62,26 @@ ASYNC_PUTS = 2  # big puts of one store in flight at once (put_async): one finis
 WRITEBACK_EVERY = 16 << 20  # buffered big objects: start disk writeback every 16 MiB, so sync() has less to do
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
 SYNCFS_MIN = 64  # from this many pending files/dirs on, one syncfs() is cheaper than one fsync each
+# Share of each chunk's fs-verity block hashes done by a big put's reader thread (with the compiled
+# block loop only), without and with deferred work of the source for the hashing thread: reading
+# (a copy) costs about half as much as hashing, so the reader takes some of the hashing when the
+# hasher has only the fs-verity blocks, and most of it when the hasher also hashes the source.
+HEAD_SHARE = (0.4, 0.75)
 
 _HEX = frozenset("0123456789abcdef")
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
 _DONE = object()
+
+
+class DeferredWork(Protocol):
+    """What a source stream's optional `defer_work()` returns (see `ObjectStore.put_async`)."""
+
+    def settle(self) -> None: ...
+
+    def end(self) -> None: ...
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bulk import BulkWriter
@@ -355,7 +378,12 @@ class ObjectStore:
         ASYNC_PUTS big puts of a store are in flight at once (this call waits for a slot first).
 
         An error while reading `stream` is raised here (after the put has cleaned up), since the
-        caller must not read on from a stream in an unknown state."""
+        caller must not read on from a stream in an unknown state.
+
+        A stream may have `defer_work()`, returning a DeferredWork or None: work of its own on what
+        it reads (e.g. hashing it) that it leaves for `settle()`, which the pipeline calls from its
+        hashing thread before any buffer the stream filled may be refilled, and `end()` once the
+        pipeline is done with the stream.  (Balances the cores: see `_put_large`.)"""
         self._check_writable("put")
         buffers = _Buffers(self._buffer_pool)
         handed_over = False
@@ -371,10 +399,16 @@ class ObjectStore:
             self._async_slots.acquire()
             pending = PendingPut(self._async_slots)   # (its set() gives the slot back)
             read_done = threading.Event()
+            # the source's own work goes to the hashing thread only when the reader can take a share
+            # of the fs-verity hashing in exchange (the compiled block loop; see _put_large)
+            defer_work = getattr(stream, "defer_work", None) if NATIVE else None
+            deferred = defer_work() if defer_work is not None else None
             try:
                 _WORKERS.run(self._put_large_job, _stream_chunks(first, stream, buffers), buffers, expected,
-                             self.direct_io, pending, read_done)
+                             self.direct_io, pending, read_done, deferred)
             except BaseException as e:   # no thread to run it (the slot must not leak)
+                if deferred is not None:
+                    deferred.end()
                 pending.set(None, e)
                 raise
             handed_over = True
@@ -387,17 +421,20 @@ class ObjectStore:
         return pending
 
     def _put_large_job(self, chunks: Iterator[memoryview], buffers: _Buffers, expected: Digest | None,
-                       direct: bool, pending: PendingPut, read_done: threading.Event) -> None:
+                       direct: bool, pending: PendingPut, read_done: threading.Event,
+                       deferred: DeferredWork | None) -> None:
         """`_put_large` on a helper thread for `put_async`; never raises (the outcome goes to `pending`)."""
         digest: bytes | None = None
         error: BaseException | None = None
         try:
-            digest = self._put_large(chunks, buffers, expected, direct, read_done, pending)
+            digest = self._put_large(chunks, buffers, expected, direct, read_done, pending, deferred)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the put
             error = e
             if not read_done.is_set():  # failed before the reader was done (e.g. no temp file):
                 pending.read_error = True  # the source is not read to its end, put_async raises
         finally:
+            if deferred is not None:  # (the reader has stopped: what it handed out is in our buffers)
+                deferred.end()
             buffers.release()
             pending.set(digest, error)
             read_done.set()  # (already set by the reader, unless it never ran)
@@ -523,6 +560,7 @@ class ObjectStore:
     def _put_large(
         self, chunks: Iterator[memoryview], buffers: _Buffers | None, expected: Digest | None, direct: bool,
         read_done: threading.Event | None = None, pending: PendingPut | None = None,
+        deferred: DeferredWork | None = None,
     ) -> bytes:
         """Read `chunks` in one helper thread, write them to a temp file in another, hash them here; publish.
 
@@ -535,6 +573,11 @@ class ObjectStore:
         device DMA from our buffers instead.  The helper threads are kept between puts (`_WORKERS`).
         `read_done` is set once the reader is done with the source (`pending.read_error` set first
         if reading it failed).
+
+        Balance: `deferred` is the source's own work on what it reads (an uncompressed layer's
+        sha256), done here, before each buffer may be refilled; and with the compiled block loop
+        (which runs without the GIL) the reader hashes the head of each chunk's fs-verity blocks,
+        `HEAD_SHARE` of them, so both cores carry a like share of the hashing.
         """
         where = f"{self.root}/{TMP_DIR}"
         try:
@@ -551,13 +594,17 @@ class ObjectStore:
         outcome: object = None  # the writer's, once seen
         jobs: list[queue.SimpleQueue] = []
         try:
-            jobs.append(_WORKERS.run(_reader, chunks, (to_write, to_hash), read_done, pending))
+            head = 0.0 if not NATIVE else HEAD_SHARE[deferred is not None]
+            jobs.append(_WORKERS.run(_reader, chunks, to_write, to_hash, head, read_done, pending))
             jobs.append(_WORKERS.run(_writer, fd, to_write, written, where, direct, release))
             while (item := to_hash.get()) is not _DONE:
                 if isinstance(item, BaseException):
                     raise item
-                hasher.update(item)
-                release(item)
+                mv, head_hashes = item
+                hasher.update(mv, head_hashes)
+                if deferred is not None:
+                    deferred.settle()
+                release(mv)
                 if outcome is None and not written.empty():
                     outcome = written.get()
                 if isinstance(outcome, BaseException):  # a write failed: stop early
@@ -859,18 +906,21 @@ class _Release:
         self._free.put(buf)
 
 
-def _reader(chunks: Iterator[memoryview], outs: tuple[queue.SimpleQueue, ...],
+def _reader(chunks: Iterator[memoryview], to_write: queue.SimpleQueue, to_hash: queue.SimpleQueue, head: float,
             read_done: threading.Event | None = None, pending: PendingPut | None = None) -> None:
-    """Helper stage of `_put_large`: pull chunks (reading the source) and hand each to every consumer.
+    """Helper stage of `_put_large`: pull chunks (reading the source), hand each to the writer, hash
+    the first `head` share of its whole fs-verity blocks, and hand it with those hashes to the hasher.
 
     Source errors go on as they are, for the hashing thread to raise; the stream always ends with
     `_DONE` or an exception.  Then `read_done` is set (after marking `pending.read_error` on a
     source error): the source is not touched again.
     """
+    outs = (to_write, to_hash)
     try:
         for mv in chunks:
-            for out in outs:
-                out.put(mv)
+            to_write.put(mv)
+            blocks = int(len(mv) // BLOCK_SIZE * head)
+            to_hash.put((mv, hash_full_blocks(mv[:blocks * BLOCK_SIZE]) if blocks else None))
     except BaseException as e:  # handed on to the hashing thread, which raises it
         if pending is not None:
             pending.read_error = True

@@ -27,6 +27,18 @@ def require_tool(name: str) -> str:
     return path
 
 
+def require_native() -> None:
+    """The compiled block loop (objects/_fsverity.c) is built by `pip install -e .` where a C compiler
+    is; under CI its absence is a failure (the fallback would hide a broken build)."""
+    from objects.digest import NATIVE
+
+    if not NATIVE:
+        msg = "objects._fsverity is not built (pip install -e . builds it with a C compiler)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
 def require_root() -> None:
     """Real mounts need root; under CI not being root is a failure."""
     if os.geteuid() != 0:

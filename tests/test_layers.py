@@ -11,6 +11,7 @@ import tarfile
 import tracemalloc
 
 import pytest
+from conftest import require_native
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -369,8 +370,43 @@ def test_many_big_files_in_a_row(objects):
     layer = read_tar(io.BytesIO(t.bytes()), objects)
     assert layer.tree == t.tree()
     assert lookup(layer.tree, "big/link") is lookup(layer.tree, "big/3")
+    assert layer.diff_id == "sha256:" + hashlib.sha256(t.bytes()).hexdigest()
     check_objects(objects, t)
     assert os.listdir(os.path.join(objects.root, ".tmp")) == []
+
+
+@pytest.mark.parametrize("source", ["file", "bytesio"])
+def test_layer_sha256_deferred_to_the_object_pipeline(objects, monkeypatch, tmp_path, source):
+    """An uncompressed layer's sha256 of big payloads is done by the object store's hashing thread
+    (HashingReader.defer_work): even when that lags far behind the reader, no buffer is refilled
+    before it is hashed, and the headers read in between are hashed in their place."""
+    import time
+
+    import flatmount.layers as layers_mod
+
+    require_native()  # (without the compiled loop the layer is hashed by the reader, as it reads)
+    real_settle = layers_mod.HashingReader.settle
+    settles = []
+
+    def slow_settle(self):
+        settles.append(len(self._waiting))
+        time.sleep(0.003)
+        real_settle(self)
+
+    monkeypatch.setattr(layers_mod.HashingReader, "settle", slow_settle)
+    t = Tar()
+    for i, size in enumerate([20 * MIB + 3, MIB + 1, 9 * MIB + 4096, 2 * MIB]):
+        t.file(f"big/{i}", os.urandom(size))
+        t.file(f"small/{i}", os.urandom(300 + i))
+    data = t.bytes()
+    path = tmp_path / "layer.tar"
+    path.write_bytes(data)
+    with open(path, "rb") if source == "file" else io.BytesIO(data) as src:
+        layer = read_tar(src, objects)
+    assert max(settles) > 1  # the reader ran ahead: several reads waited for one settle
+    assert layer.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    assert layer.tree == t.tree()
+    check_objects(objects, t)
 
 
 @pytest.mark.parametrize("cut", [512 + 1000, 512 + MIB + 5, 512 + 2 * MIB + 4096])

@@ -11,10 +11,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import require_tool
+from conftest import require_native, require_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import objects.digest as digest_mod
 from objects import (
     FsVerityHasher,
     InvalidDigestError,
@@ -110,7 +111,7 @@ def test_boundary_sizes_match_tool(tmp_path: Path, size: int) -> None:
     assert reference_digest(data).hex() == expected
 
 
-def test_three_level_tree_matches_tool(tmp_path: Path) -> None:
+def test_three_level_tree_matches_tool(tmp_path: Path, block_hasher: str) -> None:
     """More than 128*128 blocks (64 MiB) needs a third tree level."""
     size = 128 * 128 * BLOCK_SIZE + 5000
     block = pseudo_random(MIB, 3)
@@ -124,13 +125,42 @@ def test_three_level_tree_matches_tool(tmp_path: Path) -> None:
     assert reference_digest(path.read_bytes()).hex() == expected
 
 
-@settings(max_examples=60, deadline=None)
+@pytest.fixture(params=["native", "hashlib"])
+def block_hasher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test with the compiled block loop, then with the hashlib one it stands in for."""
+    if request.param == "native":
+        require_native()
+    else:
+        monkeypatch.setattr(digest_mod, "hash_full_blocks", digest_mod._hash_full_blocks_py)
+    return request.param
+
+
+def test_native_block_hashes_equal_hashlib() -> None:
+    require_native()
+    from objects._fsverity import hash_blocks
+
+    data = pseudo_random(300 * BLOCK_SIZE, 5)
+    for blocks in (0, 1, 7, 8, 9, 128, 300):
+        part = data[: blocks * BLOCK_SIZE]
+        expected = b"".join(hashlib.sha256(part[i : i + BLOCK_SIZE]).digest() for i in range(0, len(part), BLOCK_SIZE))
+        assert hash_blocks(part) == expected
+        assert hash_blocks(bytearray(part)) == expected
+        assert hash_blocks(memoryview(data)[: blocks * BLOCK_SIZE]) == expected
+    with pytest.raises(ValueError, match="multiple of 4096"):
+        hash_blocks(data[:5000])
+    with pytest.raises(BufferError):
+        hash_blocks(memoryview(data)[::2])  # not contiguous
+    with pytest.raises(TypeError):
+        hash_blocks("text")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     size=st.one_of(st.integers(0, 3 * BLOCK_SIZE), st.integers(0, 300 * BLOCK_SIZE)),
     seed=st.integers(0, 2**32),
     chunks=st.lists(st.integers(1, 3 * BLOCK_SIZE), min_size=1, max_size=6),
 )
-def test_streaming_matches_reference(size: int, seed: int, chunks: list[int]) -> None:
+def test_streaming_matches_reference(block_hasher: str, size: int, seed: int, chunks: list[int]) -> None:
     data = pseudo_random(size, seed)
     expected = reference_digest(data)
     assert chunked(data, chunks).digest() == expected

@@ -245,9 +245,9 @@ def test_put_async_overlaps_and_is_capped(store: ObjectStore, monkeypatch: pytes
     held = threading.Event()
     real_update = store_mod.FsVerityHasher.update
 
-    def slow_update(self, data):  # the hashing of the first put stalls until released
+    def slow_update(self, data, head_hashes=None):  # the hashing of the first put stalls until released
         held.wait()
-        return real_update(self, data)
+        return real_update(self, data, head_hashes)
 
     monkeypatch.setattr(store_mod.FsVerityHasher, "update", slow_update)
     datas = [data_of(2 * MIB, 30 + k) for k in range(3)]
