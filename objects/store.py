@@ -187,7 +187,8 @@ def _fill(stream: BinaryIO, buf: bytearray) -> int:
 
 class _Buffers:
     """Page-aligned 1 MiB buffers (mmap) for big puts: O_DIRECT can write them, and reusing them across
-    puts spares the page faults of fresh memory.  `take()` blocks once PIPELINE_BUFFERS are out."""
+    puts spares the page faults of fresh memory (the store keeps enough for ASYNC_PUTS puts at once).
+    `take()` blocks once PIPELINE_BUFFERS are out."""
 
     def __init__(self, pool: queue.SimpleQueue) -> None:
         self._pool = pool  # the store's idle buffers, shared by all puts
@@ -210,7 +211,7 @@ class _Buffers:
 
     def release(self) -> None:
         """Return this put's buffers to the store (call once no thread uses them)."""
-        for buf in self.owned[: max(0, PIPELINE_BUFFERS - self._pool.qsize())]:
+        for buf in self.owned[: max(0, PIPELINE_BUFFERS * ASYNC_PUTS - self._pool.qsize())]:
             self._pool.put(buf)
         self.owned = []
 
