@@ -66,7 +66,7 @@ SYNCFS_MIN = 64  # from this many pending files/dirs on, one syncfs() is cheaper
 # block loop only), without and with deferred work of the source for the hashing thread: reading
 # (a copy) costs about half as much as hashing, so the reader takes some of the hashing when the
 # hasher has only the fs-verity blocks, and most of it when the hasher also hashes the source.
-HEAD_SHARE = (0.4, 0.75)
+HEAD_SHARE = (0.25, 0.7)
 
 _HEX = frozenset("0123456789abcdef")
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
