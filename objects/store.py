@@ -17,8 +17,11 @@ failure before `sync()` (ext4/xfs show such files as short or empty) is detected
 next put of that content and replaced.
 
 Speed: a big put runs as three threads (read the source into aligned 1 MiB buffers, then write them
-with O_DIRECT and fs-verity hash them side by side), so it costs about as much as hashing; many small puts go through
-`bulk()` (objects.bulk), whose helper processes create the files on another core.
+with O_DIRECT and fs-verity hash them side by side), so it costs about as much as hashing; with the
+compiled block loop (objects/_fsverity.c) the hashing is shared between the reader and the hashing
+thread, along with any work the source defers (an uncompressed layer's sha256), so both cores carry
+a like load.  Many small puts go through `bulk()` (objects.bulk), whose helper processes create the
+files on another core.
 
 Digests are accepted as 32 raw bytes, 64 hex digits (str or ASCII bytes) or an `XX/<62 hex>` object
 path; methods return 32 raw bytes.
