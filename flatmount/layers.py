@@ -106,9 +106,9 @@ class HashingReader:
 
     Deferred hashing: while an object store pipeline reads from it (`defer_work()`, see
     `ObjectStore.put_async`), what it hands out is only noted, in order, and hashed by whichever
-    thread calls `settle()`: the pipeline's hashing thread, before it lets a buffer be refilled.  The
-    reading thread then only copies, and the two SHA-256 passes of an uncompressed layer (this one and
-    the objects' fs-verity) share both cores instead of both landing on the reader.
+    thread calls `settle()`: the pipeline's worker that read a chunk settles up to that chunk's mark,
+    in chunk order, after hashing the chunk for fs-verity.  Each chunk is then read and hashed twice
+    on one core while in its cache, and two workers read and hash alternate chunks on two cores.
     """
 
     def __init__(self, f: BinaryIO, algorithm: str = "sha256"):
@@ -119,6 +119,8 @@ class HashingReader:
         self._pending = b""
         self._deferrals = 0  # pipelines reading from us now
         self._waiting: collections.deque = collections.deque()  # handed out, not yet hashed (in order)
+        self._noted = 0  # items ever put in _waiting
+        self._settled = 0  # items ever taken from it and hashed
         self._settle_lock = threading.Lock()
 
     def defer_work(self) -> _Deferral:
@@ -127,12 +129,17 @@ class HashingReader:
             self._deferrals += 1
         return _Deferral(self)
 
-    def settle(self) -> None:
-        """Hash everything handed out so far (any thread; one at a time, in order)."""
+    def mark(self) -> int:
+        """A mark for `settle()`: everything handed out so far."""
+        return self._noted
+
+    def settle(self, upto: int | None = None) -> None:
+        """Hash what was handed out up to `upto` (a `mark()`; default: everything), in order."""
         with self._settle_lock:
             waiting, update = self._waiting, self._hash.update
-            while waiting:
+            while waiting and (upto is None or self._settled < upto):
                 update(waiting.popleft())
+                self._settled += 1
 
     def _end_deferral(self) -> None:
         with self._settle_lock:
@@ -143,11 +150,13 @@ class HashingReader:
         """Hash `data` now, or note it if a pipeline settles for us (it then must not change till settled)."""
         if self._deferrals:
             self._waiting.append(data)
+            self._noted += 1
             return
         with self._settle_lock:  # (a pipeline that just ended may still be settling)
             waiting, update = self._waiting, self._hash.update
             while waiting:
                 update(waiting.popleft())
+                self._settled += 1
             update(data)
 
     def peek(self, n: int) -> bytes:
@@ -214,8 +223,11 @@ class _Deferral:
         self._reader = reader
         self._ended = False
 
-    def settle(self) -> None:
-        self._reader.settle()
+    def mark(self) -> int:
+        return self._reader.mark()
+
+    def settle(self, upto: int | None = None) -> None:
+        self._reader.settle(upto)
 
     def end(self) -> None:
         """Settle, and hash inline again once no other pipeline defers (idempotent)."""

@@ -16,12 +16,11 @@ references to new objects (e.g. committing a database row).  An object left trun
 failure before `sync()` (ext4/xfs show such files as short or empty) is detected by its size on the
 next put of that content and replaced.
 
-Speed: a big put runs as three threads (read the source into aligned 1 MiB buffers, then write them
-with O_DIRECT and fs-verity hash them side by side), so it costs about as much as hashing; with the
-compiled block loop (objects/_fsverity.c) the hashing is shared between the reader and the hashing
-thread, along with any work the source defers (an uncompressed layer's sha256), so both cores carry
-a like load.  Many small puts go through `bulk()` (objects.bulk), whose helper processes create the
-files on another core.
+Speed: a big put is read in aligned 1 MiB chunks by one worker thread per CPU (up to four), each
+chunk fs-verity hashed (and the source's deferred work done on it, e.g. an uncompressed layer's
+sha256) by the worker that read it while it is in that core's cache, and written with O_DIRECT by
+another thread meanwhile; so it costs about as much as hashing, spread over the cores.  Many small
+puts go through `bulk()` (objects.bulk), whose helper processes create the files on another core.
 
 Digests are accepted as 32 raw bytes, 64 hex digits (str or ASCII bytes) or an `XX/<62 hex>` object
 path; methods return 32 raw bytes.
@@ -40,9 +39,9 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
+from . import usable_cpus
 from .digest import (
     BLOCK_SIZE,
-    NATIVE,
     READ_CHUNK,
     FsVerityHasher,
     digest_file,
@@ -60,16 +59,12 @@ from .errors import (
 TMP_DIR = ".tmp"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
-PIPELINE_BUFFERS = 8  # 1 MiB buffers in flight between the reader, writer and hashing threads
+PIPELINE_BUFFERS = 8  # 1 MiB buffers of one big put in flight between its workers and its writer
 ASYNC_PUTS = 2  # big puts of one store in flight at once (put_async): one finishing while the next reads
 WRITEBACK_EVERY = 16 << 20  # buffered big objects: start disk writeback every 16 MiB, so sync() has less to do
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
 SYNCFS_MIN = 64  # from this many pending files/dirs on, one syncfs() is cheaper than one fsync each
-# Share of each chunk's fs-verity block hashes done by a big put's reader thread (with the compiled
-# block loop only), without and with deferred work of the source for the hashing thread: reading
-# (a copy) costs about half as much as hashing, so the reader takes some of the hashing when the
-# hasher has only the fs-verity blocks, and most of it when the hasher also hashes the source.
-HEAD_SHARE = (0.25, 0.7)
+CHUNK_WORKERS = max(1, min(usable_cpus(), 4))  # threads reading and hashing one big put's chunks
 
 _HEX = frozenset("0123456789abcdef")
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
@@ -81,7 +76,9 @@ _DONE = object()
 class DeferredWork(Protocol):
     """What a source stream's optional `defer_work()` returns (see `ObjectStore.put_async`)."""
 
-    def settle(self) -> None: ...
+    def mark(self) -> int: ...
+
+    def settle(self, upto: int | None = None) -> None: ...
 
     def end(self) -> None: ...
 
@@ -195,7 +192,7 @@ class _Buffers:
 
     def __init__(self, pool: queue.SimpleQueue) -> None:
         self._pool = pool  # the store's idle buffers, shared by all puts
-        self.free: queue.SimpleQueue = queue.SimpleQueue()  # this put's buffers the hasher is done with
+        self.free: queue.SimpleQueue = queue.SimpleQueue()  # this put's buffers the writer and workers are done with
         self.owned: list[mmap.mmap] = []
 
     def take(self) -> mmap.mmap | None:
@@ -365,9 +362,10 @@ class ObjectStore:
     def put(self, stream: BinaryIO, expected: Digest | None = None, size: int | None = None) -> bytes:
         """Store everything read from `stream` until EOF; returns its digest (32 raw bytes).
 
-        Big content is read by one helper thread and written by another while a third hashes
-        (hashlib and the I/O release the GIL), so the cost is close to hashing alone.  Streams with
-        `readinto` fill the store's aligned buffers directly (no intermediate bytes objects).
+        Big content is read and hashed by helper threads, one per CPU, and written by another (the
+        hashing and the I/O release the GIL), so the cost is close to hashing alone, spread over the
+        cores (see `_put_large`).  Streams with `readinto` fill the store's aligned buffers directly
+        (no intermediate bytes objects).
         `expected` as for `put_bytes`.  `size`: how much the stream holds, when known (e.g. a tar
         member); big content then goes to the helper threads from its first byte.
         """
@@ -385,9 +383,11 @@ class ObjectStore:
         caller must not read on from a stream in an unknown state.
 
         A stream may have `defer_work()`, returning a DeferredWork or None: work of its own on what
-        it reads (e.g. hashing it) that it leaves for `settle()`, which the pipeline calls from its
-        hashing thread before any buffer the stream filled may be refilled, and `end()` once the
-        pipeline is done with the stream.  (Balances the cores: see `_put_large`.)"""
+        it reads (e.g. hashing it) that it leaves for later.  Right after reading each chunk the
+        pipeline takes its `mark()`; `settle(mark)`, called in chunk order by the thread that read
+        the chunk, before the chunk's buffer may be refilled, must do the work on everything read up
+        to that mark; `end()` (once the pipeline is done with the stream) does the rest.  So the work
+        runs on the core that has the chunk in its cache (see `_put_large`)."""
         self._check_writable("put")
         buffers = _Buffers(self._buffer_pool)
         handed_over = False
@@ -403,9 +403,7 @@ class ObjectStore:
             self._async_slots.acquire()
             pending = PendingPut(self._async_slots)   # (its set() gives the slot back)
             read_done = threading.Event()
-            # the source's own work goes to the hashing thread only when the reader can take a share
-            # of the fs-verity hashing in exchange (the compiled block loop; see _put_large)
-            defer_work = getattr(stream, "defer_work", None) if NATIVE else None
+            defer_work = getattr(stream, "defer_work", None)
             deferred = defer_work() if defer_work is not None else None
             try:
                 _WORKERS.run(self._put_large_job, _stream_chunks(first, stream, buffers), buffers, expected,
@@ -434,14 +432,14 @@ class ObjectStore:
             digest = self._put_large(chunks, buffers, expected, direct, read_done, pending, deferred)
         except BaseException as e:  # noqa: BLE001 - handed to whoever waits for the put
             error = e
-            if not read_done.is_set():  # failed before the reader was done (e.g. no temp file):
+            if not read_done.is_set():  # failed before the source was read (e.g. no temp file):
                 pending.read_error = True  # the source is not read to its end, put_async raises
         finally:
-            if deferred is not None:  # (the reader has stopped: what it handed out is in our buffers)
+            if deferred is not None:  # (no worker reads any more: what it handed out is in our buffers)
                 deferred.end()
             buffers.release()
             pending.set(digest, error)
-            read_done.set()  # (already set by the reader, unless it never ran)
+            read_done.set()  # (already set at the end of the source, unless it was not reached)
 
     def put_file(self, path: str | os.PathLike[str], expected: Digest | None = None) -> bytes:
         """Store a copy of a file's content; returns its digest."""
@@ -566,22 +564,21 @@ class ObjectStore:
         read_done: threading.Event | None = None, pending: PendingPut | None = None,
         deferred: DeferredWork | None = None,
     ) -> bytes:
-        """Read `chunks` in one helper thread, write them to a temp file in another, hash them here; publish.
+        """Hash `chunks` in CHUNK_WORKERS threads (this one among them) while another writes them to a
+        temp file; publish.
 
-        Three stages, so reading the source (which may itself hash or decompress), the disk writes and
-        the fs-verity hashing overlap.  The reader hands each 1 MiB buffer to the writer and to this
-        thread at once, and the buffer goes back to the reader once both are done with it, so a slow
-        write never holds up hashing.  `direct`: write with O_DIRECT (chunks must then be aligned
-        buffers).  On this kind of machine (a VM whose fresh page-cache pages cost a host fault each)
-        copying into the page cache, not hashing, is what limits a buffered put; O_DIRECT lets the
-        device DMA from our buffers instead.  The helper threads are kept between puts (`_WORKERS`).
-        `read_done` is set once the reader is done with the source (`pending.read_error` set first
+        Each worker takes the next 1 MiB chunk from the source (one at a time, in order), hands it to
+        the writer, hashes its fs-verity blocks, and then, in chunk order, does the source's deferred
+        work on it (`deferred`: an uncompressed layer's sha256) and adds its block hashes to the
+        object's Merkle tree.  A chunk is thus read, hashed and hashed again on one core, while it is
+        in that core's cache (handing it to another core to hash costs that core a third more); two
+        workers keep two cores busy.  The buffer goes back to the source once the writer is done too,
+        so a slow write never holds up hashing.  `direct`: write with O_DIRECT (chunks must then be
+        aligned buffers): on this kind of machine (a VM whose fresh page-cache pages cost a host fault
+        each) copying into the page cache, not hashing, is what limits a buffered put; O_DIRECT lets
+        the device DMA from our buffers instead.  Threads are kept between puts (`_WORKERS`).
+        `read_done` is set once no worker will touch the source again (`pending.read_error` set first
         if reading it failed).
-
-        Balance: `deferred` is the source's own work on what it reads (an uncompressed layer's
-        sha256), done here, before each buffer may be refilled; and with the compiled block loop
-        (which runs without the GIL) the reader hashes the head of each chunk's fs-verity blocks,
-        `HEAD_SHARE` of them, so both cores carry a like share of the hashing.
         """
         where = f"{self.root}/{TMP_DIR}"
         try:
@@ -590,37 +587,29 @@ class ObjectStore:
             raise ObjectStoreError(f"cannot create a temp file in {where}: {e.strerror or e}") from e
         direct = direct and bool(_O_DIRECT) and bool(_getfl(fd) & _O_DIRECT)
         to_write: queue.SimpleQueue = queue.SimpleQueue()
-        to_hash: queue.SimpleQueue = queue.SimpleQueue()
         written: queue.SimpleQueue = queue.SimpleQueue()  # the writer's outcome: _DONE or an exception
         release = _Release(buffers)
-        hasher = FsVerityHasher()
+        run = _ChunkRun(chunks, to_write, written, release, deferred, read_done, pending)
         published = False
-        outcome: object = None  # the writer's, once seen
-        jobs: list[queue.SimpleQueue] = []
+        writer: queue.SimpleQueue | None = None
+        workers: list[queue.SimpleQueue] = []
         try:
-            head = 0.0 if not NATIVE else HEAD_SHARE[deferred is not None]
-            jobs.append(_WORKERS.run(_reader, chunks, to_write, to_hash, head, read_done, pending))
-            jobs.append(_WORKERS.run(_writer, fd, to_write, written, where, direct, release))
-            while (item := to_hash.get()) is not _DONE:
-                if isinstance(item, BaseException):
-                    raise item
-                mv, head_hashes = item
-                hasher.update(mv, head_hashes)
-                if deferred is not None:
-                    deferred.settle()
-                release(mv)
-                if outcome is None and not written.empty():
-                    outcome = written.get()
-                if isinstance(outcome, BaseException):  # a write failed: stop early
-                    raise outcome
-            if outcome is None:
-                outcome = written.get()
+            writer = _WORKERS.run(_writer, fd, to_write, written, where, direct, release)
+            for _ in range(CHUNK_WORKERS - 1):
+                workers.append(_WORKERS.run(run.work))
+            run.work()
+            for job in workers:
+                job.get()
+            workers = []
+            run.check()
+            to_write.put(_DONE)
+            outcome = run.writer_outcome()
             if isinstance(outcome, BaseException):
                 raise outcome
-            digest = hasher.digest()
+            digest = run.hasher.digest()
             self._check_expected(digest, expected)
             rel = _rel(digest)
-            damaged = self._existing_damaged(rel, hasher.size)
+            damaged = self._existing_damaged(rel, run.hasher.size)
             if damaged is not False:
                 try:
                     _chmod_object(fd)
@@ -630,10 +619,15 @@ class ObjectStore:
                 published = True
             return digest
         finally:
+            run.stop()
             if buffers is not None:
-                buffers.free.put(None)  # unblock the reader if it waits for a buffer
-            for job in jobs:
+                for _ in range(CHUNK_WORKERS):
+                    buffers.free.put(None)  # unblock a worker waiting for a buffer
+            for job in workers:
                 job.get()
+            if writer is not None:
+                to_write.put(_DONE)  # (a second _DONE, after a normal end, is never read)
+                writer.get()
             os.close(fd)
             if name is not None and not published:
                 _unlink_quiet(name, self._dirfd)
@@ -890,7 +884,7 @@ _WORKERS = _Workers()
 
 
 class _Release:
-    """Gives a pipeline buffer back to the reader once both the writer and the hasher are done with it."""
+    """Gives a pipeline buffer back to its put once both the writer and the worker are done with it."""
 
     def __init__(self, buffers: _Buffers | None) -> None:
         self._free = buffers.free if buffers is not None else None
@@ -910,54 +904,140 @@ class _Release:
         self._free.put(buf)
 
 
-def _reader(chunks: Iterator[memoryview], to_write: queue.SimpleQueue, to_hash: queue.SimpleQueue, head: float,
-            read_done: threading.Event | None = None, pending: PendingPut | None = None) -> None:
-    """Helper stage of `_put_large`: pull chunks (reading the source), hand each to the writer, hash
-    the first `head` share of its whole fs-verity blocks, and hand it with those hashes to the hasher.
+class _ChunkRun:
+    """The shared state of one big put's workers (see `ObjectStore._put_large`)."""
 
-    Source errors go on as they are, for the hashing thread to raise; the stream always ends with
-    `_DONE` or an exception.  Then `read_done` is set (after marking `pending.read_error` on a
-    source error): the source is not touched again.
-    """
-    outs = (to_write, to_hash)
-    try:
-        for mv in chunks:
-            to_write.put(mv)
-            blocks = int(len(mv) // BLOCK_SIZE * head)
-            to_hash.put((mv, hash_full_blocks(mv[:blocks * BLOCK_SIZE]) if blocks else None))
-    except BaseException as e:  # handed on to the hashing thread, which raises it
-        if pending is not None:
-            pending.read_error = True
-        for out in outs:
-            out.put(e)
-    else:
-        for out in outs:
-            out.put(_DONE)
-    finally:
-        if read_done is not None:
-            read_done.set()
+    def __init__(self, chunks: Iterator[memoryview], to_write: queue.SimpleQueue, written: queue.SimpleQueue,
+                 release: _Release, deferred: DeferredWork | None, read_done: threading.Event | None,
+                 pending: PendingPut | None) -> None:
+        self.hasher = FsVerityHasher()
+        self._chunks = chunks
+        self._to_write = to_write
+        self._written = written
+        self._release = release
+        self._deferred = deferred
+        self._read_done = read_done
+        self._pending = pending
+        self._read_lock = threading.Lock()  # one worker reads the source at a time, in order
+        self._offset = 0  # of the next chunk read
+        self._reads = 0  # chunks read
+        self._eof = False
+        self._turn = threading.Condition()  # chunks finish (deferred work, Merkle tree) in read order
+        self._next = 0  # the chunk whose turn it is
+        self._stopped = False
+        self._error: BaseException | None = None
+        self._outcome: object = None  # the writer's, once seen
+
+    def work(self) -> None:
+        """Take, hash and finish chunks until the source ends or the run stops; never raises."""
+        try:
+            while (got := self._take()) is not None:
+                seq, offset, mv, mark = got
+                self._to_write.put((mv, offset))
+                full = len(mv) - len(mv) % BLOCK_SIZE
+                hashes = hash_full_blocks(mv[:full]) if full else None
+                with self._turn:
+                    self._turn.wait_for(lambda: self._next == seq or self._stopped)  # noqa: B023
+                    if self._stopped:
+                        self._release(mv)
+                        return
+                try:
+                    if self._deferred is not None:
+                        self._deferred.settle(mark)
+                    self.hasher.update(mv, hashes)
+                finally:
+                    with self._turn:
+                        self._next += 1
+                        self._turn.notify_all()
+                self._release(mv)
+                self._watch_writer()
+        except BaseException as e:  # noqa: BLE001 - raised by check() in the put's thread
+            self._fail(e)
+
+    def _take(self) -> tuple[int, int, memoryview, int | None] | None:
+        """The next chunk with its number, offset and deferred-work mark; None at the end."""
+        with self._read_lock:
+            if self._eof or self._stopped:
+                return None
+            try:
+                mv = next(self._chunks, None)
+            except BaseException as e:
+                if self._pending is not None:
+                    self._pending.read_error = True
+                self._eof = True
+                self._fail(e)
+                if self._read_done is not None:
+                    self._read_done.set()
+                return None
+            if mv is None or self._stopped:
+                self._eof = True
+                if self._read_done is not None and not self._stopped:
+                    self._read_done.set()
+                if mv is not None:
+                    self._release(mv)
+                    self._release(mv)
+                return None
+            seq, offset = self._reads, self._offset
+            self._reads += 1
+            self._offset += len(mv)
+            mark = self._deferred.mark() if self._deferred is not None else None
+            return seq, offset, mv, mark
+
+    def _watch_writer(self) -> None:
+        """Stop early once the writer reports a failure."""
+        if self._outcome is None and not self._written.empty():
+            with self._turn:
+                if self._outcome is None and not self._written.empty():
+                    self._outcome = self._written.get()
+            if isinstance(self._outcome, BaseException):
+                self._fail(self._outcome)
+
+    def writer_outcome(self) -> object:
+        """The writer's outcome, waiting for it (call after the last chunk went to the writer)."""
+        if self._outcome is None:
+            self._outcome = self._written.get()
+        return self._outcome
+
+    def _fail(self, e: BaseException) -> None:
+        with self._turn:
+            if self._error is None:
+                self._error = e
+            self._stopped = True
+            self._turn.notify_all()
+
+    def stop(self) -> None:
+        with self._turn:
+            self._stopped = True
+            self._turn.notify_all()
+
+    def check(self) -> None:
+        """Raise the first error of a worker (a source error as it is)."""
+        if self._error is not None:
+            raise self._error
 
 
 def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, where: str, direct: bool,
             release: _Release) -> None:
-    """Helper stage of `_put_large`: write the chunks `_reader` hands on, releasing each once written.
+    """Helper stage of `_put_large`: write the (chunk, offset) pairs the workers hand on, releasing
+    each chunk once written; `_DONE` ends it.
 
     Puts exactly one item on `outcome`: `_DONE` once everything is written, or (as soon as a write
-    fails) an ObjectStoreError, after which it only releases the remaining chunks, so the reader
-    never waits for a buffer that will not come back.  With `direct`, an unaligned tail (or a file
+    fails) an ObjectStoreError, after which it only releases the remaining chunks, so no worker
+    waits for a buffer that will not come back.  With `direct`, an unaligned tail (or a file
     system refusing the aligned writes) switches the fd back to buffered writes.
     """
     written = flushed = 0
     failed = False
     while True:
-        mv = chunks.get()
-        if mv is _DONE or isinstance(mv, BaseException):
+        item = chunks.get()
+        if item is _DONE:
             if not failed:
-                outcome.put(_DONE)  # a source error reaches the hasher through its own queue
+                outcome.put(_DONE)
             return
+        mv, offset = item
         if not failed:
             try:
-                direct = _write_chunk(fd, mv, written, direct)
+                direct = _write_chunk(fd, mv, offset, direct)
             except OSError as e:
                 err = ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}")
                 err.__cause__ = e

@@ -243,13 +243,13 @@ def test_put_async_overlaps_and_is_capped(store: ObjectStore, monkeypatch: pytes
     """Two big puts may be in flight at once (the first one finishing while the next is read); a
     third waits for a slot."""
     held = threading.Event()
-    real_update = store_mod.FsVerityHasher.update
+    real_existing = store_mod.ObjectStore._existing_damaged
 
-    def slow_update(self, data, head_hashes=None):  # the hashing of the first put stalls until released
+    def slow_existing(self, rel, size):  # every put stalls once read and hashed, before publishing
         held.wait()
-        return real_update(self, data, head_hashes)
+        return real_existing(self, rel, size)
 
-    monkeypatch.setattr(store_mod.FsVerityHasher, "update", slow_update)
+    monkeypatch.setattr(store_mod.ObjectStore, "_existing_damaged", slow_existing)
     datas = [data_of(2 * MIB, 30 + k) for k in range(3)]
     first = store.put_async(io.BytesIO(datas[0]), size=2 * MIB)   # read (into buffers), not hashed yet
     second = store.put_async(io.BytesIO(datas[1]), size=2 * MIB)
@@ -289,7 +289,8 @@ def test_put_async_failing_before_reading_raises_at_once(store: ObjectStore,
 
 
 def test_put_async_write_error_surfaces_in_result(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A failing write is the put's error, raised by result(); the source was still read to its end."""
+    """A failing write is the put's error: raised by result(), or by put_async itself when the put
+    stopped before the source was read to its end (the caller must not read on from it)."""
     import errno as errno_mod
 
     def pwrite(fd, data, offset):
@@ -297,9 +298,8 @@ def test_put_async_write_error_surfaces_in_result(store: ObjectStore, monkeypatc
 
     monkeypatch.setattr(store_mod.os, "pwrite", pwrite)
     src = io.BytesIO(data_of(4 * MIB, 7))
-    p = store.put_async(src, size=4 * MIB)
     with pytest.raises(ObjectStoreError, match="Input/output error"):
-        p.result()
+        store.put_async(src, size=4 * MIB).result()
     assert list(store) == [] and tmp_entries(store) == []
 
 
