@@ -211,7 +211,7 @@ class HashingReader:
 
     @property
     def digest(self) -> str:
-        return f"{self.algorithm}:{self._hash.hexdigest()}"
+        return f"{self.algorithm}:{self.hexdigest()}"
 
 
 class _Deferral:
