@@ -123,11 +123,12 @@ class HashingReader:
         self._settled = 0  # items ever taken from it and hashed
         self._settle_lock = threading.Lock()
 
-    def defer_work(self) -> _Deferral:
-        """Hash what is handed out from now on in `settle()` calls, until the returned object's `end()`."""
+    def defer_work(self) -> HashingReader:
+        """Hash what is handed out from now on in `settle()` calls, until a matching `end()` (the
+        DeferredWork protocol of `ObjectStore.put_async`: this reader is its own handle)."""
         with self._settle_lock:
             self._deferrals += 1
-        return _Deferral(self)
+        return self
 
     def mark(self) -> int:
         """A mark for `settle()`: everything handed out so far."""
@@ -141,7 +142,8 @@ class HashingReader:
                 update(waiting.popleft())
                 self._settled += 1
 
-    def _end_deferral(self) -> None:
+    def end(self) -> None:
+        """End one `defer_work()`: settle, and hash inline again once no other pipeline defers."""
         with self._settle_lock:
             self._deferrals -= 1
         self.settle()
@@ -212,28 +214,6 @@ class HashingReader:
     @property
     def digest(self) -> str:
         return f"{self.algorithm}:{self.hexdigest()}"
-
-
-class _Deferral:
-    """A pipeline's hold on a HashingReader's deferred hashing (`HashingReader.defer_work`)."""
-
-    __slots__ = ("_reader", "_ended")
-
-    def __init__(self, reader: HashingReader):
-        self._reader = reader
-        self._ended = False
-
-    def mark(self) -> int:
-        return self._reader.mark()
-
-    def settle(self, upto: int | None = None) -> None:
-        self._reader.settle(upto)
-
-    def end(self) -> None:
-        """Settle, and hash inline again once no other pipeline defers (idempotent)."""
-        if not self._ended:
-            self._ended = True
-            self._reader._end_deferral()
 
 
 def _plain_chunks(raw: HashingReader) -> Iterator[bytes]:
@@ -390,7 +370,7 @@ class ForwardReader:
             self._buf, self._off = b"", 0
         return n
 
-    def defer_work(self) -> _Deferral | None:
+    def defer_work(self) -> HashingReader | None:
         """For `ObjectStore.put_async`: uncompressed input read straight from the file is hashed by
         whoever settles (see HashingReader)."""
         return self._direct.defer_work() if self._direct is not None else None
@@ -772,7 +752,7 @@ class _MemberReader:
         self._left -= n
         return n
 
-    def defer_work(self) -> _Deferral | None:
+    def defer_work(self) -> HashingReader | None:
         return self._src.defer_work()
 
     def read(self, n: int = -1) -> bytes:
