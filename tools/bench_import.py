@@ -21,7 +21,6 @@ pipeline, not for reading the source.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -31,8 +30,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
 from pathlib import Path
+
+from bench_objects import bench_disk_write, bench_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
@@ -121,40 +121,7 @@ def _pull_in_child(workdir: Path, tar: Path, name: str) -> dict:
     return res
 
 
-def _sha256_mbps(seconds: float = 1.0, warmup: float = 0.3) -> float:
-    """1-core hashlib sha256 MB/s over a 1 MiB buffer (in cache, like the import's chunks, which are
-    hashed right after being read: a 16 MiB buffer measured memory, 1,200-1,400 MB/s here against
-    1,850-1,950, and a low ceiling flatters the ratio), after `warmup` seconds unmeasured."""
-    buf = os.urandom(1 << 20)
-    t_end = time.perf_counter() + warmup
-    while time.perf_counter() < t_end:
-        hashlib.sha256(buf).digest()
-    n = 0
-    t0 = time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        hashlib.sha256(buf).digest()
-        n += len(buf)
-    return n / (time.perf_counter() - t0) / MB
-
-
-def _disk_write_fsync_mbps(workdir: Path, size: int) -> float:
-    path = workdir / "disk-baseline"
-    chunk = os.urandom(1 << 20)
-    t0 = time.perf_counter()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        written = 0
-        while written < size:
-            written += os.write(fd, chunk)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dt = time.perf_counter() - t0
-    os.unlink(path)
-    return size / dt / MB
-
-
-def _after_delete() -> None:
+def _quiet() -> None:
     """Let the file system finish a big write or delete (ext4 with `discard` trims freed blocks
     later) and wait for an idle disk, so that work does not slow the next measurement: the sha256
     baseline measured while the kernel still trims read 20-30% low, which flattered the ratio."""
@@ -189,15 +156,17 @@ def run(quick: bool, rounds: int = 3) -> dict:
         _big_tar(big, big_size)
         _settle(big)
         tar_bytes = big.stat().st_size
-        _after_delete()
+        _quiet()
         for _ in range(rounds):
-            sha.append(_sha256_mbps())
+            sha.append(bench_sha256(1024))
             # twice: on this thin-provisioned virtual disk the first big write after a delete often
             # runs at a third of the speed (the host allocating again what the trim gave back)
-            disk.append(max(_disk_write_fsync_mbps(workdir, min(big_size, 256 * MB)) for _ in range(2)))
-            _after_delete()
+            disk_mib = min(big_size, 256 * MB) // MB
+            disk.append(max(bench_disk_write(workdir / "disk-baseline", disk_mib) for _ in range(2)))
+            (workdir / "disk-baseline").unlink()
+            _quiet()
             pulls.append(_pull_in_child(workdir, big, "big"))
-            _after_delete()
+            _quiet()
         big.unlink()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
