@@ -973,7 +973,7 @@ class _ChunkRun:
                 self._eof = True
                 if self._read_done is not None and not self._stopped:
                     self._read_done.set()
-                if mv is not None:
+                if mv is not None:  # read after a stop: neither the writer nor a worker will have it
                     self._release(mv)
                     self._release(mv)
                 return None
