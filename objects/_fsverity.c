@@ -4,7 +4,10 @@
  * Why: an fs-verity digest hashes a file block by block.  From Python each block costs a hashlib
  * object (about a fifth of the hashing itself) and a release and re-take of the GIL, which is what
  * limits importing big layers on a two-core machine.  Here the whole buffer is hashed with the GIL
- * released, two ways:
+ * released, the fastest way the CPU allows:
+ *   - with AVX-512, sixteen blocks at once, one per 32-bit lane: fs-verity's blocks are independent
+ *     messages of one size, the case multi-buffer hashing is made for (about 1.7 times SHA-NI two at
+ *     a time on a Sapphire Rapids core); the last blocks of a buffer (fewer than 16) go the next way;
  *   - with the CPU's SHA extensions (x86 SHA-NI), two blocks at a time: a block's 65 SHA-256
  *     compressions (64 of data, one of padding) form one dependency chain, so two independent
  *     chains interleaved keep the SHA unit busier (about a quarter faster than one at a time);
@@ -17,6 +20,7 @@
 #include <Python.h>
 #include <dlfcn.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -78,7 +82,7 @@ static int load_libcrypto(void)
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <cpuid.h>
 #include <immintrin.h>
-#define HAVE_SHANI 1
+#define HAVE_X86_SIMD 1
 #define SHANI __attribute__((target("sha,sse4.1,ssse3")))
 
 static const uint32_t K256[64] = {
@@ -206,6 +210,162 @@ static int cpu_has_shani(void)
     __cpuid_count(7, 0, a, b, c, d);
     return (b & bit_SHA) != 0;
 }
+
+/* --- AVX-512: sixteen blocks at once ----------------------------------------------------------- */
+
+#define AVX512 __attribute__((target("avx512f,avx512bw")))
+#define V_ROR(x, n) _mm512_ror_epi32(x, n)
+#define V_ADD(x, y) _mm512_add_epi32(x, y)
+#define V_XOR3(x, y, z) _mm512_ternarylogic_epi32(x, y, z, 0x96)
+#define V_CH(x, y, z) _mm512_ternarylogic_epi32(x, y, z, 0xCA)   /* x ? y : z */
+#define V_MAJ(x, y, z) _mm512_ternarylogic_epi32(x, y, z, 0xE8)  /* at least two of three */
+#define V_SIG0(x) V_XOR3(V_ROR(x, 7), V_ROR(x, 18), _mm512_srli_epi32(x, 3))
+#define V_SIG1(x) V_XOR3(V_ROR(x, 17), V_ROR(x, 19), _mm512_srli_epi32(x, 10))
+/* One round; `kw` is the round's constant plus message word.  The caller rotates the names. */
+#define V_ROUND(a, b, c, d, e, f, g, h, kw)                                                          \
+    do {                                                                                           \
+        __m512i t1 = V_ADD(V_ADD(h, kw), V_ADD(V_XOR3(V_ROR(e, 6), V_ROR(e, 11), V_ROR(e, 25)), V_CH(e, f, g))); \
+        __m512i t2 = V_ADD(V_XOR3(V_ROR(a, 2), V_ROR(a, 13), V_ROR(a, 22)), V_MAJ(a, b, c));       \
+        d = V_ADD(d, t1);                                                                          \
+        h = V_ADD(t1, t2);                                                                         \
+    } while (0)
+#define V_ROUNDS8(i, KW)                                                                           \
+    do {                                                                                           \
+        V_ROUND(a, b, c, d, e, f, g, h, KW((i) + 0)); V_ROUND(h, a, b, c, d, e, f, g, KW((i) + 1)); \
+        V_ROUND(g, h, a, b, c, d, e, f, KW((i) + 2)); V_ROUND(f, g, h, a, b, c, d, e, KW((i) + 3)); \
+        V_ROUND(e, f, g, h, a, b, c, d, KW((i) + 4)); V_ROUND(d, e, f, g, h, a, b, c, KW((i) + 5)); \
+        V_ROUND(c, d, e, f, g, h, a, b, KW((i) + 6)); V_ROUND(b, c, d, e, f, g, h, a, KW((i) + 7)); \
+    } while (0)
+/* Message words: the 16 loaded ones, then the schedule computed in place (a ring of 16). */
+#define V_KW_LOADED(i) V_ADD(W[i], _mm512_set1_epi32((int)K256[i]))
+#define V_KW_SCHEDULED(i)                                                                          \
+    (W[(i) & 15] = V_ADD(V_ADD(V_SIG1(W[((i) - 2) & 15]), W[((i) - 7) & 15]),                      \
+                         V_ADD(V_SIG0(W[((i) - 15) & 15]), W[(i) & 15])),                          \
+     V_ADD(W[(i) & 15], _mm512_set1_epi32((int)K256[i])))
+#define V_KW_PADDING(i) _mm512_set1_epi32((int)PAD_KW[i])
+
+/* K + W of the padding compression: the same message for every 4096-byte block. */
+static uint32_t PAD_KW[64];
+
+static uint32_t ror32(uint32_t x, int n) { return x >> n | x << (32 - n); }
+
+static void pad_kw_init(void)
+{
+    uint32_t w[64];
+    for (int t = 0; t < 16; t++)
+        w[t] = (uint32_t)PAD4096[4 * t] << 24 | (uint32_t)PAD4096[4 * t + 1] << 16
+             | (uint32_t)PAD4096[4 * t + 2] << 8 | PAD4096[4 * t + 3];
+    for (int t = 16; t < 64; t++)
+        w[t] = (ror32(w[t - 2], 17) ^ ror32(w[t - 2], 19) ^ (w[t - 2] >> 10)) + w[t - 7]
+             + (ror32(w[t - 15], 7) ^ ror32(w[t - 15], 18) ^ (w[t - 15] >> 3)) + w[t - 16];
+    for (int t = 0; t < 64; t++)
+        PAD_KW[t] = w[t] + K256[t];
+}
+
+/*
+ * Words t of the 64-byte pieces at lane[0..15] + off, as W[t] with lane i in element i: sixteen
+ * loads and a 16 x 16 transpose of 32-bit words (faster than sixteen gathers), then big-endian.
+ */
+AVX512 static void avx512_load_words(const unsigned char *const lane[16], size_t off, __m512i W[16])
+{
+    const __m512i bswap = _mm512_set4_epi32(0x0c0d0e0f, 0x08090a0b, 0x04050607, 0x00010203);
+    __m512i r[16], t[16], u[16];
+    for (int i = 0; i < 16; i++)
+        r[i] = _mm512_loadu_si512((const void *)(lane[i] + off));
+    for (int k = 0; k < 8; k++) {   /* pairs of rows, words interleaved */
+        t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
+        t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
+    }
+    for (int k = 0; k < 4; k++) {   /* u[4k + m], 128-bit part j: word 4j + m of rows 4k..4k+3 */
+        u[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
+        u[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
+        u[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
+        u[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
+    }
+    for (int m = 0; m < 4; m++) {   /* a 4 x 4 transpose of the 128-bit parts */
+        __m512i x0 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0x44);
+        __m512i x1 = _mm512_shuffle_i32x4(u[m], u[4 + m], 0xEE);
+        __m512i x2 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0x44);
+        __m512i x3 = _mm512_shuffle_i32x4(u[8 + m], u[12 + m], 0xEE);
+        W[m] = _mm512_shuffle_epi8(_mm512_shuffle_i32x4(x0, x2, 0x88), bswap);
+        W[4 + m] = _mm512_shuffle_epi8(_mm512_shuffle_i32x4(x0, x2, 0xDD), bswap);
+        W[8 + m] = _mm512_shuffle_epi8(_mm512_shuffle_i32x4(x1, x3, 0x88), bswap);
+        W[12 + m] = _mm512_shuffle_epi8(_mm512_shuffle_i32x4(x1, x3, 0xDD), bswap);
+    }
+}
+
+/* The SHA-256 of the 4096-byte blocks at lane[0..15], to out[0..15]. */
+AVX512 static void avx512_sixteen(const unsigned char *const lane[16], unsigned char *const out[16])
+{
+    __m512i a = _mm512_set1_epi32((int)H256[0]), b = _mm512_set1_epi32((int)H256[1]);
+    __m512i c = _mm512_set1_epi32((int)H256[2]), d = _mm512_set1_epi32((int)H256[3]);
+    __m512i e = _mm512_set1_epi32((int)H256[4]), f = _mm512_set1_epi32((int)H256[5]);
+    __m512i g = _mm512_set1_epi32((int)H256[6]), h = _mm512_set1_epi32((int)H256[7]);
+    __m512i W[16];
+    for (int piece = 0; piece <= BLOCK_SIZE / 64; piece++) {
+        __m512i sa = a, sb = b, sc = c, sd = d, se = e, sf = f, sg = g, sh = h;
+        if (piece < BLOCK_SIZE / 64) {
+            avx512_load_words(lane, (size_t)piece * 64, W);
+            V_ROUNDS8(0, V_KW_LOADED); V_ROUNDS8(8, V_KW_LOADED);
+            V_ROUNDS8(16, V_KW_SCHEDULED); V_ROUNDS8(24, V_KW_SCHEDULED); V_ROUNDS8(32, V_KW_SCHEDULED);
+            V_ROUNDS8(40, V_KW_SCHEDULED); V_ROUNDS8(48, V_KW_SCHEDULED); V_ROUNDS8(56, V_KW_SCHEDULED);
+        } else {
+            V_ROUNDS8(0, V_KW_PADDING); V_ROUNDS8(8, V_KW_PADDING); V_ROUNDS8(16, V_KW_PADDING);
+            V_ROUNDS8(24, V_KW_PADDING); V_ROUNDS8(32, V_KW_PADDING); V_ROUNDS8(40, V_KW_PADDING);
+            V_ROUNDS8(48, V_KW_PADDING); V_ROUNDS8(56, V_KW_PADDING);
+        }
+        a = V_ADD(a, sa); b = V_ADD(b, sb); c = V_ADD(c, sc); d = V_ADD(d, sd);
+        e = V_ADD(e, se); f = V_ADD(f, sf); g = V_ADD(g, sg); h = V_ADD(h, sh);
+    }
+    const __m512i bswap = _mm512_set4_epi32(0x0c0d0e0f, 0x08090a0b, 0x04050607, 0x00010203);
+    uint32_t words[8][16];
+    __m512i state[8] = {a, b, c, d, e, f, g, h};
+    for (int j = 0; j < 8; j++)
+        _mm512_storeu_si512((void *)words[j], _mm512_shuffle_epi8(state[j], bswap));
+    for (int i = 0; i < 16; i++)
+        for (int j = 0; j < 8; j++)
+            memcpy(out[i] + 4 * j, &words[j][i], 4);
+}
+
+static hash_run_fn hash_rest;  /* for the blocks after the last sixteen; NULL: sixteen, padded */
+
+static void hash_run_avx512(const unsigned char *data, Py_ssize_t blocks, unsigned char *out)
+{
+    const unsigned char *lane[16];
+    unsigned char *dest[16], spare[HASH_SIZE];
+    Py_ssize_t i = 0;
+    for (; i + 16 <= blocks; i += 16) {
+        for (int k = 0; k < 16; k++) {
+            lane[k] = data + (size_t)(i + k) * BLOCK_SIZE;
+            dest[k] = out + (size_t)(i + k) * HASH_SIZE;
+        }
+        avx512_sixteen(lane, dest);
+    }
+    if (i == blocks)
+        return;
+    if (hash_rest != NULL) {
+        hash_rest(data + (size_t)i * BLOCK_SIZE, blocks - i, out + (size_t)i * HASH_SIZE);
+        return;
+    }
+    for (int k = 0; k < 16; k++) {  /* unused lanes hash the last block again, into `spare` */
+        Py_ssize_t blk = i + k < blocks ? i + k : blocks - 1;
+        lane[k] = data + (size_t)blk * BLOCK_SIZE;
+        dest[k] = i + k < blocks ? out + (size_t)blk * HASH_SIZE : spare;
+    }
+    avx512_sixteen(lane, dest);
+}
+
+static int cpu_has_avx512(void)
+{
+    unsigned int a, b, c, d, xcr0_lo, xcr0_hi;
+    if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_OSXSAVE) || __get_cpuid_max(0, NULL) < 7)
+        return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!(b & bit_AVX512F) || !(b & bit_AVX512BW))
+        return 0;
+    __asm__("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    return (xcr0_lo & 0xE6) == 0xE6;  /* the OS saves SSE, AVX, opmask and all of ZMM state */
+}
 #endif
 
 /* --- module ------------------------------------------------------------------------------------ */
@@ -263,36 +423,73 @@ static const unsigned char KAT_MOD251[HASH_SIZE] = {
     0x56, 0xec, 0x28, 0xff, 0xe1, 0x74, 0x60, 0x1d, 0x69, 0x0f, 0xc4, 0x07, 0xa2, 0xce, 0xff, 0xca,
 };
 
-/* hash_run over (zero, mod251, mod251): the two-at-a-time path with two different blocks, then one alone. */
+/* hash_run over (zero, mod251, mod251): the two-at-a-time path with two different blocks, then one
+ * alone; then over 19 blocks that all differ, against a checksum of their digests: sixteen lanes, the
+ * rest after them. */
+#define MIXED_BLOCKS 19
+#define MIXED_FNV1A64 0xc0a34377803baa12ULL  /* FNV-1a of the digests of blocks k: byte j = (j(k+1) + k) % 251 */
+
 static int self_test(void)
 {
-    static unsigned char data[3 * BLOCK_SIZE];
-    unsigned char md[3 * HASH_SIZE];
+    static unsigned char data[MIXED_BLOCKS * BLOCK_SIZE];
+    unsigned char md[MIXED_BLOCKS * HASH_SIZE];
+    memset(data, 0, BLOCK_SIZE);
     for (int i = 0; i < BLOCK_SIZE; i++)
         data[BLOCK_SIZE + i] = data[2 * BLOCK_SIZE + i] = (unsigned char)(i % 251);
     hash_run(data, 3, md);
-    return memcmp(md, KAT_ZERO, HASH_SIZE) == 0 && memcmp(md + HASH_SIZE, KAT_MOD251, HASH_SIZE) == 0
-        && memcmp(md + 2 * HASH_SIZE, KAT_MOD251, HASH_SIZE) == 0 ? 0 : -1;
+    if (memcmp(md, KAT_ZERO, HASH_SIZE) != 0 || memcmp(md + HASH_SIZE, KAT_MOD251, HASH_SIZE) != 0
+        || memcmp(md + 2 * HASH_SIZE, KAT_MOD251, HASH_SIZE) != 0)
+        return -1;
+    for (int k = 0; k < MIXED_BLOCKS; k++)
+        for (int j = 0; j < BLOCK_SIZE; j++)
+            data[k * BLOCK_SIZE + j] = (unsigned char)((j * (k + 1) + k) % 251);
+    hash_run(data, MIXED_BLOCKS, md);
+    uint64_t fnv = 0xcbf29ce484222325ULL;
+    for (int i = 0; i < MIXED_BLOCKS * HASH_SIZE; i++)
+        fnv = (fnv ^ md[i]) * 0x100000001b3ULL;
+    return fnv == MIXED_FNV1A64 ? 0 : -1;
+}
+
+/* Whether OBJECTS_FSVERITY_IMPL (for tests: "avx512", "sha-ni" or "libcrypto") allows `name`. */
+static int allowed(const char *name)
+{
+    const char *want = getenv("OBJECTS_FSVERITY_IMPL");
+    return want == NULL || *want == '\0' || strcmp(want, name) == 0;
 }
 
 PyMODINIT_FUNC PyInit__fsverity(void)
 {
+    static char impl_name[32];
     const char *impl = NULL;
-    const char *want = getenv("OBJECTS_FSVERITY_IMPL");  /* "libcrypto": skip SHA-NI (for tests) */
-#ifdef HAVE_SHANI
-    if ((want == NULL || strcmp(want, "libcrypto") != 0) && cpu_has_shani()) {
+#ifdef HAVE_X86_SIMD
+    if (allowed("sha-ni") && cpu_has_shani()) {
         hash_run = hash_run_shani;
         if (self_test() == 0)
             impl = "sha-ni";
     }
 #endif
-    if (impl == NULL && load_libcrypto() == 0) {
+    if (impl == NULL && allowed("libcrypto") && load_libcrypto() == 0) {
         hash_run = hash_run_libcrypto;
         if (self_test() == 0)
             impl = "libcrypto";
     }
+#ifdef HAVE_X86_SIMD
+    /* sixteen blocks at a time, the rest of a buffer by the path above (padded lanes without one) */
+    if (allowed("avx512") && cpu_has_avx512()) {
+        hash_rest = impl != NULL ? hash_run : NULL;
+        hash_run_fn before = hash_run;
+        hash_run = hash_run_avx512;
+        pad_kw_init();
+        if (self_test() == 0) {
+            snprintf(impl_name, sizeof impl_name, impl != NULL ? "avx512+%s" : "avx512", impl);
+            impl = impl_name;
+        } else {
+            hash_run = before;
+        }
+    }
+#endif
     if (impl == NULL) {
-        PyErr_SetString(PyExc_ImportError, "objects._fsverity: neither SHA-NI nor libcrypto SHA-256 usable");
+        PyErr_SetString(PyExc_ImportError, "objects._fsverity: no usable SHA-256 (AVX-512, SHA-NI or libcrypto)");
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);

@@ -8,8 +8,9 @@ each 4096-byte block (the last one zero-padded); hashes are concatenated, cut in
 
 `FsVerityHasher` streams: it keeps less than one block of data plus less than one block of hashes
 per tree level, so memory is O(depth) whatever the input size.  The per-block hashes come from one
-call into a compiled loop where it was built (objects/_fsverity.c: SHA-NI two blocks at a time, or
-libcrypto; the GIL released), from one hashlib call per block otherwise: same digests.
+call into a compiled loop where it was built (objects/_fsverity.c: AVX-512 sixteen blocks at a time,
+SHA-NI two at a time, or libcrypto; the GIL released), from one hashlib call per block otherwise:
+same digests.
 """
 
 from __future__ import annotations

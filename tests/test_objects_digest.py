@@ -156,16 +156,24 @@ def test_native_block_hashes_equal_hashlib() -> None:
         hash_blocks("text")
 
 
-@pytest.mark.parametrize("impl", ["libcrypto", "default"])
+def _cpu_flags() -> set[str]:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.parametrize("impl", ["avx512", "sha-ni", "libcrypto", "default"])
 def test_native_implementations_equal_hashlib(impl: str) -> None:
-    """Each path of the compiled loop (SHA-NI two blocks at a time where the CPU has it, libcrypto
-    otherwise), in a fresh interpreter, against hashlib on odd and even block counts."""
+    """Each path of the compiled loop (AVX-512 sixteen blocks at a time, with its last blocks padded
+    when forced alone; SHA-NI two at a time; libcrypto), in a fresh interpreter, against hashlib on
+    block counts around the multiples of two and sixteen.  A path this CPU lacks must refuse to load."""
     require_native()
     code = (
         "import hashlib, os, random, sys\n"
         "from objects._fsverity import IMPLEMENTATION, hash_blocks\n"
         "data = random.Random(7).randbytes(67 * 4096)\n"
-        "for n in (1, 2, 3, 16, 67):\n"
+        "for n in (1, 2, 3, 15, 16, 17, 31, 32, 33, 67):\n"
         "    part = data[: n * 4096]\n"
         "    ref = b''.join(hashlib.sha256(part[i : i + 4096]).digest() for i in range(0, len(part), 4096))\n"
         "    assert hash_blocks(part) == ref, (IMPLEMENTATION, n)\n"
@@ -173,15 +181,21 @@ def test_native_implementations_equal_hashlib(impl: str) -> None:
     )
     env = dict(os.environ)
     env.pop("OBJECTS_FSVERITY_IMPL", None)
-    if impl == "libcrypto":
-        env["OBJECTS_FSVERITY_IMPL"] = "libcrypto"
+    if impl != "default":
+        env["OBJECTS_FSVERITY_IMPL"] = impl
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parent.parent)
+    flags = _cpu_flags()
+    has = {"avx512": {"avx512f", "avx512bw"} <= flags, "sha-ni": "sha_ni" in flags, "libcrypto": True}
+    if impl != "default" and not has[impl]:
+        assert out.returncode != 0 and "no usable SHA-256" in out.stderr
+        return
     assert out.returncode == 0, out.stderr
-    if impl == "libcrypto":
-        assert out.stdout.strip() == "libcrypto"
-    elif " sha_ni" in Path("/proc/cpuinfo").read_text():  # x86 with SHA extensions: they pass the self-test
-        assert out.stdout.strip() == "sha-ni"
+    expected = impl
+    if impl == "default":  # the fastest this CPU has, each passing the self-test
+        rest = "sha-ni" if has["sha-ni"] else "libcrypto"
+        expected = f"avx512+{rest}" if has["avx512"] else rest
+    assert out.stdout.strip() == expected
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
