@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import struct
-import subprocess
 import sys
 import threading
 from typing import TYPE_CHECKING
@@ -37,6 +35,8 @@ from .digest import READ_CHUNK, fsverity_digest
 from .errors import ObjectStoreError
 
 if TYPE_CHECKING:  # pragma: no cover
+    import subprocess
+
     from .store import ObjectStore
 
 START_AFTER = 256  # puts done in-process before helpers are started
@@ -100,6 +100,8 @@ class BulkWriter:
 
     def _start(self) -> bool:
         """Start the helpers; False (and no more tries) if they cannot be started."""
+        import subprocess  # (here: most imports never start helpers, and it is slow to import)
+
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         try:
             for i in range(HELPERS):
@@ -210,6 +212,8 @@ class _Flusher(threading.Thread):
 
 def _child_main(root: str, flush: bool = False) -> int:
     """The helper: store each record read from stdin; print `ok` at EOF, or the first error and stop."""
+    import signal
+
     from .store import ObjectStore
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (and terminates us on abort)
