@@ -191,11 +191,11 @@ def test_native_implementations_equal_hashlib(impl: str) -> None:
         assert out.returncode != 0 and "no usable SHA-256" in out.stderr
         return
     assert out.returncode == 0, out.stderr
-    expected = impl
-    if impl == "default":  # the fastest this CPU has, each passing the self-test
+    expected = {impl}
+    if impl == "default":  # the fastest this CPU has (AVX-512 only where it measured faster)
         rest = "sha-ni" if has["sha-ni"] else "libcrypto"
-        expected = f"avx512+{rest}" if has["avx512"] else rest
-    assert out.stdout.strip() == expected
+        expected = {f"avx512+{rest}", rest} if has["avx512"] else {rest}
+    assert out.stdout.strip() in expected
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
