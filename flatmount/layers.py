@@ -752,6 +752,11 @@ class _MemberReader:
         self._left -= n
         return n
 
+    @property
+    def remaining(self) -> int:
+        """Bytes of the payload not read yet (lets `ObjectStore.put_async` return right after the last)."""
+        return self._left
+
     def defer_work(self) -> HashingReader | None:
         return self._src.defer_work()
 

@@ -166,7 +166,10 @@ def _read_full(stream: BinaryIO, size: int) -> bytes:
 
 
 def _fill(stream: BinaryIO, buf: bytearray) -> int:
-    """Fill `buf` from the stream; returns the byte count, less than len(buf) only at EOF."""
+    """Fill `buf` from the stream; returns the byte count, less than len(buf) only at EOF.
+
+    A stream that tells how much it has left (`remaining`) is not read again once that is 0: its
+    owner may already be reading on from what lies beneath (see `_StreamChunks`)."""
     readinto = getattr(stream, "readinto", None)
     size = len(buf)
     if readinto is None:
@@ -182,6 +185,8 @@ def _fill(stream: BinaryIO, buf: bytearray) -> int:
         if not n:
             break
         got += n
+        if got < size and getattr(stream, "remaining", None) == 0:
+            break
     return got
 
 
@@ -216,16 +221,41 @@ class _Buffers:
         self.owned = []
 
 
-def _stream_chunks(first: memoryview | None, stream: BinaryIO, buffers: _Buffers) -> Iterator[memoryview]:
-    """The stream as 1 MiB memoryviews over recycled aligned buffers (`first`, a full one, already read)."""
-    if first is not None:
-        yield first
-    while (buf := buffers.take()) is not None:
-        n = _fill(stream, buf)
-        if n:
-            yield memoryview(buf)[:n]
+class _StreamChunks:
+    """The stream as 1 MiB memoryviews over recycled aligned buffers (`first`, a full one, already read).
+
+    `exhausted` is true once the last one has been read, as far as can be told without another read:
+    a short read, or a stream whose `remaining` byte count (a tar member's, say) is down to 0.  The
+    pipeline then lets the caller read on from the source at once, while that last chunk is still
+    being hashed: with many files of a few MiB, waiting for a read that returns nothing cost about
+    0.6 ms a file, a tenth of the import.
+    """
+
+    def __init__(self, first: memoryview | None, stream: BinaryIO, buffers: _Buffers) -> None:
+        self._first = first
+        self._stream = stream
+        self._buffers = buffers
+        self._ended = False
+
+    def __iter__(self) -> _StreamChunks:
+        return self
+
+    def __next__(self) -> memoryview:
+        if self._first is not None:
+            mv, self._first = self._first, None
+            return mv
+        if self._ended or (buf := self._buffers.take()) is None:
+            raise StopIteration
+        n = _fill(self._stream, buf)
         if n < len(buf):
-            return
+            self._ended = True
+            if not n:
+                raise StopIteration
+        return memoryview(buf)[:n]
+
+    @property
+    def exhausted(self) -> bool:
+        return self._ended or getattr(self._stream, "remaining", None) == 0
 
 
 def _not_found(hexdigest: str, root: str) -> ObjectNotFoundError:
@@ -406,7 +436,7 @@ class ObjectStore:
             defer_work = getattr(stream, "defer_work", None)
             deferred = defer_work() if defer_work is not None else None
             try:
-                _WORKERS.run(self._put_large_job, _stream_chunks(first, stream, buffers), buffers, expected,
+                _WORKERS.run(self._put_large_job, _StreamChunks(first, stream, buffers), buffers, expected,
                              self.direct_io, pending, read_done, deferred)
             except BaseException as e:   # no thread to run it (the slot must not leak)
                 if deferred is not None:
@@ -981,6 +1011,10 @@ class _ChunkRun:
             self._reads += 1
             self._offset += len(mv)
             mark = self._deferred.mark() if self._deferred is not None else None
+            if getattr(self._chunks, "exhausted", False):  # the caller may read on now (see _StreamChunks)
+                self._eof = True
+                if self._read_done is not None:
+                    self._read_done.set()
             return seq, offset, mv, mark
 
     def _watch_writer(self) -> None:

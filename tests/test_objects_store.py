@@ -291,6 +291,43 @@ def test_put_async_returns_once_read(store: ObjectStore, size: int) -> None:
     assert tmp_entries(store) == []
 
 
+class _ExactStream:
+    """A source that knows how much it has left (`remaining`, as a tar member does) and fails a read
+    past its end."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.pos = 0
+        self.reads_at_end = 0
+
+    @property
+    def remaining(self) -> int:
+        return len(self.data) - self.pos
+
+    def readinto(self, b) -> int:
+        if not self.remaining:
+            self.reads_at_end += 1
+            raise AssertionError("read past the end")
+        n = min(len(b), self.remaining)
+        b[:n] = self.data[self.pos:self.pos + n]
+        self.pos += n
+        return n
+
+
+@pytest.mark.parametrize("size", [MIB + 1, 3 * MIB, 4 * MIB + 4096])
+def test_put_async_stops_reading_at_a_known_end(store: ObjectStore, size: int) -> None:
+    """A source with `remaining` is not read again once it is at 0 (put_async returns while the last
+    chunk is still hashed, and the caller reads on): also when the end falls on a chunk boundary."""
+    data = data_of(size, 23)
+    src = _ExactStream(data)
+    pending = store.put_async(src, size=size)  # type: ignore[arg-type]
+    assert src.remaining == 0
+    assert pending.result() == fsverity_digest(data)
+    assert src.reads_at_end == 0
+    with store.open(pending.result()) as f:
+        assert f.read() == data
+
+
 def test_put_async_small_and_unknown_size(store: ObjectStore) -> None:
     for data in (b"", b"x" * 100, data_of(MIB, 3), data_of(2 * MIB, 4)):
         p = store.put_async(io.BytesIO(data))      # size unknown: sniffed from the first chunk

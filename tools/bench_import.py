@@ -5,6 +5,8 @@
   at the end (objects synced, DB committed): MB/s of tar, next to single-core hashlib sha256 MB/s
   (the import hashes every byte twice: sha256 for the diff_id, fs-verity sha256 for the object) and
   the disk's sequential write+fsync MB/s (every byte is written once);
+- medium: the same number of bytes in files of 5 MB (100; quick: 12): what starting and finishing
+  each file's put costs, as MB/s and against the big files;
 - small: a tar of 50,000 small files (quick: 10,000; 100 B .. 4 KiB, a few <= 64 B inlined): files/s;
 - peak RSS of each pull, measured in a child process (ru_maxrss), with the RSS of the same child
   before the pull (current RSS, /proc/self/status VmRSS), so the figure that should stay flat as
@@ -36,6 +38,7 @@ from bench_objects import bench_disk_write, bench_sha256
 
 ROOT = Path(__file__).resolve().parent.parent
 MB = 1_000_000
+MEDIUM_FILE = 5 * MB  # the medium-files layer: as many bytes as the big one, in files of 5 MB
 
 CHILD = r"""
 import json, os, resource, sys, time
@@ -78,8 +81,7 @@ class _Content:
         return stamp + self.block[8:n] if n >= 8 else self.block[:n]
 
 
-def _big_tar(path: Path, total: int) -> None:
-    nfiles = 8
+def _big_tar(path: Path, total: int, nfiles: int = 8) -> None:
     with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tf:
         for i in range(nfiles):
             ti = tarfile.TarInfo(f"data/big{i}.bin")
@@ -141,6 +143,7 @@ def run(quick: bool, rounds: int = 3) -> dict:
     sha: list[float] = []
     disk: list[float] = []
     pulls: list[dict] = []
+    medium_pulls: list[dict] = []
     try:
         # the small files first, before this area deletes anything: ext4 without a journal (the root
         # file system of these VMs) passes over inodes freed in the last minute or more when it
@@ -168,9 +171,20 @@ def run(quick: bool, rounds: int = 3) -> dict:
             pulls.append(_pull_in_child(workdir, big, "big"))
             _quiet()
         big.unlink()
+        # the same bytes in 100 files of 5 MB (shared libraries, binaries): each file is a put of
+        # its own, so what a put costs to start and finish shows here
+        medium = workdir / "medium.tar"
+        _big_tar(medium, big_size, big_size // MEDIUM_FILE)
+        _settle(medium)
+        _quiet()
+        for _ in range(rounds):
+            medium_pulls.append(_pull_in_child(workdir, medium, "medium"))
+            _quiet()
+        medium.unlink()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     imp = [tar_bytes / p["seconds"] / MB for p in pulls]
+    medium_imp = [tar_bytes / p["seconds"] / MB for p in medium_pulls]
     best = {"import": max(imp), "sha": max(sha), "disk": max(disk)}
     med = {"import": statistics.median(imp), "sha": statistics.median(sha), "disk": statistics.median(disk)}
     worst_rss = max(pulls, key=lambda p: p["rss_peak_kb"])
@@ -188,6 +202,10 @@ def run(quick: bool, rounds: int = 3) -> dict:
         "big_import_vs_ceiling_median": round(med["import"] / min(med["sha"], med["disk"]), 3),
         "big_rss_peak_mb": round(worst_rss["rss_peak_kb"] / 1024, 1),
         "big_rss_growth_mb": round((worst_rss["rss_peak_kb"] - worst_rss["rss_before_kb"]) / 1024, 1),
+        "medium_files": big_size // MEDIUM_FILE,
+        "medium_import_mb_per_s": [round(x, 1) for x in medium_imp],
+        "medium_import_mb_per_s_best": round(max(medium_imp), 1),
+        "medium_vs_big_best": round(max(medium_imp) / best["import"], 3),
         "small_files": small_count,
         "small_files_per_s": round(small_count / s["seconds"], 0),
         "small_seconds": round(s["seconds"], 2),
