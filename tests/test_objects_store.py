@@ -371,7 +371,8 @@ def test_put_async_source_error_raised_at_once(store: ObjectStore) -> None:
 
 def test_put_async_failing_before_reading_raises_at_once(store: ObjectStore,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """No temp file: the source was not read, so put_async itself raises (the caller must not read on)."""
+    """No temp file: the source was not read to its end, so put_async itself raises (the caller must
+    not read on); at most the first chunk was read (put_async reads it while the pipeline starts)."""
     import errno as errno_mod
 
     def no_temp(*a, **k):
@@ -381,7 +382,7 @@ def test_put_async_failing_before_reading_raises_at_once(store: ObjectStore,
     src = io.BytesIO(data_of(3 * MIB, 8))
     with pytest.raises(ObjectStoreError, match="Too many open files"):
         store.put_async(src, size=3 * MIB)
-    assert src.tell() == 0
+    assert src.tell() <= MIB
 
 
 def test_put_async_write_error_surfaces_in_result(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
