@@ -185,14 +185,33 @@ class DeferringSource(io.RawIOBase):
         self.ended += 1
 
 
+class DeferringSourceKnowingItsEnd(DeferringSource):
+    """The same, telling how much it has left (as a tar member does); reading at the end is an error."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.size = len(data)
+
+    @property
+    def remaining(self) -> int:
+        return self.size - self._f.tell()
+
+    def readinto(self, b) -> int:
+        assert self.remaining, "read past the end"
+        return super().readinto(b)
+
+
 @pytest.mark.parametrize("workers", [1, 2, 4])
 @pytest.mark.parametrize("size", [MIB + 1, 3 * MIB, 7 * MIB + 4095, 16 * MIB + 4097])
-def test_big_put_workers(store: ObjectStore, monkeypatch: pytest.MonkeyPatch, workers: int, size: int) -> None:
+@pytest.mark.parametrize("source", [DeferringSource, DeferringSourceKnowingItsEnd])
+def test_big_put_workers(store: ObjectStore, monkeypatch: pytest.MonkeyPatch, workers: int, size: int,
+                         source: type[DeferringSource]) -> None:
     """Any number of workers reads, hashes and settles chunks in order: the same digest, the same
-    deferred work, the object's bytes intact, whatever the interleaving."""
+    deferred work, the object's bytes intact, whatever the interleaving (also when the put lets the
+    caller go on right after the last chunk is read)."""
     monkeypatch.setattr(store_mod, "CHUNK_WORKERS", workers)
     data = data_of(size, workers)
-    src = DeferringSource(data)
+    src = source(data)
     digest = store.put(src, size=size)
     assert digest == fsverity_digest(data)
     assert Path(store.path(digest)).read_bytes() == data
