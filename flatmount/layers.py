@@ -137,10 +137,13 @@ class HashingReader:
     def settle(self, upto: int | None = None) -> None:
         """Hash what was handed out up to `upto` (a `mark()`; default: everything), in order."""
         with self._settle_lock:
-            waiting, update = self._waiting, self._hash.update
-            while waiting and (upto is None or self._settled < upto):
-                update(waiting.popleft())
-                self._settled += 1
+            self._settle_locked(upto)
+
+    def _settle_locked(self, upto: int | None) -> None:
+        waiting, update = self._waiting, self._hash.update
+        while waiting and (upto is None or self._settled < upto):
+            update(waiting.popleft())
+            self._settled += 1
 
     def end(self) -> None:
         """End one `defer_work()`: settle, and hash inline again once no other pipeline defers."""
@@ -155,11 +158,8 @@ class HashingReader:
             self._noted += 1
             return
         with self._settle_lock:  # (a pipeline that just ended may still be settling)
-            waiting, update = self._waiting, self._hash.update
-            while waiting:
-                update(waiting.popleft())
-                self._settled += 1
-            update(data)
+            self._settle_locked(None)
+            self._hash.update(data)
 
     def peek(self, n: int) -> bytes:
         while len(self._pending) < n:

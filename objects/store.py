@@ -1032,15 +1032,11 @@ class _ChunkRun:
             except BaseException as e:
                 if self._pending is not None:
                     self._pending.read_error = True
-                self._eof = True
                 self._fail(e)
-                if self._read_done is not None:
-                    self._read_done.set()
+                self._end_of_source(read_on=True)
                 return None
             if mv is None or self._stopped:
-                self._eof = True
-                if self._read_done is not None and not self._stopped:
-                    self._read_done.set()
+                self._end_of_source(read_on=not self._stopped)
                 if mv is not None:  # read after a stop: neither the writer nor a worker will have it
                     self._release(mv)
                     self._release(mv)
@@ -1050,10 +1046,15 @@ class _ChunkRun:
             self._offset += len(mv)
             mark = self._deferred.mark() if self._deferred is not None else None
             if getattr(self._chunks, "exhausted", False):  # the caller may read on now (see _StreamChunks)
-                self._eof = True
-                if self._read_done is not None:
-                    self._read_done.set()
+                self._end_of_source(read_on=True)
             return seq, offset, mv, mark
+
+    def _end_of_source(self, read_on: bool) -> None:
+        """No worker reads the source any more; `read_on`: its owner may go on reading it (so
+        `read_done`; after a source error, `pending.read_error` and the failure are set first)."""
+        self._eof = True
+        if read_on and self._read_done is not None:
+            self._read_done.set()
 
     def _watch_writer(self) -> None:
         """Stop early once the writer reports a failure."""

@@ -89,8 +89,9 @@ def machine_state() -> dict:
     """How fast this machine is right now, by three plain yardsticks (these VMs drift by a third
     within an hour): interpreter start-up, first touch of fresh memory, and 1-core sha256.  Taken
     before and after the areas, so every figure can be read against the machine it ran on."""
-    import hashlib
     import subprocess
+
+    from bench_objects import bench_sha256
 
     starts = []
     for _ in range(5):
@@ -104,14 +105,9 @@ def machine_state() -> dict:
         buf[i] = 1
     touch = time.perf_counter() - t0
     del buf
-    block = os.urandom(1 << 20)
-    t0 = time.perf_counter()
-    for _ in range(256):
-        hashlib.sha256(block).digest()
-    sha = time.perf_counter() - t0
     return {"python_startup_ms": round(min(starts) * 1000, 1),
             "first_touch_us_per_page": round(touch / (size // 4096) * 1e6, 2),
-            "sha256_1core_mb_s": round(256 * (1 << 20) / sha / 1e6)}
+            "sha256_1core_mb_s": round(bench_sha256(256))}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,9 +157,8 @@ def run(quick: bool, rounds: int = 3) -> dict:
 
         big = workdir / "big.tar"
         _big_tar(big, big_size)
-        _settle(big)
         tar_bytes = big.stat().st_size
-        _quiet()
+        _quiet()  # (flushes the tar too)
         for _ in range(rounds):
             sha.append(bench_sha256(1024))
             # twice: on this thin-provisioned virtual disk the first big write after a delete often
@@ -175,7 +174,6 @@ def run(quick: bool, rounds: int = 3) -> dict:
         # its own, so what a put costs to start and finish shows here
         medium = workdir / "medium.tar"
         _big_tar(medium, big_size, big_size // MEDIUM_FILE)
-        _settle(medium)
         _quiet()
         for _ in range(rounds):
             medium_pulls.append(_pull_in_child(workdir, medium, "medium"))
