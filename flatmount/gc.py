@@ -86,11 +86,10 @@ _REST = re.compile(r"[0-9a-f]{62}")
 
 def read_leases(db: sqlite3.Connection, boot: str | None = None) -> list[Lease]:
     """Every lease of a store's DB with its live/stale state."""
-    from flatmount.mount import Lease, boot_id, judge_lease
+    from flatmount.mount import boot_id, judge_lease, lease_rows
 
     boot = boot if boot is not None else boot_id()
-    return [judge_lease(Lease(*row), boot) for row in db.execute(
-        "SELECT id, image_digest, image_ref, merged, pid, boot_id, created FROM leases ORDER BY created, id")]
+    return [judge_lease(lease, boot) for lease in lease_rows(db)]
 
 
 # --- locking and small helpers shared by fsck and usage ------------------------------------------

@@ -84,6 +84,8 @@ STATX_ATTR_MOUNT_ROOT = 0x2000
 _STATX_SIZE = 256
 _STATX_ATTRIBUTES_OFF = 8        # __u64 stx_attributes
 _STATX_ATTRIBUTES_MASK_OFF = 56  # __u64 stx_attributes_mask
+_STATX_MNT_ID_OFF = 144          # __u64 stx_mnt_id
+STATX_MNT_ID_UNIQUE = 0x4000
 
 # loop devices (linux/loop.h)
 LOOP_CTL_GET_FREE = 0x4C82
@@ -593,6 +595,21 @@ def _statx_mount_root(path: str) -> bool | None:
     return bool(attrs & STATX_ATTR_MOUNT_ROOT)
 
 
+def mount_id(path: str) -> int | None:
+    """The unique (never reused) id of the mount at `path` (STATX_MNT_ID_UNIQUE, Linux 6.8+), or None."""
+    statx = getattr(_libc, "statx", None)
+    if statx is None:
+        return None
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    if statx(ctypes.c_int(AT_FDCWD), _b(path), ctypes.c_int(AT_NO_AUTOMOUNT),
+             ctypes.c_uint(STATX_MNT_ID_UNIQUE), buf) != 0:
+        return None
+    (mask,) = struct.unpack_from("=I", buf, 0)
+    if not mask & STATX_MNT_ID_UNIQUE:
+        return None
+    return struct.unpack_from("=Q", buf, _STATX_MNT_ID_OFF)[0]
+
+
 def is_mountpoint(path: str) -> bool:
     """Whether something is mounted at `path` (False if it does not exist)."""
     try:
@@ -636,10 +653,10 @@ def _unescape(field: str) -> str:
     return os.fsdecode(bytes(out))
 
 
-def mounts() -> list[MountEntry]:
-    """The calling process' mount table, in mount order."""
+def mounts(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
+    """The calling process' mount table (or that of another `/proc/PID/mountinfo`), in mount order."""
     out = []
-    with open("/proc/self/mountinfo", "rb") as f:
+    with open(mountinfo, "rb") as f:
         for line in f:
             left, _, right = os.fsdecode(line.rstrip(b"\n")).partition(" - ")
             a = left.split(" ")

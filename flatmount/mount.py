@@ -2,8 +2,15 @@
 
 Every mount gets a fresh `<runroot>/mounts/<id>/merged` (parents 0700), so no two processes ever share
 a mountpoint and one can never unmount another's view (the c/storage race this project removes).
-A lease row (id, image digest, ref, merged path, pid, boot id) in the primary store's DB names each
-mount and pins its image's objects against GC.
+A lease row (id, image digest, ref, merged path, pid, boot id, mount namespace) in the primary store's
+DB names each mount and pins its image's objects against GC.
+
+Mount namespaces.  A mount made in another mount namespace (`unshare -m flatmount mount x`) is not
+visible from here, so a lease records its namespace (`mnt_ns`, flatmount.mntns) and is judged in
+it: live while that namespace exists and has the merged dir mounted.  Leases written before this
+column existed (NULL) are judged in the caller's namespace, as before.  The column is added to an
+older DB on the first mount (ALTER TABLE ... ADD COLUMN: older flatmount versions, which name their
+columns, keep working on it).
 
 Crash safety.  Every state change of a mount happens while its process holds an flock on the
 `<id>` directory, in this order:
@@ -31,7 +38,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from flatmount.errors import NotFoundError, PermissionRequiredError, ReadOnlyStoreError, StoreError
+from flatmount.errors import (
+    MountError,
+    NotFoundError,
+    PermissionRequiredError,
+    ReadOnlyStoreError,
+    StoreError,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.flatten import FlatImage
@@ -39,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DIR_MODE = 0o700
 CAP_SYS_ADMIN = 21
-_LEASE_COLS = "id, image_digest, image_ref, merged, pid, boot_id, created"
+_LEASE_COLS = "id, image_digest, image_ref, merged, pid, boot_id, created, mnt_ns, mnt_id"
 
 
 @dataclass(frozen=True)
@@ -53,6 +66,8 @@ class Lease:
     pid: int | None
     boot_id: str | None
     created: float | None
+    mnt_ns: str | None = None         # flatmount.mntns key of the namespace the mount lives in
+    mnt_id: int | None = None         # the overlay's unique mount id, recorded once it is mounted
     stale_reason: str | None = None   # set by `judge_lease`; None = live (or not judged)
 
     @property
@@ -92,13 +107,16 @@ def dir_busy(path: str) -> bool:
 
 
 def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None = None, *,
-                       locked: bool = False) -> str | None:
+                       locked: bool = False, mnt_ns: str | None = None,
+                       mnt_id: int | None = None) -> str | None:
     """Why a lease is stale, or None if it is live: THE rule shared by `cleanup`, gc and fsck.
 
     A lease is live while its mount dir (the merged dir's parent) is flock'ed -- a mount or unmount
     holds that lock from before the lease is written until the kernel mount is made or gone -- or
-    when it was recorded on this boot and its merged dir is mounted.  `locked`: the caller holds the
-    lock itself (cleanup), so the in-progress case does not apply.
+    when it was recorded on this boot and its merged dir is mounted in the mount namespace `mnt_ns`
+    it was made in (ours when None or equal; another one while it exists and is not proven to lack
+    the mount, see flatmount.mntns).  `locked`: the caller holds the lock itself (cleanup), so the
+    in-progress case does not apply.
     """
     from flatmount.kmount import is_mountpoint
 
@@ -107,6 +125,11 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
     boot = boot_id() if boot is None else boot
     if lease_boot_id and boot and lease_boot_id != boot:
         return "recorded on another boot"
+    if mnt_ns is not None:
+        from flatmount.mntns import current_ns, ns_stale_reason
+
+        if mnt_ns != current_ns():
+            return ns_stale_reason(merged, mnt_ns, mnt_id)
     if is_mountpoint(merged):
         return None
     return "merged dir is not mounted"
@@ -114,7 +137,9 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
 
 def judge_lease(lease: Lease, boot: str | None = None) -> Lease:
     """`lease` with its `stale_reason` filled in."""
-    return dataclasses.replace(lease, stale_reason=lease_stale_reason(lease.merged, lease.boot_id, boot))
+    return dataclasses.replace(lease, stale_reason=lease_stale_reason(lease.merged, lease.boot_id, boot,
+                                                                      mnt_ns=lease.mnt_ns,
+                                                                      mnt_id=lease.mnt_id))
 
 
 def mounts_dir(store: Store) -> str:
@@ -190,16 +215,28 @@ def _rmdir(path: str, removed: list[str] | None = None) -> bool:
     return True
 
 
-def _lease(row: tuple) -> Lease:
-    return Lease(*row)
+_LEASE_FIELDS = frozenset(_LEASE_COLS.split(", "))
+
+
+def lease_rows(db, where: str = "", params: tuple = ()) -> list[Lease]:
+    """Leases of a store's DB (unjudged), oldest first; reads DBs with and without `mnt_ns`."""
+    cur = db.execute(f"SELECT * FROM leases {where} ORDER BY created, id", params)
+    names = [d[0] for d in cur.description]
+    return [Lease(**{k: v for k, v in zip(names, row, strict=True) if k in _LEASE_FIELDS}) for row in cur.fetchall()]
+
+
+def _ensure_ns_column(db) -> None:
+    """Add `leases.mnt_ns`, `mnt_id` to a DB created before they existed (in the caller's transaction)."""
+    have = {r[1] for r in db.execute("PRAGMA table_info(leases)")}
+    for col, kind in (("mnt_ns", "TEXT"), ("mnt_id", "INTEGER")):
+        if col not in have:
+            db.execute(f"ALTER TABLE leases ADD COLUMN {col} {kind}")
 
 
 def _leases(store: Store, where: str = "", params: tuple = ()) -> list[Lease]:
     if not store.db_path.exists():
         return []
-    rows = store.connect().execute(f"SELECT {_LEASE_COLS} FROM leases {where} ORDER BY created, id",
-                                   params).fetchall()
-    return [_lease(r) for r in rows]
+    return lease_rows(store.connect(), where, params)
 
 
 def _delete_lease(store: Store, lease_id: str) -> None:
@@ -251,13 +288,30 @@ def mount_image_ref(store: Store, ref: str) -> Lease:
             _rmdir(lease.merged)
             _rmdir(os.path.dirname(lease.merged))
             raise
+        lease = _record_mount_id(store, lease)
     finally:
         os.close(fd)
     return lease
 
 
+def _record_mount_id(store: Store, lease: Lease) -> Lease:
+    """Note the overlay's unique mount id in the lease (lets another namespace ask the kernel about
+    it exactly).  Not durable: a power loss changes the boot id, which makes the lease stale anyway;
+    a lease without it is judged from /proc."""
+    from flatmount.kmount import mount_id
+
+    mid = mount_id(lease.merged)
+    if mid is None:
+        return lease
+    with store.transaction(durable=False) as db:
+        db.execute("UPDATE leases SET mnt_id = ? WHERE id = ?", (mid, lease.id))
+    return dataclasses.replace(lease, mnt_id=mid)
+
+
 def _create_lease(store: Store, ref: str, flat: FlatImage) -> tuple[Lease, int]:
     """Fresh `<runroot>/mounts/<id>/merged`, locked, with its lease committed: (lease, lock fd)."""
+    from flatmount.mntns import current_ns
+
     base = mounts_dir(store)
     _mkdir_private(base)
     for _ in range(16):
@@ -274,11 +328,13 @@ def _create_lease(store: Store, ref: str, flat: FlatImage) -> tuple[Lease, int]:
             os.chmod(top, DIR_MODE)
             merged = os.path.join(top, "merged")
             os.mkdir(merged, DIR_MODE)
-            lease = Lease(lease_id, flat.digest, ref, merged, os.getpid(), boot_id(), time.time())
+            lease = Lease(lease_id, flat.digest, ref, merged, os.getpid(), boot_id(), time.time(),
+                          current_ns())
             with store.transaction() as db:
-                db.execute(f"INSERT INTO leases({_LEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                _ensure_ns_column(db)
+                db.execute(f"INSERT INTO leases({_LEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (lease.id, lease.image_digest, lease.image_ref, lease.merged, lease.pid,
-                            lease.boot_id, lease.created))
+                            lease.boot_id, lease.created, lease.mnt_ns, None))
         except BaseException:
             _rmdir(os.path.join(top, "merged"))
             _rmdir(top)
@@ -324,6 +380,7 @@ def umount(store: Store, merged_or_lease_id: str) -> Lease:
         current = _leases(store, "WHERE id = ?", (lease.id,))
         if not current:
             raise NotFoundError(f"mount {lease.id} was unmounted meanwhile")
+        _refuse_foreign_namespace(current[0])
         if is_mountpoint(lease.merged):
             _require_mount_privilege()
             umount_image(lease.merged)
@@ -335,6 +392,24 @@ def umount(store: Store, merged_or_lease_id: str) -> Lease:
         if fd is not None:
             os.close(fd)
     return lease
+
+
+def _refuse_foreign_namespace(lease: Lease) -> None:
+    """A live mount of another mount namespace cannot be unmounted from here: removing its merged
+    dir would even detach it there (the kernel lazily unmounts mount points of other namespaces on
+    rmdir).  A stale one (namespace gone or mount gone from it) is dropped like any stale lease."""
+    if lease.mnt_ns is None:
+        return
+    from flatmount.mntns import current_ns, ns_pids, ns_stale_reason
+
+    if lease.mnt_ns == current_ns() or ns_stale_reason(lease.merged, lease.mnt_ns,
+                                                       lease.mnt_id) is not None:
+        return
+    pids = ns_pids(lease.mnt_ns)
+    how = (f"e.g. `nsenter --mount=/proc/{pids[0]}/ns/mnt flatmount umount {lease.merged}`" if pids
+           else "from a process in that namespace")
+    raise MountError(f"mount {lease.id} at {lease.merged} lives in another mount namespace "
+                     f"(mnt {lease.mnt_ns.split('/')[0]}): unmount it there, {how}", errno.EBUSY)
 
 
 def list_mounts(store: Store) -> list[Lease]:
@@ -363,7 +438,8 @@ def cleanup(store: Store) -> CleanupResult:
         try:
             if not _leases(store, "WHERE id = ?", (lease.id,)):
                 continue  # unmounted by its owner just before we took the lock
-            if lease_stale_reason(lease.merged, lease.boot_id, boot, locked=True) is None:
+            if lease_stale_reason(lease.merged, lease.boot_id, boot, locked=True,
+                                  mnt_ns=lease.mnt_ns, mnt_id=lease.mnt_id) is None:
                 kept.append(lease.id)
                 continue
             _delete_lease(store, lease.id)
