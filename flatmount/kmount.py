@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 from flatmount.errors import MountError, PermissionRequiredError
 
-__all__ = ["MountEntry", "find_mount", "is_mountpoint", "mount_image", "umount_image"]
+__all__ = ["MountEntry", "find_mount", "is_mountpoint", "mount_id", "mount_image", "not_ours_reason",
+           "umount_image"]
 
 # --- syscall numbers -------------------------------------------------------------------------------
 # The mount-API syscalls arrived after the unified syscall table (424+): the same numbers on x86_64,
@@ -556,11 +557,22 @@ def mount_image(image: str, mountpoint: str, object_dirs: Sequence[str], *,
 
 
 # --- unmounting and inspection ---------------------------------------------------------------------
-def umount_image(mountpoint: str, *, lazy: bool = False) -> None:
+def umount_image(mountpoint: str, *, lazy: bool = False, only_ours: bool = False) -> None:
     """Unmount what mount_image mounted; erofs and any loop device go with the overlay.
 
-    Without `lazy` a busy mount is refused (EBUSY) rather than hidden and kept alive."""
+    Without `lazy` a busy mount is refused (EBUSY) rather than hidden and kept alive.  `only_ours`
+    (the CLI's default): refuse a mount that does not look like one of ours (`not_ours_reason`), so a
+    mistyped path never unmounts somebody else's file system."""
     mountpoint = os.path.abspath(mountpoint)
+    if only_ours:
+        entry = find_mount(mountpoint)
+        if entry is None:   # not a mount point (umount2 says so below), or one mountinfo does not name
+            reason = "not found in /proc/self/mountinfo" if is_mountpoint(mountpoint) else None
+        else:
+            reason = not_ours_reason(entry)
+        if reason is not None:
+            raise MountError(f"refusing to unmount {mountpoint}: not a flatmount mount ({reason}); "
+                             "pass --force to unmount it anyway", E.EINVAL)
     try:
         _umount2(mountpoint, UMOUNT_NOFOLLOW | (MNT_DETACH if lazy else 0))
     except OSError as e:
@@ -574,6 +586,71 @@ def umount_image(mountpoint: str, *, lazy: bool = False) -> None:
             advice = ("files are open or processes have their cwd there (`fuser -vm " + mountpoint
                       + "`); unmount lazily to detach it now and free it when they are gone")
         raise _error(f"unmounting {mountpoint}", e.errno, advice) from None
+
+
+def _image_kind(path: str) -> str:
+    """"composefs" (EROFS with the composefs header), "erofs", "missing" or "other".
+
+    Opened without following symlinks and without blocking (a FIFO named like an image)."""
+    from flatmount.erofs.format import COMPOSEFS_MAGIC, SUPER_MAGIC
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        return "missing"
+    except OSError:
+        return "other"
+    try:
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            return "other"
+        head = os.pread(fd, 1028, 0)
+    except OSError:
+        return "other"
+    finally:
+        os.close(fd)
+    if len(head) < 1028 or struct.unpack_from("<I", head, 1024)[0] != SUPER_MAGIC:
+        return "other"
+    return "composefs" if struct.unpack_from("<I", head, 0)[0] == COMPOSEFS_MAGIC else "erofs"
+
+
+def _loop_backing_file(dev: str) -> str | None:
+    """The file behind /dev/loopN (sysfs), or None if `dev` is not a bound loop device."""
+    name = os.path.basename(dev)
+    if not (dev.startswith("/dev/loop") and name[4:].isdigit()):
+        return None
+    try:
+        with open(f"/sys/block/{name}/loop/backing_file") as f:
+            return f.read().rstrip("\n").removesuffix(" (deleted)")
+    except OSError:
+        return None
+
+
+def not_ours_reason(entry: MountEntry) -> str | None:
+    """Why `entry` is not a mount flatmount makes, or None if it is one.
+
+    Ours are (1) read-only overlays with metacopy and redirect_dir on, data-only lower layers
+    (`datadir+=` or `lowerdir=a::b`) and, as source, the EROFS image they serve (or a path that no
+    longer exists: an image removed while mounted); (2) erofs mounts of a composefs-layout image
+    (file-backed or on a loop device), e.g. a legacy mount's temporary layer left by a killed process."""
+    opts = set(entry.super_options)
+    if entry.fstype == "overlay":
+        if "ro" not in entry.options and "ro" not in opts:
+            return "a writable overlay"
+        if not {"metacopy=on", "redirect_dir=on"} <= opts:
+            return "an overlay without metacopy=on,redirect_dir=on"
+        if not any(o.startswith("datadir+=") or (o.startswith("lowerdir=") and "::" in o) for o in opts):
+            return "an overlay without data-only lower layers"
+        kind = _image_kind(entry.source)
+        if kind not in ("composefs", "erofs", "missing"):
+            return f"an overlay whose source {entry.source} is not an EROFS image"
+        return None
+    if entry.fstype == "erofs":
+        source = _loop_backing_file(entry.source) or entry.source
+        if _image_kind(source) != "composefs":
+            return f"an erofs mount of {source}, not a composefs-layout image"
+        return None
+    return f"a {entry.fstype} mount"
 
 
 def _statx_mount_root(path: str) -> bool | None:

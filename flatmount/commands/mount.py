@@ -35,10 +35,14 @@ def register_kernel(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
 
     p = sub.add_parser(
         "umount-image", parents=[common], help="unmount what mount-image mounted",
-        description="Unmount MOUNTPOINT; the erofs layer and any loop device are freed with it.")
+        description="Unmount MOUNTPOINT; the erofs layer and any loop device are freed with it.  Only a "
+                    "mount that flatmount makes (a read-only overlay of an EROFS image with data-only "
+                    "object layers, or an erofs mount of a composefs image) is unmounted, unless --force.")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--lazy", action="store_true",
                    help="detach now even if busy; freed when the last user goes (MNT_DETACH)")
+    p.add_argument("--force", action="store_true",
+                   help="unmount whatever is mounted at MOUNTPOINT, even if flatmount did not mount it")
     p.set_defaults(func=cmd_umount_image)
 
 
@@ -59,7 +63,7 @@ def cmd_umount_image(args: argparse.Namespace) -> int:
     from flatmount.cli import print_json, want_json
     from flatmount.kmount import umount_image
 
-    umount_image(args.mountpoint, lazy=args.lazy)
+    umount_image(args.mountpoint, lazy=args.lazy, only_ours=not args.force)
     if want_json(args):
         import os
 
