@@ -391,8 +391,10 @@ def _quietly(fn, *args) -> None:
 class _Mounter:
     """One mount_image call: owns every fd, loop device, temporary mount and dir it creates."""
 
-    def __init__(self, image: str, mountpoint: str, object_dirs: list[str], loop: bool | None):
+    def __init__(self, image: str, mountpoint: str, object_dirs: list[str], loop: bool | None,
+                 verity: bool = False):
         self.image = image
+        self.verity = verity
         self.mountpoint = mountpoint
         self.object_dirs = object_dirs
         self.loop = loop
@@ -477,8 +479,8 @@ class _Mounter:
                 raise fc.fail("fsconfig lowerdir+=<erofs mount fd>", e.errno) from None
             for d in self.object_dirs:
                 fc.set_string("datadir+", d, "overlayfs data-only lower layers need Linux 6.5+ (datadir+ 6.8+)")
-            fc.set_string("metacopy", "on")
-            fc.set_string("redirect_dir", "on")
+            for key, value in overlay_options(self.verity):
+                fc.set_string(key, value, "overlayfs `verity=` needs Linux 6.6+" if key == "verity" else None)
             fc.set_flag("ro")
             fc.create(_OVERLAY_ADVICE)
             mfd = fc.mount(_OVERLAY_ATTRS)
@@ -495,7 +497,7 @@ class _Mounter:
 
     def overlay_mount2(self, lower: str) -> None:
         layers = "::".join(_escape_lowerdir(p) for p in [lower, *self.object_dirs])
-        data = f"lowerdir={layers},metacopy=on,redirect_dir=on"
+        data = ",".join([f"lowerdir={layers}", *(f"{k}={v}" for k, v in overlay_options(self.verity))])
         try:
             _mount2(self.image, self.mountpoint, "overlay", MS_RDONLY | MS_NOSUID | MS_NODEV, data)
         except OSError as e:
@@ -521,12 +523,23 @@ class _Mounter:
         return api
 
 
+def overlay_options(verity: bool = False) -> list[tuple[str, str]]:
+    """The overlay options besides the layers.  `verity`: `verity=require`, so every file's data
+    must come from an object whose fs-verity digest the kernel checks against the image's metacopy
+    digest; only for mounts whose objects (and image) all have fs-verity (flatmount.mount decides)."""
+    opts = [("metacopy", "on"), ("redirect_dir", "on")]
+    if verity:
+        opts.append(("verity", "require"))
+    return opts
+
+
 def mount_image(image: str, mountpoint: str, object_dirs: Sequence[str], *,
-                loop: bool | None = None, api: str = "auto") -> None:
+                loop: bool | None = None, api: str = "auto", verity: bool = False) -> None:
     """Mount EROFS `image` read-only at `mountpoint`, its redirects served from `object_dirs`.
 
     `loop`: None uses the file directly and a loop device only if the kernel refuses the file;
-    True always uses a loop device; False never does.  `api`: see the module doc (tests force each)."""
+    True always uses a loop device; False never does.  `api`: see the module doc (tests force each).
+    `verity`: overlay `verity=require` (see `overlay_options`)."""
     global _learned_api
     if api not in APIS:
         raise ValueError(f"api must be one of {APIS}, not {api!r}")
@@ -542,7 +555,7 @@ def mount_image(image: str, mountpoint: str, object_dirs: Sequence[str], *,
         order = (*_AUTO_ORDER, "legacy")
     last: _Unsupported | None = None
     for attempt in order:
-        m = _Mounter(image, mountpoint, dirs, loop)
+        m = _Mounter(image, mountpoint, dirs, loop, verity)
         try:
             with m.stack:
                 m.run(attempt)

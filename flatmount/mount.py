@@ -282,7 +282,7 @@ def mount_image_ref(store: Store, ref: str) -> Lease:
         lease, fd = _create_lease(store, ref, flat)
     try:
         try:
-            mount_image(flat.path, lease.merged, dirs)
+            mount_image(flat.path, lease.merged, dirs, verity=_verity_ready(store, flat, dirs))
         except BaseException:
             _delete_lease(store, lease.id)
             _rmdir(lease.merged)
@@ -292,6 +292,52 @@ def mount_image_ref(store: Store, ref: str) -> Lease:
     finally:
         os.close(fd)
     return lease
+
+
+def verity_required(object_states: list[str | None], image_verity: bool) -> bool:
+    """Whether a mount can ask overlayfs for `verity=require`: only when every object dir records
+    that all its objects have fs-verity (objects.verity "all") and the image has it too; with one
+    object without it, `require` would make that file unreadable (EIO)."""
+    return image_verity and bool(object_states) and all(s == "all" for s in object_states)
+
+
+def _verity_ready(store: Store, flat: FlatImage, dirs: list[str]) -> bool:
+    """`verity_required` for this mount: reads the dirs' records, and gives the primary store's image
+    fs-verity (then checks its now immutable bytes against its sha256 name).  False, quietly,
+    wherever fs-verity is unavailable (this is the path every mount takes on such kernels)."""
+    from flatmount.flatten import flat_image_path
+    from objects import verity
+    from objects.errors import ObjectStoreError
+
+    if not verity_required([verity.read_state(d) for d in dirs], True):
+        return False
+    try:
+        fd = os.open(flat.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        digest = verity.measure(fd)
+        if digest is None and not store.readonly and flat.path == flat_image_path(store.root, flat.digest):
+            try:
+                verity.enable(fd)
+            except ObjectStoreError:
+                return False
+            digest = verity.measure(fd)
+        if digest is None:
+            return False
+        import hashlib
+
+        h = hashlib.sha256()
+        while chunk := os.read(fd, 1 << 20):
+            h.update(chunk)
+        if h.hexdigest() != flat.digest:
+            from flatmount.errors import CorruptImageError
+
+            raise CorruptImageError(f"flattened image {flat.path} does not match its name (sha256 "
+                                    f"{h.hexdigest()}): remove it and flatten again (flatmount fsck)")
+        return verity_required([verity.read_state(d) for d in dirs], True)
+    finally:
+        os.close(fd)
 
 
 def _record_mount_id(store: Store, lease: Lease) -> Lease:

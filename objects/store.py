@@ -316,6 +316,7 @@ class ObjectStore:
         self._pending_files: set[str] = set()  # relative paths of objects put since the last sync()
         self._pending_dirs: set[str] = set()  # relative paths of directories whose entries changed
         self._tmpfile: bool | None = None  # O_TMPFILE + link via /proc works here (probed on first put)
+        self._verity: str | None = None  # objects.verity state of this directory (read or probed at sync)
         self._token = os.urandom(4).hex()
         self._seq = itertools.count()
         self._buffer_pool: queue.SimpleQueue = queue.SimpleQueue()  # idle aligned buffers of big puts
@@ -550,6 +551,8 @@ class ObjectStore:
         dirfd = self._dirfd
         if dirfd < 0:
             raise ObjectStoreError(f"object store {self.root} is closed: cannot sync")
+        if files and self.verity_state(files) != "off":
+            self._enable_verity(files)
         try:
             if len(files) + len(dirs) >= SYNCFS_MIN and _syncfs(dirfd):
                 return
@@ -559,6 +562,73 @@ class ObjectStore:
                 self._fsync(rel, os.O_RDONLY | os.O_DIRECTORY)
         except OSError as e:
             raise ObjectStoreError(f"cannot make objects in {self.root} durable: {e.strerror or e}") from e
+
+    def verity_state(self, pending: Iterable[str] = ()) -> str:
+        """"all", "new" or "off" (objects.verity): read from `.verity`, else probed and recorded.
+
+        Probing happens on the first sync() of a writable store that has no record yet; the
+        directory counts as "all" only if it then holds nothing but the objects being synced."""
+        from . import verity
+
+        if self._verity is None:
+            state = verity.read_state(self.root)
+            if state is None and not self.readonly and self._dirfd >= 0:
+                ok, why = verity.probe(os.path.join(self.root, TMP_DIR))
+                if not ok:
+                    state = verity.OFF
+                else:
+                    state = verity.ALL if self._holds_only(set(pending)) else verity.NEW
+                self._record_verity(state + ("" if ok else f": {why}"))
+            self._verity = state or verity.OFF
+        return self._verity
+
+    def _holds_only(self, rels: set[str]) -> bool:
+        """Whether every object file in the directory is one of `rels` (stops at the first other)."""
+        with os.scandir(self.root) as top:
+            fanouts = [e.name for e in top if _is_hex(e.name, 2) and e.is_dir(follow_symlinks=False)]
+        for xx in fanouts:
+            with os.scandir(os.path.join(self.root, xx)) as it:
+                if any(f"{xx}/{e.name}" not in rels for e in it):
+                    return False
+        return True
+
+    def _record_verity(self, line: str) -> None:
+        """Write `.verity` atomically (temp file in .tmp/, then rename); losing it only means a re-probe."""
+        from .verity import STATE_FILE
+
+        tmp = os.path.join(TMP_DIR, f"verity-{self._token}-{next(self._seq)}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | _O_CLOEXEC, 0o644,
+                         dir_fd=self._dirfd)
+            try:
+                _write_all(fd, (line + "\n").encode())
+                os.fchmod(fd, 0o644)
+            finally:
+                os.close(fd)
+            os.replace(tmp, STATE_FILE, src_dir_fd=self._dirfd, dst_dir_fd=self._dirfd)
+        except OSError:
+            _unlink_quiet(tmp, self._dirfd)
+
+    def _enable_verity(self, rels: Iterable[str]) -> None:
+        """fs-verity on each new object, its measured digest checked against its name.  A refusal
+        other than a wrong digest only downgrades the directory to "new" (never fails a put)."""
+        from . import verity
+
+        for rel in rels:
+            try:
+                fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC, dir_fd=self._dirfd)
+            except FileNotFoundError:
+                continue   # removed meanwhile (gc of a put that lost its race): nothing to protect
+            try:
+                verity.enable_and_check(fd, bytes.fromhex(rel.replace("/", "")), f"object {rel} in {self.root}")
+            except ObjectDigestMismatchError:
+                raise
+            except ObjectStoreError as e:
+                if self._verity == verity.ALL:
+                    self._verity = verity.NEW
+                    self._record_verity(f"{verity.NEW}: {e}")
+            finally:
+                os.close(fd)
 
     def clean_temp(self, max_age_s: float = 24 * 3600) -> int:
         """Delete named temp files older than `max_age_s` (left by crashed puts); returns how many."""
