@@ -9,7 +9,8 @@ Policy, in order:
 
 1. Leases.  A lease (row of `leases`) is *live* while its mount dir is flock'ed (flatmount.mount is
    mounting or unmounting it: the lease is written before the mount is made) or when it was recorded
-   on this boot and its merged dir is a mount point; otherwise it is stale, the rule of
+   on this boot and its merged dir is a mount point in the mount namespace it was made in (another
+   namespace counts while it exists, flatmount.mntns); otherwise it is stale, the rule of
    flatmount.mount.cleanup.  Stale leases pin nothing and are left for `flatmount cleanup` /
    `fsck --repair` to drop.
 2. Flattened images (`flat_images` rows, `images/<digest>.erofs` files) are kept when

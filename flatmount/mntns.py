@@ -91,7 +91,7 @@ class _Scan:
         self.pids: list[int] = []
         self.unreadable = False
         self.other_ns_pids: dict[int, int] = {}   # nsfs inode -> one pid in that namespace
-        for name in os.listdir("/proc"):
+        for name in self._proc():
             if not name.isdigit():
                 continue
             path = f"/proc/{name}/ns/mnt"
@@ -106,6 +106,13 @@ class _Scan:
                 self.pids.append(int(name))
             else:
                 self.other_ns_pids.setdefault(ino, int(name))
+
+    def _proc(self) -> list[str]:
+        try:
+            return os.listdir("/proc")
+        except OSError:   # no /proc here: nothing can be proven
+            self.unreadable = True
+            return []
 
     def held(self) -> bool:
         """Whether an open fd or a bind-mounted nsfs file (in any namespace we can see) keeps it."""
@@ -123,7 +130,7 @@ class _Scan:
                 continue
             except OSError:
                 self.unreadable = True
-        for name in os.listdir("/proc"):
+        for name in self._proc():
             if not name.isdigit():
                 continue
             try:

@@ -128,7 +128,10 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
     if mnt_ns is not None:
         from flatmount.mntns import current_ns, ns_stale_reason
 
-        if mnt_ns != current_ns():
+        here = current_ns()
+        if here is None:
+            return None   # cannot tell which namespace we are in: nothing is proven
+        if mnt_ns != here:
             return ns_stale_reason(merged, mnt_ns, mnt_id)
     if is_mountpoint(merged):
         return None
