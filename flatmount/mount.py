@@ -347,13 +347,18 @@ def _record_mount_id(store: Store, lease: Lease) -> Lease:
     """Note the overlay's unique mount id in the lease (lets another namespace ask the kernel about
     it exactly).  Not durable: a power loss changes the boot id, which makes the lease stale anyway;
     a lease without it is judged from /proc."""
+    import sqlite3
+
     from flatmount.kmount import mount_id
 
     mid = mount_id(lease.merged)
     if mid is None:
         return lease
-    with store.transaction(durable=False) as db:
-        db.execute("UPDATE leases SET mnt_id = ? WHERE id = ?", (mid, lease.id))
+    try:
+        with store.transaction(durable=False) as db:
+            db.execute("UPDATE leases SET mnt_id = ? WHERE id = ?", (mid, lease.id))
+    except (StoreError, sqlite3.Error):
+        return lease   # the mount is made and leased: failing it now would leave it to cleanup
     return dataclasses.replace(lease, mnt_id=mid)
 
 
