@@ -163,12 +163,14 @@ def test_namespace_kept_by_a_bind_mounted_nsfs_file_outlives_its_process(stores,
     store = open_primary(stores)
     (lease,) = list_mounts(store)
     assert mntns.ns_pids(lease.mnt_ns) == []                        # no process left in it
+    assert mntns._Scan(lease.mnt_ns).held()                         # /proc: the nsfs bind mount holds it
     assert [j.stale_reason for j in read_leases(store.connect())] == [None]
     assert cleanup(store).kept == (lease.id,)
     r = subprocess.run(["nsenter", f"--mount={nsfile}", "cat", os.path.join(merged, "app", "main")],
                        capture_output=True, timeout=60)
     assert r.returncode == 0 and r.stdout == BIG[2]
     kmount.umount_image(str(nsfile))                                # the last holder goes
+    assert not mntns._Scan(lease.mnt_ns).held()
     assert cleanup(store).removed_leases == (lease.id,)
 
 
