@@ -169,7 +169,14 @@ def test_namespace_kept_by_a_bind_mounted_nsfs_file_outlives_its_process(stores,
     r = subprocess.run(["nsenter", f"--mount={nsfile}", "cat", os.path.join(merged, "app", "main")],
                        capture_output=True, timeout=60)
     assert r.returncode == 0 and r.stdout == BIG[2]
-    kmount.umount_image(str(nsfile))                                # the last holder goes
+    fd = os.open(nsfile, os.O_RDONLY)                               # an open fd holds it too
+    try:
+        kmount.umount_image(str(nsfile))
+        assert mntns._Scan(lease.mnt_ns).held()
+        assert [j.stale_reason for j in read_leases(store.connect())] == [None]
+        assert cleanup(store).kept == (lease.id,)
+    finally:
+        os.close(fd)                                                # the last holder goes
     assert not mntns._Scan(lease.mnt_ns).held()
     assert cleanup(store).removed_leases == (lease.id,)
 
