@@ -117,6 +117,11 @@ class _Scan:
     def held(self) -> bool:
         """Whether an open fd or a bind-mounted nsfs file (in any namespace we can see) keeps it."""
         link = f"mnt:[{self.ino}]"
+        try:
+            nsfs_dev = os.stat("/proc/self/ns/mnt").st_dev
+        except OSError:
+            self.unreadable = True
+            return False
         for pid in [*self.other_ns_pids.values()]:
             try:
                 with open(f"/proc/{pid}/mountinfo", "rb") as f:
@@ -143,7 +148,14 @@ class _Scan:
             for fd in fds:
                 path = f"/proc/{name}/fd/{fd}"
                 try:
-                    if os.readlink(path) == link and _same(self.key, path):
+                    target = os.readlink(path)
+                    if target.startswith(("socket:[", "pipe:[", "anon_inode:")) or (
+                            ":[" in target and not target.startswith("mnt:[")):
+                        continue   # not a mount namespace (other namespaces read "net:[...]" etc.)
+                    # an fd opened through a bind-mounted nsfs file reads as that file's path (or "/"
+                    # once it is unmounted), so compare the inode it leads to, not the link text
+                    st = os.stat(path)
+                    if (st.st_dev, st.st_ino) == (nsfs_dev, self.ino) and _same(self.key, path):
                         return True
                 except OSError:
                     continue
