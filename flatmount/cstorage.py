@@ -343,30 +343,60 @@ def _load_json_list(path: str, lock: str) -> list[dict[str, Any]]:
             raise StoreError(f"cannot read {path}: {e.strerror}") from None
     if not data.strip():
         return []
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from None
+    doc = _json_doc(data, path)
     if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
         raise FormatError(f"{path}: expected a JSON list of objects")
     return doc
 
 
+def _json_doc(data: bytes, where: str) -> Any:
+    """Parsed JSON; bad or absurdly nested input (RecursionError in the parser) is a FormatError."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
+        raise FormatError(f"{where}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise FormatError(f"{where}: JSON nested too deeply") from None
+
+
+def _field(e: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """`e[key]` if it has the JSON type c/storage writes (None if absent or null), else FormatError."""
+    v = e.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
+        raise FormatError(f"{where}: {key!r} has the wrong JSON type ({type(v).__name__})")
+    return v
+
+
+def _str_list(e: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    v = _field(e, key, list, where) or ()
+    if not all(isinstance(x, str) for x in v):
+        raise FormatError(f"{where}: {key!r} must be a list of strings")
+    return tuple(v)
+
+
 def _idmaps(entries: Any, where: str) -> tuple[IDMap, ...]:
     if not entries:
         return ()
-    try:
-        return tuple(IDMap(int(e["container_id"]), int(e["host_id"]), int(e["size"])) for e in entries)
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"{where}: bad uidmap/gidmap entry") from None
+    if not isinstance(entries, list):
+        raise FormatError(f"{where}: uidmap/gidmap must be a list")
+    out = []
+    for e in entries:
+        vals = [e.get(k) if isinstance(e, dict) else None for k in ("container_id", "host_id", "size")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals):
+            raise FormatError(f"{where}: bad uidmap/gidmap entry")
+        out.append(IDMap(*vals))
+    return tuple(out)
 
 
-def _str_or_none(v: Any) -> str | None:
-    return str(v) if v else None
+def _str_or_none(e: dict[str, Any], key: str, where: str) -> str | None:
+    return _field(e, key, str, where) or None
 
 
-def _int_or_none(v: Any) -> int | None:
-    return int(v) if isinstance(v, int) and v >= 0 else None
+def _int_or_none(e: dict[str, Any], key: str, where: str) -> int | None:
+    v = _field(e, key, int, where)
+    return v if v is not None and v >= 0 else None
 
 
 class CStore:
@@ -403,19 +433,20 @@ class CStore:
                 lid = e.get("id")
                 if not isinstance(lid, str) or not re.fullmatch(r"[0-9a-f]{64}", lid):
                     raise FormatError(f"{path}: bad layer id {lid!r}")
-                flags = e.get("flags") or {}
+                where = f"{path}: layer {lid}"
+                flags = _field(e, "flags", dict, where) or {}
                 out[lid] = CLayer(
                     id=lid,
-                    parent=_str_or_none(e.get("parent")),
-                    diff_id=_str_or_none(e.get("diff-digest")),
-                    compressed_digest=_str_or_none(e.get("compressed-diff-digest")),
-                    compressed_size=_int_or_none(e.get("compressed-size")),
-                    diff_size=_int_or_none(e.get("diff-size")),
-                    created=_str_or_none(e.get("created")),
-                    names=tuple(e.get("names") or ()),
-                    uidmap=_idmaps(e.get("uidmap"), path),
-                    gidmap=_idmaps(e.get("gidmap"), path),
-                    incomplete=bool(isinstance(flags, dict) and flags.get("incomplete")),
+                    parent=_str_or_none(e, "parent", where),
+                    diff_id=_str_or_none(e, "diff-digest", where),
+                    compressed_digest=_str_or_none(e, "compressed-diff-digest", where),
+                    compressed_size=_int_or_none(e, "compressed-size", where),
+                    diff_size=_int_or_none(e, "diff-size", where),
+                    created=_str_or_none(e, "created", where),
+                    names=_str_list(e, "names", where),
+                    uidmap=_idmaps(e.get("uidmap"), where),
+                    gidmap=_idmaps(e.get("gidmap"), where),
+                    incomplete=bool(flags.get("incomplete")),
                     graphroot=self.graphroot,
                 )
             self._layers = out
@@ -429,16 +460,17 @@ class CStore:
                 iid = e.get("id")
                 if not isinstance(iid, str) or not re.fullmatch(r"[0-9a-f]{64}", iid):
                     raise FormatError(f"{path}: bad image id {iid!r}")
-                digest = _str_or_none(e.get("digest"))
-                digests = tuple(e.get("digests") or ((digest,) if digest else ()))
+                where = f"{path}: image {iid}"
+                digest = _str_or_none(e, "digest", where)
+                digests = _str_list(e, "digests", where) or ((digest,) if digest else ())
                 out.append(CImage(
                     id=iid,
-                    names=tuple(e.get("names") or ()),
-                    top_layer=_str_or_none(e.get("layer")),
+                    names=_str_list(e, "names", where),
+                    top_layer=_str_or_none(e, "layer", where),
                     digest=digest,
                     digests=digests,
-                    created=_str_or_none(e.get("created")),
-                    big_data_names=tuple(e.get("big-data-names") or ()),
+                    created=_str_or_none(e, "created", where),
+                    big_data_names=_str_list(e, "big-data-names", where),
                     graphroot=self.graphroot,
                 ))
             self._images = out
@@ -682,7 +714,7 @@ class CStorage:
         if manifest:
             try:
                 digest = json.loads(manifest)["config"]["digest"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 digest = None
             if isinstance(digest, str):
                 return self.big_data(image, digest)
