@@ -31,6 +31,7 @@ one chain = one id across all flatmount stores.
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import json
 import os
@@ -196,6 +197,94 @@ def parse_spec(spec: str) -> CStorageRef:
 
 
 # ==================================================================================================
+# paths inside a graph root: every component the store controls is opened without following symlinks
+# ==================================================================================================
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+
+
+def _parts(rel: str) -> list[str]:
+    parts = [p for p in rel.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise StoreError(f"bad path {rel!r} inside a containers store")
+    return parts
+
+
+def _refuse(graphroot: str, rel: str, e: OSError) -> OSError:
+    """The error for a failed no-follow open: a symlink (ELOOP/ENOTDIR on one) is refused loudly."""
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        return StoreError(f"{os.path.join(graphroot, rel)}: a symbolic link or not a directory where "
+                          "containers/storage keeps a real one; refusing to follow it")
+    return e
+
+
+def open_parent(graphroot: str, rel: str) -> tuple[int, str]:
+    """(fd of the directory holding `graphroot/rel`, last component); no component below the graph
+    root is followed if it is a symlink.  The graph root itself (the user's choice) may be one.
+
+    Raises FileNotFoundError if a component is missing, StoreError if one is a symlink."""
+    parts = _parts(rel)
+    try:
+        fd = os.open(graphroot, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise StoreError(f"cannot open containers store {graphroot}: {e.strerror}") from None
+    try:
+        for i, part in enumerate(parts[:-1]):
+            try:
+                nfd = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                raise _refuse(graphroot, "/".join(parts[:i + 1]), e) from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
+def open_in_store(graphroot: str, rel: str, *, directory: bool = False) -> int:
+    """fd of `graphroot/rel` (a regular file, or a directory if `directory`), never following a
+    symlink below the graph root.  FileNotFoundError if missing; StoreError if a symlink or of the
+    wrong type (a FIFO there would otherwise block the read)."""
+    pfd, name = open_parent(graphroot, rel)
+    try:
+        flags = _DIR_NOFOLLOW if directory else os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=pfd)
+        except OSError as e:
+            raise _refuse(graphroot, rel, e) from None
+    finally:
+        os.close(pfd)
+    st = os.fstat(fd)
+    if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+        os.close(fd)
+        raise StoreError(f"{os.path.join(graphroot, rel)}: not a "
+                         f"{'directory' if directory else 'regular file'}")
+    if not directory:
+        os.set_blocking(fd, True)
+    return fd
+
+
+def read_store_file(graphroot: str, rel: str) -> bytes | None:
+    """The bytes of `graphroot/rel` (None if it does not exist), opened as `open_in_store` does."""
+    try:
+        fd = open_in_store(graphroot, rel)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreError(f"cannot read {os.path.join(graphroot, rel)}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            return f.read()
+    except OSError as e:
+        raise StoreError(f"cannot read {os.path.join(graphroot, rel)}: {e.strerror}") from None
+
+
+
+# ==================================================================================================
 # locks (POSIX record locks: one fd per lock file per process, or a close elsewhere drops the lock)
 # ==================================================================================================
 
@@ -210,25 +299,41 @@ class _LockTable:
         self._mutex = threading.Lock()
         self._held: dict[tuple[int, int], list[int]] = {}   # (dev, ino) -> [fd, count]
 
-    def acquire(self, path: str) -> tuple[int, int] | None:
+    def acquire(self, path: str, root: str | None = None) -> tuple[int, int] | None:
         # The mutex is held across open + lockf so no thread ever opens (and later closes) a second
         # fd of a file that is already locked here.  It may wait for a c/storage writer meanwhile.
+        # With `root`, `path` is inside that graph root and no component below it is followed.
+        if root is not None:
+            rel = os.path.relpath(path, root)
+        else:
+            root, rel = os.path.split(path)
         with self._mutex:
             try:
-                st = os.stat(path)
+                pfd, name = open_parent(root, rel)
             except FileNotFoundError:
                 return None    # no lock file: nobody writes this store through c/storage
             except OSError as e:
-                raise StoreError(f"cannot stat lock file {path}: {e.strerror}") from None
-            key = (st.st_dev, st.st_ino)
-            held = self._held.get(key)
-            if held is not None:
-                held[1] += 1
-                return key
+                raise StoreError(f"cannot open the directory of lock file {path}: {e.strerror}") from None
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise StoreError(f"cannot open lock file {path}: {e.strerror}") from None
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return None
+                except OSError as e:
+                    raise StoreError(f"cannot stat lock file {path}: {e.strerror}") from None
+                if not stat.S_ISREG(st.st_mode):
+                    raise StoreError(f"lock file {path} is not a regular file (a symlink?); refusing it")
+                key = (st.st_dev, st.st_ino)
+                held = self._held.get(key)
+                if held is not None:
+                    held[1] += 1
+                    return key
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=pfd)
+                except OSError as e:
+                    raise StoreError(f"cannot open lock file {path}: {e.strerror}") from None
+            finally:
+                os.close(pfd)
             try:
                 fst = os.fstat(fd)
                 if (fst.st_dev, fst.st_ino) != key:
@@ -263,9 +368,10 @@ _LOCKS = _LockTable()
 
 
 @contextmanager
-def read_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold a shared POSIX lock on a c/storage lock file (never creating or writing it)."""
-    key = _LOCKS.acquire(os.fspath(path))
+def read_lock(path: str | os.PathLike, root: str | None = None) -> Iterator[None]:
+    """Hold a shared POSIX lock on a c/storage lock file (never creating or writing it); with `root`
+    (the graph root holding it) no path component below the root is followed if it is a symlink."""
+    key = _LOCKS.acquire(os.fspath(path), root)
     try:
         yield
     finally:
@@ -332,16 +438,11 @@ def bigdata_filename(key: str) -> str:
     return "=" + base64.b64encode(key.encode("utf-8")).decode("ascii")
 
 
-def _load_json_list(path: str, lock: str) -> list[dict[str, Any]]:
-    with read_lock(lock):
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise StoreError(f"cannot read {path}: {e.strerror}") from None
-    if not data.strip():
+def _load_json_list(graphroot: str, rel: str, lock: str) -> list[dict[str, Any]]:
+    path = os.path.join(graphroot, rel)
+    with read_lock(lock, graphroot):
+        data = read_store_file(graphroot, rel)
+    if data is None or not data.strip():
         return []
     doc = _json_doc(data, path)
     if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
@@ -429,7 +530,7 @@ class CStore:
         if self._layers is None:
             path = os.path.join(self.graphroot, "overlay-layers", "layers.json")
             out: dict[str, CLayer] = {}
-            for e in _load_json_list(path, self.layers_lock):
+            for e in _load_json_list(self.graphroot, "overlay-layers/layers.json", self.layers_lock):
                 lid = e.get("id")
                 if not isinstance(lid, str) or not re.fullmatch(r"[0-9a-f]{64}", lid):
                     raise FormatError(f"{path}: bad layer id {lid!r}")
@@ -456,7 +557,7 @@ class CStore:
         if self._images is None:
             path = os.path.join(self.graphroot, "overlay-images", "images.json")
             out: list[CImage] = []
-            for e in _load_json_list(path, self.images_lock):
+            for e in _load_json_list(self.graphroot, "overlay-images/images.json", self.images_lock):
                 iid = e.get("id")
                 if not isinstance(iid, str) or not re.fullmatch(r"[0-9a-f]{64}", iid):
                     raise FormatError(f"{path}: bad image id {iid!r}")
@@ -478,15 +579,11 @@ class CStore:
 
     def big_data(self, image: CImage, key: str) -> bytes | None:
         """The big-data item `key` of `image` (None if the image has no such item)."""
-        path = os.path.join(self.graphroot, "overlay-images", image.id, bigdata_filename(key))
-        with read_lock(self.images_lock):
-            try:
-                with open(path, "rb") as f:
-                    return f.read()
-            except FileNotFoundError:
-                return None
-            except OSError as e:
-                raise StoreError(f"cannot read {path}: {e.strerror}") from None
+        name = bigdata_filename(key)
+        if name in ("", ".", ".."):
+            return None
+        with read_lock(self.images_lock, self.graphroot):
+            return read_store_file(self.graphroot, f"overlay-images/{image.id}/{name}")
 
 
 # ==================================================================================================
@@ -582,9 +679,9 @@ class CStorage:
         takes layer locks before image locks) and re-read the JSON inside."""
         with ExitStack() as stack:
             for s in self.stores:
-                stack.enter_context(read_lock(s.layers_lock))
+                stack.enter_context(read_lock(s.layers_lock, s.graphroot))
             for s in self.stores:
-                stack.enter_context(read_lock(s.images_lock))
+                stack.enter_context(read_lock(s.images_lock, s.graphroot))
             self.reload()
             yield self
 
@@ -882,17 +979,46 @@ def read_layer_tree(layer: CLayer, objects: ObjectStore | None = None) -> Inode:
     if layer.incomplete:
         raise LayerError(f"layer {layer.id} in {layer.graphroot} is incomplete (being created or "
                          "deleted by c/storage)")
-    if os.path.exists(os.path.join(layer.layer_dir, "composefs-data", "composefs.blob")):
-        raise LayerError(f"layer {layer.id}: composefs-backed c/storage layers (use_composefs) are "
-                         "not supported")
-    diff = layer.diff_dir
-    if not os.path.isdir(diff):
-        raise LayerError(f"layer {layer.id}: diff directory {diff} is missing")
-    from flatmount.scan import scan_directory
+    with open_diff_dir(layer) as fd:
+        from flatmount.scan import scan_directory
 
-    root = scan_directory(diff, objects)
+        proc = f"/proc/self/fd/{fd}"
+        try:
+            root = scan_directory(proc, objects)
+        except LayerError as e:   # name the diff dir, not our /proc handle of it
+            raise LayerError(str(e).replace(proc, layer.diff_dir)) from None
     return normalise_layer_tree(root, uidmap=layer.uidmap, gidmap=layer.gidmap,
                                 name=f"layer {layer.id[:12]}")
+
+
+@contextmanager
+def open_diff_dir(layer: CLayer) -> Iterator[int]:
+    """An fd of the layer's `overlay/<id>/diff`, reached without following any symlink below the
+    graph root (a diff dir, layer dir or `overlay/` that is a symlink is refused: c/storage never
+    makes one, and following it would import whatever it points at)."""
+    rel = f"overlay/{layer.id}"
+    try:
+        composefs = open_in_store(layer.graphroot, f"{rel}/composefs-data/composefs.blob")
+    except FileNotFoundError:
+        pass
+    except StoreError as e:
+        raise LayerError(f"layer {layer.id}: {e}") from None
+    else:
+        os.close(composefs)
+        raise LayerError(f"layer {layer.id}: composefs-backed c/storage layers (use_composefs) are "
+                         "not supported")
+    try:
+        fd = open_in_store(layer.graphroot, f"{rel}/diff", directory=True)
+    except FileNotFoundError:
+        raise LayerError(f"layer {layer.id}: diff directory {layer.diff_dir} is missing") from None
+    except StoreError as e:
+        raise LayerError(f"layer {layer.id}: {e}") from None
+    except OSError as e:
+        raise LayerError(f"layer {layer.id}: cannot open {layer.diff_dir}: {e.strerror}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 # ==================================================================================================
