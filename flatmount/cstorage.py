@@ -46,7 +46,7 @@ from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
 from flatmount.store import chain_id
-from flatmount.tree import OPAQUE_XATTR, S_IFMT, Inode
+from flatmount.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import ImageRecord, Store
@@ -1038,37 +1038,116 @@ def layer_ids(chain: Sequence[CLayer]) -> list[str]:
     return ids
 
 
+def tarsplit_path(layer: CLayer) -> str:
+    """`overlay-layers/<id>.tar-split.gz`, relative to the layer's graph root."""
+    return f"overlay-layers/{layer.id}.tar-split.gz"
+
+
+def read_verified_layer_tree(layer: CLayer, objects: ObjectStore) -> tuple[Inode | None, str]:
+    """(tree, "") if the layer's tar-split data and diff dir rebuild a tar stream whose sha256 is its
+    `diff-digest`; the tree is then read FROM that stream (flatmount.tarsplit says why).  Else
+    (None, why): the caller records the layer as unverified.
+
+    The tree's root directory follows the c/storage rule of `read_layer_tree` (the diff dir's mode,
+    owner and mtime; write and set-id bits dropped), so a layer looks the same either way.
+    """
+    import gzip
+
+    from flatmount.layers import read_tar
+    from flatmount.tarsplit import TarSplitStream
+
+    if layer.incomplete:
+        raise LayerError(f"layer {layer.id} in {layer.graphroot} is incomplete (being created or "
+                         "deleted by c/storage)")
+    label = f"layer {layer.id[:12]}"
+    try:
+        tsfd = open_in_store(layer.graphroot, tarsplit_path(layer))
+    except FileNotFoundError:
+        return None, f"{label}: no tar-split data"
+    except StoreError as e:
+        raise LayerError(f"layer {layer.id}: {e}") from None
+    except OSError as e:
+        return None, f"{label}: cannot open its tar-split data: {e.strerror}"
+    with os.fdopen(tsfd, "rb") as raw, open_diff_dir(layer) as dfd:
+        stream = TarSplitStream(gzip.GzipFile(fileobj=raw, mode="rb"), dfd, label)
+        try:
+            tl = read_tar(stream, objects, label=f"{label} (rebuilt from tar-split)")  # type: ignore[arg-type]
+        except LayerError as e:       # Unverifiable too
+            return None, str(e)
+        finally:
+            stream.close()
+        st = os.fstat(dfd)
+    if tl.compression != "none" or tl.diff_id != layer.diff_id:
+        return None, (f"{label}: the stream rebuilt from its tar-split data and diff dir has digest "
+                      f"{tl.diff_id}, not its diff-digest {layer.diff_id}")
+    root = tl.tree
+    where = f"{label}:/"
+    root.mode = S_IFDIR | (st.st_mode & 0o755)
+    root.uid = _to_container_id(st.st_uid, layer.uidmap, "uid", where)
+    root.gid = _to_container_id(st.st_gid, layer.gidmap, "gid", where)
+    root.mtime_ns = st.st_mtime_ns
+    return root, ""
+
+
 def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
                   storage_conf: str | os.PathLike | None = None) -> ImageRecord:
-    """Import a containers-storage image (its layers straight from their diff dirs) into `store`.
+    """Import a containers-storage image into `store`, all or nothing.
 
-    All or nothing, through the store's own import path (`flatmount.pull.ImportBatch`): layers
-    already recorded in `store` (primary or any additional store) are not read again; the image is
-    recorded with its config bytes (big data `sha256:<id>`), manifest and names (its c/storage names
-    plus `name`, if given).  The c/storage read locks are held until the commit.
+    Each layer is verified first: rebuilt from its tar-split data and diff dir, hashed against its
+    claimed diff_id and, if that matches, read from the rebuilt stream (`read_verified_layer_tree`)
+    and recorded under the id any verified import gives it (`flatmount.store.chain_id`).  A layer
+    that cannot be verified (no or mismatching tar-split data, e.g. partial zstd:chunked pulls or a
+    tampered diff dir) is read from its diff dir and recorded under `unverified_chain_id`: no pull
+    that verifies digests ever reuses it, and fsck lists it.  Layers already recorded in `store`
+    (primary or any additional store) under the id they would get are not read again; a verified
+    record is preferred to an unverified one.  The image is recorded with its config bytes (which
+    must hash to the image id), manifest and names (its c/storage names plus `name`, if given).
+    The c/storage read locks are held until the commit (`flatmount.pull.ImportBatch`).
     """
     from flatmount.pull import ImportBatch
+    from flatmount.store import unverified_chain_id
 
     ref = parse_spec(spec)
     cs = CStorage.open(ref, storage_conf)
     with cs.reading():
         image = cs.resolve_image(ref.ref)
         chain = cs.layer_chain(image.top_layer)
-        ids = layer_ids(chain)
+        layer_ids(chain)            # every layer has a usable diff-digest
         config = cs.image_config(image)
+        if config is not None:
+            import hashlib
+
+            if hashlib.sha256(config).hexdigest() != image.id:
+                raise FormatError(f"image {image.id[:12]} in {image.graphroot}: its config's sha256 is "
+                                  "not its id (the store's image data was changed)")
+            if not isinstance(_json_doc(config, f"image {image.id[:12]} config"), dict):
+                raise FormatError(f"image {image.id[:12]} in {image.graphroot}: its config is not a "
+                                  "JSON object")
         manifest = cs.image_manifest(image)
         names = list(image.names)
         if name and name not in names:
             names.append(name)
         with ImportBatch(store) as batch:
             parent: str | None = None
-            for layer, lid in zip(chain, ids, strict=True):
-                if not batch.has_layer(lid):
+            for layer in chain:
+                diff_id = str(layer.diff_id)
+                vid = chain_id(parent, diff_id)
+                if batch.has_layer(vid):
+                    parent = vid
+                    continue
+                tree, _why = read_verified_layer_tree(layer, batch.objects)
+                if tree is not None:
+                    lid, verified = vid, True
+                else:
+                    lid, verified = unverified_chain_id(parent, diff_id), False
+                    if batch.has_layer(lid):
+                        parent = lid
+                        continue
                     tree = read_layer_tree(layer, batch.objects)
-                    batch.add_layer(tree, parent=parent, diff_id=str(layer.diff_id), layer_id=lid,
-                                    compressed_digest=layer.compressed_digest,
-                                    compressed_size=layer.compressed_size,
-                                    diff_size=layer.diff_size, created=layer.created)
+                batch.add_layer(tree, parent=parent, diff_id=diff_id, layer_id=lid, verified=verified,
+                                compressed_digest=layer.compressed_digest,
+                                compressed_size=layer.compressed_size,
+                                diff_size=layer.diff_size, created=layer.created)
                 parent = lid
             batch.set_image(image.id, parent, config=config, manifest=manifest, names=names,
                             created=image.created)
