@@ -3,6 +3,7 @@ big-data files) are refused, never followed: the store controls them, not the us
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -18,15 +19,15 @@ from flatmount.errors import FlatmountError
 from flatmount.store import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
-IMG = "ab" * 32
+CONFIG = json.dumps({"rootfs": {"type": "layers", "diff_ids": [_diff("l0")]}}).encode()
+IMG = hashlib.sha256(CONFIG).hexdigest()      # c/storage image id = config digest
 SECRET = b"host secret that must never be imported\n" * 3
 
 
 def _cstore(tmp_path: Path) -> tuple[Path, str]:
     layers = make_layers("l0")
-    cfg = json.dumps({"rootfs": {"type": "layers", "diff_ids": [_diff("l0")]}}).encode()
     store = make_cstore(tmp_path / "cs", layers, [_image(IMG, layers[0]["id"], "localhost/x:latest")],
-                        big={(IMG, "sha256:" + IMG): cfg, (IMG, "manifest"): b"{}"})
+                        big={(IMG, "sha256:" + IMG): CONFIG, (IMG, "manifest"): b"{}"})
     (store / "overlay" / layers[0]["id"] / "diff" / "ok").write_text("fine\n")
     outside = tmp_path / "outside"        # stands for /etc/ssh: a host directory
     outside.mkdir()

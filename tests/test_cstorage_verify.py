@@ -20,6 +20,7 @@ from conftest import require_root, require_tool
 from cstorage_fixtures import cleanup_mounts, podman, write_containers_conf, write_storage_conf
 
 from flatmount import cstorage
+from flatmount.errors import FormatError
 from flatmount.fsck import fsck
 from flatmount.pull import pull
 from flatmount.store import chain_id, layer_is_unverified, open_store, unverified_chain_id
@@ -171,6 +172,25 @@ def test_symlink_in_diff_dir_is_not_read_for_the_stream(cstore, tmp_path):
         assert rec.top_layer == unverified_chain_id(None, cstore.layer.diff_id)
         with store.mount(IMAGE) as merged:
             assert os.readlink(os.path.join(merged, "etc/motd")) == str(secret)
+    finally:
+        store.close()
+
+
+def test_changed_image_config_is_refused(cstore, tmp_path):
+    """The image record is trusted by its id too: a config that does not hash to it is refused (a
+    verified pull of the same image id would otherwise keep the planted config)."""
+    cs = cstorage.CStorage([cstore.graphroot])
+    with cs.reading():
+        image = cs.resolve_image(IMAGE)
+    path = cstore.graphroot / "overlay-images" / image.id / cstorage.bigdata_filename("sha256:" + image.id)
+    config = json.loads(path.read_bytes())
+    config.setdefault("config", {})["Entrypoint"] = ["/bin/tool", "--planted"]
+    path.write_text(json.dumps(config))
+    store = _store(tmp_path)
+    try:
+        with pytest.raises(FormatError, match="sha256 is not its id"):
+            cstorage.pull_cstorage(store, f"containers-storage:{IMAGE}", storage_conf=cstore.conf)
+        assert store.images() == []
     finally:
         store.close()
 
