@@ -13,6 +13,7 @@ import io
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from flatmount.tarsplit import TarSplitStream, Unverifiable
 GENUINE = b"genuine motd: welcome to the real image\n" * 4
 PLANTED = b"PLANTED motd: this is not the image's c" * 4 + b"ontent!!"    # also > 64 bytes
 IMAGE = "localhost/genuine:latest"
+ROOT = Path(__file__).resolve().parent.parent
 
 
 class CStore:
@@ -125,6 +127,21 @@ def test_planted_layer_is_not_reused_by_a_verified_pull(cstore, tmp_path, plant)
         assert _read_mounted(store, IMAGE, "etc/motd") == GENUINE
     finally:
         store.close()
+
+
+def test_cli_says_unverified(cstore, tmp_path):
+    (cstore.diff / "etc" / "motd").write_bytes(PLANTED)
+    env = {**cstore.env, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "flatmount", "--root", str(tmp_path / "fm"), "--runroot", str(tmp_path / "run")]
+    p = subprocess.run([*base, "pull", f"containers-storage:{IMAGE}"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert "imported (UNVERIFIED" in p.stderr
+    p = subprocess.run([*base, "pull", f"oci:{cstore.oci}"], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "imported" in p.stderr and "UNVERIFIED" not in p.stderr, p.stderr
+    p = subprocess.run([*base, "fsck"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "unverified-layer" in p.stdout + p.stderr, p.stdout + p.stderr
 
 
 def test_diff_dir_extras_are_not_imported_under_a_verified_diff_id(cstore, tmp_path):
