@@ -26,6 +26,16 @@ Layer ids: recomputed from the diff_id chain (base = diff_id hex, child = sha256
 diff_id hex)).  For every layer c/storage itself created from a tar this equals its own id; for
 layers whose c/storage id follows another rule (partial zstd:chunked pulls) the recomputed id keeps
 one chain = one id across all flatmount stores.
+
+Verification: a `diff-digest` in layers.json is only a claim.  A layer is recorded under that id only
+if its tar stream, rebuilt from `overlay-layers/<id>.tar-split.gz` and the diff dir's files
+(flatmount.tarsplit), hashes to it; the layer is then read from that stream.  Otherwise it is read
+from its diff dir and recorded under `flatmount.store.unverified_chain_id`, which no digest-checked
+pull reuses (`pull_cstorage`).  An image's config must hash to its id.
+
+Paths: the graph root (the user's choice) may be a symlink; nothing below it is followed if it is one
+(`open_in_store`): overlay-layers/, overlay-images/, their JSON, lock and big-data files, overlay/,
+the layer dir and its diff dir.  `link` files and `l/` symlinks are never read.
 """
 
 from __future__ import annotations
