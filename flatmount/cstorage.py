@@ -260,7 +260,13 @@ def open_in_store(graphroot: str, rel: str, *, directory: bool = False) -> int:
     symlink below the graph root.  FileNotFoundError if missing; StoreError if a symlink or of the
     wrong type (a FIFO there would otherwise block the read)."""
     pfd, name = open_parent(graphroot, rel)
+    kind = "directory" if directory else "regular file"
     try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)   # (never open a planted device)
+        if stat.S_ISLNK(st.st_mode):
+            raise _refuse(graphroot, rel, OSError(errno.ELOOP, "symlink"))
+        if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+            raise StoreError(f"{os.path.join(graphroot, rel)}: not a {kind}")
         flags = _DIR_NOFOLLOW if directory else os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
         try:
             fd = os.open(name, flags, dir_fd=pfd)
@@ -268,11 +274,10 @@ def open_in_store(graphroot: str, rel: str, *, directory: bool = False) -> int:
             raise _refuse(graphroot, rel, e) from None
     finally:
         os.close(pfd)
-    st = os.fstat(fd)
-    if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+    fst = os.fstat(fd)
+    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
         os.close(fd)
-        raise StoreError(f"{os.path.join(graphroot, rel)}: not a "
-                         f"{'directory' if directory else 'regular file'}")
+        raise StoreError(f"{os.path.join(graphroot, rel)}: replaced while it was opened")
     if not directory:
         os.set_blocking(fd, True)
     return fd

@@ -110,10 +110,18 @@ def open_beneath(dir_fd: int, name: bytes, label: str) -> int:
             if fd != dir_fd:
                 os.close(fd)
             fd = nfd
-        try:
-            return os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=fd)
+        try:   # never open a device or FIFO planted where a file should be: look first
+            st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISREG(st.st_mode):
+                raise Unverifiable(f"{label}: {name!r} in the diff dir is not a regular file")
+            ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=fd)
         except OSError as e:
             raise Unverifiable(f"{label}: {name!r}: {_why(e)}") from None
+        fst = os.fstat(ffd)
+        if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+            os.close(ffd)
+            raise Unverifiable(f"{label}: {name!r} in the diff dir changed while it was opened")
+        return ffd
     finally:
         if fd != dir_fd:
             os.close(fd)

@@ -123,3 +123,13 @@ def test_cli_symlinked_diff_exit_3(tmp_path):
     assert p.returncode == 3, p.stderr
     assert "symbolic link" in p.stderr and "Traceback" not in p.stderr
     _no_secret_imported(tmp_path)
+
+
+@pytest.mark.parametrize("rel", ["overlay-layers/layers.json", "overlay-images/images.json",
+                                 f"overlay-images/{IMG}/manifest"])
+def test_fifo_instead_of_a_file_is_refused_without_blocking(tmp_path, rel):
+    store, _lid = _cstore(tmp_path)
+    (store / rel).unlink()
+    os.mkfifo(store / rel)
+    with pytest.raises(FlatmountError, match="not a regular file"):
+        _pull(tmp_path, store)

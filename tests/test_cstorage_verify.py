@@ -12,6 +12,7 @@ import gzip
 import io
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -225,6 +226,8 @@ def _tarsplit(*entries: dict) -> io.BufferedReader:
     ({"type": 1, "name": "link/secret", "size": 6}, "symlink"),
     ({"type": 1, "name": "file", "size": 99}, "not the 99-byte file"),
     ({"type": 1, "name": "missing", "size": 3}, "No such file"),
+    ({"type": 1, "name": "fifo", "size": 3}, "not a regular file"),
+    ({"type": 1, "name": "null", "size": 3}, "not a regular file"),
     ({"type": 1, "size": 3}, "without a name"),
     ({"type": 2, "payload": "!!"}, "not base64"),
     ({"type": 7}, "unknown entry type"),
@@ -236,6 +239,8 @@ def test_tarsplit_stream_refuses(tmp_path, entry, words):
     (diff / "a").mkdir(parents=True)
     (diff / "file").write_text("abc")
     os.symlink(tmp_path / "outside", diff / "link")
+    os.mkfifo(diff / "fifo")                               # opened, it would block the read
+    os.mknod(diff / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
     fd = os.open(diff, os.O_RDONLY | os.O_DIRECTORY)
     try:
         stream = TarSplitStream(_tarsplit({"type": 2, "payload": "aGVhZGVy"}, entry), fd, "t")
