@@ -1087,7 +1087,7 @@ def read_verified_layer_tree(layer: CLayer, objects: ObjectStore) -> tuple[Inode
         stream = TarSplitStream(gzip.GzipFile(fileobj=raw, mode="rb"), dfd, label)
         try:
             tl = read_tar(stream, objects, label=f"{label} (rebuilt from tar-split)")  # type: ignore[arg-type]
-        except LayerError as e:       # Unverifiable too
+        except LayerError as e:       # (flatmount.tarsplit: the stream cannot be rebuilt)
             return None, str(e)
         finally:
             stream.close()

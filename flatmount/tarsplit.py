@@ -17,7 +17,7 @@ gzip of JSON lines, one entry each, in stream order:
   from the file at `name` in the diff dir (entries of size 0, e.g. directories, add nothing).
 
 Anything that does not fit (a missing or changed file, a bad line, a path leaving the diff dir, a
-symlink on the way) raises `Unverifiable`: the caller then records the layer as unverified.
+symlink on the way) raises LayerError: the caller then records the layer as unverified.
 """
 
 from __future__ import annotations
@@ -40,10 +40,6 @@ _CHUNK = 1 << 20
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
-class Unverifiable(LayerError):
-    """The tar-split data and the diff dir do not rebuild a tar stream (see the module docstring)."""
-
-
 def _entries(f: Any, label: str) -> Iterator[tuple[int, bytes, int]]:
     """(type, segment bytes or file name, file size) for each JSON line of a tar-split stream."""
     n = 0
@@ -51,47 +47,47 @@ def _entries(f: Any, label: str) -> Iterator[tuple[int, bytes, int]]:
         try:
             line = f.readline(MAX_LINE + 1)
         except (OSError, EOFError, ValueError) as e:   # gzip.BadGzipFile is an OSError
-            raise Unverifiable(f"{label}: tar-split data unreadable ({e})") from None
+            raise LayerError(f"{label}: tar-split data unreadable ({e})") from None
         if not line:
             return
         n += 1
         if len(line) > MAX_LINE:
-            raise Unverifiable(f"{label}: tar-split line {n} is too long")
+            raise LayerError(f"{label}: tar-split line {n} is too long")
         if not line.strip():
             continue
         try:
             e = json.loads(line)
         except (ValueError, UnicodeDecodeError, RecursionError):
-            raise Unverifiable(f"{label}: tar-split line {n} is not JSON") from None
+            raise LayerError(f"{label}: tar-split line {n} is not JSON") from None
         if not isinstance(e, dict):
-            raise Unverifiable(f"{label}: tar-split line {n} is not an object")
+            raise LayerError(f"{label}: tar-split line {n} is not an object")
         kind = e.get("type")
         if kind == SEGMENT_TYPE:
             yield SEGMENT_TYPE, _b64(e.get("payload"), label, n), 0
         elif kind == FILE_TYPE:
             size = e.get("size", 0)
             if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-                raise Unverifiable(f"{label}: tar-split line {n}: bad size")
+                raise LayerError(f"{label}: tar-split line {n}: bad size")
             if e.get("name_raw") is not None:
                 name = _b64(e["name_raw"], label, n)
             elif isinstance(e.get("name"), str):
                 name = os.fsencode(e["name"])
             else:
-                raise Unverifiable(f"{label}: tar-split line {n}: file entry without a name")
+                raise LayerError(f"{label}: tar-split line {n}: file entry without a name")
             yield FILE_TYPE, name, size
         else:
-            raise Unverifiable(f"{label}: tar-split line {n}: unknown entry type {kind!r}")
+            raise LayerError(f"{label}: tar-split line {n}: unknown entry type {kind!r}")
 
 
 def _b64(v: Any, label: str, n: int) -> bytes:
     if v is None:
         return b""
     if not isinstance(v, str):
-        raise Unverifiable(f"{label}: tar-split line {n}: payload is not base64 text")
+        raise LayerError(f"{label}: tar-split line {n}: payload is not base64 text")
     try:
         return base64.b64decode(v, validate=True)
     except (binascii.Error, ValueError):
-        raise Unverifiable(f"{label}: tar-split line {n}: payload is not base64") from None
+        raise LayerError(f"{label}: tar-split line {n}: payload is not base64") from None
 
 
 def open_beneath(dir_fd: int, name: bytes, label: str) -> int:
@@ -99,28 +95,28 @@ def open_beneath(dir_fd: int, name: bytes, label: str) -> int:
     symlink (so the stream can only ever contain bytes from inside the diff dir)."""
     parts = [p for p in name.split(b"/") if p and p != b"."]
     if not parts or b".." in parts:
-        raise Unverifiable(f"{label}: tar-split names {name!r}, outside the layer")
+        raise LayerError(f"{label}: tar-split names {name!r}, outside the layer")
     fd = dir_fd
     try:
         for part in parts[:-1]:
             try:
                 nfd = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC, dir_fd=fd)
             except OSError as e:
-                raise Unverifiable(f"{label}: {name!r}: {_why(e)}") from None
+                raise LayerError(f"{label}: {name!r}: {_why(e)}") from None
             if fd != dir_fd:
                 os.close(fd)
             fd = nfd
         try:   # never open a device or FIFO planted where a file should be: look first
             st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
             if not stat.S_ISREG(st.st_mode):
-                raise Unverifiable(f"{label}: {name!r} in the diff dir is not a regular file")
+                raise LayerError(f"{label}: {name!r} in the diff dir is not a regular file")
             ffd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=fd)
         except OSError as e:
-            raise Unverifiable(f"{label}: {name!r}: {_why(e)}") from None
+            raise LayerError(f"{label}: {name!r}: {_why(e)}") from None
         fst = os.fstat(ffd)
         if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
             os.close(ffd)
-            raise Unverifiable(f"{label}: {name!r} in the diff dir changed while it was opened")
+            raise LayerError(f"{label}: {name!r} in the diff dir changed while it was opened")
         return ffd
     finally:
         if fd != dir_fd:
@@ -172,7 +168,7 @@ class TarSplitStream:
                 st = os.fstat(fd)
                 if not stat.S_ISREG(st.st_mode) or st.st_size != size:
                     os.close(fd)
-                    raise Unverifiable(f"{self._label}: {data!r} in the diff dir is not the "
+                    raise LayerError(f"{self._label}: {data!r} in the diff dir is not the "
                                        f"{size}-byte file the tar-split data describes")
                 os.set_blocking(fd, True)
                 self._fd, self._left = fd, size
@@ -194,7 +190,7 @@ class TarSplitStream:
         want = min(len(mv), self._left)
         n = os.readv(self._fd, [mv[:want]])
         if n <= 0:
-            raise Unverifiable(f"{self._label}: a file in the diff dir is shorter than recorded")
+            raise LayerError(f"{self._label}: a file in the diff dir is shorter than recorded")
         self._left -= n
         return n
 

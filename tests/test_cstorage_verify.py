@@ -22,11 +22,11 @@ from conftest import require_root, require_tool
 from cstorage_fixtures import cleanup_mounts, podman, write_containers_conf, write_storage_conf
 
 from flatmount import cstorage
-from flatmount.errors import FormatError
+from flatmount.errors import FormatError, LayerError
 from flatmount.fsck import fsck
 from flatmount.pull import pull
 from flatmount.store import chain_id, layer_is_unverified, open_store, unverified_chain_id
-from flatmount.tarsplit import TarSplitStream, Unverifiable
+from flatmount.tarsplit import TarSplitStream
 
 GENUINE = b"genuine motd: welcome to the real image\n" * 4
 PLANTED = b"PLANTED motd: this is not the image's c" * 4 + b"ontent!!"    # also > 64 bytes
@@ -244,7 +244,7 @@ def test_tarsplit_stream_refuses(tmp_path, entry, words):
     fd = os.open(diff, os.O_RDONLY | os.O_DIRECTORY)
     try:
         stream = TarSplitStream(_tarsplit({"type": 2, "payload": "aGVhZGVy"}, entry), fd, "t")
-        with pytest.raises(Unverifiable, match=words):
+        with pytest.raises(LayerError, match=words):
             while stream.read(4096):
                 pass
         stream.close()
