@@ -130,6 +130,35 @@ def test_planted_layer_is_not_reused_by_a_verified_pull(cstore, tmp_path, plant)
         store.close()
 
 
+def test_planted_top_layer_over_a_verified_base(cstore, tmp_path):
+    """Two layers (podman build: COPY over the imported base), only the top one planted: the base
+    verifies and is shared, the top is unverified; the digest-checked pull imports only the top."""
+    ctx = tmp_path / "ctx"
+    ctx.mkdir()
+    (ctx / "added").write_bytes(GENUINE * 2)
+    (ctx / "Containerfile").write_text(f"FROM {IMAGE}\nCOPY added /etc/added\n")
+    podman(cstore.env, "build", "--isolation", "chroot", "-t", "localhost/two:latest", str(ctx))
+    two_oci = tmp_path / "two-oci"
+    podman(cstore.env, "save", "--format", "oci-dir", "-o", str(two_oci), "localhost/two:latest")
+    cs = cstorage.CStorage([cstore.graphroot])
+    with cs.reading():
+        base, top = cs.layer_chain(cs.resolve_image("localhost/two:latest").top_layer)
+    (Path(top.diff_dir) / "etc" / "added").write_bytes(PLANTED)
+    store = _store(tmp_path)
+    try:
+        rec = cstorage.pull_cstorage(store, "containers-storage:localhost/two:latest", storage_conf=cstore.conf)
+        chain = store.layer_chain(rec.top_layer)
+        assert [lay.id for lay in chain] == [base.id, unverified_chain_id(base.id, top.diff_id)]
+        assert [(p.kind, p.subject) for p in fsck(store).problems] == [("unverified-layer", chain[1].id)]
+        assert _read_mounted(store, "localhost/two:latest", "etc/added") == PLANTED
+        got = pull(store, f"oci:{two_oci}")
+        assert got.present == (base.id,) and got.imported == (top.id,)
+        assert store.resolve_image("localhost/two:latest").top_layer == top.id
+        assert _read_mounted(store, "localhost/two:latest", "etc/added") == GENUINE * 2
+    finally:
+        store.close()
+
+
 def test_cli_says_unverified(cstore, tmp_path):
     (cstore.diff / "etc" / "motd").write_bytes(PLANTED)
     env = {**cstore.env, "PYTHONPATH": str(ROOT)}
