@@ -26,11 +26,22 @@ Layer ids: recomputed from the diff_id chain (base = diff_id hex, child = sha256
 diff_id hex)).  For every layer c/storage itself created from a tar this equals its own id; for
 layers whose c/storage id follows another rule (partial zstd:chunked pulls) the recomputed id keeps
 one chain = one id across all flatmount stores.
+
+Verification: a `diff-digest` in layers.json is only a claim.  A layer is recorded under that id only
+if its tar stream, rebuilt from `overlay-layers/<id>.tar-split.gz` and the diff dir's files
+(flatmount.tarsplit), hashes to it; the layer is then read from that stream.  Otherwise it is read
+from its diff dir and recorded under `flatmount.store.unverified_chain_id`, which no digest-checked
+pull reuses (`pull_cstorage`).  An image's config must hash to its id.
+
+Paths: the graph root (the user's choice) may be a symlink; nothing below it is followed if it is one
+(`open_in_store`): overlay-layers/, overlay-images/, their JSON, lock and big-data files, overlay/,
+the layer dir and its diff dir.  `link` files and `l/` symlinks are never read.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import fcntl
 import json
 import os
@@ -45,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
 from flatmount.store import chain_id
-from flatmount.tree import OPAQUE_XATTR, S_IFMT, Inode
+from flatmount.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import ImageRecord, Store
@@ -196,6 +207,99 @@ def parse_spec(spec: str) -> CStorageRef:
 
 
 # ==================================================================================================
+# paths inside a graph root: every component the store controls is opened without following symlinks
+# ==================================================================================================
+
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_DIR_NOFOLLOW = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _CLOEXEC
+
+
+def _parts(rel: str) -> list[str]:
+    parts = [p for p in rel.split("/") if p]
+    if not parts or any(p in (".", "..") for p in parts):
+        raise StoreError(f"bad path {rel!r} inside a containers store")
+    return parts
+
+
+def _refuse(graphroot: str, rel: str, e: OSError) -> OSError:
+    """The error for a failed no-follow open: a symlink (ELOOP/ENOTDIR on one) is refused loudly."""
+    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+        return StoreError(f"{os.path.join(graphroot, rel)}: a symbolic link or not a directory where "
+                          "containers/storage keeps a real one; refusing to follow it")
+    return e
+
+
+def open_parent(graphroot: str, rel: str) -> tuple[int, str]:
+    """(fd of the directory holding `graphroot/rel`, last component); no component below the graph
+    root is followed if it is a symlink.  The graph root itself (the user's choice) may be one.
+
+    Raises FileNotFoundError if a component is missing, StoreError if one is a symlink."""
+    parts = _parts(rel)
+    try:
+        fd = os.open(graphroot, os.O_RDONLY | os.O_DIRECTORY | _CLOEXEC)
+    except OSError as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise StoreError(f"cannot open containers store {graphroot}: {e.strerror}") from None
+    try:
+        for i, part in enumerate(parts[:-1]):
+            try:
+                nfd = os.open(part, _DIR_NOFOLLOW, dir_fd=fd)
+            except OSError as e:
+                raise _refuse(graphroot, "/".join(parts[:i + 1]), e) from None
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, parts[-1]
+
+
+def open_in_store(graphroot: str, rel: str, *, directory: bool = False) -> int:
+    """fd of `graphroot/rel` (a regular file, or a directory if `directory`), never following a
+    symlink below the graph root.  FileNotFoundError if missing; StoreError if a symlink or of the
+    wrong type (a FIFO there would otherwise block the read)."""
+    pfd, name = open_parent(graphroot, rel)
+    kind = "directory" if directory else "regular file"
+    try:
+        st = os.stat(name, dir_fd=pfd, follow_symlinks=False)   # (never open a planted device)
+        if stat.S_ISLNK(st.st_mode):
+            raise _refuse(graphroot, rel, OSError(errno.ELOOP, "symlink"))
+        if not (stat.S_ISDIR(st.st_mode) if directory else stat.S_ISREG(st.st_mode)):
+            raise StoreError(f"{os.path.join(graphroot, rel)}: not a {kind}")
+        flags = _DIR_NOFOLLOW if directory else os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC
+        try:
+            fd = os.open(name, flags, dir_fd=pfd)
+        except OSError as e:
+            raise _refuse(graphroot, rel, e) from None
+    finally:
+        os.close(pfd)
+    fst = os.fstat(fd)
+    if (fst.st_dev, fst.st_ino) != (st.st_dev, st.st_ino):
+        os.close(fd)
+        raise StoreError(f"{os.path.join(graphroot, rel)}: replaced while it was opened")
+    if not directory:
+        os.set_blocking(fd, True)
+    return fd
+
+
+def read_store_file(graphroot: str, rel: str) -> bytes | None:
+    """The bytes of `graphroot/rel` (None if it does not exist), opened as `open_in_store` does."""
+    try:
+        fd = open_in_store(graphroot, rel)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StoreError(f"cannot read {os.path.join(graphroot, rel)}: {e.strerror}") from None
+    try:
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            return f.read()
+    except OSError as e:
+        raise StoreError(f"cannot read {os.path.join(graphroot, rel)}: {e.strerror}") from None
+
+
+
+# ==================================================================================================
 # locks (POSIX record locks: one fd per lock file per process, or a close elsewhere drops the lock)
 # ==================================================================================================
 
@@ -210,25 +314,41 @@ class _LockTable:
         self._mutex = threading.Lock()
         self._held: dict[tuple[int, int], list[int]] = {}   # (dev, ino) -> [fd, count]
 
-    def acquire(self, path: str) -> tuple[int, int] | None:
+    def acquire(self, path: str, root: str | None = None) -> tuple[int, int] | None:
         # The mutex is held across open + lockf so no thread ever opens (and later closes) a second
         # fd of a file that is already locked here.  It may wait for a c/storage writer meanwhile.
+        # With `root`, `path` is inside that graph root and no component below it is followed.
+        if root is not None:
+            rel = os.path.relpath(path, root)
+        else:
+            root, rel = os.path.split(path)
         with self._mutex:
             try:
-                st = os.stat(path)
+                pfd, name = open_parent(root, rel)
             except FileNotFoundError:
                 return None    # no lock file: nobody writes this store through c/storage
             except OSError as e:
-                raise StoreError(f"cannot stat lock file {path}: {e.strerror}") from None
-            key = (st.st_dev, st.st_ino)
-            held = self._held.get(key)
-            if held is not None:
-                held[1] += 1
-                return key
+                raise StoreError(f"cannot open the directory of lock file {path}: {e.strerror}") from None
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError as e:
-                raise StoreError(f"cannot open lock file {path}: {e.strerror}") from None
+                try:
+                    st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    return None
+                except OSError as e:
+                    raise StoreError(f"cannot stat lock file {path}: {e.strerror}") from None
+                if not stat.S_ISREG(st.st_mode):
+                    raise StoreError(f"lock file {path} is not a regular file (a symlink?); refusing it")
+                key = (st.st_dev, st.st_ino)
+                held = self._held.get(key)
+                if held is not None:
+                    held[1] += 1
+                    return key
+                try:
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | _CLOEXEC, dir_fd=pfd)
+                except OSError as e:
+                    raise StoreError(f"cannot open lock file {path}: {e.strerror}") from None
+            finally:
+                os.close(pfd)
             try:
                 fst = os.fstat(fd)
                 if (fst.st_dev, fst.st_ino) != key:
@@ -263,9 +383,10 @@ _LOCKS = _LockTable()
 
 
 @contextmanager
-def read_lock(path: str | os.PathLike) -> Iterator[None]:
-    """Hold a shared POSIX lock on a c/storage lock file (never creating or writing it)."""
-    key = _LOCKS.acquire(os.fspath(path))
+def read_lock(path: str | os.PathLike, root: str | None = None) -> Iterator[None]:
+    """Hold a shared POSIX lock on a c/storage lock file (never creating or writing it); with `root`
+    (the graph root holding it) no path component below the root is followed if it is a symlink."""
+    key = _LOCKS.acquire(os.fspath(path), root)
     try:
         yield
     finally:
@@ -332,41 +453,66 @@ def bigdata_filename(key: str) -> str:
     return "=" + base64.b64encode(key.encode("utf-8")).decode("ascii")
 
 
-def _load_json_list(path: str, lock: str) -> list[dict[str, Any]]:
-    with read_lock(lock):
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        except OSError as e:
-            raise StoreError(f"cannot read {path}: {e.strerror}") from None
-    if not data.strip():
+def _load_json_list(graphroot: str, rel: str, lock: str) -> list[dict[str, Any]]:
+    path = os.path.join(graphroot, rel)
+    with read_lock(lock, graphroot):
+        data = read_store_file(graphroot, rel)
+    if data is None or not data.strip():
         return []
-    try:
-        doc = json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{path}: not valid JSON: {e}") from None
+    doc = _json_doc(data, path)
     if not isinstance(doc, list) or not all(isinstance(e, dict) for e in doc):
         raise FormatError(f"{path}: expected a JSON list of objects")
     return doc
 
 
+def _json_doc(data: bytes, where: str) -> Any:
+    """Parsed JSON; bad or absurdly nested input (RecursionError in the parser) is a FormatError."""
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:   # JSONDecodeError is a ValueError
+        raise FormatError(f"{where}: not valid JSON: {e}") from None
+    except RecursionError:
+        raise FormatError(f"{where}: JSON nested too deeply") from None
+
+
+def _field(e: dict[str, Any], key: str, kind: type, where: str) -> Any:
+    """`e[key]` if it has the JSON type c/storage writes (None if absent or null), else FormatError."""
+    v = e.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, kind) or (isinstance(v, bool) and kind is not bool):
+        raise FormatError(f"{where}: {key!r} has the wrong JSON type ({type(v).__name__})")
+    return v
+
+
+def _str_list(e: dict[str, Any], key: str, where: str) -> tuple[str, ...]:
+    v = _field(e, key, list, where) or ()
+    if not all(isinstance(x, str) for x in v):
+        raise FormatError(f"{where}: {key!r} must be a list of strings")
+    return tuple(v)
+
+
 def _idmaps(entries: Any, where: str) -> tuple[IDMap, ...]:
     if not entries:
         return ()
-    try:
-        return tuple(IDMap(int(e["container_id"]), int(e["host_id"]), int(e["size"])) for e in entries)
-    except (KeyError, TypeError, ValueError):
-        raise FormatError(f"{where}: bad uidmap/gidmap entry") from None
+    if not isinstance(entries, list):
+        raise FormatError(f"{where}: uidmap/gidmap must be a list")
+    out = []
+    for e in entries:
+        vals = [e.get(k) if isinstance(e, dict) else None for k in ("container_id", "host_id", "size")]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in vals):
+            raise FormatError(f"{where}: bad uidmap/gidmap entry")
+        out.append(IDMap(*vals))
+    return tuple(out)
 
 
-def _str_or_none(v: Any) -> str | None:
-    return str(v) if v else None
+def _str_or_none(e: dict[str, Any], key: str, where: str) -> str | None:
+    return _field(e, key, str, where) or None
 
 
-def _int_or_none(v: Any) -> int | None:
-    return int(v) if isinstance(v, int) and v >= 0 else None
+def _int_or_none(e: dict[str, Any], key: str, where: str) -> int | None:
+    v = _field(e, key, int, where)
+    return v if v is not None and v >= 0 else None
 
 
 class CStore:
@@ -399,23 +545,24 @@ class CStore:
         if self._layers is None:
             path = os.path.join(self.graphroot, "overlay-layers", "layers.json")
             out: dict[str, CLayer] = {}
-            for e in _load_json_list(path, self.layers_lock):
+            for e in _load_json_list(self.graphroot, "overlay-layers/layers.json", self.layers_lock):
                 lid = e.get("id")
                 if not isinstance(lid, str) or not re.fullmatch(r"[0-9a-f]{64}", lid):
                     raise FormatError(f"{path}: bad layer id {lid!r}")
-                flags = e.get("flags") or {}
+                where = f"{path}: layer {lid}"
+                flags = _field(e, "flags", dict, where) or {}
                 out[lid] = CLayer(
                     id=lid,
-                    parent=_str_or_none(e.get("parent")),
-                    diff_id=_str_or_none(e.get("diff-digest")),
-                    compressed_digest=_str_or_none(e.get("compressed-diff-digest")),
-                    compressed_size=_int_or_none(e.get("compressed-size")),
-                    diff_size=_int_or_none(e.get("diff-size")),
-                    created=_str_or_none(e.get("created")),
-                    names=tuple(e.get("names") or ()),
-                    uidmap=_idmaps(e.get("uidmap"), path),
-                    gidmap=_idmaps(e.get("gidmap"), path),
-                    incomplete=bool(isinstance(flags, dict) and flags.get("incomplete")),
+                    parent=_str_or_none(e, "parent", where),
+                    diff_id=_str_or_none(e, "diff-digest", where),
+                    compressed_digest=_str_or_none(e, "compressed-diff-digest", where),
+                    compressed_size=_int_or_none(e, "compressed-size", where),
+                    diff_size=_int_or_none(e, "diff-size", where),
+                    created=_str_or_none(e, "created", where),
+                    names=_str_list(e, "names", where),
+                    uidmap=_idmaps(e.get("uidmap"), where),
+                    gidmap=_idmaps(e.get("gidmap"), where),
+                    incomplete=bool(flags.get("incomplete")),
                     graphroot=self.graphroot,
                 )
             self._layers = out
@@ -425,20 +572,21 @@ class CStore:
         if self._images is None:
             path = os.path.join(self.graphroot, "overlay-images", "images.json")
             out: list[CImage] = []
-            for e in _load_json_list(path, self.images_lock):
+            for e in _load_json_list(self.graphroot, "overlay-images/images.json", self.images_lock):
                 iid = e.get("id")
                 if not isinstance(iid, str) or not re.fullmatch(r"[0-9a-f]{64}", iid):
                     raise FormatError(f"{path}: bad image id {iid!r}")
-                digest = _str_or_none(e.get("digest"))
-                digests = tuple(e.get("digests") or ((digest,) if digest else ()))
+                where = f"{path}: image {iid}"
+                digest = _str_or_none(e, "digest", where)
+                digests = _str_list(e, "digests", where) or ((digest,) if digest else ())
                 out.append(CImage(
                     id=iid,
-                    names=tuple(e.get("names") or ()),
-                    top_layer=_str_or_none(e.get("layer")),
+                    names=_str_list(e, "names", where),
+                    top_layer=_str_or_none(e, "layer", where),
                     digest=digest,
                     digests=digests,
-                    created=_str_or_none(e.get("created")),
-                    big_data_names=tuple(e.get("big-data-names") or ()),
+                    created=_str_or_none(e, "created", where),
+                    big_data_names=_str_list(e, "big-data-names", where),
                     graphroot=self.graphroot,
                 ))
             self._images = out
@@ -446,15 +594,11 @@ class CStore:
 
     def big_data(self, image: CImage, key: str) -> bytes | None:
         """The big-data item `key` of `image` (None if the image has no such item)."""
-        path = os.path.join(self.graphroot, "overlay-images", image.id, bigdata_filename(key))
-        with read_lock(self.images_lock):
-            try:
-                with open(path, "rb") as f:
-                    return f.read()
-            except FileNotFoundError:
-                return None
-            except OSError as e:
-                raise StoreError(f"cannot read {path}: {e.strerror}") from None
+        name = bigdata_filename(key)
+        if name in ("", ".", ".."):
+            return None
+        with read_lock(self.images_lock, self.graphroot):
+            return read_store_file(self.graphroot, f"overlay-images/{image.id}/{name}")
 
 
 # ==================================================================================================
@@ -550,9 +694,9 @@ class CStorage:
         takes layer locks before image locks) and re-read the JSON inside."""
         with ExitStack() as stack:
             for s in self.stores:
-                stack.enter_context(read_lock(s.layers_lock))
+                stack.enter_context(read_lock(s.layers_lock, s.graphroot))
             for s in self.stores:
-                stack.enter_context(read_lock(s.images_lock))
+                stack.enter_context(read_lock(s.images_lock, s.graphroot))
             self.reload()
             yield self
 
@@ -682,7 +826,7 @@ class CStorage:
         if manifest:
             try:
                 digest = json.loads(manifest)["config"]["digest"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 digest = None
             if isinstance(digest, str):
                 return self.big_data(image, digest)
@@ -850,17 +994,46 @@ def read_layer_tree(layer: CLayer, objects: ObjectStore | None = None) -> Inode:
     if layer.incomplete:
         raise LayerError(f"layer {layer.id} in {layer.graphroot} is incomplete (being created or "
                          "deleted by c/storage)")
-    if os.path.exists(os.path.join(layer.layer_dir, "composefs-data", "composefs.blob")):
-        raise LayerError(f"layer {layer.id}: composefs-backed c/storage layers (use_composefs) are "
-                         "not supported")
-    diff = layer.diff_dir
-    if not os.path.isdir(diff):
-        raise LayerError(f"layer {layer.id}: diff directory {diff} is missing")
-    from flatmount.scan import scan_directory
+    with open_diff_dir(layer) as fd:
+        from flatmount.scan import scan_directory
 
-    root = scan_directory(diff, objects)
+        proc = f"/proc/self/fd/{fd}"
+        try:
+            root = scan_directory(proc, objects)
+        except LayerError as e:   # name the diff dir, not our /proc handle of it
+            raise LayerError(str(e).replace(proc, layer.diff_dir)) from None
     return normalise_layer_tree(root, uidmap=layer.uidmap, gidmap=layer.gidmap,
                                 name=f"layer {layer.id[:12]}")
+
+
+@contextmanager
+def open_diff_dir(layer: CLayer) -> Iterator[int]:
+    """An fd of the layer's `overlay/<id>/diff`, reached without following any symlink below the
+    graph root (a diff dir, layer dir or `overlay/` that is a symlink is refused: c/storage never
+    makes one, and following it would import whatever it points at)."""
+    rel = f"overlay/{layer.id}"
+    try:
+        composefs = open_in_store(layer.graphroot, f"{rel}/composefs-data/composefs.blob")
+    except FileNotFoundError:
+        pass
+    except StoreError as e:
+        raise LayerError(f"layer {layer.id}: {e}") from None
+    else:
+        os.close(composefs)
+        raise LayerError(f"layer {layer.id}: composefs-backed c/storage layers (use_composefs) are "
+                         "not supported")
+    try:
+        fd = open_in_store(layer.graphroot, f"{rel}/diff", directory=True)
+    except FileNotFoundError:
+        raise LayerError(f"layer {layer.id}: diff directory {layer.diff_dir} is missing") from None
+    except StoreError as e:
+        raise LayerError(f"layer {layer.id}: {e}") from None
+    except OSError as e:
+        raise LayerError(f"layer {layer.id}: cannot open {layer.diff_dir}: {e.strerror}") from None
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 # ==================================================================================================
@@ -880,37 +1053,116 @@ def layer_ids(chain: Sequence[CLayer]) -> list[str]:
     return ids
 
 
+def tarsplit_path(layer: CLayer) -> str:
+    """`overlay-layers/<id>.tar-split.gz`, relative to the layer's graph root."""
+    return f"overlay-layers/{layer.id}.tar-split.gz"
+
+
+def read_verified_layer_tree(layer: CLayer, objects: ObjectStore) -> tuple[Inode | None, str]:
+    """(tree, "") if the layer's tar-split data and diff dir rebuild a tar stream whose sha256 is its
+    `diff-digest`; the tree is then read FROM that stream (flatmount.tarsplit says why).  Else
+    (None, why): the caller records the layer as unverified.
+
+    The tree's root directory follows the c/storage rule of `read_layer_tree` (the diff dir's mode,
+    owner and mtime; write and set-id bits dropped), so a layer looks the same either way.
+    """
+    import gzip
+
+    from flatmount.layers import read_tar
+    from flatmount.tarsplit import TarSplitStream
+
+    if layer.incomplete:
+        raise LayerError(f"layer {layer.id} in {layer.graphroot} is incomplete (being created or "
+                         "deleted by c/storage)")
+    label = f"layer {layer.id[:12]}"
+    try:
+        tsfd = open_in_store(layer.graphroot, tarsplit_path(layer))
+    except FileNotFoundError:
+        return None, f"{label}: no tar-split data"
+    except StoreError as e:
+        raise LayerError(f"layer {layer.id}: {e}") from None
+    except OSError as e:
+        return None, f"{label}: cannot open its tar-split data: {e.strerror}"
+    with os.fdopen(tsfd, "rb") as raw, open_diff_dir(layer) as dfd:
+        stream = TarSplitStream(gzip.GzipFile(fileobj=raw, mode="rb"), dfd, label)
+        try:
+            tl = read_tar(stream, objects, label=f"{label} (rebuilt from tar-split)")  # type: ignore[arg-type]
+        except LayerError as e:       # (flatmount.tarsplit: the stream cannot be rebuilt)
+            return None, str(e)
+        finally:
+            stream.close()
+        st = os.fstat(dfd)
+    if tl.compression != "none" or tl.diff_id != layer.diff_id:
+        return None, (f"{label}: the stream rebuilt from its tar-split data and diff dir has digest "
+                      f"{tl.diff_id}, not its diff-digest {layer.diff_id}")
+    root = tl.tree
+    where = f"{label}:/"
+    root.mode = S_IFDIR | (st.st_mode & 0o755)
+    root.uid = _to_container_id(st.st_uid, layer.uidmap, "uid", where)
+    root.gid = _to_container_id(st.st_gid, layer.gidmap, "gid", where)
+    root.mtime_ns = st.st_mtime_ns
+    return root, ""
+
+
 def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
                   storage_conf: str | os.PathLike | None = None) -> ImageRecord:
-    """Import a containers-storage image (its layers straight from their diff dirs) into `store`.
+    """Import a containers-storage image into `store`, all or nothing.
 
-    All or nothing, through the store's own import path (`flatmount.pull.ImportBatch`): layers
-    already recorded in `store` (primary or any additional store) are not read again; the image is
-    recorded with its config bytes (big data `sha256:<id>`), manifest and names (its c/storage names
-    plus `name`, if given).  The c/storage read locks are held until the commit.
+    Each layer is verified first: rebuilt from its tar-split data and diff dir, hashed against its
+    claimed diff_id and, if that matches, read from the rebuilt stream (`read_verified_layer_tree`)
+    and recorded under the id any verified import gives it (`flatmount.store.chain_id`).  A layer
+    that cannot be verified (no or mismatching tar-split data, e.g. partial zstd:chunked pulls or a
+    tampered diff dir) is read from its diff dir and recorded under `unverified_chain_id`: no pull
+    that verifies digests ever reuses it, and fsck lists it.  Layers already recorded in `store`
+    (primary or any additional store) under the id they would get are not read again; a verified
+    record is preferred to an unverified one.  The image is recorded with its config bytes (which
+    must hash to the image id), manifest and names (its c/storage names plus `name`, if given).
+    The c/storage read locks are held until the commit (`flatmount.pull.ImportBatch`).
     """
     from flatmount.pull import ImportBatch
+    from flatmount.store import unverified_chain_id
 
     ref = parse_spec(spec)
     cs = CStorage.open(ref, storage_conf)
     with cs.reading():
         image = cs.resolve_image(ref.ref)
         chain = cs.layer_chain(image.top_layer)
-        ids = layer_ids(chain)
+        layer_ids(chain)            # every layer has a usable diff-digest
         config = cs.image_config(image)
+        if config is not None:
+            import hashlib
+
+            if hashlib.sha256(config).hexdigest() != image.id:
+                raise FormatError(f"image {image.id[:12]} in {image.graphroot}: its config's sha256 is "
+                                  "not its id (the store's image data was changed)")
+            if not isinstance(_json_doc(config, f"image {image.id[:12]} config"), dict):
+                raise FormatError(f"image {image.id[:12]} in {image.graphroot}: its config is not a "
+                                  "JSON object")
         manifest = cs.image_manifest(image)
         names = list(image.names)
         if name and name not in names:
             names.append(name)
         with ImportBatch(store) as batch:
             parent: str | None = None
-            for layer, lid in zip(chain, ids, strict=True):
-                if not batch.has_layer(lid):
+            for layer in chain:
+                diff_id = str(layer.diff_id)
+                vid = chain_id(parent, diff_id)
+                if batch.has_layer(vid):
+                    parent = vid
+                    continue
+                tree, _why = read_verified_layer_tree(layer, batch.objects)
+                if tree is not None:
+                    lid, verified = vid, True
+                else:
+                    lid, verified = unverified_chain_id(parent, diff_id), False
+                    if batch.has_layer(lid):
+                        parent = lid
+                        continue
                     tree = read_layer_tree(layer, batch.objects)
-                    batch.add_layer(tree, parent=parent, diff_id=str(layer.diff_id), layer_id=lid,
-                                    compressed_digest=layer.compressed_digest,
-                                    compressed_size=layer.compressed_size,
-                                    diff_size=layer.diff_size, created=layer.created)
+                batch.add_layer(tree, parent=parent, diff_id=diff_id, layer_id=lid, verified=verified,
+                                compressed_digest=layer.compressed_digest,
+                                compressed_size=layer.compressed_size,
+                                diff_size=layer.diff_size, created=layer.created)
                 parent = lid
             batch.set_image(image.id, parent, config=config, manifest=manifest, names=names,
                             created=image.created)

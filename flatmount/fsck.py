@@ -35,6 +35,10 @@ Notices (never make fsck fail; what crashes and normal operation leave behind):
 - orphan-image-file / orphan-layer-file: an image file without a row (gc removes it).
 - dangling-refs: refs rows of an owner that no longer exists, or `flat:` rows that earlier versions
   wrote for flattened images (repair deletes them, as gc would).
+- unverified-layer: a layer recorded under `flatmount.store.unverified_chain_id` (a c/storage layer
+  whose content could not be proven to hash to its claimed diff_id: no or mismatching tar-split
+  data).  It is used only by the images imported with it; a digest-verified pull of the same diff_id
+  imports the real layer beside it (flatmount.cstorage.pull_cstorage).
 - temp-leftover: an entry of `<root>/tmp/` or `objects/.tmp/` no writer uses (repair removes it).
   When no writer holds the GC lock every entry nobody has flock'ed is a leftover; otherwise only those
   older than a day.
@@ -86,7 +90,7 @@ KINDS = {
     "dangling-name": ERROR, "missing-flat-image": ERROR, "corrupt-flat-image": ERROR,
     "refs-missing": ERROR, "refs-extra": ERROR, "stale-lease": ERROR,
     "orphan-object": NOTICE, "orphan-image-file": NOTICE, "orphan-layer-file": NOTICE,
-    "dangling-refs": NOTICE, "temp-leftover": NOTICE,
+    "dangling-refs": NOTICE, "temp-leftover": NOTICE, "unverified-layer": NOTICE,
 }
 STALE_TMP_AGE_S = 24 * 3600
 QUARANTINE = "quarantine"
@@ -160,6 +164,7 @@ def fsck(store: Store, repair: bool = False, sample: float | int | None = None) 
         for s in run.stores:
             if has_db(s):
                 _check_records(run, s)
+                _check_unverified(run, s)
         # objects are listed AFTER the records: an import committing meanwhile adds objects before
         # its refs, and only gc (excluded by our lock) deletes them
         for s in run.stores:
@@ -617,3 +622,14 @@ def _is_dir(e: os.DirEntry) -> bool:
     except FileNotFoundError:
         return False
 
+
+def _check_unverified(run: _Run, s: Store) -> None:
+    """unverified-layer notices (see the module docstring)."""
+    from flatmount.store import layer_is_unverified
+
+    for lid, parent, diff_id in s.connect().execute("SELECT id, parent, diff_id FROM layers"):
+        if layer_is_unverified(lid, parent, diff_id):
+            run.add("unverified-layer", s, lid,
+                    f"content not verified against its diff_id {diff_id} (imported from a "
+                    "containers-storage layer without matching tar-split data)",
+                    note="a digest-verified pull of an image with this layer imports it verified")

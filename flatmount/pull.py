@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Any
 
 from flatmount.atomic import fsync_dir
 from flatmount.errors import LayerError, StoreError
-from flatmount.store import chain_id, normalise_name, now_iso
+from flatmount.store import chain_id, normalise_name, now_iso, unverified_chain_id
 from flatmount.tree import inodes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -304,15 +304,18 @@ class ImportBatch:
 
     def add_layer(self, tree: Inode, *, parent: str | None, diff_id: str, layer_id: str | None = None,
                   compressed_digest: str | None = None, compressed_size: int | None = None,
-                  diff_size: int | None = None, created: str | None = None) -> str:
-        """Stage a layer: its EROFS image written and fsynced, the objects synced; returns its id."""
+                  diff_size: int | None = None, created: str | None = None, verified: bool = True) -> str:
+        """Stage a layer: its EROFS image written and fsynced, the objects synced; returns its id.
+
+        `verified=False`: `tree` was not proven to hash to `diff_id`; it is staged under
+        `unverified_chain_id`, which no verified import ever reuses."""
         from flatmount.erofs.writer import image_bytes
         from flatmount.flatten import tree_cache_bytes
         from flatmount.tree import count_inodes
 
         if not _DIGEST.fullmatch(diff_id):
             raise LayerError(f"diff_id {diff_id!r} is not sha256:<64 hex>")
-        lid = chain_id(parent, diff_id)
+        lid = chain_id(parent, diff_id) if verified else unverified_chain_id(parent, diff_id)
         if layer_id is not None and layer_id != lid:
             raise LayerError(f"layer id {layer_id} does not follow from parent {parent} and diff_id "
                              f"{diff_id} (expected {lid})")
@@ -413,8 +416,38 @@ class ImportBatch:
             db.execute("INSERT OR IGNORE INTO images(id, top_layer, config, manifest, created) "
                        "VALUES (?, ?, ?, ?, ?)",
                        (img.id, top, img.config, img.manifest, img.created or now_iso()))
+            self._prefer_verified(db, img)
             for n in img.names:
                 db.execute("INSERT OR REPLACE INTO names(name, image_id) VALUES (?, ?)", (n, img.id))
+
+    def _prefer_verified(self, db, img: _PendingImage) -> None:
+        """The verified record wins: an image already recorded over a chain with an unverified layer
+        (flatmount.cstorage) is pointed at this import's chain if that one is fully verified."""
+        row = db.execute("SELECT top_layer FROM images WHERE id = ?", (img.id,)).fetchone()
+        if row is None or row[0] == img.top_layer or img.top_layer is None:
+            return
+        if self._chain_verified(db, img.top_layer) and not self._chain_verified(db, row[0]):
+            db.execute("UPDATE images SET top_layer = ?, config = ?, manifest = ? WHERE id = ?",
+                       (img.top_layer, img.config, img.manifest, img.id))
+
+    def _chain_verified(self, db, top: str | None) -> bool:
+        """No layer of the chain ending in `top` is recorded as unverified (an unknown layer counts
+        as unverified)."""
+        from flatmount.store import layer_is_unverified
+
+        lid, seen = top, set()
+        while lid is not None and lid not in seen:
+            seen.add(lid)
+            row = db.execute("SELECT parent, diff_id FROM layers WHERE id = ?", (lid,)).fetchone()
+            if row is None:
+                rec = next((r for r in (s.own_layer(lid) for s in self.store.additional) if r), None)
+                if rec is None:
+                    return False
+                row = (rec.parent, rec.diff_id)
+            if layer_is_unverified(lid, row[0], row[1]):
+                return False
+            lid = row[0]
+        return lid is None
 
     def _recorded(self, db, layer_id: str) -> bool:
         if db.execute("SELECT 1 FROM layers WHERE id = ?", (layer_id,)).fetchone():

@@ -168,6 +168,20 @@ def chain_id(parent: str | None, diff_id: str) -> str:
     return hashlib.sha256(f"{parent}+{hexpart}".encode("ascii")).hexdigest()
 
 
+def unverified_chain_id(parent: str | None, diff_id: str) -> str:
+    """Id of a layer whose content was NOT proven to hash to `diff_id` (a c/storage layer without
+    usable tar-split data): never the id a verified import of that diff_id uses, so no digest-checked
+    pull can take it for the real layer (flatmount.cstorage.pull_cstorage)."""
+    import hashlib
+
+    return hashlib.sha256(f"flatmount-unverified+{chain_id(parent, diff_id)}".encode("ascii")).hexdigest()
+
+
+def layer_is_unverified(layer_id: str, parent: str | None, diff_id: str) -> bool:
+    """True for a layer recorded under `unverified_chain_id` (its own content; not its parents')."""
+    return layer_id != chain_id(parent, diff_id) and layer_id == unverified_chain_id(parent, diff_id)
+
+
 def now_iso() -> str:
     """UTC timestamp as recorded in `created` columns (RFC 3339, seconds)."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -248,3 +248,25 @@ def podman_stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PodmanSt
                                env={**os.environ, "CONTAINERS_STORAGE_CONF": str(conf),
                                     "CONTAINERS_CONF": str(base / "containers.conf")})
         cleanup_mounts(base)
+
+
+def export_oci(s: PodmanStores, image: str, dest: Path) -> Path:
+    """`podman save --format oci-dir`: the image as c/storage itself exports it (its layers rebuilt
+    from c/storage's tar-split data, so their uncompressed digests are the diff_ids)."""
+    if not dest.exists():
+        podman(s.env(), "save", "--format", "oci-dir", "-o", str(dest), image)
+    return dest
+
+
+def exported_layers(s: PodmanStores) -> dict[str, Path]:
+    """diff_id -> blob path of every layer of app and ais2, from podman's own OCI export (cached)."""
+    out: dict[str, Path] = {}
+    for image in ("localhost/app:latest", "localhost/ais2:latest"):
+        d = export_oci(s, image, s.base / ("export-" + image.split("/")[1].replace(":", "-")))
+        index = json.loads((d / "index.json").read_text())
+        mdigest = index["manifests"][0]["digest"].split(":", 1)[1]
+        manifest = json.loads((d / "blobs" / "sha256" / mdigest).read_text())
+        config = json.loads((d / "blobs" / "sha256" / manifest["config"]["digest"].split(":", 1)[1]).read_text())
+        for desc, diff_id in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True):
+            out[diff_id] = d / "blobs" / "sha256" / desc["digest"].split(":", 1)[1]
+    return out

@@ -673,7 +673,27 @@ def _open_store(root: Path, additional=None):
     return open_store(root / "store", additional=additional, runroot=root / "run")
 
 
-def _check_pulled(store, cs: CStorage, info, rec) -> None:
+def _exported_layer_tree(s: PodmanStores, c, tmp: Path) -> Inode:
+    """The layer as podman exports it (`podman save`), with the root rule of c/storage layers (the
+    diff dir's mode without write bits, owner and mtime): what a verified c/storage import records."""
+    from flatmount.layers import read_tar
+    from objects import ObjectStore
+
+    blob = cstorage_fixtures.exported_layers(s)[c.diff_id]
+    with open(blob, "rb") as f:
+        layer = read_tar(f, ObjectStore(tmp / "ref-objects"))
+    assert layer.diff_id == c.diff_id
+    st = os.lstat(c.diff_dir)
+    tree = layer.tree
+    tree.mode, tree.uid, tree.gid, tree.mtime_ns = (stat.S_IFDIR | (st.st_mode & 0o755), st.st_uid,
+                                                    st.st_gid, st.st_mtime_ns)
+    return tree
+
+
+def _check_pulled(store, cs: CStorage, info, rec, s: PodmanStores, tmp: Path) -> None:
+    """Every layer verified (same ids as c/storage's) and recorded as podman exports it; the flattened
+    view equals the one from the diff dirs (the merged-view tests compare it with podman's)."""
+    from flatmount.flatten import flatten_trees
     from flatmount.scan import scan_directory
 
     assert rec.id == info.id
@@ -682,30 +702,33 @@ def _check_pulled(store, cs: CStorage, info, rec) -> None:
     cchain = cs.layer_chain(cs.resolve_image(info.id).top_layer)
     assert [lay.id for lay in chain] == [c.id for c in cchain]
     for lay, c in zip(chain, cchain, strict=True):
-        expected = normalise_layer_tree(scan_directory(c.diff_dir), uidmap=c.uidmap, gidmap=c.gidmap)
-        assert store.layer_tree(lay.id) == expected, lay.id
+        assert store.layer_tree(lay.id) == _exported_layer_tree(s, c, tmp), lay.id
         assert lay.parent == c.parent
+    scanned = [normalise_layer_tree(scan_directory(c.diff_dir), uidmap=c.uidmap, gidmap=c.gidmap)
+               for c in cchain]
+    assert flatten_trees([store.layer_tree(lay.id) for lay in chain]) == flatten_trees(scanned)
     assert rec.config == json.loads(cs.image_config(cs.resolve_image(info.id)))
 
 
 def test_pull_cstorage(podman_stores, tmp_path):
     s = podman_stores
+    cstorage_fixtures.exported_layers(s)    # (podman save writes to the store: before the fingerprints)
     before = {p: fingerprint(p) for p in (s.ais, s.main)}
     store = _open_store(tmp_path)
     cs = _cs(s)
     t0 = time.monotonic()
     rec = cstorage.pull_cstorage(store, "containers-storage:app", storage_conf=s.main_conf)
     elapsed = time.monotonic() - t0
-    _check_pulled(store, cs, s.images["localhost/app:latest"], rec)
+    _check_pulled(store, cs, s.images["localhost/app:latest"], rec, s, tmp_path)
     assert "localhost/app:latest" in rec.names
     assert store.resolve_image("localhost/app:latest").id == rec.id
     # the intermediate image shares its layers: nothing new is read, the name is recorded
     rec2 = cstorage.pull_cstorage(store, "containers-storage:step1", "copy/step1:v1", storage_conf=s.main_conf)
-    _check_pulled(store, cs, s.images["localhost/step1:latest"], rec2)
+    _check_pulled(store, cs, s.images["localhost/step1:latest"], rec2, s, tmp_path)
     assert {"localhost/step1:latest", "copy/step1:v1"} <= set(rec2.names)
     # an image whose every layer (top included) lives only in the AIS
     rec3 = cstorage.pull_cstorage(store, "containers-storage:ais2", storage_conf=s.main_conf)
-    _check_pulled(store, cs, s.images["localhost/ais2:latest"], rec3)
+    _check_pulled(store, cs, s.images["localhost/ais2:latest"], rec3, s, tmp_path)
     assert {p: fingerprint(p) for p in (s.ais, s.main)} == before   # no c/storage store was touched
     assert cstorage._LOCKS.held() == 0
     assert elapsed < 30
@@ -732,6 +755,7 @@ def test_pull_from_read_only_ais(podman_stores, tmp_path):
     conf = tmp_path / "storage.conf"
     conf.write_text(f'[storage]\ndriver = "overlay"\ngraphroot = "{s.main}"\n'
                     f'[storage.options]\nadditionalimagestores = ["{ro}"]\n')
+    cstorage_fixtures.exported_layers(s)
     before = fingerprint(s.ais)
     subprocess.run(["mount", "--bind", str(s.ais), str(ro)], check=True)
     try:
@@ -742,9 +766,9 @@ def test_pull_from_read_only_ais(podman_stores, tmp_path):
         cs = CStorage.open(None, conf)
         assert cs.layer_chain(cs.resolve_image("app").top_layer)[0].graphroot == str(ro)
         rec = cstorage.pull_cstorage(store, "containers-storage:localhost/app:latest", storage_conf=conf)
-        _check_pulled(store, cs, s.images["localhost/app:latest"], rec)
+        _check_pulled(store, cs, s.images["localhost/app:latest"], rec, s, tmp_path)
         rec = cstorage.pull_cstorage(store, "containers-storage:ais2", storage_conf=conf)
-        _check_pulled(store, cs, s.images["localhost/ais2:latest"], rec)
+        _check_pulled(store, cs, s.images["localhost/ais2:latest"], rec, s, tmp_path)
     finally:
         subprocess.run(["umount", str(ro)], check=False)
         cleanup_mounts(tmp_path)

@@ -63,18 +63,31 @@ def cmd_pull(args: argparse.Namespace) -> int:
     try:
         with open_store(args) as store:
             result = pull(store, args.source, args.name, progress=progress)
+            unverified = _unverified_layers(store, result.imported + result.present)
     finally:
         if progress is not None:
             progress.done()
     if want_json(args):
         print_json(result)
     else:
+        note = " (UNVERIFIED: its content is not proven to match its diff_id; see fsck)"
         for lid in result.present:
-            print(f"layer {lid[:12]}: already present", file=sys.stderr)
+            print(f"layer {lid[:12]}: already present{note if lid in unverified else ''}", file=sys.stderr)
         for lid in result.imported:
-            print(f"layer {lid[:12]}: imported", file=sys.stderr)
+            print(f"layer {lid[:12]}: imported{note if lid in unverified else ''}", file=sys.stderr)
         print(result.image.id)
     return 0
+
+
+def _unverified_layers(store, ids) -> set[str]:
+    """Those of `ids` recorded as unverified (flatmount.store.unverified_chain_id)."""
+    from flatmount.store import layer_is_unverified
+
+    out = set()
+    for layer in store.layers():
+        if layer.id in ids and layer_is_unverified(layer.id, layer.parent, layer.diff_id):
+            out.add(layer.id)
+    return out
 
 
 def cmd_images(args: argparse.Namespace) -> int:
