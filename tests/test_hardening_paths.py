@@ -1,0 +1,294 @@
+"""Issue 13 items 7, 9, 11: paths a hostile user controls.
+
+7: a store root or runroot (and their internal entries) another user could redirect is refused;
+   deletions in tmp/ go through directory fds; a 0755 primary root becomes 0700 with a warning.
+9: CLI outputs are written only to new or regular files (never through a symlink, never a device).
+11: OCI blobs and `tar:` sources that are FIFOs, devices or symlinks are refused without hanging,
+   and a blob is read at most to its declared size plus one byte.
+Real files, real stores, real mounts; the hostile user is uid 65534 via setpriv.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from flatmount.errors import StoreError
+from flatmount.pull import pull
+from flatmount.store import open_store
+from tests.conftest import require_root, require_tool
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "examples" / "demo-oci"
+NOBODY = 65534
+
+
+def mkstore(root: Path, runroot: Path | None = None, **kw):
+    kw.setdefault("additional", [])
+    return open_store(root, runroot=runroot or root.parent / "run", config=os.devnull, **kw)
+
+
+def cli(*args: str, uid: int | None = None, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    """`flatmount ARGS` in a subprocess (as `uid` via setpriv if given)."""
+    cmd = [sys.executable, "-m", "flatmount", *args]
+    if uid is not None:
+        cmd = [require_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "FLATMOUNT_CONFIG": os.devnull, **(env or {})}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=120, **kw)
+
+
+def as_nobody(*cmd: str) -> None:
+    """Run a shell command as the hostile user (uid/gid 65534, no groups)."""
+    subprocess.run([require_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                    *cmd], check=True, timeout=60)
+
+
+@pytest.fixture
+def shared_tmp():
+    """A /tmp-like directory (root's, 1777) other users can reach: tmp_path's parents are 0700."""
+    require_root()
+    d = tempfile.mkdtemp(prefix="flatmount-hostile-", dir="/tmp")
+    os.chmod(d, 0o1777)
+    try:
+        yield Path(d)
+    finally:
+        _unmount_below(d)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _unmount_below(path: str) -> None:
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for p in reversed(points):
+        if p == path or p.startswith(path.rstrip("/") + "/"):
+            subprocess.run(["umount", "-l", p], check=False)
+
+
+def populated(root: Path):
+    s = mkstore(root)
+    pull(s, f"oci:{DEMO}:demo")
+    s.close()
+
+
+def canary_dir(base: Path) -> tuple[Path, Path]:
+    victim = base / "victim"
+    victim.mkdir()
+    canary = victim / "canary"
+    canary.write_bytes(b"must survive")
+    old = time.time() - 3 * 86400  # older than any stale cutoff
+    os.utime(canary, (old, old))
+    return victim, canary
+
+
+# --- item 7: internal entries swapped for symlinks --------------------------------------------------
+
+def test_symlinked_tmp_is_refused_and_its_target_survives(tmp_path):
+    root = tmp_path / "store"
+    populated(root)
+    victim, canary = canary_dir(tmp_path)
+    opened = mkstore(root)          # opened before the swap: its later clean must not follow it
+    shutil.rmtree(root / "tmp")
+    os.symlink(victim, root / "tmp")
+    with pytest.raises(StoreError, match="tmp"):
+        opened.clean_tmp()
+    with pytest.raises(StoreError, match="symbolic link"):
+        mkstore(root)
+    with pytest.raises(StoreError, match="symbolic link"):
+        opened.ensure_writable()
+    assert canary.read_bytes() == b"must survive" and os.listdir(victim) == ["canary"]
+    opened.close()
+
+
+def test_symlinked_layers_is_refused_and_nothing_written_there(tmp_path):
+    root = tmp_path / "store"
+    s = mkstore(root)
+    s.ensure_writable()
+    s.close()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.rmdir(root / "layers")
+    os.symlink(elsewhere, root / "layers")
+    with pytest.raises(StoreError, match="layers is a symbolic link"):
+        pull(mkstore(root), f"oci:{DEMO}:demo")
+    r = cli("--root", str(root), "--runroot", str(tmp_path / "run"), "pull", f"oci:{DEMO}:demo")
+    assert r.returncode == 3 and "symbolic link" in r.stderr and "Traceback" not in r.stderr
+    assert os.listdir(elsewhere) == []
+
+
+def test_symlinked_gc_lock_creates_nothing_at_its_target(tmp_path):
+    root = tmp_path / "store"
+    populated(root)
+    target = tmp_path / "created-through-the-link"
+    os.unlink(root / "gc.lock")
+    os.symlink(target, root / "gc.lock")
+    for args in (["gc"], ["pull", f"oci:{DEMO}:demo"], ["images"]):
+        r = cli("--root", str(root), "--runroot", str(tmp_path / "run"), *args)
+        assert r.returncode == 3 and "gc.lock" in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not os.path.lexists(target)
+    # a store opened before the swap still never creates through it
+    s = mkstore(root.parent / "store2")
+    s.ensure_writable()
+    os.unlink(s.root / "gc.lock")
+    os.symlink(target, s.root / "gc.lock")
+    with pytest.raises(StoreError, match="symbolic link"), s.gc_lock(shared=True):
+        pass
+    assert not os.path.lexists(target)
+    s.close()
+
+
+def test_symlinked_runroot_mounts_dir_is_refused(tmp_path):
+    require_root()
+    root, run = tmp_path / "store", tmp_path / "run"
+    populated(root)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "0123456789abcdef" / "merged").mkdir(parents=True)  # looks like a leftover to cleanup
+    run.mkdir(mode=0o700)
+    os.symlink(elsewhere, run / "mounts")
+    s = mkstore(root, run)
+    try:
+        with pytest.raises(StoreError, match="mounts is a symbolic link"), s.mount("demo"):
+            pass
+        with pytest.raises(StoreError, match="mounts is a symbolic link"):
+            from flatmount.mount import cleanup
+
+            cleanup(s)
+    finally:
+        _unmount_below(str(elsewhere))
+        s.close()
+    assert os.listdir(elsewhere) == ["0123456789abcdef"] and os.listdir(elsewhere / "0123456789abcdef") == ["merged"]
+    assert s.mounts() == []
+
+
+def test_store_root_0755_is_made_0700_with_a_warning(tmp_path):
+    root = tmp_path / "store"
+    populated(root)
+    os.chmod(root, 0o755)
+    r = cli("--root", str(root), "--runroot", str(tmp_path / "run"), "images")
+    assert r.returncode == 0, r.stderr
+    assert "warning" in r.stderr and "0755" in r.stderr and "0700" in r.stderr
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
+    r = cli("--root", str(root), "--runroot", str(tmp_path / "run"), "images")
+    assert r.returncode == 0 and r.stderr == ""
+    # a new store is created 0700 whatever the umask, parents included
+    new = tmp_path / "a" / "b" / "store"
+    old = os.umask(0)
+    try:
+        s = mkstore(new)
+        s.ensure_writable()
+        s.close()
+    finally:
+        os.umask(old)
+    for p in (new, new.parent, new.parent.parent):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o700, p
+
+
+def test_group_writable_store_root_or_component_is_refused(tmp_path):
+    root = tmp_path / "shared" / "store"
+    root.parent.mkdir()
+    os.chmod(root.parent, 0o775)
+    with pytest.raises(StoreError, match="writable by group or others"):
+        mkstore(root)
+    os.chmod(root.parent, 0o1777)           # sticky: like /tmp, fine on the way
+    s = mkstore(root)
+    s.ensure_writable()
+    s.close()
+    os.chmod(root, 0o770)
+    with pytest.raises(StoreError, match="writable by group or others"):
+        mkstore(root)
+
+
+def test_additional_store_rules(tmp_path):
+    ais = tmp_path / "ais"
+    populated(ais)
+    os.chmod(ais, 0o755)                    # read-only stores may be world-readable
+    s = mkstore(tmp_path / "primary", additional=[ais])
+    assert [i.names for i in s.images()] == [("demo:latest",)]
+    s.close()
+    assert stat.S_IMODE(os.stat(ais).st_mode) == 0o755    # never changed
+    os.chmod(ais, 0o757)
+    with pytest.raises(StoreError, match="writable by group or others"):
+        mkstore(tmp_path / "primary", additional=[ais])
+    os.chmod(ais, 0o755)
+    os.rename(ais / "objects", tmp_path / "objs")
+    os.symlink(tmp_path / "objs", ais / "objects")
+    with pytest.raises(StoreError, match="objects is a symbolic link"):
+        mkstore(tmp_path / "primary", additional=[ais])
+
+
+# --- item 7: another user (uid 65534) owns or can write a component ---------------------------------
+
+def test_store_dir_made_by_another_user_is_refused(shared_tmp):
+    victim, canary = canary_dir(shared_tmp)
+    os.chmod(victim, 0o755)
+    bad = shared_tmp / "evil"
+    as_nobody("mkdir", "-m", "0700", str(bad))
+    as_nobody("mkdir", "-m", "0700", str(bad / "store"))
+    as_nobody("ln", "-s", str(victim), str(bad / "store" / "tmp"))
+    r = cli("--root", str(bad / "store"), "--runroot", str(shared_tmp / "run"), "pull", f"oci:{DEMO}:demo")
+    assert r.returncode == 3 and "owned by uid 65534" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert canary.read_bytes() == b"must survive"
+    # a store below a directory of another user is refused too (they could swap it)
+    r = cli("--root", str(bad / "store" / "sub"), "--runroot", str(shared_tmp / "run"), "images")
+    assert r.returncode == 3 and "owned by uid 65534" in r.stderr
+    # so is a path through a symlink another user planted in a sticky directory
+    os.mkdir(shared_tmp / "mine", 0o700)
+    as_nobody("ln", "-s", str(shared_tmp / "mine"), str(shared_tmp / "link"))
+    r = cli("--root", str(shared_tmp / "link" / "store"), "--runroot", str(shared_tmp / "run"), "images")
+    assert r.returncode == 3 and "symbolic link owned by uid 65534" in r.stderr, r.stderr
+    assert os.listdir(shared_tmp / "mine") == []
+
+
+def test_runroot_of_another_user_is_refused(shared_tmp):
+    root = shared_tmp / "store"
+    populated(root)
+    as_nobody("mkdir", "-m", "0700", str(shared_tmp / "evilrun"))
+    s = mkstore(root, shared_tmp / "evilrun")
+    try:
+        with pytest.raises(StoreError, match="owned by uid 65534"), s.mount("demo"):
+            pass
+        from flatmount.mount import cleanup
+
+        with pytest.raises(StoreError, match="owned by uid 65534"):
+            cleanup(s)
+    finally:
+        s.close()
+    assert os.listdir(shared_tmp / "evilrun") == []
+
+
+def test_unprivileged_caller_refuses_writable_or_foreign_components(shared_tmp):
+    tar = shared_tmp / "layer.tar"
+    subprocess.run(["tar", "-C", str(ROOT / "examples"), "-cf", str(tar), "demo-oci/oci-layout"], check=True)
+    os.chmod(tar, 0o644)
+    open_dir = shared_tmp / "open"
+    open_dir.mkdir()
+    os.chmod(open_dir, 0o777)               # not sticky: anyone may rename what is inside
+    r = cli("--root", str(open_dir / "store"), "--runroot", str(shared_tmp / "nrun"), "pull", f"tar:{tar}",
+            uid=NOBODY, env={"HOME": str(shared_tmp)})
+    assert r.returncode == 3 and "writable by group or others" in r.stderr, r.stderr
+    assert not (open_dir / "store").exists()
+    rootdir = shared_tmp / "roots"          # root's own directory: fine on the way, not as the store
+    rootdir.mkdir(mode=0o755)
+    r = cli("--root", str(rootdir), "--runroot", str(shared_tmp / "nrun"), "pull", f"tar:{tar}", uid=NOBODY)
+    assert r.returncode == 3 and "not by you" in r.stderr, r.stderr
+    r = cli("--root", str(rootdir), "--runroot", str(shared_tmp / "nrun"), "images", uid=NOBODY)
+    assert r.returncode == 0, r.stderr      # reading root's store read-only is fine
+    # a store of its own below root's sticky directory works (the library: this python's site-packages
+    # under /root are out of this user's reach, and the CLI's import needs them)
+    code = ("import os, sys; from flatmount.store import open_store; "
+            "s = open_store(sys.argv[1], runroot=sys.argv[2], config=os.devnull, additional=[]); "
+            "s.ensure_writable(); s.connect(); s.close()")
+    r = subprocess.run([require_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                        sys.executable, "-c", code, str(shared_tmp / "own" / "store"), str(shared_tmp / "nrun")],
+                       capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    st = os.stat(shared_tmp / "own" / "store")
+    assert st.st_uid == NOBODY and stat.S_IMODE(st.st_mode) == 0o700
