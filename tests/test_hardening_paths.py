@@ -292,3 +292,88 @@ def test_unprivileged_caller_refuses_writable_or_foreign_components(shared_tmp):
     assert r.returncode == 0, r.stderr
     st = os.stat(shared_tmp / "own" / "store")
     assert st.st_uid == NOBODY and stat.S_IMODE(st.st_mode) == 0o700
+
+
+# --- item 9: CLI outputs only to new or regular files -----------------------------------------------
+
+WORDS = {"device": "device", "symlink": "symbolic link", "fifo": "FIFO", "directory": "directory"}
+
+
+def _outputs(tmp_path: Path, suffix: str) -> dict[str, Path]:
+    """OUT candidates that must be refused: a device like /dev/full, a symlink, a FIFO, a directory."""
+    require_root()  # mknod
+    d = tmp_path / "outs"
+    d.mkdir()
+    outs = {"device": d / f"full{suffix}", "symlink": d / f"link{suffix}", "fifo": d / f"fifo{suffix}",
+            "directory": d / f"dir{suffix}"}
+    os.mknod(outs["device"], stat.S_IFCHR | 0o666, os.makedev(1, 7))
+    (d / "target").write_bytes(b"the link's target")
+    os.symlink(d / "target", outs["symlink"])
+    os.mkfifo(outs["fifo"])
+    outs["directory"].mkdir()
+    return outs
+
+
+def _unchanged(outs: dict[str, Path]) -> None:
+    assert stat.S_ISCHR(os.lstat(outs["device"]).st_mode) and os.lstat(outs["device"]).st_rdev == os.makedev(1, 7)
+    assert os.path.islink(outs["symlink"]) and (outs["symlink"].parent / "target").read_bytes() == b"the link's target"
+    assert stat.S_ISFIFO(os.lstat(outs["fifo"]).st_mode) and os.listdir(outs["directory"]) == []
+    assert sorted(os.listdir(outs["device"].parent)) == sorted([*(p.name for p in outs.values()), "target"])
+
+
+def _src_dir(tmp_path: Path, name: str, content: bytes) -> Path:
+    d = tmp_path / name
+    d.mkdir()
+    (d / "f").write_bytes(content)
+    os.utime(d / "f", (1, 1))
+    return d
+
+
+def test_mkimage_writes_only_new_or_regular_files(tmp_path, capsysbinary):
+    from flatmount.cli import main
+
+    src = _src_dir(tmp_path, "src", b"hello")
+    outs = _outputs(tmp_path, ".img")
+    for kind, out in outs.items():
+        assert main(["mkimage", str(src), str(out)]) == 3, kind
+        err = capsysbinary.readouterr().err.decode()
+        assert f"is a {WORDS[kind]}" in err and "Traceback" not in err, (kind, err)
+    _unchanged(outs)
+    new, regular = tmp_path / "new.img", tmp_path / "old.img"
+    regular.write_bytes(b"old")
+    for out in (new, regular):
+        assert main(["mkimage", str(src), str(out)]) == 0
+        assert out.read_bytes()[1024:1028] == b"\xe2\xe1\xf5\xe0"  # EROFS superblock magic
+    from flatmount.erofs.writer import write_image
+    from flatmount.errors import OutputError
+    from flatmount.scan import scan_directory
+
+    with pytest.raises(OutputError, match="symbolic link"):
+        write_image(scan_directory(str(src)), outs["symlink"])
+    _unchanged(outs)
+
+
+def test_diff_output_writes_only_new_or_regular_files(tmp_path, capsysbinary):
+    from flatmount.cli import main
+
+    imgs = []
+    for name, content in (("a", b"one"), ("b", b"two")):
+        img = tmp_path / f"{name}.img"
+        assert main(["mkimage", str(_src_dir(tmp_path, name, content)), str(img)]) == 0
+        imgs.append(str(img))
+    objs = tmp_path / "objs"
+    objs.mkdir()
+    outs = _outputs(tmp_path, ".tar")
+    capsysbinary.readouterr()
+    for kind, out in outs.items():
+        assert main(["diff", *imgs, "-o", str(out), "--objects", str(objs)]) == 3, kind
+        err = capsysbinary.readouterr().err.decode()
+        assert f"is a {WORDS[kind]}" in err and "Traceback" not in err, (kind, err)
+    _unchanged(outs)
+    out = tmp_path / "layer.tar"
+    out.write_bytes(b"old")
+    assert main(["diff", *imgs, "-o", str(out), "--objects", str(objs)]) == 0
+    import tarfile
+
+    with tarfile.open(out) as tf:
+        assert "f" in [m.name.removeprefix("./") for m in tf.getmembers()]
