@@ -320,9 +320,51 @@ def check_output(path: str | os.PathLike) -> None:
         raise OutputError(f"cannot write {p}: {e.strerror}") from None
     if stat.S_ISREG(st.st_mode):
         return
-    kind = ("a symbolic link" if stat.S_ISLNK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode)
-            else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
-            else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
-            else "not a regular file")
-    raise OutputError(f"output {p} is {kind}: flatmount writes only new or regular files "
+    raise OutputError(f"output {p} is {_kind(st.st_mode)}: flatmount writes only new or regular files "
                       "(give another path, or `-` for stdout where offered)")
+
+
+# --- input files -------------------------------------------------------------------------------------
+
+def _kind(mode: int) -> str:
+    return ("a symbolic link" if stat.S_ISLNK(mode) else "a directory" if stat.S_ISDIR(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode)
+            else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "not a regular file")
+
+
+def open_regular(path: str, what: str, *, follow: bool, dir_fd: int | None = None,
+                 error: type[Exception] = StoreError):
+    """`path` opened for reading (a binary file object) if it is a regular file; `error` otherwise.
+
+    Without `follow` a symlink is refused as such, its target never looked at (an error must not tell
+    what a link points at).  FIFOs, devices and sockets are refused before they could block or have
+    side effects: checked with (l)stat first, opened O_NONBLOCK, then checked again with fstat."""
+    import fcntl
+
+    try:
+        st = os.stat(path, dir_fd=dir_fd, follow_symlinks=follow)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise error(f"cannot open {what}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise error(f"{what} is {_kind(st.st_mode)}, not a regular file: refused")
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW)
+    try:
+        fd = os.open(path, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ELOOP and not follow:
+            raise error(f"{what} is a symbolic link, not a regular file: refused") from None
+        raise error(f"cannot open {what}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise error(f"{what} is {_kind(st.st_mode)}, not a regular file: refused")
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise

@@ -36,13 +36,13 @@ def mkstore(root: Path, runroot: Path | None = None, **kw):
     return open_store(root, runroot=runroot or root.parent / "run", config=os.devnull, **kw)
 
 
-def cli(*args: str, uid: int | None = None, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+def cli(*args: str, uid: int | None = None, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """`flatmount ARGS` in a subprocess (as `uid` via setpriv if given)."""
     cmd = [sys.executable, "-m", "flatmount", *args]
     if uid is not None:
         cmd = [require_tool("setpriv"), f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *cmd]
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "FLATMOUNT_CONFIG": os.devnull, **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=120, **kw)
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=full_env, timeout=timeout)
 
 
 def as_nobody(*cmd: str) -> None:
@@ -377,3 +377,122 @@ def test_diff_output_writes_only_new_or_regular_files(tmp_path, capsysbinary):
 
     with tarfile.open(out) as tf:
         assert "f" in [m.name.removeprefix("./") for m in tf.getmembers()]
+
+
+# --- item 11: sources that are FIFOs, devices or symlinks -------------------------------------------
+
+def _layout(tmp_path: Path) -> tuple[Path, Path]:
+    """An OCI layout of one small plain-tar layer; returns (layout dir, that layer's blob path)."""
+    from tests.tarbuild import Tar, make_oci
+
+    t = Tar()
+    t.file("etc/a", b"a" * 500)
+    d = tmp_path / "layout"
+    info = make_oci(d, [(t.bytes(), "none")])
+    return d, d / "blobs" / "sha256" / info["layers"][0]["digest"].split(":")[1]
+
+
+def _pull(tmp_path: Path, source: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    """`flatmount pull SOURCE` in a subprocess: a hang is a failure (killed at `timeout`), not a stuck suite."""
+    try:
+        return cli("--root", str(tmp_path / "store"), "--runroot", str(tmp_path / "run"), "pull", source,
+                   timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"pull {source} hung")
+
+
+def _refused(r: subprocess.CompletedProcess, *words: str) -> None:
+    assert r.returncode == 3 and "Traceback" not in r.stderr, r.stderr
+    for w in words:
+        assert w in r.stderr, (w, r.stderr)
+
+
+def _no_images(tmp_path: Path) -> None:
+    r = cli("--root", str(tmp_path / "store"), "--runroot", str(tmp_path / "run"), "images", "--json")
+    assert r.returncode == 0 and '"id"' not in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero-node", "symlink-to-dev-zero"])
+def test_oci_blob_that_never_ends_is_refused_without_hanging(tmp_path, kind):
+    layout, blob = _layout(tmp_path)
+    os.unlink(blob)
+    if kind == "fifo":
+        os.mkfifo(blob)
+    elif kind == "dev-zero-node":
+        require_root()
+        os.mknod(blob, stat.S_IFCHR | 0o666, os.makedev(1, 5))
+    else:
+        os.symlink("/dev/zero", blob)
+    words = {"fifo": "is a FIFO", "dev-zero-node": "is a device", "symlink-to-dev-zero": "is a symbolic link"}
+    _refused(_pull(tmp_path, f"oci:{layout}:t"), blob.name[:12], words[kind])
+    _no_images(tmp_path)
+
+
+def test_oci_blob_symlink_error_reveals_nothing_about_its_target(tmp_path):
+    layout, blob = _layout(tmp_path)
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s3cret contents of a file the layout's author cannot read" * 7)
+    os.chmod(secret, 0o600)
+    os.unlink(blob)
+    os.symlink(secret, blob)
+    r = _pull(tmp_path, f"oci:{layout}:t")
+    _refused(r, "is a symbolic link")
+    import hashlib
+
+    size, digest = str(secret.stat().st_size), hashlib.sha256(secret.read_bytes()).hexdigest()
+    assert size not in r.stderr and digest[:12] not in r.stderr and "secret" not in r.stderr, r.stderr
+    # the same for the layout's own JSON documents and directories
+    for rel in ("index.json", "oci-layout"):
+        layout2, _ = _layout(tmp_path / rel)
+        os.unlink(layout2 / rel)
+        os.symlink(secret, layout2 / rel)
+        r = _pull(tmp_path, f"oci:{layout2}:t")
+        _refused(r, "symbolic link")
+        assert size not in r.stderr and "secret" not in r.stderr, r.stderr
+    layout3, _ = _layout(tmp_path / "linked-blobs")
+    os.rename(layout3 / "blobs", tmp_path / "real-blobs")
+    os.symlink(tmp_path / "real-blobs", layout3 / "blobs")
+    _refused(_pull(tmp_path, f"oci:{layout3}:t"), "blobs is not a directory")
+
+
+def test_oci_index_fifo_is_refused_without_hanging(tmp_path):
+    layout, _ = _layout(tmp_path)
+    os.unlink(layout / "index.json")
+    os.mkfifo(layout / "index.json")
+    _refused(_pull(tmp_path, f"oci:{layout}:t"), "index.json is a FIFO")
+
+
+def test_oci_blob_longer_than_declared_is_read_no_further(tmp_path):
+    layout, blob = _layout(tmp_path)
+    declared = blob.stat().st_size
+    with open(blob, "r+b") as f:        # a sparse 64 GiB tail: reading it all would take minutes
+        f.truncate(64 << 30)
+    t0 = time.monotonic()
+    r = _pull(tmp_path, f"oci:{layout}:t", timeout=60)
+    _refused(r, "longer than declared", f"says {declared} bytes")
+    assert time.monotonic() - t0 < 20
+    _no_images(tmp_path)
+
+
+def test_tar_source_must_be_a_regular_file(tmp_path):
+    from tests.tarbuild import Tar
+
+    fifo = tmp_path / "layer.fifo"
+    os.mkfifo(fifo)
+    _refused(_pull(tmp_path, f"tar:{fifo}"), "is a FIFO")
+    _refused(_pull(tmp_path, "tar:/dev/zero"), "/dev/zero is a device")
+    _refused(_pull(tmp_path, "/dev/zero"), "/dev/zero is a device")
+    _refused(_pull(tmp_path, f"tar:{tmp_path}"), "is a directory")
+    _no_images(tmp_path)
+    # the user's own symlink to a regular tar, given on the command line, is followed
+    t = Tar()
+    t.file("etc/a", b"a" * 500)
+    (tmp_path / "real.tar").write_bytes(t.bytes())
+    os.symlink(tmp_path / "real.tar", tmp_path / "link.tar")
+    r = _pull(tmp_path, f"tar:{tmp_path / 'link.tar'}")
+    assert r.returncode == 0, r.stderr
+    # and stdin stays allowed
+    r = subprocess.run([sys.executable, "-m", "flatmount", "--root", str(tmp_path / "store"), "--runroot",
+                        str(tmp_path / "run"), "pull", "-"], input=t.bytes(), capture_output=True, cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": str(ROOT), "FLATMOUNT_CONFIG": os.devnull}, timeout=60)
+    assert r.returncode == 0, r.stderr
