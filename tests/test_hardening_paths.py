@@ -167,6 +167,31 @@ def test_symlinked_runroot_mounts_dir_is_refused(tmp_path):
     assert s.mounts() == []
 
 
+def test_runroot_and_mounts_dir_are_created_0700(tmp_path):
+    require_root()
+    root, run = tmp_path / "store", tmp_path / "a" / "b" / "run"
+    populated(root)
+    s = mkstore(root, run)
+    old = os.umask(0)
+    try:
+        with s.mount("demo") as merged:
+            assert os.path.isfile(os.path.join(merged, "etc", "demo-release"))
+            for p in (run / "mounts", run, run.parent, run.parent.parent):
+                assert stat.S_IMODE(os.stat(p).st_mode) == 0o700, p
+    finally:
+        os.umask(old)
+        _unmount_below(str(run))
+        s.close()
+    os.chmod(run / "mounts", 0o755)         # an existing mounts dir others can read is made private
+    s = mkstore(root, run)
+    try:
+        with s.mount("demo"):
+            assert stat.S_IMODE(os.stat(run / "mounts").st_mode) == 0o700
+    finally:
+        _unmount_below(str(run))
+        s.close()
+
+
 def test_store_root_0755_is_made_0700_with_a_warning(tmp_path):
     root = tmp_path / "store"
     populated(root)
