@@ -581,7 +581,6 @@ def _idle_tmp_entries(store: Store) -> set[str] | None:
 
 def _check_tmp(run: _Run, idle: set[str] | None) -> None:
     """Temp leftovers: with the exclusive lock (repair) every unlocked entry; else see `_idle_tmp_entries`."""
-    import shutil
 
     s = run.store
     cutoff = time.time() - STALE_TMP_AGE_S
@@ -597,11 +596,8 @@ def _check_tmp(run: _Run, idle: set[str] | None) -> None:
         repaired = False
         kind = "directory" if _is_dir(e) else "file"
         if run.repair:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.path)
-                else:
-                    os.unlink(e.path)
+            try:  # through the directory's fd: a tmp/ swapped for a symlink cannot redirect it
+                _remove_tmp_entry(e)
                 repaired = True
             except FileNotFoundError:
                 repaired = True
@@ -609,6 +605,18 @@ def _check_tmp(run: _Run, idle: set[str] | None) -> None:
                 repaired = False
         run.add("temp-leftover", s, e.path, f"{kind} left by a writer that is gone", repaired=repaired,
                 note="removed" if repaired else "fsck --repair removes it")
+
+
+def _remove_tmp_entry(e: os.DirEntry) -> None:
+    from flatmount.safepath import open_dir_nofollow, remove_tree_at
+
+    dfd = open_dir_nofollow(os.path.dirname(e.path), "temp directory")
+    if dfd is None:
+        return
+    try:
+        remove_tree_at(dfd, e.name)
+    finally:
+        os.close(dfd)
 
 
 def _is_dir(e: os.DirEntry) -> bool:

@@ -107,6 +107,22 @@ def test_symlinked_tmp_is_refused_and_its_target_survives(tmp_path):
     opened.close()
 
 
+def test_object_store_temp_cleaning_never_follows_a_symlinked_tmp(tmp_path):
+    from objects import ObjectStore
+    from objects.errors import ObjectStoreError
+
+    objs = ObjectStore(tmp_path / "objects")
+    victim, canary = canary_dir(tmp_path)
+    os.rmdir(tmp_path / "objects" / ".tmp")
+    os.symlink(victim, tmp_path / "objects" / ".tmp")
+    try:
+        with pytest.raises(ObjectStoreError, match="cannot clean"):
+            objs.clean_temp(0)
+    finally:
+        objs.close()
+    assert canary.read_bytes() == b"must survive"
+
+
 def test_symlinked_layers_is_refused_and_nothing_written_there(tmp_path):
     root = tmp_path / "store"
     s = mkstore(root)
