@@ -270,9 +270,9 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
         seen.add(real)
         if not os.path.isdir(a):
             raise StoreError(f"additional store {a} does not exist or is not a directory")
-        ais = Store(a, runroot_s, readonly=True, is_additional=True)
-        ais.check_paths()
-        primary.additional.append(ais)
+        extra = Store(a, runroot_s, readonly=True, is_additional=True)
+        extra.check_paths()
+        primary.additional.append(extra)
     return primary
 
 
