@@ -564,9 +564,11 @@ def _flocked(entry: os.DirEntry) -> bool:
 
 def _idle_tmp_entries(store: Store) -> set[str] | None:
     """Paths of tmp entries seen while no writer held the GC lock (None if a writer holds it)."""
+    from flatmount.store import open_lock_file  # never through a symlink (StoreError)
+
     path = store.root / "gc.lock"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_lock_file(path, create=False)
     except OSError:
         return {e.path for e in _tmp_entries(store) if not _flocked(e)}
     try:
