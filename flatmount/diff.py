@@ -1153,7 +1153,9 @@ def _write_layer(plan: _Plan, out: IO[bytes], object_dirs: Sequence[str],
 def _write_atomically(path: str, write) -> Any:
     """Write through `write(f)` into a temp file next to `path`, fsync, rename into place."""
     from flatmount.atomic import AtomicFile
+    from flatmount.safepath import check_output
 
+    check_output(path)  # a new or regular file only: never through a symlink, never a device
     with AtomicFile(os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.") as af:
         result = write(af.file)
         af.commit(path)

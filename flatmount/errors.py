@@ -35,6 +35,11 @@ class DigestMismatchError(LayerError):
     """Content whose digest is not the one it was promised to have."""
 
 
+class OutputError(FlatmountError):
+    """An output path flatmount will not write: a symlink, device, FIFO or directory (only new or
+    regular files are replaced)."""
+
+
 class ObjectNotFoundError(FlatmountError, FileNotFoundError):
     """An object an image or layer needs is in none of the object stores."""
 

@@ -569,9 +569,11 @@ def _flocked(entry: os.DirEntry) -> bool:
 
 def _idle_tmp_entries(store: Store) -> set[str] | None:
     """Paths of tmp entries seen while no writer held the GC lock (None if a writer holds it)."""
+    from flatmount.store import open_lock_file  # never through a symlink (StoreError)
+
     path = store.root / "gc.lock"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_lock_file(path, create=False)
     except OSError:
         return {e.path for e in _tmp_entries(store) if not _flocked(e)}
     try:
@@ -586,7 +588,6 @@ def _idle_tmp_entries(store: Store) -> set[str] | None:
 
 def _check_tmp(run: _Run, idle: set[str] | None) -> None:
     """Temp leftovers: with the exclusive lock (repair) every unlocked entry; else see `_idle_tmp_entries`."""
-    import shutil
 
     s = run.store
     cutoff = time.time() - STALE_TMP_AGE_S
@@ -602,11 +603,8 @@ def _check_tmp(run: _Run, idle: set[str] | None) -> None:
         repaired = False
         kind = "directory" if _is_dir(e) else "file"
         if run.repair:
-            try:
-                if e.is_dir(follow_symlinks=False):
-                    shutil.rmtree(e.path)
-                else:
-                    os.unlink(e.path)
+            try:  # through the directory's fd: a tmp/ swapped for a symlink cannot redirect it
+                _remove_tmp_entry(e)
                 repaired = True
             except FileNotFoundError:
                 repaired = True
@@ -614,6 +612,18 @@ def _check_tmp(run: _Run, idle: set[str] | None) -> None:
                 repaired = False
         run.add("temp-leftover", s, e.path, f"{kind} left by a writer that is gone", repaired=repaired,
                 note="removed" if repaired else "fsck --repair removes it")
+
+
+def _remove_tmp_entry(e: os.DirEntry) -> None:
+    from flatmount.safepath import open_dir_nofollow, remove_tree_at
+
+    dfd = open_dir_nofollow(os.path.dirname(e.path), "temp directory")
+    if dfd is None:
+        return
+    try:
+        remove_tree_at(dfd, e.name)
+    finally:
+        os.close(dfd)
 
 
 def _is_dir(e: os.DirEntry) -> bool:

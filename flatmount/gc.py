@@ -109,14 +109,16 @@ def store_lock(store: Store, shared: bool) -> Iterator[None]:
         return
     import fcntl
 
+    from flatmount.store import open_lock_file  # never through a symlink (StoreError)
+
     path = store.root / "gc.lock"
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = open_lock_file(path, create=False)
     except FileNotFoundError:
         fd = -1
         if not store.readonly and store.root.is_dir():
             with contextlib.suppress(OSError):
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                fd = open_lock_file(path, create=True)
     except OSError:
         fd = -1
     if fd < 0:  # no writer ever ran here (or we may not open the file): nothing to exclude

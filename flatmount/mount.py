@@ -171,17 +171,11 @@ def _require_writable(store: Store) -> None:
 
 
 def _mkdir_private(path: str) -> None:
-    """mkdir -p with every created component 0700 (whatever the umask)."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    if parent != path:
-        _mkdir_private(parent)
-    try:
-        os.mkdir(path, DIR_MODE)
-        os.chmod(path, DIR_MODE)
-    except FileExistsError:
-        pass
+    """mkdir -p with every created component 0700 (whatever the umask); a runroot another user could
+    redirect, or a `path` that is a symlink, is refused (flatmount.safepath)."""
+    from flatmount.safepath import make_private_subdir
+
+    make_private_subdir(path, "runroot")
 
 
 def _lock_dir(path: str, wait: bool = True) -> int | None:
@@ -505,8 +499,10 @@ def cleanup(store: Store) -> CleanupResult:
             if fd is not None:
                 os.close(fd)
     base = mounts_dir(store)
+    from flatmount.safepath import check_private_subdir
+
     try:
-        names = sorted(os.listdir(base))
+        names = sorted(os.listdir(base)) if check_private_subdir(base, "runroot") else []
     except FileNotFoundError:
         names = []
     for name in names:

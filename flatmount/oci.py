@@ -19,11 +19,12 @@ read at all.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flatmount.errors import DigestMismatchError, LayerError, NotFoundError
 from flatmount.store import chain_id
@@ -89,9 +90,8 @@ class Layout:
 
     def __init__(self, path: str):
         self.path = path
-        marker = os.path.join(path, "oci-layout")
         try:
-            with open(marker, "rb") as f:
+            with self._open_file("oci-layout", f"{path}/oci-layout") as f:
                 data = json.loads(f.read(4096))
         except FileNotFoundError:
             raise LayerError(f"{path} is not an OCI image layout (no oci-layout file)") from None
@@ -104,13 +104,40 @@ class Layout:
         alg, _, hexpart = desc.digest.partition(":")
         return os.path.join(self.path, "blobs", alg, hexpart)
 
-    def open_blob(self, desc: Descriptor, where: str):
+    def _open_file(self, rel: str, what: str):
+        """File `rel` of the layout (e.g. `blobs/sha256/<hex>`): a regular file reached without following
+        any symlink below the layout directory (which the user named, so it may be one).  The layout
+        is someone else's: a symlink or FIFO there is refused, its target never looked at."""
+        from flatmount.safepath import open_regular
+
+        *dirs, name = rel.split("/")
+        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            return open(self.blob_path(desc), "rb")
+            for i, d in enumerate(dirs):
+                try:
+                    sub = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                except OSError as e:
+                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise LayerError(f"{what}: {self.path}/{'/'.join(dirs[:i + 1])} is not a directory "
+                                         "(a symbolic link?): refused") from None
+                    raise
+                os.close(fd)
+                fd = sub
+            return open_regular(name, what, follow=False, dir_fd=fd, error=LayerError)
+        finally:
+            os.close(fd)
+
+    def open_blob(self, desc: Descriptor, where: str):
+        """The blob's content, read at most to its declared size plus one byte (enough to tell that it is
+        too long): a blob may not make an import read forever."""
+        alg, _, hexpart = desc.digest.partition(":")
+        try:
+            f = self._open_file(f"blobs/{alg}/{hexpart}", f"{where}: blob {desc.digest}")
         except FileNotFoundError:
             raise LayerError(f"{where}: blob {desc.digest} is missing from {self.path}/blobs") from None
         except OSError as e:
             raise LayerError(f"{where}: cannot open blob {desc.digest}: {e.strerror}") from None
+        return BoundedReader(f, desc.size, f"{where}: blob {desc.digest}")
 
     def read_json_blob(self, desc: Descriptor, where: str) -> tuple[bytes, dict]:
         """A small JSON blob, verified against its descriptor."""
@@ -130,10 +157,12 @@ class Layout:
     def index(self) -> dict:
         p = os.path.join(self.path, "index.json")
         try:
-            with open(p, "rb") as f:
+            with self._open_file("index.json", p) as f:
                 data = f.read(MAX_JSON + 1)
         except FileNotFoundError:
             raise LayerError(f"{self.path}: index.json is missing") from None
+        except OSError as e:
+            raise LayerError(f"{p} is unreadable: {e.strerror}") from None
         if len(data) > MAX_JSON:
             raise LayerError(f"{p} is too large")
         return _parse_json(data, p)
@@ -187,6 +216,52 @@ class Layout:
         if len(descs) == 1:
             return descs[0]
         raise LayerError(f"{where}: {len(descs)} manifests and none for linux/{arch}")
+
+
+class BoundedReader:
+    """A blob read at most to its declared `size` plus one byte: that byte, if it comes, raises
+    DigestMismatchError (`where`: what to call the blob), so a blob longer than declared (or endless)
+    is never read further."""
+
+    def __init__(self, f: BinaryIO, size: int, where: str):
+        self._f = f
+        self._size = size
+        self._left = size + 1
+        self._where = where
+
+    def _count(self, n: int) -> None:
+        self._left -= n
+        if self._left <= 0:
+            raise DigestMismatchError(f"{self._where} is longer than declared: its descriptor says "
+                                      f"{self._size} bytes")
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is None or n < 0 or n > self._left:
+            n = self._left
+        if n <= 0:
+            return b""
+        b = self._f.read(n)
+        self._count(len(b))
+        return b
+
+    def readinto(self, b: bytearray | memoryview) -> int:
+        mv = memoryview(b).cast("B")
+        if len(mv) > self._left:
+            mv = mv[:self._left]
+        if not len(mv):
+            return 0
+        n = self._f.readinto(mv) or 0
+        self._count(n)
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> BoundedReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _parse_json(data: bytes, where: str) -> dict:

@@ -520,10 +520,12 @@ def pull(store: Store, source: str, name: str | None = None, *, progress: Progre
 def pull_tar(store: Store, path: str, name: str | None = None, *, progress: Progress | None = None) -> PullResult:
     """A layer tarball as a one-layer image."""
     from flatmount.layers import read_tar
+    from flatmount.safepath import open_regular
 
     label = "stdin" if path == "-" else path
-    try:
-        f = sys.stdin.buffer if path == "-" else open(path, "rb")  # noqa: SIM115
+    try:  # the user's own path may be a symlink; a FIFO or device (e.g. /dev/zero) would never end
+        f = sys.stdin.buffer if path == "-" else open_regular(path, f"tar source {path}", follow=True,
+                                                              error=LayerError)
     except OSError as e:
         raise LayerError(f"cannot open {path}: {e.strerror}") from None
     with contextlib.ExitStack() as stack:

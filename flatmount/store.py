@@ -275,6 +275,7 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
     runroot_s = os.fspath(runroot) if runroot is not None else (cfg.runroot or default_runroot())
     ais = [os.fspath(a) for a in additional] if additional is not None else list(cfg.additional)
     primary = Store(root_s, runroot_s, readonly=readonly)
+    primary.check_paths()
     seen = {os.path.realpath(primary.root)}
     for a in ais:
         real = os.path.realpath(a)
@@ -283,7 +284,9 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
         seen.add(real)
         if not os.path.isdir(a):
             raise StoreError(f"additional store {a} does not exist or is not a directory")
-        primary.additional.append(Store(a, runroot_s, readonly=True, is_additional=True))
+        extra = Store(a, runroot_s, readonly=True, is_additional=True)
+        extra.check_paths()
+        primary.additional.append(extra)
     return primary
 
 
@@ -363,6 +366,35 @@ class Store:
                 self._objects = ObjectStore(self.objects_dir)
         return self._objects
 
+    # --- path safety (flatmount.safepath) ---------------------------------------------------------
+    _DIR_ENTRIES = ("objects", "objects/.tmp", "layers", "images", "tmp")
+    _FILE_ENTRIES = (DB_NAME, DB_NAME + "-wal", DB_NAME + "-shm", GC_LOCK)
+
+    def check_paths(self) -> None:
+        """Refuse a store another user could redirect: every directory on the way to the root is root's
+        or the caller's and writable by nobody else, the root is the caller's (root's too for a
+        read-only or additional store), its internal entries are real files/directories, never
+        symlinks.  A primary root of the caller readable by others (0755) is changed to 0700, with
+        a warning: object contents are not for other users.  Nothing is created."""
+        from flatmount import safepath
+
+        own = not self.readonly
+        if safepath.check_dir(str(self.root), self._what(), own=own, private=not self.is_additional,
+                              fix=True):
+            self._check_entries()
+
+    def _what(self) -> str:
+        return "additional store" if self.is_additional else "store root"
+
+    def _check_entries(self) -> None:
+        from flatmount import safepath
+
+        what, root, own = f"{self._what()} {self.root}", str(self.root), not self.readonly
+        for name in self._DIR_ENTRIES:
+            safepath.check_entry(root, name, "dir", what, own=own)
+        for name in self._FILE_ENTRIES:
+            safepath.check_entry(root, name, "file", what, own=own)
+
     # --- write-open -------------------------------------------------------------------------------
     def ensure_writable(self) -> None:
         """Create the primary's directories if needed; on the first write in this process, clean tmp."""
@@ -371,11 +403,15 @@ class Store:
             raise ReadOnlyStoreError(f"store {self.root} is {what}: it cannot be written")
         if self._write_opened:
             return
+        from flatmount import safepath
+
         try:
-            _mkdir(self.root, ROOT_MODE, parents=True)
+            safepath.make_dir(str(self.root), "store root", ROOT_MODE, private=True, fix=True)
+            self._check_entries()
             for sub in ("objects", "layers", "images"):
                 _mkdir(self.root / sub, SUBDIR_MODE)
             _mkdir(self.tmp_dir, TMP_MODE)
+            self._check_entries()
         except OSError as e:
             raise StoreError(f"cannot create store {self.root}: {e.strerror}") from None
         self._write_opened = True
@@ -395,13 +431,7 @@ class Store:
         removed = 0
         with self._try_exclusive_gc() as idle:
             cutoff = None if idle else time.time() - STALE_TMP_AGE_S
-            try:
-                entries = list(os.scandir(self.tmp_dir))
-            except FileNotFoundError:
-                entries = []
-            for e in entries:
-                if _remove_stale(e, cutoff):
-                    removed += 1
+            removed += self._clean_tmp_dir(cutoff)
             if self.objects_dir.is_dir():
                 try:
                     removed += self.objects.clean_temp(0 if idle else STALE_TMP_AGE_S)
@@ -412,21 +442,45 @@ class Store:
                 removed += self._remove_orphan_layer_files()
         return removed
 
+    def _clean_tmp_dir(self, cutoff: float | None) -> int:
+        """The stale entries of tmp/, found and removed through its directory fd (O_NOFOLLOW): a tmp/
+        swapped for a symlink is refused, an entry swapped for one is removed itself."""
+        from flatmount.safepath import open_dir_nofollow
+
+        dfd = open_dir_nofollow(str(self.tmp_dir), f"store {self.root}")
+        if dfd is None:
+            return 0
+        removed = 0
+        try:
+            with os.scandir(dfd) as it:
+                names = [e.name for e in it]
+            for name in names:
+                if _remove_stale(dfd, name, cutoff):
+                    removed += 1
+        finally:
+            os.close(dfd)
+        return removed
+
     def _remove_orphan_layer_files(self) -> int:
         """Layer images (and their tree caches) renamed into place by an import killed before its
         commit; files of no layer's name shape."""
-        try:
-            names = os.listdir(self.layers_dir)
-        except FileNotFoundError:
+        from flatmount.safepath import open_dir_nofollow
+
+        dfd = open_dir_nofollow(str(self.layers_dir), f"store {self.root}")
+        if dfd is None:
             return 0
-        known = {r[0] for r in self.connect().execute("SELECT id FROM layers")}
-        n = 0
-        for name in names:
-            lid = name[:-6] if name.endswith(".erofs") else name[:-5] if name.endswith(".tree") else None
-            if lid is None or (_HEX64.fullmatch(lid) and lid not in known):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.layers_dir / name)
-                    n += 1
+        try:
+            names = os.listdir(dfd)
+            known = {r[0] for r in self.connect().execute("SELECT id FROM layers")}
+            n = 0
+            for name in names:
+                lid = name[:-6] if name.endswith(".erofs") else name[:-5] if name.endswith(".tree") else None
+                if lid is None or (_HEX64.fullmatch(lid) and lid not in known):
+                    with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                        os.unlink(name, dir_fd=dfd)
+                        n += 1
+        finally:
+            os.close(dfd)
         return n
 
     # --- database ---------------------------------------------------------------------------------
@@ -658,13 +712,13 @@ class Store:
             if not shared:
                 raise ReadOnlyStoreError(f"store {self.root} is read-only: no exclusive GC lock")
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except OSError:
+                fd = open_lock_file(path, create=False)
+            except (OSError, StoreError):
                 yield
                 return
         else:
             self.ensure_writable()
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = open_lock_file(path, create=True)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
             yield
@@ -677,7 +731,7 @@ class Store:
         import fcntl
 
         try:
-            fd = os.open(self.root / GC_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = open_lock_file(self.root / GC_LOCK, create=True)
         except OSError:
             yield False
             return
@@ -933,6 +987,22 @@ def read_layer_tree(rec: LayerRecord) -> Inode:
                          "(store damaged; run fsck)") from None
 
 
+def open_lock_file(path: str | os.PathLike, create: bool) -> int:
+    """An fd of lock file `path` (created 0600 if `create`), never through a symlink: a lock file
+    swapped for a symlink would let another user make us create or open files elsewhere."""
+    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StoreError(f"lock file {path} is a symbolic link; remove it (store tampered with?)") from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise StoreError(f"lock file {path} is not a regular file; remove it (store tampered with?)")
+    return fd
+
+
 def _mkdir(path: Path, mode: int, parents: bool = False) -> None:
     if path.is_dir():
         return
@@ -960,25 +1030,28 @@ def _is_object_store_error(e: BaseException) -> bool:
     return isinstance(e, ObjectStoreError)
 
 
-def _remove_stale(entry: os.DirEntry, cutoff: float | None) -> bool:
-    """Remove a tmp/ entry unless a live writer holds an flock on it or (with a cutoff) it is recent."""
+def _remove_stale(dir_fd: int, name: str, cutoff: float | None) -> bool:
+    """Remove tmp/ entry `name` (of directory fd `dir_fd`) unless a live writer holds an flock on it or
+    (with a cutoff) it is recent; through the directory fd, never following a symlink."""
     import fcntl
-    import shutil
+
+    from flatmount.safepath import remove_tree_at
 
     try:
-        st = entry.stat(follow_symlinks=False)
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
     except FileNotFoundError:
         return False
     if cutoff is not None and st.st_mtime >= cutoff:
         return False
     is_dir = stat.S_ISDIR(st.st_mode)
-    try:
-        fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
-                     | (os.O_DIRECTORY if is_dir else 0))
-    except OSError as e:
-        if e.errno not in (errno.ELOOP, errno.ENOENT):
-            return False
-        fd = -1
+    fd = -1
+    if is_dir or stat.S_ISREG(st.st_mode):  # writers flock only these; never open a device or FIFO
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY
+                         | (os.O_DIRECTORY if is_dir else 0), dir_fd=dir_fd)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOENT, errno.ENOTDIR):
+                return False
     try:
         if fd >= 0:
             try:
@@ -986,9 +1059,9 @@ def _remove_stale(entry: os.DirEntry, cutoff: float | None) -> bool:
             except BlockingIOError:
                 return False
         if is_dir:
-            shutil.rmtree(entry.path, onerror=_rmtree_retry)
+            remove_tree_at(dir_fd, name)
         else:
-            os.unlink(entry.path)
+            os.unlink(name, dir_fd=dir_fd)
         return True
     except FileNotFoundError:
         return False
@@ -996,11 +1069,3 @@ def _remove_stale(entry: os.DirEntry, cutoff: float | None) -> bool:
         if fd >= 0:
             os.close(fd)
 
-
-def _rmtree_retry(func, path, exc_info) -> None:
-    """rmtree helper: make a read-only directory writable and retry once."""
-    parent = os.path.dirname(path)
-    with contextlib.suppress(OSError):
-        os.chmod(parent, 0o700)
-    with contextlib.suppress(FileNotFoundError):
-        func(path)

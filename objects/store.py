@@ -330,7 +330,7 @@ class ObjectStore:
                 os.makedirs(self.root, mode=DIR_MODE, exist_ok=True)
                 self._pending_dirs.add("..")
             os.makedirs(os.path.join(self.root, TMP_DIR), mode=0o700, exist_ok=True)
-            self._dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | _O_CLOEXEC)
+            self._dirfd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC)
         except OSError as e:
             raise ObjectStoreError(
                 f"cannot open object store {self.root} for writing: {e.strerror or e}"
@@ -635,13 +635,15 @@ class ObjectStore:
         self._check_writable("clean temp files")
         cutoff = time.time() - max_age_s
         removed = 0
-        try:
-            with os.scandir(os.path.join(self.root, TMP_DIR)) as it:
+        tmp = -1
+        try:  # through directory fds, never following a symlink: a swapped-in link cannot redirect unlinks
+            tmp = os.open(TMP_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC, dir_fd=self._dirfd)
+            with os.scandir(tmp) as it:
                 for e in it:
                     try:
                         st = e.stat(follow_symlinks=False)
                         if not stat.S_ISDIR(st.st_mode) and st.st_mtime < cutoff:
-                            os.unlink(e.path)
+                            os.unlink(e.name, dir_fd=tmp)
                             removed += 1
                     except FileNotFoundError:
                         pass
@@ -649,6 +651,9 @@ class ObjectStore:
             pass
         except OSError as e:
             raise ObjectStoreError(f"cannot clean {self.root}/{TMP_DIR}: {e.strerror or e}") from e
+        finally:
+            if tmp >= 0:
+                os.close(tmp)
         return removed
 
     # -- internals -----------------------------------------------------------------------------------

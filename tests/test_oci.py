@@ -255,7 +255,7 @@ def _bad_layouts():
         ("unknown-media-type", unknown_media, LayerError, "unknown media type"),
         ("missing-blob", missing_blob, LayerError, "is missing"),
         ("blob-digest-mismatch", blob_digest_mismatch, DigestMismatchError, "blob digest"),
-        ("size-mismatch", size_mismatch, DigestMismatchError, "the manifest says 7"),
+        ("size-mismatch", size_mismatch, DigestMismatchError, "descriptor says 7 bytes"),
         ("diff-id-mismatch", diff_id_mismatch, DigestMismatchError, "diff_id"),
         ("diff-id-count", diff_id_count, LayerError, "3 layers but the config 2"),
         ("traversal-digest", traversal_digest, LayerError, "malformed digest"),

@@ -48,6 +48,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
             compression = compression_for(args.output)
         except ValueError:
             args.diff_parser.error("--output must end in .tar, .tar.gz, .tgz or .tar.zst")
+        from flatmount.safepath import check_output
+
+        check_output(args.output)  # before the work: only a new or regular file is ever written
     store = None
     sides = []
     for ref in (args.a, args.b):

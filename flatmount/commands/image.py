@@ -59,6 +59,10 @@ def cmd_mkimage(args: argparse.Namespace) -> int:
         parser.error("refusing to write an image to a terminal")
 
     from flatmount.errors import FlatmountError
+    from flatmount.safepath import check_output
+
+    if out != "-":
+        check_output(out)  # before the work: only a new or regular file is ever written
 
     if args.from_dump is not None:
         from flatmount.dump import parse_dump

@@ -1003,8 +1003,10 @@ def write_image(root: Inode, out: BinaryIO | str | os.PathLike, *, root_whiteout
         out.write(buf)
         return
     from flatmount.atomic import AtomicFile
+    from flatmount.safepath import check_output
 
     path = os.fspath(out)
+    check_output(path)  # a new or regular file only: never through a symlink, never a device
     with AtomicFile(os.path.dirname(os.path.abspath(path)), prefix=".tmp-erofs-") as af:
         af.file.write(buf)
         af.commit(path)
