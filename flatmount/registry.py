@@ -1,0 +1,463 @@
+"""`pull docker://...` and every other skopeo transport, streamed through skopeo's image proxy.
+
+Why this shape: the proxy (flatmount.imageproxy) resolves the reference (registries, auth, TLS,
+multi-arch indexes, archives) and hands each blob over as a pipe; each layer blob streams from that
+pipe through decompression and the digest checks into the same importer `oci:` uses
+(flatmount.layers.read_tar + verify, flatmount.pull.ImportBatch), with no temporary copy.
+
+Order: manifest, then the config blob (its sha256 is checked: it is the image id), whose diff_ids
+give the layer ids; layers whose id is already in the primary or an additional store are not
+fetched at all.  The others are fetched `jobs` at a time, one proxy process per concurrent blob (a
+proxy streams one blob at a time, see flatmount.imageproxy); each extra proxy opens the image by
+its manifest digest (for docker: references), so all of them read the same image.
+
+Failure: any error (registry down, 401, digest mismatch, a blob cut off, Ctrl-C) stops every fetch,
+kills the proxies, and the ImportBatch records nothing.  Layers that had completed are kept for a
+re-pull: their objects stay in the primary store (unreferenced, so `gc` may remove them after its
+grace period) and their layer image is kept in the runtime dir (`<runroot>/pull-partial/`, outside
+the store); a re-pull of an image with such a layer uses it when every object it names is still
+there, instead of fetching it again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flatmount.errors import DigestMismatchError, FlatmountError, LayerError, RegistryError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatmount.imageproxy import Proxy
+    from flatmount.oci import Descriptor
+    from flatmount.pull import ImportBatch, PullResult
+    from flatmount.store import Store
+
+# skopeo's transports (containers/image alltransports); oci:, dir: and containers-storage: are read
+# by flatmount itself (flatmount.pull), `skopeo-oci:` etc. would not be a name of skopeo's
+TRANSPORTS = ("docker", "docker-archive", "oci-archive", "docker-daemon", "sif", "tarball", "ostree")
+DEFAULT_JOBS = 3
+Events = Callable[[dict], None]
+_PARTIAL_DIR = "pull-partial"
+_LAYER_ID = re.compile(r"[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """Options as skopeo and podman spell them (see `flatmount pull --help`)."""
+
+    authfile: str | None = None
+    creds: str | None = None
+    tls_verify: bool | None = None
+    cert_dir: str | None = None
+    platform: str | None = None        # os/arch[/variant]
+    jobs: int = DEFAULT_JOBS
+    digestfile: str | None = None
+    skopeo: str = "skopeo"
+
+    def proxy_args(self) -> tuple[list[str], list[str]]:
+        """(global args, image args) of `skopeo [global] experimental-image-proxy [image]`."""
+        glob: list[str] = []
+        if self.platform:
+            parts = self.platform.split("/")
+            if len(parts) not in (2, 3) or not all(re.fullmatch(r"[a-z0-9_.-]+", p) for p in parts):
+                raise RegistryError(f"--platform {self.platform!r}: expected os/arch[/variant], e.g. linux/arm64")
+            glob += ["--override-os", parts[0], "--override-arch", parts[1]]
+            if len(parts) == 3:
+                glob += ["--override-variant", parts[2]]
+        img: list[str] = []
+        if self.authfile:
+            if not os.path.isfile(self.authfile):
+                raise RegistryError(f"--authfile {self.authfile}: no such file")
+            img += ["--authfile", self.authfile]
+        if self.creds:
+            img += ["--creds", self.creds]
+        if self.tls_verify is not None:
+            img.append(f"--tls-verify={'true' if self.tls_verify else 'false'}")
+        if self.cert_dir:
+            if not os.path.isdir(self.cert_dir):
+                raise RegistryError(f"--cert-dir {self.cert_dir}: no such directory")
+            img += ["--cert-dir", self.cert_dir]
+        return glob, img
+
+
+def is_transport_ref(source: str) -> bool:
+    """Whether `source` names one of skopeo's transports that flatmount reads through the proxy."""
+    return any(source.startswith(t + ":") for t in TRANSPORTS)
+
+
+def _repo_of(docker_ref: str) -> str:
+    """`//host/repo:tag` or `//host/repo@sha256:...` -> `//host/repo`."""
+    ref = docker_ref.split("@", 1)[0]
+    head, _, last = ref.rpartition("/")
+    if ":" in last:
+        last = last.split(":", 1)[0]
+    return f"{head}/{last}" if head else last
+
+
+def default_name(transport: str, rest: str) -> str | None:
+    """The name podman gives an image pulled from this reference (None: no name)."""
+    if transport == "docker":
+        name = rest.removeprefix("//")
+        return name or None
+    if transport in ("oci-archive", "docker-archive"):
+        # FILE:REF - a reference after the path names the image
+        path, sep, ref = rest.partition(":")
+        return ref if sep and ref and not ref.startswith("@") else None
+    return None
+
+
+def _clean_error(message: str, ref: str) -> str:
+    """skopeo's message, on one line, with a hint for the common causes."""
+    one = " ".join(message.split())
+    low = one.lower()
+    hint = ""
+    if "unauthorized" in low or "authentication required" in low or "401" in low:
+        hint = " (check --creds or --authfile)"
+    elif "connection refused" in low or "no such host" in low or "i/o timeout" in low:
+        hint = " (is the registry up and its address right?)"
+    elif "x509" in low or "certificate" in low:
+        hint = " (give the registry's CA with --cert-dir, or --tls-verify=false)"
+    elif "http response to https client" in low:
+        hint = " (a plain-HTTP registry: use --tls-verify=false)"
+    return f"{ref}: {one}{hint}"
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def pull_transport(store: Store, source: str, name: str | None = None, *,
+                   options: RegistryOptions | None = None, events: Events | None = None) -> PullResult:
+    """Import the image at a skopeo reference (`docker://...`, `oci-archive:...`) into the primary store."""
+    from flatmount.imageproxy import Proxy
+
+    options = options or RegistryOptions()
+    if options.jobs < 1:
+        raise RegistryError("--jobs must be at least 1")
+    transport, _, rest = source.partition(":")
+    glob, img_args = options.proxy_args()
+    emit = events or (lambda _e: None)
+    proxies: list[Proxy] = []
+    try:
+        first = Proxy(glob, img_args, options.skopeo)
+        proxies.append(first)
+        first.initialize()
+        try:
+            image = first.open_image(source)
+        except RegistryError as e:
+            raise RegistryError(_clean_error(str(e), source)) from None
+        return _pull(store, source, transport, rest, name, options, emit, proxies, image, glob, img_args)
+    except BaseException as e:
+        for p in proxies:
+            p.kill()
+        if isinstance(e, KeyboardInterrupt):
+            raise RegistryError(f"{source}: pull interrupted; nothing was recorded (pull again to "
+                                "resume)") from None
+        raise
+    finally:
+        for p in proxies:
+            p.close()
+
+
+def _pull(store: Store, source: str, transport: str, rest: str, name: str | None, options: RegistryOptions,
+          emit: Events, proxies: list[Proxy], image: int, glob: list[str], img_args: list[str]) -> PullResult:
+    from flatmount.imageproxy import Proxy
+    from flatmount.oci import (
+        LAYER_MEDIA_TYPES,
+        MAX_JSON,
+        MT_CONFIG,
+        MT_MANIFEST,
+        Descriptor,
+        _list,
+        _parse_json,
+    )
+    from flatmount.pull import ImportBatch, PullResult
+    from flatmount.store import chain_id
+
+    first = proxies[0]
+    try:
+        mdigest, mbytes = first.read_small("GetManifest", image, limit=MAX_JSON)
+    except RegistryError as e:
+        raise RegistryError(_clean_error(str(e), source)) from None
+    manifest = _parse_json(mbytes, f"{source} manifest")
+    if manifest.get("mediaType", MT_MANIFEST[0]) not in MT_MANIFEST:
+        raise LayerError(f"{source}: unsupported manifest media type {manifest.get('mediaType')!r}")
+    if not isinstance(mdigest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", mdigest):
+        raise RegistryError(f"{source}: the proxy gave no valid manifest digest ({mdigest!r})")
+    emit({"event": "manifest", "digest": mdigest})
+    cdesc = Descriptor.parse(manifest.get("config"), f"{source} manifest config")
+    if cdesc.media_type not in MT_CONFIG:
+        raise LayerError(f"{source}: unsupported config media type {cdesc.media_type!r}")
+    if not cdesc.digest.startswith("sha256:") or cdesc.size > MAX_JSON:
+        raise LayerError(f"{source}: config {cdesc.digest} must be sha256 and at most {MAX_JSON} bytes")
+    try:
+        with first.get_blob(image, cdesc.digest, cdesc.size) as stream:
+            config_bytes = stream.read_all(MAX_JSON)
+    except RegistryError as e:
+        raise RegistryError(_clean_error(str(e), source)) from None
+    if len(config_bytes) != cdesc.size or "sha256:" + hashlib.sha256(config_bytes).hexdigest() != cdesc.digest:
+        raise DigestMismatchError(f"{source}: config blob does not match its digest {cdesc.digest}")
+    config = _parse_json(config_bytes, f"{source} config")
+    ldescs = [Descriptor.parse(d, f"{source} layer {i}")
+              for i, d in enumerate(_list(manifest, "layers", f"{source} manifest"))]
+    for i, d in enumerate(ldescs):
+        if d.media_type not in LAYER_MEDIA_TYPES:
+            raise LayerError(f"{source}: layer {i} ({d.digest}) has unknown media type {d.media_type!r}")
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(
+            isinstance(x, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", x) for x in diff_ids):
+        raise LayerError(f"{source}: config {cdesc.digest}: rootfs.diff_ids missing or malformed")
+    if len(diff_ids) != len(ldescs):
+        raise LayerError(f"{source}: manifest has {len(ldescs)} layers but the config {len(diff_ids)} diff_ids")
+    ids: list[str] = []
+    parent: str | None = None
+    for d in diff_ids:
+        parent = chain_id(parent, d)
+        ids.append(parent)
+    image_name = name if name is not None else default_name(transport, rest)
+    partial = _Partial(store)
+
+    imported: list[str] = []
+    present: list[str] = []
+    total_bytes = total_entries = 0
+    with ImportBatch(store) as batch:
+        todo: list[int] = []
+        for i, lid in enumerate(ids):
+            if batch.has_layer(lid):
+                present.append(lid)
+                emit({"event": "layer", "status": "present", "index": i, "layer": lid,
+                      "digest": ldescs[i].digest, "size": ldescs[i].size})
+                continue
+            todo.append(i)
+        resumed = {}
+        for i in todo:
+            tree = partial.load(ids[i], ldescs[i].digest, diff_ids[i], store)
+            if tree is not None:
+                resumed[i] = tree
+        fetch = [i for i in todo if i not in resumed]
+        # one proxy per concurrent fetch: the extra ones open the image by its manifest digest
+        reopen = f"docker:{_repo_of(rest)}@{mdigest}" if transport == "docker" else source
+        want = min(options.jobs, len(fetch))
+        for _ in range(want - 1):
+            proxies.append(Proxy(glob, img_args, options.skopeo))
+        for p in proxies[1:]:
+            p.initialize()
+        fetcher = _Fetcher(source, reopen, proxies, image, emit, batch.objects)
+        done_layers: dict[int, Any] = {}
+        kept: list[str] = []
+        try:
+            for i, tree in resumed.items():
+                meta = partial.meta(ids[i])
+                batch.add_layer(tree, parent=ids[i - 1] if i else None, diff_id=diff_ids[i],
+                                compressed_digest=ldescs[i].digest, compressed_size=ldescs[i].size,
+                                diff_size=meta.get("diff_size"))
+                emit({"event": "layer", "status": "resumed", "index": i, "layer": ids[i],
+                      "digest": ldescs[i].digest, "size": ldescs[i].size})
+                imported.append(ids[i])
+            for i, layer in fetcher.run([(i, ldescs[i], diff_ids[i]) for i in fetch]):
+                done_layers[i] = layer
+                batch.add_layer(layer.tree, parent=ids[i - 1] if i else None, diff_id=diff_ids[i],
+                                compressed_digest=ldescs[i].digest, compressed_size=ldescs[i].size,
+                                diff_size=layer.diff_size)
+                total_bytes += layer.diff_size
+                total_entries += layer.entries
+                imported.append(ids[i])
+                if partial.save(batch, ids[i], ldescs[i].digest, diff_ids[i], layer.diff_size):
+                    kept.append(ids[i])
+            batch.set_image(cdesc.digest, ids[-1] if ids else None, config=config_bytes, manifest=mbytes,
+                            names=[image_name] if image_name else [])
+            record = batch.commit()
+        except BaseException:
+            _keep_objects(batch, [done_layers[i].tree for i in done_layers]
+                          + [resumed[i] for i in resumed])
+            raise
+    for lid in kept + [ids[i] for i in resumed]:
+        partial.drop(lid)
+    with contextlib.suppress(OSError):
+        os.rmdir(partial.dir)  # only if empty
+    if options.digestfile:
+        from flatmount.atomic import AtomicFile
+
+        try:
+            with AtomicFile(os.path.dirname(os.path.abspath(options.digestfile))) as af:
+                af.file.write(mdigest.encode())
+                af.commit(options.digestfile)
+        except OSError as e:
+            raise RegistryError(f"cannot write --digestfile {options.digestfile}: {e.strerror}") from None
+    assert record is not None
+    order = {lid: k for k, lid in enumerate(ids)}
+    return PullResult(record, tuple(sorted(imported, key=order.__getitem__)), tuple(present),
+                      total_bytes, total_entries)
+
+
+def _keep_objects(batch: ImportBatch, trees: list) -> None:
+    """Completed layers' objects survive the failed batch's rollback (a re-pull resumes with them)."""
+    from flatmount.pull import tree_objects
+
+    keep: set[str] = set()
+    for t in trees:
+        keep |= tree_objects(t)
+    batch.keep_objects(keep)
+
+
+class _Fetcher:
+    """Fetch layer blobs with a pool of proxies; yields (index, TarLayer) as each completes."""
+
+    def __init__(self, source: str, reopen: str, proxies: list[Proxy], image: int, emit: Events, objects: Any):
+        self.source = source
+        self.reopen = reopen
+        self.proxies = proxies
+        self.images: dict[int, int] = {id(proxies[0]): image}
+        self.emit = emit
+        self.objects = objects
+        self.cancelled = threading.Event()
+
+    def run(self, work: list[tuple[int, Descriptor, str]]):
+        import queue
+        from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+
+        if not work:
+            return
+        free: queue.SimpleQueue = queue.SimpleQueue()
+        for p in self.proxies:
+            free.put(p)
+        def one(item: tuple[int, Descriptor, str]):
+            proxy = free.get()
+            try:
+                if self.cancelled.is_set():
+                    raise _Cancelled()
+                return item[0], self._fetch(proxy, item)
+            finally:
+                free.put(proxy)
+
+        pool = ThreadPoolExecutor(max_workers=len(self.proxies), thread_name_prefix="flatmount-fetch")
+        futures = {pool.submit(one, item) for item in work}
+        try:
+            pending = futures
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for f in done:
+                    yield f.result()
+        except BaseException:
+            self.cancelled.set()
+            for f in futures:
+                f.cancel()
+            for p in self.proxies:
+                p.kill()  # every stream ends now, so every worker returns soon
+            raise
+        finally:
+            pool.shutdown(wait=True)
+
+    def _fetch(self, proxy: Proxy, item: tuple[int, Descriptor, str]) -> Any:
+        from flatmount.layers import HashingReader, read_tar, verify
+
+        i, desc, diff_id = item
+        key = id(proxy)
+        if key not in self.images:
+            try:
+                self.images[key] = proxy.open_image(self.reopen)
+            except RegistryError as e:
+                raise RegistryError(_clean_error(str(e), self.source)) from None
+        label = f"{self.source} layer {i} ({desc.digest[:19]})"
+        alg = desc.digest.partition(":")[0]
+        emit = self.emit
+        emit({"event": "layer", "status": "fetching", "index": i, "digest": desc.digest, "size": desc.size})
+        start = time.monotonic()
+        try:
+            with proxy.get_blob(self.images[key], desc.digest, desc.size) as stream:
+                def report(_n: int, _e: int, _s=stream) -> None:
+                    emit({"event": "progress", "index": i, "digest": desc.digest, "bytes": _s.nread,
+                          "size": desc.size})
+
+                layer = read_tar(HashingReader(stream, alg), self.objects, label=label,  # type: ignore[arg-type]
+                                 progress=report)
+        except RegistryError as e:
+            if self.cancelled.is_set():
+                raise _Cancelled() from None
+            raise RegistryError(_clean_error(str(e), f"{self.source} layer {i} ({desc.digest})")) from None
+        except FlatmountError:
+            if self.cancelled.is_set():
+                raise _Cancelled() from None
+            raise
+        verify(layer, blob_digest=desc.digest, blob_size=desc.size, diff_id=diff_id, label=label)
+        secs = time.monotonic() - start
+        emit({"event": "layer", "status": "done", "index": i, "digest": desc.digest, "size": desc.size,
+              "bytes": layer.compressed_size, "seconds": round(secs, 3)})
+        return layer
+
+
+class _Partial:
+    """Layer images of a failed pull's completed layers, under `<runroot>/pull-partial/` (see module doc)."""
+
+    def __init__(self, store: Store):
+        self.dir = os.path.join(os.fspath(store.runroot), _PARTIAL_DIR)
+
+    def _path(self, lid: str, ext: str) -> str:
+        return os.path.join(self.dir, f"{lid}.{ext}")
+
+    def meta(self, lid: str) -> dict:
+        try:
+            fd = os.open(self._path(lid, "json"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                doc = json.loads(f.read(65536))
+            return doc if isinstance(doc, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def load(self, lid: str, blob_digest: str, diff_id: str, store: Store):
+        """The kept layer's tree, if it is this layer and every object it names is in the primary."""
+        from flatmount.erofs.reader import Image
+        from flatmount.pull import tree_objects
+
+        if not _LAYER_ID.fullmatch(lid):
+            return None
+        meta = self.meta(lid)
+        if meta.get("digest") != blob_digest or meta.get("diff_id") != diff_id:
+            return None
+        try:
+            fd = os.open(self._path(lid, "erofs"), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                data = f.read()
+            if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
+                return None
+            with Image(data) as img:
+                tree = img.root()
+            objs = tree_objects(tree)
+        except (OSError, FlatmountError, ValueError):
+            return None
+        objdir = store.objects_dir
+        if not all(os.path.isfile(f"{objdir}/{o}") for o in objs):
+            return None
+        return tree
+
+    def save(self, batch: ImportBatch, lid: str, blob_digest: str, diff_id: str, diff_size: int) -> bool:
+        """Keep a copy of the staged layer image (until the pull commits); best effort."""
+        from flatmount.atomic import AtomicFile
+
+        src = batch.staging / f"layer-{lid}.erofs"
+        try:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            data = src.read_bytes()
+            meta = json.dumps({"digest": blob_digest, "diff_id": diff_id, "diff_size": diff_size,
+                               "sha256": hashlib.sha256(data).hexdigest()}).encode()
+            for ext, content in (("erofs", data), ("json", meta)):  # derived, checked at load: no fsync
+                with AtomicFile(self.dir, mode=0o600, durable=False) as af:
+                    af.file.write(content)
+                    af.commit(self._path(lid, ext))
+        except (OSError, FlatmountError):
+            return False
+        return True
+
+    def drop(self, lid: str) -> None:
+        for ext in ("erofs", "json"):
+            with contextlib.suppress(OSError):
+                os.unlink(self._path(lid, ext))
