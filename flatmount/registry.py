@@ -199,8 +199,13 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
     if not cdesc.digest.startswith("sha256:") or cdesc.size > MAX_JSON:
         raise LayerError(f"{source}: config {cdesc.digest} must be sha256 and at most {MAX_JSON} bytes")
     try:
-        with first.get_blob(image, cdesc.digest, cdesc.size) as stream:
-            config_bytes = stream.read_all(MAX_JSON)
+        if "sha256:" + hashlib.sha256(mbytes).hexdigest() == mdigest:
+            with first.get_blob(image, cdesc.digest, cdesc.size) as stream:
+                config_bytes = stream.read_all(MAX_JSON)
+        else:
+            # a Docker schema 2 manifest the proxy converted to OCI: its config was converted too and
+            # is no blob of the source; the proxy's GetFullConfig gives the same bytes (checked below)
+            config_bytes = first.read_small("GetFullConfig", image, limit=MAX_JSON)[1]
     except RegistryError as e:
         raise RegistryError(_clean_error(str(e), source)) from None
     if len(config_bytes) != cdesc.size or "sha256:" + hashlib.sha256(config_bytes).hexdigest() != cdesc.digest:
