@@ -113,3 +113,84 @@ class Registry:
         req = urllib.request.Request(self.url(path), headers={"Accept": accept})
         with urllib.request.urlopen(req, timeout=10) as r:
             return r.read()
+
+
+class FaultServer:
+    """A small HTTP server of the test's own in front of a Registry, serving it with faults injected.
+
+    `corrupt`: blob digests served with one byte flipped; `stall`: blob digests whose GET hangs (until
+    `release()` or stop); `tamper_manifests`: manifests fetched by digest are served re-serialized
+    (so they no longer match the digest asked for).  `requests` lists the paths asked for.
+    """
+
+    def __init__(self, upstream: Registry, *, corrupt: set[str] = frozenset(), stall: set[str] = frozenset(),
+                 tamper_manifests: bool = False):
+        import http.server
+        import threading
+
+        self.upstream = upstream
+        self.corrupt, self.stall, self.tamper = set(corrupt), set(stall), tamper_manifests
+        self.requests: list[str] = []
+        self.stalled = threading.Event()
+        self._release = threading.Event()
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_HEAD(self):
+                self._serve(head=True)
+
+            def do_GET(self):
+                self._serve(head=False)
+
+            def _serve(self, head: bool):
+                import http.client
+
+                server.requests.append(self.path)
+                digest = self.path.rsplit("/", 1)[-1]
+                if "/blobs/" in self.path and digest in server.stall and not head:
+                    server.stalled.set()
+                    server._release.wait(60)
+                    self.close_connection = True
+                    return
+                conn = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=30)
+                headers = {k: ", ".join(self.headers.get_all(k) or []) for k in ("Accept", "Authorization")
+                           if self.headers.get(k)}
+                conn.request("HEAD" if head else "GET", self.path, headers=headers)
+                r = conn.getresponse()
+                body = r.read()
+                conn.close()
+                if "/blobs/" in self.path and digest in server.corrupt and body:
+                    body = body[:-1] + bytes([body[-1] ^ 1])
+                if "/manifests/sha256:" in self.path and server.tamper and body:
+                    body = body + b"\n"
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() in ("content-type", "www-authenticate", "location"):
+                        self.send_header(k, v)
+                    elif k.lower() == "docker-content-digest" and not server.tamper:
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body) if not head else r.getheader(
+                    "Content-Length") or 0))
+                self.end_headers()
+                if not head:
+                    self.wfile.write(body)
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = self.httpd.server_address[1]
+        self.host = f"127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._release.set()
+
+    def stop(self) -> None:
+        self._release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
