@@ -7,6 +7,8 @@ Sources (`parse_source`):
     containers-storage:[...]IMG   a podman/c/storage image (flatmount.cstorage.pull_cstorage)
     docker://REF, oci-archive:..., docker-archive:... and skopeo's other transports: through skopeo's
                                   image proxy (flatmount.registry)
+    NAME[:TAG|@DIGEST]            (not an existing path) a registry image; short names resolved by
+                                  registries.conf as podman does (flatmount.registry)
     PATH                          a directory with an `oci-layout` file -> oci:, another directory ->
                                   dir:, a file -> tar:
 
@@ -468,14 +470,16 @@ def parse_source(source: str) -> tuple[str, str]:
         return ("oci" if os.path.isfile(os.path.join(source, "oci-layout")) else "dir"), source
     if os.path.exists(source):
         return "tar", source
-    from flatmount.registry import is_transport_ref
+    from flatmount.registry import is_transport_ref, looks_like_reference
 
     if is_transport_ref(source):
         return "transport", source
+    if looks_like_reference(source):  # (`name:tag` too, as podman reads it)
+        return "reference", source
     m = re.match(r"([a-z][a-z0-9+.-]*):", source)
     if m:
-        raise LayerError(f"source {source!r}: unsupported transport {m.group(1)!r} (use oci:, tar:, dir: "
-                         "or containers-storage:)")
+        raise LayerError(f"source {source!r}: unsupported transport {m.group(1)!r} (use oci:, tar:, dir:, "
+                         "containers-storage:, docker://, oci-archive: or docker-archive:)")
     raise LayerError(f"source {source!r} does not exist")
 
 
@@ -487,6 +491,10 @@ def pull(store: Store, source: str, name: str | None = None, *, progress: Progre
         from flatmount.registry import pull_transport
 
         return pull_transport(store, rest, name, options=registry, events=events)
+    if kind == "reference":
+        from flatmount.registry import pull_short_name
+
+        return pull_short_name(store, rest, name, options=registry, events=events)
     if kind == "containers-storage":
         from flatmount.cstorage import pull_cstorage
 

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import re
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -65,6 +66,9 @@ class RegistryOptions:
     def proxy_args(self) -> tuple[list[str], list[str]]:
         """(global args, image args) of `skopeo [global] experimental-image-proxy [image]`."""
         glob: list[str] = []
+        conf = os.environ.get("CONTAINERS_REGISTRIES_CONF")
+        if conf:  # skopeo 1.9 does not read this variable itself: the same file for both of us
+            glob += ["--registries-conf", conf]
         if self.platform:
             parts = self.platform.split("/")
             if len(parts) not in (2, 3) or not all(re.fullmatch(r"[a-z0-9_.-]+", p) for p in parts):
@@ -112,6 +116,132 @@ def default_name(transport: str, rest: str) -> str | None:
         path, sep, ref = rest.partition(":")
         return ref if sep and ref and not ref.startswith("@") else None
     return None
+
+
+# --- short names (registries.conf, resolved as podman does) --------------------------------------
+
+_REF = re.compile(r"[a-z0-9]+(?:[._-]+[a-z0-9]+)*(?::[0-9]+)?(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*"
+                  r"(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?(?:@sha256:[0-9a-f]{64})?")
+
+
+def looks_like_reference(source: str) -> bool:
+    """A bare image reference (`alpine`, `library/alpine:3`, `quay.io/x/y@sha256:...`), not a path."""
+    return bool(_REF.fullmatch(source)) and not source.startswith(".")
+
+
+def is_qualified(ref: str) -> bool:
+    """Fully qualified: its first component names a registry (has `.` or `:`, or is localhost)."""
+    first, sep, _ = ref.partition("/")
+    return bool(sep) and ("." in first or ":" in first or first == "localhost")
+
+
+def registries_conf_paths() -> list[str]:
+    """registries.conf files in the order containers/image reads them (later ones override)."""
+    env = os.environ.get("CONTAINERS_REGISTRIES_CONF")
+    if env:
+        return [env]
+    main = "/etc/containers/registries.conf"
+    if os.geteuid() != 0:
+        user = os.path.join(os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"),
+                            "containers", "registries.conf")
+        if os.path.isfile(user):
+            main = user
+    out = [main]
+    dropins = main + ".d"
+    with contextlib.suppress(OSError):
+        out += sorted(os.path.join(dropins, n) for n in os.listdir(dropins) if n.endswith(".conf"))
+    return out
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    registries: tuple[str, ...]
+    aliases: dict
+    mode: str  # enforcing, permissive, disabled
+
+
+def load_search_config(paths: list[str] | None = None) -> SearchConfig:
+    """unqualified-search-registries, [aliases] and short-name-mode from registries.conf (+ drop-ins)."""
+    import tomllib
+
+    registries: list[str] | None = None
+    aliases: dict[str, str] = {}
+    mode = "enforcing"
+    for path in paths if paths is not None else registries_conf_paths():
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            continue
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise RegistryError(f"{path}: cannot read registries.conf ({e})") from None
+        regs = doc.get("unqualified-search-registries")
+        if regs is None:  # the v1 format
+            regs = (doc.get("registries") or {}).get("search", {}).get("registries") \
+                if isinstance(doc.get("registries"), dict) else None
+        if isinstance(regs, list):
+            registries = [str(r) for r in regs]
+        if isinstance(doc.get("aliases"), dict):
+            aliases.update({str(k): str(v) for k, v in doc["aliases"].items()})
+        if isinstance(doc.get("short-name-mode"), str) and doc["short-name-mode"]:
+            mode = doc["short-name-mode"]
+    return SearchConfig(tuple(registries or ()), aliases, mode)
+
+
+def resolve_short_name(name: str, *, config: SearchConfig | None = None, tty: bool | None = None,
+                       ask: Callable[[str], str] = input) -> list[str]:
+    """The docker:// references to try for a bare reference, in order (podman's short-name rules)."""
+    if is_qualified(name):
+        return ["docker://" + name]
+    config = config or load_search_config()
+    base, suffix = name, ""
+    if "@" in base:
+        base, at, digest = base.partition("@")
+        suffix = at + digest
+    last = base.rsplit("/", 1)[-1]
+    if ":" in last:
+        base, _, tag = base.rpartition(":")
+        suffix = ":" + tag + suffix
+    if base in config.aliases:
+        target = config.aliases[base]
+        if suffix:  # the user's tag or digest replaces the alias's own
+            target = target.split("@", 1)[0]
+            if ":" in target.rsplit("/", 1)[-1]:
+                target = target.rsplit(":", 1)[0]
+        return ["docker://" + target + suffix]
+    if not suffix:
+        suffix = ":latest"
+    candidates = [f"{r}/{base}{suffix}" for r in config.registries]
+    if not candidates:
+        raise RegistryError(f"short name {name!r}: no alias and no unqualified-search-registries in "
+                            f"registries.conf; give a full name (e.g. docker.io/library/{name})")
+    if len(candidates) == 1 or config.mode in ("permissive", "disabled"):
+        return ["docker://" + c for c in candidates]
+    if tty is None:
+        tty = sys.stdin.isatty() and sys.stdout.isatty()
+    if not tty:
+        raise RegistryError(f"short name {name!r} is ambiguous (short-name-mode {config.mode}, no terminal "
+                            f"to ask): give one of {', '.join(candidates)}")
+    for k, c in enumerate(candidates, 1):
+        print(f"  {k}) {c}", file=sys.stderr)
+    answer = ask(f"Pick an image for {name!r} [1-{len(candidates)}]: ").strip()
+    if not answer.isdigit() or not 1 <= int(answer) <= len(candidates):
+        raise RegistryError(f"short name {name!r}: no image picked")
+    return ["docker://" + candidates[int(answer) - 1]]
+
+
+def pull_short_name(store: Store, name: str, image_name: str | None = None, *,
+                    options: RegistryOptions | None = None, events: Events | None = None) -> PullResult:
+    """Resolve a bare reference (see `resolve_short_name`) and pull the first candidate that exists."""
+    errors = []
+    for ref in (candidates := resolve_short_name(name)):
+        try:
+            return pull_transport(store, ref, image_name, options=options, events=events)
+        except RegistryError as e:
+            if len(candidates) == 1:
+                raise
+            errors.append(str(e))
+    raise RegistryError(f"{name}: no candidate could be pulled: " + "; ".join(errors))
 
 
 def _clean_error(message: str, ref: str) -> str:

@@ -307,3 +307,37 @@ def test_docker_schema2_image(registry, tmp_path):
         assert [x.diff_id for x in s.layer_chain(r.image.top_layer)] == info["diff_ids"]
         ro = pull(o, f"oci:{layout}:v1")
         assert flat_bytes(s, r.image.id) == flat_bytes(o, ro.image.id)
+
+
+def test_short_names_resolved_by_registries_conf(registry, tmp_path, monkeypatch):
+    from flatmount.registry import SearchConfig, resolve_short_name
+
+    info = seed(registry, tmp_path, "short/img", layer_tars(1, "short"), ["gzip"])
+    conf = tmp_path / "registries.conf"
+    conf.write_text(f'unqualified-search-registries = ["{registry.host}"]\n'
+                    f'[[registry]]\nlocation = "{registry.host}"\ninsecure = true\n'
+                    f'[aliases]\n"nick" = "{registry.host}/short/img"\n')
+    monkeypatch.setenv("CONTAINERS_REGISTRIES_CONF", str(conf))
+    with new_store(tmp_path) as s:
+        r = pull(s, "short/img:v1")  # insecure = true in registries.conf: skopeo reads the same file
+        assert r.image.names == (f"{registry.host}/short/img:v1",)
+        assert "sha256:" + r.image.id == info["config"]
+        r2 = pull(s, "nick:v1")
+        assert r2.image.id == r.image.id
+        # a qualified bare reference needs no registries.conf
+        r3 = pull(s, f"{registry.host}/short/img:v1", registry=PLAIN, name="q")
+        assert r3.image.id == r.image.id
+        # ambiguous without a terminal: an error listing the candidates, nothing pulled
+        conf.write_text('unqualified-search-registries = ["a.example", "b.example"]\n')
+        with pytest.raises(RegistryError, match="ambiguous.*a.example/short/img:v1, b.example/short/img:v1"):
+            pull(s, "short/img:v1")
+        conf.write_text("")
+        with pytest.raises(RegistryError, match="no unqualified-search-registries"):
+            pull(s, "short/img")
+    cfg = SearchConfig(("a.example", "b.example"), {}, "enforcing")
+    assert resolve_short_name("x", config=cfg, tty=True, ask=lambda _q: "2") == ["docker://b.example/x:latest"]
+    assert resolve_short_name("x@sha256:" + "0" * 64, config=SearchConfig(("r.io",), {}, "enforcing")) == \
+        ["docker://r.io/x@sha256:" + "0" * 64]
+    permissive = SearchConfig(("a.example", "b.example"), {}, "permissive")
+    assert resolve_short_name("x:1", config=permissive, tty=False) == \
+        ["docker://a.example/x:1", "docker://b.example/x:1"]
