@@ -41,14 +41,27 @@ _F_SETPIPE_SZ = 1031
 _PR_SET_PDEATHSIG = 1
 
 
-def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
-    import ctypes
-    import signal
+_prctl: Any = None
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    if os.getppid() == 1:  # the parent died before prctl took effect
+
+def _pdeathsig() -> None:  # pragma: no cover - runs in the child between fork and exec
+    # (no imports or allocations of note here: other threads' locks may be held in the child)
+    _prctl(_PR_SET_PDEATHSIG, 9, 0, 0, 0)  # SIGKILL
+    if os.getppid() != _parent:  # the parent died before prctl took effect
         os._exit(1)
+
+
+_parent = -1
+
+
+def _prepare_pdeathsig() -> None:
+    """Resolve prctl(2) in the parent, so the child only calls it."""
+    global _prctl, _parent
+    if _prctl is None:
+        import ctypes
+
+        _prctl = ctypes.CDLL(None, use_errno=True).prctl
+    _parent = os.getpid()
 
 
 class Proxy:
@@ -58,6 +71,7 @@ class Proxy:
                  skopeo: str = "skopeo") -> None:
         import shutil
         import subprocess
+        import tempfile
 
         exe = shutil.which(skopeo)
         if exe is None:
@@ -67,13 +81,17 @@ class Proxy:
         self._sock = ours
         self._lock = threading.Lock()
         self.version: tuple[int, ...] = ()
+        # its stderr goes to a file, read only for error messages (a pipe nobody reads could fill up)
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
+        _prepare_pdeathsig()
         try:
             self._proc: subprocess.Popen | None = subprocess.Popen(
                 [exe, *global_args, "experimental-image-proxy", *image_args, "--sockfd", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE, preexec_fn=_pdeathsig, close_fds=True)  # noqa: PLW1509
+                stderr=self._stderr, preexec_fn=_pdeathsig, close_fds=True)  # noqa: PLW1509
         except OSError as e:
             ours.close()
+            self._stderr.close()
             raise RegistryError(f"cannot start skopeo: {e.strerror}") from None
         finally:
             theirs.close()
@@ -98,10 +116,11 @@ class Proxy:
     def _stderr_tail(self) -> str:
         """The last line skopeo wrote to stderr (after it exited), for error messages."""
         proc = self._proc
-        if proc is None or proc.stderr is None or proc.poll() is None:
+        if proc is None or proc.poll() is None:
             return ""
         with contextlib.suppress(OSError, ValueError):
-            lines = proc.stderr.read(8192).decode(errors="replace").strip().splitlines()
+            self._stderr.seek(0)
+            lines = self._stderr.read()[-8192:].decode(errors="replace").strip().splitlines()
             if lines:
                 return lines[-1]
         return ""
@@ -195,8 +214,7 @@ class Proxy:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        self._stderr.close()
 
     def __enter__(self) -> Proxy:
         return self

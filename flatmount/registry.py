@@ -398,16 +398,17 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
                 emit({"event": "layer", "status": "resumed", "index": i, "layer": ids[i],
                       "digest": ldescs[i].digest, "size": ldescs[i].size})
                 imported.append(ids[i])
-            for i, layer in fetcher.run([(i, ldescs[i], diff_ids[i]) for i in fetch]):
-                done_layers[i] = layer
-                batch.add_layer(layer.tree, parent=ids[i - 1] if i else None, diff_id=diff_ids[i],
-                                compressed_digest=ldescs[i].digest, compressed_size=ldescs[i].size,
-                                diff_size=layer.diff_size)
-                total_bytes += layer.diff_size
-                total_entries += layer.entries
-                imported.append(ids[i])
-                if partial.save(batch, ids[i], ldescs[i].digest, diff_ids[i], layer.diff_size):
-                    kept.append(ids[i])
+            with contextlib.closing(fetcher.run([(i, ldescs[i], diff_ids[i]) for i in fetch])) as results:
+                for i, layer in results:
+                    done_layers[i] = layer
+                    batch.add_layer(layer.tree, parent=ids[i - 1] if i else None, diff_id=diff_ids[i],
+                                    compressed_digest=ldescs[i].digest, compressed_size=ldescs[i].size,
+                                    diff_size=layer.diff_size)
+                    total_bytes += layer.diff_size
+                    total_entries += layer.entries
+                    imported.append(ids[i])
+                    if partial.save(batch, ids[i], ldescs[i].digest, diff_ids[i], layer.diff_size):
+                        kept.append(ids[i])
             batch.set_image(cdesc.digest, ids[-1] if ids else None, config=config_bytes, manifest=mbytes,
                             names=[image_name] if image_name else [])
             record = batch.commit()

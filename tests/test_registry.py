@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -341,3 +342,43 @@ def test_short_names_resolved_by_registries_conf(registry, tmp_path, monkeypatch
     permissive = SearchConfig(("a.example", "b.example"), {}, "permissive")
     assert resolve_short_name("x:1", config=permissive, tty=False) == \
         ["docker://a.example/x:1", "docker://b.example/x:1"]
+
+
+def test_terminal_progress_per_layer(registry, tmp_path):
+    """On a terminal (a real pty): a line per layer with size and rate, skipped layers said so."""
+    import pty
+
+    tars = layer_tars(3, "tty", files=4, size=300_000)
+    seed(registry, tmp_path, "tty/base", tars[:1], ["gzip"])
+    full = seed(registry, tmp_path, "tty/full", tars, ["gzip", "gzip", "zstd"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-m", "flatmount", "pull", "--root", str(tmp_path / "s"), "--runroot",
+            str(tmp_path / "r"), "--config", os.devnull, "--tls-verify=false"]
+    subprocess.run(base + ["-q", f"docker://{registry.host}/tty/base:v1"], env=env, cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.run(base + [f"docker://{registry.host}/tty/full:v1"], env=env, cwd=ROOT, stderr=slave,
+                           stdout=subprocess.PIPE, text=True, timeout=120)
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert p.returncode == 0
+    text = out.decode().replace("\x1b[K", "")
+    assert f"layer 0 {full['layers'][0]['digest'][7:19]}: skipped, already present" in text
+    for i in (1, 2):
+        line = [x for x in text.replace("\r", "\n").splitlines()
+                if x.strip().startswith(f"layer {i} {full['layers'][i]['digest'][7:19]}:")]
+        assert line and re.search(r": [0-9.]+ [kM]?B in [0-9.]+ s \([0-9.]+ [kMG]?B/s\)$", line[0]), text

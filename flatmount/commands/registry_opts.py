@@ -84,6 +84,14 @@ class JsonEvents:
         pass
 
 
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:,.1f} GB"
+
+
 class TerminalEvents:
     """One line per layer: skipped (present), fetching with bytes and rate, done."""
 
@@ -114,8 +122,7 @@ class TerminalEvents:
                 elif status == "done":
                     _, size, start = self._active.pop(i, (0, 0, now))
                     secs = max(now - start, 1e-6)
-                    self._line(f"layer {i} {digest}: {size / 1e6:,.1f} MB in {secs:.1f} s "
-                               f"({size / secs / 1e6:,.0f} MB/s)")
+                    self._line(f"layer {i} {digest}: {_human(size)} in {secs:.2f} s ({_human(size / secs)}/s)")
             elif kind == "progress" and i in self._active:
                 _, size, start = self._active[i]
                 self._active[i] = (int(event.get("bytes") or 0), size, start)
@@ -126,8 +133,8 @@ class TerminalEvents:
             self._last = now
             parts = []
             for j, (n, size, start) in sorted(self._active.items()):
-                rate = n / max(now - start, 1e-6) / 1e6
-                parts.append(f"layer {j}: {n / 1e6:,.1f}/{size / 1e6:,.1f} MB {rate:,.0f} MB/s")
+                rate = n / max(now - start, 1e-6)
+                parts.append(f"layer {j}: {_human(n)}/{_human(size)} {_human(rate)}/s")
             self.stream.write("\r\x1b[K" + "; ".join(parts))
             self.stream.flush()
             self._drawn = bool(parts)
