@@ -200,6 +200,11 @@ class Proxy:
             with contextlib.suppress(OSError):
                 proc.kill()
 
+    def shutdown(self) -> None:
+        """Tell the child to exit (it sees EOF on its socket); `close()` reaps it."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
     def close(self) -> None:
         """Shut the child down and reap it."""
         proc, self._proc = self._proc, None
