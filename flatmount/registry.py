@@ -280,14 +280,16 @@ def pull_transport(store: Store, source: str, name: str | None = None, *,
         first = Proxy(glob, img_args, options.skopeo)
         proxies.append(first)
         # the helpers for concurrent fetches start now, beside the first one's work (~0.1 s each)
-        spare = [Proxy(glob, img_args, options.skopeo) for _ in range(options.jobs - 1)]
+        # (docker: only; another transport is local, and each proxy of an archive unpacks all of it)
+        jobs = options.jobs if transport == "docker" else 1
+        spare = [Proxy(glob, img_args, options.skopeo) for _ in range(jobs - 1)]
         proxies.extend(spare)
         first.initialize()
         try:
             image = first.open_image(source)
         except RegistryError as e:
             raise RegistryError(_clean_error(str(e), source)) from None
-        return _pull(store, source, transport, rest, name, options, emit, proxies, image, glob, img_args)
+        return _pull(store, source, transport, rest, name, options, emit, proxies, image)
     except BaseException as e:
         for p in proxies:
             p.kill()
@@ -303,7 +305,7 @@ def pull_transport(store: Store, source: str, name: str | None = None, *,
 
 
 def _pull(store: Store, source: str, transport: str, rest: str, name: str | None, options: RegistryOptions,
-          emit: Events, proxies: list[Proxy], image: int, glob: list[str], img_args: list[str]) -> PullResult:
+          emit: Events, proxies: list[Proxy], image: int) -> PullResult:
     from flatmount.oci import (
         LAYER_MEDIA_TYPES,
         MAX_JSON,
@@ -385,7 +387,7 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
         fetch = [i for i in todo if i not in resumed]
         # one proxy per concurrent fetch: the extra ones open the image by its manifest digest
         reopen = f"docker:{_repo_of(rest)}@{mdigest}" if transport == "docker" else source
-        want = max(1, min(options.jobs, len(fetch)))
+        want = max(1, min(len(proxies), len(fetch)))
         for p in proxies[1:want]:
             p.initialize()
         fetcher = _Fetcher(source, reopen, proxies[:want], image, emit, batch.objects)
@@ -420,8 +422,7 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
             raise
     for lid in kept + [ids[i] for i in resumed]:
         partial.drop(lid)
-    with contextlib.suppress(OSError):
-        os.rmdir(partial.dir)  # only if empty
+    partial.prune()
     if options.digestfile:
         from flatmount.atomic import AtomicFile
 
@@ -594,6 +595,17 @@ class _Partial:
         except (OSError, FlatmountError):
             return False
         return True
+
+    def prune(self, max_age_s: float = 7 * 86400) -> None:
+        """Forget what no re-pull came back for within `max_age_s`; the directory goes when empty."""
+        cutoff = time.time() - max_age_s
+        with contextlib.suppress(OSError):
+            for e in os.scandir(self.dir):
+                with contextlib.suppress(OSError):
+                    if e.is_file(follow_symlinks=False) and e.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(e.path)
+        with contextlib.suppress(OSError):
+            os.rmdir(self.dir)  # only if empty
 
     def drop(self, lid: str) -> None:
         for ext in ("erofs", "json"):

@@ -16,7 +16,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                        description="Import an image: oci:DIR[:TAG], tar:FILE (tar, .gz, .zst; - for "
                                    "stdin), dir:PATH, containers-storage:IMAGE, docker://REF, "
                                    "oci-archive:, docker-archive: (and skopeo's other transports, "
-                                   "through skopeo), or a bare path.")
+                                   "through skopeo), a registry image NAME[:TAG] (short names by "
+                                   "registries.conf), or a bare path. With --json, registry pulls "
+                                   "write progress events as JSON lines on stderr.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--name", help="name the image (default: the OCI tag, if any)")
     from flatmount.commands.registry_opts import add_registry_options
