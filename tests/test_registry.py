@@ -244,6 +244,17 @@ def test_htpasswd_registry_creds_and_authfile(tmp_path):
                                env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
             assert p.returncode == 0, p.stderr
             assert p.stdout.strip() == r.image.id
+            # no --authfile: skopeo's default search (containers-auth.json), here $XDG_RUNTIME_DIR's
+            xdg = tmp_path / "xdg"
+            (xdg / "containers").mkdir(parents=True)
+            (xdg / "containers" / "auth.json").write_text(auth.read_text())
+            env = {k: v for k, v in os.environ.items() if k != "REGISTRY_AUTH_FILE"}
+            env.update(PYTHONPATH=str(ROOT), XDG_RUNTIME_DIR=str(xdg))
+            p = subprocess.run([sys.executable, "-m", "flatmount", "pull", "--root", str(s.root),
+                                "--runroot", str(tmp_path / "cli-run"), "--config", os.devnull,
+                                "--tls-verify=false", "--name", "xdg", f"docker://{reg.host}/auth/img:v1"],
+                               env=env, capture_output=True, text=True, cwd=ROOT, timeout=120)
+            assert p.returncode == 0, p.stderr
     finally:
         reg.stop()
 
