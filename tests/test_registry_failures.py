@@ -200,3 +200,23 @@ def test_proxy_dies_with_flatmount_on_kill_9(registry, tmp_path):
             if alive(k):
                 os.kill(k, signal.SIGKILL)
         fault.stop()
+
+
+def test_bad_environment_and_options_are_clean_errors(registry, tmp_path):
+    layout = tmp_path / "oci"
+    make_oci(layout, [(t, "gzip") for t in layer_tars(1, "env")], tag="v1")
+    registry.push(layout, "v1", "env/img")
+    ref = f"docker://{registry.host}/env/img:v1"
+    with new_store(tmp_path) as s:
+        with pytest.raises(RegistryError, match="skopeo is not installed"):
+            pull(s, ref, registry=RegistryOptions(tls_verify=False, skopeo=str(tmp_path / "no-skopeo")))
+        with pytest.raises(RegistryError, match="--jobs"):
+            pull(s, ref, registry=RegistryOptions(tls_verify=False, jobs=0))
+        with pytest.raises(RegistryError, match="--authfile .*no such file"):
+            pull(s, ref, registry=RegistryOptions(tls_verify=False, authfile=str(tmp_path / "none.json")))
+        with pytest.raises(RegistryError, match="--cert-dir .*no such directory"):
+            pull(s, ref, registry=RegistryOptions(cert_dir=str(tmp_path / "nodir")))
+        with pytest.raises(RegistryError, match="manifest unknown"):
+            pull(s, f"docker://{registry.host}/env/img:nope", registry=PLAIN)
+        r = pull(s, ref, registry=RegistryOptions(tls_verify=False, jobs=1))
+        assert len(r.imported) == 1
