@@ -393,3 +393,20 @@ def test_terminal_progress_per_layer(registry, tmp_path):
         line = [x for x in text.replace("\r", "\n").splitlines()
                 if x.strip().startswith(f"layer {i} {full['layers'][i]['digest'][7:19]}:")]
         assert line and re.search(r": [0-9.]+ [kM]?B in [0-9.]+ s \([0-9.]+ [kMG]?B/s\)$", line[0]), text
+
+
+def test_pulled_image_mounts_and_reads(registry, tmp_path):
+    """End to end: pull docker://, mount privately, read files of every layer, unmount."""
+    from tests.conftest import require_root
+
+    require_root()
+    tars = layer_tars(3, "mnt", files=2, size=5000)
+    seed(registry, tmp_path, "mnt/img", tars, ["gzip", "zstd", "gzip"])
+    with new_store(tmp_path) as s:
+        r = pull(s, f"docker://{registry.host}/mnt/img:v1", registry=PLAIN)
+        with s.mount(r.image.names[0]) as merged:
+            for i in range(3):
+                data = hashlib.sha256(f"mnt-{i}-1".encode()).digest() * (5000 // 32)
+                assert Path(merged, f"d{i}", "f1").read_bytes() == data
+                assert Path(merged, f"d{i}", "small").read_bytes() == f"mnt{i}".encode()
+        assert not os.path.ismount(merged)
