@@ -119,7 +119,7 @@ class FaultServer:
     """A small HTTP server of the test's own in front of a Registry, serving it with faults injected.
 
     `corrupt`: blob digests served with one byte flipped; `stall`: blob digests whose GET hangs (until
-    `release()` or stop); `tamper_manifests`: manifests fetched by digest are served re-serialized
+    `release()`, then served, or stop); `tamper_manifests`: manifests fetched by digest are served re-serialized
     (so they no longer match the digest asked for).  `requests` lists the paths asked for.
     """
 
@@ -154,9 +154,9 @@ class FaultServer:
                 digest = self.path.rsplit("/", 1)[-1]
                 if "/blobs/" in self.path and digest in server.stall and not head:
                     server.stalled.set()
-                    server._release.wait(60)
-                    self.close_connection = True
-                    return
+                    if not server._release.wait(60):
+                        self.close_connection = True
+                        return  # (released: served as usual)
                 conn = http.client.HTTPConnection("127.0.0.1", upstream.port, timeout=30)
                 headers = {k: ", ".join(self.headers.get_all(k) or []) for k in ("Accept", "Authorization")
                            if self.headers.get(k)}
