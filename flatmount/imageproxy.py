@@ -15,7 +15,9 @@ and it blocks the server meanwhile: a `Proxy` therefore streams one blob at a ti
 fetches use one proxy process each.
 
 The child gets PR_SET_PDEATHSIG(SIGKILL) (from the thread that starts it, which must outlive it:
-the signal follows the parent *thread*), so it dies with us even on kill -9; `close()` reaps it.
+the signal follows the parent *thread*), so it dies with us even on kill -9; `close()` reaps it.  It
+runs in a session of its own, so a terminal's Ctrl-C reaches only us and we decide how it ends
+(an archive's proxy removes its unpacked copy when it exits on its own, not when killed).
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class Proxy:
         self._sock = ours
         self._lock = threading.Lock()
         self.version: tuple[int, ...] = ()
+        self._images: set[int] = set()
+        self._killed = False
         # its stderr goes to a file, read only for error messages (a pipe nobody reads could fill up)
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         _prepare_pdeathsig()
@@ -88,7 +92,8 @@ class Proxy:
             self._proc: subprocess.Popen | None = subprocess.Popen(
                 [exe, *global_args, "experimental-image-proxy", *image_args, "--sockfd", str(theirs.fileno())],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=self._stderr, preexec_fn=_pdeathsig, close_fds=True)  # noqa: PLW1509
+                stderr=self._stderr, preexec_fn=_pdeathsig, close_fds=True,  # noqa: PLW1509
+                start_new_session=True)  # a terminal's Ctrl-C reaches us only: we wind the child down
         except OSError as e:
             ours.close()
             self._stderr.close()
@@ -172,9 +177,11 @@ class Proxy:
         value = self.call("OpenImage", ref)[0]
         if not isinstance(value, int) or value <= 0:
             raise RegistryError(f"skopeo's image proxy returned no image for {ref}")
+        self._images.add(value)
         return value
 
     def close_image(self, image: int) -> None:
+        self._images.discard(image)
         self.call("CloseImage", image)
 
     def read_small(self, method: str, *args: Any, limit: int) -> tuple[Any, bytes]:
@@ -199,9 +206,16 @@ class Proxy:
         if proc is not None and proc.poll() is None:
             with contextlib.suppress(OSError):
                 proc.kill()
+            self._killed = True
 
     def shutdown(self) -> None:
-        """Tell the child to exit (it sees EOF on its socket); `close()` reaps it."""
+        """Close the images it opened (an archive's source removes its unpacked copy only then: the
+        proxy of skopeo 1.9 does not on exit), then tell it to exit; `close()` reaps it."""
+        if self._images and not self._killed and self._proc is not None and self._proc.poll() is None:
+            self._sock.settimeout(10)
+            for image in sorted(self._images):
+                with contextlib.suppress(RegistryError, OSError):
+                    self.close_image(image)
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
 

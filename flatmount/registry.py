@@ -291,8 +291,9 @@ def pull_transport(store: Store, source: str, name: str | None = None, *,
             raise RegistryError(_clean_error(str(e), source)) from None
         return _pull(store, source, transport, rest, name, options, emit, proxies, image)
     except BaseException as e:
-        for p in proxies:
-            p.kill()
+        if transport == "docker":  # nothing to clean up in a killed registry proxy: stop it now
+            for p in proxies:
+                p.kill()
         if isinstance(e, KeyboardInterrupt):
             raise RegistryError(f"{source}: pull interrupted; nothing was recorded (pull again to "
                                 "resume)") from None
@@ -390,7 +391,8 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
         want = max(1, min(len(proxies), len(fetch)))
         for p in proxies[1:want]:
             p.initialize()
-        fetcher = _Fetcher(source, reopen, proxies[:want], image, emit, batch.objects)
+        fetcher = _Fetcher(source, reopen, proxies[:want], image, emit, batch.objects,
+                           kill_on_error=transport == "docker")
         done_layers: dict[int, Any] = {}
         kept: list[str] = []
         try:
@@ -451,7 +453,8 @@ def _keep_objects(batch: ImportBatch, trees: list) -> None:
 class _Fetcher:
     """Fetch layer blobs with a pool of proxies; yields (index, TarLayer) as each completes."""
 
-    def __init__(self, source: str, reopen: str, proxies: list[Proxy], image: int, emit: Events, objects: Any):
+    def __init__(self, source: str, reopen: str, proxies: list[Proxy], image: int, emit: Events, objects: Any,
+                 kill_on_error: bool = True):
         self.source = source
         self.reopen = reopen
         self.proxies = proxies
@@ -459,6 +462,7 @@ class _Fetcher:
         self.emit = emit
         self.objects = objects
         self.cancelled = threading.Event()
+        self.kill_on_error = kill_on_error  # else (local archives) the streams run out by themselves
 
     def run(self, work: list[tuple[int, Descriptor, str]]):
         import queue
@@ -490,8 +494,9 @@ class _Fetcher:
             self.cancelled.set()
             for f in futures:
                 f.cancel()
-            for p in self.proxies:
-                p.kill()  # every stream ends now, so every worker returns soon
+            if self.kill_on_error:
+                for p in self.proxies:
+                    p.kill()  # every stream ends now, so every worker returns soon
             raise
         finally:
             pool.shutdown(wait=True)

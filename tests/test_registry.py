@@ -6,6 +6,7 @@ The registry is Debian's docker-registry on 127.0.0.1 (tests/registry_fixtures.p
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -300,8 +301,21 @@ def test_oci_archive_and_docker_archive(tmp_path):
     docker_tar = tmp_path / "docker.tar"
     subprocess.run(["skopeo", "copy", "-q", f"oci:{tmp_path / 'oci'}:v1", f"docker-archive:{docker_tar}:arch/img:v1"],
                    check=True, capture_output=True)
+    index = (tmp_path / "oci" / "index.json").read_bytes()
+
+    def unpacked_copies() -> list[str]:
+        """Copies of our archive that skopeo unpacked into /var/tmp and left there."""
+        out = []
+        for e in os.listdir("/var/tmp"):
+            with contextlib.suppress(OSError):
+                if e.startswith("oci") and Path("/var/tmp", e, "index.json").read_bytes() == index:
+                    out.append(e)
+        return out
+
     with new_store(tmp_path) as s:
+        before = set(unpacked_copies())
         r = pull(s, f"oci-archive:{oci_tar}:v1")
+        assert set(unpacked_copies()) - before == set()  # the proxy closed the image: its copy is gone
         assert "sha256:" + r.image.id == info["config"]
         assert r.image.names == ("v1:latest",)
         r2 = pull(s, f"docker-archive:{docker_tar}")

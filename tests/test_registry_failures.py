@@ -166,6 +166,8 @@ def _start_stalled_pull(registry: Registry, tmp_path: Path):
     assert fault.stalled.wait(60), "the pull never reached the stalled blob"
     kids = [k for k in children(proc.pid) if Path(f"/proc/{k}/comm").read_text().strip() == "skopeo"]
     assert kids, "no skopeo child found"
+    # a session of their own: a terminal's Ctrl-C reaches flatmount only, which winds them down
+    assert all(os.getsid(k) != os.getsid(proc.pid) for k in kids)
     return proc, fault, kids, before
 
 
