@@ -213,8 +213,9 @@ def resolve_short_name(name: str, *, config: SearchConfig | None = None, tty: bo
         suffix = ":latest"
     candidates = [f"{r}/{base}{suffix}" for r in config.registries]
     if not candidates:
-        raise RegistryError(f"short name {name!r}: no alias and no unqualified-search-registries in "
-                            f"registries.conf; give a full name (e.g. docker.io/library/{name})")
+        raise RegistryError(f"{name!r} is no path here, and as an image short name it has no alias and "
+                            "registries.conf no unqualified-search-registries: give a path or a full name "
+                            f"(e.g. docker.io/library/{name})")
     if len(candidates) == 1 or config.mode in ("permissive", "disabled"):
         return ["docker://" + c for c in candidates]
     if tty is None:
