@@ -73,3 +73,7 @@ class MountError(FlatmountError, OSError):
 
 class PermissionRequiredError(MountError, PermissionError):
     """An operation that needs root (CAP_SYS_ADMIN) was attempted without it."""
+
+
+class RegistryError(FlatmountError):
+    """A registry, archive or image transport that fails (down, refused credentials, bad TLS, cut off)."""

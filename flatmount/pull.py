@@ -5,6 +5,10 @@ Sources (`parse_source`):
     tar:PATH | tar:-              one layer tarball (tar, tar.gz, tar.zst by magic); `-` is stdin
     dir:PATH                      a directory tree as one layer
     containers-storage:[...]IMG   a podman/c/storage image (flatmount.cstorage.pull_cstorage)
+    docker://REF, oci-archive:..., docker-archive:... and skopeo's other transports: through skopeo's
+                                  image proxy (flatmount.registry)
+    NAME[:TAG|@DIGEST]            (not an existing path) a registry image; short names resolved by
+                                  registries.conf as podman does (flatmount.registry)
     PATH                          a directory with an `oci-layout` file -> oci:, another directory ->
                                   dir:, a file -> tar:
 
@@ -52,6 +56,7 @@ from flatmount.tree import inodes
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.layers import Progress
+    from flatmount.registry import Events, RegistryOptions
     from flatmount.store import ImageRecord, Store
     from flatmount.tree import Inode
     from objects import ObjectStore
@@ -298,6 +303,14 @@ class ImportBatch:
             self._objects = _RecordingObjects(self.store.objects)
         return self._objects  # type: ignore[return-value]
 
+    def keep_objects(self, paths: Iterable[str]) -> None:
+        """Objects (`XX/<62 hex>`) a failed batch must not roll back: a resumable pull reuses them
+        (unreferenced, they are gc's after its grace period)."""
+        if self._objects is None:
+            return
+        keep = {bytes.fromhex(p.replace("/", "")) for p in paths}
+        self._objects.digests -= keep
+
     def has_layer(self, layer_id: str) -> bool:
         """Already recorded in any store, or staged in this batch."""
         return any(p.id == layer_id for p in self._layers) or self.store.has_layer(layer_id)
@@ -490,16 +503,31 @@ def parse_source(source: str) -> tuple[str, str]:
         return ("oci" if os.path.isfile(os.path.join(source, "oci-layout")) else "dir"), source
     if os.path.exists(source):
         return "tar", source
+    from flatmount.registry import is_transport_ref, looks_like_reference
+
+    if is_transport_ref(source):
+        return "transport", source
+    if looks_like_reference(source):  # (`name:tag` too, as podman reads it)
+        return "reference", source
     m = re.match(r"([a-z][a-z0-9+.-]*):", source)
     if m:
-        raise LayerError(f"source {source!r}: unsupported transport {m.group(1)!r} (use oci:, tar:, dir: "
-                         "or containers-storage:)")
+        raise LayerError(f"source {source!r}: unsupported transport {m.group(1)!r} (use oci:, tar:, dir:, "
+                         "containers-storage:, docker://, oci-archive: or docker-archive:)")
     raise LayerError(f"source {source!r} does not exist")
 
 
-def pull(store: Store, source: str, name: str | None = None, *, progress: Progress | None = None) -> PullResult:
+def pull(store: Store, source: str, name: str | None = None, *, progress: Progress | None = None,
+         registry: RegistryOptions | None = None, events: Events | None = None) -> PullResult:
     """Import the image at `source` into the primary store of `store` (see module docstring)."""
     kind, rest = parse_source(source)
+    if kind == "transport":
+        from flatmount.registry import pull_transport
+
+        return pull_transport(store, rest, name, options=registry, events=events)
+    if kind == "reference":
+        from flatmount.registry import pull_short_name
+
+        return pull_short_name(store, rest, name, options=registry, events=events)
     if kind == "containers-storage":
         from flatmount.cstorage import pull_cstorage
 

@@ -371,8 +371,8 @@ def _cmdline(pid: str) -> bytes:
 
 
 def test_bad_sources(store, tmp_path):
-    with pytest.raises(LayerError, match="unsupported transport 'docker'"):
-        pull(store, "docker://alpine")
+    with pytest.raises(LayerError, match="unsupported transport 'ftp'"):
+        pull(store, "ftp://alpine")
     with pytest.raises(LayerError, match="does not exist"):
         pull(store, str(tmp_path / "nothing"))
     with pytest.raises(LayerError, match="missing path"):

@@ -14,9 +14,16 @@ import sys
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("pull", parents=[common], help="import an image into the primary store",
                        description="Import an image: oci:DIR[:TAG], tar:FILE (tar, .gz, .zst; - for "
-                                   "stdin), dir:PATH, containers-storage:IMAGE, or a bare path.")
+                                   "stdin), dir:PATH, containers-storage:IMAGE, docker://REF, "
+                                   "oci-archive:, docker-archive: (and skopeo's other transports, "
+                                   "through skopeo), a registry image NAME[:TAG] (short names by "
+                                   "registries.conf), or a bare path. With --json, registry pulls "
+                                   "write progress events as JSON lines on stderr.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("--name", help="name the image (default: the OCI tag, if any)")
+    from flatmount.commands.registry_opts import add_registry_options
+
+    add_registry_options(p)
     p.set_defaults(func=cmd_pull)
 
     p = sub.add_parser("images", parents=[common], help="list images (primary, then additional stores)")
@@ -57,23 +64,28 @@ def _size(n: int | None) -> str:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, want_json
+    from flatmount.commands.registry_opts import registry_events, registry_options
     from flatmount.pull import TerminalProgress, pull
 
-    progress = TerminalProgress() if sys.stderr.isatty() else None
+    progress = TerminalProgress() if sys.stderr.isatty() and not args.quiet else None
+    events = registry_events(args)
     try:
         with open_store(args) as store:
-            result = pull(store, args.source, args.name, progress=progress)
+            result = pull(store, args.source, args.name, progress=progress,
+                          registry=registry_options(args), events=events)
             unverified = _unverified_layers(store, result.imported + result.present)
     finally:
         if progress is not None:
             progress.done()
+        if events is not None:
+            events.done()
     if want_json(args):
         print_json(result)
     else:
         note = " (UNVERIFIED: its content is not proven to match its diff_id; see fsck)"
-        for lid in result.present:
+        for lid in result.present if not args.quiet else ():
             print(f"layer {lid[:12]}: already present{note if lid in unverified else ''}", file=sys.stderr)
-        for lid in result.imported:
+        for lid in result.imported if not args.quiet else ():
             print(f"layer {lid[:12]}: imported{note if lid in unverified else ''}", file=sys.stderr)
         print(result.image.id)
     return 0
