@@ -20,9 +20,11 @@ object store (`ObjectStore.sync()` once per layer), each layer's EROFS image int
 directory `<root>/tmp/import-*` (flock'ed while alive; fsynced).  Only when every digest checked out
 are, inside ONE transaction, the layer images renamed to `layers/<id>.erofs` and the layer, refs,
 image and name rows inserted.  The shared GC lock is held from before the first object put to the
-commit.  A failed import removes the objects it created (those it put, created since it started and
-referenced by nothing; done under the exclusive GC lock, so no other import can be relying on them; if
-another import is running they are left to `gc`), so the store is as it was.  A killed import leaves
+commit.  A failed import removes the objects it created (those its puts created, never content it
+found already stored, e.g. the files of a removed image a live mount still reads), unless a refs row,
+a live mount or an additional store needs them by then; done under the exclusive GC lock, so no other
+import can be relying on them (if another import is running they are left to `gc`), so the store is
+as it was.  A killed import leaves
 at most unreferenced objects (garbage for `gc`), its staging dir and layer images without records:
 the next write-open removes the latter two (`Store.clean_tmp`), and the same pull simply runs again.
 """
@@ -122,6 +124,10 @@ class _RecordingObjects:
         self._objects = objects
         self.digests: set[bytes] = set()
         self.stored: set[bytes] = set()
+        self.created = objects.watch_created()  # objects that did not exist before a put created them
+
+    def unwatch(self) -> None:
+        self._objects.unwatch_created(self.created)
 
     def _record(self, d: bytes) -> bytes:
         self.digests.add(d)
@@ -204,8 +210,6 @@ class ImportBatch:
     `with` block without `commit()` discards everything and rolls back the objects it created.
     """
 
-    ROLLBACK_SLACK_S = 1.0  # file ctimes come from a coarse clock: objects this new may be ours
-
     def __init__(self, store: Store):
         self.store = store
         self._layers: list[_PendingLayer] = []
@@ -214,7 +218,6 @@ class ImportBatch:
         self._staging_fd = -1
         self._objects: _RecordingObjects | None = None
         self._lock: contextlib.ExitStack | None = None
-        self._start = 0.0
         self._fanout_before: set[str] = set()
         self.committed = False
 
@@ -224,7 +227,6 @@ class ImportBatch:
         stack = contextlib.ExitStack()
         stack.enter_context(store.gc_lock(shared=True))
         try:
-            self._start = time.time()
             self._fanout_before = set(os.listdir(store.objects_dir))
             os.makedirs(store.tmp_dir, mode=0o700, exist_ok=True)
             self._staging = Path(tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=store.tmp_dir))
@@ -246,8 +248,12 @@ class ImportBatch:
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
-            if not self.committed and self._objects is not None:
-                self._rollback_objects(self._objects.digests)
+            if self._objects is not None:
+                try:
+                    if not self.committed:
+                        self._rollback_objects(self._objects.digests & self._objects.created)
+                finally:
+                    self._objects.unwatch()
 
     def _cleanup(self) -> None:
         if self._staging is not None:
@@ -258,29 +264,30 @@ class ImportBatch:
             self._staging_fd = -1
 
     def _rollback_objects(self, digests: set[bytes]) -> None:
-        """Remove the objects this failed import created, if no other import can be using them."""
+        """Remove the objects this failed import created (`digests`: put by it AND created by its puts,
+        never content it found already stored), except those something needs by now: a refs row, a
+        live mount's image (`flatmount.gc.leased_beyond_records`), an additional store that lacks
+        it.  Only with the exclusive GC lock free right now: another import or flatten between its
+        puts and its commit may rely on them (they are then left to `gc`)."""
         if not digests:
             return
         store = self.store
         with store._try_exclusive_gc() as idle:
             if not idle:
                 return  # another writer is between puts and commit: leave our garbage to gc
+            from flatmount.gc import _needed_by_additional, leased_beyond_records
+
             db = store.connect()
-            cutoff = self._start - self.ROLLBACK_SLACK_S
-            for d in digests:
-                h = d.hex()
-                rel = h[:2] + "/" + h[2:]
-                path = store.objects_dir / rel
-                try:
-                    if os.lstat(path).st_ctime < cutoff:
-                        continue  # it was there before this import
-                except FileNotFoundError:
-                    continue
-                if db.execute("SELECT 1 FROM refs WHERE object = ? LIMIT 1", (rel,)).fetchone():
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            for xx in {d.hex()[:2] for d in digests} - self._fanout_before:
+            rels = sorted(_objpath(d) for d in digests)
+            referenced = {r[0] for r in db.execute(
+                "SELECT DISTINCT object FROM refs WHERE object IN (SELECT value FROM json_each(?))",
+                (json.dumps(rels),))}
+            keep = referenced | leased_beyond_records(store, db) | _needed_by_additional(store, rels)
+            for rel in rels:
+                if rel not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(store.objects_dir / rel)
+            for xx in {rel[:2] for rel in rels} - self._fanout_before:
                 with contextlib.suppress(OSError):
                     os.rmdir(store.objects_dir / xx)
 
