@@ -6,6 +6,10 @@ damage from a crash to garbage, but disks, people and bugs can do worse.  fsck s
 wrong, and `repair=True` fixes what needs no lost data.
 
 Checks (kind: severity; what --repair does):
+- corrupt-db (error, not repairable): SQLite's integrity_check of a store's flatmount.db fails, or
+  the DB is empty (0 bytes, no schema) or missing while the store holds layer images or objects.  The
+  records of such a store are not checked (nor its objects judged orphans); gc, rmi and every write
+  refuse to run on it (flatmount.store.Store.require_sound_db).  Restore flatmount.db from a backup.
 - corrupt-object (error): an object whose fs-verity digest is not its name; every object of every
   store, or a random `sample` (a fraction 0 < p <= 1, or a count).  Repair (primary only): move it to
   `<root>/quarantine/<64 hex>` (never deleted: it may be evidence); if an image needs it, it is then
@@ -84,7 +88,7 @@ KINDS = {
     "corrupt-object": ERROR, "missing-object": ERROR, "missing-layer-image": ERROR,
     "corrupt-layer-image": ERROR, "dangling-parent": ERROR, "dangling-image": ERROR,
     "dangling-name": ERROR, "missing-flat-image": ERROR, "corrupt-flat-image": ERROR,
-    "refs-missing": ERROR, "refs-extra": ERROR, "stale-lease": ERROR,
+    "refs-missing": ERROR, "refs-extra": ERROR, "stale-lease": ERROR, "corrupt-db": ERROR,
     "orphan-object": NOTICE, "orphan-image-file": NOTICE, "orphan-layer-file": NOTICE,
     "dangling-refs": NOTICE, "temp-leftover": NOTICE,
 }
@@ -156,9 +160,10 @@ def fsck(store: Store, repair: bool = False, sample: float | int | None = None) 
     run = _Run(store, repair, sample)
     idle_tmp = None if repair or not store.root.is_dir() else _idle_tmp_entries(store)
     with store_lock(store, shared=not repair) if store.root.is_dir() else contextlib.nullcontext():
-        run.leases = read_leases(store.connect()) if has_db(store) else []
+        sound = {str(s.root): _check_db(run, s) for s in run.stores}
+        run.leases = read_leases(store.connect()) if has_db(store) and sound[str(store.root)] else []
         for s in run.stores:
-            if has_db(s):
+            if has_db(s) and sound[str(s.root)]:
                 _check_records(run, s)
         # objects are listed AFTER the records: an import committing meanwhile adds objects before
         # its refs, and only gc (excluded by our lock) deletes them
@@ -169,7 +174,8 @@ def fsck(store: Store, repair: bool = False, sample: float | int | None = None) 
         _check_leases(run)
         _verify_objects(run)
         _check_missing(run)
-        _check_orphans(run)
+        if sound[str(store.root)]:   # (with its records unread, every object would look orphaned)
+            _check_orphans(run)
         if store.root.is_dir():
             _check_tmp(run, idle_tmp)
     problems = tuple(run.problems)
@@ -182,6 +188,20 @@ def fsck(store: Store, repair: bool = False, sample: float | int | None = None) 
         objects=sum(len(v) for v in run.present.values()), objects_verified=run.verified,
         layers=run.nlayers, flat_images=run.nflat, leases=len(run.leases),
         seconds=round(time.monotonic() - t0, 3), counts=counts)
+
+
+# --- the database itself ------------------------------------------------------------------------
+
+def _check_db(run: _Run, s: Store) -> bool:
+    """SQLite's integrity_check of the store's DB, and an empty DB in a store that holds data; True
+    when sound (its records can then be checked).  Not repairable: restore flatmount.db from a backup."""
+    problems = s.db_problems(full=True)
+    for p in problems[:20]:
+        run.add("corrupt-db", s, str(s.db_path), p,
+                note="not repairable: restore flatmount.db from a backup; gc, rmi and writes refuse meanwhile")
+    if len(problems) > 20:
+        run.add("corrupt-db", s, str(s.db_path), f"{len(problems) - 20} more problems", note="not repairable")
+    return not problems
 
 
 # --- records: layers, flat images, refs, images, names --------------------------------------------

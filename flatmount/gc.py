@@ -265,6 +265,7 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
             plan = _Plan(start, [], {}, {}, set(), set(), set(), [], [])
             db = None
         else:
+            store.require_sound_db("collect garbage")  # a damaged DB would make live objects look unreferenced
             db = store.connect()
             plan = _plan(store, db, start, grace_s)
         if not dry_run and db is not None:

@@ -366,6 +366,7 @@ class ImportBatch:
         """Record everything staged in one transaction; returns the image record (if one was set)."""
         store = self.store
         objdir = store.objects_dir
+        store.require_sound_db("import into it")  # (whole DB: an import writes refs rows)
         # objects this batch stored are there (stored under the shared GC lock): check the others
         ours = {_objpath(d) for d in self._objects.stored} if self._objects is not None else set()
         for p in self._layers:

@@ -83,6 +83,11 @@ CREATE TABLE IF NOT EXISTS leases(id TEXT PRIMARY KEY, image_digest TEXT NOT NUL
   merged TEXT NOT NULL, pid INTEGER, boot_id TEXT, created REAL);
 """
 
+# before every write, SQLite's quick_check of these (small) tables; gc, rmi and fsck check the whole DB
+WRITE_CHECK_TABLES = ("layers", "images", "names", "flat_images", "leases")
+DB_ADVICE = ("; the store's records are damaged: run `flatmount fsck` and restore flatmount.db from a "
+             "backup (nothing was changed)")
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX_PREFIX = re.compile(r"[0-9a-f]{3,64}")
 _OBJPATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
@@ -292,6 +297,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._objects: ObjectStore | None = None
         self._write_opened = False
+        self._db_sound: tuple[int, bool] | None = None   # (data_version, full) of the last passed check
 
     def __repr__(self) -> str:
         kind = "additional" if self.is_additional else ("read-only" if self.readonly else "primary")
@@ -365,6 +371,8 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create store {self.root}: {e.strerror}") from None
         self._write_opened = True
+        if not self.db_path.exists():
+            self.connect()  # the DB exists before any object: an empty DB then always means lost records
         self.clean_tmp()
 
     def clean_tmp(self) -> int:
@@ -395,6 +403,7 @@ class Store:
                     if not _is_object_store_error(e):
                         raise
             if idle and self.db_path.exists():
+                self.require_sound_db("remove layer images without a record", tables=("layers",))
                 removed += self._remove_orphan_layer_files()
         return removed
 
@@ -448,9 +457,77 @@ class Store:
                     raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
                 time.sleep(0.01)
             except sqlite3.Error as e:
-                raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
+                raise StoreError(f"cannot open the database of store {self.root}: {e}"
+                                 + (DB_ADVICE if _is_corruption(e) else "")) from None
         self._db = db
         return db
+
+    # --- database integrity -----------------------------------------------------------------------
+    def data_besides_db(self) -> str | None:
+        """What the store holds besides its DB ("2 layer images, objects"), or None.  A DB that is
+        empty (0 bytes, no schema) or missing while this is not None has lost the store's records:
+        written to, it would make every layer image an orphan and every object garbage."""
+        found = []
+        for d, label in ((self.layers_dir, "layer images"), (self.root / "images", "flattened images")):
+            try:
+                with os.scandir(d) as it:
+                    n = sum(1 for e in it if e.name.endswith(".erofs"))
+            except OSError:
+                n = 0
+            if n:
+                found.append(f"{n} {label}")
+        from flatmount.gc import scan_objects
+
+        if next(scan_objects(self.objects_dir), None) is not None:
+            found.append("objects")
+        return ", ".join(found) or None
+
+    def db_problems(self, full: bool = False, tables: Sequence[str] = ()) -> list[str]:
+        """What is wrong with this store's DB ([] when sound): empty while the store holds data, or what
+        SQLite's own check finds (`full`: PRAGMA integrity_check, else quick_check; `tables`: only
+        those tables and their indexes)."""
+        import sqlite3
+
+        if not self.db_path.exists() or _db_empty(self.db_path):
+            data = self.data_besides_db()
+            what = "missing" if not self.db_path.exists() else "empty"
+            return [f"database {self.db_path} is {what} but the store holds {data}"] if data else []
+        try:
+            db = self.connect()
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                data = self.data_besides_db()
+                return [f"database {self.db_path} has no schema but the store holds {data}"] if data else []
+            pragma = "integrity_check" if full else "quick_check"
+            rows: list[str] = []
+            for t in tables or (None,):
+                rows += [r[0] for r in db.execute(f"PRAGMA {pragma}" + (f"({t})" if t else ""))]
+        except StoreError as e:
+            return [str(e)]
+        except sqlite3.Error as e:
+            return [f"database {self.db_path}: {e}"]
+        return [] if rows == ["ok"] * len(rows) else [r for r in rows if r != "ok"]
+
+    def require_sound_db(self, what: str, full: bool = True, tables: Sequence[str] = ()) -> None:
+        """Refuse (StoreError) to `what` on a DB that is empty while the store holds data or that fails
+        SQLite's quick_check (of `tables` only, if given).  A passed whole-DB check is remembered
+        until another process commits (PRAGMA data_version), so a process pays for it once."""
+        import sqlite3
+
+        version = -1
+        if self._db is not None or self.db_path.exists():
+            try:
+                version = self.connect().execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error:
+                version = -1
+            cached = self._db_sound
+            if cached is not None and cached[0] == version and (cached[1] or not full) and version >= 0:
+                return
+        problems = self.db_problems(tables=() if full else tables)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise StoreError(f"store {self.root}: refusing to {what}: {problems[0]}{more}" + DB_ADVICE)
+        if version >= 0 and (full or not tables):
+            self._db_sound = (version, True)
 
     def _connect_writable(self, sqlite3):
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
@@ -498,6 +575,11 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError(f"store {self.root} has schema version {version}; this flatmount "
                              f"understands up to {SCHEMA_VERSION}")
+        data = self.data_besides_db() if version == 0 else None
+        if data:
+            raise StoreError(f"store {self.root}: database {self.db_path} is empty but the store holds {data}: "
+                             "refusing to write to it (its records would be lost and gc would delete every "
+                             "object); restore flatmount.db from a backup (nothing was changed)")
         db.execute("BEGIN IMMEDIATE")
         try:
             if db.execute("PRAGMA user_version").fetchone()[0] == 0:
@@ -523,6 +605,7 @@ class Store:
         db = self.connect()
         if db.in_transaction:
             raise StoreError("nested store transaction")
+        self.require_sound_db("write to it", full=False, tables=WRITE_CHECK_TABLES)
         if not durable:
             db.execute("PRAGMA synchronous=NORMAL")
         try:
@@ -532,8 +615,15 @@ class Store:
                 raise StoreError(f"store {self.root} is busy: {e}") from None
             try:
                 yield db
+            except sqlite3.DatabaseError as e:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                if _is_corruption(e):
+                    raise StoreError(f"store {self.root}: database error: {e}" + DB_ADVICE) from None
+                raise
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
             try:
                 db.execute("COMMIT")
@@ -823,6 +913,7 @@ class Store:
         no remaining image's chain uses.  Objects are left to `gc`.  Images and layers of additional
         stores cannot be removed (ReadOnlyStoreError); names in the primary pointing at them can.
         """
+        self.require_sound_db("remove images")
         image = self.resolve_image(ref)
         names = self._name_map()
         by_name = ref.strip() not in (image.id, "sha256:" + image.id) and any(
@@ -917,6 +1008,18 @@ def read_layer_tree(rec: LayerRecord) -> Inode:
     except FileNotFoundError:
         raise StoreError(f"layer {rec.id} in {rec.store_root}: image {rec.image_path} is missing "
                          "(store damaged; run fsck)") from None
+
+
+def _db_empty(path: Path) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except FileNotFoundError:
+        return True
+
+
+def _is_corruption(e: BaseException) -> bool:
+    text = str(e)
+    return "malformed" in text or "not a database" in text or "corrupt" in text
 
 
 def _mkdir(path: Path, mode: int, parents: bool = False) -> None:
