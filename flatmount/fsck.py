@@ -18,8 +18,9 @@ Checks (kind: severity; what --repair does):
   refs row or by its image content) that no store has.  Re-pull the images named in the detail.  (A
   flat image whose chain no image names and that is not mounted is a cache row gc drops next: its
   objects are not required.)
-- missing-layer-image / corrupt-layer-image (error, not repairable): a layer row whose
-  `layers/<id>.erofs` is missing or unreadable.  dangling-parent / dangling-image (error, not
+- missing-layer-image / corrupt-layer-image (error, not repairable here): a layer row whose
+  `layers/<id>.erofs` is missing, unreadable, or does not hash to the sha256 recorded with the layer
+  (flatmount.integrity).  Pulling an image with that layer again rewrites it (flatmount.pull).  dangling-parent / dangling-image (error, not
   repairable): a layer whose parent, or an image whose top layer, is in no store.
 - dangling-name (error; repair drops it): a name pointing at an image in no store.
 - missing-flat-image (error; repair drops the flat_images row): the cached image is re-made on the
@@ -206,15 +207,25 @@ def _check_db(run: _Run, s: Store) -> bool:
 
 # --- records: layers, flat images, refs, images, names --------------------------------------------
 
-def _collect(path: str) -> set[str]:
-    from flatmount.erofs.reader import collect_objects
+def _collect_layer(path: str, image_digest: str | None) -> set[str]:
+    """The objects a layer image references, once its bytes match the sha256 recorded with the layer
+    (layers recorded before digests were have none: parsing is then the only check)."""
+    from flatmount.erofs.reader import Image, collect_objects
+    from flatmount.errors import CorruptImageError
+    from flatmount.integrity import read_file
 
-    return collect_objects(path)
+    data = read_file(path)[0]
+    if image_digest is not None:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != image_digest:
+            raise CorruptImageError(f"content hashes to {actual}, recorded {image_digest}")
+    return collect_objects(Image(data))
 
 
-def _snapshot(db) -> dict[str, list[tuple]]:
+def _snapshot(db, digest_col: str = "NULL") -> dict[str, list[tuple]]:
     """Every table fsck compares, read in ONE transaction (a consistent view while imports commit)."""
-    queries = {"refs": "SELECT owner, object FROM refs", "layers": "SELECT id, parent FROM layers",
+    queries = {"refs": "SELECT owner, object FROM refs",
+               "layers": f"SELECT id, parent, {digest_col} FROM layers",
                "flat": "SELECT chain_key, digest FROM flat_images", "images": "SELECT id, top_layer FROM images",
                "names": "SELECT name, image_id FROM names"}
     db.execute("BEGIN")
@@ -232,7 +243,7 @@ def _still(db, sql: str, *params) -> bool:
 
 def _check_records(run: _Run, s: Store) -> None:
     db = s.connect()
-    snap = _snapshot(db)
+    snap = _snapshot(db, s._layer_cols().rsplit(", ", 1)[1])
     refs: dict[str, set[str]] = {}
     for owner, obj in snap["refs"]:
         refs.setdefault(owner, set()).add(obj)
@@ -244,7 +255,7 @@ def _check_records(run: _Run, s: Store) -> None:
     layer_rows = snap["layers"]
     layer_ids = {r[0] for r in layer_rows}
     layer_now = "SELECT 1 FROM layers WHERE id = ?"
-    for lid, parent in layer_rows:
+    for lid, parent, image_digest in layer_rows:
         run.nlayers += 1
         owner = "layer:" + lid
         if parent is not None and not store.has_layer(parent) and _still(
@@ -260,7 +271,7 @@ def _check_records(run: _Run, s: Store) -> None:
             needed[owner] = refs.get(owner, set())
             continue
         try:
-            content = _collect(path)
+            content = _collect_layer(path, image_digest)
         except (FlatmountError, OSError) as e:
             if not _still(db, layer_now, lid):
                 continue

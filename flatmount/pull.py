@@ -90,6 +90,7 @@ class _PendingLayer:
     objects: frozenset[str]
     image_tmp: str
     tree_tmp: str | None = None     # its tree cache (flatmount.flatten.layer_cache_path), if written
+    image_digest: str | None = None  # sha256 hex of the layer image (recorded: flatten and fsck check it)
 
 
 @dataclass
@@ -306,8 +307,17 @@ class ImportBatch:
         return self._objects  # type: ignore[return-value]
 
     def has_layer(self, layer_id: str) -> bool:
-        """Already recorded in any store, or staged in this batch."""
-        return any(p.id == layer_id for p in self._layers) or self.store.has_layer(layer_id)
+        """Staged in this batch, or recorded in some store with its image and objects intact: a
+        recorded layer that lost its image or an object (flatmount.integrity.layer_damage) counts as
+        absent, so the pull imports it again, which puts the missing objects back and rewrites its
+        image (`_record`)."""
+        if any(p.id == layer_id for p in self._layers):
+            return True
+        if not self.store.has_layer(layer_id):
+            return False
+        from flatmount.integrity import layer_damage
+
+        return layer_damage(self.store, self.store.layer(layer_id)) is None
 
     def add_layer(self, tree: Inode, *, parent: str | None, diff_id: str, layer_id: str | None = None,
                   compressed_digest: str | None = None, compressed_size: int | None = None,
@@ -326,6 +336,7 @@ class ImportBatch:
         objs = tree_objects(tree)
         tmp = self.staging / f"layer-{lid}.erofs"
         data = image_bytes(tree)
+        image_digest = hashlib.sha256(data).hexdigest()
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -335,7 +346,7 @@ class ImportBatch:
         tree_tmp: str | None = str(self.staging / f"layer-{lid}.tree")
         try:
             with open(tree_tmp, "wb") as f:  # derived: no fsync (checked against the image at load)
-                f.write(tree_cache_bytes(tree, hashlib.sha256(data).hexdigest(), len(data)))
+                f.write(tree_cache_bytes(tree, image_digest, len(data)))
             os.chmod(tree_tmp, 0o644)
         except (OSError, ValueError):
             tree_tmp = None
@@ -343,7 +354,7 @@ class ImportBatch:
         self._layers = [p for p in self._layers if p.id != lid]
         self._layers.append(_PendingLayer(lid, parent, diff_id, diff_size, compressed_digest,
                                           compressed_size, created or now_iso(), count_inodes(tree),
-                                          objs, str(tmp), tree_tmp))
+                                          objs, str(tmp), tree_tmp, image_digest))
         return lid
 
     def set_image(self, image_id: str, top_layer: str | None, *, config: dict | bytes | str | None = None,
@@ -393,8 +404,10 @@ class ImportBatch:
         store = self.store
         in_batch = {p.id for p in self._layers}
         for p in self._layers:
-            if db.execute("SELECT 1 FROM layers WHERE id = ?", (p.id,)).fetchone():
-                continue  # a concurrent import recorded it meanwhile: same id, same content
+            row = db.execute("SELECT image_digest FROM layers WHERE id = ?", (p.id,)).fetchone()
+            if row is not None:  # recorded already: by a concurrent import, or a layer being repaired
+                self._repair_layer(db, p, row[0])
+                continue
             if p.parent is not None and p.parent not in in_batch and not self._recorded(db, p.parent):
                 raise StoreError(f"parent layer {p.parent} of layer {p.id} is in no store "
                                  "(removed meanwhile?)")
@@ -406,9 +419,9 @@ class ImportBatch:
                     os.replace(p.tree_tmp, cache)
                     renamed.append(cache)
             db.execute("INSERT INTO layers(id, parent, diff_id, compressed_digest, compressed_size, "
-                       "diff_size, created, inodes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       "diff_size, created, inodes, image_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (p.id, p.parent, p.diff_id, p.compressed_digest, p.compressed_size,
-                        p.diff_size, p.created, p.inodes))
+                        p.diff_size, p.created, p.inodes, p.image_digest))
             db.executemany("INSERT OR IGNORE INTO refs(owner, object) VALUES (?, ?)",
                            [("layer:" + p.id, o) for o in sorted(p.objects)])
         if renamed:
@@ -423,6 +436,34 @@ class ImportBatch:
                        (img.id, top, img.config, img.manifest, img.created or now_iso()))
             for n in img.names:
                 db.execute("INSERT OR REPLACE INTO names(name, image_id) VALUES (?, ?)", (n, img.id))
+
+    def _repair_layer(self, db, p: _PendingLayer, recorded: str | None) -> None:
+        """A re-imported layer that is recorded already: if its image is missing or is not the one
+        recorded, put the staged image (made from the verified source) in its place; its refs rows
+        gain what the new image references.  An intact image is left alone (a concurrent import)."""
+        from flatmount.flatten import layer_cache_path
+        from flatmount.integrity import read_file
+
+        store = self.store
+        path = store.layer_image_path(p.id)
+        try:
+            actual: str | None = hashlib.sha256(read_file(path)[0]).hexdigest()
+        except (OSError, LayerError, StoreError, ValueError):
+            actual = None
+        if actual is not None and actual == (recorded or p.image_digest):
+            return
+        os.replace(p.image_tmp, path)
+        cache = layer_cache_path(path)
+        if p.tree_tmp is not None:
+            with contextlib.suppress(OSError):
+                os.replace(p.tree_tmp, cache)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cache)
+        fsync_dir(store.layers_dir)
+        db.execute("UPDATE layers SET image_digest = ? WHERE id = ?", (p.image_digest, p.id))
+        db.executemany("INSERT OR IGNORE INTO refs(owner, object) VALUES (?, ?)",
+                       [("layer:" + p.id, o) for o in sorted(p.objects)])
 
     def _recorded(self, db, layer_id: str) -> bool:
         if db.execute("SELECT 1 FROM layers WHERE id = ?", (layer_id,)).fetchone():

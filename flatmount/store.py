@@ -61,7 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DB_NAME = "flatmount.db"
 GC_LOCK = "gc.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 DEFAULT_CONFIG = "/etc/flatmount/storage.conf"
 ROOT_MODE = 0o700          # like c/storage's graphroot: other users have no business in a store
@@ -88,6 +88,13 @@ WRITE_CHECK_TABLES = ("layers", "images", "names", "flat_images", "leases")
 DB_ADVICE = ("; the store's records are damaged: run `flatmount fsck` and restore flatmount.db from a "
              "backup (nothing was changed)")
 
+# version 2: each layer's image digest (sha256 of layers/<id>.erofs, checked by flatten and fsck; NULL
+# for layers recorded before), and `verified`: files whose sha256 was checked, with their identity then
+# (flatmount.integrity), so a mount need not hash an image again until it is rewritten
+MIGRATIONS = {2: ("ALTER TABLE layers ADD COLUMN image_digest TEXT",
+                  "CREATE TABLE IF NOT EXISTS verified(path TEXT PRIMARY KEY, digest TEXT NOT NULL, "
+                  "dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER)")}
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX_PREFIX = re.compile(r"[0-9a-f]{3,64}")
 _OBJPATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
@@ -110,6 +117,7 @@ class LayerRecord:
     store_root: str
     image_path: str
     inodes: int | None = field(default=None, compare=False)
+    image_digest: str | None = field(default=None, compare=False)   # sha256 hex of image_path's bytes
 
 
 @dataclass(frozen=True)
@@ -297,6 +305,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._objects: ObjectStore | None = None
         self._write_opened = False
+        self._has_image_digest: tuple[object, bool] | None = None   # (connection, column present)
         self._db_sound: tuple[int, bool] | None = None   # (data_version, full) of the last passed check
 
     def __repr__(self) -> str:
@@ -546,9 +555,7 @@ class Store:
     def _connect_readonly(self, sqlite3):
         path = self.db_path
         if not path.exists():
-            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            db.executescript(SCHEMA)
-            return db
+            return _empty_db(sqlite3)
         from urllib.parse import quote
 
         uri = f"file:{quote(str(path))}?mode=ro"
@@ -564,8 +571,7 @@ class Store:
                              f"understands up to {SCHEMA_VERSION}")
         if version == 0:  # an empty or half-created DB: read it as empty
             db.close()
-            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            db.executescript(SCHEMA)
+            db = _empty_db(sqlite3)
         return db
 
     def _init_schema(self, db) -> None:
@@ -582,11 +588,16 @@ class Store:
                              "object); restore flatmount.db from a backup (nothing was changed)")
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                version = 1
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for stmt in MIGRATIONS[v]:
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -768,15 +779,29 @@ class Store:
             os.close(fd)
 
     # --- layers -----------------------------------------------------------------------------------
-    _LAYER_COLS = "id, parent, diff_id, compressed_digest, compressed_size, diff_size, created, inodes"
+    def _layer_cols(self) -> str:
+        """The layer columns to SELECT (image_digest as NULL from a DB of schema 1, e.g. an older
+        additional store)."""
+        cols = "id, parent, diff_id, compressed_digest, compressed_size, diff_size, created, inodes"
+        if not self.readonly and not self.db_path.exists():
+            return cols + ", NULL"   # (nothing to read: `_rows` gives no rows)
+        db = self.connect()
+        has = self._has_image_digest
+        if has is None or has[0] is not db:
+            try:
+                names = {r[1] for r in db.execute("PRAGMA table_info(layers)")}
+            except Exception:  # noqa: BLE001 - a damaged DB: `_rows` reports it
+                names = set()
+            has = self._has_image_digest = (db, "image_digest" in names)
+        return cols + (", image_digest" if has[1] else ", NULL")
 
     def _layer_record(self, row: tuple) -> LayerRecord:
         return LayerRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], str(self.root),
-                           self.layer_image_path(row[0]), row[7])
+                           self.layer_image_path(row[0]), row[7], row[8])
 
     def own_layer(self, layer_id: str) -> LayerRecord | None:
         """The layer if THIS store (not its additional stores) records it."""
-        rows = self._rows(f"SELECT {self._LAYER_COLS} FROM layers WHERE id = ?", (layer_id,))
+        rows = self._rows(f"SELECT {self._layer_cols()} FROM layers WHERE id = ?", (layer_id,))
         return self._layer_record(rows[0]) if rows else None
 
     def has_layer(self, layer_id: str) -> bool:
@@ -796,7 +821,7 @@ class Store:
         out: list[LayerRecord] = []
         seen: set[str] = set()
         for s in (self, *self.additional):
-            for row in s._rows(f"SELECT {self._LAYER_COLS} FROM layers ORDER BY rowid"):
+            for row in s._rows(f"SELECT {s._layer_cols()} FROM layers ORDER BY rowid"):
                 if row[0] not in seen:
                     seen.add(row[0])
                     out.append(s._layer_record(row))
@@ -994,20 +1019,32 @@ def wait_derived() -> None:
 
 def read_layer_tree(rec: LayerRecord) -> Inode:
     """A recorded layer's tree (whiteouts and opaque markers kept): from the tree cache written beside
-    its image at import when it is there and matches, else read from the image.  Reads files only
-    (no database), so a flatten helper process may call it too."""
-    from flatmount.flatten import load_layer_tree_cache
+    its image at import when it is there and matches, else read from the image.  The image is first
+    checked against the sha256 recorded with the layer (flatmount.integrity), so a damaged one never
+    flows into a flattened image.  Reads files only (no database), so a flatten helper process may
+    call it too."""
+    from flatmount.erofs.reader import Image
+    from flatmount.flatten import layer_cache_path, tree_from_cache
+    from flatmount.integrity import read_layer_image
 
-    tree = load_layer_tree_cache(rec.image_path)
+    data, digest = read_layer_image(rec)
+    try:
+        with open(layer_cache_path(rec.image_path), "rb") as f:
+            tree = tree_from_cache(f.read(), digest, len(data))
+    except OSError:
+        tree = None
     if tree is not None:
         return tree
-    from flatmount.erofs.reader import read_tree
+    return Image(data).root()
 
-    try:
-        return read_tree(rec.image_path)
-    except FileNotFoundError:
-        raise StoreError(f"layer {rec.id} in {rec.store_root}: image {rec.image_path} is missing "
-                         "(store damaged; run fsck)") from None
+
+def _empty_db(sqlite3):
+    """An in-memory DB with the current schema: what a store without records reads as."""
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    db.executescript(SCHEMA)
+    for stmt in MIGRATIONS[2]:
+        db.execute(stmt)
+    return db
 
 
 def _db_empty(path: Path) -> bool:

@@ -142,3 +142,195 @@ def test_damaged_db_is_reported_and_refused(tmp_path, how):
         assert r.returncode == (1 if args == ["fsck"] else 3), (args, r.stdout, r.stderr)
         assert "Traceback" not in r.stderr
     assert _files(tmp_path / "store") == before
+
+
+# --- item 5: corruption is found, not served ---------------------------------------------------------
+
+def _flip(path, offset: int | None = None) -> None:
+    """Flip one byte (in place: same size; mtime and ctime change as with any write)."""
+    size = os.path.getsize(path)
+    off = size // 2 if offset is None else offset
+    with open(path, "r+b") as f:
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x20]))
+
+
+def _content_offset(path, data: bytes) -> int:
+    with open(path, "rb") as f:
+        return f.read().index(data)
+
+
+@pytest.mark.parametrize("tree_cache", [True, False])
+def test_damaged_layer_image_found_by_fsck_and_refused_by_flatten(store, tmp_path, tree_cache):
+    """A flipped byte in a layer image (here inside an inline file, so the image still parses): fsck
+    reports it, flatten refuses to use it (with or without its tree cache), a re-pull repairs it."""
+    from flatmount.errors import CorruptImageError
+    from flatmount.flatten import flatten_image, layer_cache_path
+    from flatmount.fsck import fsck
+
+    inline = b"inline text that is stored inside the layer image"
+    info = pull_image(store, tmp_path, "x", [{"etc/small": inline, "big": content("big", 5000)}])
+    lid = info["layer_ids"][0]
+    path = store.layer_image_path(lid)
+    if not tree_cache:
+        os.unlink(layer_cache_path(path))
+    assert fsck(store).ok
+    _flip(path, _content_offset(path, inline) + 3)
+    res = fsck(store)
+    assert [p.kind for p in res.problems if p.severity == "error"] == ["corrupt-layer-image"]
+    with pytest.raises(CorruptImageError, match="damaged"):
+        flatten_image(store, "x")
+    # the same pull again rewrites the layer image from the source (item 6)
+    pull(store, f"oci:{tmp_path / 'oci-x'}:t", "x")
+    assert fsck(store).ok
+    merged_tree = flatten_image(store, "x")
+    from flatmount.erofs.reader import read_tree
+
+    assert read_tree(merged_tree.path).entries[b"etc"].entries[b"small"].content == inline
+
+
+def test_damaged_flat_image_is_not_mounted(store, tmp_path):
+    """A flipped byte in a cached flattened image (inside an inline file: the kernel would mount it
+    and serve the wrong bytes) is refused at mount."""
+    from flatmount.errors import CorruptImageError
+    from flatmount.flatten import flatten_image
+
+    require_root()
+    small = b"a small file, inline in the flattened image"
+    files = {"etc/conf": content("conf", 3000), "etc/small": small}
+    pull_image(store, tmp_path, "x", [files])
+    flat = flatten_image(store, "x")
+    with store.mount("x") as merged:
+        assert _unreadable(merged, files) == []
+    _flip(flat.path, _content_offset(flat.path, small) + 4)
+    with pytest.raises(CorruptImageError, match="damaged"):
+        with store.mount("x") as merged:
+            assert _unreadable(merged, files) == []   # (what the old code served)
+    assert store.mounts() == []
+
+
+def test_mount_hashes_a_flat_image_only_after_it_was_written(store, tmp_path):
+    """The verification is cached with the file's identity: flatten records what it wrote, an
+    untouched image is not hashed again, a touched one is."""
+    from flatmount.flatten import flatten_image
+    from flatmount.integrity import verify_flat_image
+
+    pull_image(store, tmp_path, "x", [{"etc/conf": content("conf", 3000)}])
+    flat = flatten_image(store, "x")
+    assert verify_flat_image(store, flat.path, flat.digest) is False   # flatten recorded it as verified
+    os.utime(flat.path)   # written to (here: only its times): hashed again, still good
+    assert verify_flat_image(store, flat.path, flat.digest) is True
+    assert verify_flat_image(store, flat.path, flat.digest) is False
+
+
+def test_damaged_prefix_image_does_not_flow_into_a_longer_chain(store, tmp_path):
+    """flatten of a longer chain starts from the cached image of its prefix: without the prefix's tree
+    cache that image is read, and must first match its name."""
+    from flatmount.errors import CorruptImageError
+    from flatmount.flatten import derived_paths, flatten_image, wait_derived
+
+    a = {"a": content("a", 3000), "a.txt": b"a small file with text inside the image"}
+    pull_image(store, tmp_path, "base", [a])
+    prefix = flatten_image(store, "base")
+    wait_derived()
+    for p in derived_paths(prefix.path):
+        if os.path.exists(p):
+            os.unlink(p)
+    _flip(prefix.path, _content_offset(prefix.path, b"a small file") + 2)
+    # a fresh process's view: nothing of the prefix in memory
+    from flatmount import flatten as flatten_mod
+
+    flatten_mod._trees.clear()
+    pull_image(store, tmp_path, "top", [a, {"b": content("b", 3000)}])
+    with pytest.raises(CorruptImageError, match="damaged"):
+        flatten_image(store, "top")
+
+
+def test_fsck_finds_a_damaged_object(store, tmp_path):
+    """Without kernel fs-verity an object is served as stored: fsck recomputes every digest."""
+    from flatmount.fsck import fsck
+
+    data = content("obj", 9000)
+    pull_image(store, tmp_path, "x", [{"f": data}])
+    _flip(store.objects_dir / objpath(data))
+    res = fsck(store)
+    assert [(p.kind, p.subject) for p in res.problems if p.severity == "error"] == [
+        ("corrupt-object", objpath(data))]
+
+
+# --- item 6: a re-pull repairs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("lose", ["object", "layer-image"])
+def test_repull_repairs_a_layer_that_lost_an_object_or_its_image(store, tmp_path, lose):
+    """After an object (or a layer image) is lost, `pull oci:` of the same image imports the damaged
+    layer again instead of calling it present: fsck is clean and the image mounts whole again."""
+    from flatmount.flatten import layer_cache_path
+    from flatmount.fsck import fsck
+
+    base = {"lib/a": content("a", 4000), "lib/b": content("b", 70000)}
+    top = {"app/c": content("c", 5000)}
+    info = pull_image(store, tmp_path, "x", [base, top])
+    lost_layer = info["layer_ids"][0]
+    if lose == "object":
+        os.unlink(store.objects_dir / objpath(base["lib/b"]))
+    else:
+        os.unlink(store.layer_image_path(lost_layer))
+        os.unlink(layer_cache_path(store.layer_image_path(lost_layer)))
+    assert not fsck(store).ok
+    res = pull(store, f"oci:{tmp_path / 'oci-x'}:t", "x")
+    assert res.imported == (lost_layer,) and res.present == (info["layer_ids"][1],)
+    assert fsck(store).ok
+    assert objpath(base["lib/b"]) in primary_objects(store)
+    again = pull(store, f"oci:{tmp_path / 'oci-x'}:t", "x")   # now really present
+    assert again.imported == () and len(again.present) == 2
+    require_root()
+    with store.mount("x") as merged:
+        assert _unreadable(merged, {**base, **top}) == []
+
+
+def test_repull_of_a_tar_layer_restores_its_object(store, tmp_path):
+    from flatmount.fsck import fsck
+
+    data = content("t", 9000)
+    (tmp_path / "l.tar").write_bytes(layer_tar({"t": data}))
+    pull(store, f"tar:{tmp_path / 'l.tar'}", "t")
+    os.unlink(store.objects_dir / objpath(data))
+    assert not fsck(store).ok
+    pull(store, f"tar:{tmp_path / 'l.tar'}", "t")   # (the tar is read whole: its puts restore the object)
+    assert objpath(data) in primary_objects(store)
+    assert fsck(store).ok
+
+
+def test_schema_1_store_is_read_as_additional_and_upgraded_as_primary(tmp_path):
+    """A store written before layer digests (schema 1): read as an additional store as is (no digest
+    to check), upgraded in place when opened as the primary; its layers keep working."""
+    import sqlite3
+
+    from flatmount.flatten import flatten_image
+    from flatmount.fsck import fsck
+    from flatmount.store import SCHEMA_VERSION
+
+    old = new_store(tmp_path / "old")
+    pull_image(old, tmp_path, "x", [{"f": content("f", 3000)}])
+    old.close()
+    with sqlite3.connect(tmp_path / "old" / "flatmount.db") as c:
+        c.execute("ALTER TABLE layers DROP COLUMN image_digest")
+        c.execute("DROP TABLE verified")
+        c.execute("PRAGMA user_version=1")
+    c.close()
+    s = new_store(tmp_path / "primary", additional=[str(tmp_path / "old")])
+    try:
+        (layer,) = s.layers()
+        assert layer.image_digest is None and layer.store_root == str(tmp_path / "old")
+        assert flatten_image(s, "x").path
+    finally:
+        s.close()
+    s = new_store(tmp_path / "old")
+    try:
+        assert s.connect().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        assert s.layers()[0].image_digest is None
+        assert flatten_image(s, "x").path and fsck(s).ok
+    finally:
+        s.close()
