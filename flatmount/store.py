@@ -412,7 +412,8 @@ class Store:
                     if not _is_object_store_error(e):
                         raise
             if idle and self.db_path.exists():
-                self.require_sound_db("remove layer images without a record", tables=("layers",))
+                self.require_sound_db("remove layer images without a record", full=False,
+                                      tables=WRITE_CHECK_TABLES)
                 removed += self._remove_orphan_layer_files()
         return removed
 
@@ -518,8 +519,9 @@ class Store:
 
     def require_sound_db(self, what: str, full: bool = True, tables: Sequence[str] = ()) -> None:
         """Refuse (StoreError) to `what` on a DB that is empty while the store holds data or that fails
-        SQLite's quick_check (of `tables` only, if given).  A passed whole-DB check is remembered
-        until another process commits (PRAGMA data_version), so a process pays for it once."""
+        SQLite's quick_check (`full`: of the whole DB, else of `tables` only).  A passed check is
+        remembered until another process commits (PRAGMA data_version), so a process pays for it once
+        (writes check WRITE_CHECK_TABLES; gc, rmi and imports, which read or write refs, the whole DB)."""
         import sqlite3
 
         version = -1
@@ -535,8 +537,8 @@ class Store:
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             raise StoreError(f"store {self.root}: refusing to {what}: {problems[0]}{more}" + DB_ADVICE)
-        if version >= 0 and (full or not tables):
-            self._db_sound = (version, True)
+        if version >= 0:
+            self._db_sound = (version, full or not tables)
 
     def _connect_writable(self, sqlite3):
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,

@@ -824,7 +824,8 @@ class ObjectStore:
                 else:
                     # src_dir_fd makes os.link use linkat(AT_SYMLINK_FOLLOW), needed for /proc/self/fd
                     os.link(src, rel, src_dir_fd=dirfd, dst_dir_fd=dirfd)
-                    self._note_created((bytes.fromhex(rel[:2] + rel[3:]),))
+                    if self._created_watchers:
+                        self._note_created((bytes.fromhex(rel[:2] + rel[3:]),))
                 break
             except FileExistsError:  # a concurrent put of the same content won: its object is as good
                 break

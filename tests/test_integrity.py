@@ -334,3 +334,16 @@ def test_schema_1_store_is_read_as_additional_and_upgraded_as_primary(tmp_path):
         assert flatten_image(s, "x").path and fsck(s).ok
     finally:
         s.close()
+
+
+def test_gc_drops_verified_rows_of_removed_images(store, tmp_path):
+    from flatmount.flatten import flatten_image
+    from flatmount.gc import gc
+
+    pull_image(store, tmp_path, "x", [{"f": content("f", 3000)}])
+    flat = flatten_image(store, "x")
+    rows = lambda: [r[0] for r in store.connect().execute("SELECT path FROM verified")]  # noqa: E731
+    assert rows() == [flat.path]
+    store.remove_image("x")
+    gc(store, grace_s=0)
+    assert not os.path.exists(flat.path) and rows() == []
