@@ -134,15 +134,24 @@ def layer_damage(store: Store, rec: LayerRecord) -> str | None:
                                                       ("layer:" + rec.id,))]
     except sqlite3.Error as e:
         return f"layer {rec.id}: cannot read its records: {e}"
-    dirs = store.object_dirs()
-    for obj in objs:
-        if not any(_is_file(os.path.join(d, obj)) for d in dirs):
-            return f"layer {rec.id}: object {obj} is missing"
+    fds = []
+    try:
+        for d in store.object_dirs():
+            try:
+                fds.append(os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            except OSError:
+                continue
+        for obj in objs:   # (relative to each dir's fd: a short lookup per object, primary first)
+            if not any(_is_file(fd, obj) for fd in fds):
+                return f"layer {rec.id}: object {obj} is missing"
+    finally:
+        for fd in fds:
+            os.close(fd)
     return None
 
 
-def _is_file(path: str) -> bool:
+def _is_file(dirfd: int, rel: str) -> bool:
     try:
-        return stat.S_ISREG(os.lstat(path).st_mode)
+        return stat.S_ISREG(os.stat(rel, dir_fd=dirfd, follow_symlinks=False).st_mode)
     except OSError:
         return False

@@ -28,6 +28,14 @@ written (no DB journal, no lock file).  Their DB is opened with `mode=ro&immutab
 of that store is live (its `-wal` and `-shm` files exist), in which case plain `mode=ro` reads through
 the writer's WAL; on a read-only mount it is always `immutable=1`.
 
+Integrity: a primary's DB is created before anything else is written, so an empty (0-byte, schema-
+less) or missing DB beside layer images or objects means lost records: every writable open refuses
+it rather than starting afresh (which would make every layer image an orphan and every object gc's
+garbage).  gc, rmi and imports run SQLite's quick_check of the whole DB first, every other write
+that of the small tables (WRITE_CHECK_TABLES), once per process until another process commits
+(`require_sound_db`); fsck runs integrity_check.  Schema 2 records each layer image's sha256 and
+the `verified` stamps of flatmount.integrity.
+
 Image names: a stored name always carries a tag or digest; `foo` is stored as `foo:latest`
 (`normalise_name`).  `resolve_image(ref)` tries, as containers/storage does: a full image id (64 hex,
 `sha256:` prefix allowed), then the name (as given, with `:latest` added if it has no tag, then with
@@ -711,6 +719,7 @@ class Store:
             if s._db is not None:
                 s._db.close()
                 s._db = None
+                s._db_sound = None   # (data_version counts per connection)
             if s._objects is not None:
                 s._objects.close()
                 s._objects = None
