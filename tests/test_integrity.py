@@ -347,3 +347,34 @@ def test_gc_drops_verified_rows_of_removed_images(store, tmp_path):
     store.remove_image("x")
     gc(store, grace_s=0)
     assert not os.path.exists(flat.path) and rows() == []
+
+
+def test_cli_repull_after_fsck_quarantined_a_damaged_object(tmp_path):
+    """The whole path for a damaged object without fs-verity: fsck finds it, `fsck --repair` moves
+    it to quarantine (it is then missing), and `flatmount pull` of the image imports that layer
+    again instead of saying "already present"; fsck is clean after."""
+    import subprocess
+    import sys
+
+    s = new_store(tmp_path / "store")
+    data = content("obj", 20000)
+    info = pull_image(s, tmp_path, "x", [{"f": data}, {"g": content("g", 3000)}])
+    s.close()
+    _flip(tmp_path / "store" / "objects" / objpath(data))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "flatmount", "--root", str(tmp_path / "store"),
+                               "--runroot", str(tmp_path / "run"), *args], capture_output=True, text=True,
+                              cwd=root, env={**os.environ, "PYTHONPATH": root}, timeout=120)
+
+    r = cli("fsck")
+    assert r.returncode == 1 and "corrupt-object" in r.stdout, r.stdout
+    r = cli("fsck", "--repair")
+    assert "quarantine" in r.stdout, r.stdout
+    r = cli("pull", f"oci:{tmp_path / 'oci-x'}:t", "--name", "x")
+    assert r.returncode == 0, r.stderr
+    assert f"layer {info['layer_ids'][0][:12]}: imported" in r.stderr
+    assert f"layer {info['layer_ids'][1][:12]}: already present" in r.stderr
+    r = cli("fsck")
+    assert r.returncode == 0, r.stdout
