@@ -686,7 +686,11 @@ class Store:
         image of the store image `ref` (written if not cached)."""
         if os.path.isfile(ref):
             return os.path.abspath(ref)
-        return self.flatten(ref).path
+        from flatmount.integrity import verify_flat_image
+
+        flat = self.flatten(ref)
+        verify_flat_image(self, flat.path, flat.digest)   # (a stat when verified since last written)
+        return flat.path
 
     def diff(self, a: str, b: str, strict: bool = False):
         """Changes from image `a` to image `b` (names, ids or image files), without mounting."""

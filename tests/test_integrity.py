@@ -378,3 +378,21 @@ def test_cli_repull_after_fsck_quarantined_a_damaged_object(tmp_path):
     assert f"layer {info['layer_ids'][1][:12]}: already present" in r.stderr
     r = cli("fsck")
     assert r.returncode == 0, r.stdout
+
+
+def test_diff_refuses_a_damaged_cached_image(store, tmp_path):
+    from flatmount.errors import CorruptImageError
+    from flatmount.flatten import derived_paths, flatten_image, wait_derived
+
+    small = b"a small file, inline in the flattened image"
+    pull_image(store, tmp_path, "a", [{"etc/small": small}])
+    pull_image(store, tmp_path, "b", [{"etc/small": small, "etc/new": b"new"}])
+    assert [str(c) for c in store.diff("a", "b")] == ["C /etc", "A /etc/new"]
+    flat = flatten_image(store, "a")
+    wait_derived()
+    for p in derived_paths(flat.path):
+        if os.path.exists(p):
+            os.unlink(p)
+    _flip(flat.path, _content_offset(flat.path, small) + 4)
+    with pytest.raises(CorruptImageError, match="damaged"):
+        store.diff("a", "b")
