@@ -40,6 +40,10 @@ Notices (never make fsck fail; what crashes and normal operation leave behind):
 - orphan-image-file / orphan-layer-file: an image file without a row (gc removes it).
 - dangling-refs: refs rows of an owner that no longer exists, or `flat:` rows that earlier versions
   wrote for flattened images (repair deletes them, as gc would).
+- layer-digest-missing: a layer recorded before layer image digests were (schema 1).  Repair records
+  its image's sha256 when the layer's tree cache, written at import from the same bytes and whole by
+  its own checksum, names that sha256 (a cache naming another one makes the image corrupt-layer-image);
+  without such a cache it stays unproven (a re-pull that repairs the layer records it).
 - temp-leftover: an entry of `<root>/tmp/` or `objects/.tmp/` no writer uses (repair removes it).
   When no writer holds the GC lock every entry nobody has flock'ed is a leftover; otherwise only those
   older than a day.
@@ -91,7 +95,7 @@ KINDS = {
     "dangling-name": ERROR, "missing-flat-image": ERROR, "corrupt-flat-image": ERROR,
     "refs-missing": ERROR, "refs-extra": ERROR, "stale-lease": ERROR, "corrupt-db": ERROR,
     "orphan-object": NOTICE, "orphan-image-file": NOTICE, "orphan-layer-file": NOTICE,
-    "dangling-refs": NOTICE, "temp-leftover": NOTICE,
+    "dangling-refs": NOTICE, "temp-leftover": NOTICE, "layer-digest-missing": NOTICE,
 }
 STALE_TMP_AGE_S = 24 * 3600
 QUARANTINE = "quarantine"
@@ -207,19 +211,42 @@ def _check_db(run: _Run, s: Store) -> bool:
 
 # --- records: layers, flat images, refs, images, names --------------------------------------------
 
-def _collect_layer(path: str, image_digest: str | None) -> set[str]:
-    """The objects a layer image references, once its bytes match the sha256 recorded with the layer
-    (layers recorded before digests were have none: parsing is then the only check)."""
+def _collect_layer(path: str, image_digest: str | None) -> tuple[set[str], str]:
+    """The objects a layer image references and its sha256, once its bytes match the sha256 recorded
+    with the layer (layers recorded before digests were have none: see `_witness`)."""
     from flatmount.erofs.reader import Image, collect_objects
     from flatmount.errors import CorruptImageError
     from flatmount.integrity import read_file
 
     data = read_file(path)[0]
-    if image_digest is not None:
-        actual = hashlib.sha256(data).hexdigest()
-        if actual != image_digest:
-            raise CorruptImageError(f"content hashes to {actual}, recorded {image_digest}")
-    return collect_objects(Image(data))
+    actual = hashlib.sha256(data).hexdigest()
+    if image_digest is not None and actual != image_digest:
+        raise CorruptImageError(f"content hashes to {actual}, recorded {image_digest}")
+    if image_digest is None and _witness(path) not in (None, actual):
+        raise CorruptImageError(f"content hashes to {actual}, but its tree cache was made at import from "
+                                f"an image of sha256 {_witness(path)}")
+    return collect_objects(Image(data)), actual
+
+
+def _witness(path: str) -> str | None:
+    """The sha256 of the image a layer's tree cache was made from at import (written once, from the
+    same bytes as the image), if the cache is whole (its own checksum holds); else None."""
+    import xxhash
+
+    from flatmount.flatten import _TREE_HEAD, _TREE_MAGIC, layer_cache_path
+
+    try:
+        with open(layer_cache_path(path), "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    h = _TREE_HEAD.size
+    if len(data) < h:
+        return None
+    magic, dg, _size, plen, check = _TREE_HEAD.unpack_from(data)
+    if magic != _TREE_MAGIC or plen != len(data) - h or xxhash.xxh3_64_intdigest(memoryview(data)[h:]) != check:
+        return None
+    return dg.hex()
 
 
 def _snapshot(db, digest_col: str = "NULL") -> dict[str, list[tuple]]:
@@ -250,6 +277,8 @@ def _check_records(run: _Run, s: Store) -> None:
     needed = run.needed.setdefault(str(s.root), {})
     store = run.store
     rewrite: dict[str, set[str]] = {}      # owner -> objects its rows must be
+    backfill: dict[str, str] = {}          # layer id -> its image's sha256, proven (`_witness`)
+    has_digest_col = s._layer_cols().endswith("image_digest")
     drop_owners: set[str] = set()
     # layers
     layer_rows = snap["layers"]
@@ -271,7 +300,7 @@ def _check_records(run: _Run, s: Store) -> None:
             needed[owner] = refs.get(owner, set())
             continue
         try:
-            content = _collect_layer(path, image_digest)
+            content, actual = _collect_layer(path, image_digest)
         except (FlatmountError, OSError) as e:
             if not _still(db, layer_now, lid):
                 continue
@@ -280,6 +309,16 @@ def _check_records(run: _Run, s: Store) -> None:
             needed[owner] = refs.get(owner, set())
             continue
         needed[owner] = content
+        if image_digest is None and has_digest_col:
+            proven = _witness(path) == actual
+            run.add("layer-digest-missing", s, lid, "recorded before layer image digests were",
+                    repaired=proven and run.can_repair(s),
+                    note=("recorded (its tree cache from import proves the image)" if proven and run.can_repair(s)
+                          else "fsck --repair records it" if proven and s is store
+                          else _ro_note(run, s) if proven else
+                          "unproven (no tree cache from import): pull an image with this layer again"))
+            if proven:
+                backfill[lid] = actual
         if _compare_refs(run, s, owner, content, refs.get(owner, set())):
             rewrite[owner] = content
     # flat images
@@ -359,7 +398,7 @@ def _check_records(run: _Run, s: Store) -> None:
                 run.add("orphan-layer-file", s, path, "layer image without a layer row", note="gc removes it")
     if run.can_repair(s):
         _repair_records(run, s, rewrite, drop_owners, bad_digests, leased, flat_rows,
-                        [n for n, _ in bad_names])
+                        [n for n, _ in bad_names], backfill)
 
 
 def _compare_refs(run: _Run, s: Store, owner: str, content: set[str], rows: set[str]) -> bool:
@@ -409,9 +448,11 @@ def _check_flat_file(path: str, digest: str) -> tuple[str | None, set[str]]:
 
 def _repair_records(run: _Run, s: Store, rewrite: dict[str, set[str]], drop_owners: set[str],
                     bad_digests: dict[str, str], leased: set[str], flat_rows: list[tuple[str, str]],
-                    bad_names: list[str]) -> None:
+                    bad_names: list[str], backfill: dict[str, str] | None = None) -> None:
     quarantine: list[str] = []
     with s.transaction() as tx:
+        for lid, digest in sorted((backfill or {}).items()):
+            tx.execute("UPDATE layers SET image_digest = ? WHERE id = ? AND image_digest IS NULL", (digest, lid))
         for owner, objs in sorted(rewrite.items()):
             kind, _, key = owner.partition(":")
             if kind == "layer" and not _still(tx, "SELECT 1 FROM layers WHERE id = ?", key):

@@ -451,6 +451,8 @@ class ImportBatch:
         except (OSError, LayerError, StoreError, ValueError):
             actual = None
         if actual is not None and actual == (recorded or p.image_digest):
+            if recorded is None:  # recorded before digests were: now proven by the verified source
+                db.execute("UPDATE layers SET image_digest = ? WHERE id = ?", (actual, p.id))
             return
         os.replace(p.image_tmp, path)
         cache = layer_cache_path(path)

@@ -332,6 +332,14 @@ def test_schema_1_store_is_read_as_additional_and_upgraded_as_primary(tmp_path):
         assert s.connect().execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         assert s.layers()[0].image_digest is None
         assert flatten_image(s, "x").path and fsck(s).ok
+        # fsck --repair records the digest its tree cache from import proves
+        res = fsck(s, repair=True)
+        assert [(p.kind, p.repaired) for p in res.problems] == [("layer-digest-missing", True)]
+        import hashlib
+
+        with open(s.layer_image_path(layer.id), "rb") as f:
+            assert s.layers()[0].image_digest == hashlib.sha256(f.read()).hexdigest()
+        assert fsck(s).problems == ()
     finally:
         s.close()
 
@@ -396,3 +404,20 @@ def test_diff_refuses_a_damaged_cached_image(store, tmp_path):
     _flip(flat.path, _content_offset(flat.path, small) + 4)
     with pytest.raises(CorruptImageError, match="damaged"):
         store.diff("a", "b")
+
+
+def test_fsck_finds_a_damaged_layer_image_recorded_without_digest(store, tmp_path):
+    """A layer from before digests (image_digest NULL) whose image no longer matches the tree cache
+    written from it at import is reported corrupt, and its digest is not recorded."""
+    from flatmount.fsck import fsck
+
+    inline = b"inline text that is stored inside the layer image"
+    info = pull_image(store, tmp_path, "x", [{"etc/small": inline}])
+    lid = info["layer_ids"][0]
+    with store.transaction() as db:
+        db.execute("UPDATE layers SET image_digest = NULL")
+    path = store.layer_image_path(lid)
+    _flip(path, _content_offset(path, inline) + 3)
+    res = fsck(store, repair=True)
+    assert [p.kind for p in res.problems if p.severity == "error"] == ["corrupt-layer-image"]
+    assert store.layers()[0].image_digest is None
