@@ -245,9 +245,13 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
             del buf
             _remember_tree(digest, tree)
             # not durable: a lost row costs one flatten again (the image is durable, named by content)
+            from flatmount.integrity import record_verified
+
+            st = os.lstat(path)   # (we hashed what we wrote: verified as of this identity, for mount)
             with store.transaction(durable=False) as db:  # no refs rows: the chain's layers hold its objects
                 db.execute("INSERT OR REPLACE INTO flat_images(chain_key, digest, created) VALUES (?, ?, ?)",
                            (key, digest, time.time()))
+                record_verified(db, os.path.abspath(path), digest, st)
             # derived files once the image is recorded: started earlier, their thread would take the
             # GIL from this one at every release (the record's I/O) for a switch interval each time
             if helper is None or not helper.derive(path, digest, size, image_id):
@@ -490,10 +494,17 @@ def flat_tree(path: str, *, save: bool = False) -> Inode:
     tree = _trees.get(digest)
     if tree is None:
         tree = load_tree_cache(path)
-        if tree is None:
-            from flatmount.erofs.reader import read_tree
+        if tree is None:   # read from the image, once checked against its name
+            import hashlib
 
-            tree = read_tree(path)
+            from flatmount.erofs.reader import Image
+            from flatmount.integrity import damaged_flat_image, read_file
+
+            data = read_file(path)[0]
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != digest:
+                raise damaged_flat_image(digest, path, actual)
+            tree = Image(data).root()
             if save:
                 save_tree_cache(path, tree)
     _remember_tree(digest, tree)

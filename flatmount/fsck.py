@@ -6,6 +6,10 @@ damage from a crash to garbage, but disks, people and bugs can do worse.  fsck s
 wrong, and `repair=True` fixes what needs no lost data.
 
 Checks (kind: severity; what --repair does):
+- corrupt-db (error, not repairable): SQLite's integrity_check of a store's flatmount.db fails, or
+  the DB is empty (0 bytes, no schema) or missing while the store holds layer images or objects.  The
+  records of such a store are not checked (nor its objects judged orphans); gc, rmi and every write
+  refuse to run on it (flatmount.store.Store.require_sound_db).  Restore flatmount.db from a backup.
 - corrupt-object (error): an object whose fs-verity digest is not its name; every object of every
   store, or a random `sample` (a fraction 0 < p <= 1, or a count).  Repair (primary only): move it to
   `<root>/quarantine/<64 hex>` (never deleted: it may be evidence); if an image needs it, it is then
@@ -14,8 +18,9 @@ Checks (kind: severity; what --repair does):
   refs row or by its image content) that no store has.  Re-pull the images named in the detail.  (A
   flat image whose chain no image names and that is not mounted is a cache row gc drops next: its
   objects are not required.)
-- missing-layer-image / corrupt-layer-image (error, not repairable): a layer row whose
-  `layers/<id>.erofs` is missing or unreadable.  dangling-parent / dangling-image (error, not
+- missing-layer-image / corrupt-layer-image (error, not repairable here): a layer row whose
+  `layers/<id>.erofs` is missing, unreadable, or does not hash to the sha256 recorded with the layer
+  (flatmount.integrity).  Pulling an image with that layer again rewrites it (flatmount.pull).  dangling-parent / dangling-image (error, not
   repairable): a layer whose parent, or an image whose top layer, is in no store.
 - dangling-name (error; repair drops it): a name pointing at an image in no store.
 - missing-flat-image (error; repair drops the flat_images row): the cached image is re-made on the
@@ -39,6 +44,10 @@ Notices (never make fsck fail; what crashes and normal operation leave behind):
   whose content could not be proven to hash to its claimed diff_id: no or mismatching tar-split
   data).  It is used only by the images imported with it; a digest-verified pull of the same diff_id
   imports the real layer beside it (flatmount.cstorage.pull_cstorage).
+- layer-digest-missing: a layer recorded before layer image digests were (schema 1).  Repair records
+  its image's sha256 when the layer's tree cache, written at import from the same bytes and whole by
+  its own checksum, names that sha256 (a cache naming another one makes the image corrupt-layer-image);
+  without such a cache it stays unproven (a re-pull that repairs the layer records it).
 - temp-leftover: an entry of `<root>/tmp/` or `objects/.tmp/` no writer uses (repair removes it).
   When no writer holds the GC lock every entry nobody has flock'ed is a leftover; otherwise only those
   older than a day.
@@ -88,9 +97,10 @@ KINDS = {
     "corrupt-object": ERROR, "missing-object": ERROR, "missing-layer-image": ERROR,
     "corrupt-layer-image": ERROR, "dangling-parent": ERROR, "dangling-image": ERROR,
     "dangling-name": ERROR, "missing-flat-image": ERROR, "corrupt-flat-image": ERROR,
-    "refs-missing": ERROR, "refs-extra": ERROR, "stale-lease": ERROR,
+    "refs-missing": ERROR, "refs-extra": ERROR, "stale-lease": ERROR, "corrupt-db": ERROR,
     "orphan-object": NOTICE, "orphan-image-file": NOTICE, "orphan-layer-file": NOTICE,
     "dangling-refs": NOTICE, "temp-leftover": NOTICE, "unverified-layer": NOTICE,
+    "layer-digest-missing": NOTICE,
 }
 STALE_TMP_AGE_S = 24 * 3600
 QUARANTINE = "quarantine"
@@ -160,9 +170,10 @@ def fsck(store: Store, repair: bool = False, sample: float | int | None = None) 
     run = _Run(store, repair, sample)
     idle_tmp = None if repair or not store.root.is_dir() else _idle_tmp_entries(store)
     with store_lock(store, shared=not repair) if store.root.is_dir() else contextlib.nullcontext():
-        run.leases = read_leases(store.connect()) if has_db(store) else []
+        sound = {str(s.root): _check_db(run, s) for s in run.stores}
+        run.leases = read_leases(store.connect()) if has_db(store) and sound[str(store.root)] else []
         for s in run.stores:
-            if has_db(s):
+            if has_db(s) and sound[str(s.root)]:
                 _check_records(run, s)
                 _check_unverified(run, s)
         # objects are listed AFTER the records: an import committing meanwhile adds objects before
@@ -174,7 +185,8 @@ def fsck(store: Store, repair: bool = False, sample: float | int | None = None) 
         _check_leases(run)
         _verify_objects(run)
         _check_missing(run)
-        _check_orphans(run)
+        if sound[str(store.root)]:   # (with its records unread, every object would look orphaned)
+            _check_orphans(run)
         if store.root.is_dir():
             _check_tmp(run, idle_tmp)
     problems = tuple(run.problems)
@@ -189,17 +201,64 @@ def fsck(store: Store, repair: bool = False, sample: float | int | None = None) 
         seconds=round(time.monotonic() - t0, 3), counts=counts)
 
 
+# --- the database itself ------------------------------------------------------------------------
+
+def _check_db(run: _Run, s: Store) -> bool:
+    """SQLite's integrity_check of the store's DB, and an empty DB in a store that holds data; True
+    when sound (its records can then be checked).  Not repairable: restore flatmount.db from a backup."""
+    problems = s.db_problems(full=True)
+    for p in problems[:20]:
+        run.add("corrupt-db", s, str(s.db_path), p,
+                note="not repairable: restore flatmount.db from a backup; gc, rmi and writes refuse meanwhile")
+    if len(problems) > 20:
+        run.add("corrupt-db", s, str(s.db_path), f"{len(problems) - 20} more problems", note="not repairable")
+    return not problems
+
+
 # --- records: layers, flat images, refs, images, names --------------------------------------------
 
-def _collect(path: str) -> set[str]:
-    from flatmount.erofs.reader import collect_objects
+def _collect_layer(path: str, image_digest: str | None) -> tuple[set[str], str]:
+    """The objects a layer image references and its sha256, once its bytes match the sha256 recorded
+    with the layer (layers recorded before digests were have none: see `_witness`)."""
+    from flatmount.erofs.reader import Image, collect_objects
+    from flatmount.errors import CorruptImageError
+    from flatmount.integrity import read_file
 
-    return collect_objects(path)
+    data = read_file(path)[0]
+    actual = hashlib.sha256(data).hexdigest()
+    if image_digest is not None and actual != image_digest:
+        raise CorruptImageError(f"content hashes to {actual}, recorded {image_digest}")
+    if image_digest is None and _witness(path) not in (None, actual):
+        raise CorruptImageError(f"content hashes to {actual}, but its tree cache was made at import from "
+                                f"an image of sha256 {_witness(path)}")
+    return collect_objects(Image(data)), actual
 
 
-def _snapshot(db) -> dict[str, list[tuple]]:
+def _witness(path: str) -> str | None:
+    """The sha256 of the image a layer's tree cache was made from at import (written once, from the
+    same bytes as the image), if the cache is whole (its own checksum holds); else None."""
+    import xxhash
+
+    from flatmount.flatten import _TREE_HEAD, _TREE_MAGIC, layer_cache_path
+
+    try:
+        with open(layer_cache_path(path), "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    h = _TREE_HEAD.size
+    if len(data) < h:
+        return None
+    magic, dg, _size, plen, check = _TREE_HEAD.unpack_from(data)
+    if magic != _TREE_MAGIC or plen != len(data) - h or xxhash.xxh3_64_intdigest(memoryview(data)[h:]) != check:
+        return None
+    return dg.hex()
+
+
+def _snapshot(db, digest_col: str = "NULL") -> dict[str, list[tuple]]:
     """Every table fsck compares, read in ONE transaction (a consistent view while imports commit)."""
-    queries = {"refs": "SELECT owner, object FROM refs", "layers": "SELECT id, parent FROM layers",
+    queries = {"refs": "SELECT owner, object FROM refs",
+               "layers": f"SELECT id, parent, {digest_col} FROM layers",
                "flat": "SELECT chain_key, digest FROM flat_images", "images": "SELECT id, top_layer FROM images",
                "names": "SELECT name, image_id FROM names"}
     db.execute("BEGIN")
@@ -217,19 +276,21 @@ def _still(db, sql: str, *params) -> bool:
 
 def _check_records(run: _Run, s: Store) -> None:
     db = s.connect()
-    snap = _snapshot(db)
+    snap = _snapshot(db, s._layer_cols().rsplit(", ", 1)[1])
     refs: dict[str, set[str]] = {}
     for owner, obj in snap["refs"]:
         refs.setdefault(owner, set()).add(obj)
     needed = run.needed.setdefault(str(s.root), {})
     store = run.store
     rewrite: dict[str, set[str]] = {}      # owner -> objects its rows must be
+    backfill: dict[str, str] = {}          # layer id -> its image's sha256, proven (`_witness`)
+    has_digest_col = s._layer_cols().endswith("image_digest")
     drop_owners: set[str] = set()
     # layers
     layer_rows = snap["layers"]
     layer_ids = {r[0] for r in layer_rows}
     layer_now = "SELECT 1 FROM layers WHERE id = ?"
-    for lid, parent in layer_rows:
+    for lid, parent, image_digest in layer_rows:
         run.nlayers += 1
         owner = "layer:" + lid
         if parent is not None and not store.has_layer(parent) and _still(
@@ -245,7 +306,7 @@ def _check_records(run: _Run, s: Store) -> None:
             needed[owner] = refs.get(owner, set())
             continue
         try:
-            content = _collect(path)
+            content, actual = _collect_layer(path, image_digest)
         except (FlatmountError, OSError) as e:
             if not _still(db, layer_now, lid):
                 continue
@@ -254,6 +315,16 @@ def _check_records(run: _Run, s: Store) -> None:
             needed[owner] = refs.get(owner, set())
             continue
         needed[owner] = content
+        if image_digest is None and has_digest_col:
+            proven = _witness(path) == actual
+            run.add("layer-digest-missing", s, lid, "recorded before layer image digests were",
+                    repaired=proven and run.can_repair(s),
+                    note=("recorded (its tree cache from import proves the image)" if proven and run.can_repair(s)
+                          else "fsck --repair records it" if proven and s is store
+                          else _ro_note(run, s) if proven else
+                          "unproven (no tree cache from import): pull an image with this layer again"))
+            if proven:
+                backfill[lid] = actual
         if _compare_refs(run, s, owner, content, refs.get(owner, set())):
             rewrite[owner] = content
     # flat images
@@ -333,7 +404,7 @@ def _check_records(run: _Run, s: Store) -> None:
                 run.add("orphan-layer-file", s, path, "layer image without a layer row", note="gc removes it")
     if run.can_repair(s):
         _repair_records(run, s, rewrite, drop_owners, bad_digests, leased, flat_rows,
-                        [n for n, _ in bad_names])
+                        [n for n, _ in bad_names], backfill)
 
 
 def _compare_refs(run: _Run, s: Store, owner: str, content: set[str], rows: set[str]) -> bool:
@@ -383,9 +454,11 @@ def _check_flat_file(path: str, digest: str) -> tuple[str | None, set[str]]:
 
 def _repair_records(run: _Run, s: Store, rewrite: dict[str, set[str]], drop_owners: set[str],
                     bad_digests: dict[str, str], leased: set[str], flat_rows: list[tuple[str, str]],
-                    bad_names: list[str]) -> None:
+                    bad_names: list[str], backfill: dict[str, str] | None = None) -> None:
     quarantine: list[str] = []
     with s.transaction() as tx:
+        for lid, digest in sorted((backfill or {}).items()):
+            tx.execute("UPDATE layers SET image_digest = ? WHERE id = ? AND image_digest IS NULL", (digest, lid))
         for owner, objs in sorted(rewrite.items()):
             kind, _, key = owner.partition(":")
             if kind == "layer" and not _still(tx, "SELECT 1 FROM layers WHERE id = ?", key):

@@ -267,6 +267,7 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
             plan = _Plan(start, [], {}, {}, set(), set(), set(), [], [])
             db = None
         else:
+            store.require_sound_db("collect garbage")  # a damaged DB would make live objects look unreferenced
             db = store.connect()
             plan = _plan(store, db, start, grace_s)
         if not dry_run and db is not None:
@@ -315,6 +316,8 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
             removed, freed = len(doomed), sum(size for _, size in doomed)
         else:
             removed, freed = _remove_objects(store.objects, doomed, errors)
+            if db is not None:
+                _drop_verified_of_gone_files(store, db)
     leases = plan.leases
     return GcResult(
         dry_run=dry_run,
@@ -468,6 +471,18 @@ def _live_objects(store: Store, db: sqlite3.Connection, plan: _Plan) -> set[str]
     finally:
         db.execute("COMMIT")
     return live | plan.extra_live | _leased_objects(store, uncovered)
+
+
+def _drop_verified_of_gone_files(store: Store, db: sqlite3.Connection) -> None:
+    """`verified` rows (flatmount.integrity) of image files that no longer exist: a new file at that
+    path would not match them anyway, they only take space."""
+    try:
+        gone = [(p,) for (p,) in db.execute("SELECT path FROM verified") if not os.path.exists(p)]
+    except Exception:  # noqa: BLE001 - a DB of schema 1 has no such table
+        return
+    if gone:
+        with store.transaction(durable=False) as tx:
+            tx.executemany("DELETE FROM verified WHERE path = ?", gone)
 
 
 def _needed_by_additional(store: Store, candidates: list[str]) -> set[str]:

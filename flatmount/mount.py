@@ -267,6 +267,7 @@ def mount_image_ref(store: Store, ref: str) -> Lease:
 
     The caller owns the mount: `umount(store, lease.id)` (or `mount()` as a context manager)."""
     from flatmount.flatten import chain_of, flatten_chain
+    from flatmount.integrity import verify_flat_image
     from flatmount.kmount import mount_image
 
     _require_writable(store)
@@ -275,6 +276,7 @@ def mount_image_ref(store: Store, ref: str) -> Lease:
     chain = chain_of(store, image)
     with store.gc_lock(shared=True):
         flat = flatten_chain(store, chain)
+        verify_flat_image(store, flat.path, flat.digest)   # unless verified since last written
         dirs = involved_object_dirs(store, chain, flat.path)
         lease, fd = _create_lease(store, ref, flat)
     try:

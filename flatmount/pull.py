@@ -24,9 +24,11 @@ object store (`ObjectStore.sync()` once per layer), each layer's EROFS image int
 directory `<root>/tmp/import-*` (flock'ed while alive; fsynced).  Only when every digest checked out
 are, inside ONE transaction, the layer images renamed to `layers/<id>.erofs` and the layer, refs,
 image and name rows inserted.  The shared GC lock is held from before the first object put to the
-commit.  A failed import removes the objects it created (those it put, created since it started and
-referenced by nothing; done under the exclusive GC lock, so no other import can be relying on them; if
-another import is running they are left to `gc`), so the store is as it was.  A killed import leaves
+commit.  A failed import removes the objects it created (those its puts created, never content it
+found already stored, e.g. the files of a removed image a live mount still reads), unless a refs row,
+a live mount or an additional store needs them by then; done under the exclusive GC lock, so no other
+import can be relying on them (if another import is running they are left to `gc`), so the store is
+as it was.  A killed import leaves
 at most unreferenced objects (garbage for `gc`), its staging dir and layer images without records:
 the next write-open removes the latter two (`Store.clean_tmp`), and the same pull simply runs again.
 """
@@ -93,6 +95,7 @@ class _PendingLayer:
     objects: frozenset[str]
     image_tmp: str
     tree_tmp: str | None = None     # its tree cache (flatmount.flatten.layer_cache_path), if written
+    image_digest: str | None = None  # sha256 hex of the layer image (recorded: flatten and fsck check it)
 
 
 @dataclass
@@ -127,6 +130,10 @@ class _RecordingObjects:
         self._objects = objects
         self.digests: set[bytes] = set()
         self.stored: set[bytes] = set()
+        self.created = objects.watch_created()  # objects that did not exist before a put created them
+
+    def unwatch(self) -> None:
+        self._objects.unwatch_created(self.created)
 
     def _record(self, d: bytes) -> bytes:
         self.digests.add(d)
@@ -209,8 +216,6 @@ class ImportBatch:
     `with` block without `commit()` discards everything and rolls back the objects it created.
     """
 
-    ROLLBACK_SLACK_S = 1.0  # file ctimes come from a coarse clock: objects this new may be ours
-
     def __init__(self, store: Store):
         self.store = store
         self._layers: list[_PendingLayer] = []
@@ -219,7 +224,6 @@ class ImportBatch:
         self._staging_fd = -1
         self._objects: _RecordingObjects | None = None
         self._lock: contextlib.ExitStack | None = None
-        self._start = 0.0
         self._fanout_before: set[str] = set()
         self.committed = False
 
@@ -229,7 +233,6 @@ class ImportBatch:
         stack = contextlib.ExitStack()
         stack.enter_context(store.gc_lock(shared=True))
         try:
-            self._start = time.time()
             self._fanout_before = set(os.listdir(store.objects_dir))
             os.makedirs(store.tmp_dir, mode=0o700, exist_ok=True)
             self._staging = Path(tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=store.tmp_dir))
@@ -251,8 +254,12 @@ class ImportBatch:
             if self._lock is not None:
                 self._lock.close()
                 self._lock = None
-            if not self.committed and self._objects is not None:
-                self._rollback_objects(self._objects.digests)
+            if self._objects is not None:
+                try:
+                    if not self.committed:
+                        self._rollback_objects(self._objects.digests & self._objects.created)
+                finally:
+                    self._objects.unwatch()
 
     def _cleanup(self) -> None:
         if self._staging is not None:
@@ -263,29 +270,30 @@ class ImportBatch:
             self._staging_fd = -1
 
     def _rollback_objects(self, digests: set[bytes]) -> None:
-        """Remove the objects this failed import created, if no other import can be using them."""
+        """Remove the objects this failed import created (`digests`: put by it AND created by its puts,
+        never content it found already stored), except those something needs by now: a refs row, a
+        live mount's image (`flatmount.gc.leased_beyond_records`), an additional store that lacks
+        it.  Only with the exclusive GC lock free right now: another import or flatten between its
+        puts and its commit may rely on them (they are then left to `gc`)."""
         if not digests:
             return
         store = self.store
         with store._try_exclusive_gc() as idle:
             if not idle:
                 return  # another writer is between puts and commit: leave our garbage to gc
+            from flatmount.gc import _needed_by_additional, leased_beyond_records
+
             db = store.connect()
-            cutoff = self._start - self.ROLLBACK_SLACK_S
-            for d in digests:
-                h = d.hex()
-                rel = h[:2] + "/" + h[2:]
-                path = store.objects_dir / rel
-                try:
-                    if os.lstat(path).st_ctime < cutoff:
-                        continue  # it was there before this import
-                except FileNotFoundError:
-                    continue
-                if db.execute("SELECT 1 FROM refs WHERE object = ? LIMIT 1", (rel,)).fetchone():
-                    continue
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(path)
-            for xx in {d.hex()[:2] for d in digests} - self._fanout_before:
+            rels = sorted(_objpath(d) for d in digests)
+            referenced = {r[0] for r in db.execute(
+                "SELECT DISTINCT object FROM refs WHERE object IN (SELECT value FROM json_each(?))",
+                (json.dumps(rels),))}
+            keep = referenced | leased_beyond_records(store, db) | _needed_by_additional(store, rels)
+            for rel in rels:
+                if rel not in keep:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(store.objects_dir / rel)
+            for xx in {rel[:2] for rel in rels} - self._fanout_before:
                 with contextlib.suppress(OSError):
                     os.rmdir(store.objects_dir / xx)
 
@@ -312,8 +320,17 @@ class ImportBatch:
         self._objects.digests -= keep
 
     def has_layer(self, layer_id: str) -> bool:
-        """Already recorded in any store, or staged in this batch."""
-        return any(p.id == layer_id for p in self._layers) or self.store.has_layer(layer_id)
+        """Staged in this batch, or recorded in some store with its image and objects intact: a
+        recorded layer that lost its image or an object (flatmount.integrity.layer_damage) counts as
+        absent, so the pull imports it again, which puts the missing objects back and rewrites its
+        image (`_record`)."""
+        if any(p.id == layer_id for p in self._layers):
+            return True
+        if not self.store.has_layer(layer_id):
+            return False
+        from flatmount.integrity import layer_damage
+
+        return layer_damage(self.store, self.store.layer(layer_id)) is None
 
     def add_layer(self, tree: Inode, *, parent: str | None, diff_id: str, layer_id: str | None = None,
                   compressed_digest: str | None = None, compressed_size: int | None = None,
@@ -335,6 +352,7 @@ class ImportBatch:
         objs = tree_objects(tree)
         tmp = self.staging / f"layer-{lid}.erofs"
         data = image_bytes(tree)
+        image_digest = hashlib.sha256(data).hexdigest()
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -344,7 +362,7 @@ class ImportBatch:
         tree_tmp: str | None = str(self.staging / f"layer-{lid}.tree")
         try:
             with open(tree_tmp, "wb") as f:  # derived: no fsync (checked against the image at load)
-                f.write(tree_cache_bytes(tree, hashlib.sha256(data).hexdigest(), len(data)))
+                f.write(tree_cache_bytes(tree, image_digest, len(data)))
             os.chmod(tree_tmp, 0o644)
         except (OSError, ValueError):
             tree_tmp = None
@@ -352,7 +370,7 @@ class ImportBatch:
         self._layers = [p for p in self._layers if p.id != lid]
         self._layers.append(_PendingLayer(lid, parent, diff_id, diff_size, compressed_digest,
                                           compressed_size, created or now_iso(), count_inodes(tree),
-                                          objs, str(tmp), tree_tmp))
+                                          objs, str(tmp), tree_tmp, image_digest))
         return lid
 
     def set_image(self, image_id: str, top_layer: str | None, *, config: dict | bytes | str | None = None,
@@ -375,6 +393,7 @@ class ImportBatch:
         """Record everything staged in one transaction; returns the image record (if one was set)."""
         store = self.store
         objdir = store.objects_dir
+        store.require_sound_db("import into it")  # (whole DB: an import writes refs rows)
         # objects this batch stored are there (stored under the shared GC lock): check the others
         ours = {_objpath(d) for d in self._objects.stored} if self._objects is not None else set()
         for p in self._layers:
@@ -401,8 +420,10 @@ class ImportBatch:
         store = self.store
         in_batch = {p.id for p in self._layers}
         for p in self._layers:
-            if db.execute("SELECT 1 FROM layers WHERE id = ?", (p.id,)).fetchone():
-                continue  # a concurrent import recorded it meanwhile: same id, same content
+            row = db.execute("SELECT image_digest FROM layers WHERE id = ?", (p.id,)).fetchone()
+            if row is not None:  # recorded already: by a concurrent import, or a layer being repaired
+                self._repair_layer(db, p, row[0])
+                continue
             if p.parent is not None and p.parent not in in_batch and not self._recorded(db, p.parent):
                 raise StoreError(f"parent layer {p.parent} of layer {p.id} is in no store "
                                  "(removed meanwhile?)")
@@ -414,9 +435,9 @@ class ImportBatch:
                     os.replace(p.tree_tmp, cache)
                     renamed.append(cache)
             db.execute("INSERT INTO layers(id, parent, diff_id, compressed_digest, compressed_size, "
-                       "diff_size, created, inodes) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       "diff_size, created, inodes, image_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (p.id, p.parent, p.diff_id, p.compressed_digest, p.compressed_size,
-                        p.diff_size, p.created, p.inodes))
+                        p.diff_size, p.created, p.inodes, p.image_digest))
             db.executemany("INSERT OR IGNORE INTO refs(owner, object) VALUES (?, ?)",
                            [("layer:" + p.id, o) for o in sorted(p.objects)])
         if renamed:
@@ -461,6 +482,35 @@ class ImportBatch:
                 return False
             lid = row[0]
         return lid is None
+    def _repair_layer(self, db, p: _PendingLayer, recorded: str | None) -> None:
+        """A re-imported layer that is recorded already: if its image is missing or is not the one
+        recorded, put the staged image (made from the verified source) in its place; its refs rows
+        gain what the new image references.  An intact image is left alone (a concurrent import)."""
+        from flatmount.flatten import layer_cache_path
+        from flatmount.integrity import read_file
+
+        store = self.store
+        path = store.layer_image_path(p.id)
+        try:
+            actual: str | None = hashlib.sha256(read_file(path)[0]).hexdigest()
+        except (OSError, LayerError, StoreError, ValueError):
+            actual = None
+        if actual is not None and actual == (recorded or p.image_digest):
+            if recorded is None:  # recorded before digests were: now proven by the verified source
+                db.execute("UPDATE layers SET image_digest = ? WHERE id = ?", (actual, p.id))
+            return
+        os.replace(p.image_tmp, path)
+        cache = layer_cache_path(path)
+        if p.tree_tmp is not None:
+            with contextlib.suppress(OSError):
+                os.replace(p.tree_tmp, cache)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(cache)
+        fsync_dir(store.layers_dir)
+        db.execute("UPDATE layers SET image_digest = ? WHERE id = ?", (p.image_digest, p.id))
+        db.executemany("INSERT OR IGNORE INTO refs(owner, object) VALUES (?, ?)",
+                       [("layer:" + p.id, o) for o in sorted(p.objects)])
 
     def _recorded(self, db, layer_id: str) -> bool:
         if db.execute("SELECT 1 FROM layers WHERE id = ?", (layer_id,)).fetchone():

@@ -28,6 +28,14 @@ written (no DB journal, no lock file).  Their DB is opened with `mode=ro&immutab
 of that store is live (its `-wal` and `-shm` files exist), in which case plain `mode=ro` reads through
 the writer's WAL; on a read-only mount it is always `immutable=1`.
 
+Integrity: a primary's DB is created before anything else is written, so an empty (0-byte, schema-
+less) or missing DB beside layer images or objects means lost records: every writable open refuses
+it rather than starting afresh (which would make every layer image an orphan and every object gc's
+garbage).  gc, rmi and imports run SQLite's quick_check of the whole DB first, every other write
+that of the small tables (WRITE_CHECK_TABLES), once per process until another process commits
+(`require_sound_db`); fsck runs integrity_check.  Schema 2 records each layer image's sha256 and
+the `verified` stamps of flatmount.integrity.
+
 Image names: a stored name always carries a tag or digest; `foo` is stored as `foo:latest`
 (`normalise_name`).  `resolve_image(ref)` tries, as containers/storage does: a full image id (64 hex,
 `sha256:` prefix allowed), then the name (as given, with `:latest` added if it has no tag, then with
@@ -61,7 +69,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DB_NAME = "flatmount.db"
 GC_LOCK = "gc.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
 DEFAULT_CONFIG = "/etc/flatmount/storage.conf"
 ROOT_MODE = 0o700          # like c/storage's graphroot: other users have no business in a store
@@ -82,6 +90,18 @@ CREATE INDEX IF NOT EXISTS refs_object ON refs(object);
 CREATE TABLE IF NOT EXISTS leases(id TEXT PRIMARY KEY, image_digest TEXT NOT NULL, image_ref TEXT,
   merged TEXT NOT NULL, pid INTEGER, boot_id TEXT, created REAL);
 """
+
+# before every write, SQLite's quick_check of these (small) tables; gc, rmi and fsck check the whole DB
+WRITE_CHECK_TABLES = ("layers", "images", "names", "flat_images", "leases")
+DB_ADVICE = ("; the store's records are damaged: run `flatmount fsck` and restore flatmount.db from a "
+             "backup (nothing was changed)")
+
+# version 2: each layer's image digest (sha256 of layers/<id>.erofs, checked by flatten and fsck; NULL
+# for layers recorded before), and `verified`: files whose sha256 was checked, with their identity then
+# (flatmount.integrity), so a mount need not hash an image again until it is rewritten
+MIGRATIONS = {2: ("ALTER TABLE layers ADD COLUMN image_digest TEXT",
+                  "CREATE TABLE IF NOT EXISTS verified(path TEXT PRIMARY KEY, digest TEXT NOT NULL, "
+                  "dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER)")}
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX_PREFIX = re.compile(r"[0-9a-f]{3,64}")
@@ -105,6 +125,7 @@ class LayerRecord:
     store_root: str
     image_path: str
     inodes: int | None = field(default=None, compare=False)
+    image_digest: str | None = field(default=None, compare=False)   # sha256 hex of image_path's bytes
 
 
 @dataclass(frozen=True)
@@ -309,6 +330,8 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._objects: ObjectStore | None = None
         self._write_opened = False
+        self._has_image_digest: tuple[object, bool] | None = None   # (connection, column present)
+        self._db_sound: tuple[int, bool] | None = None   # (data_version, full) of the last passed check
 
     def __repr__(self) -> str:
         kind = "additional" if self.is_additional else ("read-only" if self.readonly else "primary")
@@ -415,6 +438,8 @@ class Store:
         except OSError as e:
             raise StoreError(f"cannot create store {self.root}: {e.strerror}") from None
         self._write_opened = True
+        if not self.db_path.exists():
+            self.connect()  # the DB exists before any object: an empty DB then always means lost records
         self.clean_tmp()
 
     def clean_tmp(self) -> int:
@@ -439,6 +464,8 @@ class Store:
                     if not _is_object_store_error(e):
                         raise
             if idle and self.db_path.exists():
+                self.require_sound_db("remove layer images without a record", full=False,
+                                      tables=WRITE_CHECK_TABLES)
                 removed += self._remove_orphan_layer_files()
         return removed
 
@@ -516,9 +543,78 @@ class Store:
                     raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
                 time.sleep(0.01)
             except sqlite3.Error as e:
-                raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
+                raise StoreError(f"cannot open the database of store {self.root}: {e}"
+                                 + (DB_ADVICE if _is_corruption(e) else "")) from None
         self._db = db
         return db
+
+    # --- database integrity -----------------------------------------------------------------------
+    def data_besides_db(self) -> str | None:
+        """What the store holds besides its DB ("2 layer images, objects"), or None.  A DB that is
+        empty (0 bytes, no schema) or missing while this is not None has lost the store's records:
+        written to, it would make every layer image an orphan and every object garbage."""
+        found = []
+        for d, label in ((self.layers_dir, "layer images"), (self.root / "images", "flattened images")):
+            try:
+                with os.scandir(d) as it:
+                    n = sum(1 for e in it if e.name.endswith(".erofs"))
+            except OSError:
+                n = 0
+            if n:
+                found.append(f"{n} {label}")
+        from flatmount.gc import scan_objects
+
+        if next(scan_objects(self.objects_dir), None) is not None:
+            found.append("objects")
+        return ", ".join(found) or None
+
+    def db_problems(self, full: bool = False, tables: Sequence[str] = ()) -> list[str]:
+        """What is wrong with this store's DB ([] when sound): empty while the store holds data, or what
+        SQLite's own check finds (`full`: PRAGMA integrity_check, else quick_check; `tables`: only
+        those tables and their indexes)."""
+        import sqlite3
+
+        if not self.db_path.exists() or _db_empty(self.db_path):
+            data = self.data_besides_db()
+            what = "missing" if not self.db_path.exists() else "empty"
+            return [f"database {self.db_path} is {what} but the store holds {data}"] if data else []
+        try:
+            db = self.connect()
+            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+                data = self.data_besides_db()
+                return [f"database {self.db_path} has no schema but the store holds {data}"] if data else []
+            pragma = "integrity_check" if full else "quick_check"
+            rows: list[str] = []
+            for t in tables or (None,):
+                rows += [r[0] for r in db.execute(f"PRAGMA {pragma}" + (f"({t})" if t else ""))]
+        except StoreError as e:
+            return [str(e)]
+        except sqlite3.Error as e:
+            return [f"database {self.db_path}: {e}"]
+        return [] if rows == ["ok"] * len(rows) else [r for r in rows if r != "ok"]
+
+    def require_sound_db(self, what: str, full: bool = True, tables: Sequence[str] = ()) -> None:
+        """Refuse (StoreError) to `what` on a DB that is empty while the store holds data or that fails
+        SQLite's quick_check (`full`: of the whole DB, else of `tables` only).  A passed check is
+        remembered until another process commits (PRAGMA data_version), so a process pays for it once
+        (writes check WRITE_CHECK_TABLES; gc, rmi and imports, which read or write refs, the whole DB)."""
+        import sqlite3
+
+        version = -1
+        if self._db is not None or self.db_path.exists():
+            try:
+                version = self.connect().execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.Error:
+                version = -1
+            cached = self._db_sound
+            if cached is not None and cached[0] == version and (cached[1] or not full) and version >= 0:
+                return
+        problems = self.db_problems(tables=() if full else tables)
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise StoreError(f"store {self.root}: refusing to {what}: {problems[0]}{more}" + DB_ADVICE)
+        if version >= 0:
+            self._db_sound = (version, full or not tables)
 
     def _connect_writable(self, sqlite3):
         db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
@@ -537,9 +633,7 @@ class Store:
     def _connect_readonly(self, sqlite3):
         path = self.db_path
         if not path.exists():
-            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            db.executescript(SCHEMA)
-            return db
+            return _empty_db(sqlite3)
         from urllib.parse import quote
 
         uri = f"file:{quote(str(path))}?mode=ro"
@@ -555,8 +649,7 @@ class Store:
                              f"understands up to {SCHEMA_VERSION}")
         if version == 0:  # an empty or half-created DB: read it as empty
             db.close()
-            db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
-            db.executescript(SCHEMA)
+            db = _empty_db(sqlite3)
         return db
 
     def _init_schema(self, db) -> None:
@@ -566,13 +659,23 @@ class Store:
         if version > SCHEMA_VERSION:
             raise StoreError(f"store {self.root} has schema version {version}; this flatmount "
                              f"understands up to {SCHEMA_VERSION}")
+        data = self.data_besides_db() if version == 0 else None
+        if data:
+            raise StoreError(f"store {self.root}: database {self.db_path} is empty but the store holds {data}: "
+                             "refusing to write to it (its records would be lost and gc would delete every "
+                             "object); restore flatmount.db from a backup (nothing was changed)")
         db.execute("BEGIN IMMEDIATE")
         try:
-            if db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version == 0:
                 for stmt in SCHEMA.split(";"):
                     if stmt.strip():
                         db.execute(stmt)
-                db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                version = 1
+            for v in range(version + 1, SCHEMA_VERSION + 1):
+                for stmt in MIGRATIONS[v]:
+                    db.execute(stmt)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -591,6 +694,7 @@ class Store:
         db = self.connect()
         if db.in_transaction:
             raise StoreError("nested store transaction")
+        self.require_sound_db("write to it", full=False, tables=WRITE_CHECK_TABLES)
         if not durable:
             db.execute("PRAGMA synchronous=NORMAL")
         try:
@@ -600,8 +704,15 @@ class Store:
                 raise StoreError(f"store {self.root} is busy: {e}") from None
             try:
                 yield db
+            except sqlite3.DatabaseError as e:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
+                if _is_corruption(e):
+                    raise StoreError(f"store {self.root}: database error: {e}" + DB_ADVICE) from None
+                raise
             except BaseException:
-                db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("ROLLBACK")
                 raise
             try:
                 db.execute("COMMIT")
@@ -643,7 +754,11 @@ class Store:
         image of the store image `ref` (written if not cached)."""
         if os.path.isfile(ref):
             return os.path.abspath(ref)
-        return self.flatten(ref).path
+        from flatmount.integrity import verify_flat_image
+
+        flat = self.flatten(ref)
+        verify_flat_image(self, flat.path, flat.digest)   # (a stat when verified since last written)
+        return flat.path
 
     def diff(self, a: str, b: str, strict: bool = False):
         """Changes from image `a` to image `b` (names, ids or image files), without mounting."""
@@ -676,6 +791,7 @@ class Store:
             if s._db is not None:
                 s._db.close()
                 s._db = None
+                s._db_sound = None   # (data_version counts per connection)
             if s._objects is not None:
                 s._objects.close()
                 s._objects = None
@@ -746,15 +862,29 @@ class Store:
             os.close(fd)
 
     # --- layers -----------------------------------------------------------------------------------
-    _LAYER_COLS = "id, parent, diff_id, compressed_digest, compressed_size, diff_size, created, inodes"
+    def _layer_cols(self) -> str:
+        """The layer columns to SELECT (image_digest as NULL from a DB of schema 1, e.g. an older
+        additional store)."""
+        cols = "id, parent, diff_id, compressed_digest, compressed_size, diff_size, created, inodes"
+        if not self.readonly and not self.db_path.exists():
+            return cols + ", NULL"   # (nothing to read: `_rows` gives no rows)
+        db = self.connect()
+        has = self._has_image_digest
+        if has is None or has[0] is not db:
+            try:
+                names = {r[1] for r in db.execute("PRAGMA table_info(layers)")}
+            except Exception:  # noqa: BLE001 - a damaged DB: `_rows` reports it
+                names = set()
+            has = self._has_image_digest = (db, "image_digest" in names)
+        return cols + (", image_digest" if has[1] else ", NULL")
 
     def _layer_record(self, row: tuple) -> LayerRecord:
         return LayerRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], str(self.root),
-                           self.layer_image_path(row[0]), row[7])
+                           self.layer_image_path(row[0]), row[7], row[8])
 
     def own_layer(self, layer_id: str) -> LayerRecord | None:
         """The layer if THIS store (not its additional stores) records it."""
-        rows = self._rows(f"SELECT {self._LAYER_COLS} FROM layers WHERE id = ?", (layer_id,))
+        rows = self._rows(f"SELECT {self._layer_cols()} FROM layers WHERE id = ?", (layer_id,))
         return self._layer_record(rows[0]) if rows else None
 
     def has_layer(self, layer_id: str) -> bool:
@@ -774,7 +904,7 @@ class Store:
         out: list[LayerRecord] = []
         seen: set[str] = set()
         for s in (self, *self.additional):
-            for row in s._rows(f"SELECT {self._LAYER_COLS} FROM layers ORDER BY rowid"):
+            for row in s._rows(f"SELECT {s._layer_cols()} FROM layers ORDER BY rowid"):
                 if row[0] not in seen:
                     seen.add(row[0])
                     out.append(s._layer_record(row))
@@ -891,6 +1021,7 @@ class Store:
         no remaining image's chain uses.  Objects are left to `gc`.  Images and layers of additional
         stores cannot be removed (ReadOnlyStoreError); names in the primary pointing at them can.
         """
+        self.require_sound_db("remove images")
         image = self.resolve_image(ref)
         names = self._name_map()
         by_name = ref.strip() not in (image.id, "sha256:" + image.id) and any(
@@ -971,20 +1102,44 @@ def wait_derived() -> None:
 
 def read_layer_tree(rec: LayerRecord) -> Inode:
     """A recorded layer's tree (whiteouts and opaque markers kept): from the tree cache written beside
-    its image at import when it is there and matches, else read from the image.  Reads files only
-    (no database), so a flatten helper process may call it too."""
-    from flatmount.flatten import load_layer_tree_cache
+    its image at import when it is there and matches, else read from the image.  The image is first
+    checked against the sha256 recorded with the layer (flatmount.integrity), so a damaged one never
+    flows into a flattened image.  Reads files only (no database), so a flatten helper process may
+    call it too."""
+    from flatmount.erofs.reader import Image
+    from flatmount.flatten import layer_cache_path, tree_from_cache
+    from flatmount.integrity import read_layer_image
 
-    tree = load_layer_tree_cache(rec.image_path)
+    data, digest = read_layer_image(rec)
+    try:
+        with open(layer_cache_path(rec.image_path), "rb") as f:
+            tree = tree_from_cache(f.read(), digest, len(data))
+    except OSError:
+        tree = None
     if tree is not None:
         return tree
-    from flatmount.erofs.reader import read_tree
+    return Image(data).root()
 
+
+def _empty_db(sqlite3):
+    """An in-memory DB with the current schema: what a store without records reads as."""
+    db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+    db.executescript(SCHEMA)
+    for stmt in MIGRATIONS[2]:
+        db.execute(stmt)
+    return db
+
+
+def _db_empty(path: Path) -> bool:
     try:
-        return read_tree(rec.image_path)
+        return os.stat(path).st_size == 0
     except FileNotFoundError:
-        raise StoreError(f"layer {rec.id} in {rec.store_root}: image {rec.image_path} is missing "
-                         "(store damaged; run fsck)") from None
+        return True
+
+
+def _is_corruption(e: BaseException) -> bool:
+    text = str(e)
+    return "malformed" in text or "not a database" in text or "corrupt" in text
 
 
 def open_lock_file(path: str | os.PathLike, create: bool) -> int:

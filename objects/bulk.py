@@ -17,8 +17,10 @@ of content over 1 MiB (`ObjectStore.put_bytes` streams those through its writer 
 
 Errors: a helper that fails (e.g. ENOSPC) stops and reports; the next put or `close()` raises
 ObjectStoreError with its message.  `abort()` (also on leaving the `with` block with an exception)
-terminates the helpers and waits for them, so no object appears afterwards.  Objects are noted for
-the store's `sync()` at `close()`, after the helpers have finished writing them.
+lets the helpers store what was already sent and waits for them, so no object appears afterwards.
+Each helper reports the digests of the objects it created (not those it found stored), which go to
+the store's `watch_created()` sets.  Objects are noted for the store's `sync()` at `close()`, after
+the helpers have finished writing them.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ PIPE_BUFFER = 1 << 20  # bytes buffered before a write to the helper (and the pi
 _RECORD = struct.Struct("<32sI")  # digest, data size; the data follows
 _F_SETPIPE_SZ = 1031
 _OK = b"ok\n"
+_COUNT = struct.Struct("<I")  # a helper's output: count, the digests it created, then `ok` or an error
 
 _CHILD = (
     "import sys; sys.path.insert(0, sys.argv[1]); from objects.bulk import _child_main; "
@@ -135,7 +138,7 @@ class BulkWriter:
                     proc.stdin.close()  # flushes the rest; the helper stops at EOF
             for proc in procs:
                 assert proc.stdout is not None
-                out = proc.stdout.read()
+                out = self._report(proc.stdout.read())
                 rc = proc.wait()
                 if rc != 0 or out != _OK:
                     text = out.decode("utf-8", "replace").strip()
@@ -152,6 +155,17 @@ class BulkWriter:
             raise ObjectStoreError(errors[0])
         self.store._note_many(self._sent)
 
+    def _report(self, out: bytes) -> bytes:
+        """Take the digests of the objects a helper created from its output (`_child_main`): they are
+        the store's creations (ObjectStore.watch_created); returns the rest (`ok` or an error)."""
+        if len(out) >= _COUNT.size:
+            (n,) = _COUNT.unpack_from(out)
+            end = _COUNT.size + 32 * n
+            if len(out) >= end:
+                self.store._note_created(out[i:i + 32] for i in range(_COUNT.size, end, 32))
+                return out[end:]
+        return out
+
     def close(self) -> None:
         """Wait until every object put is stored (and noted for `sync()`); ObjectStoreError if not."""
         if self._procs:
@@ -159,17 +173,23 @@ class BulkWriter:
         self._closed = True
 
     def abort(self) -> None:
-        """Stop the helpers now and wait for them (objects they stored stay, unnoted: garbage for gc)."""
+        """Stop the helpers and wait for them: they store what was already sent (a few MiB at most)
+        and report what they created, so a failed import knows exactly which objects are its own
+        (the objects stay, unnoted for `sync()`)."""
         procs, self._procs = self._procs, []
         self._closed = True
         for proc in procs:
-            with contextlib.suppress(OSError):
-                proc.terminate()  # the helper removes a named temp file it is writing, then exits
+            with contextlib.suppress(OSError, ValueError):
+                proc.stdin.close()  # type: ignore[union-attr]  # the helper stops at EOF
         for proc in procs:
-            proc.wait()
-            for f in (proc.stdin, proc.stdout):
+            try:
+                self._report(proc.stdout.read())  # type: ignore[union-attr]
+            except (OSError, ValueError):
                 with contextlib.suppress(OSError):
-                    f.close()  # type: ignore[union-attr]
+                    proc.terminate()
+            proc.wait()
+            with contextlib.suppress(OSError):
+                proc.stdout.close()  # type: ignore[union-attr]
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -220,8 +240,12 @@ def _child_main(root: str, flush: bool = False) -> int:
     signal.signal(signal.SIGTERM, _stop)  # unwinds: a named temp file being written is removed
     out = sys.stdout.buffer
     flusher = store = None
+    created: set[bytes] = set()
+    message = _OK
+    rc = 0
     try:
         store = ObjectStore(root)
+        created = store.watch_created()
         if flush:
             flusher = _Flusher(store._dirfd)
             flusher.start()
@@ -229,23 +253,24 @@ def _child_main(root: str, flush: bool = False) -> int:
         with os.fdopen(0, "rb", buffering=PIPE_BUFFER) as inp:
             while head := inp.read(_RECORD.size):
                 if len(head) < _RECORD.size:
-                    return 1  # the parent went away mid-record: store nothing half-sent
+                    message, rc = b"", 1  # the parent went away mid-record: store nothing half-sent
+                    break
                 digest, size = _RECORD.unpack(head)
                 data = inp.read(size)
                 if len(data) < size:
-                    return 1
+                    message, rc = b"", 1
+                    break
                 store._store_hashed(digest, data)
                 written += size
                 if flusher is not None and written - flushed >= FLUSH_EVERY:
                     flusher.wake.set()
                     flushed = written
     except ObjectStoreError as e:
-        out.write(str(e).encode("utf-8", "replace"))
-        return 1
+        message, rc = str(e).encode("utf-8", "replace"), 1
     finally:
         if flusher is not None:
             flusher.stop()
         if store is not None:
             store.close()
-    out.write(_OK)
-    return 0
+        out.write(_COUNT.pack(len(created)) + b"".join(created) + message)
+    return rc

@@ -321,6 +321,7 @@ class ObjectStore:
         self._seq = itertools.count()
         self._buffer_pool: queue.SimpleQueue = queue.SimpleQueue()  # idle aligned buffers of big puts
         self._async_slots = threading.BoundedSemaphore(ASYNC_PUTS)
+        self._created_watchers: list[set[bytes]] = []  # see watch_created()
         if readonly:
             if not os.path.isdir(self.root):
                 raise ObjectStoreError(f"object store {self.root} does not exist or is not a directory")
@@ -525,6 +526,25 @@ class ObjectStore:
 
         self._check_writable("put")
         return BulkWriter(self, helper)
+
+    def watch_created(self) -> set[bytes]:
+        """A set that from now on receives the digest of every object a put of this store (or of its
+        bulk helpers) CREATES: not those found already stored, nor damaged copies replaced.  Why: a
+        failed import may remove what it created, and nothing else (`unwatch_created` when done)."""
+        created: set[bytes] = set()
+        with self._lock:
+            self._created_watchers.append(created)
+        return created
+
+    def unwatch_created(self, created: set[bytes]) -> None:
+        with self._lock:
+            self._created_watchers = [w for w in self._created_watchers if w is not created]
+
+    def _note_created(self, digests: Iterable[bytes]) -> None:
+        if self._created_watchers:
+            with self._lock:
+                for w in self._created_watchers:
+                    w.update(digests)
 
     def remove(self, digest: Digest, missing_ok: bool = False) -> None:
         """Delete an object (ObjectNotFoundError if absent, unless `missing_ok`)."""
@@ -879,6 +899,8 @@ class ObjectStore:
                 else:
                     # src_dir_fd makes os.link use linkat(AT_SYMLINK_FOLLOW), needed for /proc/self/fd
                     os.link(src, rel, src_dir_fd=dirfd, dst_dir_fd=dirfd)
+                    if self._created_watchers:
+                        self._note_created((bytes.fromhex(rel[:2] + rel[3:]),))
                 break
             except FileExistsError:  # a concurrent put of the same content won: its object is as good
                 break

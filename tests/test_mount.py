@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import random
@@ -16,7 +17,7 @@ from conftest import ROOT, require_root, require_tool
 from layerdirs import file_tree, store_image
 
 from flatmount import kmount
-from flatmount.errors import MountError, NotFoundError, StoreError
+from flatmount.errors import CorruptImageError, MountError, NotFoundError, StoreError
 from flatmount.flatten import flatten_image
 from flatmount.mount import (
     boot_id,
@@ -167,14 +168,26 @@ def test_errors_leave_no_lease_and_no_dir(stores, tmp_path):
     store = open_primary(stores)
     with pytest.raises(NotFoundError):
         mount_image_ref(store, "no-such-image")
-    # the kernel refusing: a damaged cached image
+    # a damaged cached image: found by its digest before the kernel sees it (flatmount.integrity)
     flat = flatten_image(store, "app")
     with open(flat.path, "r+b") as f:
         f.write(b"\0" * 4096)
+    with pytest.raises(CorruptImageError, match="damaged"):
+        mount_image_ref(store, "app")
+    assert list_mounts(store) == [] and not os.path.exists(mounts_dir(store))  # (refused before any dir)
+    # the kernel refusing: a cached "image" that matches its name but is no EROFS image
+    junk = b"\0" * 8192
+    digest = hashlib.sha256(junk).hexdigest()
+    with open(os.path.join(os.path.dirname(flat.path), digest + ".erofs"), "wb") as f:
+        f.write(junk)
+    with store.transaction() as db:
+        db.execute("UPDATE flat_images SET digest = ? WHERE chain_key = ?", (digest, flat.chain_key))
     with pytest.raises(MountError) as e:
         mount_image_ref(store, "app")
     assert e.value.errno is not None
     assert list_mounts(store) == [] and os.listdir(mounts_dir(store)) == []
+    with store.transaction() as db:
+        db.execute("DELETE FROM flat_images WHERE chain_key = ?", (flat.chain_key,))
     os.unlink(flat.path)  # rebuilt on the next use
     # a missing object dir of an involved additional store
     os.rename(os.path.join(stores["ais"], "objects"), str(tmp_path / "moved"))

@@ -19,7 +19,7 @@ import pytest
 from flatmount.cli import main
 from flatmount.errors import LayerError, NotFoundError, ReadOnlyStoreError, StoreError
 from flatmount.pull import TerminalProgress, pull
-from flatmount.store import Store, chain_id, name_candidates, normalise_name, open_store
+from flatmount.store import SCHEMA_VERSION, Store, chain_id, name_candidates, normalise_name, open_store
 from flatmount.tree import lookup
 from tests.conftest import require_root
 from tests.tarbuild import Tar, bad_tars, check_consistent, compress, make_oci, store_state
@@ -131,7 +131,7 @@ def test_reads_create_nothing_first_write_creates_layout(tmp_path):
     assert modes == {"": 0o700, "objects": 0o755, "layers": 0o755, "images": 0o755, "tmp": 0o700}
     db = s.connect()
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert db.execute("PRAGMA busy_timeout").fetchone()[0] >= 1000
     s.close()
     s2 = mkstore(tmp_path / "store")  # reopening is idempotent
