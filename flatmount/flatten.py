@@ -118,7 +118,32 @@ def flatten_trees(layers: Sequence[Inode]) -> Inode:
 
 
 def _merge_dir(below: Inode | None, upper: Inode) -> Inode:
-    """A new directory with `upper`'s attributes over `below`'s children (None: nothing below)."""
+    """A new directory with `upper`'s attributes over `below`'s children (None: nothing below).
+
+    Iterative (an explicit stack, not recursion): a layer may nest directories thousands deep.
+    """
+    root = _merged_shell(below, upper)
+    stack = [(root.entries, upper.entries)]
+    pop, push = stack.pop, stack.append
+    while stack:
+        entries, upper_entries = pop()
+        for name, child in upper_entries.items():
+            fmt = child.mode & S_IFMT
+            if fmt == S_IFDIR:
+                old = entries.get(name)
+                new = _merged_shell(old if old is not None and old.mode & S_IFMT == S_IFDIR else None, child)
+                entries[name] = new
+                if child.entries:
+                    push((new.entries, child.entries))
+            elif fmt == S_IFCHR and child.rdev == 0:
+                entries.pop(name, None)
+            else:
+                entries[name] = child
+    return root
+
+
+def _merged_shell(below: Inode | None, upper: Inode) -> Inode:
+    """`upper`'s attributes (without the opaque marker) over `below`'s children, not yet merged."""
     xattrs = upper.xattrs
     opaque = xattrs.get(OPAQUE_XATTR) == b"y"
     if OPAQUE_XATTR in xattrs:
@@ -126,16 +151,6 @@ def _merge_dir(below: Inode | None, upper: Inode) -> Inode:
     else:
         xattrs = dict(xattrs)
     entries = {} if opaque or below is None else dict(below.entries)
-    for name, child in upper.entries.items():
-        fmt = child.mode & S_IFMT
-        if fmt == S_IFDIR:
-            old = entries.get(name)
-            entries[name] = _merge_dir(old if old is not None and old.mode & S_IFMT == S_IFDIR else None,
-                                       child)
-        elif fmt == S_IFCHR and child.rdev == 0:
-            entries.pop(name, None)
-        else:
-            entries[name] = child
     return Inode(upper.mode, upper.uid, upper.gid, upper.mtime_ns, xattrs=xattrs, entries=entries)
 
 
