@@ -1153,8 +1153,14 @@ def _write_layer(plan: _Plan, out: IO[bytes], object_dirs: Sequence[str],
 def _write_atomically(path: str, write) -> Any:
     """Write through `write(f)` into a temp file next to `path`, fsync, rename into place."""
     from flatmount.atomic import AtomicFile
+    from flatmount.errors import FlatmountError
 
-    with AtomicFile(os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.") as af:
-        result = write(af.file)
-        af.commit(path)
+    try:
+        with AtomicFile(os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.") as af:
+            result = write(af.file)
+            af.commit(path)
+    except FlatmountError:
+        raise
+    except OSError as e:  # a missing or read-only directory, a full disk: say which file
+        raise FlatmountError(f"cannot write {path}: {e.strerror or e}") from None
     return result

@@ -79,9 +79,13 @@ class Descriptor:
         if not pat.fullmatch(hexpart):
             raise LayerError(f"{where}: malformed digest {digest!r}")
         ann = d.get("annotations") or {}
+        if not isinstance(ann, dict):
+            raise LayerError(f"{where}: descriptor {digest}: annotations must be an object")
+        for k, v in ann.items():
+            if not isinstance(v, str):  # image-spec: annotation values MUST be strings
+                raise LayerError(f"{where}: descriptor {digest}: annotation {k!r} is not a string")
         plat = d.get("platform")
-        return cls(mt, digest, size, ann if isinstance(ann, dict) else {},
-                   plat if isinstance(plat, dict) else None)
+        return cls(mt, digest, size, ann, plat if isinstance(plat, dict) else None)
 
 
 class Layout:
@@ -95,8 +99,10 @@ class Layout:
                 data = json.loads(f.read(4096))
         except FileNotFoundError:
             raise LayerError(f"{path} is not an OCI image layout (no oci-layout file)") from None
-        except (OSError, ValueError) as e:
-            raise LayerError(f"{path}/oci-layout is unreadable: {e}") from None
+        except OSError as e:
+            raise LayerError(f"{path}/oci-layout is unreadable: {e.strerror}") from None
+        except (ValueError, RecursionError) as e:
+            raise LayerError(f"{path}/oci-layout is not valid JSON: {_json_problem(e)}") from None
         if not isinstance(data, dict) or data.get("imageLayoutVersion") != "1.0.0":
             raise LayerError(f"{path}/oci-layout: unsupported imageLayoutVersion")
 
@@ -134,6 +140,8 @@ class Layout:
                 data = f.read(MAX_JSON + 1)
         except FileNotFoundError:
             raise LayerError(f"{self.path}: index.json is missing") from None
+        except OSError as e:
+            raise LayerError(f"{p} is unreadable: {e.strerror}") from None
         if len(data) > MAX_JSON:
             raise LayerError(f"{p} is too large")
         return _parse_json(data, p)
@@ -192,11 +200,16 @@ class Layout:
 def _parse_json(data: bytes, where: str) -> dict:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LayerError(f"{where}: invalid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise LayerError(f"{where}: invalid JSON ({_json_problem(e)})") from None
     if not isinstance(doc, dict):
         raise LayerError(f"{where}: JSON document is not an object")
     return doc
+
+
+def _json_problem(e: Exception) -> str:
+    """What is wrong with a JSON document, in one line (RecursionError: nesting beyond the parser)."""
+    return "arrays or objects nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
 
 
 def _list(doc: dict, key: str, where: str) -> list:

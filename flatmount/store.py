@@ -208,6 +208,8 @@ def load_config(path: str | os.PathLike | None = None) -> StoreConfig:
         raise StoreError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise StoreError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise StoreError(f"config file {path} is not usable TOML: arrays or tables nested too deeply") from None
     storage = data.get("storage", {})
     if not isinstance(storage, dict):
         raise StoreError(f"{path}: [storage] must be a table")
@@ -260,6 +262,9 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
     root_s = os.fspath(root) if root is not None else (cfg.root or default_root())
     runroot_s = os.fspath(runroot) if runroot is not None else (cfg.runroot or default_runroot())
     ais = [os.fspath(a) for a in additional] if additional is not None else list(cfg.additional)
+    if os.path.exists(runroot_s) and not os.path.isdir(runroot_s):
+        raise StoreError(f"runtime directory {runroot_s} exists but is not a directory (choose another "
+                         "with --runroot or runroot in storage.conf)")
     primary = Store(root_s, runroot_s, readonly=readonly)
     seen = {os.path.realpath(primary.root)}
     for a in ais:
@@ -449,6 +454,11 @@ class Store:
                 time.sleep(0.01)
             except sqlite3.Error as e:
                 raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
+            except OSError as e:  # e.g. a store of another user: EACCES on its directory
+                where = f" ({os.fsdecode(e.filename)})" if e.filename is not None else ""
+                raise StoreError(f"cannot open the database of store {self.root}: {e.strerror}{where}"
+                                 + (": run as a user who may read the store, or choose another one "
+                                    "with --root" if isinstance(e, PermissionError) else "")) from None
         self._db = db
         return db
 
