@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from flatmount.errors import DigestMismatchError, LayerError
+from flatmount.errors import DigestMismatchError, FormatError, LayerError
 from flatmount.tree import (
     INLINE_MAX,
     OPAQUE_XATTR,
@@ -779,6 +779,10 @@ def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
         raise LayerError(f"{label}: not a tar archive ({e})") from None
     except tarfile.TarError as e:
         raise LayerError(f"{label}: bad tar archive ({e})") from None
+    except (ValueError, OverflowError) as e:  # tarfile's pax/GNU sparse parsing: int() of any text
+        if isinstance(e, LayerError | FormatError):
+            raise
+        raise LayerError(f"{label}: bad tar archive (malformed pax or GNU sparse header: {e})") from None
     # many small files: their object files are written by a helper process while we parse on
     bulk = objects.bulk() if callable(getattr(objects, "bulk", None)) else None
     put_small = bulk.put_bytes if bulk is not None else objects.put_bytes
@@ -791,6 +795,11 @@ def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
                     ti = tf.next()
                 except tarfile.TarError as e:
                     raise LayerError(f"{label}: corrupt tar archive at byte {tf.offset} ({e})") from None
+                except (ValueError, OverflowError) as e:  # (as above)
+                    if isinstance(e, LayerError | FormatError):
+                        raise
+                    raise LayerError(f"{label}: corrupt tar archive at byte {tf.offset} (malformed pax or "
+                                     f"GNU sparse header: {e})") from None
                 if ti is None:
                     break
                 tf.members.clear()  # stream reading: keep no per-entry state in tarfile
