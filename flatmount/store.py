@@ -215,8 +215,9 @@ def load_config(path: str | os.PathLike | None = None) -> StoreConfig:
         raise StoreError(f"{path}: [storage] must be a table")
 
     def path_value(key: str, value: Any) -> str:
-        if not isinstance(value, str) or not os.path.isabs(value):
-            raise StoreError(f"{path}: {key} must be an absolute path, not {value!r}")
+        if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+            shown = repr(value) if isinstance(value, str | int | float | bool) else type(value).__name__
+            raise StoreError(f"{path}: {key} must be an absolute path, not {shown[:200]}")
         return os.path.normpath(value)
 
     root = storage.get("root", storage.get("graphroot"))

@@ -160,6 +160,13 @@ def test_deeply_nested_storage_conf(tmp_path, capsys, value):
     one_error(rc, err, "StoreError", conf, "nested too deeply")
 
 
+@pytest.mark.parametrize("key", ["root", "runroot"])
+def test_storage_conf_path_with_a_nul_byte(tmp_path, capsys, key):
+    conf = _write(tmp_path, "storage.conf", f'[storage]\n{key} = "/tmp/a\\u0000b"\n'.encode())
+    rc, _, err = cli(capsys, "--config", conf, "images")
+    one_error(rc, err, "StoreError", f"{key} must be an absolute path")
+
+
 def test_diff_output_into_a_missing_directory(tmp_path, capsys, st):
     assert cli(capsys, *st, "pull", "tar:" + _write(tmp_path, "a.tar", _layer()), "--name", "a")[0] == 0
     out = tmp_path / "missing" / "dir" / "o.tar"
