@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MAX_JSON = 8 << 20   # index, manifests and configs larger than this are refused
+MAX_JSON_DEPTH = 100  # and nested deeper than this (real ones nest a handful of levels)
 
 MT_INDEX = ("application/vnd.oci.image.index.v1+json",
             "application/vnd.docker.distribution.manifest.list.v2+json")
@@ -204,7 +205,28 @@ def _parse_json(data: bytes, where: str) -> dict:
         raise LayerError(f"{where}: invalid JSON ({_json_problem(e)})") from None
     if not isinstance(doc, dict):
         raise LayerError(f"{where}: JSON document is not an object")
+    if _depth_exceeds(doc, MAX_JSON_DEPTH):
+        raise LayerError(f"{where}: invalid JSON (arrays or objects nested too deeply: more than "
+                         f"{MAX_JSON_DEPTH} levels)")
     return doc
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    """True if `doc` nests lists/objects more than `limit` deep (checked without recursion).
+
+    Why: a document the parser still accepts may be too deep for every later reader of the stored
+    config (`inspect`, `--json` output), which would then fail on every listing of the store.
+    """
+    stack = [(doc, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values() if isinstance(x, dict | list))
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v if isinstance(x, dict | list))
+    return False
 
 
 def _json_problem(e: Exception) -> str:

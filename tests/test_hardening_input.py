@@ -142,6 +142,23 @@ def test_deeply_nested_json_in_an_oci_layout(tmp_path, capsys, st, where):
     one_error(rc, err, "LayerError", "nested too deeply")
 
 
+def test_config_nested_too_deep_for_later_readers_is_refused(tmp_path, capsys, st):
+    """900 levels still parse, but `inspect`/`images --json` of the stored config could not print it."""
+    layout = tmp_path / "oci"
+    info = make_oci(layout, [(_layer(), "none")], tag="t")
+    config = json.loads((layout / "blobs" / "sha256" / info["config"][7:]).read_bytes())
+    config["x"] = json.loads("[" * 900 + "]" * 900)
+    _relink(layout, info, config=json.dumps(config).encode())
+    rc, _, err = cli(capsys, *st, "pull", f"oci:{layout}:t")
+    one_error(rc, err, "LayerError", "nested too deeply")
+    config["x"] = json.loads("[" * 90 + "]" * 90)
+    _relink(layout, info, config=json.dumps(config).encode())
+    assert cli(capsys, *st, "pull", f"oci:{layout}:t")[0] == 0
+    for cmd in (["inspect", "t"], ["images", "--json"]):
+        rc, out, err = cli(capsys, *st, *cmd)
+        assert rc == 0 and out, err
+
+
 def test_ref_name_that_is_a_number(tmp_path, capsys, st):
     layout = tmp_path / "oci"
     make_oci(layout, [(_layer(), "none")], tag=None)
