@@ -112,6 +112,16 @@ def describe_oserror(e: OSError) -> str:
     return what.replace("\n", " ")
 
 
+def _debug_traceback() -> None:
+    """The traceback of the exception being handled, only when $FLATMOUNT_DEBUG asks for it."""
+    import os
+
+    if os.environ.get(DEBUG_ENV):
+        import traceback
+
+        traceback.print_exc()
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split()) or "(no message)"
 
@@ -143,15 +153,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         return 0
     except OSError as e:
+        _debug_traceback()
         print(f"flatmount: {command}: {_one_line(describe_oserror(e))}", file=sys.stderr)
         return 3
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback reaches a user
-        import os
-
-        if os.environ.get(DEBUG_ENV):
-            import traceback
-
-            traceback.print_exc()
+        _debug_traceback()
         sqlite3 = sys.modules.get("sqlite3")
         if sqlite3 is not None and isinstance(e, sqlite3.Error):
             print(f"flatmount: {command}: store database error: {_one_line(str(e))}", file=sys.stderr)

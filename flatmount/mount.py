@@ -143,17 +143,20 @@ def _require_writable(store: Store) -> None:
 
 
 def _mkdir_private(path: str) -> None:
-    """mkdir -p with every created component 0700 (whatever the umask)."""
-    if os.path.isdir(path):
-        return
-    parent = os.path.dirname(path)
-    if parent != path:
-        _mkdir_private(parent)
-    try:
-        os.mkdir(path, DIR_MODE)
-        os.chmod(path, DIR_MODE)
-    except FileExistsError:
-        pass
+    """mkdir -p with every created component 0700 (whatever the umask); iterative: any depth."""
+    missing = []
+    while not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for p in reversed(missing):
+        try:
+            os.mkdir(p, DIR_MODE)
+            os.chmod(p, DIR_MODE)
+        except FileExistsError:
+            pass
 
 
 def _lock_dir(path: str, wait: bool = True) -> int | None:

@@ -252,6 +252,23 @@ def default_runroot() -> str:
     return f"/tmp/flatmount-{os.geteuid()}"
 
 
+def _check_access(root: str) -> None:
+    """StoreError up front when this user cannot read the store at all (another user's 0700 store):
+    one clear message instead of a PermissionError from whichever file a command touches first."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return  # created on the first write
+    except OSError as e:
+        raise StoreError(f"cannot use store {root}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"store {root} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise StoreError(f"cannot use store {root}: Permission denied (it belongs to uid {st.st_uid}, "
+                         "mode {:o}): run as a user who may read it, or choose another with --root"
+                         .format(stat.S_IMODE(st.st_mode)))
+
+
 def open_store(root: str | os.PathLike | None = None, additional: Sequence[str | os.PathLike] | None = None,
                runroot: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
                readonly: bool = False) -> Store:
@@ -263,6 +280,7 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
     root_s = os.fspath(root) if root is not None else (cfg.root or default_root())
     runroot_s = os.fspath(runroot) if runroot is not None else (cfg.runroot or default_runroot())
     ais = [os.fspath(a) for a in additional] if additional is not None else list(cfg.additional)
+    _check_access(root_s)
     if os.path.exists(runroot_s) and not os.path.isdir(runroot_s):
         raise StoreError(f"runtime directory {runroot_s} exists but is not a directory (choose another "
                          "with --runroot or runroot in storage.conf)")

@@ -133,3 +133,14 @@ def test_deep_directory_scans(tmp_path, capsysbinary):
     capsysbinary.readouterr()
     assert main(["dump", str(tmp_path / "s.erofs")]) == 0
     assert capsysbinary.readouterr().out.count(b"\n") == 1102
+
+
+def test_private_runtime_dirs_of_any_depth(tmp_path):
+    """mount's `mkdir -p` (0700 components) is iterative too: 1,500 levels (within PATH_MAX)."""
+    from flatmount.mount import _mkdir_private
+
+    deep = os.path.join(str(tmp_path), *["r"] * 1500)
+    _mkdir_private(deep)
+    assert os.path.isdir(deep)
+    assert oct(os.stat(deep).st_mode & 0o777) == oct(0o700)
+    assert oct(os.stat(os.path.join(str(tmp_path), "r")).st_mode & 0o777) == oct(0o700)

@@ -221,12 +221,14 @@ def test_a_user_who_cannot_read_the_store(tmp_path, capsys):
         layer = _write(Path(top), "l.tar", _layer())
         os.chmod(layer, 0o644)
         for cmd in (["images"], ["layers"], ["inspect", "a"], ["tag", "a", "b"], ["rmi", "a"], ["flatten", "a"],
-                    ["mounts"], ["gc", "--dry-run"], ["objects", "usage"], ["pull", f"tar:{layer}"]):
+                    ["mounts"], ["gc", "--dry-run"], ["gc"], ["fsck"], ["cleanup"], ["umount", "/nowhere"],
+                    ["objects", "usage"], ["objects", "top"], ["pull", f"tar:{layer}"]):
             r = _unprivileged(*st, *cmd)
             lines = r.stderr.splitlines()
             assert r.returncode == 3 and len(lines) == 1, (cmd, r.stderr)
             assert "Traceback" not in r.stderr and "internal error" not in r.stderr, (cmd, r.stderr)
-            assert "ermission denied" in lines[0] and f"{top}/root" in lines[0], (cmd, lines[0])
+            assert "StoreError" in lines[0] and "Permission denied" in lines[0], (cmd, lines[0])
+            assert f"{top}/root" in lines[0], (cmd, lines[0])
     finally:
         shutil.rmtree(top)
 
