@@ -40,6 +40,23 @@ def _layers(depth: int) -> tuple[bytes, bytes]:
     return _tar(base), _tar(top)
 
 
+def _remove_tree(top: str) -> None:
+    """rm -r without recursion (shutil.rmtree, and so pytest's cleanup, recurse per level)."""
+    stack = [(top, False)]
+    while stack:
+        path, listed = stack.pop()
+        if listed:
+            os.rmdir(path)
+            continue
+        stack.append((path, True))
+        with os.scandir(path) as it:
+            for e in it:
+                if e.is_dir(follow_symlinks=False):
+                    stack.append((e.path, False))
+                else:
+                    os.unlink(e.path)
+
+
 def _same(got: list[str], want: list[str]) -> None:
     """Equal, without pytest printing thousands of path bytes."""
     if got != want:
@@ -118,6 +135,13 @@ def test_deep_directory_scans(tmp_path, capsysbinary):
     """`mkimage DIR` and `pull dir:` of a directory 1,100 levels deep (built with mkdirat)."""
     src = tmp_path / "src"
     src.mkdir()
+    try:
+        _scan_deep(tmp_path, src, capsysbinary)
+    finally:
+        _remove_tree(str(src))
+
+
+def _scan_deep(tmp_path, src, capsysbinary) -> None:
     fd = os.open(src, os.O_RDONLY)
     for _ in range(1100):
         os.mkdir("d", dir_fd=fd)
@@ -140,7 +164,10 @@ def test_private_runtime_dirs_of_any_depth(tmp_path):
     from flatmount.mount import _mkdir_private
 
     deep = os.path.join(str(tmp_path), *["r"] * 1500)
-    _mkdir_private(deep)
-    assert os.path.isdir(deep)
-    assert oct(os.stat(deep).st_mode & 0o777) == oct(0o700)
-    assert oct(os.stat(os.path.join(str(tmp_path), "r")).st_mode & 0o777) == oct(0o700)
+    try:
+        _mkdir_private(deep)
+        assert os.path.isdir(deep)
+        assert oct(os.stat(deep).st_mode & 0o777) == oct(0o700)
+        assert oct(os.stat(os.path.join(str(tmp_path), "r")).st_mode & 0o777) == oct(0o700)
+    finally:
+        _remove_tree(os.path.join(str(tmp_path), "r"))
