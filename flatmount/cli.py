@@ -96,7 +96,43 @@ def print_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> None:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
 
+DEBUG_ENV = "FLATMOUNT_DEBUG"   # set (non-empty) to see the traceback of an internal error
+
+
+def describe_oserror(e: OSError) -> str:
+    """One line for an OSError: `<strerror>: <path>[ -> <path2>]` (the errno name when no strerror)."""
+    import errno as _errno
+
+    what = e.strerror or (_errno.errorcode.get(e.errno, "") if e.errno else "") or str(e) or type(e).__name__
+    paths = [p for p in (e.filename, e.filename2) if p is not None]
+    if paths:
+        import os
+
+        what += ": " + " -> ".join(os.fsdecode(p) if isinstance(p, bytes | str) else str(p) for p in paths)
+    return what.replace("\n", " ")
+
+
+def _debug_traceback() -> None:
+    """The traceback of the exception being handled, only when $FLATMOUNT_DEBUG asks for it."""
+    import os
+
+    if os.environ.get(DEBUG_ENV):
+        import traceback
+
+        traceback.print_exc()
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(no message)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; every failure becomes one line on stderr and exit 3, never a traceback.
+
+    FlatmountError/ObjectStoreError carry their own message; any other OSError (a permission, a
+    missing or wrong-type path the code did not anticipate) is reported with its strerror and path;
+    anything else is an internal error (one line; the traceback only with $FLATMOUNT_DEBUG set).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     from flatmount.errors import FlatmountError
@@ -105,16 +141,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         from objects.errors import ObjectStoreError
     except ImportError:  # pragma: no cover - objects is part of the same distribution
         ObjectStoreError = FlatmountError  # noqa: N806
+    command = getattr(args, "command", None) or "flatmount"
     try:
         return int(args.func(args) or 0)
     except (FlatmountError, ObjectStoreError) as e:
-        print(f"flatmount: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"flatmount: {type(e).__name__}: {_one_line(str(e))}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("flatmount: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:
+        _debug_traceback()
+        print(f"flatmount: {command}: {_one_line(describe_oserror(e))}", file=sys.stderr)
+        return 3
+    except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback reaches a user
+        _debug_traceback()
+        sqlite3 = sys.modules.get("sqlite3")
+        if sqlite3 is not None and isinstance(e, sqlite3.Error):
+            print(f"flatmount: {command}: store database error: {_one_line(str(e))}", file=sys.stderr)
+            return 3
+        what = {RecursionError: "input nested too deeply", MemoryError: "out of memory"}.get(type(e))
+        detail = what or f"{type(e).__name__}: {_one_line(str(e))}"
+        print(f"flatmount: internal error in {command}: {detail} (set {DEBUG_ENV}=1 for a traceback; "
+              f"please report it)", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1153,10 +1153,16 @@ def _write_layer(plan: _Plan, out: IO[bytes], object_dirs: Sequence[str],
 def _write_atomically(path: str, write) -> Any:
     """Write through `write(f)` into a temp file next to `path`, fsync, rename into place."""
     from flatmount.atomic import AtomicFile
+    from flatmount.errors import FlatmountError
     from flatmount.safepath import check_output
 
     check_output(path)  # a new or regular file only: never through a symlink, never a device
-    with AtomicFile(os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.") as af:
-        result = write(af.file)
-        af.commit(path)
+    try:
+        with AtomicFile(os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.") as af:
+            result = write(af.file)
+            af.commit(path)
+    except FlatmountError:
+        raise
+    except OSError as e:  # a missing or read-only directory, a full disk: say which file
+        raise FlatmountError(f"cannot write {path}: {e.strerror or e}") from None
     return result

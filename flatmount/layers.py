@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from flatmount.errors import DigestMismatchError, LayerError
+from flatmount.errors import DigestMismatchError, FormatError, LayerError
 from flatmount.tree import (
     INLINE_MAX,
     OPAQUE_XATTR,
@@ -81,6 +81,7 @@ ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 WHITEOUT_PREFIX = b".wh."
 OPAQUE_WHITEOUT = b".wh..wh..opq"
 NAME_MAX = 255
+_U32 = 0xFFFFFFFF  # uid, gid and device major/minor numbers (base-256 tar fields can be larger)
 _DROPPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 
 Progress = Callable[[int, int], None]   # (uncompressed bytes read so far, entries read so far)
@@ -256,15 +257,107 @@ def _gzip_chunks(raw: HashingReader, where: str) -> Iterator[bytes]:
 
 
 def _zstd_chunks(raw: HashingReader, where: str) -> Iterator[bytes]:
+    """Decompressed output of one or more zstd frames; a stream that ends inside a frame is an error.
+
+    (zstandard's reader ends quietly where its input does, even in the middle of a frame without a
+    checksum: `_ZstdFrames` follows the frame structure to tell, as gzip's end-of-member check does.)
+    """
     import zstandard
 
-    reader = zstandard.ZstdDecompressor().stream_reader(raw, read_size=CHUNK, read_across_frames=True,
+    frames = _ZstdFrames(raw)
+    reader = zstandard.ZstdDecompressor().stream_reader(frames, read_size=CHUNK, read_across_frames=True,
                                                         closefd=False)
     try:
         while b := reader.read(CHUNK):
             yield b
     except zstandard.ZstdError as e:
         raise LayerError(f"{where}: corrupt zstd stream ({e})") from None
+    while frames.read(CHUNK):  # (the reader may stop before the input's end: follow it to there)
+        pass
+    if not frames.complete:
+        raise LayerError(f"{where}: zstd stream is truncated (it ends inside a frame)")
+
+
+class _ZstdFrames:
+    """A reader over a zstd stream that follows its frames (headers only, RFC 8878) as they pass.
+
+    `complete` is False while the input read so far ends inside a frame.  Bytes that are not a frame
+    (which zstandard refuses itself) stop the following, so they never make a stream "truncated".
+    """
+
+    _ZSTD, _SKIPPABLE = 0xFD2FB528, 0x184D2A50  # frame magic; skippable frames: 0x184D2A5? (any ?)
+
+    def __init__(self, raw: HashingReader):
+        self._raw = raw
+        self._skip = 0         # payload bytes to pass before the next header
+        self._head = b""       # the header being collected
+        self._want = 4         # its size
+        self._state = "magic"  # magic | frame | block | skippable | lost
+        self._checksum = False
+
+    @property
+    def complete(self) -> bool:
+        return self._state == "lost" or (self._state == "magic" and not self._skip and not self._head)
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._raw.read(n)
+        if b and self._state != "lost":
+            self._follow(b)
+        return b
+
+    def readable(self) -> bool:
+        return True
+
+    def _follow(self, data: bytes) -> None:
+        pos, end = 0, len(data)
+        while pos < end:
+            if self._skip:
+                k = min(self._skip, end - pos)
+                pos += k
+                self._skip -= k
+                continue
+            take = min(self._want - len(self._head), end - pos)
+            self._head += data[pos:pos + take]
+            pos += take
+            if len(self._head) < self._want:
+                return
+            head, self._head = self._head, b""
+            self._header(head)
+            if self._state == "lost":
+                return
+
+    def _header(self, head: bytes) -> None:
+        state = self._state
+        if state == "magic":
+            magic = int.from_bytes(head, "little")
+            if magic == self._ZSTD:
+                self._state, self._want = "frame", 1
+            elif magic & ~0xF == self._SKIPPABLE:
+                self._state, self._want = "skippable", 4
+            else:
+                self._state = "lost"
+        elif state == "frame":
+            d = head[0]
+            single = d >> 5 & 1
+            if d >> 3 & 1:  # reserved bit
+                self._state = "lost"
+                return
+            self._checksum = bool(d >> 2 & 1)
+            self._skip = (0 if single else 1) + (0, 1, 2, 4)[d & 3] + (single, 2, 4, 8)[d >> 6]
+            self._state, self._want = "block", 3
+        elif state == "block":
+            h = int.from_bytes(head, "little")
+            kind, size = h >> 1 & 3, h >> 3
+            if kind == 3:  # reserved block type
+                self._state = "lost"
+                return
+            self._skip = 1 if kind == 1 else size  # RLE: one byte; raw and compressed: `size` bytes
+            if h & 1:  # the last block, then the optional checksum
+                self._skip += 4 if self._checksum else 0
+                self._state, self._want = "magic", 4
+        else:  # skippable frame: its size, then that many bytes
+            self._skip = int.from_bytes(head, "little")
+            self._state, self._want = "magic", 4
 
 
 def detect_compression(raw: HashingReader, where: str) -> str:
@@ -490,8 +583,8 @@ def _parse_pax_time(value: str) -> int | None:
     if neg:
         v = v[1:]
     sec, _, frac = v.partition(".")
-    if not sec.isdigit() or (frac and not frac.isdigit()):
-        return None
+    if not sec.isdigit() or (frac and not frac.isdigit()) or len(sec) > 30:
+        return None  # (more digits than any int64 second count: tarfile's float() says inf)
     ns = int(sec) * 1_000_000_000 + int((frac + "000000000")[:9] or "0")
     return -ns if neg else ns
 
@@ -686,6 +779,10 @@ def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
         raise LayerError(f"{label}: not a tar archive ({e})") from None
     except tarfile.TarError as e:
         raise LayerError(f"{label}: bad tar archive ({e})") from None
+    except (ValueError, OverflowError) as e:  # tarfile's pax/GNU sparse parsing: int() of any text
+        if isinstance(e, LayerError | FormatError):
+            raise
+        raise LayerError(f"{label}: bad tar archive (malformed pax or GNU sparse header: {e})") from None
     # many small files: their object files are written by a helper process while we parse on
     bulk = objects.bulk() if callable(getattr(objects, "bulk", None)) else None
     put_small = bulk.put_bytes if bulk is not None else objects.put_bytes
@@ -698,6 +795,11 @@ def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
                     ti = tf.next()
                 except tarfile.TarError as e:
                     raise LayerError(f"{label}: corrupt tar archive at byte {tf.offset} ({e})") from None
+                except (ValueError, OverflowError) as e:  # (as above)
+                    if isinstance(e, LayerError | FormatError):
+                        raise
+                    raise LayerError(f"{label}: corrupt tar archive at byte {tf.offset} (malformed pax or "
+                                     f"GNU sparse header: {e})") from None
                 if ti is None:
                     break
                 tf.members.clear()  # stream reading: keep no per-entry state in tarfile
@@ -797,13 +899,26 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, builder: LayerTreeBuil
     pax_mtime = ti.pax_headers.get("mtime")
     mtime_ns = _parse_pax_time(pax_mtime) if pax_mtime is not None else None
     if mtime_ns is None:
-        mtime_ns = int(ti.mtime) * 1_000_000_000
+        try:  # (tarfile parses a pax mtime with float(): "nan" and "1e400" arrive here)
+            mtime_ns = int(ti.mtime) * 1_000_000_000
+        except (ValueError, OverflowError, TypeError):
+            raise LayerError(f"{where}: mtime {pax_mtime if pax_mtime is not None else ti.mtime!r} is not "
+                             "a number of seconds") from None
+    for field, value in (("mtime", mtime_ns // 1_000_000_000), ("uid", ti.uid), ("gid", ti.gid)):
+        lo, hi = (-(1 << 63), (1 << 63) - 1) if field == "mtime" else (0, _U32)
+        if not lo <= value <= hi:  # (base-256 numbers and pax values can be of any size)
+            raise LayerError(f"{where}: {field} {value} is out of range ({lo}..{hi})")
     perm = ti.mode & 0o7777
     if ti.islnk():
         builder.add(name, None, link=ti.linkname.encode("utf-8", "surrogateescape"), mtime_ns=mtime_ns)
         return
     xattrs = _xattrs(ti, where)
     kw = {"uid": ti.uid, "gid": ti.gid, "mtime_ns": mtime_ns, "xattrs": xattrs}
+    if ti.isreg() and name.rstrip(b"/").rpartition(b"/")[2].startswith(WHITEOUT_PREFIX):
+        # a whiteout or opaque marker: its name is all it says; content it carries is not stored
+        # (it would be an object nothing references), tarfile skips over it
+        builder.add(name, Inode(S_IFREG | perm, **kw))
+        return
     if ti.isreg():
         size = ti.size
         # the payload starts where tarfile stopped (offset_data); tarfile's next() skips the padding
@@ -845,6 +960,9 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, builder: LayerTreeBuil
         node = Inode(S_IFLNK | 0o777, size=len(target), target=target, **kw)
     elif ti.ischr() or ti.isblk():
         kind = S_IFCHR if ti.ischr() else S_IFBLK
+        if not (0 <= ti.devmajor < 1 << 12 and 0 <= ti.devminor < 1 << 20):  # an image holds 32 bits
+            raise LayerError(f"{where}: device number {ti.devmajor}:{ti.devminor} is out of range "
+                             "(major < 4096, minor < 1048576)")
         node = Inode(kind | perm, rdev=os.makedev(ti.devmajor, ti.devminor), **kw)
         if node.is_whiteout:
             node = Inode.whiteout()

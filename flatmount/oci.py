@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MAX_JSON = 8 << 20   # index, manifests and configs larger than this are refused
+MAX_JSON_DEPTH = 100  # and nested deeper than this (real ones nest a handful of levels)
 
 MT_INDEX = ("application/vnd.oci.image.index.v1+json",
             "application/vnd.docker.distribution.manifest.list.v2+json")
@@ -80,9 +81,13 @@ class Descriptor:
         if not pat.fullmatch(hexpart):
             raise LayerError(f"{where}: malformed digest {digest!r}")
         ann = d.get("annotations") or {}
+        if not isinstance(ann, dict):
+            raise LayerError(f"{where}: descriptor {digest}: annotations must be an object")
+        for k, v in ann.items():
+            if not isinstance(v, str):  # image-spec: annotation values MUST be strings
+                raise LayerError(f"{where}: descriptor {digest}: annotation {k!r} is not a string")
         plat = d.get("platform")
-        return cls(mt, digest, size, ann if isinstance(ann, dict) else {},
-                   plat if isinstance(plat, dict) else None)
+        return cls(mt, digest, size, ann, plat if isinstance(plat, dict) else None)
 
 
 class Layout:
@@ -95,8 +100,10 @@ class Layout:
                 data = json.loads(f.read(4096))
         except FileNotFoundError:
             raise LayerError(f"{path} is not an OCI image layout (no oci-layout file)") from None
-        except (OSError, ValueError) as e:
-            raise LayerError(f"{path}/oci-layout is unreadable: {e}") from None
+        except OSError as e:
+            raise LayerError(f"{path}/oci-layout is unreadable: {e.strerror}") from None
+        except (ValueError, RecursionError) as e:
+            raise LayerError(f"{path}/oci-layout is not valid JSON: {_json_problem(e)}") from None
         if not isinstance(data, dict) or data.get("imageLayoutVersion") != "1.0.0":
             raise LayerError(f"{path}/oci-layout: unsupported imageLayoutVersion")
 
@@ -267,11 +274,37 @@ class BoundedReader:
 def _parse_json(data: bytes, where: str) -> dict:
     try:
         doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise LayerError(f"{where}: invalid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise LayerError(f"{where}: invalid JSON ({_json_problem(e)})") from None
     if not isinstance(doc, dict):
         raise LayerError(f"{where}: JSON document is not an object")
+    if _depth_exceeds(doc, MAX_JSON_DEPTH):
+        raise LayerError(f"{where}: invalid JSON (arrays or objects nested too deeply: more than "
+                         f"{MAX_JSON_DEPTH} levels)")
     return doc
+
+
+def _depth_exceeds(doc: Any, limit: int) -> bool:
+    """True if `doc` nests lists/objects more than `limit` deep (checked without recursion).
+
+    Why: a document the parser still accepts may be too deep for every later reader of the stored
+    config (`inspect`, `--json` output), which would then fail on every listing of the store.
+    """
+    stack = [(doc, 1)]
+    while stack:
+        v, d = stack.pop()
+        if d > limit:
+            return True
+        if isinstance(v, dict):
+            stack.extend((x, d + 1) for x in v.values() if isinstance(x, dict | list))
+        elif isinstance(v, list):
+            stack.extend((x, d + 1) for x in v if isinstance(x, dict | list))
+    return False
+
+
+def _json_problem(e: Exception) -> str:
+    """What is wrong with a JSON document, in one line (RecursionError: nesting beyond the parser)."""
+    return "arrays or objects nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
 
 
 def _list(doc: dict, key: str, where: str) -> list:

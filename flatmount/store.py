@@ -243,13 +243,16 @@ def load_config(path: str | os.PathLike | None = None) -> StoreConfig:
         raise StoreError(f"cannot read config file {path}: {e.strerror}") from None
     except tomllib.TOMLDecodeError as e:
         raise StoreError(f"config file {path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise StoreError(f"config file {path} is not usable TOML: arrays or tables nested too deeply") from None
     storage = data.get("storage", {})
     if not isinstance(storage, dict):
         raise StoreError(f"{path}: [storage] must be a table")
 
     def path_value(key: str, value: Any) -> str:
-        if not isinstance(value, str) or not os.path.isabs(value):
-            raise StoreError(f"{path}: {key} must be an absolute path, not {value!r}")
+        if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
+            shown = repr(value) if isinstance(value, str | int | float | bool) else type(value).__name__
+            raise StoreError(f"{path}: {key} must be an absolute path, not {shown[:200]}")
         return os.path.normpath(value)
 
     root = storage.get("root", storage.get("graphroot"))
@@ -284,6 +287,23 @@ def default_runroot() -> str:
     return f"/tmp/flatmount-{os.geteuid()}"
 
 
+def _check_access(root: str) -> None:
+    """StoreError up front when this user cannot read the store at all (another user's 0700 store):
+    one clear message instead of a PermissionError from whichever file a command touches first."""
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        return  # created on the first write
+    except OSError as e:
+        raise StoreError(f"cannot use store {root}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StoreError(f"store {root} is not a directory")
+    if not os.access(root, os.R_OK | os.X_OK, effective_ids=os.access in os.supports_effective_ids):
+        raise StoreError(f"cannot use store {root}: Permission denied (it belongs to uid {st.st_uid}, "
+                         "mode {:o}): run as a user who may read it, or choose another with --root"
+                         .format(stat.S_IMODE(st.st_mode)))
+
+
 def open_store(root: str | os.PathLike | None = None, additional: Sequence[str | os.PathLike] | None = None,
                runroot: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
                readonly: bool = False) -> Store:
@@ -295,6 +315,10 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
     root_s = os.fspath(root) if root is not None else (cfg.root or default_root())
     runroot_s = os.fspath(runroot) if runroot is not None else (cfg.runroot or default_runroot())
     ais = [os.fspath(a) for a in additional] if additional is not None else list(cfg.additional)
+    _check_access(root_s)
+    if os.path.exists(runroot_s) and not os.path.isdir(runroot_s):
+        raise StoreError(f"runtime directory {runroot_s} exists but is not a directory (choose another "
+                         "with --runroot or runroot in storage.conf)")
     primary = Store(root_s, runroot_s, readonly=readonly)
     primary.check_paths()
     seen = {os.path.realpath(primary.root)}
@@ -545,6 +569,11 @@ class Store:
             except sqlite3.Error as e:
                 raise StoreError(f"cannot open the database of store {self.root}: {e}"
                                  + (DB_ADVICE if _is_corruption(e) else "")) from None
+            except OSError as e:  # e.g. a store of another user: EACCES on its directory
+                where = f" ({os.fsdecode(e.filename)})" if e.filename is not None else ""
+                raise StoreError(f"cannot open the database of store {self.root}: {e.strerror}{where}"
+                                 + (": run as a user who may read the store, or choose another one "
+                                    "with --root" if isinstance(e, PermissionError) else "")) from None
         self._db = db
         return db
 

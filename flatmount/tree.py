@@ -144,14 +144,21 @@ class Inode:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Inode):
             return NotImplemented
-        if self is other:
-            return True
-        if self.attrs() != other.attrs():
-            return False
-        if self.entries is None or other.entries is None:
-            return self.entries is other.entries
-        return self.entries.keys() == other.entries.keys() and all(
-            child == other.entries[name] for name, child in self.entries.items())
+        stack = [(self, other)]  # iterative: trees may nest thousands deep
+        while stack:
+            a, b = stack.pop()
+            if a is b:
+                continue
+            if a.attrs() != b.attrs():
+                return False
+            if a.entries is None or b.entries is None:
+                if a.entries is not b.entries:
+                    return False
+                continue
+            if a.entries.keys() != b.entries.keys():
+                return False
+            stack.extend((child, b.entries[name]) for name, child in a.entries.items())
+        return True
 
     __hash__ = object.__hash__
 
@@ -192,18 +199,25 @@ def lookup(root: Inode, path: bytes | str) -> Inode | None:
 
 
 def walk(root: Inode, prefix: bytes = b"") -> Iterator[tuple[bytes, Inode]]:
-    """(path, inode) depth-first in byte order, root first as b"/"; hardlinks appear at every name."""
+    """(path, inode) depth-first in byte order, root first as b"/"; hardlinks appear at every name.
+
+    Iterative (a stack of sorted name lists), so any depth walks without recursion.
+    """
     yield (prefix or b"/"), root
-    yield from _walk_sorted(root, prefix)
-
-
-def _walk_sorted(node: Inode, base: bytes) -> Iterator[tuple[bytes, Inode]]:
-    for name in sorted(node.entries):
-        child = node.entries[name]
-        path = base + b"/" + name
-        yield path, child
-        if child.entries is not None:
-            yield from _walk_sorted(child, path)
+    if not root.entries:
+        return
+    stack = [(prefix, root.entries, iter(sorted(root.entries)))]
+    while stack:
+        base, entries, names = stack[-1]
+        for name in names:
+            child = entries[name]
+            path = base + b"/" + name
+            yield path, child
+            if child.entries:
+                stack.append((path, child.entries, iter(sorted(child.entries))))
+                break
+        else:
+            stack.pop()
 
 
 def inodes(root: Inode) -> Iterator[Inode]:

@@ -15,7 +15,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
         "diff", parents=[common], help="list what changed between two images (no mount)",
         description="List the paths that differ from image A to image B as `podman image diff` does "
                     "(`A`dded, `C`hanged, `D`eleted; parents of added/deleted paths are `C`). A and B are "
-                    "image names or ids in the store, or paths of EROFS image files. Exit status 0, or 1 "
+                    "image names or ids in the store, or paths of EROFS image files (with a slash: ./FILE; "
+                    "a name is an image name first). Names are printed C-quoted like git when they hold "
+                    "control characters or invalid UTF-8 (--json is exact). Exit status 0, or 1 "
                     "with --exit-code when they differ.")
     p.add_argument("a", metavar="A", help="image name/id, or an EROFS image file")
     p.add_argument("b", metavar="B", help="image name/id, or an EROFS image file")
@@ -48,19 +50,32 @@ def cmd_diff(args: argparse.Namespace) -> int:
             compression = compression_for(args.output)
         except ValueError:
             args.diff_parser.error("--output must end in .tar, .tar.gz, .tgz or .tar.zst")
+        from flatmount.errors import FlatmountError
         from flatmount.safepath import check_output
 
-        check_output(args.output)  # before the work: only a new or regular file is ever written
+        # before the (possibly long) work: the directory exists, only a new or regular file is written
+        where = os.path.dirname(os.path.abspath(args.output))
+        if not os.path.isdir(where):
+            raise FlatmountError(f"cannot write {args.output}: directory {where} does not exist")
+        check_output(args.output)
     store = None
     sides = []
     for ref in (args.a, args.b):
-        if os.path.isfile(ref):                    # an existing file is an image file, never a name
+        if "/" in ref and os.path.isfile(ref):    # a path with a slash that is a file: an image file
             sides.append({"ref": ref, "image": os.path.abspath(ref)})
             continue
         if store is None:
             store = open_store(args)
+        from flatmount.errors import NotFoundError
         from flatmount.flatten import flatten_image
 
+        try:  # anything else is an image name first, even where a file of that name exists
+            store.resolve_image(ref)
+        except NotFoundError as e:
+            if os.path.isfile(ref):
+                raise NotFoundError(f"{e}; to compare the image file {ref}, write it with a slash: "
+                                    f"./{ref}") from None
+            raise
         flat = flatten_image(store, ref)
         sides.append({"ref": ref, "id": store.resolve_image(ref).id, "image": flat.path})
     index_a = ImageIndex.for_image(sides[0]["image"])
@@ -76,8 +91,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         print_json({"a": sides[0], "b": sides[1], "differ": bool(result),
                     "changes": [c.to_json() for c in result], "layer": layer})
     else:
-        out = sys.stdout.buffer
-        out.write(b"".join(c.kind.encode() + b" " + c.path + b"\n" for c in result))
+        from flatmount.quoting import quote_path
+
+        out = sys.stdout.buffer  # one line per change: names that could break or fake a line are quoted
+        out.write(b"".join(c.kind.encode() + b" " + quote_path(c.path) + b"\n" for c in result))
         out.flush()
         if layer is not None:
             print(f"wrote {args.output}: {layer.entries} entries, {layer.whiteouts} whiteouts, "

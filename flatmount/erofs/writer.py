@@ -291,9 +291,51 @@ def _build(root: Inode, root_whiteouts: bool = True, layout_hook: LayoutHook | N
     gc.disable()
     try:
         return _build_image(root, root_whiteouts, layout_hook)
+    except _InodeError as e:  # name the entry: found again by the same (deterministic) walk
+        raise FormatError(f"{_path_of(root, root_whiteouts, e.index)}: {e.args[0]}") from None
     finally:
         if enabled:
             gc.enable()
+
+
+class _InodeError(FormatError):
+    """Inode `index` (queue order) cannot be written; `_build` turns it into an error naming its path."""
+
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+def _path_of(root: Inode, root_whiteouts: bool, index: int) -> str:
+    """The path (git-style quoted where needed) of inode `index` of `_build_image`'s queue order."""
+    nodes, dnames, dkids, _, _, _, _, dups, nparent, dparent = _collect(root, root_whiteouts, None)
+    if dups:
+        primary = _primary_names(nodes, dnames, dkids, dups, nparent, dparent)
+        if primary is not None:
+            nodes, dnames, dkids, _, _, _, _, _, nparent, _ = _collect(root, root_whiteouts, primary)
+    parts: list[bytes] = []
+    while index:
+        up = nparent[index]
+        parts.append(dnames[up][dkids[up].index(index)])
+        index = up
+    from flatmount.quoting import quote_path
+
+    return quote_path(b"/" + b"/".join(reversed(parts))).decode("utf-8", "backslashreplace")
+
+
+def _bad_field(node: Inode, isize: int, mode: int, nlink: int, size: int, iu: int, uid: int, gid: int,
+               e: Exception) -> str:
+    """Which inode field does not fit its on-disk width (for an error message a person can act on)."""
+    big = isize == 64
+    sec = node.mtime_ns // NS if isinstance(node.mtime_ns, int) else node.mtime_ns
+    checks = (("mode", mode, 0, U16), ("size", size, 0, (1 << 64) - 1 if big else U32),
+              ("uid", uid, 0, U32 if big else U16), ("gid", gid, 0, U32 if big else U16),
+              ("nlink", nlink, 0, U32 if big else U16), ("rdev/block address", iu, 0, U32),
+              ("mtime (seconds)", sec, -(1 << 63) if big else 0, (1 << 63) - 1 if big else U32))
+    for name, value, lo, hi in checks:
+        if not isinstance(value, int) or not lo <= value <= hi:
+            return f"inode field {name} = {value} is out of range ({lo}..{hi})"
+    return f"inode field out of range ({e})"
 
 
 def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | None):
@@ -386,7 +428,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                 if size > 0:
                     dg = node.digest
                     if dg is not None and len(dg) != DIGEST_SIZE:
-                        raise FormatError(f"digest must be {fmt.DIGEST_SIZE} bytes, got {len(dg)}")
+                        raise _InodeError(i, f"digest must be {fmt.DIGEST_SIZE} bytes, got {len(dg)}")
                     path = node.payload
                     if path is None and dg is not None and d is None:
                         fast[i] = dg
@@ -414,12 +456,12 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                     else:
                         nch = (size + (1 << max_bits) - 1) >> max_bits
                         if nch > fmt.MAX_NONINLINE_CHUNKS:
-                            raise FormatError(f"file too large for a composefs image: {size} bytes")
+                            raise _InodeError(i, f"file too large for a composefs image: {size} bytes")
                         tails[i] = 4 * nch
                         iu[i] = max_bits - fmt.BLKSZBITS
                     layouts[i] = chunk
                 elif size < 0:
-                    raise FormatError(f"negative file size {size}")
+                    raise _InodeError(i, f"negative file size {size}")
             ftypes[i] = 1
         elif t == S_IFDIR:
             names = dnames[i]
@@ -446,10 +488,10 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
         elif t == S_IFLNK:
             target = node.target
             if not target:
-                raise FormatError("symlink without a target")
+                raise _InodeError(i, "symlink without a target")
             size = len(target)
             if size >= fmt.PATH_MAX:
-                raise FormatError(f"symlink target too long ({size} bytes)")
+                raise _InodeError(i, f"symlink target too long ({size} bytes)")
             tails[i] = size
             layouts[i] = _INLINE
             ftypes[i] = 7
@@ -465,7 +507,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                 ftypes[i] = 1
             else:
                 if not 0 <= rdev <= U32:
-                    raise FormatError(f"device number {rdev:#x} does not fit 32 bits")
+                    raise _InodeError(i, f"device number {rdev:#x} does not fit 32 bits")
                 iu[i] = rdev
                 ftypes[i] = 3 if t == S_IFCHR else 4
         elif t == S_IFIFO:
@@ -475,7 +517,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
             size = 0
             ftypes[i] = 6
         else:
-            raise FormatError(f"invalid file mode {mode:#o}")
+            raise _InodeError(i, f"invalid file mode {mode:#o}")
         if d:
             items = sorted(d.items())
         if items:
@@ -495,7 +537,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
             if uid > U16 or gid > U16 or nlink[i] > U16 or sizes[i] > U32:
                 isz[i] = 64
             if not (0 <= uid <= (U32 if isz[i] == 64 else U16) and 0 <= gid <= (U32 if isz[i] == 64 else U16)):
-                raise FormatError(f"uid/gid {uid}/{gid} does not fit 32 bits" if uid >= 0 and gid >= 0
+                raise _InodeError(i, f"uid/gid {uid}/{gid} does not fit 32 bits" if uid >= 0 and gid >= 0
                                   else f"negative uid/gid {uid}/{gid}")
 
     # ---- shared xattrs: every (name, value) used more than once ----------------------------------
@@ -564,7 +606,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                     else:
                         xsize += (7 + keyinfo[it[0]][3] + len(it[1])) & ~3
                 if xsize > 12 + 4 * (U16 - 1):
-                    raise FormatError("too many xattrs on one inode")
+                    raise _InodeError(i, "too many xattrs on one inode")
             xsizes[i] = xsize
             base += xsize
         elif fst:   # metacopy and redirect from the digest `fst`
@@ -753,7 +795,7 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
                     pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid, sec, nsec, nl,
                        h0, mv, h1, rv, nm)
             except struct.error as e:
-                raise FormatError(f"inode field out of range: {e}") from None
+                raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
             continue
         if form == 2 and not nb:
             # shared metacopy, redirect inline (files without a digest, or with a payload of their
@@ -778,7 +820,7 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
                     pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid, sec, nsec, nl,
                        head, rv, nm)
             except struct.error as e:
-                raise FormatError(f"inode field out of range: {e}") from None
+                raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
             continue
         if form and not nb:
             # an external file in its other forms (2, 3): inode, xattrs and chunk map in one pack
@@ -812,7 +854,7 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
                     st.pack_into(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid,
                                  sec, nsec, nl, *parts, nm)
             except struct.error as e:
-                raise FormatError(f"inode field out of range: {e}") from None
+                raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
             continue
         if isize == 32:
             cpack(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0)
@@ -823,7 +865,7 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
                 epack(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid,
                       sec, nsec, nl, b"")
             except Exception as e:
-                raise FormatError(f"inode field out of range: {e}") from None
+                raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
             p = pos + 64
         if xsize:
             # the common forms of an external file first (the buffer is zeroed: no padding to write)
