@@ -55,6 +55,9 @@ TRANSPORT = "containers-storage:"
 DEFAULT_CONF_PATHS = ("/etc/containers/storage.conf", "/usr/share/containers/storage.conf")
 DEFAULT_GRAPHROOT = "/var/lib/containers/storage"
 DEFAULT_RUNROOT = "/run/containers/storage"
+_ADD_STORE_HINT = ("; a store holding it is added in storage.conf under [storage.options] "
+                   "additionalimagestores = [\"DIR\"] (the file $CONTAINERS_STORAGE_CONF names, else "
+                   "/etc/containers/storage.conf), or name its graphroot: containers-storage:[GRAPHROOT]IMAGE")
 
 # --- overlay / AUFS vocabulary found inside diff dirs ---------------------------------------------
 WHITEOUT_PREFIX = b".wh."
@@ -556,6 +559,9 @@ class CStorage:
             self.reload()
             yield self
 
+    def _searched(self) -> str:
+        return ", ".join(s.graphroot for s in self.stores)
+
     # layers ----------------------------------------------------------------------------------------
     def layer(self, layer_id: str) -> CLayer:
         """A layer by id: primary first, then each additional image store in order."""
@@ -563,8 +569,8 @@ class CStorage:
             layer = s.layers().get(layer_id)
             if layer is not None:
                 return layer
-        raise NotFoundError(f"layer {layer_id} is in none of the containers stores "
-                            f"({', '.join(s.graphroot for s in self.stores)})")
+        raise NotFoundError(f"layer {layer_id} is in none of the containers stores searched "
+                            f"({self._searched()}){_ADD_STORE_HINT}")
 
     def layer_chain(self, top_id: str | None) -> list[CLayer]:
         """The layers of the chain ending in `top_id`, base first, following `parent` across stores."""
@@ -580,7 +586,8 @@ class CStorage:
             except NotFoundError:
                 if chain:
                     raise NotFoundError(f"layer {lid} (parent of {chain[-1].id}) is in none of the "
-                                        f"containers stores") from None
+                                        f"containers stores searched ({self._searched()})"
+                                        f"{_ADD_STORE_HINT}") from None
                 raise
             chain.append(layer)
             lid = layer.parent

@@ -420,10 +420,13 @@ def find_lease(store: Store, merged_or_lease_id: str) -> Lease:
     return hits[0]
 
 
-def umount(store: Store, merged_or_lease_id: str) -> Lease:
+def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False) -> Lease:
     """Unmount a mount made by `mount_image_ref`, drop its lease, remove its two dirs (rmdir only).
 
-    A busy mount (files open, a cwd inside) raises MountError and stays mounted with its lease."""
+    A busy mount (files open, a cwd inside) raises MountError and stays mounted with its lease, unless
+    `lazy`: then it is detached now (MNT_DETACH) and the kernel frees it when its last user goes.
+    Its users keep their open files; the lease goes, so from then on its objects are kept only while
+    an image (or another mount) needs them, as after any unmount."""
     from flatmount.kmount import is_mountpoint, umount_image
 
     _require_writable(store)
@@ -437,7 +440,7 @@ def umount(store: Store, merged_or_lease_id: str) -> Lease:
         _refuse_foreign_namespace(current[0])
         if is_mountpoint(lease.merged):
             _require_mount_privilege()
-            umount_image(lease.merged)
+            umount_image(lease.merged, lazy=lazy)
         _delete_lease(store, lease.id)
         if fd is not None:
             _rmdir(lease.merged)
@@ -467,8 +470,10 @@ def _refuse_foreign_namespace(lease: Lease) -> None:
 
 
 def list_mounts(store: Store) -> list[Lease]:
-    """Every lease of the primary store, oldest first (stale ones included until `cleanup`)."""
-    return _leases(store)
+    """Every lease of the primary store, oldest first, judged (`stale_reason` set on the stale ones,
+    by the rule gc and fsck use; they stay listed until `cleanup`)."""
+    boot = boot_id()
+    return [judge_lease(lease, boot) for lease in _leases(store)]
 
 
 def cleanup(store: Store) -> CleanupResult:

@@ -269,7 +269,12 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
         seen.add(real)
         if not os.path.isdir(a):
             raise StoreError(f"additional store {a} does not exist or is not a directory")
-        primary.additional.append(Store(a, runroot_s, readonly=True, is_additional=True))
+        ais_store = Store(a, runroot_s, readonly=True, is_additional=True)
+        if not os.path.lexists(ais_store.db_path):
+            raise StoreError(f"additional store {a} is not a flatmount store (it has no {DB_NAME}): give "
+                             "a store directory flatmount wrote (`flatmount --root DIR pull ...`); a "
+                             "containers-storage store is read with `pull containers-storage:`")
+        primary.additional.append(ais_store)
     return primary
 
 
@@ -809,15 +814,22 @@ class Store:
 
     # --- image edits (primary only) ---------------------------------------------------------------
     def tag(self, ref: str, name: str) -> ImageRecord:
-        """Give image `ref` the name `name` (normalised); the name moves if another image had it."""
+        """Give image `ref` the name `name` (normalised); the name moves if another image had it.
+
+        The name must follow the reference grammar podman uses (flatmount.reference)."""
+        from flatmount.reference import check_reference
+
         image = self.resolve_image(ref)
-        full = normalise_name(name)
+        full = normalise_name(check_reference(name))
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO names(name, image_id) VALUES (?, ?)", (full, image.id))
         return self.resolve_image(image.id)
 
-    def remove_image(self, ref: str) -> RemovedImage:
+    def remove_image(self, ref: str, *, force: bool = False) -> RemovedImage:
         """`rmi`: by name, untag that name (the image goes when its last name goes); by id, remove it.
+
+        By id, an image with several names is removed only with `force` (as `podman rmi`), so an id
+        typed for one name never takes the others with it.
 
         Removing an image also removes (records, then files) the primary-store layers of its chain that
         no remaining image's chain uses.  Objects are left to `gc`.  Images and layers of additional
@@ -837,6 +849,10 @@ class Store:
             remaining = [n for n in image.names if n != cand]
             delete = not remaining
         else:
+            if len(image.names) > 1 and not force:
+                raise StoreError(f"image {image.id[:12]} has {len(image.names)} names "
+                                 f"({', '.join(image.names)}): remove them one by one (`rmi NAME`), or "
+                                 "force the removal of the image with all its names (`rmi --force`)")
             untag = [n for n in image.names if names[n][1] is self]
             delete = True
         removed_layers: list[str] = []

@@ -384,24 +384,25 @@ def parse_object(text: str) -> str:
 
 def _flat_users(store: Store, s: Store, obj: str, layer_hits: set[str]) -> list[ObjectUser]:
     """Flattened images of store `s` (and their mounts) built from a layer that uses `obj`: flat images
-    hold no refs rows, their chain's layers do (flatmount.flatten).  A leased image whose row is gone
-    is read to see whether it references `obj`."""
+    hold no refs rows, their chain's layers do (flatmount.flatten).  A leased image whose row or whose
+    chain's layers are gone (its image was removed while mounted) is read to see whether it
+    references `obj`."""
     db = s.connect()
     users: list[ObjectUser] = []
     chains: dict[str, list[str]] = {}   # digest -> chain keys
-    row_digests: set[str] = set()
+    resolved: set[str] = set()   # digests whose chain's layers still exist (their refs rows answer)
     for key, digest in db.execute("SELECT chain_key, digest FROM flat_images ORDER BY chain_key"):
-        row_digests.add(digest)
         try:
             chain = {rec.id for rec in store.layer_chain(key)}
-        except StoreError:
+        except StoreError:   # its layers went with a removed image: a live mount may still use it
             continue
+        resolved.add(digest)
         if chain & layer_hits:
             chains.setdefault(digest, []).append(key)
     leases = read_leases(db)
     for lease in leases:
         d = lease.image_digest
-        if d in row_digests or d in chains:
+        if d in resolved or d in chains:
             continue
         path = os.path.join(s.root, "images", d + ".erofs")
         if os.path.exists(path):

@@ -12,13 +12,14 @@ COMPRESSION_BY_SUFFIX = ((".tar", None), (".tar.gz", "gzip"), (".tgz", "gzip"), 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "diff", parents=[common], help="list what changed between two images (no mount)",
+        "diff", parents=[common], help="list what changed from image A (old) to B (new), no mount",
         description="List the paths that differ from image A to image B as `podman image diff` does "
                     "(`A`dded, `C`hanged, `D`eleted; parents of added/deleted paths are `C`). A and B are "
-                    "image names or ids in the store, or paths of EROFS image files. Exit status 0, or 1 "
-                    "with --exit-code when they differ.")
-    p.add_argument("a", metavar="A", help="image name/id, or an EROFS image file")
-    p.add_argument("b", metavar="B", help="image name/id, or an EROFS image file")
+                    "image names or ids in the store, or paths of EROFS image files. The order is git's "
+                    "(OLD NEW), the reverse of `podman image diff NEW OLD`. Exit status 0, or 1 with "
+                    "--exit-code when they differ.")
+    p.add_argument("a", metavar="A", help="the old image: name/id, or an EROFS image file")
+    p.add_argument("b", metavar="B", help="the new image: name/id, or an EROFS image file")
     p.add_argument("--exit-code", action="store_true", help="exit with status 1 when A and B differ")
     p.add_argument("--strict", action="store_true",
                    help="compare every field exactly: all xattrs (not only security.capability and "

@@ -47,13 +47,30 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_objects, report="usage")
     reports = p.add_subparsers(dest="report", metavar="REPORT")
     reports.required = False
-    reports.add_parser("usage", parents=[common], help="store totals and dedup ratio")
-    reports.add_parser("images", parents=[common], help="per image: total, unique and shared bytes")
-    r = reports.add_parser("refs", parents=[common], help="which layers, images and mounts use an object")
-    r.add_argument("digest", metavar="DIGEST", help="64 hex digits, or an object path XX/<62 hex>")
-    r = reports.add_parser("top", parents=[common], help="largest and most-shared objects")
+    reports.add_parser("usage", parents=[common], help="store totals and dedup ratio",
+                       description="Object report: store totals and dedup ratio.")
+    reports.add_parser("images", parents=[common], help="per image: total, unique and shared bytes",
+                       description="Object report: per image: total, unique and shared bytes.")
+    r = reports.add_parser("refs", parents=[common], help="which layers, images and mounts use an object",
+                       description="Object report: which layers, images and mounts use an object.")
+    r.add_argument("digest", metavar="DIGEST", type=_object,
+                   help="64 hex digits, or an object path XX/<62 hex>")
+    r = reports.add_parser("top", parents=[common], help="largest and most-shared objects",
+                       description="Object report: largest and most-shared objects.")
     r.add_argument("-n", type=int, default=10, metavar="N", help="how many of each (default 10)")
-    reports.add_parser("share", parents=[common], help="bytes shared between each pair of images")
+    reports.add_parser("share", parents=[common], help="bytes shared between each pair of images",
+                       description="Object report: bytes shared between each pair of images.")
+
+
+def _object(text: str) -> str:
+    """An object's `XX/<62 hex>` from a digest or path; anything else is a usage error (exit 2)."""
+    from flatmount.errors import FlatmountError
+    from flatmount.usage import parse_object
+
+    try:
+        return parse_object(text)
+    except FlatmountError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _sample(text: str) -> float | int:
