@@ -18,7 +18,7 @@ from typing import Any
 
 # in the order of the data flow: import and records, flatten and mount, diff, maintenance, the
 # store-less building blocks, the demo (the help lists subcommands in this order)
-AREAS = ("store", "mount", "diff", "maint", "image", "demo")
+AREAS = ("store", "mount", "diff", "maint", "image", "demo", "docs")
 STORE_OPTIONS = ("config", "root", "runroot", "additional_stores")
 
 
