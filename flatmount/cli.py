@@ -128,6 +128,14 @@ def quiet(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "quiet", False) or getattr(args, "json", False))
 
 
+def progress(args: argparse.Namespace):
+    """Context in which long operations draw their progress on stderr: only on a terminal, and not
+    with -q or --json (flatmount.progress)."""
+    from flatmount.progress import reporting
+
+    return reporting(enabled=not quiet(args))
+
+
 def open_store(args: argparse.Namespace, *, readonly: bool = False):
     """The store chosen by --config/--root/--runroot/--additional-store."""
     from flatmount.store import open_store as _open

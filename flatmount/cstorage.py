@@ -896,6 +896,7 @@ def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
     recorded with its config bytes (big data `sha256:<id>`), manifest and names (its c/storage names
     plus `name`, if given).  The c/storage read locks are held until the commit.
     """
+    from flatmount.progress import step
     from flatmount.pull import ImportBatch
 
     ref = parse_spec(spec)
@@ -911,8 +912,9 @@ def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
             names.append(name)
         with ImportBatch(store) as batch:
             parent: str | None = None
-            for layer, lid in zip(chain, ids, strict=True):
+            for k, (layer, lid) in enumerate(zip(chain, ids, strict=True)):
                 if not batch.has_layer(lid):
+                    step(f"containers-storage: reading layer {lid[:12]}", k, len(chain))
                     tree = read_layer_tree(layer, batch.objects)
                     batch.add_layer(tree, parent=parent, diff_id=str(layer.diff_id), layer_id=lid,
                                     compressed_digest=layer.compressed_digest,

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from flatmount.errors import FlatmountError, NotFoundError, StoreError
 from flatmount.gc import has_db, json_list, leased_beyond_records, read_leases, scan_objects, store_lock
+from flatmount.progress import EVERY, step
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import ImageRecord, Store
@@ -193,7 +194,9 @@ class _Index:
         self._mask_cache: dict[int, int] = {}
         # sizes and locations
         self.primary_sizes: dict[str, int] = {}
-        for obj, path in scan_objects(store.objects_dir):
+        for i, (obj, path) in enumerate(scan_objects(store.objects_dir)):
+            if not i % EVERY:
+                step("objects: sizing", i)
             try:
                 self.primary_sizes[obj] = os.lstat(path).st_size
             except FileNotFoundError:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -250,3 +252,24 @@ def test_cstorage_missing_layer_names_the_stores_and_how_to_add_one(tmp_path):
     msg = str(ei.value)
     assert str(tmp_path / "g") in msg and "additionalimagestores" in msg
     assert "CONTAINERS_STORAGE_CONF" in msg and "storage.conf" in msg
+
+
+# --- progress on a terminal ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, label", [
+    (["gc", "--dry-run"], "gc: scanning objects"),
+    (["fsck"], "fsck: verifying objects"),
+    (["objects", "usage"], "objects: sizing"),
+    (["diff", "demo-base", "demo", "-o", "{tmp}/out.tar"], "diff: writing the layer"),
+])
+def test_long_operations_show_progress_on_a_terminal_only(store, tmp_path, argv, label):
+    from ptyrun import run_on_tty
+
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    rc, _, tty = run_on_tty([*store, *argv])
+    assert rc == 0 and label in tty and "\x1b[K" in tty, tty
+    rc, _, tty = run_on_tty(["-q", *store, *argv])            # -q: nothing but results and errors
+    assert rc == 0 and label not in tty, tty
+    r = subprocess.run([sys.executable, "-m", "flatmount", *store, *argv], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 0 and label not in r.stderr     # not a terminal

@@ -834,3 +834,17 @@ def test_podman_writer_waits_for_our_read_locks(podman_stores):
         assert cs.resolve_image("locktest:1").id == podman_stores.images["localhost/app:latest"].id
     finally:
         podman(env, "untag", "localhost/app:latest", "localhost/locktest:1")
+
+
+def test_cli_pull_shows_progress_on_a_terminal(podman_stores, tmp_path):
+    """`flatmount pull containers-storage:...` at a terminal says which layer it reads; -q does not."""
+    from ptyrun import run_on_tty
+
+    env = {"CONTAINERS_STORAGE_CONF": str(podman_stores.main_conf)}
+    opts = ["--root", str(tmp_path / "store"), "--runroot", str(tmp_path / "run")]
+    rc, out, tty = run_on_tty([*opts, "pull", "containers-storage:step1"], env)
+    assert rc == 0 and out.strip() == podman_stores.images["localhost/step1:latest"].id, tty
+    assert "containers-storage: reading layer" in tty and "\x1b[K" in tty
+    rc, out, tty = run_on_tty(["-q", "--root", str(tmp_path / "q"), "--runroot", str(tmp_path / "run"),
+                               "pull", "containers-storage:step1"], env)
+    assert rc == 0 and tty == "", tty

@@ -69,7 +69,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         dirs = args.objects
         if not dirs:
             dirs = (store if store is not None else open_store(args, readonly=True)).object_dirs()
-        layer = export_layer(index_a, index_b, args.output, dirs, compression)
+        from flatmount.cli import progress
+
+        with progress(args):
+            layer = export_layer(index_a, index_b, args.output, dirs, compression)
     if want_json(args):
         print_json({"a": sides[0], "b": sides[1], "differ": bool(result),
                     "changes": [c.to_json() for c in result], "layer": layer})

@@ -101,11 +101,11 @@ def human(n: int | float) -> str:
 # --- gc --------------------------------------------------------------------------------------------
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.cli import open_store, print_json, progress, want_json
     from flatmount.gc import DEFAULT_GRACE_S, gc
 
     grace = DEFAULT_GRACE_S if args.grace is None else args.grace
-    with open_store(args, readonly=args.dry_run) as store:
+    with progress(args), open_store(args, readonly=args.dry_run) as store:
         res = gc(store, dry_run=args.dry_run, grace_s=grace)
     if want_json(args):
         print_json(res)
@@ -137,10 +137,10 @@ NOTICE_LINES = 5   # per kind, in the human output
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.cli import open_store, print_json, progress, want_json
     from flatmount.fsck import ERROR, fsck
 
-    with open_store(args, readonly=not args.repair) as store:
+    with progress(args), open_store(args, readonly=not args.repair) as store:
         res = fsck(store, repair=args.repair, sample=args.sample)
     if want_json(args):
         print_json(res)
@@ -174,10 +174,10 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 def cmd_objects(args: argparse.Namespace) -> int:
     from flatmount import usage as u
-    from flatmount.cli import open_store, print_json, print_table, want_json
+    from flatmount.cli import open_store, print_json, print_table, progress, want_json
 
     report = args.report or "usage"
-    with open_store(args, readonly=True) as store:
+    with progress(args), open_store(args, readonly=True) as store:
         if report in ("usage", "images"):
             res = u.usage(store)
         elif report == "refs":

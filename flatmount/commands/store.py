@@ -72,11 +72,12 @@ def _size(n: int | None) -> str:
 
 def cmd_pull(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, quiet, want_json
+    from flatmount.cli import progress as cli_progress
     from flatmount.pull import TerminalProgress, pull
 
     progress = TerminalProgress() if sys.stderr.isatty() and not quiet(args) else None
     try:
-        with open_store(args) as store:
+        with cli_progress(args), open_store(args) as store:
             result = pull(store, args.source, args.name, progress=progress)
     finally:
         if progress is not None:
