@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "demo-oci"
+EXAMPLE = Path(__file__).resolve().parent / "examples" / "demo-oci"   # package data
 
 
 def _step(out: TextIO, title: str, cli: str) -> None:

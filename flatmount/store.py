@@ -270,12 +270,22 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
         if not os.path.isdir(a):
             raise StoreError(f"additional store {a} does not exist or is not a directory")
         ais_store = Store(a, runroot_s, readonly=True, is_additional=True)
-        if not os.path.lexists(ais_store.db_path):
-            raise StoreError(f"additional store {a} is not a flatmount store (it has no {DB_NAME}): give "
-                             "a store directory flatmount wrote (`flatmount --root DIR pull ...`); a "
-                             "containers-storage store is read with `pull containers-storage:`")
+        if not os.path.lexists(ais_store.db_path) and _has_entries(a):
+            # (an empty dir is an empty store: nothing in it to misread)
+            raise StoreError(f"additional store {a} is not a flatmount store (it has files but no "
+                             f"{DB_NAME}): give a store directory flatmount wrote (`flatmount --root DIR "
+                             "pull ...`); a containers-storage store is read with `pull containers-storage:`")
         primary.additional.append(ais_store)
     return primary
+
+
+def _has_entries(path: str) -> bool:
+    """Whether directory `path` lists anything (unreadable counts as not: the DB open reports it)."""
+    try:
+        with os.scandir(path) as it:
+            return any(True for _ in it)
+    except OSError:
+        return False
 
 
 # --- the store -------------------------------------------------------------------------------------

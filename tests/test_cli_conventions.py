@@ -18,7 +18,7 @@ from conftest import ROOT, require_root
 from flatmount import kmount
 from flatmount.cli import build_parser, main
 
-EXAMPLE = ROOT / "examples" / "demo-oci"
+EXAMPLE = ROOT / "flatmount" / "examples" / "demo-oci"
 
 
 def _ours(mountpoint: str) -> list[str]:
@@ -236,10 +236,14 @@ def test_images_created_is_the_images_own_time(store, capsys):
 
 
 def test_additional_store_that_is_not_a_store_is_refused(tmp_path, capsys):
-    (tmp_path / "empty").mkdir()
+    (tmp_path / "graphroot" / "overlay-images").mkdir(parents=True)   # e.g. a c/storage graphroot
+    rc, _, err = run(capsys, "--root", str(tmp_path / "r"), "--additional-store", str(tmp_path / "graphroot"),
+                     "images")
+    assert rc == 3 and "not a flatmount store" in err and "containers-storage:" in err
+    (tmp_path / "empty").mkdir()                                       # an empty store is a store
     rc, _, err = run(capsys, "--root", str(tmp_path / "r"), "--additional-store", str(tmp_path / "empty"),
                      "images")
-    assert rc == 3 and "not a flatmount store" in err
+    assert rc == 0, err
 
 
 def test_cstorage_missing_layer_names_the_stores_and_how_to_add_one(tmp_path):
