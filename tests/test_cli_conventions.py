@@ -277,3 +277,9 @@ def test_long_operations_show_progress_on_a_terminal_only(store, tmp_path, argv,
     r = subprocess.run([sys.executable, "-m", "flatmount", *store, *argv], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 0 and label not in r.stderr     # not a terminal
+
+
+def test_mkimage_json_to_stdout_is_refused(tmp_path, capsys):
+    (tmp_path / "d").mkdir()
+    rc, out, err = run(capsys, "mkimage", "--json", str(tmp_path / "d"), "-")
+    assert rc == 2 and "--json needs an OUT file" in err and out == ""

@@ -60,6 +60,8 @@ def cmd_mkimage(args: argparse.Namespace) -> int:
         out = args.paths[1]
     if out == "-" and sys.stdout.isatty():
         parser.error("refusing to write an image to a terminal")
+    if out == "-" and getattr(args, "json", False):
+        parser.error("--json needs an OUT file: stdout carries the image")
 
     from flatmount.errors import FlatmountError
 
