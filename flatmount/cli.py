@@ -13,7 +13,7 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 # in the order of the data flow: import and records, flatten and mount, diff, maintenance, the
@@ -105,22 +105,31 @@ def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
             parser.error(f"{opt} does not apply to `flatmount {args.command}`: {why}")
 
 
-def _setup_logging(args: argparse.Namespace) -> None:
-    """-v: debug notes of flatmount and objects on stderr; -q: only errors.  Without either,
+def _with_logging(args: argparse.Namespace, func: Callable[[argparse.Namespace], int | None]):
+    """`func` run with -v (debug notes of flatmount and objects on stderr) or -q (only errors), for
+    this call of main() only: a program calling main() twice keeps its own logging.  Without either,
     logging is not even imported (start-up cost)."""
     if not (args.debug or args.quiet):
-        return
-    import logging
+        return func
 
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("flatmount: %(levelname)s: %(message)s"))
-    handler.set_name("flatmount-cli")
-    for name in ("flatmount", "objects"):
-        log = logging.getLogger(name)
-        for old in [h for h in log.handlers if h.get_name() == "flatmount-cli"]:  # main() called again
-            log.removeHandler(old)
-        log.addHandler(handler)
-        log.setLevel(logging.DEBUG if args.debug else logging.ERROR)
+    def run(a: argparse.Namespace) -> int | None:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("flatmount: %(levelname)s: %(message)s"))
+        loggers = [logging.getLogger(name) for name in ("flatmount", "objects")]
+        levels = [log.level for log in loggers]
+        for log in loggers:
+            log.addHandler(handler)
+            log.setLevel(logging.DEBUG if args.debug else logging.ERROR)
+        try:
+            return func(a)
+        finally:
+            for log, level in zip(loggers, levels, strict=True):
+                log.removeHandler(handler)
+                log.setLevel(level)
+
+    return run
 
 
 def quiet(args: argparse.Namespace) -> bool:
@@ -189,7 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _check_options(parser, args)
-    _setup_logging(args)
+    args.func = _with_logging(args, args.func)
     from flatmount.errors import FlatmountError
 
     try:

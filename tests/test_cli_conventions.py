@@ -68,6 +68,9 @@ def test_debug_logs_the_mount_path_and_flatten_choice(store, capsys):
         assert "flatten" in err and "writes" in err           # flatten: helper or not
     finally:
         assert run(capsys, *store, "umount", merged)[0] == 0
+    import logging
+
+    assert not logging.getLogger("flatmount").handlers      # -v held for that call only
     rc, out, err = run(capsys, "-q", *store, "pull", f"oci:{EXAMPLE}:demo")
     assert rc == 0 and err == "" and out.strip()
 
