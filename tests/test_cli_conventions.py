@@ -131,10 +131,80 @@ def test_umount_of_a_busy_mount_suggests_lazy_and_lazy_works(store, capsys):
         assert rc == 0, err
         assert not _ours(merged) and not os.path.exists(merged)
         assert b"Demo Linux" in f.read()                     # the open file stays readable
-        rc, out, _ = run(capsys, *store, "mounts", "--json")
-        assert json.loads(out) == []
+        (lease,) = json.loads(run(capsys, *store, "mounts", "--json")[1])
+        assert lease["detached_sb"] and lease["stale_reason"] is None    # still in use: live
+        assert "live (detached, in use)" in run(capsys, *store, "mounts")[1]
+        assert run(capsys, *store, "umount", lease["id"])[0] == 3        # nothing more to unmount
     finally:
         f.close()
+    _check_released(store, capsys)
+
+
+def _check_released(store, capsys) -> None:
+    """After its last user went: the detached lease goes with cleanup where /proc proves nothing
+    holds the mount; where some process cannot be looked into (a sandbox's pid 1), it stays live."""
+    from flatmount import holders
+
+    (lease,) = json.loads(run(capsys, *store, "mounts", "--json")[1])
+    proven = holders.detached_mount_in_use(lease["mnt_id"], lease["detached_sb"])
+    assert proven is not True
+    if proven is None:
+        assert lease["stale_reason"] is None
+        return
+    assert lease["stale_reason"] == "detached lazily and no longer in use"
+    assert run(capsys, *store, "cleanup")[0] == 0
+    assert json.loads(run(capsys, *store, "mounts", "--json")[1]) == []
+
+
+def test_holders_find_this_process_in_a_detached_mount(store, capsys):
+    """The /proc proof itself, on this process alone: a file or a cwd held, then nothing."""
+    require_root()
+    from flatmount import holders
+
+    merged = run(capsys, *store, "mount", "demo")[1].strip()
+    sb, mid = holders.superblock_key(merged), kmount.mount_id(merged)
+    me = [str(os.getpid())]
+    assert sb and sb.split()[1] == "overlay" and mid
+    assert holders._mounted_anywhere(sb, me) is True
+    fd = os.open(os.path.join(merged, "etc"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert run(capsys, *store, "umount", "--lazy", merged)[0] == 0
+        assert holders._mounted_anywhere(sb, me) is False       # gone from every mount table ...
+        assert holders._held_by_process(mid, me) is True         # ... but held by our fd
+        assert holders.detached_mount_in_use(mid, sb) is True
+    finally:
+        os.close(fd)
+    assert holders._held_by_process(mid, me) is False
+    _check_released(store, capsys)
+
+
+def test_a_lazily_detached_mount_in_use_keeps_its_objects_from_gc(store, tmp_path, capsys):
+    require_root()
+    from objects.digest import fsverity_digest
+
+    rc, out, _ = run(capsys, *store, "mount", "demo")
+    merged = out.strip()
+    main_py = Path(merged, "opt/app/main.py").read_bytes()        # only demo has it
+    h = fsverity_digest(main_py).hex()
+    obj = tmp_path / "root" / "objects" / h[:2] / h[2:]
+    cwd = os.open(os.path.join(merged, "opt/app"), os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        assert run(capsys, *store, "umount", "--lazy", merged)[0] == 0
+        assert run(capsys, *store, "rmi", "demo")[0] == 0
+        assert run(capsys, *store, "gc", "--grace", "0")[0] == 0
+        assert run(capsys, *store, "cleanup")[0] == 0
+        assert obj.exists()                                       # pinned by the detached mount
+        fd = os.open("main.py", os.O_RDONLY, dir_fd=cwd)          # a file first opened now
+        try:
+            assert os.read(fd, 1000) == main_py
+        finally:
+            os.close(fd)
+    finally:
+        os.close(cwd)
+    _check_released(store, capsys)
+    released = json.loads(run(capsys, *store, "mounts", "--json")[1]) == []
+    assert run(capsys, *store, "gc", "--grace", "0")[0] == 0
+    assert obj.exists() != released                               # freed exactly once released
 
 
 def test_mount_image_needs_objects_and_refuses_a_second_mount(store, tmp_path, capsys):

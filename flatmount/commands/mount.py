@@ -99,9 +99,8 @@ def register_store(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     p.add_argument("target", metavar="MERGED|LEASE_ID",
                    help="the merged dir `flatmount mount` printed, or the lease id `flatmount mounts` shows")
     p.add_argument("--lazy", action="store_true",
-                   help="detach now even if busy; the kernel frees it when the last user goes (MNT_DETACH). "
-                        "Open files stay readable; the lease goes, so gc then keeps its objects only "
-                        "while an image needs them")
+                   help="if busy, detach it now (MNT_DETACH): its users keep reading, the kernel frees "
+                        "it when the last one goes; its lease pins its objects until then")
     p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("mounts", parents=[common], help="list mounts (leases) of the primary store",
@@ -151,7 +150,8 @@ def cmd_mounts(args: argparse.Namespace) -> int:
 
     print_table([(m.id, (m.image_ref or "")[:40], m.image_digest[:12], m.pid or "",
                   time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created or 0)),
-                  "live" if m.live else f"stale ({m.stale_reason})", m.merged)
+                  ("live" if not m.detached_sb else "live (detached, in use)") if m.live
+                  else f"stale ({m.stale_reason})", m.merged)
                  for m in leases], ("LEASE", "IMAGE", "DIGEST", "PID", "CREATED", "STATE", "MERGED"))
     return 0
 
