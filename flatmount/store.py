@@ -835,11 +835,12 @@ class Store:
             db.execute("INSERT OR REPLACE INTO names(name, image_id) VALUES (?, ?)", (full, image.id))
         return self.resolve_image(image.id)
 
-    def remove_image(self, ref: str, *, force: bool = False) -> RemovedImage:
+    def remove_image(self, ref: str, *, refuse_several_names: bool = False) -> RemovedImage:
         """`rmi`: by name, untag that name (the image goes when its last name goes); by id, remove it.
 
-        By id, an image with several names is removed only with `force` (as `podman rmi`), so an id
-        typed for one name never takes the others with it.
+        `refuse_several_names` (what `flatmount rmi` asks for without --force, as `podman rmi`):
+        by id, an image with several names is refused, so an id typed for one name never takes the
+        others with it.
 
         Removing an image also removes (records, then files) the primary-store layers of its chain that
         no remaining image's chain uses.  Objects are left to `gc`.  Images and layers of additional
@@ -859,7 +860,7 @@ class Store:
             remaining = [n for n in image.names if n != cand]
             delete = not remaining
         else:
-            if len(image.names) > 1 and not force:
+            if len(image.names) > 1 and refuse_several_names:
                 raise StoreError(f"image {image.id[:12]} has {len(image.names)} names "
                                  f"({', '.join(image.names)}): remove them one by one (`rmi NAME`), or "
                                  "force the removal of the image with all its names (`rmi --force`)")

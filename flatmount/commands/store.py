@@ -158,7 +158,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, want_json
 
     with open_store(args) as store:
-        results = [store.remove_image(ref, force=args.force) for ref in args.images]
+        results = [store.remove_image(ref, refuse_several_names=not args.force) for ref in args.images]
     if want_json(args):
         print_json(results)
         return 0
