@@ -119,3 +119,15 @@ def test_sdist_carries_its_tests_and_they_pass(tmp_path):
                         "tests/test_clidoc.py", "tests/test_dump.py"], cwd=top, env=env,
                        capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:]
+
+
+def test_readme_is_for_users_and_names_every_subcommand():
+    from flatmount.cli import build_parser
+    from flatmount.clidoc import _subcommands
+
+    text = (ROOT / "README.md").read_text()
+    assert len(text.splitlines()) < 200
+    for name, _, _ in _subcommands(build_parser()):
+        assert f"`{name}" in text, name
+    for doc in ("docs/design.md", "docs/benchmarks.md"):
+        assert (ROOT / doc).is_file() and doc in text
