@@ -13,14 +13,17 @@ import argparse
 import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-AREAS = ("image", "store", "mount", "diff", "maint", "demo")
+# in the order of the data flow: import and records, flatten and mount, diff, maintenance, the
+# store-less building blocks, the demo (the help lists subcommands in this order)
+AREAS = ("store", "mount", "diff", "maint", "image", "demo", "docs")
+STORE_OPTIONS = ("config", "root", "runroot", "additional_stores")
 
 
-def common_parser() -> argparse.ArgumentParser:
-    """Options every subcommand accepts (after the subcommand name too)."""
+def store_parser() -> argparse.ArgumentParser:
+    """The store selection options, for subcommands that open a store."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("store selection")
     g.add_argument("--config", default=argparse.SUPPRESS,
@@ -30,21 +33,116 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--additional-store", action="append", dest="additional_stores",
                    default=argparse.SUPPRESS, metavar="DIR",
                    help="read-only additional store (repeatable; replaces the configured list)")
+    return p
+
+
+def json_parser() -> argparse.ArgumentParser:
+    """`--json`, for subcommands that print their result as JSON when asked."""
+    p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                    help="machine-readable output on stdout")
     return p
 
 
+def common_parser() -> argparse.ArgumentParser:
+    """Store selection and --json: what a subcommand that opens a store and prints a result takes."""
+    return argparse.ArgumentParser(add_help=False, parents=[store_parser(), json_parser()])
+
+
+def version_text() -> str:
+    """`flatmount --version`: the version and which fs-verity hashing the digests use."""
+    from flatmount import __version__
+    from objects.digest import implementation
+
+    return f"flatmount {__version__} (fs-verity hashing: {implementation()})"
+
+
+class _VersionAction(argparse.Action):
+    """--version, computed only when asked (it imports the hashing module)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=default, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole `flatmount` parser; store options and --json also before the subcommand name."""
     common = common_parser()
     parser = argparse.ArgumentParser(prog="flatmount", parents=[common],
                                      description="Flatten container layer chains into one EROFS image "
                                                  "and mount it privately.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version and whether the compiled fs-verity loop is in use")
+    noise = parser.add_mutually_exclusive_group()
+    noise.add_argument("-q", "--quiet", action="store_true",
+                       help="print only results and errors (no progress, no notes on stderr)")
+    noise.add_argument("-v", "--debug", action="store_true", dest="debug",
+                       help="log each choice made on the way (mount path, loop device, flatten helper, "
+                            "fs-verity hashing) on stderr")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for area in AREAS:
         importlib.import_module(f"flatmount.commands.{area}").register(sub, common)
     return parser
+
+
+def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse a global option the chosen subcommand does not take (store options on a command that
+    opens no store, --json where there is no JSON to print), rather than ignore it."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    sp = sub.choices[args.command]
+    for a in sp._actions:   # a nested subcommand (`objects refs`) decides for itself
+        if isinstance(a, argparse._SubParsersAction) and getattr(args, a.dest, None) in a.choices:
+            sp = a.choices[getattr(args, a.dest)]
+    accepted = {a.dest for a in sp._actions}
+    for dest in (*STORE_OPTIONS, "json"):
+        if hasattr(args, dest) and dest not in accepted:
+            opt = "--additional-store" if dest == "additional_stores" else "--" + dest
+            why = "it opens no store" if dest in STORE_OPTIONS else "it has no JSON output"
+            parser.error(f"{opt} does not apply to `flatmount {args.command}`: {why}")
+
+
+def _with_logging(args: argparse.Namespace, func: Callable[[argparse.Namespace], int | None]):
+    """`func` run with -v (debug notes of flatmount and objects on stderr) or -q (only errors), for
+    this call of main() only: a program calling main() twice keeps its own logging.  Without either,
+    logging is not even imported (start-up cost)."""
+    if not (args.debug or args.quiet):
+        return func
+
+    def run(a: argparse.Namespace) -> int | None:
+        import logging
+
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("flatmount: %(levelname)s: %(message)s"))
+        loggers = [logging.getLogger(name) for name in ("flatmount", "objects")]
+        levels = [log.level for log in loggers]
+        for log in loggers:
+            log.addHandler(handler)
+            log.setLevel(logging.DEBUG if args.debug else logging.ERROR)
+        try:
+            return func(a)
+        finally:
+            for log, level in zip(loggers, levels, strict=True):
+                log.removeHandler(handler)
+                log.setLevel(level)
+
+    return run
+
+
+def quiet(args: argparse.Namespace) -> bool:
+    """-q or --json: no progress and no notes on stderr."""
+    return bool(getattr(args, "quiet", False) or getattr(args, "json", False))
+
+
+def progress(args: argparse.Namespace):
+    """Context in which long operations draw their progress on stderr: only on a terminal, and not
+    with -q or --json (flatmount.progress)."""
+    from flatmount.progress import reporting
+
+    return reporting(enabled=not quiet(args))
 
 
 def open_store(args: argparse.Namespace, *, readonly: bool = False):
@@ -135,6 +233,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_options(parser, args)
+    args.func = _with_logging(args, args.func)
     from flatmount.errors import FlatmountError
 
     try:

@@ -66,6 +66,9 @@ TRANSPORT = "containers-storage:"
 DEFAULT_CONF_PATHS = ("/etc/containers/storage.conf", "/usr/share/containers/storage.conf")
 DEFAULT_GRAPHROOT = "/var/lib/containers/storage"
 DEFAULT_RUNROOT = "/run/containers/storage"
+_ADD_STORE_HINT = ("; a store holding it is added in storage.conf under [storage.options] "
+                   "additionalimagestores = [\"DIR\"] (the file $CONTAINERS_STORAGE_CONF names, else "
+                   "/etc/containers/storage.conf), or name its graphroot: containers-storage:[GRAPHROOT]IMAGE")
 
 # --- overlay / AUFS vocabulary found inside diff dirs ---------------------------------------------
 WHITEOUT_PREFIX = b".wh."
@@ -700,6 +703,9 @@ class CStorage:
             self.reload()
             yield self
 
+    def _searched(self) -> str:
+        return ", ".join(s.graphroot for s in self.stores)
+
     # layers ----------------------------------------------------------------------------------------
     def layer(self, layer_id: str) -> CLayer:
         """A layer by id: primary first, then each additional image store in order."""
@@ -707,8 +713,8 @@ class CStorage:
             layer = s.layers().get(layer_id)
             if layer is not None:
                 return layer
-        raise NotFoundError(f"layer {layer_id} is in none of the containers stores "
-                            f"({', '.join(s.graphroot for s in self.stores)})")
+        raise NotFoundError(f"layer {layer_id} is in none of the containers stores searched "
+                            f"({self._searched()}){_ADD_STORE_HINT}")
 
     def layer_chain(self, top_id: str | None) -> list[CLayer]:
         """The layers of the chain ending in `top_id`, base first, following `parent` across stores."""
@@ -724,7 +730,8 @@ class CStorage:
             except NotFoundError:
                 if chain:
                     raise NotFoundError(f"layer {lid} (parent of {chain[-1].id}) is in none of the "
-                                        f"containers stores") from None
+                                        f"containers stores searched ({self._searched()})"
+                                        f"{_ADD_STORE_HINT}") from None
                 raise
             chain.append(layer)
             lid = layer.parent
@@ -1119,6 +1126,7 @@ def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
     must hash to the image id), manifest and names (its c/storage names plus `name`, if given).
     The c/storage read locks are held until the commit (`flatmount.pull.ImportBatch`).
     """
+    from flatmount.progress import step
     from flatmount.pull import ImportBatch
     from flatmount.store import unverified_chain_id
 
@@ -1144,12 +1152,13 @@ def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
             names.append(name)
         with ImportBatch(store) as batch:
             parent: str | None = None
-            for layer in chain:
+            for k, layer in enumerate(chain):
                 diff_id = str(layer.diff_id)
                 vid = chain_id(parent, diff_id)
                 if batch.has_layer(vid):
                     parent = vid
                     continue
+                step(f"containers-storage: reading layer {vid[:12]}", k, len(chain))
                 tree, _why = read_verified_layer_tree(layer, batch.objects)
                 if tree is not None:
                     lid, verified = vid, True

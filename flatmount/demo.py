@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "demo-oci"
+EXAMPLE = Path(__file__).resolve().parent / "examples" / "demo-oci"   # package data
 
 
 def _step(out: TextIO, title: str, cli: str) -> None:
@@ -37,9 +37,10 @@ def _ls(out: TextIO, merged: str, rel: str = "") -> int:
     return n
 
 
-def run_demo(out: TextIO = sys.stdout, example: str | os.PathLike | None = None,
+def run_demo(out: TextIO | None = None, example: str | os.PathLike | None = None,
              root: str | os.PathLike | None = None) -> int:
     """Run the demo; returns 0 on success (errors propagate as FlatmountError)."""
+    out = sys.stdout if out is None else out   # the stream of the moment, not of the import
     from flatmount.diff import diff_images
     from flatmount.pull import pull
     from flatmount.store import open_store
@@ -98,5 +99,7 @@ def run_demo(out: TextIO = sys.stdout, example: str | os.PathLike | None = None,
                 out.write(f"   {iu.label:<18} total {iu.total_bytes:>6}  unique {iu.unique_bytes:>6}  "
                           f"shared {iu.shared_bytes:>6}\n")
 
-            out.write(f"\nleases left: {len(store.mounts())}; the store is removed with the temp dir\n")
+            kept = root != Path(tmp) / "store"
+            out.write(f"\nleases left: {len(store.mounts())}; " + (
+                f"the store is kept in {store.root}\n" if kept else "the store is removed with the temp dir\n"))
     return 0

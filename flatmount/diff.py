@@ -1114,7 +1114,10 @@ def _write_layer(plan: _Plan, out: IO[bytes], object_dirs: Sequence[str],
     sockets: list[bytes] = []
     tf = tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT, encoding="utf-8",
                       errors="surrogateescape")
-    for path, kind, n, link_key in plan.members:
+    from flatmount.progress import step
+
+    for i, (path, kind, n, link_key) in enumerate(plan.members):
+        step("diff: writing the layer", i, len(plan.members))
         if kind != "entry":
             tf.addfile(_whiteout_info(path))
             continue

@@ -67,6 +67,7 @@ from itertools import islice, starmap
 from operator import attrgetter, lt
 from typing import TYPE_CHECKING
 
+from flatmount.log import debug
 from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFMT, Inode
 from objects import usable_cpus
 
@@ -278,6 +279,9 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
         store.ensure_writable()
         helper = _Helper.start(store, lambda: _chain_tree(prefix, layers, save=False)) \
             if _helper_pays(prefix, chain) else None
+        debug("flatten %s: %s", chain[-1].id[:12] if chain else "(empty chain)",
+              "a forked helper writes half the image" if helper is not None else
+              "this process writes the whole image (small chain, cached prefix or no helper)")
         try:
             if helper is not None:
                 tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
@@ -372,9 +376,10 @@ class _Helper:
             fds += os.pipe()   # to the helper: go or not, then the derive order
             fds += os.pipe()   # from the helper: its layout, then done
             pid = os.fork()
-        except OSError:
+        except OSError as e:
             for x in fds:
                 os.close(x)
+            debug("flatten: no helper process (%s): this process writes the whole image", e)
             return None
         fd, down_r, down_w, up_r, up_w = fds
         if pid == 0:
@@ -407,7 +412,10 @@ class _Helper:
         if agreed and _read_exact(self.up, 1, max(0.5, 2 * (time.monotonic() - self.started))) == b"d":
             self.wrote = True
         elif agreed:
+            debug("flatten: the helper failed half-way: this process writes the whole image")
             buf = image_buffer(tree)   # the helper failed half-way: all of it here
+        else:
+            debug("flatten: the helper's layout differs or came late: this process writes the whole image")
         return tree, buf
 
     def derive(self, path: str, digest: str, size: int, image_id: bytes) -> bool:

@@ -87,6 +87,7 @@ from flatmount.gc import (
     store_lock,
     wait_derived,
 )
+from flatmount.progress import EVERY, step
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -179,7 +180,9 @@ def fsck(store: Store, repair: bool = False, sample: float | int | None = None) 
         # objects are listed AFTER the records: an import committing meanwhile adds objects before
         # its refs, and only gc (excluded by our lock) deletes them
         for s in run.stores:
-            for obj, path in scan_objects(s.objects_dir):
+            for i, (obj, path) in enumerate(scan_objects(s.objects_dir)):
+                if not i % EVERY:
+                    step(f"fsck: listing objects of {s.root}", i)
                 run.present.setdefault(str(s.root), set()).add(obj)
                 run.paths.setdefault(str(s.root), {})[obj] = path
         _check_leases(run)
@@ -521,7 +524,8 @@ def _verify_objects(run: _Run) -> None:
     else:
         chosen = random.sample(every, min(int(sample), len(every)))
     roots = {str(s.root): s for s in run.stores}
-    for root, obj in chosen:
+    for i, (root, obj) in enumerate(chosen):
+        step("fsck: verifying objects", i, len(chosen))
         s = roots[root]
         path = run.paths[root][obj]
         try:

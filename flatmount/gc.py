@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING
 
 from flatmount.errors import ReadOnlyStoreError, StoreError
 from flatmount.flatten import derived_paths, wait_derived
+from flatmount.progress import EVERY, step
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -276,7 +277,9 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
         cutoff = start - grace_s
         candidates: list[tuple[str, int]] = []
         kept = recent = recent_bytes = 0
-        for obj, path in scan_objects(store.objects_dir):
+        for i, (obj, path) in enumerate(scan_objects(store.objects_dir)):
+            if not i % EVERY:
+                step("gc: scanning objects", i)
             if obj in live:
                 kept += 1
                 continue

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from flatmount.errors import MountError, PermissionRequiredError
+from flatmount.log import debug
 
 __all__ = ["MountEntry", "find_mount", "is_mountpoint", "mount_id", "mount_image", "not_ours_reason",
            "umount_image"]
@@ -360,6 +361,12 @@ def _check_inputs(image: str, mountpoint: str, object_dirs: Sequence[str]) -> No
         raise _error(f"mountpoint {mountpoint}", e.errno, "the mountpoint must be an existing directory") from None
     if not stat.S_ISDIR(st.st_mode):
         raise _error(f"mountpoint {mountpoint}", E.ENOTDIR, "the mountpoint must be a directory")
+    if not object_dirs:
+        raise MountError(f"mounting {image}: no object directory given: the image's files live in one "
+                         "(XX/<62 hex> layout); pass it with --objects DIR", E.EINVAL)
+    if is_mountpoint(mountpoint):
+        raise MountError(f"mounting {image}: {mountpoint} is already a mount point; mounting again "
+                         "would hide it: unmount it first (flatmount umount-image)", E.EBUSY)
 
 
 _NO_FILE_SOURCE = (E.ENOTBLK, E.EOPNOTSUPP)
@@ -412,7 +419,10 @@ class _Mounter:
             except MountError as e:
                 if blockdev or self.loop is False or e.errno not in _NO_FILE_SOURCE:
                     raise
+                debug("erofs: the kernel refused the file %s as a source (%s): using a loop device",
+                      self.image, _errname(e.errno))
         lfd, dev = _loop_attach(self.image)
+        debug("erofs: %s bound read-only to loop device %s", self.image, dev)
         try:
             return attach(dev)
         finally:
@@ -560,10 +570,13 @@ def mount_image(image: str, mountpoint: str, object_dirs: Sequence[str], *,
             with m.stack:
                 m.run(attempt)
         except _Unsupported as e:
+            debug("mount %s: the %r mount path is unavailable (%s): trying the next", mountpoint,
+                  attempt, e)
             last = e
             continue
         if api == "auto":
             _learned_api = attempt
+        debug("mounted %s at %s through the %r mount path", image, mountpoint, attempt)
         return
     raise _error(f"mounting {image} ({'/'.join(order)})", E.ENOSYS,
                  f"the new mount API or overlayfs data-only layers are unavailable ({last})")
@@ -597,7 +610,7 @@ def umount_image(mountpoint: str, *, lazy: bool = False, only_ours: bool = False
             advice = f"{mountpoint} does not exist"
         elif e.errno == E.EBUSY:
             advice = ("files are open or processes have their cwd there (`fuser -vm " + mountpoint
-                      + "`); unmount lazily to detach it now and free it when they are gone")
+                      + "`); unmount lazily (--lazy) to detach it now and free it when they are gone")
         raise _error(f"unmounting {mountpoint}", e.errno, advice) from None
 
 

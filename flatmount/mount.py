@@ -52,7 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DIR_MODE = 0o700
 CAP_SYS_ADMIN = 21
-_LEASE_COLS = "id, image_digest, image_ref, merged, pid, boot_id, created, mnt_ns, mnt_id"
+_LEASE_COLS = "id, image_digest, image_ref, merged, pid, boot_id, created, mnt_ns, mnt_id, detached_sb"
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,7 @@ class Lease:
     created: float | None
     mnt_ns: str | None = None         # flatmount.mntns key of the namespace the mount lives in
     mnt_id: int | None = None         # the overlay's unique mount id, recorded once it is mounted
+    detached_sb: str | None = None    # set by `umount --lazy`: the superblock it left in use (holders)
     stale_reason: str | None = None   # set by `judge_lease`; None = live (or not judged)
 
     @property
@@ -108,7 +109,7 @@ def dir_busy(path: str) -> bool:
 
 def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None = None, *,
                        locked: bool = False, mnt_ns: str | None = None,
-                       mnt_id: int | None = None) -> str | None:
+                       mnt_id: int | None = None, detached_sb: str | None = None) -> str | None:
     """Why a lease is stale, or None if it is live: THE rule shared by `cleanup`, gc and fsck.
 
     A lease is live while its mount dir (the merged dir's parent) is flock'ed -- a mount or unmount
@@ -116,7 +117,8 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
     when it was recorded on this boot and its merged dir is mounted in the mount namespace `mnt_ns`
     it was made in (ours when None or equal; another one while it exists and is not proven to lack
     the mount, see flatmount.mntns).  `locked`: the caller holds the lock itself (cleanup), so the
-    in-progress case does not apply.
+    in-progress case does not apply.  `detached_sb`: the mount was detached lazily while busy
+    (`umount --lazy`); it is live while anything still uses it (flatmount.holders).
     """
     from flatmount.kmount import is_mountpoint
 
@@ -125,6 +127,12 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
     boot = boot_id() if boot is None else boot
     if lease_boot_id and boot and lease_boot_id != boot:
         return "recorded on another boot"
+    if detached_sb is not None:
+        from flatmount.holders import detached_mount_in_use
+
+        if detached_mount_in_use(mnt_id, detached_sb) is False:
+            return "detached lazily and no longer in use"
+        return None
     if mnt_ns is not None:
         from flatmount.mntns import current_ns, ns_stale_reason
 
@@ -142,7 +150,8 @@ def judge_lease(lease: Lease, boot: str | None = None) -> Lease:
     """`lease` with its `stale_reason` filled in."""
     return dataclasses.replace(lease, stale_reason=lease_stale_reason(lease.merged, lease.boot_id, boot,
                                                                       mnt_ns=lease.mnt_ns,
-                                                                      mnt_id=lease.mnt_id))
+                                                                      mnt_id=lease.mnt_id,
+                                                                      detached_sb=lease.detached_sb))
 
 
 def mounts_dir(store: Store) -> str:
@@ -225,7 +234,7 @@ def lease_rows(db, where: str = "", params: tuple = ()) -> list[Lease]:
 def _ensure_ns_column(db) -> None:
     """Add `leases.mnt_ns`, `mnt_id` to a DB created before they existed (in the caller's transaction)."""
     have = {r[1] for r in db.execute("PRAGMA table_info(leases)")}
-    for col, kind in (("mnt_ns", "TEXT"), ("mnt_id", "INTEGER")):
+    for col, kind in (("mnt_ns", "TEXT"), ("mnt_id", "INTEGER"), ("detached_sb", "TEXT")):
         if col not in have:
             db.execute(f"ALTER TABLE leases ADD COLUMN {col} {kind}")
 
@@ -382,9 +391,9 @@ def _create_lease(store: Store, ref: str, flat: FlatImage) -> tuple[Lease, int]:
                           current_ns())
             with store.transaction() as db:
                 _ensure_ns_column(db)
-                db.execute(f"INSERT INTO leases({_LEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute(f"INSERT INTO leases({_LEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (lease.id, lease.image_digest, lease.image_ref, lease.merged, lease.pid,
-                            lease.boot_id, lease.created, lease.mnt_ns, None))
+                            lease.boot_id, lease.created, lease.mnt_ns, None, None))
         except BaseException:
             _rmdir(os.path.join(top, "merged"))
             _rmdir(top)
@@ -416,10 +425,13 @@ def find_lease(store: Store, merged_or_lease_id: str) -> Lease:
     return hits[0]
 
 
-def umount(store: Store, merged_or_lease_id: str) -> Lease:
+def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False) -> Lease:
     """Unmount a mount made by `mount_image_ref`, drop its lease, remove its two dirs (rmdir only).
 
-    A busy mount (files open, a cwd inside) raises MountError and stays mounted with its lease."""
+    A busy mount (files open, a cwd inside) raises MountError and stays mounted with its lease, unless
+    `lazy`: then it is detached now (MNT_DETACH) and the kernel frees it when its last user goes.
+    Its lease stays, marked detached, and pins its objects until nothing uses the mount any more
+    (flatmount.holders); `cleanup` drops it after that."""
     from flatmount.kmount import is_mountpoint, umount_image
 
     _require_writable(store)
@@ -431,9 +443,21 @@ def umount(store: Store, merged_or_lease_id: str) -> Lease:
         if not current:
             raise NotFoundError(f"mount {lease.id} was unmounted meanwhile")
         _refuse_foreign_namespace(current[0])
+        if current[0].detached_sb is not None:
+            raise MountError(f"mount {lease.id} was detached lazily and is still in use; its lease goes "
+                             "with `flatmount cleanup` once nothing uses it", errno.EBUSY)
         if is_mountpoint(lease.merged):
             _require_mount_privilege()
-            umount_image(lease.merged)
+            try:
+                umount_image(lease.merged)
+            except MountError as e:
+                if not (lazy and e.errno == errno.EBUSY):
+                    raise
+                lease = _detach_lazily(store, current[0])
+                if fd is not None:
+                    _rmdir(lease.merged)
+                    _rmdir(top)
+                return lease
         _delete_lease(store, lease.id)
         if fd is not None:
             _rmdir(lease.merged)
@@ -442,6 +466,26 @@ def umount(store: Store, merged_or_lease_id: str) -> Lease:
         if fd is not None:
             os.close(fd)
     return lease
+
+
+def _detach_lazily(store: Store, lease: Lease) -> Lease:
+    """Detach a busy mount and keep its lease, marked with the superblock it leaves in use.
+
+    The mark is committed before the detach: a crash in between leaves a mounted, marked lease,
+    which is live (its superblock is still mounted) and is unmounted by `umount` as usual."""
+    from flatmount.holders import superblock_key
+    from flatmount.kmount import mount_id, umount_image
+
+    sb = superblock_key(lease.merged)
+    if sb is None:
+        raise MountError(f"cannot read the mount table entry of {lease.merged}: not detaching it",
+                         errno.EBUSY)
+    mid = lease.mnt_id or mount_id(lease.merged)
+    with store.transaction() as db:
+        _ensure_ns_column(db)
+        db.execute("UPDATE leases SET detached_sb = ?, mnt_id = ? WHERE id = ?", (sb, mid, lease.id))
+    umount_image(lease.merged, lazy=True)
+    return dataclasses.replace(lease, detached_sb=sb, mnt_id=mid)
 
 
 def _refuse_foreign_namespace(lease: Lease) -> None:
@@ -463,8 +507,10 @@ def _refuse_foreign_namespace(lease: Lease) -> None:
 
 
 def list_mounts(store: Store) -> list[Lease]:
-    """Every lease of the primary store, oldest first (stale ones included until `cleanup`)."""
-    return _leases(store)
+    """Every lease of the primary store, oldest first, judged (`stale_reason` set on the stale ones,
+    by the rule gc and fsck use; they stay listed until `cleanup`)."""
+    boot = boot_id()
+    return [judge_lease(lease, boot) for lease in _leases(store)]
 
 
 def cleanup(store: Store) -> CleanupResult:
@@ -489,7 +535,8 @@ def cleanup(store: Store) -> CleanupResult:
             if not _leases(store, "WHERE id = ?", (lease.id,)):
                 continue  # unmounted by its owner just before we took the lock
             if lease_stale_reason(lease.merged, lease.boot_id, boot, locked=True,
-                                  mnt_ns=lease.mnt_ns, mnt_id=lease.mnt_id) is None:
+                                  mnt_ns=lease.mnt_ns, mnt_id=lease.mnt_id,
+                                  detached_sb=lease.detached_sb) is None:
                 kept.append(lease.id)
                 continue
             _delete_lease(store, lease.id)

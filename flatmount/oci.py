@@ -384,8 +384,10 @@ def pull_oci(store: Store, spec: str, name: str | None = None, *,
                             compressed_digest=desc.digest, compressed_size=desc.size,
                             diff_size=layer.diff_size)
             imported.append(lid)
+        created = config.get("created")   # the image's own creation time (else: the import's)
         batch.set_image(cdesc.digest, ids[-1] if ids else None, config=config_bytes,
-                        manifest=manifest_bytes, names=[image_name] if image_name else [])
+                        manifest=manifest_bytes, names=[image_name] if image_name else [],
+                        created=created if isinstance(created, str) and created else None)
         image = batch.commit()
     assert image is not None
     return PullResult(image, tuple(imported), tuple(present), total_bytes, total_entries)

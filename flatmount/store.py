@@ -330,9 +330,23 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
         if not os.path.isdir(a):
             raise StoreError(f"additional store {a} does not exist or is not a directory")
         extra = Store(a, runroot_s, readonly=True, is_additional=True)
+        if not os.path.lexists(extra.db_path) and _has_entries(a):
+            # (an empty dir is an empty store: nothing in it to misread)
+            raise StoreError(f"additional store {a} is not a flatmount store (it has files but no "
+                             f"{DB_NAME}): give a store directory flatmount wrote (`flatmount --root DIR "
+                             "pull ...`); a containers-storage store is read with `pull containers-storage:`")
         extra.check_paths()
         primary.additional.append(extra)
     return primary
+
+
+def _has_entries(path: str) -> bool:
+    """Whether directory `path` lists anything (unreadable counts as not: the DB open reports it)."""
+    try:
+        with os.scandir(path) as it:
+            return any(True for _ in it)
+    except OSError:
+        return False
 
 
 # --- the store -------------------------------------------------------------------------------------
@@ -1036,15 +1050,23 @@ class Store:
 
     # --- image edits (primary only) ---------------------------------------------------------------
     def tag(self, ref: str, name: str) -> ImageRecord:
-        """Give image `ref` the name `name` (normalised); the name moves if another image had it."""
+        """Give image `ref` the name `name` (normalised); the name moves if another image had it.
+
+        The name must follow the reference grammar podman uses (flatmount.reference)."""
+        from flatmount.reference import check_reference
+
         image = self.resolve_image(ref)
-        full = normalise_name(name)
+        full = normalise_name(check_reference(name))
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO names(name, image_id) VALUES (?, ?)", (full, image.id))
         return self.resolve_image(image.id)
 
-    def remove_image(self, ref: str) -> RemovedImage:
+    def remove_image(self, ref: str, *, refuse_several_names: bool = False) -> RemovedImage:
         """`rmi`: by name, untag that name (the image goes when its last name goes); by id, remove it.
+
+        `refuse_several_names` (what `flatmount rmi` asks for without --force, as `podman rmi`):
+        by id, an image with several names is refused, so an id typed for one name never takes the
+        others with it.
 
         Removing an image also removes (records, then files) the primary-store layers of its chain that
         no remaining image's chain uses.  Objects are left to `gc`.  Images and layers of additional
@@ -1065,6 +1087,10 @@ class Store:
             remaining = [n for n in image.names if n != cand]
             delete = not remaining
         else:
+            if len(image.names) > 1 and refuse_several_names:
+                raise StoreError(f"image {image.id[:12]} has {len(image.names)} names "
+                                 f"({', '.join(image.names)}): remove them one by one (`rmi NAME`), or "
+                                 "force the removal of the image with all its names (`rmi --force`)")
             untag = [n for n in image.names if names[n][1] is self]
             delete = True
         removed_layers: list[str] = []

@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 
 from flatmount.errors import FlatmountError, NotFoundError, StoreError
 from flatmount.gc import has_db, json_list, leased_beyond_records, read_leases, scan_objects, store_lock
+from flatmount.progress import EVERY, step
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store import ImageRecord, Store
@@ -193,7 +194,9 @@ class _Index:
         self._mask_cache: dict[int, int] = {}
         # sizes and locations
         self.primary_sizes: dict[str, int] = {}
-        for obj, path in scan_objects(store.objects_dir):
+        for i, (obj, path) in enumerate(scan_objects(store.objects_dir)):
+            if not i % EVERY:
+                step("objects: sizing", i)
             try:
                 self.primary_sizes[obj] = os.lstat(path).st_size
             except FileNotFoundError:
@@ -384,24 +387,25 @@ def parse_object(text: str) -> str:
 
 def _flat_users(store: Store, s: Store, obj: str, layer_hits: set[str]) -> list[ObjectUser]:
     """Flattened images of store `s` (and their mounts) built from a layer that uses `obj`: flat images
-    hold no refs rows, their chain's layers do (flatmount.flatten).  A leased image whose row is gone
-    is read to see whether it references `obj`."""
+    hold no refs rows, their chain's layers do (flatmount.flatten).  A leased image whose row or whose
+    chain's layers are gone (its image was removed while mounted) is read to see whether it
+    references `obj`."""
     db = s.connect()
     users: list[ObjectUser] = []
     chains: dict[str, list[str]] = {}   # digest -> chain keys
-    row_digests: set[str] = set()
+    resolved: set[str] = set()   # digests whose chain's layers still exist (their refs rows answer)
     for key, digest in db.execute("SELECT chain_key, digest FROM flat_images ORDER BY chain_key"):
-        row_digests.add(digest)
         try:
             chain = {rec.id for rec in store.layer_chain(key)}
-        except StoreError:
+        except StoreError:   # its layers went with a removed image: a live mount may still use it
             continue
+        resolved.add(digest)
         if chain & layer_hits:
             chains.setdefault(digest, []).append(key)
     leases = read_leases(db)
     for lease in leases:
         d = lease.image_digest
-        if d in row_digests or d in chains:
+        if d in resolved or d in chains:
             continue
         path = os.path.join(s.root, "images", d + ".erofs")
         if os.path.exists(path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 from hashlib import sha256
 from typing import BinaryIO
 
@@ -59,6 +60,20 @@ except ImportError:  # pragma: no cover - exercised where the extension is not b
     hash_full_blocks = _hash_full_blocks_py
 
 NATIVE = hash_full_blocks is not _hash_full_blocks_py  # whether the compiled loop is in use
+
+
+def implementation() -> str:
+    """Which per-block SHA-256 the digests use: the compiled loop's path (e.g. `avx512`, `sha-ni`,
+    `libcrypto`) or `hashlib` when the extension was not built."""
+    if not NATIVE:
+        return "hashlib (objects/_fsverity.c not built)"
+    from ._fsverity import IMPLEMENTATION
+
+    return f"compiled loop, {IMPLEMENTATION}"
+
+
+if (_logging := sys.modules.get("logging")) is not None:  # `flatmount -v`: say which one was chosen
+    _logging.getLogger("objects").debug("fs-verity hashing: %s", implementation())
 
 
 def _hash_blocks(data: bytes | bytearray | memoryview) -> bytes:

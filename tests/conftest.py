@@ -27,6 +27,23 @@ def require_tool(name: str) -> str:
     return path
 
 
+# The only test input the repository does not hold: composefs dumps of composefs's own test trees
+# (github.com/containers/composefs tests/assets/cs9-x86_64-{minimal,developer}.json.gz, written out
+# with mkcomposefs and `composefs-info dump`), kept beside the repository as ../shared/data.
+SHARED_DATA = Path(os.environ.get("FLATMOUNT_DATA", ROOT.parent / "shared" / "data"))
+
+
+def shared_data(name: str) -> Path:
+    """Path of a shared data file; missing, the test fails (never skips) saying what and where."""
+    path = SHARED_DATA / name
+    if not path.is_file():
+        pytest.fail(f"shared test data {name} is missing: expected at {path} ($FLATMOUNT_DATA or "
+                    "../shared/data beside the repository); it is composefs's tests/assets/"
+                    f"{name.replace('.dump.gz', '.json.gz')} (github.com/containers/composefs) as a "
+                    "composefs dump (mkcomposefs, then composefs-info dump, gzipped)")
+    return path
+
+
 def require_native() -> None:
     """The compiled block loop (objects/_fsverity.c) is built by `pip install -e .` where a C compiler
     is; under CI its absence is a failure (the fallback would hide a broken build)."""

@@ -11,12 +11,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import shared_data
 
 from flatmount.cli import main
 from flatmount.dump import dump_bytes, parse_dump
 from flatmount.tree import Inode
 
-CS9 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "cs9-x86_64-developer.dump.gz"
+CS9_NAME = "cs9-x86_64-developer.dump.gz"
 D1 = bytes.fromhex("1e2eaa4202d750a41174ee454970b92c1bc2f925b1e35076d8c7d5f56362ba64")
 
 
@@ -140,6 +141,7 @@ def test_mkimage_from_directory(tmp_path, capsysbinary):
 def test_cs9_through_an_image(tmp_path, capsysbinary):
     """64,246 inodes: composefs' own dump -> image -> dump gives composefs' dump back, byte for byte."""
     img = tmp_path / "cs9.erofs"
+    CS9 = shared_data(CS9_NAME)  # noqa: N806
     assert run(capsysbinary, "mkimage", "--from-dump", str(CS9), str(img))[0] == 0
     rc, out, _ = run(capsysbinary, "dump", str(img))
     assert rc == 0

@@ -332,7 +332,7 @@ def test_empty_store_and_no_lock_files_created(tmp_path):
 # --- locks ------------------------------------------------------------------------------------------
 
 _LOCKER = textwrap.dedent("""
-    import fcntl, os, sys, time
+    import fcntl, os, sys
     fd = os.open(sys.argv[1], os.O_RDWR)
     mode = sys.argv[2]
     if mode == "try":
@@ -343,8 +343,29 @@ _LOCKER = textwrap.dedent("""
         sys.exit(0)
     fcntl.lockf(fd, fcntl.LOCK_EX)
     print("locked", flush=True)
-    time.sleep(float(mode))
+    sys.stdin.readline()              # hold the lock until the test says so (or closes stdin)
+    fcntl.lockf(fd, fcntl.LOCK_UN)
+    print("released", flush=True)
 """)
+
+
+def _wait_for_blocked_lock(*paths: Path, timeout: float = 60.0) -> None:
+    """Return once /proc/locks shows a request blocked on one of `paths` (a `->` waiter line).
+
+    An event the kernel reports, not a guess at how long a blocked call takes: on a busy machine a
+    waiter may take seconds to reach the lock, and this waits exactly until it has.
+    """
+    ids = set()
+    for path in paths:
+        st = os.stat(path)
+        ids.add(f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}")
+    deadline = time.monotonic() + timeout
+    while True:
+        with open("/proc/locks") as f:
+            if any("->" in line and ids & set(line.split()) for line in f):
+                return
+        assert time.monotonic() < deadline, f"no request blocked on {paths} within {timeout} s"
+        time.sleep(0.01)
 
 
 def _can_lock_exclusively(path: Path) -> bool:
@@ -352,17 +373,39 @@ def _can_lock_exclusively(path: Path) -> bool:
 
 
 def test_reader_waits_for_writer(two_stores):
+    """A reader blocks while a c/storage writer holds layers.lock and goes on once it is released."""
+    import threading
+
     cs = two_stores[0]
     lock = Path(cs.stores[0].layers_lock)
-    p = subprocess.Popen([sys.executable, "-c", _LOCKER, str(lock), "0.8"], stdout=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, "-c", _LOCKER, str(lock), "hold"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    read_done = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            cs.stores[0].reload()
+            cs.stores[0].layers()
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+        read_done.set()
+
+    t = threading.Thread(target=reader)
     try:
         assert p.stdout.readline().strip() == "locked"
-        t0 = time.monotonic()
-        cs.stores[0].reload()
-        cs.stores[0].layers()
-        assert time.monotonic() - t0 >= 0.5
+        t.start()
+        _wait_for_blocked_lock(lock)
+        assert not read_done.is_set()          # blocked in the kernel on the writer's lock
+        p.stdin.write("release\n")
+        p.stdin.flush()
+        assert p.stdout.readline().strip() == "released"
+        assert read_done.wait(timeout=60) and not errors, errors
     finally:
-        p.wait(timeout=10)
+        p.stdin.close()
+        p.wait(timeout=60)
+        if t.is_alive():
+            t.join(timeout=60)
 
 
 def test_read_locks_held_while_reading(two_stores):
@@ -803,7 +846,7 @@ def test_podman_writer_waits_for_our_read_locks(podman_stores):
         p = subprocess.Popen(["podman", "tag", "localhost/app:latest", "localhost/locktest:1"], env=env,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:
-            time.sleep(1.5)
+            _wait_for_blocked_lock(*(Path(q) for s in cs.stores for q in (s.layers_lock, s.images_lock)))
             assert p.poll() is None, p.stderr.read()
         except BaseException:
             p.kill()
@@ -815,3 +858,17 @@ def test_podman_writer_waits_for_our_read_locks(podman_stores):
         assert cs.resolve_image("locktest:1").id == podman_stores.images["localhost/app:latest"].id
     finally:
         podman(env, "untag", "localhost/app:latest", "localhost/locktest:1")
+
+
+def test_cli_pull_shows_progress_on_a_terminal(podman_stores, tmp_path):
+    """`flatmount pull containers-storage:...` at a terminal says which layer it reads; -q does not."""
+    from ptyrun import run_on_tty
+
+    env = {"CONTAINERS_STORAGE_CONF": str(podman_stores.main_conf)}
+    opts = ["--root", str(tmp_path / "store"), "--runroot", str(tmp_path / "run")]
+    rc, out, tty = run_on_tty([*opts, "pull", "containers-storage:step1"], env)
+    assert rc == 0 and out.strip() == podman_stores.images["localhost/step1:latest"].id, tty
+    assert "containers-storage: reading layer" in tty and "\x1b[K" in tty
+    rc, out, tty = run_on_tty(["-q", "--root", str(tmp_path / "q"), "--runroot", str(tmp_path / "run"),
+                               "pull", "containers-storage:step1"], env)
+    assert rc == 0 and tty == "", tty

@@ -6,9 +6,9 @@ import gzip
 import io
 import os
 import stat
-from pathlib import Path
 
 import pytest
+from conftest import shared_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,8 +24,7 @@ from flatmount.dump import (
 from flatmount.errors import DumpSyntaxError, FormatError
 from flatmount.tree import Inode, count_inodes, lookup, walk
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-CS9 = DATA / "cs9-x86_64-developer.dump.gz"
+CS9_NAME = "cs9-x86_64-developer.dump.gz"
 D1 = "1e2eaa4202d750a41174ee454970b92c1bc2f925b1e35076d8c7d5f56362ba64"  # any 64 hex digits
 
 
@@ -445,13 +444,11 @@ def test_random_tree_roundtrip(root):
 
 @pytest.fixture(scope="module")
 def cs9_text() -> bytes:
-    if not CS9.exists():
-        pytest.fail(f"{CS9} is missing (shared test data)")
-    return gzip.decompress(CS9.read_bytes())
+    return gzip.decompress(shared_data(CS9_NAME).read_bytes())
 
 
 def test_cs9_parses_and_redumps_stably(cs9_text):
-    with open(CS9, "rb") as f:
+    with open(shared_data(CS9_NAME), "rb") as f:
         root = parse_dump(f)                       # gzip detected by magic
     assert count_inodes(root) == 64246
     usr_bin = lookup(root, "/usr/bin/2to3")

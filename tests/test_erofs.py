@@ -24,7 +24,7 @@ from flatmount.erofs.reader import Image, collect_objects, read_tree
 from flatmount.erofs.writer import dir_size, image_bytes, write_image
 from flatmount.errors import CorruptImageError, FormatError
 from flatmount.tree import Inode, walk
-from tests.conftest import require_root, require_tool
+from tests.conftest import require_root, require_tool, shared_data
 
 S_IFREG = stat.S_IFREG
 T0 = 1_700_000_000 * 10**9
@@ -274,16 +274,12 @@ def test_composefs_known_answers(name, tmp_path):
     assert back == tree
 
 
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
 
 def _load_dump(name: str) -> Inode:
     """The cs9 trees through the benchmark's small stand-alone loader (not flatmount.dump)."""
     import importlib.util
 
-    path = DATA / name
-    if not path.exists():
-        pytest.fail(f"{path} is missing (shared test data)")
+    path = shared_data(name)
     spec = importlib.util.spec_from_file_location(
         "bench_erofs", Path(__file__).resolve().parent.parent / "tools" / "bench_erofs.py")
     mod = importlib.util.module_from_spec(spec)

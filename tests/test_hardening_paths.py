@@ -27,7 +27,7 @@ from flatmount.store import open_store
 from tests.conftest import require_root, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "examples" / "demo-oci"
+DEMO = ROOT / "flatmount" / "examples" / "demo-oci"
 NOBODY = 65534
 
 
@@ -306,7 +306,7 @@ def test_runroot_of_another_user_is_refused(shared_tmp):
 
 def test_unprivileged_caller_refuses_writable_or_foreign_components(shared_tmp):
     tar = shared_tmp / "layer.tar"
-    subprocess.run(["tar", "-C", str(ROOT / "examples"), "-cf", str(tar), "demo-oci/oci-layout"], check=True)
+    subprocess.run(["tar", "-C", str(ROOT / "flatmount" / "examples"), "-cf", str(tar), "demo-oci/oci-layout"], check=True)
     os.chmod(tar, 0o644)
     open_dir = shared_tmp / "open"
     open_dir.mkdir()

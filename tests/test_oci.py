@@ -17,7 +17,7 @@ from flatmount.tree import lookup, walk
 from tests.tarbuild import Tar, bad_tars, check_consistent, make_oci, store_state
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "examples" / "demo-oci"
+DEMO = ROOT / "flatmount" / "examples" / "demo-oci"
 
 
 @pytest.fixture

@@ -25,7 +25,7 @@ from tests.conftest import require_root
 from tests.tarbuild import Tar, bad_tars, check_consistent, compress, make_oci, store_state
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "examples" / "demo-oci"
+DEMO = ROOT / "flatmount" / "examples" / "demo-oci"
 
 
 def mkstore(path: Path, **kw) -> Store:

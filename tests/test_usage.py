@@ -182,5 +182,6 @@ def test_cli_reports(store, capsys):
     assert rc == 0 and json.loads(out)["largest"][0]["size"] == 5000
     rc, out = run_cli(capsys, "objects", "share", *root)
     assert rc == 0 and "6.0 kB" in out.splitlines()[1]
-    rc = main(["objects", "refs", "nonsense", *root])
-    assert rc == 3
+    with pytest.raises(SystemExit) as ei:          # a malformed digest is a usage error (issue 16)
+        main(["objects", "refs", "nonsense", *root])
+    assert ei.value.code == 2

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the small deterministic OCI image layout `examples/demo-oci/` (tags `demo`, `demo-base`).
+"""Write the small deterministic OCI image layout `flatmount/examples/demo-oci/` (tags `demo`, `demo-base`).
 
 Four layers exercising what an importer must get right, all with fixed mtimes and numeric owners:
 1. base (tar+gzip): /etc, /usr/bin (a script with an xattr, a hardlink, a symlink), /opt/app;
@@ -10,7 +10,7 @@ Four layers exercising what an importer must get right, all with fixed mtimes an
 Files over 64 bytes become objects, smaller ones are inlined.  Re-running gives the same tar bytes
 (the config's diff_ids pin them); gzip/zstd bytes depend only on the zlib/zstd versions.
 
-    python3 tools/make_example.py [DEST]     # default: examples/demo-oci
+    python3 tools/make_example.py [DEST]     # default: flatmount/examples/demo-oci (package data)
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DEST = ROOT / "examples" / "demo-oci"
+DEFAULT_DEST = ROOT / "flatmount" / "examples" / "demo-oci"
 TAG = "demo"
 BASE_TAG = "demo-base"
 T0 = 1_704_067_200  # 2024-01-01T00:00:00Z

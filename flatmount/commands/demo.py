@@ -6,10 +6,12 @@ import argparse
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("demo", parents=[common],
+    p = sub.add_parser("demo",
                        help="import, flatten, mount, list, diff and report on the example image",
-                       description="Runs the whole data flow on examples/demo-oci in a throwaway store "
+                       description="Runs the whole data flow on the bundled example (flatmount/examples/demo-oci) in a throwaway store "
                                    "(or in --root if given) and unmounts at the end.  Needs root.")
+    p.add_argument("--root", default=argparse.SUPPRESS,
+                   help="run in this store directory and keep it (default: a throwaway one)")
     p.add_argument("--example", help="OCI layout with tags demo-base and demo (default: the bundled one)")
     p.set_defaults(func=cmd_demo)
 

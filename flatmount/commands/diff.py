@@ -12,15 +12,16 @@ COMPRESSION_BY_SUFFIX = ((".tar", None), (".tar.gz", "gzip"), (".tgz", "gzip"), 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "diff", parents=[common], help="list what changed between two images (no mount)",
+        "diff", parents=[common], help="list what changed from image A (old) to B (new), no mount",
         description="List the paths that differ from image A to image B as `podman image diff` does "
                     "(`A`dded, `C`hanged, `D`eleted; parents of added/deleted paths are `C`). A and B are "
                     "image names or ids in the store, or paths of EROFS image files (with a slash: ./FILE; "
-                    "a name is an image name first). Names are printed C-quoted like git when they hold "
+                    "a name is an image name first). The order is git's (OLD NEW), the reverse of "
+                    "`podman image diff NEW OLD`. Names are printed C-quoted like git when they hold "
                     "control characters or invalid UTF-8 (--json is exact). Exit status 0, or 1 "
                     "with --exit-code when they differ.")
-    p.add_argument("a", metavar="A", help="image name/id, or an EROFS image file")
-    p.add_argument("b", metavar="B", help="image name/id, or an EROFS image file")
+    p.add_argument("a", metavar="A", help="the old image: name/id, or an EROFS image file (./FILE)")
+    p.add_argument("b", metavar="B", help="the new image: name/id, or an EROFS image file (./FILE)")
     p.add_argument("--exit-code", action="store_true", help="exit with status 1 when A and B differ")
     p.add_argument("--strict", action="store_true",
                    help="compare every field exactly: all xattrs (not only security.capability and "
@@ -86,7 +87,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
         dirs = args.objects
         if not dirs:
             dirs = (store if store is not None else open_store(args, readonly=True)).object_dirs()
-        layer = export_layer(index_a, index_b, args.output, dirs, compression)
+        from flatmount.cli import progress
+
+        with progress(args):
+            layer = export_layer(index_a, index_b, args.output, dirs, compression)
     if want_json(args):
         print_json({"a": sides[0], "b": sides[1], "differ": bool(result),
                     "changes": [c.to_json() for c in result], "layer": layer})

@@ -11,20 +11,23 @@ import sys
 
 
 def register(sub, common: argparse.ArgumentParser) -> None:
-    p = sub.add_parser("dump", parents=[common], help="print the composefs dump of an EROFS image",
+    from flatmount.cli import json_parser
+
+    p = sub.add_parser("dump", help="print the composefs dump of an EROFS image",
                        description="Print the composefs dump (one line per inode) of an EROFS image file.")
     p.add_argument("image", metavar="IMAGE", help="EROFS image file")
     p.set_defaults(func=cmd_dump)
 
     p = sub.add_parser(
-        "mkimage", parents=[common], help="build an EROFS image from a dump file or a directory",
+        "mkimage", parents=[json_parser()], help="build an EROFS image from a dump file or a directory",
         description="Build an EROFS (composefs layout) image: `mkimage --from-dump FILE|- OUT` or "
                     "`mkimage DIR OUT [--digest-store OBJDIR]`. OUT may be `-` for stdout.",
         usage="flatmount mkimage (--from-dump FILE|- OUT | DIR OUT [--digest-store OBJDIR])")
     p.add_argument("--from-dump", metavar="FILE", help="composefs dump file (gzip ok; `-` for stdin)")
     p.add_argument("--digest-store", metavar="OBJDIR",
                    help="store regular files over 64 bytes in this object directory (DIR source only)")
-    p.add_argument("paths", nargs="+", metavar="[DIR] OUT")
+    p.add_argument("paths", nargs="+", metavar="[DIR] OUT",
+                   help="the directory to scan (without --from-dump), then the image file to write")
     p.set_defaults(func=cmd_mkimage, mkimage_parser=p)
 
 
@@ -57,6 +60,8 @@ def cmd_mkimage(args: argparse.Namespace) -> int:
         out = args.paths[1]
     if out == "-" and sys.stdout.isatty():
         parser.error("refusing to write an image to a terminal")
+    if out == "-" and getattr(args, "json", False):
+        parser.error("--json needs an OUT file: stdout carries the image")
 
     from flatmount.errors import FlatmountError
     from flatmount.safepath import check_output

@@ -47,13 +47,30 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_objects, report="usage")
     reports = p.add_subparsers(dest="report", metavar="REPORT")
     reports.required = False
-    reports.add_parser("usage", parents=[common], help="store totals and dedup ratio")
-    reports.add_parser("images", parents=[common], help="per image: total, unique and shared bytes")
-    r = reports.add_parser("refs", parents=[common], help="which layers, images and mounts use an object")
-    r.add_argument("digest", metavar="DIGEST", help="64 hex digits, or an object path XX/<62 hex>")
-    r = reports.add_parser("top", parents=[common], help="largest and most-shared objects")
+    reports.add_parser("usage", parents=[common], help="store totals and dedup ratio",
+                       description="Object report: store totals and dedup ratio.")
+    reports.add_parser("images", parents=[common], help="per image: total, unique and shared bytes",
+                       description="Object report: per image: total, unique and shared bytes.")
+    r = reports.add_parser("refs", parents=[common], help="which layers, images and mounts use an object",
+                       description="Object report: which layers, images and mounts use an object.")
+    r.add_argument("digest", metavar="DIGEST", type=_object,
+                   help="64 hex digits, or an object path XX/<62 hex>")
+    r = reports.add_parser("top", parents=[common], help="largest and most-shared objects",
+                       description="Object report: largest and most-shared objects.")
     r.add_argument("-n", type=int, default=10, metavar="N", help="how many of each (default 10)")
-    reports.add_parser("share", parents=[common], help="bytes shared between each pair of images")
+    reports.add_parser("share", parents=[common], help="bytes shared between each pair of images",
+                       description="Object report: bytes shared between each pair of images.")
+
+
+def _object(text: str) -> str:
+    """An object's `XX/<62 hex>` from a digest or path; anything else is a usage error (exit 2)."""
+    from flatmount.errors import FlatmountError
+    from flatmount.usage import parse_object
+
+    try:
+        return parse_object(text)
+    except FlatmountError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _sample(text: str) -> float | int:
@@ -84,11 +101,11 @@ def human(n: int | float) -> str:
 # --- gc --------------------------------------------------------------------------------------------
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.cli import open_store, print_json, progress, want_json
     from flatmount.gc import DEFAULT_GRACE_S, gc
 
     grace = DEFAULT_GRACE_S if args.grace is None else args.grace
-    with open_store(args, readonly=args.dry_run) as store:
+    with progress(args), open_store(args, readonly=args.dry_run) as store:
         res = gc(store, dry_run=args.dry_run, grace_s=grace)
     if want_json(args):
         print_json(res)
@@ -120,10 +137,10 @@ NOTICE_LINES = 5   # per kind, in the human output
 
 
 def cmd_fsck(args: argparse.Namespace) -> int:
-    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.cli import open_store, print_json, progress, want_json
     from flatmount.fsck import ERROR, fsck
 
-    with open_store(args, readonly=not args.repair) as store:
+    with progress(args), open_store(args, readonly=not args.repair) as store:
         res = fsck(store, repair=args.repair, sample=args.sample)
     if want_json(args):
         print_json(res)
@@ -157,10 +174,10 @@ def cmd_fsck(args: argparse.Namespace) -> int:
 
 def cmd_objects(args: argparse.Namespace) -> int:
     from flatmount import usage as u
-    from flatmount.cli import open_store, print_json, print_table, want_json
+    from flatmount.cli import open_store, print_json, print_table, progress, want_json
 
     report = args.report or "usage"
-    with open_store(args, readonly=True) as store:
+    with progress(args), open_store(args, readonly=True) as store:
         if report in ("usage", "images"):
             res = u.usage(store)
         elif report == "refs":

@@ -11,15 +11,17 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
-    """Add this area's subcommands to the `flatmount` parser."""
-    register_kernel(sub, common)
+    """Add this area's subcommands to the `flatmount` parser (store-level first: the data flow)."""
     register_store(sub, common)
+    register_kernel(sub, common)
 
 
 # --- low-level kernel mounts (flatmount.kmount) ----------------------------------------------------
 def register_kernel(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from flatmount.cli import json_parser
+
     p = sub.add_parser(
-        "mount-image", parents=[common],
+        "mount-image", parents=[json_parser()],
         help="mount an EROFS metadata image read-only, its files served from object dirs",
         description="Mount IMAGE (EROFS, composefs layout) at MOUNTPOINT: overlayfs ro,nodev,nosuid "
                     "with each --objects DIR as a data-only lower layer; the erofs mount itself stays "
@@ -27,18 +29,19 @@ def register_kernel(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
     p.add_argument("image", metavar="IMAGE", help="EROFS image file")
     p.add_argument("mountpoint", metavar="MOUNTPOINT", help="existing directory")
     p.add_argument("--objects", action="append", default=[], metavar="DIR",
-                   help="object directory (XX/<62 hex> layout); repeatable, searched in order")
+                   help="object directory holding the image's file contents (XX/<62 hex> layout); "
+                        "needed (at least one), repeatable, searched in order")
     p.add_argument("--loop", action="store_true",
                    help="always mount the image through a loop device (default: only when the kernel "
                         "refuses the file itself)")
     p.set_defaults(func=cmd_mount_image)
 
     p = sub.add_parser(
-        "umount-image", parents=[common], help="unmount what mount-image mounted",
+        "umount-image", parents=[json_parser()], help="unmount what mount-image mounted",
         description="Unmount MOUNTPOINT; the erofs layer and any loop device are freed with it.  Only a "
                     "mount that flatmount makes (a read-only overlay of an EROFS image with data-only "
                     "object layers, or an erofs mount of a composefs image) is unmounted, unless --force.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="where mount-image mounted the image")
     p.add_argument("--lazy", action="store_true",
                    help="detach now even if busy; freed when the last user goes (MNT_DETACH)")
     p.add_argument("--force", action="store_true",
@@ -74,6 +77,14 @@ def cmd_umount_image(args: argparse.Namespace) -> int:
 # --- store-level mounts (flatmount.store leases) ---------------------------------------------------
 # `mount`, `umount`, `mounts`, `cleanup` go here; register them from register() above.
 def register_store(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("flatten", parents=[common],
+                       help="write (or find cached) the flattened EROFS image of an image; prints it",
+                       description="Flatten IMAGE's layer chain (across the primary and additional "
+                                   "stores) into one EROFS image, cached per chain, and print its digest "
+                                   "and path.  `mount` does this itself; this is for using the file.")
+    p.add_argument("image", metavar="NAME|ID", help="image name, id or unique id prefix")
+    p.set_defaults(func=cmd_flatten)
+
     p = sub.add_parser(
         "mount", parents=[common], help="mount an image read-only at a new private dir; prints the dir",
         description="Flatten IMAGE's layer chain (cached per top layer, across stores) and mount it "
@@ -84,21 +95,25 @@ def register_store(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
 
     p = sub.add_parser("umount", parents=[common], help="unmount a mount made by `flatmount mount`",
                        description="Unmount MERGED (or the mount with that lease id), drop its lease "
-                                   "and remove its directories.")
-    p.add_argument("target", metavar="MERGED|LEASE_ID")
+                                   "and remove its directories.  A busy mount is refused unless --lazy.")
+    p.add_argument("target", metavar="MERGED|LEASE_ID",
+                   help="the merged dir `flatmount mount` printed, or the lease id `flatmount mounts` shows")
+    p.add_argument("--lazy", action="store_true",
+                   help="if busy, detach it now (MNT_DETACH): its users keep reading, the kernel frees "
+                        "it when the last one goes; its lease pins its objects until then")
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("mounts", parents=[common], help="list mounts (leases) of the primary store")
+    p = sub.add_parser("mounts", parents=[common], help="list mounts (leases) of the primary store",
+                       description="List the leases of the primary store, oldest first; STATE is `live`, "
+                                   "or `stale` with the reason (the rule gc and fsck use); "
+                                   "`flatmount cleanup` removes stale ones.")
     p.set_defaults(func=cmd_mounts)
 
     p = sub.add_parser("cleanup", parents=[common],
-                       help="drop stale leases and leftover mount dirs (after crashes or reboots)")
+                       help="drop stale leases and leftover mount dirs (after crashes or reboots)",
+                       description="Remove stale leases, leftover empty mount dirs, and mounts under the "
+                                   "runtime dir that no lease names.  A live mount is never unmounted.")
     p.set_defaults(func=cmd_cleanup)
-
-    p = sub.add_parser("flatten", parents=[common],
-                       help="write (or find cached) the flattened EROFS image of an image; prints it")
-    p.add_argument("image", metavar="NAME|ID", help="image name, id or unique id prefix")
-    p.set_defaults(func=cmd_flatten)
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -117,7 +132,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, want_json
     from flatmount.mount import umount
 
-    lease = umount(open_store(args), args.target)
+    lease = umount(open_store(args), args.target, lazy=args.lazy)
     if want_json(args):
         print_json(lease)
     return 0
@@ -134,8 +149,10 @@ def cmd_mounts(args: argparse.Namespace) -> int:
     import time
 
     print_table([(m.id, (m.image_ref or "")[:40], m.image_digest[:12], m.pid or "",
-                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created or 0)), m.merged)
-                 for m in leases], ("LEASE", "IMAGE", "DIGEST", "PID", "CREATED", "MERGED"))
+                  time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(m.created or 0)),
+                  ("live" if not m.detached_sb else "live (detached, in use)") if m.live
+                  else f"stale ({m.stale_reason})", m.merged)
+                 for m in leases], ("LEASE", "IMAGE", "DIGEST", "PID", "CREATED", "STATE", "MERGED"))
     return 0
 
 

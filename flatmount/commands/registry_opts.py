@@ -40,7 +40,9 @@ def add_registry_options(p: argparse.ArgumentParser) -> None:
                    help="the image of a multi-arch index to pull (default: this machine)")
     g.add_argument("--digestfile", metavar="PATH", help="write the pulled manifest's digest to PATH")
     g.add_argument("--jobs", type=int, default=3, metavar="N", help="layers fetched at once (default 3)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    # as `podman pull -q`; also before the subcommand (`flatmount -q pull`): no default here, so the
+    # subcommand's namespace never overwrites the global one
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress output")
 
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
@@ -56,7 +58,7 @@ def registry_events(args: argparse.Namespace) -> Any:
     """JSON lines on stderr with --json, a progress display on a terminal, else nothing."""
     if getattr(args, "json", False):
         return JsonEvents(sys.stderr)
-    if args.quiet or not sys.stderr.isatty():
+    if getattr(args, "quiet", False) or not sys.stderr.isatty():
         return None
     return TerminalEvents(sys.stderr)
 

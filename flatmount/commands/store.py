@@ -19,32 +19,47 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                                    "through skopeo), a registry image NAME[:TAG] (short names by "
                                    "registries.conf), or a bare path. With --json, registry pulls "
                                    "write progress events as JSON lines on stderr.")
-    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("source", metavar="SOURCE",
+                   help="oci:DIR[:TAG], tar:FILE, dir:PATH, containers-storage:[GRAPHROOT]IMAGE, "
+                        "docker://REF, oci-archive:, docker-archive:, NAME[:TAG] or a path")
     p.add_argument("--name", help="name the image (default: the OCI tag, if any)")
     from flatmount.commands.registry_opts import add_registry_options
 
     add_registry_options(p)
     p.set_defaults(func=cmd_pull)
 
-    p = sub.add_parser("images", parents=[common], help="list images (primary, then additional stores)")
+    p = sub.add_parser("images", parents=[common], help="list images (primary, then additional stores)",
+                       description="List every image with its names; CREATED is the image's own "
+                                   "creation time (its config's), else when it was imported.")
     p.set_defaults(func=cmd_images)
 
-    p = sub.add_parser("layers", parents=[common], help="list layers (primary, then additional stores)")
+    p = sub.add_parser("layers", parents=[common], help="list layers (primary, then additional stores)",
+                       description="List every layer record: id, parent, diff id, size, inode count, "
+                                   "and the store that holds it.")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("inspect", parents=[common], help="show an image (or layer) record as JSON",
                        description="Print the record of an image (name, id or id prefix) with its layer "
-                                   "chain; a layer id works too.")
-    p.add_argument("ref", metavar="NAME|ID")
+                                   "chain; a layer id works too.  The output is always JSON.")
+    p.add_argument("ref", metavar="NAME|ID", help="image name, id or unique id prefix, or a layer id")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("tag", parents=[common], help="add a name to an image")
-    p.add_argument("image", metavar="IMAGE")
-    p.add_argument("name", metavar="NAME")
+    p = sub.add_parser("tag", parents=[common], help="add a name to an image",
+                       description="Give IMAGE the name NAME (`:latest` added when it has no tag); the "
+                                   "name moves if another image had it.  NAME follows the reference "
+                                   "grammar podman uses.")
+    p.add_argument("image", metavar="IMAGE", help="image name, id or unique id prefix")
+    p.add_argument("name", metavar="NAME", help="new name: [HOST[:PORT]/]PATH[:TAG]")
     p.set_defaults(func=cmd_tag)
 
-    p = sub.add_parser("rmi", parents=[common], help="remove image names / images (objects: see gc)")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p = sub.add_parser("rmi", parents=[common], help="remove image names / images (objects: see gc)",
+                       description="By name, remove that name (the image goes with its last name); by "
+                                   "id, remove the image with its names (one with several names only "
+                                   "with --force, as podman).  Unused layers go too; objects are left "
+                                   "for gc.")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image name, id or unique id prefix")
+    p.add_argument("-f", "--force", action="store_true",
+                   help="remove an image given by id even if it has several names")
     p.set_defaults(func=cmd_rmi)
 
 
@@ -63,14 +78,15 @@ def _size(n: int | None) -> str:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.cli import open_store, print_json, quiet, want_json
+    from flatmount.cli import progress as cli_progress
     from flatmount.commands.registry_opts import registry_events, registry_options
     from flatmount.pull import TerminalProgress, pull
 
-    progress = TerminalProgress() if sys.stderr.isatty() and not args.quiet else None
+    progress = TerminalProgress() if sys.stderr.isatty() and not quiet(args) else None
     events = registry_events(args)
     try:
-        with open_store(args) as store:
+        with cli_progress(args), open_store(args) as store:
             result = pull(store, args.source, args.name, progress=progress,
                           registry=registry_options(args), events=events)
             unverified = _unverified_layers(store, result.imported + result.present)
@@ -83,9 +99,9 @@ def cmd_pull(args: argparse.Namespace) -> int:
         print_json(result)
     else:
         note = " (UNVERIFIED: its content is not proven to match its diff_id; see fsck)"
-        for lid in result.present if not args.quiet else ():
+        for lid in result.present if not quiet(args) else ():
             print(f"layer {lid[:12]}: already present{note if lid in unverified else ''}", file=sys.stderr)
-        for lid in result.imported if not args.quiet else ():
+        for lid in result.imported if not quiet(args) else ():
             print(f"layer {lid[:12]}: imported{note if lid in unverified else ''}", file=sys.stderr)
         print(result.image.id)
     return 0
@@ -167,7 +183,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, want_json
 
     with open_store(args) as store:
-        results = [store.remove_image(ref) for ref in args.images]
+        results = [store.remove_image(ref, refuse_several_names=not args.force) for ref in args.images]
     if want_json(args):
         print_json(results)
         return 0

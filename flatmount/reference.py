@@ -1,0 +1,37 @@
+"""Image names by the reference grammar podman, skopeo and docker use (distribution/reference).
+
+`[HOST[:PORT]/]PATH[/PATH...][:TAG][@ALGO:HEX]`: path components are lowercase letters and digits
+joined by `.`, `_`, `__` or dashes; a tag is up to 128 of `[A-Za-z0-9_.-]` not starting with `.` or
+`-`; the name before the tag at most 255 characters.  `tag` checks new names with it, so a name
+flatmount records is one podman would accept too.
+"""
+
+from __future__ import annotations
+
+import re
+
+from flatmount.errors import StoreError
+
+_ALNUM = r"[a-z0-9]+"
+_SEPARATOR = r"(?:[._]|__|[-]+)"
+_PATH_COMPONENT = rf"{_ALNUM}(?:{_SEPARATOR}{_ALNUM})*"
+_DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_DOMAIN = rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:]+\])(?::[0-9]+)?"
+_NAME = rf"(?:{_DOMAIN}/)?{_PATH_COMPONENT}(?:/{_PATH_COMPONENT})*"
+_TAG = r"[\w][\w.-]{0,127}"
+_DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
+REFERENCE = re.compile(rf"(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?")
+NAME_MAX = 255
+
+
+def check_reference(text: str) -> str:
+    """`text` if it is a valid image reference, else StoreError saying what the grammar allows."""
+    m = REFERENCE.fullmatch(text)
+    if m is None or not text.isascii():
+        raise StoreError(f"invalid image name {text!r}: use [HOST[:PORT]/]PATH[:TAG], PATH of lowercase "
+                         "letters and digits joined by '.', '_', '__' or '-', TAG of up to 128 letters, "
+                         "digits, '_', '.', '-' (not starting with '.' or '-'), as podman requires")
+    if len(m.group("name")) > NAME_MAX:
+        raise StoreError(f"invalid image name {text[:40]!r}...: the repository name is longer than "
+                         f"{NAME_MAX} characters")
+    return text
