@@ -322,6 +322,31 @@ def split_spec(spec: str) -> tuple[str, str | None]:
     return d, (tag or None)
 
 
+def image_layers(manifest: dict, config: dict, source: str, mwhere: str,
+                 cwhere: str) -> tuple[list[Descriptor], list[str], list[str]]:
+    """(layer descriptors, diff_ids, layer ids) of an image, checked against each other: known layer
+    media types, one well-formed sha256 diff_id per layer.  `source` names the image in errors,
+    `mwhere`/`cwhere` its manifest and config."""
+    ldescs = [Descriptor.parse(d, f"{mwhere} layer {i}")
+              for i, d in enumerate(_list(manifest, "layers", mwhere))]
+    for i, d in enumerate(ldescs):
+        if d.media_type not in LAYER_MEDIA_TYPES:
+            raise LayerError(f"{source}: layer {i} ({d.digest}) has unknown media type {d.media_type!r}")
+    rootfs = config.get("rootfs")
+    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
+    if not isinstance(diff_ids, list) or not all(
+            isinstance(x, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", x) for x in diff_ids):
+        raise LayerError(f"{cwhere}: rootfs.diff_ids missing or malformed")
+    if len(diff_ids) != len(ldescs):
+        raise LayerError(f"{source}: manifest has {len(ldescs)} layers but the config {len(diff_ids)} diff_ids")
+    ids: list[str] = []
+    parent: str | None = None
+    for d in diff_ids:
+        parent = chain_id(parent, d)
+        ids.append(parent)
+    return ldescs, diff_ids, ids
+
+
 def pull_oci(store: Store, spec: str, name: str | None = None, *,
              progress: Progress | None = None) -> PullResult:
     """Import the image `DIR[:TAG]` of an OCI layout into the primary store, all or nothing."""
@@ -338,25 +363,9 @@ def pull_oci(store: Store, spec: str, name: str | None = None, *,
     if not cdesc.digest.startswith("sha256:"):
         raise LayerError(f"manifest {mdesc.digest}: config digest must be sha256 (it is the image id)")
     config_bytes, config = layout.read_json_blob(cdesc, f"{path} config")
-    ldescs = [Descriptor.parse(d, f"manifest {mdesc.digest} layer {i}")
-              for i, d in enumerate(_list(manifest, "layers", f"manifest {mdesc.digest}"))]
-    for i, d in enumerate(ldescs):
-        if d.media_type not in LAYER_MEDIA_TYPES:
-            raise LayerError(f"{path}: layer {i} ({d.digest}) has unknown media type {d.media_type!r}")
-    rootfs = config.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(
-            isinstance(x, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", x) for x in diff_ids):
-        raise LayerError(f"config {cdesc.digest}: rootfs.diff_ids missing or malformed")
-    if len(diff_ids) != len(ldescs):
-        raise LayerError(f"{path}: manifest has {len(ldescs)} layers but the config {len(diff_ids)} diff_ids")
-
+    ldescs, diff_ids, ids = image_layers(manifest, config, path, f"manifest {mdesc.digest}",
+                                         f"config {cdesc.digest}")
     image_name = name if name is not None else (tag if tag is not None else mdesc.annotations.get(REF_NAME))
-    ids: list[str] = []
-    parent: str | None = None
-    for d in diff_ids:
-        parent = chain_id(parent, d)
-        ids.append(parent)
 
     imported: list[str] = []
     present: list[str] = []

@@ -308,17 +308,8 @@ def pull_transport(store: Store, source: str, name: str | None = None, *,
 
 def _pull(store: Store, source: str, transport: str, rest: str, name: str | None, options: RegistryOptions,
           emit: Events, proxies: list[Proxy], image: int) -> PullResult:
-    from flatmount.oci import (
-        LAYER_MEDIA_TYPES,
-        MAX_JSON,
-        MT_CONFIG,
-        MT_MANIFEST,
-        Descriptor,
-        _list,
-        _parse_json,
-    )
+    from flatmount.oci import MAX_JSON, MT_CONFIG, MT_MANIFEST, Descriptor, _parse_json, image_layers
     from flatmount.pull import ImportBatch, PullResult
-    from flatmount.store import chain_id
 
     first = proxies[0]
     try:
@@ -349,23 +340,8 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
     if len(config_bytes) != cdesc.size or "sha256:" + hashlib.sha256(config_bytes).hexdigest() != cdesc.digest:
         raise DigestMismatchError(f"{source}: config blob does not match its digest {cdesc.digest}")
     config = _parse_json(config_bytes, f"{source} config")
-    ldescs = [Descriptor.parse(d, f"{source} layer {i}")
-              for i, d in enumerate(_list(manifest, "layers", f"{source} manifest"))]
-    for i, d in enumerate(ldescs):
-        if d.media_type not in LAYER_MEDIA_TYPES:
-            raise LayerError(f"{source}: layer {i} ({d.digest}) has unknown media type {d.media_type!r}")
-    rootfs = config.get("rootfs")
-    diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
-    if not isinstance(diff_ids, list) or not all(
-            isinstance(x, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", x) for x in diff_ids):
-        raise LayerError(f"{source}: config {cdesc.digest}: rootfs.diff_ids missing or malformed")
-    if len(diff_ids) != len(ldescs):
-        raise LayerError(f"{source}: manifest has {len(ldescs)} layers but the config {len(diff_ids)} diff_ids")
-    ids: list[str] = []
-    parent: str | None = None
-    for d in diff_ids:
-        parent = chain_id(parent, d)
-        ids.append(parent)
+    ldescs, diff_ids, ids = image_layers(manifest, config, source, f"{source} manifest",
+                                         f"{source}: config {cdesc.digest}")
     image_name = name if name is not None else default_name(transport, rest)
     partial = _Partial(store)
 

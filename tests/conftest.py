@@ -74,3 +74,15 @@ try:
         _hsettings.load_profile("ci")
 except ImportError:  # pragma: no cover - hypothesis is in the test extra
     pass
+
+
+@pytest.fixture
+def registry(tmp_path):
+    """A real registry (Debian's docker-registry) on a free port of 127.0.0.1, stopped after the test."""
+    from tests.registry_fixtures import Registry
+
+    reg = Registry(tmp_path / "registry")
+    try:
+        yield reg
+    finally:
+        reg.stop()

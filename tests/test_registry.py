@@ -29,15 +29,6 @@ ROOT = Path(__file__).resolve().parent.parent
 PLAIN = RegistryOptions(tls_verify=False)
 
 
-@pytest.fixture
-def registry(tmp_path):
-    reg = Registry(tmp_path / "registry")
-    try:
-        yield reg
-    finally:
-        reg.stop()
-
-
 def new_store(tmp_path, name="store", additional=()):
     return open_store(tmp_path / name, runroot=tmp_path / f"{name}-run", config=os.devnull,
                       additional=list(additional))

@@ -17,19 +17,9 @@ from flatmount.pull import pull
 from flatmount.registry import RegistryOptions
 from tests.registry_fixtures import FaultServer, Registry
 from tests.tarbuild import Tar, check_consistent, make_oci, store_state
-from tests.test_registry import layer_tars, new_store
+from tests.test_registry import PLAIN, layer_tars, new_store
 
 ROOT = Path(__file__).resolve().parent.parent
-PLAIN = RegistryOptions(tls_verify=False)
-
-
-@pytest.fixture
-def registry(tmp_path):
-    reg = Registry(tmp_path / "registry")
-    try:
-        yield reg
-    finally:
-        reg.stop()
 
 
 def big_tar(files: int = 64, seed: int = 1) -> bytes:
