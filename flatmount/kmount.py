@@ -679,18 +679,29 @@ def not_ours_reason(entry: MountEntry) -> str | None:
     return f"a {entry.fstype} mount"
 
 
-def _statx_mount_root(path: str) -> bool | None:
-    """STATX_ATTR_MOUNT_ROOT of `path` (Linux 5.8+), or None where statx cannot tell."""
+def _statx(path: str, mask: int) -> ctypes.Array | None:
+    """statx(2) of `path` (no automount, following a final symlink as stat does) into a raw buffer;
+    None where libc has no statx; OSError on failure."""
     statx = getattr(_libc, "statx", None)
     if statx is None:
         return None
     buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if statx(ctypes.c_int(AT_FDCWD), _b(path), ctypes.c_int(AT_NO_AUTOMOUNT),
-             ctypes.c_uint(STATX_BASIC_STATS), buf) != 0:
+    if statx(ctypes.c_int(AT_FDCWD), _b(path), ctypes.c_int(AT_NO_AUTOMOUNT), ctypes.c_uint(mask), buf) != 0:
         err = ctypes.get_errno()
-        if err == E.ENOSYS:
-            return None
         raise OSError(err, os.strerror(err), path)
+    return buf
+
+
+def _statx_mount_root(path: str) -> bool | None:
+    """STATX_ATTR_MOUNT_ROOT of `path` (Linux 5.8+), or None where statx cannot tell."""
+    try:
+        buf = _statx(path, STATX_BASIC_STATS)
+    except OSError as e:
+        if e.errno == E.ENOSYS:
+            return None
+        raise
+    if buf is None:
+        return None
     (attrs,) = struct.unpack_from("=Q", buf, _STATX_ATTRIBUTES_OFF)
     (mask,) = struct.unpack_from("=Q", buf, _STATX_ATTRIBUTES_MASK_OFF)
     if not mask & STATX_ATTR_MOUNT_ROOT:
@@ -700,12 +711,11 @@ def _statx_mount_root(path: str) -> bool | None:
 
 def mount_id(path: str) -> int | None:
     """The unique (never reused) id of the mount at `path` (STATX_MNT_ID_UNIQUE, Linux 6.8+), or None."""
-    statx = getattr(_libc, "statx", None)
-    if statx is None:
+    try:
+        buf = _statx(path, STATX_MNT_ID_UNIQUE)
+    except OSError:
         return None
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if statx(ctypes.c_int(AT_FDCWD), _b(path), ctypes.c_int(AT_NO_AUTOMOUNT),
-             ctypes.c_uint(STATX_MNT_ID_UNIQUE), buf) != 0:
+    if buf is None:
         return None
     (mask,) = struct.unpack_from("=I", buf, 0)
     if not mask & STATX_MNT_ID_UNIQUE:
