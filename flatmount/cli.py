@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-AREAS = ("image", "store", "mount", "diff", "maint", "demo")
+AREAS = ("image", "store", "mount", "diff", "maint", "demo", "run")
 
 
 def common_parser() -> argparse.ArgumentParser:

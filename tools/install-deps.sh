@@ -3,7 +3,7 @@
 # project with its test extra from PyPI.  Idempotent; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES=(erofs-utils fsverity attr podman skopeo runc uidmap busybox-static util-linux kmod gcc python3-dev)
+APT_PACKAGES=(erofs-utils fsverity attr podman skopeo runc crun uidmap busybox-static util-linux kmod gcc python3-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,142 @@
+"""Container networks over netlink (pyroute2), set up between `runc create` and `runc start`.
+
+A mode is a `Network`: `namespace` says whether the container gets a network namespace of its own
+(in the runtime spec), `setup(pid)` runs once the runtime has made it (its init process `pid` is
+waiting for `start`), `teardown()` after the container is gone.  Netlink sockets are opened inside
+the container's namespace by entering it with setns(2) on this thread only, just for the socket's
+creation: the socket stays bound to that namespace, and no process or `ip` command is started.
+
+pyroute2 costs about 0.1 s to import, so `preload()` starts that import on a thread while the mount and
+`runc create` run (they wait on the kernel and on another process).
+
+Modes: `loopback` (lo up: runc also brings it up, crun too; the netlink step makes it so whatever the
+runtime did), `none` (lo down: nothing at all reaches the container), `host` (the host's namespace).
+A bridge mode would be one more class: in `setup`, create a veth pair on the host (`link("add",
+kind="veth")`), move its peer into the container's namespace (`net_ns_fd`), address and raise both
+ends, attach the host end to a bridge with NAT/forwarding rules (nftables over netlink); in
+`teardown`, delete the host end (the peer goes with it), and let `cleanup` delete veths whose
+container is gone.  IP address management (a lease file per address under the runroot) is the
+larger part of that work.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+from flatmount.errors import FlatmountError
+
+CLONE_NEWNET = 0x40000000
+_preload: threading.Thread | None = None
+
+
+class NetworkError(FlatmountError):
+    """A network set-up the kernel refused (netlink error), named with what to check."""
+
+
+def preload() -> None:
+    """Import pyroute2 on a background thread (idempotent); `_iproute_class` joins it."""
+    global _preload
+    if _preload is None:
+        def work() -> None:
+            try:
+                import pyroute2  # noqa: F401
+            except ImportError:
+                pass
+        _preload = threading.Thread(target=work, name="flatmount-pyroute2", daemon=True)
+        _preload.start()
+
+
+def _iproute_class():
+    if _preload is not None:
+        _preload.join()
+    try:
+        from pyroute2 import IPRoute
+    except ImportError:
+        raise NetworkError("pyroute2 is not installed (pip install pyroute2): it sets up container "
+                           "networks over netlink") from None
+    return IPRoute
+
+
+def iproute_in(pid: int):
+    """An IPRoute socket bound to the network namespace of process `pid`."""
+    import ctypes
+
+    IPRoute = _iproute_class()  # noqa: N806
+    libc = ctypes.CDLL(None, use_errno=True)
+    try:
+        target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        raise NetworkError(f"cannot open the network namespace of container process {pid}: "
+                           f"{e.strerror}") from None
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(target, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise NetworkError(f"cannot enter the network namespace of process {pid}: "
+                               f"{os.strerror(err)} (needs CAP_SYS_ADMIN)")
+        try:
+            return IPRoute()
+        finally:
+            if libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - our own namespace
+                err = ctypes.get_errno()
+                raise NetworkError(f"cannot return to flatmount's network namespace: {os.strerror(err)}")
+    finally:
+        os.close(target)
+        os.close(own)
+
+
+class Network:
+    """No network of its own and nothing to do (`host`)."""
+
+    name = "host"
+    namespace = False
+
+    def setup(self, pid: int) -> None:
+        """Called with the container's init pid after `create`, before `start`."""
+
+    def teardown(self) -> None:
+        """Called after the container is gone (also by cleanup paths: must be idempotent)."""
+
+
+class _LoState(Network):
+    namespace = True
+    up = True
+
+    def setup(self, pid: int) -> None:
+        ipr = iproute_in(pid)
+        try:
+            idx = ipr.link_lookup(ifname="lo")
+            if not idx:
+                raise NetworkError("the container's network namespace has no `lo`")
+            ipr.link("set", index=idx[0], state="up" if self.up else "down")
+        except NetworkError:
+            raise
+        except Exception as e:  # pyroute2's NetlinkError and friends
+            raise NetworkError(f"cannot set `lo` {'up' if self.up else 'down'} in the container: {e}") from None
+        finally:
+            ipr.close()
+
+
+class Loopback(_LoState):
+    """Its own namespace with only `lo`, up: 127.0.0.1 works, the host's interfaces are not there."""
+
+    name = "loopback"
+    up = True
+
+
+class NoNetwork(_LoState):
+    """Its own namespace with `lo` down."""
+
+    name = "none"
+    up = False
+
+
+MODES: dict[str, type[Network]] = {"host": Network, "loopback": Loopback, "none": NoNetwork}
+
+
+def network(mode: str) -> Network:
+    try:
+        return MODES[mode]()
+    except KeyError:
+        raise NetworkError(f"unknown network mode {mode!r}: use one of {', '.join(MODES)}") from None

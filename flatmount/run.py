@@ -1,0 +1,410 @@
+"""`flatmount run`: a container of a flattened image on a real OCI runtime (runc, or crun).
+
+bundle (bundle.py: leased private mount + config.json) -> `runc create` -> network (net.py, netlink
+into the new namespace) -> `runc start` -> wait -> `runc delete` + unmount.
+
+Everything of a container lives under the runroot: `containers/<id>/` is its bundle (and record),
+and runc keeps its state under `runc/` (`runc --root`), so `cleanup` can find a container whose
+flatmount process died and remove it with its runtime state, mount and lease.
+
+Waiting.  flatmount makes itself a child subreaper before `runc create`: when runc exits, the
+container's init process is re-parented to flatmount, which waits for it directly and so gets its
+real exit status (128+N after signal N, as shells and podman report it).  SIGINT, SIGTERM, SIGHUP,
+SIGQUIT, SIGUSR1/2 and SIGWINCH received meanwhile are forwarded to that process.
+
+Ownership (what `cleanup` may remove).  The record names the flatmount process that owns the
+container (pid and start time); a detached container is owned by nobody once started.  `cleanup`
+removes a container whose owner is gone and that is not a running detached one: it kills what is
+left of it, deletes the runtime state, unmounts and releases the lease, and removes the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+
+from flatmount.bundle import (
+    BundleError,
+    create_bundle,
+    owner_alive,
+    read_record,
+    remove_bundle,
+    update_record,
+)
+from flatmount.errors import FlatmountError, NotFoundError
+from flatmount.runspec import RunOptions
+
+RUNTIMES = ("runc", "crun")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class RuntimeError_(FlatmountError):
+    """The OCI runtime failed (its own message is quoted)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished (or, with `detached`, started) container: `exit_status` is 128+N after signal N."""
+
+    id: str
+    image: str
+    exit_status: int | None
+    signal: int | None
+    detached: bool
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Container:
+    """One container under the runroot, as `ps` lists it."""
+
+    id: str
+    image: str
+    status: str          # created, running, paused, stopped, exited, or unknown
+    exit_status: int | None
+    pid: int | None
+    created: float | None
+    detached: bool
+    owner_pid: int | None
+    bundle: str
+
+
+# --- paths and the runtime ------------------------------------------------------------------------
+
+def containers_dir(store) -> str:
+    return os.path.join(os.fspath(store.runroot), "containers")
+
+
+def runtime_root(store, runtime: str) -> str:
+    return os.path.join(os.fspath(store.runroot), runtime)
+
+
+def _runtime_path(runtime: str) -> str:
+    import shutil
+
+    if runtime not in RUNTIMES:
+        raise RuntimeError_(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    path = shutil.which(runtime)
+    if path is None:
+        raise RuntimeError_(f"{runtime} is not installed (apt-get install {runtime})")
+    return path
+
+
+def _rt(store, runtime: str, *args: str, check: bool = True, capture: bool = True, **kw):
+    """Run `runtime --root <runroot>/<runtime> ARGS`; a failure is a RuntimeError_ with its stderr."""
+    import subprocess
+
+    cmd = [_runtime_path(runtime), "--root", runtime_root(store, runtime), *args]
+    if capture:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+    p = subprocess.run(cmd, **kw)
+    if check and p.returncode != 0:
+        msg = (p.stderr or b"").decode("utf-8", "replace").strip().splitlines()
+        raise RuntimeError_(f"{runtime} {args[0]} failed: {msg[-1] if msg else 'exit status ' + str(p.returncode)}")
+    return p
+
+
+def runtime_state(store, runtime: str, cid: str) -> dict | None:
+    """`runc state ID` as a dict, or None when the runtime does not know the container."""
+    import json
+
+    try:
+        p = _rt(store, runtime, "state", cid, check=False)
+    except RuntimeError_:
+        return None
+    if p.returncode != 0:
+        return None
+    try:
+        return json.loads(p.stdout)
+    except ValueError:
+        return None
+
+
+def _new_id(name: str | None) -> str:
+    if name is None:
+        return os.urandom(6).hex()
+    if not _ID.fullmatch(name):
+        raise RuntimeError_(f"invalid container name {name!r}: letters, digits, _ . - (at most 128)")
+    return name
+
+
+def _set_subreaper() -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _status(wait_status: int) -> tuple[int, int | None]:
+    if os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        return 128 + sig, sig
+    return os.WEXITSTATUS(wait_status), None
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+def run(store, image: str, opts: RunOptions | None = None, *, name: str | None = None, rm: bool = False,
+        detach: bool = False, runtime: str = "runc", stdin=None, stdout=None, stderr=None) -> RunResult:
+    """Run a container of `image` on `runtime` and wait for it (or start it and return, `detach`).
+
+    stdio (file objects or fds, default: this process's) are passed to the container's process;
+    with `opts.terminal` they are relayed through a pseudo-terminal the runtime creates."""
+    from flatmount import net
+
+    opts = opts or RunOptions()
+    network = net.network(opts.net)
+    if network.namespace:
+        net.preload()
+    _runtime_path(runtime)
+    cid = _new_id(name)
+    base = containers_dir(store)
+    from flatmount.mount import _mkdir_private
+
+    _mkdir_private(base)
+    cdir = os.path.join(base, cid)
+    if os.path.lexists(cdir):
+        raise RuntimeError_(f"a container named {cid} exists (flatmount rm {cid})")
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    b = create_bundle(store, image, cdir, opts, container_id=cid,
+                      extra={"kind": "container", "id": cid, "runtime": runtime, "rm": rm,
+                             "detached": False, "net": opts.net})
+    timings["mount"] = b.timings["mount"]
+    timings["bundle"] = time.perf_counter() - t0 - timings["mount"]
+    result: RunResult | None = None
+    console = None
+    try:
+        t = time.perf_counter()
+        _set_subreaper()
+        pid_file = os.path.join(cdir, "init.pid")
+        args = ["create", "--bundle", cdir, "--pid-file", pid_file]
+        if opts.terminal:
+            from flatmount.console import ConsoleSocket
+
+            console = ConsoleSocket(os.path.join(cdir, "console.sock"))
+            args += ["--console-socket", console.path]
+        update_record(cdir, runtime_created=True)
+        _rt(store, runtime, *args, cid, capture=False, check=False, stdin=stdin, stdout=stdout,
+            stderr=stderr if stderr is not None else None)
+        try:
+            with open(pid_file) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            raise RuntimeError_(f"{runtime} create did not create container {cid} (its error is "
+                                "above)") from None
+        timings["create"] = time.perf_counter() - t
+        if console is not None:
+            console.receive()
+        t = time.perf_counter()
+        network.setup(pid)
+        timings["netlink"] = time.perf_counter() - t
+        t = time.perf_counter()
+        if detach:
+            _rt(store, runtime, "start", cid)
+            update_record(cdir, detached=True, init_pid=pid)
+            timings["start"] = time.perf_counter() - t
+            result = RunResult(cid, image, None, None, True, timings)
+            return result
+        status = _start_and_wait(store, runtime, cid, pid, console, timings, t)
+        result = RunResult(cid, image, status[0], status[1], False, timings)
+        return result
+    finally:
+        if console is not None:
+            console.close()
+        if result is None or not result.detached:
+            t = time.perf_counter()
+            _finish(store, cid, cdir, runtime, keep_record=not rm and result is not None,
+                    exit_status=result.exit_status if result is not None else None)
+            timings["cleanup"] = time.perf_counter() - t
+
+
+def _start_and_wait(store, runtime: str, cid: str, pid: int, console, timings: dict, t: float) -> tuple:
+    received: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    old = {}
+    for s in FORWARDED:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread: no forwarding
+            old[s] = signal.signal(s, forward)
+    try:
+        _rt(store, runtime, "start", cid)
+        timings["start"] = time.perf_counter() - t
+        if console is not None:
+            console.relay_start()
+        t = time.perf_counter()
+        while True:
+            try:
+                _, ws = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:  # not re-parented to us (no subreaper): poll the runtime
+                ws = _poll_exit(store, runtime, cid)
+                break
+        timings["wait"] = time.perf_counter() - t
+        if console is not None:
+            console.relay_stop()
+        return _status(ws)
+    finally:
+        for s, h in old.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, h)
+
+
+def _poll_exit(store, runtime: str, cid: str) -> int:
+    while True:
+        st = runtime_state(store, runtime, cid)
+        if st is None or st.get("status") == "stopped":
+            return 0
+        time.sleep(0.05)
+
+
+def _finish(store, cid: str, cdir: str, runtime: str, *, keep_record: bool,
+            exit_status: int | None = None) -> None:
+    """Kill what is left, delete the runtime state, unmount, release the lease; the record stays
+    with `keep_record` (a stopped container that `ps -a` lists and `rm` removes)."""
+    record = read_record(cdir) or {}
+    if record.get("runtime_created") or runtime_state(store, runtime, cid) is not None:
+        with contextlib.suppress(RuntimeError_):
+            _rt(store, runtime, "delete", "--force", cid, check=False)
+    for extra in ("init.pid", "console.sock"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(cdir, extra))
+    if read_record(cdir) is None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(cdir)
+        return
+    if keep_record:
+        update_record(cdir, exit_status=exit_status, finished=time.time(), runtime_created=False)
+    remove_bundle(store, cdir, keep_record=keep_record)
+
+
+# --- detached containers --------------------------------------------------------------------------
+
+def _record_of(store, cid: str) -> tuple[str, dict]:
+    if not _ID.fullmatch(cid):
+        raise NotFoundError(f"no container {cid!r}")
+    cdir = os.path.join(containers_dir(store), cid)
+    rec = read_record(cdir)
+    if rec is None or rec.get("kind") != "container":
+        raise NotFoundError(f"no container {cid!r} (see `flatmount ps -a`)")
+    return cdir, rec
+
+
+def list_containers(store, all_: bool = True) -> list[Container]:
+    """Containers under the runroot, oldest first; without `all_` only created/running/paused ones."""
+    out = []
+    try:
+        names = sorted(os.listdir(containers_dir(store)))
+    except FileNotFoundError:
+        return []
+    for cid in names:
+        cdir = os.path.join(containers_dir(store), cid)
+        rec = read_record(cdir)
+        if rec is None or rec.get("kind") != "container":
+            continue
+        runtime = rec.get("runtime", "runc")
+        st = runtime_state(store, runtime, cid) if not rec.get("released") else None
+        if st is not None:
+            status, pid = st.get("status", "unknown"), st.get("pid") or None
+        else:
+            status, pid = ("exited" if rec.get("released") else "unknown"), None
+        if not all_ and status not in ("created", "running", "paused"):
+            continue
+        out.append(Container(cid, rec.get("image", ""), status, rec.get("exit_status"), pid,
+                             rec.get("created"), bool(rec.get("detached")), rec.get("owner_pid"), cdir))
+    out.sort(key=lambda c: (c.created or 0, c.id))
+    return out
+
+
+def stop(store, cid: str, timeout: float = 10.0) -> Container:
+    """SIGTERM the container's process, SIGKILL after `timeout` s, then release its mount (and
+    remove it if it was started with --rm)."""
+    cdir, rec = _record_of(store, cid)
+    runtime = rec.get("runtime", "runc")
+    st = runtime_state(store, runtime, cid)
+    if st is not None and st.get("status") in ("running", "created", "paused"):
+        _rt(store, runtime, "kill", cid, "TERM", check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            st = runtime_state(store, runtime, cid)
+            if st is None or st.get("status") == "stopped":
+                break
+            time.sleep(0.05)
+        else:
+            _rt(store, runtime, "kill", cid, "KILL", check=False)
+    if not rec.get("released"):
+        _finish(store, cid, cdir, runtime, keep_record=not rec.get("rm"))
+    return Container(cid, rec.get("image", ""), "exited", rec.get("exit_status"), None, rec.get("created"),
+                     bool(rec.get("detached")), rec.get("owner_pid"), cdir)
+
+
+def remove(store, cid: str, force: bool = False) -> str:
+    """Remove a stopped container (`force`: stop it first)."""
+    cdir, rec = _record_of(store, cid)
+    runtime = rec.get("runtime", "runc")
+    if not rec.get("released"):
+        st = runtime_state(store, runtime, cid)
+        running = st is not None and st.get("status") in ("running", "created", "paused")
+        owned = not rec.get("detached") and owner_alive(rec.get("owner_pid"), rec.get("owner_start"))
+        if (running or owned) and not force:
+            raise BundleError(f"container {cid} is running: `flatmount stop {cid}` first, or rm --force")
+        if running:
+            _rt(store, runtime, "kill", cid, "KILL", check=False)
+    _finish(store, cid, cdir, runtime, keep_record=False)
+    return cid
+
+
+def cleanup_containers(store) -> list[str]:
+    """Remove containers whose flatmount process died (kill -9 included) and are not running
+    detached: their process, runtime state, mount, lease and directory.  Returns their ids."""
+    removed = []
+    base = containers_dir(store)
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return []
+    for cid in names:
+        cdir = os.path.join(base, cid)
+        if os.path.islink(cdir) or not os.path.isdir(cdir):
+            continue
+        rec = read_record(cdir)
+        if rec is None:
+            # a creator writes the record right after mkdir; leave very young dirs to it
+            with contextlib.suppress(OSError):
+                if time.time() - os.lstat(cdir).st_mtime > 30:
+                    for extra in os.listdir(cdir):
+                        if extra.startswith(".tmp-") or extra in ("init.pid", "console.sock"):
+                            with contextlib.suppress(FileNotFoundError):
+                                os.unlink(os.path.join(cdir, extra))
+                    os.rmdir(cdir)
+                    removed.append(cid)
+            continue
+        if owner_alive(rec.get("owner_pid"), rec.get("owner_start")) and not rec.get("detached"):
+            continue
+        runtime = rec.get("runtime", "runc")
+        if rec.get("detached"):
+            st = runtime_state(store, runtime, cid)
+            if st is not None and st.get("status") in ("running", "paused", "created"):
+                continue
+            if rec.get("released") and not rec.get("rm"):
+                continue   # a stopped detached container: `rm` removes it
+        if not _ID.fullmatch(cid):
+            continue
+        st = runtime_state(store, runtime, cid)
+        if st is not None and st.get("status") in ("running", "paused", "created"):
+            _rt(store, runtime, "kill", cid, "KILL", check=False)
+        _finish(store, cid, cdir, runtime, keep_record=False)
+        removed.append(cid)
+    return removed

@@ -1,0 +1,339 @@
+"""Containers on runc: `flatmount bundle` / `run` end to end, with real mounts, runc and namespaces.
+
+Images: busybox-static (apt) packed as one layer into an OCI layout (tools/busybox_image.py), with an
+image config setting Cmd, Env, WorkingDir, User and Labels; and the example image (no shell of its
+own: busybox is bind-mounted as /bin/sh, and its missing mount points come from the stub overlay).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, require_root, require_tool
+
+from flatmount.store import open_store
+from tools.busybox_image import write_oci
+
+CONFIG = {"Cmd": ["sh", "-c", "echo $GREETING from $(pwd) as $(id -u):$(id -g) $(id -G)"],
+          "Env": ["PATH=/bin", "GREETING=hello"], "WorkingDir": "/srv", "User": "app",
+          "Labels": {"org.example.kind": "busybox"}}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A store with `bb` (busybox + CONFIG) and `demo` (the example image); checks on the way out
+    that nothing of ours is left mounted or leased."""
+    require_root()
+    require_tool("runc")
+    base = tmp_path_factory.mktemp("run")
+    paths = {"root": str(base / "store"), "runroot": str(base / "run"), "base": str(base)}
+    with open_store(paths["root"], runroot=paths["runroot"]) as store:
+        store.pull(write_oci(base / "oci", "bb", CONFIG), "bb")
+        store.pull(f"oci:{ROOT}/examples/demo-oci:demo", "demo")
+    try:
+        yield paths
+    finally:
+        leftovers = _our_mounts(str(base))
+        for m in reversed(leftovers):
+            subprocess.run(["umount", "-l", m], check=False)
+        for rt in ("runc", "crun"):
+            root = os.path.join(paths["runroot"], rt)
+            if os.path.isdir(root):
+                out = subprocess.run([rt, "--root", root, "list", "-q"], capture_output=True, text=True)
+                for cid in out.stdout.split():
+                    subprocess.run([rt, "--root", root, "delete", "--force", cid], check=False)
+        assert not leftovers, f"mounts left behind: {leftovers}"
+
+
+def _our_mounts(prefix: str) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split(" ")[4]
+            if mp.startswith(prefix):
+                out.append(mp)
+    return out
+
+
+def cli(paths, *args: str, timeout: float = 60, **kw) -> subprocess.CompletedProcess:
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "flatmount", "--root", paths["root"], "--runroot",
+                           paths["runroot"], *args], capture_output=True, text=True, timeout=timeout,
+                          env=e, cwd=str(ROOT), **kw)
+
+
+def assert_nothing_left(paths) -> None:
+    """No mount, lease, runc state or container dir of ours remains."""
+    assert _our_mounts(paths["base"]) == []
+    with open_store(paths["root"], runroot=paths["runroot"]) as store:
+        assert store.mounts() == []
+    cdir = os.path.join(paths["runroot"], "containers")
+    assert not os.path.isdir(cdir) or os.listdir(cdir) == []
+    rroot = os.path.join(paths["runroot"], "runc")
+    if os.path.isdir(rroot):
+        listed = subprocess.run(["runc", "--root", rroot, "list", "-q"], capture_output=True, text=True)
+        assert listed.stdout.split() == []
+        assert os.listdir(rroot) == []
+
+
+# --- bundle ---------------------------------------------------------------------------------------
+
+def test_bundle_config_json_and_runc_run_unchanged(env, tmp_path):
+    """`flatmount bundle` writes a config.json that runc runs as is, with podman's confinement."""
+    d = tmp_path / "b"
+    r = cli(env, "bundle", "bb", str(d), "--net", "none", "-e", "EXTRA=1", "--", "sh", "-c",
+            "grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status; exit 5")
+    assert r.returncode == 0, r.stderr
+    try:
+        _check_bundle(env, d, tmp_path)
+    finally:
+        if d.exists():
+            cli(env, "bundle", "--remove", str(d))
+    assert_nothing_left(env)
+
+
+def _check_bundle(env, d: Path, tmp_path: Path) -> None:
+    spec = json.loads((d / "config.json").read_text())
+    with open_store(env["root"], runroot=env["runroot"]) as store:
+        [lease] = store.mounts()
+    assert spec["root"] == {"path": lease.merged, "readonly": True}
+    assert spec["process"]["user"] == {"uid": 1000, "gid": 1000, "additionalGids": [10]}
+    assert spec["process"]["cwd"] == "/srv"
+    assert "EXTRA=1" in spec["process"]["env"] and "GREETING=hello" in spec["process"]["env"]
+    assert spec["process"]["noNewPrivileges"] is True
+    caps = spec["process"]["capabilities"]
+    assert caps["bounding"] == caps["effective"] == caps["permitted"]
+    assert set(caps["bounding"]) == {"CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_KILL",
+                                     "CAP_NET_BIND_SERVICE", "CAP_SETFCAP", "CAP_SETGID", "CAP_SETPCAP",
+                                     "CAP_SETUID", "CAP_SYS_CHROOT"}
+    sec = spec["linux"]["seccomp"]
+    assert sec["defaultAction"] == "SCMP_ACT_ERRNO" and sec["architectures"][0] == "SCMP_ARCH_X86_64"
+    allowed = {n for s in sec["syscalls"] if s["action"] == "SCMP_ACT_ALLOW" for n in s["names"]}
+    assert {"read", "execve", "arch_prctl"} <= allowed
+    assert "chroot" in allowed                # included for CAP_SYS_CHROOT, which podman gives
+    assert "bpf" not in allowed               # only with CAP_SYS_ADMIN, which podman does not give
+    assert any("bpf" in s["names"] and s["action"] == "SCMP_ACT_ERRNO" for s in sec["syscalls"])
+    assert "/proc/kcore" in spec["linux"]["maskedPaths"] and "/proc/sys" in spec["linux"]["readonlyPaths"]
+    assert spec["annotations"] == {"org.example.kind": "busybox"}
+    dests = {m["destination"]: m for m in spec["mounts"]}
+    for p in ("/proc", "/dev", "/dev/pts", "/dev/shm", "/dev/mqueue", "/sys", "/tmp", "/run"):
+        assert p in dests
+    assert "ro" in dests["/sys"]["options"]
+    for n in ("hostname", "hosts", "resolv.conf"):
+        m = dests[f"/etc/{n}"]
+        assert m["source"] == str(d / n) and "ro" in m["options"] and (d / n).is_file()
+    # runc runs the bundle unchanged
+    runc_root = tmp_path / "runc"
+    p = subprocess.run(["runc", "--root", str(runc_root), "run", "-b", str(d), "bundletest"],
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert p.returncode == 5, p.stderr
+    status = dict(line.split(":\t") for line in p.stdout.splitlines())
+    assert status["NoNewPrivs"] == "1" and status["Seccomp"] == "2"
+    assert status["CapEff"] == "0000000000000000"   # a non-root user keeps no effective caps
+    r = cli(env, "bundle", "--remove", str(d))
+    assert r.returncode == 0, r.stderr
+    assert not d.exists()
+
+
+def test_bundle_context_manager_and_root_caps(env, tmp_path):
+    """store.bundle() as a context manager; root in the container has exactly podman's caps."""
+    from flatmount.runspec import RunOptions
+
+    with open_store(env["root"], runroot=env["runroot"]) as store:
+        with store.bundle("bb", str(tmp_path / "b"), RunOptions(user="0", command=(
+                "sh", "-c", "grep ^CapBnd: /proc/self/status"))) as b:
+            assert os.path.ismount(b.merged) and b.root == b.merged
+            p = subprocess.run(["runc", "--root", str(tmp_path / "runc"), "run", "-b", b.dir, "ctx"],
+                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            assert p.returncode == 0, p.stderr
+        assert not os.path.exists(b.dir) and store.mounts() == []
+    # CHOWN DAC_OVERRIDE FOWNER FSETID KILL SETGID SETUID SETPCAP NET_BIND_SERVICE SYS_CHROOT SETFCAP
+    bits = sum(1 << n for n in (0, 1, 3, 4, 5, 6, 7, 8, 10, 18, 31))
+    assert p.stdout.split()[1] == f"{bits:016x}"
+
+
+def test_bundle_refuses_a_non_empty_dir_and_cleans_up_on_error(env, tmp_path):
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / "keep").write_text("mine")
+    r = cli(env, "bundle", "bb", str(d))
+    assert r.returncode == 3 and "not empty" in r.stderr and "Traceback" not in r.stderr
+    assert (d / "keep").read_text() == "mine"
+    r = cli(env, "bundle", "bb", str(tmp_path / "b2"), "-u", "nosuchuser")
+    assert r.returncode == 3 and "nosuchuser" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "b2").exists()
+    r = cli(env, "bundle", "--remove", str(d))
+    assert r.returncode == 3 and "not a flatmount bundle" in r.stderr
+    assert_nothing_left(env)
+
+
+# --- run: exit status, signals, config and overrides ----------------------------------------------
+
+@pytest.mark.parametrize("code", [0, 1, 42])
+def test_exit_status_propagated(env, code):
+    r = cli(env, "run", "--rm", "bb", "--", "sh", "-c", f"echo out; echo err >&2; exit {code}")
+    assert r.returncode == code, r.stderr
+    assert r.stdout == "out\n" and r.stderr == "err\n"
+    assert_nothing_left(env)
+
+
+def _popen_run(env, *args: str) -> subprocess.Popen:
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "flatmount", "--root", env["root"], "--runroot",
+                             env["runroot"], "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=e, cwd=str(ROOT))
+
+
+def _wait_file(path: str, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = Path(path).read_text()
+            if text.strip():
+                return text
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"{path} did not appear")
+
+
+def test_killed_by_signal_is_128_plus_n(env):
+    p = _popen_run(env, "--rm", "--name", "sigkill", "bb", "--", "sleep", "60")
+    try:
+        pid = int(_wait_file(os.path.join(env["runroot"], "containers", "sigkill", "init.pid")))
+        time.sleep(0.2)
+        os.kill(pid, signal.SIGKILL)
+        _out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGKILL, err
+    assert_nothing_left(env)
+
+
+def test_sigterm_is_forwarded_to_the_container(env):
+    script = "trap 'echo got TERM; exit 7' TERM; echo ready; while :; do sleep 0.05; done"
+    p = _popen_run(env, "--rm", "--name", "fwd", "bb", "--", "sh", "-c", script)
+    try:
+        _wait_file(os.path.join(env["runroot"], "containers", "fwd", "init.pid"))
+        assert p.stdout.readline() == "ready\n"
+        p.send_signal(signal.SIGTERM)
+        out, err = p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 7, err
+    assert out == "got TERM\n"
+    assert_nothing_left(env)
+
+
+def test_env_workdir_user_from_config_and_options(env):
+    r = cli(env, "run", "--rm", "bb")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "hello from /srv as 1000:1000 1000 10\n"
+    r = cli(env, "run", "--rm", "-e", "GREETING=bye", "-w", "/tmp", "-u", "0:10", "bb")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "bye from /tmp as 0:10 10\n"
+    r = cli(env, "run", "--rm", "-u", "nobody", "bb", "--", "sh", "-c", "id -un; echo $HOME")
+    assert r.stdout == "nobody\n/nonexistent\n", r.stderr
+    assert_nothing_left(env)
+
+
+def test_root_is_read_only_tmp_and_run_writable(env):
+    script = ("touch /new 2>&1; touch /bin/x 2>&1; echo a > /tmp/f && cat /tmp/f; "
+              "echo b > /run/f && cat /run/f; echo c > /dev/shm/f && cat /dev/shm/f; "
+              "grep ' / ' /proc/mounts | grep -c ' ro,'")
+    r = cli(env, "run", "--rm", "-u", "0", "bb", "--", "sh", "-c", script)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert "Read-only file system" in lines[0] and "Read-only file system" in lines[1]
+    assert lines[2:] == ["a", "b", "c", "1"]
+    assert_nothing_left(env)
+
+
+def test_network_modes(env):
+    probe = ("cat /sys/class/net/lo/flags; ls /sys/class/net | tr '\\n' ' '; echo; "
+             "(echo pong | nc -l -p 7777 127.0.0.1 &); sleep 0.3; nc -w 2 127.0.0.1 7777 </dev/null")
+    r = cli(env, "run", "--rm", "--net", "loopback", "bb", "--", "sh", "-c", probe)
+    assert r.returncode == 0, r.stderr
+    flags, names, pong = r.stdout.splitlines()
+    assert int(flags, 16) & 1 and names.split() == ["lo"] and pong == "pong"
+    r = cli(env, "run", "--rm", "bb", "--", "sh", "-c", "cat /sys/class/net/lo/flags")
+    assert int(r.stdout, 16) & 1, "loopback is the default"
+    r = cli(env, "run", "--rm", "--net", "none", "bb", "--", "sh", "-c",
+            "cat /sys/class/net/lo/flags; ls /sys/class/net; nc -w 1 127.0.0.1 7777 </dev/null || echo refused")
+    assert r.returncode == 0, r.stderr
+    flags, *rest = r.stdout.splitlines()
+    assert not int(flags, 16) & 1 and rest == ["lo", "refused"]
+    r = cli(env, "run", "--rm", "--net", "host", "bb", "--", "ls", "/sys/class/net")
+    assert r.returncode == 0, r.stderr
+    assert sorted(r.stdout.split()) == sorted(os.listdir("/sys/class/net"))
+    assert len(r.stdout.split()) > 1
+    assert_nothing_left(env)
+
+
+def test_volumes_and_tmpfs(env, tmp_path):
+    rw = tmp_path / "rw"
+    rw.mkdir()
+    (rw / "in").write_text("from host\n")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    r = cli(env, "run", "--rm", "-u", "0", "-v", f"{rw}:/mnt", "-v", f"{ro}:/srv:ro", "--tmpfs", "/var",
+            "bb", "--", "sh", "-c", "cat /mnt/in; echo back > /mnt/out; touch /srv/x 2>&1; "
+                                    "echo v > /var/x && cat /var/x")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "from host" and "Read-only file system" in lines[1] and lines[2] == "v"
+    assert (rw / "out").read_text() == "back\n"
+    assert os.listdir(ro) == []
+    r = cli(env, "run", "--rm", "-v", "relative:/x:zz", "bb")
+    assert r.returncode == 3 and "Traceback" not in r.stderr
+    assert_nothing_left(env)
+
+
+def test_example_image_with_missing_mount_points(env):
+    """The example image has no /proc, /dev, /tmp... and no shell: busybox comes in by -v, the mount
+    points from the stub overlay; the image's own /etc files and attributes show through."""
+    bb = "/bin/busybox"
+    r = cli(env, "run", "--rm", "-v", f"{bb}:{bb}:ro", "demo", "--", bb, "sh", "-c",
+            f"{bb} grep VERSION= /etc/os-release; echo $({bb} ls /opt/app); {bb} stat -c '%a %Y' /etc; "
+            f"{bb} touch /etc/x 2>&1; exit 3")
+    assert r.returncode == 3, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == 'VERSION="1.1"'
+    with open_store(env["root"], runroot=env["runroot"]) as store, store.mount("demo") as merged:
+        assert lines[1].split() == sorted(os.listdir(os.path.join(merged, "opt/app")))
+        st = os.stat(os.path.join(merged, "etc"))
+        assert lines[2] == f"{st.st_mode & 0o777:o} {int(st.st_mtime)}"
+    assert "Read-only file system" in lines[3]
+    r = cli(env, "run", "--rm", "demo")
+    assert r.returncode != 0 and "Traceback" not in r.stderr   # /usr/bin/hello needs a /bin/sh
+    assert_nothing_left(env)
+
+
+def test_api_run_returns_status_and_timings(env):
+    from flatmount.runspec import RunOptions
+
+    with open_store(env["root"], runroot=env["runroot"]) as store:
+        res = store.run("bb", RunOptions(command=("sh", "-c", "exit 9")), rm=True,
+                        stdout=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert res.exit_status == 9 and res.signal is None and not res.detached
+    assert {"mount", "bundle", "create", "netlink", "start", "wait", "cleanup"} <= set(res.timings)
+    assert_nothing_left(env)
+
+
+def test_run_without_rm_keeps_a_record_until_rm(env):
+    r = cli(env, "run", "--name", "keep", "bb", "--", "sh", "-c", "exit 4")
+    assert r.returncode == 4
+    assert _our_mounts(env["base"]) == []
+    r = cli(env, "ps", "-a")
+    assert "keep" in r.stdout and "exited (4)" in r.stdout
+    assert "keep" not in cli(env, "ps").stdout
+    r = cli(env, "rm", "keep")
+    assert r.returncode == 0, r.stderr
+    assert_nothing_left(env)
