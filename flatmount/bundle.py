@@ -149,6 +149,17 @@ def _make_stubs(merged: str, stubs_dir: str, missing: list[tuple[str, bool]]) ->
     return created
 
 
+def new_record(image: str, extra: dict | None = None) -> dict:
+    """A bundle's first record: who creates it (pid, start time, boot), nothing mounted yet."""
+    return {"version": 1, "image": image, "owner_pid": os.getpid(), "owner_start": _pid_start(os.getpid()),
+            "boot_id": _boot_id(), "created": time.time(), "lease": None, "stubs": [], "rootfs": None,
+            **(extra or {})}
+
+
+def write_record(bundle_dir: str, record: dict) -> None:
+    _write_json(os.path.join(os.path.abspath(bundle_dir), RECORD), record)
+
+
 def _prepare_dir(bundle_dir: str) -> str:
     d = os.path.abspath(bundle_dir)
     try:
@@ -165,17 +176,22 @@ def _prepare_dir(bundle_dir: str) -> str:
 
 
 def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = None, *,
-                  container_id: str | None = None, extra: dict | None = None) -> Bundle:
+                  container_id: str | None = None, extra: dict | None = None,
+                  precreated: bool = False) -> Bundle:
     """Mount `image` privately (leased) and write an OCI runtime bundle for it at `bundle_dir`."""
     from flatmount.mount import mount_image_ref, umount
 
     opts = opts or RunOptions()
     t0 = time.perf_counter()
-    d = _prepare_dir(bundle_dir)
-    record = {"version": 1, "image": image, "owner_pid": os.getpid(), "owner_start": _pid_start(os.getpid()),
-              "boot_id": _boot_id(), "created": time.time(), "lease": None, "stubs": [], "rootfs": None,
-              **(extra or {})}
-    _write_json(os.path.join(d, RECORD), record)
+    if precreated:   # the caller made the directory with its record (new_record) in one step
+        d = os.path.abspath(bundle_dir)
+        record = read_record(d)
+        if record is None:
+            raise BundleError(f"{d} has no bundle record")
+    else:
+        d = _prepare_dir(bundle_dir)
+        record = new_record(image, extra)
+        _write_json(os.path.join(d, RECORD), record)
     timings: dict[str, float] = {}
     lease = None
     try:

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass, field
 
 from flatmount.bundle import (
+    RECORD,
     BundleError,
     create_bundle,
     owner_alive,
@@ -39,6 +40,7 @@ from flatmount.errors import FlatmountError, NotFoundError
 from flatmount.runspec import RunOptions
 
 RUNTIMES = ("runc", "crun")
+LOG = "ctr.log"     # stdout and stderr of a detached container
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 PR_SET_CHILD_SUBREAPER = 36
@@ -135,6 +137,38 @@ def _new_id(name: str | None) -> str:
     return name
 
 
+NEW_PREFIX = ".new-"   # `.new-<owner pid>-<owner start>-<id>`: a container dir before its rename
+
+
+def _new_container_dir(base: str, cid: str, image: str, extra: dict) -> str:
+    """`base/cid` with its record, made in one step (a private dir renamed into place without
+    replacing anything), so `cleanup` never sees a container dir without a record."""
+    import ctypes
+
+    from flatmount.bundle import _pid_start, new_record, write_record
+
+    cdir = os.path.join(base, cid)
+    if os.path.lexists(cdir):
+        raise RuntimeError_(f"a container named {cid} exists (flatmount rm {cid})")
+    tmp = os.path.join(base, f"{NEW_PREFIX}{os.getpid()}-{_pid_start(os.getpid())}-{cid}")
+    os.mkdir(tmp, 0o700)
+    try:
+        write_record(tmp, new_record(image, extra))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.renameat2(-100, os.fsencode(tmp), -100, os.fsencode(cdir), 1) != 0:  # RENAME_NOREPLACE
+            err = ctypes.get_errno()
+            if err in (17, 39):   # EEXIST, ENOTEMPTY
+                raise RuntimeError_(f"a container named {cid} exists (flatmount rm {cid})")
+            raise OSError(err, os.strerror(err), cdir)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(tmp, RECORD))
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp)
+        raise
+    return cdir
+
+
 def _set_subreaper() -> None:
     import ctypes
 
@@ -168,14 +202,11 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
     from flatmount.mount import _mkdir_private
 
     _mkdir_private(base)
-    cdir = os.path.join(base, cid)
-    if os.path.lexists(cdir):
-        raise RuntimeError_(f"a container named {cid} exists (flatmount rm {cid})")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    b = create_bundle(store, image, cdir, opts, container_id=cid,
-                      extra={"kind": "container", "id": cid, "runtime": runtime, "rm": rm,
-                             "detached": False, "net": opts.net})
+    cdir = _new_container_dir(base, cid, image, {"kind": "container", "id": cid, "runtime": runtime,
+                                                 "rm": rm, "detached": False, "net": opts.net})
+    b = create_bundle(store, image, cdir, opts, container_id=cid, precreated=True)
     timings["mount"] = b.timings["mount"]
     timings["bundle"] = time.perf_counter() - t0 - timings["mount"]
     result: RunResult | None = None
@@ -188,11 +219,23 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
         if opts.terminal:
             from flatmount.console import ConsoleSocket
 
-            console = ConsoleSocket(os.path.join(cdir, "console.sock"))
+            sock = os.path.join(cdir, "console.sock")
+            if len(os.fsencode(sock)) > 100:   # sun_path holds 108 bytes
+                import tempfile
+
+                sock = os.path.join(tempfile.mkdtemp(prefix="flatmount-tty-"), "console.sock")
+            console = ConsoleSocket(sock)
             args += ["--console-socket", console.path]
         update_record(cdir, runtime_created=True)
-        _rt(store, runtime, *args, cid, capture=False, check=False, stdin=stdin, stdout=stdout,
-            stderr=stderr if stderr is not None else None)
+        if detach:   # nobody reads our stdio after we return: the container writes to its log
+            import subprocess
+
+            with open(os.path.join(cdir, LOG), "ab") as log:
+                _rt(store, runtime, *args, cid, capture=False, check=False, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log)
+        else:
+            _rt(store, runtime, *args, cid, capture=False, check=False, stdin=stdin, stdout=stdout,
+                stderr=stderr)
         try:
             with open(pid_file) as f:
                 pid = int(f.read().strip())
@@ -218,6 +261,9 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
     finally:
         if console is not None:
             console.close()
+            if os.path.dirname(console.path) != cdir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(console.path))
         if result is None or not result.detached:
             t = time.perf_counter()
             _finish(store, cid, cdir, runtime, keep_record=not rm and result is not None,
@@ -270,6 +316,14 @@ def _poll_exit(store, runtime: str, cid: str) -> int:
         time.sleep(0.05)
 
 
+def _remove_runtime_leftover(store, runtime: str, cid: str) -> None:
+    """An empty state dir the runtime left when it was killed before writing its state."""
+    d = os.path.join(runtime_root(store, runtime), cid)
+    if os.path.isdir(d) and not os.path.islink(d) and runtime_state(store, runtime, cid) is None:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
 def _finish(store, cid: str, cdir: str, runtime: str, *, keep_record: bool,
             exit_status: int | None = None) -> None:
     """Kill what is left, delete the runtime state, unmount, release the lease; the record stays
@@ -278,9 +332,10 @@ def _finish(store, cid: str, cdir: str, runtime: str, *, keep_record: bool,
     if record.get("runtime_created") or runtime_state(store, runtime, cid) is not None:
         with contextlib.suppress(RuntimeError_):
             _rt(store, runtime, "delete", "--force", cid, check=False)
-    for extra in ("init.pid", "console.sock"):
+    for extra in ("init.pid", "console.sock") + (() if keep_record else (LOG,)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(cdir, extra))
+    _remove_runtime_leftover(store, runtime, cid)
     if read_record(cdir) is None:
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(cdir)
@@ -366,6 +421,26 @@ def remove(store, cid: str, force: bool = False) -> str:
     return cid
 
 
+def _remove_new_dir(cdir: str, name: str, removed: list[str]) -> None:
+    """A container dir its creator never renamed into place: removed once that creator is gone."""
+    from flatmount.bundle import owner_alive
+
+    parts = name[len(NEW_PREFIX):].split("-", 2)
+    try:
+        pid, start = int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return
+    if owner_alive(pid, start):
+        return
+    for entry in os.listdir(cdir):
+        if entry == RECORD or entry.startswith(".tmp-"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(cdir, entry))
+    with contextlib.suppress(OSError):
+        os.rmdir(cdir)
+        removed.append(name)
+
+
 def cleanup_containers(store) -> list[str]:
     """Remove containers whose flatmount process died (kill -9 included) and are not running
     detached: their process, runtime state, mount, lease and directory.  Returns their ids."""
@@ -379,28 +454,32 @@ def cleanup_containers(store) -> list[str]:
         cdir = os.path.join(base, cid)
         if os.path.islink(cdir) or not os.path.isdir(cdir):
             continue
+        if cid.startswith(NEW_PREFIX):
+            _remove_new_dir(cdir, cid, removed)
+            continue
         rec = read_record(cdir)
         if rec is None:
-            # a creator writes the record right after mkdir; leave very young dirs to it
+            # dirs appear with their record (renamed into place), so this is one whose removal was
+            # cut short after its record went: only temp files can be left in it
+            for entry in os.listdir(cdir):
+                if entry.startswith(".tmp-"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(cdir, entry))
             with contextlib.suppress(OSError):
-                if time.time() - os.lstat(cdir).st_mtime > 30:
-                    for extra in os.listdir(cdir):
-                        if extra.startswith(".tmp-") or extra in ("init.pid", "console.sock"):
-                            with contextlib.suppress(FileNotFoundError):
-                                os.unlink(os.path.join(cdir, extra))
-                    os.rmdir(cdir)
-                    removed.append(cid)
+                os.rmdir(cdir)
+                removed.append(cid)
             continue
-        if owner_alive(rec.get("owner_pid"), rec.get("owner_start")) and not rec.get("detached"):
-            continue
+        if rec.get("released") or not _ID.fullmatch(cid):
+            continue   # a stopped container's record (`rm` removes it), or not ours
         runtime = rec.get("runtime", "runc")
         if rec.get("detached"):
             st = runtime_state(store, runtime, cid)
             if st is not None and st.get("status") in ("running", "paused", "created"):
                 continue
-            if rec.get("released") and not rec.get("rm"):
-                continue   # a stopped detached container: `rm` removes it
-        if not _ID.fullmatch(cid):
+            _finish(store, cid, cdir, runtime, keep_record=not rec.get("rm"))
+            removed.append(cid)
+            continue
+        if owner_alive(rec.get("owner_pid"), rec.get("owner_start")):
             continue
         st = runtime_state(store, runtime, cid)
         if st is not None and st.get("status") in ("running", "paused", "created"):

@@ -337,3 +337,140 @@ def test_run_without_rm_keeps_a_record_until_rm(env):
     r = cli(env, "rm", "keep")
     assert r.returncode == 0, r.stderr
     assert_nothing_left(env)
+
+
+# --- detached containers, terminals, crashes, many at once -----------------------------------------
+
+def test_detach_ps_stop_rm(env):
+    r = cli(env, "run", "-d", "--name", "det", "bb", "--", "sh", "-c", "echo started; exec sleep 60")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "det\n"
+    ps = json.loads(cli(env, "--json", "ps").stdout)
+    assert [(c["id"], c["status"], c["detached"]) for c in ps] == [("det", "running", True)]
+    with open_store(env["root"], runroot=env["runroot"]) as store:
+        [lease] = store.mounts()
+        assert lease.live and os.path.ismount(lease.merged)
+    # a cleanup meanwhile keeps a running detached container and its lease
+    r = cli(env, "cleanup")
+    assert r.returncode == 0 and json.loads(cli(env, "--json", "ps").stdout)[0]["status"] == "running"
+    r = cli(env, "rm", "det")
+    assert r.returncode == 3 and "running" in r.stderr
+    _wait_file(os.path.join(env["runroot"], "containers", "det", "ctr.log"))
+    r = cli(env, "stop", "-t", "5", "det")
+    assert r.returncode == 0, r.stderr
+    assert _our_mounts(env["base"]) == []
+    ps = json.loads(cli(env, "--json", "ps", "-a").stdout)
+    assert [(c["id"], c["status"]) for c in ps] == [("det", "exited")]
+    assert json.loads(cli(env, "--json", "ps").stdout) == []
+    assert cli(env, "rm", "det").returncode == 0
+    assert_nothing_left(env)
+    # --rm with -d: gone once stopped; one that exits by itself is removed by cleanup
+    assert cli(env, "run", "-d", "--rm", "--name", "det2", "bb", "--", "sleep", "60").returncode == 0
+    assert cli(env, "stop", "-t", "1", "det2").returncode == 0
+    assert_nothing_left(env)
+    assert cli(env, "run", "-d", "--rm", "--name", "det3", "bb", "--", "true").returncode == 0
+    deadline = time.monotonic() + 20
+    while json.loads(cli(env, "--json", "ps").stdout) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    r = cli(env, "cleanup")
+    assert "det3" in r.stdout
+    assert_nothing_left(env)
+
+
+def test_terminal(env):
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    p = subprocess.Popen([sys.executable, "-m", "flatmount", "--root", env["root"], "--runroot", env["runroot"],
+                          "run", "--rm", "-t", "bb", "--", "sh", "-c",
+                          "tty; test -t 0 && echo isatty; read x; echo got $x; exit 5"],
+                         stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         cwd=str(ROOT))
+    os.close(slave)
+    out = b""
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 30)
+            if not ready:
+                break
+            try:
+                data = os.read(master, 4096)
+            except OSError:
+                break
+            if not data:
+                break
+            out += data
+            if out.endswith(b"isatty\r\n"):
+                os.write(master, b"typed\r")
+        assert p.wait(30) == 5
+    finally:
+        p.kill()
+        os.close(master)
+    assert out.splitlines() == [b"/dev/pts/0", b"isatty", b"typed", b"got typed"]
+    assert_nothing_left(env)
+
+
+def test_kill9_trials_then_cleanup_leaves_nothing(env):
+    """50 `flatmount run` processes killed with SIGKILL at random points (mounting, bundling, in runc
+    create, running, cleaning up); then `cleanup` removes every container, mount, lease, runc state."""
+    import random
+
+    rnd = random.Random(14)
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    for i in range(50):
+        p = subprocess.Popen([sys.executable, "-m", "flatmount", "--root", env["root"], "--runroot",
+                              env["runroot"], "run", "--rm", "--name", f"k{i}", "bb", "--", "sleep",
+                              str(rnd.choice([0, 0.2, 5]))], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=e, cwd=str(ROOT))
+        time.sleep(rnd.uniform(0.0, 0.6))
+        p.kill()
+        p.wait()
+    time.sleep(1.0)   # runc processes the killed ones had started finish their step
+    r = cli(env, "cleanup")
+    assert r.returncode == 0, r.stderr
+    assert_nothing_left(env)
+    # the containers left running were killed: no `sleep` of ours survives
+    out = subprocess.run(["pgrep", "-f", "^sleep 5$"], capture_output=True, text=True).stdout.split()
+    for pid in out:
+        with open(f"/proc/{pid}/cgroup") as f:
+            assert "/k" not in f.read()
+
+
+def test_20_containers_share_one_image_and_its_objects(env, tmp_path):
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    with open_store(env["root"], runroot=env["runroot"]) as store:
+        flat = store.flatten("bb")
+    images_before = sorted(os.listdir(os.path.join(env["root"], "images")))
+    objects_before = sorted(os.listdir(os.path.join(env["root"], "objects")))
+    procs = [_popen_run(env, "--rm", "--name", f"c{i}", "-v", f"{gate}:/gate:ro", "bb", "--", "sh", "-c",
+                        "while [ ! -e /gate/go ]; do sleep 0.05; done; grep -c . /etc/passwd")
+             for i in range(20)]
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            running = [c for c in json.loads(cli(env, "--json", "ps").stdout) if c["status"] == "running"]
+            if len(running) == 20:
+                break
+            time.sleep(0.2)
+        assert len(running) == 20
+        with open_store(env["root"], runroot=env["runroot"]) as store:
+            leases = store.mounts()
+        assert len(leases) == 20
+        assert {lease.image_digest for lease in leases} == {flat.digest}
+        assert len({lease.merged for lease in leases}) == 20
+        assert sorted(os.listdir(os.path.join(env["root"], "images"))) == images_before
+        assert sorted(os.listdir(os.path.join(env["root"], "objects"))) == objects_before
+        for lease in leases:   # each merged dir is its own overlay mount of the same erofs image
+            assert os.path.ismount(lease.merged)
+        (gate / "go").write_text("")
+        results = [p.communicate(timeout=120) for p in procs]
+    finally:
+        (gate / "go").touch()
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert [p.returncode for p in procs] == [0] * 20, results[0]
+    assert all(out == "3\n" for out, _ in results)
+    assert_nothing_left(env)
