@@ -474,3 +474,15 @@ def test_20_containers_share_one_image_and_its_objects(env, tmp_path):
     assert [p.returncode for p in procs] == [0] * 20, results[0]
     assert all(out == "3\n" for out, _ in results)
     assert_nothing_left(env)
+
+
+def test_runtime_crun_failure_is_reported_and_cleaned_up(env):
+    """--runtime crun: crun 1.8 refuses this machine's hybrid cgroup layout; whatever the runtime
+    does, the container either runs or fails with one clear line, and nothing is left behind."""
+    require_tool("crun")
+    r = cli(env, "run", "--rm", "--runtime", "crun", "bb", "--", "sh", "-c", "exit 0")
+    assert "Traceback" not in r.stderr
+    assert r.returncode == 0 or (r.returncode == 3 and "crun create" in r.stderr), r.stderr
+    assert_nothing_left(env)
+    r = cli(env, "run", "--rm", "--runtime", "nosuch", "bb")
+    assert r.returncode == 2
