@@ -6,8 +6,9 @@ waiting for `start`), `teardown()` after the container is gone.  Netlink sockets
 the container's namespace by entering it with setns(2) on this thread only, just for the socket's
 creation: the socket stays bound to that namespace, and no process or `ip` command is started.
 
-pyroute2 costs about 0.1 s to import, so `preload()` starts that import on a thread while the mount and
-`runc create` run (they wait on the kernel and on another process).
+pyroute2 costs about 0.1 s to import (more on a loaded machine), so the state of `lo` is first read
+with one ioctl (SIOCGIFFLAGS) and netlink is used only to change it; where a change is expected
+(`none`: runc raises lo itself), `preload()` starts the import on a thread while `runc create` runs.
 
 Modes: `loopback` (lo up: runc also brings it up, crun too; the netlink step makes it so whatever the
 runtime did), `none` (lo down: nothing at all reaches the container), `host` (the host's namespace).
@@ -58,11 +59,11 @@ def _iproute_class():
     return IPRoute
 
 
-def iproute_in(pid: int):
-    """An IPRoute socket bound to the network namespace of process `pid`."""
+def in_netns(pid: int, make):
+    """`make()` called on this thread inside the network namespace of process `pid`: the sockets it
+    creates stay bound to that namespace."""
     import ctypes
 
-    IPRoute = _iproute_class()  # noqa: N806
     libc = ctypes.CDLL(None, use_errno=True)
     try:
         target = os.open(f"/proc/{pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -76,7 +77,7 @@ def iproute_in(pid: int):
             raise NetworkError(f"cannot enter the network namespace of process {pid}: "
                                f"{os.strerror(err)} (needs CAP_SYS_ADMIN)")
         try:
-            return IPRoute()
+            return make()
         finally:
             if libc.setns(own, CLONE_NEWNET) != 0:  # pragma: no cover - our own namespace
                 err = ctypes.get_errno()
@@ -86,11 +87,40 @@ def iproute_in(pid: int):
         os.close(own)
 
 
+def iproute_in(pid: int):
+    """An IPRoute socket bound to the network namespace of process `pid`."""
+    return in_netns(pid, _iproute_class())
+
+
+IFF_UP = 0x1
+SIOCGIFFLAGS = 0x8913
+
+
+def link_flags(pid: int, ifname: str = "lo") -> int | None:
+    """Interface flags of `ifname` in the namespace of `pid` (SIOCGIFFLAGS: a read costs no pyroute2
+    import), or None if there is no such interface."""
+    import fcntl
+    import socket
+    import struct
+
+    sock = in_netns(pid, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
+    try:
+        req = struct.pack("16sH14x", ifname.encode(), 0)
+        try:
+            res = fcntl.ioctl(sock.fileno(), SIOCGIFFLAGS, req)
+        except OSError:
+            return None
+        return struct.unpack("16sH14x", res)[1]
+    finally:
+        sock.close()
+
+
 class Network:
     """No network of its own and nothing to do (`host`)."""
 
     name = "host"
     namespace = False
+    preload = False      # whether setup will most likely need pyroute2 (import it early)
 
     def setup(self, pid: int) -> None:
         """Called with the container's init pid after `create`, before `start`."""
@@ -102,8 +132,14 @@ class Network:
 class _LoState(Network):
     namespace = True
     up = True
+    changed: bool | None = None   # whether setup had to change lo (None: not run yet)
 
     def setup(self, pid: int) -> None:
+        flags = link_flags(pid)
+        if flags is not None and bool(flags & IFF_UP) == self.up:
+            self.changed = False   # the runtime left it as wanted (runc raises lo itself)
+            return
+        self.changed = True
         ipr = iproute_in(pid)
         try:
             idx = ipr.link_lookup(ifname="lo")
@@ -130,6 +166,7 @@ class NoNetwork(_LoState):
 
     name = "none"
     up = False
+    preload = True
 
 
 MODES: dict[str, type[Network]] = {"host": Network, "loopback": Loopback, "none": NoNetwork}

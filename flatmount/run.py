@@ -194,8 +194,6 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
 
     opts = opts or RunOptions()
     network = net.network(opts.net)
-    if network.namespace:
-        net.preload()
     _runtime_path(runtime)
     cid = _new_id(name)
     base = containers_dir(store)
@@ -227,6 +225,8 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
             console = ConsoleSocket(sock)
             args += ["--console-socket", console.path]
         update_record(cdir, runtime_created=True)
+        if network.preload:
+            net.preload()   # imported while runc works
         if detach:   # nobody reads our stdio after we return: the container writes to its log
             import subprocess
 

@@ -221,34 +221,37 @@ def resolve_user(root: str, spec: str | None) -> User:
 
 # --- capabilities and seccomp ---------------------------------------------------------------------
 
-def default_capabilities() -> list[str]:
-    """`CAP_*` names podman gives a container: containers.conf's default_capabilities, else podman 4's."""
+def _containers_confs() -> list[dict]:
+    """The `[containers]` tables of the containers.conf files that exist, most specific first."""
     import tomllib
 
+    out = []
     for path in CONTAINERS_CONF:
         try:
             with open(path, "rb") as f:
                 conf = tomllib.load(f)
         except (OSError, tomllib.TOMLDecodeError):
             continue
-        caps = conf.get("containers", {}).get("default_capabilities")
+        table = conf.get("containers")
+        if isinstance(table, dict):
+            out.append(table)
+    return out
+
+
+def default_capabilities(confs: list[dict] | None = None) -> list[str]:
+    """`CAP_*` names podman gives a container: containers.conf's default_capabilities, else podman 4's."""
+    for conf in _containers_confs() if confs is None else confs:
+        caps = conf.get("default_capabilities")
         if isinstance(caps, list) and all(isinstance(c, str) for c in caps):
             return [c.upper() if c.upper().startswith("CAP_") else "CAP_" + c.upper() for c in caps]
     return ["CAP_" + c for c in DEFAULT_CAPS]
 
 
-def default_sysctls() -> dict[str, str]:
+def default_sysctls(confs: list[dict] | None = None) -> dict[str, str]:
     """containers.conf's default_sysctls (podman: `net.ipv4.ping_group_range=0 0`, so ping works
     without CAP_NET_RAW)."""
-    import tomllib
-
-    for path in CONTAINERS_CONF:
-        try:
-            with open(path, "rb") as f:
-                conf = tomllib.load(f)
-        except (OSError, tomllib.TOMLDecodeError):
-            continue
-        items = conf.get("containers", {}).get("default_sysctls")
+    for conf in _containers_confs() if confs is None else confs:
+        items = conf.get("default_sysctls")
         if isinstance(items, list):
             return dict(str(i).split("=", 1) for i in items if "=" in str(i))
     return {"net.ipv4.ping_group_range": "0 0"}
@@ -419,7 +422,8 @@ def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, op
         raise RunSpecError("no command: the image sets neither Entrypoint nor Cmd; give one after `--`")
     user = resolve_user(image_root, opts.user if opts.user is not None else cfg.get("User"))
     hostname = opts.hostname or container_id[:12]
-    caps = default_capabilities()
+    confs = _containers_confs()
+    caps = default_capabilities(confs)
     cwd = opts.workdir or cfg.get("WorkingDir") or "/"
     process: dict = {
         "terminal": bool(opts.terminal),
@@ -444,7 +448,7 @@ def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, op
     sysctl: dict[str, str] = {}
     if opts.net != "host":
         namespaces.append({"type": "network"})
-        sysctl.update(default_sysctls())   # per-namespace settings: not for the host's namespace
+        sysctl.update(default_sysctls(confs))   # per-namespace settings: not for the host's namespace
     annotations = {str(k): str(v) for k, v in (cfg.get("Labels") or {}).items()}
     annotations.update({str(k): str(v) for k, v in opts.annotations.items()})
     return {

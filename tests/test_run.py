@@ -486,3 +486,34 @@ def test_runtime_crun_failure_is_reported_and_cleaned_up(env):
     assert_nothing_left(env)
     r = cli(env, "run", "--rm", "--runtime", "nosuch", "bb")
     assert r.returncode == 2
+
+
+def test_netlink_sets_lo_in_another_namespace():
+    """net.Loopback/NoNetwork change `lo` over netlink (pyroute2) in the namespace of a process, not in
+    ours: a fresh namespace (lo down) gets lo up, then down again; the host's lo is untouched."""
+    require_root()
+    from flatmount import net
+
+    host_flags = net.link_flags(os.getpid())
+    p = subprocess.Popen(["unshare", "--net", "sleep", "30"])
+    try:
+        deadline = time.monotonic() + 10
+        while os.readlink(f"/proc/{p.pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not net.link_flags(p.pid) & net.IFF_UP
+        up = net.Loopback()
+        up.setup(p.pid)
+        assert up.changed is True and net.link_flags(p.pid) & net.IFF_UP
+        up2 = net.Loopback()
+        up2.setup(p.pid)
+        assert up2.changed is False
+        down = net.NoNetwork()
+        down.setup(p.pid)
+        assert down.changed is True and not net.link_flags(p.pid) & net.IFF_UP
+        assert net.link_flags(os.getpid()) == host_flags
+    finally:
+        p.kill()
+        p.wait()
+    with pytest.raises(net.NetworkError):
+        net.network("bridge")
