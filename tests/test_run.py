@@ -517,3 +517,24 @@ def test_netlink_sets_lo_in_another_namespace():
         p.wait()
     with pytest.raises(net.NetworkError):
         net.network("bridge")
+
+
+def test_cli_run_imports_nothing_heavy(env):
+    """A warm `run --net loopback` needs neither the image writer/reader nor pyroute2 (runc raised lo:
+    one ioctl says so); `--help` of the CLI loads no container module at all."""
+    heavy = {"flatmount.erofs.writer", "flatmount.erofs.reader", "flatmount.pull", "flatmount.layers",
+             "zstandard", "tarfile", "pyroute2", "hypothesis"}
+    cli(env, "flatten", "bb")
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    base = [sys.executable, "-X", "importtime", "-m", "flatmount", "--root", env["root"], "--runroot",
+            env["runroot"]]
+    r = subprocess.run([*base, "run", "--rm", "bb", "--", "true"], capture_output=True, text=True,
+                       cwd=str(ROOT), env=e, timeout=60)
+    assert r.returncode == 0, r.stderr
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+    assert "flatmount.run" in imported and imported & heavy == set()
+    r = subprocess.run([*base, "--help"], capture_output=True, text=True, cwd=str(ROOT), env=e, timeout=60)
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+    assert imported & {"flatmount.run", "flatmount.runspec", "flatmount.bundle", "flatmount.net",
+                       "subprocess", "pyroute2"} == set()
+    assert_nothing_left(env)
