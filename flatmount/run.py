@@ -169,10 +169,10 @@ def _new_container_dir(base: str, cid: str, image: str, extra: dict) -> str:
     return cdir
 
 
-def _set_subreaper() -> None:
+def _set_subreaper(on: bool) -> None:
     import ctypes
 
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
 
 
 def _status(wait_status: int) -> tuple[int, int | None]:
@@ -211,7 +211,8 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
     console = None
     try:
         t = time.perf_counter()
-        _set_subreaper()
+        if not detach:   # a detached container must not stay a child of a long-lived API caller
+            _set_subreaper(True)
         pid_file = os.path.join(cdir, "init.pid")
         args = ["create", "--bundle", cdir, "--pid-file", pid_file]
         if opts.terminal:
@@ -259,6 +260,8 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
         result = RunResult(cid, image, status[0], status[1], False, timings)
         return result
     finally:
+        if not detach:
+            _set_subreaper(False)
         if console is not None:
             console.close()
             if os.path.dirname(console.path) != cdir:
@@ -365,6 +368,8 @@ def list_containers(store, all_: bool = True) -> list[Container]:
     except FileNotFoundError:
         return []
     for cid in names:
+        if cid.startswith(NEW_PREFIX):
+            continue
         cdir = os.path.join(containers_dir(store), cid)
         rec = read_record(cdir)
         if rec is None or rec.get("kind") != "container":
@@ -383,40 +388,70 @@ def list_containers(store, all_: bool = True) -> list[Container]:
     return out
 
 
+def _owned(rec: dict) -> bool:
+    """An attached container whose flatmount process is alive: that process cleans it up."""
+    return not rec.get("detached") and owner_alive(rec.get("owner_pid"), rec.get("owner_start"))
+
+
+def _kill_and_wait(store, runtime: str, cid: str, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` s; returns once the runtime says it stopped."""
+    st = runtime_state(store, runtime, cid)
+    if st is None or st.get("status") not in ("running", "created", "paused"):
+        return
+    _rt(store, runtime, "kill", cid, "TERM", check=False)
+    deadline = time.monotonic() + timeout
+    killed = False
+    while True:
+        st = runtime_state(store, runtime, cid)
+        if st is None or st.get("status") == "stopped":
+            return
+        if not killed and time.monotonic() >= deadline:
+            _rt(store, runtime, "kill", cid, "KILL", check=False)
+            killed = True
+        time.sleep(0.05)
+
+
+def _wait_owner_done(cdir: str, timeout: float = 30.0) -> dict | None:
+    """After stopping an attached container: wait for its flatmount process to release it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = read_record(cdir)
+        if rec is None or rec.get("released") or not _owned(rec):
+            return rec
+        time.sleep(0.05)
+    return read_record(cdir)
+
+
 def stop(store, cid: str, timeout: float = 10.0) -> Container:
     """SIGTERM the container's process, SIGKILL after `timeout` s, then release its mount (and
-    remove it if it was started with --rm)."""
+    remove it if it was started with --rm).  An attached container is released by its own
+    flatmount process, which sees its exit."""
     cdir, rec = _record_of(store, cid)
     runtime = rec.get("runtime", "runc")
-    st = runtime_state(store, runtime, cid)
-    if st is not None and st.get("status") in ("running", "created", "paused"):
-        _rt(store, runtime, "kill", cid, "TERM", check=False)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            st = runtime_state(store, runtime, cid)
-            if st is None or st.get("status") == "stopped":
-                break
-            time.sleep(0.05)
-        else:
-            _rt(store, runtime, "kill", cid, "KILL", check=False)
-    if not rec.get("released"):
+    _kill_and_wait(store, runtime, cid, timeout)
+    if _owned(rec):
+        rec = _wait_owner_done(cdir) or rec
+    elif not rec.get("released"):
         _finish(store, cid, cdir, runtime, keep_record=not rec.get("rm"))
     return Container(cid, rec.get("image", ""), "exited", rec.get("exit_status"), None, rec.get("created"),
                      bool(rec.get("detached")), rec.get("owner_pid"), cdir)
 
 
 def remove(store, cid: str, force: bool = False) -> str:
-    """Remove a stopped container (`force`: stop it first)."""
+    """Remove a stopped container (`force`: kill it first)."""
     cdir, rec = _record_of(store, cid)
     runtime = rec.get("runtime", "runc")
     if not rec.get("released"):
         st = runtime_state(store, runtime, cid)
         running = st is not None and st.get("status") in ("running", "created", "paused")
-        owned = not rec.get("detached") and owner_alive(rec.get("owner_pid"), rec.get("owner_start"))
-        if (running or owned) and not force:
+        if (running or _owned(rec)) and not force:
             raise BundleError(f"container {cid} is running: `flatmount stop {cid}` first, or rm --force")
-        if running:
-            _rt(store, runtime, "kill", cid, "KILL", check=False)
+        if force:
+            _kill_and_wait(store, runtime, cid, 0)
+            if _owned(rec):
+                rec = _wait_owner_done(cdir)
+                if rec is None:
+                    return cid   # it was started with --rm: its process removed it
     _finish(store, cid, cdir, runtime, keep_record=False)
     return cid
 

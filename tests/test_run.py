@@ -538,3 +538,29 @@ def test_cli_run_imports_nothing_heavy(env):
     assert imported & {"flatmount.run", "flatmount.runspec", "flatmount.bundle", "flatmount.net",
                        "subprocess", "pyroute2"} == set()
     assert_nothing_left(env)
+
+
+def test_stop_and_rm_force_of_an_attached_container(env):
+    """`stop` of a container whose `flatmount run` is waiting: the runner sees the exit (SIGTERM is
+    ignored by a pid 1 without a handler, so SIGKILL after -t) and cleans up itself."""
+    p = _popen_run(env, "--rm", "--name", "att", "bb", "--", "sleep", "60")
+    try:
+        _wait_file(os.path.join(env["runroot"], "containers", "att", "init.pid"))
+        r = cli(env, "stop", "-t", "1", "att")
+        assert r.returncode == 0, r.stderr
+        p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGKILL
+    assert_nothing_left(env)
+    p = _popen_run(env, "--name", "att2", "bb", "--", "sleep", "60")
+    try:
+        _wait_file(os.path.join(env["runroot"], "containers", "att2", "init.pid"))
+        assert cli(env, "rm", "att2").returncode == 3
+        r = cli(env, "rm", "-f", "att2")
+        assert r.returncode == 0, r.stderr
+        p.communicate(timeout=30)
+    finally:
+        p.kill()
+    assert p.returncode == 128 + signal.SIGKILL
+    assert_nothing_left(env)
