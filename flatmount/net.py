@@ -99,11 +99,11 @@ SIOCGIFFLAGS = 0x8913
 def link_flags(pid: int, ifname: str = "lo") -> int | None:
     """Interface flags of `ifname` in the namespace of `pid` (SIOCGIFFLAGS: a read costs no pyroute2
     import), or None if there is no such interface."""
+    import _socket  # the C module: socket.py's enum set-up costs more than the whole check
     import fcntl
-    import socket
     import struct
 
-    sock = in_netns(pid, lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC))
+    sock = in_netns(pid, lambda: _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM | _socket.SOCK_CLOEXEC))
     try:
         req = struct.pack("16sH14x", ifname.encode(), 0)
         try:

@@ -270,7 +270,8 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
         if result is None or not result.detached:
             t = time.perf_counter()
             _finish(store, cid, cdir, runtime, keep_record=not rm and result is not None,
-                    exit_status=result.exit_status if result is not None else None)
+                    exit_status=result.exit_status if result is not None else None,
+                    exited=result is not None)
             timings["cleanup"] = time.perf_counter() - t
 
 
@@ -328,17 +329,34 @@ def _remove_runtime_leftover(store, runtime: str, cid: str) -> None:
 
 
 def _finish(store, cid: str, cdir: str, runtime: str, *, keep_record: bool,
-            exit_status: int | None = None) -> None:
+            exit_status: int | None = None, exited: bool = False) -> None:
     """Kill what is left, delete the runtime state, unmount, release the lease; the record stays
-    with `keep_record` (a stopped container that `ps -a` lists and `rm` removes)."""
+    with `keep_record` (a stopped container that `ps -a` lists and `rm` removes).
+
+    `exited`: its init was reaped, so no process of it is left to use the mount, and the runtime's
+    `delete` (which needs only its own state) runs while the mount is released."""
+    import subprocess
+
     record = read_record(cdir) or {}
+    deleting = None
     if record.get("runtime_created") or runtime_state(store, runtime, cid) is not None:
-        with contextlib.suppress(RuntimeError_):
-            _rt(store, runtime, "delete", "--force", cid, check=False)
+        cmd = [_runtime_path(runtime), "--root", runtime_root(store, runtime), "delete", "--force", cid]
+        deleting = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        if not exited:
+            deleting.wait()
+    try:
+        _release(store, cid, cdir, runtime, keep_record, exit_status)
+    finally:
+        if deleting is not None:
+            deleting.wait()
+            _remove_runtime_leftover(store, runtime, cid)
+
+
+def _release(store, cid: str, cdir: str, runtime: str, keep_record: bool, exit_status: int | None) -> None:
     for extra in ("init.pid", "console.sock") + (() if keep_record else (LOG,)):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(cdir, extra))
-    _remove_runtime_leftover(store, runtime, cid)
     if read_record(cdir) is None:
         with contextlib.suppress(FileNotFoundError, OSError):
             os.rmdir(cdir)
