@@ -194,6 +194,56 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
 
     opts = opts or RunOptions()
     network = net.network(opts.net)
+    stop = _DeferredStop()
+    with stop:
+        return _run(store, image, opts, network, stop, name=name, rm=rm, detach=detach, runtime=runtime,
+                    stdin=stdin, stdout=stdout, stderr=stderr)
+
+
+class Terminated(FlatmountError):
+    """flatmount was told to stop (SIGINT/SIGTERM/SIGHUP) before the container ran; it cleaned up."""
+
+
+class _DeferredStop:
+    """Until the container runs (then they are forwarded to it), SIGINT, SIGTERM and SIGHUP are
+    noted, not acted on: `check()` between steps raises `Terminated`, so a stop request unwinds
+    through every `finally` and never lands in the middle of a mount or its record."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._old: dict = {}
+
+    def _note(self, signum, _frame) -> None:
+        self.received.append(signum)
+
+    def __enter__(self) -> _DeferredStop:
+        for s in self.SIGNALS:
+            with contextlib.suppress(ValueError, OSError):   # not the main thread: left alone
+                self._old[s] = signal.signal(s, self._note)
+        return self
+
+    def check(self) -> None:
+        if self.received:
+            raise Terminated(f"stopped by signal {self.received[0]} before the container ran")
+
+    def hold(self) -> None:
+        """Back to noting (after the forwarding while the container ran): cleanup runs whole."""
+        for s in self._old:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, self._note)
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, h)
+
+
+def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, name, rm, detach, runtime,
+         stdin, stdout, stderr) -> RunResult:
+    from flatmount import net
+
     _runtime_path(runtime)
     cid = _new_id(name)
     base = containers_dir(store)
@@ -210,6 +260,7 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
     result: RunResult | None = None
     console = None
     try:
+        stop.check()
         t = time.perf_counter()
         if not detach:   # a detached container must not stay a child of a long-lived API caller
             _set_subreaper(True)
@@ -244,11 +295,13 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
             raise RuntimeError_(f"{runtime} create did not create container {cid} (its error is "
                                 "above)") from None
         timings["create"] = time.perf_counter() - t
+        stop.check()
         if console is not None:
             console.receive()
         t = time.perf_counter()
         network.setup(pid)
         timings["netlink"] = time.perf_counter() - t
+        stop.check()
         t = time.perf_counter()
         if detach:
             _rt(store, runtime, "start", cid)
@@ -260,6 +313,7 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
         result = RunResult(cid, image, status[0], status[1], False, timings)
         return result
     finally:
+        stop.hold()
         if not detach:
             _set_subreaper(False)
         if console is not None:

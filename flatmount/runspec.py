@@ -209,7 +209,7 @@ def resolve_user(root: str, spec: str | None) -> User:
     elif entry is not None and entry[3].isdigit():
         gid = int(entry[3])
     else:
-        gid = 0 if uid == 0 else uid
+        gid = 0   # a uid the image does not know: group root, as podman and runc do
     extra: list[int] = []
     uname = entry[0] if entry is not None else None
     if uname is not None and not group:
@@ -362,8 +362,8 @@ def _merge_env(image_env: Sequence[str], overrides: Sequence[str], user: User, t
     env.setdefault("HOSTNAME", hostname)
     if user.home:
         env.setdefault("HOME", user.home)
-    elif user.uid == 0:
-        env.setdefault("HOME", "/root")
+    else:
+        env.setdefault("HOME", "/root" if user.uid == 0 else "/")
     return [f"{k}={v}" for k, v in env.items()]
 
 
