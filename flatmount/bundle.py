@@ -222,7 +222,8 @@ def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = 
             _write_json(os.path.join(d, RECORD), record)
             _mount_overlay([stubs_dir, lease.merged], root)
         cid = container_id or os.path.basename(d)
-        spec = build_spec(root, d, rec_image.config, opts, cid, image_root=lease.merged)
+        spec = build_spec(root, d, rec_image.config, opts, cid, image_root=lease.merged,
+                          cache_dir=os.fspath(store.runroot))
         t2 = time.perf_counter()
         timings["spec"] = t2 - t1
         for name, data in etc_files(spec["hostname"], opts.net).items():

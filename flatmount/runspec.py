@@ -337,6 +337,53 @@ def seccomp_profile(caps: Sequence[str], path: str | None = None) -> dict:
     return spec
 
 
+def _confinement_key() -> list:
+    """What the confinement is computed from: the source files' identities, kernel and machine."""
+    key: list = [platform.release(), platform.machine()]
+    for p in (*CONTAINERS_CONF, *SECCOMP_JSON):
+        try:
+            st = os.stat(p)
+            key.append([p, st.st_ino, st.st_size, st.st_mtime_ns])
+        except OSError:
+            key.append([p, None])
+    return key
+
+
+def confinement(cache_dir: str | None = None) -> dict:
+    """podman's confinement for this machine: {"caps", "sysctls", "seccomp"} (see above).
+
+    Computing it parses a 24 KB TOML file and a 16 KB JSON profile; with `cache_dir` (flatmount's
+    runroot, root's own) the result is kept in `confinement.json` and reused while the sources,
+    the kernel and the machine are unchanged."""
+    import json
+
+    key = _confinement_key()
+    path = os.path.join(cache_dir, "confinement.json") if cache_dir else None
+    if path is not None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                cached = json.load(f)
+            if cached.get("key") == json.loads(json.dumps(key)):
+                return cached
+        except (OSError, ValueError, AttributeError):
+            pass
+    confs = _containers_confs()
+    caps = default_capabilities(confs)
+    out = {"key": key, "caps": caps, "sysctls": default_sysctls(confs), "seccomp": seccomp_profile(caps)}
+    if path is not None:
+        try:
+            from flatmount.atomic import AtomicFile
+
+            os.makedirs(cache_dir, 0o700, exist_ok=True)
+            with AtomicFile(cache_dir, mode=0o600, durable=False) as af:
+                af.file.write(json.dumps(out).encode())
+                af.commit(path)
+        except OSError:
+            pass   # a cache: computed again next time
+    return out
+
+
 # --- the spec -------------------------------------------------------------------------------------
 
 def _nofile_limit() -> dict:
@@ -408,7 +455,7 @@ def mount_targets(opts: RunOptions) -> list[tuple[str, bool]]:
 
 
 def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, opts: RunOptions,
-               container_id: str, *, image_root: str | None = None) -> dict:
+               container_id: str, *, image_root: str | None = None, cache_dir: str | None = None) -> dict:
     """config.json for a container of the image (config `image_config`, tree at `image_root`, default
     `root_path`) rooted read-only at `root_path`."""
     cfg = (image_config or {}).get("config") or {}
@@ -422,8 +469,8 @@ def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, op
         raise RunSpecError("no command: the image sets neither Entrypoint nor Cmd; give one after `--`")
     user = resolve_user(image_root, opts.user if opts.user is not None else cfg.get("User"))
     hostname = opts.hostname or container_id[:12]
-    confs = _containers_confs()
-    caps = default_capabilities(confs)
+    conf = confinement(cache_dir)
+    caps = conf["caps"]
     cwd = opts.workdir or cfg.get("WorkingDir") or "/"
     process: dict = {
         "terminal": bool(opts.terminal),
@@ -448,7 +495,7 @@ def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, op
     sysctl: dict[str, str] = {}
     if opts.net != "host":
         namespaces.append({"type": "network"})
-        sysctl.update(default_sysctls(confs))   # per-namespace settings: not for the host's namespace
+        sysctl.update(conf["sysctls"])   # per-namespace settings: not for the host's namespace
     annotations = {str(k): str(v) for k, v in (cfg.get("Labels") or {}).items()}
     annotations.update({str(k): str(v) for k, v in opts.annotations.items()})
     return {
@@ -463,7 +510,7 @@ def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, op
             "sysctl": sysctl,
             "maskedPaths": list(MASKED_PATHS),
             "readonlyPaths": list(READONLY_PATHS),
-            "seccomp": seccomp_profile(caps),
+            "seccomp": conf["seccomp"],
             "resources": {"devices": [{"allow": False, "access": "rwm"}]},
         },
     }

@@ -521,10 +521,10 @@ def test_netlink_sets_lo_in_another_namespace():
 
 def test_cli_run_imports_nothing_heavy(env):
     """A warm `run --net loopback` needs neither the image writer/reader nor pyroute2 (runc raised lo:
-    one ioctl says so); `--help` of the CLI loads no container module at all."""
+    one ioctl says so) nor tomllib (confinement cached); `--help` loads no container module at all."""
     heavy = {"flatmount.erofs.writer", "flatmount.erofs.reader", "flatmount.pull", "flatmount.layers",
-             "zstandard", "tarfile", "pyroute2", "hypothesis"}
-    cli(env, "flatten", "bb")
+             "zstandard", "tarfile", "pyroute2", "hypothesis", "tomllib"}
+    assert cli(env, "run", "--rm", "bb", "--", "true").returncode == 0   # confinement cached
     e = {**os.environ, "PYTHONPATH": str(ROOT)}
     base = [sys.executable, "-X", "importtime", "-m", "flatmount", "--root", env["root"], "--runroot",
             env["runroot"]]
@@ -588,3 +588,25 @@ def test_sigterm_at_any_point_cleans_up_without_cleanup(env):
         codes.add(p.returncode)
         assert_nothing_left(env)
     assert 9 in codes
+
+
+def test_confinement_cache_follows_its_sources(tmp_path, monkeypatch):
+    """The cached caps/sysctls/seccomp are reused while the sources are unchanged and computed again
+    when one changes (here: a containers.conf that drops CAP_KILL)."""
+    from flatmount import runspec
+
+    conf = tmp_path / "containers.conf"
+    conf.write_text('[containers]\ndefault_capabilities = ["CHOWN", "KILL"]\n')
+    monkeypatch.setattr(runspec, "CONTAINERS_CONF", (str(conf),))
+    first = runspec.confinement(str(tmp_path / "cache"))
+    assert first["caps"] == ["CAP_CHOWN", "CAP_KILL"]
+    assert (tmp_path / "cache" / "confinement.json").is_file()
+    assert runspec.confinement(str(tmp_path / "cache")) == first
+    assert not any("chroot" in s["names"] and s["action"] == "SCMP_ACT_ALLOW" for s in first["seccomp"]["syscalls"])
+    conf.write_text('[containers]\ndefault_capabilities = ["CHOWN", "SYS_CHROOT"]\n')
+    os.utime(conf, ns=(1, 1))
+    second = runspec.confinement(str(tmp_path / "cache"))
+    assert second["caps"] == ["CAP_CHOWN", "CAP_SYS_CHROOT"]
+    assert any("chroot" in s["names"] and s["action"] == "SCMP_ACT_ALLOW" for s in second["seccomp"]["syscalls"])
+    monkeypatch.setattr(runspec, "CONTAINERS_CONF", (str(tmp_path / "absent.conf"),))
+    assert runspec.confinement()["caps"] == ["CAP_" + c for c in runspec.DEFAULT_CAPS]
