@@ -15,7 +15,6 @@ the capability set as podman does (`includes`/`excludes` of arches, caps and min
 from __future__ import annotations
 
 import os
-import platform
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -272,7 +271,7 @@ def _kernel_at_least(want: str) -> bool:
             out.append(int(digits or 0))
         return tuple(out)
 
-    return nums(platform.release()) >= nums(want)
+    return nums(os.uname().release) >= nums(want)
 
 
 def seccomp_profile(caps: Sequence[str], path: str | None = None) -> dict:
@@ -294,7 +293,7 @@ def seccomp_profile(caps: Sequence[str], path: str | None = None) -> dict:
     if prof is None:
         raise RunSpecError(f"no seccomp profile found (looked at {', '.join(paths)}): install podman's "
                            "containers-common, which ships /usr/share/containers/seccomp.json")
-    goarch = _GOARCH.get(platform.machine(), platform.machine())
+    goarch = _GOARCH.get(os.uname().machine, os.uname().machine)
     native = _SCMP_ARCH.get(goarch)
     arches: list[str] = []
     for m in prof.get("archMap") or []:
@@ -339,7 +338,7 @@ def seccomp_profile(caps: Sequence[str], path: str | None = None) -> dict:
 
 def _confinement_key() -> list:
     """What the confinement is computed from: the source files' identities, kernel and machine."""
-    key: list = [platform.release(), platform.machine()]
+    key: list = [os.uname().release, os.uname().machine]
     for p in (*CONTAINERS_CONF, *SECCOMP_JSON):
         try:
             st = os.stat(p)
