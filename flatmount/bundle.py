@@ -245,18 +245,39 @@ def _boot_id() -> str:
     return boot_id()
 
 
+def _check_record(d: str, record: dict) -> None:
+    """A record only ever names paths inside its own bundle dir: anything else was not written by
+    flatmount, and nothing is removed on its say-so."""
+    stubs_dir = os.path.join(d, "stubs")
+    rootfs = record.get("rootfs")
+    stubs = record.get("stubs") or []
+    bad = (rootfs not in (None, os.path.join(d, "rootfs"))
+           or not isinstance(stubs, list)
+           or any(not isinstance(p, str) or (p != stubs_dir and not p.startswith(stubs_dir + "/"))
+                  or "/../" in p + "/" for p in stubs))
+    if bad:
+        raise BundleError(f"the record of bundle {d} names paths outside it: not removing anything "
+                          f"(inspect {os.path.join(d, RECORD)})")
+
+
 def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> None:
     """Unmount and remove what the record says this bundle made (rmdir only for directories);
     `keep_record`: leave the record and the directory (a stopped container `ps -a` still lists)."""
     from flatmount.errors import NotFoundError
     from flatmount.kmount import is_mountpoint, umount_image
+    from flatmount.mount import find_lease
 
+    _check_record(d, record)
     rootfs = record.get("rootfs")
     if rootfs and is_mountpoint(rootfs):
         umount_image(rootfs)
     if record.get("lease"):
         try:
-            umount(store, record["lease"])
+            lease = find_lease(store, record["lease"])
+            if record.get("merged") not in (None, lease.merged):
+                raise BundleError(f"the record of bundle {d} names lease {lease.id}, which is not its "
+                                  "mount: not touching it")
+            umount(store, lease.id)
         except NotFoundError:
             pass
     if rootfs:

@@ -610,3 +610,34 @@ def test_confinement_cache_follows_its_sources(tmp_path, monkeypatch):
     assert any("chroot" in s["names"] and s["action"] == "SCMP_ACT_ALLOW" for s in second["seccomp"]["syscalls"])
     monkeypatch.setattr(runspec, "CONTAINERS_CONF", (str(tmp_path / "absent.conf"),))
     assert runspec.confinement()["caps"] == ["CAP_" + c for c in runspec.DEFAULT_CAPS]
+
+
+def test_bundle_remove_trusts_no_path_outside_the_bundle(env, tmp_path):
+    """A record edited to name paths elsewhere (a stub outside the bundle, another mount's lease)
+    makes `bundle --remove` refuse, removing nothing."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    d = tmp_path / "b"
+    assert cli(env, "bundle", "bb", str(d)).returncode == 0
+    rec_path = d / "flatmount-bundle.json"
+    good = json.loads(rec_path.read_text())
+    try:
+        rec_path.write_text(json.dumps({**good, "stubs": [str(d / "stubs" / ".." / ".." / "victim")]}))
+        r = cli(env, "bundle", "--remove", str(d))
+        assert r.returncode == 3 and "outside" in r.stderr
+        assert victim.read_text() == "keep me"
+        with open_store(env["root"], runroot=env["runroot"]) as store:
+            other = store.mount("bb")
+            other_merged = other.__enter__()
+            try:
+                lease = next(m for m in store.mounts() if m.merged == other_merged)
+                rec_path.write_text(json.dumps({**good, "lease": lease.id}))
+                r = cli(env, "bundle", "--remove", str(d))
+                assert r.returncode == 3 and "not its mount" in r.stderr
+                assert os.path.ismount(other_merged)
+            finally:
+                other.__exit__(None, None, None)
+    finally:
+        rec_path.write_text(json.dumps(good))
+        assert cli(env, "bundle", "--remove", str(d)).returncode == 0
+    assert_nothing_left(env)
