@@ -46,7 +46,7 @@ FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signa
 PR_SET_CHILD_SUBREAPER = 36
 
 
-class RuntimeError_(FlatmountError):
+class ContainerRuntimeError(FlatmountError):
     """The OCI runtime failed (its own message is quoted)."""
 
 
@@ -91,15 +91,15 @@ def _runtime_path(runtime: str) -> str:
     import shutil
 
     if runtime not in RUNTIMES:
-        raise RuntimeError_(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+        raise ContainerRuntimeError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
     path = shutil.which(runtime)
     if path is None:
-        raise RuntimeError_(f"{runtime} is not installed (apt-get install {runtime})")
+        raise ContainerRuntimeError(f"{runtime} is not installed (apt-get install {runtime})")
     return path
 
 
 def _rt(store, runtime: str, *args: str, check: bool = True, capture: bool = True, **kw):
-    """Run `runtime --root <runroot>/<runtime> ARGS`; a failure is a RuntimeError_ with its stderr."""
+    """Run `runtime --root <runroot>/<runtime> ARGS`; a failure is a ContainerRuntimeError with its stderr."""
     import subprocess
 
     cmd = [_runtime_path(runtime), "--root", runtime_root(store, runtime), *args]
@@ -109,7 +109,7 @@ def _rt(store, runtime: str, *args: str, check: bool = True, capture: bool = Tru
     p = subprocess.run(cmd, **kw)
     if check and p.returncode != 0:
         msg = (p.stderr or b"").decode("utf-8", "replace").strip().splitlines()
-        raise RuntimeError_(f"{runtime} {args[0]} failed: {msg[-1] if msg else 'exit status ' + str(p.returncode)}")
+        raise ContainerRuntimeError(f"{runtime} {args[0]} failed: {msg[-1] if msg else 'exit status ' + str(p.returncode)}")
     return p
 
 
@@ -119,7 +119,7 @@ def runtime_state(store, runtime: str, cid: str) -> dict | None:
 
     try:
         p = _rt(store, runtime, "state", cid, check=False)
-    except RuntimeError_:
+    except ContainerRuntimeError:
         return None
     if p.returncode != 0:
         return None
@@ -133,7 +133,7 @@ def _new_id(name: str | None) -> str:
     if name is None:
         return os.urandom(6).hex()
     if not _ID.fullmatch(name):
-        raise RuntimeError_(f"invalid container name {name!r}: letters, digits, _ . - (at most 128)")
+        raise ContainerRuntimeError(f"invalid container name {name!r}: letters, digits, _ . - (at most 128)")
     return name
 
 
@@ -149,7 +149,7 @@ def _new_container_dir(base: str, cid: str, image: str, extra: dict) -> str:
 
     cdir = os.path.join(base, cid)
     if os.path.lexists(cdir):
-        raise RuntimeError_(f"a container named {cid} exists (flatmount rm {cid})")
+        raise ContainerRuntimeError(f"a container named {cid} exists (flatmount rm {cid})")
     tmp = os.path.join(base, f"{NEW_PREFIX}{os.getpid()}-{_pid_start(os.getpid())}-{cid}")
     os.mkdir(tmp, 0o700)
     try:
@@ -158,7 +158,7 @@ def _new_container_dir(base: str, cid: str, image: str, extra: dict) -> str:
         if libc.renameat2(-100, os.fsencode(tmp), -100, os.fsencode(cdir), 1) != 0:  # RENAME_NOREPLACE
             err = ctypes.get_errno()
             if err in (17, 39):   # EEXIST, ENOTEMPTY
-                raise RuntimeError_(f"a container named {cid} exists (flatmount rm {cid})")
+                raise ContainerRuntimeError(f"a container named {cid} exists (flatmount rm {cid})")
             raise OSError(err, os.strerror(err), cdir)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -292,7 +292,7 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
             with open(pid_file) as f:
                 pid = int(f.read().strip())
         except (OSError, ValueError):
-            raise RuntimeError_(f"{runtime} create did not create container {cid} (its error is "
+            raise ContainerRuntimeError(f"{runtime} create did not create container {cid} (its error is "
                                 "above)") from None
         timings["create"] = time.perf_counter() - t
         stop.check()
