@@ -245,6 +245,9 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
     from flatmount import net
 
     _runtime_path(runtime)
+    if detach and opts.terminal:
+        raise ContainerRuntimeError("-t with -d is not supported: a detached container's terminal needs a "
+                                    "process to hold it after flatmount returns (podman has conmon)")
     cid = _new_id(name)
     base = containers_dir(store)
     from flatmount.mount import _mkdir_private

@@ -486,6 +486,9 @@ def test_runtime_crun_failure_is_reported_and_cleaned_up(env):
     assert_nothing_left(env)
     r = cli(env, "run", "--rm", "--runtime", "nosuch", "bb")
     assert r.returncode == 2
+    r = cli(env, "run", "-d", "-t", "bb")
+    assert r.returncode == 3 and "-t with -d" in r.stderr
+    assert_nothing_left(env)
 
 
 def test_netlink_sets_lo_in_another_namespace():
