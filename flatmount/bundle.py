@@ -177,8 +177,12 @@ def _prepare_dir(bundle_dir: str) -> str:
 
 def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = None, *,
                   container_id: str | None = None, extra: dict | None = None,
-                  precreated: bool = False) -> Bundle:
-    """Mount `image` privately (leased) and write an OCI runtime bundle for it at `bundle_dir`."""
+                  precreated: bool = False, net_hook: bool = True) -> Bundle:
+    """Mount `image` privately (leased) and write an OCI runtime bundle for it at `bundle_dir`.
+
+    `net_hook`: a bundle run by the runtime alone gets its network set up by a `createRuntime` hook
+    (`flatmount net-hook MODE`) where the runtime would leave it otherwise (runc raises `lo` in a
+    new namespace: `--net none` takes it down); `run` does that step itself, in process."""
     from flatmount.mount import mount_image_ref, umount
 
     opts = opts or RunOptions()
@@ -224,6 +228,8 @@ def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = 
         cid = container_id or os.path.basename(d)
         spec = build_spec(root, d, rec_image.config, opts, cid, image_root=lease.merged,
                           cache_dir=os.fspath(store.runroot))
+        if net_hook and opts.net == "none":
+            spec["hooks"] = {"createRuntime": [net_hook_spec(opts.net)]}
         t2 = time.perf_counter()
         timings["spec"] = t2 - t1
         for name, data in etc_files(spec["hostname"], opts.net).items():
@@ -237,6 +243,15 @@ def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = 
             _undo(store, d, record, umount)
         raise
     return Bundle(d, image, rec_image.id, lease.id, lease.merged, root, tuple(record["stubs"]), timings)
+
+
+def net_hook_spec(mode: str) -> dict:
+    """The runtime hook that runs `flatmount net-hook MODE` (this interpreter, this flatmount)."""
+    import sys
+
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return {"path": sys.executable, "args": [sys.executable, "-m", "flatmount", "net-hook", mode],
+            "env": [f"PYTHONPATH={pkg_parent}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "timeout": 30}
 
 
 def _boot_id() -> str:

@@ -257,7 +257,7 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
     t0 = time.perf_counter()
     cdir = _new_container_dir(base, cid, image, {"kind": "container", "id": cid, "runtime": runtime,
                                                  "rm": rm, "detached": False, "net": opts.net})
-    b = create_bundle(store, image, cdir, opts, container_id=cid, precreated=True)
+    b = create_bundle(store, image, cdir, opts, container_id=cid, precreated=True, net_hook=False)
     timings["mount"] = b.timings["mount"]
     timings["bundle"] = time.perf_counter() - t0 - timings["mount"]
     result: RunResult | None = None

@@ -644,3 +644,21 @@ def test_bundle_remove_trusts_no_path_outside_the_bundle(env, tmp_path):
         rec_path.write_text(json.dumps(good))
         assert cli(env, "bundle", "--remove", str(d)).returncode == 0
     assert_nothing_left(env)
+
+
+def test_bundle_net_none_for_runc_alone(env, tmp_path):
+    """A `--net none` bundle run by runc alone has `lo` down too: its createRuntime hook takes down
+    the `lo` that runc raises; a loopback bundle keeps it up and needs no hook."""
+    for mode, want_up, hooks in (("none", False, True), ("loopback", True, False)):
+        d = tmp_path / mode
+        assert cli(env, "bundle", "bb", str(d), "--net", mode, "-u", "0", "--", "cat",
+                   "/sys/class/net/lo/flags").returncode == 0
+        try:
+            assert ("hooks" in json.loads((d / "config.json").read_text())) == hooks
+            p = subprocess.run(["runc", "--root", str(tmp_path / "runc"), "run", "-b", str(d), f"h{mode}"],
+                               capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+            assert p.returncode == 0, p.stderr
+            assert bool(int(p.stdout, 16) & 1) == want_up
+        finally:
+            assert cli(env, "bundle", "--remove", str(d)).returncode == 0
+    assert_nothing_left(env)

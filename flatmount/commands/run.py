@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     _container_options(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("net-hook", help=argparse.SUPPRESS,
+                       description="OCI runtime hook (createRuntime): set up the network of the container "
+                                   "whose state the runtime gives on stdin.")
+    p.add_argument("mode", choices=("none", "loopback", "host"))
+    p.set_defaults(func=cmd_net_hook)
+
     p = sub.add_parser("ps", parents=[common], help="list containers")
     p.add_argument("-a", "--all", action="store_true", help="stopped ones too")
     p.set_defaults(func=cmd_ps)
@@ -178,4 +184,19 @@ def cmd_rm(args: argparse.Namespace) -> int:
     store = open_store(args)
     for cid in args.ids:
         print(remove(store, cid, force=args.force))
+    return 0
+
+
+def cmd_net_hook(args: argparse.Namespace) -> int:
+    """Called by the runtime with the container's state (JSON, `pid` of its init) on stdin."""
+    import json
+
+    from flatmount import net
+    from flatmount.errors import FlatmountError
+
+    try:
+        pid = int(json.load(sys.stdin)["pid"])
+    except (ValueError, KeyError, TypeError):
+        raise FlatmountError("net-hook: expected the runtime's state JSON (with `pid`) on stdin") from None
+    net.network(args.mode).setup(pid)
     return 0
