@@ -662,3 +662,48 @@ def test_bundle_net_none_for_runc_alone(env, tmp_path):
         finally:
             assert cli(env, "bundle", "--remove", str(d)).returncode == 0
     assert_nothing_left(env)
+
+
+def test_kill9_of_bundle_then_remove_leaves_nothing(env, tmp_path):
+    """`flatmount bundle` killed with SIGKILL at random points: `bundle --remove` of whatever record
+    it left (finding a lease it had not recorded yet by pid, boot and time) and `cleanup` leave no
+    mount and no lease."""
+    import random
+
+    rnd = random.Random(3)
+    e = {**os.environ, "PYTHONPATH": str(ROOT)}
+    dirs = []
+    for i in range(12):
+        d = tmp_path / f"b{i}"
+        p = subprocess.Popen([sys.executable, "-m", "flatmount", "--root", env["root"], "--runroot",
+                              env["runroot"], "bundle", "demo", str(d)], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=e, cwd=str(ROOT))
+        time.sleep(rnd.uniform(0.05, 0.5))
+        p.kill()
+        p.wait()
+        dirs.append(d)
+    for d in dirs:
+        if (d / "flatmount-bundle.json").exists():
+            r = cli(env, "bundle", "--remove", str(d))
+            assert r.returncode == 0, r.stderr
+        elif d.exists():
+            assert os.listdir(d) == [] or all(n.startswith(".tmp-") for n in os.listdir(d))
+    assert cli(env, "cleanup").returncode == 0
+    assert_nothing_left(env)
+
+
+def test_bundle_remove_finds_a_lease_its_creator_did_not_record(env, tmp_path):
+    """Killed after mounting, before recording the lease: the record has no lease id; the lease of
+    the dead creator (same pid and boot, created after the record) is found and released."""
+    d = tmp_path / "b"
+    assert cli(env, "bundle", "bb", str(d)).returncode == 0
+    rec_path = d / "flatmount-bundle.json"
+    rec = json.loads(rec_path.read_text())
+    rec_path.write_text(json.dumps({**rec, "lease": None}))
+    with open_store(env["root"], runroot=env["runroot"]) as store:
+        [lease] = store.mounts()
+        assert lease.pid == rec["owner_pid"] and lease.id == rec["lease"]
+    r = cli(env, "bundle", "--remove", str(d))
+    assert r.returncode == 0, r.stderr
+    assert not d.exists()
+    assert_nothing_left(env)
