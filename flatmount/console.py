@@ -56,18 +56,26 @@ class ConsoleSocket:
         fout = sys.stdout.fileno() if stdout is None else stdout
         if self.master is None:
             raise ConsoleError("no terminal received")
-        if os.isatty(fout):
-            import fcntl
-
-            with contextlib.suppress(OSError):
-                size = fcntl.ioctl(fout, termios.TIOCGWINSZ, b"\0" * 8)
-                fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
+        self._fout = fout
+        self.copy_window_size()
         if os.isatty(fin):
             self._saved_tty = (fin, termios.tcgetattr(fin))
             tty.setraw(fin, termios.TCSANOW)   # TCSAFLUSH would drop typed-ahead input
         self._thread = threading.Thread(target=self._relay, args=(fin, fout), name="flatmount-tty",
                                         daemon=True)
         self._thread.start()
+
+    def copy_window_size(self) -> None:
+        """Our terminal's rows and columns onto the container's (at start and on SIGWINCH)."""
+        import fcntl
+        import termios
+
+        fout = getattr(self, "_fout", None)
+        if self.master is None or fout is None or not os.isatty(fout):
+            return
+        with contextlib.suppress(OSError):
+            size = fcntl.ioctl(fout, termios.TIOCGWINSZ, b"\0" * 8)
+            fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
 
     def _relay(self, fin: int, fout: int) -> None:
         import select

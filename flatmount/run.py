@@ -10,7 +10,8 @@ flatmount process died and remove it with its runtime state, mount and lease.
 Waiting.  flatmount makes itself a child subreaper before `runc create`: when runc exits, the
 container's init process is re-parented to flatmount, which waits for it directly and so gets its
 real exit status (128+N after signal N, as shells and podman report it).  SIGINT, SIGTERM, SIGHUP,
-SIGQUIT, SIGUSR1/2 and SIGWINCH received meanwhile are forwarded to that process.
+SIGQUIT and SIGUSR1/2 received meanwhile are forwarded to that process; with `-t`, SIGWINCH copies
+flatmount's window size to the container's terminal.
 
 Ownership (what `cleanup` may remove).  The record names the flatmount process that owns the
 container (pid and start time); a detached container is owned by nobody once started.  `cleanup`
@@ -340,10 +341,16 @@ def _start_and_wait(store, runtime: str, cid: str, pid: int, console, timings: d
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
 
+    def resize(_signum, _frame) -> None:
+        console.copy_window_size()
+
     old = {}
     for s in FORWARDED:
         with contextlib.suppress(ValueError, OSError):  # not the main thread: no forwarding
             old[s] = signal.signal(s, forward)
+    if console is not None:
+        with contextlib.suppress(ValueError, OSError):
+            old[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, resize)
     try:
         _rt(store, runtime, "start", cid)
         timings["start"] = time.perf_counter() - t
@@ -356,9 +363,10 @@ def _start_and_wait(store, runtime: str, cid: str, pid: int, console, timings: d
                 break
             except InterruptedError:
                 continue
-            except ChildProcessError:  # not re-parented to us (no subreaper): poll the runtime
-                ws = _poll_exit(store, runtime, cid)
-                break
+            except ChildProcessError:  # not re-parented to us (no subreaper): its status is lost
+                _poll_exit(store, runtime, cid)
+                raise ContainerRuntimeError(f"container {cid} ended but its exit status could not be "
+                                            "read (its process was not re-parented to flatmount)") from None
         timings["wait"] = time.perf_counter() - t
         if console is not None:
             console.relay_stop()
@@ -369,11 +377,11 @@ def _start_and_wait(store, runtime: str, cid: str, pid: int, console, timings: d
                 signal.signal(s, h)
 
 
-def _poll_exit(store, runtime: str, cid: str) -> int:
+def _poll_exit(store, runtime: str, cid: str) -> None:
     while True:
         st = runtime_state(store, runtime, cid)
         if st is None or st.get("status") == "stopped":
-            return 0
+            return
         time.sleep(0.05)
 
 

@@ -378,13 +378,19 @@ def test_detach_ps_stop_rm(env):
 
 
 def test_terminal(env):
+    """-t: the container's stdin/stdout are a terminal, typed input reaches it, its window size is
+    ours, and a SIGWINCH to flatmount passes a new size on."""
+    import fcntl
     import pty
     import select
+    import struct
+    import termios
 
     master, slave = pty.openpty()
+    fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
     p = subprocess.Popen([sys.executable, "-m", "flatmount", "--root", env["root"], "--runroot", env["runroot"],
                           "run", "--rm", "-t", "bb", "--", "sh", "-c",
-                          "tty; test -t 0 && echo isatty; read x; echo got $x; exit 5"],
+                          "tty; test -t 0 && echo isatty; stty size; read x; echo got $x; stty size; exit 5"],
                          stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          cwd=str(ROOT))
     os.close(slave)
@@ -401,13 +407,16 @@ def test_terminal(env):
             if not data:
                 break
             out += data
-            if out.endswith(b"isatty\r\n"):
+            if out.endswith(b"33 101\r\n"):
+                fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 120, 0, 0))
+                p.send_signal(signal.SIGWINCH)
+                time.sleep(0.3)
                 os.write(master, b"typed\r")
         assert p.wait(30) == 5
     finally:
         p.kill()
         os.close(master)
-    assert out.splitlines() == [b"/dev/pts/0", b"isatty", b"typed", b"got typed"]
+    assert out.splitlines() == [b"/dev/pts/0", b"isatty", b"33 101", b"typed", b"got typed", b"44 120"]
     assert_nothing_left(env)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 APPLETS = ("sh", "true", "false", "echo", "cat", "ls", "id", "env", "pwd", "sleep", "touch", "ip",
            "ping", "nc", "kill", "hostname", "mount", "grep", "wc", "test", "stat", "readlink", "ps",
-           "whoami", "tee", "mkdir", "rm", "seq", "printf", "head", "dd", "cut")
+           "whoami", "tee", "mkdir", "rm", "seq", "printf", "head", "dd", "cut", "stty")
 PASSWD = (b"root:x:0:0:root:/root:/bin/sh\n"
           b"app:x:1000:1000:app user:/home/app:/bin/sh\n"
           b"nobody:x:65534:65534:nobody:/nonexistent:/bin/false\n")
