@@ -390,7 +390,7 @@ def test_terminal(env):
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
     p = subprocess.Popen([sys.executable, "-m", "flatmount", "--root", env["root"], "--runroot", env["runroot"],
                           "run", "--rm", "-t", "bb", "--", "sh", "-c",
-                          "tty; test -t 0 && echo isatty; stty size; read x; echo got $x; stty size; exit 5"],
+                          "tty; test -t 0 && echo isatty; stty size; read x; echo got $x; read y; stty size; exit 5"],
                          stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          cwd=str(ROOT))
     os.close(slave)
@@ -407,16 +407,18 @@ def test_terminal(env):
             if not data:
                 break
             out += data
-            if out.endswith(b"33 101\r\n"):
+            if b"33 101\r\n" in out and b"typed" not in out:
+                os.write(master, b"typed\r")
+            if b"got typed\r\n" in out and b"go\r" not in out:
                 fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 120, 0, 0))
                 p.send_signal(signal.SIGWINCH)
                 time.sleep(0.3)
-                os.write(master, b"typed\r")
-        assert p.wait(30) == 5
+                os.write(master, b"go\r")
+        assert p.wait(60) == 5
     finally:
         p.kill()
         os.close(master)
-    assert out.splitlines() == [b"/dev/pts/0", b"isatty", b"33 101", b"typed", b"got typed", b"44 120"]
+    assert out.splitlines() == [b"/dev/pts/0", b"isatty", b"33 101", b"typed", b"got typed", b"go", b"44 120"]
     assert_nothing_left(env)
 
 
