@@ -251,9 +251,9 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
                                     "process to hold it after flatmount returns (podman has conmon)")
     cid = _new_id(name)
     base = containers_dir(store)
-    from flatmount.mount import _mkdir_private
-
-    _mkdir_private(base)
+    if not os.path.isdir(base):
+        os.makedirs(base, 0o700, exist_ok=True)
+        os.chmod(base, 0o700)   # whatever the umask: containers' records are root's business
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cdir = _new_container_dir(base, cid, image, {"kind": "container", "id": cid, "runtime": runtime,
