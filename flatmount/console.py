@@ -32,8 +32,9 @@ class ConsoleSocket:
         self._saved_tty = None
         self._stop_r, self._stop_w = os.pipe()
 
-    def receive(self, timeout: float = 10.0) -> int:
-        """The pty master the runtime sent (it connected during `create`)."""
+    def receive(self, timeout: float = 10.0, stdout: int | None = None) -> int:
+        """The pty master the runtime sent (it connected during `create`), already given the size
+        of our terminal: the container's first command may ask for it as soon as it starts."""
         self.sock.settimeout(timeout)
         try:
             conn, _ = self.sock.accept()
@@ -45,6 +46,8 @@ class ConsoleSocket:
             raise ConsoleError("the runtime connected to the console socket but sent no terminal")
         self.master = fds[0]
         os.set_inheritable(self.master, False)
+        self._fout = sys.stdout.fileno() if stdout is None else stdout
+        self.copy_window_size()
         return self.master
 
     def relay_start(self, stdin: int | None = None, stdout: int | None = None) -> None:
@@ -57,7 +60,6 @@ class ConsoleSocket:
         if self.master is None:
             raise ConsoleError("no terminal received")
         self._fout = fout
-        self.copy_window_size()
         if os.isatty(fin):
             self._saved_tty = (fin, termios.tcgetattr(fin))
             tty.setraw(fin, termios.TCSANOW)   # TCSAFLUSH would drop typed-ahead input
@@ -79,7 +81,11 @@ class ConsoleSocket:
 
     def _relay(self, fin: int, fout: int) -> None:
         import select
+        import signal
 
+        # signals for flatmount (forwarded ones, SIGWINCH) must reach the main thread, whose
+        # waitpid they interrupt so that their handlers run now, not after the container ended
+        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP})
         master = self.master
         watch = [master, self._stop_r, fin]
         while True:

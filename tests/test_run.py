@@ -379,7 +379,7 @@ def test_detach_ps_stop_rm(env):
 
 def test_terminal(env):
     """-t: the container's stdin/stdout are a terminal, typed input reaches it, its window size is
-    ours, and a SIGWINCH to flatmount passes a new size on."""
+    ours from its first instruction on, and a SIGWINCH to flatmount passes a new size on."""
     import fcntl
     import pty
     import select
@@ -390,7 +390,7 @@ def test_terminal(env):
     fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 101, 0, 0))
     p = subprocess.Popen([sys.executable, "-m", "flatmount", "--root", env["root"], "--runroot", env["runroot"],
                           "run", "--rm", "-t", "bb", "--", "sh", "-c",
-                          "tty; test -t 0 && echo isatty; stty size; read x; echo got $x; read y; stty size; exit 5"],
+                          "stty size; tty; test -t 0 && echo isatty; read x; echo got $x; read y; stty size; exit 5"],
                          stdin=slave, stdout=slave, stderr=slave, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          cwd=str(ROOT))
     os.close(slave)
@@ -407,18 +407,21 @@ def test_terminal(env):
             if not data:
                 break
             out += data
-            if b"33 101\r\n" in out and b"typed" not in out:
+            if b"isatty\r\n" in out and b"typed" not in out:
                 os.write(master, b"typed\r")
             if b"got typed\r\n" in out and b"go\r" not in out:
                 fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", 44, 120, 0, 0))
                 p.send_signal(signal.SIGWINCH)
                 time.sleep(0.3)
                 os.write(master, b"go\r")
-        assert p.wait(60) == 5
+        try:
+            assert p.wait(60) == 5
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"flatmount run -t did not end; the terminal showed {out!r}") from None
     finally:
         p.kill()
         os.close(master)
-    assert out.splitlines() == [b"/dev/pts/0", b"isatty", b"33 101", b"typed", b"got typed", b"go", b"44 120"]
+    assert out.splitlines() == [b"33 101", b"/dev/pts/0", b"isatty", b"typed", b"got typed", b"go", b"44 120"]
     assert_nothing_left(env)
 
 
