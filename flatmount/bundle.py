@@ -177,7 +177,7 @@ def _prepare_dir(bundle_dir: str) -> str:
 
 def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = None, *,
                   container_id: str | None = None, extra: dict | None = None,
-                  precreated: bool = False, net_hook: bool = True) -> Bundle:
+                  precreated: bool = False, net_hook: bool = True, netns_path: str | None = None) -> Bundle:
     """Mount `image` privately (leased) and write an OCI runtime bundle for it at `bundle_dir`.
 
     `net_hook`: a bundle run by the runtime alone gets its network set up by a `createRuntime` hook
@@ -227,7 +227,7 @@ def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = 
             _mount_overlay([stubs_dir, lease.merged], root)
         cid = container_id or os.path.basename(d)
         spec = build_spec(root, d, rec_image.config, opts, cid, image_root=lease.merged,
-                          cache_dir=os.fspath(store.runroot))
+                          cache_dir=os.fspath(store.runroot), netns_path=netns_path)
         if net_hook and opts.net == "none":
             spec["hooks"] = {"createRuntime": [net_hook_spec(opts.net)]}
         t2 = time.perf_counter()

@@ -8,7 +8,8 @@ creation: the socket stays bound to that namespace, and no process or `ip` comma
 
 pyroute2 costs about 0.1 s to import (more on a loaded machine), so the state of `lo` is first read
 with one ioctl (SIOCGIFFLAGS) and netlink is used only to change it; where a change is expected
-(`none`: runc raises lo itself), `preload()` starts the import on a thread while `runc create` runs.
+(loopback with a runtime that leaves lo down), `preload()` starts the import on a thread while
+`runc create` runs.  `none` joins a namespace made beforehand, where lo is down from the start.
 
 Modes: `loopback` (lo up: runc also brings it up, crun too; the netlink step makes it so whatever the
 runtime did), `none` (lo down: nothing at all reaches the container), `host` (the host's namespace).
@@ -122,11 +123,19 @@ class Network:
     namespace = False
     preload = False      # whether setup will most likely need pyroute2 (import it early)
 
+    def prepare(self) -> str | None:
+        """Before the bundle is written: the path of a network namespace for the runtime to join, or
+        None (the runtime makes a new one, or uses the host's)."""
+        return None
+
+    def joined(self) -> None:
+        """After `create`: the runtime's container holds the namespace now."""
+
     def setup(self, pid: int) -> None:
         """Called with the container's init pid after `create`, before `start`."""
 
     def teardown(self) -> None:
-        """Called after the container is gone (also by cleanup paths: must be idempotent)."""
+        """Called after the container is gone (also on failures: must be idempotent)."""
 
 
 class _LoState(Network):
@@ -162,11 +171,57 @@ class Loopback(_LoState):
 
 
 class NoNetwork(_LoState):
-    """Its own namespace with `lo` down."""
+    """Its own namespace with `lo` down.
+
+    runc raises `lo` in a namespace it creates, but not in one it is given to join: so the namespace
+    is made beforehand, by a helper (`unshare --net cat`) that holds it until the container has
+    joined it, and `lo` is down from the start (netlink would only be needed if the runtime raised
+    it anyway; the flags are checked).  The helper reads its stdin: if flatmount dies, it ends too."""
 
     name = "none"
     up = False
-    preload = True
+    _helper = None
+
+    def prepare(self) -> str | None:
+        import shutil
+        import subprocess
+        import time
+
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            return None   # the runtime makes the namespace; setup takes lo down over netlink
+        own = os.readlink("/proc/self/ns/net")
+        self._helper = subprocess.Popen([unshare, "--net", "--", "cat"], stdin=subprocess.PIPE,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        path = f"/proc/{self._helper.pid}/ns/net"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if os.readlink(path) != own:
+                    return path
+            except OSError:
+                pass
+            if self._helper.poll() is not None or time.monotonic() > deadline:
+                self.teardown()
+                raise NetworkError("could not make a network namespace for the container "
+                                   "(`unshare --net` failed: needs CAP_SYS_ADMIN)")
+            time.sleep(0.0005)
+
+    def joined(self) -> None:
+        self.teardown()
+
+    def teardown(self) -> None:
+        h, self._helper = self._helper, None
+        if h is not None:
+            import contextlib
+
+            with contextlib.suppress(OSError):
+                h.stdin.close()
+            try:
+                h.wait(5)
+            except Exception:  # noqa: BLE001 - a helper that does not end is killed
+                h.kill()
+                h.wait()
 
 
 MODES: dict[str, type[Network]] = {"host": Network, "loopback": Loopback, "none": NoNetwork}

@@ -258,7 +258,13 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
     t0 = time.perf_counter()
     cdir = _new_container_dir(base, cid, image, {"kind": "container", "id": cid, "runtime": runtime,
                                                  "rm": rm, "detached": False, "net": opts.net})
-    b = create_bundle(store, image, cdir, opts, container_id=cid, precreated=True, net_hook=False)
+    try:
+        netns_path = network.prepare()
+        b = create_bundle(store, image, cdir, opts, container_id=cid, precreated=True, net_hook=False,
+                          netns_path=netns_path)
+    except BaseException:
+        network.teardown()
+        raise
     timings["mount"] = b.timings["mount"]
     timings["bundle"] = time.perf_counter() - t0 - timings["mount"]
     result: RunResult | None = None
@@ -299,6 +305,7 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
             raise ContainerRuntimeError(f"{runtime} create did not create container {cid} (its error is "
                                 "above)") from None
         timings["create"] = time.perf_counter() - t
+        network.joined()
         stop.check()
         if console is not None:
             console.receive()
@@ -318,6 +325,7 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
         return result
     finally:
         stop.hold()
+        network.teardown()
         if not detach:
             _set_subreaper(False)
         if console is not None:

@@ -454,7 +454,8 @@ def mount_targets(opts: RunOptions) -> list[tuple[str, bool]]:
 
 
 def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, opts: RunOptions,
-               container_id: str, *, image_root: str | None = None, cache_dir: str | None = None) -> dict:
+               container_id: str, *, image_root: str | None = None, cache_dir: str | None = None,
+               netns_path: str | None = None) -> dict:
     """config.json for a container of the image (config `image_config`, tree at `image_root`, default
     `root_path`) rooted read-only at `root_path`."""
     cfg = (image_config or {}).get("config") or {}
@@ -493,7 +494,7 @@ def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, op
     namespaces = [{"type": t} for t in ("pid", "ipc", "uts", "mount", "cgroup")]
     sysctl: dict[str, str] = {}
     if opts.net != "host":
-        namespaces.append({"type": "network"})
+        namespaces.append({"type": "network", "path": netns_path} if netns_path else {"type": "network"})
         sysctl.update(conf["sysctls"])   # per-namespace settings: not for the host's namespace
     annotations = {str(k): str(v) for k, v in (cfg.get("Labels") or {}).items()}
     annotations.update({str(k): str(v) for k, v in opts.annotations.items()})

@@ -537,8 +537,8 @@ def test_netlink_sets_lo_in_another_namespace():
 
 
 def test_cli_run_imports_nothing_heavy(env):
-    """A warm `run --net loopback` needs neither the image writer/reader nor pyroute2 (runc raised lo:
-    one ioctl says so) nor tomllib (confinement cached); `--help` loads no container module at all."""
+    """A warm `run --net loopback|none` needs neither the image writer/reader nor pyroute2 (lo is as
+    wanted: one ioctl says so) nor tomllib (confinement cached); `--help` loads no container module."""
     heavy = {"flatmount.erofs.writer", "flatmount.erofs.reader", "flatmount.pull", "flatmount.layers",
              "zstandard", "tarfile", "pyroute2", "hypothesis", "tomllib"}
     assert cli(env, "run", "--rm", "bb", "--", "true").returncode == 0   # confinement cached
@@ -550,6 +550,13 @@ def test_cli_run_imports_nothing_heavy(env):
     assert r.returncode == 0, r.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
     assert "flatmount.run" in imported and imported & heavy == set()
+    # --net none joins a namespace made beforehand, where lo was never up: no netlink needed either
+    r = subprocess.run([*base, "run", "--rm", "--net", "none", "bb", "--", "cat", "/sys/class/net/lo/flags"],
+                       capture_output=True, text=True, cwd=str(ROOT), env=e, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not int(r.stdout, 16) & 1
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
+    assert imported & heavy == set()
     r = subprocess.run([*base, "--help"], capture_output=True, text=True, cwd=str(ROOT), env=e, timeout=60)
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
     assert imported & {"flatmount.run", "flatmount.runspec", "flatmount.bundle", "flatmount.net",
