@@ -16,9 +16,9 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-# in the order of the data flow: import and records, flatten and mount, diff, maintenance, the
+# in the order of the data flow: import and records, flatten and mount, containers, diff, maintenance, the
 # store-less building blocks, the demo (the help lists subcommands in this order)
-AREAS = ("store", "mount", "diff", "maint", "image", "demo", "docs")
+AREAS = ("store", "mount", "run", "diff", "maint", "image", "demo", "docs")
 STORE_OPTIONS = ("config", "root", "runroot", "additional_stores")
 
 

@@ -786,6 +786,18 @@ class Store:
 
         return mount(self, ref)
 
+    def bundle(self, ref: str, bundle_dir: str, opts=None):
+        """`with store.bundle(ref, dir) as b:` an OCI runtime bundle of the image; see flatmount.bundle."""
+        from flatmount.bundle import bundle
+
+        return bundle(self, ref, bundle_dir, opts)
+
+    def run(self, ref: str, opts=None, **kw):
+        """Run a container of image `ref` on runc and wait for it; see flatmount.run.run."""
+        from flatmount.run import run
+
+        return run(self, ref, opts, **kw)
+
     def mounts(self):
         """Live mount leases of this store."""
         from flatmount.mount import list_mounts

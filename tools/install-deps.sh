@@ -4,7 +4,7 @@
 # "externally managed", PEP 668: pip installs only into a venv).  Idempotent; safe to run again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-APT_PACKAGES=(erofs-utils fsverity attr podman skopeo runc uidmap busybox-static util-linux kmod gcc python3-dev python3-venv groff-base)
+APT_PACKAGES=(erofs-utils fsverity attr podman skopeo runc crun uidmap busybox-static util-linux kmod gcc python3-dev python3-venv groff-base)
 APT_PACKAGES+=(docker-registry apache2-utils openssl)  # registry tests: a real registry, htpasswd, a TLS cert
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

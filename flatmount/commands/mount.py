@@ -157,13 +157,18 @@ def cmd_mounts(args: argparse.Namespace) -> int:
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
-    from flatmount.cli import open_store, print_json, want_json
+    from flatmount.cli import open_store, print_json, to_jsonable, want_json
     from flatmount.mount import cleanup
+    from flatmount.run import cleanup_containers
 
-    res = cleanup(open_store(args))
+    store = open_store(args)
+    containers = cleanup_containers(store)   # first: their mounts are leased until they are gone
+    res = cleanup(store)
     if want_json(args):
-        print_json(res)
+        print_json({**to_jsonable(res), "removed_containers": containers})
         return 0
+    if containers:
+        print(f"removed {len(containers)} finished or orphaned containers: {' '.join(containers)}")
     print(f"removed {len(res.removed_leases)} stale leases, {len(res.removed_dirs)} dirs, "
           f"unmounted {len(res.unmounted)} unleased mounts; {len(res.kept)} mounts kept, "
           f"{len(res.busy)} busy")

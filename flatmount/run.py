@@ -1,0 +1,615 @@
+"""`flatmount run`: a container of a flattened image on a real OCI runtime (runc, or crun).
+
+bundle (bundle.py: leased private mount + config.json) -> `runc create` -> network (net.py, netlink
+into the new namespace) -> `runc start` -> wait -> `runc delete` + unmount.
+
+Everything of a container lives under the runroot: `containers/<id>/` is its bundle (and record),
+and runc keeps its state under `runc/` (`runc --root`), so `cleanup` can find a container whose
+flatmount process died and remove it with its runtime state, mount and lease.
+
+Waiting.  flatmount makes itself a child subreaper before `runc create`: when runc exits, the
+container's init process is re-parented to flatmount, which waits for it directly and so gets its
+real exit status (128+N after signal N, as shells and podman report it).  SIGINT, SIGTERM, SIGHUP,
+SIGQUIT and SIGUSR1/2 received meanwhile are forwarded to that process; with `-t`, SIGWINCH copies
+flatmount's window size to the container's terminal.
+
+Ownership (what `cleanup` may remove).  The record names the flatmount process that owns the
+container (pid and start time); a detached container is owned by nobody once started.  `cleanup`
+removes a container whose owner is gone and that is not a running detached one: it kills what is
+left of it, deletes the runtime state, unmounts and releases the lease, and removes the directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import time
+from dataclasses import dataclass, field
+
+from flatmount.bundle import (
+    RECORD,
+    BundleError,
+    create_bundle,
+    owner_alive,
+    read_record,
+    remove_bundle,
+    update_record,
+)
+from flatmount.errors import FlatmountError, NotFoundError
+from flatmount.runspec import RunOptions
+
+RUNTIMES = ("runc", "crun")
+LOG = "ctr.log"     # stdout and stderr of a detached container
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+PR_SET_CHILD_SUBREAPER = 36
+
+
+class ContainerRuntimeError(FlatmountError):
+    """The OCI runtime failed (its own message is quoted)."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """A finished (or, with `detached`, started) container: `exit_status` is 128+N after signal N."""
+
+    id: str
+    image: str
+    exit_status: int | None
+    signal: int | None
+    detached: bool
+    timings: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Container:
+    """One container under the runroot, as `ps` lists it."""
+
+    id: str
+    image: str
+    status: str          # created, running, paused, stopped, exited, or unknown
+    exit_status: int | None
+    pid: int | None
+    created: float | None
+    detached: bool
+    owner_pid: int | None
+    bundle: str
+
+
+# --- paths and the runtime ------------------------------------------------------------------------
+
+def containers_dir(store) -> str:
+    return os.path.join(os.fspath(store.runroot), "containers")
+
+
+def runtime_root(store, runtime: str) -> str:
+    return os.path.join(os.fspath(store.runroot), runtime)
+
+
+def _runtime_path(runtime: str) -> str:
+    import shutil
+
+    if runtime not in RUNTIMES:
+        raise ContainerRuntimeError(f"unknown runtime {runtime!r}: use one of {', '.join(RUNTIMES)}")
+    path = shutil.which(runtime)
+    if path is None:
+        raise ContainerRuntimeError(f"{runtime} is not installed (apt-get install {runtime})")
+    return path
+
+
+def _rt(store, runtime: str, *args: str, check: bool = True, capture: bool = True, **kw):
+    """Run `runtime --root <runroot>/<runtime> ARGS`; a failure is a ContainerRuntimeError with its stderr."""
+    import subprocess
+
+    cmd = [_runtime_path(runtime), "--root", runtime_root(store, runtime), *args]
+    if capture:
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+    p = subprocess.run(cmd, **kw)
+    if check and p.returncode != 0:
+        msg = (p.stderr or b"").decode("utf-8", "replace").strip().splitlines()
+        raise ContainerRuntimeError(f"{runtime} {args[0]} failed: {msg[-1] if msg else 'exit status ' + str(p.returncode)}")
+    return p
+
+
+def runtime_state(store, runtime: str, cid: str) -> dict | None:
+    """`runc state ID` as a dict, or None when the runtime does not know the container."""
+    import json
+
+    try:
+        p = _rt(store, runtime, "state", cid, check=False)
+    except ContainerRuntimeError:
+        return None
+    if p.returncode != 0:
+        return None
+    try:
+        return json.loads(p.stdout)
+    except ValueError:
+        return None
+
+
+def _new_id(name: str | None) -> str:
+    if name is None:
+        return os.urandom(6).hex()
+    if not _ID.fullmatch(name):
+        raise ContainerRuntimeError(f"invalid container name {name!r}: letters, digits, _ . - (at most 128)")
+    return name
+
+
+NEW_PREFIX = ".new-"   # `.new-<owner pid>-<owner start>-<id>`: a container dir before its rename
+
+
+def _new_container_dir(base: str, cid: str, image: str, extra: dict) -> str:
+    """`base/cid` with its record, made in one step (a private dir renamed into place without
+    replacing anything), so `cleanup` never sees a container dir without a record."""
+    import ctypes
+
+    from flatmount.bundle import _pid_start, new_record, write_record
+
+    cdir = os.path.join(base, cid)
+    if os.path.lexists(cdir):
+        raise ContainerRuntimeError(f"a container named {cid} exists (flatmount rm {cid})")
+    tmp = os.path.join(base, f"{NEW_PREFIX}{os.getpid()}-{_pid_start(os.getpid())}-{cid}")
+    os.mkdir(tmp, 0o700)
+    try:
+        write_record(tmp, new_record(image, extra))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.renameat2(-100, os.fsencode(tmp), -100, os.fsencode(cdir), 1) != 0:  # RENAME_NOREPLACE
+            err = ctypes.get_errno()
+            if err in (17, 39):   # EEXIST, ENOTEMPTY
+                raise ContainerRuntimeError(f"a container named {cid} exists (flatmount rm {cid})")
+            raise OSError(err, os.strerror(err), cdir)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(tmp, RECORD))
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp)
+        raise
+    return cdir
+
+
+def _set_subreaper(on: bool) -> None:
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0)
+
+
+def _status(wait_status: int) -> tuple[int, int | None]:
+    if os.WIFSIGNALED(wait_status):
+        sig = os.WTERMSIG(wait_status)
+        return 128 + sig, sig
+    return os.WEXITSTATUS(wait_status), None
+
+
+# --- run ------------------------------------------------------------------------------------------
+
+def run(store, image: str, opts: RunOptions | None = None, *, name: str | None = None, rm: bool = False,
+        detach: bool = False, runtime: str = "runc", stdin=None, stdout=None, stderr=None) -> RunResult:
+    """Run a container of `image` on `runtime` and wait for it (or start it and return, `detach`).
+
+    stdio (file objects or fds, default: this process's) are passed to the container's process;
+    with `opts.terminal` they are relayed through a pseudo-terminal the runtime creates."""
+    from flatmount import net
+
+    opts = opts or RunOptions()
+    network = net.network(opts.net)
+    stop = _DeferredStop()
+    with stop:
+        return _run(store, image, opts, network, stop, name=name, rm=rm, detach=detach, runtime=runtime,
+                    stdin=stdin, stdout=stdout, stderr=stderr)
+
+
+class Terminated(FlatmountError):
+    """flatmount was told to stop (SIGINT/SIGTERM/SIGHUP) before the container ran; it cleaned up."""
+
+
+class _DeferredStop:
+    """Until the container runs (then they are forwarded to it), SIGINT, SIGTERM and SIGHUP are
+    noted, not acted on: `check()` between steps raises `Terminated`, so a stop request unwinds
+    through every `finally` and never lands in the middle of a mount or its record."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._old: dict = {}
+
+    def _note(self, signum, _frame) -> None:
+        self.received.append(signum)
+
+    def __enter__(self) -> _DeferredStop:
+        for s in self.SIGNALS:
+            with contextlib.suppress(ValueError, OSError):   # not the main thread: left alone
+                self._old[s] = signal.signal(s, self._note)
+        return self
+
+    def check(self) -> None:
+        if self.received:
+            raise Terminated(f"stopped by signal {self.received[0]} before the container ran")
+
+    def hold(self) -> None:
+        """Back to noting (after the forwarding while the container ran): cleanup runs whole."""
+        for s in self._old:
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, self._note)
+
+    def __exit__(self, *exc: object) -> None:
+        for s, h in self._old.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, h)
+
+
+def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, name, rm, detach, runtime,
+         stdin, stdout, stderr) -> RunResult:
+    from flatmount import net
+
+    _runtime_path(runtime)
+    if detach and opts.terminal:
+        raise ContainerRuntimeError("-t with -d is not supported: a detached container's terminal needs a "
+                                    "process to hold it after flatmount returns (podman has conmon)")
+    cid = _new_id(name)
+    base = containers_dir(store)
+    if not os.path.isdir(base):
+        os.makedirs(base, 0o700, exist_ok=True)
+        os.chmod(base, 0o700)   # whatever the umask: containers' records are root's business
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    cdir = _new_container_dir(base, cid, image, {"kind": "container", "id": cid, "runtime": runtime,
+                                                 "rm": rm, "detached": False, "net": opts.net})
+    try:
+        netns_path = network.prepare()
+        b = create_bundle(store, image, cdir, opts, container_id=cid, precreated=True, net_hook=False,
+                          netns_path=netns_path)
+    except BaseException:
+        network.teardown()
+        raise
+    timings["mount"] = b.timings["mount"]
+    timings["bundle"] = time.perf_counter() - t0 - timings["mount"]
+    result: RunResult | None = None
+    console = None
+    try:
+        stop.check()
+        t = time.perf_counter()
+        if not detach:   # a detached container must not stay a child of a long-lived API caller
+            _set_subreaper(True)
+        pid_file = os.path.join(cdir, "init.pid")
+        args = ["create", "--bundle", cdir, "--pid-file", pid_file]
+        if opts.terminal:
+            from flatmount.console import ConsoleSocket
+
+            sock = os.path.join(cdir, "console.sock")
+            if len(os.fsencode(sock)) > 100:   # sun_path holds 108 bytes
+                import tempfile
+
+                sock = os.path.join(tempfile.mkdtemp(prefix="flatmount-tty-"), "console.sock")
+            console = ConsoleSocket(sock)
+            args += ["--console-socket", console.path]
+        update_record(cdir, runtime_created=True)
+        if network.preload:
+            net.preload()   # imported while runc works
+        if detach:   # nobody reads our stdio after we return: the container writes to its log
+            import subprocess
+
+            with open(os.path.join(cdir, LOG), "ab") as log:
+                _rt(store, runtime, *args, cid, capture=False, check=False, stdin=subprocess.DEVNULL,
+                    stdout=log, stderr=log)
+        else:
+            _rt(store, runtime, *args, cid, capture=False, check=False, stdin=stdin, stdout=stdout,
+                stderr=stderr)
+        try:
+            with open(pid_file) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            raise ContainerRuntimeError(f"{runtime} create did not create container {cid} (its error is "
+                                "above)") from None
+        timings["create"] = time.perf_counter() - t
+        network.joined()
+        stop.check()
+        if console is not None:
+            console.receive()
+        t = time.perf_counter()
+        network.setup(pid)
+        timings["netlink"] = time.perf_counter() - t
+        stop.check()
+        t = time.perf_counter()
+        if detach:
+            _rt(store, runtime, "start", cid)
+            update_record(cdir, detached=True, init_pid=pid)
+            timings["start"] = time.perf_counter() - t
+            result = RunResult(cid, image, None, None, True, timings)
+            return result
+        status = _start_and_wait(store, runtime, cid, pid, console, timings, t)
+        result = RunResult(cid, image, status[0], status[1], False, timings)
+        return result
+    finally:
+        stop.hold()
+        network.teardown()
+        if not detach:
+            _set_subreaper(False)
+        if console is not None:
+            console.close()
+            if os.path.dirname(console.path) != cdir:
+                with contextlib.suppress(OSError):
+                    os.rmdir(os.path.dirname(console.path))
+        if result is None or not result.detached:
+            t = time.perf_counter()
+            _finish(store, cid, cdir, runtime, keep_record=not rm and result is not None,
+                    exit_status=result.exit_status if result is not None else None,
+                    exited=result is not None)
+            timings["cleanup"] = time.perf_counter() - t
+
+
+def _start_and_wait(store, runtime: str, cid: str, pid: int, console, timings: dict, t: float) -> tuple:
+    received: list[int] = []
+
+    def forward(signum, _frame) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+    def resize(_signum, _frame) -> None:
+        console.copy_window_size()
+
+    old = {}
+    for s in FORWARDED:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread: no forwarding
+            old[s] = signal.signal(s, forward)
+    if console is not None:
+        with contextlib.suppress(ValueError, OSError):
+            old[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, resize)
+    try:
+        _rt(store, runtime, "start", cid)
+        timings["start"] = time.perf_counter() - t
+        if console is not None:
+            console.relay_start()
+        t = time.perf_counter()
+        while True:
+            try:
+                _, ws = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+            except ChildProcessError:  # not re-parented to us (no subreaper): its status is lost
+                _poll_exit(store, runtime, cid)
+                raise ContainerRuntimeError(f"container {cid} ended but its exit status could not be "
+                                            "read (its process was not re-parented to flatmount)") from None
+        timings["wait"] = time.perf_counter() - t
+        if console is not None:
+            console.relay_stop()
+        return _status(ws)
+    finally:
+        for s, h in old.items():
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(s, h)
+
+
+def _poll_exit(store, runtime: str, cid: str) -> None:
+    while True:
+        st = runtime_state(store, runtime, cid)
+        if st is None or st.get("status") == "stopped":
+            return
+        time.sleep(0.05)
+
+
+def _remove_runtime_leftover(store, runtime: str, cid: str) -> None:
+    """An empty state dir the runtime left when it was killed before writing its state."""
+    d = os.path.join(runtime_root(store, runtime), cid)
+    if os.path.isdir(d) and not os.path.islink(d) and runtime_state(store, runtime, cid) is None:
+        with contextlib.suppress(OSError):
+            os.rmdir(d)
+
+
+def _finish(store, cid: str, cdir: str, runtime: str, *, keep_record: bool,
+            exit_status: int | None = None, exited: bool = False) -> None:
+    """Kill what is left, delete the runtime state, unmount, release the lease; the record stays
+    with `keep_record` (a stopped container that `ps -a` lists and `rm` removes).
+
+    `exited`: its init was reaped, so no process of it is left to use the mount, and the runtime's
+    `delete` (which needs only its own state) runs while the mount is released."""
+    import subprocess
+
+    record = read_record(cdir) or {}
+    deleting = None
+    if record.get("runtime_created") or runtime_state(store, runtime, cid) is not None:
+        cmd = [_runtime_path(runtime), "--root", runtime_root(store, runtime), "delete", "--force", cid]
+        deleting = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        if not exited:
+            deleting.wait()
+    try:
+        _release(store, cid, cdir, runtime, keep_record, exit_status)
+    finally:
+        if deleting is not None:
+            deleting.wait()
+            _remove_runtime_leftover(store, runtime, cid)
+
+
+def _release(store, cid: str, cdir: str, runtime: str, keep_record: bool, exit_status: int | None) -> None:
+    for extra in ("init.pid", "console.sock") + (() if keep_record else (LOG,)):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(os.path.join(cdir, extra))
+    if read_record(cdir) is None:
+        with contextlib.suppress(FileNotFoundError, OSError):
+            os.rmdir(cdir)
+        return
+    if keep_record:
+        update_record(cdir, exit_status=exit_status, finished=time.time(), runtime_created=False)
+    remove_bundle(store, cdir, keep_record=keep_record)
+
+
+# --- detached containers --------------------------------------------------------------------------
+
+def _record_of(store, cid: str) -> tuple[str, dict]:
+    if not _ID.fullmatch(cid):
+        raise NotFoundError(f"no container {cid!r}")
+    cdir = os.path.join(containers_dir(store), cid)
+    rec = read_record(cdir)
+    if rec is None or rec.get("kind") != "container":
+        raise NotFoundError(f"no container {cid!r} (see `flatmount ps -a`)")
+    return cdir, rec
+
+
+def list_containers(store, all_: bool = True) -> list[Container]:
+    """Containers under the runroot, oldest first; without `all_` only created/running/paused ones."""
+    out = []
+    try:
+        names = sorted(os.listdir(containers_dir(store)))
+    except FileNotFoundError:
+        return []
+    for cid in names:
+        if cid.startswith(NEW_PREFIX):
+            continue
+        cdir = os.path.join(containers_dir(store), cid)
+        rec = read_record(cdir)
+        if rec is None or rec.get("kind") != "container":
+            continue
+        runtime = rec.get("runtime", "runc")
+        st = runtime_state(store, runtime, cid) if not rec.get("released") else None
+        if st is not None:
+            status, pid = st.get("status", "unknown"), st.get("pid") or None
+        else:
+            status, pid = ("exited" if rec.get("released") else "unknown"), None
+        if not all_ and status not in ("created", "running", "paused"):
+            continue
+        out.append(Container(cid, rec.get("image", ""), status, rec.get("exit_status"), pid,
+                             rec.get("created"), bool(rec.get("detached")), rec.get("owner_pid"), cdir))
+    out.sort(key=lambda c: (c.created or 0, c.id))
+    return out
+
+
+def _owned(rec: dict) -> bool:
+    """An attached container whose flatmount process is alive: that process cleans it up."""
+    return not rec.get("detached") and owner_alive(rec.get("owner_pid"), rec.get("owner_start"))
+
+
+def _kill_and_wait(store, runtime: str, cid: str, timeout: float) -> None:
+    """SIGTERM, then SIGKILL after `timeout` s; returns once the runtime says it stopped."""
+    st = runtime_state(store, runtime, cid)
+    if st is None or st.get("status") not in ("running", "created", "paused"):
+        return
+    _rt(store, runtime, "kill", cid, "TERM", check=False)
+    deadline = time.monotonic() + timeout
+    killed = False
+    while True:
+        st = runtime_state(store, runtime, cid)
+        if st is None or st.get("status") == "stopped":
+            return
+        if not killed and time.monotonic() >= deadline:
+            _rt(store, runtime, "kill", cid, "KILL", check=False)
+            killed = True
+        time.sleep(0.05)
+
+
+def _wait_owner_done(cdir: str, timeout: float = 30.0) -> dict | None:
+    """After stopping an attached container: wait for its flatmount process to release it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rec = read_record(cdir)
+        if rec is None or rec.get("released") or not _owned(rec):
+            return rec
+        time.sleep(0.05)
+    return read_record(cdir)
+
+
+def stop(store, cid: str, timeout: float = 10.0) -> Container:
+    """SIGTERM the container's process, SIGKILL after `timeout` s, then release its mount (and
+    remove it if it was started with --rm).  An attached container is released by its own
+    flatmount process, which sees its exit."""
+    cdir, rec = _record_of(store, cid)
+    runtime = rec.get("runtime", "runc")
+    _kill_and_wait(store, runtime, cid, timeout)
+    if _owned(rec):
+        rec = _wait_owner_done(cdir) or rec
+    elif not rec.get("released"):
+        _finish(store, cid, cdir, runtime, keep_record=not rec.get("rm"))
+    return Container(cid, rec.get("image", ""), "exited", rec.get("exit_status"), None, rec.get("created"),
+                     bool(rec.get("detached")), rec.get("owner_pid"), cdir)
+
+
+def remove(store, cid: str, force: bool = False) -> str:
+    """Remove a stopped container (`force`: kill it first)."""
+    cdir, rec = _record_of(store, cid)
+    runtime = rec.get("runtime", "runc")
+    if not rec.get("released"):
+        st = runtime_state(store, runtime, cid)
+        running = st is not None and st.get("status") in ("running", "created", "paused")
+        if (running or _owned(rec)) and not force:
+            raise BundleError(f"container {cid} is running: `flatmount stop {cid}` first, or rm --force")
+        if force:
+            _kill_and_wait(store, runtime, cid, 0)
+            if _owned(rec):
+                rec = _wait_owner_done(cdir)
+                if rec is None:
+                    return cid   # it was started with --rm: its process removed it
+    _finish(store, cid, cdir, runtime, keep_record=False)
+    return cid
+
+
+def _remove_new_dir(cdir: str, name: str, removed: list[str]) -> None:
+    """A container dir its creator never renamed into place: removed once that creator is gone."""
+    from flatmount.bundle import owner_alive
+
+    parts = name[len(NEW_PREFIX):].split("-", 2)
+    try:
+        pid, start = int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return
+    if owner_alive(pid, start):
+        return
+    for entry in os.listdir(cdir):
+        if entry == RECORD or entry.startswith(".tmp-"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(cdir, entry))
+    with contextlib.suppress(OSError):
+        os.rmdir(cdir)
+        removed.append(name)
+
+
+def cleanup_containers(store) -> list[str]:
+    """Remove containers whose flatmount process died (kill -9 included) and are not running
+    detached: their process, runtime state, mount, lease and directory.  Returns their ids."""
+    removed = []
+    base = containers_dir(store)
+    try:
+        names = sorted(os.listdir(base))
+    except FileNotFoundError:
+        return []
+    for cid in names:
+        cdir = os.path.join(base, cid)
+        if os.path.islink(cdir) or not os.path.isdir(cdir):
+            continue
+        if cid.startswith(NEW_PREFIX):
+            _remove_new_dir(cdir, cid, removed)
+            continue
+        rec = read_record(cdir)
+        if rec is None:
+            # dirs appear with their record (renamed into place), so this is one whose removal was
+            # cut short after its record went: only temp files can be left in it
+            for entry in os.listdir(cdir):
+                if entry.startswith(".tmp-"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(cdir, entry))
+            with contextlib.suppress(OSError):
+                os.rmdir(cdir)
+                removed.append(cid)
+            continue
+        if rec.get("released") or not _ID.fullmatch(cid):
+            continue   # a stopped container's record (`rm` removes it), or not ours
+        runtime = rec.get("runtime", "runc")
+        if rec.get("detached"):
+            st = runtime_state(store, runtime, cid)
+            if st is not None and st.get("status") in ("running", "paused", "created"):
+                continue
+            _finish(store, cid, cdir, runtime, keep_record=not rec.get("rm"))
+            removed.append(cid)
+            continue
+        if owner_alive(rec.get("owner_pid"), rec.get("owner_start")):
+            continue
+        st = runtime_state(store, runtime, cid)
+        if st is not None and st.get("status") in ("running", "paused", "created"):
+            _rt(store, runtime, "kill", cid, "KILL", check=False)
+        _finish(store, cid, cdir, runtime, keep_record=False)
+        removed.append(cid)
+    return removed
