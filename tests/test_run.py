@@ -36,7 +36,7 @@ def env(tmp_path_factory):
     paths = {"root": str(base / "store"), "runroot": str(base / "run"), "base": str(base)}
     with open_store(paths["root"], runroot=paths["runroot"]) as store:
         store.pull(write_oci(base / "oci", "bb", CONFIG), "bb")
-        store.pull(f"oci:{ROOT}/examples/demo-oci:demo", "demo")
+        store.pull(f"oci:{ROOT}/flatmount/examples/demo-oci:demo", "demo")
     try:
         yield paths
     finally:

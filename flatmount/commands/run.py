@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                     "`runc run -b DIR ID` runs it.  `flatmount bundle --remove DIR` unmounts it.")
     p.add_argument("--remove", action="store_true", help="unmount the bundle at DIR and remove it")
     p.add_argument("image", metavar="IMAGE|DIR", help="image (or, with --remove, the bundle dir)")
-    p.add_argument("dir", metavar="DIR", nargs="?")
+    p.add_argument("dir", metavar="DIR", nargs="?", help="the new bundle directory (must be empty or absent)")
     _container_options(p)
     p.set_defaults(func=cmd_bundle)
 
@@ -50,29 +50,34 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.add_argument("-t", "--tty", action="store_true", help="give the container a terminal")
     p.add_argument("-i", "--interactive", action="store_true", help="accepted: stdin is always passed")
     p.add_argument("--runtime", default="runc", choices=("runc", "crun"), help="OCI runtime")
-    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("image", metavar="IMAGE", help="image name or id to run")
     _container_options(p)
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("net-hook", help=argparse.SUPPRESS,
                        description="OCI runtime hook (createRuntime): set up the network of the container "
                                    "whose state the runtime gives on stdin.")
-    p.add_argument("mode", choices=("none", "loopback", "host"))
+    p.add_argument("mode", choices=("none", "loopback", "host"), help="the network mode to set up")
     p.set_defaults(func=cmd_net_hook)
 
-    p = sub.add_parser("ps", parents=[common], help="list containers")
+    p = sub.add_parser("ps", parents=[common], help="list containers",
+                       description="List the containers `run` started (running ones; -a: stopped ones too) "
+                                   "with their image, status and command.")
     p.add_argument("-a", "--all", action="store_true", help="stopped ones too")
     p.set_defaults(func=cmd_ps)
 
-    p = sub.add_parser("stop", parents=[common], help="stop containers (SIGTERM, then SIGKILL)")
+    p = sub.add_parser("stop", parents=[common], help="stop containers (SIGTERM, then SIGKILL)",
+                       description="Stop running containers: SIGTERM, then SIGKILL after --time seconds; "
+                                   "their mounts and leases are released.")
     p.add_argument("-t", "--time", type=float, default=10.0, metavar="SECONDS",
                    help="wait this long before SIGKILL (default 10)")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID", help="container id")
     p.set_defaults(func=cmd_stop)
 
-    p = sub.add_parser("rm", parents=[common], help="remove stopped containers")
+    p = sub.add_parser("rm", parents=[common], help="remove stopped containers",
+                       description="Remove the records of stopped containers (-f: stop running ones first).")
     p.add_argument("-f", "--force", action="store_true", help="kill running ones first")
-    p.add_argument("ids", nargs="+", metavar="ID")
+    p.add_argument("ids", nargs="+", metavar="ID", help="container id")
     p.set_defaults(func=cmd_rm)
 
 
