@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import stat
@@ -1005,6 +1004,8 @@ class Store:
     def _image_record(row: tuple, store: Store, names: Sequence[str]) -> ImageRecord:
         config = None
         if row[2] is not None:
+            import json  # here, not at the top: most commands read no image config (start-up)
+
             try:
                 config = json.loads(row[2])
             except (ValueError, UnicodeDecodeError):
