@@ -128,6 +128,19 @@ def _console_script() -> str | None:
     return str(path) if path.is_file() and os.access(path, os.X_OK) else None
 
 
+def _instructions(cmd: list[str], env: dict, out_dir: Path) -> tuple[int, str]:
+    """User-space instructions one process executes (valgrind's callgrind, which is deterministic,
+    unlike wall time on a shared VM) and its stdout."""
+    out = out_dir / "callgrind.out"
+    r = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd], env=env,
+                       cwd=str(ROOT), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"valgrind {' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    out.unlink(missing_ok=True)
+    line = next(x for x in r.stderr.splitlines() if "Collected :" in x)
+    return int(line.split(":")[-1]), r.stdout
+
+
 def run_cli(quick: bool, workdir: str | None = None) -> dict:
     """p50/p95 of the CLI's mount, umount and mount-image cycle against `python3 -c pass`, interleaved."""
     from flatmount.flatten import flatten_image
@@ -171,8 +184,22 @@ def run_cli(quick: bool, workdir: str | None = None) -> dict:
             took2, _ = _timed([*py, "-m", "flatmount", "umount-image", str(mnt)], env)
             if keep:
                 add("python -m flatmount: mount-image + umount-image cycle", took + took2)
+        if shutil.which("valgrind"):   # the same commands counted in instructions (millions), once each
+            count = {"python_c_pass": _instructions([*py, "-c", "pass"], env, base)[0]}
+            n, out = _instructions([*py, "-m", "flatmount", "mount", "demo", *where], env, base)
+            count["mount"] = n
+            count["umount"] = _instructions([*py, "-m", "flatmount", "umount", out.strip(), *where], env, base)[0]
+            floor = count["python_c_pass"]
+            instructions = {k: round(v / 1e6, 1) for k, v in count.items()}
+            for k in ("mount", "umount"):
+                instructions[f"{k}_over_floor"] = round((count[k] - floor) / 1e6, 1)
+                # in ms at the rate the floor ran when the VM was least busy (its fastest run)
+                instructions[f"{k}_over_floor_ms_est"] = round(
+                    (count[k] - floor) / floor * min(times["python_c_pass"]) * 1e3, 1)
+        else:
+            instructions = None
         floor_p50 = statistics.median(times["python_c_pass"])
-        result: dict = {"runs": runs, "console_script": script,
+        result: dict = {"runs": runs, "console_script": script, "instructions_millions": instructions,
                         "note": "fresh processes, interleaved; over_floor_ms = p50 minus the p50 of "
                                 "`python3 -c pass` in the same run (twice for a two-process cycle); "
                                 "target: mount, umount <= 15 ms"}
