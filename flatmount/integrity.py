@@ -18,7 +18,6 @@ Files are opened without following symlinks: the paths are under a store's direc
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from typing import TYPE_CHECKING
@@ -60,6 +59,8 @@ def read_layer_image(rec: LayerRecord) -> tuple[bytes, str]:
     except OSError as e:
         raise StoreError(f"layer {rec.id} in {rec.store_root}: cannot read {rec.image_path}: "
                          f"{e.strerror}") from None
+    import hashlib  # here, not at the top: a mount of a verified image hashes nothing (start-up)
+
     digest = hashlib.sha256(data).hexdigest()
     if rec.image_digest is not None and digest != rec.image_digest:
         raise CorruptImageError(f"layer {rec.id} in {rec.store_root}: image {rec.image_path} is damaged "
@@ -104,6 +105,8 @@ def verify_flat_image(store: Store, path: str, digest: str) -> bool:
         data, st = read_file(path)
     except OSError as e:
         raise StoreError(f"cannot read flattened image {path}: {e.strerror}") from None
+    import hashlib
+
     actual = hashlib.sha256(data).hexdigest()
     if actual != digest:
         raise damaged_flat_image(digest, path, actual)

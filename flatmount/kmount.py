@@ -26,7 +26,6 @@ import ctypes
 import errno as E
 import fcntl
 import os
-import platform
 import stat
 import struct
 import tempfile
@@ -49,7 +48,7 @@ SYS_FSOPEN = 430
 SYS_FSCONFIG = 431
 SYS_FSMOUNT = 432
 SYS_MOUNT_SETATTR = 442
-_UNIFIED_SYSCALL_TABLE = not platform.machine().lower().startswith(("alpha", "mips"))
+_UNIFIED_SYSCALL_TABLE = not os.uname().machine.lower().startswith(("alpha", "mips"))
 
 FSOPEN_CLOEXEC = 0x1
 FSMOUNT_CLOEXEC = 0x1

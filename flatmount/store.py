@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import re
 import stat
@@ -368,6 +367,7 @@ class Store:
         self._db: sqlite3.Connection | None = None
         self._objects: ObjectStore | None = None
         self._write_opened = False
+        self._dirs_made = False
         self._has_image_digest: tuple[object, bool] | None = None   # (connection, column present)
         self._db_sound: tuple[int, bool] | None = None   # (data_version, full) of the last passed check
 
@@ -457,12 +457,17 @@ class Store:
             safepath.check_entry(root, name, "file", what, own=own)
 
     # --- write-open -------------------------------------------------------------------------------
-    def ensure_writable(self) -> None:
-        """Create the primary's directories if needed; on the first write in this process, clean tmp."""
+    def ensure_writable(self, clean: bool = True) -> None:
+        """Create the primary's directories if needed; on the first write in this process, clean tmp.
+
+        `clean=False` (a mount's lease row): not the cleaning yet, which costs a process that writes
+        one small row more than its write (the object store's code, a scan of tmp/, a check of the
+        DB); the next write-open of this or any process does it.  A store without a DB yet is
+        write-opened in full all the same."""
         if self.readonly:
             what = "an additional store" if self.is_additional else "opened read-only"
             raise ReadOnlyStoreError(f"store {self.root} is {what}: it cannot be written")
-        if self._write_opened:
+        if self._write_opened or (self._dirs_made and not clean):
             return
         from flatmount import safepath
 
@@ -475,6 +480,9 @@ class Store:
             self._check_entries()
         except OSError as e:
             raise StoreError(f"cannot create store {self.root}: {e.strerror}") from None
+        self._dirs_made = True
+        if not clean and self.db_path.exists():
+            return
         self._write_opened = True
         if not self.db_path.exists():
             self.connect()  # the DB exists before any object: an empty DB then always means lost records
@@ -725,15 +733,17 @@ class Store:
             raise
 
     @contextlib.contextmanager
-    def transaction(self, durable: bool = True) -> Iterator[sqlite3.Connection]:
+    def transaction(self, durable: bool = True, clean: bool = True) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT on the primary (ROLLBACK if the block raises).
 
         `durable=False` for rows that only cache what can be derived again (a flattened image's
-        record): the commit skips the WAL fsync (synchronous=NORMAL); a power loss may forget the
-        row, never corrupt the DB, and the next durable commit of any process makes it durable."""
+        record) or that a power loss makes moot anyway (a mount's lease: every mount is gone after
+        it, and a lease from another boot is stale): the commit skips the WAL fsync
+        (synchronous=NORMAL); a power loss may forget the row, never corrupt the DB, and the next
+        durable commit of any process makes it durable.  `clean`: see `ensure_writable`."""
         import sqlite3
 
-        self.ensure_writable()
+        self.ensure_writable(clean=clean)
         db = self.connect()
         if db.in_transaction:
             raise StoreError("nested store transaction")
@@ -870,11 +880,12 @@ class Store:
 
     # --- locks ------------------------------------------------------------------------------------
     @contextlib.contextmanager
-    def gc_lock(self, shared: bool) -> Iterator[None]:
+    def gc_lock(self, shared: bool, clean: bool = True) -> Iterator[None]:
         """flock on <root>/gc.lock: writers hold it shared from first object put to commit, gc exclusive.
 
         On a read-only store a shared lock is taken only if the lock file exists (never created);
         an exclusive one is refused.  Locks on separate opens conflict even within one process.
+        `clean`: see `ensure_writable`.
         """
         import fcntl
 
@@ -888,7 +899,7 @@ class Store:
                 yield
                 return
         else:
-            self.ensure_writable()
+            self.ensure_writable(clean=clean)
             fd = open_lock_file(path, create=True)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
@@ -1005,6 +1016,8 @@ class Store:
     def _image_record(row: tuple, store: Store, names: Sequence[str]) -> ImageRecord:
         config = None
         if row[2] is not None:
+            import json  # here, not at the top: most commands read no image config (start-up)
+
             try:
                 config = json.loads(row[2])
             except (ValueError, UnicodeDecodeError):

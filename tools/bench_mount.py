@@ -1,8 +1,14 @@
-"""Benchmark: mount_image + umount_image of a small image, next to a plain overlay mount.
+"""Benchmark: mount_image + umount_image of a small image, next to a plain overlay mount; and the CLI.
 
 The baseline is what container engines do without flatmount: a legacy overlay mount (mount(2),
 i.e. `mount -t overlay` without the fork/exec of mount(8)) of 5 extracted layer directories, then
 umount2.  Both run interleaved in the same process, cycle by cycle, so machine noise hits both.
+
+The CLI part (`cli`) times `flatmount mount IMAGE` and `flatmount umount DIR` of a flattened image
+in a store, and a `mount-image` + `umount-image` cycle, each as a fresh process, interleaved with
+the floor: `python3 -c pass` started the same way (same interpreter, same flags, same environment).
+Target: mount and umount each within 15 ms of that floor (p50).  `python3 -m flatmount` and the
+console script are timed side by side.
 
     python3 tools/bench_mount.py [--quick]      # prints JSON; needs root
 """
@@ -106,7 +112,120 @@ def _pct(xs: list[float]) -> dict:
     }
 
 
+def _timed(cmd: list[str], env: dict) -> tuple[float, str]:
+    """Wall time of one fresh process (it must succeed) and its stdout."""
+    t = time.perf_counter()
+    r = subprocess.run(cmd, env=env, cwd=str(ROOT), capture_output=True, text=True)
+    took = time.perf_counter() - t
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()}")
+    return took, r.stdout
+
+
+def _console_script() -> str | None:
+    """The `flatmount` console script installed beside this interpreter (pip's entry point), if any."""
+    path = Path(sys.executable).with_name("flatmount")
+    return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+
+
+def _instructions(cmd: list[str], env: dict, out_dir: Path) -> tuple[int, str]:
+    """User-space instructions one process executes (valgrind's callgrind, which is deterministic,
+    unlike wall time on a shared VM) and its stdout."""
+    out = out_dir / "callgrind.out"
+    r = subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *cmd], env=env,
+                       cwd=str(ROOT), capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"valgrind {' '.join(cmd)}: exit {r.returncode}: {r.stderr.strip()[-300:]}")
+    out.unlink(missing_ok=True)
+    line = next(x for x in r.stderr.splitlines() if "Collected :" in x)
+    return int(line.split(":")[-1]), r.stdout
+
+
+def run_cli(quick: bool, workdir: str | None = None) -> dict:
+    """p50/p95 of the CLI's mount, umount and mount-image cycle against `python3 -c pass`, interleaved."""
+    from flatmount.flatten import flatten_image
+    from flatmount.store import open_store
+
+    runs = 20 if quick else 60
+    base = Path(tempfile.mkdtemp(prefix="bench-cli-", dir=workdir))
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    py = [sys.executable]
+    script = _console_script()
+    mnt = base / "mnt"
+    mnt.mkdir()
+    root, runroot = str(base / "root"), str(base / "run")
+    where = ["--root", root, "--runroot", runroot]
+    times: dict[str, list[float]] = {}
+
+    def add(name: str, took: float) -> None:
+        times.setdefault(name, []).append(took)
+
+    try:
+        with open_store(root, runroot=runroot) as store:
+            store.pull(f"oci:{ROOT / 'flatmount' / 'examples' / 'demo-oci'}:demo")
+            flat = flatten_image(store, "demo")
+            objects = str(store.objects_dir)
+        ways = {"python -m flatmount": [*py, "-m", "flatmount"]}
+        if script is not None:
+            ways["console script"] = [script]
+        for i in range(runs + 1):   # the first round warms the page cache and is not counted
+            keep = i > 0
+            floor, _ = _timed([*py, "-c", "pass"], env)
+            if keep:
+                add("python_c_pass", floor)
+            for way, cmd in ways.items():
+                took, out = _timed([*cmd, "mount", "demo", *where], env)
+                merged = out.strip()
+                took2, _ = _timed([*cmd, "umount", merged, *where], env)
+                if keep:
+                    add(f"{way}: mount", took)
+                    add(f"{way}: umount", took2)
+            took, _ = _timed([*py, "-m", "flatmount", "mount-image", flat.path, str(mnt), "--objects", objects], env)
+            took2, _ = _timed([*py, "-m", "flatmount", "umount-image", str(mnt)], env)
+            if keep:
+                add("python -m flatmount: mount-image + umount-image cycle", took + took2)
+        if shutil.which("valgrind"):   # the same commands counted in instructions (millions), once each
+            count = {"python_c_pass": _instructions([*py, "-c", "pass"], env, base)[0]}
+            n, out = _instructions([*py, "-m", "flatmount", "mount", "demo", *where], env, base)
+            count["mount"] = n
+            count["umount"] = _instructions([*py, "-m", "flatmount", "umount", out.strip(), *where], env, base)[0]
+            floor = count["python_c_pass"]
+            instructions = {k: round(v / 1e6, 1) for k, v in count.items()}
+            for k in ("mount", "umount"):
+                instructions[f"{k}_over_floor"] = round((count[k] - floor) / 1e6, 1)
+                # in ms at the rate the floor ran when the VM was least busy (its fastest run)
+                instructions[f"{k}_over_floor_ms_est"] = round(
+                    (count[k] - floor) / floor * min(times["python_c_pass"]) * 1e3, 1)
+        else:
+            instructions = None
+        floor_p50 = statistics.median(times["python_c_pass"])
+        result: dict = {"runs": runs, "console_script": script, "instructions_millions": instructions,
+                        "note": "fresh processes, interleaved; over_floor_ms = p50 minus the p50 of "
+                                "`python3 -c pass` in the same run (twice for a two-process cycle); "
+                                "target: mount, umount <= 15 ms"}
+        for name, xs in times.items():
+            result[name] = _pct(xs)
+            if name != "python_c_pass":   # (a cycle is two processes: two floors)
+                floors = 2 if name.endswith("cycle") else 1
+                result[name]["over_floor_ms"] = round((statistics.median(xs) - floors * floor_p50) * 1e3, 1)
+        return result
+    finally:
+        while kmount.is_mountpoint(str(mnt)):
+            kmount.umount_image(str(mnt), lazy=True)
+        for m in reversed(kmount.mounts()):
+            if m.mountpoint.startswith(str(base) + "/"):
+                kmount.umount_image(m.mountpoint, lazy=True)
+        shutil.rmtree(base)
+
+
 def run(quick: bool, workdir: str | None = None) -> dict:
+    """p50/p95 of mount+umount cycles: flatmount (file-backed and loop) vs 5-lowerdir overlay; the CLI."""
+    result = run_kernel(quick, workdir)
+    result["cli"] = run_cli(quick, workdir)
+    return result
+
+
+def run_kernel(quick: bool, workdir: str | None = None) -> dict:
     """p50/p95 of mount+umount cycles: flatmount (file-backed and loop) vs 5-lowerdir overlay."""
     if os.geteuid() != 0:
         raise SystemExit("bench_mount needs root (real mounts)")

@@ -7,7 +7,6 @@ commands/store.py so the registry part of `pull` lives in one place.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import threading
@@ -78,6 +77,8 @@ class JsonEvents:
             if now - self._last.get(i, 0.0) < 0.2:
                 return
             self._last[i] = now
+        import json  # here: this module is imported while every command's parser is built
+
         with self._lock:
             self.stream.write(json.dumps(event, sort_keys=True) + "\n")
             self.stream.flush()
