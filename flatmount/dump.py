@@ -21,7 +21,7 @@ from collections.abc import Iterable
 from typing import BinaryIO, TextIO
 
 from flatmount.errors import DumpSyntaxError
-from flatmount.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup, object_path
+from flatmount.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup
 from flatmount.tree import S_IFDIR as _S_IFDIR
 from flatmount.tree import S_IFLNK as _S_IFLNK
 from flatmount.tree import S_IFMT as _S_IFMT
@@ -512,7 +512,12 @@ def _diagnose(lineno: int, line: bytes) -> DumpSyntaxError:
 # --- writing -------------------------------------------------------------------------------------
 
 def write_dump(root: Inode, out: BinaryIO) -> None:
-    """Write the dump of `root`: depth-first, children in byte order, later hardlink names as `@`."""
+    """Write the dump of `root`: depth-first, children in byte order, later hardlink names as `@`.
+
+    `composefs-info dump` speed matters here (a 64k-inode image is dumped in a fraction of a second),
+    so the common line (a regular file named once) is formatted in the walk itself, and the escaped
+    forms of xattr entries, mtimes and digests' object paths, which repeat across inodes, are memoised.
+    """
     from flatmount.erofs.writer import dir_size
 
     if root.entries is None:
@@ -523,6 +528,28 @@ def write_dump(root: Inode, out: BinaryIO) -> None:
     write = out.write
     esc = escape
     safe = _SAFE
+    xmemo: dict[tuple[bytes, bytes], bytes] = {}   # (name, value) -> b" name=value", escaped
+    tmemo: dict[int, bytes] = {}                   # mtime_ns -> b"sec.nsec"
+
+    def xattr_text(xattrs: dict[bytes, bytes]) -> bytes:
+        parts = []
+        for kv in sorted(xattrs.items()):
+            t = xmemo.get(kv)
+            if t is None:
+                t = b" " + esc(kv[0], True) + b"=" + esc(kv[1], True)
+                if len(xmemo) < 65536:
+                    xmemo[kv] = t
+            parts.append(t)
+        return b"".join(parts)
+
+    def mtime_text(mtime_ns: int) -> bytes:
+        t = tmemo.get(mtime_ns)
+        if t is None:
+            sec, nsec = divmod(mtime_ns, NSEC)
+            t = b"%d.%d" % (sec, nsec)
+            if len(tmemo) < 65536:
+                tmemo[mtime_ns] = t
+        return t
 
     def line(path_esc: bytes, node: Inode) -> bytes:
         mode = node.mode
@@ -544,7 +571,7 @@ def write_dump(root: Inode, out: BinaryIO) -> None:
                 if node.digest is not None:
                     digest = node.digest.hex().encode()
                     if payload is None:
-                        payload = object_path(node.digest).encode()
+                        payload = digest[:2] + b"/" + digest[2:]
             elif ftype == _S_IFLNK:
                 payload = node.target
                 if not payload:
@@ -552,48 +579,76 @@ def write_dump(root: Inode, out: BinaryIO) -> None:
                 size = len(payload)
             else:
                 size = node.size
-        sec, nsec = divmod(node.mtime_ns, NSEC)
-        text = b"%s %d %o %d %d %d %d %d.%d %s %s %s" % (
-            path_esc, size, mode, nlink, node.uid, node.gid, node.rdev, sec, nsec,
+        text = b"%s %d %o %d %d %d %d %s %s %s %s" % (
+            path_esc, size, mode, nlink, node.uid, node.gid, node.rdev, mtime_text(node.mtime_ns),
             escape_optional(payload), escape_optional(content), digest)
         if node.xattrs:
-            text += b"".join([b" " + esc(k, True) + b"=" + esc(v, True)
-                              for k, v in sorted(node.xattrs.items())])
+            text += xattr_text(node.xattrs)
         return text
 
-    buf.append(line(b"/", root))
-    # iterative depth-first walk; each stack item is (escaped dir path, sorted child names, index)
-    stack = [(b"", root.entries, sorted(root.entries))]
+    append = buf.append
+    append(line(b"/", root))
+    # iterative depth-first walk; each stack item is (escaped dir path, entries, sorted names, next index)
+    stack = [(b"", root.entries, sorted(root.entries), 0)]
     while stack:
-        base, ents, names = stack.pop()
-        for i, name in enumerate(names):
+        base, ents, names, start = stack.pop()
+        prefix = base + b"/"
+        for i in range(start, len(names)):
+            name = names[i]
             child = ents[name]
-            path_esc = base + b"/" + (name if not name.translate(None, safe) else esc(name))
+            path_esc = prefix + (name if not name.translate(None, safe) else esc(name))
             if child.entries is None:
-                prev = first.get(id(child))
+                cid = id(child)
+                if links[cid] == 1 and child.mode & _S_IFMT == _S_IFREG:
+                    # the common line, as `line` would format it
+                    dg = child.digest
+                    pl = child.payload
+                    content = child.content
+                    if pl is not None:
+                        pl = pl.encode("utf-8", "surrogateescape")
+                        if not pl or pl == b"-" or pl.translate(None, safe):
+                            pl = escape_optional(pl)
+                        text = b"%s %d %o 1 %d %d %d %s %s %s %s" % (
+                            path_esc, len(content) if content else child.size, child.mode, child.uid,
+                            child.gid, child.rdev, mtime_text(child.mtime_ns), pl,
+                            escape_optional(content), b"-" if dg is None else dg.hex().encode())
+                    elif dg is not None:
+                        hx = dg.hex().encode()
+                        text = b"%s %d %o 1 %d %d %d %s %s/%s %s %s" % (
+                            path_esc, len(content) if content else child.size, child.mode, child.uid,
+                            child.gid, child.rdev, mtime_text(child.mtime_ns), hx[:2], hx[2:],
+                            escape_optional(content), hx)
+                    else:
+                        text = b"%s %d %o 1 %d %d %d %s - %s -" % (
+                            path_esc, len(content) if content else child.size, child.mode, child.uid,
+                            child.gid, child.rdev, mtime_text(child.mtime_ns), escape_optional(content))
+                    xattrs = child.xattrs
+                    append(text + xattr_text(xattrs) if xattrs else text)
+                    continue
+                prev = first.get(cid)
                 if prev is None:
-                    if links[id(child)] > 1:
-                        first[id(child)] = path_esc
-                    buf.append(line(path_esc, child))
+                    if links[cid] > 1:
+                        first[cid] = path_esc
+                    append(line(path_esc, child))
                 else:
                     text = line(path_esc, child)
                     f = text.split(b" ", 11)
                     f[2] = b"@" + f[2]
                     f[8] = prev
-                    buf.append(b" ".join(f))
+                    append(b" ".join(f))
             else:
-                buf.append(line(path_esc, child))
+                append(line(path_esc, child))
                 if child.entries:
                     if i + 1 < len(names):
-                        stack.append((base, ents, names[i + 1:]))
-                    stack.append((path_esc, child.entries, sorted(child.entries)))
+                        stack.append((base, ents, names, i + 1))
+                    stack.append((path_esc, child.entries, sorted(child.entries), 0))
                     break
         if len(buf) >= 4096:
-            buf.append(b"")
+            append(b"")
             write(b"\n".join(buf))
             buf.clear()
     if buf:
-        buf.append(b"")
+        append(b"")
         write(b"\n".join(buf))
 
 
