@@ -599,8 +599,18 @@ def write_dump(root: Inode, out: BinaryIO) -> None:
             path_esc = prefix + (name if not name.translate(None, safe) else esc(name))
             if child.entries is None:
                 cid = id(child)
-                if links[cid] == 1 and child.mode & _S_IFMT == _S_IFREG:
-                    # the common line, as `line` would format it
+                ftype = child.mode & _S_IFMT
+                if ftype == _S_IFLNK and links[cid] == 1 and child.target:
+                    # a symlink named once, as `line` would format it
+                    target = child.target
+                    text = b"%s %d %o 1 %d %d %d %s %s - -" % (
+                        path_esc, len(target), child.mode, child.uid, child.gid, child.rdev,
+                        mtime_text(child.mtime_ns), escape_optional(target))
+                    xattrs = child.xattrs
+                    append(text + xattr_text(xattrs) if xattrs else text)
+                    continue
+                if ftype == _S_IFREG and links[cid] == 1:
+                    # the common line (a regular file named once), as `line` would format it
                     dg = child.digest
                     pl = child.payload
                     content = child.content
@@ -653,17 +663,21 @@ def write_dump(root: Inode, out: BinaryIO) -> None:
 
 
 def _count_links(root: Inode) -> dict[int, int]:
-    """id(inode) -> number of names, for every non-directory inode."""
-    counts: dict[int, int] = {}
-    get = counts.get
-    stack = [root]
-    while stack:
-        node = stack.pop()
-        for child in node.entries.values():
-            if child.entries is None:
-                counts[id(child)] = get(id(child), 0) + 1
-            else:
-                stack.append(child)
+    """id(inode) -> number of names, for every inode below `root` (a directory counts its one name).
+
+    C-level counting per directory (a whole-tree pass ahead of every dump); a directory without
+    entries needs no visit, so `filter` by `entries` truthiness picks the ones to descend into."""
+    from collections import Counter
+    from operator import attrgetter
+
+    counts: Counter[int] = Counter()
+    update = counts.update
+    has_entries = attrgetter("entries")
+    dirs = [root]
+    for node in dirs:
+        children = node.entries.values()
+        update(map(id, children))
+        dirs.extend(filter(has_entries, children))
     return counts
 
 
