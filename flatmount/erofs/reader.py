@@ -803,6 +803,10 @@ class Image:
         rec = self._rec(self._root_nid)
         node, _ = self._make(rec)
         self._fill(rec, node, rec.nid, True)
+        # the whole tree is read (and the GC paused, see _guard): file its objects with the old ones
+        # at once (freeze then unfreeze), or the next young collections would walk them all
+        gc.freeze()
+        gc.unfreeze()
         return node
 
     def lookup(self, path: bytes | str) -> Inode | None:
