@@ -101,6 +101,10 @@ def apply_layer(base: Inode, layer: Inode) -> Inode:
     gc.disable()  # thousands of new dicts, none cyclic: no rescans of the (big) trees meanwhile
     try:
         root = _merge_dir(base, layer)
+        # nor after: the new inodes and dicts join the old generation at once (freeze then unfreeze;
+        # see tree_from_cache), so the next young collections do not walk them all
+        gc.freeze()
+        gc.unfreeze()
     finally:
         if enabled:
             gc.enable()

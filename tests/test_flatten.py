@@ -894,3 +894,25 @@ def test_tree_cache_gives_the_image_bytes(tree):
     cached = tree_from_cache(tree_cache_bytes(tree, "00" * 32, len(data)), "00" * 32, len(data))
     assert image_bytes(cached) == data
     assert image_bytes(Image(data).root()) == data
+
+
+def test_applied_tree_is_filed_with_old_objects():
+    """apply_layer builds new directories (dicts and inodes) with the GC paused; they hold no cycles
+    and must not be left for the next young collections to walk (before the image is written)."""
+    import gc
+
+    base = Inode.directory(0o755)
+    layer = Inode.directory(0o755)
+    for d in range(200):
+        sub = base.entries[b"d%d" % d] = Inode.directory(0o755)
+        for f in range(10):
+            sub.entries[b"f%d" % f] = Inode.file(b"x")
+        layer.entries[b"d%d" % d] = Inode.directory(0o755, entries={b"new": Inode.file(b"y")})
+    gc.disable()
+    try:
+        merged = apply_layer(base, layer)
+        young = {id(o) for o in gc.get_objects(generation=0)}
+        assert sum(1 for _, node in walk(merged) if id(node) in young) == 0
+    finally:
+        gc.enable()
+    assert lookup(merged, b"/d7/new").content == b"y" and lookup(merged, b"/d7/f3").content == b"x"

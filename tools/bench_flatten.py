@@ -5,7 +5,7 @@ chain mounted as a plain multi-lowerdir overlay of extracted layers (the c/stora
     python tools/bench.py flatten            # full: cs9 developer dump (64k inodes) split in 5 layers
     python tools/bench.py --quick flatten    # cs9 minimal dump (22k inodes), fewer mount cycles
 
-`store_top_layer_only` is the issue's case (target 0.3 s) measured whole: `store.flatten(image)` in a
+`store_top_layer_only` is the issue's case (target 0.15 s, issue 17 item 4) measured whole: `store.flatten(image)` in a
 new process on a real store holding the 5-layer chain (with real objects), the 4-layer prefix already
 flattened; timed from the call to its return (image written, fsynced and recorded; its tree cache and
 diff index are then written by a background thread: `derived_files_done_s` is when they are done),
@@ -46,6 +46,7 @@ for p in (str(ROOT), str(ROOT / "tests")):
 from flatmount.tree import Inode, count_inodes, walk  # noqa: E402
 
 DATA = Path(os.environ.get("FLATMOUNT_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
+TOP_LAYER_TARGET_S = 0.15   # issue 17 item 4: store.flatten, only the top layer new, in a new process
 WEIGHTS = (0.40, 0.25, 0.20, 0.10, 0.05)   # share of the files each layer adds, base first
 
 
@@ -408,7 +409,8 @@ def bench_store_flatten(dump: Path, rounds: int) -> dict:
             "derived_files_done_s": round(statistics.median(derived), 3),
             "store_flatten_top_layer_prefix_in_memory_s": round(min(warm), 3),
             "store_flatten_top_layer_prefix_in_memory_median_s": round(statistics.median(warm), 3),
-            "rounds": rounds, "target_s": 0.3}
+            "rounds": rounds, "target_s": TOP_LAYER_TARGET_S,
+            "meets_target": min(times) < TOP_LAYER_TARGET_S}
 
 
 class _Sink:

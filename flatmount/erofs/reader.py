@@ -41,6 +41,9 @@ NS = 1_000_000_000
 _FTYPE = {k: int(v) for k, v in fmt.FTYPE_BY_IFMT.items()}
 _PREFIX = {int(k): v for k, v in fmt.XATTR_READ_PREFIXES.items()}
 _HEX_NAMES = frozenset(b"%02x" % i for i in range(256))
+# byte values: `find` with an int searches at once (with a bytes needle it is slower, and `in` even more so)
+_SLASH = 0x2F
+_NUL = 0
 _PLAIN = fmt.DataLayout.FLAT_PLAIN
 _INLINE = fmt.DataLayout.FLAT_INLINE
 _CHUNK = fmt.DataLayout.CHUNK_BASED
@@ -395,7 +398,7 @@ class Image:
             end = blen
         if last >= end or last > blen:
             raise _corrupt(f"dir {nid}: bad last name offset in block {b}", a)
-        if b"/" in blk[first:end]:
+        if blk.find(_SLASH, first, end) >= 0:
             raise _corrupt(f"dir {nid}: entry name with '/' in block {b}", a)
         if offs[0] != first:
             raise _corrupt(f"dir {nid}: bad first name offset in block {b}", a)
@@ -409,7 +412,7 @@ class Image:
         if min(ftypes) < 1 or max(ftypes) > 7 or not all(map(_lt, names, names[1:])):
             k = next(k for k in range(cnt) if not 0 < ftypes[k] < 8 or (k and names[k] <= names[k - 1]))
             raise _corrupt(f"dir {nid}: unsorted entry or bad file type at {names[k]!r}", a + offs[k])
-        if b"\0" in blk[first:end]:
+        if blk.find(_NUL, first, end) >= 0:
             raise _corrupt(f"dir {nid}: NUL inside an entry name in block {b}", a)
         return names, flat[0::4], ftypes
 
@@ -803,6 +806,10 @@ class Image:
         rec = self._rec(self._root_nid)
         node, _ = self._make(rec)
         self._fill(rec, node, rec.nid, True)
+        # the whole tree is read (and the GC paused, see _guard): file its objects with the old ones
+        # at once (freeze then unfreeze), or the next young collections would walk them all
+        gc.freeze()
+        gc.unfreeze()
         return node
 
     def lookup(self, path: bytes | str) -> Inode | None:
