@@ -132,13 +132,8 @@ def _merge_dir(below: Inode | None, upper: Inode, depth: int = 0) -> Inode:
     first `_RECURSE_MAX` levels; subtrees below that are merged with an explicit stack, so a layer may
     nest directories to any depth without RecursionError.
     """
-    xattrs = upper.xattrs
-    opaque = xattrs.get(OPAQUE_XATTR) == b"y"
-    if OPAQUE_XATTR in xattrs:
-        xattrs = {k: v for k, v in xattrs.items() if k != OPAQUE_XATTR}
-    else:
-        xattrs = dict(xattrs)
-    entries = {} if opaque or below is None else dict(below.entries)
+    merged = _merged_shell(below, upper)
+    entries = merged.entries
     depth += 1
     for name, child in upper.entries.items():
         fmt = child.mode & S_IFMT
@@ -150,7 +145,7 @@ def _merge_dir(below: Inode | None, upper: Inode, depth: int = 0) -> Inode:
             entries.pop(name, None)
         else:
             entries[name] = child
-    return Inode(upper.mode, upper.uid, upper.gid, upper.mtime_ns, xattrs=xattrs, entries=entries)
+    return merged
 
 
 def _merge_deep(below: Inode | None, upper: Inode) -> Inode:

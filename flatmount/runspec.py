@@ -99,12 +99,9 @@ class RunOptions:
 
 # --- reading files of the image without following symlinks ------------------------------------------
 
-def read_image_file(root: str, path: str, limit: int = 1 << 20) -> bytes | None:
-    """Content of `path` inside the tree at `root`, every component opened with O_NOFOLLOW (a symlink
-    anywhere on the way counts as absent: it could point out of the image); None if absent."""
-    parts = [p for p in path.split("/") if p and p != "."]
-    if any(p == ".." for p in parts) or not parts:
-        return None
+def _open_parent(root: str, parts: list[str]) -> int | None:
+    """An fd of the directory holding `parts[-1]` below `root`, every component opened with O_NOFOLLOW;
+    None if one is absent, not a directory or a symlink."""
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
@@ -114,11 +111,27 @@ def read_image_file(root: str, path: str, limit: int = 1 << 20) -> bytes | None:
             nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
             os.close(fd)
             fd = nfd
-        nfd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
     except OSError:
         os.close(fd)
         return None
-    os.close(fd)
+    return fd
+
+
+def read_image_file(root: str, path: str, limit: int = 1 << 20) -> bytes | None:
+    """Content of `path` inside the tree at `root`, every component opened with O_NOFOLLOW (a symlink
+    anywhere on the way counts as absent: it could point out of the image); None if absent."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    if any(p == ".." for p in parts) or not parts:
+        return None
+    fd = _open_parent(root, parts)
+    if fd is None:
+        return None
+    try:
+        nfd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     try:
         import stat
 
@@ -136,15 +149,10 @@ def image_path_kind(root: str, path: str) -> str | None:
     parts = [p for p in path.split("/") if p and p != "."]
     if not parts:
         return "dir"
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
+    fd = _open_parent(root, parts)
+    if fd is None:
         return None
     try:
-        for p in parts[:-1]:
-            nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
         st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
     except OSError:
         return None
