@@ -3,13 +3,14 @@
 Why: which is faster depends on the host, not on the code.  On the development VM O_DIRECT puts ran
 at the disk's speed and buffered ones at 0.8 of it (each fresh page-cache page costs a host fault
 there); on another VM of the same kind O_DIRECT puts ran at 350 MB/s against 563 MB/s buffered.  So
-the first big put of an object directory after each boot writes PROBE_BYTES both ways (twice each,
-alternating, best of each; every write ends with fdatasync, as a put's data ends in a sync) into an
-anonymous temp file (O_TMPFILE: nothing is left behind, even by a crash) and keeps the faster; O_DIRECT
-unless buffered is faster by more than MARGIN, since it leaves the CPU to hashing.  The choice is
-recorded in `<root>/.write-mode` (with the boot id and both figures, written atomically) and kept
-for the process, so it costs about 20-50 ms once per boot and directory; a probe that cannot run
-(no O_TMPFILE, a full disk) chooses O_DIRECT for this process and records nothing.
+the first big put of an object directory after each boot writes PROBE_BYTES both ways (ROUNDS times
+each, alternating, best of each; every write ends with fdatasync, as a put's data ends in a sync)
+into an anonymous temp file (O_TMPFILE: nothing is left behind, even by a crash) and keeps the
+faster: O_DIRECT unless buffered is faster by more than MARGIN, since O_DIRECT leaves the CPU to
+hashing and a busy machine makes single probes noisy (the case that motivated this was 1.6x).  The
+choice is recorded in `<root>/.write-mode` (with the boot id and both figures, written atomically)
+and kept for the process, so it costs 30-150 ms once per boot and directory; a probe that cannot
+run (no O_TMPFILE, a full disk) chooses O_DIRECT for this process and records nothing.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import time
 STATE_FILE = ".write-mode"
 PROBE_BYTES = 8 << 20
 PROBE_WRITE = 1 << 20
-MARGIN = 1.1  # buffered must be this much faster to be chosen (O_DIRECT spares the copy's CPU time)
+ROUNDS = 3
+MARGIN = 1.25  # buffered must be this much faster to be chosen (O_DIRECT spares the copy's CPU time)
 
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -89,7 +91,7 @@ def measure(dirfd: int) -> tuple[float, float] | None:
     try:
         buf.write(os.urandom(PROBE_WRITE))
         best = [float("inf"), float("inf")]
-        for _ in range(2):
+        for _ in range(ROUNDS):
             for i, direct in enumerate((True, False)):
                 t = _time_write(dirfd, buf, direct)
                 if t is None:

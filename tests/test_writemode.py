@@ -46,7 +46,7 @@ def test_first_big_put_measures_and_records(tmp_path):
     assert others <= {".tmp", writemode.STATE_FILE, ".verity"}  # (no probe or temp file left)
 
 
-@pytest.mark.parametrize(("direct_s", "buffered_s", "direct"), [(2.0, 1.0, False), (1.0, 1.05, True),
+@pytest.mark.parametrize(("direct_s", "buffered_s", "direct"), [(2.0, 1.0, False), (1.0, 1.2, True),
                                                                  (1.0, 2.0, True)])
 def test_the_faster_way_is_used(tmp_path, monkeypatch, direct_s, buffered_s, direct):
     monkeypatch.setattr(writemode, "measure", lambda dirfd: (direct_s, buffered_s))

@@ -50,6 +50,14 @@ from flatmount.pull import pull
 from flatmount.store import open_store
 store_dir, source = sys.argv[1:3]
 s = open_store(store_dir, runroot=store_dir + "-run", config=os.devnull, additional=[])
+write_mode, probe_s = "direct", 0.0
+try:  # the write-mode probe (objects.writemode) runs once per boot and store: at open, not timed here
+    from objects import writemode
+    tp = time.perf_counter()
+    write_mode = "direct" if writemode.use_direct(s.objects._dirfd) else "buffered"
+    probe_s = time.perf_counter() - tp
+except ImportError:  # (the code before it: always O_DIRECT)
+    pass
 def rss_now_kb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -61,7 +69,8 @@ with open("/proc/self/status") as f:  # VmHWM, not ru_maxrss: that one carries t
     rss1 = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 rss_helpers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest helper process, if any
 print(json.dumps({{"seconds": dt, "rss_before_kb": rss0, "rss_peak_kb": rss1, "entries": r.entries,
-                  "bytes": r.bytes_read, "rss_helpers_kb": rss_helpers}}))
+                  "bytes": r.bytes_read, "rss_helpers_kb": rss_helpers, "write_mode": write_mode,
+                  "probe_s": probe_s}}))
 """
 
 
@@ -235,6 +244,8 @@ def run(quick: bool, rounds: int = 3) -> dict:
         "big_import_vs_ceiling_median": round(med["import"] / min(med["sha"], med["disk"]), 3),
         "big_rss_peak_mb": round(worst_rss["rss_peak_kb"] / 1024, 1),
         "big_rss_growth_mb": round((worst_rss["rss_peak_kb"] - worst_rss["rss_before_kb"]) / 1024, 1),
+        "write_mode": sorted({p["write_mode"] for p in pulls + medium_pulls}),  # objects.writemode's choice
+        "write_mode_probe_ms": round(1000 * max(p["probe_s"] for p in pulls + medium_pulls), 1),
         "medium_files": big_size // MEDIUM_FILE,
         "medium_import_mb_per_s": [round(x, 1) for x in medium_imp],
         "medium_import_mb_per_s_best": round(max(medium_imp), 1),
