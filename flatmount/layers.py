@@ -5,9 +5,11 @@ with bounded output, hashed (the diff_id is the sha256 of the uncompressed tar, 
 including the padding after the end-of-archive blocks) and parsed by `tarfile` through a forward-only
 reader, so memory does not grow with layer or file size, only with the number of entries (the tree).
 
-Speed (the import is meant to run near hashing speed): tarfile decodes the headers (the plain ustar
-header with a faster `frombuf`, see `_TarInfo`), but regular file content is read by us, right after
-the header: content of 1 MiB and more streams into `ObjectStore.put`, whose reader thread fills its
+Speed (the import is meant to run near hashing speed): plain members (a ustar/GNU header of a file
+under 1 MiB, a directory, link, device or FIFO, no pax or GNU extension header) are decoded by us
+without tarfile (`_fast_member`: the same fields, the same result); tarfile decodes the others (the
+plain ustar header with a faster `frombuf`, see `_TarInfo`), but regular file content is read by us,
+right after the header: content of 1 MiB and more streams into `ObjectStore.put`, whose reader thread fills its
 aligned buffers straight from the file (uncompressed input: one copy, the kernel's; the diff_id is
 hashed over those buffers in that thread) while the fs-verity hash runs in this one and a writer
 thread writes; smaller content is read whole and handed to the store's bulk writer, whose helper
