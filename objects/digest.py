@@ -189,7 +189,13 @@ def fsverity_digest(data: bytes | bytearray | memoryview) -> bytes:
         return descriptor_digest(0, _ZERO_ROOT)
     if n <= BLOCK_SIZE:  # one block: the root is the hash of the padded data (the common small file)
         return descriptor_digest(n, sha256(bytes(data) + _ZERO_BLOCK[n:]).digest())
+    if n <= _ONE_LEVEL_MAX:  # two levels: the root hashes the block hashes, zero-padded to one block
+        hashes = _hash_blocks(memoryview(data).cast("B"))  # (small files of a few blocks: no hasher object, no tree walk)
+        return descriptor_digest(n, sha256(hashes + _ZERO_BLOCK[len(hashes):]).digest())
     return FsVerityHasher(data).digest()
+
+
+_ONE_LEVEL_MAX = BLOCK_SIZE // HASH_SIZE * BLOCK_SIZE  # 128 blocks: their hashes fill one block
 
 
 def digest_stream(f: BinaryIO) -> bytes:

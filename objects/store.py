@@ -305,8 +305,9 @@ class ObjectStore:
     holds a directory fd until `close()` (also a context manager).
     """
 
-    #: Write big streamed objects with O_DIRECT (falls back to buffered writes where unsupported).
-    direct_io: bool = True
+    #: Write big streamed objects with O_DIRECT (True; buffered where unsupported) or buffered with early
+    #: writeback (False); None: whichever measures faster on this host (objects.writemode).
+    direct_io: bool | None = None
 
     def __init__(self, path: str | os.PathLike[str], readonly: bool = False) -> None:
         self.root = os.path.abspath(os.fspath(path))
@@ -472,7 +473,7 @@ class ObjectStore:
             deferred = defer_work() if defer_work is not None else None
             chunks = _StreamChunks(first, stream, buffers, prefetch=first is None)
             try:
-                _WORKERS.run(self._put_large_job, chunks, buffers, expected, self.direct_io, pending,
+                _WORKERS.run(self._put_large_job, chunks, buffers, expected, self._use_direct(), pending,
                              read_done, deferred)
             except BaseException as e:   # no thread to run it (the slot must not leak)
                 if deferred is not None:
@@ -489,6 +490,17 @@ class ObjectStore:
         if pending.read_error:
             pending.result()  # raises the put's error once it has cleaned up
         return pending
+
+    def _use_direct(self) -> bool:
+        """O_DIRECT for big puts: as set in `direct_io`, else as measured (objects.writemode)."""
+        if self.direct_io is not None:
+            return self.direct_io
+        from .writemode import use_direct
+
+        try:
+            return use_direct(self._dirfd)
+        except OSError:
+            return True
 
     def _put_large_job(self, chunks: Iterator[memoryview], buffers: _Buffers, expected: Digest | None,
                        direct: bool, pending: PendingPut, read_done: threading.Event,
@@ -1201,6 +1213,8 @@ def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, wher
     while True:
         item = chunks.get()
         if item is _DONE:
+            if not direct and not failed and written > flushed:
+                _start_writeback(fd, flushed, written - flushed)  # (the final sync then finds it under way)
             if not failed:
                 outcome.put(_DONE)
             return

@@ -727,6 +727,7 @@ def test_direct_write_falls_back_to_buffered(store: ObjectStore, monkeypatch: py
             return OSError(errno_mod.EINVAL, "Invalid argument") if failure == "einval" else 8192
         return None
 
+    store.direct_io = True  # (not measured: the probe's writes would meet the injected failure)
     calls = _record_pwrites(monkeypatch, fail)
     data = data_of(3 * MIB + 100, 15)
     digest = store.put(io.BytesIO(data))
