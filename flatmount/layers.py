@@ -977,7 +977,10 @@ def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuil
         data = src.read(size) if size else b""
         if len(data) != size:
             raise LayerError(f"{builder.where(name)}: archive ends inside this file (truncated)")
-        if size > INLINE_MAX:
+        if name.rstrip(b"/").rpartition(b"/")[2].startswith(WHITEOUT_PREFIX):
+            # a whiteout or opaque marker: its name is all it says; its content is read past, not stored
+            node = Inode(S_IFREG | perm, uid=uid, gid=gid, mtime_ns=mtime_ns, xattrs={})
+        elif size > INLINE_MAX:
             digest = put_small(data)
             node = Inode(S_IFREG | perm, size=size, digest=digest, uid=uid, gid=gid, mtime_ns=mtime_ns, xattrs={})
         else:
