@@ -63,6 +63,34 @@ def owner_alive(pid: int | None, start: int | None) -> bool:
     return pid is not None and start is not None and _pid_start(pid) == start
 
 
+def container_holds_mount(merged: str) -> bool:
+    """Whether a live container of `run` uses the leased mount at `merged` (`<runroot>/mounts/ID/merged`).
+
+    A container has a mount namespace of its own, copied from the one its mount was made in: once
+    `run -d` returns, that namespace may be gone (`unshare -m flatmount run -d`) or the merged dir
+    unmounted there, while the container still reads the image through its copy.  So the lease is
+    live while a record under `<runroot>/containers` names the mount, is not released, and its
+    owner (attached) or its init process (detached: pid and start time) is alive."""
+    runroot = os.path.dirname(os.path.dirname(os.path.dirname(merged)))
+    base = os.path.join(runroot, "containers")
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return False
+    for name in names:
+        rec = read_record(os.path.join(base, name))
+        if rec is None or rec.get("merged") != merged or rec.get("released"):
+            continue
+        if owner_alive(rec.get("owner_pid"), rec.get("owner_start")):
+            return True
+        pid = rec.get("init_pid")
+        if isinstance(pid, int) and rec.get("detached"):
+            start = rec.get("init_start")
+            if owner_alive(pid, start) if start is not None else _pid_start(pid) is not None:
+                return True
+    return False
+
+
 def _write_json(path: str, obj: dict) -> None:
     from flatmount.atomic import AtomicFile
 

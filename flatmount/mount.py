@@ -140,10 +140,18 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
         if here is None:
             return None   # cannot tell which namespace we are in: nothing is proven
         if mnt_ns != here:
-            return ns_stale_reason(merged, mnt_ns, mnt_id)
+            reason = ns_stale_reason(merged, mnt_ns, mnt_id)
+            return None if reason is not None and _container_holds(merged) else reason
     if is_mountpoint(merged):
         return None
-    return "merged dir is not mounted"
+    return None if _container_holds(merged) else "merged dir is not mounted"
+
+
+def _container_holds(merged: str) -> bool:
+    """A live container's copy of the mount (its own mount namespace) needs the lease too."""
+    from flatmount.bundle import container_holds_mount
+
+    return container_holds_mount(merged)
 
 
 def judge_lease(lease: Lease, boot: str | None = None) -> Lease:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from flatmount.bundle import (
     RECORD,
     BundleError,
+    _pid_start,
     create_bundle,
     owner_alive,
     read_record,
@@ -316,7 +317,7 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
         t = time.perf_counter()
         if detach:
             _rt(store, runtime, "start", cid)
-            update_record(cdir, detached=True, init_pid=pid)
+            update_record(cdir, detached=True, init_pid=pid, init_start=_pid_start(pid))
             timings["start"] = time.perf_counter() - t
             result = RunResult(cid, image, None, None, True, timings)
             return result
