@@ -303,6 +303,38 @@ def _check_record(d: str, record: dict) -> None:
                           f"(inspect {os.path.join(d, RECORD)})")
 
 
+def _remove_below(d: str, path: str) -> None:
+    """Remove the file or empty directory `path` inside bundle dir `d`, every component below `d`
+    opened without following symlinks: a `stubs` swapped for a symlink must not make us delete
+    what it points at."""
+    import errno
+    import stat
+
+    parts = [p for p in os.path.relpath(path, d).split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for p in parts[:-1]:
+            nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(parts[-1], dir_fd=fd)
+        else:
+            os.unlink(parts[-1], dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise BundleError(f"{path} is reached through a symlink or a non-directory in bundle {d}: "
+                          "not removing it (inspect the bundle)") from None
+    finally:
+        os.close(fd)
+
+
 def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> None:
     """Unmount and remove what the record says this bundle made (rmdir only for directories);
     `keep_record`: leave the record and the directory (a stopped container `ps -a` still lists)."""
@@ -317,7 +349,10 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> Non
     if record.get("lease"):
         try:
             lease = find_lease(store, record["lease"])
-            if record.get("merged") not in (None, lease.merged):
+            # the bundle's creator made its lease: a record naming another's mount (copied, forged
+            # in a directory someone else can write) must not unmount it
+            if (record.get("merged") not in (None, lease.merged) or lease.pid != record.get("owner_pid")
+                    or lease.boot_id != record.get("boot_id")):
                 raise BundleError(f"the record of bundle {d} names lease {lease.id}, which is not its "
                                   "mount: not touching it")
             umount(store, lease.id)
@@ -327,11 +362,7 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> Non
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(rootfs)
     for p in reversed(record.get("stubs") or []):
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.rmdir(p)
-            else:
-                os.unlink(p)
+        _remove_below(d, p)
     for name in BUNDLE_FILES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(d, name))

@@ -1,0 +1,69 @@
+"""Audit of issue 13 item 7 against `flatmount bundle --remove DIR`: DIR is the user's, not ours.
+
+A directory with a record that flatmount did not write (copied from a real bundle, or forged by
+someone who can write the directory) must not make root delete files outside it (a `stubs` that is
+a symlink) nor unmount and release another mount's lease.  Real store, real mounts, the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, require_root
+
+RECORD = "flatmount-bundle.json"
+
+
+def _cli(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flatmount", "--root", str(tmp_path / "store"),
+                           "--runroot", str(tmp_path / "run"), *args], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+
+
+def _forge(d, **fields) -> None:
+    d.mkdir()
+    rec = {"version": 1, "image": "demo", "lease": None, "stubs": [], "rootfs": None, "owner_pid": 1,
+           "owner_start": 1, "boot_id": "x", "created": 0, **fields}
+    (d / RECORD).write_text(json.dumps(rec))
+
+
+def test_remove_does_not_delete_through_a_symlinked_stubs_dir(tmp_path):
+    require_root()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "precious").write_text("keep me\n")
+    d = tmp_path / "forged"
+    _forge(d, released=True, stubs=[str(d / "stubs"), str(d / "stubs" / "precious")])
+    os.symlink(victim, d / "stubs")
+    r = _cli(tmp_path, "bundle", "--remove", str(d))
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "symlink" in r.stderr, r.stderr
+    assert (victim / "precious").read_text() == "keep me\n"
+
+
+def test_remove_does_not_release_another_mounts_lease(tmp_path):
+    require_root()
+    r = _cli(tmp_path, "pull", f"oci:{ROOT}/flatmount/examples/demo-oci:demo", "--name", "demo")
+    assert r.returncode == 0, r.stderr
+    merged = _cli(tmp_path, "mount", "demo").stdout.strip()
+    try:
+        lease = os.path.basename(os.path.dirname(merged))
+        d = tmp_path / "forged"
+        _forge(d, lease=lease)
+        r = _cli(tmp_path, "bundle", "--remove", str(d))
+        assert r.returncode == 3 and "not its mount" in r.stderr, r.stderr
+        assert os.path.ismount(merged)
+        (d / RECORD).unlink()
+        _forge(tmp_path / "forged2", lease=lease, merged=merged)   # the merged path is public
+        r = _cli(tmp_path, "bundle", "--remove", str(tmp_path / "forged2"))
+        assert r.returncode == 3 and "not its mount" in r.stderr, r.stderr
+        assert os.path.ismount(merged)
+        assert json.loads(_cli(tmp_path, "mounts", "--json").stdout)[0]["merged"] == merged
+        assert os.listdir(os.path.join(merged, "etc"))
+    finally:
+        r = _cli(tmp_path, "umount", merged)
+        if os.path.ismount(merged):
+            subprocess.run(["umount", "-l", merged], check=False)
+    assert r.returncode == 0, r.stderr
