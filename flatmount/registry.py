@@ -520,7 +520,10 @@ class _Partial:
     """Layer images of a failed pull's completed layers, under `<runroot>/pull-partial/` (see module doc)."""
 
     def __init__(self, store: Store):
+        from flatmount.safepath import check_private_subdir
+
         self.dir = os.path.join(os.fspath(store.runroot), _PARTIAL_DIR)
+        check_private_subdir(self.dir, "runroot")   # prune() unlinks in it: never through a symlink
 
     def _path(self, lid: str, ext: str) -> str:
         return os.path.join(self.dir, f"{lid}.{ext}")
@@ -566,7 +569,9 @@ class _Partial:
 
         src = batch.staging / f"layer-{lid}.erofs"
         try:
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            from flatmount.safepath import make_private_subdir
+
+            make_private_subdir(self.dir, "runroot")
             data = src.read_bytes()
             meta = json.dumps({"digest": blob_digest, "diff_id": diff_id, "diff_size": diff_size,
                                "sha256": hashlib.sha256(data).hexdigest()}).encode()
