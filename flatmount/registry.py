@@ -273,6 +273,10 @@ def pull_transport(store: Store, source: str, name: str | None = None, *,
     options = options or RegistryOptions()
     if options.jobs < 1:
         raise RegistryError("--jobs must be at least 1")
+    if options.digestfile:
+        from flatmount.safepath import check_output
+
+        check_output(options.digestfile)   # before fetching anything; again when it is written
     transport, _, rest = source.partition(":")
     glob, img_args = options.proxy_args()
     emit = events or (lambda _e: None)
@@ -404,7 +408,9 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
     partial.prune()
     if options.digestfile:
         from flatmount.atomic import AtomicFile
+        from flatmount.safepath import check_output
 
+        check_output(options.digestfile)   # only a new or regular file: never a device or a symlink
         try:
             with AtomicFile(os.path.dirname(os.path.abspath(options.digestfile))) as af:
                 af.file.write(mdigest.encode())

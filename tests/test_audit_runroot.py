@@ -7,6 +7,7 @@ files in whatever `pull-partial` pointed at).  Real store, real runc, real regis
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 import time
@@ -70,3 +71,36 @@ def test_registry_pull_refuses_a_symlinked_pull_partial(registry, tmp_path):
         with pytest.raises(StoreError, match="symbolic link"):
             pull(s, f"docker://{registry.host}/lib/partial:v1", registry=RegistryOptions(tls_verify=False))
     assert old.read_text() == "a week old, still wanted\n"
+
+
+@pytest.mark.parametrize("kind", ["symlink", "device", "fifo"])
+def test_digestfile_writes_only_new_or_regular_files(registry, tmp_path, kind):
+    """Item 9 for `pull --digestfile`: it was renamed over whatever the path was (a device node
+    became a regular file, a symlink was replaced); now refused before anything is fetched."""
+    require_root()
+    seed(registry, tmp_path, "lib/digest", layer_tars(1, "df"), ["gzip"])
+    out = tmp_path / "digest"
+    keep = tmp_path / "keep"
+    keep.write_text("target\n")
+    if kind == "symlink":
+        os.symlink(keep, out)
+    elif kind == "device":
+        os.mknod(out, 0o600 | stat.S_IFCHR, os.makedev(1, 3))   # a /dev/null of our own
+    else:
+        os.mkfifo(out)
+    before = os.lstat(out)
+    r = subprocess.run([sys.executable, "-m", "flatmount", "--root", str(tmp_path / "store"), "--runroot",
+                        str(tmp_path / "run"), "pull", "--tls-verify=false", "--digestfile", str(out),
+                        f"docker://{registry.host}/lib/digest:v1"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+    assert r.returncode == 3 and r.stderr.count("\n") == 1 and "OutputError" in r.stderr, r.stderr
+    after = os.lstat(out)
+    assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
+    assert keep.read_text() == "target\n"
+    ok = tmp_path / "new-digest"
+    r = subprocess.run([sys.executable, "-m", "flatmount", "--root", str(tmp_path / "store"), "--runroot",
+                        str(tmp_path / "run"), "pull", "--tls-verify=false", "--digestfile", str(ok),
+                        f"docker://{registry.host}/lib/digest:v1"], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+    assert r.returncode == 0, r.stderr
+    assert ok.read_text().startswith("sha256:")
