@@ -108,9 +108,26 @@ def read_record(bundle_dir: str) -> dict | None:
         return None
     try:
         rec = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return rec if isinstance(rec, dict) else None
+    if not isinstance(rec, dict):
+        return None
+    for key, types in _RECORD_TYPES.items():
+        v = rec.get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            return None   # damaged: treated as unreadable (nothing is killed or removed on its say-so)
+    if not all(isinstance(p, str) for p in rec.get("stubs") or []):
+        return None
+    return rec
+
+
+# what every reader of a record relies on: a record with another type in one of these is damaged
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "image": (str,), "runtime": (str,), "lease": (str,), "merged": (str,),
+    "rootfs": (str,), "stubs": (list,), "boot_id": (str,), "owner_pid": (int,), "owner_start": (int,),
+    "init_pid": (int,), "init_start": (int,), "created": (int, float), "exit_status": (int,),
+    "detached": (bool,), "released": (bool,), "rm": (bool,), "runtime_created": (bool,),
+}
 
 
 def _libc():

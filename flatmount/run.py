@@ -450,6 +450,10 @@ def _record_of(store, cid: str) -> tuple[str, dict]:
         raise NotFoundError(f"no container {cid!r}")
     cdir = os.path.join(containers_dir(store), cid)
     rec = read_record(cdir)
+    if rec is None and os.path.lexists(os.path.join(cdir, RECORD)):
+        raise BundleError(f"the record of container {cid} ({os.path.join(cdir, RECORD)}) is damaged: "
+                          "nothing is done on its say-so (inspect it; `runc --root "
+                          f"{runtime_root(store, 'runc')} list` shows the runtime's view)")
     if rec is None or rec.get("kind") != "container":
         raise NotFoundError(f"no container {cid!r} (see `flatmount ps -a`)")
     return cdir, rec

@@ -67,3 +67,47 @@ def test_remove_does_not_release_another_mounts_lease(tmp_path):
         if os.path.ismount(merged):
             subprocess.run(["umount", "-l", merged], check=False)
     assert r.returncode == 0, r.stderr
+
+
+DAMAGED = ['{"kind": "container", "created": "x", "image": 5, "detached": true}',
+           '{"kind": "container", "runtime": "runc", "lease": [1], "detached": true}',
+           '{"kind": "container", "stubs": [1], "detached": true}',
+           "[" * 100_000, "garbage{", ""]
+
+
+def test_damaged_container_record_is_refused_and_kills_nothing(tmp_path):
+    """Item 4 for the records of `run`: a record with wrong types made ps/cleanup/stop/rm fail with
+    internal errors (TypeError); every damaged record is now unreadable: ps skips it, cleanup leaves
+    it (and its running container) alone, stop/rm say it is damaged."""
+    require_root()
+    busybox = "/bin/busybox" if os.path.isfile("/bin/busybox") else "/usr/bin/busybox"
+    r = _cli(tmp_path, "pull", f"oci:{ROOT}/flatmount/examples/demo-oci:demo", "--name", "demo")
+    assert r.returncode == 0, r.stderr
+    r = _cli(tmp_path, "run", "-d", "-v", f"{busybox}:/bin/busybox:ro", "demo", "--", "/bin/busybox",
+             "sleep", "300")
+    assert r.returncode == 0, r.stderr
+    cid = r.stdout.strip()
+    rec = tmp_path / "run" / "containers" / cid / RECORD
+    good = rec.read_bytes()
+    try:
+        for text in DAMAGED:
+            rec.write_text(text)
+            for cmd in (["ps", "-a"], ["cleanup"]):
+                r = _cli(tmp_path, *cmd)
+                assert r.returncode == 0 and "internal error" not in r.stderr, (text[:40], cmd, r.stderr)
+            for cmd in (["stop", "-t", "1", cid], ["rm", "-f", cid]):
+                r = _cli(tmp_path, *cmd)
+                assert r.returncode == 3 and "is damaged" in r.stderr, (text[:40], cmd, r.stderr)
+            rec.write_bytes(good)
+            assert json.loads(_cli(tmp_path, "ps", "--json").stdout)[0]["status"] == "running", text[:40]
+    finally:
+        rec.write_bytes(good)
+        r = _cli(tmp_path, "rm", "-f", cid)
+        if r.returncode != 0:
+            subprocess.run(["runc", "--root", str(tmp_path / "run" / "runc"), "delete", "--force", cid],
+                           check=False)
+            with open("/proc/self/mountinfo") as f:
+                for m in reversed([ln.split(" ")[4] for ln in f if str(tmp_path) in ln]):
+                    subprocess.run(["umount", "-l", m], check=False)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(_cli(tmp_path, "mounts", "--json").stdout) == []
