@@ -15,6 +15,7 @@ the capability set as podman does (`includes`/`excludes` of arches, caps and min
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ MASKED_PATHS = ("/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats"
 READONLY_PATHS = ("/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
                   "/proc/sysrq-trigger")
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NET_MODES = ("none", "loopback", "host")
 # files flatmount writes in the bundle and bind-mounts read-only into the container
@@ -95,6 +97,16 @@ class RunOptions:
                 raise RunSpecError(f"bad --tmpfs {t!r}: expected an absolute path")
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise RunSpecError(f"bad working directory {self.workdir!r}: expected an absolute path")
+        if self.hostname is not None and not _HOSTNAME.fullmatch(self.hostname):
+            # it is written into the container's /etc/hosts: a newline there would add entries
+            raise RunSpecError(f"bad hostname {self.hostname!r}: letters, digits, '-' and '.', at most "
+                               "64 characters")
+        for what, items in (("command", self.command), ("entrypoint", self.entrypoint or ()),
+                            ("environment variable", self.env), ("--tmpfs", self.tmpfs),
+                            ("working directory", (self.workdir or "",)), ("user", (self.user or "",))):
+            for item in items:
+                if "\0" in item:
+                    raise RunSpecError(f"bad {what} {item!r}: contains a NUL character")
 
 
 # --- reading files of the image without following symlinks ------------------------------------------

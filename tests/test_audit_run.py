@@ -145,3 +145,27 @@ def test_image_passwd_fifo_or_device_is_refused_not_blocking(env, kind):
         assert r.returncode == 3, (r.stdout, r.stderr)
         assert "RunSpecError: the image's /etc/passwd is" in r.stderr and r.stderr.count("\n") == 1
     _assert_clean(env)
+
+
+@pytest.mark.parametrize("hostname", ["a\n1.2.3.4 forged.example", "-x", "a" * 65, "a b", ""])
+def test_bad_hostname_is_refused(env, hostname):
+    """--hostname goes into the container's /etc/hosts: a newline forged extra host entries."""
+    r = cli(env, "run", "--rm", f"--hostname={hostname}", "-w", "/", "workdir-int", "--", "/bin/cat",
+            "/etc/hosts")
+    assert r.returncode == 3 and "RunSpecError: bad hostname" in r.stderr, (r.stdout, r.stderr)
+    assert "forged" not in r.stdout
+    _assert_clean(env)
+
+
+def test_good_hostname_is_the_containers(env):
+    r = cli(env, "run", "--rm", "--hostname", "web-1.example", "-w", "/", "workdir-int", "--", "/bin/hostname")
+    assert (r.returncode, r.stdout) == (0, "web-1.example\n"), r.stderr
+
+
+def test_nul_in_api_options_is_a_runspec_error():
+    from flatmount.runspec import RunOptions, RunSpecError
+
+    for kw in ({"env": ("A=b\0c",)}, {"command": ("echo", "a\0b")}, {"user": "0\0"},
+               {"tmpfs": ("/x\0",)}, {"workdir": "/a\0b"}):
+        with pytest.raises(RunSpecError, match="NUL"):
+            RunOptions(**kw)
