@@ -63,8 +63,9 @@ def owner_alive(pid: int | None, start: int | None) -> bool:
     return pid is not None and start is not None and _pid_start(pid) == start
 
 
-def container_holds_mount(merged: str) -> bool:
-    """Whether a live container of `run` uses the leased mount at `merged` (`<runroot>/mounts/ID/merged`).
+def container_holding(merged: str) -> str | None:
+    """The id of a live container of `run` that uses the leased mount at `merged`
+    (`<runroot>/mounts/ID/merged`), or None.
 
     A container has a mount namespace of its own, copied from the one its mount was made in: once
     `run -d` returns, that namespace may be gone (`unshare -m flatmount run -d`) or the merged dir
@@ -76,19 +77,19 @@ def container_holds_mount(merged: str) -> bool:
     try:
         names = os.listdir(base)
     except OSError:
-        return False
+        return None
     for name in names:
         rec = read_record(os.path.join(base, name))
         if rec is None or rec.get("merged") != merged or rec.get("released"):
             continue
         if owner_alive(rec.get("owner_pid"), rec.get("owner_start")):
-            return True
+            return name
         pid = rec.get("init_pid")
         if isinstance(pid, int) and rec.get("detached"):
             start = rec.get("init_start")
             if owner_alive(pid, start) if start is not None else _pid_start(pid) is not None:
-                return True
-    return False
+                return name
+    return None
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -372,7 +373,7 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> Non
                     or lease.boot_id != record.get("boot_id")):
                 raise BundleError(f"the record of bundle {d} names lease {lease.id}, which is not its "
                                   "mount: not touching it")
-            umount(store, lease.id)
+            umount(store, lease.id, container_done=True)
         except NotFoundError:
             pass
     if rootfs:

@@ -68,3 +68,46 @@ def test_detached_container_from_another_namespace_keeps_its_objects(tmp_path):
                            check=False, capture_output=True)
         for m in reversed(_mounts_under(str(tmp_path))):
             subprocess.run(["umount", "-l", m], check=False)
+
+
+def test_umount_refuses_the_root_of_a_running_container(tmp_path):
+    """`flatmount umount MERGED` of a `run -d` container's mount released its lease while the
+    container read the image through its own namespace's copy; after `rmi` gc deleted its files."""
+    require_root()
+    require_tool("runc")
+    base = [sys.executable, "-m", "flatmount", "--root", str(tmp_path / "store"), "--runroot",
+            str(tmp_path / "run")]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+
+    def fm(*args: str, rc: int = 0) -> subprocess.CompletedProcess:
+        r = subprocess.run([*base, *args], capture_output=True, text=True, timeout=120, env=env,
+                           cwd=str(ROOT))
+        assert r.returncode == rc, (args, r.stdout, r.stderr)
+        return r
+
+    cid = None
+    try:
+        fm("pull", f"oci:{ROOT}/flatmount/examples/demo-oci:demo", "--name", "demo")
+        cid = fm("run", "-d", "-v", f"{BUSYBOX}:/bin/busybox:ro", "demo", "--", "/bin/busybox", "sleep",
+                 "300").stdout.strip()
+        (lease,) = json.loads(fm("mounts", "--json").stdout)
+        for args in (["umount", lease["merged"]], ["umount", "--lazy", lease["id"]]):
+            r = fm(*args, rc=3)
+            assert f"root of running container {cid}" in r.stderr and r.stderr.count("\n") == 1
+        assert os.path.ismount(lease["merged"])
+        fm("rmi", "demo")
+        fm("gc", "--grace", "0")
+        pid = json.loads(fm("ps", "--json").stdout)[0]["pid"]
+        r = subprocess.run(["nsenter", "-t", str(pid), "-m", "/bin/busybox", "sh", "-c", READ_ALL],
+                           capture_output=True, text=True, timeout=60)
+        bad, total = map(int, r.stdout.split())
+        assert total > 10 and bad == 0, f"{bad} of {total} files unreadable in the container"
+        fm("stop", "-t", "1", cid)
+        fm("rm", cid)
+        cid = None
+        assert json.loads(fm("mounts", "--json").stdout) == []
+    finally:
+        if cid is not None:
+            subprocess.run([*base, "rm", "-f", cid], capture_output=True, env=env, cwd=str(ROOT))
+        for m in reversed(_mounts_under(str(tmp_path))):
+            subprocess.run(["umount", "-l", m], check=False)
