@@ -207,7 +207,13 @@ def write_record(bundle_dir: str, record: dict) -> None:
 
 
 def _prepare_dir(bundle_dir: str) -> str:
+    from flatmount.safepath import check_dir
+
     d = os.path.abspath(bundle_dir)
+    if not os.path.islink(d):
+        # root writes config.json and mounts the rootfs in it: a directory (or a way to it) that
+        # another user can change would let them swap entries for symlinks meanwhile (StrictModes)
+        check_dir(d, "bundle directory", own=True)
     try:
         os.mkdir(d, 0o700)
     except FileExistsError:

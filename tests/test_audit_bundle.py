@@ -111,3 +111,33 @@ def test_damaged_container_record_is_refused_and_kills_nothing(tmp_path):
                     subprocess.run(["umount", "-l", m], check=False)
     assert r.returncode == 0, r.stderr
     assert json.loads(_cli(tmp_path, "mounts", "--json").stdout) == []
+
+
+def test_bundle_refuses_a_directory_another_user_can_change(tmp_path):
+    """root writes config.json and mounts the rootfs in the bundle dir: an empty dir owned by another
+    user, or world-writable, or under such a dir, was accepted (its owner could then swap entries
+    for symlinks: config.json -> /etc/shadow, rootfs -> /etc)."""
+    require_root()
+    r = _cli(tmp_path, "pull", f"oci:{ROOT}/flatmount/examples/demo-oci:demo", "--name", "demo")
+    assert r.returncode == 0, r.stderr
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, 65534, 65534)
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o777)
+    try:
+        for d in (theirs, shared, shared / "sub"):
+            r = _cli(tmp_path, "bundle", "demo", str(d))
+            assert r.returncode == 3 and r.stderr.count("\n") == 1 and "StoreError" in r.stderr, r.stderr
+            assert not (shared / "sub").exists() and os.listdir(theirs) == [] and os.listdir(shared) == []
+    finally:
+        for d in (theirs, shared, shared / "sub"):
+            if (d / RECORD).exists():
+                _cli(tmp_path, "bundle", "--remove", str(d))
+    mine = tmp_path / "mine"
+    r = _cli(tmp_path, "bundle", "demo", str(mine))
+    assert r.returncode == 0, r.stderr
+    r = _cli(tmp_path, "bundle", "--remove", str(mine))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(_cli(tmp_path, "mounts", "--json").stdout) == []
