@@ -18,6 +18,7 @@ which `cleanup_bundle` finds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -154,8 +155,26 @@ def _mount_overlay(lowers: list[str], target: str) -> None:
 def _make_stubs(merged: str, stubs_dir: str, missing: list[tuple[str, bool]]) -> list[str]:
     """Empty dirs/files for the missing mount targets under `stubs_dir`; every parent copies the
     image's mode, owner and times (the top overlay layer's directory attributes are what shows).
-    Returns the created paths, deepest last (removal goes in reverse)."""
+    Returns the created paths, deepest last (removal goes in reverse).  On failure, what it made is
+    removed again (the record names only `stubs_dir` until this returns)."""
     created: list[str] = []
+    try:
+        return _make_stubs_into(merged, stubs_dir, missing, created)
+    except BaseException as e:
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                if os.path.isdir(p) and not os.path.islink(p):
+                    os.rmdir(p)
+                else:
+                    os.unlink(p)
+        if isinstance(e, OSError) and not isinstance(e, FlatmountError):
+            short = e.filename if len(str(e.filename)) < 200 else str(e.filename)[:120] + "..."
+            raise BundleError(f"cannot add a mount point ({short}): {e.strerror}") from None
+        raise
+
+
+def _make_stubs_into(merged: str, stubs_dir: str, missing: list[tuple[str, bool]],
+                     created: list[str]) -> list[str]:
     os.mkdir(stubs_dir, 0o755)
     created.append(stubs_dir)
     st = os.stat(merged)
@@ -385,8 +404,24 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> Non
     if rootfs:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(rootfs)
+    # a container's dir under the runroot is ours alone (0700): stubs its record does not list (a
+    # run cut short while making them) go too, through dir fds; a user's bundle dir keeps the rule
+    ours = (record.get("kind") == "container"
+            and os.path.dirname(d) == os.path.join(os.fspath(store.runroot), "containers"))
     for p in reversed(record.get("stubs") or []):
-        _remove_below(d, p)
+        try:
+            _remove_below(d, p)
+        except OSError as e:
+            if not (ours and e.errno == errno.ENOTEMPTY):
+                raise
+    if ours:
+        from flatmount.safepath import remove_tree_at
+
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            remove_tree_at(dfd, "stubs")
+        finally:
+            os.close(dfd)
     for name in BUNDLE_FILES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(d, name))

@@ -12,7 +12,7 @@ import os
 import subprocess
 import sys
 
-from conftest import ROOT, require_root
+from conftest import ROOT, require_root, require_tool
 
 RECORD = "flatmount-bundle.json"
 
@@ -141,3 +141,40 @@ def test_bundle_refuses_a_directory_another_user_can_change(tmp_path):
     r = _cli(tmp_path, "bundle", "--remove", str(mine))
     assert r.returncode == 0, r.stderr
     assert json.loads(_cli(tmp_path, "mounts", "--json").stdout) == []
+
+
+def test_failed_mount_point_leaves_no_container_behind(tmp_path):
+    """A -v target under a file of the image, or too long for PATH_MAX: `run` failed half-way
+    through making the stub mount points and left its container dir (stubs not in its record), on
+    which every later `cleanup` failed with "Directory not empty"."""
+    require_root()
+    require_tool("runc")
+    busybox = "/bin/busybox" if os.path.isfile("/bin/busybox") else "/usr/bin/busybox"
+    r = _cli(tmp_path, "pull", f"oci:{ROOT}/flatmount/examples/demo-oci:demo", "--name", "demo")
+    assert r.returncode == 0, r.stderr
+    deep = "/" + "/".join(["a"] * 2100)
+    for target in ("/etc/os-release/x", deep):
+        r = _cli(tmp_path, "run", "--rm", "-v", f"/etc:{target}", "-v", f"{busybox}:/bin/busybox:ro",
+                 "demo", "--", "/bin/busybox", "true")
+        assert r.returncode == 3 and r.stderr.count("\n") == 1 and "BundleError" in r.stderr, r.stderr
+        assert len(r.stderr) < 400
+        assert os.listdir(tmp_path / "run" / "containers") == []
+    r = _cli(tmp_path, "cleanup")
+    assert r.returncode == 0, r.stderr
+
+
+def test_cleanup_removes_a_container_dir_with_unrecorded_stubs(tmp_path):
+    """What older versions left (above): cleanup removes it, through dir fds, instead of failing."""
+    require_root()
+    assert _cli(tmp_path, "cleanup").returncode == 0
+    cdir = tmp_path / "run" / "containers" / "0123456789ab"
+    (cdir / "stubs" / "etc" / "deep").mkdir(parents=True)
+    (cdir / "stubs" / "etc" / "hosts").write_bytes(b"")
+    os.chmod(tmp_path / "run" / "containers", 0o700)
+    rec = {"version": 1, "kind": "container", "id": cdir.name, "image": "demo", "runtime": "runc",
+           "owner_pid": 999_999_999, "owner_start": 1, "boot_id": "x", "created": 0, "lease": None,
+           "stubs": [str(cdir / "stubs")], "rootfs": None, "detached": False, "released": False}
+    (cdir / RECORD).write_text(json.dumps(rec))
+    r = _cli(tmp_path, "cleanup")
+    assert r.returncode == 0 and cdir.name in r.stdout, r.stdout + r.stderr
+    assert not cdir.exists()
