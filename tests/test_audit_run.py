@@ -169,3 +169,22 @@ def test_nul_in_api_options_is_a_runspec_error():
                {"tmpfs": ("/x\0",)}, {"workdir": "/a\0b"}):
         with pytest.raises(RunSpecError, match="NUL"):
             RunOptions(**kw)
+
+
+@pytest.mark.parametrize("mode", ["none", "loopback"])
+def test_net_hook_never_changes_flatmounts_own_namespace(mode):
+    """`net-hook MODE` takes the container's pid from stdin: given a pid of flatmount's own network
+    namespace, `none` took that namespace's lo down (the host's).  Run inside a throwaway network
+    namespace, so that even a regression only touches that one."""
+    require_root()
+    require_tool("unshare")
+    require_tool("ip")
+    script = (f"ip link set lo {'down' if mode == 'loopback' else 'up'}; sleep 30 & "
+              f"echo '{{\"pid\": '$!'}}' | {sys.executable} -m flatmount net-hook {mode}; echo rc=$?; "
+              "ip -o link show lo; kill $!")
+    r = subprocess.run(["unshare", "--net", "sh", "-c", script], capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)}, cwd=str(ROOT))
+    assert "rc=3" in r.stdout and "NetworkError" in r.stderr and "own network namespace" in r.stderr, \
+        (r.stdout, r.stderr)
+    flags = r.stdout.split("<", 1)[1].split(">", 1)[0].split(",")
+    assert ("UP" in flags) == (mode == "none"), r.stdout
