@@ -188,3 +188,12 @@ def test_net_hook_never_changes_flatmounts_own_namespace(mode):
         (r.stdout, r.stderr)
     flags = r.stdout.split("<", 1)[1].split(">", 1)[0].split(",")
     assert ("UP" in flags) == (mode == "none"), r.stdout
+
+
+@pytest.mark.parametrize("state", ["[" * 100_000, "garbage", "[]", '{"pid": "x"}', ""])
+def test_net_hook_bad_state_is_one_clear_error(state):
+    r = subprocess.run([sys.executable, "-m", "flatmount", "net-hook", "none"], input=state,
+                       capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                       cwd=str(ROOT))
+    assert r.returncode == 3 and r.stderr.count("\n") == 1, r.stderr
+    assert "expected the runtime's state JSON" in r.stderr, r.stderr
