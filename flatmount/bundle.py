@@ -346,6 +346,16 @@ def _check_record(d: str, record: dict) -> None:
                           f"(inspect {os.path.join(d, RECORD)})")
 
 
+def _private_dir(d: str) -> bool:
+    """Whether `d` and the way to it are the caller's (or root's) and writable by nobody else."""
+    from flatmount.safepath import check_dir
+
+    try:
+        return check_dir(d, "bundle directory", own=True)
+    except FlatmountError:
+        return False
+
+
 def _remove_below(d: str, path: str) -> None:
     """Remove the file or empty directory `path` inside bundle dir `d`, every component below `d`
     opened without following symlinks: a `stubs` swapped for a symlink must not make us delete
@@ -404,10 +414,12 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> Non
     if rootfs:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(rootfs)
-    # a container's dir under the runroot is ours alone (0700): stubs its record does not list (a
-    # run cut short while making them) go too, through dir fds; a user's bundle dir keeps the rule
-    ours = (record.get("kind") == "container"
-            and os.path.dirname(d) == os.path.join(os.fspath(store.runroot), "containers"))
+    # stubs the record does not list (a bundle or run killed while making them) go too, through dir
+    # fds, where nobody else can have put anything there: a container's dir under the runroot
+    # (0700), or a bundle dir that is the caller's and not writable by others (as create requires)
+    ours = ((record.get("kind") == "container"
+             and os.path.dirname(d) == os.path.join(os.fspath(store.runroot), "containers"))
+            or _private_dir(d))
     for p in reversed(record.get("stubs") or []):
         try:
             _remove_below(d, p)
