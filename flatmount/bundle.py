@@ -443,6 +443,11 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> Non
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(d, RECORD))
+    if ours:   # temp files of a record write cut short by a kill (AtomicFile's `.tmp-*`)
+        for name in os.listdir(d):
+            if name.startswith(".tmp-"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(d, name))
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(d)
 
