@@ -18,6 +18,7 @@ which `cleanup_bundle` finds.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -63,6 +64,35 @@ def owner_alive(pid: int | None, start: int | None) -> bool:
     return pid is not None and start is not None and _pid_start(pid) == start
 
 
+def container_holding(merged: str) -> str | None:
+    """The id of a live container of `run` that uses the leased mount at `merged`
+    (`<runroot>/mounts/ID/merged`), or None.
+
+    A container has a mount namespace of its own, copied from the one its mount was made in: once
+    `run -d` returns, that namespace may be gone (`unshare -m flatmount run -d`) or the merged dir
+    unmounted there, while the container still reads the image through its copy.  So the lease is
+    live while a record under `<runroot>/containers` names the mount, is not released, and its
+    owner (attached) or its init process (detached: pid and start time) is alive."""
+    runroot = os.path.dirname(os.path.dirname(os.path.dirname(merged)))
+    base = os.path.join(runroot, "containers")
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return None
+    for name in names:
+        rec = read_record(os.path.join(base, name))
+        if rec is None or rec.get("merged") != merged or rec.get("released"):
+            continue
+        if owner_alive(rec.get("owner_pid"), rec.get("owner_start")):
+            return name
+        pid = rec.get("init_pid")
+        if isinstance(pid, int) and rec.get("detached"):
+            start = rec.get("init_start")
+            if owner_alive(pid, start) if start is not None else _pid_start(pid) is not None:
+                return name
+    return None
+
+
 def _write_json(path: str, obj: dict) -> None:
     from flatmount.atomic import AtomicFile
 
@@ -80,9 +110,26 @@ def read_record(bundle_dir: str) -> dict | None:
         return None
     try:
         rec = json.loads(data)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return rec if isinstance(rec, dict) else None
+    if not isinstance(rec, dict):
+        return None
+    for key, types in _RECORD_TYPES.items():
+        v = rec.get(key)
+        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
+            return None   # damaged: treated as unreadable (nothing is killed or removed on its say-so)
+    if not all(isinstance(p, str) for p in rec.get("stubs") or []):
+        return None
+    return rec
+
+
+# what every reader of a record relies on: a record with another type in one of these is damaged
+_RECORD_TYPES: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "image": (str,), "runtime": (str,), "lease": (str,), "merged": (str,),
+    "rootfs": (str,), "stubs": (list,), "boot_id": (str,), "owner_pid": (int,), "owner_start": (int,),
+    "init_pid": (int,), "init_start": (int,), "created": (int, float), "exit_status": (int,),
+    "detached": (bool,), "released": (bool,), "rm": (bool,), "runtime_created": (bool,),
+}
 
 
 def _libc():
@@ -108,8 +155,26 @@ def _mount_overlay(lowers: list[str], target: str) -> None:
 def _make_stubs(merged: str, stubs_dir: str, missing: list[tuple[str, bool]]) -> list[str]:
     """Empty dirs/files for the missing mount targets under `stubs_dir`; every parent copies the
     image's mode, owner and times (the top overlay layer's directory attributes are what shows).
-    Returns the created paths, deepest last (removal goes in reverse)."""
+    Returns the created paths, deepest last (removal goes in reverse).  On failure, what it made is
+    removed again (the record names only `stubs_dir` until this returns)."""
     created: list[str] = []
+    try:
+        return _make_stubs_into(merged, stubs_dir, missing, created)
+    except BaseException as e:
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                if os.path.isdir(p) and not os.path.islink(p):
+                    os.rmdir(p)
+                else:
+                    os.unlink(p)
+        if isinstance(e, OSError) and not isinstance(e, FlatmountError):
+            short = e.filename if len(str(e.filename)) < 200 else str(e.filename)[:120] + "..."
+            raise BundleError(f"cannot add a mount point ({short}): {e.strerror}") from None
+        raise
+
+
+def _make_stubs_into(merged: str, stubs_dir: str, missing: list[tuple[str, bool]],
+                     created: list[str]) -> list[str]:
     os.mkdir(stubs_dir, 0o755)
     created.append(stubs_dir)
     st = os.stat(merged)
@@ -161,7 +226,13 @@ def write_record(bundle_dir: str, record: dict) -> None:
 
 
 def _prepare_dir(bundle_dir: str) -> str:
+    from flatmount.safepath import check_dir
+
     d = os.path.abspath(bundle_dir)
+    if not os.path.islink(d):
+        # root writes config.json and mounts the rootfs in it: a directory (or a way to it) that
+        # another user can change would let them swap entries for symlinks meanwhile (StrictModes)
+        check_dir(d, "bundle directory", own=True)
     try:
         os.mkdir(d, 0o700)
     except FileExistsError:
@@ -275,6 +346,48 @@ def _check_record(d: str, record: dict) -> None:
                           f"(inspect {os.path.join(d, RECORD)})")
 
 
+def _private_dir(d: str) -> bool:
+    """Whether `d` and the way to it are the caller's (or root's) and writable by nobody else."""
+    from flatmount.safepath import check_dir
+
+    try:
+        return check_dir(d, "bundle directory", own=True)
+    except FlatmountError:
+        return False
+
+
+def _remove_below(d: str, path: str) -> None:
+    """Remove the file or empty directory `path` inside bundle dir `d`, every component below `d`
+    opened without following symlinks: a `stubs` swapped for a symlink must not make us delete
+    what it points at."""
+    import errno
+    import stat
+
+    parts = [p for p in os.path.relpath(path, d).split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        return
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for p in parts[:-1]:
+            nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        st = os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(st.st_mode):
+            os.rmdir(parts[-1], dir_fd=fd)
+        else:
+            os.unlink(parts[-1], dir_fd=fd)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise BundleError(f"{path} is reached through a symlink or a non-directory in bundle {d}: "
+                          "not removing it (inspect the bundle)") from None
+    finally:
+        os.close(fd)
+
+
 def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> None:
     """Unmount and remove what the record says this bundle made (rmdir only for directories);
     `keep_record`: leave the record and the directory (a stopped container `ps -a` still lists)."""
@@ -289,21 +402,38 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> Non
     if record.get("lease"):
         try:
             lease = find_lease(store, record["lease"])
-            if record.get("merged") not in (None, lease.merged):
+            # the bundle's creator made its lease: a record naming another's mount (copied, forged
+            # in a directory someone else can write) must not unmount it
+            if (record.get("merged") not in (None, lease.merged) or lease.pid != record.get("owner_pid")
+                    or lease.boot_id != record.get("boot_id")):
                 raise BundleError(f"the record of bundle {d} names lease {lease.id}, which is not its "
                                   "mount: not touching it")
-            umount(store, lease.id)
+            umount(store, lease.id, container_done=True)
         except NotFoundError:
             pass
     if rootfs:
         with contextlib.suppress(FileNotFoundError):
             os.rmdir(rootfs)
+    # stubs the record does not list (a bundle or run killed while making them) go too, through dir
+    # fds, where nobody else can have put anything there: a container's dir under the runroot
+    # (0700), or a bundle dir that is the caller's and not writable by others (as create requires)
+    ours = ((record.get("kind") == "container"
+             and os.path.dirname(d) == os.path.join(os.fspath(store.runroot), "containers"))
+            or _private_dir(d))
     for p in reversed(record.get("stubs") or []):
-        with contextlib.suppress(FileNotFoundError):
-            if os.path.isdir(p) and not os.path.islink(p):
-                os.rmdir(p)
-            else:
-                os.unlink(p)
+        try:
+            _remove_below(d, p)
+        except OSError as e:
+            if not (ours and e.errno == errno.ENOTEMPTY):
+                raise
+    if ours:
+        from flatmount.safepath import remove_tree_at
+
+        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            remove_tree_at(dfd, "stubs")
+        finally:
+            os.close(dfd)
     for name in BUNDLE_FILES:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(d, name))
@@ -313,6 +443,11 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> Non
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(d, RECORD))
+    if ours:   # temp files of a record write cut short by a kill (AtomicFile's `.tmp-*`)
+        for name in os.listdir(d):
+            if name.startswith(".tmp-"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(d, name))
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(d)
 

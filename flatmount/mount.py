@@ -140,10 +140,18 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
         if here is None:
             return None   # cannot tell which namespace we are in: nothing is proven
         if mnt_ns != here:
-            return ns_stale_reason(merged, mnt_ns, mnt_id)
+            reason = ns_stale_reason(merged, mnt_ns, mnt_id)
+            return None if reason is not None and _container_holds(merged) else reason
     if is_mountpoint(merged):
         return None
-    return "merged dir is not mounted"
+    return None if _container_holds(merged) else "merged dir is not mounted"
+
+
+def _container_holds(merged: str) -> bool:
+    """A live container's copy of the mount (its own mount namespace) needs the lease too."""
+    from flatmount.bundle import container_holding
+
+    return container_holding(merged) is not None
 
 
 def judge_lease(lease: Lease, boot: str | None = None) -> Lease:
@@ -434,13 +442,16 @@ def find_lease(store: Store, merged_or_lease_id: str) -> Lease:
     return hits[0]
 
 
-def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False) -> Lease:
+def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False,
+           container_done: bool = False) -> Lease:
     """Unmount a mount made by `mount_image_ref`, drop its lease, remove its two dirs (rmdir only).
 
     A busy mount (files open, a cwd inside) raises MountError and stays mounted with its lease, unless
     `lazy`: then it is detached now (MNT_DETACH) and the kernel frees it when its last user goes.
     Its lease stays, marked detached, and pins its objects until nothing uses the mount any more
-    (flatmount.holders); `cleanup` drops it after that."""
+    (flatmount.holders); `cleanup` drops it after that.  The root of a live container of `run` is
+    refused (the container reads it through its own copy, which the lease must keep pinned), unless
+    `container_done`: the container's own release."""
     from flatmount.kmount import is_mountpoint, umount_image
 
     _require_writable(store)
@@ -452,6 +463,13 @@ def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False) -> Leas
         if not current:
             raise NotFoundError(f"mount {lease.id} was unmounted meanwhile")
         _refuse_foreign_namespace(current[0])
+        if not container_done:
+            from flatmount.bundle import container_holding
+
+            cid = container_holding(lease.merged)
+            if cid is not None:
+                raise MountError(f"mount {lease.id} is the root of running container {cid}: "
+                                 f"`flatmount stop {cid}` releases it", errno.EBUSY)
         if current[0].detached_sb is not None:
             raise MountError(f"mount {lease.id} was detached lazily and is still in use; its lease goes "
                              "with `flatmount cleanup` once nothing uses it", errno.EBUSY)

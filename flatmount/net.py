@@ -144,6 +144,14 @@ class _LoState(Network):
     changed: bool | None = None   # whether setup had to change lo (None: not run yet)
 
     def setup(self, pid: int) -> None:
+        try:
+            shared = os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net")
+        except OSError:
+            shared = False   # in_netns says what is wrong with the pid
+        if shared:
+            # `net-hook` takes the pid from its stdin: never change lo of flatmount's own namespace
+            raise NetworkError(f"process {pid} is in flatmount's own network namespace, not a "
+                               "container's: not changing its `lo`")
         flags = link_flags(pid)
         if flags is not None and bool(flags & IFF_UP) == self.up:
             self.changed = False   # the runtime left it as wanted (runc raises lo itself)

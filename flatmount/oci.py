@@ -271,9 +271,15 @@ class BoundedReader:
         self.close()
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def _parse_json(data: bytes, where: str) -> dict:
     try:
-        doc = json.loads(data)
+        # NaN/Infinity: Python's extension, not JSON (Go's parser, podman's, refuses them); kept, they
+        # would make every later `--json` output of the store invalid JSON
+        doc = json.loads(data, parse_constant=_no_constant)
     except (ValueError, RecursionError) as e:
         raise LayerError(f"{where}: invalid JSON ({_json_problem(e)})") from None
     if not isinstance(doc, dict):

@@ -273,6 +273,10 @@ def pull_transport(store: Store, source: str, name: str | None = None, *,
     options = options or RegistryOptions()
     if options.jobs < 1:
         raise RegistryError("--jobs must be at least 1")
+    if options.digestfile:
+        from flatmount.safepath import check_output
+
+        check_output(options.digestfile)   # before fetching anything; again when it is written
     transport, _, rest = source.partition(":")
     glob, img_args = options.proxy_args()
     emit = events or (lambda _e: None)
@@ -404,7 +408,9 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
     partial.prune()
     if options.digestfile:
         from flatmount.atomic import AtomicFile
+        from flatmount.safepath import check_output
 
+        check_output(options.digestfile)   # only a new or regular file: never a device or a symlink
         try:
             with AtomicFile(os.path.dirname(os.path.abspath(options.digestfile))) as af:
                 af.file.write(mdigest.encode())
@@ -520,7 +526,10 @@ class _Partial:
     """Layer images of a failed pull's completed layers, under `<runroot>/pull-partial/` (see module doc)."""
 
     def __init__(self, store: Store):
+        from flatmount.safepath import check_private_subdir
+
         self.dir = os.path.join(os.fspath(store.runroot), _PARTIAL_DIR)
+        check_private_subdir(self.dir, "runroot")   # prune() unlinks in it: never through a symlink
 
     def _path(self, lid: str, ext: str) -> str:
         return os.path.join(self.dir, f"{lid}.{ext}")
@@ -566,7 +575,9 @@ class _Partial:
 
         src = batch.staging / f"layer-{lid}.erofs"
         try:
-            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            from flatmount.safepath import make_private_subdir
+
+            make_private_subdir(self.dir, "runroot")
             data = src.read_bytes()
             meta = json.dumps({"digest": blob_digest, "diff_id": diff_id, "diff_size": diff_size,
                                "sha256": hashlib.sha256(data).hexdigest()}).encode()

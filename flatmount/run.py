@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from flatmount.bundle import (
     RECORD,
     BundleError,
+    _pid_start,
     create_bundle,
     owner_alive,
     read_record,
@@ -251,9 +252,12 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
                                     "process to hold it after flatmount returns (podman has conmon)")
     cid = _new_id(name)
     base = containers_dir(store)
-    if not os.path.isdir(base):
-        os.makedirs(base, 0o700, exist_ok=True)
-        os.chmod(base, 0o700)   # whatever the umask: containers' records are root's business
+    # containers' records and the runtime's state are root's business: real 0700 dirs, never a
+    # symlink someone planted in the runroot
+    from flatmount.safepath import make_private_subdir
+
+    make_private_subdir(base, "runroot")
+    make_private_subdir(runtime_root(store, runtime), "runroot")
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     cdir = _new_container_dir(base, cid, image, {"kind": "container", "id": cid, "runtime": runtime,
@@ -316,7 +320,7 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
         t = time.perf_counter()
         if detach:
             _rt(store, runtime, "start", cid)
-            update_record(cdir, detached=True, init_pid=pid)
+            update_record(cdir, detached=True, init_pid=pid, init_start=_pid_start(pid))
             timings["start"] = time.perf_counter() - t
             result = RunResult(cid, image, None, None, True, timings)
             return result
@@ -446,6 +450,10 @@ def _record_of(store, cid: str) -> tuple[str, dict]:
         raise NotFoundError(f"no container {cid!r}")
     cdir = os.path.join(containers_dir(store), cid)
     rec = read_record(cdir)
+    if rec is None and os.path.lexists(os.path.join(cdir, RECORD)):
+        raise BundleError(f"the record of container {cid} ({os.path.join(cdir, RECORD)}) is damaged: "
+                          "nothing is done on its say-so (inspect it; `runc --root "
+                          f"{runtime_root(store, 'runc')} list` shows the runtime's view)")
     if rec is None or rec.get("kind") != "container":
         raise NotFoundError(f"no container {cid!r} (see `flatmount ps -a`)")
     return cdir, rec
@@ -454,10 +462,9 @@ def _record_of(store, cid: str) -> tuple[str, dict]:
 def list_containers(store, all_: bool = True) -> list[Container]:
     """Containers under the runroot, oldest first; without `all_` only created/running/paused ones."""
     out = []
-    try:
-        names = sorted(os.listdir(containers_dir(store)))
-    except FileNotFoundError:
+    if not _containers_dir_exists(store):
         return []
+    names = sorted(os.listdir(containers_dir(store)))
     for cid in names:
         if cid.startswith(NEW_PREFIX):
             continue
@@ -477,6 +484,14 @@ def list_containers(store, all_: bool = True) -> list[Container]:
                              rec.get("created"), bool(rec.get("detached")), rec.get("owner_pid"), cdir))
     out.sort(key=lambda c: (c.created or 0, c.id))
     return out
+
+
+def _containers_dir_exists(store) -> bool:
+    """Whether `<runroot>/containers` exists, refusing (StoreError) one that is a symlink or not
+    private: what it lists decides what gets killed, unmounted and removed."""
+    from flatmount.safepath import check_private_subdir
+
+    return check_private_subdir(containers_dir(store), "runroot")
 
 
 def _owned(rec: dict) -> bool:
@@ -572,10 +587,9 @@ def cleanup_containers(store) -> list[str]:
     detached: their process, runtime state, mount, lease and directory.  Returns their ids."""
     removed = []
     base = containers_dir(store)
-    try:
-        names = sorted(os.listdir(base))
-    except FileNotFoundError:
+    if not _containers_dir_exists(store):
         return []
+    names = sorted(os.listdir(base))
     for cid in names:
         cdir = os.path.join(base, cid)
         if os.path.islink(cdir) or not os.path.isdir(cdir):

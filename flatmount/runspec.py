@@ -15,6 +15,7 @@ the capability set as podman does (`includes`/`excludes` of arches, caps and min
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ MASKED_PATHS = ("/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats"
 READONLY_PATHS = ("/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
                   "/proc/sysrq-trigger")
 
+_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?")
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NET_MODES = ("none", "loopback", "host")
 # files flatmount writes in the bundle and bind-mounts read-only into the container
@@ -95,6 +97,16 @@ class RunOptions:
                 raise RunSpecError(f"bad --tmpfs {t!r}: expected an absolute path")
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise RunSpecError(f"bad working directory {self.workdir!r}: expected an absolute path")
+        if self.hostname is not None and not _HOSTNAME.fullmatch(self.hostname):
+            # it is written into the container's /etc/hosts: a newline there would add entries
+            raise RunSpecError(f"bad hostname {self.hostname!r}: letters, digits, '-' and '.', at most "
+                               "64 characters")
+        for what, items in (("command", self.command), ("entrypoint", self.entrypoint or ()),
+                            ("environment variable", self.env), ("--tmpfs", self.tmpfs),
+                            ("working directory", (self.workdir or "",)), ("user", (self.user or "",))):
+            for item in items:
+                if "\0" in item:
+                    raise RunSpecError(f"bad {what} {item!r}: contains a NUL character")
 
 
 # --- reading files of the image without following symlinks ------------------------------------------
@@ -165,6 +177,67 @@ def image_path_kind(root: str, path: str) -> str | None:
     return "other"
 
 
+RUNTIME_MOUNTS = ("/proc", "/dev", "/sys", "/tmp", "/run")   # what standard_mounts() puts over the image
+
+
+def resolve_in_image(root: str, path: str, max_links: int = 40) -> tuple[str, str | None]:
+    """(resolved path, kind) of `path` as a process inside the container would reach it: symlinks
+    followed within the image (an absolute target starts at the image root, `..` stops there), at
+    most `max_links` of them.  kind: 'file', 'dir', 'other' (FIFO, device, socket), 'runtime' (in a
+    file system the runtime mounts: /proc, /dev, ...), 'loop' (too many links) or None (absent)."""
+    import stat
+
+    todo = [p for p in path.split("/") if p]
+    done: list[str] = []
+    links = 0
+    while todo:
+        part = todo.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            if done:
+                done.pop()
+            continue
+        here = "/" + "/".join([*done, part])
+        if any(here == m or here.startswith(m + "/") for m in RUNTIME_MOUNTS):
+            return here, "runtime"
+        try:
+            st = os.lstat(root + here)
+        except OSError:
+            return here, None
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            if links > max_links:
+                return here, "loop"
+            target = os.readlink(root + here)
+            if target.startswith("/"):
+                done = []
+            todo = [p for p in target.split("/") if p] + todo
+            continue
+        done.append(part)
+        if todo and not stat.S_ISDIR(st.st_mode):
+            return here, None
+    here = "/" + "/".join(done)
+    if not done:
+        return here, "dir"
+    st = os.lstat(root + here)
+    return here, "file" if stat.S_ISREG(st.st_mode) else "dir" if stat.S_ISDIR(st.st_mode) else "other"
+
+
+def check_user_db(root: str) -> None:
+    """The runtime itself reads the container's /etc/passwd and /etc/group (following symlinks, in
+    the container) to set up the process: one that is a FIFO would block it forever, a device or a
+    file of /proc feed it unbounded or foreign content.  Absent or regular files only."""
+    for path in ("/etc/passwd", "/etc/group"):
+        resolved, kind = resolve_in_image(root, path)
+        if kind not in (None, "file"):
+            what = {"other": "a FIFO, device or socket", "dir": "a directory", "loop": "a symlink loop",
+                    "runtime": "in a runtime file system"}[kind]
+            via = f" (through symlinks: {resolved})" if resolved != path else ""
+            raise RunSpecError(f"the image's {path} is {what}{via}: the runtime would read it as the "
+                               "user database; refusing to run this image")
+
+
 def _db(text: bytes | None) -> list[list[str]]:
     if not text:
         return []
@@ -183,37 +256,46 @@ class User:
     home: str | None
 
 
+MAX_ID = 0xFFFFFFFE   # uid_t/gid_t range; (uid_t)-1 means "no change" to the kernel
+
+
+def _is_id(text: str) -> bool:
+    """A uid/gid as the runtime takes it: ASCII decimal digits in uid_t's range (str.isdigit alone
+    also accepts '²' and other Unicode digits that int() refuses)."""
+    return text.isascii() and text.isdigit() and int(text) <= MAX_ID
+
+
 def resolve_user(root: str, spec: str | None) -> User:
     """`USER` of an image config or `-u`: UID, NAME, UID:GID, NAME:GROUP... resolved through the image's
     /etc/passwd and /etc/group (read as text); supplementary groups from /etc/group, as podman does."""
     spec = (spec or "").strip() or "0"
+    if "\0" in spec:
+        raise RunSpecError(f"bad user {spec!r}: contains a NUL character")
     name, _, group = spec.partition(":")
     passwd = _db(read_image_file(root, "/etc/passwd"))
     groups = _db(read_image_file(root, "/etc/group"))
     entry = None
-    if name.isdigit():
+    if _is_id(name):
         uid = int(name)
         entry = next((e for e in passwd if len(e) >= 7 and e[2] == name), None)
     else:
         entry = next((e for e in passwd if len(e) >= 7 and e[0] == name), None)
         if entry is None:
             raise RunSpecError(f"user {name!r} is not in the image's /etc/passwd")
-        try:
-            uid = int(entry[2])
-        except ValueError:
-            raise RunSpecError(f"user {name!r} has a bad uid in the image's /etc/passwd") from None
+        if not _is_id(entry[2]):
+            raise RunSpecError(f"user {name!r} has a bad uid in the image's /etc/passwd")
+        uid = int(entry[2])
     if group:
-        if group.isdigit():
+        if _is_id(group):
             gid = int(group)
         else:
             g = next((e for e in groups if len(e) >= 3 and e[0] == group), None)
             if g is None:
                 raise RunSpecError(f"group {group!r} is not in the image's /etc/group")
-            try:
-                gid = int(g[2])
-            except ValueError:
-                raise RunSpecError(f"group {group!r} has a bad gid in the image's /etc/group") from None
-    elif entry is not None and entry[3].isdigit():
+            if not _is_id(g[2]):
+                raise RunSpecError(f"group {group!r} has a bad gid in the image's /etc/group")
+            gid = int(g[2])
+    elif entry is not None and _is_id(entry[3]):
         gid = int(entry[3])
     else:
         gid = 0   # a uid the image does not know: group root, as podman and runc do
@@ -221,7 +303,7 @@ def resolve_user(root: str, spec: str | None) -> User:
     uname = entry[0] if entry is not None else None
     if uname is not None and not group:
         for g in groups:
-            if len(g) >= 4 and uname in g[3].split(",") and g[2].isdigit() and int(g[2]) != gid:
+            if len(g) >= 4 and uname in g[3].split(",") and _is_id(g[2]) and int(g[2]) != gid:
                 extra.append(int(g[2]))
     return User(uid, gid, tuple(sorted(set(extra))), entry[5] if entry is not None else None)
 
@@ -461,12 +543,66 @@ def mount_targets(opts: RunOptions) -> list[tuple[str, bool]]:
             if not any(p != c and p.startswith(c + "/") for c in covered)]
 
 
+def _bad_config(field: str, why: str, option: bool = True) -> RunSpecError:
+    fix = "give it on the command line instead, or fix the image" if option else "fix the image"
+    return RunSpecError(f"the image config's {field} {why}: {fix}")
+
+
+def image_run_config(image_config: Mapping | None, opts: RunOptions | None = None) -> dict:
+    """The `config` member of an image config, checked where `opts` does not replace it: the image is
+    untrusted input, and a wrong type or a NUL would otherwise crash the spec builder or reach the
+    runtime as a garbled spec.
+
+    Entrypoint/Cmd/Env are lists of strings (a lone string counts as a one-element list, as docker
+    reads it), User/WorkingDir strings (WorkingDir absolute, under PATH_MAX), Labels a string map."""
+    opts = opts or RunOptions()
+    if image_config is None:
+        return {}
+    if not isinstance(image_config, Mapping):
+        raise _bad_config("document", "is not a JSON object", option=False)
+    cfg = image_config.get("config")
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, Mapping):
+        raise _bad_config("`config` member", "is not a JSON object", option=False)
+    out = dict(cfg)
+    overridden = {"Entrypoint": opts.entrypoint is not None, "Cmd": bool(opts.command),
+                  "User": opts.user is not None, "WorkingDir": bool(opts.workdir)}
+    for key in ("Entrypoint", "Cmd", "Env", "User", "WorkingDir"):
+        v = cfg.get(key)
+        if overridden.get(key) or v is None:
+            out.pop(key, None)
+            continue
+        if key in ("User", "WorkingDir"):
+            if not isinstance(v, str):
+                raise _bad_config(key, "is not a string")
+            items = [v]
+        else:
+            items = [v] if isinstance(v, str) else v
+            if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+                raise _bad_config(key, "is not a list of strings")
+            out[key] = items
+        if any("\0" in x for x in items):
+            raise _bad_config(key, "contains a NUL character")
+    wd = out.get("WorkingDir")
+    if wd and (not wd.startswith("/") or len(wd.encode("utf-8", "surrogatepass")) >= 4096):
+        raise _bad_config("WorkingDir", "is not an absolute path shorter than 4096 bytes")
+    for e in out.get("Env") or []:
+        if e.startswith("="):
+            raise _bad_config("Env", f"has an entry without a name ({e[:40]!r})")
+    labels = cfg.get("Labels")
+    if labels is not None and not (isinstance(labels, Mapping)
+                                   and all(isinstance(v, str) for v in labels.values())):
+        raise _bad_config("Labels", "is not a map of strings", option=False)
+    return out
+
+
 def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, opts: RunOptions,
                container_id: str, *, image_root: str | None = None, cache_dir: str | None = None,
                netns_path: str | None = None) -> dict:
     """config.json for a container of the image (config `image_config`, tree at `image_root`, default
     `root_path`) rooted read-only at `root_path`."""
-    cfg = (image_config or {}).get("config") or {}
+    cfg = image_run_config(image_config, opts)
     image_root = image_root or root_path
     entry = list(opts.entrypoint) if opts.entrypoint is not None else list(cfg.get("Entrypoint") or [])
     cmd = list(opts.command) if opts.command else list(cfg.get("Cmd") or [])
@@ -475,6 +611,7 @@ def build_spec(root_path: str, bundle_dir: str, image_config: Mapping | None, op
     args = entry + cmd
     if not args:
         raise RunSpecError("no command: the image sets neither Entrypoint nor Cmd; give one after `--`")
+    check_user_db(image_root)
     user = resolve_user(image_root, opts.user if opts.user is not None else cfg.get("User"))
     hostname = opts.hostname or container_id[:12]
     conf = confinement(cache_dir)

@@ -201,7 +201,7 @@ def cmd_net_hook(args: argparse.Namespace) -> int:
 
     try:
         pid = int(json.load(sys.stdin)["pid"])
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         raise FlatmountError("net-hook: expected the runtime's state JSON (with `pid`) on stdin") from None
     net.network(args.mode).setup(pid)
     return 0
