@@ -7,6 +7,7 @@ own: busybox is bind-mounted as /bin/sh, and its missing mount points come from 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -188,7 +189,46 @@ def _popen_run(env, *args: str) -> subprocess.Popen:
     e = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "flatmount", "--root", env["root"], "--runroot",
                              env["runroot"], "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=e, cwd=str(ROOT))
+                            text=True, env=e, cwd=str(ROOT), start_new_session=True)
+
+
+def _state_of(pid: int) -> str:
+    """What a hung process is doing: its Python stack (py-spy, if installed), or its kernel state,
+    and the same for its children (runc, the container's init)."""
+    import shutil
+
+    lines = []
+    if shutil.which("py-spy"):
+        r = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+        lines.append(r.stdout + r.stderr)
+    todo = [pid]
+    while todo:
+        q = todo.pop()
+        try:
+            cmd = Path(f"/proc/{q}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = {k: v.strip() for k, _, v in (ln.partition(":") for ln in
+                      Path(f"/proc/{q}/status").read_text().splitlines())}
+            wchan = Path(f"/proc/{q}/wchan").read_text()
+            kids = Path(f"/proc/{q}/task/{q}/children").read_text().split()
+        except OSError:
+            continue
+        lines.append(f"pid {q} [{status.get('State')}] wchan={wchan} SigCgt={status.get('SigCgt')}: {cmd}")
+        todo += [int(k) for k in kids]
+    return "\n".join(lines)
+
+
+def _communicate(env, p: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """`p.communicate`, but a process that does not end in time is reported (its state), killed with
+    its process group, and what it left is cleaned up, so that only this test fails."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        state = _state_of(p.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.communicate()
+        cli(env, "cleanup")
+        pytest.fail(f"flatmount run did not end within {timeout} s; its state was:\n{state}")
 
 
 def _wait_file(path: str, timeout: float = 30) -> str:
@@ -229,6 +269,34 @@ def test_sigterm_is_forwarded_to_the_container(env):
         p.kill()
     assert p.returncode == 7, err
     assert out == "got TERM\n"
+    assert_nothing_left(env)
+
+
+def test_sigterm_before_the_containers_trap_is_delivered_once_it_is_set(env):
+    """The container's init is pid 1 of its namespace: the kernel drops a signal it has no handler
+    for yet (here: after exec, before `trap`).  flatmount sends it again once the handler exists,
+    instead of waiting forever for a container that never heard of it (a CI hang)."""
+    script = "echo ready; sleep 1; trap 'exit 9' TERM; while :; do sleep 0.05; done"
+    p = _popen_run(env, "--rm", "--name", "latetrap", "bb", "--", "sh", "-c", script)
+    assert p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGTERM)
+    _out, err = _communicate(env, p, 30)
+    assert p.returncode == 9, err
+    assert_nothing_left(env)
+
+
+def test_sigterm_a_container_ignores_ends_it_with_sigkill_after_the_grace(env):
+    """A stop request is bounded: a container that never handles SIGTERM is killed after
+    STOP_TIMEOUT s (podman stop's 10 s) and `flatmount run` reports 128+9."""
+    from flatmount.run import STOP_TIMEOUT
+
+    p = _popen_run(env, "--rm", "--name", "deaf", "bb", "--", "sh", "-c", "echo ready; while :; do sleep 0.05; done")
+    assert p.stdout.readline() == "ready\n"
+    t = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    _out, err = _communicate(env, p, STOP_TIMEOUT + 30)
+    assert p.returncode == 128 + signal.SIGKILL, err
+    assert STOP_TIMEOUT - 0.5 <= time.monotonic() - t
     assert_nothing_left(env)
 
 
@@ -606,7 +674,7 @@ def test_sigterm_at_any_point_cleans_up_without_cleanup(env):
         else:
             time.sleep(rnd.uniform(0.05, 1.2))
         p.send_signal(signal.SIGTERM)
-        _out, err = p.communicate(timeout=60)
+        _out, err = _communicate(env, p, 60)
         assert p.returncode in (-signal.SIGTERM, 3, 9), err
         assert "Traceback" not in err
         codes.add(p.returncode)
