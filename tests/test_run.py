@@ -41,6 +41,8 @@ def env(tmp_path_factory):
     try:
         yield paths
     finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cli(paths, "cleanup")   # what a failed test left (its flatmount process is gone)
         leftovers = _our_mounts(str(base))
         for m in reversed(leftovers):
             subprocess.run(["umount", "-l", m], check=False)
@@ -225,9 +227,14 @@ def _communicate(env, p: subprocess.Popen, timeout: float) -> tuple[str, str]:
     except subprocess.TimeoutExpired:
         state = _state_of(p.pid)
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(p.pid, signal.SIGKILL)
-        p.communicate()
-        cli(env, "cleanup")
+            os.killpg(p.pid, signal.SIGKILL)   # flatmount and the runc it started
+        p.wait()
+        cli(env, "cleanup")   # its owner is gone: kills the container (which holds our pipes), unmounts
+        try:
+            p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.stdout.close()
+            p.stderr.close()
         pytest.fail(f"flatmount run did not end within {timeout} s; its state was:\n{state}")
 
 
@@ -287,16 +294,15 @@ def test_sigterm_before_the_containers_trap_is_delivered_once_it_is_set(env):
 
 def test_sigterm_a_container_ignores_ends_it_with_sigkill_after_the_grace(env):
     """A stop request is bounded: a container that never handles SIGTERM is killed after
-    STOP_TIMEOUT s (podman stop's 10 s) and `flatmount run` reports 128+9."""
-    from flatmount.run import STOP_TIMEOUT
-
+    flatmount.run.STOP_TIMEOUT s (podman stop's 10 s) and `flatmount run` reports 128+9."""
+    stop_timeout = 10   # flatmount.run.STOP_TIMEOUT
     p = _popen_run(env, "--rm", "--name", "deaf", "bb", "--", "sh", "-c", "echo ready; while :; do sleep 0.05; done")
     assert p.stdout.readline() == "ready\n"
     t = time.monotonic()
     p.send_signal(signal.SIGTERM)
-    _out, err = _communicate(env, p, STOP_TIMEOUT + 30)
+    _out, err = _communicate(env, p, stop_timeout + 30)
     assert p.returncode == 128 + signal.SIGKILL, err
-    assert STOP_TIMEOUT - 0.5 <= time.monotonic() - t
+    assert stop_timeout - 0.5 <= time.monotonic() - t
     assert_nothing_left(env)
 
 
