@@ -55,6 +55,41 @@ def env(tmp_path_factory):
         assert not leftovers, f"mounts left behind: {leftovers}"
 
 
+@pytest.fixture(autouse=True)
+def _leftovers_fail_only_their_test(request):
+    """After each test of the store: what it left behind (a hung or failed run's mounts, runc state)
+    is removed here and reported as this test's error, so the tests after it start clean."""
+    yield
+    if "env" not in request.fixturenames:
+        return
+    paths = request.getfixturevalue("env")
+    cdir = os.path.join(paths["runroot"], "containers")
+    rroot = os.path.join(paths["runroot"], "runc")
+
+    def left() -> list[str]:
+        found = _our_mounts(paths["base"])
+        if os.path.isdir(cdir):
+            found += [os.path.join(cdir, n) for n in os.listdir(cdir)]
+        if os.path.isdir(rroot):
+            found += [os.path.join(rroot, n) for n in os.listdir(rroot)]
+        return found
+
+    before = left()
+    if not before:
+        return
+    with contextlib.suppress(subprocess.SubprocessError):
+        cli(paths, "cleanup")
+    if os.path.isdir(rroot):
+        out = subprocess.run(["runc", "--root", rroot, "list", "-q"], capture_output=True, text=True)
+        for cid in out.stdout.split():
+            subprocess.run(["runc", "--root", rroot, "delete", "--force", cid], capture_output=True)
+    for m in reversed(_our_mounts(paths["base"])):
+        subprocess.run(["umount", "-l", m], check=False)
+    with contextlib.suppress(subprocess.SubprocessError):
+        cli(paths, "cleanup")   # the leases of what was unmounted by force
+    pytest.fail(f"left behind: {before}; still there after a forced cleanup: {left()}")
+
+
 def _our_mounts(prefix: str) -> list[str]:
     out = []
     with open("/proc/self/mountinfo") as f:
