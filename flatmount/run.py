@@ -11,7 +11,10 @@ Waiting.  flatmount makes itself a child subreaper before `runc create`: when ru
 container's init process is re-parented to flatmount, which waits for it directly and so gets its
 real exit status (128+N after signal N, as shells and podman report it).  SIGINT, SIGTERM, SIGHUP,
 SIGQUIT and SIGUSR1/2 received meanwhile are forwarded to that process; with `-t`, SIGWINCH copies
-flatmount's window size to the container's terminal.
+flatmount's window size to the container's terminal.  That process is pid 1 of its namespace, so the
+kernel drops a signal it has no handler for: one it does not catch yet is sent again once it does
+(`_Forwarder`), and SIGINT/SIGTERM/SIGHUP end the container with SIGKILL after STOP_TIMEOUT s.  One
+arriving before `runc start` returned is acted on after it, or stops flatmount before the start.
 
 Ownership (what `cleanup` may remove).  The record names the flatmount process that owns the
 container (pid and start time); a detached container is owned by nobody once started.  `cleanup`
