@@ -11,7 +11,10 @@ Waiting.  flatmount makes itself a child subreaper before `runc create`: when ru
 container's init process is re-parented to flatmount, which waits for it directly and so gets its
 real exit status (128+N after signal N, as shells and podman report it).  SIGINT, SIGTERM, SIGHUP,
 SIGQUIT and SIGUSR1/2 received meanwhile are forwarded to that process; with `-t`, SIGWINCH copies
-flatmount's window size to the container's terminal.
+flatmount's window size to the container's terminal.  That process is pid 1 of its namespace, so the
+kernel drops a signal it has no handler for: one it does not catch yet is sent again once it does
+(`_Forwarder`), and SIGINT/SIGTERM/SIGHUP end the container with SIGKILL after STOP_TIMEOUT s.  One
+arriving before `runc start` returned is acted on after it, or stops flatmount before the start.
 
 Ownership (what `cleanup` may remove).  The record names the flatmount process that owns the
 container (pid and start time); a detached container is owned by nobody once started.  `cleanup`
@@ -324,7 +327,7 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
             timings["start"] = time.perf_counter() - t
             result = RunResult(cid, image, None, None, True, timings)
             return result
-        status = _start_and_wait(store, runtime, cid, pid, console, timings, t)
+        status = _start_and_wait(store, runtime, cid, pid, console, timings, t, stop)
         result = RunResult(cid, image, status[0], status[1], False, timings)
         return result
     finally:
@@ -345,40 +348,36 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
             timings["cleanup"] = time.perf_counter() - t
 
 
-def _start_and_wait(store, runtime: str, cid: str, pid: int, console, timings: dict, t: float) -> tuple:
-    received: list[int] = []
-
-    def forward(signum, _frame) -> None:
-        received.append(signum)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signum)
+def _start_and_wait(store, runtime: str, cid: str, pid: int, console, timings: dict, t: float,
+                    stop: _DeferredStop | None = None) -> tuple:
+    fw = _Forwarder(pid)
+    old = {}
+    for s in FORWARDED:
+        with contextlib.suppress(ValueError, OSError):  # not the main thread: no forwarding
+            old[s] = signal.signal(s, fw.handler)
 
     def resize(_signum, _frame) -> None:
         console.copy_window_size()
 
-    old = {}
-    for s in FORWARDED:
-        with contextlib.suppress(ValueError, OSError):  # not the main thread: no forwarding
-            old[s] = signal.signal(s, forward)
     if console is not None:
         with contextlib.suppress(ValueError, OSError):
             old[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, resize)
     try:
+        if stop is not None:
+            stop.check()   # noted after the last check, before the forwarding began
+        fw.check_before_start()
         _rt(store, runtime, "start", cid)
+        fw.started()
         timings["start"] = time.perf_counter() - t
         if console is not None:
             console.relay_start()
         t = time.perf_counter()
-        while True:
-            try:
-                _, ws = os.waitpid(pid, 0)
-                break
-            except InterruptedError:
-                continue
-            except ChildProcessError:  # not re-parented to us (no subreaper): its status is lost
-                _poll_exit(store, runtime, cid)
-                raise ContainerRuntimeError(f"container {cid} ended but its exit status could not be "
-                                            "read (its process was not re-parented to flatmount)") from None
+        try:
+            ws = fw.wait()
+        except ChildProcessError:  # not re-parented to us (no subreaper): its status is lost
+            _poll_exit(store, runtime, cid)
+            raise ContainerRuntimeError(f"container {cid} ended but its exit status could not be "
+                                        "read (its process was not re-parented to flatmount)") from None
         timings["wait"] = time.perf_counter() - t
         if console is not None:
             console.relay_stop()
@@ -387,6 +386,126 @@ def _start_and_wait(store, runtime: str, cid: str, pid: int, console, timings: d
         for s, h in old.items():
             with contextlib.suppress(ValueError, OSError):
                 signal.signal(s, h)
+        fw.close()
+
+
+STOP_TIMEOUT = 10.0   # s after a forwarded SIGINT/SIGTERM/SIGHUP before SIGKILL (podman stop's default)
+
+
+def _caught(pid: int) -> int | None:
+    """The mask of signals process `pid` has handlers for (SigCgt), or None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigCgt:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+class _Forwarder:
+    """Signals for flatmount while the container runs, passed on to its init process.
+
+    That process is pid 1 of its pid namespace: the kernel drops a signal it has no handler for
+    (only SIGKILL gets through), e.g. one arriving after `exec` but before a shell's `trap`.  So a
+    signal the process does not catch yet stays pending here and is sent again once it does; and a
+    stop request (SIGINT, SIGTERM, SIGHUP) that has not ended the container after `timeout` s ends
+    it with SIGKILL, so that `flatmount run` never outlives a request to stop by more than that.
+    Signals before `runc start` only are noted: the container is then not started at all."""
+
+    def __init__(self, pid: int, timeout: float = STOP_TIMEOUT) -> None:
+        self.pid = pid
+        self.timeout = timeout
+        self.noted: list[int] = []
+        self.pending: dict[int, float] = {}   # signal -> when it was first sent
+        self.deadline: float | None = None
+        self._started = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+
+    def handler(self, signum, _frame) -> None:
+        if not self._started:
+            self.noted.append(signum)
+            return
+        self._send(signum)
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")   # the wait loop re-reads `pending` and its deadline
+
+    def _send(self, signum: int) -> None:
+        if signum in _DeferredStop.SIGNALS and self.deadline is None:
+            self.deadline = time.monotonic() + self.timeout
+        caught = _caught(self.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+        if caught is not None and not caught >> (signum - 1) & 1:
+            self.pending.setdefault(signum, time.monotonic())   # maybe dropped: sent again later
+
+    def check_before_start(self) -> None:
+        if self.noted:
+            raise Terminated(f"stopped by signal {self.noted[0]} before the container ran")
+
+    def started(self) -> None:
+        """`runc start` returned: what came in meanwhile goes to the container now."""
+        self._started = True
+        noted, self.noted = self.noted, []
+        for s in noted:
+            self._send(s)
+
+    def _retry(self) -> None:
+        caught = _caught(self.pid)
+        if caught is None:
+            self.pending.clear()
+            return
+        now = time.monotonic()
+        for s, since in list(self.pending.items()):
+            if caught >> (s - 1) & 1:
+                del self.pending[s]
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, s)
+            elif now - since > self.timeout:
+                del self.pending[s]   # never caught: it was ignored, as for any pid 1
+
+    def wait(self) -> int:
+        """The wait status of the container's init; bounded once a stop request came in."""
+        import select
+
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except OSError:
+            pidfd = None   # already reaped by nobody else but gone, or no pidfd: poll by timeout
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if pidfd is not None:
+            poller.register(pidfd, select.POLLIN)
+        try:
+            while True:
+                done, ws = os.waitpid(self.pid, os.WNOHANG)
+                if done:
+                    return ws
+                with contextlib.suppress(OSError):
+                    os.read(self._wake_r, 4096)
+                timeout = None if pidfd is not None else 0.05
+                if self.pending:
+                    self._retry()
+                    if self.pending:
+                        timeout = 0.02
+                if self.deadline is not None:
+                    left = self.deadline - time.monotonic()
+                    if left <= 0:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(self.pid, signal.SIGKILL)
+                        self.deadline = None
+                        left = 0
+                    timeout = left if timeout is None else min(timeout, left)
+                poller.poll(None if timeout is None else max(1, int(timeout * 1000)))
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+
+    def close(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _poll_exit(store, runtime: str, cid: str) -> None:

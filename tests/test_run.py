@@ -7,6 +7,7 @@ own: busybox is bind-mounted as /bin/sh, and its missing mount points come from 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -40,6 +41,8 @@ def env(tmp_path_factory):
     try:
         yield paths
     finally:
+        with contextlib.suppress(subprocess.SubprocessError):
+            cli(paths, "cleanup")   # what a failed test left (its flatmount process is gone)
         leftovers = _our_mounts(str(base))
         for m in reversed(leftovers):
             subprocess.run(["umount", "-l", m], check=False)
@@ -50,6 +53,41 @@ def env(tmp_path_factory):
                 for cid in out.stdout.split():
                     subprocess.run([rt, "--root", root, "delete", "--force", cid], check=False)
         assert not leftovers, f"mounts left behind: {leftovers}"
+
+
+@pytest.fixture(autouse=True)
+def _leftovers_fail_only_their_test(request):
+    """After each test of the store: what it left behind (a hung or failed run's mounts, runc state)
+    is removed here and reported as this test's error, so the tests after it start clean."""
+    yield
+    if "env" not in request.fixturenames:
+        return
+    paths = request.getfixturevalue("env")
+    cdir = os.path.join(paths["runroot"], "containers")
+    rroot = os.path.join(paths["runroot"], "runc")
+
+    def left() -> list[str]:
+        found = _our_mounts(paths["base"])
+        if os.path.isdir(cdir):
+            found += [os.path.join(cdir, n) for n in os.listdir(cdir)]
+        if os.path.isdir(rroot):
+            found += [os.path.join(rroot, n) for n in os.listdir(rroot)]
+        return found
+
+    before = left()
+    if not before:
+        return
+    with contextlib.suppress(subprocess.SubprocessError):
+        cli(paths, "cleanup")
+    if os.path.isdir(rroot):
+        out = subprocess.run(["runc", "--root", rroot, "list", "-q"], capture_output=True, text=True)
+        for cid in out.stdout.split():
+            subprocess.run(["runc", "--root", rroot, "delete", "--force", cid], capture_output=True)
+    for m in reversed(_our_mounts(paths["base"])):
+        subprocess.run(["umount", "-l", m], check=False)
+    with contextlib.suppress(subprocess.SubprocessError):
+        cli(paths, "cleanup")   # the leases of what was unmounted by force
+    pytest.fail(f"left behind: {before}; still there after a forced cleanup: {left()}")
 
 
 def _our_mounts(prefix: str) -> list[str]:
@@ -188,7 +226,51 @@ def _popen_run(env, *args: str) -> subprocess.Popen:
     e = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.Popen([sys.executable, "-m", "flatmount", "--root", env["root"], "--runroot",
                              env["runroot"], "run", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=e, cwd=str(ROOT))
+                            text=True, env=e, cwd=str(ROOT), start_new_session=True)
+
+
+def _state_of(pid: int) -> str:
+    """What a hung process is doing: its Python stack (py-spy, if installed), or its kernel state,
+    and the same for its children (runc, the container's init)."""
+    import shutil
+
+    lines = []
+    if shutil.which("py-spy"):
+        r = subprocess.run(["py-spy", "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+        lines.append(r.stdout + r.stderr)
+    todo = [pid]
+    while todo:
+        q = todo.pop()
+        try:
+            cmd = Path(f"/proc/{q}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            status = {k: v.strip() for k, _, v in (ln.partition(":") for ln in
+                      Path(f"/proc/{q}/status").read_text().splitlines())}
+            wchan = Path(f"/proc/{q}/wchan").read_text()
+            kids = Path(f"/proc/{q}/task/{q}/children").read_text().split()
+        except OSError:
+            continue
+        lines.append(f"pid {q} [{status.get('State')}] wchan={wchan} SigCgt={status.get('SigCgt')}: {cmd}")
+        todo += [int(k) for k in kids]
+    return "\n".join(lines)
+
+
+def _communicate(env, p: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """`p.communicate`, but a process that does not end in time is reported (its state), killed with
+    its process group, and what it left is cleaned up, so that only this test fails."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        state = _state_of(p.pid)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)   # flatmount and the runc it started
+        p.wait()
+        cli(env, "cleanup")   # its owner is gone: kills the container (which holds our pipes), unmounts
+        try:
+            p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.stdout.close()
+            p.stderr.close()
+        pytest.fail(f"flatmount run did not end within {timeout} s; its state was:\n{state}")
 
 
 def _wait_file(path: str, timeout: float = 30) -> str:
@@ -229,6 +311,33 @@ def test_sigterm_is_forwarded_to_the_container(env):
         p.kill()
     assert p.returncode == 7, err
     assert out == "got TERM\n"
+    assert_nothing_left(env)
+
+
+def test_sigterm_before_the_containers_trap_is_delivered_once_it_is_set(env):
+    """The container's init is pid 1 of its namespace: the kernel drops a signal it has no handler
+    for yet (here: after exec, before `trap`).  flatmount sends it again once the handler exists,
+    instead of waiting forever for a container that never heard of it (a CI hang)."""
+    script = "echo ready; sleep 1; trap 'exit 9' TERM; while :; do sleep 0.05; done"
+    p = _popen_run(env, "--rm", "--name", "latetrap", "bb", "--", "sh", "-c", script)
+    assert p.stdout.readline() == "ready\n"
+    p.send_signal(signal.SIGTERM)
+    _out, err = _communicate(env, p, 30)
+    assert p.returncode == 9, err
+    assert_nothing_left(env)
+
+
+def test_sigterm_a_container_ignores_ends_it_with_sigkill_after_the_grace(env):
+    """A stop request is bounded: a container that never handles SIGTERM is killed after
+    flatmount.run.STOP_TIMEOUT s (podman stop's 10 s) and `flatmount run` reports 128+9."""
+    stop_timeout = 10   # flatmount.run.STOP_TIMEOUT
+    p = _popen_run(env, "--rm", "--name", "deaf", "bb", "--", "sh", "-c", "echo ready; while :; do sleep 0.05; done")
+    assert p.stdout.readline() == "ready\n"
+    t = time.monotonic()
+    p.send_signal(signal.SIGTERM)
+    _out, err = _communicate(env, p, stop_timeout + 30)
+    assert p.returncode == 128 + signal.SIGKILL, err
+    assert stop_timeout - 0.5 <= time.monotonic() - t
     assert_nothing_left(env)
 
 
@@ -606,7 +715,7 @@ def test_sigterm_at_any_point_cleans_up_without_cleanup(env):
         else:
             time.sleep(rnd.uniform(0.05, 1.2))
         p.send_signal(signal.SIGTERM)
-        _out, err = p.communicate(timeout=60)
+        _out, err = _communicate(env, p, 60)
         assert p.returncode in (-signal.SIGTERM, 3, 9), err
         assert "Traceback" not in err
         codes.add(p.returncode)
