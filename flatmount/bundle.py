@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import json
 import os
 import time
 from collections.abc import Iterator
@@ -94,6 +93,8 @@ def container_holding(merged: str) -> str | None:
 
 
 def _write_json(path: str, obj: dict) -> None:
+    import json
+
     from flatmount.atomic import AtomicFile
 
     with AtomicFile(os.path.dirname(path), mode=0o600, durable=False) as af:
@@ -108,6 +109,8 @@ def read_record(bundle_dir: str) -> dict | None:
     data = read_image_file(os.path.abspath(bundle_dir), RECORD)
     if data is None:
         return None
+    import json  # only here: the mount/umount path reaches this module and must stay light
+
     try:
         rec = json.loads(data)
     except (ValueError, RecursionError):
@@ -306,6 +309,8 @@ def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = 
         for name, data in etc_files(spec["hostname"], opts.net).items():
             with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
+        import json
+
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(spec, f, separators=(",", ":"))   # the C encoder: indent would use the slow one
         timings["write"] = time.perf_counter() - t2
