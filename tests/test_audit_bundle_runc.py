@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from conftest import ROOT, require_root, require_tool
@@ -61,6 +62,7 @@ def test_untracked_runc_container_keeps_its_bundle_leased(env, tmp_path, image, 
     rroot = str(tmp_path / "runc")
     cid = f"untracked-{image}-{how}"
     before = {x.id for x in _leases(env)}
+    lease = None
     r = _cli(env, "bundle", "-u", "0", *extra, image, str(d), "--", BB, "sleep", "600")
     assert r.returncode == 0, r.stderr
     try:
@@ -103,3 +105,6 @@ def test_untracked_runc_container_keeps_its_bundle_leased(env, tmp_path, image, 
         if d.exists():
             _cli(env, "bundle", "--force", "--remove", str(d))
         _cli(env, "cleanup")
+        for m in (d / "rootfs", Path(lease.merged) if lease else None):   # whatever still is mounted
+            if m is not None and os.path.ismount(m):
+                subprocess.run(["umount", "-l", str(m)], check=False)
