@@ -393,27 +393,39 @@ def _remove_below(d: str, path: str) -> None:
         os.close(fd)
 
 
-def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> None:
+def _undo(store, d: str, record: dict, umount, keep_record: bool = False, force: bool = False) -> None:
     """Unmount and remove what the record says this bundle made (rmdir only for directories);
-    `keep_record`: leave the record and the directory (a stopped container `ps -a` still lists)."""
+    `keep_record`: leave the record and the directory (a stopped container `ps -a` still lists).
+    A bundle (not a container of `run`) that another mount namespace still shows (a container runc
+    made of it) is refused, or with `force` detached with its lease kept (`held_elsewhere`)."""
     from flatmount.errors import NotFoundError
     from flatmount.kmount import is_mountpoint, umount_image
-    from flatmount.mount import find_lease
+    from flatmount.mount import find_lease, held_elsewhere
 
     _check_record(d, record)
     rootfs = record.get("rootfs")
-    if rootfs and is_mountpoint(rootfs):
-        umount_image(rootfs)
+    lease = None
     if record.get("lease"):
         try:
             lease = find_lease(store, record["lease"])
-            # the bundle's creator made its lease: a record naming another's mount (copied, forged
-            # in a directory someone else can write) must not unmount it
-            if (record.get("merged") not in (None, lease.merged) or lease.pid != record.get("owner_pid")
-                    or lease.boot_id != record.get("boot_id")):
-                raise BundleError(f"the record of bundle {d} names lease {lease.id}, which is not its "
-                                  "mount: not touching it")
-            umount(store, lease.id, container_done=True)
+        except NotFoundError:
+            pass
+    if lease is not None:
+        # the bundle's creator made its lease: a record naming another's mount (copied, forged
+        # in a directory someone else can write) must not unmount it
+        if (record.get("merged") not in (None, lease.merged) or lease.pid != record.get("owner_pid")
+                or lease.boot_id != record.get("boot_id")):
+            raise BundleError(f"the record of bundle {d} names lease {lease.id}, which is not its "
+                              "mount: not touching it")
+    via = None
+    if lease is not None and record.get("kind") != "container" and is_mountpoint(lease.merged):
+        mounted_root = (rootfs,) if rootfs and is_mountpoint(rootfs) else ()
+        via = held_elsewhere(lease, force=force, also=mounted_root)
+    if via is None and rootfs and is_mountpoint(rootfs):
+        umount_image(rootfs)
+    if lease is not None:
+        try:
+            umount(store, lease.id, container_done=True, detach_via=via)
         except NotFoundError:
             pass
     if rootfs:
@@ -457,9 +469,10 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False) -> Non
         os.rmdir(d)
 
 
-def remove_bundle(store, bundle_dir: str, *, keep_record: bool = False) -> dict:
+def remove_bundle(store, bundle_dir: str, *, keep_record: bool = False, force: bool = False) -> dict:
     """Unmount a bundle made by `create_bundle`, release its lease, remove its files and directory
-    (all but the record with `keep_record`).  Returns the record."""
+    (all but the record with `keep_record`).  `force`: even while a container runc made of it runs
+    (its lease then stays, detached, until that container is gone).  Returns the record."""
     from flatmount.mount import umount
 
     d = os.path.abspath(bundle_dir)
@@ -468,7 +481,7 @@ def remove_bundle(store, bundle_dir: str, *, keep_record: bool = False) -> dict:
         raise BundleError(f"{d} is not a flatmount bundle (no {RECORD})")
     if record.get("lease") is None and not record.get("released"):
         record["lease"] = _find_lost_lease(store, record)
-    _undo(store, d, record, umount, keep_record)
+    _undo(store, d, record, umount, keep_record, force)
     return record
 
 

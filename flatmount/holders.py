@@ -130,3 +130,57 @@ def detached_mount_in_use(mnt_id: int | None, sb: str) -> bool | None:
     if held:
         return True
     return None if mounted is None or held is None else False
+
+
+def overlays_over(path: str) -> list[str]:
+    """Mount points (in our mountinfo) of overlays that have `path` as a layer: a bundle's stubs
+    overlay over its merged dir, which keeps that mount in use although it shows no mount of it."""
+    target = os.path.realpath(path)
+    found = []
+    try:
+        with open("/proc/self/mountinfo", "rb") as f:
+            for line in f:
+                fields = line.split()
+                try:
+                    sep = fields.index(b"-", 6)
+                except ValueError:
+                    continue
+                if fields[sep + 1:sep + 2] != [b"overlay"] or len(fields) <= sep + 3:
+                    continue
+                for opt in fields[sep + 3].decode(errors="surrogateescape").split(","):
+                    key, _, val = opt.partition("=")
+                    if key in ("lowerdir", "upperdir", "lowerdir+") and target in val.split(":"):
+                        found.append(os.fsdecode(_unescape(fields[4])))
+    except OSError:
+        return []
+    return found
+
+
+def other_namespace_user(mountpoints: list[str]) -> tuple[str, str] | None:
+    """`(pid, mount namespace)` of a process in a mount namespace other than ours whose mount table
+    shows the superblock of one of `mountpoints` (e.g. a container runc made of a bundle, which
+    keeps reading it after we unmount our copy), or None if no other namespace shows one."""
+    sbs = {sb for sb in (superblock_key(m) for m in mountpoints) if sb}
+    if not sbs:
+        return None
+    try:
+        ours = os.readlink("/proc/self/ns/mnt")
+        pids = _pids()
+    except OSError:
+        return None
+    seen = {ours}
+    for pid in pids:
+        try:
+            ns = os.readlink(f"/proc/{pid}/ns/mnt")
+        except OSError:
+            continue                      # exited, or a kernel thread
+        if ns in seen:
+            continue
+        seen.add(ns)
+        try:
+            with open(f"/proc/{pid}/mountinfo", "rb") as f:
+                if any(_sb_key(line.split()) in sbs for line in f):
+                    return pid, ns
+        except OSError:
+            continue
+    return None

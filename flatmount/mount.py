@@ -443,7 +443,7 @@ def find_lease(store: Store, merged_or_lease_id: str) -> Lease:
 
 
 def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False,
-           container_done: bool = False) -> Lease:
+           container_done: bool = False, force: bool = False, detach_via: str | None = None) -> Lease:
     """Unmount a mount made by `mount_image_ref`, drop its lease, remove its two dirs (rmdir only).
 
     A busy mount (files open, a cwd inside) raises MountError and stays mounted with its lease, unless
@@ -451,7 +451,10 @@ def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False,
     Its lease stays, marked detached, and pins its objects until nothing uses the mount any more
     (flatmount.holders); `cleanup` drops it after that.  The root of a live container of `run` is
     refused (the container reads it through its own copy, which the lease must keep pinned), unless
-    `container_done`: the container's own release."""
+    `container_done`: the container's own release.  A mount that another mount namespace still
+    shows (a container runc made of a bundle) is refused too, unless `force`: then it is detached
+    and its lease kept as with `lazy` (`held_elsewhere`); `detach_via`: the mount `held_elsewhere`
+    found, which a caller that checked already (a bundle's removal) has this do."""
     from flatmount.kmount import is_mountpoint, umount_image
 
     _require_writable(store)
@@ -475,6 +478,15 @@ def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False,
                              "with `flatmount cleanup` once nothing uses it", errno.EBUSY)
         if is_mountpoint(lease.merged):
             _require_mount_privilege()
+            via = detach_via
+            if via is None and not container_done:
+                via = held_elsewhere(lease, force=force)
+            if via is not None:
+                lease = _detach_lazily(store, current[0], via)
+                if fd is not None:
+                    _rmdir(lease.merged)
+                    _rmdir(top)
+                return lease
             try:
                 umount_image(lease.merged)
             except MountError as e:
@@ -495,22 +507,45 @@ def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False,
     return lease
 
 
-def _detach_lazily(store: Store, lease: Lease) -> Lease:
-    """Detach a busy mount and keep its lease, marked with the superblock it leaves in use.
+def held_elsewhere(lease: Lease, *, force: bool, also: tuple[str, ...] = ()) -> str | None:
+    """The mount (lease.merged, an overlay over it, or one of `also`) that a process in another mount
+    namespace still shows (a container runc made of a bundle: unmounting our copy leaves its copy,
+    which still reads the objects), or None.  Without `force` such a mount is refused (EBUSY)."""
+    from flatmount.holders import other_namespace_user, overlays_over
+
+    cands = [*also, *overlays_over(lease.merged), lease.merged]
+    for m in cands:
+        user = other_namespace_user([m])
+        if user is None:
+            continue
+        if not force:
+            pid, ns = user
+            raise MountError(f"mount {lease.id} is still used by pid {pid} in another mount namespace "
+                             f"({ns}): stop that container first, or use --force", errno.EBUSY)
+        return m
+    return None
+
+
+def _detach_lazily(store: Store, lease: Lease, via: str | None = None) -> Lease:
+    """Detach a busy mount and keep its lease, marked with the superblock it leaves in use: that
+    of `via` if given (a mount over it that keeps it in use, detached too), else its own.
 
     The mark is committed before the detach: a crash in between leaves a mounted, marked lease,
     which is live (its superblock is still mounted) and is unmounted by `umount` as usual."""
     from flatmount.holders import superblock_key
-    from flatmount.kmount import mount_id, umount_image
+    from flatmount.kmount import is_mountpoint, mount_id, umount_image
 
-    sb = superblock_key(lease.merged)
+    held = via or lease.merged
+    sb = superblock_key(held)
     if sb is None:
-        raise MountError(f"cannot read the mount table entry of {lease.merged}: not detaching it",
+        raise MountError(f"cannot read the mount table entry of {held}: not detaching it",
                          errno.EBUSY)
-    mid = lease.mnt_id or mount_id(lease.merged)
+    mid = mount_id(held) if via else (lease.mnt_id or mount_id(lease.merged))
     with store.transaction() as db:
         _ensure_ns_column(db)
         db.execute("UPDATE leases SET detached_sb = ?, mnt_id = ? WHERE id = ?", (sb, mid, lease.id))
+    if via and via != lease.merged and is_mountpoint(via):
+        umount_image(via, lazy=True)
     umount_image(lease.merged, lazy=True)
     return dataclasses.replace(lease, detached_sb=sb, mnt_id=mid)
 

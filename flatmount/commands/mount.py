@@ -101,6 +101,9 @@ def register_store(sub: argparse._SubParsersAction, common: argparse.ArgumentPar
     p.add_argument("--lazy", action="store_true",
                    help="if busy, detach it now (MNT_DETACH): its users keep reading, the kernel frees "
                         "it when the last one goes; its lease pins its objects until then")
+    p.add_argument("--force", action="store_true",
+                   help="even if another mount namespace (a container) still shows it: detach it here "
+                        "and keep its lease until that is gone")
     p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("mounts", parents=[common], help="list mounts (leases) of the primary store",
@@ -132,7 +135,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, want_json
     from flatmount.mount import umount
 
-    lease = umount(open_store(args), args.target, lazy=args.lazy)
+    lease = umount(open_store(args), args.target, lazy=args.lazy, force=args.force)
     if want_json(args):
         print_json(lease)
     return 0

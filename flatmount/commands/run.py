@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
                     "DIR (config.json from the image config and the options; read-only root).  "
                     "`runc run -b DIR ID` runs it.  `flatmount bundle --remove DIR` unmounts it.")
     p.add_argument("--remove", action="store_true", help="unmount the bundle at DIR and remove it")
+    p.add_argument("--force", action="store_true",
+                   help="with --remove: even while a container runc made of it runs (its lease stays, "
+                        "detached, until that container is gone)")
     p.add_argument("image", metavar="IMAGE|DIR", help="image (or, with --remove, the bundle dir)")
     p.add_argument("dir", metavar="DIR", nargs="?", help="the new bundle directory (must be empty or absent)")
     _container_options(p)
@@ -124,7 +127,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
         if args.dir is not None:
             print("flatmount: bundle --remove takes one DIR", file=sys.stderr)
             return 2
-        remove_bundle(store, args.image)
+        remove_bundle(store, args.image, force=args.force)
         return 0
     if args.dir is None:
         print("flatmount: bundle needs IMAGE and DIR", file=sys.stderr)
