@@ -45,6 +45,7 @@ from flatmount.errors import (
     ReadOnlyStoreError,
     StoreError,
 )
+from objects.writemode import boot_id  # leases from another boot are stale (also for gc, bundle)
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.flatten import FlatImage
@@ -88,15 +89,6 @@ class CleanupResult:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-def boot_id() -> str:
-    """This boot's id: leases from another boot are stale whatever their dirs look like."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
 
 def dir_busy(path: str) -> bool:
     """Whether some process holds the flock of a mount dir (a mount or unmount in progress)."""
