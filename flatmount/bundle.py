@@ -460,13 +460,18 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False, force:
         return
     with contextlib.suppress(FileNotFoundError):
         os.unlink(os.path.join(d, RECORD))
-    if ours:   # temp files of a record write cut short by a kill (AtomicFile's `.tmp-*`)
-        for name in os.listdir(d):
-            if name.startswith(".tmp-"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(os.path.join(d, name))
+    if ours:
+        remove_record_temps(d)
     with contextlib.suppress(FileNotFoundError):
         os.rmdir(d)
+
+
+def remove_record_temps(d: str) -> None:
+    """Temp files of a record write cut short by a kill (AtomicFile's `.tmp-*`) in the dir `d`."""
+    for name in os.listdir(d):
+        if name.startswith(".tmp-"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(d, name))
 
 
 def remove_bundle(store, bundle_dir: str, *, keep_record: bool = False, force: bool = False) -> dict:

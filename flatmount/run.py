@@ -39,6 +39,7 @@ from flatmount.bundle import (
     owner_alive,
     read_record,
     remove_bundle,
+    remove_record_temps,
     update_record,
 )
 from flatmount.errors import FlatmountError, NotFoundError
@@ -720,10 +721,7 @@ def cleanup_containers(store) -> list[str]:
         if rec is None:
             # dirs appear with their record (renamed into place), so this is one whose removal was
             # cut short after its record went: only temp files can be left in it
-            for entry in os.listdir(cdir):
-                if entry.startswith(".tmp-"):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(os.path.join(cdir, entry))
+            remove_record_temps(cdir)
             with contextlib.suppress(OSError):
                 os.rmdir(cdir)
                 removed.append(cid)
