@@ -86,3 +86,15 @@ def registry(tmp_path):
         yield reg
     finally:
         reg.stop()
+
+
+@pytest.fixture
+def cstore(tmp_path):
+    """A podman store with one image whose layer has tar-split data (tests.test_cstorage_verify.CStore)."""
+    from tests.test_cstorage_verify import CStore
+
+    s = CStore(tmp_path)
+    try:
+        yield s
+    finally:
+        s.close()

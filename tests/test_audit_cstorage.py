@@ -10,23 +10,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-from test_cstorage_verify import GENUINE, IMAGE, PLANTED, CStore, _read_mounted, _store
+from test_cstorage_verify import GENUINE, IMAGE, PLANTED, _read_mounted, _store
 
 from flatmount import cstorage
 from flatmount.fsck import fsck
 from flatmount.pull import pull
 from flatmount.store import chain_id
 from tests.maint_helpers import objpath
-
-
-@pytest.fixture
-def cstore(tmp_path):
-    s = CStore(tmp_path)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_lost_object_of_a_verified_layer_is_not_refilled_from_a_planted_layer(cstore, tmp_path):

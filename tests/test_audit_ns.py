@@ -53,10 +53,7 @@ def test_detached_container_from_another_namespace_keeps_its_objects(tmp_path):
         assert len(leases) == 1 and not leases[0].get("stale_reason"), leases
         fsck = subprocess.run([*base, "fsck"], capture_output=True, text=True, env=env, cwd=str(ROOT))
         assert fsck.returncode == 0, fsck.stdout + fsck.stderr
-        r = subprocess.run(["nsenter", "-t", str(pid), "-m", "/bin/busybox", "sh", "-c", READ_ALL],
-                           capture_output=True, text=True, timeout=60)
-        bad, total = map(int, r.stdout.split())
-        assert total > 10 and bad == 0, f"{bad} of {total} files unreadable in the container"
+        _assert_reads_all(pid)
         fm("stop", "-t", "1", cid)
         fm("rm", cid)
         cid = None
@@ -98,10 +95,7 @@ def test_umount_refuses_the_root_of_a_running_container(tmp_path):
         fm("rmi", "demo")
         fm("gc", "--grace", "0")
         pid = json.loads(fm("ps", "--json").stdout)[0]["pid"]
-        r = subprocess.run(["nsenter", "-t", str(pid), "-m", "/bin/busybox", "sh", "-c", READ_ALL],
-                           capture_output=True, text=True, timeout=60)
-        bad, total = map(int, r.stdout.split())
-        assert total > 10 and bad == 0, f"{bad} of {total} files unreadable in the container"
+        _assert_reads_all(pid)
         fm("stop", "-t", "1", cid)
         fm("rm", cid)
         cid = None
@@ -111,3 +105,11 @@ def test_umount_refuses_the_root_of_a_running_container(tmp_path):
             subprocess.run([*base, "rm", "-f", cid], capture_output=True, env=env, cwd=str(ROOT))
         for m in reversed(_mounts_under(str(tmp_path))):
             subprocess.run(["umount", "-l", m], check=False)
+
+
+def _assert_reads_all(pid: int) -> None:
+    """Every file of the image reads back inside the container's mount namespace (pid's)."""
+    r = subprocess.run(["nsenter", "-t", str(pid), "-m", "/bin/busybox", "sh", "-c", READ_ALL],
+                       capture_output=True, text=True, timeout=60)
+    bad, total = map(int, r.stdout.split())
+    assert total > 10 and bad == 0, f"{bad} of {total} files unreadable in the container"

@@ -72,15 +72,6 @@ class CStore:
         cleanup_mounts(self.base)
 
 
-@pytest.fixture
-def cstore(tmp_path):
-    s = CStore(tmp_path)
-    try:
-        yield s
-    finally:
-        s.close()
-
-
 def _store(tmp_path: Path):
     return open_store(tmp_path / "fm", runroot=tmp_path / "fm-run")
 
