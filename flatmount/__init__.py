@@ -14,13 +14,13 @@ __all__ = ["FlatmountError", "Inode", "open_store"]
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Inode": ("flatmount.tree", "Inode"),
-    "open_store": ("flatmount.store", "open_store"),
+    "Inode": ("flatmount.image.tree", "Inode"),
+    "open_store": ("flatmount.store.core", "open_store"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store import open_store
-    from flatmount.tree import Inode
+    from flatmount.image.tree import Inode
+    from flatmount.store.core import open_store
 
 
 def __getattr__(name: str):

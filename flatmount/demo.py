@@ -43,7 +43,7 @@ def run_demo(out: TextIO | None = None, example: str | os.PathLike | None = None
     out = sys.stdout if out is None else out   # the stream of the moment, not of the import
     from flatmount.diff import diff_images
     from flatmount.pull import pull
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
     from flatmount.usage import usage
 
     example = Path(example or EXAMPLE)

@@ -68,7 +68,7 @@ from typing import IO, Any
 import xxhash
 
 from flatmount.errors import FlatmountError, ObjectNotFoundError, VerityError
-from flatmount.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode
+from flatmount.image.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode
 
 FIELDS = ("type", "mode", "uid", "gid", "size", "mtime", "content", "xattrs", "target", "rdev", "links")
 CAPABILITY_XATTR = b"security.capability"
@@ -350,7 +350,7 @@ class ImageIndex:
         # a store's flattened image has its index beside it (flatten writes it, perhaps still in a
         # thread of this process); others use the cache
         if store_index_path(path) is not None:
-            from flatmount.store import wait_derived
+            from flatmount.store.core import wait_derived
 
             wait_derived()
         for cache in (store_index_path(path), _cache_path(cache_dir, image_id)):
@@ -437,8 +437,8 @@ def _read_file(path: str) -> bytes:
 
 
 def _parse_image(path: str, data: bytes) -> Inode:
-    from flatmount.erofs.reader import Image
     from flatmount.errors import CorruptImageError
+    from flatmount.image.reader import Image
 
     try:
         return Image(data).root()

@@ -67,12 +67,12 @@ from itertools import islice, starmap
 from operator import attrgetter, lt
 from typing import TYPE_CHECKING
 
+from flatmount.image.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFMT, Inode
 from flatmount.log import debug
-from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFMT, Inode
 from objects import usable_cpus
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store import Store
+    from flatmount.store.core import Store
 
 DEFAULT_ROOT_MODE = S_IFDIR | 0o755
 
@@ -290,7 +290,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
             del buf
             _remember_tree(digest, tree)
             # not durable: a lost row costs one flatten again (the image is durable, named by content)
-            from flatmount.integrity import record_verified
+            from flatmount.store.integrity import record_verified
 
             st = os.lstat(path)   # (we hashed what we wrote: verified as of this identity, for mount)
             with store.transaction(durable=False) as db:  # no refs rows: the chain's layers hold its objects
@@ -310,7 +310,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
 def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
     """The flattened tree of the flat image `prefix` (None: an empty root) with `layers` (records)
     applied in order.  Reads files only (no database): a helper process builds it too."""
-    from flatmount.store import read_layer_tree
+    from flatmount.store.core import read_layer_tree
 
     tree = flat_tree(prefix, save=save) if prefix is not None else default_root()
     for layer in layers:
@@ -391,7 +391,7 @@ class _Helper:
         """(tree, image buffer): the tree from `build` here, its image written half here, half there."""
         import mmap
 
-        from flatmount.erofs.writer import image_buffer
+        from flatmount.image.writer import image_buffer
 
         tree = build()
         agreed = False
@@ -447,7 +447,7 @@ def _helper_main(store: Store, build: Callable[[], Inode], fd: int, down_r: int,
     handlers)."""
     import mmap
 
-    from flatmount.erofs.writer import image_buffer
+    from flatmount.image.writer import image_buffer
 
     code = 1
     try:
@@ -546,8 +546,8 @@ def flat_tree(path: str, *, save: bool = False) -> Inode:
         if tree is None:   # read from the image, once checked against its name
             import hashlib
 
-            from flatmount.erofs.reader import Image
-            from flatmount.integrity import damaged_flat_image, read_file
+            from flatmount.image.reader import Image
+            from flatmount.store.integrity import damaged_flat_image, read_file
 
             data = read_file(path)[0]
             actual = hashlib.sha256(data).hexdigest()
@@ -795,7 +795,7 @@ def _write_image_file(store: Store, tree: Inode, buf=None) -> tuple[str, str, in
 
     store.ensure_writable()
     if buf is None:
-        from flatmount.erofs.writer import image_buffer
+        from flatmount.image.writer import image_buffer
 
         buf = image_buffer(tree)
     with AtomicFile(store.tmp_dir, prefix="flat-") as af:

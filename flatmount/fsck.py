@@ -9,7 +9,7 @@ Checks (kind: severity; what --repair does):
 - corrupt-db (error, not repairable): SQLite's integrity_check of a store's flatmount.db fails, or
   the DB is empty (0 bytes, no schema) or missing while the store holds layer images or objects.  The
   records of such a store are not checked (nor its objects judged orphans); gc, rmi and every write
-  refuse to run on it (flatmount.store.Store.require_sound_db).  Restore flatmount.db from a backup.
+  refuse to run on it (flatmount.store.core.Store.require_sound_db).  Restore flatmount.db from a backup.
 - corrupt-object (error): an object whose fs-verity digest is not its name; every object of every
   store, or a random `sample` (a fraction 0 < p <= 1, or a count).  Repair (primary only): move it to
   `<root>/quarantine/<64 hex>` (never deleted: it may be evidence); if an image needs it, it is then
@@ -20,7 +20,7 @@ Checks (kind: severity; what --repair does):
   objects are not required.)
 - missing-layer-image / corrupt-layer-image (error, not repairable here): a layer row whose
   `layers/<id>.erofs` is missing, unreadable, or does not hash to the sha256 recorded with the layer
-  (flatmount.integrity).  Pulling an image with that layer again rewrites it (flatmount.pull).  dangling-parent / dangling-image (error, not
+  (flatmount.store.integrity).  Pulling an image with that layer again rewrites it (flatmount.pull).  dangling-parent / dangling-image (error, not
   repairable): a layer whose parent, or an image whose top layer, is in no store.
 - dangling-name (error; repair drops it): a name pointing at an image in no store.
 - missing-flat-image (error; repair drops the flat_images row): the cached image is re-made on the
@@ -29,7 +29,7 @@ Checks (kind: severity; what --repair does):
   `images/<digest>.erofs` whose sha256 is not its name, or that cannot be read.
 - refs-missing / refs-extra (error; repair rewrites the layer's rows from its image): refs rows of a
   layer that disagree with the objects its image references (recomputed with
-  flatmount.erofs.reader.collect_objects).  A missing row is dangerous: gc would delete the object.
+  flatmount.image.reader.collect_objects).  A missing row is dangerous: gc would delete the object.
   Flattened images hold no refs rows (their chain's layers do, flatmount.flatten); the objects they
   reference are still checked to exist.
 - stale-lease (error; repair runs flatmount.mount.cleanup, which deletes the row and rmdir()s its
@@ -40,10 +40,10 @@ Notices (never make fsck fail; what crashes and normal operation leave behind):
 - orphan-image-file / orphan-layer-file: an image file without a row (gc removes it).
 - dangling-refs: refs rows of an owner that no longer exists, or `flat:` rows that earlier versions
   wrote for flattened images (repair deletes them, as gc would).
-- unverified-layer: a layer recorded under `flatmount.store.unverified_chain_id` (a c/storage layer
+- unverified-layer: a layer recorded under `flatmount.store.core.unverified_chain_id` (a c/storage layer
   whose content could not be proven to hash to its claimed diff_id: no or mismatching tar-split
   data).  It is used only by the images imported with it; a digest-verified pull of the same diff_id
-  imports the real layer beside it (flatmount.cstorage.pull_cstorage).
+  imports the real layer beside it (flatmount.sources.cstorage.pull_cstorage).
 - layer-digest-missing: a layer recorded before layer image digests were (schema 1).  Repair records
   its image's sha256 when the layer's tree cache, written at import from the same bytes and whole by
   its own checksum, names that sha256 (a cache naming another one makes the image corrupt-layer-image);
@@ -91,7 +91,7 @@ from flatmount.progress import EVERY, step
 
 if TYPE_CHECKING:  # pragma: no cover
 
-    from flatmount.store import Store
+    from flatmount.store.core import Store
 
 ERROR, NOTICE = "error", "notice"
 KINDS = {
@@ -223,9 +223,9 @@ def _check_db(run: _Run, s: Store) -> bool:
 def _collect_layer(path: str, image_digest: str | None) -> tuple[set[str], str]:
     """The objects a layer image references and its sha256, once its bytes match the sha256 recorded
     with the layer (layers recorded before digests were have none: see `_witness`)."""
-    from flatmount.erofs.reader import Image, collect_objects
     from flatmount.errors import CorruptImageError
-    from flatmount.integrity import read_file
+    from flatmount.image.reader import Image, collect_objects
+    from flatmount.store.integrity import read_file
 
     data = read_file(path)[0]
     actual = hashlib.sha256(data).hexdigest()
@@ -437,7 +437,7 @@ def _flat_note(run: _Run, s: Store) -> str:
 def _check_flat_file(path: str, digest: str) -> tuple[str | None, set[str]]:
     """(None, objects it references) if the file exists, hashes to its name and parses; else (what is
     wrong, empty set)."""
-    from flatmount.erofs.reader import Image, collect_objects
+    from flatmount.image.reader import Image, collect_objects
 
     try:
         with open(path, "rb") as f:
@@ -646,7 +646,7 @@ def _flocked(entry: os.DirEntry) -> bool:
 
 def _idle_tmp_entries(store: Store) -> set[str] | None:
     """Paths of tmp entries seen while no writer held the GC lock (None if a writer holds it)."""
-    from flatmount.store import open_lock_file  # never through a symlink (StoreError)
+    from flatmount.store.core import open_lock_file  # never through a symlink (StoreError)
 
     path = store.root / "gc.lock"
     try:
@@ -712,7 +712,7 @@ def _is_dir(e: os.DirEntry) -> bool:
 
 def _check_unverified(run: _Run, s: Store) -> None:
     """unverified-layer notices (see the module docstring)."""
-    from flatmount.store import layer_is_unverified
+    from flatmount.store.core import layer_is_unverified
 
     for lid, parent, diff_id in s.connect().execute("SELECT id, parent, diff_id FROM layers"):
         if layer_is_unverified(lid, parent, diff_id):

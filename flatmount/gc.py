@@ -10,7 +10,7 @@ Policy, in order:
 1. Leases.  A lease (row of `leases`) is *live* while its mount dir is flock'ed (flatmount.mount is
    mounting or unmounting it: the lease is written before the mount is made) or when it was recorded
    on this boot and its merged dir is a mount point in the mount namespace it was made in (another
-   namespace counts while it exists, flatmount.mntns); otherwise it is stale, the rule of
+   namespace counts while it exists, flatmount.kernel.mntns); otherwise it is stale, the rule of
    flatmount.mount.cleanup.  Stale leases pin nothing and are left for `flatmount cleanup` /
    `fsck --repair` to drop.
 2. Flattened images (`flat_images` rows, `images/<digest>.erofs` files) are kept when
@@ -72,7 +72,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
 
     from flatmount.mount import Lease
-    from flatmount.store import Store
+    from flatmount.store.core import Store
 
 DEFAULT_GRACE_S = 600.0
 REMOVE_THREADS = 8     # unlinks in flight (measured: ~2.4x faster than one at a time on ext4)
@@ -110,7 +110,7 @@ def store_lock(store: Store, shared: bool) -> Iterator[None]:
         return
     import fcntl
 
-    from flatmount.store import open_lock_file  # never through a symlink (StoreError)
+    from flatmount.store.core import open_lock_file  # never through a symlink (StoreError)
 
     path = store.root / "gc.lock"
     try:
@@ -418,7 +418,7 @@ def _leased_objects(store: Store, digests: set[str]) -> set[str]:
     for digest in digests:
         path = store.root / "images" / f"{digest}.erofs"
         if path.exists():
-            from flatmount.erofs.reader import collect_objects
+            from flatmount.image.reader import collect_objects
 
             try:
                 out |= collect_objects(path)
@@ -477,7 +477,7 @@ def _live_objects(store: Store, db: sqlite3.Connection, plan: _Plan) -> set[str]
 
 
 def _drop_verified_of_gone_files(store: Store, db: sqlite3.Connection) -> None:
-    """`verified` rows (flatmount.integrity) of image files that no longer exist: a new file at that
+    """`verified` rows (flatmount.store.integrity) of image files that no longer exist: a new file at that
     path would not match them anyway, they only take space."""
     try:
         gone = [(p,) for (p,) in db.execute("SELECT path FROM verified") if not os.path.exists(p)]

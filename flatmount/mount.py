@@ -6,7 +6,7 @@ A lease row (id, image digest, ref, merged path, pid, boot id, mount namespace) 
 DB names each mount and pins its image's objects against GC.
 
 Mount namespaces.  A mount made in another mount namespace (`unshare -m flatmount mount x`) is not
-visible from here, so a lease records its namespace (`mnt_ns`, flatmount.mntns) and is judged in
+visible from here, so a lease records its namespace (`mnt_ns`, flatmount.kernel.mntns) and is judged in
 it: live while that namespace exists and has the merged dir mounted.  Leases written before this
 column existed (NULL) are judged in the caller's namespace, as before.  The column is added to an
 older DB on the first mount (ALTER TABLE ... ADD COLUMN: older flatmount versions, which name their
@@ -49,7 +49,7 @@ from objects.writemode import boot_id  # leases from another boot are stale (als
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.flatten import FlatImage
-    from flatmount.store import Store
+    from flatmount.store.core import Store
 
 DIR_MODE = 0o700
 CAP_SYS_ADMIN = 21
@@ -67,7 +67,7 @@ class Lease:
     pid: int | None
     boot_id: str | None
     created: float | None
-    mnt_ns: str | None = None         # flatmount.mntns key of the namespace the mount lives in
+    mnt_ns: str | None = None         # flatmount.kernel.mntns key of the namespace the mount lives in
     mnt_id: int | None = None         # the overlay's unique mount id, recorded once it is mounted
     detached_sb: str | None = None    # set by `umount --lazy`: the superblock it left in use (holders)
     stale_reason: str | None = None   # set by `judge_lease`; None = live (or not judged)
@@ -108,11 +108,11 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
     holds that lock from before the lease is written until the kernel mount is made or gone -- or
     when it was recorded on this boot and its merged dir is mounted in the mount namespace `mnt_ns`
     it was made in (ours when None or equal; another one while it exists and is not proven to lack
-    the mount, see flatmount.mntns).  `locked`: the caller holds the lock itself (cleanup), so the
+    the mount, see flatmount.kernel.mntns).  `locked`: the caller holds the lock itself (cleanup), so the
     in-progress case does not apply.  `detached_sb`: the mount was detached lazily while busy
-    (`umount --lazy`); it is live while anything still uses it (flatmount.holders).
+    (`umount --lazy`); it is live while anything still uses it (flatmount.kernel.holders).
     """
-    from flatmount.kmount import is_mountpoint
+    from flatmount.kernel.kmount import is_mountpoint
 
     if not locked and dir_busy(os.path.dirname(os.path.abspath(merged))):
         return None
@@ -120,13 +120,13 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
     if lease_boot_id and boot and lease_boot_id != boot:
         return "recorded on another boot"
     if detached_sb is not None:
-        from flatmount.holders import detached_mount_in_use
+        from flatmount.kernel.holders import detached_mount_in_use
 
         if detached_mount_in_use(mnt_id, detached_sb) is False:
             return "detached lazily and no longer in use"
         return None
     if mnt_ns is not None:
-        from flatmount.mntns import current_ns, ns_stale_reason
+        from flatmount.kernel.mntns import current_ns, ns_stale_reason
 
         here = current_ns()
         if here is None:
@@ -141,7 +141,7 @@ def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None 
 
 def _container_holds(merged: str) -> bool:
     """A live container's copy of the mount (its own mount namespace) needs the lease too."""
-    from flatmount.bundle import container_holding
+    from flatmount.run.bundle import container_holding
 
     return container_holding(merged) is not None
 
@@ -285,8 +285,8 @@ def mount_image_ref(store: Store, ref: str) -> Lease:
 
     The caller owns the mount: `umount(store, lease.id)` (or `mount()` as a context manager)."""
     from flatmount.flatten import chain_of, flatten_chain
-    from flatmount.integrity import verify_flat_image
-    from flatmount.kmount import mount_image
+    from flatmount.kernel.kmount import mount_image
+    from flatmount.store.integrity import verify_flat_image
 
     _require_writable(store)
     _require_mount_privilege()
@@ -363,7 +363,7 @@ def _record_mount_id(store: Store, lease: Lease) -> Lease:
     a lease without it is judged from /proc."""
     import sqlite3
 
-    from flatmount.kmount import mount_id
+    from flatmount.kernel.kmount import mount_id
 
     mid = mount_id(lease.merged)
     if mid is None:
@@ -378,7 +378,7 @@ def _record_mount_id(store: Store, lease: Lease) -> Lease:
 
 def _create_lease(store: Store, ref: str, flat: FlatImage) -> tuple[Lease, int]:
     """Fresh `<runroot>/mounts/<id>/merged`, locked, with its lease committed: (lease, lock fd)."""
-    from flatmount.mntns import current_ns
+    from flatmount.kernel.mntns import current_ns
 
     base = mounts_dir(store)
     _mkdir_private(base)
@@ -441,13 +441,13 @@ def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False,
     A busy mount (files open, a cwd inside) raises MountError and stays mounted with its lease, unless
     `lazy`: then it is detached now (MNT_DETACH) and the kernel frees it when its last user goes.
     Its lease stays, marked detached, and pins its objects until nothing uses the mount any more
-    (flatmount.holders); `cleanup` drops it after that.  The root of a live container of `run` is
+    (flatmount.kernel.holders); `cleanup` drops it after that.  The root of a live container of `run` is
     refused (the container reads it through its own copy, which the lease must keep pinned), unless
     `container_done`: the container's own release.  A mount that another mount namespace still
     shows (a container runc made of a bundle) is refused too, unless `force`: then it is detached
     and its lease kept as with `lazy` (`held_elsewhere`); `detach_via`: the mount `held_elsewhere`
     found, which a caller that checked already (a bundle's removal) has this do."""
-    from flatmount.kmount import is_mountpoint, umount_image
+    from flatmount.kernel.kmount import is_mountpoint, umount_image
 
     _require_writable(store)
     lease = find_lease(store, merged_or_lease_id)
@@ -459,7 +459,7 @@ def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False,
             raise NotFoundError(f"mount {lease.id} was unmounted meanwhile")
         _refuse_foreign_namespace(current[0])
         if not container_done:
-            from flatmount.bundle import container_holding
+            from flatmount.run.bundle import container_holding
 
             cid = container_holding(lease.merged)
             if cid is not None:
@@ -503,7 +503,7 @@ def held_elsewhere(lease: Lease, *, force: bool, also: tuple[str, ...] = ()) -> 
     """The mount (lease.merged, an overlay over it, or one of `also`) that a process in another mount
     namespace still shows (a container runc made of a bundle: unmounting our copy leaves its copy,
     which still reads the objects), or None.  Without `force` such a mount is refused (EBUSY)."""
-    from flatmount.holders import other_namespace_user, overlays_over
+    from flatmount.kernel.holders import other_namespace_user, overlays_over
 
     cands = [*also, *overlays_over(lease.merged), lease.merged]
     for m in cands:
@@ -524,8 +524,8 @@ def _detach_lazily(store: Store, lease: Lease, via: str | None = None) -> Lease:
 
     The mark is committed before the detach: a crash in between leaves a mounted, marked lease,
     which is live (its superblock is still mounted) and is unmounted by `umount` as usual."""
-    from flatmount.holders import superblock_key
-    from flatmount.kmount import is_mountpoint, mount_id, umount_image
+    from flatmount.kernel.holders import superblock_key
+    from flatmount.kernel.kmount import is_mountpoint, mount_id, umount_image
 
     held = via or lease.merged
     sb = superblock_key(held)
@@ -548,7 +548,7 @@ def _refuse_foreign_namespace(lease: Lease) -> None:
     rmdir).  A stale one (namespace gone or mount gone from it) is dropped like any stale lease."""
     if lease.mnt_ns is None:
         return
-    from flatmount.mntns import current_ns, ns_pids, ns_stale_reason
+    from flatmount.kernel.mntns import current_ns, ns_pids, ns_stale_reason
 
     if lease.mnt_ns == current_ns() or ns_stale_reason(lease.merged, lease.mnt_ns,
                                                        lease.mnt_id) is not None:
@@ -570,7 +570,7 @@ def list_mounts(store: Store) -> list[Lease]:
 def cleanup(store: Store) -> CleanupResult:
     """Remove stale leases (merged dir not mounted, or from another boot), leftover empty mount dirs,
     and mounts under `<runroot>/mounts` that no lease names.  Never unmounts a leased mount."""
-    from flatmount.kmount import is_mountpoint, umount_image
+    from flatmount.kernel.kmount import is_mountpoint, umount_image
 
     _require_writable(store)
     removed_leases: list[str] = []

@@ -1,23 +1,23 @@
 """`pull SOURCE`: import an image from a layer source into the primary store, all or nothing.
 
 Sources (`parse_source`):
-    oci:DIR[:TAG]                 OCI image layout (flatmount.oci); TAG = org.opencontainers.image.ref.name
+    oci:DIR[:TAG]                 OCI image layout (flatmount.sources.oci); TAG = org.opencontainers.image.ref.name
     tar:PATH | tar:-              one layer tarball (tar, tar.gz, tar.zst by magic); `-` is stdin
     dir:PATH                      a directory tree as one layer
-    containers-storage:[...]IMG   a podman/c/storage image (flatmount.cstorage.pull_cstorage)
+    containers-storage:[...]IMG   a podman/c/storage image (flatmount.sources.cstorage.pull_cstorage)
     docker://REF, oci-archive:..., docker-archive:... and skopeo's other transports: through skopeo's
-                                  image proxy (flatmount.registry)
+                                  image proxy (flatmount.sources.registry)
     NAME[:TAG|@DIGEST]            (not an existing path) a registry image; short names resolved by
-                                  registries.conf as podman does (flatmount.registry)
+                                  registries.conf as podman does (flatmount.sources.registry)
     PATH                          a directory with an `oci-layout` file -> oci:, another directory ->
                                   dir:, a file -> tar:
 
 Images from `tar:` and `dir:` sources get a synthesized OCI config (os linux, host architecture,
 rootfs.diff_ids) whose sha256 is their id, so the same content pulled twice is the same image.  For
-`dir:` sources the diff_id is the sha256 of the layer's composefs dump (flatmount.dump), not of a tar:
+`dir:` sources the diff_id is the sha256 of the layer's composefs dump (flatmount.image.dump), not of a tar:
 it identifies the content (paths, metadata, file digests) without inventing a tar byte stream; the
 directory is read like a c/storage diff dir (overlay whiteouts and opaque xattrs, AUFS `.wh.` files;
-see flatmount.cstorage.normalise_layer_tree).
+see flatmount.sources.cstorage.normalise_layer_tree).
 
 How an import stays all-or-nothing (`ImportBatch`): file content goes straight into the primary's
 object store (`ObjectStore.sync()` once per layer), each layer's EROFS image into a private staging
@@ -53,14 +53,14 @@ from typing import TYPE_CHECKING, Any
 
 from flatmount.atomic import fsync_dir
 from flatmount.errors import LayerError, StoreError
-from flatmount.store import chain_id, normalise_name, now_iso, unverified_chain_id
-from flatmount.tree import inodes
+from flatmount.image.tree import inodes
+from flatmount.store.core import chain_id, normalise_name, now_iso, unverified_chain_id
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.layers import Progress
-    from flatmount.registry import Events, RegistryOptions
-    from flatmount.store import ImageRecord, Store
-    from flatmount.tree import Inode
+    from flatmount.image.tree import Inode
+    from flatmount.sources.layers import Progress
+    from flatmount.sources.registry import Events, RegistryOptions
+    from flatmount.store.core import ImageRecord, Store
     from objects import ObjectStore
 
 _OBJPATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
@@ -321,14 +321,14 @@ class ImportBatch:
 
     def has_layer(self, layer_id: str) -> bool:
         """Staged in this batch, or recorded in some store with its image and objects intact: a
-        recorded layer that lost its image or an object (flatmount.integrity.layer_damage) counts as
+        recorded layer that lost its image or an object (flatmount.store.integrity.layer_damage) counts as
         absent, so the pull imports it again, which puts the missing objects back and rewrites its
         image (`_record`)."""
         if any(p.id == layer_id for p in self._layers):
             return True
         if not self.store.has_layer(layer_id):
             return False
-        from flatmount.integrity import layer_damage
+        from flatmount.store.integrity import layer_damage
 
         return layer_damage(self.store, self.store.layer(layer_id)) is None
 
@@ -339,9 +339,9 @@ class ImportBatch:
 
         `verified=False`: `tree` was not proven to hash to `diff_id`; it is staged under
         `unverified_chain_id`, which no verified import ever reuses."""
-        from flatmount.erofs.writer import image_bytes
         from flatmount.flatten import tree_cache_bytes
-        from flatmount.tree import count_inodes
+        from flatmount.image.tree import count_inodes
+        from flatmount.image.writer import image_bytes
 
         if not _DIGEST.fullmatch(diff_id):
             raise LayerError(f"diff_id {diff_id!r} is not sha256:<64 hex>")
@@ -456,7 +456,7 @@ class ImportBatch:
 
     def _prefer_verified(self, db, img: _PendingImage) -> None:
         """The verified record wins: an image already recorded over a chain with an unverified layer
-        (flatmount.cstorage) is pointed at this import's chain if that one is fully verified."""
+        (flatmount.sources.cstorage) is pointed at this import's chain if that one is fully verified."""
         row = db.execute("SELECT top_layer FROM images WHERE id = ?", (img.id,)).fetchone()
         if row is None or row[0] == img.top_layer or img.top_layer is None:
             return
@@ -467,7 +467,7 @@ class ImportBatch:
     def _chain_verified(self, db, top: str | None) -> bool:
         """No layer of the chain ending in `top` is recorded as unverified (an unknown layer counts
         as unverified)."""
-        from flatmount.store import layer_is_unverified
+        from flatmount.store.core import layer_is_unverified
 
         lid, seen = top, set()
         while lid is not None and lid not in seen:
@@ -487,7 +487,7 @@ class ImportBatch:
         recorded, put the staged image (made from the verified source) in its place; its refs rows
         gain what the new image references.  An intact image is left alone (a concurrent import)."""
         from flatmount.flatten import layer_cache_path
-        from flatmount.integrity import read_file
+        from flatmount.store.integrity import read_file
 
         store = self.store
         path = store.layer_image_path(p.id)
@@ -553,7 +553,7 @@ def parse_source(source: str) -> tuple[str, str]:
         return ("oci" if os.path.isfile(os.path.join(source, "oci-layout")) else "dir"), source
     if os.path.exists(source):
         return "tar", source
-    from flatmount.registry import is_transport_ref, looks_like_reference
+    from flatmount.sources.registry import is_transport_ref, looks_like_reference
 
     if is_transport_ref(source):
         return "transport", source
@@ -571,15 +571,15 @@ def pull(store: Store, source: str, name: str | None = None, *, progress: Progre
     """Import the image at `source` into the primary store of `store` (see module docstring)."""
     kind, rest = parse_source(source)
     if kind == "transport":
-        from flatmount.registry import pull_transport
+        from flatmount.sources.registry import pull_transport
 
         return pull_transport(store, rest, name, options=registry, events=events)
     if kind == "reference":
-        from flatmount.registry import pull_short_name
+        from flatmount.sources.registry import pull_short_name
 
         return pull_short_name(store, rest, name, options=registry, events=events)
     if kind == "containers-storage":
-        from flatmount.cstorage import pull_cstorage
+        from flatmount.sources.cstorage import pull_cstorage
 
         before = {layer.id for layer in store.layers()}
         image = pull_cstorage(store, rest, name)
@@ -587,7 +587,7 @@ def pull(store: Store, source: str, name: str | None = None, *, progress: Progre
         return PullResult(image, tuple(i for i in chain if i not in before),
                           tuple(i for i in chain if i in before))
     if kind == "oci":
-        from flatmount.oci import pull_oci
+        from flatmount.sources.oci import pull_oci
 
         return pull_oci(store, rest, name, progress=progress)
     if kind == "tar":
@@ -597,8 +597,8 @@ def pull(store: Store, source: str, name: str | None = None, *, progress: Progre
 
 def pull_tar(store: Store, path: str, name: str | None = None, *, progress: Progress | None = None) -> PullResult:
     """A layer tarball as a one-layer image."""
-    from flatmount.layers import read_tar
     from flatmount.safepath import open_regular
+    from flatmount.sources.layers import read_tar
 
     label = "stdin" if path == "-" else path
     try:  # the user's own path may be a symlink; a FIFO or device (e.g. /dev/zero) would never end
@@ -628,10 +628,10 @@ def pull_tar(store: Store, path: str, name: str | None = None, *, progress: Prog
 
 def pull_dir(store: Store, path: str, name: str | None = None) -> PullResult:
     """A directory tree as a one-layer image (diff_id: sha256 of the layer's composefs dump)."""
-    from flatmount.cstorage import normalise_layer_tree
-    from flatmount.dump import write_dump
-    from flatmount.scan import scan_directory
-    from flatmount.tree import count_inodes
+    from flatmount.image.dump import write_dump
+    from flatmount.image.tree import count_inodes
+    from flatmount.sources.cstorage import normalise_layer_tree
+    from flatmount.sources.directory import scan_directory
 
     with ImportBatch(store) as batch:
         tree = scan_directory(path, batch.objects)

@@ -41,7 +41,7 @@ from flatmount.gc import has_db, json_list, leased_beyond_records, read_leases, 
 from flatmount.progress import EVERY, step
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store import ImageRecord, Store
+    from flatmount.store.core import ImageRecord, Store
 
 PRIMARY, ADDITIONAL, MISSING = "primary", "additional", "missing"
 _OBJ_IN_TEXT = re.compile(r"(?:^|/)([0-9a-f]{2})/([0-9a-f]{62})$")
@@ -409,7 +409,7 @@ def _flat_users(store: Store, s: Store, obj: str, layer_hits: set[str]) -> list[
             continue
         path = os.path.join(s.root, "images", d + ".erofs")
         if os.path.exists(path):
-            from flatmount.erofs.reader import collect_objects
+            from flatmount.image.reader import collect_objects
 
             try:
                 if obj in collect_objects(path):

@@ -12,7 +12,7 @@ import stat
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from flatmount.tree import Inode
+from flatmount.image.tree import Inode
 
 
 def extract(tree: Inode, path: str, blobs: Mapping[bytes, bytes] | None = None) -> None:
@@ -80,7 +80,7 @@ def store_image(store, trees: Sequence[Inode], name: str, *, parent: str | None 
     an image `name` whose top is the last one; `blobs` are put as objects.  Returns the layer ids."""
     import hashlib
 
-    from flatmount.dump import dump_bytes
+    from flatmount.image.dump import dump_bytes
     from flatmount.pull import ImportBatch
 
     ids = []

@@ -11,7 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from flatmount.store import Store, chain_id, open_store
+from flatmount.store.core import Store, chain_id, open_store
 from objects.digest import fsverity_digest
 from tests.tarbuild import Tar, make_oci
 
@@ -105,7 +105,7 @@ def unmount_all_under(path: str | os.PathLike) -> list[str]:
     """Lazily unmount every mount below `path` (deepest first); returns what was still mounted."""
     import subprocess
 
-    from flatmount.kmount import mounts, umount_image
+    from flatmount.kernel.kmount import mounts, umount_image
 
     base = os.path.realpath(os.fspath(path)) + os.sep
     left = [m.mountpoint for m in mounts() if m.mountpoint.startswith(base)]

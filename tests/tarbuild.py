@@ -1,7 +1,7 @@
 """Test helper: layer tarballs written with Python's tarfile, the tree each should import to, OCI layouts.
 
 `Tar` records every entry twice: into a tarfile and into an expected layer tree built by hand with
-the rules of flatmount.layers (so a test compares the importer against an independent statement of
+the rules of flatmount.sources.layers (so a test compares the importer against an independent statement of
 what the tar means).  `make_oci` writes an OCI image layout from layer tars, with knobs to break it.
 """
 
@@ -16,7 +16,7 @@ import tarfile
 import zlib
 from pathlib import Path
 
-from flatmount.tree import OPAQUE_XATTR, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode
+from flatmount.image.tree import OPAQUE_XATTR, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode
 from objects.digest import fsverity_digest
 
 NS = 1_000_000_000
@@ -166,7 +166,7 @@ class Tar:
         return self.buf.getvalue()
 
     def tree(self) -> Inode:
-        """The expected layer tree (whiteouts and opaque markers applied as flatmount.layers does)."""
+        """The expected layer tree (whiteouts and opaque markers applied as flatmount.sources.layers does)."""
         for d, n in self._whiteouts:
             if n in d.entries:
                 if d.entries[n].is_dir:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_root, require_tool
 
-from flatmount import holders
-from flatmount.store import open_store
+from flatmount.kernel import holders
+from flatmount.store.core import open_store
 from tools.busybox_image import write_oci
 
 BB = "/bin/busybox"
@@ -92,7 +92,7 @@ def test_untracked_runc_container_keeps_its_bundle_leased(env, tmp_path, image, 
         with open(f"/proc/{pid}/root{BB}", "rb") as f:
             assert f.read(4) == b"\x7fELF"
         # once the container is gone, no mount namespace shows the superblock any more (the lease
-        # then goes with cleanup where every process can be looked into: flatmount.holders)
+        # then goes with cleanup where every process can be looked into: flatmount.kernel.holders)
         subprocess.run(["runc", "--root", rroot, "delete", "--force", cid], check=True, timeout=60)
         for _ in range(100):
             if holders._mounted_anywhere(kept.detached_sb, holders._pids()) is False:

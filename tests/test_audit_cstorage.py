@@ -12,10 +12,10 @@ import os
 
 from test_cstorage_verify import GENUINE, IMAGE, PLANTED, _read_mounted, _store
 
-from flatmount import cstorage
 from flatmount.fsck import fsck
 from flatmount.pull import pull
-from flatmount.store import chain_id
+from flatmount.sources import cstorage
+from flatmount.store.core import chain_id
 from tests.maint_helpers import objpath
 
 

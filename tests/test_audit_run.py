@@ -17,7 +17,7 @@ import tarfile
 import pytest
 from conftest import ROOT, require_root, require_tool
 
-from flatmount.store import open_store
+from flatmount.store.core import open_store
 from tools.busybox_image import layer_tar, write_oci
 
 HOSTILE = {
@@ -163,7 +163,7 @@ def test_good_hostname_is_the_containers(env):
 
 
 def test_nul_in_api_options_is_a_runspec_error():
-    from flatmount.runspec import RunOptions, RunSpecError
+    from flatmount.run.runspec import RunOptions, RunSpecError
 
     for kw in ({"env": ("A=b\0c",)}, {"command": ("echo", "a\0b")}, {"user": "0\0"},
                {"tmpfs": ("/x\0",)}, {"workdir": "/a\0b"}):

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_root
 
-from flatmount import kmount
 from flatmount.cli import build_parser, main
+from flatmount.kernel import kmount
 
 EXAMPLE = ROOT / "flatmount" / "examples" / "demo-oci"
 
@@ -143,8 +143,7 @@ def test_umount_of_a_busy_mount_suggests_lazy_and_lazy_works(store, capsys):
 def _check_released(store, capsys) -> None:
     """After its last user went: the detached lease goes with cleanup where /proc proves nothing
     holds the mount; where some process cannot be looked into (a sandbox's pid 1), it stays live."""
-    from flatmount import holders
-
+    from flatmount.kernel import holders
     (lease,) = json.loads(run(capsys, *store, "mounts", "--json")[1])
     proven = holders.detached_mount_in_use(lease["mnt_id"], lease["detached_sb"])
     assert proven is not True
@@ -159,8 +158,7 @@ def _check_released(store, capsys) -> None:
 def test_holders_find_this_process_in_a_detached_mount(store, capsys):
     """The /proc proof itself, on this process alone: a file or a cwd held, then nothing."""
     require_root()
-    from flatmount import holders
-
+    from flatmount.kernel import holders
     merged = run(capsys, *store, "mount", "demo")[1].strip()
     sb, mid = holders.superblock_key(merged), kmount.mount_id(merged)
     me = [str(os.getpid())]
@@ -320,8 +318,8 @@ def test_additional_store_that_is_not_a_store_is_refused(tmp_path, capsys):
 
 
 def test_cstorage_missing_layer_names_the_stores_and_how_to_add_one(tmp_path):
-    from flatmount.cstorage import CStorage
     from flatmount.errors import NotFoundError
+    from flatmount.sources.cstorage import CStorage
 
     (tmp_path / "g").mkdir()
     with pytest.raises(NotFoundError) as ei:

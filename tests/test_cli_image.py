@@ -14,8 +14,8 @@ import pytest
 from conftest import shared_data
 
 from flatmount.cli import main
-from flatmount.dump import dump_bytes, parse_dump
-from flatmount.tree import Inode
+from flatmount.image.dump import dump_bytes, parse_dump
+from flatmount.image.tree import Inode
 
 CS9_NAME = "cs9-x86_64-developer.dump.gz"
 D1 = bytes.fromhex("1e2eaa4202d750a41174ee454970b92c1bc2f925b1e35076d8c7d5f56362ba64")

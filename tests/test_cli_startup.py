@@ -15,8 +15,9 @@ import pytest
 from conftest import ROOT, require_root
 from layerdirs import file_tree, store_image
 
-from flatmount import cli, kmount
-from flatmount.store import open_store
+from flatmount import cli
+from flatmount.kernel import kmount
+from flatmount.store.core import open_store
 
 # argv lists as a user types them: valid ones, and every kind of usage error and help request
 SAMPLES = [
@@ -110,8 +111,8 @@ _LIST_MODULES = ("import atexit, runpy, sys\n"
 
 # what neither mount nor umount of a flattened image needs: the other areas' command modules, the
 # object store (put/hash code), hashlib (the image was verified when it was written), platform
-NOT_NEEDED = {"flatmount.commands.maint", "flatmount.commands.diff", "flatmount.commands.image",
-              "flatmount.commands.demo", "flatmount.commands.docs", "objects.store", "objects.digest",
+NOT_NEEDED = {"flatmount.cli.maint", "flatmount.cli.diff", "flatmount.cli.image",
+              "flatmount.cli.demo", "flatmount.cli.docs", "objects.store", "objects.digest",
               "hashlib", "platform"}
 
 
@@ -140,7 +141,7 @@ def test_mount_and_umount_import_only_their_path(store_paths):
     try:
         assert open(os.path.join(merged, "big"), "rb").read() == BIG
         assert [m for _, m in _leases(store_paths)] == [merged]   # committed: another connection sees it
-        assert "flatmount.mount" in mods and "flatmount.commands.mount" in mods
+        assert "flatmount.mount" in mods and "flatmount.cli.mount" in mods
         assert mods & NOT_NEEDED == set()
     finally:
         r, mods = _run(store_paths, "umount", merged)
@@ -154,7 +155,7 @@ def test_lease_rows_are_written_without_fsync_or_tmp_cleaning(store_paths, monke
     every write of a mount and unmount of a flattened image asks for neither; other writes still do."""
     from flatmount import mount as fm
     from flatmount.flatten import flatten_image
-    from flatmount.store import Store
+    from flatmount.store.core import Store
 
     store = open_store(store_paths["root"], runroot=store_paths["run"])
     flatten_image(store, "img")   # cached from now on

@@ -11,12 +11,12 @@ import sys
 from conftest import ROOT, require_tool
 
 from flatmount.cli import build_parser
-from flatmount.clidoc import _subcommands
+from flatmount.cli.manpage import _subcommands
 
 
 def _build(tmp_path) -> tuple[str, str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    subprocess.run([sys.executable, "-m", "flatmount.clidoc", str(tmp_path)], cwd=ROOT, env=env, check=True)
+    subprocess.run([sys.executable, "-m", "flatmount.cli.manpage", str(tmp_path)], cwd=ROOT, env=env, check=True)
     return (tmp_path / "flatmount.1").read_text(), (tmp_path / "flatmount.bash").read_text()
 
 

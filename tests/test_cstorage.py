@@ -1,4 +1,4 @@
-"""flatmount.cstorage: reading containers/storage overlay stores directly.
+"""flatmount.sources.cstorage: reading containers/storage overlay stores directly.
 
 Three parts: pure tables (config, references, names, whiteout normalisation); synthetic c/storage
 stores written here (JSON, locks, diff dirs in all three whiteout forms); and real stores built by
@@ -23,8 +23,10 @@ import pytest
 from conftest import require_root
 from cstorage_fixtures import PodmanStores, cleanup_mounts, fingerprint, podman
 
-from flatmount import cstorage
-from flatmount.cstorage import (
+from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
+from flatmount.image.tree import OPAQUE_XATTR, S_IFCHR, Inode, lookup, walk
+from flatmount.sources import cstorage
+from flatmount.sources.cstorage import (
     CStorage,
     CStorageRef,
     IDMap,
@@ -38,8 +40,6 @@ from flatmount.cstorage import (
     parse_spec,
     read_layer_tree,
 )
-from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
-from flatmount.tree import OPAQUE_XATTR, S_IFCHR, Inode, lookup, walk
 
 podman_stores = cstorage_fixtures.podman_stores   # the session fixture, requested by name below
 
@@ -693,7 +693,7 @@ def test_podman_layer_trees(podman_stores):
 def test_podman_flatten_equals_kernel_merge(podman_stores):
     """Independent check: flattening our layer trees gives what podman's own overlay mount shows."""
     from flatmount.flatten import flatten_trees
-    from flatmount.scan import scan_directory
+    from flatmount.sources.directory import scan_directory
 
     cs = _cs(podman_stores)
     chain = cs.layer_chain(cs.resolve_image("app").top_layer)
@@ -711,7 +711,7 @@ def test_podman_flatten_equals_kernel_merge(podman_stores):
 # --- pull into a flatmount store ---------------------------------------------------------------------
 
 def _open_store(root: Path, additional=None):
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     return open_store(root / "store", additional=additional, runroot=root / "run")
 
@@ -719,7 +719,7 @@ def _open_store(root: Path, additional=None):
 def _exported_layer_tree(s: PodmanStores, c, tmp: Path) -> Inode:
     """The layer as podman exports it (`podman save`), with the root rule of c/storage layers (the
     diff dir's mode without write bits, owner and mtime): what a verified c/storage import records."""
-    from flatmount.layers import read_tar
+    from flatmount.sources.layers import read_tar
     from objects import ObjectStore
 
     blob = cstorage_fixtures.exported_layers(s)[c.diff_id]
@@ -737,7 +737,7 @@ def _check_pulled(store, cs: CStorage, info, rec, s: PodmanStores, tmp: Path) ->
     """Every layer verified (same ids as c/storage's) and recorded as podman exports it; the flattened
     view equals the one from the diff dirs (the merged-view tests compare it with podman's)."""
     from flatmount.flatten import flatten_trees
-    from flatmount.scan import scan_directory
+    from flatmount.sources.directory import scan_directory
 
     assert rec.id == info.id
     chain = store.layer_chain(rec.top_layer)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from test_cstorage import _image, make_cstore, make_layers
 
-from flatmount.cstorage import CStorage
 from flatmount.errors import FormatError
+from flatmount.sources.cstorage import CStorage
 
 ROOT = Path(__file__).resolve().parent.parent
 IMG = "ab" * 32

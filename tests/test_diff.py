@@ -19,11 +19,21 @@ from hypothesis import strategies as st
 from flatmount import diff as D
 from flatmount.cli import main
 from flatmount.diff import Change, DiffStats, ImageIndex, TreeIndex, changes, diff_images, export_layer
-from flatmount.erofs.writer import image_bytes, write_image
 from flatmount.errors import ObjectNotFoundError
 from flatmount.flatten import flatten_trees
-from flatmount.layers import read_tar
-from flatmount.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFREG, S_IFSOCK, Inode, lookup, object_path, walk
+from flatmount.image.tree import (
+    S_IFBLK,
+    S_IFCHR,
+    S_IFIFO,
+    S_IFREG,
+    S_IFSOCK,
+    Inode,
+    lookup,
+    object_path,
+    walk,
+)
+from flatmount.image.writer import image_bytes, write_image
+from flatmount.sources.layers import read_tar
 from objects import ObjectStore
 
 podman_stores = cstorage_fixtures.podman_stores   # the session fixture, requested by name below
@@ -473,7 +483,7 @@ def test_image_index_cache(images, tmp_path, monkeypatch):
     assert diff_images(pa, pb) == want
     cached = sorted(os.listdir(tmp_path / "cache"))
     assert len(cached) == 2
-    import flatmount.erofs.reader as reader
+    import flatmount.image.reader as reader
 
     monkeypatch.setattr(reader.Image, "root", lambda self: pytest.fail("image read despite the cache"))
     assert diff_images(pa, pb) == want
@@ -515,7 +525,7 @@ def test_index_from_tree_equals_index_from_image(tmp_path, monkeypatch):
     the image as read back, so a later diff never reads the image."""
     import xxhash
 
-    from flatmount.erofs.reader import Image
+    from flatmount.image.reader import Image
 
     tree = every_kind_tree()
     data = image_bytes(tree)
@@ -525,7 +535,7 @@ def test_index_from_tree_equals_index_from_image(tmp_path, monkeypatch):
     img = tmp_path / "t.erofs"
     img.write_bytes(data)
     D.cache_index(tree, data, tmp_path / "cache")
-    import flatmount.erofs.reader as reader
+    import flatmount.image.reader as reader
 
     monkeypatch.setattr(reader.Image, "root", lambda self: pytest.fail("image read despite the cache"))
     other = d({"etc": {"h": f(b"other")}})
@@ -585,8 +595,8 @@ def test_cli_errors(images, capsysbinary, tmp_path):
 
 def test_cli_store_images(tmp_path, capsysbinary, monkeypatch):
     """Names resolved in a store, flattened (cached images), diffed; the layer reproduces the image."""
-    from flatmount.layers import record_image, record_layer
-    from flatmount.store import chain_id, open_store
+    from flatmount.sources.layers import record_image, record_layer
+    from flatmount.store.core import chain_id, open_store
 
     monkeypatch.setenv("FLATMOUNT_CACHE_DIR", str(tmp_path / "cache"))
     store = open_store(tmp_path / "root", runroot=tmp_path / "run")
@@ -621,8 +631,8 @@ def test_store_images_use_the_index_flatten_wrote(tmp_path, monkeypatch):
     """A store's flattened image has its diff index beside it: its first diff reads no image and builds
     and caches nothing; a damaged beside index is ignored (and the user cache used instead)."""
     from flatmount import flatten
-    from flatmount.erofs import reader
-    from flatmount.store import open_store
+    from flatmount.image import reader
+    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "root", runroot=tmp_path / "run")
     objects = store.objects
@@ -673,9 +683,9 @@ def test_matches_podman_image_diff(podman_stores, tmp_path, monkeypatch):
     - podman hides its container init mount points (libpod/diff.go `initInodes`: /dev, /proc, /sys,
       /run, /etc/hosts, ...) that `podman build` leaves in RUN layers; they are in the image, we list them.
     """
-    from flatmount.cstorage import pull_cstorage
     from flatmount.flatten import flatten_image
-    from flatmount.store import open_store
+    from flatmount.sources.cstorage import pull_cstorage
+    from flatmount.store.core import open_store
 
     monkeypatch.setenv("FLATMOUNT_CACHE_DIR", str(tmp_path / "cache"))
     s = podman_stores

@@ -13,7 +13,8 @@ from conftest import shared_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flatmount.dump import (
+from flatmount.errors import DumpSyntaxError, FormatError
+from flatmount.image.dump import (
     ROOT_WHITEOUTS,
     dump_bytes,
     escape,
@@ -22,8 +23,7 @@ from flatmount.dump import (
     unescape,
     write_dump,
 )
-from flatmount.errors import DumpSyntaxError, FormatError
-from flatmount.tree import Inode, count_inodes, lookup, walk
+from flatmount.image.tree import Inode, count_inodes, lookup, walk
 
 CS9_NAME = "cs9-x86_64-developer.dump.gz"
 D1 = "1e2eaa4202d750a41174ee454970b92c1bc2f925b1e35076d8c7d5f56362ba64"  # any 64 hex digits
@@ -322,7 +322,7 @@ def test_write_special_cases():
     root.entries[b"big"] = Inode(stat.S_IFREG | 0o644, size=10**12, digest=bytes.fromhex(D1))
     root.entries[b"obj"] = Inode(stat.S_IFREG | 0o644, size=100, payload="ab/cd")
     root.entries[b"x"] = Inode.file(b"=- \n", xattrs={b"user.z": b"", b"user.a=": b"-"})
-    from flatmount.erofs.writer import dir_size
+    from flatmount.image.writer import dir_size
 
     text = dump_bytes(root).decode().splitlines()
     assert text == [
@@ -338,7 +338,7 @@ def test_write_special_cases():
 
 
 def test_root_size_counts_writer_whiteouts():
-    from flatmount.erofs.writer import dir_size
+    from flatmount.image.writer import dir_size
 
     root = Inode.directory()
     root.entries[b"usr"] = Inode.directory()

@@ -19,11 +19,11 @@ import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flatmount.erofs import format as fmt
-from flatmount.erofs.reader import Image, collect_objects, read_tree
-from flatmount.erofs.writer import dir_size, image_bytes, write_image
 from flatmount.errors import CorruptImageError, FormatError
-from flatmount.tree import Inode, walk
+from flatmount.image import format as fmt
+from flatmount.image.reader import Image, collect_objects, read_tree
+from flatmount.image.tree import Inode, walk
+from flatmount.image.writer import dir_size, image_bytes, write_image
 from tests.conftest import require_root, require_tool, shared_data
 
 S_IFREG = stat.S_IFREG
@@ -276,7 +276,7 @@ def test_composefs_known_answers(name, tmp_path):
 
 
 def _load_dump(name: str) -> Inode:
-    """The cs9 trees through the benchmark's small stand-alone loader (not flatmount.dump)."""
+    """The cs9 trees through the benchmark's small stand-alone loader (not flatmount.image.dump)."""
     import importlib.util
 
     path = shared_data(name)
@@ -717,7 +717,7 @@ def _dump_order_primaries(root: Inode) -> dict[int, tuple[int, bytes]]:
 def test_hardlink_queue_order_matches_dump_order(root):
     """The writer walks once and re-walks only when a hardlink's first name in dump order is not the
     one that queued it: the result is the walk with every inode queued at its dump-order first name."""
-    from flatmount.erofs import writer
+    from flatmount.image import writer
 
     # (without the root whiteouts: each walk makes its own, so their ids differ)
     want = writer._collect(root, False, _dump_order_primaries(root))
@@ -733,7 +733,7 @@ def test_hardlink_deeper_in_dump_order_rewalks():
     root = Inode.directory()
     root.entries[b"z"] = f                                               # breadth-first: first
     root.entries[b"a"] = Inode.directory(entries={b"b": Inode.directory(entries={b"f": f})})  # dump order
-    from flatmount.erofs import writer
+    from flatmount.image import writer
 
     walk1 = writer._collect(root, True, None)
     assert writer._primary_names(*(walk1[i] for i in (0, 1, 2, 7, 8, 9))) is not None
@@ -745,7 +745,7 @@ def test_hardlink_deeper_in_dump_order_rewalks():
 @given(st.lists(st.integers(1, 255), max_size=400))
 def test_dir_block_packing(lengths):
     """Greedy packing of dirents into blocks, as a plain loop does it."""
-    from flatmount.erofs.writer import _dir_blocks
+    from flatmount.image.writer import _dir_blocks
 
     names = [b"%06d" % i + b"x" * (n - 6) if n >= 6 else b"%0*d" % (n, i % 10 ** n) for i, n in enumerate(lengths)]
     starts, used, k = [0], 0, 0
@@ -764,7 +764,7 @@ def test_dir_block_packing(lengths):
 @given(st.lists(st.tuples(st.sampled_from([b"user.a", b"trusted.b", b"security.c"]),
                           st.binary(max_size=6)), unique=True))
 def test_shared_xattr_order(items):
-    from flatmount.erofs.writer import _shared_order
+    from flatmount.image.writer import _shared_order
 
     assert _shared_order(items) == sorted(items, key=lambda kv: (kv[0], len(kv[1]), kv[1]), reverse=True)
 

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
-from flatmount.erofs import format as fmt
-from flatmount.erofs.reader import Image, collect_objects
-from flatmount.erofs.writer import image_bytes
 from flatmount.errors import CorruptImageError
-from flatmount.tree import Inode
+from flatmount.image import format as fmt
+from flatmount.image.reader import Image, collect_objects
+from flatmount.image.tree import Inode
+from flatmount.image.writer import image_bytes
 from tests.test_erofs import child_nid, every_type_tree, layer_tree
 
 MAX_SECONDS = 2.0  # per parse of a (small) damaged image

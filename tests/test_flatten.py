@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from layerdirs import extract, mount_overlay, umount
 
 from flatmount.flatten import apply_layer, default_root, flatten_trees
-from flatmount.scan import scan_directory
-from flatmount.tree import OPAQUE_XATTR, S_IFCHR, S_IFIFO, Inode, lookup, walk
+from flatmount.image.tree import OPAQUE_XATTR, S_IFCHR, S_IFIFO, Inode, lookup, walk
+from flatmount.sources.directory import scan_directory
 from tests.test_erofs import trees as erofs_trees
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -355,9 +355,9 @@ def test_against_kernel_overlay(tmp_path_factory):
 
 def check_image(expected: Inode, blobs: dict[bytes, bytes], work) -> None:
     """The flattened tree written as an EROFS image and mounted reads back the same."""
-    from flatmount.erofs.writer import write_image
-    from flatmount.kmount import mount_image, umount_image
-    from flatmount.tree import object_path
+    from flatmount.image.tree import object_path
+    from flatmount.image.writer import write_image
+    from flatmount.kernel.kmount import mount_image, umount_image
 
     objdir = work / "objects"
     for digest, data in blobs.items():
@@ -399,9 +399,9 @@ def image_files(root: Inode) -> set[str]:
 def test_flatten_image_writes_once_and_records_no_refs(tmp_path):
     from layerdirs import store_image
 
-    from flatmount.erofs.reader import read_tree
     from flatmount.flatten import flatten_image
-    from flatmount.store import open_store
+    from flatmount.image.reader import read_tree
+    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "p", runroot=tmp_path / "run")
     ids = store_image(store, chain_trees(), "chain", blobs=BIG)
@@ -420,7 +420,7 @@ def test_flatten_image_writes_once_and_records_no_refs(tmp_path):
         flat.digest,)
     # no refs rows of its own: every object it references is one of its chain's layers' (their refs)
     assert not db.execute("SELECT 1 FROM refs WHERE owner = ?", ("flat:" + flat.digest,)).fetchone()
-    from flatmount.tree import object_path
+    from flatmount.image.tree import object_path
 
     used = {object_path(n.digest) for _, n in walk(tree) if n.digest}
     layer_refs = {o for (owner, o) in db.execute("SELECT owner, object FROM refs") if owner[6:] in ids}
@@ -442,9 +442,9 @@ def test_longest_cached_prefix_gives_the_same_bytes(tmp_path, monkeypatch, prefi
     from layerdirs import store_image
 
     from flatmount import flatten
-    from flatmount import store as store_mod
     from flatmount.flatten import flatten_image
-    from flatmount.store import open_store
+    from flatmount.store import core as store_mod
+    from flatmount.store.core import open_store
 
     trees = chain_trees()
     a = open_store(tmp_path / "a", runroot=tmp_path / "run")
@@ -473,7 +473,7 @@ def _helper_run(tmp_path, monkeypatch, name: str, in_child=None) -> tuple[str, s
 
     from flatmount import flatten
     from flatmount.flatten import flatten_image
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     trees = chain_trees()
     monkeypatch.setattr(flatten, "HELPER_MIN_INODES", 0)
@@ -523,18 +523,16 @@ def test_two_process_writer_writes_the_same_image(tmp_path, monkeypatch):
 
 def _fail_build(monkeypatch):
     from flatmount import flatten
-
     monkeypatch.setattr(flatten, "_chain_tree", lambda *a, **k: 1 / 0)
 
 
 def _hang(monkeypatch):
     from flatmount import flatten
-
     monkeypatch.setattr(flatten, "_chain_tree", lambda *a, **k: time.sleep(3600))
 
 
 def _die_while_writing(monkeypatch):
-    from flatmount.erofs import writer
+    from flatmount.image import writer
 
     emit = writer._emit
     monkeypatch.setattr(writer, "_emit", lambda buf, lo, *a: os._exit(3) if lo else emit(buf, lo, *a))
@@ -542,7 +540,6 @@ def _die_while_writing(monkeypatch):
 
 def _other_tree(monkeypatch):
     from flatmount import flatten
-
     build = flatten._chain_tree
 
     def other(*a, **k):
@@ -569,7 +566,7 @@ def test_two_process_writer_when_fork_is_refused(tmp_path, monkeypatch):
 
     from flatmount import flatten
     from flatmount.flatten import flatten_image
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     def refuse():
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
@@ -595,7 +592,7 @@ HELPER_ORPHAN_CHILD = """
 import os, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from flatmount import flatten
-from flatmount.store import open_store
+from flatmount.store.core import open_store
 flatten._helper_pays = lambda prefix, chain: True
 build = flatten._chain_tree
 parent = os.getpid()
@@ -622,7 +619,7 @@ def test_helper_of_a_killed_flatten_exits_and_holds_no_lock(tmp_path):
 
     from layerdirs import store_image
 
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "s", runroot=tmp_path / "run")
     store_image(store, chain_trees(), "chain", blobs=BIG)
@@ -659,7 +656,6 @@ def test_helper_only_for_big_trees_and_when_memory_allows(monkeypatch):
     from types import SimpleNamespace
 
     from flatmount import flatten
-
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(flatten, "_mem_available", lambda: 8 << 30)
     big = [SimpleNamespace(inodes=15_000), SimpleNamespace(inodes=15_000)]
@@ -678,7 +674,7 @@ def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):
 
     from flatmount.errors import NotFoundError, ReadOnlyStoreError
     from flatmount.flatten import flatten_image
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     ais_root = tmp_path / "ais"
     ais = open_store(ais_root, runroot=tmp_path / "run")
@@ -697,7 +693,7 @@ def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):
         mine = flatten_image(p, "mine")
         assert not mine.reused and mine.path.startswith(str(tmp_path / "p" / "images"))
         assert mine.layers == (*ids, mine.chain_key)
-        from flatmount.erofs.reader import read_tree
+        from flatmount.image.reader import read_tree
 
         assert lookup(read_tree(mine.path), "etc/os").content == b"mine"
         with pytest.raises(NotFoundError):
@@ -719,7 +715,7 @@ def test_flatten_waits_for_a_running_gc(tmp_path):
     from layerdirs import store_image
 
     from flatmount.flatten import flatten_image
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "p", runroot=tmp_path / "run")
     store_image(store, chain_trees(), "chain", blobs=BIG)
@@ -780,9 +776,9 @@ def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
     from layerdirs import store_image
 
     from flatmount import flatten
-    from flatmount.erofs import reader
     from flatmount.flatten import derived_paths, flatten_image
-    from flatmount.store import open_store
+    from flatmount.image import reader
+    from flatmount.store.core import open_store
 
     trees = chain_trees()
     a = open_store(tmp_path / "a", runroot=tmp_path / "run")
@@ -838,7 +834,7 @@ def test_derived_files_backlog_is_bounded(tmp_path, monkeypatch):
     from layerdirs import file_tree
 
     from flatmount import flatten
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     real = flatten.tree_cache_bytes
     monkeypatch.setattr(flatten, "tree_cache_bytes", lambda *a: time.sleep(0.2) or real(*a))
@@ -860,7 +856,7 @@ def test_no_derived_files_written_into_an_additional_store(tmp_path):
 
     from flatmount import flatten
     from flatmount.flatten import derived_paths, flatten_image
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     ais_root = tmp_path / "ais"
     ais = open_store(ais_root, runroot=tmp_path / "run")
@@ -886,9 +882,9 @@ def test_no_derived_files_written_into_an_additional_store(tmp_path):
 def test_tree_cache_gives_the_image_bytes(tree):
     """The tree cache holds the tree an image was written from; written again it is the same image,
     as is the tree read back from the image: a chain flattened from either has the same digest."""
-    from flatmount.erofs.reader import Image
-    from flatmount.erofs.writer import image_bytes
     from flatmount.flatten import tree_cache_bytes, tree_from_cache
+    from flatmount.image.reader import Image
+    from flatmount.image.writer import image_bytes
 
     data = image_bytes(tree)
     cached = tree_from_cache(tree_cache_bytes(tree, "00" * 32, len(data)), "00" * 32, len(data))

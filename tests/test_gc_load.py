@@ -91,7 +91,7 @@ def _child_main(argv_json: str) -> None:
 
 
 def _open(args):
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     return open_store(args["root"], runroot=args["runroot"])
 
@@ -176,7 +176,7 @@ def test_gc_under_load(tmp_path, no_mounts_left):
     require_root()
     from flatmount.fsck import fsck
     from flatmount.gc import gc
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     root, runroot = str(tmp_path / "store"), str(tmp_path / "run")
     layouts = tmp_path / "oci"
@@ -242,7 +242,6 @@ def _crash_child(args) -> None:
     elif op == "flatten":
         if arg.get("helper"):   # the two-process writer, whatever the size: killed with its helper
             from flatmount import flatten
-
             flatten._helper_pays = lambda prefix, chain: True
         flatten_image(store, arg["name"])
     elif op == "gc":
@@ -267,7 +266,7 @@ def test_kill9_anywhere(tmp_path, no_mounts_left):
     from flatmount.gc import gc
     from flatmount.mount import cleanup, list_mounts, mount, mount_image_ref, umount
     from flatmount.pull import pull
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     root, runroot = str(tmp_path / "store"), str(tmp_path / "run")
     store = open_store(root, runroot=runroot)

@@ -22,7 +22,7 @@ from tarbuild import Tar, compress, make_oci
 
 from flatmount.cli import main
 from flatmount.errors import FormatError
-from flatmount.tree import S_IFREG, Inode
+from flatmount.image.tree import S_IFREG, Inode
 
 
 def cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -244,7 +244,7 @@ def test_a_user_who_cannot_read_the_store(tmp_path, capsys):
     (KeyError("x\ny"), ["internal error in images", "KeyError"]),
 ])
 def test_cli_turns_every_exception_into_one_line(capsys, monkeypatch, tmp_path, exc, words):
-    import flatmount.commands.store as image
+    import flatmount.cli.store as image
 
     def boom(args):
         raise exc
@@ -264,7 +264,7 @@ def test_cli_turns_every_exception_into_one_line(capsys, monkeypatch, tmp_path, 
 
 def test_cli_subprocess_no_traceback_for_internal_errors(tmp_path):
     """The same through a real process: a RecursionError deep inside still leaves one line."""
-    code = ("import sys, flatmount.commands.store as m\n"
+    code = ("import sys, flatmount.cli.store as m\n"
             "def f(a): return f(a)\n"
             "m.cmd_images = f\n"
             "from flatmount.cli import main\n"
@@ -282,7 +282,7 @@ def test_cli_subprocess_no_traceback_for_internal_errors(tmp_path):
     ("too large", {"size": 1 << 65, "digest": b"\x01" * 32}),
 ])
 def test_writer_names_path_and_field(field, kw):
-    from flatmount.erofs.writer import image_bytes
+    from flatmount.image.writer import image_bytes
 
     root = Inode.directory()
     d = root.entries[b"etc"] = Inode.directory()
@@ -404,10 +404,10 @@ def test_whiteout_content_is_not_stored(tmp_path, capsys, st):
 
     assert _objects(tmp_path / "root") == [fsverity_digest(b"k" * 100).hex()[:2] + "/" +
                                            fsverity_digest(b"k" * 100).hex()[2:]]
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     with open_store(tmp_path / "root", runroot=tmp_path / "run") as s:
-        from flatmount.store import read_layer_tree
+        from flatmount.store.core import read_layer_tree
 
         tree = read_layer_tree(s.layer(s.resolve_image("w").top_layer))
     assert tree.entries[b"a"].entries[b"inline"].is_whiteout

@@ -23,7 +23,7 @@ import pytest
 
 from flatmount.errors import StoreError
 from flatmount.pull import pull
-from flatmount.store import open_store
+from flatmount.store.core import open_store
 from tests.conftest import require_root, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,7 +323,7 @@ def test_unprivileged_caller_refuses_writable_or_foreign_components(shared_tmp):
     assert r.returncode == 0, r.stderr      # reading root's store read-only is fine
     # a store of its own below root's sticky directory works (the library: this python's site-packages
     # under /root are out of this user's reach, and the CLI's import needs them)
-    code = ("import os, sys; from flatmount.store import open_store; "
+    code = ("import os, sys; from flatmount.store.core import open_store; "
             "s = open_store(sys.argv[1], runroot=sys.argv[2], config=os.devnull, additional=[]); "
             "s.ensure_writable(); s.connect(); s.close()")
     r = subprocess.run([require_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
@@ -385,9 +385,9 @@ def test_mkimage_writes_only_new_or_regular_files(tmp_path, capsysbinary):
     for out in (new, regular):
         assert main(["mkimage", str(src), str(out)]) == 0
         assert out.read_bytes()[1024:1028] == b"\xe2\xe1\xf5\xe0"  # EROFS superblock magic
-    from flatmount.erofs.writer import write_image
     from flatmount.errors import OutputError
-    from flatmount.scan import scan_directory
+    from flatmount.image.writer import write_image
+    from flatmount.sources.directory import scan_directory
 
     with pytest.raises(OutputError, match="symbolic link"):
         write_image(scan_directory(str(src)), outs["symlink"])

@@ -17,8 +17,8 @@ import pytest
 from conftest import require_root
 
 from flatmount.cli import main
-from flatmount.dump import dump_bytes
-from flatmount.scan import scan_directory
+from flatmount.image.dump import dump_bytes
+from flatmount.sources.directory import scan_directory
 
 
 def _python_lib_dir() -> Path:

@@ -186,7 +186,7 @@ def test_damaged_layer_image_found_by_fsck_and_refused_by_flatten(store, tmp_pat
     pull(store, f"oci:{tmp_path / 'oci-x'}:t", "x")
     assert fsck(store).ok
     merged_tree = flatten_image(store, "x")
-    from flatmount.erofs.reader import read_tree
+    from flatmount.image.reader import read_tree
 
     assert read_tree(merged_tree.path).entries[b"etc"].entries[b"small"].content == inline
 
@@ -215,7 +215,7 @@ def test_mount_hashes_a_flat_image_only_after_it_was_written(store, tmp_path):
     """The verification is cached with the file's identity: flatten records what it wrote, an
     untouched image is not hashed again, a touched one is."""
     from flatmount.flatten import flatten_image
-    from flatmount.integrity import verify_flat_image
+    from flatmount.store.integrity import verify_flat_image
 
     pull_image(store, tmp_path, "x", [{"etc/conf": content("conf", 3000)}])
     flat = flatten_image(store, "x")
@@ -241,7 +241,6 @@ def test_damaged_prefix_image_does_not_flow_into_a_longer_chain(store, tmp_path)
     _flip(prefix.path, _content_offset(prefix.path, b"a small file") + 2)
     # a fresh process's view: nothing of the prefix in memory
     from flatmount import flatten as flatten_mod
-
     flatten_mod._trees.clear()
     pull_image(store, tmp_path, "top", [a, {"b": content("b", 3000)}])
     with pytest.raises(CorruptImageError, match="damaged"):
@@ -310,7 +309,7 @@ def test_schema_1_store_is_read_as_additional_and_upgraded_as_primary(tmp_path):
 
     from flatmount.flatten import flatten_image
     from flatmount.fsck import fsck
-    from flatmount.store import SCHEMA_VERSION
+    from flatmount.store.core import SCHEMA_VERSION
 
     old = new_store(tmp_path / "old")
     pull_image(old, tmp_path, "x", [{"f": content("f", 3000)}])

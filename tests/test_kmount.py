@@ -1,4 +1,4 @@
-"""Real kernel mounts through flatmount.kmount: erofs (file-backed and loop) under overlayfs with
+"""Real kernel mounts through flatmount.kernel.kmount: erofs (file-backed and loop) under overlayfs with
 data-only object layers.  Needs root, erofs, overlay and loop; every mount is undone in teardown."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from flatmount import kmount
 from flatmount.errors import MountError, PermissionRequiredError
+from flatmount.kernel import kmount
 from tests.conftest import IN_CI, ROOT, require_root, require_tool
 
 MTIME = 1_700_000_000
@@ -116,12 +116,12 @@ def _build_mkfs(image: Path, staging: Path) -> None:
 def _build_writer(image: Path) -> None:
     """flatmount's own EROFS writer (composefs layout) from an Inode tree."""
     try:
-        from flatmount.erofs.writer import write_image
+        from flatmount.image.writer import write_image
     except ImportError as e:  # another worker's module; skipped only until it lands, never in CI
         if IN_CI:
-            pytest.fail(f"flatmount.erofs.writer.write_image: {e}")
-        pytest.skip(f"flatmount.erofs.writer.write_image not available yet: {e}")
-    from flatmount.tree import S_IFREG, Inode, lookup
+            pytest.fail(f"flatmount.image.writer.write_image: {e}")
+        pytest.skip(f"flatmount.image.writer.write_image not available yet: {e}")
+    from flatmount.image.tree import S_IFREG, Inode, lookup
 
     root = Inode.directory(0o755, mtime_ns=MTIME * 10**9)
     for rel, (kind, mode, payload) in TREE.items():
@@ -424,7 +424,7 @@ def test_error_without_cap_sys_admin(layout: Layout):
     """Dropping CAP_SYS_ADMIN from the bounding set before exec leaves root without it."""
     code = (
         "import sys\n"
-        "from flatmount import kmount\n"
+        "from flatmount.kernel import kmount\n"
         "from flatmount.errors import PermissionRequiredError\n"
         "try:\n"
         f"    kmount.mount_image({str(layout.image)!r}, {str(layout.mnt)!r}, {[str(d) for d in layout.objdirs]!r})\n"
@@ -488,7 +488,7 @@ def test_find_mount_unescapes(layout: Layout):
 def _cli(argv: list[str]) -> int:
     """Parse with only this area registered (other areas are other workers' modules)."""
     from flatmount.cli import common_parser
-    from flatmount.commands import mount as mount_cmds
+    from flatmount.cli import mount as mount_cmds
 
     common = common_parser()
     parser = argparse.ArgumentParser(prog="flatmount", parents=[common])

@@ -1,4 +1,4 @@
-"""flatmount.layers: layer tarballs -> layer tree + objects, checked against trees written down by hand."""
+"""flatmount.sources.layers: layer tarballs -> layer tree + objects, checked against trees written down by hand."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flatmount.errors import DigestMismatchError, LayerError
-from flatmount.layers import read_tar, verify
-from flatmount.tree import OPAQUE_XATTR, Inode, lookup, walk
+from flatmount.image.tree import OPAQUE_XATTR, Inode, lookup, walk
+from flatmount.sources.layers import read_tar, verify
 from objects import ObjectStore
 from tests.tarbuild import NS, Tar, bad_tars, compress
 
@@ -382,7 +382,7 @@ def test_layer_sha256_deferred_to_the_object_pipeline(objects, monkeypatch, tmp_
     in their place."""
     import time
 
-    import flatmount.layers as layers_mod
+    import flatmount.sources.layers as layers_mod
     import objects.store as store_mod
 
     real_settle = layers_mod.HashingReader.settle
@@ -468,7 +468,7 @@ def _with_checksum(block: bytes) -> bytes:
 def test_fast_header_decoding_is_tarfiles(name, type_, size, mtime, ids, fmt, poke, fix_checksum):
     """_TarInfo.frombuf decodes every block (headers of each format, then with bytes poked into them)
     exactly as tarfile does: the same fields, or the same error."""
-    from flatmount.layers import _TarInfo
+    from flatmount.sources.layers import _TarInfo
 
     ti = tarfile.TarInfo(name)
     ti.type, ti.size, ti.mtime, ti.uid, ti.gid = type_, size, mtime, ids, ids // 3
@@ -489,7 +489,7 @@ def test_fast_header_decoding_is_tarfiles(name, type_, size, mtime, ids, fmt, po
 def test_sha512_blob_digest_with_direct_reads(objects):
     """Uncompressed input read with a sha512 blob digest: big payloads bypass the chunk reader, and
     the diff_id (sha256) still covers every byte."""
-    from flatmount.layers import HashingReader
+    from flatmount.sources.layers import HashingReader
 
     t = Tar()
     t.file("big", os.urandom(2 * MIB + 3))

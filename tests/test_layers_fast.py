@@ -1,4 +1,4 @@
-"""The tar reader's own path for plain members (flatmount.layers._fast_member): used, and equal to tarfile's.
+"""The tar reader's own path for plain members (flatmount.sources.layers._fast_member): used, and equal to tarfile's.
 
 Each tar is read twice, with the fast path and with it switched off (every member through tarfile
 and `_add_member`, the code it replaces): trees (as composefs dumps), digests, entry counts and
@@ -15,10 +15,10 @@ import tarfile
 
 import pytest
 
-from flatmount import layers
-from flatmount.dump import dump_bytes
 from flatmount.errors import LayerError
-from flatmount.layers import read_tar
+from flatmount.image.dump import dump_bytes
+from flatmount.sources import layers
+from flatmount.sources.layers import read_tar
 from objects import ObjectStore
 from tests.tarbuild import bad_tars, compress
 

@@ -16,9 +16,9 @@ import pytest
 from conftest import ROOT, require_root, require_tool
 from layerdirs import file_tree, store_image
 
-from flatmount import kmount
 from flatmount.errors import CorruptImageError, MountError, NotFoundError, StoreError
 from flatmount.flatten import flatten_image
+from flatmount.kernel import kmount
 from flatmount.mount import (
     boot_id,
     cleanup,
@@ -28,7 +28,7 @@ from flatmount.mount import (
     mounts_dir,
     umount,
 )
-from flatmount.store import open_store
+from flatmount.store.core import open_store
 
 BIG = [bytes([65 + i]) * (3000 + i) for i in range(4)]
 BASE = [
@@ -168,7 +168,7 @@ def test_errors_leave_no_lease_and_no_dir(stores, tmp_path):
     store = open_primary(stores)
     with pytest.raises(NotFoundError):
         mount_image_ref(store, "no-such-image")
-    # a damaged cached image: found by its digest before the kernel sees it (flatmount.integrity)
+    # a damaged cached image: found by its digest before the kernel sees it (flatmount.store.integrity)
     flat = flatten_image(store, "app")
     with open(flat.path, "r+b") as f:
         f.write(b"\0" * 4096)
@@ -245,7 +245,7 @@ def test_cli_mount_mounts_umount_cleanup_flatten(stores):
     assert r.returncode == 3 and "NotFoundError" in r.stderr
 
 
-HEAVY = ("flatmount.erofs.writer", "flatmount.erofs.reader", "flatmount.pull", "flatmount.layers",
+HEAVY = ("flatmount.image.writer", "flatmount.image.reader", "flatmount.pull", "flatmount.sources.layers",
          "zstandard", "tarfile", "sqlite3.dump", "hypothesis")
 
 
@@ -316,7 +316,7 @@ CHILD = r"""
 import os, random, sys
 sys.path.insert(0, {root!r})
 from flatmount.mount import mount_image_ref, umount
-from flatmount.store import open_store
+from flatmount.store.core import open_store
 s = open_store({primary!r}, additional=[{ais!r}], runroot={run!r})
 print("ready", flush=True)
 while True:

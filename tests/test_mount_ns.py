@@ -13,10 +13,10 @@ import pytest
 from conftest import ROOT, require_root, require_tool
 from test_mount import BIG, EXPECT, make_stores, open_primary, read_all, unmount_everything_below
 
-from flatmount import kmount, mntns
 from flatmount.errors import MountError
 from flatmount.fsck import fsck
 from flatmount.gc import gc, read_leases
+from flatmount.kernel import kmount, mntns
 from flatmount.mount import cleanup, list_mounts, mount_image_ref, mounts_dir, umount
 from objects.digest import fsverity_digest
 

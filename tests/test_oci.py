@@ -1,4 +1,4 @@
-"""flatmount.oci + pull: OCI layouts (tar, gzip, zstd layers) imported, read back, and refused when bad."""
+"""flatmount.sources.oci + pull: OCI layouts (tar, gzip, zstd layers) imported, read back, and refused when bad."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from flatmount.errors import DigestMismatchError, LayerError, NotFoundError
+from flatmount.image.tree import lookup, walk
 from flatmount.pull import pull
-from flatmount.store import open_store
-from flatmount.tree import lookup, walk
+from flatmount.store.core import open_store
 from tests.tarbuild import Tar, bad_tars, check_consistent, make_oci, store_state
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -123,7 +123,7 @@ def test_sdist_carries_its_tests_and_they_pass(tmp_path):
 
 def test_readme_is_for_users_and_names_every_subcommand():
     from flatmount.cli import build_parser
-    from flatmount.clidoc import _subcommands
+    from flatmount.cli.manpage import _subcommands
 
     text = (ROOT / "README.md").read_text()
     assert len(text.splitlines()) < 200

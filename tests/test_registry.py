@@ -20,8 +20,8 @@ import pytest
 
 from flatmount.errors import RegistryError
 from flatmount.pull import host_architecture, pull
-from flatmount.registry import RegistryOptions
-from flatmount.store import open_store
+from flatmount.sources.registry import RegistryOptions
+from flatmount.store.core import open_store
 from tests.registry_fixtures import Registry
 from tests.tarbuild import Tar, check_consistent, make_oci, store_state
 
@@ -360,7 +360,7 @@ def test_docker_schema2_image(registry, tmp_path):
 
 
 def test_short_names_resolved_by_registries_conf(registry, tmp_path, monkeypatch):
-    from flatmount.registry import SearchConfig, resolve_short_name
+    from flatmount.sources.registry import SearchConfig, resolve_short_name
 
     info = seed(registry, tmp_path, "short/img", layer_tars(1, "short"), ["gzip"])
     conf = tmp_path / "registries.conf"

@@ -14,7 +14,7 @@ import pytest
 
 from flatmount.errors import FlatmountError, RegistryError
 from flatmount.pull import pull
-from flatmount.registry import RegistryOptions
+from flatmount.sources.registry import RegistryOptions
 from tests.registry_fixtures import FaultServer, Registry
 from tests.tarbuild import Tar, check_consistent, make_oci, store_state
 from tests.test_registry import PLAIN, layer_tars, new_store

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_root, require_tool
 
-from flatmount.store import open_store
+from flatmount.store.core import open_store
 from tools.busybox_image import write_oci
 
 CONFIG = {"Cmd": ["sh", "-c", "echo $GREETING from $(pwd) as $(id -u):$(id -g) $(id -G)"],
@@ -182,7 +182,7 @@ def _check_bundle(env, d: Path, tmp_path: Path) -> None:
 
 def test_bundle_context_manager_and_root_caps(env, tmp_path):
     """store.bundle() as a context manager; root in the container has exactly podman's caps."""
-    from flatmount.runspec import RunOptions
+    from flatmount.run.runspec import RunOptions
 
     with open_store(env["root"], runroot=env["runroot"]) as store:
         with store.bundle("bb", str(tmp_path / "b"), RunOptions(user="0", command=(
@@ -329,8 +329,8 @@ def test_sigterm_before_the_containers_trap_is_delivered_once_it_is_set(env):
 
 def test_sigterm_a_container_ignores_ends_it_with_sigkill_after_the_grace(env):
     """A stop request is bounded: a container that never handles SIGTERM is killed after
-    flatmount.run.STOP_TIMEOUT s (podman stop's 10 s) and `flatmount run` reports 128+9."""
-    stop_timeout = 10   # flatmount.run.STOP_TIMEOUT
+    flatmount.run.container.STOP_TIMEOUT s (podman stop's 10 s) and `flatmount run` reports 128+9."""
+    stop_timeout = 10   # flatmount.run.container.STOP_TIMEOUT
     p = _popen_run(env, "--rm", "--name", "deaf", "bb", "--", "sh", "-c", "echo ready; while :; do sleep 0.05; done")
     assert p.stdout.readline() == "ready\n"
     t = time.monotonic()
@@ -426,7 +426,7 @@ def test_example_image_with_missing_mount_points(env):
 
 
 def test_api_run_returns_status_and_timings(env):
-    from flatmount.runspec import RunOptions
+    from flatmount.run.runspec import RunOptions
 
     with open_store(env["root"], runroot=env["runroot"]) as store:
         res = store.run("bb", RunOptions(command=("sh", "-c", "exit 9")), rm=True,
@@ -618,8 +618,7 @@ def test_netlink_sets_lo_in_another_namespace():
     """net.Loopback/NoNetwork change `lo` over netlink (pyroute2) in the namespace of a process, not in
     ours: a fresh namespace (lo down) gets lo up, then down again; the host's lo is untouched."""
     require_root()
-    from flatmount import net
-
+    from flatmount.run import net
     host_flags = net.link_flags(os.getpid())
     p = subprocess.Popen(["unshare", "--net", "sleep", "30"])
     try:
@@ -648,7 +647,7 @@ def test_netlink_sets_lo_in_another_namespace():
 def test_cli_run_imports_nothing_heavy(env):
     """A warm `run --net loopback|none` needs neither the image writer/reader nor pyroute2 (lo is as
     wanted: one ioctl says so) nor tomllib (confinement cached); `--help` loads no container module."""
-    heavy = {"flatmount.erofs.writer", "flatmount.erofs.reader", "flatmount.pull", "flatmount.layers",
+    heavy = {"flatmount.image.writer", "flatmount.image.reader", "flatmount.pull", "flatmount.sources.layers",
              "zstandard", "tarfile", "pyroute2", "hypothesis", "tomllib"}
     assert cli(env, "run", "--rm", "bb", "--", "true").returncode == 0   # confinement cached
     e = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -658,7 +657,7 @@ def test_cli_run_imports_nothing_heavy(env):
                        cwd=str(ROOT), env=e, timeout=60)
     assert r.returncode == 0, r.stderr
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
-    assert "flatmount.run" in imported and imported & heavy == set()
+    assert "flatmount.run.container" in imported and imported & heavy == set()
     # --net none joins a namespace made beforehand, where lo was never up: no netlink needed either
     r = subprocess.run([*base, "run", "--rm", "--net", "none", "bb", "--", "cat", "/sys/class/net/lo/flags"],
                        capture_output=True, text=True, cwd=str(ROOT), env=e, timeout=60)
@@ -668,7 +667,7 @@ def test_cli_run_imports_nothing_heavy(env):
     assert imported & heavy == set()
     r = subprocess.run([*base, "--help"], capture_output=True, text=True, cwd=str(ROOT), env=e, timeout=60)
     imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if "|" in line}
-    assert imported & {"flatmount.run", "flatmount.runspec", "flatmount.bundle", "flatmount.net",
+    assert imported & {"flatmount.run.container", "flatmount.run.runspec", "flatmount.run.bundle", "flatmount.run.net",
                        "subprocess", "pyroute2"} == set()
     assert_nothing_left(env)
 
@@ -726,8 +725,7 @@ def test_sigterm_at_any_point_cleans_up_without_cleanup(env):
 def test_confinement_cache_follows_its_sources(tmp_path, monkeypatch):
     """The cached caps/sysctls/seccomp are reused while the sources are unchanged and computed again
     when one changes (here: a containers.conf that drops CAP_KILL)."""
-    from flatmount import runspec
-
+    from flatmount.run import runspec
     conf = tmp_path / "containers.conf"
     conf.write_text('[containers]\ndefault_capabilities = ["CHOWN", "KILL"]\n')
     monkeypatch.setattr(runspec, "CONTAINERS_CONF", (str(conf),))

@@ -9,8 +9,8 @@ import pytest
 from conftest import require_root
 
 from flatmount.errors import LayerError
-from flatmount.scan import scan_directory
-from flatmount.tree import count_inodes, lookup
+from flatmount.image.tree import count_inodes, lookup
+from flatmount.sources.directory import scan_directory
 from objects import ObjectStore
 from objects.digest import fsverity_digest
 
@@ -131,7 +131,7 @@ def test_objects_are_stored(src, tmp_path):
 
 
 def test_dump_roundtrip_of_scanned_tree(src):
-    from flatmount.dump import dump_bytes, parse_dump
+    from flatmount.image.dump import dump_bytes, parse_dump
 
     root = scan_directory(src)
     back = parse_dump(dump_bytes(root))
@@ -172,7 +172,7 @@ def test_entry_swapped_during_scan_is_refused(tmp_path, replacement):
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "secret").write_bytes(b"s" * 100)
-    import flatmount.scan as scan
+    import flatmount.sources.directory as scan
 
     real_stat = os.stat
 

@@ -1,4 +1,4 @@
-"""flatmount.store (+ pull recording, CLI): config, records, names, rmi, locks, crash safety, read-only stores."""
+"""flatmount.store.core (+ pull recording, CLI): config, records, names, rmi, locks, crash safety, read-only stores."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 
 from flatmount.cli import main
 from flatmount.errors import LayerError, NotFoundError, ReadOnlyStoreError, StoreError
+from flatmount.image.tree import lookup
 from flatmount.pull import TerminalProgress, pull
-from flatmount.store import SCHEMA_VERSION, Store, chain_id, name_candidates, normalise_name, open_store
-from flatmount.tree import lookup
+from flatmount.store.core import SCHEMA_VERSION, Store, chain_id, name_candidates, normalise_name, open_store
 from tests.conftest import require_root
 from tests.tarbuild import Tar, bad_tars, check_consistent, compress, make_oci, store_state
 
@@ -76,7 +76,7 @@ def test_config_file_env_and_overrides(tmp_path, monkeypatch):
 
 
 def test_config_defaults(tmp_path, monkeypatch):
-    import flatmount.store as st
+    import flatmount.store.core as st
 
     monkeypatch.setattr(st, "DEFAULT_CONFIG", str(tmp_path / "none.conf"))
     monkeypatch.delenv("FLATMOUNT_CONFIG", raising=False)
@@ -397,8 +397,8 @@ def test_pull_tar_sources(store, tmp_path):
 def test_layer_tree_cache(store, tmp_path):
     """A layer's tree cache is written at import beside its image and gives the image's tree; a
     damaged or missing one falls back to reading the image; rmi removes it, gc removes an orphan."""
-    from flatmount.erofs.reader import read_tree
     from flatmount.gc import gc
+    from flatmount.image.reader import read_tree
 
     t = Tar()
     t.file("etc/conf", b"c" * 100)
@@ -436,7 +436,7 @@ def test_layer_tree_cache(store, tmp_path):
 
 def test_pull_dir_source(store, tmp_path):
     require_root()
-    from flatmount.dump import dump_bytes
+    from flatmount.image.dump import dump_bytes
 
     src = tmp_path / "src"
     (src / "etc").mkdir(parents=True)
@@ -476,7 +476,7 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 import objects.store as ostore
 from flatmount import pull as pullmod
-from flatmount.store import open_store
+from flatmount.store.core import open_store
 
 store_dir, source, point = sys.argv[1:4]
 
@@ -542,7 +542,7 @@ def _after_crash_then_repull(store_dir: Path, source: str) -> None:
     assert os.listdir(store_dir / "objects" / ".tmp") == []
     layer_rows = {x.id + ext for x in s.layers() for ext in (".erofs", ".tree")}  # image, tree cache
     assert set(os.listdir(store_dir / "layers")) == layer_rows
-    from flatmount.erofs.reader import read_tree
+    from flatmount.image.reader import read_tree
 
     for rec in s.layer_chain(r.image.top_layer):
         tree = s.layer_tree(rec.id)

@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, require_root, require_tool
 from test_kmount import _build_mkfs, _build_writer, _make_objdirs
 
-from flatmount import kmount
+from flatmount.kernel import kmount
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ import pytest
 from conftest import require_root, require_tool
 from test_mount import BIG, EXPECT, make_stores, open_primary, read_all, unmount_everything_below
 
-from flatmount import kmount
 from flatmount.flatten import flatten_image
+from flatmount.kernel import kmount
 from flatmount.mount import _verity_ready, involved_object_dirs, mount, verity_required
 from objects import ObjectStore, verity
 from objects.digest import fsverity_digest

@@ -40,8 +40,8 @@ DISTINCT_CONTENTS = 2000
 
 
 def _trees(quick: bool, objects) -> tuple:
-    from flatmount.dump import parse_dump
-    from flatmount.tree import Inode, walk
+    from flatmount.image.dump import parse_dump
+    from flatmount.image.tree import Inode, walk
 
     name = "cs9-x86_64-minimal.dump.gz" if quick else "cs9-x86_64-developer.dump.gz"
     with gzip.open(DATA / name) as f:
@@ -84,7 +84,7 @@ def _trees(quick: bool, objects) -> tuple:
 
 
 def _lookup(root, path: bytes):
-    from flatmount.tree import lookup
+    from flatmount.image.tree import lookup
 
     return lookup(root, path)
 
@@ -135,7 +135,7 @@ def _first_flattened(a, b, tmp: Path) -> tuple[tuple[list, float], float]:
     build one diff index as flatten does)."""
     from flatmount import flatten
     from flatmount.diff import diff_images, index_file_bytes
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     store = open_store(str(tmp / "store"), runroot=str(tmp / "run"))
     try:
@@ -154,9 +154,9 @@ def _first_flattened(a, b, tmp: Path) -> tuple[tuple[list, float], float]:
 
 def run(quick: bool) -> dict:
     from flatmount.diff import changes, diff_images
-    from flatmount.erofs.writer import write_image
-    from flatmount.kmount import mount_image, umount_image
-    from flatmount.tree import count_inodes
+    from flatmount.image.tree import count_inodes
+    from flatmount.image.writer import write_image
+    from flatmount.kernel.kmount import mount_image, umount_image
     from objects import ObjectStore
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-diff-"))

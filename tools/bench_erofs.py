@@ -2,7 +2,7 @@
 """Benchmark of the EROFS writer and reader on the 64,246-inode cs9 developer tree.
 
 Targets: the writer alone well under 0.6 s, at most 160 bytes of image per inode.  The tree comes from
-flatmount.dump.parse_dump when it can read the dump, else from a small loader here (so this benchmark
+flatmount.image.dump.parse_dump when it can read the dump, else from a small loader here (so this benchmark
 does not depend on the dump parser).
 
     python tools/bench_erofs.py [--quick]
@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from flatmount.erofs import reader, writer  # noqa: E402
-from flatmount.tree import Inode, count_inodes  # noqa: E402
+from flatmount.image import reader, writer  # noqa: E402
+from flatmount.image.tree import Inode, count_inodes  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 DUMP = DATA / "cs9-x86_64-developer.dump.gz"
@@ -90,10 +90,10 @@ def load_dump(path: Path) -> Inode:
 
 def load_tree(path: Path) -> tuple[Inode, str]:
     try:
-        from flatmount.dump import parse_dump
+        from flatmount.image.dump import parse_dump
 
         with gzip.open(path, "rb") as f:
-            return parse_dump(f), "flatmount.dump"
+            return parse_dump(f), "flatmount.image.dump"
     except Exception:  # the dump parser is another worker's module; fall back to the local loader
         return load_dump(path), "bench loader"
 

@@ -4,7 +4,7 @@
 
 How the store is built: objects are small distinct random contents (65-1000 bytes) put through
 ObjectStore.put_bytes (one sync at the end); layers and images are recorded through the REAL recording
-path (flatmount.layers.record_layer / record_image: EROFS layer image + layer row + refs rows in one
+path (flatmount.sources.layers.record_layer / record_image: EROFS layer image + layer row + refs rows in one
 transaction), with layer trees built directly from the digests rather than from tarballs (a tar import
 of 200,000 files would measure the importer, not gc).  Shape: 4 base layers of N/4 objects each, and
 20 images = one base + one top layer of their own (N/40 objects), so every base is shared by 5 images.
@@ -37,7 +37,7 @@ TARGET_GC_S = 5.0
 
 def _tree(digests: list[tuple[bytes, int]]):
     """A layer tree of regular files (100 per directory) pointing at the given objects."""
-    from flatmount.tree import S_IFREG, Inode
+    from flatmount.image.tree import S_IFREG, Inode
 
     root = Inode.directory(0o755, mtime_ns=1)
     for i, (d, size) in enumerate(digests):
@@ -58,8 +58,8 @@ def _put_objects(objects, n: int, rng: random.Random, tag: bytes) -> list[tuple[
 def build(root: str, n_objects: int) -> dict:
     """The store described in the module docstring; returns build timings and image names."""
     from flatmount.flatten import flatten_image
-    from flatmount.layers import record_image, record_layer
-    from flatmount.store import chain_id, open_store
+    from flatmount.sources.layers import record_image, record_layer
+    from flatmount.store.core import chain_id, open_store
 
     rng = random.Random(42)
     store = open_store(root, runroot=root + "-run")
@@ -116,7 +116,7 @@ def _drop_caches() -> None:
 
 def run(quick: bool) -> dict:
     from flatmount.gc import gc
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
     from flatmount.usage import object_refs, share, top, usage
 
     n = 20_000 if quick else 200_000

@@ -94,10 +94,10 @@ class _Null:
 
 def run(quick: bool) -> dict:
     sys.path.insert(0, str(REPO))
-    from flatmount.dump import parse_dump, write_dump
-    from flatmount.erofs.reader import read_tree
-    from flatmount.erofs.writer import image_bytes
-    from flatmount.tree import count_inodes
+    from flatmount.image.dump import parse_dump, write_dump
+    from flatmount.image.reader import read_tree
+    from flatmount.image.tree import count_inodes
+    from flatmount.image.writer import image_bytes
 
     dump = DATA / ("cs9-x86_64-minimal.dump.gz" if quick else "cs9-x86_64-developer.dump.gz")
     if not dump.exists():

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from flatmount import kmount  # noqa: E402
+from flatmount.kernel import kmount  # noqa: E402
 
 N_LAYERS = 5
 FILES_PER_LAYER = 40
@@ -70,11 +70,11 @@ def _image(base: Path, layers: list[Path]) -> tuple[Path, Path, str]:
         o.parent.mkdir(parents=True, exist_ok=True)
         o.write_bytes(data)
     try:
-        from flatmount.erofs.writer import write_image
+        from flatmount.image.writer import write_image
     except ImportError:
         write_image = None
     if write_image is not None:
-        from flatmount.tree import S_IFREG, Inode
+        from flatmount.image.tree import S_IFREG, Inode
 
         root = Inode.directory(mtime_ns=MTIME * 10**9)
         for rel, data in files.items():
@@ -88,7 +88,7 @@ def _image(base: Path, layers: list[Path]) -> tuple[Path, Path, str]:
                 node.entries[name.encode()] = Inode(S_IFREG | 0o644, size=len(data), mtime_ns=MTIME * 10**9,
                                                     digest=bytes.fromhex(hashlib.sha256(data).hexdigest()))
         write_image(root, str(image))
-        return image, objects, "flatmount.erofs.writer"
+        return image, objects, "flatmount.image.writer"
     staging = base / "staging"
     for rel, data in files.items():
         p = staging / rel
@@ -144,7 +144,7 @@ def _instructions(cmd: list[str], env: dict, out_dir: Path) -> tuple[int, str]:
 def run_cli(quick: bool, workdir: str | None = None) -> dict:
     """p50/p95 of the CLI's mount, umount and mount-image cycle against `python3 -c pass`, interleaved."""
     from flatmount.flatten import flatten_image
-    from flatmount.store import open_store
+    from flatmount.store.core import open_store
 
     runs = 20 if quick else 60
     base = Path(tempfile.mkdtemp(prefix="bench-cli-", dir=workdir))

@@ -15,7 +15,7 @@ What is read, and how (c/storage 1.43 layout, checked against c/storage main):
   from the JSON read until the last diff dir is scanned, so podman cannot delete a layer under us.
 - Image big data (`manifest`, `sha256:<config>`, ...) in `overlay-images/<id>/<name>` where `<name>`
   is the key itself if it matches `[0-9a-z.]*`, else `"=" + base64(key)`.
-- A layer's content is its `overlay/<id>/diff` directory, scanned with `flatmount.scan` and then
+- A layer's content is its `overlay/<id>/diff` directory, scanned with `flatmount.sources.directory` and then
   normalised to the one tree vocabulary (`normalise_layer_tree`, rules in its docstring).
 
 Root directory rule: the layer tree's root keeps the attributes of the `diff/` directory as read
@@ -29,8 +29,8 @@ one chain = one id across all flatmount stores.
 
 Verification: a `diff-digest` in layers.json is only a claim.  A layer is recorded under that id only
 if its tar stream, rebuilt from `overlay-layers/<id>.tar-split.gz` and the diff dir's files
-(flatmount.tarsplit), hashes to it; the layer is then read from that stream.  Otherwise it is read
-from its diff dir and recorded under `flatmount.store.unverified_chain_id`, which no digest-checked
+(flatmount.sources.tarsplit), hashes to it; the layer is then read from that stream.  Otherwise it is read
+from its diff dir and recorded under `flatmount.store.core.unverified_chain_id`, which no digest-checked
 pull reuses (`pull_cstorage`).  An image's config must hash to its id.
 
 Paths: the graph root (the user's choice) may be a symlink; nothing below it is followed if it is one
@@ -55,11 +55,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
-from flatmount.store import chain_id
-from flatmount.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
+from flatmount.image.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
+from flatmount.store.core import chain_id
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store import ImageRecord, Store
+    from flatmount.store.core import ImageRecord, Store
     from objects import ObjectStore
 
 TRANSPORT = "containers-storage:"
@@ -1002,7 +1002,7 @@ def read_layer_tree(layer: CLayer, objects: ObjectStore | None = None) -> Inode:
         raise LayerError(f"layer {layer.id} in {layer.graphroot} is incomplete (being created or "
                          "deleted by c/storage)")
     with open_diff_dir(layer) as fd:
-        from flatmount.scan import scan_directory
+        from flatmount.sources.directory import scan_directory
 
         proc = f"/proc/self/fd/{fd}"
         try:
@@ -1067,7 +1067,7 @@ def tarsplit_path(layer: CLayer) -> str:
 
 def read_verified_layer_tree(layer: CLayer, objects: ObjectStore) -> tuple[Inode | None, str]:
     """(tree, "") if the layer's tar-split data and diff dir rebuild a tar stream whose sha256 is its
-    `diff-digest`; the tree is then read FROM that stream (flatmount.tarsplit says why).  Else
+    `diff-digest`; the tree is then read FROM that stream (flatmount.sources.tarsplit says why).  Else
     (None, why): the caller records the layer as unverified.
 
     The tree's root directory follows the c/storage rule of `read_layer_tree` (the diff dir's mode,
@@ -1075,8 +1075,8 @@ def read_verified_layer_tree(layer: CLayer, objects: ObjectStore) -> tuple[Inode
     """
     import gzip
 
-    from flatmount.layers import read_tar
-    from flatmount.tarsplit import TarSplitStream
+    from flatmount.sources.layers import read_tar
+    from flatmount.sources.tarsplit import TarSplitStream
 
     if layer.incomplete:
         raise LayerError(f"layer {layer.id} in {layer.graphroot} is incomplete (being created or "
@@ -1094,7 +1094,7 @@ def read_verified_layer_tree(layer: CLayer, objects: ObjectStore) -> tuple[Inode
         stream = TarSplitStream(gzip.GzipFile(fileobj=raw, mode="rb"), dfd, label)
         try:
             tl = read_tar(stream, objects, label=f"{label} (rebuilt from tar-split)")  # type: ignore[arg-type]
-        except LayerError as e:       # (flatmount.tarsplit: the stream cannot be rebuilt)
+        except LayerError as e:       # (flatmount.sources.tarsplit: the stream cannot be rebuilt)
             return None, str(e)
         finally:
             stream.close()
@@ -1117,7 +1117,7 @@ def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
 
     Each layer is verified first: rebuilt from its tar-split data and diff dir, hashed against its
     claimed diff_id and, if that matches, read from the rebuilt stream (`read_verified_layer_tree`)
-    and recorded under the id any verified import gives it (`flatmount.store.chain_id`).  A layer
+    and recorded under the id any verified import gives it (`flatmount.store.core.chain_id`).  A layer
     that cannot be verified (no or mismatching tar-split data, e.g. partial zstd:chunked pulls or a
     tampered diff dir) is read from its diff dir and recorded under `unverified_chain_id`: no pull
     that verifies digests ever reuses it, and fsck lists it.  Layers already recorded in `store`
@@ -1128,7 +1128,7 @@ def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
     """
     from flatmount.progress import step
     from flatmount.pull import ImportBatch
-    from flatmount.store import unverified_chain_id
+    from flatmount.store.core import unverified_chain_id
 
     ref = parse_spec(spec)
     cs = CStorage.open(ref, storage_conf)

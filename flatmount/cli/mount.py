@@ -1,7 +1,7 @@
 """`flatmount` mount commands.
 
 Two layers live here, each in its own section:
-- low-level (flatmount.kmount, no store): `mount-image`, `umount-image`;
+- low-level (flatmount.kernel.kmount, no store): `mount-image`, `umount-image`;
 - store-level (`mount`, `umount`, `mounts`, `cleanup`): added by the store/mount worker.
 """
 
@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     register_kernel(sub, common)
 
 
-# --- low-level kernel mounts (flatmount.kmount) ----------------------------------------------------
+# --- low-level kernel mounts (flatmount.kernel.kmount) ----------------------------------------------------
 def register_kernel(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     from flatmount.cli import json_parser
 
@@ -51,7 +51,7 @@ def register_kernel(sub: argparse._SubParsersAction, common: argparse.ArgumentPa
 
 def cmd_mount_image(args: argparse.Namespace) -> int:
     from flatmount.cli import print_json, want_json
-    from flatmount.kmount import mount_image
+    from flatmount.kernel.kmount import mount_image
 
     mount_image(args.image, args.mountpoint, args.objects, loop=True if args.loop else None)
     if want_json(args):
@@ -64,7 +64,7 @@ def cmd_mount_image(args: argparse.Namespace) -> int:
 
 def cmd_umount_image(args: argparse.Namespace) -> int:
     from flatmount.cli import print_json, want_json
-    from flatmount.kmount import umount_image
+    from flatmount.kernel.kmount import umount_image
 
     umount_image(args.mountpoint, lazy=args.lazy, only_ours=not args.force)
     if want_json(args):
@@ -74,7 +74,7 @@ def cmd_umount_image(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- store-level mounts (flatmount.store leases) ---------------------------------------------------
+# --- store-level mounts (flatmount.store.core leases) ---------------------------------------------------
 # `mount`, `umount`, `mounts`, `cleanup` go here; register them from register() above.
 def register_store(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("flatten", parents=[common],
@@ -162,7 +162,7 @@ def cmd_mounts(args: argparse.Namespace) -> int:
 def cmd_cleanup(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, to_jsonable, want_json
     from flatmount.mount import cleanup
-    from flatmount.run import cleanup_containers
+    from flatmount.run.container import cleanup_containers
 
     store = open_store(args)
     containers = cleanup_containers(store)   # first: their mounts are leased until they are gone

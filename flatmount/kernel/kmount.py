@@ -617,7 +617,7 @@ def _image_kind(path: str) -> str:
     """"composefs" (EROFS with the composefs header), "erofs", "missing" or "other".
 
     Opened without following symlinks and without blocking (a FIFO named like an image)."""
-    from flatmount.erofs.format import COMPOSEFS_MAGIC, SUPER_MAGIC
+    from flatmount.image.format import COMPOSEFS_MAGIC, SUPER_MAGIC
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)

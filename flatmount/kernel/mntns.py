@@ -31,7 +31,7 @@ __all__ = ["current_ns", "ns_pids", "ns_stale_reason"]
 # linux/nsfs.h: NS_GET_MNTNS_ID = _IOR(0xb7, 0x5, __u64)
 NS_GET_MNTNS_ID = (2 << 30) | (8 << 16) | (0xB7 << 8) | 0x5
 
-SYS_STATMOUNT = 457    # unified syscall table (see flatmount.kmount)
+SYS_STATMOUNT = 457    # unified syscall table (see flatmount.kernel.kmount)
 SYS_LISTMOUNT = 458
 STATMOUNT_SB_BASIC = 0x1
 LSMT_ROOT = (1 << 64) - 1
@@ -163,7 +163,7 @@ class _Scan:
 
 
 def _unescape(field: str) -> str:
-    from flatmount.kmount import _unescape as unescape
+    from flatmount.kernel.kmount import _unescape as unescape
 
     return unescape(field)
 
@@ -171,7 +171,7 @@ def _unescape(field: str) -> str:
 def _mounted_in(pid: int, merged: str, ino: int) -> bool | None:
     """Whether `merged` is a mount point in the mount table of `pid` (in namespace inode `ino`);
     None if that cannot be told (pid chrooted, gone, or not in that namespace any more)."""
-    from flatmount.kmount import mounts
+    from flatmount.kernel.kmount import mounts
 
     try:
         if os.readlink(f"/proc/{pid}/root") != "/":
@@ -208,7 +208,7 @@ def mount_in_ns(mnt_id: int, ns_id: int) -> bool | None:
     None when it cannot say (no statmount with namespace ids, or an untrusted ENOENT)."""
     import ctypes
 
-    from flatmount.kmount import _UNIFIED_SYSCALL_TABLE, _sys
+    from flatmount.kernel.kmount import _UNIFIED_SYSCALL_TABLE, _sys
 
     if not _UNIFIED_SYSCALL_TABLE or not _trusted_for_foreign_namespaces():
         return None
@@ -227,7 +227,7 @@ def ns_exists(ns_id: int) -> bool | None:
     """Whether mount namespace `ns_id` exists (listmount(2) by namespace id), None if unknown."""
     import ctypes
 
-    from flatmount.kmount import _UNIFIED_SYSCALL_TABLE, _sys
+    from flatmount.kernel.kmount import _UNIFIED_SYSCALL_TABLE, _sys
 
     if not _UNIFIED_SYSCALL_TABLE or not _trusted_for_foreign_namespaces():
         return None

@@ -108,7 +108,7 @@ def _late_options(args: argparse.Namespace) -> list[str]:
 
 
 def options_from(args: argparse.Namespace, terminal: bool = False):
-    from flatmount.runspec import RunOptions, Volume
+    from flatmount.run.runspec import RunOptions, Volume
 
     cmd = _late_options(args)
     return RunOptions(command=tuple(cmd),
@@ -119,8 +119,8 @@ def options_from(args: argparse.Namespace, terminal: bool = False):
 
 
 def cmd_bundle(args: argparse.Namespace) -> int:
-    from flatmount.bundle import create_bundle, remove_bundle
     from flatmount.cli import open_store, print_json, want_json
+    from flatmount.run.bundle import create_bundle, remove_bundle
 
     store = open_store(args)
     if args.remove:
@@ -142,7 +142,7 @@ def cmd_bundle(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, want_json
-    from flatmount.run import run
+    from flatmount.run.container import run
 
     store = open_store(args)
     res = run(store, args.image, options_from(args, terminal=args.tty), name=args.name, rm=args.rm,
@@ -160,7 +160,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_ps(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, print_table, want_json
-    from flatmount.run import list_containers
+    from flatmount.run.container import list_containers
 
     cs = list_containers(open_store(args), all_=args.all)
     if want_json(args):
@@ -176,7 +176,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 def cmd_stop(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store
-    from flatmount.run import stop
+    from flatmount.run.container import stop
 
     store = open_store(args)
     for cid in args.ids:
@@ -187,7 +187,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def cmd_rm(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store
-    from flatmount.run import remove
+    from flatmount.run.container import remove
 
     store = open_store(args)
     for cid in args.ids:
@@ -199,8 +199,8 @@ def cmd_net_hook(args: argparse.Namespace) -> int:
     """Called by the runtime with the container's state (JSON, `pid` of its init) on stdin."""
     import json
 
-    from flatmount import net
     from flatmount.errors import FlatmountError
+    from flatmount.run import net
 
     try:
         pid = int(json.load(sys.stdin)["pid"])

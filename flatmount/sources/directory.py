@@ -15,7 +15,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from flatmount.errors import LayerError
-from flatmount.tree import INLINE_MAX, Inode
+from flatmount.image.tree import INLINE_MAX, Inode
 
 if TYPE_CHECKING:  # pragma: no cover
     from objects.store import ObjectStore

@@ -32,9 +32,9 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
-    from flatmount.dump import write_dump
-    from flatmount.erofs.reader import read_tree
     from flatmount.errors import FlatmountError
+    from flatmount.image.dump import write_dump
+    from flatmount.image.reader import read_tree
 
     try:
         root = read_tree(args.image)
@@ -70,7 +70,7 @@ def cmd_mkimage(args: argparse.Namespace) -> int:
         check_output(out)  # before the work: only a new or regular file is ever written
 
     if args.from_dump is not None:
-        from flatmount.dump import parse_dump
+        from flatmount.image.dump import parse_dump
 
         if args.from_dump == "-":
             root = parse_dump(sys.stdin.buffer)
@@ -81,7 +81,7 @@ def cmd_mkimage(args: argparse.Namespace) -> int:
             except OSError as e:
                 raise FlatmountError(f"cannot read dump {args.from_dump!r}: {e.strerror}") from None
     else:
-        from flatmount.scan import scan_directory
+        from flatmount.sources.directory import scan_directory
 
         objects = None
         if args.digest_store is not None:
@@ -90,7 +90,7 @@ def cmd_mkimage(args: argparse.Namespace) -> int:
             objects = ObjectStore(args.digest_store)
         root = scan_directory(args.paths[0], objects)
 
-    from flatmount.erofs.writer import write_image
+    from flatmount.image.writer import write_image
 
     if out == "-":
         write_image(root, sys.stdout.buffer)
@@ -104,7 +104,7 @@ def cmd_mkimage(args: argparse.Namespace) -> int:
         import os
 
         from flatmount.cli import print_json
-        from flatmount.tree import count_inodes
+        from flatmount.image.tree import count_inodes
 
         print_json({"output": out, "size": os.path.getsize(out), "inodes": count_inodes(root)})
     return 0

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from flatmount.errors import FlatmountError, MountError
-from flatmount.runspec import ETC_FILES, RunOptions, build_spec, etc_files, image_path_kind, mount_targets
+from flatmount.run.runspec import ETC_FILES, RunOptions, build_spec, etc_files, image_path_kind, mount_targets
 
 RECORD = "flatmount-bundle.json"
 BUNDLE_FILES = ("config.json", *ETC_FILES)
@@ -104,7 +104,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 def read_record(bundle_dir: str) -> dict | None:
     """The bundle's record, or None if the directory holds none (or an unreadable one)."""
-    from flatmount.runspec import read_image_file
+    from flatmount.run.runspec import read_image_file
 
     data = read_image_file(os.path.abspath(bundle_dir), RECORD)
     if data is None:
@@ -144,7 +144,7 @@ def _libc():
 def _mount_overlay(lowers: list[str], target: str) -> None:
     import ctypes
 
-    from flatmount.kmount import MS_NODEV, MS_NOSUID, MS_RDONLY
+    from flatmount.kernel.kmount import MS_NODEV, MS_NOSUID, MS_RDONLY
 
     opts = "lowerdir=" + ":".join(p.replace("\\", "\\\\").replace(":", "\\:").replace(",", "\\,")
                                   for p in lowers)
@@ -325,7 +325,7 @@ def net_hook_spec(mode: str) -> dict:
     """The runtime hook that runs `flatmount net-hook MODE` (this interpreter, this flatmount)."""
     import sys
 
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     return {"path": sys.executable, "args": [sys.executable, "-m", "flatmount", "net-hook", mode],
             "env": [f"PYTHONPATH={pkg_parent}", "PATH=/usr/sbin:/usr/bin:/sbin:/bin"], "timeout": 30}
 
@@ -399,7 +399,7 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False, force:
     A bundle (not a container of `run`) that another mount namespace still shows (a container runc
     made of it) is refused, or with `force` detached with its lease kept (`held_elsewhere`)."""
     from flatmount.errors import NotFoundError
-    from flatmount.kmount import is_mountpoint, umount_image
+    from flatmount.kernel.kmount import is_mountpoint, umount_image
     from flatmount.mount import find_lease, held_elsewhere
 
     _check_record(d, record)

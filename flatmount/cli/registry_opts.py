@@ -14,7 +14,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.registry import RegistryOptions
+    from flatmount.sources.registry import RegistryOptions
 
 
 def _bool(value: str) -> bool:
@@ -45,7 +45,7 @@ def add_registry_options(p: argparse.ArgumentParser) -> None:
 
 
 def registry_options(args: argparse.Namespace) -> RegistryOptions:
-    from flatmount.registry import RegistryOptions
+    from flatmount.sources.registry import RegistryOptions
 
     authfile = args.authfile or os.environ.get("REGISTRY_AUTH_FILE") or None
     return RegistryOptions(authfile=authfile, creds=args.creds, tls_verify=args.tls_verify,

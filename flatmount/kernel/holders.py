@@ -88,7 +88,7 @@ def _mounted_anywhere(sb: str, pids: list[str]) -> bool | None:
 def _held_by_process(mnt_id: int, pids: list[str]) -> bool | None:
     """Whether any process has an fd, cwd, root or mapped file on the mount with unique id `mnt_id`;
     None if some process cannot be looked into (e.g. one we may not ptrace-read)."""
-    from flatmount.kmount import mount_id
+    from flatmount.kernel.kmount import mount_id
 
     if mount_id("/proc/self") is None:   # no STATX_MNT_ID_UNIQUE here: cannot tell
         return None

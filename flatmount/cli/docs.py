@@ -1,5 +1,5 @@
 """`flatmount completion bash`: the shell completion script, generated from the parser (as podman's
-`completion` command).  The man page comes from the same walk: `python3 -m flatmount.clidoc OUTDIR`."""
+`completion` command).  The man page comes from the same walk: `python3 -m flatmount.cli.manpage OUTDIR`."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
 
 def cmd_completion(args: argparse.Namespace) -> int:
     from flatmount.cli import build_parser
-    from flatmount.clidoc import bash_completion
+    from flatmount.cli.manpage import bash_completion
 
     print(bash_completion(build_parser()), end="")
     return 0

@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flatmount.errors import DigestMismatchError, FormatError, LayerError
-from flatmount.tree import (
+from flatmount.image.tree import (
     INLINE_MAX,
     OPAQUE_XATTR,
     S_IFBLK,
@@ -72,7 +72,7 @@ from flatmount.tree import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store import ImageRecord, LayerRecord, Store
+    from flatmount.store.core import ImageRecord, LayerRecord, Store
     from objects import ObjectStore
 
 CHUNK = 1 << 20
@@ -1110,7 +1110,7 @@ def verify(layer: TarLayer, *, blob_digest: str | None = None, blob_size: int | 
                                   f"config says {diff_id}")
 
 
-# --- recording (API for other importers, e.g. flatmount.cstorage) --------------------------------
+# --- recording (API for other importers, e.g. flatmount.sources.cstorage) --------------------------------
 
 def record_layer(store: Store, layer_id: str, parent: str | None, diff_id: str, tree: Inode, *,
                  compressed_digest: str | None = None, compressed_size: int | None = None,

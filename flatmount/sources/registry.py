@@ -1,14 +1,14 @@
 """`pull docker://...` and every other skopeo transport, streamed through skopeo's image proxy.
 
-Why this shape: the proxy (flatmount.imageproxy) resolves the reference (registries, auth, TLS,
+Why this shape: the proxy (flatmount.sources.imageproxy) resolves the reference (registries, auth, TLS,
 multi-arch indexes, archives) and hands each blob over as a pipe; each layer blob streams from that
 pipe through decompression and the digest checks into the same importer `oci:` uses
-(flatmount.layers.read_tar + verify, flatmount.pull.ImportBatch), with no temporary copy.
+(flatmount.sources.layers.read_tar + verify, flatmount.pull.ImportBatch), with no temporary copy.
 
 Order: manifest, then the config blob (its sha256 is checked: it is the image id), whose diff_ids
 give the layer ids; layers whose id is already in the primary or an additional store are not
 fetched at all.  The others are fetched `jobs` at a time, one proxy process per concurrent blob (a
-proxy streams one blob at a time, see flatmount.imageproxy); each extra proxy opens the image by
+proxy streams one blob at a time, see flatmount.sources.imageproxy); each extra proxy opens the image by
 its manifest digest (for docker: references), so all of them read the same image.
 
 Failure: any error (registry down, 401, digest mismatch, a blob cut off, Ctrl-C) stops every fetch,
@@ -36,10 +36,10 @@ from typing import TYPE_CHECKING, Any
 from flatmount.errors import DigestMismatchError, FlatmountError, LayerError, RegistryError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.imageproxy import Proxy
-    from flatmount.oci import Descriptor
     from flatmount.pull import ImportBatch, PullResult
-    from flatmount.store import Store
+    from flatmount.sources.imageproxy import Proxy
+    from flatmount.sources.oci import Descriptor
+    from flatmount.store.core import Store
 
 # skopeo's transports (containers/image alltransports); oci:, dir: and containers-storage: are read
 # by flatmount itself (flatmount.pull), `skopeo-oci:` etc. would not be a name of skopeo's
@@ -268,7 +268,7 @@ class _Cancelled(Exception):
 def pull_transport(store: Store, source: str, name: str | None = None, *,
                    options: RegistryOptions | None = None, events: Events | None = None) -> PullResult:
     """Import the image at a skopeo reference (`docker://...`, `oci-archive:...`) into the primary store."""
-    from flatmount.imageproxy import Proxy
+    from flatmount.sources.imageproxy import Proxy
 
     options = options or RegistryOptions()
     if options.jobs < 1:
@@ -312,8 +312,8 @@ def pull_transport(store: Store, source: str, name: str | None = None, *,
 
 def _pull(store: Store, source: str, transport: str, rest: str, name: str | None, options: RegistryOptions,
           emit: Events, proxies: list[Proxy], image: int) -> PullResult:
-    from flatmount.oci import MAX_JSON, MT_CONFIG, MT_MANIFEST, Descriptor, _parse_json, image_layers
     from flatmount.pull import ImportBatch, PullResult
+    from flatmount.sources.oci import MAX_JSON, MT_CONFIG, MT_MANIFEST, Descriptor, _parse_json, image_layers
 
     first = proxies[0]
     try:
@@ -485,7 +485,7 @@ class _Fetcher:
             pool.shutdown(wait=True)
 
     def _fetch(self, proxy: Proxy, item: tuple[int, Descriptor, str]) -> Any:
-        from flatmount.layers import HashingReader, read_tar, verify
+        from flatmount.sources.layers import HashingReader, read_tar, verify
 
         i, desc, diff_id = item
         key = id(proxy)
@@ -545,7 +545,7 @@ class _Partial:
 
     def load(self, lid: str, blob_digest: str, diff_id: str, store: Store):
         """The kept layer's tree, if it is this layer and every object it names is in the primary."""
-        from flatmount.erofs.reader import Image
+        from flatmount.image.reader import Image
         from flatmount.pull import tree_objects
 
         if not _LAYER_ID.fullmatch(lid):

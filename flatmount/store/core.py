@@ -34,7 +34,7 @@ it rather than starting afresh (which would make every layer image an orphan and
 garbage).  gc, rmi and imports run SQLite's quick_check of the whole DB first, every other write
 that of the small tables (WRITE_CHECK_TABLES), once per process until another process commits
 (`require_sound_db`); fsck runs integrity_check.  Schema 2 records each layer image's sha256 and
-the `verified` stamps of flatmount.integrity.
+the `verified` stamps of flatmount.store.integrity.
 
 Image names: a stored name always carries a tag or digest; `foo` is stored as `foo:latest`
 (`normalise_name`).  `resolve_image(ref)` tries, as containers/storage does: a full image id (64 hex,
@@ -63,7 +63,7 @@ from flatmount.errors import NotFoundError, ReadOnlyStoreError, StoreError
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
 
-    from flatmount.tree import Inode
+    from flatmount.image.tree import Inode
     from objects import ObjectStore
 
 DB_NAME = "flatmount.db"
@@ -97,7 +97,7 @@ DB_ADVICE = ("; the store's records are damaged: run `flatmount fsck` and restor
 
 # version 2: each layer's image digest (sha256 of layers/<id>.erofs, checked by flatten and fsck; NULL
 # for layers recorded before), and `verified`: files whose sha256 was checked, with their identity then
-# (flatmount.integrity), so a mount need not hash an image again until it is rewritten
+# (flatmount.store.integrity), so a mount need not hash an image again until it is rewritten
 MIGRATIONS = {2: ("ALTER TABLE layers ADD COLUMN image_digest TEXT",
                   "CREATE TABLE IF NOT EXISTS verified(path TEXT PRIMARY KEY, digest TEXT NOT NULL, "
                   "dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER)")}
@@ -191,7 +191,7 @@ def chain_id(parent: str | None, diff_id: str) -> str:
 def unverified_chain_id(parent: str | None, diff_id: str) -> str:
     """Id of a layer whose content was NOT proven to hash to `diff_id` (a c/storage layer without
     usable tar-split data): never the id a verified import of that diff_id uses, so no digest-checked
-    pull can take it for the real layer (flatmount.cstorage.pull_cstorage)."""
+    pull can take it for the real layer (flatmount.sources.cstorage.pull_cstorage)."""
     import hashlib
 
     return hashlib.sha256(f"flatmount-unverified+{chain_id(parent, diff_id)}".encode("ascii")).hexdigest()
@@ -438,7 +438,6 @@ class Store:
         symlinks.  A primary root of the caller readable by others (0755) is changed to 0700, with
         a warning: object contents are not for other users.  Nothing is created."""
         from flatmount import safepath
-
         own = not self.readonly
         if safepath.check_dir(str(self.root), self._what(), own=own, private=not self.is_additional,
                               fix=True):
@@ -449,7 +448,6 @@ class Store:
 
     def _check_entries(self) -> None:
         from flatmount import safepath
-
         what, root, own = f"{self._what()} {self.root}", str(self.root), not self.readonly
         for name in self._DIR_ENTRIES:
             safepath.check_entry(root, name, "dir", what, own=own)
@@ -470,7 +468,6 @@ class Store:
         if self._write_opened or (self._dirs_made and not clean):
             return
         from flatmount import safepath
-
         try:
             safepath.make_dir(str(self.root), "store root", ROOT_MODE, private=True, fix=True)
             self._check_entries()
@@ -797,14 +794,14 @@ class Store:
         return mount(self, ref)
 
     def bundle(self, ref: str, bundle_dir: str, opts=None):
-        """`with store.bundle(ref, dir) as b:` an OCI runtime bundle of the image; see flatmount.bundle."""
-        from flatmount.bundle import bundle
+        """`with store.bundle(ref, dir) as b:` an OCI runtime bundle of the image; see flatmount.run.bundle."""
+        from flatmount.run.bundle import bundle
 
         return bundle(self, ref, bundle_dir, opts)
 
     def run(self, ref: str, opts=None, **kw):
-        """Run a container of image `ref` on runc and wait for it; see flatmount.run.run."""
-        from flatmount.run import run
+        """Run a container of image `ref` on runc and wait for it; see flatmount.run.container.run."""
+        from flatmount.run.container import run
 
         return run(self, ref, opts, **kw)
 
@@ -819,7 +816,7 @@ class Store:
         image of the store image `ref` (written if not cached)."""
         if os.path.isfile(ref):
             return os.path.abspath(ref)
-        from flatmount.integrity import verify_flat_image
+        from flatmount.store.integrity import verify_flat_image
 
         flat = self.flatten(ref)
         verify_flat_image(self, flat.path, flat.digest)   # (a stat when verified since last written)
@@ -1183,12 +1180,12 @@ def wait_derived() -> None:
 def read_layer_tree(rec: LayerRecord) -> Inode:
     """A recorded layer's tree (whiteouts and opaque markers kept): from the tree cache written beside
     its image at import when it is there and matches, else read from the image.  The image is first
-    checked against the sha256 recorded with the layer (flatmount.integrity), so a damaged one never
+    checked against the sha256 recorded with the layer (flatmount.store.integrity), so a damaged one never
     flows into a flattened image.  Reads files only (no database), so a flatten helper process may
     call it too."""
-    from flatmount.erofs.reader import Image
     from flatmount.flatten import layer_cache_path, tree_from_cache
-    from flatmount.integrity import read_layer_image
+    from flatmount.image.reader import Image
+    from flatmount.store.integrity import read_layer_image
 
     data, digest = read_layer_image(rec)
     try:

@@ -46,7 +46,7 @@ def bash_completion(parser: argparse.ArgumentParser) -> str:
     names for values and positional arguments."""
     prog = parser.prog
     fn = "_" + prog.replace("-", "_")
-    lines = [f"# bash completion for {prog}, generated from its argparse parser (flatmount.clidoc)",
+    lines = [f"# bash completion for {prog}, generated from its argparse parser (flatmount.cli.manpage)",
              f"{fn}() {{",
              "    local cur prev words cword",
              "    cur=${COMP_WORDS[COMP_CWORD]}",
@@ -116,7 +116,6 @@ def man_page(parser: argparse.ArgumentParser, date: str | None = None) -> str:
     """flatmount(1) in man(7) roff: synopsis, description, global options, then every subcommand
     with its description, arguments and options, then exit status."""
     from flatmount import __version__
-
     prog = parser.prog
     date = date or datetime.date.today().isoformat()
     out = [f'.TH {prog.upper()} 1 "{date}" "{prog} {__version__}" "User Commands"',
@@ -150,7 +149,7 @@ def man_page(parser: argparse.ArgumentParser, date: str | None = None) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python3 -m flatmount.clidoc OUTDIR`: write flatmount.1 and flatmount.bash there."""
+    """`python3 -m flatmount.cli.manpage OUTDIR`: write flatmount.1 and flatmount.bash there."""
     import os
     import sys
 
@@ -158,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python3 -m flatmount.clidoc OUTDIR", file=sys.stderr)
+        print("usage: python3 -m flatmount.cli.manpage OUTDIR", file=sys.stderr)
         return 2
     os.makedirs(args[0], exist_ok=True)
     parser = build_parser()

@@ -23,7 +23,7 @@ def register(sub, common: argparse.ArgumentParser) -> None:
                    help="oci:DIR[:TAG], tar:FILE, dir:PATH, containers-storage:[GRAPHROOT]IMAGE, "
                         "docker://REF, oci-archive:, docker-archive:, NAME[:TAG] or a path")
     p.add_argument("--name", help="name the image (default: the OCI tag, if any)")
-    from flatmount.commands.registry_opts import add_registry_options
+    from flatmount.cli.registry_opts import add_registry_options
 
     add_registry_options(p)
     p.set_defaults(func=cmd_pull)
@@ -80,7 +80,7 @@ def _size(n: int | None) -> str:
 def cmd_pull(args: argparse.Namespace) -> int:
     from flatmount.cli import open_store, print_json, quiet, want_json
     from flatmount.cli import progress as cli_progress
-    from flatmount.commands.registry_opts import registry_events, registry_options
+    from flatmount.cli.registry_opts import registry_events, registry_options
     from flatmount.pull import TerminalProgress, pull
 
     progress = TerminalProgress() if sys.stderr.isatty() and not quiet(args) else None
@@ -108,8 +108,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _unverified_layers(store, ids) -> set[str]:
-    """Those of `ids` recorded as unverified (flatmount.store.unverified_chain_id)."""
-    from flatmount.store import layer_is_unverified
+    """Those of `ids` recorded as unverified (flatmount.store.core.unverified_chain_id)."""
+    from flatmount.store.core import layer_is_unverified
 
     out = set()
     for layer in store.layers():

@@ -52,9 +52,9 @@ from itertools import accumulate, chain
 from operator import attrgetter, itemgetter
 from typing import BinaryIO
 
-from flatmount.erofs import format as fmt
 from flatmount.errors import FormatError
-from flatmount.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode
+from flatmount.image import format as fmt
+from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode
 
 __all__ = ["write_image", "image_bytes", "image_buffer", "dir_size"]
 

@@ -31,7 +31,8 @@ import signal
 import time
 from dataclasses import dataclass, field
 
-from flatmount.bundle import (
+from flatmount.errors import FlatmountError, NotFoundError
+from flatmount.run.bundle import (
     RECORD,
     BundleError,
     _pid_start,
@@ -42,8 +43,7 @@ from flatmount.bundle import (
     remove_record_temps,
     update_record,
 )
-from flatmount.errors import FlatmountError, NotFoundError
-from flatmount.runspec import RunOptions
+from flatmount.run.runspec import RunOptions
 
 RUNTIMES = ("runc", "crun")
 LOG = "ctr.log"     # stdout and stderr of a detached container
@@ -151,7 +151,7 @@ def _new_container_dir(base: str, cid: str, image: str, extra: dict) -> str:
     replacing anything), so `cleanup` never sees a container dir without a record."""
     import ctypes
 
-    from flatmount.bundle import _pid_start, new_record, write_record
+    from flatmount.run.bundle import _pid_start, new_record, write_record
 
     cdir = os.path.join(base, cid)
     if os.path.lexists(cdir):
@@ -196,8 +196,7 @@ def run(store, image: str, opts: RunOptions | None = None, *, name: str | None =
 
     stdio (file objects or fds, default: this process's) are passed to the container's process;
     with `opts.terminal` they are relayed through a pseudo-terminal the runtime creates."""
-    from flatmount import net
-
+    from flatmount.run import net
     opts = opts or RunOptions()
     network = net.network(opts.net)
     stop = _DeferredStop()
@@ -248,8 +247,7 @@ class _DeferredStop:
 
 def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, name, rm, detach, runtime,
          stdin, stdout, stderr) -> RunResult:
-    from flatmount import net
-
+    from flatmount.run import net
     _runtime_path(runtime)
     if detach and opts.terminal:
         raise ContainerRuntimeError("-t with -d is not supported: a detached container's terminal needs a "
@@ -285,7 +283,7 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
         pid_file = os.path.join(cdir, "init.pid")
         args = ["create", "--bundle", cdir, "--pid-file", pid_file]
         if opts.terminal:
-            from flatmount.console import ConsoleSocket
+            from flatmount.run.console import ConsoleSocket
 
             sock = os.path.join(cdir, "console.sock")
             if len(os.fsencode(sock)) > 100:   # sun_path holds 108 bytes
@@ -684,7 +682,7 @@ def remove(store, cid: str, force: bool = False) -> str:
 
 def _remove_new_dir(cdir: str, name: str, removed: list[str]) -> None:
     """A container dir its creator never renamed into place: removed once that creator is gone."""
-    from flatmount.bundle import owner_alive
+    from flatmount.run.bundle import owner_alive
 
     parts = name[len(NEW_PREFIX):].split("-", 2)
     try:

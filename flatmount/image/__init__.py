@@ -7,11 +7,11 @@ __all__ = ["Image", "collect_objects", "dir_size", "image_bytes", "read_tree", "
 
 def __getattr__(name: str):
     if name in ("write_image", "image_bytes", "dir_size"):
-        from flatmount.erofs import writer
+        from flatmount.image import writer
 
         return getattr(writer, name)
     if name in ("Image", "read_tree", "collect_objects"):
-        from flatmount.erofs import reader
+        from flatmount.image import reader
 
         return getattr(reader, name)
-    raise AttributeError(f"module 'flatmount.erofs' has no attribute {name!r}")
+    raise AttributeError(f"module 'flatmount.image' has no attribute {name!r}")

@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flatmount.errors import DigestMismatchError, LayerError, NotFoundError
-from flatmount.store import chain_id
+from flatmount.store.core import chain_id
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.layers import Progress
     from flatmount.pull import PullResult
-    from flatmount.store import Store
+    from flatmount.sources.layers import Progress
+    from flatmount.store.core import Store
 
 REF_NAME = "org.opencontainers.image.ref.name"
 MAX_JSON = 8 << 20   # index, manifests and configs larger than this are refused
@@ -356,8 +356,8 @@ def image_layers(manifest: dict, config: dict, source: str, mwhere: str,
 def pull_oci(store: Store, spec: str, name: str | None = None, *,
              progress: Progress | None = None) -> PullResult:
     """Import the image `DIR[:TAG]` of an OCI layout into the primary store, all or nothing."""
-    from flatmount.layers import HashingReader, read_tar, verify
     from flatmount.pull import ImportBatch, PullResult
+    from flatmount.sources.layers import HashingReader, read_tar, verify
 
     path, tag = split_spec(spec)
     layout = Layout(path)

@@ -21,11 +21,11 @@ from collections.abc import Iterable
 from typing import BinaryIO, TextIO
 
 from flatmount.errors import DumpSyntaxError
-from flatmount.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup
-from flatmount.tree import S_IFDIR as _S_IFDIR
-from flatmount.tree import S_IFLNK as _S_IFLNK
-from flatmount.tree import S_IFMT as _S_IFMT
-from flatmount.tree import S_IFREG as _S_IFREG
+from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup
+from flatmount.image.tree import S_IFDIR as _S_IFDIR
+from flatmount.image.tree import S_IFLNK as _S_IFLNK
+from flatmount.image.tree import S_IFMT as _S_IFMT
+from flatmount.image.tree import S_IFREG as _S_IFREG
 
 MAX_LINE = 65535           # composefs refuses longer lines
 MAX_CONTENT = 5000         # longest inline CONTENT field composefs accepts
@@ -532,7 +532,7 @@ def write_dump(root: Inode, out: BinaryIO) -> None:
     so the common line (a regular file named once) is formatted in the walk itself, and the escaped
     forms of xattr entries, mtimes and digests' object paths, which repeat across inodes, are memoised.
     """
-    from flatmount.erofs.writer import dir_size
+    from flatmount.image.writer import dir_size
 
     if root.entries is None:
         raise TypeError("the root of a tree must be a directory")

@@ -1,6 +1,6 @@
 """`flatmount` command line: parse arguments, call the library, print its result.
 
-Each area registers its subcommands from `flatmount/commands/<area>.py`; those modules import the
+Each area registers its subcommands from `flatmount/cli/<area>.py`; those modules import the
 library lazily inside their `cmd_*` functions so that start-up stays cheap.
 
 Exit codes: 0 success; 1 differences found (only `diff --exit-code`); 2 usage error; 3 a
@@ -161,7 +161,7 @@ def _build_parser(command: str | None) -> argparse.ArgumentParser | None:
         sub.wanted = command
     sub.required = True
     for area in AREAS:
-        importlib.import_module(f"flatmount.commands.{area}").register(sub, common)
+        importlib.import_module(f"flatmount.cli.{area}").register(sub, common)
         if command is not None and command in sub.choices:
             return parser
     return parser if command is None else None
@@ -225,7 +225,7 @@ def progress(args: argparse.Namespace):
 
 def open_store(args: argparse.Namespace, *, readonly: bool = False):
     """The store chosen by --config/--root/--runroot/--additional-store."""
-    from flatmount.store import open_store as _open
+    from flatmount.store.core import open_store as _open
 
     return _open(
         getattr(args, "root", None),

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from flatmount.errors import CorruptImageError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store import LayerRecord, Store
+    from flatmount.store.core import LayerRecord, Store
 
 Stamp = tuple[int, int, int, int, int]   # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
 
