@@ -69,10 +69,10 @@ import xxhash
 
 from flatmount.errors import FlatmountError, ObjectNotFoundError, VerityError
 from flatmount.image.tree import S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode
+from flatmount.sources.whiteouts import OPAQUE_WHITEOUT, whiteout_name
 
 FIELDS = ("type", "mode", "uid", "gid", "size", "mtime", "content", "xattrs", "target", "rdev", "links")
 CAPABILITY_XATTR = b"security.capability"
-OPAQUE_WHITEOUT = ".wh..wh..opq"
 _NS = 1_000_000_000
 _TYPE_NAMES = {
     stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
@@ -941,8 +941,8 @@ def _plan_layer(sa: Side, sb: Side) -> _Plan:
         members.append((b"", "entry", root_b, None))
     for p in deleted:
         i = p.rindex(b"/") + 1
-        members.append((p[:i] + b".wh." + p[i:], "whiteout", None, None))
-    members += [(o + b"/" + OPAQUE_WHITEOUT.encode(), "opaque", None, None) for o in opaque]
+        members.append((p[:i] + whiteout_name(p[i:]), "whiteout", None, None))
+    members += [(o + b"/" + OPAQUE_WHITEOUT, "opaque", None, None) for o in opaque]
     members.sort(key=lambda m: _path_key(m[0]))
     return _Plan(members, len(deleted), len(opaque))
 

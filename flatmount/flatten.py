@@ -67,8 +67,9 @@ from itertools import islice, starmap
 from operator import attrgetter, lt
 from typing import TYPE_CHECKING
 
-from flatmount.image.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFMT, Inode
+from flatmount.image.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
 from flatmount.log import debug
+from flatmount.sources.whiteouts import WHITEOUT_RDEV, WHITEOUT_TYPE, is_opaque_xattrs
 from objects import usable_cpus
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -141,7 +142,7 @@ def _merge_dir(below: Inode | None, upper: Inode, depth: int = 0) -> Inode:
             old = entries.get(name)
             old = old if old is not None and old.mode & S_IFMT == S_IFDIR else None
             entries[name] = _merge_dir(old, child, depth) if depth < _RECURSE_MAX else _merge_deep(old, child)
-        elif fmt == S_IFCHR and child.rdev == 0:
+        elif fmt == WHITEOUT_TYPE and child.rdev == WHITEOUT_RDEV:   # (is_whiteout_mode, inlined)
             entries.pop(name, None)
         else:
             entries[name] = child
@@ -162,7 +163,7 @@ def _merge_deep(below: Inode | None, upper: Inode) -> Inode:
                 entries[name] = new
                 if child.entries:
                     stack.append((new.entries, child.entries))
-            elif fmt == S_IFCHR and child.rdev == 0:
+            elif fmt == WHITEOUT_TYPE and child.rdev == WHITEOUT_RDEV:   # (is_whiteout_mode, inlined)
                 entries.pop(name, None)
             else:
                 entries[name] = child
@@ -172,7 +173,7 @@ def _merge_deep(below: Inode | None, upper: Inode) -> Inode:
 def _merged_shell(below: Inode | None, upper: Inode) -> Inode:
     """`upper`'s attributes (without the opaque marker) over `below`'s children, not yet merged."""
     xattrs = upper.xattrs
-    opaque = xattrs.get(OPAQUE_XATTR) == b"y"
+    opaque = is_opaque_xattrs(xattrs)
     if OPAQUE_XATTR in xattrs:
         xattrs = {k: v for k, v in xattrs.items() if k != OPAQUE_XATTR}
     else:

@@ -61,7 +61,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from flatmount.errors import DigestMismatchError, FormatError, LayerError
 from flatmount.image.tree import (
     INLINE_MAX,
-    OPAQUE_XATTR,
     S_IFBLK,
     S_IFCHR,
     S_IFDIR,
@@ -70,6 +69,7 @@ from flatmount.image.tree import (
     S_IFREG,
     Inode,
 )
+from flatmount.sources import whiteouts as wh
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import ImageRecord, LayerRecord, Store
@@ -80,11 +80,8 @@ PLAIN_CHUNK = 64 << 10  # reads of an uncompressed tar outside big payloads (see
 OBJECT_CHUNK = 1 << 20  # payloads below this are read whole and stored with put_bytes (objects' READ_CHUNK)
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
-WHITEOUT_PREFIX = b".wh."
-OPAQUE_WHITEOUT = b".wh..wh..opq"
 NAME_MAX = 255
 _U32 = 0xFFFFFFFF  # uid, gid and device major/minor numbers (base-256 tar fields can be larger)
-_DROPPED_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.")
 
 Progress = Callable[[int, int], None]   # (uncompressed bytes read so far, entries read so far)
 
@@ -621,7 +618,7 @@ def _xattrs(ti: tarfile.TarInfo, where: str) -> dict[bytes, bytes]:
     for name in list(out):
         if not name or b"\0" in name:
             raise LayerError(f"{where}: invalid xattr name {name!r}")
-        if name.startswith(_DROPPED_XATTR_PREFIXES):
+        if name.startswith(wh.OVERLAY_XATTR_PREFIXES):
             del out[name]
     return out
 
@@ -705,22 +702,23 @@ class LayerTreeBuilder:
             return
         base = parts[-1]
         mtime = node.mtime_ns if node is not None else mtime_ns
-        if base.startswith(WHITEOUT_PREFIX):
+        kind, target = wh.classify_name(base)
+        if kind != wh.ENTRY:
             parent = self._parent(parts[:-1], mtime, name)
             if node is not None and node.is_dir:
                 raise LayerError(f"{where}: a directory cannot be a whiteout (.wh.*)")
-            if base == OPAQUE_WHITEOUT:
+            if kind == wh.OPAQUE:
                 if id(parent) in self._opaque:
                     raise LayerError(f"{where}: duplicate opaque marker")
                 self._opaque[id(parent)] = parent
                 return
-            target = base[len(WHITEOUT_PREFIX):]
-            if not target:
+            if kind == wh.INVALID and not target:
                 raise LayerError(f"{where}: bare '.wh.' whiteout")
-            if target in (b".", b".."):
+            if kind == wh.INVALID:
                 raise LayerError(f"{where}: whiteout of {'/' if target == b'.' else '..'} is not allowed")
-            if target.startswith(WHITEOUT_PREFIX):
+            if kind == wh.AUFS_META:
                 raise LayerError(f"{where}: AUFS metadata entries (.wh..wh.*) are not supported")
+            assert target is not None
             _, names = self._whiteouts.setdefault(id(parent), (parent, set()))
             if target in names:
                 raise LayerError(f"{where}: duplicate whiteout")
@@ -753,15 +751,10 @@ class LayerTreeBuilder:
         """Apply whiteouts and opaque markers (order-independent) and return the root."""
         for parent, names in self._whiteouts.values():
             assert parent.entries is not None
-            for n in names:
-                existing = parent.entries.get(n)
-                if existing is None:
-                    parent.entries[n] = Inode.whiteout()
-                elif existing.is_dir:
-                    self._opaque[id(existing)] = existing
+            for d in wh.merge_whiteouts(parent.entries, {n: Inode.whiteout() for n in names}, opaque_dirs=True):
+                self._opaque[id(d)] = d
         for d in self._opaque.values():
-            d.xattrs = dict(d.xattrs)
-            d.xattrs[OPAQUE_XATTR] = b"y"
+            wh.make_opaque(d)
         return self.root
 
 
@@ -977,7 +970,7 @@ def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuil
         data = src.read(size) if size else b""
         if len(data) != size:
             raise LayerError(f"{builder.where(name)}: archive ends inside this file (truncated)")
-        if name.rstrip(b"/").rpartition(b"/")[2].startswith(WHITEOUT_PREFIX):
+        if wh.is_whiteout_name(name.rstrip(b"/").rpartition(b"/")[2]):
             # a whiteout or opaque marker: its name is all it says; its content is read past, not stored
             node = Inode(S_IFREG | perm, uid=uid, gid=gid, mtime_ns=mtime_ns, xattrs={})
         elif size > INLINE_MAX:
@@ -1038,7 +1031,7 @@ def _add_member(tf: tarfile.TarFile, ti: tarfile.TarInfo, builder: LayerTreeBuil
         return
     xattrs = _xattrs(ti, where)
     kw = {"uid": ti.uid, "gid": ti.gid, "mtime_ns": mtime_ns, "xattrs": xattrs}
-    if ti.isreg() and name.rstrip(b"/").rpartition(b"/")[2].startswith(WHITEOUT_PREFIX):
+    if ti.isreg() and wh.is_whiteout_name(name.rstrip(b"/").rpartition(b"/")[2]):
         # a whiteout or opaque marker: its name is all it says; content it carries is not stored
         # (it would be an object nothing references), tarfile skips over it
         builder.add(name, Inode(S_IFREG | perm, **kw))
