@@ -755,18 +755,18 @@ def test_tree_cache_round_trip_and_validation():
         bad = bytearray(data)
         bad[pos] ^= 0x40
         assert tree_from_cache(bytes(bad), digest, 12345) is None
-    # a well-formed file whose content is not a tree is refused, never half-used
+    # a well-formed file of the old (marshal) format is refused, never half-used
     import marshal
+    import struct
 
     import xxhash
 
-    from flatmount.flatten import _TREE_HEAD, _TREE_MAGIC
-
+    old_head, old_magic = struct.Struct("<8s32sQQQ"), b"FMTREE02"
     for payload in ([], ([], [], [], [], []), ([(0o100644,) * 11], [0], [1], [b"x"], [0]),
                     ([(0o40755, 0, 0, 0, 0, 0, {}, None, None, None, None)], [0], [1], [b"x"], [-1])):
         blob = marshal.dumps(payload, 2)
-        fake = _TREE_HEAD.pack(_TREE_MAGIC, bytes.fromhex(digest), 1, len(blob),
-                               xxhash.xxh3_64_intdigest(blob)) + blob
+        fake = old_head.pack(old_magic, bytes.fromhex(digest), 1, len(blob),
+                             xxhash.xxh3_64_intdigest(blob)) + blob
         assert tree_from_cache(fake, digest, 1) is None
 
 
