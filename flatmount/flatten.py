@@ -741,7 +741,7 @@ class _Derivers:
     @staticmethod
     def write_derived(store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
         """Write the tree cache and diff index of the image at `path` (best effort, never raises)."""
-        from flatmount.diff import index_file_bytes
+        from flatmount.image.diffindex import encode as index_file_bytes
 
         tree_path, index_path = derived_paths(path)
         try:
