@@ -596,7 +596,7 @@ def test_cli_errors(images, capsysbinary, tmp_path):
 
 def test_cli_store_images(tmp_path, capsysbinary, monkeypatch):
     """Names resolved in a store, flattened (cached images), diffed; the layer reproduces the image."""
-    from flatmount.sources.layers import record_image, record_layer
+    from flatmount.pull import record_image, record_layer
     from flatmount.store.core import chain_id, open_store
 
     monkeypatch.setenv("FLATMOUNT_CACHE_DIR", str(tmp_path / "cache"))
