@@ -17,12 +17,9 @@ import hashlib
 import threading
 import zlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO, Protocol
 
 from flatmount.errors import DigestMismatchError, LayerError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.sources.tarreader import TarLayer
 
 CHUNK = 1 << 20
 PLAIN_CHUNK = 64 << 10  # reads of an uncompressed tar outside big payloads (see _plain_chunks)
@@ -446,7 +443,15 @@ class ForwardReader:
         return False
 
 
-def verify(layer: TarLayer, *, blob_digest: str | None = None, blob_size: int | None = None,
+class ReadDigests(Protocol):
+    """What a read measured (a `flatmount.sources.tarreader.TarLayer`)."""
+
+    compressed_size: int
+    compressed_digest: str
+    diff_id: str
+
+
+def verify(layer: ReadDigests, *, blob_digest: str | None = None, blob_size: int | None = None,
            diff_id: str | None = None, label: str = "layer") -> None:
     """DigestMismatchError unless the stream matched what it was promised to be."""
     if blob_size is not None and layer.compressed_size != blob_size:
