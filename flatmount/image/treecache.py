@@ -214,8 +214,9 @@ class _Cursor:
         return rows
 
 
-def check_header(data: bytes, digest: str, image_size: int) -> None:
-    """FormatError unless `data` is a whole, intact tree cache of this version for that image."""
+def read_header(data: bytes) -> tuple[str, int]:
+    """(sha256 hex, size) of the image a whole, intact tree cache of this version was made from;
+    FormatError if `data` is not one (fsck uses it as a witness of what a layer image was)."""
     if len(data) < HEAD.size:
         raise FormatError("tree cache truncated")
     magic, version, dg, size, plen, check = HEAD.unpack_from(data)
@@ -223,12 +224,17 @@ def check_header(data: bytes, digest: str, image_size: int) -> None:
         raise FormatError("not a flatmount tree cache (or one of an older format)")
     if version != VERSION:
         raise FormatError(f"tree cache version {version} (this flatmount reads {VERSION})")
-    if dg.hex() != digest or size != image_size:
-        raise FormatError("tree cache of another image")
     if plen != len(data) - HEAD.size:
         raise FormatError("tree cache truncated")
     if _checksum(memoryview(data)[HEAD.size:]) != check:
         raise FormatError("tree cache does not match its checksum")
+    return dg.hex(), size
+
+
+def check_header(data: bytes, digest: str, image_size: int) -> None:
+    """FormatError unless `data` is a whole, intact tree cache of this version for that image."""
+    if read_header(data) != (digest, image_size):
+        raise FormatError("tree cache of another image")
 
 
 def decode(data: bytes, digest: str, image_size: int) -> Inode:
@@ -359,5 +365,5 @@ def _check_acyclic(nodes: list[Inode], dirs: Sequence[int]) -> None:
         raise FormatError("tree cache: a directory unreachable from the root")
 
 
-__all__ = ["COUNTS", "FIXED", "HAS_KIDS", "HEAD", "MAGIC", "SPARSE", "VERSION", "check_header", "decode",
+__all__ = ["COUNTS", "FIXED", "HAS_KIDS", "HEAD", "MAGIC", "SPARSE", "VERSION", "check_header", "decode", "read_header",
            "encode"]
