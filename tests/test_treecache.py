@@ -152,10 +152,24 @@ def test_hardlinked_directory_is_refused():
     assert kids == (1, 2, 2)
 
 
+def test_far_mtimes_round_trip():
+    """mtimes i64 nanoseconds cannot hold (a tar may date a file in the year 3000) take the wide
+    column; beyond i64 seconds nothing is truncated: no cache (ValueError)."""
+    root = Inode(S_IFDIR | 0o755, mtime_ns=-5)
+    root.entries[b"f"] = Inode(S_IFREG | 0o644, mtime_ns=32_503_680_000 * 10**9 + 7)
+    root.entries[b"g"] = Inode(S_IFREG | 0o644, mtime_ns=-(1 << 70) - 3)
+    data = treecache.encode(root, DIGEST, 7)
+    assert treecache.COUNTS.unpack_from(data, treecache.HEAD.size)[3] & treecache.WIDE_MTIME
+    assert treecache.decode(data, DIGEST, 7) == root
+
+
 def test_unencodable_values_are_a_value_error():
     """Values beyond the format's widths: no cache is written (ValueError), nothing is truncated."""
     root = Inode(S_IFDIR | 0o755)
-    root.entries[b"f"] = Inode(S_IFREG | 0o644, mtime_ns=1 << 70)
+    root.entries[b"f"] = Inode(S_IFREG | 0o644, mtime_ns=(1 << 63) * 10**9)
+    with pytest.raises(ValueError):
+        treecache.encode(root, DIGEST, 7)
+    root.entries[b"f"] = Inode(S_IFREG | 0o644, uid=1 << 32)
     with pytest.raises(ValueError):
         treecache.encode(root, DIGEST, 7)
     root.entries[b"f"] = Inode.symlink(b"a\0b")

@@ -21,8 +21,10 @@ length, xxh3-64 of the payload):
 - directories: `dirs` row numbers (strictly increasing), `dirs` entry counts, the `entries` names
   (`SEP`); with `HAS_KIDS` `entries` row numbers, without it the entries are rows 1, 2, ... in
   that order (a tree without hardlinks).
-Values that do not fit these widths (an mtime beyond +-292 years around 1970) are not encodable:
-`encode` raises ValueError and the cache is simply not written.
+With `WIDE_MTIME` (an mtime beyond +-292 years around 1970, which i64 nanoseconds cannot hold), the
+mtime column is two: seconds (i64) and nanoseconds (u32, below 10^9), right after the other fixed
+columns.  Values that do not fit even so are not encodable: `encode` raises ValueError and the cache
+is simply not written.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import gc
 import struct
 from collections import deque
 from collections.abc import Sequence
-from itertools import accumulate, islice
-from operator import attrgetter, lt
+from itertools import accumulate, islice, repeat
+from operator import add, attrgetter, lt, mul
 
 from flatmount.errors import FormatError
 from flatmount.image.tree import Inode
@@ -42,6 +44,8 @@ VERSION = 3          # 02 was a marshal payload (refused: different magic)
 HEAD = struct.Struct("<8sI32sQQQ")   # magic, version, image sha256, image size, payload length, checksum
 COUNTS = struct.Struct("<IIII")      # rows, directories, entries, flags
 HAS_KIDS = 1
+WIDE_MTIME = 2
+NS = 1_000_000_000
 _U32 = struct.Struct("<I")
 # the fixed columns: (attribute, struct format letter)
 FIXED = (("mode", "I"), ("uid", "I"), ("gid", "I"), ("mtime_ns", "q"), ("size", "Q"), ("rdev", "Q"))
@@ -133,9 +137,19 @@ def encode(root: Inode, digest: str, image_size: int) -> bytes:
     gc.disable()  # many short-lived lists, none cyclic
     try:
         nodes, dirs, counts, names, kids = _walk(root)
-        parts = [b"", COUNTS.pack(len(nodes), len(dirs), len(names), HAS_KIDS if kids is not None else 0)]
+        flags = HAS_KIDS if kids is not None else 0
+        parts = [b""]
         for attr, fmt in FIXED:
-            parts.append(_array(fmt, list(map(attrgetter(attr), nodes))))
+            values = list(map(attrgetter(attr), nodes))
+            if attr == "mtime_ns" and not -(1 << 63) <= min(values) <= max(values) < 1 << 63:
+                flags |= WIDE_MTIME
+                secs, nsecs = zip(*map(divmod, values, repeat(NS)), strict=True)
+                wide = [_array("q", secs), _array("I", nsecs)]
+                values = [0] * len(values)
+            parts.append(_array(fmt, values))
+        if flags & WIDE_MTIME:
+            parts += wide
+        parts.insert(1, COUNTS.pack(len(nodes), len(dirs), len(names), flags))
         for attr, how in SPARSE:
             rows = [i for i, v in enumerate(map(attrgetter(attr), nodes)) if v is not None]
             vals = [getattr(nodes[i], attr) for i in rows]
@@ -261,12 +275,17 @@ def decode(data: bytes, digest: str, image_size: int) -> Inode:
 
 def _decode(cur: _Cursor) -> Inode:
     n, ndirs, nents, flags = COUNTS.unpack(cur.take(COUNTS.size))
-    if n == 0 or flags & ~HAS_KIDS or ndirs > n or (not flags & HAS_KIDS and nents != n - 1):
+    if n == 0 or flags & ~(HAS_KIDS | WIDE_MTIME) or ndirs > n or (not flags & HAS_KIDS and nents != n - 1):
         raise FormatError("tree cache: bad counts")
     # (each element needs at least one byte: counts beyond the data are refused before allocating)
     if (n + ndirs + nents) * 4 > len(cur.data):
         raise FormatError("tree cache truncated")
     cols = [cur.array(fmt, n) for _attr, fmt in FIXED]
+    if flags & WIDE_MTIME:
+        secs, nsecs = cur.array("q", n), cur.array("I", n)
+        if max(nsecs) >= NS:
+            raise FormatError("tree cache: bad nanoseconds")
+        cols[3] = list(map(add, map(mul, secs, repeat(NS)), nsecs))
     sparse = []
     for attr, how in SPARSE:
         k = cur.u32()
@@ -365,5 +384,5 @@ def _check_acyclic(nodes: list[Inode], dirs: Sequence[int]) -> None:
         raise FormatError("tree cache: a directory unreachable from the root")
 
 
-__all__ = ["COUNTS", "FIXED", "HAS_KIDS", "HEAD", "MAGIC", "SPARSE", "VERSION", "check_header", "decode", "read_header",
+__all__ = ["COUNTS", "FIXED", "HAS_KIDS", "HEAD", "WIDE_MTIME", "MAGIC", "SPARSE", "VERSION", "check_header", "decode", "read_header",
            "encode"]
