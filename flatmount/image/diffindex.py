@@ -279,6 +279,7 @@ class _Reader:
         if flags & F_WIDE:
             self.pos += 1
             mode, uid, gid, mtime, rdev = self.wide(5)
+            _check_wide(mode, uid, gid, 0, rdev)
         else:
             _f, mode, uid, gid, mtime, rdev = self.unpack(DIR_KEY)
         xattrs = self.extras(F_XATTRS)[1] if flags & F_XATTRS else None
@@ -287,6 +288,13 @@ class _Reader:
 
 _DIR_PLAIN = struct.Struct("<B16sBIIIqQQQ")   # DIR_HEAD + DIR_KEY (no flags) + LOCATION, in one
 _PLAIN_LEAF_FLAGS = F_TARGET | F_CONTENT | F_DIGEST | F_OBJPATH
+
+
+def _check_wide(mode: int, uid: int, gid: int, size: int, rdev: int) -> None:
+    """What no tree can hold is refused even in the wide form (only an mtime may exceed 64 bits:
+    the others are never negative, and a device number is 64 bits at most)."""
+    if min(mode, uid, gid, size, rdev) < 0 or rdev >= 1 << 64 or mode >= 1 << 32:
+        raise FormatError("diff index: a value out of range")
 
 
 def decode_item(buf) -> tuple:
@@ -334,6 +342,7 @@ def decode_item(buf) -> tuple:
         if flags & F_WIDE:
             r.pos = 2
             mode, uid, gid, mtime, size, rdev = r.wide(6)
+            _check_wide(mode, uid, gid, size, rdev)
         else:
             _k, _f, mode, uid, gid, mtime, size, rdev = r.unpack(LEAF_HEAD)
         (target, content, digest, objpath), xattrs, links = r.extras(flags)
