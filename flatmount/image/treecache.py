@@ -53,6 +53,8 @@ SEP, LEN, FIX32 = "sep", "len", "fix32"      # how a column's values are laid ou
 SPARSE = (("target", SEP), ("content", LEN), ("digest", FIX32), ("payload", SEP))
 
 _ENTRIES = attrgetter("entries")
+_COLUMNS = (*(attr for attr, _fmt in FIXED), *(attr for attr, _how in SPARSE), "xattrs")
+_ROW = attrgetter(*_COLUMNS)
 
 
 def _checksum(payload) -> int:
@@ -139,8 +141,10 @@ def encode(root: Inode, digest: str, image_size: int) -> bytes:
         nodes, dirs, counts, names, kids = _walk(root)
         flags = HAS_KIDS if kids is not None else 0
         parts = [b""]
+        # all columns in two C-speed passes: a row per inode, then rows to columns
+        columns = dict(zip(_COLUMNS, zip(*map(_ROW, nodes), strict=True), strict=True))
         for attr, fmt in FIXED:
-            values = list(map(attrgetter(attr), nodes))
+            values = columns[attr]
             if attr == "mtime_ns" and not -(1 << 63) <= min(values) <= max(values) < 1 << 63:
                 flags |= WIDE_MTIME
                 secs, nsecs = zip(*map(divmod, values, repeat(NS)), strict=True)
@@ -151,7 +155,7 @@ def encode(root: Inode, digest: str, image_size: int) -> bytes:
             parts += wide
         parts.insert(1, COUNTS.pack(len(nodes), len(dirs), len(names), flags))
         for attr, how in SPARSE:   # (C-speed selection: most columns are mostly None)
-            column = list(map(attrgetter(attr), nodes))
+            column = columns[attr]
             present = list(map(is_not, column, repeat(None)))
             rows = list(compress(range(len(nodes)), present))
             vals = list(compress(column, present))
@@ -163,7 +167,7 @@ def encode(root: Inode, digest: str, image_size: int) -> bytes:
                 parts += [_U32.pack(len(rows)), _array("I", rows), _U32.pack(len(blob)), blob]
                 continue
             parts += [_U32.pack(len(rows)), _array("I", rows), *_values(how, vals)]
-        xrows = list(compress(range(len(nodes)), map(attrgetter("xattrs"), nodes)))
+        xrows = list(compress(range(len(nodes)), columns["xattrs"]))
         pairs = [kv for i in xrows for kv in nodes[i].xattrs.items()]
         parts += [_U32.pack(len(xrows)), _array("I", xrows), _array("I", [len(nodes[i].xattrs) for i in xrows]),
                   _array("I", [len(k) for k, _ in pairs]), _array("I", [len(v) for _, v in pairs]),
