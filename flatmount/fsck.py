@@ -240,22 +240,19 @@ def _collect_layer(path: str, image_digest: str | None) -> tuple[set[str], str]:
 def _witness(path: str) -> str | None:
     """The sha256 of the image a layer's tree cache was made from at import (written once, from the
     same bytes as the image), if the cache is whole (its own checksum holds); else None."""
-    import xxhash
-
-    from flatmount.flatten import _TREE_HEAD, _TREE_MAGIC, layer_cache_path
+    from flatmount.errors import FormatError
+    from flatmount.flatten import layer_cache_path
+    from flatmount.image.treecache import read_header
 
     try:
         with open(layer_cache_path(path), "rb") as f:
             data = f.read()
     except OSError:
         return None
-    h = _TREE_HEAD.size
-    if len(data) < h:
+    try:
+        return read_header(data)[0]
+    except FormatError:
         return None
-    magic, dg, _size, plen, check = _TREE_HEAD.unpack_from(data)
-    if magic != _TREE_MAGIC or plen != len(data) - h or xxhash.xxh3_64_intdigest(memoryview(data)[h:]) != check:
-        return None
-    return dg.hex()
 
 
 def _snapshot(db, digest_col: str = "NULL") -> dict[str, list[tuple]]:

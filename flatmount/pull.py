@@ -60,7 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from flatmount.image.tree import Inode
     from flatmount.sources.layers import Progress
     from flatmount.sources.registry import Events, RegistryOptions
-    from flatmount.store.core import ImageRecord, Store
+    from flatmount.store.core import ImageRecord, LayerRecord, Store
     from objects import ObjectStore
 
 _OBJPATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
@@ -693,3 +693,31 @@ class TerminalProgress:
         if self._drawn:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+
+
+# --- recording one layer or image (for importers and tools with a tree in hand) ---------------------
+
+def record_layer(store: Store, layer_id: str, parent: str | None, diff_id: str, tree: Inode, *,
+                 compressed_digest: str | None = None, compressed_size: int | None = None,
+                 diff_size: int | None = None, created: str | None = None) -> LayerRecord:
+    """Write the layer image and record the layer with its object refs, in one transaction.
+
+    The objects `tree` references must already be durable in `store.objects` (put + sync); the
+    caller should hold `store.gc_lock(shared=True)` since those puts.
+    """
+    with ImportBatch(store) as batch:
+        batch.add_layer(tree, parent=parent, diff_id=diff_id, layer_id=layer_id,
+                        compressed_digest=compressed_digest, compressed_size=compressed_size,
+                        diff_size=diff_size, created=created)
+        batch.commit()
+    return store.layer(layer_id)
+
+
+def record_image(store: Store, image_id: str, top_layer: str | None, *,
+                 config: dict | bytes | str | None = None, manifest: bytes | str | None = None,
+                 names: list[str] | tuple[str, ...] = (), created: str | None = None) -> ImageRecord:
+    """Record an image (and its names, moved from other images if they had them) whose layers exist."""
+    with ImportBatch(store) as batch:
+        batch.set_image(image_id, top_layer, config=config, manifest=manifest, names=names,
+                        created=created)
+        return batch.commit()  # type: ignore[return-value]

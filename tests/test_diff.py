@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from flatmount import diff as D
 from flatmount.cli import main
 from flatmount.diff import Change, DiffStats, ImageIndex, TreeIndex, changes, diff_images, export_layer
+from flatmount.diff.index import _side_lookup
 from flatmount.errors import ObjectNotFoundError
 from flatmount.flatten import flatten_trees
 from flatmount.image.tree import (
@@ -595,7 +596,7 @@ def test_cli_errors(images, capsysbinary, tmp_path):
 
 def test_cli_store_images(tmp_path, capsysbinary, monkeypatch):
     """Names resolved in a store, flattened (cached images), diffed; the layer reproduces the image."""
-    from flatmount.sources.layers import record_image, record_layer
+    from flatmount.pull import record_image, record_layer
     from flatmount.store.core import chain_id, open_store
 
     monkeypatch.setenv("FLATMOUNT_CACHE_DIR", str(tmp_path / "cache"))
@@ -742,15 +743,15 @@ PODMAN_INIT_INODES = {"/dev", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf",
 
 
 def _exists(ix: ImageIndex, path: str) -> bool:
-    return D._side_lookup(ix, os.fsencode(path)) is not None
+    return _side_lookup(ix, os.fsencode(path)) is not None
 
 
 def _is_dir(ix: ImageIndex, path: str) -> bool:
-    found = D._side_lookup(ix, os.fsencode(path))
+    found = _side_lookup(ix, os.fsencode(path))
     return found is not None and found[0].is_dir
 
 
 def _same_file(a: ImageIndex, b: ImageIndex, path: str) -> bool:
-    fa, fb = D._side_lookup(a, os.fsencode(path)), D._side_lookup(b, os.fsencode(path))
+    fa, fb = _side_lookup(a, os.fsencode(path)), _side_lookup(b, os.fsencode(path))
     return fa is not None and fb is not None and not fa[0].is_dir and not D.compare_inodes(fa[0], fb[0])
 

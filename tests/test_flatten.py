@@ -453,7 +453,7 @@ def test_longest_cached_prefix_gives_the_same_bytes(tmp_path, monkeypatch, prefi
     two = flatten_image(a, "two")                  # caches the prefix (file, and tree in memory)
     assert (two.digest in flatten._trees) is True
     if not prefix_in_memory:
-        monkeypatch.setattr(flatten, "_trees", {})  # a new process: the prefix is read from its file
+        monkeypatch.setattr(flatten.trees, "_trees", {})  # a new process: the prefix is read from its file
     asked = []
     orig = store_mod.read_layer_tree
     monkeypatch.setattr(store_mod, "read_layer_tree", lambda rec: asked.append(rec.id) or orig(rec))
@@ -476,8 +476,8 @@ def _helper_run(tmp_path, monkeypatch, name: str, in_child=None) -> tuple[str, s
     from flatmount.store.core import open_store
 
     trees = chain_trees()
-    monkeypatch.setattr(flatten, "HELPER_MIN_INODES", 0)
-    monkeypatch.setattr(flatten, "_helper_pays", lambda prefix, chain: True)  # even with 1 CPU
+    monkeypatch.setattr(flatten.helper, "HELPER_MIN_INODES", 0)
+    monkeypatch.setattr(flatten.helper, "_helper_pays", lambda prefix, chain: True)  # even with 1 CPU
     pids: list[int] = []
     real_fork = os.fork
 
@@ -501,8 +501,8 @@ def _helper_run(tmp_path, monkeypatch, name: str, in_child=None) -> tuple[str, s
     assert flatten.load_tree_cache(two.path) is not None and os.path.exists(flatten.derived_paths(two.path)[1])
     assert bool(threads) == (in_child is not None)
     monkeypatch.setattr(os, "fork", real_fork)
-    monkeypatch.setattr(flatten, "HELPER", False)
-    monkeypatch.setattr(flatten, "_helper_pays", lambda prefix, chain: False)
+    monkeypatch.setattr(flatten.helper, "HELPER", False)
+    monkeypatch.setattr(flatten.helper, "_helper_pays", lambda prefix, chain: False)
     b = open_store(tmp_path / f"{name}-1", runroot=tmp_path / "run")
     store_image(b, trees, "chain", blobs=BIG)
     one = flatten_image(b, "chain")
@@ -523,12 +523,12 @@ def test_two_process_writer_writes_the_same_image(tmp_path, monkeypatch):
 
 def _fail_build(monkeypatch):
     from flatmount import flatten
-    monkeypatch.setattr(flatten, "_chain_tree", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(flatten.imagecache, "_chain_tree", lambda *a, **k: 1 / 0)
 
 
 def _hang(monkeypatch):
     from flatmount import flatten
-    monkeypatch.setattr(flatten, "_chain_tree", lambda *a, **k: time.sleep(3600))
+    monkeypatch.setattr(flatten.imagecache, "_chain_tree", lambda *a, **k: time.sleep(3600))
 
 
 def _die_while_writing(monkeypatch):
@@ -540,14 +540,14 @@ def _die_while_writing(monkeypatch):
 
 def _other_tree(monkeypatch):
     from flatmount import flatten
-    build = flatten._chain_tree
+    build = flatten.imagecache._chain_tree
 
     def other(*a, **k):
         tree = build(*a, **k)
         tree.entries[b"only-in-the-helper"] = Inode.file(b"x")
         return tree
 
-    monkeypatch.setattr(flatten, "_chain_tree", other)
+    monkeypatch.setattr(flatten.imagecache, "_chain_tree", other)
 
 
 @pytest.mark.parametrize("fail", [_fail_build, _hang, _die_while_writing, _other_tree])
@@ -572,13 +572,13 @@ def test_two_process_writer_when_fork_is_refused(tmp_path, monkeypatch):
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
 
     fds = len(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(flatten, "_helper_pays", lambda prefix, chain: True)
+    monkeypatch.setattr(flatten.helper, "_helper_pays", lambda prefix, chain: True)
     monkeypatch.setattr(os, "fork", refuse)
     a = open_store(tmp_path / "a", runroot=tmp_path / "run")
     store_image(a, chain_trees(), "chain", blobs=BIG)
     refused = flatten_image(a, "chain")
     monkeypatch.undo()
-    monkeypatch.setattr(flatten, "HELPER", False)
+    monkeypatch.setattr(flatten.helper, "HELPER", False)
     b = open_store(tmp_path / "b", runroot=tmp_path / "run")
     store_image(b, chain_trees(), "chain", blobs=BIG)
     assert flatten_image(b, "chain").digest == refused.digest
@@ -593,8 +593,8 @@ import os, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from flatmount import flatten
 from flatmount.store.core import open_store
-flatten._helper_pays = lambda prefix, chain: True
-build = flatten._chain_tree
+flatten.helper._helper_pays = lambda prefix, chain: True
+build = flatten.imagecache._chain_tree
 parent = os.getpid()
 
 def slow_here(*a, **k):   # the parent builds slowly: the test kills it while the helper waits for it
@@ -603,7 +603,7 @@ def slow_here(*a, **k):   # the parent builds slowly: the test kills it while th
         time.sleep(60)
     return build(*a, **k)
 
-flatten._chain_tree = slow_here
+flatten.imagecache._chain_tree = slow_here
 store = open_store({store!r}, runroot={run!r}, config=os.devnull, additional=[])
 flatten.flatten_image(store, "chain")
 """
@@ -657,16 +657,16 @@ def test_helper_only_for_big_trees_and_when_memory_allows(monkeypatch):
 
     from flatmount import flatten
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    monkeypatch.setattr(flatten, "_mem_available", lambda: 8 << 30)
+    monkeypatch.setattr(flatten.helper, "_mem_available", lambda: 8 << 30)
     big = [SimpleNamespace(inodes=15_000), SimpleNamespace(inodes=15_000)]
-    assert flatten._helper_pays(None, big)
-    assert not flatten._helper_pays(None, big[:1])                          # small
-    assert not flatten._helper_pays(None, [SimpleNamespace(inodes=None)])   # unknown
-    monkeypatch.setattr(flatten, "_mem_available", lambda: 100 << 20)
-    assert not flatten._helper_pays(None, big)                              # no room for a 2nd tree
-    monkeypatch.setattr(flatten, "_mem_available", lambda: 8 << 30)
+    assert flatten.helper._helper_pays(None, big)
+    assert not flatten.helper._helper_pays(None, big[:1])                          # small
+    assert not flatten.helper._helper_pays(None, [SimpleNamespace(inodes=None)])   # unknown
+    monkeypatch.setattr(flatten.helper, "_mem_available", lambda: 100 << 20)
+    assert not flatten.helper._helper_pays(None, big)                              # no room for a 2nd tree
+    monkeypatch.setattr(flatten.helper, "_mem_available", lambda: 8 << 30)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
-    assert not flatten._helper_pays(None, big)                              # one CPU
+    assert not flatten.helper._helper_pays(None, big)                              # one CPU
 
 
 def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):
@@ -755,18 +755,18 @@ def test_tree_cache_round_trip_and_validation():
         bad = bytearray(data)
         bad[pos] ^= 0x40
         assert tree_from_cache(bytes(bad), digest, 12345) is None
-    # a well-formed file whose content is not a tree is refused, never half-used
+    # a well-formed file of the old (marshal) format is refused, never half-used
     import marshal
+    import struct
 
     import xxhash
 
-    from flatmount.flatten import _TREE_HEAD, _TREE_MAGIC
-
+    old_head, old_magic = struct.Struct("<8s32sQQQ"), b"FMTREE02"
     for payload in ([], ([], [], [], [], []), ([(0o100644,) * 11], [0], [1], [b"x"], [0]),
                     ([(0o40755, 0, 0, 0, 0, 0, {}, None, None, None, None)], [0], [1], [b"x"], [-1])):
         blob = marshal.dumps(payload, 2)
-        fake = _TREE_HEAD.pack(_TREE_MAGIC, bytes.fromhex(digest), 1, len(blob),
-                               xxhash.xxh3_64_intdigest(blob)) + blob
+        fake = old_head.pack(old_magic, bytes.fromhex(digest), 1, len(blob),
+                             xxhash.xxh3_64_intdigest(blob)) + blob
         assert tree_from_cache(fake, digest, 1) is None
 
 
@@ -807,7 +807,7 @@ def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
             with open(tp, "r+b") as fh:
                 fh.seek(os.path.getsize(tp) // 2)
                 fh.write(b"\x00\x01\x02")
-        monkeypatch.setattr(flatten, "_trees", {})
+        monkeypatch.setattr(flatten.trees, "_trees", {})
         reads = []
         orig = reader.Image.root
         monkeypatch.setattr(reader.Image, "root", lambda self: reads.append(1) or orig(self))
@@ -836,8 +836,8 @@ def test_derived_files_backlog_is_bounded(tmp_path, monkeypatch):
     from flatmount import flatten
     from flatmount.store.core import open_store
 
-    real = flatten.tree_cache_bytes
-    monkeypatch.setattr(flatten, "tree_cache_bytes", lambda *a: time.sleep(0.2) or real(*a))
+    real = flatten.trees.tree_cache_bytes
+    monkeypatch.setattr(flatten.trees, "tree_cache_bytes", lambda *a: time.sleep(0.2) or real(*a))
     store = open_store(tmp_path / "p", runroot=tmp_path / "run")
     paths = []
     for k in range(4):

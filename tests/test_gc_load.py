@@ -242,7 +242,7 @@ def _crash_child(args) -> None:
     elif op == "flatten":
         if arg.get("helper"):   # the two-process writer, whatever the size: killed with its helper
             from flatmount import flatten
-            flatten._helper_pays = lambda prefix, chain: True
+            flatten.helper._helper_pays = lambda prefix, chain: True
         flatten_image(store, arg["name"])
     elif op == "gc":
         gc(store, grace_s=0)

@@ -468,7 +468,7 @@ def _with_checksum(block: bytes) -> bytes:
 def test_fast_header_decoding_is_tarfiles(name, type_, size, mtime, ids, fmt, poke, fix_checksum):
     """_TarInfo.frombuf decodes every block (headers of each format, then with bytes poked into them)
     exactly as tarfile does: the same fields, or the same error."""
-    from flatmount.sources.layers import _TarInfo
+    from flatmount.sources.tarreader import _TarInfo
 
     ti = tarfile.TarInfo(name)
     ti.type, ti.size, ti.mtime, ti.uid, ti.gid = type_, size, mtime, ids, ids // 3

@@ -1,4 +1,4 @@
-"""The tar reader's own path for plain members (flatmount.sources.layers._fast_member): used, and equal to tarfile's.
+"""The tar reader's own path for plain members (flatmount.sources.tarreader._fast_member): used, and equal to tarfile's.
 
 Each tar is read twice, with the fast path and with it switched off (every member through tarfile
 and `_add_member`, the code it replaces): trees (as composefs dumps), digests, entry counts and
@@ -17,7 +17,7 @@ import pytest
 
 from flatmount.errors import LayerError
 from flatmount.image.dump import dump_bytes
-from flatmount.sources import layers
+from flatmount.sources import tarreader
 from flatmount.sources.layers import read_tar
 from objects import ObjectStore
 from tests.tarbuild import bad_tars, compress
@@ -72,7 +72,7 @@ def _read(data: bytes, store_dir: str, fast: bool, monkeypatch: pytest.MonkeyPat
           ) -> tuple[str, bytes | str, str, int] | tuple[str, str]:
     with monkeypatch.context() as m:
         if not fast:
-            m.setattr(layers, "_fast_member", lambda *a: False)
+            m.setattr(tarreader, "_fast_member", lambda *a: False)
         with ObjectStore(store_dir) as objects:
             try:
                 layer = read_tar(io.BytesIO(data), objects, label="L")
@@ -159,13 +159,13 @@ def test_bad_checksum_or_number_goes_to_tarfile(tmp_path, monkeypatch):
 def test_plain_members_do_not_go_through_tarfile(tmp_path, monkeypatch):
     """The speed of many-small-file layers: tarfile decodes only the first header and the end."""
     calls = []
-    real = layers._TarInfo.frombuf.__func__
+    real = tarreader._TarInfo.frombuf.__func__
 
     def counting(cls, buf, encoding, errors):
         calls.append(1)
         return real(cls, buf, encoding, errors)
 
-    monkeypatch.setattr(layers._TarInfo, "frombuf", classmethod(counting))
+    monkeypatch.setattr(tarreader._TarInfo, "frombuf", classmethod(counting))
     data = _tar(_plain_entries(300))
     with ObjectStore(str(tmp_path / "o")) as objects:
         layer = read_tar(io.BytesIO(data), objects)

@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
 from flatmount.image.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
+from flatmount.sources import whiteouts as wh
 from flatmount.store.core import chain_id
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -71,12 +72,7 @@ _ADD_STORE_HINT = ("; a store holding it is added in storage.conf under [storage
                    "/etc/containers/storage.conf), or name its graphroot: containers-storage:[GRAPHROOT]IMAGE")
 
 # --- overlay / AUFS vocabulary found inside diff dirs ---------------------------------------------
-WHITEOUT_PREFIX = b".wh."
-WHITEOUT_META_PREFIX = b".wh..wh."
-WHITEOUT_OPAQUE = b".wh..wh..opq"
-TRUSTED_OVL = b"trusted.overlay."
-USER_OVL = b"user.overlay."
-ESCAPED_OVL = b"trusted.overlay.overlay."        # kernel >= 6.7: a content xattr trusted.overlay.X
+# (whiteout names and overlay xattrs: flatmount.sources.whiteouts)
 OVERRIDE_STAT = b"user.containers.override_stat"  # c/storage force_mask: "uid:gid:mode"
 # overlay keys (after the trusted.overlay./user.overlay. prefix) whose presence means the diff dir
 # alone does not hold the layer (the data or the directory's identity lives in a lower layer).
@@ -860,35 +856,33 @@ def _normalise_inode(node: Inode, where: str) -> bool:
     xwhiteout = False
     override: bytes | None = None
     for key, value in node.xattrs.items():
-        if key.startswith(ESCAPED_OVL):
-            real = TRUSTED_OVL + key[len(ESCAPED_OVL):]
+        if key.startswith(wh.ESCAPED_OVERLAY_PREFIX):
+            real = wh.TRUSTED_OVERLAY_PREFIX + key[len(wh.ESCAPED_OVERLAY_PREFIX):]
             if real == OPAQUE_XATTR:
                 raise LayerError(f"{where}: content xattr {real.decode()} cannot be represented "
                                  "(the tree model uses it as the opaque marker)")
             xattrs[real] = value
             continue
-        for prefix in (TRUSTED_OVL, USER_OVL):
-            if key.startswith(prefix):
-                name = key[len(prefix):]
-                if name == b"opaque":
-                    opaque = opaque or value == b"y"   # "x" = "has xattr whiteouts", not opaque
-                elif name == b"whiteout":
-                    xwhiteout = True
-                elif name in _DEPENDENT_KEYS:
-                    raise LayerError(f"{where}: overlay {name.decode()} xattr in a diff dir: the "
-                                     "layer depends on its lower layers (store written with "
-                                     "redirect_dir/metacopy); it cannot be read directly")
-                # every other overlay key (origin, impure, nlink, upper, uuid, protattr,
-                # dirmeta_delegate, ...) is overlayfs bookkeeping, not content
-                break
+        name = wh.overlay_xattr_name(key)
+        if name is not None:
+            if name == b"opaque":
+                opaque = opaque or value == b"y"   # "x" = "has xattr whiteouts", not opaque
+            elif name == b"whiteout":
+                xwhiteout = True
+            elif name in _DEPENDENT_KEYS:
+                raise LayerError(f"{where}: overlay {name.decode()} xattr in a diff dir: the "
+                                 "layer depends on its lower layers (store written with "
+                                 "redirect_dir/metacopy); it cannot be read directly")
+            # every other overlay key (origin, impure, nlink, upper, uuid, protattr,
+            # dirmeta_delegate, ...) is overlayfs bookkeeping, not content
         else:
             if key == OVERRIDE_STAT:
                 override = value
             elif key not in _IGNORED_XATTRS:
                 xattrs[key] = value
-    if opaque and node.is_dir:
-        xattrs[OPAQUE_XATTR] = b"y"
     node.xattrs = xattrs
+    if opaque and node.is_dir:
+        wh.make_opaque(node)
     if override is not None:
         _apply_override_stat(node, override, where)
     return xwhiteout and node.is_reg and node.size == 0
@@ -966,13 +960,14 @@ class _Normaliser:
 
     def entries(self, d: Inode, path: bytes) -> None:
         assert d.entries is not None
-        real = {n for n in d.entries if not n.startswith(WHITEOUT_PREFIX)}
+        real = {n for n in d.entries if not wh.is_whiteout_name(n)}
         out: dict[bytes, Inode] = {}
         whiteouts: dict[bytes, Inode] = {}
         for n, child in d.entries.items():
             cpath = path + b"/" + n
             xwhiteout = self.inode(child, cpath)
-            if not n.startswith(WHITEOUT_PREFIX):
+            kind, target = wh.classify_name(n)
+            if kind == wh.ENTRY:
                 if xwhiteout:
                     whiteouts[n] = Inode.whiteout(uid=child.uid, gid=child.gid, mtime_ns=child.mtime_ns)
                 else:
@@ -980,19 +975,19 @@ class _Normaliser:
                 continue
             if child.is_dir:
                 raise LayerError(f"{self.where(cpath)}: a directory named like an AUFS whiteout")
-            if n == WHITEOUT_OPAQUE:
+            if kind == wh.OPAQUE:
                 d.xattrs[OPAQUE_XATTR] = b"y"
                 continue
-            if n.startswith(WHITEOUT_META_PREFIX):
+            if kind == wh.AUFS_META:
                 continue        # AUFS internal (.wh..wh.plnk, .wh..wh.aufs): never content
-            target = n[len(WHITEOUT_PREFIX):]
-            if not target or target in (b".", b".."):
+            if kind == wh.INVALID:
                 raise LayerError(f"{self.where(cpath)}: invalid whiteout name")
+            assert target is not None
             if target in real:
                 continue        # a whiteout next to a new entry of the same name: the entry wins
             whiteouts[target] = Inode.whiteout(uid=child.uid, gid=child.gid, mtime_ns=child.mtime_ns)
-        for n, w in whiteouts.items():
-            out.setdefault(n, w)
+        # an upper dir says opacity with its own xattr: an entry beside a whiteout only wins
+        wh.merge_whiteouts(out, whiteouts, opaque_dirs=False)
         d.entries = out
 
 

@@ -1,0 +1,139 @@
+"""Content-addressed flattened images in the store: the image of a chain from the cache, or written
+from its longest cached prefix (two processes for a big one), recorded, and its derived files started."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import flatmount.flatten.helper as forked
+from flatmount.flatten.merge import apply_layer, default_root
+from flatmount.flatten.paths import _digest_of, cached_flat_image, chain_of, flat_image_path
+from flatmount.flatten.trees import DERIVERS, _remember_tree, flat_tree
+from flatmount.image.tree import Inode
+from flatmount.log import debug
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatmount.store.core import Store
+
+
+@dataclass(frozen=True)
+class FlatImage:
+    """A flattened image of one chain: `path` is `<store>/images/<digest>.erofs`."""
+
+    digest: str                 # sha256 hex of the image bytes
+    path: str
+    chain_key: str              # the top layer id
+    layers: tuple[str, ...]     # layer ids, base first
+    reused: bool                # True when the cached image was used and nothing was written
+
+
+def flatten_image(store: Store, ref: str) -> FlatImage:
+    """The flattened image of image `ref` (name, id or id prefix), from the cache or freshly written."""
+    image = store.resolve_image(ref)
+    return flatten_chain(store, chain_of(store, image))
+
+
+def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
+    """The flattened image of a layer chain (LayerRecords, base first), cached per top layer id."""
+    ids = tuple(layer.id for layer in chain)
+    key = ids[-1]
+    path = cached_flat_image(store, key)
+    if path is not None:
+        return FlatImage(_digest_of(path), path, key, ids, True)
+    from flatmount.errors import ReadOnlyStoreError
+
+    if store.readonly:
+        raise ReadOnlyStoreError(f"the flattened image of layer {key} is not cached and the primary "
+                                 f"store {store.root} is opened read-only")
+    with store.gc_lock(shared=True):
+        path = cached_flat_image(store, key)  # another process may have written it meanwhile
+        if path is not None:
+            return FlatImage(_digest_of(path), path, key, ids, True)
+        prefix, start, save = None, 0, False
+        for i in range(len(ids) - 2, -1, -1):  # the longest cached proper prefix
+            prefix = cached_flat_image(store, ids[i])
+            if prefix is not None:  # its tree cache may be (re)written only in the primary store
+                save = os.path.dirname(os.path.dirname(prefix)) == os.fspath(store.root)
+                start = i + 1
+                break
+        layers = list(chain[start:])
+        store.ensure_writable()
+        helper = forked._Helper.start(store, lambda: _chain_tree(prefix, layers, save=False)) \
+            if forked._helper_pays(prefix, chain) else None
+        debug("flatten %s: %s", chain[-1].id[:12] if chain else "(empty chain)",
+              "a forked helper writes half the image" if helper is not None else
+              "this process writes the whole image (small chain, cached prefix or no helper)")
+        try:
+            if helper is not None:
+                tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
+            else:
+                tree, buf = _chain_tree(prefix, layers, save=save), None
+            digest, path, size, image_id = _write_image_file(store, tree, buf)
+            del buf
+            _remember_tree(digest, tree)
+            # not durable: a lost row costs one flatten again (the image is durable, named by content)
+            from flatmount.store.integrity import record_verified
+
+            st = os.lstat(path)   # (we hashed what we wrote: verified as of this identity, for mount)
+            with store.transaction(durable=False) as db:  # no refs rows: the chain's layers hold its objects
+                db.execute("INSERT OR REPLACE INTO flat_images(chain_key, digest, created) VALUES (?, ?, ?)",
+                           (key, digest, time.time()))
+                record_verified(db, os.path.abspath(path), digest, st)
+            # derived files once the image is recorded: started earlier, their thread would take the
+            # GIL from this one at every release (the record's I/O) for a switch interval each time
+            if helper is None or not helper.derive(path, digest, size, image_id):
+                DERIVERS.start(store, path, tree, digest, size, image_id)
+        finally:
+            if helper is not None:
+                helper.close()
+    return FlatImage(digest, path, key, ids, False)
+
+
+def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
+    """The flattened tree of the flat image `prefix` (None: an empty root) with `layers` (records)
+    applied in order.  Reads files only (no database): a helper process builds it too."""
+    from flatmount.store.core import read_layer_tree
+
+    tree = flat_tree(prefix, save=save) if prefix is not None else default_root()
+    for layer in layers:
+        tree = apply_layer(tree, read_layer_tree(layer))
+    return tree
+
+
+def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tuple[str, str]:
+    """Write `tree` as `<root>/images/<sha256>.erofs` (temp in `<root>/tmp`, fsync, rename); with
+    `derived`, its tree cache and diff index are then written beside it (`derived_paths`; best effort)
+    by a background thread (`_Derivers`), so the caller can record and mount the image meanwhile.
+
+    The caller holds `store.gc_lock(shared=True)` until the image is recorded (GC and `clean_tmp`
+    treat files nobody records as garbage once that lock is free)."""
+    digest, path, size, image_id = _write_image_file(store, tree)
+    if derived:
+        DERIVERS.start(store, path, tree, digest, size, image_id)
+    return digest, path
+
+
+def _write_image_file(store: Store, tree: Inode, buf=None) -> tuple[str, str, int, bytes]:
+    """`write_flat_image` without its derived files: (digest, path, size, xxh3-128 of the image).
+    `buf`: the image of `tree` if already built."""
+    import hashlib
+
+    import xxhash
+
+    from flatmount.atomic import AtomicFile
+
+    store.ensure_writable()
+    if buf is None:
+        from flatmount.image.writer import image_buffer
+
+        buf = image_buffer(tree)
+    with AtomicFile(store.tmp_dir, prefix="flat-") as af:
+        af.file.write(buf)
+        # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced
+        digest, image_id = af.sync_while(lambda: (hashlib.sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)))
+        path = af.commit(flat_image_path(store.root, digest))  # same bytes if it existed: content-addressed
+    return digest, path, len(buf), image_id

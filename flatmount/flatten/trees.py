@@ -1,0 +1,229 @@
+"""Trees of flattened and layer images without parsing them: the last few in this process's memory,
+and the tree cache files beside images (format: flatmount.image.treecache); and the background writers
+of an image's derived files (tree cache, diff index).  See flatmount.flatten for why and when."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import threading
+from typing import TYPE_CHECKING
+
+from flatmount.flatten.paths import _digest_of, derived_paths, layer_cache_path
+from flatmount.image.tree import Inode
+from flatmount.log import debug
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatmount.store.core import Store
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
+# Flattened trees of the last images this process read or wrote, by image digest: extending a chain
+# by one layer then costs one apply_layer and one write, no read.  Safe to share: trees are never
+# modified (copy-on-write everywhere).
+TREE_CACHE_SIZE = 2
+_trees: dict[str, Inode] = {}
+
+
+def _remember_tree(digest: str, tree: Inode) -> None:
+    _trees.pop(digest, None)
+    _trees[digest] = tree
+    while len(_trees) > TREE_CACHE_SIZE:
+        del _trees[next(iter(_trees))]
+
+
+def flat_tree(path: str, *, save: bool = False) -> Inode:
+    """The tree of the flattened image at `path` (`.../<digest>.erofs`); do not modify it.
+
+    From this process's memory, else from the image's tree cache, else read from the image (and,
+    with `save`, for a writable store's image whose caller holds its GC lock shared, the tree cache
+    written for next time)."""
+    digest = _digest_of(path)
+    tree = _trees.get(digest)
+    if tree is None:
+        tree = load_tree_cache(path)
+        if tree is None:   # read from the image, once checked against its name
+            import hashlib
+
+            from flatmount.image.reader import Image
+            from flatmount.store.integrity import damaged_flat_image, read_file
+
+            data = read_file(path)[0]
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != digest:
+                raise damaged_flat_image(digest, path, actual)
+            tree = Image(data).root()
+            if save:
+                save_tree_cache(path, tree)
+    _remember_tree(digest, tree)
+    return tree
+
+
+# --- the tree cache ------------------------------------------------------------------------------
+# The format and its codec are flatmount.image.treecache (versioned, bounds-checked, no marshal: an
+# additional store's caches are another user's files).  It holds the tree the image was written from,
+# which the writer turns into the same bytes as the tree read back from the image (what the in-memory
+# cache relies on too).  A cache of another version is ignored (and rewritten) like a damaged one.
+
+def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
+    """The tree cache file of `root`, the tree an image of sha256 `digest` and `image_size` bytes was
+    written from (or read back from).  ValueError if the tree does not fit the format."""
+    from flatmount.image import treecache
+
+    return treecache.encode(root, digest, image_size)
+
+
+def tree_from_cache(data: bytes, digest: str, image_size: int) -> Inode | None:
+    """The tree in a tree cache file, or None if it is not one for that image, damaged or of
+    another format version (the caller then reads the image)."""
+    from flatmount.errors import FormatError
+    from flatmount.image import treecache
+
+    try:
+        return treecache.decode(data, digest, image_size)
+    except FormatError as e:
+        debug("tree cache refused: %s", e)
+        return None
+
+
+def load_tree_cache(image_path: str | os.PathLike) -> Inode | None:
+    """The tree cached next to the image `.../images/<digest>.erofs`, or None (missing, damaged, or
+    not that image's)."""
+    wait_derived()  # one this process is writing is worth waiting for
+    path = os.fspath(image_path)
+    try:
+        size = os.stat(path).st_size
+        with open(derived_paths(path)[0], "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    return tree_from_cache(data, _digest_of(path), size)
+
+
+def load_layer_tree_cache(layer_image: str | os.PathLike) -> Inode | None:
+    """The tree cached beside a layer image, or None (missing, damaged, or not that image's: the
+    image is hashed to check, a few ms against the much longer parse it saves)."""
+    import hashlib
+
+    try:
+        with open(layer_image, "rb") as f:
+            data = f.read()
+        with open(layer_cache_path(layer_image), "rb") as f:
+            cache = f.read()
+    except OSError:
+        return None
+    return tree_from_cache(cache, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def save_tree_cache(image_path: str | os.PathLike, tree: Inode) -> bool:
+    """Write the tree cache next to a store's image (best effort; False when not written)."""
+    path = os.fspath(image_path)
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return False
+    return _save_derived(path, derived_paths(path)[0], lambda: tree_cache_bytes(tree, _digest_of(path), size))
+
+
+def _save_derived(image_path: str, dest: str, make) -> bool:
+    """Write `make()` to `dest` beside a store image, atomically through the store's `tmp/` (which
+    must exist: additional and foreign stores are never written); best effort."""
+    from flatmount.atomic import AtomicFile
+
+    tmp_dir = os.path.join(os.path.dirname(os.path.dirname(image_path)), "tmp")
+    if not os.path.isdir(tmp_dir) or not os.access(tmp_dir, os.W_OK):
+        return False
+    try:
+        data = make()
+        with AtomicFile(tmp_dir, durable=False, prefix="derived-") as af:
+            af.file.write(data)
+            af.commit(dest)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+class _Derivers:
+    """Background writers of flattened images' derived files (tree cache, diff index).
+
+    They are caches: nothing needs them to be there, so flatten returns (and the image can be
+    recorded and mounted) while they are built, about as long again as writing the image takes.
+    Each writer holds the store's GC lock shared while it writes (like any writer of the store), and
+    writes nothing if the image is gone by then.  A writer is a thread of this process, or the helper
+    process that wrote half of a big image (`_Helper`, adopted here).  The threads are not daemons
+    (the interpreter waits for them at exit; a helper finishes on its own); `wait()` waits for both,
+    which whatever reads derived files in this process (`load_tree_cache`, flatmount.diff) and
+    whatever may remove them (`Store.close`, gc, fsck) does first, never while holding the GC lock
+    exclusively."""
+
+    def __init__(self) -> None:
+        self._threads: list[threading.Thread] = []
+        self._helpers: list[int] = []   # pids
+        self._lock = threading.Lock()
+
+    MAX_PENDING = 2  # a process flattening image after image waits for older writers beyond this
+
+    def start(self, store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
+        t = threading.Thread(target=self.write_derived, args=(store, path, tree, digest, size, image_id),
+                             name="flatmount-derived", daemon=False)
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            backlog = self._threads[: max(0, len(self._threads) - self.MAX_PENDING + 1)]
+        for old in backlog:  # bounded: each holds its tree in memory until it is done
+            old.join()
+        with self._lock:
+            self._threads = [x for x in self._threads if x.is_alive()]
+            self._threads.append(t)
+        t.start()
+
+    def adopt(self, pid: int) -> None:
+        """A helper process (our child) now writing derived files: waited for like the threads."""
+        with self._lock:
+            self._helpers.append(pid)
+            backlog = self._helpers[: max(0, len(self._helpers) - self.MAX_PENDING)]
+            del self._helpers[: len(backlog)]
+        for old in backlog:  # bounded: each holds a tree in memory until it is done
+            _reap(old)
+
+    def wait(self) -> None:
+        """Wait for every pending derived-file writer of this process."""
+        with self._lock:
+            threads, self._threads = self._threads, []
+            helpers, self._helpers = self._helpers, []
+        me = threading.current_thread()
+        for t in threads:
+            if t is not me:
+                t.join()
+        for pid in helpers:
+            _reap(pid)
+
+    @staticmethod
+    def write_derived(store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
+        """Write the tree cache and diff index of the image at `path` (best effort, never raises)."""
+        from flatmount.image.diffindex import encode as index_file_bytes
+
+        tree_path, index_path = derived_paths(path)
+        try:
+            with store.gc_lock(shared=True):
+                enabled = gc.isenabled()
+                gc.disable()  # both build many objects, none cyclic
+                try:
+                    for dest, make in ((tree_path, lambda: tree_cache_bytes(tree, digest, size)),
+                                       (index_path, lambda: index_file_bytes(tree, image_id, size))):
+                        if not os.path.exists(path):
+                            return  # removed meanwhile (gc): nothing to derive it for
+                        _save_derived(path, dest, make)
+                finally:
+                    if enabled:
+                        gc.enable()
+        except Exception:  # noqa: BLE001 - best effort: a missing cache is rebuilt when needed
+            pass
+
+
+DERIVERS = _Derivers()
+wait_derived = DERIVERS.wait
