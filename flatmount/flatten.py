@@ -69,7 +69,7 @@ from typing import TYPE_CHECKING
 
 from flatmount.image.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFMT, Inode
 from flatmount.log import debug
-from objects import usable_cpus
+from objects.cpus import usable_cpus
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store
