@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import marshal
 import os
 import signal
 import struct
@@ -63,12 +62,20 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from itertools import islice, starmap
-from operator import attrgetter, lt
 from typing import TYPE_CHECKING
 
 from flatmount.image.tree import OPAQUE_XATTR, S_IFCHR, S_IFDIR, S_IFMT, Inode
+from flatmount.image.treecache import tree_cache_bytes, tree_from_cache
 from flatmount.log import debug
+from flatmount.store.paths import (
+    DERIVED,
+    DerivedWriters,
+    derived_paths,
+    flat_image_path,
+    layer_cache_path,
+    reap,
+    wait_derived,
+)
 from objects.cpus import usable_cpus
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -194,10 +201,6 @@ class FlatImage:
     reused: bool                # True when the cached image was used and nothing was written
 
 
-def flat_image_path(store_root: str | os.PathLike, digest: str) -> str:
-    return os.path.join(os.fspath(store_root), "images", digest + ".erofs")
-
-
 def cached_flat_image(store: Store, chain_key: str) -> str | None:
     """Path of the cached image for `chain_key` in the primary or any additional store, if present."""
     for s in (store, *store.additional):
@@ -223,17 +226,6 @@ def _is_sqlite_error(e: BaseException) -> bool:
 
 def _digest_of(path: str) -> str:
     return os.path.basename(path)[: -len(".erofs")]
-
-
-TREE_SUFFIX = ".tree"     # images/<digest>.tree: the tree cache (see the module docstring)
-INDEX_SUFFIX = ".index"   # images/<digest>.index: the diff index (flatmount.diff.ImageIndex)
-
-
-def derived_paths(image_path: str | os.PathLike) -> tuple[str, str]:
-    """The derived files of a flattened image `<root>/images/<digest>.erofs` (tree cache, diff index):
-    remove them with the image.  They may be absent."""
-    base = os.fspath(image_path)[: -len(".erofs")]
-    return base + TREE_SUFFIX, base + INDEX_SUFFIX
 
 
 def flatten_image(store: Store, ref: str) -> FlatImage:
@@ -310,7 +302,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
 def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
     """The flattened tree of the flat image `prefix` (None: an empty root) with `layers` (records)
     applied in order.  Reads files only (no database): a helper process builds it too."""
-    from flatmount.store.core import read_layer_tree
+    from flatmount.store.integrity import read_layer_tree
 
     tree = flat_tree(prefix, save=save) if prefix is not None else default_root()
     for layer in layers:
@@ -438,7 +430,7 @@ class _Helper:
             with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
             # reaped in the background: its exit (freeing its tree) takes a while
-            threading.Thread(target=_reap, args=(self.pid,), name="flatmount-reap", daemon=True).start()
+            threading.Thread(target=reap, args=(self.pid,), name="flatmount-reap", daemon=True).start()
 
 
 def _helper_main(store: Store, build: Callable[[], Inode], fd: int, down_r: int, up_w: int) -> None:
@@ -514,11 +506,6 @@ def _read_exact(fd: int, n: int, timeout: float | None = None) -> bytes:
     return out
 
 
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
 # Flattened trees of the last images this process read or wrote, by image digest: extending a chain
 # by one layer then costs one apply_layer and one write, no read.  Safe to share: trees are never
 # modified (copy-on-write everywhere).
@@ -561,150 +548,7 @@ def flat_tree(path: str, *, save: bool = False) -> Inode:
 
 
 # --- the tree cache ------------------------------------------------------------------------------
-# Header, then marshal((rows, dirs, counts, names, kids)): `rows` one tuple per distinct inode in
-# breadth-first order (root first; a hardlink group is one row) holding the first eleven arguments of
-# Inode() (the xattrs as a dict); `dirs` the rows that are directories, `counts` their entry counts,
-# `names`/`kids` all their entries (names, row numbers) in that order; `kids` is None for a tree
-# without hardlinks, whose entries are then rows 1, 2, ... in that order (each directory's a slice).
-# The checksum is xxh3-64 of everything after the header.  It holds the tree the image was written
-# from, which the writer turns into the same bytes as the tree read back from the image (what the
-# in-memory cache relies on too).  Version 02 (`kids` may be None); a cache of another version is
-# ignored (and rewritten) like a damaged one.
-_TREE_MAGIC = b"FMTREE02"
-_TREE_HEAD = struct.Struct("<8s32sQQQ")   # magic, image sha256, image size, payload size, checksum
-_ROW = attrgetter("mode", "uid", "gid", "mtime_ns", "size", "rdev", "xattrs", "target", "content",
-                  "digest", "payload")
-_ENTRIES = attrgetter("entries")
-
-
-def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
-    """The tree cache file of `root`, the tree an image of sha256 `digest` and `image_size` bytes was
-    written from (or read back from)."""
-    import xxhash
-
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        walk = _rows_without_hardlinks(root) or _rows(root)
-        # marshal version 2: no back-references (smaller work both ways than 4 for flat rows)
-        payload = marshal.dumps((list(map(_ROW, walk[0])), *walk[1:]), 2)
-    finally:
-        if enabled:
-            gc.enable()
-    return _TREE_HEAD.pack(_TREE_MAGIC, bytes.fromhex(digest), image_size, len(payload),
-                           xxhash.xxh3_64_intdigest(payload)) + payload
-
-
-def _rows_without_hardlinks(root: Inode) -> tuple | None:
-    """(nodes, dirs, counts, names, None) of a breadth-first walk that takes every name for a new
-    inode (so whole directories are appended at C speed; the kids are rows 1, 2, ... in entry order),
-    or None if the tree has hardlinks."""
-    nodes = [root]
-    dirs: list[int] = []
-    counts: list[int] = []
-    names: list[bytes] = []
-    seen_dirs: set[int] = set()
-    for i, node in enumerate(nodes):
-        ents = node.entries
-        if ents is not None:
-            if id(node) in seen_dirs:   # a directory reachable twice: leave it to the exact walk
-                return None
-            seen_dirs.add(id(node))
-            dirs.append(i)
-            counts.append(len(ents))
-            names.extend(ents)
-            nodes.extend(ents.values())
-    if len(set(map(id, nodes))) != len(nodes):
-        return None
-    return nodes, dirs, counts, names, None
-
-
-def _rows(root: Inode) -> tuple:
-    """The same walk with hardlinks: an inode gets a row at its first name only."""
-    nodes = [root]
-    index = {id(root): 0}
-    get = index.get
-    dirs: list[int] = []
-    counts: list[int] = []
-    names: list[bytes] = []
-    kids: list[int] = []
-    seen_dirs: set[int] = set()
-    for i, node in enumerate(nodes):
-        ents = node.entries
-        if ents is not None:
-            if id(node) in seen_dirs:
-                raise ValueError("a directory is reachable twice (hardlinked directory or cycle)")
-            seen_dirs.add(id(node))
-            dirs.append(i)
-            counts.append(len(ents))
-            names.extend(ents)
-            for c in ents.values():
-                j = get(id(c))
-                if j is None:
-                    j = index[id(c)] = len(nodes)
-                    nodes.append(c)
-                kids.append(j)
-    return nodes, dirs, counts, names, kids
-
-
-def tree_from_cache(data: bytes, digest: str, image_size: int) -> Inode | None:
-    """The tree in a tree cache file, or None if it is not one for that image or is damaged."""
-    import xxhash
-
-    h = _TREE_HEAD.size
-    if len(data) < h:
-        return None
-    magic, dg, size, plen, check = _TREE_HEAD.unpack_from(data)
-    if (magic != _TREE_MAGIC or dg.hex() != digest or size != image_size or plen != len(data) - h
-            or xxhash.xxh3_64_intdigest(memoryview(data)[h:]) != check):
-        return None
-    enabled = gc.isenabled()
-    gc.disable()  # tens of thousands of objects, none cyclic: do not let the GC rescan them meanwhile
-    try:
-        rows, dirs, counts, names, kids = marshal.loads(memoryview(data)[h:])
-        nodes = list(starmap(Inode, rows))
-        if len(dirs) != len(counts):
-            return None
-        if kids is None:   # no hardlinks: the entries are rows 1, 2, ... (each row below its parent)
-            if (len(names) != len(nodes) - 1 or sum(counts) != len(names) or min(counts, default=0) < 0
-                    or not all(map(lt, dirs, islice(dirs, 1, None)))):   # each directory once
-                return None
-            it = iter(names)
-            p = 1
-            for d, c in zip(dirs, counts, strict=True):
-                node = nodes[d]
-                if node.entries is None or not 0 <= d < p:
-                    return None
-                q = p + c
-                node.entries = dict(zip(islice(it, c), nodes[p:q], strict=True))
-                p = q
-        else:
-            if (len(names) != len(kids) or sum(counts) != len(kids)
-                    or (kids and not 0 < min(kids) <= max(kids) < len(nodes))):
-                return None
-            at = nodes.__getitem__
-            p = 0
-            for d, c in zip(dirs, counts, strict=True):
-                node = nodes[d]
-                if node.entries is None:
-                    return None
-                q = p + c
-                node.entries = dict(zip(names[p:q], map(at, kids[p:q]), strict=True))
-                p = q
-        root = nodes[0]
-        if len(nodes) - list(map(_ENTRIES, nodes)).count(None) != len(dirs) or not root.is_dir:
-            return None   # a directory row without its entries
-        # the tree lives as long as it is used, and holds no cycles: file its objects with the old
-        # ones at once (freeze then unfreeze moves every young object to the oldest generation),
-        # rather than let the next young collections walk them all (10 ms for 60k inodes)
-        gc.freeze()
-        gc.unfreeze()
-        return root
-    except (EOFError, ValueError, TypeError, IndexError, OverflowError, AttributeError):
-        return None
-    finally:
-        if enabled:
-            gc.enable()
+# (its format: flatmount.image.treecache)
 
 
 def load_tree_cache(image_path: str | os.PathLike) -> Inode | None:
@@ -719,13 +563,6 @@ def load_tree_cache(image_path: str | os.PathLike) -> Inode | None:
     except OSError:
         return None
     return tree_from_cache(data, _digest_of(path), size)
-
-
-def layer_cache_path(layer_image: str | os.PathLike) -> str:
-    """`layers/<id>.tree` beside `layers/<id>.erofs`: the layer's tree cache (same format as a flat
-    image's, keyed by the sha256 of the layer image, which a layer's name is not)."""
-    path = os.fspath(layer_image)
-    return path[: -len(".erofs")] + TREE_SUFFIX if path.endswith(".erofs") else path + TREE_SUFFIX
 
 
 def load_layer_tree_cache(layer_image: str | os.PathLike) -> Inode | None:
@@ -807,58 +644,16 @@ def _write_image_file(store: Store, tree: Inode, buf=None) -> tuple[str, str, in
 
 
 class _Derivers:
-    """Background writers of flattened images' derived files (tree cache, diff index).
+    """flatten's derived files (tree cache, diff index), written by the store's background writers
+    (flatmount.store.paths.DERIVED: `wait_derived` waits for them, whoever asks)."""
 
-    They are caches: nothing needs them to be there, so flatten returns (and the image can be
-    recorded and mounted) while they are built, about as long again as writing the image takes.
-    Each writer holds the store's GC lock shared while it writes (like any writer of the store), and
-    writes nothing if the image is gone by then.  A writer is a thread of this process, or the helper
-    process that wrote half of a big image (`_Helper`, adopted here).  The threads are not daemons
-    (the interpreter waits for them at exit; a helper finishes on its own); `wait()` waits for both,
-    which whatever reads derived files in this process (`load_tree_cache`, flatmount.diff) and
-    whatever may remove them (`Store.close`, gc, fsck) does first, never while holding the GC lock
-    exclusively."""
-
-    def __init__(self) -> None:
-        self._threads: list[threading.Thread] = []
-        self._helpers: list[int] = []   # pids
-        self._lock = threading.Lock()
-
-    MAX_PENDING = 2  # a process flattening image after image waits for older writers beyond this
+    MAX_PENDING = DerivedWriters.MAX_PENDING
 
     def start(self, store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
-        t = threading.Thread(target=self.write_derived, args=(store, path, tree, digest, size, image_id),
-                             name="flatmount-derived", daemon=False)
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            backlog = self._threads[: max(0, len(self._threads) - self.MAX_PENDING + 1)]
-        for old in backlog:  # bounded: each holds its tree in memory until it is done
-            old.join()
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
-        t.start()
+        DERIVED.start(self.write_derived, store, path, tree, digest, size, image_id)
 
     def adopt(self, pid: int) -> None:
-        """A helper process (our child) now writing derived files: waited for like the threads."""
-        with self._lock:
-            self._helpers.append(pid)
-            backlog = self._helpers[: max(0, len(self._helpers) - self.MAX_PENDING)]
-            del self._helpers[: len(backlog)]
-        for old in backlog:  # bounded: each holds a tree in memory until it is done
-            _reap(old)
-
-    def wait(self) -> None:
-        """Wait for every pending derived-file writer of this process."""
-        with self._lock:
-            threads, self._threads = self._threads, []
-            helpers, self._helpers = self._helpers, []
-        me = threading.current_thread()
-        for t in threads:
-            if t is not me:
-                t.join()
-        for pid in helpers:
-            _reap(pid)
+        DERIVED.adopt(pid)
 
     @staticmethod
     def write_derived(store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
@@ -884,4 +679,3 @@ class _Derivers:
 
 
 DERIVERS = _Derivers()
-wait_derived = DERIVERS.wait

@@ -56,6 +56,7 @@ from .errors import (
     ReadOnlyObjectStoreError,
 )
 from .libc import _Libc, _syncfs
+from .paths import object_path
 
 TMP_DIR = ".tmp"
 OBJECT_MODE = 0o644
@@ -912,8 +913,7 @@ def _is_hex(name: str, length: int) -> bool:
 
 
 def _rel(digest: bytes) -> str:
-    h = digest.hex()
-    return f"{h[:2]}/{h[2:]}"
+    return object_path(digest)
 
 
 def _chmod_object(fd: int) -> None:

@@ -595,8 +595,9 @@ def test_cli_errors(images, capsysbinary, tmp_path):
 
 def test_cli_store_images(tmp_path, capsysbinary, monkeypatch):
     """Names resolved in a store, flattened (cached images), diffed; the layer reproduces the image."""
+    from flatmount.api import open_store
     from flatmount.sources.layers import record_image, record_layer
-    from flatmount.store.core import chain_id, open_store
+    from flatmount.store.records import chain_id
 
     monkeypatch.setenv("FLATMOUNT_CACHE_DIR", str(tmp_path / "cache"))
     store = open_store(tmp_path / "root", runroot=tmp_path / "run")
@@ -631,8 +632,8 @@ def test_store_images_use_the_index_flatten_wrote(tmp_path, monkeypatch):
     """A store's flattened image has its diff index beside it: its first diff reads no image and builds
     and caches nothing; a damaged beside index is ignored (and the user cache used instead)."""
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.image import reader
-    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "root", runroot=tmp_path / "run")
     objects = store.objects
@@ -683,9 +684,9 @@ def test_matches_podman_image_diff(podman_stores, tmp_path, monkeypatch):
     - podman hides its container init mount points (libpod/diff.go `initInodes`: /dev, /proc, /sys,
       /run, /etc/hosts, ...) that `podman build` leaves in RUN layers; they are in the image, we list them.
     """
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
     from flatmount.sources.cstorage import pull_cstorage
-    from flatmount.store.core import open_store
 
     monkeypatch.setenv("FLATMOUNT_CACHE_DIR", str(tmp_path / "cache"))
     s = podman_stores

@@ -399,9 +399,9 @@ def image_files(root: Inode) -> set[str]:
 def test_flatten_image_writes_once_and_records_no_refs(tmp_path):
     from layerdirs import store_image
 
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
     from flatmount.image.reader import read_tree
-    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "p", runroot=tmp_path / "run")
     ids = store_image(store, chain_trees(), "chain", blobs=BIG)
@@ -442,9 +442,9 @@ def test_longest_cached_prefix_gives_the_same_bytes(tmp_path, monkeypatch, prefi
     from layerdirs import store_image
 
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.store import core as store_mod
-    from flatmount.store.core import open_store
+    from flatmount.store import integrity as store_mod
 
     trees = chain_trees()
     a = open_store(tmp_path / "a", runroot=tmp_path / "run")
@@ -472,8 +472,8 @@ def _helper_run(tmp_path, monkeypatch, name: str, in_child=None) -> tuple[str, s
     from layerdirs import store_image
 
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.store.core import open_store
 
     trees = chain_trees()
     monkeypatch.setattr(flatten, "HELPER_MIN_INODES", 0)
@@ -565,8 +565,8 @@ def test_two_process_writer_when_fork_is_refused(tmp_path, monkeypatch):
     from layerdirs import store_image
 
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.store.core import open_store
 
     def refuse():
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
@@ -592,7 +592,7 @@ HELPER_ORPHAN_CHILD = """
 import os, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from flatmount import flatten
-from flatmount.store.core import open_store
+from flatmount.api import open_store
 flatten._helper_pays = lambda prefix, chain: True
 build = flatten._chain_tree
 parent = os.getpid()
@@ -619,7 +619,7 @@ def test_helper_of_a_killed_flatten_exits_and_holds_no_lock(tmp_path):
 
     from layerdirs import store_image
 
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     store = open_store(tmp_path / "s", runroot=tmp_path / "run")
     store_image(store, chain_trees(), "chain", blobs=BIG)
@@ -672,9 +672,9 @@ def test_helper_only_for_big_trees_and_when_memory_allows(monkeypatch):
 def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):
     from layerdirs import file_tree, store_image
 
+    from flatmount.api import open_store
     from flatmount.errors import NotFoundError, ReadOnlyStoreError
     from flatmount.flatten import flatten_image
-    from flatmount.store.core import open_store
 
     ais_root = tmp_path / "ais"
     ais = open_store(ais_root, runroot=tmp_path / "run")
@@ -714,8 +714,8 @@ def test_flatten_waits_for_a_running_gc(tmp_path):
 
     from layerdirs import store_image
 
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "p", runroot=tmp_path / "run")
     store_image(store, chain_trees(), "chain", blobs=BIG)
@@ -776,9 +776,9 @@ def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
     from layerdirs import store_image
 
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.flatten import derived_paths, flatten_image
     from flatmount.image import reader
-    from flatmount.store.core import open_store
 
     trees = chain_trees()
     a = open_store(tmp_path / "a", runroot=tmp_path / "run")
@@ -834,7 +834,7 @@ def test_derived_files_backlog_is_bounded(tmp_path, monkeypatch):
     from layerdirs import file_tree
 
     from flatmount import flatten
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     real = flatten.tree_cache_bytes
     monkeypatch.setattr(flatten, "tree_cache_bytes", lambda *a: time.sleep(0.2) or real(*a))
@@ -855,8 +855,8 @@ def test_no_derived_files_written_into_an_additional_store(tmp_path):
     from layerdirs import store_image
 
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.flatten import derived_paths, flatten_image
-    from flatmount.store.core import open_store
 
     ais_root = tmp_path / "ais"
     ais = open_store(ais_root, runroot=tmp_path / "run")

@@ -239,7 +239,7 @@ def test_primary_copy_needed_by_additional_store_is_kept(tmp_path):
 
 
 def test_gc_refuses_additional_and_readonly(tmp_path, store):
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     ro = open_store(store.root, runroot=store.runroot, readonly=True)
     with pytest.raises(ReadOnlyStoreError):

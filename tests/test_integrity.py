@@ -309,7 +309,7 @@ def test_schema_1_store_is_read_as_additional_and_upgraded_as_primary(tmp_path):
 
     from flatmount.flatten import flatten_image
     from flatmount.fsck import fsck
-    from flatmount.store.core import SCHEMA_VERSION
+    from flatmount.store.records import SCHEMA_VERSION
 
     old = new_store(tmp_path / "old")
     pull_image(old, tmp_path, "x", [{"f": content("f", 3000)}])

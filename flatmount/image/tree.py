@@ -35,8 +35,9 @@ S_IFSOCK = stat.S_IFSOCK
 
 def object_path(digest: bytes) -> str:
     """`XX/<62 hex>`: where an object lives below an object directory (composefs layout)."""
-    h = digest.hex()
-    return h[:2] + "/" + h[2:]
+    from objects.paths import object_path as path_of
+
+    return path_of(digest)
 
 
 class Inode:

@@ -56,10 +56,11 @@ from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
 from flatmount.image.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
-from flatmount.store.core import chain_id
+from flatmount.store.records import chain_id
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store.core import ImageRecord, Store
+    from flatmount.store.core import Store
+    from flatmount.store.records import ImageRecord
     from objects import ObjectStore
 
 TRANSPORT = "containers-storage:"
@@ -1124,11 +1125,11 @@ def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
     (primary or any additional store) under the id they would get are not read again; a verified
     record is preferred to an unverified one.  The image is recorded with its config bytes (which
     must hash to the image id), manifest and names (its c/storage names plus `name`, if given).
-    The c/storage read locks are held until the commit (`flatmount.pull.ImportBatch`).
+    The c/storage read locks are held until the commit (`flatmount.store.batch.ImportBatch`).
     """
     from flatmount.progress import step
-    from flatmount.pull import ImportBatch
-    from flatmount.store.core import unverified_chain_id
+    from flatmount.store.batch import ImportBatch
+    from flatmount.store.records import unverified_chain_id
 
     ref = parse_spec(spec)
     cs = CStorage.open(ref, storage_conf)

@@ -72,7 +72,8 @@ from flatmount.image.tree import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store.core import ImageRecord, LayerRecord, Store
+    from flatmount.store.core import Store
+    from flatmount.store.records import ImageRecord, LayerRecord
     from objects import ObjectStore
 
 CHUNK = 1 << 20
@@ -1120,7 +1121,7 @@ def record_layer(store: Store, layer_id: str, parent: str | None, diff_id: str, 
     The objects `tree` references must already be durable in `store.objects` (put + sync); the
     caller should hold `store.gc_lock(shared=True)` since those puts.
     """
-    from flatmount.pull import ImportBatch
+    from flatmount.store.batch import ImportBatch
 
     with ImportBatch(store) as batch:
         batch.add_layer(tree, parent=parent, diff_id=diff_id, layer_id=layer_id,
@@ -1134,7 +1135,7 @@ def record_image(store: Store, image_id: str, top_layer: str | None, *,
                  config: dict | bytes | str | None = None, manifest: bytes | str | None = None,
                  names: list[str] | tuple[str, ...] = (), created: str | None = None) -> ImageRecord:
     """Record an image (and its names, moved from other images if they had them) whose layers exist."""
-    from flatmount.pull import ImportBatch
+    from flatmount.store.batch import ImportBatch
 
     with ImportBatch(store) as batch:
         batch.set_image(image_id, top_layer, config=config, manifest=manifest, names=names,
