@@ -40,7 +40,7 @@ Notices (never make fsck fail; what crashes and normal operation leave behind):
 - orphan-image-file / orphan-layer-file: an image file without a row (gc removes it).
 - dangling-refs: refs rows of an owner that no longer exists, or `flat:` rows that earlier versions
   wrote for flattened images (repair deletes them, as gc would).
-- unverified-layer: a layer recorded under `flatmount.store.core.unverified_chain_id` (a c/storage layer
+- unverified-layer: a layer recorded under `flatmount.store.records.unverified_chain_id` (a c/storage layer
   whose content could not be proven to hash to its claimed diff_id: no or mismatching tar-split
   data).  It is used only by the images imported with it; a digest-verified pull of the same diff_id
   imports the real layer beside it (flatmount.sources.cstorage.pull_cstorage).

@@ -107,7 +107,7 @@ def image_files(store: Store) -> dict[str, str]:
 
 
 def derived_orphans(store: Store) -> list[str]:
-    """Files derived from a flattened image (`flatmount.flatten.derived_paths`: its tree cache and
+    """Files derived from a flattened image (`flatmount.store.paths.derived_paths`: its tree cache and
     diff index, `images/<digest>.tree|.index`) or from a layer image (`layers/<id>.tree`) whose
     `.erofs` is gone.  They are written after the image, so outside a writer's shared lock an
     image-less one is garbage."""

@@ -425,7 +425,7 @@ def test_flatten_image_writes_once_and_records_no_refs(tmp_path):
     used = {object_path(n.digest) for _, n in walk(tree) if n.digest}
     layer_refs = {o for (owner, o) in db.execute("SELECT owner, object FROM refs") if owner[6:] in ids}
     assert len(used) == 3 and used <= layer_refs
-    from flatmount.flatten import wait_derived
+    from flatmount.store.paths import wait_derived
 
     wait_derived()   # its tree cache and diff index, written in the background
     assert os.listdir(tmp_path / "p" / "tmp") == []
@@ -728,7 +728,7 @@ def test_flatten_waits_for_a_running_gc(tmp_path):
         assert os.listdir(tmp_path / "p" / "images") == []
     t.join(30)
     assert done.is_set()
-    from flatmount.flatten import wait_derived
+    from flatmount.store.paths import wait_derived
 
     wait_derived()   # (written by a background thread once the image is recorded)
     assert sorted(os.path.splitext(n)[1] for n in os.listdir(tmp_path / "p" / "images")) == [
@@ -738,7 +738,7 @@ def test_flatten_waits_for_a_running_gc(tmp_path):
 # --- derived files: the tree cache (and the diff index) beside each flattened image -----------------
 
 def test_tree_cache_round_trip_and_validation():
-    from flatmount.flatten import tree_cache_bytes, tree_from_cache
+    from flatmount.image.treecache import tree_cache_bytes, tree_from_cache
     from tests.test_erofs import every_type_tree
 
     tree = every_type_tree()
@@ -760,7 +760,7 @@ def test_tree_cache_round_trip_and_validation():
 
     import xxhash
 
-    from flatmount.flatten import _TREE_HEAD, _TREE_MAGIC
+    from flatmount.image.treecache import _TREE_HEAD, _TREE_MAGIC
 
     for payload in ([], ([], [], [], [], []), ([(0o100644,) * 11], [0], [1], [b"x"], [0]),
                     ([(0o40755, 0, 0, 0, 0, 0, {}, None, None, None, None)], [0], [1], [b"x"], [-1])):
@@ -777,8 +777,9 @@ def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
 
     from flatmount import flatten
     from flatmount.api import open_store
-    from flatmount.flatten import derived_paths, flatten_image
+    from flatmount.flatten import flatten_image
     from flatmount.image import reader
+    from flatmount.store.paths import derived_paths
 
     trees = chain_trees()
     a = open_store(tmp_path / "a", runroot=tmp_path / "run")
@@ -856,7 +857,8 @@ def test_no_derived_files_written_into_an_additional_store(tmp_path):
 
     from flatmount import flatten
     from flatmount.api import open_store
-    from flatmount.flatten import derived_paths, flatten_image
+    from flatmount.flatten import flatten_image
+    from flatmount.store.paths import derived_paths
 
     ais_root = tmp_path / "ais"
     ais = open_store(ais_root, runroot=tmp_path / "run")
@@ -882,8 +884,8 @@ def test_no_derived_files_written_into_an_additional_store(tmp_path):
 def test_tree_cache_gives_the_image_bytes(tree):
     """The tree cache holds the tree an image was written from; written again it is the same image,
     as is the tree read back from the image: a chain flattened from either has the same digest."""
-    from flatmount.flatten import tree_cache_bytes, tree_from_cache
     from flatmount.image.reader import Image
+    from flatmount.image.treecache import tree_cache_bytes, tree_from_cache
     from flatmount.image.writer import image_bytes
 
     data = image_bytes(tree)

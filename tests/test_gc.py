@@ -14,7 +14,8 @@ from flatmount.cli import main
 from flatmount.errors import ReadOnlyStoreError, StoreError
 from flatmount.flatten import flatten_image
 from flatmount.fsck import fsck
-from flatmount.gc import gc, read_leases
+from flatmount.gc import gc
+from flatmount.store.leases import read_leases
 from tests.conftest import require_root
 from tests.maint_helpers import (
     content,

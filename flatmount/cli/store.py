@@ -108,7 +108,7 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _unverified_layers(store, ids) -> set[str]:
-    """Those of `ids` recorded as unverified (flatmount.store.core.unverified_chain_id)."""
+    """Those of `ids` recorded as unverified (flatmount.store.records.unverified_chain_id)."""
     from flatmount.store.records import layer_is_unverified
 
     out = set()

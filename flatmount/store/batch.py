@@ -69,7 +69,7 @@ class _PendingLayer:
     inodes: int
     objects: frozenset[str]
     image_tmp: str
-    tree_tmp: str | None = None     # its tree cache (flatmount.flatten.layer_cache_path), if written
+    tree_tmp: str | None = None     # its tree cache (flatmount.store.paths.layer_cache_path), if written
     image_digest: str | None = None  # sha256 hex of the layer image (recorded: flatten and fsck check it)
 
 

@@ -1,8 +1,13 @@
-"""The primary store (writable) and its additional stores (read-only): records in SQLite, files on disk.
+"""The lower store: one store directory (primary, writable; or additional, read-only), its SQLite
+records, transactions and paths.  No operation lives here: pull, flatten, mount, gc, ... take this
+Store (flatmount.api.Store adds them as methods), so the store never imports an operation.
 
-Why one module: every other part (import, flatten, mount, diff, gc) needs the same answers (which
-store holds this layer, where are its objects, which image does this name mean), and the rules for
-writing safely (one transaction per import, GC lock, temp + fsync + rename) must be the same for all.
+Why one class for every store: every part (import, flatten, mount, diff, gc) needs the same answers
+(which store holds this layer, where are its objects, which image does this name mean), and the rules
+for writing safely (one transaction per import, GC lock, temp + fsync + rename) must be the same for
+all.  The rest of the store layer, by concern: config (storage.conf, default roots), records (schema,
+record types, chain ids), names (image names), locks, paths (the layout below), leases, containers,
+refs (what is referenced), integrity (checked files), batch (imports).
 
 Layout of a store directory (primary and additional stores alike):
     flatmount.db            SQLite (WAL), schema below, versioned with PRAGMA user_version
@@ -12,16 +17,7 @@ Layout of a store directory (primary and additional stores alike):
     tmp/                    temp files of running writers (cleaned when stale, see `clean_tmp`)
     gc.lock                 flock: writers hold it shared from their first object put to their commit
 
-Configuration (TOML, like containers/storage's storage.conf), from `config=`, else $FLATMOUNT_CONFIG,
-else /etc/flatmount/storage.conf if it exists:
-    [storage]
-    root = "/var/lib/flatmount"          # `graphroot` is accepted as an alias
-    runroot = "/run/flatmount"
-    [storage.options]
-    additionalimagestores = ["/mnt/ro-store"]
-Explicit arguments override the file; `additional` replaces the configured list.  Defaults: root
-/var/lib/flatmount and runroot /run/flatmount for root, else $XDG_DATA_HOME/flatmount
-(~/.local/share/flatmount) and $XDG_RUNTIME_DIR/flatmount (/tmp/flatmount-<uid> without it).
+Configuration: flatmount.store.config.
 
 Additional stores are flatmount stores opened strictly read-only: nothing in them is ever created or
 written (no DB journal, no lock file).  Their DB is opened with `mode=ro&immutable=1` unless a writer
@@ -37,7 +33,7 @@ that of the small tables (WRITE_CHECK_TABLES), once per process until another pr
 the `verified` stamps of flatmount.store.integrity.
 
 Image names: a stored name always carries a tag or digest; `foo` is stored as `foo:latest`
-(`normalise_name`).  `resolve_image(ref)` tries, as containers/storage does: a full image id (64 hex,
+(flatmount.store.names).  `resolve_image(ref)` tries, as containers/storage does: a full image id (64 hex,
 `sha256:` prefix allowed), then the name (as given, with `:latest` added if it has no tag, then with
 `localhost/` in front), then a unique id prefix of at least 3 hex digits.  Primary first, then each
 additional store in order; a name in the primary shadows the same name in an additional store.  A
