@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 
 def has_db(store: Store) -> bool:
+    """Whether the store has records at all (reading a missing DB would create it)."""
     return store.db_path.exists()
 
 
@@ -28,6 +29,7 @@ def json_list(items: Iterable[str]) -> str:
 
 
 def kept_chain_keys(store: Store) -> set[str]:
+    """Chain keys (top layer ids) of every recorded image: their flattened images stay cached."""
     return {img.top_layer for img in store.images() if img.top_layer}
 
 
