@@ -10,8 +10,8 @@ Policy, in order:
 1. Leases.  A lease (row of `leases`) is *live* while its mount dir is flock'ed (flatmount.mount is
    mounting or unmounting it: the lease is written before the mount is made) or when it was recorded
    on this boot and its merged dir is a mount point in the mount namespace it was made in (another
-   namespace counts while it exists, flatmount.kernel.mntns); otherwise it is stale, the rule of
-   flatmount.mount.cleanup.  Stale leases pin nothing and are left for `flatmount cleanup` /
+   namespace counts while it exists, flatmount.kernel.mntns); otherwise it is stale
+   (flatmount.store.leases, the rule `cleanup` uses too).  Stale leases pin nothing and are left for `flatmount cleanup` /
    `fsck --repair` to drop.
 2. Flattened images (`flat_images` rows, `images/<digest>.erofs` files) are kept when
    - their chain key is the top layer of an image record visible through the store (primary or
