@@ -14,7 +14,8 @@ OBJPATH_IN_TEXT_RE = re.compile(r"(?:^|/)([0-9a-f]{2})/([0-9a-f]{62})$")   # a p
 
 def object_path(digest: bytes) -> str:
     """`XX/<62 hex>` of a 32-byte digest."""
-    return object_path_hex(digest.hex())
+    h = digest.hex()
+    return f"{h[:2]}/{h[2:]}"
 
 
 def object_path_hex(hexdigest: str) -> str:

@@ -912,8 +912,7 @@ def _is_hex(name: str, length: int) -> bool:
     return len(name) == length and _HEX.issuperset(name)
 
 
-def _rel(digest: bytes) -> str:
-    return object_path(digest)
+_rel = object_path   # `XX/<62 hex>` of a raw digest (objects.paths)
 
 
 def _chmod_object(fd: int) -> None:

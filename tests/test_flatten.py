@@ -355,9 +355,9 @@ def test_against_kernel_overlay(tmp_path_factory):
 
 def check_image(expected: Inode, blobs: dict[bytes, bytes], work) -> None:
     """The flattened tree written as an EROFS image and mounted reads back the same."""
-    from flatmount.image.tree import object_path
     from flatmount.image.writer import write_image
     from flatmount.kernel.kmount import mount_image, umount_image
+    from objects.paths import object_path
 
     objdir = work / "objects"
     for digest, data in blobs.items():
@@ -420,7 +420,7 @@ def test_flatten_image_writes_once_and_records_no_refs(tmp_path):
         flat.digest,)
     # no refs rows of its own: every object it references is one of its chain's layers' (their refs)
     assert not db.execute("SELECT 1 FROM refs WHERE owner = ?", ("flat:" + flat.digest,)).fetchone()
-    from flatmount.image.tree import object_path
+    from objects.paths import object_path
 
     used = {object_path(n.digest) for _, n in walk(tree) if n.digest}
     layer_refs = {o for (owner, o) in db.execute("SELECT owner, object FROM refs") if owner[6:] in ids}

@@ -9,6 +9,7 @@ an edge to `pkg`.  The tree is walked, so new modules and packages are checked w
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +36,7 @@ def layer_of(module: str) -> str:
     return PACKAGE_LAYERS.get(parts[1], "operations")
 
 
+@functools.cache
 def modules() -> dict[str, Path]:
     """Dotted name -> file of every module of the packages (compiled extensions count as modules,
     known by their C source or their shared object)."""
@@ -62,7 +64,13 @@ def _resolve(name: str, mods: dict[str, Path]) -> str | None:
 
 
 def edges(mods: dict[str, Path]) -> dict[str, set[tuple[str, int]]]:
-    """Module -> {(imported module, line)} for the packages' own modules."""
+    """Module -> {(imported module, line)} for the packages' own modules (parsed once per run)."""
+    return _edges(tuple(sorted(mods.items())))
+
+
+@functools.cache
+def _edges(items: tuple[tuple[str, Path], ...]) -> dict[str, set[tuple[str, int]]]:
+    mods = dict(items)
     out: dict[str, set[tuple[str, int]]] = {}
     for mod, path in mods.items():
         deps: set[tuple[str, int]] = set()
