@@ -135,7 +135,7 @@ def _first_flattened(a, b, tmp: Path) -> tuple[tuple[list, float], float]:
     build one diff index as flatten does)."""
     from flatmount import flatten
     from flatmount.diff import diff_images, index_file_bytes
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     store = open_store(str(tmp / "store"), runroot=str(tmp / "run"))
     try:

@@ -59,7 +59,8 @@ def build(root: str, n_objects: int) -> dict:
     """The store described in the module docstring; returns build timings and image names."""
     from flatmount.flatten import flatten_image
     from flatmount.sources.layers import record_image, record_layer
-    from flatmount.store.core import chain_id, open_store
+    from flatmount.api import open_store
+    from flatmount.store.records import chain_id
 
     rng = random.Random(42)
     store = open_store(root, runroot=root + "-run")
@@ -116,7 +117,7 @@ def _drop_caches() -> None:
 
 def run(quick: bool) -> dict:
     from flatmount.gc import gc
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
     from flatmount.usage import object_refs, share, top, usage
 
     n = 20_000 if quick else 200_000
