@@ -225,8 +225,8 @@ def _derived_costs(tree: Inode, tmp: str, repeat: int) -> dict:
     """What `write_flat_image` adds to the plain write: hashing, fsync, and the derived files beside the
     image (tree cache, diff index), measured in a real store."""
     from flatmount import flatten
-    from flatmount.diff import index_file_bytes
     from flatmount.api import open_store
+    from flatmount.diff import index_file_bytes
 
     store = open_store(os.path.join(tmp, "real-store"), runroot=os.path.join(tmp, "run"))
     full, cache, index = [], [], []
@@ -311,10 +311,10 @@ def _with_real_objects(layers: list[Inode], objects) -> None:
 def build_chain_store(dump: Path, root: str, run: str) -> str:
     """A real store at `root` holding the dump split in 5 layers (with real objects) as images
     `prefix` (4 layers, flattened) and `full` (5 layers, not flattened); returns full's top layer id."""
+    from flatmount.api import open_store
     from flatmount.image.dump import parse_dump, write_dump
     from flatmount.pull import synthesized_config
     from flatmount.store.batch import ImportBatch
-    from flatmount.api import open_store
 
     with gzip.open(dump, "rb") as f:
         layers = split_layers(parse_dump(f))
@@ -344,8 +344,8 @@ def build_chain_store(dump: Path, root: str, run: str) -> str:
 def drop_flat_image(root: str, run: str, chain_key: str) -> None:
     """Forget the flattened image of `chain_key` (row, image and derived files; refs rows of earlier
     versions too), so the next flatten writes it again."""
-    from flatmount.store.paths import derived_paths
     from flatmount.api import open_store
+    from flatmount.store.paths import derived_paths
 
     store = open_store(root, runroot=run, config=os.devnull, additional=[])
     try:
@@ -459,9 +459,9 @@ class _Libc:
 def bench_mounts(api_n: int, cli_n: int, files_per_layer: int) -> dict:
     from layerdirs import extract, file_tree, store_image
 
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
     from flatmount.mount import mount_image_ref, umount
-    from flatmount.api import open_store
 
     if os.geteuid() != 0:
         return {"skipped": "mount benchmarks need root"}

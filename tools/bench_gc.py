@@ -57,9 +57,9 @@ def _put_objects(objects, n: int, rng: random.Random, tag: bytes) -> list[tuple[
 
 def build(root: str, n_objects: int) -> dict:
     """The store described in the module docstring; returns build timings and image names."""
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
     from flatmount.sources.layers import record_image, record_layer
-    from flatmount.api import open_store
     from flatmount.store.records import chain_id
 
     rng = random.Random(42)
@@ -116,8 +116,8 @@ def _drop_caches() -> None:
 
 
 def run(quick: bool) -> dict:
-    from flatmount.gc import gc
     from flatmount.api import open_store
+    from flatmount.gc import gc
     from flatmount.usage import object_refs, share, top, usage
 
     n = 20_000 if quick else 200_000
