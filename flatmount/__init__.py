@@ -15,12 +15,12 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Inode": ("flatmount.image.tree", "Inode"),
-    "open_store": ("flatmount.store.core", "open_store"),
+    "open_store": ("flatmount.api", "open_store"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from flatmount.api import open_store
     from flatmount.image.tree import Inode
-    from flatmount.store.core import open_store
 
 
 def __getattr__(name: str):

@@ -42,6 +42,8 @@ def run_demo(out: TextIO | None = None, example: str | os.PathLike | None = None
     """Run the demo; returns 0 on success (errors propagate as FlatmountError)."""
     out = sys.stdout if out is None else out   # the stream of the moment, not of the import
     from flatmount.diff import diff_images
+    from flatmount.flatten import flatten_image
+    from flatmount.mount import list_mounts, mount
     from flatmount.pull import pull
     from flatmount.store.core import open_store
     from flatmount.usage import usage
@@ -64,12 +66,12 @@ def run_demo(out: TextIO | None = None, example: str | os.PathLike | None = None
             flats = {}
             for tag in ("demo-base", "demo"):
                 t0 = time.perf_counter()
-                flats[tag] = f = store.flatten(tag)
+                flats[tag] = f = flatten_image(store, tag)
                 out.write(f"   {tag}: {len(f.layers)} layers -> {os.path.relpath(f.path, store.root)} "
                           f"({os.path.getsize(f.path)} bytes, {(time.perf_counter() - t0) * 1e3:.0f} ms)\n")
 
             _step(out, "3. mount it read-only at a merged dir private to this mount", "mount demo")
-            with store.mount("demo") as merged:
+            with mount(store, "demo") as merged:
                 out.write(f"   merged dir: {merged}\n")
                 with open("/proc/self/mountinfo") as mi:
                     for line in mi:
@@ -100,6 +102,6 @@ def run_demo(out: TextIO | None = None, example: str | os.PathLike | None = None
                           f"shared {iu.shared_bytes:>6}\n")
 
             kept = root != Path(tmp) / "store"
-            out.write(f"\nleases left: {len(store.mounts())}; " + (
+            out.write(f"\nleases left: {len(list_mounts(store))}; " + (
                 f"the store is kept in {store.root}\n" if kept else "the store is removed with the temp dir\n"))
     return 0

@@ -40,7 +40,7 @@ Notices (never make fsck fail; what crashes and normal operation leave behind):
 - orphan-image-file / orphan-layer-file: an image file without a row (gc removes it).
 - dangling-refs: refs rows of an owner that no longer exists, or `flat:` rows that earlier versions
   wrote for flattened images (repair deletes them, as gc would).
-- unverified-layer: a layer recorded under `flatmount.store.core.unverified_chain_id` (a c/storage layer
+- unverified-layer: a layer recorded under `flatmount.store.records.unverified_chain_id` (a c/storage layer
   whose content could not be proven to hash to its claimed diff_id: no or mismatching tar-split
   data).  It is used only by the images imported with it; a digest-verified pull of the same diff_id
   imports the real layer beside it (flatmount.sources.cstorage.pull_cstorage).
@@ -65,8 +65,6 @@ name that `rmi` removed meanwhile is re-checked against the current rows and dro
 from __future__ import annotations
 
 import contextlib
-import errno
-import fcntl
 import hashlib
 import math
 import os
@@ -78,16 +76,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flatmount.errors import FlatmountError, ReadOnlyStoreError, StoreError
-from flatmount.gc import (
-    has_db,
-    image_files,
-    layer_files,
-    read_leases,
-    scan_objects,
-    store_lock,
-    wait_derived,
-)
+from flatmount.gc import image_files, layer_files
 from flatmount.progress import EVERY, step
+from flatmount.store.leases import read_leases
+from flatmount.store.locks import entry_held, gc_lock_if_idle, store_lock
+from flatmount.store.paths import scan_objects, wait_derived
+from flatmount.store.refs import has_db
 
 if TYPE_CHECKING:  # pragma: no cover
 
@@ -241,8 +235,8 @@ def _witness(path: str) -> str | None:
     """The sha256 of the image a layer's tree cache was made from at import (written once, from the
     same bytes as the image), if the cache is whole (its own checksum holds); else None."""
     from flatmount.errors import FormatError
-    from flatmount.flatten import layer_cache_path
     from flatmount.image.treecache import read_header
+    from flatmount.store.paths import layer_cache_path
 
     try:
         with open(layer_cache_path(path), "rb") as f:
@@ -488,7 +482,7 @@ def _check_leases(run: _Run) -> None:
     if stale:
         # judged after the snapshot that listed them: an unmount that finished meanwhile deleted its
         # row before releasing its lock, so a lease still recorded now and stale again is really stale
-        from flatmount.mount import judge_lease
+        from flatmount.store.leases import judge_lease
 
         # (judge first, then look for the row: the other order has the same race)
         db = s.connect()
@@ -627,37 +621,15 @@ def _tmp_entries(store: Store) -> Iterator[os.DirEntry]:
 
 def _flocked(entry: os.DirEntry) -> bool:
     """Whether a live process holds an flock on the entry (a writer marks its staging dir this way)."""
-    try:
-        is_dir = entry.is_dir(follow_symlinks=False)
-        fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | (os.O_DIRECTORY if is_dir else 0))
-    except OSError as e:
-        return e.errno not in (errno.ENOENT, errno.ELOOP)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
+    return entry_held(entry.path)
 
 
 def _idle_tmp_entries(store: Store) -> set[str] | None:
     """Paths of tmp entries seen while no writer held the GC lock (None if a writer holds it)."""
-    from flatmount.store.core import open_lock_file  # never through a symlink (StoreError)
-
-    path = store.root / "gc.lock"
-    try:
-        fd = open_lock_file(path, create=False)
-    except OSError:
-        return {e.path for e in _tmp_entries(store) if not _flocked(e)}
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+    with gc_lock_if_idle(store) as idle:
+        if idle is False:
             return None
         return {e.path for e in _tmp_entries(store) if not _flocked(e)}
-    finally:
-        os.close(fd)
 
 
 def _check_tmp(run: _Run, idle: set[str] | None) -> None:
@@ -709,7 +681,7 @@ def _is_dir(e: os.DirEntry) -> bool:
 
 def _check_unverified(run: _Run, s: Store) -> None:
     """unverified-layer notices (see the module docstring)."""
-    from flatmount.store.core import layer_is_unverified
+    from flatmount.store.records import layer_is_unverified
 
     for lid, parent, diff_id in s.connect().execute("SELECT id, parent, diff_id FROM layers"):
         if layer_is_unverified(lid, parent, diff_id):

@@ -10,8 +10,8 @@ Policy, in order:
 1. Leases.  A lease (row of `leases`) is *live* while its mount dir is flock'ed (flatmount.mount is
    mounting or unmounting it: the lease is written before the mount is made) or when it was recorded
    on this boot and its merged dir is a mount point in the mount namespace it was made in (another
-   namespace counts while it exists, flatmount.kernel.mntns); otherwise it is stale, the rule of
-   flatmount.mount.cleanup.  Stale leases pin nothing and are left for `flatmount cleanup` /
+   namespace counts while it exists, flatmount.kernel.mntns); otherwise it is stale
+   (flatmount.store.leases, the rule `cleanup` uses too).  Stale leases pin nothing and are left for `flatmount cleanup` /
    `fsck --repair` to drop.
 2. Flattened images (`flat_images` rows, `images/<digest>.erofs` files) are kept when
    - their chain key is the top layer of an image record visible through the store (primary or
@@ -55,109 +55,37 @@ lock file) and writes nothing at all.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flatmount.errors import ReadOnlyStoreError, StoreError
-from flatmount.flatten import derived_paths, wait_derived
 from flatmount.progress import EVERY, step
+from flatmount.store.leases import read_leases
+from flatmount.store.locks import store_lock
+from flatmount.store.paths import derived_paths, scan_objects, wait_derived
+from flatmount.store.refs import (
+    has_db,
+    json_list,
+    kept_chain_keys,
+    leased_objects,
+    needed_by_additional,
+    uncovered_leases,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
 
-    from flatmount.mount import Lease
     from flatmount.store.core import Store
+    from flatmount.store.leases import Lease
 
 DEFAULT_GRACE_S = 600.0
 REMOVE_THREADS = 8     # unlinks in flight (measured: ~2.4x faster than one at a time on ext4)
 REMOVE_BATCH = 512
 
 HEX64 = re.compile(r"[0-9a-f]{64}")
-OBJPATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
-_FANOUT = re.compile(r"[0-9a-f]{2}")
-_REST = re.compile(r"[0-9a-f]{62}")
-
-
-# --- leases (the rule lives in flatmount.mount) ---------------------------------------------------
-
-def read_leases(db: sqlite3.Connection, boot: str | None = None) -> list[Lease]:
-    """Every lease of a store's DB with its live/stale state."""
-    from flatmount.mount import boot_id, judge_lease, lease_rows
-
-    boot = boot if boot is not None else boot_id()
-    return [judge_lease(lease, boot) for lease in lease_rows(db)]
-
-
-# --- locking and small helpers shared by fsck and usage ------------------------------------------
-
-@contextlib.contextmanager
-def store_lock(store: Store, shared: bool) -> Iterator[None]:
-    """The store's GC lock without side effects on the store.
-
-    Exclusive on a writable store: `Store.gc_lock`.  Shared, or on a read-only store: flock through a
-    read-only fd of the existing lock file (a shared lock never creates the store, never cleans its
-    tmp/), created only if the store directory exists and is writable to us.
-    """
-    if not store.readonly and not shared:
-        with store.gc_lock(shared=False):
-            yield
-        return
-    import fcntl
-
-    from flatmount.store.core import open_lock_file  # never through a symlink (StoreError)
-
-    path = store.root / "gc.lock"
-    try:
-        fd = open_lock_file(path, create=False)
-    except FileNotFoundError:
-        fd = -1
-        if not store.readonly and store.root.is_dir():
-            with contextlib.suppress(OSError):
-                fd = open_lock_file(path, create=True)
-    except OSError:
-        fd = -1
-    if fd < 0:  # no writer ever ran here (or we may not open the file): nothing to exclude
-        yield
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def has_db(store: Store) -> bool:
-    return store.db_path.exists()
-
-
-def scan_objects(objects_dir: str | os.PathLike) -> Iterator[tuple[str, str]]:
-    """(object path `XX/<62 hex>`, absolute path) of every object file, unsorted, no stat calls."""
-    root = os.fspath(objects_dir)
-    try:
-        with os.scandir(root) as it:
-            fanout = [e.name for e in it if _FANOUT.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
-    except FileNotFoundError:
-        return
-    for xx in fanout:
-        d = os.path.join(root, xx)
-        try:
-            with os.scandir(d) as it:
-                for e in it:
-                    if _REST.fullmatch(e.name) and e.is_file(follow_symlinks=False):
-                        yield f"{xx}/{e.name}", e.path
-        except FileNotFoundError:
-            continue
-
-
-def json_list(items: Iterable[str]) -> str:
-    """A list as one SQL parameter, for `IN (SELECT value FROM json_each(?))` (no variable limit)."""
-    return json.dumps(list(items))
 
 
 def _erofs_files(d: os.PathLike) -> dict[str, str]:
@@ -179,7 +107,7 @@ def image_files(store: Store) -> dict[str, str]:
 
 
 def derived_orphans(store: Store) -> list[str]:
-    """Files derived from a flattened image (`flatmount.flatten.derived_paths`: its tree cache and
+    """Files derived from a flattened image (`flatmount.store.paths.derived_paths`: its tree cache and
     diff index, `images/<digest>.tree|.index`) or from a layer image (`layers/<id>.tree`) whose
     `.erofs` is gone.  They are written after the image, so outside a writer's shared lock an
     image-less one is garbage."""
@@ -292,7 +220,7 @@ def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) ->
                 recent_bytes += st.st_size
                 continue
             candidates.append((obj, st.st_size))
-        needed = _needed_by_additional(store, [c[0] for c in candidates])
+        needed = needed_by_additional(store, [c[0] for c in candidates])
         other_freed = 0
         images_removed: list[str] = []
         layer_files_removed: list[str] = []
@@ -349,12 +277,8 @@ def _empty(dry_run: bool, grace_s: float) -> GcResult:
     return GcResult(dry_run, (), (), (), 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, (), grace_s, 0.0, ())
 
 
-def _kept_chain_keys(store: Store) -> set[str]:
-    return {img.top_layer for img in store.images() if img.top_layer}
-
-
 def _plan(store: Store, db: sqlite3.Connection, start: float, grace_s: float) -> _Plan:
-    keys = _kept_chain_keys(store)
+    keys = kept_chain_keys(store)
     leases = read_leases(db)
     leased = {lease.image_digest for lease in leases if lease.live}
     rows = db.execute("SELECT chain_key, digest FROM flat_images").fetchall()
@@ -385,7 +309,7 @@ def _plan(store: Store, db: sqlite3.Connection, start: float, grace_s: float) ->
     # a leased one beyond those (its record removed while it is mounted) pins what its file references
     covered = {d for k, d in rows if k in keys}
     extra_read = leased - covered
-    extra_live = _leased_objects(store, extra_read)
+    extra_live = leased_objects(store, extra_read)
     used: set[str] = set()
     for top in keys:
         lid: str | None = top
@@ -396,35 +320,6 @@ def _plan(store: Store, db: sqlite3.Connection, start: float, grace_s: float) ->
     unused = sorted(layer_ids - used)
     return _Plan(start, remove_rows, remove_images, remove_layer_files, dead, kept_digests, extra_live,
                  leases, unused, covered, extra_read)
-
-
-def _uncovered_leases(store: Store, db: sqlite3.Connection) -> set[str]:
-    """Digests of live leased images whose chain no image record names (their layers' refs may be
-    gone: what they reference is read from the image files)."""
-    keys = _kept_chain_keys(store)
-    covered = {d for k, d in db.execute("SELECT chain_key, digest FROM flat_images") if k in keys}
-    return {lease.image_digest for lease in read_leases(db) if lease.live} - covered
-
-
-def leased_beyond_records(store: Store, db: sqlite3.Connection) -> set[str]:
-    """Objects that only live mounts pin (`_uncovered_leases`).  gc keeps them; flatmount.usage
-    counts them as referenced."""
-    return _leased_objects(store, _uncovered_leases(store, db))
-
-
-def _leased_objects(store: Store, digests: set[str]) -> set[str]:
-    """The objects the primary's image files of `digests` reference (leased images no record covers)."""
-    out: set[str] = set()
-    for digest in digests:
-        path = store.root / "images" / f"{digest}.erofs"
-        if path.exists():
-            from flatmount.image.reader import collect_objects
-
-            try:
-                out |= collect_objects(path)
-            except Exception:  # noqa: BLE001 - a corrupt leased image pins nothing we can read
-                pass
-    return out
 
 
 def _fresh(path: str, cutoff: float) -> bool:
@@ -445,7 +340,7 @@ def _drop_records(store: Store, db: sqlite3.Connection, plan: _Plan) -> None:
         if newly:  # a mount started meanwhile: keep its image and what it references
             plan.kept_digests |= newly
             plan.remove_rows = [(k, d) for k, d in plan.remove_rows if d not in newly]
-            plan.extra_live |= _leased_objects(store, newly - plan.covered)
+            plan.extra_live |= leased_objects(store, newly - plan.covered)
             plan.extra_read |= newly - plan.covered
             for d in newly:
                 plan.remove_images.pop(d, None)
@@ -470,10 +365,10 @@ def _live_objects(store: Store, db: sqlite3.Connection, plan: _Plan) -> set[str]
                 "SELECT count(*) FROM refs WHERE owner IN (SELECT value FROM json_each(?))", param).fetchone()[0]
         else:
             live = {r[0] for r in db.execute("SELECT DISTINCT object FROM refs")}
-        uncovered = _uncovered_leases(store, db) - plan.extra_read
+        uncovered = uncovered_leases(store, db) - plan.extra_read
     finally:
         db.execute("COMMIT")
-    return live | plan.extra_live | _leased_objects(store, uncovered)
+    return live | plan.extra_live | leased_objects(store, uncovered)
 
 
 def _drop_verified_of_gone_files(store: Store, db: sqlite3.Connection) -> None:
@@ -486,24 +381,6 @@ def _drop_verified_of_gone_files(store: Store, db: sqlite3.Connection) -> None:
     if gone:
         with store.transaction(durable=False) as tx:
             tx.executemany("DELETE FROM verified WHERE path = ?", gone)
-
-
-def _needed_by_additional(store: Store, candidates: list[str]) -> set[str]:
-    """Candidates that some additional store references but does not hold itself."""
-    if not candidates or not store.additional:
-        return set()
-    needed: set[str] = set()
-    param = json_list(candidates)
-    for ais in store.additional:
-        if not has_db(ais):
-            continue
-        rows = ais.connect().execute(
-            "SELECT DISTINCT object FROM refs WHERE object IN (SELECT value FROM json_each(?))",
-            (param,)).fetchall()
-        for (obj,) in rows:
-            if not os.path.isfile(os.path.join(ais.objects_dir, obj)):
-                needed.add(obj)
-    return needed
 
 
 def _remove_objects(objects, doomed: list[tuple[str, int]], errors: list[str]) -> tuple[int, int]:

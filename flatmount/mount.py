@@ -45,6 +45,8 @@ from flatmount.errors import (
     ReadOnlyStoreError,
     StoreError,
 )
+from flatmount.store.leases import LEASE_COLS, Lease, judge_lease, lease_rows, lease_stale_reason
+from flatmount.store.locks import lock_dir
 from objects.writemode import boot_id  # leases from another boot are stale (also for gc, bundle)
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,28 +55,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 DIR_MODE = 0o700
 CAP_SYS_ADMIN = 21
-_LEASE_COLS = "id, image_digest, image_ref, merged, pid, boot_id, created, mnt_ns, mnt_id, detached_sb"
-
-
-@dataclass(frozen=True)
-class Lease:
-    """One mount: `merged` is the directory to use; `id` names it for `umount`."""
-
-    id: str
-    image_digest: str
-    image_ref: str | None
-    merged: str
-    pid: int | None
-    boot_id: str | None
-    created: float | None
-    mnt_ns: str | None = None         # flatmount.kernel.mntns key of the namespace the mount lives in
-    mnt_id: int | None = None         # the overlay's unique mount id, recorded once it is mounted
-    detached_sb: str | None = None    # set by `umount --lazy`: the superblock it left in use (holders)
-    stale_reason: str | None = None   # set by `judge_lease`; None = live (or not judged)
-
-    @property
-    def live(self) -> bool:
-        return self.stale_reason is None
 
 
 @dataclass(frozen=True)
@@ -89,70 +69,6 @@ class CleanupResult:
 
 
 # --- helpers --------------------------------------------------------------------------------------
-
-def dir_busy(path: str) -> bool:
-    """Whether some process holds the flock of a mount dir (a mount or unmount in progress)."""
-    fd = _lock_dir(path, wait=False)
-    if fd is None:
-        return os.path.isdir(path)
-    os.close(fd)
-    return False
-
-
-def lease_stale_reason(merged: str, lease_boot_id: str | None, boot: str | None = None, *,
-                       locked: bool = False, mnt_ns: str | None = None,
-                       mnt_id: int | None = None, detached_sb: str | None = None) -> str | None:
-    """Why a lease is stale, or None if it is live: THE rule shared by `cleanup`, gc and fsck.
-
-    A lease is live while its mount dir (the merged dir's parent) is flock'ed -- a mount or unmount
-    holds that lock from before the lease is written until the kernel mount is made or gone -- or
-    when it was recorded on this boot and its merged dir is mounted in the mount namespace `mnt_ns`
-    it was made in (ours when None or equal; another one while it exists and is not proven to lack
-    the mount, see flatmount.kernel.mntns).  `locked`: the caller holds the lock itself (cleanup), so the
-    in-progress case does not apply.  `detached_sb`: the mount was detached lazily while busy
-    (`umount --lazy`); it is live while anything still uses it (flatmount.kernel.holders).
-    """
-    from flatmount.kernel.kmount import is_mountpoint
-
-    if not locked and dir_busy(os.path.dirname(os.path.abspath(merged))):
-        return None
-    boot = boot_id() if boot is None else boot
-    if lease_boot_id and boot and lease_boot_id != boot:
-        return "recorded on another boot"
-    if detached_sb is not None:
-        from flatmount.kernel.holders import detached_mount_in_use
-
-        if detached_mount_in_use(mnt_id, detached_sb) is False:
-            return "detached lazily and no longer in use"
-        return None
-    if mnt_ns is not None:
-        from flatmount.kernel.mntns import current_ns, ns_stale_reason
-
-        here = current_ns()
-        if here is None:
-            return None   # cannot tell which namespace we are in: nothing is proven
-        if mnt_ns != here:
-            reason = ns_stale_reason(merged, mnt_ns, mnt_id)
-            return None if reason is not None and _container_holds(merged) else reason
-    if is_mountpoint(merged):
-        return None
-    return None if _container_holds(merged) else "merged dir is not mounted"
-
-
-def _container_holds(merged: str) -> bool:
-    """A live container's copy of the mount (its own mount namespace) needs the lease too."""
-    from flatmount.run.bundle import container_holding
-
-    return container_holding(merged) is not None
-
-
-def judge_lease(lease: Lease, boot: str | None = None) -> Lease:
-    """`lease` with its `stale_reason` filled in."""
-    return dataclasses.replace(lease, stale_reason=lease_stale_reason(lease.merged, lease.boot_id, boot,
-                                                                      mnt_ns=lease.mnt_ns,
-                                                                      mnt_id=lease.mnt_id,
-                                                                      detached_sb=lease.detached_sb))
-
 
 def mounts_dir(store: Store) -> str:
     return os.path.join(os.fspath(store.runroot), "mounts")
@@ -187,25 +103,6 @@ def _mkdir_private(path: str) -> None:
     make_private_subdir(path, "runroot")
 
 
-def _lock_dir(path: str, wait: bool = True) -> int | None:
-    """An fd of directory `path` holding its exclusive flock; None if busy (wait=False) or gone."""
-    import fcntl
-
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    if os.fstat(fd).st_nlink == 0:  # removed by someone who held the lock before us
-        os.close(fd)
-        return None
-    return fd
-
-
 def _rmdir(path: str, removed: list[str] | None = None) -> bool:
     """rmdir (never a recursive delete); True if it is gone."""
     try:
@@ -219,16 +116,6 @@ def _rmdir(path: str, removed: list[str] | None = None) -> bool:
     if removed is not None:
         removed.append(path)
     return True
-
-
-_LEASE_FIELDS = frozenset(_LEASE_COLS.split(", "))
-
-
-def lease_rows(db, where: str = "", params: tuple = ()) -> list[Lease]:
-    """Leases of a store's DB (unjudged), oldest first; reads DBs with and without `mnt_ns`."""
-    cur = db.execute(f"SELECT * FROM leases {where} ORDER BY created, id", params)
-    names = [d[0] for d in cur.description]
-    return [Lease(**{k: v for k, v in zip(names, row, strict=True) if k in _LEASE_FIELDS}) for row in cur.fetchall()]
 
 
 def _ensure_ns_column(db) -> None:
@@ -322,7 +209,7 @@ def _verity_ready(store: Store, flat: FlatImage, dirs: list[str]) -> bool:
     """`verity_required` for this mount: reads the dirs' records, and gives the primary store's image
     fs-verity (then checks its now immutable bytes against its sha256 name).  False, quietly,
     wherever fs-verity is unavailable (this is the path every mount takes on such kernels)."""
-    from flatmount.flatten import flat_image_path
+    from flatmount.store.paths import flat_image_path
     from objects import verity
     from objects.errors import ObjectStoreError
 
@@ -389,7 +276,7 @@ def _create_lease(store: Store, ref: str, flat: FlatImage) -> tuple[Lease, int]:
             os.mkdir(top, DIR_MODE)
         except FileExistsError:
             continue
-        fd = _lock_dir(top)
+        fd = lock_dir(top)
         if fd is None:  # a concurrent cleanup took it for a leftover: pick another id
             continue
         try:
@@ -400,7 +287,7 @@ def _create_lease(store: Store, ref: str, flat: FlatImage) -> tuple[Lease, int]:
                           current_ns())
             with store.transaction(**_LEASE_WRITE) as db:
                 _ensure_ns_column(db)
-                db.execute(f"INSERT INTO leases({_LEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                db.execute(f"INSERT INTO leases({LEASE_COLS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (lease.id, lease.image_digest, lease.image_ref, lease.merged, lease.pid,
                             lease.boot_id, lease.created, lease.mnt_ns, None, None))
         except BaseException:
@@ -452,14 +339,14 @@ def umount(store: Store, merged_or_lease_id: str, *, lazy: bool = False,
     _require_writable(store)
     lease = find_lease(store, merged_or_lease_id)
     top = os.path.dirname(lease.merged)
-    fd = _lock_dir(top)
+    fd = lock_dir(top)
     try:
         current = _leases(store, "WHERE id = ?", (lease.id,))
         if not current:
             raise NotFoundError(f"mount {lease.id} was unmounted meanwhile")
         _refuse_foreign_namespace(current[0])
         if not container_done:
-            from flatmount.run.bundle import container_holding
+            from flatmount.store.containers import container_holding
 
             cid = container_holding(lease.merged)
             if cid is not None:
@@ -581,7 +468,7 @@ def cleanup(store: Store) -> CleanupResult:
     boot = boot_id()
     for lease in _leases(store):
         top = os.path.dirname(lease.merged)
-        fd = _lock_dir(top, wait=False)
+        fd = lock_dir(top, wait=False)
         if fd is None and os.path.isdir(top):
             busy.append(top)
             continue
@@ -613,7 +500,7 @@ def cleanup(store: Store) -> CleanupResult:
         merged = os.path.join(top, "merged")
         if not os.path.isdir(top) or os.path.islink(top):
             continue
-        fd = _lock_dir(top, wait=False)
+        fd = lock_dir(top, wait=False)
         if fd is None:
             if os.path.isdir(top):
                 busy.append(top)

@@ -368,3 +368,46 @@ def open_regular(path: str, what: str, *, follow: bool, dir_fd: int | None = Non
     except BaseException:
         os.close(fd)
         raise
+
+
+def open_parent_below(root: str, parts: list[str]) -> int | None:
+    """An fd of the directory holding `parts[-1]` below `root`, every component opened with O_NOFOLLOW;
+    None if one is absent, not a directory or a symlink."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        for p in parts[:-1]:
+            nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_file_below(root: str, path: str, limit: int = 1 << 20) -> bytes | None:
+    """Content of `path` inside the tree at `root`, every component opened with O_NOFOLLOW (a symlink
+    anywhere on the way counts as absent: it could point out of the image); None if absent."""
+    parts = [p for p in path.split("/") if p and p != "."]
+    if any(p == ".." for p in parts) or not parts:
+        return None
+    fd = open_parent_below(root, parts)
+    if fd is None:
+        return None
+    try:
+        nfd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(nfd).st_mode):
+            return None
+        return os.read(nfd, limit)
+    finally:
+        os.close(nfd)

@@ -37,14 +37,18 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flatmount.errors import FlatmountError, NotFoundError, StoreError
-from flatmount.gc import has_db, json_list, leased_beyond_records, read_leases, scan_objects, store_lock
 from flatmount.progress import EVERY, step
+from flatmount.store.leases import read_leases
+from flatmount.store.locks import store_lock
+from flatmount.store.paths import scan_objects
+from flatmount.store.refs import has_db, json_list, leased_beyond_records
+from objects.paths import OBJPATH_IN_TEXT_RE, object_path_hex
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store.core import ImageRecord, Store
+    from flatmount.store.core import Store
+    from flatmount.store.records import ImageRecord
 
 PRIMARY, ADDITIONAL, MISSING = "primary", "additional", "missing"
-_OBJ_IN_TEXT = re.compile(r"(?:^|/)([0-9a-f]{2})/([0-9a-f]{62})$")
 _HEX64 = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 
 
@@ -377,9 +381,8 @@ def parse_object(text: str) -> str:
     t = text.strip().lower()
     m = _HEX64.fullmatch(t)
     if m:
-        h = m.group(1)
-        return f"{h[:2]}/{h[2:]}"
-    m = _OBJ_IN_TEXT.search(t.rstrip("/"))
+        return object_path_hex(m.group(1))
+    m = OBJPATH_IN_TEXT_RE.search(t.rstrip("/"))
     if m:
         return f"{m.group(1)}/{m.group(2)}"
     raise NotFoundError(f"{text!r} is not an object digest (64 hex digits) or object path (XX/<62 hex>)")

@@ -10,7 +10,6 @@ Names are loaded on first use so that `import objects.errors` (done by every CLI
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 _LAZY = {
@@ -18,7 +17,7 @@ _LAZY = {
     "fsverity_digest": "digest", "parse_digest": "digest",
     "InvalidDigestError": "errors", "ObjectDigestMismatchError": "errors", "ObjectNotFoundError": "errors",
     "ObjectStoreError": "errors", "ReadOnlyObjectStoreError": "errors",
-    "ObjectStore": "store", "PendingPut": "store", "BulkWriter": "bulk",
+    "ObjectStore": "store", "PendingPut": "store", "BulkWriter": "bulk", "usable_cpus": "cpus",
 }
 __all__ = [
     "BulkWriter",
@@ -29,6 +28,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bulk import BulkWriter
+    from .cpus import usable_cpus
     from .digest import FsVerityHasher, digest_file, digest_stream, fsverity_digest, parse_digest
     from .errors import (
         InvalidDigestError,
@@ -38,14 +38,6 @@ if TYPE_CHECKING:  # pragma: no cover
         ReadOnlyObjectStoreError,
     )
     from .store import ObjectStore, PendingPut
-
-
-def usable_cpus() -> int:
-    """CPUs this process may run on: whether helper threads or processes can run beside it."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 def __getattr__(name: str):

@@ -29,17 +29,28 @@ import contextlib
 import os
 import struct
 import sys
-import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from . import usable_cpus
+from .cpus import usable_cpus
 from .digest import READ_CHUNK, fsverity_digest
 from .errors import ObjectStoreError
 
 if TYPE_CHECKING:  # pragma: no cover
     import subprocess
+    from collections.abc import Iterable
 
-    from .store import ObjectStore
+
+class BulkTarget(Protocol):
+    """What a BulkWriter needs of its object store (objects.store.ObjectStore), named here so that
+    this module stays below the store that creates writers."""
+
+    root: str
+
+    def put_bytes(self, data: bytes) -> bytes: ...
+
+    def _note_many(self, digests: list[bytes]) -> None: ...
+
+    def _note_created(self, digests: Iterable[bytes]) -> None: ...
 
 START_AFTER = 256  # puts done in-process before helpers are started
 HELPERS = 2  # helper processes (each object goes to one by its digest): inode allocation is slow on busy ext4
@@ -51,15 +62,15 @@ _OK = b"ok\n"
 _COUNT = struct.Struct("<I")  # a helper's output: count, the digests it created, then `ok` or an error
 
 _CHILD = (
-    "import sys; sys.path.insert(0, sys.argv[1]); from objects.bulk import _child_main; "
-    "sys.exit(_child_main(sys.argv[2], sys.argv[3] == 'flush'))"
+    "import sys; sys.path.insert(0, sys.argv[1]); from objects.bulkhelper import child_main; "
+    "sys.exit(child_main(sys.argv[2], sys.argv[3] == 'flush'))"
 )
 
 
 class BulkWriter:
     """`put_bytes()` many small objects (see module docstring); a context manager."""
 
-    def __init__(self, store: ObjectStore, helper: bool | None = None) -> None:
+    def __init__(self, store: BulkTarget, helper: bool | None = None) -> None:
         self.store = store
         self._use_helper = usable_cpus() >= 2 if helper is None else helper
         self._start_after = START_AFTER if helper is None else 0
@@ -190,87 +201,3 @@ class BulkWriter:
             proc.wait()
             with contextlib.suppress(OSError):
                 proc.stdout.close()  # type: ignore[union-attr]
-
-
-def _stop(signum: int, frame: object) -> None:
-    raise SystemExit(1)
-
-
-class _Flusher(threading.Thread):
-    """Starts writing the file system's dirty data out while objects are still being stored.
-
-    `ObjectStore.sync()` at the end of an import has to wait for every byte written since the last
-    sync (syncfs), including unrelated data such as the freshly written layer tarball; flushing in
-    the background, on the helper's core, leaves it little to do.  Durability still comes only from
-    that sync.
-    """
-
-    def __init__(self, dirfd: int) -> None:
-        super().__init__(name="objects-flush", daemon=True)
-        self.dirfd = dirfd
-        self.wake = threading.Event()
-        self._stopped = False
-
-    def run(self) -> None:
-        from .store import _syncfs
-
-        while True:
-            self.wake.wait()
-            self.wake.clear()
-            if self._stopped:
-                return
-            try:
-                _syncfs(self.dirfd)
-            except OSError:
-                return  # only an optimisation: the final sync() reports real errors
-
-    def stop(self) -> None:
-        self._stopped = True
-        self.wake.set()
-        self.join()
-
-
-def _child_main(root: str, flush: bool = False) -> int:
-    """The helper: store each record read from stdin; print `ok` at EOF, or the first error and stop."""
-    import signal
-
-    from .store import ObjectStore
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (and terminates us on abort)
-    signal.signal(signal.SIGTERM, _stop)  # unwinds: a named temp file being written is removed
-    out = sys.stdout.buffer
-    flusher = store = None
-    created: set[bytes] = set()
-    message = _OK
-    rc = 0
-    try:
-        store = ObjectStore(root)
-        created = store.watch_created()
-        if flush:
-            flusher = _Flusher(store._dirfd)
-            flusher.start()
-        written = flushed = 0
-        with os.fdopen(0, "rb", buffering=PIPE_BUFFER) as inp:
-            while head := inp.read(_RECORD.size):
-                if len(head) < _RECORD.size:
-                    message, rc = b"", 1  # the parent went away mid-record: store nothing half-sent
-                    break
-                digest, size = _RECORD.unpack(head)
-                data = inp.read(size)
-                if len(data) < size:
-                    message, rc = b"", 1
-                    break
-                store._store_hashed(digest, data)
-                written += size
-                if flusher is not None and written - flushed >= FLUSH_EVERY:
-                    flusher.wake.set()
-                    flushed = written
-    except ObjectStoreError as e:
-        message, rc = str(e).encode("utf-8", "replace"), 1
-    finally:
-        if flusher is not None:
-            flusher.stop()
-        if store is not None:
-            store.close()
-        out.write(_COUNT.pack(len(created)) + b"".join(created) + message)
-    return rc

@@ -39,7 +39,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, BinaryIO, Protocol
 
-from . import usable_cpus
+from .cpus import usable_cpus
 from .digest import (
     BLOCK_SIZE,
     READ_CHUNK,
@@ -55,6 +55,8 @@ from .errors import (
     ObjectStoreError,
     ReadOnlyObjectStoreError,
 )
+from .libc import _Libc, _syncfs
+from .paths import object_path
 
 TMP_DIR = ".tmp"
 OBJECT_MODE = 0o644
@@ -87,48 +89,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .bulk import BulkWriter
 
 Digest = bytes | str
-
-
-class _Libc:
-    """syncfs() and sync_file_range(), which the os module lacks; loaded on first use (ctypes is slow to import)."""
-
-    _loaded = False
-    syncfs: Callable[[int], int] | None = None
-    sync_file_range: Callable[[int, int, int, int], int] | None = None
-
-    @classmethod
-    def load(cls) -> type[_Libc]:
-        if not cls._loaded:
-            try:
-                import ctypes
-
-                libc = ctypes.CDLL(None, use_errno=True)
-                fn = libc.syncfs
-                fn.argtypes, fn.restype = [ctypes.c_int], ctypes.c_int
-                cls.syncfs = fn
-                fn = libc.sync_file_range
-                fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-                fn.restype = ctypes.c_int
-                cls.sync_file_range = fn
-            except (ImportError, OSError, AttributeError):
-                pass
-            cls._loaded = True
-        return cls
-
-
-def _syncfs(fd: int) -> bool:
-    """Flush the whole filesystem holding `fd`; False if syncfs() is unavailable."""
-    fn = _Libc.load().syncfs
-    if fn is None:
-        return False
-    if fn(fd) != 0:
-        import ctypes
-
-        err = ctypes.get_errno()
-        if err == errno.ENOSYS:
-            return False
-        raise OSError(err, os.strerror(err))
-    return True
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
@@ -952,9 +912,7 @@ def _is_hex(name: str, length: int) -> bool:
     return len(name) == length and _HEX.issuperset(name)
 
 
-def _rel(digest: bytes) -> str:
-    h = digest.hex()
-    return f"{h[:2]}/{h[2:]}"
+_rel = object_path   # `XX/<62 hex>` of a raw digest (objects.paths)
 
 
 def _chmod_object(fd: int) -> None:

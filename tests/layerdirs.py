@@ -81,7 +81,7 @@ def store_image(store, trees: Sequence[Inode], name: str, *, parent: str | None 
     import hashlib
 
     from flatmount.image.dump import dump_bytes
-    from flatmount.pull import ImportBatch
+    from flatmount.store.batch import ImportBatch
 
     ids = []
     with ImportBatch(store) as batch:

@@ -11,7 +11,9 @@ import hashlib
 import os
 from pathlib import Path
 
-from flatmount.store.core import Store, chain_id, open_store
+from flatmount.api import open_store
+from flatmount.store.core import Store
+from flatmount.store.records import chain_id
 from objects.digest import fsverity_digest
 from tests.tarbuild import Tar, make_oci
 
@@ -96,7 +98,7 @@ def tree_hashes(path: str | os.PathLike) -> dict[str, str]:
 
 
 def primary_objects(store: Store) -> set[str]:
-    from flatmount.gc import scan_objects
+    from flatmount.store.paths import scan_objects
 
     return {o for o, _ in scan_objects(store.objects_dir)}
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_root, require_tool
 
+from flatmount.api import open_store
 from flatmount.kernel import holders
-from flatmount.store.core import open_store
 from tools.busybox_image import write_oci
 
 BB = "/bin/busybox"

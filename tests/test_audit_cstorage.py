@@ -15,7 +15,7 @@ from test_cstorage_verify import GENUINE, IMAGE, PLANTED, _read_mounted, _store
 from flatmount.fsck import fsck
 from flatmount.pull import pull
 from flatmount.sources import cstorage
-from flatmount.store.core import chain_id
+from flatmount.store.records import chain_id
 from tests.maint_helpers import objpath
 
 

@@ -17,7 +17,7 @@ import tarfile
 import pytest
 from conftest import ROOT, require_root, require_tool
 
-from flatmount.store.core import open_store
+from flatmount.api import open_store
 from tools.busybox_image import layer_tar, write_oci
 
 HOSTILE = {

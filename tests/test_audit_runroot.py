@@ -15,10 +15,10 @@ import time
 import pytest
 from conftest import ROOT, require_root, require_tool
 
+from flatmount.api import open_store
 from flatmount.errors import StoreError
 from flatmount.pull import pull
 from flatmount.sources.registry import RegistryOptions
-from flatmount.store.core import open_store
 from tests.test_registry import layer_tars, seed
 
 BUSYBOX = "/bin/busybox" if os.path.isfile("/bin/busybox") else "/usr/bin/busybox"

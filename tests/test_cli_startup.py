@@ -16,8 +16,8 @@ from conftest import ROOT, require_root
 from layerdirs import file_tree, store_image
 
 from flatmount import cli
+from flatmount.api import open_store
 from flatmount.kernel import kmount
-from flatmount.store.core import open_store
 
 # argv lists as a user types them: valid ones, and every kind of usage error and help request
 SAMPLES = [

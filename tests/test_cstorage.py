@@ -711,7 +711,7 @@ def test_podman_flatten_equals_kernel_merge(podman_stores):
 # --- pull into a flatmount store ---------------------------------------------------------------------
 
 def _open_store(root: Path, additional=None):
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     return open_store(root / "store", additional=additional, runroot=root / "run")
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from test_cstorage import _diff, _image, make_cstore, make_layers
 
+from flatmount.api import open_store
 from flatmount.errors import FlatmountError
 from flatmount.sources import cstorage
-from flatmount.store.core import open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = json.dumps({"rootfs": {"type": "layers", "diff_ids": [_diff("l0")]}}).encode()

@@ -21,12 +21,13 @@ import pytest
 from conftest import require_root, require_tool
 from cstorage_fixtures import cleanup_mounts, podman, write_containers_conf, write_storage_conf
 
+from flatmount.api import open_store
 from flatmount.errors import FormatError, LayerError
 from flatmount.fsck import fsck
 from flatmount.pull import pull
 from flatmount.sources import cstorage
 from flatmount.sources.tarsplit import TarSplitStream
-from flatmount.store.core import chain_id, layer_is_unverified, open_store, unverified_chain_id
+from flatmount.store.records import chain_id, layer_is_unverified, unverified_chain_id
 
 GENUINE = b"genuine motd: welcome to the real image\n" * 4
 PLANTED = b"PLANTED motd: this is not the image's c" * 4 + b"ontent!!"    # also > 64 bytes

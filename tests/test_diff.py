@@ -35,6 +35,7 @@ from flatmount.image.tree import (
 )
 from flatmount.image.writer import image_bytes, write_image
 from flatmount.sources.layers import read_tar
+from flatmount.store import paths as store_paths
 from objects import ObjectStore
 
 podman_stores = cstorage_fixtures.podman_stores   # the session fixture, requested by name below
@@ -596,8 +597,9 @@ def test_cli_errors(images, capsysbinary, tmp_path):
 
 def test_cli_store_images(tmp_path, capsysbinary, monkeypatch):
     """Names resolved in a store, flattened (cached images), diffed; the layer reproduces the image."""
-    from flatmount.pull import record_image, record_layer
-    from flatmount.store.core import chain_id, open_store
+    from flatmount.api import open_store
+    from flatmount.store.batch import record_image, record_layer
+    from flatmount.store.records import chain_id
 
     monkeypatch.setenv("FLATMOUNT_CACHE_DIR", str(tmp_path / "cache"))
     store = open_store(tmp_path / "root", runroot=tmp_path / "run")
@@ -632,8 +634,8 @@ def test_store_images_use_the_index_flatten_wrote(tmp_path, monkeypatch):
     """A store's flattened image has its diff index beside it: its first diff reads no image and builds
     and caches nothing; a damaged beside index is ignored (and the user cache used instead)."""
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.image import reader
-    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "root", runroot=tmp_path / "run")
     objects = store.objects
@@ -645,7 +647,7 @@ def test_store_images_use_the_index_flatten_wrote(tmp_path, monkeypatch):
         pa = flatten.write_flat_image(store, old)[1]
         pb = flatten.write_flat_image(store, new)[1]
     store.close()
-    assert D.store_index_path(pa) == flatten.derived_paths(pa)[1] and os.path.exists(D.store_index_path(pa))
+    assert D.store_index_path(pa) == store_paths.derived_paths(pa)[1] and os.path.exists(D.store_index_path(pa))
     assert D.store_index_path(tmp_path / "loose.erofs") is None
     want = changes(old, new)
     assert lines(want) == ["C /etc", "A /etc/big", "C /etc/conf", "D /etc/gone"]
@@ -684,9 +686,9 @@ def test_matches_podman_image_diff(podman_stores, tmp_path, monkeypatch):
     - podman hides its container init mount points (libpod/diff.go `initInodes`: /dev, /proc, /sys,
       /run, /etc/hosts, ...) that `podman build` leaves in RUN layers; they are in the image, we list them.
     """
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
     from flatmount.sources.cstorage import pull_cstorage
-    from flatmount.store.core import open_store
 
     monkeypatch.setenv("FLATMOUNT_CACHE_DIR", str(tmp_path / "cache"))
     s = podman_stores

@@ -17,6 +17,7 @@ from layerdirs import extract, mount_overlay, umount
 from flatmount.flatten import apply_layer, default_root, flatten_trees
 from flatmount.image.tree import OPAQUE_XATTR, S_IFCHR, S_IFIFO, Inode, lookup, walk
 from flatmount.sources.directory import scan_directory
+from flatmount.store import paths as store_paths
 from tests.test_erofs import trees as erofs_trees
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -355,9 +356,9 @@ def test_against_kernel_overlay(tmp_path_factory):
 
 def check_image(expected: Inode, blobs: dict[bytes, bytes], work) -> None:
     """The flattened tree written as an EROFS image and mounted reads back the same."""
-    from flatmount.image.tree import object_path
     from flatmount.image.writer import write_image
     from flatmount.kernel.kmount import mount_image, umount_image
+    from objects.paths import object_path
 
     objdir = work / "objects"
     for digest, data in blobs.items():
@@ -399,9 +400,9 @@ def image_files(root: Inode) -> set[str]:
 def test_flatten_image_writes_once_and_records_no_refs(tmp_path):
     from layerdirs import store_image
 
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
     from flatmount.image.reader import read_tree
-    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "p", runroot=tmp_path / "run")
     ids = store_image(store, chain_trees(), "chain", blobs=BIG)
@@ -420,12 +421,12 @@ def test_flatten_image_writes_once_and_records_no_refs(tmp_path):
         flat.digest,)
     # no refs rows of its own: every object it references is one of its chain's layers' (their refs)
     assert not db.execute("SELECT 1 FROM refs WHERE owner = ?", ("flat:" + flat.digest,)).fetchone()
-    from flatmount.image.tree import object_path
+    from objects.paths import object_path
 
     used = {object_path(n.digest) for _, n in walk(tree) if n.digest}
     layer_refs = {o for (owner, o) in db.execute("SELECT owner, object FROM refs") if owner[6:] in ids}
     assert len(used) == 3 and used <= layer_refs
-    from flatmount.flatten import wait_derived
+    from flatmount.store.paths import wait_derived
 
     wait_derived()   # its tree cache and diff index, written in the background
     assert os.listdir(tmp_path / "p" / "tmp") == []
@@ -442,9 +443,9 @@ def test_longest_cached_prefix_gives_the_same_bytes(tmp_path, monkeypatch, prefi
     from layerdirs import store_image
 
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.store import core as store_mod
-    from flatmount.store.core import open_store
+    from flatmount.store import integrity as store_mod
 
     trees = chain_trees()
     a = open_store(tmp_path / "a", runroot=tmp_path / "run")
@@ -472,8 +473,8 @@ def _helper_run(tmp_path, monkeypatch, name: str, in_child=None) -> tuple[str, s
     from layerdirs import store_image
 
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.store.core import open_store
 
     trees = chain_trees()
     monkeypatch.setattr(flatten.helper, "HELPER_MIN_INODES", 0)
@@ -496,9 +497,9 @@ def _helper_run(tmp_path, monkeypatch, name: str, in_child=None) -> tuple[str, s
     a = open_store(tmp_path / f"{name}-2", runroot=tmp_path / "run")
     store_image(a, trees, "chain", blobs=BIG)
     two = flatten_image(a, "chain")
-    flatten.wait_derived()
+    store_paths.wait_derived()
     # its tree cache and diff index: written by the helper when it wrote its half, else by a thread
-    assert flatten.load_tree_cache(two.path) is not None and os.path.exists(flatten.derived_paths(two.path)[1])
+    assert flatten.load_tree_cache(two.path) is not None and os.path.exists(store_paths.derived_paths(two.path)[1])
     assert bool(threads) == (in_child is not None)
     monkeypatch.setattr(os, "fork", real_fork)
     monkeypatch.setattr(flatten.helper, "HELPER", False)
@@ -506,7 +507,7 @@ def _helper_run(tmp_path, monkeypatch, name: str, in_child=None) -> tuple[str, s
     b = open_store(tmp_path / f"{name}-1", runroot=tmp_path / "run")
     store_image(b, trees, "chain", blobs=BIG)
     one = flatten_image(b, "chain")
-    flatten.wait_derived()
+    store_paths.wait_derived()
     deadline = time.monotonic() + 10
     while any(os.path.exists(f"/proc/{p}") for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -565,8 +566,8 @@ def test_two_process_writer_when_fork_is_refused(tmp_path, monkeypatch):
     from layerdirs import store_image
 
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.store.core import open_store
 
     def refuse():
         raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
@@ -582,7 +583,7 @@ def test_two_process_writer_when_fork_is_refused(tmp_path, monkeypatch):
     b = open_store(tmp_path / "b", runroot=tmp_path / "run")
     store_image(b, chain_trees(), "chain", blobs=BIG)
     assert flatten_image(b, "chain").digest == refused.digest
-    flatten.wait_derived()
+    store_paths.wait_derived()
     a.close()
     b.close()
     assert len(os.listdir("/proc/self/fd")) == fds
@@ -592,7 +593,7 @@ HELPER_ORPHAN_CHILD = """
 import os, sys, time
 sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
 from flatmount import flatten
-from flatmount.store.core import open_store
+from flatmount.api import open_store
 flatten.helper._helper_pays = lambda prefix, chain: True
 build = flatten.imagecache._chain_tree
 parent = os.getpid()
@@ -619,7 +620,7 @@ def test_helper_of_a_killed_flatten_exits_and_holds_no_lock(tmp_path):
 
     from layerdirs import store_image
 
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     store = open_store(tmp_path / "s", runroot=tmp_path / "run")
     store_image(store, chain_trees(), "chain", blobs=BIG)
@@ -672,9 +673,9 @@ def test_helper_only_for_big_trees_and_when_memory_allows(monkeypatch):
 def test_cache_in_additional_store_is_used_and_chains_cross_stores(tmp_path):
     from layerdirs import file_tree, store_image
 
+    from flatmount.api import open_store
     from flatmount.errors import NotFoundError, ReadOnlyStoreError
     from flatmount.flatten import flatten_image
-    from flatmount.store.core import open_store
 
     ais_root = tmp_path / "ais"
     ais = open_store(ais_root, runroot=tmp_path / "run")
@@ -714,8 +715,8 @@ def test_flatten_waits_for_a_running_gc(tmp_path):
 
     from layerdirs import store_image
 
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.store.core import open_store
 
     store = open_store(tmp_path / "p", runroot=tmp_path / "run")
     store_image(store, chain_trees(), "chain", blobs=BIG)
@@ -728,7 +729,7 @@ def test_flatten_waits_for_a_running_gc(tmp_path):
         assert os.listdir(tmp_path / "p" / "images") == []
     t.join(30)
     assert done.is_set()
-    from flatmount.flatten import wait_derived
+    from flatmount.store.paths import wait_derived
 
     wait_derived()   # (written by a background thread once the image is recorded)
     assert sorted(os.path.splitext(n)[1] for n in os.listdir(tmp_path / "p" / "images")) == [
@@ -738,7 +739,7 @@ def test_flatten_waits_for_a_running_gc(tmp_path):
 # --- derived files: the tree cache (and the diff index) beside each flattened image -----------------
 
 def test_tree_cache_round_trip_and_validation():
-    from flatmount.flatten import tree_cache_bytes, tree_from_cache
+    from flatmount.image.treecache import tree_cache_bytes, tree_from_cache
     from tests.test_erofs import every_type_tree
 
     tree = every_type_tree()
@@ -776,9 +777,10 @@ def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
     from layerdirs import store_image
 
     from flatmount import flatten
-    from flatmount.flatten import derived_paths, flatten_image
+    from flatmount.api import open_store
+    from flatmount.flatten import flatten_image
     from flatmount.image import reader
-    from flatmount.store.core import open_store
+    from flatmount.store.paths import derived_paths
 
     trees = chain_trees()
     a = open_store(tmp_path / "a", runroot=tmp_path / "run")
@@ -786,7 +788,7 @@ def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
     store_image(a, trees[2:], "three", parent=ids[-1], blobs=BIG)
     two = flatten_image(a, "two")
     tree_path, index_path = derived_paths(two.path)
-    flatten.wait_derived()   # (written by a background thread once the image is recorded)
+    store_paths.wait_derived()   # (written by a background thread once the image is recorded)
     assert os.path.isfile(tree_path) and os.path.isfile(index_path)
     assert flatten.load_tree_cache(two.path) == reader.read_tree(two.path)
     assert os.listdir(tmp_path / "a" / "tmp") == []
@@ -834,7 +836,7 @@ def test_derived_files_backlog_is_bounded(tmp_path, monkeypatch):
     from layerdirs import file_tree
 
     from flatmount import flatten
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     real = flatten.trees.tree_cache_bytes
     monkeypatch.setattr(flatten.trees, "tree_cache_bytes", lambda *a: time.sleep(0.2) or real(*a))
@@ -846,8 +848,8 @@ def test_derived_files_backlog_is_bounded(tmp_path, monkeypatch):
             paths.append(flatten.write_flat_image(store, tree)[1])
         alive = [t for t in threading.enumerate() if t.name == "flatmount-derived"]
         assert len(alive) <= flatten._Derivers.MAX_PENDING
-    flatten.wait_derived()
-    assert all(os.path.isfile(p) for path in paths for p in flatten.derived_paths(path))
+    store_paths.wait_derived()
+    assert all(os.path.isfile(p) for path in paths for p in store_paths.derived_paths(path))
     store.close()
 
 
@@ -855,8 +857,9 @@ def test_no_derived_files_written_into_an_additional_store(tmp_path):
     from layerdirs import store_image
 
     from flatmount import flatten
-    from flatmount.flatten import derived_paths, flatten_image
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
+    from flatmount.flatten import flatten_image
+    from flatmount.store.paths import derived_paths
 
     ais_root = tmp_path / "ais"
     ais = open_store(ais_root, runroot=tmp_path / "run")
@@ -871,7 +874,7 @@ def test_no_derived_files_written_into_an_additional_store(tmp_path):
     primary = open_store(tmp_path / "p", runroot=tmp_path / "run", additional=[str(ais_root)])
     top = flatten_image(primary, "top")
     assert not top.reused and top.path.startswith(str(tmp_path / "p"))
-    flatten.wait_derived()
+    store_paths.wait_derived()
     assert sorted(os.listdir(ais_root / "images")) == before            # nothing written there
     assert all(os.path.isfile(p) for p in derived_paths(top.path))      # the new image's are
     primary.close()
@@ -882,8 +885,8 @@ def test_no_derived_files_written_into_an_additional_store(tmp_path):
 def test_tree_cache_gives_the_image_bytes(tree):
     """The tree cache holds the tree an image was written from; written again it is the same image,
     as is the tree read back from the image: a chain flattened from either has the same digest."""
-    from flatmount.flatten import tree_cache_bytes, tree_from_cache
     from flatmount.image.reader import Image
+    from flatmount.image.treecache import tree_cache_bytes, tree_from_cache
     from flatmount.image.writer import image_bytes
 
     data = image_bytes(tree)

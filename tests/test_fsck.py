@@ -9,10 +9,10 @@ import uuid
 
 import pytest
 
+from flatmount.api import open_store
 from flatmount.cli import main
 from flatmount.flatten import flatten_image
 from flatmount.fsck import ERROR, NOTICE, fsck
-from flatmount.store.core import open_store
 from tests.conftest import require_root
 from tests.maint_helpers import content, new_store, objpath, primary_objects, pull_image, unmount_all_under
 

@@ -190,7 +190,7 @@ def test_mutated_tar_headers_give_only_flatmount_errors(objects_dir, tar, compre
 @given(tar=mutated_tars())
 def test_mutated_tars_through_pull(tmp_path_factory, tar):
     """The whole `pull tar:` path (record in a store, layer image written, flatten) on a few."""
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     d = tmp_path_factory.mktemp("pull")
     (d / "l.tar").write_bytes(tar)
@@ -290,7 +290,7 @@ def _documents(path) -> dict:
 @FUZZ
 @given(data=st.data(), which=st.sampled_from(["index.json", "oci-layout", "manifest", "config"]))
 def test_random_json_in_an_oci_layout_gives_only_flatmount_errors(tmp_path_factory, data, which):
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     d = tmp_path_factory.mktemp("oci")
     _seed_layout(d / "oci")
@@ -328,7 +328,7 @@ STORAGE = st.fixed_dictionaries({}, optional={
 @given(storage=STORAGE, extra=st.dictionaries(st.text(max_size=8), TOML, max_size=2),
        nest=st.sampled_from([0, 0, 0, 5000]))
 def test_random_storage_conf_gives_only_flatmount_errors(tmp_path_factory, storage, extra, nest):
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     d = tmp_path_factory.mktemp("conf")
     lines = ["[storage]"] + [f"{json.dumps(k)} = {_toml_value(v)}" for k, v in storage.items()]

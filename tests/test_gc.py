@@ -14,7 +14,8 @@ from flatmount.cli import main
 from flatmount.errors import ReadOnlyStoreError, StoreError
 from flatmount.flatten import flatten_image
 from flatmount.fsck import fsck
-from flatmount.gc import gc, read_leases
+from flatmount.gc import gc
+from flatmount.store.leases import read_leases
 from tests.conftest import require_root
 from tests.maint_helpers import (
     content,
@@ -239,7 +240,7 @@ def test_primary_copy_needed_by_additional_store_is_kept(tmp_path):
 
 
 def test_gc_refuses_additional_and_readonly(tmp_path, store):
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     ro = open_store(store.root, runroot=store.runroot, readonly=True)
     with pytest.raises(ReadOnlyStoreError):

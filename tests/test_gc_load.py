@@ -91,7 +91,7 @@ def _child_main(argv_json: str) -> None:
 
 
 def _open(args):
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     return open_store(args["root"], runroot=args["runroot"])
 
@@ -174,9 +174,9 @@ def no_mounts_left(tmp_path):
 
 def test_gc_under_load(tmp_path, no_mounts_left):
     require_root()
+    from flatmount.api import open_store
     from flatmount.fsck import fsck
     from flatmount.gc import gc
-    from flatmount.store.core import open_store
 
     root, runroot = str(tmp_path / "store"), str(tmp_path / "run")
     layouts = tmp_path / "oci"
@@ -262,11 +262,11 @@ def crash_image(t: int, pool: list[bytes]) -> list[dict[str, bytes]]:
 
 def test_kill9_anywhere(tmp_path, no_mounts_left):
     require_root()
+    from flatmount.api import open_store
     from flatmount.fsck import fsck
     from flatmount.gc import gc
     from flatmount.mount import cleanup, list_mounts, mount, mount_image_ref, umount
     from flatmount.pull import pull
-    from flatmount.store.core import open_store
 
     root, runroot = str(tmp_path / "store"), str(tmp_path / "run")
     store = open_store(root, runroot=runroot)

@@ -404,10 +404,10 @@ def test_whiteout_content_is_not_stored(tmp_path, capsys, st):
 
     assert _objects(tmp_path / "root") == [fsverity_digest(b"k" * 100).hex()[:2] + "/" +
                                            fsverity_digest(b"k" * 100).hex()[2:]]
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
 
     with open_store(tmp_path / "root", runroot=tmp_path / "run") as s:
-        from flatmount.store.core import read_layer_tree
+        from flatmount.store.integrity import read_layer_tree
 
         tree = read_layer_tree(s.layer(s.resolve_image("w").top_layer))
     assert tree.entries[b"a"].entries[b"inline"].is_whiteout

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
+from flatmount.api import open_store
 from flatmount.errors import StoreError
 from flatmount.pull import pull
-from flatmount.store.core import open_store
 from tests.conftest import require_root, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -323,7 +323,7 @@ def test_unprivileged_caller_refuses_writable_or_foreign_components(shared_tmp):
     assert r.returncode == 0, r.stderr      # reading root's store read-only is fine
     # a store of its own below root's sticky directory works (the library: this python's site-packages
     # under /root are out of this user's reach, and the CLI's import needs them)
-    code = ("import os, sys; from flatmount.store.core import open_store; "
+    code = ("import os, sys; from flatmount.api import open_store; "
             "s = open_store(sys.argv[1], runroot=sys.argv[2], config=os.devnull, additional=[]); "
             "s.ensure_writable(); s.connect(); s.close()")
     r = subprocess.run([require_tool("setpriv"), f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",

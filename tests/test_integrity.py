@@ -167,8 +167,9 @@ def test_damaged_layer_image_found_by_fsck_and_refused_by_flatten(store, tmp_pat
     """A flipped byte in a layer image (here inside an inline file, so the image still parses): fsck
     reports it, flatten refuses to use it (with or without its tree cache), a re-pull repairs it."""
     from flatmount.errors import CorruptImageError
-    from flatmount.flatten import flatten_image, layer_cache_path
+    from flatmount.flatten import flatten_image
     from flatmount.fsck import fsck
+    from flatmount.store.paths import layer_cache_path
 
     inline = b"inline text that is stored inside the layer image"
     info = pull_image(store, tmp_path, "x", [{"etc/small": inline, "big": content("big", 5000)}])
@@ -229,7 +230,8 @@ def test_damaged_prefix_image_does_not_flow_into_a_longer_chain(store, tmp_path)
     """flatten of a longer chain starts from the cached image of its prefix: without the prefix's tree
     cache that image is read, and must first match its name."""
     from flatmount.errors import CorruptImageError
-    from flatmount.flatten import derived_paths, flatten_image, wait_derived
+    from flatmount.flatten import flatten_image
+    from flatmount.store.paths import derived_paths, wait_derived
 
     a = {"a": content("a", 3000), "a.txt": b"a small file with text inside the image"}
     pull_image(store, tmp_path, "base", [a])
@@ -265,8 +267,8 @@ def test_fsck_finds_a_damaged_object(store, tmp_path):
 def test_repull_repairs_a_layer_that_lost_an_object_or_its_image(store, tmp_path, lose):
     """After an object (or a layer image) is lost, `pull oci:` of the same image imports the damaged
     layer again instead of calling it present: fsck is clean and the image mounts whole again."""
-    from flatmount.flatten import layer_cache_path
     from flatmount.fsck import fsck
+    from flatmount.store.paths import layer_cache_path
 
     base = {"lib/a": content("a", 4000), "lib/b": content("b", 70000)}
     top = {"app/c": content("c", 5000)}
@@ -309,7 +311,7 @@ def test_schema_1_store_is_read_as_additional_and_upgraded_as_primary(tmp_path):
 
     from flatmount.flatten import flatten_image
     from flatmount.fsck import fsck
-    from flatmount.store.core import SCHEMA_VERSION
+    from flatmount.store.records import SCHEMA_VERSION
 
     old = new_store(tmp_path / "old")
     pull_image(old, tmp_path, "x", [{"f": content("f", 3000)}])
@@ -389,7 +391,8 @@ def test_cli_repull_after_fsck_quarantined_a_damaged_object(tmp_path):
 
 def test_diff_refuses_a_damaged_cached_image(store, tmp_path):
     from flatmount.errors import CorruptImageError
-    from flatmount.flatten import derived_paths, flatten_image, wait_derived
+    from flatmount.flatten import flatten_image
+    from flatmount.store.paths import derived_paths, wait_derived
 
     small = b"a small file, inline in the flattened image"
     pull_image(store, tmp_path, "a", [{"etc/small": small}])

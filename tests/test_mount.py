@@ -16,6 +16,7 @@ import pytest
 from conftest import ROOT, require_root, require_tool
 from layerdirs import file_tree, store_image
 
+from flatmount.api import open_store
 from flatmount.errors import CorruptImageError, MountError, NotFoundError, StoreError
 from flatmount.flatten import flatten_image
 from flatmount.kernel import kmount
@@ -28,7 +29,6 @@ from flatmount.mount import (
     mounts_dir,
     umount,
 )
-from flatmount.store.core import open_store
 
 BIG = [bytes([65 + i]) * (3000 + i) for i in range(4)]
 BASE = [
@@ -316,7 +316,7 @@ CHILD = r"""
 import os, random, sys
 sys.path.insert(0, {root!r})
 from flatmount.mount import mount_image_ref, umount
-from flatmount.store.core import open_store
+from flatmount.api import open_store
 s = open_store({primary!r}, additional=[{ais!r}], runroot={run!r})
 print("ready", flush=True)
 while True:

@@ -15,9 +15,10 @@ from test_mount import BIG, EXPECT, make_stores, open_primary, read_all, unmount
 
 from flatmount.errors import MountError
 from flatmount.fsck import fsck
-from flatmount.gc import gc, read_leases
+from flatmount.gc import gc
 from flatmount.kernel import kmount, mntns
 from flatmount.mount import cleanup, list_mounts, mount_image_ref, mounts_dir, umount
+from flatmount.store.leases import read_leases
 from objects.digest import fsverity_digest
 
 

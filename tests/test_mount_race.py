@@ -17,14 +17,14 @@ from conftest import ROOT, require_root
 from layerdirs import file_tree, store_image
 from test_mount import check_consistent, unmount_everything_below
 
+from flatmount.api import open_store
 from flatmount.mount import list_mounts, mounts_dir
-from flatmount.store.core import open_store
 
 WORKER = r"""
 import hashlib, json, os, sys, time, traceback
 sys.path.insert(0, {root!r})
 from flatmount.mount import mount_image_ref, umount
-from flatmount.store.core import open_store
+from flatmount.api import open_store
 
 mode, cycles, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 s = open_store({primary!r}, additional=[{ais!r}], runroot={run!r})

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from flatmount.api import open_store
 from flatmount.errors import DigestMismatchError, LayerError, NotFoundError
 from flatmount.image.tree import lookup, walk
 from flatmount.pull import pull
-from flatmount.store.core import open_store
 from tests.tarbuild import Tar, bad_tars, check_consistent, make_oci, store_state
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,7 +137,7 @@ def test_tag_selection(store, tmp_path):
 
 
 def test_nested_index_picks_this_platform(store, tmp_path):
-    from flatmount.pull import host_architecture
+    from flatmount.store.batch import host_architecture
 
     t = Tar()
     t.file("a", b"a")

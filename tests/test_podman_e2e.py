@@ -24,11 +24,12 @@ import pytest
 from conftest import require_tool
 from cstorage_fixtures import PodmanStores, cleanup_mounts, fingerprint, podman
 
+from flatmount.api import open_store
 from flatmount.image.dump import dump_bytes
 from flatmount.image.tree import Inode, lookup, walk
 from flatmount.sources.cstorage import pull_cstorage
 from flatmount.sources.directory import scan_directory
-from flatmount.store.core import Store, open_store
+from flatmount.store.core import Store
 
 podman_stores = cstorage_fixtures.podman_stores   # the session fixture, requested by name below
 

@@ -18,10 +18,11 @@ from pathlib import Path
 
 import pytest
 
+from flatmount.api import open_store
 from flatmount.errors import RegistryError
-from flatmount.pull import host_architecture, pull
+from flatmount.pull import pull
 from flatmount.sources.registry import RegistryOptions
-from flatmount.store.core import open_store
+from flatmount.store.batch import host_architecture
 from tests.registry_fixtures import Registry
 from tests.tarbuild import Tar, check_consistent, make_oci, store_state
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, require_root, require_tool
 
-from flatmount.store.core import open_store
+from flatmount.api import open_store
 from tools.busybox_image import write_oci
 
 CONFIG = {"Cmd": ["sh", "-c", "echo $GREETING from $(pwd) as $(id -u):$(id -g) $(id -G)"],

@@ -16,11 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from flatmount.api import open_store
 from flatmount.cli import main
 from flatmount.errors import LayerError, NotFoundError, ReadOnlyStoreError, StoreError
 from flatmount.image.tree import lookup
 from flatmount.pull import TerminalProgress, pull
-from flatmount.store.core import SCHEMA_VERSION, Store, chain_id, name_candidates, normalise_name, open_store
+from flatmount.store.core import Store
+from flatmount.store.names import name_candidates, normalise_name
+from flatmount.store.records import SCHEMA_VERSION, chain_id
 from tests.conftest import require_root
 from tests.tarbuild import Tar, bad_tars, check_consistent, compress, make_oci, store_state
 
@@ -76,7 +79,7 @@ def test_config_file_env_and_overrides(tmp_path, monkeypatch):
 
 
 def test_config_defaults(tmp_path, monkeypatch):
-    import flatmount.store.core as st
+    import flatmount.store.config as st
 
     monkeypatch.setattr(st, "DEFAULT_CONFIG", str(tmp_path / "none.conf"))
     monkeypatch.delenv("FLATMOUNT_CONFIG", raising=False)
@@ -476,7 +479,8 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 import objects.store as ostore
 from flatmount import pull as pullmod
-from flatmount.store.core import open_store
+from flatmount.api import open_store
+from flatmount.store import batch as batchmod
 
 store_dir, source, point = sys.argv[1:4]
 
@@ -495,22 +499,22 @@ if point.startswith("put"):  # the n-th object put, streamed (put_async, which p
     ostore.ObjectStore.put_async = counting(ostore.ObjectStore.put_async)
     ostore.ObjectStore.put_bytes = counting(ostore.ObjectStore.put_bytes)
 elif point == "after-first-layer":
-    orig_add = pullmod.ImportBatch.add_layer
+    orig_add = batchmod.ImportBatch.add_layer
     def add_layer(self, *a, **kw):
         orig_add(self, *a, **kw)
         die()
-    pullmod.ImportBatch.add_layer = add_layer
+    batchmod.ImportBatch.add_layer = add_layer
 elif point == "before-commit":
     def commit(self):
         die()
-    pullmod.ImportBatch.commit = commit
+    batchmod.ImportBatch.commit = commit
 elif point == "in-transaction":
-    orig_fsync = pullmod.fsync_dir
+    orig_fsync = batchmod.fsync_dir
     def fsync_dir(path):
         orig_fsync(path)
         if os.path.basename(str(path)) == "layers":
             die()
-    pullmod.fsync_dir = fsync_dir
+    batchmod.fsync_dir = fsync_dir
 s = open_store(store_dir, runroot=store_dir + "-run", config=os.devnull, additional=[])
 pullmod.pull(s, source, "crash")
 print("finished")

@@ -134,8 +134,8 @@ def _first_flattened(a, b, tmp: Path) -> tuple[tuple[list, float], float]:
     """((changes, seconds) of the first diff of A and B written into a store by flatten, seconds to
     build one diff index as flatten does)."""
     from flatmount import flatten
+    from flatmount.api import open_store
     from flatmount.diff import diff_images, index_file_bytes
-    from flatmount.store.core import open_store
 
     store = open_store(str(tmp / "store"), runroot=str(tmp / "run"))
     try:

@@ -225,8 +225,9 @@ def _derived_costs(tree: Inode, tmp: str, repeat: int) -> dict:
     """What `write_flat_image` adds to the plain write: hashing, fsync, and the derived files beside the
     image (tree cache, diff index), measured in a real store."""
     from flatmount import flatten
-    from flatmount.diff import index_file_bytes
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
+    from flatmount.image import treecache
+    from flatmount.image.diffindex import encode as index_file_bytes
 
     store = open_store(os.path.join(tmp, "real-store"), runroot=os.path.join(tmp, "run"))
     full, cache, index = [], [], []
@@ -240,7 +241,7 @@ def _derived_costs(tree: Inode, tmp: str, repeat: int) -> dict:
             size = os.path.getsize(path)
             gc.collect()
             t0 = time.perf_counter()
-            flatten.tree_cache_bytes(tree, digest, size)
+            treecache.tree_cache_bytes(tree, digest, size)
             t1 = time.perf_counter()
             gc.collect()
             t1b = time.perf_counter()
@@ -259,18 +260,18 @@ def _derived_costs(tree: Inode, tmp: str, repeat: int) -> dict:
 STORE_CHILD = r"""
 import json, os, sys, time
 sys.path.insert(0, {root!r})
-from flatmount import flatten
-from flatmount.store.core import open_store
+from flatmount.api import open_store
+from flatmount.store import paths as store_paths
 store = open_store(sys.argv[1], runroot=sys.argv[2], config=os.devnull, additional=[])
 t0 = time.perf_counter()
 flat = store.flatten(sys.argv[3])
 t1 = time.perf_counter()
-flatten.wait_derived()
+store_paths.wait_derived()
 t2 = time.perf_counter()
 # again in the same process (a runtime keeping the store open): the prefix's tree is in memory now
 with store.transaction() as tx:
     tx.execute("DELETE FROM flat_images WHERE chain_key = ?", (flat.chain_key,))
-for p in (flat.path, *flatten.derived_paths(flat.path)):
+for p in (flat.path, *store_paths.derived_paths(flat.path)):
     os.unlink(p)
 t3 = time.perf_counter()
 again = store.flatten(sys.argv[3])
@@ -311,9 +312,10 @@ def _with_real_objects(layers: list[Inode], objects) -> None:
 def build_chain_store(dump: Path, root: str, run: str) -> str:
     """A real store at `root` holding the dump split in 5 layers (with real objects) as images
     `prefix` (4 layers, flattened) and `full` (5 layers, not flattened); returns full's top layer id."""
+    from flatmount.api import open_store
     from flatmount.image.dump import parse_dump, write_dump
-    from flatmount.pull import ImportBatch, synthesized_config
-    from flatmount.store.core import open_store
+    from flatmount.pull import synthesized_config
+    from flatmount.store.batch import ImportBatch
 
     with gzip.open(dump, "rb") as f:
         layers = split_layers(parse_dump(f))
@@ -343,8 +345,8 @@ def build_chain_store(dump: Path, root: str, run: str) -> str:
 def drop_flat_image(root: str, run: str, chain_key: str) -> None:
     """Forget the flattened image of `chain_key` (row, image and derived files; refs rows of earlier
     versions too), so the next flatten writes it again."""
-    from flatmount.flatten import derived_paths
-    from flatmount.store.core import open_store
+    from flatmount.api import open_store
+    from flatmount.store.paths import derived_paths
 
     store = open_store(root, runroot=run, config=os.devnull, additional=[])
     try:
@@ -388,7 +390,7 @@ def bench_store_flatten(dump: Path, rounds: int) -> dict:
             derived.append(res["derived_done_s"])
             warm.append(res["warm_flatten_s"])
         # the whole chain from its layer images (no flat image cached), in a new process
-        from flatmount.store.core import open_store
+        from flatmount.api import open_store
 
         with open_store(root, runroot=run, config=os.devnull, additional=[]) as store:
             prefix_key = store.resolve_image("prefix").top_layer
@@ -458,9 +460,9 @@ class _Libc:
 def bench_mounts(api_n: int, cli_n: int, files_per_layer: int) -> dict:
     from layerdirs import extract, file_tree, store_image
 
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
     from flatmount.mount import mount_image_ref, umount
-    from flatmount.store.core import open_store
 
     if os.geteuid() != 0:
         return {"skipped": "mount benchmarks need root"}

@@ -4,7 +4,7 @@
 
 How the store is built: objects are small distinct random contents (65-1000 bytes) put through
 ObjectStore.put_bytes (one sync at the end); layers and images are recorded through the REAL recording
-path (flatmount.pull.record_layer / record_image: EROFS layer image + layer row + refs rows in one
+path (flatmount.store.batch.record_layer / record_image: EROFS layer image + layer row + refs rows in one
 transaction), with layer trees built directly from the digests rather than from tarballs (a tar import
 of 200,000 files would measure the importer, not gc).  Shape: 4 base layers of N/4 objects each, and
 20 images = one base + one top layer of their own (N/40 objects), so every base is shared by 5 images.
@@ -57,9 +57,10 @@ def _put_objects(objects, n: int, rng: random.Random, tag: bytes) -> list[tuple[
 
 def build(root: str, n_objects: int) -> dict:
     """The store described in the module docstring; returns build timings and image names."""
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.pull import record_image, record_layer
-    from flatmount.store.core import chain_id, open_store
+    from flatmount.store.batch import record_image, record_layer
+    from flatmount.store.records import chain_id
 
     rng = random.Random(42)
     store = open_store(root, runroot=root + "-run")
@@ -115,8 +116,8 @@ def _drop_caches() -> None:
 
 
 def run(quick: bool) -> dict:
+    from flatmount.api import open_store
     from flatmount.gc import gc
-    from flatmount.store.core import open_store
     from flatmount.usage import object_refs, share, top, usage
 
     n = 20_000 if quick else 200_000

@@ -47,7 +47,7 @@ CHILD = r"""
 import json, os, resource, sys, time
 sys.path.insert(0, {root!r})
 from flatmount.pull import pull
-from flatmount.store.core import open_store
+from flatmount.api import open_store
 store_dir, source = sys.argv[1:3]
 s = open_store(store_dir, runroot=store_dir + "-run", config=os.devnull, additional=[])
 write_mode, probe_s = "direct", 0.0

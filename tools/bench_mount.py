@@ -143,8 +143,8 @@ def _instructions(cmd: list[str], env: dict, out_dir: Path) -> tuple[int, str]:
 
 def run_cli(quick: bool, workdir: str | None = None) -> dict:
     """p50/p95 of the CLI's mount, umount and mount-image cycle against `python3 -c pass`, interleaved."""
+    from flatmount.api import open_store
     from flatmount.flatten import flatten_image
-    from flatmount.store.core import open_store
 
     runs = 20 if quick else 60
     base = Path(tempfile.mkdtemp(prefix="bench-cli-", dir=workdir))

@@ -100,8 +100,8 @@ def warm(quick: bool, base: Path) -> dict:
         runc_root = base / "runc-baseline"
         walls: dict[str, list[float]] = {"flatmount": [], "flatmount_net_none": [], "podman": [],
                                          "runc_ready_bundle": [], "api_store_run": []}
+        from flatmount.api import open_store
         from flatmount.run.runspec import RunOptions
-        from flatmount.store.core import open_store
 
         api_store = open_store(str(e.root), runroot=str(e.runroot))
         phases: dict[str, list[float]] = {p: [] for p in (*PHASES, "startup_exit")}

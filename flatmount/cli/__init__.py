@@ -225,7 +225,7 @@ def progress(args: argparse.Namespace):
 
 def open_store(args: argparse.Namespace, *, readonly: bool = False):
     """The store chosen by --config/--root/--runroot/--additional-store."""
-    from flatmount.store.core import open_store as _open
+    from flatmount.api import open_store as _open
 
     return _open(
         getattr(args, "root", None),

@@ -108,8 +108,8 @@ def cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _unverified_layers(store, ids) -> set[str]:
-    """Those of `ids` recorded as unverified (flatmount.store.core.unverified_chain_id)."""
-    from flatmount.store.core import layer_is_unverified
+    """Those of `ids` recorded as unverified (flatmount.store.records.unverified_chain_id)."""
+    from flatmount.store.records import layer_is_unverified
 
     out = set()
     for layer in store.layers():

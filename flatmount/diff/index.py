@@ -137,7 +137,7 @@ class ImageIndex:
         # a store's flattened image has its index beside it (flatten writes it, perhaps still in a
         # thread of this process); others use the cache
         if saved and store_index_path(path) is not None:
-            from flatmount.store.core import wait_derived
+            from flatmount.store.paths import wait_derived
 
             wait_derived()
         for cache in (store_index_path(path), _cache_path(cache_dir, image_id)) if saved else ():

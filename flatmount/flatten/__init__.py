@@ -66,15 +66,7 @@ from flatmount.flatten.merge import (
     flatten_trees,
     root_has_attributes,
 )
-from flatmount.flatten.paths import (
-    INDEX_SUFFIX,
-    TREE_SUFFIX,
-    cached_flat_image,
-    chain_of,
-    derived_paths,
-    flat_image_path,
-    layer_cache_path,
-)
+from flatmount.flatten.paths import cached_flat_image, chain_of
 from flatmount.flatten.trees import (
     DERIVERS,
     TREE_CACHE_SIZE,
@@ -82,9 +74,6 @@ from flatmount.flatten.trees import (
     load_layer_tree_cache,
     load_tree_cache,
     save_tree_cache,
-    tree_cache_bytes,
-    tree_from_cache,
-    wait_derived,
 )
 from flatmount.flatten.trees import (
     _Derivers as _Derivers,
@@ -93,8 +82,8 @@ from flatmount.flatten.trees import (
     _trees as _trees,
 )
 
-__all__ = ["DEFAULT_ROOT_MODE", "DERIVERS", "INDEX_SUFFIX", "TREE_CACHE_SIZE", "TREE_SUFFIX", "FlatImage",
-           "apply_layer", "cached_flat_image", "chain_of", "default_root", "derived_paths", "flat_image_path",
-           "flat_tree", "flatten_chain", "flatten_image", "flatten_trees", "layer_cache_path",
+__all__ = ["DEFAULT_ROOT_MODE", "DERIVERS", "TREE_CACHE_SIZE", "FlatImage",
+           "apply_layer", "cached_flat_image", "chain_of", "default_root",
+           "flat_tree", "flatten_chain", "flatten_image", "flatten_trees",
            "load_layer_tree_cache", "load_tree_cache", "root_has_attributes", "save_tree_cache",
-           "tree_cache_bytes", "tree_from_cache", "wait_derived", "write_flat_image"]
+           "write_flat_image"]

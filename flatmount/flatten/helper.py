@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 
 import flatmount.flatten.trees as trees
 from flatmount.flatten.paths import _digest_of
-from flatmount.flatten.trees import DERIVERS, _Derivers, _reap
+from flatmount.flatten.trees import DERIVERS, _Derivers
 from flatmount.image.tree import Inode
 from flatmount.log import debug
-from objects import usable_cpus
+from flatmount.store.paths import reap
+from objects.cpus import usable_cpus
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store
@@ -142,7 +143,7 @@ class _Helper:
             with contextlib.suppress(OSError):
                 os.kill(self.pid, signal.SIGKILL)
             # reaped in the background: its exit (freeing its tree) takes a while
-            threading.Thread(target=_reap, args=(self.pid,), name="flatmount-reap", daemon=True).start()
+            threading.Thread(target=reap, args=(self.pid,), name="flatmount-reap", daemon=True).start()
 
 
 def _helper_main(store: Store, build: Callable[[], Inode], fd: int, down_r: int, up_w: int) -> None:

@@ -96,7 +96,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
 def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
     """The flattened tree of the flat image `prefix` (None: an empty root) with `layers` (records)
     applied in order.  Reads files only (no database): a helper process builds it too."""
-    from flatmount.store.core import read_layer_tree
+    from flatmount.store.integrity import read_layer_tree
 
     tree = flat_tree(prefix, save=save) if prefix is not None else default_root()
     for layer in layers:

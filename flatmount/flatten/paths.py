@@ -1,17 +1,15 @@
-"""Where flatten's files are and which chain an image has: path helpers and store queries (kept
-unchanged together, to move as one into the store's own path module)."""
+"""Which cached flat image a chain has, in the primary or an additional store, and which layers an
+image's chain holds (the paths themselves: flatmount.store.paths)."""
 
 from __future__ import annotations
 
 import os
 from typing import TYPE_CHECKING
 
+from flatmount.store.paths import flat_image_path
+
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store
-
-
-def flat_image_path(store_root: str | os.PathLike, digest: str) -> str:
-    return os.path.join(os.fspath(store_root), "images", digest + ".erofs")
 
 
 def cached_flat_image(store: Store, chain_key: str) -> str | None:
@@ -41,17 +39,6 @@ def _digest_of(path: str) -> str:
     return os.path.basename(path)[: -len(".erofs")]
 
 
-TREE_SUFFIX = ".tree"     # images/<digest>.tree: the tree cache (see the module docstring)
-INDEX_SUFFIX = ".index"   # images/<digest>.index: the diff index (flatmount.diff.ImageIndex)
-
-
-def derived_paths(image_path: str | os.PathLike) -> tuple[str, str]:
-    """The derived files of a flattened image `<root>/images/<digest>.erofs` (tree cache, diff index):
-    remove them with the image.  They may be absent."""
-    base = os.fspath(image_path)[: -len(".erofs")]
-    return base + TREE_SUFFIX, base + INDEX_SUFFIX
-
-
 def chain_of(store: Store, image) -> list:
     """The layer records (base first) of an ImageRecord; an image without layers is an error."""
     from flatmount.errors import StoreError
@@ -59,10 +46,3 @@ def chain_of(store: Store, image) -> list:
     if image.top_layer is None:
         raise StoreError(f"image {image.id[:12]} has no layers: there is nothing to flatten")
     return store.layer_chain(image.top_layer)
-
-
-def layer_cache_path(layer_image: str | os.PathLike) -> str:
-    """`layers/<id>.tree` beside `layers/<id>.erofs`: the layer's tree cache (same format as a flat
-    image's, keyed by the sha256 of the layer image, which a layer's name is not)."""
-    path = os.fspath(layer_image)
-    return path[: -len(".erofs")] + TREE_SUFFIX if path.endswith(".erofs") else path + TREE_SUFFIX

@@ -4,23 +4,17 @@ of an image's derived files (tree cache, diff index).  See flatmount.flatten for
 
 from __future__ import annotations
 
-import contextlib
 import gc
 import os
-import threading
 from typing import TYPE_CHECKING
 
-from flatmount.flatten.paths import _digest_of, derived_paths, layer_cache_path
+from flatmount.flatten.paths import _digest_of
 from flatmount.image.tree import Inode
-from flatmount.log import debug
+from flatmount.image.treecache import tree_cache_bytes, tree_from_cache
+from flatmount.store.paths import DERIVED, DerivedWriters, derived_paths, layer_cache_path, wait_derived
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store
-
-
-def _reap(pid: int) -> None:
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
 
 
 # Flattened trees of the last images this process read or wrote, by image digest: extending a chain
@@ -69,27 +63,6 @@ def flat_tree(path: str, *, save: bool = False) -> Inode:
 # additional store's caches are another user's files).  It holds the tree the image was written from,
 # which the writer turns into the same bytes as the tree read back from the image (what the in-memory
 # cache relies on too).  A cache of another version is ignored (and rewritten) like a damaged one.
-
-def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
-    """The tree cache file of `root`, the tree an image of sha256 `digest` and `image_size` bytes was
-    written from (or read back from).  ValueError if the tree does not fit the format."""
-    from flatmount.image import treecache
-
-    return treecache.encode(root, digest, image_size)
-
-
-def tree_from_cache(data: bytes, digest: str, image_size: int) -> Inode | None:
-    """The tree in a tree cache file, or None if it is not one for that image, damaged or of
-    another format version (the caller then reads the image)."""
-    from flatmount.errors import FormatError
-    from flatmount.image import treecache
-
-    try:
-        return treecache.decode(data, digest, image_size)
-    except FormatError as e:
-        debug("tree cache refused: %s", e)
-        return None
-
 
 def load_tree_cache(image_path: str | os.PathLike) -> Inode | None:
     """The tree cached next to the image `.../images/<digest>.erofs`, or None (missing, damaged, or
@@ -149,58 +122,16 @@ def _save_derived(image_path: str, dest: str, make) -> bool:
 
 
 class _Derivers:
-    """Background writers of flattened images' derived files (tree cache, diff index).
+    """flatten's derived files (tree cache, diff index), written by the store's background writers
+    (flatmount.store.paths.DERIVED: `wait_derived` waits for them, whoever asks)."""
 
-    They are caches: nothing needs them to be there, so flatten returns (and the image can be
-    recorded and mounted) while they are built, about as long again as writing the image takes.
-    Each writer holds the store's GC lock shared while it writes (like any writer of the store), and
-    writes nothing if the image is gone by then.  A writer is a thread of this process, or the helper
-    process that wrote half of a big image (`_Helper`, adopted here).  The threads are not daemons
-    (the interpreter waits for them at exit; a helper finishes on its own); `wait()` waits for both,
-    which whatever reads derived files in this process (`load_tree_cache`, flatmount.diff) and
-    whatever may remove them (`Store.close`, gc, fsck) does first, never while holding the GC lock
-    exclusively."""
-
-    def __init__(self) -> None:
-        self._threads: list[threading.Thread] = []
-        self._helpers: list[int] = []   # pids
-        self._lock = threading.Lock()
-
-    MAX_PENDING = 2  # a process flattening image after image waits for older writers beyond this
+    MAX_PENDING = DerivedWriters.MAX_PENDING
 
     def start(self, store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
-        t = threading.Thread(target=self.write_derived, args=(store, path, tree, digest, size, image_id),
-                             name="flatmount-derived", daemon=False)
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            backlog = self._threads[: max(0, len(self._threads) - self.MAX_PENDING + 1)]
-        for old in backlog:  # bounded: each holds its tree in memory until it is done
-            old.join()
-        with self._lock:
-            self._threads = [x for x in self._threads if x.is_alive()]
-            self._threads.append(t)
-        t.start()
+        DERIVED.start(self.write_derived, store, path, tree, digest, size, image_id)
 
     def adopt(self, pid: int) -> None:
-        """A helper process (our child) now writing derived files: waited for like the threads."""
-        with self._lock:
-            self._helpers.append(pid)
-            backlog = self._helpers[: max(0, len(self._helpers) - self.MAX_PENDING)]
-            del self._helpers[: len(backlog)]
-        for old in backlog:  # bounded: each holds a tree in memory until it is done
-            _reap(old)
-
-    def wait(self) -> None:
-        """Wait for every pending derived-file writer of this process."""
-        with self._lock:
-            threads, self._threads = self._threads, []
-            helpers, self._helpers = self._helpers, []
-        me = threading.current_thread()
-        for t in threads:
-            if t is not me:
-                t.join()
-        for pid in helpers:
-            _reap(pid)
+        DERIVED.adopt(pid)
 
     @staticmethod
     def write_derived(store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
@@ -226,4 +157,3 @@ class _Derivers:
 
 
 DERIVERS = _Derivers()
-wait_derived = DERIVERS.wait

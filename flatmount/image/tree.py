@@ -19,6 +19,8 @@ from __future__ import annotations
 import stat
 from collections.abc import Iterator
 
+from objects.paths import object_path
+
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 INLINE_MAX = 64  # composefs inlines regular files of at most this many bytes
 
@@ -31,12 +33,6 @@ S_IFCHR = stat.S_IFCHR
 S_IFBLK = stat.S_IFBLK
 S_IFIFO = stat.S_IFIFO
 S_IFSOCK = stat.S_IFSOCK
-
-
-def object_path(digest: bytes) -> str:
-    """`XX/<62 hex>`: where an object lives below an object directory (composefs layout)."""
-    h = digest.hex()
-    return h[:2] + "/" + h[2:]
 
 
 class Inode:

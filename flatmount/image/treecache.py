@@ -399,3 +399,21 @@ def _check_acyclic(nodes: list[Inode], dirs: Sequence[int]) -> None:
 
 __all__ = ["COUNTS", "FIXED", "HAS_KIDS", "HEAD", "WIDE_MTIME", "MAGIC", "SPARSE", "VERSION", "check_header", "decode", "read_header",
            "encode"]
+
+
+def tree_cache_bytes(root: Inode, digest: str, image_size: int) -> bytes:
+    """The tree cache file of `root`, the tree an image of sha256 `digest` and `image_size` bytes was
+    written from (or read back from).  ValueError if the tree does not fit the format."""
+    return encode(root, digest, image_size)
+
+
+def tree_from_cache(data: bytes, digest: str, image_size: int) -> Inode | None:
+    """The tree in a tree cache file, or None if it is not one for that image, damaged or of
+    another format version (the caller then reads the image)."""
+    try:
+        return decode(data, digest, image_size)
+    except FormatError as e:
+        from flatmount.log import debug
+
+        debug("tree cache refused: %s", e)
+        return None

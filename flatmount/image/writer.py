@@ -52,9 +52,10 @@ from itertools import accumulate, chain
 from operator import attrgetter, itemgetter
 from typing import BinaryIO
 
+import flatmount.image.format as fmt
 from flatmount.errors import FormatError
-from flatmount.image import format as fmt
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode
+from objects.paths import object_path
 
 __all__ = ["write_image", "image_bytes", "image_buffer", "dir_size"]
 
@@ -439,8 +440,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                     else:
                         mv = b"" if dg is None else mc_header + dg
                         if path is None and dg is not None:
-                            path = dg.hex()
-                            path = path[:2] + "/" + path[2:]
+                            path = object_path(dg)
                         if d is None:
                             if path:
                                 items = (mc0 if dg is None else (MC, mv),

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 from flatmount.errors import FlatmountError, MountError
 from flatmount.run.runspec import ETC_FILES, RunOptions, build_spec, etc_files, image_path_kind, mount_targets
+from flatmount.store.containers import RECORD, owner_alive, pid_start, read_record
 
-RECORD = "flatmount-bundle.json"
 BUNDLE_FILES = ("config.json", *ETC_FILES)
 
 
@@ -49,49 +49,6 @@ class Bundle:
     timings: dict
 
 
-def _pid_start(pid: int) -> int | None:
-    """Start time (clock ticks since boot) of process `pid`: with the pid, it names one process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-        return int(data[data.rindex(b")") + 2:].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def owner_alive(pid: int | None, start: int | None) -> bool:
-    return pid is not None and start is not None and _pid_start(pid) == start
-
-
-def container_holding(merged: str) -> str | None:
-    """The id of a live container of `run` that uses the leased mount at `merged`
-    (`<runroot>/mounts/ID/merged`), or None.
-
-    A container has a mount namespace of its own, copied from the one its mount was made in: once
-    `run -d` returns, that namespace may be gone (`unshare -m flatmount run -d`) or the merged dir
-    unmounted there, while the container still reads the image through its copy.  So the lease is
-    live while a record under `<runroot>/containers` names the mount, is not released, and its
-    owner (attached) or its init process (detached: pid and start time) is alive."""
-    runroot = os.path.dirname(os.path.dirname(os.path.dirname(merged)))
-    base = os.path.join(runroot, "containers")
-    try:
-        names = os.listdir(base)
-    except OSError:
-        return None
-    for name in names:
-        rec = read_record(os.path.join(base, name))
-        if rec is None or rec.get("merged") != merged or rec.get("released"):
-            continue
-        if owner_alive(rec.get("owner_pid"), rec.get("owner_start")):
-            return name
-        pid = rec.get("init_pid")
-        if isinstance(pid, int) and rec.get("detached"):
-            start = rec.get("init_start")
-            if owner_alive(pid, start) if start is not None else _pid_start(pid) is not None:
-                return name
-    return None
-
-
 def _write_json(path: str, obj: dict) -> None:
     import json
 
@@ -100,39 +57,6 @@ def _write_json(path: str, obj: dict) -> None:
     with AtomicFile(os.path.dirname(path), mode=0o600, durable=False) as af:
         af.file.write(json.dumps(obj, indent=1, sort_keys=True).encode() + b"\n")
         af.commit(path)
-
-
-def read_record(bundle_dir: str) -> dict | None:
-    """The bundle's record, or None if the directory holds none (or an unreadable one)."""
-    from flatmount.run.runspec import read_image_file
-
-    data = read_image_file(os.path.abspath(bundle_dir), RECORD)
-    if data is None:
-        return None
-    import json  # only here: the mount/umount path reaches this module and must stay light
-
-    try:
-        rec = json.loads(data)
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(rec, dict):
-        return None
-    for key, types in _RECORD_TYPES.items():
-        v = rec.get(key)
-        if v is not None and (not isinstance(v, types) or (isinstance(v, bool) and bool not in types)):
-            return None   # damaged: treated as unreadable (nothing is killed or removed on its say-so)
-    if not all(isinstance(p, str) for p in rec.get("stubs") or []):
-        return None
-    return rec
-
-
-# what every reader of a record relies on: a record with another type in one of these is damaged
-_RECORD_TYPES: dict[str, tuple[type, ...]] = {
-    "kind": (str,), "image": (str,), "runtime": (str,), "lease": (str,), "merged": (str,),
-    "rootfs": (str,), "stubs": (list,), "boot_id": (str,), "owner_pid": (int,), "owner_start": (int,),
-    "init_pid": (int,), "init_start": (int,), "created": (int, float), "exit_status": (int,),
-    "detached": (bool,), "released": (bool,), "rm": (bool,), "runtime_created": (bool,),
-}
 
 
 def _libc():
@@ -219,7 +143,7 @@ def _make_stubs_into(merged: str, stubs_dir: str, missing: list[tuple[str, bool]
 
 def new_record(image: str, extra: dict | None = None) -> dict:
     """A bundle's first record: who creates it (pid, start time, boot), nothing mounted yet."""
-    return {"version": 1, "image": image, "owner_pid": os.getpid(), "owner_start": _pid_start(os.getpid()),
+    return {"version": 1, "image": image, "owner_pid": os.getpid(), "owner_start": pid_start(os.getpid()),
             "boot_id": _boot_id(), "created": time.time(), "lease": None, "stubs": [], "rootfs": None,
             **(extra or {})}
 
@@ -331,7 +255,7 @@ def net_hook_spec(mode: str) -> dict:
 
 
 def _boot_id() -> str:
-    from flatmount.mount import boot_id
+    from objects.writemode import boot_id
 
     return boot_id()
 
@@ -512,7 +436,7 @@ def _find_lost_lease(store, record: dict) -> str | None:
     for lease in list_mounts(store):
         if (lease.pid == pid and lease.boot_id == record.get("boot_id")
                 and (lease.created or 0) >= record.get("created", 0) - 1
-                and _pid_start(pid) is None):
+                and pid_start(pid) is None):
             return lease.id
     return None
 

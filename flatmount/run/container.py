@@ -33,17 +33,14 @@ from dataclasses import dataclass, field
 
 from flatmount.errors import FlatmountError, NotFoundError
 from flatmount.run.bundle import (
-    RECORD,
     BundleError,
-    _pid_start,
     create_bundle,
-    owner_alive,
-    read_record,
     remove_bundle,
     remove_record_temps,
     update_record,
 )
 from flatmount.run.runspec import RunOptions
+from flatmount.store.containers import RECORD, owner_alive, pid_start, read_record
 
 RUNTIMES = ("runc", "crun")
 LOG = "ctr.log"     # stdout and stderr of a detached container
@@ -151,12 +148,12 @@ def _new_container_dir(base: str, cid: str, image: str, extra: dict) -> str:
     replacing anything), so `cleanup` never sees a container dir without a record."""
     import ctypes
 
-    from flatmount.run.bundle import _pid_start, new_record, write_record
+    from flatmount.run.bundle import new_record, write_record
 
     cdir = os.path.join(base, cid)
     if os.path.lexists(cdir):
         raise ContainerRuntimeError(f"a container named {cid} exists (flatmount rm {cid})")
-    tmp = os.path.join(base, f"{NEW_PREFIX}{os.getpid()}-{_pid_start(os.getpid())}-{cid}")
+    tmp = os.path.join(base, f"{NEW_PREFIX}{os.getpid()}-{pid_start(os.getpid())}-{cid}")
     os.mkdir(tmp, 0o700)
     try:
         write_record(tmp, new_record(image, extra))
@@ -322,7 +319,7 @@ def _run(store, image: str, opts: RunOptions, network, stop: _DeferredStop, *, n
         t = time.perf_counter()
         if detach:
             _rt(store, runtime, "start", cid)
-            update_record(cdir, detached=True, init_pid=pid, init_start=_pid_start(pid))
+            update_record(cdir, detached=True, init_pid=pid, init_start=pid_start(pid))
             timings["start"] = time.perf_counter() - t
             result = RunResult(cid, image, None, None, True, timings)
             return result
@@ -682,8 +679,6 @@ def remove(store, cid: str, force: bool = False) -> str:
 
 def _remove_new_dir(cdir: str, name: str, removed: list[str]) -> None:
     """A container dir its creator never renamed into place: removed once that creator is gone."""
-    from flatmount.run.bundle import owner_alive
-
     parts = name[len(NEW_PREFIX):].split("-", 2)
     try:
         pid, start = int(parts[0]), int(parts[1])

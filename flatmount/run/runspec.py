@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from flatmount.errors import FlatmountError
+from flatmount.safepath import open_parent_below, read_file_below
 
 CONTAINERS_CONF = ("/etc/containers/containers.conf", "/usr/share/containers/containers.conf")
 SECCOMP_JSON = ("/etc/containers/seccomp.json", "/usr/share/containers/seccomp.json")
@@ -111,49 +112,6 @@ class RunOptions:
 
 # --- reading files of the image without following symlinks ------------------------------------------
 
-def _open_parent(root: str, parts: list[str]) -> int | None:
-    """An fd of the directory holding `parts[-1]` below `root`, every component opened with O_NOFOLLOW;
-    None if one is absent, not a directory or a symlink."""
-    try:
-        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        for p in parts[:-1]:
-            nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def read_image_file(root: str, path: str, limit: int = 1 << 20) -> bytes | None:
-    """Content of `path` inside the tree at `root`, every component opened with O_NOFOLLOW (a symlink
-    anywhere on the way counts as absent: it could point out of the image); None if absent."""
-    parts = [p for p in path.split("/") if p and p != "."]
-    if any(p == ".." for p in parts) or not parts:
-        return None
-    fd = _open_parent(root, parts)
-    if fd is None:
-        return None
-    try:
-        nfd = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    try:
-        import stat
-
-        if not stat.S_ISREG(os.fstat(nfd).st_mode):
-            return None
-        return os.read(nfd, limit)
-    finally:
-        os.close(nfd)
-
-
 def image_path_kind(root: str, path: str) -> str | None:
     """'dir', 'file', 'other' or None (absent, or reached through a symlink) for `path` in `root`."""
     import stat
@@ -161,7 +119,7 @@ def image_path_kind(root: str, path: str) -> str | None:
     parts = [p for p in path.split("/") if p and p != "."]
     if not parts:
         return "dir"
-    fd = _open_parent(root, parts)
+    fd = open_parent_below(root, parts)
     if fd is None:
         return None
     try:
@@ -272,8 +230,8 @@ def resolve_user(root: str, spec: str | None) -> User:
     if "\0" in spec:
         raise RunSpecError(f"bad user {spec!r}: contains a NUL character")
     name, _, group = spec.partition(":")
-    passwd = _db(read_image_file(root, "/etc/passwd"))
-    groups = _db(read_image_file(root, "/etc/group"))
+    passwd = _db(read_file_below(root, "/etc/passwd"))
+    groups = _db(read_file_below(root, "/etc/group"))
     entry = None
     if _is_id(name):
         uid = int(name)

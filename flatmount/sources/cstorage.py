@@ -9,7 +9,7 @@ What is read, and how (c/storage 1.43 layout, checked against c/storage main):
   `[storage.options] additionalimagestores`.  Lookup order for layers and images: `imagestore` (if
   set), the graphroot, then each additional image store (AIS) in config order.
 - `overlay-layers/layers.json` and `overlay-images/images.json`, each read while holding a POSIX read
-  lock (`fcntl.lockf`) on `layers.lock` / `images.lock`, as c/storage's readers do.  Nothing in any
+  lock (`lockf`, flatmount.store.locks.posix_read_lock) on `layers.lock` / `images.lock`, as c/storage's readers do.  Nothing in any
   c/storage store is ever written: lock files are opened read-only and a missing lock file is not
   created (the store then has no writers to exclude).  During `pull_cstorage` the read locks are held
   from the JSON read until the last diff dir is scanned, so podman cannot delete a layer under us.
@@ -30,7 +30,7 @@ one chain = one id across all flatmount stores.
 Verification: a `diff-digest` in layers.json is only a claim.  A layer is recorded under that id only
 if its tar stream, rebuilt from `overlay-layers/<id>.tar-split.gz` and the diff dir's files
 (flatmount.sources.tarsplit), hashes to it; the layer is then read from that stream.  Otherwise it is read
-from its diff dir and recorded under `flatmount.store.core.unverified_chain_id`, which no digest-checked
+from its diff dir and recorded under `flatmount.store.records.unverified_chain_id`, which no digest-checked
 pull reuses (`pull_cstorage`).  An image's config must hash to its id.
 
 Paths: the graph root (the user's choice) may be a symlink; nothing below it is followed if it is one
@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import base64
 import errno
-import fcntl
 import json
 import os
 import re
@@ -57,10 +56,12 @@ from typing import TYPE_CHECKING, Any
 from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
 from flatmount.image.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
 from flatmount.sources import whiteouts as wh
-from flatmount.store.core import chain_id
+from flatmount.store.locks import posix_read_lock
+from flatmount.store.records import chain_id
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store.core import ImageRecord, Store
+    from flatmount.store.core import Store
+    from flatmount.store.records import ImageRecord
     from objects import ObjectStore
 
 TRANSPORT = "containers-storage:"
@@ -352,7 +353,7 @@ class _LockTable:
                 fst = os.fstat(fd)
                 if (fst.st_dev, fst.st_ino) != key:
                     raise StoreError(f"lock file {path} was replaced while opening it")
-                fcntl.lockf(fd, fcntl.LOCK_SH)
+                posix_read_lock(fd)
             except OSError as e:
                 os.close(fd)
                 raise StoreError(f"cannot take a read lock on {path}: {e.strerror}") from None
@@ -1112,18 +1113,18 @@ def pull_cstorage(store: Store, spec: str, name: str | None = None, *,
 
     Each layer is verified first: rebuilt from its tar-split data and diff dir, hashed against its
     claimed diff_id and, if that matches, read from the rebuilt stream (`read_verified_layer_tree`)
-    and recorded under the id any verified import gives it (`flatmount.store.core.chain_id`).  A layer
+    and recorded under the id any verified import gives it (`flatmount.store.records.chain_id`).  A layer
     that cannot be verified (no or mismatching tar-split data, e.g. partial zstd:chunked pulls or a
     tampered diff dir) is read from its diff dir and recorded under `unverified_chain_id`: no pull
     that verifies digests ever reuses it, and fsck lists it.  Layers already recorded in `store`
     (primary or any additional store) under the id they would get are not read again; a verified
     record is preferred to an unverified one.  The image is recorded with its config bytes (which
     must hash to the image id), manifest and names (its c/storage names plus `name`, if given).
-    The c/storage read locks are held until the commit (`flatmount.pull.ImportBatch`).
+    The c/storage read locks are held until the commit (`flatmount.store.batch.ImportBatch`).
     """
     from flatmount.progress import step
-    from flatmount.pull import ImportBatch
-    from flatmount.store.core import unverified_chain_id
+    from flatmount.store.batch import ImportBatch
+    from flatmount.store.records import unverified_chain_id
 
     ref = parse_spec(spec)
     cs = CStorage.open(ref, storage_conf)

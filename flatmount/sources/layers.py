@@ -1,6 +1,6 @@
 """Layer tarballs -> layer tree + objects: the import's public names, from the modules that hold them
 (the byte pipeline, flatmount.sources.pipeline; the tar reader, flatmount.sources.tarreader).  Recording
-a layer or an image in a store is an operation: flatmount.pull (`record_layer`, `record_image`)."""
+a layer or an image in a store: flatmount.store.batch (`record_layer`, `record_image`)."""
 
 from __future__ import annotations
 

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flatmount.errors import DigestMismatchError, LayerError, NotFoundError
-from flatmount.store.core import chain_id
+from flatmount.store.records import chain_id
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.pull import PullResult
     from flatmount.sources.layers import Progress
+    from flatmount.store.batch import PullResult
     from flatmount.store.core import Store
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -213,7 +213,7 @@ class Layout:
 
     @staticmethod
     def _platform_pick(descs: list[Descriptor], where: str) -> Descriptor:
-        from flatmount.pull import host_architecture
+        from flatmount.store.batch import host_architecture
 
         arch = host_architecture()
         hits = [d for d in descs if d.platform and d.platform.get("os", "linux") == "linux"
@@ -356,8 +356,8 @@ def image_layers(manifest: dict, config: dict, source: str, mwhere: str,
 def pull_oci(store: Store, spec: str, name: str | None = None, *,
              progress: Progress | None = None) -> PullResult:
     """Import the image `DIR[:TAG]` of an OCI layout into the primary store, all or nothing."""
-    from flatmount.pull import ImportBatch, PullResult
     from flatmount.sources.layers import HashingReader, read_tar, verify
+    from flatmount.store.batch import ImportBatch, PullResult
 
     path, tag = split_spec(spec)
     layout = Layout(path)

@@ -3,7 +3,7 @@
 Why this shape: the proxy (flatmount.sources.imageproxy) resolves the reference (registries, auth, TLS,
 multi-arch indexes, archives) and hands each blob over as a pipe; each layer blob streams from that
 pipe through decompression and the digest checks into the same importer `oci:` uses
-(flatmount.sources.layers.read_tar + verify, flatmount.pull.ImportBatch), with no temporary copy.
+(flatmount.sources.layers.read_tar + verify, flatmount.store.batch.ImportBatch), with no temporary copy.
 
 Order: manifest, then the config blob (its sha256 is checked: it is the image id), whose diff_ids
 give the layer ids; layers whose id is already in the primary or an additional store are not
@@ -36,9 +36,9 @@ from typing import TYPE_CHECKING, Any
 from flatmount.errors import DigestMismatchError, FlatmountError, LayerError, RegistryError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.pull import ImportBatch, PullResult
     from flatmount.sources.imageproxy import Proxy
     from flatmount.sources.oci import Descriptor
+    from flatmount.store.batch import ImportBatch, PullResult
     from flatmount.store.core import Store
 
 # skopeo's transports (containers/image alltransports); oci:, dir: and containers-storage: are read
@@ -312,8 +312,8 @@ def pull_transport(store: Store, source: str, name: str | None = None, *,
 
 def _pull(store: Store, source: str, transport: str, rest: str, name: str | None, options: RegistryOptions,
           emit: Events, proxies: list[Proxy], image: int) -> PullResult:
-    from flatmount.pull import ImportBatch, PullResult
     from flatmount.sources.oci import MAX_JSON, MT_CONFIG, MT_MANIFEST, Descriptor, _parse_json, image_layers
+    from flatmount.store.batch import ImportBatch, PullResult
 
     first = proxies[0]
     try:
@@ -425,7 +425,7 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
 
 def _keep_objects(batch: ImportBatch, trees: list) -> None:
     """Completed layers' objects survive the failed batch's rollback (a re-pull resumes with them)."""
-    from flatmount.pull import tree_objects
+    from flatmount.store.batch import tree_objects
 
     keep: set[str] = set()
     for t in trees:
@@ -546,7 +546,7 @@ class _Partial:
     def load(self, lid: str, blob_digest: str, diff_id: str, store: Store):
         """The kept layer's tree, if it is this layer and every object it names is in the primary."""
         from flatmount.image.reader import Image
-        from flatmount.pull import tree_objects
+        from flatmount.store.batch import tree_objects
 
         if not _LAYER_ID.fullmatch(lid):
             return None

@@ -1,8 +1,13 @@
-"""The primary store (writable) and its additional stores (read-only): records in SQLite, files on disk.
+"""The lower store: one store directory (primary, writable; or additional, read-only), its SQLite
+records, transactions and paths.  No operation lives here: pull, flatten, mount, gc, ... take this
+Store (flatmount.api.Store adds them as methods), so the store never imports an operation.
 
-Why one module: every other part (import, flatten, mount, diff, gc) needs the same answers (which
-store holds this layer, where are its objects, which image does this name mean), and the rules for
-writing safely (one transaction per import, GC lock, temp + fsync + rename) must be the same for all.
+Why one class for every store: every part (import, flatten, mount, diff, gc) needs the same answers
+(which store holds this layer, where are its objects, which image does this name mean), and the rules
+for writing safely (one transaction per import, GC lock, temp + fsync + rename) must be the same for
+all.  The rest of the store layer, by concern: config (storage.conf, default roots), records (schema,
+record types, chain ids), names (image names), locks, paths (the layout below), leases, containers,
+refs (what is referenced), integrity (checked files), batch (imports).
 
 Layout of a store directory (primary and additional stores alike):
     flatmount.db            SQLite (WAL), schema below, versioned with PRAGMA user_version
@@ -12,16 +17,7 @@ Layout of a store directory (primary and additional stores alike):
     tmp/                    temp files of running writers (cleaned when stale, see `clean_tmp`)
     gc.lock                 flock: writers hold it shared from their first object put to their commit
 
-Configuration (TOML, like containers/storage's storage.conf), from `config=`, else $FLATMOUNT_CONFIG,
-else /etc/flatmount/storage.conf if it exists:
-    [storage]
-    root = "/var/lib/flatmount"          # `graphroot` is accepted as an alias
-    runroot = "/run/flatmount"
-    [storage.options]
-    additionalimagestores = ["/mnt/ro-store"]
-Explicit arguments override the file; `additional` replaces the configured list.  Defaults: root
-/var/lib/flatmount and runroot /run/flatmount for root, else $XDG_DATA_HOME/flatmount
-(~/.local/share/flatmount) and $XDG_RUNTIME_DIR/flatmount (/tmp/flatmount-<uid> without it).
+Configuration: flatmount.store.config.
 
 Additional stores are flatmount stores opened strictly read-only: nothing in them is ever created or
 written (no DB journal, no lock file).  Their DB is opened with `mode=ro&immutable=1` unless a writer
@@ -37,7 +33,7 @@ that of the small tables (WRITE_CHECK_TABLES), once per process until another pr
 the `verified` stamps of flatmount.store.integrity.
 
 Image names: a stored name always carries a tag or digest; `foo` is stored as `foo:latest`
-(`normalise_name`).  `resolve_image(ref)` tries, as containers/storage does: a full image id (64 hex,
+(flatmount.store.names).  `resolve_image(ref)` tries, as containers/storage does: a full image id (64 hex,
 `sha256:` prefix allowed), then the name (as given, with `:latest` added if it has no tag, then with
 `localhost/` in front), then a unique id prefix of at least 3 hex digits.  Primary first, then each
 additional store in order; a name in the primary shadows the same name in an additional store.  A
@@ -51,239 +47,41 @@ import errno
 import os
 import re
 import stat
-import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import NotFoundError, ReadOnlyStoreError, StoreError
+from flatmount.store.config import default_root, default_runroot, load_config
+from flatmount.store.locks import GC_LOCK
+from flatmount.store.names import name_candidates, normalise_name
+from flatmount.store.paths import DB_NAME
+from flatmount.store.records import (
+    DB_ADVICE,
+    MIGRATIONS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    WRITE_CHECK_TABLES,
+    ImageRecord,
+    LayerRecord,
+    RemovedImage,
+)
+from objects.paths import OBJPATH_RE
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
 
-    from flatmount.image.tree import Inode
     from objects import ObjectStore
 
-DB_NAME = "flatmount.db"
-GC_LOCK = "gc.lock"
-SCHEMA_VERSION = 2
 BUSY_TIMEOUT_MS = 30_000
-DEFAULT_CONFIG = "/etc/flatmount/storage.conf"
 ROOT_MODE = 0o700          # like c/storage's graphroot: other users have no business in a store
 SUBDIR_MODE = 0o755        # objects/, layers/, images/: overlayfs reads them with the mounter's creds
 TMP_MODE = 0o700
 STALE_TMP_AGE_S = 24 * 3600  # tmp files of writers that may still run are removed only after this
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS layers(id TEXT PRIMARY KEY, parent TEXT, diff_id TEXT NOT NULL,
-  compressed_digest TEXT, compressed_size INTEGER, diff_size INTEGER, created TEXT, inodes INTEGER);
-CREATE TABLE IF NOT EXISTS images(id TEXT PRIMARY KEY, top_layer TEXT, config BLOB, manifest BLOB,
-  created TEXT);
-CREATE TABLE IF NOT EXISTS names(name TEXT PRIMARY KEY, image_id TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS flat_images(chain_key TEXT PRIMARY KEY, digest TEXT NOT NULL, created REAL);
-CREATE TABLE IF NOT EXISTS refs(owner TEXT NOT NULL, object TEXT NOT NULL, PRIMARY KEY(owner, object))
-  WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS refs_object ON refs(object);
-CREATE TABLE IF NOT EXISTS leases(id TEXT PRIMARY KEY, image_digest TEXT NOT NULL, image_ref TEXT,
-  merged TEXT NOT NULL, pid INTEGER, boot_id TEXT, created REAL);
-"""
-
-# before every write, SQLite's quick_check of these (small) tables; gc, rmi and fsck check the whole DB
-WRITE_CHECK_TABLES = ("layers", "images", "names", "flat_images", "leases")
-DB_ADVICE = ("; the store's records are damaged: run `flatmount fsck` and restore flatmount.db from a "
-             "backup (nothing was changed)")
-
-# version 2: each layer's image digest (sha256 of layers/<id>.erofs, checked by flatten and fsck; NULL
-# for layers recorded before), and `verified`: files whose sha256 was checked, with their identity then
-# (flatmount.store.integrity), so a mount need not hash an image again until it is rewritten
-MIGRATIONS = {2: ("ALTER TABLE layers ADD COLUMN image_digest TEXT",
-                  "CREATE TABLE IF NOT EXISTS verified(path TEXT PRIMARY KEY, digest TEXT NOT NULL, "
-                  "dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER)")}
-
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX_PREFIX = re.compile(r"[0-9a-f]{3,64}")
-_OBJPATH = re.compile(r"[0-9a-f]{2}/[0-9a-f]{62}")
-_BAD_NAME = re.compile(r"[\s\x00-\x1f\x7f]")
-
-
-# --- records ---------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class LayerRecord:
-    """One layer as recorded in some store; digests are `sha256:<hex>` strings, ids bare hex."""
-
-    id: str
-    parent: str | None
-    diff_id: str
-    compressed_digest: str | None
-    compressed_size: int | None
-    diff_size: int | None
-    created: str | None
-    store_root: str
-    image_path: str
-    inodes: int | None = field(default=None, compare=False)
-    image_digest: str | None = field(default=None, compare=False)   # sha256 hex of image_path's bytes
-
-
-@dataclass(frozen=True)
-class ImageRecord:
-    """One image; `id` is its config digest hex, `names` sorted, `config` the parsed config JSON."""
-
-    id: str
-    names: tuple[str, ...]
-    top_layer: str | None
-    created: str | None
-    store_root: str
-    config: dict | None
-
-
-@dataclass(frozen=True)
-class RemovedImage:
-    """What `Store.remove_image` did: names untagged, and the image/layers deleted (if any)."""
-
-    ref: str
-    image_id: str
-    untagged: tuple[str, ...]
-    deleted: bool
-    layers_removed: tuple[str, ...]
-
-
-# --- names -----------------------------------------------------------------------------------------
-
-def normalise_name(name: str) -> str:
-    """The stored form of an image name: `:latest` appended when it has neither tag nor digest."""
-    if not name or _BAD_NAME.search(name) or name.startswith(("-", "/")) or len(name) > 512:
-        raise StoreError(f"invalid image name {name!r}")
-    if "@" in name:
-        return name
-    if ":" not in name.rsplit("/", 1)[-1]:
-        name += ":latest"
-    return name
-
-
-def name_candidates(ref: str) -> list[str]:
-    """Names `ref` may mean: as given, with `:latest`, with `localhost/` in front."""
-    out = [ref]
-    try:
-        full = normalise_name(ref)
-    except StoreError:
-        return out
-    if full != ref:
-        out.append(full)
-    first = full.split("/", 1)[0]
-    if "/" not in full or not ("." in first or ":" in first or first == "localhost"):
-        out.append("localhost/" + full)
-    return out
-
-
-def chain_id(parent: str | None, diff_id: str) -> str:
-    """Layer id (containers/storage rule): base = diff_id hex; child = sha256(parent + "+" + hex)."""
-    import hashlib
-
-    hexpart = diff_id.split(":", 1)[1] if ":" in diff_id else diff_id
-    if parent is None:
-        return hexpart
-    return hashlib.sha256(f"{parent}+{hexpart}".encode("ascii")).hexdigest()
-
-
-def unverified_chain_id(parent: str | None, diff_id: str) -> str:
-    """Id of a layer whose content was NOT proven to hash to `diff_id` (a c/storage layer without
-    usable tar-split data): never the id a verified import of that diff_id uses, so no digest-checked
-    pull can take it for the real layer (flatmount.sources.cstorage.pull_cstorage)."""
-    import hashlib
-
-    return hashlib.sha256(f"flatmount-unverified+{chain_id(parent, diff_id)}".encode("ascii")).hexdigest()
-
-
-def layer_is_unverified(layer_id: str, parent: str | None, diff_id: str) -> bool:
-    """True for a layer recorded under `unverified_chain_id` (its own content; not its parents')."""
-    return layer_id != chain_id(parent, diff_id) and layer_id == unverified_chain_id(parent, diff_id)
-
-
-def now_iso() -> str:
-    """UTC timestamp as recorded in `created` columns (RFC 3339, seconds)."""
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-# --- configuration ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class StoreConfig:
-    root: str | None = None
-    runroot: str | None = None
-    additional: tuple[str, ...] = ()
-    path: str | None = None
-
-
-def load_config(path: str | os.PathLike | None = None) -> StoreConfig:
-    """The storage.conf named by `path`, $FLATMOUNT_CONFIG or the default file (empty if none)."""
-    explicit = path is not None
-    if path is None:
-        env = os.environ.get("FLATMOUNT_CONFIG")
-        if env:
-            path, explicit = env, True
-        elif os.path.exists(DEFAULT_CONFIG):
-            path = DEFAULT_CONFIG
-        else:
-            return StoreConfig()
-    path = os.fspath(path)
-    import tomllib
-
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        if explicit:
-            raise StoreError(f"config file {path} does not exist") from None
-        return StoreConfig()
-    except OSError as e:
-        raise StoreError(f"cannot read config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise StoreError(f"config file {path} is not valid TOML: {e}") from None
-    except RecursionError:
-        raise StoreError(f"config file {path} is not usable TOML: arrays or tables nested too deeply") from None
-    storage = data.get("storage", {})
-    if not isinstance(storage, dict):
-        raise StoreError(f"{path}: [storage] must be a table")
-
-    def path_value(key: str, value: Any) -> str:
-        if not isinstance(value, str) or not os.path.isabs(value) or "\0" in value:
-            shown = repr(value) if isinstance(value, str | int | float | bool) else type(value).__name__
-            raise StoreError(f"{path}: {key} must be an absolute path, not {shown[:200]}")
-        return os.path.normpath(value)
-
-    root = storage.get("root", storage.get("graphroot"))
-    runroot = storage.get("runroot")
-    options = storage.get("options", {})
-    if not isinstance(options, dict):
-        raise StoreError(f"{path}: [storage.options] must be a table")
-    ais = options.get("additionalimagestores", [])
-    if not isinstance(ais, list):
-        raise StoreError(f"{path}: additionalimagestores must be a list of paths")
-    return StoreConfig(
-        root=path_value("root", root) if root is not None else None,
-        runroot=path_value("runroot", runroot) if runroot is not None else None,
-        additional=tuple(path_value("additionalimagestores", a) for a in ais),
-        path=path,
-    )
-
-
-def default_root() -> str:
-    if os.geteuid() == 0:
-        return "/var/lib/flatmount"
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return os.path.join(base, "flatmount")
-
-
-def default_runroot() -> str:
-    if os.geteuid() == 0:
-        return "/run/flatmount"
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        return os.path.join(base, "flatmount")
-    return f"/tmp/flatmount-{os.geteuid()}"
 
 
 def _check_access(root: str) -> None:
@@ -305,10 +103,12 @@ def _check_access(root: str) -> None:
 
 def open_store(root: str | os.PathLike | None = None, additional: Sequence[str | os.PathLike] | None = None,
                runroot: str | os.PathLike | None = None, config: str | os.PathLike | None = None,
-               readonly: bool = False) -> Store:
+               readonly: bool = False, store_class: type[Store] | None = None) -> Store:
     """The primary store plus its additional stores, from arguments, then config file, then defaults.
 
-    Nothing is created here: the primary's directories appear on its first write.
+    Nothing is created here: the primary's directories appear on its first write.  `store_class`: the
+    class of the primary (flatmount.api.Store, the one users see, adds the operations); additional
+    stores are plain records (never written, never operated on).
     """
     cfg = load_config(config)
     root_s = os.fspath(root) if root is not None else (cfg.root or default_root())
@@ -318,7 +118,7 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
     if os.path.exists(runroot_s) and not os.path.isdir(runroot_s):
         raise StoreError(f"runtime directory {runroot_s} exists but is not a directory (choose another "
                          "with --runroot or runroot in storage.conf)")
-    primary = Store(root_s, runroot_s, readonly=readonly)
+    primary = (store_class or Store)(root_s, runroot_s, readonly=readonly)
     primary.check_paths()
     seen = {os.path.realpath(primary.root)}
     for a in ais:
@@ -401,7 +201,7 @@ class Store:
 
     def find_object(self, objpath: str) -> str | None:
         """Absolute path of object `XX/<62 hex>` in the first store that has it, else None."""
-        if not _OBJPATH.fullmatch(objpath):
+        if not OBJPATH_RE.fullmatch(objpath):
             raise StoreError(f"not an object path: {objpath!r} (want XX/<62 hex>)")
         for d in self.object_dirs():
             p = os.path.join(d, objpath)
@@ -437,7 +237,7 @@ class Store:
         read-only or additional store), its internal entries are real files/directories, never
         symlinks.  A primary root of the caller readable by others (0755) is changed to 0700, with
         a warning: object contents are not for other users.  Nothing is created."""
-        from flatmount import safepath
+        import flatmount.safepath as safepath
         own = not self.readonly
         if safepath.check_dir(str(self.root), self._what(), own=own, private=not self.is_additional,
                               fix=True):
@@ -447,7 +247,7 @@ class Store:
         return "additional store" if self.is_additional else "store root"
 
     def _check_entries(self) -> None:
-        from flatmount import safepath
+        import flatmount.safepath as safepath
         what, root, own = f"{self._what()} {self.root}", str(self.root), not self.readonly
         for name in self._DIR_ENTRIES:
             safepath.check_entry(root, name, "dir", what, own=own)
@@ -467,7 +267,7 @@ class Store:
             raise ReadOnlyStoreError(f"store {self.root} is {what}: it cannot be written")
         if self._write_opened or (self._dirs_made and not clean):
             return
-        from flatmount import safepath
+        import flatmount.safepath as safepath
         try:
             safepath.make_dir(str(self.root), "store root", ROOT_MODE, private=True, fix=True)
             self._check_entries()
@@ -610,7 +410,7 @@ class Store:
                 n = 0
             if n:
                 found.append(f"{n} {label}")
-        from flatmount.gc import scan_objects
+        from flatmount.store.paths import scan_objects
 
         if next(scan_objects(self.objects_dir), None) is not None:
             found.append("objects")
@@ -774,80 +574,11 @@ class Store:
             if not durable:
                 db.execute("PRAGMA synchronous=FULL")
 
-    # --- the data flow as methods (thin wrappers; the work lives in one module per job) -----------
-    def pull(self, source: str, name: str | None = None):
-        """Import `oci:DIR[:TAG]`, `containers-storage:...`, `tar:FILE` or `dir:PATH`; see flatmount.pull."""
-        from flatmount.pull import pull
-
-        return pull(self, source, name)
-
-    def flatten(self, ref: str):
-        """Flatten image `ref` into one EROFS image (cached by chain); see flatmount.flatten."""
-        from flatmount.flatten import flatten_image
-
-        return flatten_image(self, ref)
-
-    def mount(self, ref: str):
-        """`with store.mount(ref) as merged:` a private read-only mount of the flattened image."""
-        from flatmount.mount import mount
-
-        return mount(self, ref)
-
-    def bundle(self, ref: str, bundle_dir: str, opts=None):
-        """`with store.bundle(ref, dir) as b:` an OCI runtime bundle of the image; see flatmount.run.bundle."""
-        from flatmount.run.bundle import bundle
-
-        return bundle(self, ref, bundle_dir, opts)
-
-    def run(self, ref: str, opts=None, **kw):
-        """Run a container of image `ref` on runc and wait for it; see flatmount.run.container.run."""
-        from flatmount.run.container import run
-
-        return run(self, ref, opts, **kw)
-
-    def mounts(self):
-        """Live mount leases of this store."""
-        from flatmount.mount import list_mounts
-
-        return list_mounts(self)
-
-    def image_file(self, ref: str) -> str:
-        """The EROFS image for `ref`: an existing file is taken as an image file, else the flattened
-        image of the store image `ref` (written if not cached)."""
-        if os.path.isfile(ref):
-            return os.path.abspath(ref)
-        from flatmount.store.integrity import verify_flat_image
-
-        flat = self.flatten(ref)
-        verify_flat_image(self, flat.path, flat.digest)   # (a stat when verified since last written)
-        return flat.path
-
-    def diff(self, a: str, b: str, strict: bool = False):
-        """Changes from image `a` to image `b` (names, ids or image files), without mounting."""
-        from flatmount.diff import diff_images
-
-        return diff_images(self.image_file(a), self.image_file(b), strict=strict)
-
-    def gc(self, dry_run: bool = False):
-        """Remove unneeded flattened images and unreferenced objects; see flatmount.gc."""
-        from flatmount.gc import gc
-
-        return gc(self, dry_run=dry_run)
-
-    def fsck(self, repair: bool = False):
-        from flatmount.fsck import fsck
-
-        return fsck(self, repair=repair)
-
-    def usage(self):
-        """Object usage: totals, per image unique/shared bytes; see flatmount.usage."""
-        from flatmount.usage import usage
-
-        return usage(self)
-
     def close(self) -> None:
         """Close the DB connection and object store handles (of the additional stores too), once this
-        process's derived-file writers (flatmount.flatten) are done."""
+        process's derived-file writers (flatmount.store.paths.DERIVED) are done."""
+        from flatmount.store.paths import wait_derived
+
         wait_derived()
         for s in (self, *self.additional):
             if s._db is not None:
@@ -876,53 +607,18 @@ class Store:
             raise StoreError(f"cannot read the database of store {self.root}: {e}") from None
 
     # --- locks ------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def gc_lock(self, shared: bool, clean: bool = True) -> Iterator[None]:
-        """flock on <root>/gc.lock: writers hold it shared from first object put to commit, gc exclusive.
+    def gc_lock(self, shared: bool, clean: bool = True) -> contextlib.AbstractContextManager[None]:
+        """flock on <root>/gc.lock: writers hold it shared from first object put to commit, gc
+        exclusive (flatmount.store.locks.gc_lock)."""
+        from flatmount.store.locks import gc_lock
 
-        On a read-only store a shared lock is taken only if the lock file exists (never created);
-        an exclusive one is refused.  Locks on separate opens conflict even within one process.
-        `clean`: see `ensure_writable`.
-        """
-        import fcntl
+        return gc_lock(self, shared, clean)
 
-        path = self.root / GC_LOCK
-        if self.readonly:
-            if not shared:
-                raise ReadOnlyStoreError(f"store {self.root} is read-only: no exclusive GC lock")
-            try:
-                fd = open_lock_file(path, create=False)
-            except (OSError, StoreError):
-                yield
-                return
-        else:
-            self.ensure_writable(clean=clean)
-            fd = open_lock_file(path, create=True)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
-            yield
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def _try_exclusive_gc(self) -> Iterator[bool]:
+    def _try_exclusive_gc(self) -> contextlib.AbstractContextManager[bool]:
         """The exclusive GC lock if free right now (True), without waiting; else False."""
-        import fcntl
+        from flatmount.store.locks import try_exclusive
 
-        try:
-            fd = open_lock_file(self.root / GC_LOCK, create=True)
-        except OSError:
-            yield False
-            return
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(fd)
+        return try_exclusive(self)
 
     # --- layers -----------------------------------------------------------------------------------
     def _layer_cols(self) -> str:
@@ -987,10 +683,6 @@ class Store:
             lid = rec.parent
         chain.reverse()
         return chain
-
-    def layer_tree(self, layer_id: str) -> Inode:
-        """The layer's tree as recorded (whiteouts and opaque markers kept)."""
-        return read_layer_tree(self.layer(layer_id))
 
     # --- images -----------------------------------------------------------------------------------
     def _name_map(self) -> dict[str, tuple[str, Store]]:
@@ -1075,10 +767,8 @@ class Store:
         """Give image `ref` the name `name` (normalised); the name moves if another image had it.
 
         The name must follow the reference grammar podman uses (flatmount.reference)."""
-        from flatmount.reference import check_reference
-
         image = self.resolve_image(ref)
-        full = normalise_name(check_reference(name))
+        full = normalise_name(name)
         with self.transaction() as db:
             db.execute("INSERT OR REPLACE INTO names(name, image_id) VALUES (?, ?)", (full, image.id))
         return self.resolve_image(image.id)
@@ -1132,7 +822,7 @@ class Store:
                 for lid in removed_layers:
                     db.execute("DELETE FROM layers WHERE id = ?", (lid,))
                     db.execute("DELETE FROM refs WHERE owner = ?", ("layer:" + lid,))
-        from flatmount.flatten import layer_cache_path
+        from flatmount.store.paths import layer_cache_path
 
         for lid in removed_layers:  # records first, files after: never a record without its file
             with contextlib.suppress(FileNotFoundError):
@@ -1169,35 +859,6 @@ class Store:
 
 # --- helpers ---------------------------------------------------------------------------------------
 
-def wait_derived() -> None:
-    """Wait for this process's derived-file writers (flatmount.flatten.wait_derived), if it has
-    flattened anything (flatten is not imported for nothing)."""
-    flatten = sys.modules.get("flatmount.flatten")
-    if flatten is not None:
-        flatten.wait_derived()
-
-
-def read_layer_tree(rec: LayerRecord) -> Inode:
-    """A recorded layer's tree (whiteouts and opaque markers kept): from the tree cache written beside
-    its image at import when it is there and matches, else read from the image.  The image is first
-    checked against the sha256 recorded with the layer (flatmount.store.integrity), so a damaged one never
-    flows into a flattened image.  Reads files only (no database), so a flatten helper process may
-    call it too."""
-    from flatmount.flatten import layer_cache_path, tree_from_cache
-    from flatmount.image.reader import Image
-    from flatmount.store.integrity import read_layer_image
-
-    data, digest = read_layer_image(rec)
-    try:
-        with open(layer_cache_path(rec.image_path), "rb") as f:
-            tree = tree_from_cache(f.read(), digest, len(data))
-    except OSError:
-        tree = None
-    if tree is not None:
-        return tree
-    return Image(data).root()
-
-
 def _empty_db(sqlite3):
     """An in-memory DB with the current schema: what a store without records reads as."""
     db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
@@ -1217,22 +878,6 @@ def _db_empty(path: Path) -> bool:
 def _is_corruption(e: BaseException) -> bool:
     text = str(e)
     return "malformed" in text or "not a database" in text or "corrupt" in text
-
-
-def open_lock_file(path: str | os.PathLike, create: bool) -> int:
-    """An fd of lock file `path` (created 0600 if `create`), never through a symlink: a lock file
-    swapped for a symlink would let another user make us create or open files elsewhere."""
-    flags = (os.O_RDWR | os.O_CREAT if create else os.O_RDONLY) | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NOCTTY
-    try:
-        fd = os.open(path, flags | os.O_NONBLOCK, 0o600)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise StoreError(f"lock file {path} is a symbolic link; remove it (store tampered with?)") from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise StoreError(f"lock file {path} is not a regular file; remove it (store tampered with?)")
-    return fd
 
 
 def _mkdir(path: Path, mode: int, parents: bool = False) -> None:
@@ -1265,9 +910,8 @@ def _is_object_store_error(e: BaseException) -> bool:
 def _remove_stale(dir_fd: int, name: str, cutoff: float | None) -> bool:
     """Remove tmp/ entry `name` (of directory fd `dir_fd`) unless a live writer holds an flock on it or
     (with a cutoff) it is recent; through the directory fd, never following a symlink."""
-    import fcntl
-
     from flatmount.safepath import remove_tree_at
+    from flatmount.store.locks import held_by_other
 
     try:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -1286,9 +930,7 @@ def _remove_stale(dir_fd: int, name: str, cutoff: float | None) -> bool:
                 return False
     try:
         if fd >= 0:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if held_by_other(fd):
                 return False
         if is_dir:
             remove_tree_at(dir_fd, name)

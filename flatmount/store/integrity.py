@@ -25,7 +25,9 @@ from typing import TYPE_CHECKING
 from flatmount.errors import CorruptImageError, StoreError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from flatmount.store.core import LayerRecord, Store
+    from flatmount.image.tree import Inode
+    from flatmount.store.core import Store
+    from flatmount.store.records import LayerRecord
 
 Stamp = tuple[int, int, int, int, int]   # st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns
 
@@ -158,3 +160,24 @@ def _is_file(dirfd: int, rel: str) -> bool:
         return stat.S_ISREG(os.stat(rel, dir_fd=dirfd, follow_symlinks=False).st_mode)
     except OSError:
         return False
+
+
+def read_layer_tree(rec: LayerRecord) -> Inode:
+    """A recorded layer's tree (whiteouts and opaque markers kept): from the tree cache written beside
+    its image at import when it is there and matches, else read from the image.  The image is first
+    checked against the sha256 recorded with the layer (flatmount.store.integrity), so a damaged one never
+    flows into a flattened image.  Reads files only (no database), so a flatten helper process may
+    call it too."""
+    from flatmount.image.reader import Image
+    from flatmount.image.treecache import tree_from_cache
+    from flatmount.store.paths import layer_cache_path
+
+    data, digest = read_layer_image(rec)
+    try:
+        with open(layer_cache_path(rec.image_path), "rb") as f:
+            tree = tree_from_cache(f.read(), digest, len(data))
+    except OSError:
+        tree = None
+    if tree is not None:
+        return tree
+    return Image(data).root()
