@@ -336,7 +336,8 @@ def _parse_lines(lines: list[bytes]) -> Inode:
             if payload is not None or content is not None or digest is not None:
                 raise _err(lineno, "a special file has no PAYLOAD, CONTENT or DIGEST")
 
-        node = Inode(m, u, g, mt, sz, r, xattrs, target, cont, dig, pl)
+        node = Inode(m, uid=u, gid=g, mtime_ns=mt, size=sz, rdev=r, xattrs=xattrs, target=target,
+                     content=cont, digest=dig, payload=pl)
 
         parent_path, sep, name = path.rpartition(b"/")
         if parent_path != last_parent or not sep or name in bad_names:

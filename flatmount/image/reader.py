@@ -581,8 +581,7 @@ class Image:
                                     if (not cfmt & ~0x3F and (data_off + unit - 1) // unit * unit
                                             + ((size + (1 << cb) - 1) >> cb) * unit <= n):
                                         if not icount:
-                                            child = Inode(mode, uid, gid, mt, size, 0, {}, None, None, None,
-                                                          None, None)
+                                            child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, size=size, xattrs={})
                                         else:  # the usual xattr bodies of an external file
                                             filt, sh = hdr(d, xoff)
                                             if sh == 0 and xsize >= 92:  # inline metacopy, inline redirect
@@ -595,9 +594,7 @@ class Image:
                                                     if (e1 == _MC_ENTRY and mch == mc_header and e2 == st[1]
                                                             and slash == b"/"
                                                             and not (filt & _EXTERNAL_BITS and check_filter)):
-                                                        child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
-                                                                      dg, rest.decode("utf-8", "surrogateescape"),
-                                                                      None)
+                                                        child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, size=size, xattrs={}, digest=dg, payload=rest.decode("utf-8", "surrogateescape"))
                                             elif sh == 1 and xsize >= 40:  # shared metacopy, inline redirect
                                                 vlen = u16(d, xoff + 18)[0]
                                                 if vlen >= 2 and 16 + ((23 + vlen) & ~3) == xsize:
@@ -611,9 +608,7 @@ class Image:
                                                         mc = self._shared_metacopy(sid, cnid, shared_mc)
                                                     if (mc is not None and e2 == st[1] and slash == b"/"
                                                             and not (filt & (mc[0] | _RD_BIT) and check_filter)):
-                                                        child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
-                                                                      mc[1], rest.decode("utf-8", "surrogateescape"),
-                                                                      None)
+                                                        child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, size=size, xattrs={}, digest=mc[1], payload=rest.decode("utf-8", "surrogateescape"))
                                             elif sh == 2 and xsize == 20:  # both shared
                                                 key = _TWO_IDS(d, xoff + 12)
                                                 pair = pairs.get(key, 0)
@@ -622,24 +617,21 @@ class Image:
                                                     ext = pair and self._checked_external(pair[1], pair[2])
                                                     pair = pairs[key] = ext and (pair[0], *ext)
                                                 if pair is not None and not (filt & pair[0] and check_filter):
-                                                    child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
-                                                                  pair[1], pair[2], None)
+                                                    child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, size=size, xattrs={}, digest=pair[1], payload=pair[2])
                                             if child is None:  # any other combination of the two
                                                 ext = self._external(xoff, data_off, cnid, shared_ids)
                                                 if ext is not None:
-                                                    child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
-                                                                  ext[0], ext[1], None)
+                                                    child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, size=size, xattrs={}, digest=ext[0], payload=ext[1])
                                 elif not icount:
                                     if not size:
-                                        child = Inode(mode, uid, gid, mt, 0, 0, {}, None, None, None, None, None)
+                                        child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, xattrs={})
                                     elif (layout == _INLINE and size <= bs and data_off + size <= n
                                           and data_off % bs + size <= bs):
-                                        child = Inode(mode, uid, gid, mt, size, 0, {}, None,
-                                                      get(data_off, data_off + size), None, None, None)
+                                        child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, size=size, xattrs={}, content=get(data_off, data_off + size))
                             elif icount or layout == _CHUNK:
                                 pass
                             elif t == S_IFDIR:
-                                child = Inode(mode, uid, gid, mt, size, 0, {}, None, None, None, None, {})
+                                child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, size=size, xattrs={}, entries={})
                                 dirs_seen.add(cnid)
                                 stack.append((cnid, off, size, layout, iu, data_off, child, nid, False))
                                 ents[name] = child
@@ -647,12 +639,11 @@ class Image:
                             elif t == S_IFLNK:
                                 if (0 < size < fmt.PATH_MAX and layout == _INLINE and size <= bs
                                         and data_off + size <= n and data_off % bs + size <= bs):
-                                    child = Inode(mode, uid, gid, mt, size, 0, {}, get(data_off, data_off + size),
-                                                  None, None, None, None)
+                                    child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, size=size, xattrs={}, target=get(data_off, data_off + size))
                             elif t == S_IFCHR or t == S_IFBLK:
-                                child = Inode(mode, uid, gid, mt, 0, iu, {}, None, None, None, None, None)
+                                child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, rdev=iu, xattrs={})
                             else:
-                                child = Inode(mode, uid, gid, mt, 0, 0, {}, None, None, None, None, None)
+                                child = Inode(mode, uid=uid, gid=gid, mtime_ns=mt, xattrs={})
                         if child is not None:
                             converted = False
                             built[cnid] = (child, ftype, False)

@@ -17,7 +17,7 @@ nothing (size 0).
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 INLINE_MAX = 64  # composefs inlines regular files of at most this many bytes
@@ -40,7 +40,11 @@ def object_path(digest: bytes) -> str:
 
 
 class Inode:
-    """One inode.  Mutable on purpose: importers and flatten build trees in place."""
+    """One inode.  Mutable on purpose: importers and flatten build trees in place.
+
+    Constructed as `Inode(mode, uid=..., size=...)`: every field but the mode is keyword-only, so a
+    call site says which field each value is (twelve positional values were unreadable).
+    """
 
     __slots__ = (
         "mode", "uid", "gid", "mtime_ns", "size", "rdev",
@@ -50,6 +54,7 @@ class Inode:
     def __init__(
         self,
         mode: int,
+        *,
         uid: int = 0,
         gid: int = 0,
         mtime_ns: int = 0,
@@ -170,9 +175,10 @@ class Inode:
     # --- copying ----------------------------------------------------------------------------------
     def copy(self) -> Inode:
         """A shallow copy: same children dict contents, new dict (so entries can be edited)."""
-        return Inode(self.mode, self.uid, self.gid, self.mtime_ns, self.size, self.rdev,
-                     dict(self.xattrs), self.target, self.content, self.digest, self.payload,
-                     dict(self.entries) if self.entries is not None else None)
+        return Inode(self.mode, uid=self.uid, gid=self.gid, mtime_ns=self.mtime_ns, size=self.size,
+                     rdev=self.rdev, xattrs=dict(self.xattrs), target=self.target, content=self.content,
+                     digest=self.digest, payload=self.payload,
+                     entries=dict(self.entries) if self.entries is not None else None)
 
 
 def split_path(path: bytes | str) -> list[bytes]:
@@ -188,11 +194,18 @@ def split_path(path: bytes | str) -> list[bytes]:
 
 def lookup(root: Inode, path: bytes | str) -> Inode | None:
     """The inode at `path` below `root`, or None."""
+    return lookup_parts(root, split_path(path))
+
+
+def lookup_parts(root: Inode, parts: Iterable[bytes]) -> Inode | None:
+    """The inode at the path of names `parts` below `root`, or None (a missing name, or a name
+    below a non-directory).  The one tree lookup: every path lookup in a tree goes through here."""
     node = root
-    for name in split_path(path):
-        if node.entries is None:
+    for name in parts:
+        entries = node.entries
+        if entries is None:
             return None
-        node = node.entries.get(name)
+        node = entries.get(name)
         if node is None:
             return None
     return node
