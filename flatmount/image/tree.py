@@ -42,8 +42,10 @@ def object_path(digest: bytes) -> str:
 class Inode:
     """One inode.  Mutable on purpose: importers and flatten build trees in place.
 
-    Constructed as `Inode(mode, uid=..., size=...)`: every field but the mode is keyword-only, so a
-    call site says which field each value is (twelve positional values were unreadable).
+    Construct it as `Inode(mode, uid=..., size=...)`: every field but the mode by keyword, so a call
+    site says which field each value is (tests/test_tree.py checks every call in the project).  The
+    parameters stay positional-capable only for the tree cache, which rebuilds inodes from marshalled
+    rows in this field order (`starmap(Inode, rows)`, its hot loop).
     """
 
     __slots__ = (
@@ -54,7 +56,6 @@ class Inode:
     def __init__(
         self,
         mode: int,
-        *,
         uid: int = 0,
         gid: int = 0,
         mtime_ns: int = 0,
