@@ -10,6 +10,7 @@ little-endian.  Each record is a `struct.Struct` (format string grouped by 16 by
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from typing import NamedTuple
 
@@ -18,6 +19,7 @@ import xxhash
 # --- geometry ------------------------------------------------------------------------------------
 BLKSZBITS = 12
 BLKSZ = 1 << BLKSZBITS
+MIN_BLKSZBITS = 9             # the reader takes 512..4096-byte blocks (the kernel: 512..PAGE_SIZE)
 SLOTSIZE = 32                 # inodes start on 32-byte slots; nid = byte offset / 32
 ISLOTBITS = 5
 SUPER_OFFSET = 1024           # bytes 0..1023 are ignored by the kernel (composefs header lives there)
@@ -275,7 +277,7 @@ class XattrEntry(NamedTuple):
 
 XATTR_SHARED_ID = struct.Struct("<I")
 TWO_XATTR_IDS = struct.Struct("<II")
-VALUE_SIZE = struct.Struct("<H")   # e_value_size alone (offset 2 of an entry)
+LE16 = struct.Struct("<H")    # one field alone: an entry's e_value_size, an inode's i_format
 _XATTR_IDS: dict[int, struct.Struct] = {}
 
 
@@ -293,7 +295,6 @@ DIRENT = struct.Struct(
 
 
 DIRENT_SIZE = 12
-FIRST_NAMEOFF = 8             # the nameoff of a block's first dirent (bytes 8..9) gives its dirent count
 _DIRENT_BLOCKS: dict[int, struct.Struct] = {}
 _DIRENT_BLOCKS_PADDED: dict[int, struct.Struct] = {}
 
@@ -400,6 +401,27 @@ def redirect_inline_struct(redirect_len: int) -> struct.Struct:
 LAYOUT_FINGERPRINT = struct.Struct("<QQQQ")
 
 
+def field_offsets(st: struct.Struct, record: type) -> dict[str, int]:
+    """Byte offset of each field of a record (`record`: its NamedTuple), for messages that point at
+    the damaged field."""
+    offsets = {}
+    prefix = st.format[0]
+    for name, (count, code) in zip(record._fields, re.findall(r"(\d*)([a-zA-Z?])", st.format[1:]),
+                                   strict=True):
+        offsets[name] = struct.calcsize(prefix)
+        prefix += count + code
+    return offsets
+
+
+COMPOSEFS_HEADER_AT = field_offsets(COMPOSEFS_HEADER, ComposefsHeader)
+SUPERBLOCK_AT = field_offsets(SUPERBLOCK, Superblock)
+INODE_COMPACT_AT = field_offsets(INODE_COMPACT, InodeCompact)
+INODE_EXTENDED_AT = field_offsets(INODE_EXTENDED, InodeExtended)
+XATTR_ENTRY_AT = field_offsets(XATTR_ENTRY, XattrEntry)
+DIRENT_AT = field_offsets(DIRENT, Dirent)
+SB_CHECKSUM = slice(SUPERBLOCK_AT["checksum"], SUPERBLOCK_AT["checksum"] + 4)   # zeroed while summing
+
+
 # --- checks on the layouts ------------------------------------------------------------------------
 assert COMPOSEFS_HEADER.size == 32
 assert SUPERBLOCK.size == 128
@@ -407,7 +429,7 @@ assert INODE_COMPACT.size == 32
 assert INODE_EXTENDED.size == 64
 assert DIRENT.size == 12
 assert XATTR_IBODY_HEADER.size == 12
-assert XATTR_ENTRY.size == XATTR_ENTRY_SIZE == VALUE_SIZE.size * 2
+assert XATTR_ENTRY.size == XATTR_ENTRY_SIZE
 assert XATTR_SHARED_ID.size == XATTR_ID_SIZE
 assert CHUNK_INDEX.size == CHUNK_INDEX_SIZE
 assert CHUNK_ADDR.size == CHUNK_ADDR_SIZE == len(NULL_CHUNK)
@@ -415,6 +437,8 @@ assert INODE_COMPACT.size == INODE_COMPACT_SIZE == INODE_COMPACT_HEAD.size + 4 =
 assert INODE_EXTENDED.size == INODE_EXTENDED_SIZE == INODE_EXTENDED_PADDED.size == INODE_EXTENDED_HEAD.size + 16
 assert XATTR_IBODY_HEADER.size == XATTR_HEADER_SIZE
 assert DIRENT.size == DIRENT_SIZE
+assert (SUPERBLOCK_AT["blkszbits"], SUPERBLOCK_AT["dirblkbits"], INODE_EXTENDED_AT["i_mtime_nsec"],
+        INODE_COMPACT_AT["i_u"], DIRENT_AT["nameoff"], XATTR_ENTRY_AT["e_value_size"]) == (0xC, 0x5A, 0x28, 0x10, 8, 2)
 assert len(Superblock._fields) == len(SUPERBLOCK.unpack(bytes(SUPERBLOCK.size)))
 assert len(InodeCompact._fields) == len(INODE_COMPACT.unpack(bytes(32)))
 assert len(InodeExtended._fields) == len(INODE_EXTENDED.unpack(bytes(64)))
