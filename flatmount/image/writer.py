@@ -1,21 +1,23 @@
 """Tree -> composefs-layout EROFS metadata image, byte for byte as mkcomposefs (default options) lays it out.
 
 The procedure is EROFS.md section 10, following containers/composefs `lcfs-writer-erofs.c` and
-`lcfs-writer.c`:
+`lcfs-writer.c`, as passes (`_build_image`), each filling in its part of one `_Layout` record:
 
-1. rewrite (virtually; the input tree is never modified): escape `trusted.overlay.*` to
-   `trusted.overlay.overlay.*`, add `metacopy`/`redirect` to external files, turn whiteouts (char 0:0)
-   into marked empty regular files and mark their parent directory, mark the root opaque and add the
-   `00`..`ff` root whiteouts;
-2. breadth-first inode order from the root, children by name (bytes order), `.`/`..` in every
-   directory; nlink counted; build_time = the minimum mtime; (name, value) pairs used by more than
-   one inode become shared xattrs;
-3. sizes, 4. placement (slot alignment, tail-must-not-cross-a-block padding), 5. shared xattr area
-   and data blocks, 6. emit into one preallocated buffer.
+1. `_queue_inodes`: breadth-first inode order from the root, children by name (bytes order), `.`/`..`
+   in every directory, the `00`..`ff` root whiteouts added; nlink counted;
+2. `_inode_fields`: the composefs rewriting (virtual; the input tree is never modified): escape
+   `trusted.overlay.*` to `trusted.overlay.overlay.*`, add `metacopy`/`redirect` to external files,
+   turn whiteouts (char 0:0) into marked empty regular files and mark their parent directory, mark
+   the root opaque; sizes, data layouts, inline tails; build_time = the minimum mtime;
+3. `_share_xattrs`: (name, value) pairs used by more than one inode become shared xattrs;
+4. `_place_inodes`: xattr body sizes, then slot alignment and tail-must-not-cross-a-block padding;
+5. `_place_blocks`: the shared xattr area, then the data blocks;
+6. `_emit_head`, `_emit_inodes`: everything written into one preallocated, zeroed buffer.
 
 Speed matters (a 64k-inode tree must take well under a second), so the passes work on flat
-per-inode lists and write with `struct.pack_into` into one bytearray; per-inode helper calls are
-avoided in the hot loops on purpose.
+per-inode lists (columns of the layout) and write with `struct.pack_into` into one bytearray;
+per-inode helper calls are avoided in the hot loops on purpose.  Every layout size and struct comes
+from `format`.
 
 Deviations from libcomposefs (each only reachable by trees libcomposefs rejects or mishandles):
 - a regular file with a digest but no payload gets the redirect `/XX/<62 hex>` derived from the
