@@ -188,6 +188,9 @@ def _quick_decoder(img: Image, push: Callable[[tuple], None], dirs_seen: set[int
     both_min = _RD_AT_BOTH_INLINE + _rd_entry_size(_MIN_REDIRECT)
     mc_shared_min = _RD_AT_MC_SHARED + _rd_entry_size(_MIN_REDIRECT)
     rd_entry = _RD_HEAD + XPAD       # `(rd_entry + vlen) & ~XPAD`: a redirect entry's size
+    # the layout constants as locals (the decoder runs once per inode)
+    slotbits, compact_size, extended_size, xhdr, xid, xpad = SLOTBITS, COMPACT, EXTENDED, XHDR, XID, XPAD
+    rd_at_both, vsize_at, min_redirect = _RD_AT_BOTH_INLINE, _VSIZE_AT, _MIN_REDIRECT
     chunk_format = fmt.CHUNK_FORMAT_MASK
     indexes = fmt.CHUNK_FORMAT_INDEXES
     blkbits_mask = fmt.CHUNK_FORMAT_BLKBITS_MASK
@@ -199,12 +202,12 @@ def _quick_decoder(img: Image, push: Callable[[tuple], None], dirs_seen: set[int
         not just a valid metacopy and redirect.  `filt`, `sh`: the body's name filter and shared count.
         (`decode` takes the commonest body itself: both inline, a file no other file shares.)"""
         if sh == 1 and xsize >= mc_shared_min:
-            vlen = value_size(d, xoff + _RD_AT_MC_SHARED + _VSIZE_AT)[0]
-            if vlen >= _MIN_REDIRECT and _RD_AT_MC_SHARED + ((rd_entry + vlen) & ~XPAD) == xsize:
+            vlen = value_size(d, xoff + _RD_AT_MC_SHARED + vsize_at)[0]
+            if vlen >= min_redirect and _RD_AT_MC_SHARED + ((rd_entry + vlen) & ~xpad) == xsize:
                 st = redirect_inline.get(vlen)
                 if st is None:
                     st = _remember(redirect_inline, vlen, _redirect_inline_struct(vlen))
-                sid, e2, slash, rest = st[0].unpack_from(d, xoff + XHDR)
+                sid, e2, slash, rest = st[0].unpack_from(d, xoff + xhdr)
                 mc = shared_mc.get(sid)
                 if mc is None:
                     mc = img._shared_metacopy(sid, nid, shared_mc)
@@ -214,7 +217,7 @@ def _quick_decoder(img: Image, push: Callable[[tuple], None], dirs_seen: set[int
                     child.payload = rest.decode("utf-8", "surrogateescape")
                     return True
         elif sh == 2 and xsize == _TWO_SHARED:
-            key = two_ids(d, xoff + XHDR)
+            key = two_ids(d, xoff + xhdr)
             pair = pairs.get(key, 0)
             if pair == 0:
                 pair = img._shared_external(key, nid)
@@ -231,24 +234,24 @@ def _quick_decoder(img: Image, push: Callable[[tuple], None], dirs_seen: set[int
         return True
 
     def decode(nid: int, ftype: int, parent: int) -> Inode | None:
-        off = meta + (nid << SLOTBITS)
-        if off + COMPACT > n:
+        off = meta + (nid << slotbits)
+        if off + compact_size > n:
             return None
         f, icount, mode, _nl, size, mtime, iu, _ino, uid, gid = compact(d, off)
         if not f & ext_bit:
             mt = base_ns + mtime * NS
-            xoff = off + COMPACT
+            xoff = off + compact_size
         else:
-            if off + EXTENDED > n:
+            if off + extended_size > n:
                 return None
             _f, icount, mode, _r, size, iu, _ino, uid, gid, mtime, nsec, _nl = extended(d, off)
             if nsec >= NS:
                 return None
             mt = mtime * NS + nsec
-            xoff = off + EXTENDED
+            xoff = off + extended_size
         t = mode & S_IFMT
         layout = f >> layout_shift
-        xsize = XHDR + XID * (icount - 1) if icount else 0
+        xsize = xhdr + xid * (icount - 1) if icount else 0
         data_off = xoff + xsize
         if data_off > n or f & ~known or ftype_of(t) != ftype or layout not in _LAYOUTS:
             return None
@@ -271,12 +274,12 @@ def _quick_decoder(img: Image, push: Callable[[tuple], None], dirs_seen: set[int
                     return child
                 filt, sh = counts(d, xoff)
                 if sh == 0 and xsize >= both_min:   # both inline: one unpack for the whole body
-                    vlen = value_size(d, xoff + _RD_AT_BOTH_INLINE + _VSIZE_AT)[0]
-                    if vlen >= _MIN_REDIRECT and _RD_AT_BOTH_INLINE + ((rd_entry + vlen) & ~XPAD) == xsize:
+                    vlen = value_size(d, xoff + rd_at_both + vsize_at)[0]
+                    if vlen >= min_redirect and rd_at_both + ((rd_entry + vlen) & ~xpad) == xsize:
                         st = both_inline.get(vlen)
                         if st is None:
                             st = _remember(both_inline, vlen, _both_inline_struct(vlen))
-                        e1, mch, dg, e2, slash, rest = st[0].unpack_from(d, xoff + XHDR)
+                        e1, mch, dg, e2, slash, rest = st[0].unpack_from(d, xoff + xhdr)
                         if (e1 == _MC_ENTRY and mch == mc_header and e2 == st[1] and slash == b"/"
                                 and not (filt & _EXTERNAL_BITS and check_filter)):
                             child.digest = dg

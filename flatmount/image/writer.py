@@ -724,6 +724,8 @@ def _place_inodes(lay: _Layout) -> None:
     modes, tails, nblk, layouts, sizes = lay.modes, lay.tails, lay.nblk, lay.layouts, lay.sizes
     xitems, fast, keyinfo, shared_off = lay.xitems, lay.fast, lay.keyinfo, lay.shared_off
     n = len(lay.nodes)
+    # the layout constants as locals (the loop runs once per inode)
+    blksz, blkpad, slotpad, slotbits, xhdr, xid, xpad = BLKSZ, BLKPAD, SLOTPAD, SLOTBITS, XHDR, XID, XPAD
     xsizes = [0] * n
     nids = [0] * n
     forms = [0] * n
@@ -750,22 +752,22 @@ def _place_inodes(lay: _Layout) -> None:
             if fst:
                 it_m, it_r = items
                 m_sh = mc0_shared if it_m is mc0 else it_m in shared_off
-                xsize = one_id if m_sh else XHDR + ((mc_suffix + len(it_m[1])) & ~XPAD)
+                xsize = one_id if m_sh else xhdr + ((mc_suffix + len(it_m[1])) & ~xpad)
                 if it_r[1] in shared_rd and it_r[0] == RD:   # it_r in shared_off, hashing bytes only
-                    xsize += XID
+                    xsize += xid
                     forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
                 else:
-                    xsize += (rd_suffix + len(it_r[1])) & ~XPAD
+                    xsize += (rd_suffix + len(it_r[1])) & ~xpad
                     forms[i] = _MC_SHARED if m_sh else _BOTH_INLINE
             else:
                 nsh = 0
-                xsize = XHDR
+                xsize = xhdr
                 for it in items:
                     if nsh < MAXSH and it in shared_off:
                         nsh += 1
-                        xsize += XID
+                        xsize += xid
                     else:
-                        xsize += (entry_pad + keyinfo[it[0]][3] + len(it[1])) & ~XPAD
+                        xsize += (entry_pad + keyinfo[it[0]][3] + len(it[1])) & ~xpad
                 if xsize > max_xsize:
                     raise _InodeError(i, "too many xattrs on one inode")
             xsizes[i] = xsize
@@ -775,7 +777,7 @@ def _place_inodes(lay: _Layout) -> None:
                 m_sh = fst in mc_sh
                 xsize = one_id if m_sh else dg_mc_size
                 if fst in rd_sh:
-                    xsize += XID
+                    xsize += xid
                     forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
                 else:
                     xsize += dg_rd_size
@@ -786,21 +788,21 @@ def _place_inodes(lay: _Layout) -> None:
                 forms[i] = _BOTH_INLINE
             xsizes[i] = xsize
             base += xsize
-        pos = (pos + SLOTPAD) & ~SLOTPAD
+        pos = (pos + slotpad) & ~slotpad
         if tail:
             if not fst and modes[i] & S_IFMT == S_IFLNK:   # (fst: an external regular file)
                 total = base + tail
-                if total >= BLKSZ:  # inode + xattrs + target do not fit one block: target in a block
+                if total >= blksz:  # inode + xattrs + target do not fit one block: target in a block
                     nblk[i] = 1
                     tails[i] = tail = 0
                     layouts[i] = _PLAIN
-                if pos // BLKSZ != (pos + total - 1) // BLKSZ:
-                    pos = (pos + BLKPAD) & ~BLKPAD
+                if pos // blksz != (pos + total - 1) // blksz:
+                    pos = (pos + blkpad) & ~blkpad
             else:
-                rem = BLKSZ - (pos + base) % BLKSZ
+                rem = blksz - (pos + base) % blksz
                 if rem < tail:
-                    extra = (rem + SLOTPAD) & ~SLOTPAD
-                    if tail <= BLKSZ - (pos + base + extra) % BLKSZ:
+                    extra = (rem + slotpad) & ~slotpad
+                    if tail <= blksz - (pos + base + extra) % blksz:
                         pos += extra
                     else:  # no inline tail after all: a full block, and the inode starts a block
                         nblk[i] += 1
@@ -810,11 +812,11 @@ def _place_inodes(lay: _Layout) -> None:
                         if layouts[i] != _CHUNK:
                             layouts[i] = _PLAIN
                         if modes[i] & S_IFMT == S_IFDIR:
-                            sizes[i] = nblk[i] * BLKSZ
-                        pos = (pos + BLKPAD) & ~BLKPAD
-        nids[i] = pos >> SLOTBITS
+                            sizes[i] = nblk[i] * blksz
+                        pos = (pos + blkpad) & ~blkpad
+        nids[i] = pos >> slotbits
         pos += base + tail
-    lay.inodes_end = (pos + SLOTPAD) & ~SLOTPAD
+    lay.inodes_end = (pos + slotpad) & ~slotpad
     if nids[0] > U16:
         raise FormatError("root inode beyond the 16-bit root_nid range")
     lay.xsizes, lay.forms, lay.nids = xsizes, forms, nids
@@ -897,6 +899,9 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
     hexlify = _hexlify
     mc_len = keyinfo[_MC][3] if _MC in keyinfo else 0
     rd_len = keyinfo[_RD][3] if _RD in keyinfo else 0
+    # the layout constants as locals (the loop runs once per inode)
+    slotbits, xhdr, xid, xpad, compact, blksz, chunk_entry = SLOTBITS, XHDR, XID, XPAD, COMPACT, BLKSZ, CHUNK_ENTRY
+    both_inline, mc_shared, both_shared = _BOTH_INLINE, _MC_SHARED, _BOTH_SHARED
     columns = [nodes, lay.modes, nids, lay.nblk, lay.iu, lay.layouts, lay.xsizes, lay.sizes, lay.nlink,
                lay.isz, lay.forms, lay.xitems, lay.uids, lay.gids, lay.fast]
     if (lo, hi) != (0, len(nodes)):
@@ -904,13 +909,13 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
     for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items, uid, gid, fst in zip(
             range(lo, hi), *columns, strict=True):
         t = mode & S_IFMT
-        pos = nid << SLOTBITS
+        pos = nid << slotbits
         if nb:
             # a chunk map moved to a block keeps its format in the low half of i_u (libcomposefs
             # writes blkaddr, then the chunk format over it in the same union)
             u = (cur_blk & ~fmt.CHUNK_FORMAT_MASK) | u if layout == _CHUNK else cur_blk
-        icount = (xsize - XHDR) // XID + 1 if xsize else 0
-        if form == _BOTH_INLINE and not nb:
+        icount = (xsize - xhdr) // xid + 1 if xsize else 0
+        if form == both_inline and not nb:
             # content no other file shares (metacopy and redirect both inline): one cached pack and
             # entry heads per (value lengths, inode size, chunk map size)
             tail = tails[i]
@@ -923,7 +928,7 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
                     h0, _, h1 = _inline_heads(items, shared_ids, xsize, keyinfo, mc_len, rd_len)
                     fc = f1cache[fk] = (fmt.external_inode_struct(isize, [len(h0), len(mv), len(h1), len(rv)],
                                                                   xsize, tail).pack_into,
-                                        h0, h1, null_map * (tail // CHUNK_ENTRY))
+                                        h0, h1, null_map * (tail // chunk_entry))
             else:
                 # the most common inode of all: both made from the digest (pass 2), so the value
                 # lengths and xsize are the same for all; the metacopy header goes with the head
@@ -937,10 +942,10 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
                     fc = f1cache[fk] = (fmt.external_inode_struct(
                                             isize, [len(h0) + len(mc_header), fmt.DIGEST_SIZE, len(h1) + 1,
                                                     _RD_SIZE - 1], xsize, tail).pack_into,
-                                        h0 + mc_header, h1 + b"/", null_map * (tail // CHUNK_ENTRY))
+                                        h0 + mc_header, h1 + b"/", null_map * (tail // chunk_entry))
             pk, h0, h1, nm = fc
             try:
-                if isize == COMPACT:
+                if isize == compact:
                     pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0, h0, mv, h1, rv, nm)
                 else:
                     sec, nsec = divmod(node.mtime_ns, NS)
@@ -949,7 +954,7 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
             except struct.error as e:
                 raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
             continue
-        if form == _MC_SHARED and not nb:
+        if form == mc_shared and not nb:
             # shared metacopy, redirect inline (files without a digest, or with a payload of their
             # own: read back from an image, for one): one cached pack per
             # (metacopy, redirect length, inode size, chunk map size), the redirect the only part of
@@ -960,12 +965,12 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
             fk = (len(rv), isize, tail) if it_m is mc0 else (it_m, len(rv), isize, tail)
             fc = fcache.get(fk)
             if fc is None:
-                head = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + XPAD) & ~XPAD)]
+                head = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + xpad) & ~xpad)]
                 fc = fcache[fk] = (fmt.external_inode_struct(isize, [len(head), len(rv)], xsize, tail).pack_into,
-                                   head, null_map * (tail // CHUNK_ENTRY))
+                                   head, null_map * (tail // chunk_entry))
             pk, head, nm = fc
             try:
-                if isize == COMPACT:
+                if isize == compact:
                     pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0, head, rv, nm)
                 else:
                     sec, nsec = divmod(node.mtime_ns, NS)
@@ -977,15 +982,15 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
         if form and not nb:
             # an external file in its other forms: inode, xattrs and chunk map in one pack
             tail = tails[i]
-            if form == _MC_SHARED:  # shared metacopy: cached head (header, its id, redirect entry head) + value
+            if form == mc_shared:  # shared metacopy: cached head (header, its id, redirect entry head) + value
                 rv = items[1][1]
                 hk = (items[0], len(rv))
                 head = heads.get(hk)
                 if head is None:
-                    head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + XPAD) & ~XPAD)]
+                    head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + xpad) & ~xpad)]
                 parts: tuple = (head, rv)
                 sk: tuple = (isize, len(head), len(rv), tail)
-            else:  # _BOTH_SHARED: the body is the header and two ids
+            else:  # both_shared: the body is the header and two ids
                 body = body_cache.get(items)
                 if body is None:
                     body = body_cache[items] = _xattr_body(items, shared_ids, xsize, keyinfo)
@@ -996,9 +1001,9 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
                 st = packs[sk] = fmt.external_inode_struct(isize, [len(x) for x in parts], xsize, tail)
             nm = nulls.get(tail)
             if nm is None:
-                nm = nulls[tail] = null_map * (tail // CHUNK_ENTRY)
+                nm = nulls[tail] = null_map * (tail // chunk_entry)
             try:
-                if isize == COMPACT:
+                if isize == compact:
                     st.pack_into(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0,
                                  *parts, nm)
                 else:
@@ -1009,7 +1014,7 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
                 raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
             continue
         # every other inode: the inode, then its xattr body, its inline tail and data blocks apart
-        if isize == COMPACT:
+        if isize == compact:
             cpack(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0)
         else:
             sec, nsec = divmod(node.mtime_ns, NS)
@@ -1021,16 +1026,16 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
         p = pos + isize
         if xsize:
             # the common forms of an external file first (the buffer is zeroed: no padding to write)
-            if form == _MC_SHARED:  # shared metacopy: cached head (header, its id, redirect entry head) + value
+            if form == mc_shared:  # shared metacopy: cached head (header, its id, redirect entry head) + value
                 rv = items[1][1]
                 hk = (items[0], len(rv))
                 head = heads.get(hk)
                 if head is None:
-                    head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + XPAD) & ~XPAD)]
+                    head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + xpad) & ~xpad)]
                 q = p + len(head)
                 buf[p:q] = head
                 buf[q:q + len(rv)] = rv
-            elif form == _BOTH_INLINE:  # both inline: cached entry heads (by value lengths) around the two values
+            elif form == both_inline:  # both inline: cached entry heads (by value lengths) around the two values
                 mv = items[0][1]
                 rv = items[1][1]
                 hk = (1, len(mv), len(rv))   # not the key of the 2-part heads of the path above
@@ -1050,7 +1055,7 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
                 body = body_cache.get(key)
                 if body is None:
                     body = _xattr_body(items, shared_ids, xsize, keyinfo)
-                    if layout != _CHUNK or form == _BOTH_SHARED:  # an external file's body is unique unless all shared
+                    if layout != _CHUNK or form == both_shared:  # an external file's body is unique unless all shared
                         body_cache[key] = body
                 buf[p:p + xsize] = body
             p += xsize
@@ -1060,21 +1065,21 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
             kids = dkids[i]
             starts = dstarts[i]
             if len(starts) == 1:   # one block (most directories): no slicing
-                pack_block(cur_blk * BLKSZ if nb else p, names, kids)
+                pack_block(cur_blk * blksz if nb else p, names, kids)
                 cur_blk += nb
                 continue
             starts = [*starts, len(names)]
-            q = cur_blk * BLKSZ
+            q = cur_blk * blksz
             for b in range(len(starts) - 1):
                 a, e = starts[b], starts[b + 1]
                 pack_block(q if b < nb else p, names[a:e], kids[a:e])
-                q += BLKSZ
+                q += blksz
         else:
             if tail:
                 if layout == _CHUNK:
                     nm = nulls.get(tail)
                     if nm is None:
-                        nm = nulls[tail] = null_map * (tail // CHUNK_ENTRY)
+                        nm = nulls[tail] = null_map * (tail // chunk_entry)
                     buf[p:p + tail] = nm
                 elif t == S_IFLNK:
                     buf[p:p + tail] = node.target
@@ -1083,11 +1088,11 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
                     buf[p:p + tail] = content[len(content) - tail:]
             if nb:
                 if layout == _CHUNK:
-                    data = null_map * (BLKSZ // CHUNK_ENTRY)
+                    data = null_map * (blksz // chunk_entry)
                 else:
                     data = node.target if t == S_IFLNK else node.content
-                q = cur_blk * BLKSZ
-                ln = min(len(data), nb * BLKSZ)
+                q = cur_blk * blksz
+                ln = min(len(data), nb * blksz)
                 buf[q:q + ln] = data[:ln]
         cur_blk += nb
 
