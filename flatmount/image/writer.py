@@ -504,7 +504,8 @@ def _inode_fields(lay: _Layout) -> None:
     fast: list = [False] * n
     dgs: list[bytes] = []
     # an inode is compact when its mtime is the epoch (and its fields fit: checked below)
-    isz = [COMPACT if m == min_mtime else EXTENDED for m in mtimes]
+    compact, extended = COMPACT, EXTENDED
+    isz = [compact if m == min_mtime else extended for m in mtimes]
     ftypes = [0] * n
     dstarts: dict[int, list[int]] = {}
     allitems: list = []
@@ -521,7 +522,8 @@ def _inode_fields(lay: _Layout) -> None:
     DIGEST_SIZE = fmt.DIGEST_SIZE
     one_chunk = 1 << max_bits   # the largest file with a single chunk
     one_entry = CHUNK_ENTRY     # its chunk map: one block map entry
-    REG = _FT_REG
+    REG, DIR, LNK, CHR, BLK, FIFO, SOCK = _FT_REG, _FT_DIR, _FT_LNK, _FT_CHR, _FT_BLK, _FT_FIFO, _FT_SOCK
+    inline, plain, blksz = _INLINE, _PLAIN, BLKSZ
     for i, node in enumerate(nodes):
         mode = node.mode
         t = mode & S_IFMT
@@ -555,13 +557,13 @@ def _inode_fields(lay: _Layout) -> None:
             if content is not None:
                 size = len(content)
                 if size:
-                    nb, tail = divmod(size, BLKSZ)
+                    nb, tail = divmod(size, blksz)
                     if tail > fmt.DIR_INLINE_MAX:
                         nb += 1
                         tail = 0
                     nblk[i] = nb
                     tails[i] = tail
-                    layouts[i] = _INLINE if tail else _PLAIN
+                    layouts[i] = inline if tail else plain
             else:
                 size = node.size
                 if size > 0:
@@ -607,8 +609,8 @@ def _inode_fields(lay: _Layout) -> None:
             dstarts[i] = starts
             nblk[i] = nb
             tails[i] = tail
-            layouts[i] = _INLINE if tail else _PLAIN
-            size = nb * BLKSZ + tail
+            layouts[i] = inline if tail else plain
+            size = nb * blksz + tail
             if i in wparents:
                 if d is None:
                     d = {}
@@ -622,7 +624,7 @@ def _inode_fields(lay: _Layout) -> None:
                 if d is None:
                     d = {}
                 d[fmt.OVERLAY_OPAQUE] = b"y"
-            ftypes[i] = _FT_DIR
+            ftypes[i] = DIR
         elif t == S_IFLNK:
             target = node.target
             if not target:
@@ -631,8 +633,8 @@ def _inode_fields(lay: _Layout) -> None:
             if size >= fmt.PATH_MAX:
                 raise _InodeError(i, f"symlink target too long ({size} bytes)")
             tails[i] = size
-            layouts[i] = _INLINE
-            ftypes[i] = _FT_LNK
+            layouts[i] = inline
+            ftypes[i] = LNK
         elif t == S_IFCHR or t == S_IFBLK:
             size = 0
             rdev = node.rdev
@@ -647,13 +649,13 @@ def _inode_fields(lay: _Layout) -> None:
                 if not 0 <= rdev <= U32:
                     raise _InodeError(i, f"device number {rdev:#x} does not fit 32 bits")
                 iu[i] = rdev
-                ftypes[i] = _FT_CHR if t == S_IFCHR else _FT_BLK
+                ftypes[i] = CHR if t == S_IFCHR else BLK
         elif t == S_IFIFO:
             size = 0
-            ftypes[i] = _FT_FIFO
+            ftypes[i] = FIFO
         elif t == S_IFSOCK:
             size = 0
-            ftypes[i] = _FT_SOCK
+            ftypes[i] = SOCK
         else:
             raise _InodeError(i, f"invalid file mode {mode:#o}")
         if d:
@@ -881,12 +883,15 @@ def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
     body_cache: dict = {}
     heads: dict = {}
     nulls = {CHUNK_ENTRY: null_map}     # chunk map bytes -> the NULL map of that size
-    dirents_struct = fmt.dirents_pack_struct
+    dirent_structs: dict[int, struct.Struct] = {}
 
     def pack_block(off: int, bnames: list[bytes], bkids: list[int]) -> None:
         """One directory block at `off`: every (nid, name offset, file type) in one pack, then names."""
         cnt = len(bnames)
-        dirents_struct(cnt).pack_into(buf, off, *chain.from_iterable(zip(
+        st = dirent_structs.get(cnt)
+        if st is None:
+            st = dirent_structs[cnt] = fmt.dirents_pack_struct(cnt)
+        st.pack_into(buf, off, *chain.from_iterable(zip(
             map(nids.__getitem__, bkids), accumulate(map(len, bnames[:-1]), initial=DIRENT * cnt),
             map(ftypes.__getitem__, bkids), strict=True)))
         off += DIRENT * cnt
