@@ -57,3 +57,16 @@ def test_derived_structs():
     assert st.size == fmt.INODE_COMPACT_SIZE + 64 + 4
     with pytest.raises(struct.error):
         fmt.LE16.pack(1 << 16)
+
+
+def test_image_modules_do_not_import_their_package():
+    """`from flatmount.image import format` imports the package, whose lazy attributes import the
+    reader and writer back: a cycle.  The modules import each other by their full names."""
+    bad = []
+    for path in sorted(IMAGE.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        for n in ast.walk(ast.parse(path.read_text())):
+            if isinstance(n, ast.ImportFrom) and n.module == "flatmount.image" and not n.level:
+                bad.append(f"{path.name}:{n.lineno}")
+    assert bad == []

@@ -54,8 +54,8 @@ from itertools import accumulate, chain
 from operator import attrgetter, itemgetter
 from typing import BinaryIO
 
+import flatmount.image.format as fmt
 from flatmount.errors import FormatError
-from flatmount.image import format as fmt
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode
 
 __all__ = ["write_image", "image_bytes", "image_buffer", "dir_size"]
