@@ -205,6 +205,8 @@ def _block_decoder(img: Image, built: dict[int, tuple[Inode, int, bool]], dirs_s
         ents, names, nids, ftypes, parent, root_dir = yield later
         later = []
         left = later.append
+        # each entry ends in `ents[name] = child` (decoded here) or in `ents[name] = None` and
+        # `left(...)` (for _fill: it keeps its place in `ents`)
         for name, nid, ftype in zip(names, nids, ftypes, strict=True):
             if nid in built or nid in dirs_seen:   # a hardlink, or a directory named twice
                 ents[name] = None
