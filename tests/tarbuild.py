@@ -16,7 +16,17 @@ import tarfile
 import zlib
 from pathlib import Path
 
-from flatmount.image.tree import OPAQUE_XATTR, S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFREG, Inode
+from flatmount.image.tree import (
+    OPAQUE_XATTR,
+    S_IFBLK,
+    S_IFCHR,
+    S_IFDIR,
+    S_IFIFO,
+    S_IFLNK,
+    S_IFREG,
+    Inode,
+    lookup_parts,
+)
 from objects.digest import fsverity_digest
 
 NS = 1_000_000_000
@@ -88,7 +98,7 @@ class Tar:
         pax = {**xp, **(pax or {})}
         self.tf.addfile(self._info(name, tarfile.DIRTYPE, mode, mtime, uid, gid, pax))
         mt = self._mtime_ns(mtime, pax)
-        self._place(name, Inode(S_IFDIR | mode, uid, gid, mt, xattrs=xe), mt)
+        self._place(name, Inode(S_IFDIR | mode, uid=uid, gid=gid, mtime_ns=mt, xattrs=xe), mt)
 
     def file(self, name: str, data: bytes, mode: int = 0o644, mtime: int = 100, uid: int = 0, gid: int = 0,
              xattrs: dict | None = None, pax: dict | None = None) -> Inode:
@@ -101,9 +111,10 @@ class Tar:
         if len(data) > 64:
             d = fsverity_digest(data)
             self.blobs[d] = data
-            node = Inode(S_IFREG | mode, uid, gid, mt, size=len(data), digest=d, xattrs=xe)
+            node = Inode(S_IFREG | mode, uid=uid, gid=gid, mtime_ns=mt, size=len(data), digest=d, xattrs=xe)
         else:
-            node = Inode(S_IFREG | mode, uid, gid, mt, size=len(data), content=data or None, xattrs=xe)
+            node = Inode(S_IFREG | mode, uid=uid, gid=gid, mtime_ns=mt, size=len(data), content=data or None,
+                         xattrs=xe)
         self._place(name, node, mt)
         return node
 
@@ -112,16 +123,15 @@ class Tar:
         ti.linkname = target
         self.tf.addfile(ti)
         t = target.encode("utf-8", "surrogateescape")
-        self._place(name, Inode(S_IFLNK | 0o777, uid, gid, mtime * NS, size=len(t), target=t), mtime * NS)
+        self._place(name, Inode(S_IFLNK | 0o777, uid=uid, gid=gid, mtime_ns=mtime * NS, size=len(t), target=t),
+                    mtime * NS)
 
     def hardlink(self, name: str, target: str, mtime: int = 100) -> None:
         ti = self._info(name, tarfile.LNKTYPE, 0o644, mtime, 0, 0, None)
         ti.linkname = target
         self.tf.addfile(ti)
-        node = self.expected
-        for p in target.encode().split(b"/"):
-            if p and p != b".":
-                node = node.entries[p]
+        node = lookup_parts(self.expected, [p for p in target.encode().split(b"/") if p and p != b"."])
+        assert node is not None, f"hardlink target {target!r} not in the tar"
         self._place(name, node, mtime * NS)
 
     def device(self, name: str, kind: str, major: int, minor: int, mode: int = 0o660, mtime: int = 100) -> None:

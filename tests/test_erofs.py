@@ -24,11 +24,11 @@ from flatmount.image import format as fmt
 from flatmount.image.reader import Image, collect_objects, read_tree
 from flatmount.image.tree import Inode, walk
 from flatmount.image.writer import dir_size, image_bytes, write_image
+from tests import pin_trees
 from tests.conftest import require_root, require_tool, shared_data
+from tests.pin_trees import DIGEST, T0, every_type_tree, layer_tree, load_pins  # noqa: F401 (others import them from here)
 
 S_IFREG = stat.S_IFREG
-T0 = 1_700_000_000 * 10**9
-DIGEST = bytes(range(32))
 
 
 # --- helpers -------------------------------------------------------------------------------------------
@@ -105,57 +105,6 @@ def escaped(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
             for k, v in xattrs.items()}
 
 
-def every_type_tree() -> Inode:
-    """One of everything, with hardlinks, xattrs in three namespaces (some shared), odd names."""
-    shared_sel = {b"security.selinux": b"system_u:object_r:usr_t:s0"}
-    root = Inode.directory(mtime_ns=T0, xattrs=dict(shared_sel))
-    sub = Inode.directory(0o750, uid=1000, gid=1000, mtime_ns=T0 + 5, xattrs={b"user.tag": b"dir"})
-    root.entries[b"dir"] = sub
-    sub.entries[b"empty"] = Inode.directory(mtime_ns=T0)
-    hl = Inode(S_IFREG | 0o644, size=10000, digest=DIGEST, mtime_ns=T0,
-               xattrs={b"user.a": b"1", **shared_sel})
-    root.entries[b"hard1"] = hl
-    sub.entries[b"hard2"] = hl
-    sub.entries[b"hard3"] = hl
-    root.entries[b"inline"] = Inode.file(b"hello world\n", mtime_ns=T0 + 123_456_789,
-                                         xattrs={b"trusted.t": b"v", **shared_sel})
-    root.entries[b"empty-file"] = Inode.file(b"", mtime_ns=T0)
-    root.entries[b"payload-only"] = Inode(S_IFREG | 0o600, size=4096, payload="ab/cdef.file", mtime_ns=T0)
-    root.entries[b"no-object"] = Inode(S_IFREG | 0o600, size=77, mtime_ns=T0)
-    root.entries[b"huge"] = Inode(S_IFREG | 0o644, size=5 << 30, digest=bytes(range(1, 33)), mtime_ns=T0)
-    root.entries[b"link"] = Inode.symlink(b"dir/hard2", mtime_ns=T0)
-    root.entries[b"chr"] = Inode(stat.S_IFCHR | 0o600, rdev=os.makedev(1, 3), mtime_ns=T0)
-    root.entries[b"blk"] = Inode(stat.S_IFBLK | 0o660, rdev=os.makedev(259, 300), mtime_ns=T0)
-    root.entries[b"fifo"] = Inode(stat.S_IFIFO | 0o644, mtime_ns=T0)
-    root.entries[b"sock"] = Inode(stat.S_IFSOCK | 0o755, mtime_ns=T0)
-    root.entries[b"old"] = Inode.file(b"1969", mtime_ns=-86400 * 10**9 + 7)
-    root.entries[b"bigid"] = Inode.file(b"ids", uid=70000, gid=4_000_000_000, mtime_ns=T0)
-    root.entries[b"esc"] = Inode.file(b"e", mtime_ns=T0, xattrs={b"trusted.overlay.custom": b"c",
-                                                                 b"user.overlay.u": b"u"})
-    root.entries[b"-dash +plus space"] = Inode.file(b"x", mtime_ns=T0)
-    root.entries[b"\xff\xfe-not-utf8"] = Inode.file(b"y", mtime_ns=T0)
-    root.entries[b"n" * 255] = Inode.file(b"long name", mtime_ns=T0)
-    root.entries[b"ab"] = Inode.directory(mtime_ns=T0)  # a real root entry with a hex name
-    return root
-
-
-def layer_tree() -> Inode:
-    """A layer: whiteouts (incl. a root-level hex-named one) and opaque directories."""
-    root = Inode.directory(mtime_ns=T0)
-    etc = Inode.directory(mtime_ns=T0)
-    root.entries[b"etc"] = etc
-    etc.entries[b"deleted.conf"] = Inode.whiteout(mtime_ns=T0)
-    etc.entries[b"kept"] = Inode.file(b"k", mtime_ns=T0)
-    opq = Inode.directory(mtime_ns=T0, xattrs={b"trusted.overlay.opaque": b"y"})
-    root.entries[b"opaque"] = opq
-    opq.entries[b"new"] = Inode.file(b"n", mtime_ns=T0)
-    both = Inode.directory(mtime_ns=T0, xattrs={b"trusted.overlay.opaque": b"y"})
-    root.entries[b"opaque-with-whiteout"] = both
-    both.entries[b"gone"] = Inode.whiteout(mtime_ns=T0)
-    root.entries[b"7f"] = Inode.whiteout(mtime_ns=T0)
-    return root
-
-
 # --- format --------------------------------------------------------------------------------------------
 def test_struct_sizes_pinned():
     assert fmt.SUPERBLOCK.size == 128
@@ -214,87 +163,33 @@ def test_worked_example_section_11(tmp_path):
     assert back.entries[b"f"].payload == "ab/cdef" and back.entries[b"f"].digest is None
 
 
-# --- known answers from composefs' own test suite (tests/assets/*.sha256 in containers/composefs) ----
-def _cfs_no_newline() -> Inode:
-    # no-newline.dump: "/ 4096 40555 222 0 0 10 0.0 - - - trusted.foo1=bar-1 user.foo2=bar-2", /a, /b
-    root = Inode.directory(0o555, xattrs={b"trusted.foo1": b"bar-1", b"user.foo2": b"bar-2"})
-    root.entries[b"a"] = Inode.file(b"", 0o644)
-    root.entries[b"b"] = Inode.file(b"", 0o644)
-    return root
+# --- pinned digests (tests/pins.json; regenerate ours with tools/regen_pins.py, never by hand) -----------
+PINS = load_pins()
+COMPOSEFS_PINS = {k: v for k, v in PINS["composefs"].items() if k not in pin_trees.DUMPS}
+OUR_PINS = {k: v for k, v in PINS["flatmount"].items() if k not in pin_trees.DUMPS}
 
 
-def _cfs_chardev_nonzero_size() -> Inode:
-    # honggfuzz-chardev-nonzero-size.dump: a whiteout (char 0:0) with size 1 -> format version 1
-    root = Inode.directory(0o755)
-    root.entries[b"chardev"] = Inode(stat.S_IFCHR | 0o777, size=1)
-    return root
-
-
-def _cfs_bigfile(size: int, xattrs: dict[bytes, bytes]) -> Inode:
-    # bigfile*.dump: a file so large that its 4 KiB NULL chunk map moves to a data block
-    root = Inode.directory(0o755)
-    root.entries[b"bigfile" if b"system.posix_acl_default" not in xattrs
-                 else b"something-with-acls-and-overlay"] = Inode(S_IFREG | 0o777, size=size, xattrs=xattrs)
-    return root
-
-
-def _cfs_longlink() -> Inode:
-    # longlink.dump: symlinks of 4070 and 4095 bytes (the second stored in a data block)
-    root = Inode.directory(0o555, mtime_ns=1633950376 * 10**9)
-    root.entries[b"big-but-not-max-link"] = Inode.symlink(b"a" * 4070, 0o777)
-    root.entries[b"max-link"] = Inode.symlink(b"a" * 4095, 0o777)
-    return root
-
-
-COMPOSEFS_KAT = {
-    "no-newline": (_cfs_no_newline, "99f02c3c63d0c4c14be6f63e87250adafc0e173a12354f50d9ba7cd320deeca7"),
-    "chardev-nonzero-size": (_cfs_chardev_nonzero_size,
-                             "3e7ca8195f29cfd0583ed761c8eead21892ef0ec61d1402aa7f7d84ef8316947"),
-    "bigfile": (lambda: _cfs_bigfile(9000000000000000, {}),
-                "475838479da68b086445eca1f12dd30fc4513f3f88c66b40b58fd70f7495ea27"),
-    "bigfile-xattr": (lambda: _cfs_bigfile(9001899274941000, {b"user.foo": b""}),
-                      "5bdb37d78dcf03b4ab1adc9a2d5212d3d95213b41628939f5fe3769f93d927cc"),
-    "bigfile-with-acl": (lambda: _cfs_bigfile(8960932074941261, {b"system.posix_acl_default": b"x",
-                                                                  b"user.foo": b"xxxxxx"}),
-                         "49fcb98c1d331c3f4b414d99d17aac0a6a7e1f8fe7de0d33bbe53064fa55e88b"),
-    "longlink": (_cfs_longlink, "6747c908f88fc6c18626027f204159f3c2a6225b45e4de2f2d5ebf969bf5f24a"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(COMPOSEFS_KAT))
+@pytest.mark.parametrize("name", sorted(COMPOSEFS_PINS))
 def test_composefs_known_answers(name, tmp_path):
-    """Same tree, same bytes as mkcomposefs: digests pinned by composefs' own test suite."""
-    build, want = COMPOSEFS_KAT[name]
-    tree = build()
+    """Same tree, same bytes as mkcomposefs: digests pinned by composefs' own test suite
+    (tests/assets/*.sha256 in containers/composefs)."""
+    tree = pin_trees.build(name)
     path, img = write_checked(tmp_path, tree)
-    assert hashlib.sha256(img).hexdigest() == want
+    assert hashlib.sha256(img).hexdigest() == COMPOSEFS_PINS[name]
     back = Image(img).root()
     if name == "chardev-nonzero-size":  # a whiteout's size is not kept (composefs writes 0 too)
         tree.entries[b"chardev"].size = 0
     assert back == tree
 
 
-
-def _load_dump(name: str) -> Inode:
-    """The cs9 trees through the benchmark's small stand-alone loader (not flatmount.image.dump)."""
-    import importlib.util
-
-    path = shared_data(name)
-    spec = importlib.util.spec_from_file_location(
-        "bench_erofs", Path(__file__).resolve().parent.parent / "tools" / "bench_erofs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.load_dump(path)
-
-
 @pytest.mark.parametrize("name,want", [
     # composefs tests/assets/cs9-x86_64-minimal.json.gz.sha256_erofs (the same tree as the dump)
-    ("cs9-x86_64-minimal.dump.gz", "a168966c314b0b27c8e25270e6f20838a4736a888e5de97993d15d046c797ba3"),
+    ("cs9-x86_64-minimal.dump.gz", PINS["composefs"]["cs9-x86_64-minimal.dump.gz"]),
     # ours (no published composefs digest for it); 64,246 inodes
-    ("cs9-x86_64-developer.dump.gz", "8c61b21852d6abfdd3a7a3da71a5ccb56fae2ad099bebe7d564fcaa842cb9532"),
+    ("cs9-x86_64-developer.dump.gz", PINS["flatmount"]["cs9-x86_64-developer.dump.gz"]),
 ])
 def test_cs9_images(name, want, tmp_path):
-    tree = _load_dump(name)
+    tree = pin_trees.load_dump(shared_data(name))
     path, img = write_checked(tmp_path, tree)
     assert hashlib.sha256(img).hexdigest() == want
     back = Image(img).root()
@@ -302,27 +197,11 @@ def test_cs9_images(name, want, tmp_path):
     assert len(img) / sum(1 for _ in walk(tree)) <= 160
 
 
-# --- pinned images ---------------------------------------------------------------------------------------
-def _pin_trees():
-    empty = Inode.directory()
-    one = Inode.directory(mtime_ns=T0)
-    one.entries[b"f"] = Inode(S_IFREG | 0o644, size=10000, digest=DIGEST, mtime_ns=T0)
-    return {"empty": empty, "one-external": one, "every-type": every_type_tree(), "layer": layer_tree()}
-
-
-PINS = {
-    "empty": "c3dc5b0fc4afb0693a95e017fe5815e1f88f204d485df617541b5ea659aefb8b",
-    "every-type": "8dba708e7c92c98b3e252e605565a805c418aedb10a850372779e1a576ada1f9",
-    "layer": "b1a4fa9267bbc25a8ce9425d89babf60042a4366e2a9100eea3ef1e564351c78",
-    "one-external": "cd1cfc8ca8a55cd675dd9dde7b06dd5a01c8b33365c041370cf24c9732120c5b",
-}
-
-
-@pytest.mark.parametrize("name", sorted(PINS))
+@pytest.mark.parametrize("name", sorted(OUR_PINS))
 def test_pinned_digests(name, tmp_path):
     """Change these only on purpose: a different digest means a different on-disk format."""
-    _, img = write_checked(tmp_path, _pin_trees()[name])
-    assert hashlib.sha256(img).hexdigest() == PINS[name]
+    _, img = write_checked(tmp_path, pin_trees.build(name))
+    assert hashlib.sha256(img).hexdigest() == OUR_PINS[name]
 
 
 # --- writer layout rules -----------------------------------------------------------------------------------

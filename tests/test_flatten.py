@@ -535,8 +535,9 @@ def _hang(monkeypatch):
 def _die_while_writing(monkeypatch):
     from flatmount.image import writer
 
-    emit = writer._emit
-    monkeypatch.setattr(writer, "_emit", lambda buf, lo, *a: os._exit(3) if lo else emit(buf, lo, *a))
+    emit = writer._emit_inodes
+    monkeypatch.setattr(writer, "_emit_inodes",
+                        lambda buf, lay, lo, hi: os._exit(3) if lo else emit(buf, lay, lo, hi))
 
 
 def _other_tree(monkeypatch):

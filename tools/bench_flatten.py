@@ -43,7 +43,7 @@ for p in (str(ROOT), str(ROOT / "tests")):
     if p not in sys.path:
         sys.path.insert(0, p)
 
-from flatmount.image.tree import Inode, count_inodes, walk  # noqa: E402
+from flatmount.image.tree import Inode, count_inodes, lookup_parts, walk  # noqa: E402
 
 DATA = Path(os.environ.get("FLATMOUNT_DATA", Path(__file__).resolve().parent.parent.parent / "shared" / "data"))
 TOP_LAYER_TARGET_S = 0.15   # issue 17 item 4: store.flatten, only the top layer new, in a new process
@@ -66,7 +66,7 @@ def split_layers(root: Inode, weights=WEIGHTS) -> list[Inode]:
     """Split a tree into len(weights) layers: each file goes to one layer (by a stable hash of its
     first path, so hardlinks stay together); upper layers also modify 2% and delete 0.5% of the
     files below them and one of them makes a directory opaque, as real chains do."""
-    layers = [Inode(root.mode, root.uid, root.gid, root.mtime_ns, xattrs=dict(root.xattrs))
+    layers = [Inode(root.mode, uid=root.uid, gid=root.gid, mtime_ns=root.mtime_ns, xattrs=dict(root.xattrs))
               for _ in weights]
     bounds, acc = [], 0.0
     for w in weights:
@@ -93,7 +93,7 @@ def split_layers(root: Inode, weights=WEIGHTS) -> list[Inode]:
             child = node.entries.get(name)
             if child is None:
                 d = dirs[tuple(parts[: i + 1])]
-                child = Inode(d.mode, d.uid, d.gid, d.mtime_ns, xattrs=dict(d.xattrs))
+                child = Inode(d.mode, uid=d.uid, gid=d.gid, mtime_ns=d.mtime_ns, xattrs=dict(d.xattrs))
                 node.entries[name] = child
             node = child
         return node
@@ -116,13 +116,6 @@ def split_layers(root: Inode, weights=WEIGHTS) -> list[Inode]:
         d = parent_in(layers[3], [*opaque, b"x"])
         d.xattrs[b"trusted.overlay.opaque"] = b"y"
     return layers
-
-
-def lookup_parts(root: Inode, parts: list[bytes]) -> Inode:
-    node = root
-    for p in parts:
-        node = node.entries[p]
-    return node
 
 
 def bench_flatten(dump: Path, repeat: int) -> dict:

@@ -116,4 +116,5 @@ def _merged_shell(below: Inode | None, upper: Inode) -> Inode:
     else:
         xattrs = dict(xattrs)
     entries = {} if opaque or below is None else dict(below.entries)
-    return Inode(upper.mode, upper.uid, upper.gid, upper.mtime_ns, xattrs=xattrs, entries=entries)
+    return Inode(upper.mode, uid=upper.uid, gid=upper.gid, mtime_ns=upper.mtime_ns, xattrs=xattrs,
+                 entries=entries)

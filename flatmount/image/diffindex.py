@@ -78,14 +78,16 @@ def dir_key(n: Inode) -> tuple:
 
 def leaf_node(k: tuple) -> Inode:
     mode, uid, gid, mtime, size, rdev, target, content, digest, payload, xattrs, _links = k
-    return Inode(mode, uid, gid, mtime, size, rdev, dict(xattrs) if xattrs else None, target, content,
-                 digest, payload.decode("utf-8", "surrogateescape") if payload is not None else None)
+    return Inode(mode, uid=uid, gid=gid, mtime_ns=mtime, size=size, rdev=rdev,
+                 xattrs=dict(xattrs) if xattrs else None, target=target, content=content, digest=digest,
+                 payload=payload.decode("utf-8", "surrogateescape") if payload is not None else None)
 
 
 def dir_node(k: tuple) -> Inode:
     """A directory inode whose `entries` stay empty: its children are listed by the index."""
     mode, uid, gid, mtime, rdev, xattrs = k
-    return Inode(mode, uid, gid, mtime, 0, rdev, dict(xattrs) if xattrs else None, entries={})
+    return Inode(mode, uid=uid, gid=gid, mtime_ns=mtime, rdev=rdev, xattrs=dict(xattrs) if xattrs else None,
+                 entries={})
 
 
 def path_key(path: bytes) -> list[bytes]:

@@ -10,6 +10,7 @@ little-endian.  Each record is a `struct.Struct` (format string grouped by 16 by
 from __future__ import annotations
 
 import enum
+import re
 import struct
 from typing import NamedTuple
 
@@ -18,6 +19,7 @@ import xxhash
 # --- geometry ------------------------------------------------------------------------------------
 BLKSZBITS = 12
 BLKSZ = 1 << BLKSZBITS
+MIN_BLKSZBITS = 9             # the reader takes 512..4096-byte blocks (the kernel: 512..PAGE_SIZE)
 SLOTSIZE = 32                 # inodes start on 32-byte slots; nid = byte offset / 32
 ISLOTBITS = 5
 SUPER_OFFSET = 1024           # bytes 0..1023 are ignored by the kernel (composefs header lives there)
@@ -122,9 +124,13 @@ class Superblock(NamedTuple):
 
 # --- inodes -------------------------------------------------------------------------------------
 I_VERSION_MASK = 0x1          # i_format bit 0: 0 compact, 1 extended
+I_FORMAT_COMPACT = 0
+I_FORMAT_EXTENDED = 1
 I_DATALAYOUT_BIT = 1
 I_DATALAYOUT_MASK = 0x7
 I_FORMAT_KNOWN = 0xF          # bits >= 4 (6.15 NLINK_1 / DOT_OMITTED) are rejected by older kernels
+INODE_COMPACT_SIZE = 32       # one slot
+INODE_EXTENDED_SIZE = 64      # two slots
 
 
 class DataLayout(enum.IntEnum):
@@ -138,6 +144,12 @@ class DataLayout(enum.IntEnum):
 CHUNK_FORMAT_BLKBITS_MASK = 0x1F
 CHUNK_FORMAT_INDEXES = 0x20
 CHUNK_FORMAT_48BIT = 0x40
+CHUNK_FORMAT_KNOWN = 0x7F     # bits above are unknown to every kernel
+CHUNK_FORMAT_MASK = 0xFFFF    # the chunk format is the low half of i_u; libcomposefs may leave a block
+                              # address in the high half (a chunk map moved to a block)
+CHUNK_ADDR_SIZE = 4           # a block map entry (no INDEXES bit): what composefs writes
+CHUNK_INDEX_SIZE = 8          # a chunk index entry (INDEXES bit)
+NULL_CHUNK = b"\xff\xff\xff\xff"   # a block map entry of NULL_ADDR: a chunk that reads as zeros
 
 INODE_COMPACT = struct.Struct(
     "<HHHHIIIIHHI"  # 00 i_format, i_xattr_icount, i_mode, i_nlink, i_size, i_mtime, i_u, i_ino,
@@ -164,6 +176,11 @@ INODE_EXTENDED = struct.Struct(
     "IIqII"     # 18 i_uid, i_gid, i_mtime (s64), i_mtime_nsec, i_nlink
     "16s"       # 30 i_reserved2
 )
+# the same inodes for the hot loops: without the trailing reserved field (read), or with it as padding
+# (written, into a zeroed buffer: one argument less per inode)
+INODE_COMPACT_HEAD = struct.Struct(INODE_COMPACT.format[:-1])
+INODE_EXTENDED_HEAD = struct.Struct(INODE_EXTENDED.format[:-3])
+INODE_EXTENDED_PADDED = struct.Struct(INODE_EXTENDED.format[:-3] + "16x")
 
 
 class InodeExtended(NamedTuple):
@@ -233,6 +250,12 @@ XATTR_READ_PREFIXES: dict[int, bytes] = {
 XATTR_IBODY_HEADER = struct.Struct(
     "<IB7s"     # 00 h_name_filter, h_shared_count, h_reserved2
 )
+XATTR_IBODY_COUNTS = struct.Struct(XATTR_IBODY_HEADER.format[:-2])   # the header without h_reserved2
+XATTR_HEADER_SIZE = 12        # the inline xattr body starts with XATTR_IBODY_HEADER
+XATTR_ID_SIZE = 4             # then h_shared_count shared xattr ids (le32: offset / 4 in the shared area)
+XATTR_ENTRY_SIZE = 4          # then entries: XATTR_ENTRY, suffix, value, padded to XATTR_ALIGN
+XATTR_ALIGN = 4
+XATTR_ICOUNT_MAX = 0xFFFF     # i_xattr_icount: xattr body = 12 + 4 * (icount - 1) bytes
 
 
 class XattrIbodyHeader(NamedTuple):
@@ -253,11 +276,43 @@ class XattrEntry(NamedTuple):
 
 
 XATTR_SHARED_ID = struct.Struct("<I")
+TWO_XATTR_IDS = struct.Struct("<II")
+LE16 = struct.Struct("<H")    # one field alone: an entry's e_value_size, an inode's i_format
+_XATTR_IDS: dict[int, struct.Struct] = {}
+
+
+def xattr_ids_struct(count: int) -> struct.Struct:
+    """`count` shared xattr ids in one struct (cached; counts are at most 255)."""
+    st = _XATTR_IDS.get(count)
+    if st is None:
+        st = _XATTR_IDS[count] = struct.Struct(f"<{count}I")
+    return st
 
 # --- directories ---------------------------------------------------------------------------------
 DIRENT = struct.Struct(
     "<QHBB"     # 00 nid, nameoff, file_type, reserved
 )
+
+
+DIRENT_SIZE = 12
+_DIRENT_BLOCKS: dict[int, struct.Struct] = {}
+_DIRENT_BLOCKS_PADDED: dict[int, struct.Struct] = {}
+
+
+def dirents_struct(count: int) -> struct.Struct:
+    """All `count` dirents of a directory block in one struct (read: every field)."""
+    st = _DIRENT_BLOCKS.get(count)
+    if st is None:
+        st = _DIRENT_BLOCKS[count] = struct.Struct("<" + DIRENT.format[1:] * count)
+    return st
+
+
+def dirents_pack_struct(count: int) -> struct.Struct:
+    """The same for writing into a zeroed buffer: nid, nameoff, file_type per dirent, reserved skipped."""
+    st = _DIRENT_BLOCKS_PADDED.get(count)
+    if st is None:
+        st = _DIRENT_BLOCKS_PADDED[count] = struct.Struct("<" + (DIRENT.format[1:-1] + "x") * count)
+    return st
 
 
 class Dirent(NamedTuple):
@@ -305,6 +360,68 @@ METACOPY_HEADER = b"\x00\x24\x00\x01"   # version 0, len 36, flags 0, FS_VERITY_
 DIGEST_SIZE = 32
 METACOPY_SIZE = len(METACOPY_HEADER) + DIGEST_SIZE   # the whole value: header and fs-verity digest
 
+# --- an external file's inode, xattrs and chunk map in one record (writer and reader hot loops) ----
+# The usual xattr body of an external file is a metacopy and a redirect (EROFS.md section 8), each
+# inline or shared; these structs cover the body after XATTR_IBODY_HEADER.
+def external_inode_struct(isize: int, parts: list[int], xsize: int, tail: int) -> struct.Struct:
+    """An external file's inode (compact, or extended with i_reserved2 as padding) followed by its xattr
+    body given as byte strings of the lengths `parts` (metacopy entry head, value, redirect entry head,
+    value; or head and redirect value; or the whole body), padded as in the body to `xsize`, then its
+    NULL chunk map (`tail` bytes)."""
+    f = [INODE_COMPACT.format if isize == INODE_COMPACT_SIZE else INODE_EXTENDED_PADDED.format]
+    if len(parts) == 4:   # both inline: metacopy head + value (padded), redirect head + value
+        f += [f"{parts[0]}s{parts[1]}s{-(parts[0] + parts[1]) % XATTR_ALIGN}x", f"{parts[2]}s{parts[3]}s"]
+        used = (XATTR_HEADER_SIZE + round_up(parts[0] - XATTR_HEADER_SIZE + parts[1], XATTR_ALIGN)
+                + parts[2] + parts[3])
+    else:
+        f += [f"{n}s" for n in parts]
+        used = sum(parts)
+    f.append(f"{xsize - used}x")
+    f.append(f"{tail}s")
+    st = struct.Struct("".join(f))
+    assert st.size == isize + xsize + tail
+    return st
+
+
+def both_inline_struct(redirect_len: int) -> struct.Struct:
+    """The body after the header when both are inline: metacopy entry head (with its suffix), metacopy
+    header, digest, redirect entry head (with its suffix), `/`, the rest of the redirect."""
+    head = XATTR_ENTRY_SIZE + len(b"overlay.metacopy")
+    return struct.Struct(f"<{head}s{len(METACOPY_HEADER)}s{DIGEST_SIZE}s{head}s1s{redirect_len - 1}s")
+
+
+def redirect_inline_struct(redirect_len: int) -> struct.Struct:
+    """The same with the metacopy shared: its shared id, then the inline redirect."""
+    head = XATTR_ENTRY_SIZE + len(b"overlay.redirect")
+    return struct.Struct(f"<I{head}s1s{redirect_len - 1}s")
+
+
+# What a writer hands its layout hook to compare layouts by (not on disk): inode count, blocks, end of
+# the inodes, size of the shared xattrs; a hash of the nids follows.
+LAYOUT_FINGERPRINT = struct.Struct("<QQQQ")
+
+
+def field_offsets(st: struct.Struct, record: type) -> dict[str, int]:
+    """Byte offset of each field of a record (`record`: its NamedTuple), for messages that point at
+    the damaged field."""
+    offsets = {}
+    prefix = st.format[0]
+    for name, (count, code) in zip(record._fields, re.findall(r"(\d*)([a-zA-Z?])", st.format[1:]),
+                                   strict=True):
+        offsets[name] = struct.calcsize(prefix)
+        prefix += count + code
+    return offsets
+
+
+COMPOSEFS_HEADER_AT = field_offsets(COMPOSEFS_HEADER, ComposefsHeader)
+SUPERBLOCK_AT = field_offsets(SUPERBLOCK, Superblock)
+INODE_COMPACT_AT = field_offsets(INODE_COMPACT, InodeCompact)
+INODE_EXTENDED_AT = field_offsets(INODE_EXTENDED, InodeExtended)
+XATTR_ENTRY_AT = field_offsets(XATTR_ENTRY, XattrEntry)
+DIRENT_AT = field_offsets(DIRENT, Dirent)
+SB_CHECKSUM = slice(SUPERBLOCK_AT["checksum"], SUPERBLOCK_AT["checksum"] + 4)   # zeroed while summing
+
+
 # --- checks on the layouts ------------------------------------------------------------------------
 assert COMPOSEFS_HEADER.size == 32
 assert SUPERBLOCK.size == 128
@@ -312,8 +429,16 @@ assert INODE_COMPACT.size == 32
 assert INODE_EXTENDED.size == 64
 assert DIRENT.size == 12
 assert XATTR_IBODY_HEADER.size == 12
-assert XATTR_ENTRY.size == 4
-assert CHUNK_INDEX.size == 8
+assert XATTR_ENTRY.size == XATTR_ENTRY_SIZE
+assert XATTR_SHARED_ID.size == XATTR_ID_SIZE
+assert CHUNK_INDEX.size == CHUNK_INDEX_SIZE
+assert CHUNK_ADDR.size == CHUNK_ADDR_SIZE == len(NULL_CHUNK)
+assert INODE_COMPACT.size == INODE_COMPACT_SIZE == INODE_COMPACT_HEAD.size + 4 == 1 << ISLOTBITS == SLOTSIZE
+assert INODE_EXTENDED.size == INODE_EXTENDED_SIZE == INODE_EXTENDED_PADDED.size == INODE_EXTENDED_HEAD.size + 16
+assert XATTR_IBODY_HEADER.size == XATTR_HEADER_SIZE
+assert DIRENT.size == DIRENT_SIZE
+assert (SUPERBLOCK_AT["blkszbits"], SUPERBLOCK_AT["dirblkbits"], INODE_EXTENDED_AT["i_mtime_nsec"],
+        INODE_COMPACT_AT["i_u"], DIRENT_AT["nameoff"], XATTR_ENTRY_AT["e_value_size"]) == (0xC, 0x5A, 0x28, 0x10, 8, 2)
 assert len(Superblock._fields) == len(SUPERBLOCK.unpack(bytes(SUPERBLOCK.size)))
 assert len(InodeCompact._fields) == len(INODE_COMPACT.unpack(bytes(32)))
 assert len(InodeExtended._fields) == len(INODE_EXTENDED.unpack(bytes(64)))

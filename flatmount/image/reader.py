@@ -13,10 +13,11 @@ each directory is entered at most once (no loops), and the total number of direc
 capped by what the image could hold, so time and memory stay proportional to the image size.
 
 Speed (a whole 64k-inode tree is read by every flatten from an image, first diff, gc and fsck): the
-whole-tree walk (`_fill`) decodes each directory block with one struct call and the common inode forms
-(no xattrs; an external file's metacopy/redirect pair, inline or shared) inline, with the same checks
-as the general per-inode path (`_rec`/`_make`), which takes every other form and every inode that
-fails a check, so the two never disagree (tests/test_erofs_hostile.py damages images to check that).
+whole-tree walk (`_fill`) decodes each directory block with one struct call, and each inode of a common
+form (no xattrs; an external file's metacopy/redirect pair, inline or shared) with `_block_decoder`,
+with the same checks as the general per-inode path (`_rec`/`_make`), which takes every other form and
+every inode that fails a check, so the two never disagree (tests/test_erofs_hostile.py damages images
+to check that).  Every layout size and struct comes from `format`, as in the writer.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import mmap
 import os
 import struct
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from operator import lt as _lt
 from operator import sub as _sub
 
@@ -50,24 +51,52 @@ _CHUNK = fmt.DataLayout.CHUNK_BASED
 _LAYOUTS = frozenset((int(_PLAIN), int(_INLINE), int(_CHUNK)))
 _SUPPORTED_INCOMPAT = (fmt.FeatureIncompat.ZERO_PADDING | fmt.FeatureIncompat.CHUNKED_FILE
                        | fmt.FeatureIncompat.DEVICE_TABLE)
-_COMPACT = struct.Struct("<HHHHIIIIHH")     # compact inode without the trailing reserved word
-_EXTENDED = struct.Struct("<HHHHQIIIIqII")  # extended inode without i_reserved2
-_HDR_COUNT = struct.Struct("<IB")
-_U16 = struct.Struct("<H")
-_TWO_IDS = struct.Struct("<II").unpack_from
-_DIRENTS: dict[int, struct.Struct] = {}       # dirent count -> all dirents of a block in one unpack
-# the usual xattr bodies of an external file: the inline metacopy entry head (36-byte value), and per
-# redirect length the struct of the body after the header and the redirect entry's expected head
-_MC_ENTRY = fmt.XATTR_ENTRY.pack(16, fmt.XattrIndex.TRUSTED, 4 + fmt.DIGEST_SIZE) + b"overlay.metacopy"
-_BOTH_INLINE: dict[int, tuple[struct.Struct, bytes]] = {}
+_SB = fmt.SUPER_OFFSET        # message offsets of superblock fields: _SB + fmt.SUPERBLOCK_AT[field]
+
+# layout sizes (format.py), by short names for the arithmetic of the hot loops
+COMPACT = fmt.INODE_COMPACT_SIZE
+EXTENDED = fmt.INODE_EXTENDED_SIZE
+SLOTBITS = fmt.ISLOTBITS
+XHDR = fmt.XATTR_HEADER_SIZE   # an xattr body: header, shared ids, entries padded to XATTR_ALIGN
+XID = fmt.XATTR_ID_SIZE
+XENT = fmt.XATTR_ENTRY_SIZE
+XPAD = fmt.XATTR_ALIGN - 1
+DIRENT = fmt.DIRENT_SIZE
+DIRENT_FIELDS = len(fmt.Dirent._fields)   # a block's dirents unpack into this many values each
+_NAMEOFF = fmt.DIRENT_AT["nameoff"]
+_FT_MIN = int(fmt.FileType.REG_FILE)   # a dirent's file type: known, and not UNKNOWN
+_FT_MAX = int(fmt.FileType.SYMLINK)
+_MCH = len(fmt.METACOPY_HEADER)
+_CHUNK_FORMATS_READ = fmt.CHUNK_FORMAT_BLKBITS_MASK | fmt.CHUNK_FORMAT_INDEXES   # 48-bit: not taken
+
+# The usual xattr bodies of an external file (EROFS.md section 8): a metacopy and a redirect, each
+# inline or shared.  Both inline: header, metacopy entry (head, suffix, header + digest), redirect entry
+# (head, suffix, "/" + path, padding).  Metacopy shared: header, its id, redirect entry.  Both shared:
+# header and two ids.
+_MC_SUFFIX = b"overlay.metacopy"
+_RD_SUFFIX = b"overlay.redirect"
+_MC_ENTRY = fmt.XATTR_ENTRY.pack(len(_MC_SUFFIX), fmt.XattrIndex.TRUSTED, fmt.METACOPY_SIZE) + _MC_SUFFIX
+_RD_HEAD = XENT + len(_RD_SUFFIX)                       # a redirect entry before its value
+assert len(_MC_SUFFIX) == len(_RD_SUFFIX)               # (so a metacopy entry's head is as long)
+_MIN_REDIRECT = 2                                       # "/" and one byte
+_RD_AT_BOTH_INLINE = XHDR + len(_MC_ENTRY) + fmt.METACOPY_SIZE   # where the redirect entry starts
+_RD_AT_MC_SHARED = XHDR + XID
+_VSIZE_AT = fmt.XATTR_ENTRY_AT["e_value_size"]
+_TWO_SHARED = XHDR + 2 * XID
+_BOTH_INLINE: dict[int, tuple[struct.Struct, bytes]] = {}      # redirect length -> (struct, entry head)
 _REDIRECT_INLINE: dict[int, tuple[struct.Struct, bytes]] = {}
-_MC_BIT = 1 << fmt.xattr_filter_bit(fmt.XattrIndex.TRUSTED, b"overlay.metacopy")
-_RD_BIT = 1 << fmt.xattr_filter_bit(fmt.XattrIndex.TRUSTED, b"overlay.redirect")
+_MC_BIT = 1 << fmt.xattr_filter_bit(fmt.XattrIndex.TRUSTED, _MC_SUFFIX)
+_RD_BIT = 1 << fmt.xattr_filter_bit(fmt.XattrIndex.TRUSTED, _RD_SUFFIX)
 _EXTERNAL_BITS = _MC_BIT | _RD_BIT
 _ESC = fmt.OVERLAY_ESCAPED_PREFIX
 _TOP = fmt.OVERLAY_PREFIX
+_NESC = len(_ESC)
+_NTOP = len(_TOP)
 _WHITEOUT = fmt.OVERLAY_PREFIX + b"whiteout"
 _WHITEOUTS = fmt.OVERLAY_PREFIX + b"whiteouts"
+# the markers the writer puts on a directory holding whiteouts: (xattr, value, composefs version needed)
+_WHITEOUT_PARENT_MARKS = ((_WHITEOUTS, b"", 0), (fmt.USER_OVERLAY_WHITEOUTS, b"", 0),
+                          (fmt.OVERLAY_OPAQUE, b"x", 1), (fmt.USER_OVERLAY_OPAQUE, b"x", 1))
 
 
 def _remember(cache: dict, key, value):
@@ -78,23 +107,239 @@ def _remember(cache: dict, key, value):
 
 
 def _redirect_entry(vlen: int) -> bytes:
-    return fmt.XATTR_ENTRY.pack(16, fmt.XattrIndex.TRUSTED, vlen) + b"overlay.redirect"
+    return fmt.XATTR_ENTRY.pack(len(_RD_SUFFIX), fmt.XattrIndex.TRUSTED, vlen) + _RD_SUFFIX
+
+
+def _rd_entry_size(vlen: int) -> int:
+    return (_RD_HEAD + vlen + XPAD) & ~XPAD
 
 
 def _both_inline_struct(vlen: int) -> tuple[struct.Struct, bytes]:
-    """An external file's xattr body after its header, metacopy and redirect (`vlen` bytes) inline:
-    metacopy entry head, metacopy header, digest, redirect entry head, `/`, the rest of the redirect;
-    and the redirect entry head it must have."""
-    return (struct.Struct(f"<20s4s{fmt.DIGEST_SIZE}s20s1s{vlen - 1}s"), _redirect_entry(vlen))
+    """An external file's xattr body after its header, metacopy and redirect (`vlen` bytes) inline, and
+    the redirect entry head it must have."""
+    return fmt.both_inline_struct(vlen), _redirect_entry(vlen)
 
 
 def _redirect_inline_struct(vlen: int) -> tuple[struct.Struct, bytes]:
     """The same with the metacopy shared: its shared id, then the inline redirect."""
-    return struct.Struct(f"<I20s1s{vlen - 1}s"), _redirect_entry(vlen)
+    return fmt.redirect_inline_struct(vlen), _redirect_entry(vlen)
 
 
 def _corrupt(msg: str, offset: int | None = None) -> CorruptImageError:
     return CorruptImageError(msg if offset is None else f"{msg} @{offset:#x}", offset)
+
+
+def _drop_dots(names: list[bytes], nids, ftypes, nid: int, parent: int, doff: int) -> tuple[list, object, object, int]:
+    """A directory block's entries without `.` and `..` (checked: `.` is the directory `nid` itself,
+    `..` its `parent`), and how many of the two it held (not always adjacent: `-` sorts between)."""
+    k1 = bisect_left(names, b".")
+    if k1 == len(names) or names[k1][:1] != b".":
+        return names, nids, ftypes, 0
+    drop = []
+    for dot, want in ((b".", nid), (b"..", parent)):
+        k = bisect_left(names, dot, k1)
+        if k < len(names) and names[k] == dot:
+            if nids[k] != want or ftypes[k] != fmt.FileType.DIR:
+                raise _corrupt(f"dir {nid}: {dot.decode()!r} points to {nids[k]}"
+                               + (f", parent is {parent}" if dot == b".." else ""), doff)
+            drop.append(k)
+    if drop:
+        nids, ftypes = list(nids), list(ftypes)
+        for k in reversed(drop):
+            del names[k], nids[k], ftypes[k]
+    return names, nids, ftypes, len(drop)
+
+
+def _block_decoder(img: Image, built: dict[int, tuple[Inode, int, bool]], dirs_seen: set[int],
+                   push: Callable[[tuple], None]) -> Generator[list, tuple, None]:
+    """A generator for one whole-tree read: sent the entries of one directory block as (ents, names,
+    nids, ftypes, parent, root_dir), it enters them into the dict `ents` and yields the ones left for
+    `_fill`, as (name, nid, file type), each holding its place in `ents` with None (entries stay in
+    name order): inodes already read, and every inode not of a common form (no xattrs, or exactly an
+    external file's metacopy and redirect, inline or shared) or failing one of the checks of
+    `_rec`/`_make`/`_check_chunks`, for the general path to decide (and raise on damage).  A new file
+    is remembered in `built` (for its other names), a new directory marked seen and pushed.
+
+    The hot loop of every whole-tree read (flatten, diff, gc, fsck): one step per block, not a call
+    per inode (5% of a read); a generator, so that the image's fields below are fast locals (a
+    closure's cells cost another 2%); each inode built as `Inode(mode)` with its other fields set by
+    name (a keyword call of a class first builds a dict of its arguments, 60% more here)."""
+    d = img._d
+    n = img._n
+    get = img._get
+    meta = img._meta
+    bs = img._bs
+    bits = img._bits
+    base_ns = img._epoch * NS + img.superblock.build_time_nsec
+    check_filter = img._filter
+    compact = fmt.INODE_COMPACT_HEAD.unpack_from
+    extended = fmt.INODE_EXTENDED_HEAD.unpack_from
+    value_size = fmt.LE16.unpack_from
+    ftype_of = _FTYPE.get
+    counts = fmt.XATTR_IBODY_COUNTS.unpack_from
+    both_inline = _BOTH_INLINE
+    redirect_inline = _REDIRECT_INLINE
+    mc_header = fmt.METACOPY_HEADER
+    shared_mc: dict[int, tuple[int, bytes | None]] = {}
+    pairs: dict[tuple[int, ...], tuple | None] = {}      # two shared ids -> (filter bits, digest, payload)
+    shared_ids: dict[tuple[int, ...], tuple | None] = {}  # shared ids -> `_external`'s cache
+    ext_bit = fmt.I_FORMAT_EXTENDED
+    known = fmt.I_FORMAT_KNOWN
+    layout_shift = fmt.I_DATALAYOUT_BIT
+    path_max = fmt.PATH_MAX
+    both_min = _RD_AT_BOTH_INLINE + _rd_entry_size(_MIN_REDIRECT)
+    mc_shared_min = _RD_AT_MC_SHARED + _rd_entry_size(_MIN_REDIRECT)
+    rd_entry = _RD_HEAD + XPAD       # `(rd_entry + vlen) & ~XPAD`: a redirect entry's size
+    # the layout constants as locals too
+    slotbits, compact_size, extended_size, xhdr, xid, xpad = SLOTBITS, COMPACT, EXTENDED, XHDR, XID, XPAD
+    rd_at_both, rd_at_mc_shared = _RD_AT_BOTH_INLINE, _RD_AT_MC_SHARED
+    vsize_at, min_redirect = _VSIZE_AT, _MIN_REDIRECT
+    chunk_format = fmt.CHUNK_FORMAT_MASK
+    indexes = fmt.CHUNK_FORMAT_INDEXES
+    blkbits_mask = fmt.CHUNK_FORMAT_BLKBITS_MASK
+    index_size = fmt.CHUNK_INDEX_SIZE
+    addr_size = fmt.CHUNK_ADDR_SIZE
+
+    later: list[tuple[bytes, int, int]] = []
+    while True:
+        ents, names, nids, ftypes, parent, root_dir = yield later
+        later = []
+        left = later.append
+        # each entry ends in `ents[name] = child` (decoded here) or in `ents[name] = None` and
+        # `left(...)` (for _fill: it keeps its place in `ents`)
+        for name, nid, ftype in zip(names, nids, ftypes, strict=True):
+            if nid in built or nid in dirs_seen:   # a hardlink, or a directory named twice
+                ents[name] = None
+                left((name, nid, ftype))
+                continue
+            off = meta + (nid << slotbits)
+            if off + compact_size > n:
+                ents[name] = None
+                left((name, nid, ftype))
+                continue
+            f, icount, mode, _nl, size, mtime, iu, _ino, uid, gid = compact(d, off)
+            if not f & ext_bit:
+                mt = base_ns + mtime * NS
+                xoff = off + compact_size
+            else:
+                if off + extended_size > n:
+                    ents[name] = None
+                    left((name, nid, ftype))
+                    continue
+                _f, icount, mode, _r, size, iu, _ino, uid, gid, mtime, nsec, _nl = extended(d, off)
+                if nsec >= NS:
+                    ents[name] = None
+                    left((name, nid, ftype))
+                    continue
+                mt = mtime * NS + nsec
+                xoff = off + extended_size
+            t = mode & S_IFMT
+            layout = f >> layout_shift
+            xsize = xhdr + xid * (icount - 1) if icount else 0
+            data_off = xoff + xsize
+            if data_off > n or f & ~known or ftype_of(t) != ftype or layout not in _LAYOUTS:
+                ents[name] = None
+                left((name, nid, ftype))
+                continue
+            if t != S_IFREG and (icount or layout == _CHUNK):
+                ents[name] = None
+                left((name, nid, ftype))
+                continue
+            child = Inode(mode)
+            child.uid = uid
+            child.gid = gid
+            child.mtime_ns = mt
+            if t == S_IFREG:
+                if layout == _CHUNK:   # an external file: its chunk map must lie inside the image
+                    cfmt = iu & chunk_format
+                    unit = index_size if cfmt & indexes else addr_size
+                    cb = bits + (cfmt & blkbits_mask)
+                    if (cfmt & ~_CHUNK_FORMATS_READ
+                            or (data_off + unit - 1) // unit * unit + ((size + (1 << cb) - 1) >> cb) * unit > n):
+                        ents[name] = None
+                        left((name, nid, ftype))
+                        continue
+                    child.size = size
+                    if not icount:
+                        built[nid] = (child, ftype, False)
+                        ents[name] = child
+                        continue
+                    filt, sh = counts(d, xoff)
+                    if sh == 0 and xsize >= both_min:   # both inline: one unpack for the whole body
+                        vlen = value_size(d, xoff + rd_at_both + vsize_at)[0]
+                        if vlen >= min_redirect and rd_at_both + ((rd_entry + vlen) & ~xpad) == xsize:
+                            st = both_inline.get(vlen)
+                            if st is None:
+                                st = _remember(both_inline, vlen, _both_inline_struct(vlen))
+                            e1, mch, dg, e2, slash, rest = st[0].unpack_from(d, xoff + xhdr)
+                            if (e1 == _MC_ENTRY and mch == mc_header and e2 == st[1] and slash == b"/"
+                                    and not (filt & _EXTERNAL_BITS and check_filter)):
+                                child.digest = dg
+                                child.payload = rest.decode("utf-8", "surrogateescape")
+                                built[nid] = (child, ftype, False)
+                                ents[name] = child
+                                continue
+                    elif sh == 1 and xsize >= mc_shared_min:   # metacopy shared, redirect inline
+                        vlen = value_size(d, xoff + rd_at_mc_shared + vsize_at)[0]
+                        if vlen >= min_redirect and rd_at_mc_shared + ((rd_entry + vlen) & ~xpad) == xsize:
+                            st = redirect_inline.get(vlen)
+                            if st is None:
+                                st = _remember(redirect_inline, vlen, _redirect_inline_struct(vlen))
+                            sid, e2, slash, rest = st[0].unpack_from(d, xoff + xhdr)
+                            mc = shared_mc.get(sid)
+                            if mc is None:
+                                mc = img._shared_metacopy(sid, nid, shared_mc)
+                            if (mc is not None and e2 == st[1] and slash == b"/"
+                                    and not (filt & (mc[0] | _RD_BIT) and check_filter)):
+                                child.digest = mc[1]
+                                child.payload = rest.decode("utf-8", "surrogateescape")
+                                built[nid] = (child, ftype, False)
+                                ents[name] = child
+                                continue
+                    if not img._external_into(child, filt, sh, xoff, xsize, data_off, nid, pairs, shared_ids):
+                        ents[name] = None
+                        left((name, nid, ftype))
+                        continue
+                    built[nid] = (child, ftype, False)
+                    ents[name] = child
+                    continue
+                if icount:
+                    ents[name] = None
+                    left((name, nid, ftype))
+                    continue
+                if size:   # inline content
+                    if not (layout == _INLINE and size <= bs and data_off + size <= n and data_off % bs + size <= bs):
+                        ents[name] = None
+                        left((name, nid, ftype))
+                        continue
+                    child.size = size
+                    child.content = get(data_off, data_off + size)
+                built[nid] = (child, ftype, False)
+                ents[name] = child
+                continue
+            if t == S_IFDIR:
+                child.size = size
+                dirs_seen.add(nid)
+                push((nid, off, size, layout, iu, data_off, child, parent, False))
+                ents[name] = child
+                continue
+            if t == S_IFLNK:
+                if not (0 < size < path_max and layout == _INLINE and size <= bs and data_off + size <= n
+                        and data_off % bs + size <= bs):
+                    ents[name] = None
+                    left((name, nid, ftype))
+                    continue
+                child.size = size
+                child.target = get(data_off, data_off + size)
+            elif t == S_IFCHR or t == S_IFBLK:
+                child.rdev = iu
+                if not iu and root_dir and t == S_IFCHR and name in _HEX_NAMES:
+                    built[nid] = (child, ftype, False)
+                    continue   # the writer's own 00..ff root whiteouts
+            built[nid] = (child, ftype, False)
+            ents[name] = child
+            continue
+
 
 
 class _Rec:
@@ -160,14 +405,15 @@ class Image:
         self.composefs_version: int | None = None
         if hdr.magic == fmt.COMPOSEFS_MAGIC:
             if hdr.version != fmt.COMPOSEFS_HEADER_VERSION:
-                raise _corrupt(f"unsupported composefs header version {hdr.version}", 4)
+                raise _corrupt(f"unsupported composefs header version {hdr.version}",
+                               fmt.COMPOSEFS_HEADER_AT["version"])
             self.header = hdr
             self.composefs_version = hdr.composefs_version
         sb = self.superblock = fmt.Superblock._make(fmt.SUPERBLOCK.unpack_from(d, fmt.SUPER_OFFSET))
         if sb.magic != fmt.SUPER_MAGIC:
             raise _corrupt(f"bad EROFS magic {sb.magic:#x}", fmt.SUPER_OFFSET)
-        if not 9 <= sb.blkszbits <= 12:
-            raise _corrupt(f"unsupported block size 2^{sb.blkszbits}", fmt.SUPER_OFFSET + 0xC)
+        if not fmt.MIN_BLKSZBITS <= sb.blkszbits <= fmt.BLKSZBITS:
+            raise _corrupt(f"unsupported block size 2^{sb.blkszbits}", _SB + fmt.SUPERBLOCK_AT["blkszbits"])
         bs = self._bs = 1 << sb.blkszbits
         self._bits = sb.blkszbits
         if sb.feature_compat & fmt.FeatureCompat.SB_CHKSUM:
@@ -175,18 +421,18 @@ class Image:
             if n < fmt.SUPER_OFFSET + ln:
                 raise _corrupt("image truncated inside the superblock block")
             raw = bytearray(self._get(fmt.SUPER_OFFSET, fmt.SUPER_OFFSET + ln))
-            raw[4:8] = bytes(4)
+            raw[fmt.SB_CHECKSUM] = bytes(fmt.SB_CHECKSUM.stop - fmt.SB_CHECKSUM.start)
             if fmt.crc32c_linux(bytes(raw)) != sb.checksum:
-                raise _corrupt("superblock checksum mismatch", fmt.SUPER_OFFSET + 4)
+                raise _corrupt("superblock checksum mismatch", _SB + fmt.SB_CHECKSUM.start)
         if sb.dirblkbits != 0:
-            raise _corrupt(f"dirblkbits {sb.dirblkbits} != 0", fmt.SUPER_OFFSET + 0x5A)
+            raise _corrupt(f"dirblkbits {sb.dirblkbits} != 0", _SB + fmt.SUPERBLOCK_AT["dirblkbits"])
         bad = sb.feature_incompat & ~_SUPPORTED_INCOMPAT
         if bad:
-            raise _corrupt(f"unsupported incompatible features {bad:#x}", fmt.SUPER_OFFSET + 0x50)
+            raise _corrupt(f"unsupported incompatible features {bad:#x}", _SB + fmt.SUPERBLOCK_AT["feature_incompat"])
         if sb.blocks * bs > n:
             raise _corrupt(f"image truncated: superblock says {sb.blocks} blocks, file has {n} bytes")
         if not 0 <= sb.build_time_nsec < NS:
-            raise _corrupt(f"bad build_time_nsec {sb.build_time_nsec}", fmt.SUPER_OFFSET + 0x20)
+            raise _corrupt(f"bad build_time_nsec {sb.build_time_nsec}", _SB + fmt.SUPERBLOCK_AT["build_time_nsec"])
         self._meta = sb.meta_blkaddr * bs
         self._xbase = sb.xattr_blkaddr * bs
         self._epoch = sb.build_time
@@ -194,8 +440,8 @@ class Image:
         self._filter = bool(sb.feature_compat & fmt.FeatureCompat.XATTR_FILTER) and not sb.xattr_filter_reserved
         self._bitcache: dict[tuple[int, bytes], tuple[bytes, int]] = {}
         self._shared: dict[int, tuple[bytes, bytes, int]] = {}
-        # every dirent takes >= 12 bytes of image, so a sane image never holds more entries than this
-        self._max_dirents = n // 12 + 16
+        # every dirent takes DIRENT bytes of image, so a sane image never holds more entries than this
+        self._max_dirents = n // DIRENT + 16
         self._dirents_seen = 0
         root = self._rec(self._root_nid)
         if root.mode & S_IFMT != S_IFDIR:
@@ -203,39 +449,40 @@ class Image:
 
     # --- raw records ------------------------------------------------------------------------------
     def _rec(self, nid: int) -> _Rec:
-        off = self._meta + (nid << fmt.ISLOTBITS)
+        off = self._meta + (nid << SLOTBITS)
         n = self._n
-        if off + 32 > n:
+        if off + COMPACT > n:
             raise _corrupt(f"inode {nid} beyond the end of the image", off)
         d = self._d
         r = _Rec()
         r.nid = nid
         r.off = off
-        ifmt = d[off] | d[off + 1] << 8
+        ifmt = fmt.LE16.unpack_from(d, off)[0]
         if ifmt & ~fmt.I_FORMAT_KNOWN:
             raise _corrupt(f"inode {nid}: unsupported i_format {ifmt:#x}", off)
-        layout = ifmt >> 1
-        if ifmt & 1:
-            if off + 64 > n:
+        layout = ifmt >> fmt.I_DATALAYOUT_BIT
+        if ifmt & fmt.I_FORMAT_EXTENDED:
+            if off + EXTENDED > n:
                 raise _corrupt(f"inode {nid}: extended inode truncated", off)
             (_f, icount, mode, _r, size, iu, _ino, uid, gid, mtime, nsec,
-             nlink) = _EXTENDED.unpack_from(d, off)
+             nlink) = fmt.INODE_EXTENDED_HEAD.unpack_from(d, off)
             if nsec >= NS:
-                raise _corrupt(f"inode {nid}: bad mtime nsec {nsec}", off + 0x28)
+                raise _corrupt(f"inode {nid}: bad mtime nsec {nsec}", off + fmt.INODE_EXTENDED_AT["i_mtime_nsec"])
             r.mtime_ns = mtime * NS + nsec
-            r.isize = 64
+            r.isize = EXTENDED
         else:
-            (_f, icount, mode, nlink, size, mtime, iu, _ino, uid, gid) = _COMPACT.unpack_from(d, off)
+            (_f, icount, mode, nlink, size, mtime, iu, _ino, uid,
+             gid) = fmt.INODE_COMPACT_HEAD.unpack_from(d, off)
             r.mtime_ns = (self._epoch + mtime) * NS + self.superblock.build_time_nsec
-            r.isize = 32
+            r.isize = COMPACT
         t = mode & S_IFMT
         if t not in _FTYPE:
-            raise _corrupt(f"inode {nid}: bad file type in mode {mode:#o}", off + 4)
+            raise _corrupt(f"inode {nid}: bad file type in mode {mode:#o}", off + fmt.INODE_COMPACT_AT["i_mode"])
         if layout not in (_PLAIN, _INLINE, _CHUNK):
             raise _corrupt(f"inode {nid}: unsupported data layout {layout}", off)
         if layout == _CHUNK and t != S_IFREG:
             raise _corrupt(f"inode {nid}: chunk-based layout on a non-regular file", off)
-        xsize = 12 + 4 * (icount - 1) if icount else 0
+        xsize = XHDR + XID * (icount - 1) if icount else 0
         r.mode = mode
         r.nlink = nlink
         r.size = size
@@ -286,34 +533,34 @@ class Image:
         d = self._d
         start = r.xoff
         end = start + r.xsize
-        filt, shared = _HDR_COUNT.unpack_from(d, start)
-        p = start + 12
-        if p + 4 * shared > end:
+        filt, shared = fmt.XATTR_IBODY_COUNTS.unpack_from(d, start)
+        p = start + XHDR
+        if p + XID * shared > end:
             raise _corrupt(f"inode {r.nid}: {shared} shared xattr ids do not fit the xattr body", start)
-        p += 4 * shared
+        p += XID * shared
         out: list[tuple[bytes, bytes]] = []
         bits = 0
         get = self._get
         cache = self._bitcache
         entry = fmt.XATTR_ENTRY.unpack_from
         while p < end:
-            if p + 4 > end:
+            if p + XENT > end:
                 raise _corrupt(f"inode {r.nid}: truncated xattr entry", p)
             nlen, idx, vlen = entry(d, p)
-            q = p + 4 + nlen
+            q = p + XENT + nlen
             if q + vlen > end:
                 raise _corrupt(f"inode {r.nid}: xattr entry overruns the xattr body", p)
-            suffix = get(p + 4, q)
+            suffix = get(p + XENT, q)
             key = (idx, suffix)
             info = cache.get(key)
             if info is None:
                 info = cache[key] = (self._xname(idx, suffix, r.nid, p), 1 << fmt.xattr_filter_bit(idx, suffix))
             bits |= info[1]
             out.append((info[0], get(q, q + vlen)))
-            p += (4 + nlen + vlen + 3) & ~3
+            p += (XENT + nlen + vlen + XPAD) & ~XPAD
         if shared:
             scache = self._shared
-            for sid in struct.unpack_from(f"<{shared}I", d, start + 12):
+            for sid in fmt.xattr_ids_struct(shared).unpack_from(d, start + XHDR):
                 ent = scache.get(sid)
                 if ent is None:
                     ent = scache[sid] = self._shared_entry(sid, r.nid)
@@ -327,15 +574,15 @@ class Image:
 
     def _shared_entry(self, sid: int, nid: int) -> tuple[bytes, bytes, int]:
         """(name, value, filter bit) of shared xattr `sid` (first needed by inode `nid`)."""
-        p = self._xbase + 4 * sid
+        p = self._xbase + fmt.XATTR_ALIGN * sid   # an id counts XATTR_ALIGN units
         n = self._n
-        if p + 4 > n:
+        if p + XENT > n:
             raise _corrupt(f"inode {nid}: shared xattr id {sid} beyond the end of the image", p)
         nlen, idx, vlen = fmt.XATTR_ENTRY.unpack_from(self._d, p)
-        q = p + 4 + nlen
+        q = p + XENT + nlen
         if q + vlen > n:
             raise _corrupt(f"inode {nid}: shared xattr {sid} overruns the image", p)
-        suffix = self._get(p + 4, q)
+        suffix = self._get(p + XENT, q)
         key = (idx, suffix)
         info = self._bitcache.get(key)
         if info is None:
@@ -378,20 +625,17 @@ class Image:
         else:
             raise _corrupt(f"dir {nid}: unsupported data layout {layout}", off)
         blk = self._get(a, a + blen)
-        if blen < 12:
+        if blen < DIRENT:
             raise _corrupt(f"dir {nid}: directory block {b} too short", a)
-        first = blk[8] | blk[9] << 8
-        if first < 12 or first % 12 or first >= blen:
+        first = fmt.LE16.unpack_from(blk, _NAMEOFF)[0]   # the names start after the dirents
+        if first < DIRENT or first % DIRENT or first >= blen:
             raise _corrupt(f"dir {nid}: bad first name offset {first} in block {b}", a)
-        cnt = first // 12
+        cnt = first // DIRENT
         self._dirents_seen += cnt
         if self._dirents_seen > self._max_dirents:
             raise _corrupt("more directory entries than the image can hold (shared directory blocks?)", a)
-        st = _DIRENTS.get(cnt)
-        if st is None:
-            st = _DIRENTS[cnt] = struct.Struct("<" + "QHBB" * cnt)
-        flat = st.unpack_from(blk)
-        offs = list(flat[1::4])
+        flat = fmt.dirents_struct(cnt).unpack_from(blk)   # (nid, nameoff, file_type, reserved) * cnt
+        offs = list(flat[1::DIRENT_FIELDS])
         last = offs[-1]
         end = blk.find(b"\0", last)
         if end < 0:
@@ -406,15 +650,16 @@ class Image:
         gaps = list(map(_sub, offs[1:], offs))
         if min(gaps) <= 0 or max(gaps) > fmt.NAME_LEN:
             k = next(k for k, g in enumerate(gaps) if not 0 < g <= fmt.NAME_LEN)
-            raise _corrupt(f"dir {nid}: bad name offsets in block {b}, entry {k}", a + 12 * k)
+            raise _corrupt(f"dir {nid}: bad name offsets in block {b}, entry {k}", a + DIRENT * k)
         names = [blk[x:y] for x, y in zip(offs, offs[1:], strict=False)]
-        ftypes = flat[2::4]
-        if min(ftypes) < 1 or max(ftypes) > 7 or not all(map(_lt, names, names[1:])):
-            k = next(k for k in range(cnt) if not 0 < ftypes[k] < 8 or (k and names[k] <= names[k - 1]))
+        ftypes = flat[2::DIRENT_FIELDS]
+        if min(ftypes) < _FT_MIN or max(ftypes) > _FT_MAX or not all(map(_lt, names, names[1:])):
+            k = next(k for k in range(cnt)
+                     if not _FT_MIN <= ftypes[k] <= _FT_MAX or (k and names[k] <= names[k - 1]))
             raise _corrupt(f"dir {nid}: unsorted entry or bad file type at {names[k]!r}", a + offs[k])
         if blk.find(_NUL, first, end) >= 0:
             raise _corrupt(f"dir {nid}: NUL inside an entry name in block {b}", a)
-        return names, flat[0::4], ftypes
+        return names, flat[0::DIRENT_FIELDS], ftypes
 
     # --- rewriting undone ---------------------------------------------------------------------------
     def _make(self, r: _Rec) -> tuple[Inode, bool]:
@@ -424,9 +669,9 @@ class Image:
         xattrs: dict[bytes, bytes] = {}
         metacopy = redirect = None
         for name, value in self._xattrs(r):
-            if name[:16] == _TOP:
-                if name[:24] == _ESC:
-                    name = _TOP + name[24:]
+            if name[:_NTOP] == _TOP:
+                if name[:_NESC] == _ESC:
+                    name = _TOP + name[_NESC:]
                 elif name == fmt.OVERLAY_METACOPY:
                     if t == S_IFREG:
                         metacopy = value
@@ -445,11 +690,11 @@ class Image:
                 self._check_chunks(r)
                 node.size = r.size
                 if metacopy:
-                    if len(metacopy) != 4 + fmt.DIGEST_SIZE or metacopy[:4] != fmt.METACOPY_HEADER:
+                    if len(metacopy) != fmt.METACOPY_SIZE or metacopy[:_MCH] != fmt.METACOPY_HEADER:
                         raise _corrupt(f"inode {r.nid}: unsupported metacopy value", r.xoff)
-                    node.digest = metacopy[4:]
+                    node.digest = metacopy[_MCH:]
                 if redirect is not None:
-                    if len(redirect) < 2 or redirect[:1] != b"/":
+                    if len(redirect) < _MIN_REDIRECT or redirect[:1] != b"/":
                         raise _corrupt(f"inode {r.nid}: redirect {redirect[:80]!r} is not absolute", r.xoff)
                     node.payload = redirect[1:].decode("utf-8", "surrogateescape")
             else:
@@ -476,11 +721,11 @@ class Image:
         return node, converted
 
     def _check_chunks(self, r: _Rec) -> None:
-        cfmt = r.iu & 0xFFFF
-        if cfmt & fmt.CHUNK_FORMAT_48BIT or cfmt & ~0x7F:
-            raise _corrupt(f"inode {r.nid}: unsupported chunk format {cfmt:#x}", r.off + 0x10)
+        cfmt = r.iu & fmt.CHUNK_FORMAT_MASK
+        if cfmt & fmt.CHUNK_FORMAT_48BIT or cfmt & ~fmt.CHUNK_FORMAT_KNOWN:
+            raise _corrupt(f"inode {r.nid}: unsupported chunk format {cfmt:#x}", r.off + fmt.INODE_COMPACT_AT["i_u"])
         bits = self._bits + (cfmt & fmt.CHUNK_FORMAT_BLKBITS_MASK)
-        unit = 8 if cfmt & fmt.CHUNK_FORMAT_INDEXES else 4
+        unit = fmt.CHUNK_INDEX_SIZE if cfmt & fmt.CHUNK_FORMAT_INDEXES else fmt.CHUNK_ADDR_SIZE
         nchunks = (r.size + (1 << bits) - 1) >> bits
         start = (r.data_off + unit - 1) // unit * unit
         if start + nchunks * unit > self._n:
@@ -489,33 +734,18 @@ class Image:
     def _fill(self, rec: _Rec, node: Inode, parent_nid: int, is_root: bool) -> None:
         """Read the directory `rec` into `node` and everything below it (iteratively, each dir once).
 
-        This is the hot loop of every whole-tree read (flatten, diff, gc, fsck), so the common inode
-        forms (no xattrs, or exactly an external file's inline or shared metacopy + redirect pair) are
-        decoded right here with the checks of `_rec`/`_make`/`_check_chunks`; any other form, and any
-        inode failing one of those checks, goes through `_rec`/`_make`, which raise on damage."""
-        d = self._d
-        n = self._n
-        get = self._get
-        meta = self._meta
+        This is the hot loop of every whole-tree read (flatten, diff, gc, fsck): each inode is decoded
+        once, by `_block_decoder` when it has a common form, else by the general path (`_entry`), which
+        raises on damage; a hardlinked inode is found again in `built`."""
+        stack = [(rec.nid, rec.off, rec.size, rec.layout, rec.iu, rec.data_off, node, parent_nid, is_root)]
+        push = stack.append
+        dirs_seen = {rec.nid}
+        built: dict[int, tuple[Inode, int, bool]] = {}   # non-directories: (inode, file type, converted)
+        built_get = built.get
+        decoder = _block_decoder(self, built, dirs_seen, push)
+        next(decoder)
         bs = self._bs
         bits = self._bits
-        base_ns = self._epoch * NS + self.superblock.build_time_nsec
-        check_filter = self._filter
-        compact = _COMPACT.unpack_from
-        extended = _EXTENDED.unpack_from
-        u16 = _U16.unpack_from
-        ftype_of = _FTYPE.get
-        hdr = _HDR_COUNT.unpack_from
-        both_inline = _BOTH_INLINE
-        redirect_inline = _REDIRECT_INLINE
-        shared_mc: dict[int, tuple[int, bytes | None]] = {}
-        mc_header = fmt.METACOPY_HEADER
-        pairs: dict[tuple[int, ...], tuple | None] = {}   # shared ids -> decoded (see below)
-        shared_ids: dict[tuple[int, ...], tuple | None] = {}
-        built: dict[int, tuple[Inode, int, bool]] = {}
-        built_get = built.get
-        dirs_seen = {rec.nid}
-        stack = [(rec.nid, rec.off, rec.size, rec.layout, rec.iu, rec.data_off, node, parent_nid, is_root)]
         while stack:
             nid, doff, dsize, dlayout, diu, ddata, dnode, parent, root_dir = stack.pop()
             nb = (dsize + bs - 1) >> bits
@@ -528,160 +758,75 @@ class Image:
                 if names[0] <= prev:
                     raise _corrupt(f"dir {nid}: entries not sorted across blocks at {names[0]!r}", doff)
                 prev = names[-1]
-                k1 = bisect_left(names, b".")
-                if k1 < len(names) and names[k1][:1] == b".":   # "." and ".." (not always adjacent)
-                    drop = []
-                    for dot, want in ((b".", nid), (b"..", parent)):
-                        k = bisect_left(names, dot, k1)
-                        if k < len(names) and names[k] == dot:
-                            if nids[k] != want or ftypes[k] != fmt.FileType.DIR:
-                                raise _corrupt(f"dir {nid}: {dot.decode()!r} points to {nids[k]}"
-                                               + (f", parent is {parent}" if dot == b".." else ""), doff)
-                            dots += 1
-                            drop.append(k)
-                    if drop:
-                        nids, ftypes = list(nids), list(ftypes)
-                        for k in reversed(drop):
-                            del names[k], nids[k], ftypes[k]
-                for name, cnid, ftype in zip(names, nids, ftypes, strict=True):
+                names, nids, ftypes, found = _drop_dots(names, nids, ftypes, nid, parent, doff)
+                dots += found
+                for name, cnid, ftype in decoder.send((ents, names, nids, ftypes, nid, root_dir)):
                     hit = built_get(cnid)
                     if hit is not None:
                         child, ctype, converted = hit
                         if ctype != ftype:
-                            raise _corrupt(f"dir {nid}: entry {name!r} type {ftype} != inode {cnid} type",
-                                           doff)
-                    else:
-                        if cnid in dirs_seen:
-                            raise _corrupt(f"dir {nid}: entry {name!r} links directory {cnid} again", doff)
-                        child = None
-                        off = meta + (cnid << 5)
-                        if off + 32 <= n:
-                            f, icount, mode, _nl, size, mtime, iu, _ino, uid, gid = compact(d, off)
-                            if not f & 1:
-                                mt = base_ns + mtime * NS
-                                xoff = off + 32
-                            elif off + 64 <= n:
-                                _f, icount, mode, _r, size, iu, _ino, uid, gid, mtime, nsec, _nl = extended(d, off)
-                                mt = mtime * NS + nsec
-                                xoff = off + 64 if nsec < NS else n + 1
-                            else:
-                                xoff = n + 1
-                            t = mode & S_IFMT
-                            layout = f >> 1
-                            xsize = 8 + 4 * icount if icount else 0
-                            data_off = xoff + xsize
-                            if (data_off > n or f & ~fmt.I_FORMAT_KNOWN or ftype_of(t) != ftype
-                                    or layout not in _LAYOUTS):
-                                pass
-                            elif t == S_IFREG:
-                                if layout == _CHUNK:
-                                    cfmt = iu & 0xFFFF
-                                    unit = 8 if cfmt & fmt.CHUNK_FORMAT_INDEXES else 4
-                                    cb = bits + (cfmt & fmt.CHUNK_FORMAT_BLKBITS_MASK)
-                                    if (not cfmt & ~0x3F and (data_off + unit - 1) // unit * unit
-                                            + ((size + (1 << cb) - 1) >> cb) * unit <= n):
-                                        if not icount:
-                                            child = Inode(mode, uid, gid, mt, size, 0, {}, None, None, None,
-                                                          None, None)
-                                        else:  # the usual xattr bodies of an external file
-                                            filt, sh = hdr(d, xoff)
-                                            if sh == 0 and xsize >= 92:  # inline metacopy, inline redirect
-                                                vlen = u16(d, xoff + 70)[0]
-                                                if vlen >= 2 and 68 + ((23 + vlen) & ~3) == xsize:
-                                                    st = both_inline.get(vlen)
-                                                    if st is None:
-                                                        st = _remember(both_inline, vlen, _both_inline_struct(vlen))
-                                                    e1, mch, dg, e2, slash, rest = st[0].unpack_from(d, xoff + 12)
-                                                    if (e1 == _MC_ENTRY and mch == mc_header and e2 == st[1]
-                                                            and slash == b"/"
-                                                            and not (filt & _EXTERNAL_BITS and check_filter)):
-                                                        child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
-                                                                      dg, rest.decode("utf-8", "surrogateescape"),
-                                                                      None)
-                                            elif sh == 1 and xsize >= 40:  # shared metacopy, inline redirect
-                                                vlen = u16(d, xoff + 18)[0]
-                                                if vlen >= 2 and 16 + ((23 + vlen) & ~3) == xsize:
-                                                    st = redirect_inline.get(vlen)
-                                                    if st is None:
-                                                        st = _remember(redirect_inline, vlen,
-                                                                       _redirect_inline_struct(vlen))
-                                                    sid, e2, slash, rest = st[0].unpack_from(d, xoff + 12)
-                                                    mc = shared_mc.get(sid)
-                                                    if mc is None:
-                                                        mc = self._shared_metacopy(sid, cnid, shared_mc)
-                                                    if (mc is not None and e2 == st[1] and slash == b"/"
-                                                            and not (filt & (mc[0] | _RD_BIT) and check_filter)):
-                                                        child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
-                                                                      mc[1], rest.decode("utf-8", "surrogateescape"),
-                                                                      None)
-                                            elif sh == 2 and xsize == 20:  # both shared
-                                                key = _TWO_IDS(d, xoff + 12)
-                                                pair = pairs.get(key, 0)
-                                                if pair == 0:
-                                                    pair = self._shared_external(key, cnid)
-                                                    ext = pair and self._checked_external(pair[1], pair[2])
-                                                    pair = pairs[key] = ext and (pair[0], *ext)
-                                                if pair is not None and not (filt & pair[0] and check_filter):
-                                                    child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
-                                                                  pair[1], pair[2], None)
-                                            if child is None:  # any other combination of the two
-                                                ext = self._external(xoff, data_off, cnid, shared_ids)
-                                                if ext is not None:
-                                                    child = Inode(mode, uid, gid, mt, size, 0, {}, None, None,
-                                                                  ext[0], ext[1], None)
-                                elif not icount:
-                                    if not size:
-                                        child = Inode(mode, uid, gid, mt, 0, 0, {}, None, None, None, None, None)
-                                    elif (layout == _INLINE and size <= bs and data_off + size <= n
-                                          and data_off % bs + size <= bs):
-                                        child = Inode(mode, uid, gid, mt, size, 0, {}, None,
-                                                      get(data_off, data_off + size), None, None, None)
-                            elif icount or layout == _CHUNK:
-                                pass
-                            elif t == S_IFDIR:
-                                child = Inode(mode, uid, gid, mt, size, 0, {}, None, None, None, None, {})
-                                dirs_seen.add(cnid)
-                                stack.append((cnid, off, size, layout, iu, data_off, child, nid, False))
-                                ents[name] = child
-                                continue
-                            elif t == S_IFLNK:
-                                if (0 < size < fmt.PATH_MAX and layout == _INLINE and size <= bs
-                                        and data_off + size <= n and data_off % bs + size <= bs):
-                                    child = Inode(mode, uid, gid, mt, size, 0, {}, get(data_off, data_off + size),
-                                                  None, None, None, None)
-                            elif t == S_IFCHR or t == S_IFBLK:
-                                child = Inode(mode, uid, gid, mt, 0, iu, {}, None, None, None, None, None)
-                            else:
-                                child = Inode(mode, uid, gid, mt, 0, 0, {}, None, None, None, None, None)
-                        if child is not None:
-                            converted = False
-                            built[cnid] = (child, ftype, False)
-                        else:  # every other form, and damage: the general path (raises on damage)
-                            crec = self._rec(cnid)
-                            ct = crec.mode & S_IFMT
-                            if _FTYPE[ct] != ftype:
-                                raise _corrupt(f"dir {nid}: entry {name!r} type {ftype} != inode {cnid} type",
-                                               doff)
-                            child, converted = self._make(crec)
-                            if ct == S_IFDIR:
-                                dirs_seen.add(cnid)
-                                stack.append((cnid, crec.off, crec.size, crec.layout, crec.iu, crec.data_off,
-                                              child, nid, False))
-                            else:
-                                built[cnid] = (child, ftype, converted)
+                            raise _corrupt(f"dir {nid}: entry {name!r} type {ftype} != inode {cnid} type", doff)
+                    elif cnid in dirs_seen:
+                        raise _corrupt(f"dir {nid}: entry {name!r} links directory {cnid} again", doff)
+                    else:   # every other form, and damage
+                        child, converted = self._entry(cnid, ftype, nid, name, doff, push, dirs_seen)
+                        if child.entries is None:
+                            built[cnid] = (child, ftype, converted)
                     if converted:
                         has_whiteouts = True
                     elif root_dir and name in _HEX_NAMES and child.is_whiteout:
-                        continue  # the writer's own 00..ff root whiteouts
-                    ents[name] = child
+                        del ents[name]   # the writer's own 00..ff root whiteouts
+                        continue
+                    ents[name] = child   # (in the place the decoder kept for it: entries stay in order)
             if dots != 2:
                 raise _corrupt(f"dir {nid}: missing '.' or '..'", doff)
             if has_whiteouts:
-                x = dnode.xattrs
-                for key, val in ((_WHITEOUTS, b""), (fmt.USER_OVERLAY_WHITEOUTS, b""),
-                                 (fmt.OVERLAY_OPAQUE, b"x"), (fmt.USER_OVERLAY_OPAQUE, b"x")):
-                    if x.get(key) == val and (val == b"" or (self.composefs_version or 0) >= 1):
-                        del x[key]
+                self._unmark_whiteout_parent(dnode)
+
+    def _entry(self, nid: int, ftype: int, parent: int, name: bytes, doff: int, push: Callable[[tuple], None],
+               dirs_seen: set[int]) -> tuple[Inode, bool]:
+        """The general path of `_fill` for inode `nid` (entry `name` of type `ftype` in directory
+        `parent`): `_rec`/`_make`, which raise on damage; a directory is `push`ed."""
+        rec = self._rec(nid)
+        t = rec.mode & S_IFMT
+        if _FTYPE[t] != ftype:
+            raise _corrupt(f"dir {parent}: entry {name!r} type {ftype} != inode {nid} type", doff)
+        child, converted = self._make(rec)
+        if t == S_IFDIR:
+            dirs_seen.add(nid)
+            push((nid, rec.off, rec.size, rec.layout, rec.iu, rec.data_off, child, parent, False))
+        return child, converted
+
+    def _unmark_whiteout_parent(self, dnode: Inode) -> None:
+        """Drop the markers the writer put on a directory because it holds whiteouts."""
+        x = dnode.xattrs
+        version = self.composefs_version or 0
+        for key, val, since in _WHITEOUT_PARENT_MARKS:
+            if x.get(key) == val and version >= since:
+                del x[key]
+
+    def _external_into(self, child: Inode, filt: int, sh: int, xoff: int, xsize: int, data_off: int, nid: int,
+                       pairs: dict, shared_ids: dict) -> bool:
+        """Set the digest and payload of a chunk-based file from its xattr body; False if the body is
+        not just a valid metacopy and redirect.  `filt`, `sh`: the body's name filter and shared count.
+        (`_block_decoder` takes the two commonest bodies itself: both inline, and metacopy shared.)
+        `pairs`, `shared_ids`: per-read caches by shared ids."""
+        if sh == 2 and xsize == _TWO_SHARED:
+            key = fmt.TWO_XATTR_IDS.unpack_from(self._d, xoff + XHDR)
+            pair = pairs.get(key, 0)
+            if pair == 0:
+                pair = self._shared_external(key, nid)
+                ext = pair and self._checked_external(pair[1], pair[2])
+                pair = pairs[key] = ext and (pair[0], *ext)
+            if pair is not None and not (filt & pair[0] and self._filter):
+                child.digest = pair[1]
+                child.payload = pair[2]
+                return True
+        ext = self._external(xoff, data_off, nid, shared_ids)   # any other combination of the two
+        if ext is None:
+            return False
+        child.digest, child.payload = ext
+        return True
 
     def _shared_metacopy(self, sid: int, nid: int, cache: dict[int, tuple[int, bytes | None]]
                          ) -> tuple[int, bytes | None] | None:
@@ -689,7 +834,7 @@ class Image:
         header + digest); else None (the general path decides).  `nid`: the inode naming it."""
         ent = self._shared.get(sid)
         if ent is None:
-            if not 0 <= self._xbase + 4 * sid < self._n:
+            if not 0 <= self._xbase + fmt.XATTR_ALIGN * sid < self._n:
                 return None
             ent = self._shared[sid] = self._shared_entry(sid, nid)
         if ent[0] != fmt.OVERLAY_METACOPY:
@@ -697,8 +842,8 @@ class Image:
         value = ent[1]
         if not value:
             out = (ent[2], None)
-        elif len(value) == 4 + fmt.DIGEST_SIZE and value[:4] == fmt.METACOPY_HEADER:
-            out = (ent[2], value[4:])
+        elif len(value) == fmt.METACOPY_SIZE and value[:_MCH] == fmt.METACOPY_HEADER:
+            out = (ent[2], value[_MCH:])
         else:
             return None
         cache[sid] = out
@@ -711,14 +856,14 @@ class Image:
         anything else (the general path then decides).  `shared`: per-read cache by shared ids."""
         d = self._d
         get = self._get
-        filt, sh = _HDR_COUNT.unpack_from(d, start)
-        p = start + 12 + 4 * sh
+        filt, sh = fmt.XATTR_IBODY_COUNTS.unpack_from(d, start)
+        p = start + XHDR + XID * sh
         if p > end:
             return None
         mc = rd = None
         bits = 0
         if sh:
-            ids = struct.unpack_from(f"<{sh}I", d, start + 12)
+            ids = fmt.xattr_ids_struct(sh).unpack_from(d, start + XHDR)
             ent = shared.get(ids, 0)
             if ent == 0:
                 ent = shared[ids] = self._shared_external(ids, nid)
@@ -726,23 +871,23 @@ class Image:
                 return None
             bits, mc, rd = ent
         entry = fmt.XATTR_ENTRY.unpack_from
-        while p < end:
-            if p + 20 > end:
+        while p < end:   # inline entries: each a metacopy or a redirect (suffixes of one length)
+            if p + _RD_HEAD > end:
                 return None
             nlen, idx, vlen = entry(d, p)
-            q = p + 20
-            if nlen != 16 or idx != fmt.XattrIndex.TRUSTED or q + vlen > end:
+            q = p + _RD_HEAD
+            if nlen != len(_RD_SUFFIX) or idx != fmt.XattrIndex.TRUSTED or q + vlen > end:
                 return None
-            suffix = get(p + 4, q)
-            if suffix == b"overlay.metacopy" and mc is None:
+            suffix = get(p + XENT, q)
+            if suffix == _MC_SUFFIX and mc is None:
                 mc = get(q, q + vlen)
                 bits |= _MC_BIT
-            elif suffix == b"overlay.redirect" and rd is None:
+            elif suffix == _RD_SUFFIX and rd is None:
                 rd = get(q, q + vlen)
                 bits |= _RD_BIT
             else:
                 return None
-            p += (23 + vlen) & ~3
+            p += _rd_entry_size(vlen)
         if filt & bits and self._filter:
             return None
         return self._checked_external(mc, rd)
@@ -752,11 +897,11 @@ class Image:
         """(digest, payload) from a metacopy and a redirect value as `_make` accepts them, else None."""
         digest = payload = None
         if mc:
-            if len(mc) != 4 + fmt.DIGEST_SIZE or mc[:4] != fmt.METACOPY_HEADER:
+            if len(mc) != fmt.METACOPY_SIZE or mc[:_MCH] != fmt.METACOPY_HEADER:
                 return None
-            digest = mc[4:]
+            digest = mc[_MCH:]
         if rd is not None:
-            if len(rd) < 2 or rd[:1] != b"/":
+            if len(rd) < _MIN_REDIRECT or rd[:1] != b"/":
                 return None
             payload = rd[1:].decode("utf-8", "surrogateescape")
         return digest, payload

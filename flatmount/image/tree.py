@@ -17,7 +17,7 @@ nothing (size 0).
 from __future__ import annotations
 
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from objects.paths import object_path
 
@@ -36,7 +36,13 @@ S_IFSOCK = stat.S_IFSOCK
 
 
 class Inode:
-    """One inode.  Mutable on purpose: importers and flatten build trees in place."""
+    """One inode.  Mutable on purpose: importers and flatten build trees in place.
+
+    Construct it as `Inode(mode, uid=..., size=...)`: every field but the mode by keyword, so a call
+    site says which field each value is (tests/test_tree.py checks every call in the project).  The
+    parameters stay positional-capable only for the tree cache, which rebuilds inodes from marshalled
+    rows in this field order (`starmap(Inode, rows)`, its hot loop).
+    """
 
     __slots__ = (
         "mode", "uid", "gid", "mtime_ns", "size", "rdev",
@@ -166,9 +172,10 @@ class Inode:
     # --- copying ----------------------------------------------------------------------------------
     def copy(self) -> Inode:
         """A shallow copy: same children dict contents, new dict (so entries can be edited)."""
-        return Inode(self.mode, self.uid, self.gid, self.mtime_ns, self.size, self.rdev,
-                     dict(self.xattrs), self.target, self.content, self.digest, self.payload,
-                     dict(self.entries) if self.entries is not None else None)
+        return Inode(self.mode, uid=self.uid, gid=self.gid, mtime_ns=self.mtime_ns, size=self.size,
+                     rdev=self.rdev, xattrs=dict(self.xattrs), target=self.target, content=self.content,
+                     digest=self.digest, payload=self.payload,
+                     entries=dict(self.entries) if self.entries is not None else None)
 
 
 def split_path(path: bytes | str) -> list[bytes]:
@@ -184,11 +191,18 @@ def split_path(path: bytes | str) -> list[bytes]:
 
 def lookup(root: Inode, path: bytes | str) -> Inode | None:
     """The inode at `path` below `root`, or None."""
+    return lookup_parts(root, split_path(path))
+
+
+def lookup_parts(root: Inode, parts: Iterable[bytes]) -> Inode | None:
+    """The inode at the path of names `parts` below `root`, or None (a missing name, or a name
+    below a non-directory).  The one tree lookup: every path lookup in a tree goes through here."""
     node = root
-    for name in split_path(path):
-        if node.entries is None:
+    for name in parts:
+        entries = node.entries
+        if entries is None:
             return None
-        node = node.entries.get(name)
+        node = entries.get(name)
         if node is None:
             return None
     return node

@@ -1,21 +1,23 @@
 """Tree -> composefs-layout EROFS metadata image, byte for byte as mkcomposefs (default options) lays it out.
 
 The procedure is EROFS.md section 10, following containers/composefs `lcfs-writer-erofs.c` and
-`lcfs-writer.c`:
+`lcfs-writer.c`, as passes (`_build_image`), each filling in its part of one `_Layout` record:
 
-1. rewrite (virtually; the input tree is never modified): escape `trusted.overlay.*` to
-   `trusted.overlay.overlay.*`, add `metacopy`/`redirect` to external files, turn whiteouts (char 0:0)
-   into marked empty regular files and mark their parent directory, mark the root opaque and add the
-   `00`..`ff` root whiteouts;
-2. breadth-first inode order from the root, children by name (bytes order), `.`/`..` in every
-   directory; nlink counted; build_time = the minimum mtime; (name, value) pairs used by more than
-   one inode become shared xattrs;
-3. sizes, 4. placement (slot alignment, tail-must-not-cross-a-block padding), 5. shared xattr area
-   and data blocks, 6. emit into one preallocated buffer.
+1. `_queue_inodes`: breadth-first inode order from the root, children by name (bytes order), `.`/`..`
+   in every directory, the `00`..`ff` root whiteouts added; nlink counted;
+2. `_inode_fields`: the composefs rewriting (virtual; the input tree is never modified): escape
+   `trusted.overlay.*` to `trusted.overlay.overlay.*`, add `metacopy`/`redirect` to external files,
+   turn whiteouts (char 0:0) into marked empty regular files and mark their parent directory, mark
+   the root opaque; sizes, data layouts, inline tails; build_time = the minimum mtime;
+3. `_share_xattrs`: (name, value) pairs used by more than one inode become shared xattrs;
+4. `_place_inodes`: xattr body sizes, then slot alignment and tail-must-not-cross-a-block padding;
+5. `_place_blocks`: the shared xattr area, then the data blocks;
+6. `_emit_head`, `_emit_inodes`: everything written into one preallocated, zeroed buffer.
 
 Speed matters (a 64k-inode tree must take well under a second), so the passes work on flat
-per-inode lists and write with `struct.pack_into` into one bytearray; per-inode helper calls are
-avoided in the hot loops on purpose.
+per-inode lists (columns of the layout) and write with `struct.pack_into` into one bytearray;
+per-inode helper calls are avoided in the hot loops on purpose.  Every layout size and struct comes
+from `format`.
 
 Deviations from libcomposefs (each only reachable by trees libcomposefs rejects or mishandles):
 - a regular file with a digest but no payload gets the redirect `/XX/<62 hex>` derived from the
@@ -60,10 +62,32 @@ from objects.paths import object_path
 __all__ = ["write_image", "image_bytes", "image_buffer", "dir_size"]
 
 
+# layout sizes (format.py), by short names for the arithmetic of the passes
 BLKSZ = fmt.BLKSZ
+BLKPAD = BLKSZ - 1                  # `(x + BLKPAD) & ~BLKPAD` rounds up to a block
+SLOTBITS = fmt.ISLOTBITS            # nid = byte offset >> SLOTBITS
+SLOTPAD = fmt.SLOTSIZE - 1          # inodes start on slots
+COMPACT = fmt.INODE_COMPACT_SIZE
+EXTENDED = fmt.INODE_EXTENDED_SIZE
+XHDR = fmt.XATTR_HEADER_SIZE        # an xattr body: header,
+XID = fmt.XATTR_ID_SIZE             # shared ids,
+XENT = fmt.XATTR_ENTRY_SIZE         # entries (head, suffix, value),
+XPAD = fmt.XATTR_ALIGN - 1          # each padded to XATTR_ALIGN
+DIRENT = fmt.DIRENT_SIZE
+CHUNK_ENTRY = fmt.CHUNK_ADDR_SIZE   # one entry of a chunk map (composefs writes block maps)
+NULL_CHUNK = fmt.NULL_CHUNK
 U32 = 0xFFFFFFFF
 U16 = 0xFFFF
 NS = 1_000_000_000
+
+# dirent file types as plain ints (the hot loops store them by the thousand)
+_FT_REG = int(fmt.FileType.REG_FILE)
+_FT_DIR = int(fmt.FileType.DIR)
+_FT_CHR = int(fmt.FileType.CHRDEV)
+_FT_BLK = int(fmt.FileType.BLKDEV)
+_FT_FIFO = int(fmt.FileType.FIFO)
+_FT_SOCK = int(fmt.FileType.SOCK)
+_FT_LNK = int(fmt.FileType.SYMLINK)
 
 _DOT = b"."
 _DOTDOT = b".."
@@ -71,7 +95,7 @@ _DOTDOT = b".."
 # first tries the needle as an integer and raises (and clears) a TypeError every time, 7x the cost.
 _SLASH = 0x2F
 _HEX_NAMES = [b"%02x" % i for i in range(256)]
-_RD_SIZE = 66   # len(b"/XX/<62 hex>"): b"/" + hexlify(digest, b"/", 31) (one separator, after 1 byte)
+_RD_SIZE = 2 + 2 * fmt.DIGEST_SIZE  # len(b"/XX/<62 hex>"): b"/" + hexlify(digest, b"/", _HEX_SPLIT)
 _MTIME = attrgetter("mtime_ns")
 _UID = attrgetter("uid")
 _GID = attrgetter("gid")
@@ -82,11 +106,22 @@ _TOP = fmt.OVERLAY_PREFIX
 _ESC = fmt.OVERLAY_ESCAPED_PREFIX
 _NTOP = len(_TOP)
 
-_FTYPE = fmt.FTYPE_BY_IFMT
+_MC0 = (_MC, b"")   # the metacopy item of every external file without a digest: one object
+_HEX_SPLIT = fmt.DIGEST_SIZE - 1   # hexlify(digest, b"/", _HEX_SPLIT): "XX/<62 hex>", an object path
+_MCH = len(fmt.METACOPY_HEADER)
+
+# the xattr body of an external file whose xattrs are exactly a metacopy and a redirect (`_Layout.forms`)
+_OTHER_BODY = 0       # any other body (or not an external file)
+_BOTH_INLINE = 1      # metacopy and redirect inline
+_MC_SHARED = 2        # metacopy shared, redirect inline
+_BOTH_SHARED = 3      # both shared
+
+# data layouts shifted into i_format (plain ints)
 _LAYOUT_SHIFT = fmt.I_DATALAYOUT_BIT
-_PLAIN = fmt.DataLayout.FLAT_PLAIN << _LAYOUT_SHIFT
-_INLINE = fmt.DataLayout.FLAT_INLINE << _LAYOUT_SHIFT
-_CHUNK = fmt.DataLayout.CHUNK_BASED << _LAYOUT_SHIFT
+_PLAIN = int(fmt.DataLayout.FLAT_PLAIN) << _LAYOUT_SHIFT
+_INLINE = int(fmt.DataLayout.FLAT_INLINE) << _LAYOUT_SHIFT
+_CHUNK = int(fmt.DataLayout.CHUNK_BASED) << _LAYOUT_SHIFT
+_MAX_CHUNK_BITS = fmt.CHUNK_FORMAT_BLKBITS_MASK + fmt.BLKSZBITS   # the largest chunk: 2^this bytes
 
 # (index, suffix, filter bit, suffix length) per full xattr name; names repeat across images
 _KEYINFO: dict[bytes, tuple[int, bytes, int, int]] = {}
@@ -98,7 +133,7 @@ def _keyinfo(name: bytes) -> tuple[int, bytes, int, int]:
         if not name:
             raise FormatError("empty xattr name")
         index, suffix = fmt.xattr_split(name)
-        if len(suffix) > 255:
+        if len(suffix) > fmt.NAME_LEN:   # e_name_len is one byte
             raise FormatError(f"xattr name too long for EROFS: {name[:64]!r}...")
         info = (index, suffix, 1 << fmt.xattr_filter_bit(index, suffix), len(suffix))
         if len(_KEYINFO) < 65536:
@@ -112,10 +147,10 @@ def _dir_blocks(names: list[bytes]) -> tuple[list[int], int, int]:
     `starts` holds the index of the first entry of every block including the tail's.
     """
     starts = [0]
-    used = 12 * len(names) + sum(map(len, names))
+    used = DIRENT * len(names) + sum(map(len, names))
     if used > BLKSZ:  # more than one block: greedy, by binary search over the running sizes
         cum = list(accumulate(map(len, names), initial=0))
-        run = [c + 12 * k for k, c in enumerate(cum)]   # bytes taken by the first k entries
+        run = [c + DIRENT * k for k, c in enumerate(cum)]   # bytes taken by the first k entries
         a = 0
         while True:
             e = bisect.bisect_right(run, run[a] + BLKSZ) - 1   # entries a..e-1 fit one block
@@ -330,7 +365,7 @@ def _path_of(root: Inode, root_whiteouts: bool, index: int) -> str:
 def _bad_field(node: Inode, isize: int, mode: int, nlink: int, size: int, iu: int, uid: int, gid: int,
                e: Exception) -> str:
     """Which inode field does not fit its on-disk width (for an error message a person can act on)."""
-    big = isize == 64
+    big = isize == EXTENDED
     sec = node.mtime_ns // NS if isinstance(node.mtime_ns, int) else node.mtime_ns
     checks = (("mode", mode, 0, U16), ("size", size, 0, (1 << 64) - 1 if big else U32),
               ("uid", uid, 0, U32 if big else U16), ("gid", gid, 0, U32 if big else U16),
@@ -342,51 +377,154 @@ def _bad_field(node: Inode, isize: int, mode: int, nlink: int, size: int, iu: in
     return f"inode field out of range ({e})"
 
 
+class _Layout:
+    """What the writer's passes know about the image, filled in pass by pass: a slotted record (not a
+    `dataclasses` one, whose import alone costs 5 ms of every `mkimage`).  Per-inode fields are
+    columns (lists indexed by queue position, the order of the inodes in the image) so that the hot
+    loops run over them with `zip` and no attribute lookups."""
+
+    __slots__ = (
+        # _queue_inodes: the tree in queue order
+        "nodes", "dnames", "dkids", "nlink", "whiteout_parents", "raw_whiteouts", "version",
+        # _inode_fields: what each inode becomes on disk
+        "build_sec", "build_nsec", "modes", "sizes", "layouts", "iu", "tails", "nblk", "xitems", "fast",
+        "digests", "isz", "ftypes", "dstarts", "uids", "gids", "allitems", "rditems",
+        # _share_xattrs
+        "shared", "shared_off", "shared_size", "keyinfo", "has_acl",
+        # _place_inodes
+        "xsizes", "forms", "nids", "inodes_end",
+        # _place_blocks
+        "xattr_blkaddr", "shared_ids", "data_start", "total_blocks",
+    )
+
+    nodes: list[Inode]                   # distinct inodes, breadth-first (hardlinks at their first name)
+    dnames: dict[int, list[bytes]]       # directory index -> its sorted names, `.` and `..` included
+    dkids: dict[int, list[int]]          # directory index -> the inode index of each name
+    nlink: list[int]
+    whiteout_parents: set[int]           # directories holding a whiteout (marked with xattrs)
+    raw_whiteouts: set[int]              # ids of the writer's own 00..ff root whiteouts (kept char 0:0)
+    version: int                         # composefs format version: 1 when whiteouts are marked
+    build_sec: int                       # the superblock epoch: the smallest mtime
+    build_nsec: int
+    modes: list[int]                     # st_mode as written (a whiteout becomes a regular file)
+    sizes: list[int]
+    layouts: list[int]                   # data layout, already shifted into i_format
+    iu: list[int]                        # i_u: block address, rdev or chunk format
+    tails: list[int]                     # bytes stored inline after the xattrs
+    nblk: list[int]                      # data blocks
+    xitems: list                         # sorted (name, value) xattrs as written; () for none
+    fast: list                           # external file whose xattrs are exactly (metacopy, redirect):
+                                         # True, or its digest when both come from the digest
+    digests: list[bytes]                 # those digests
+    isz: list[int]                       # inode size: compact or extended
+    ftypes: list[int]                    # dirent file type
+    dstarts: dict[int, list[int]]        # directory index -> first entry of each of its blocks
+    uids: list[int]
+    gids: list[int]
+    allitems: list                       # every xattr item of every inode (counted for sharing)
+    rditems: list                        # redirects of files whose metacopy is the empty one (_MC0)
+    shared: list                         # the shared xattr items in on-disk order
+    shared_off: dict                     # shared item -> byte offset in the shared area
+    shared_size: int
+    keyinfo: dict[bytes, tuple[int, bytes, int, int]]   # xattr name -> _keyinfo
+    has_acl: bool
+    xsizes: list[int]                    # xattr body size
+    forms: list[int]                     # the xattr body's form: _BOTH_INLINE, _MC_SHARED, _BOTH_SHARED
+                                         # or _OTHER_BODY
+    nids: list[int]
+    inodes_end: int                      # byte offset after the last inode: the shared xattrs start
+    xattr_blkaddr: int
+    shared_ids: dict                     # shared item -> its xattr id
+    data_start: int                      # byte offset of the first data block
+    total_blocks: int
+
+
 def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | None):
+    """The passes, in order; each fills in its part of the layout (EROFS.md section 10)."""
+    lay = _queue_inodes(root, root_whiteouts)
+    _inode_fields(lay)
+    _share_xattrs(lay)
+    _place_inodes(lay)
+    _place_blocks(lay)
+    n = len(lay.nodes)
+    size = lay.total_blocks * BLKSZ
+    if layout_hook is None:
+        buf, lo, hi = bytearray(size), 0, n
+    else:
+        import xxhash
+
+        fingerprint = (fmt.LAYOUT_FINGERPRINT.pack(n, lay.total_blocks, lay.inodes_end, lay.shared_size)
+                       + xxhash.xxh3_128_digest(array("q", lay.nids)))
+        buf, lo, hi = layout_hook(n, fingerprint, size)
+    if not lo:   # the header, superblock and shared xattrs go with the first inodes
+        _emit_head(buf, lay)
+    _emit_inodes(buf, lay, lo, hi)
+    return buf
+
+
+def _queue_inodes(root: Inode, root_whiteouts: bool) -> _Layout:
+    """Pass 1: the inodes in image order (breadth first, names sorted), hardlinks queued at their first
+    name in dump order (which may be a later one than the walk meets first: then walk again)."""
     (nodes, dnames, dkids, nlink, wparents, raw, version, dups, nparent,
      dparent) = _collect(root, root_whiteouts, None)
-    if dups:  # hardlinks: queued at their first name in dump order, which may be a later one
+    if dups:
         primary = _primary_names(nodes, dnames, dkids, dups, nparent, dparent)
         if primary is not None:
             (nodes, dnames, dkids, nlink, wparents, raw, version,
              *_) = _collect(root, root_whiteouts, primary)
-    n = len(nodes)
+    lay = _Layout()
+    lay.nodes, lay.dnames, lay.dkids, lay.nlink = nodes, dnames, dkids, nlink
+    lay.whiteout_parents, lay.raw_whiteouts, lay.version = wparents, raw, version
+    return lay
 
+
+def _inode_fields(lay: _Layout) -> None:
+    """Pass 2: the final mode, size, data layout and xattrs of every inode (the composefs rewriting:
+    escaped overlay xattrs, metacopy/redirect, whiteouts as marked files, whiteout parents, root),
+    its inline tail and data blocks, and whether it needs an extended inode."""
+    nodes = lay.nodes
+    dnames = lay.dnames
+    wparents = lay.whiteout_parents
+    raw = lay.raw_whiteouts
+    version = lay.version
+    n = len(nodes)
     mtimes = list(map(_MTIME, nodes))
     try:
         min_mtime = min(mtimes)
     except TypeError:
         raise FormatError("mtime_ns must be an integer") from None
-    build_sec, build_nsec = divmod(min_mtime, NS)
+    lay.build_sec, lay.build_nsec = divmod(min_mtime, NS)
 
-    # ---- pass 1: final mode/size/layout/xattrs of every inode ------------------------------------
     modes = [0] * n
     sizes = [0] * n
     layouts = [0] * n
     iu = [0] * n
-    tails = [0] * n        # bytes stored inline after the xattrs
-    nblk = [0] * n         # data blocks
+    tails = [0] * n
+    nblk = [0] * n
     xitems: list = [()] * n
-    # external file whose xattrs are exactly (metacopy, redirect): True, or its digest when both
-    # come from the digest (the most common inode of all: no item tuples are made for it at all)
     fast: list = [False] * n
-    dgs: list[bytes] = []   # those digests
-    isz = [32 if m == min_mtime else 64 for m in mtimes]   # 32 compact, 64 extended inode (more below)
+    dgs: list[bytes] = []
+    # an inode is compact when its mtime is the epoch (and its fields fit: checked below)
+    compact, extended = COMPACT, EXTENDED
+    isz = [compact if m == min_mtime else extended for m in mtimes]
     ftypes = [0] * n
     dstarts: dict[int, list[int]] = {}
     allitems: list = []
     extend = allitems.extend
-    rditems: list = []   # the redirect items of external files whose metacopy item is mc0 (below)
+    rditems: list = []   # the redirect items of external files whose metacopy item is _MC0
     rdappend = rditems.append
     MC, RD = _MC, _RD
     TOP, ESC, NTOP = _TOP, _ESC, _NTOP
     mc_header = fmt.METACOPY_HEADER
-    max_bits = fmt.CHUNK_FORMAT_BLKBITS_MASK + fmt.BLKSZBITS
+    max_bits = _MAX_CHUNK_BITS
     blkbits = fmt.BLKSZBITS
     chunk = _CHUNK
-    mc0 = (MC, b"")   # the metacopy item of every external file without a digest: one object
+    mc0 = _MC0
     DIGEST_SIZE = fmt.DIGEST_SIZE
     one_chunk = 1 << max_bits   # the largest file with a single chunk
+    one_entry = CHUNK_ENTRY     # its chunk map: one block map entry
+    REG, DIR, LNK, CHR, BLK, FIFO, SOCK = _FT_REG, _FT_DIR, _FT_LNK, _FT_CHR, _FT_BLK, _FT_FIFO, _FT_SOCK
+    inline, plain, blksz = _INLINE, _PLAIN, BLKSZ
     for i, node in enumerate(nodes):
         mode = node.mode
         t = mode & S_IFMT
@@ -401,9 +539,9 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                 dgs.append(dg)
                 cb = (size - 1).bit_length()
                 iu[i] = cb - blkbits if cb > blkbits else 0
-                tails[i] = 4
+                tails[i] = one_entry
                 layouts[i] = chunk
-                ftypes[i] = 1
+                ftypes[i] = REG
                 modes[i] = mode
                 sizes[i] = size
                 continue
@@ -420,13 +558,13 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
             if content is not None:
                 size = len(content)
                 if size:
-                    nb, tail = divmod(size, BLKSZ)
+                    nb, tail = divmod(size, blksz)
                     if tail > fmt.DIR_INLINE_MAX:
                         nb += 1
                         tail = 0
                     nblk[i] = nb
                     tails[i] = tail
-                    layouts[i] = _INLINE if tail else _PLAIN
+                    layouts[i] = inline if tail else plain
             else:
                 size = node.size
                 if size > 0:
@@ -454,26 +592,25 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                                 d[RD] = b"/" + path.encode("utf-8", "surrogateescape")
                     cb = (size - 1).bit_length()   # fmt.chunk_bits: one chunk when possible
                     if cb <= max_bits:
-                        tails[i] = 4
+                        tails[i] = one_entry
                         iu[i] = cb - blkbits if cb > blkbits else 0
                     else:
                         nch = (size + (1 << max_bits) - 1) >> max_bits
                         if nch > fmt.MAX_NONINLINE_CHUNKS:
                             raise _InodeError(i, f"file too large for a composefs image: {size} bytes")
-                        tails[i] = 4 * nch
-                        iu[i] = max_bits - fmt.BLKSZBITS
+                        tails[i] = one_entry * nch
+                        iu[i] = max_bits - blkbits
                     layouts[i] = chunk
                 elif size < 0:
                     raise _InodeError(i, f"negative file size {size}")
-            ftypes[i] = 1
+            ftypes[i] = REG
         elif t == S_IFDIR:
-            names = dnames[i]
-            starts, nb, tail = _dir_blocks(names)
+            starts, nb, tail = _dir_blocks(dnames[i])
             dstarts[i] = starts
             nblk[i] = nb
             tails[i] = tail
-            layouts[i] = _INLINE if tail else _PLAIN
-            size = nb * BLKSZ + tail
+            layouts[i] = inline if tail else plain
+            size = nb * blksz + tail
             if i in wparents:
                 if d is None:
                     d = {}
@@ -487,7 +624,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                 if d is None:
                     d = {}
                 d[fmt.OVERLAY_OPAQUE] = b"y"
-            ftypes[i] = 2
+            ftypes[i] = DIR
         elif t == S_IFLNK:
             target = node.target
             if not target:
@@ -496,8 +633,8 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
             if size >= fmt.PATH_MAX:
                 raise _InodeError(i, f"symlink target too long ({size} bytes)")
             tails[i] = size
-            layouts[i] = _INLINE
-            ftypes[i] = 7
+            layouts[i] = inline
+            ftypes[i] = LNK
         elif t == S_IFCHR or t == S_IFBLK:
             size = 0
             rdev = node.rdev
@@ -507,18 +644,18 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                     d = {}
                 d[fmt.OVERLAY_ESCAPED_WHITEOUT] = b""
                 d[fmt.USER_OVERLAY_WHITEOUT] = b""
-                ftypes[i] = 1
+                ftypes[i] = REG
             else:
                 if not 0 <= rdev <= U32:
                     raise _InodeError(i, f"device number {rdev:#x} does not fit 32 bits")
                 iu[i] = rdev
-                ftypes[i] = 3 if t == S_IFCHR else 4
+                ftypes[i] = CHR if t == S_IFCHR else BLK
         elif t == S_IFIFO:
             size = 0
-            ftypes[i] = 5
+            ftypes[i] = FIFO
         elif t == S_IFSOCK:
             size = 0
-            ftypes[i] = 6
+            ftypes[i] = SOCK
         else:
             raise _InodeError(i, f"invalid file mode {mode:#o}")
         if d:
@@ -534,20 +671,31 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
     # the other reasons for an extended inode, rare: looked for inode by inode only when present
     uids = list(map(_UID, nodes))
     gids = list(map(_GID, nodes))
+    nlink = lay.nlink
     if (n and (max(uids) > U16 or max(gids) > U16 or max(nlink) > U16 or max(sizes) > U32
                or min(uids) < 0 or min(gids) < 0)):
         for i, uid, gid in zip(range(n), uids, gids, strict=True):
             if uid > U16 or gid > U16 or nlink[i] > U16 or sizes[i] > U32:
-                isz[i] = 64
-            if not (0 <= uid <= (U32 if isz[i] == 64 else U16) and 0 <= gid <= (U32 if isz[i] == 64 else U16)):
+                isz[i] = EXTENDED
+            top = U32 if isz[i] == EXTENDED else U16
+            if not (0 <= uid <= top and 0 <= gid <= top):
                 raise _InodeError(i, f"uid/gid {uid}/{gid} does not fit 32 bits" if uid >= 0 and gid >= 0
                                   else f"negative uid/gid {uid}/{gid}")
+    lay.modes, lay.sizes, lay.layouts, lay.iu, lay.tails, lay.nblk = modes, sizes, layouts, iu, tails, nblk
+    lay.xitems, lay.fast, lay.digests, lay.isz, lay.ftypes, lay.dstarts = xitems, fast, dgs, isz, ftypes, dstarts
+    lay.uids, lay.gids, lay.allitems, lay.rditems = uids, gids, allitems, rditems
 
-    # ---- shared xattrs: every (name, value) used more than once ----------------------------------
+
+def _share_xattrs(lay: _Layout) -> None:
+    """Pass 3: every (name, value) used by more than one inode becomes a shared xattr, in libcomposefs'
+    order; their offsets in the shared area, and the name facts every later pass needs."""
+    allitems = lay.allitems
+    rditems = lay.rditems
+    dgs = lay.digests
     counts = Counter(allitems)
     if rditems:
         counts.update(rditems)
-        counts[mc0] += len(rditems)
+        counts[_MC0] += len(rditems)
     if dgs:   # the digest-only files' items, where they may be shared (more than one use)
         per_digest = Counter(dgs)
         many = {dg for dg, c in per_digest.items() if c > 1}
@@ -556,93 +704,107 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
             it_m, it_r = _digest_items(dg)
             counts[it_m] += per_digest[dg]
             counts[it_r] += per_digest[dg]
-    keyinfo: dict[bytes, tuple[int, bytes, int, int]] = {}
     shared = _shared_order([it for it, c in counts.items() if c > 1])
     shared_off: dict[tuple[bytes, bytes], int] = {}
     off = 0
     for it in shared:
         shared_off[it] = off
-        off += (4 + _keyinfo(it[0])[3] + len(it[1]) + 3) & ~3
-    shared_size = off
-    for k in set(map(itemgetter(0), allitems)) | ({MC, RD} if rditems or dgs else set()):
+        off += (XENT + _keyinfo(it[0])[3] + len(it[1]) + XPAD) & ~XPAD
+    keyinfo: dict[bytes, tuple[int, bytes, int, int]] = {}
+    for k in set(map(itemgetter(0), allitems)) | ({_MC, _RD} if rditems or dgs else set()):
         keyinfo[k] = _keyinfo(k)
     if counts and max(map(len, map(itemgetter(1), counts))) > U16:
         k, v = next(kv for kv in counts if len(kv[1]) > U16)
         raise FormatError(f"xattr {k[:64]!r} value too long ({len(v)} bytes)")
-    has_acl = fmt.POSIX_ACL_ACCESS in keyinfo or fmt.POSIX_ACL_DEFAULT in keyinfo
+    lay.shared, lay.shared_off, lay.shared_size, lay.keyinfo = shared, shared_off, off, keyinfo
+    lay.has_acl = fmt.POSIX_ACL_ACCESS in keyinfo or fmt.POSIX_ACL_DEFAULT in keyinfo
 
-    # ---- pass 2: xattr sizes and placement ----------------------------------------------------------
+
+def _place_inodes(lay: _Layout) -> None:
+    """Pass 4: each inode's xattr body size and form, then its nid: inodes on slot boundaries, an inline
+    tail never crossing a block (the inode moves down, or the tail becomes a full data block)."""
+    modes, tails, nblk, layouts, sizes = lay.modes, lay.tails, lay.nblk, lay.layouts, lay.sizes
+    xitems, fast, keyinfo, shared_off = lay.xitems, lay.fast, lay.keyinfo, lay.shared_off
+    n = len(lay.nodes)
+    # the layout constants as locals (the loop runs once per inode)
+    blksz, blkpad, slotpad, slotbits, xhdr, xid, xpad = BLKSZ, BLKPAD, SLOTPAD, SLOTBITS, XHDR, XID, XPAD
     xsizes = [0] * n
     nids = [0] * n
-    forms = [0] * n        # external file: 1 metacopy and redirect inline, 2 metacopy shared, 3 both shared
+    forms = [0] * n
     pos = fmt.SUPER_OFFSET + fmt.SUPERBLOCK.size
     MAXSH = fmt.MAX_SHARED_PER_INODE
-    mc_suffix = 7 + keyinfo[MC][3] if MC in keyinfo else 0
-    rd_suffix = 7 + keyinfo[RD][3] if RD in keyinfo else 0
+    RD = _RD
+    mc0 = _MC0
+    one_id = XHDR + XID            # a body of one shared id
+    two_ids = XHDR + 2 * XID       # a body of two shared ids
+    max_xsize = XHDR + XID * (fmt.XATTR_ICOUNT_MAX - 1)
+    entry_pad = XENT + XPAD        # an entry's head and the most padding it may need
+    mc_suffix = entry_pad + keyinfo[_MC][3] if _MC in keyinfo else 0
+    rd_suffix = entry_pad + keyinfo[RD][3] if RD in keyinfo else 0
     mc0_shared = mc0 in shared_off
     shared_rd = {v for k, v in shared_off if k == RD}   # the values of the shared redirects
     # the digests whose derived metacopy / redirect is shared, and the sizes of the inline ones
-    mc_sh = set(filter(None, [_digest_of_item(it) for it in shared_off if it[0] == MC]))
+    mc_sh = set(filter(None, [_digest_of_item(it) for it in shared_off if it[0] == _MC]))
     rd_sh = set(filter(None, [_digest_of_item(it) for it in shared_off if it[0] == RD]))
-    dg_mc_size = 12 + ((mc_suffix + fmt.METACOPY_SIZE) & ~3)
-    dg_rd_size = (rd_suffix + _RD_SIZE) & ~3
+    dg_mc_size = XHDR + ((mc_suffix + fmt.METACOPY_SIZE) & ~XPAD)
+    dg_rd_size = (rd_suffix + _RD_SIZE) & ~XPAD
     dg_shared = bool(mc_sh or rd_sh)
-    for i, items, base, tail, fst in zip(range(n), xitems, isz, tails, fast, strict=True):
+    for i, items, base, tail, fst in zip(range(n), xitems, lay.isz, tails, fast, strict=True):
         if items:
             if fst:
                 it_m, it_r = items
                 m_sh = mc0_shared if it_m is mc0 else it_m in shared_off
-                xsize = 16 if m_sh else 12 + ((mc_suffix + len(it_m[1])) & ~3)
+                xsize = one_id if m_sh else xhdr + ((mc_suffix + len(it_m[1])) & ~xpad)
                 if it_r[1] in shared_rd and it_r[0] == RD:   # it_r in shared_off, hashing bytes only
-                    xsize += 4
-                    forms[i] = 3 if xsize == 20 else 0
+                    xsize += xid
+                    forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
                 else:
-                    xsize += (rd_suffix + len(it_r[1])) & ~3
-                    forms[i] = 2 if m_sh else 1
+                    xsize += (rd_suffix + len(it_r[1])) & ~xpad
+                    forms[i] = _MC_SHARED if m_sh else _BOTH_INLINE
             else:
                 nsh = 0
-                xsize = 12
+                xsize = xhdr
                 for it in items:
                     if nsh < MAXSH and it in shared_off:
                         nsh += 1
-                        xsize += 4
+                        xsize += xid
                     else:
-                        xsize += (7 + keyinfo[it[0]][3] + len(it[1])) & ~3
-                if xsize > 12 + 4 * (U16 - 1):
+                        xsize += (entry_pad + keyinfo[it[0]][3] + len(it[1])) & ~xpad
+                if xsize > max_xsize:
                     raise _InodeError(i, "too many xattrs on one inode")
             xsizes[i] = xsize
             base += xsize
         elif fst:   # metacopy and redirect from the digest `fst`
             if dg_shared and (fst in mc_sh or fst in rd_sh):
                 m_sh = fst in mc_sh
-                xsize = 16 if m_sh else dg_mc_size
+                xsize = one_id if m_sh else dg_mc_size
                 if fst in rd_sh:
-                    xsize += 4
-                    forms[i] = 3 if xsize == 20 else 0
+                    xsize += xid
+                    forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
                 else:
                     xsize += dg_rd_size
-                    forms[i] = 2
-                xitems[i] = _digest_items(fst)   # the rare forms take the general paths below
+                    forms[i] = _MC_SHARED
+                xitems[i] = _digest_items(fst)   # the rare forms take the general paths of the emit
             else:
                 xsize = dg_mc_size + dg_rd_size
-                forms[i] = 1
+                forms[i] = _BOTH_INLINE
             xsizes[i] = xsize
             base += xsize
-        pos = (pos + 31) & ~31
+        pos = (pos + slotpad) & ~slotpad
         if tail:
             if not fst and modes[i] & S_IFMT == S_IFLNK:   # (fst: an external regular file)
                 total = base + tail
-                if total >= BLKSZ:  # inode + xattrs + target do not fit one block: target in a block
+                if total >= blksz:  # inode + xattrs + target do not fit one block: target in a block
                     nblk[i] = 1
                     tails[i] = tail = 0
                     layouts[i] = _PLAIN
-                if pos // BLKSZ != (pos + total - 1) // BLKSZ:
-                    pos = (pos + BLKSZ - 1) & ~(BLKSZ - 1)
+                if pos // blksz != (pos + total - 1) // blksz:
+                    pos = (pos + blkpad) & ~blkpad
             else:
-                rem = BLKSZ - (pos + base) % BLKSZ
+                rem = blksz - (pos + base) % blksz
                 if rem < tail:
-                    extra = (rem + 31) & ~31
-                    if tail <= BLKSZ - (pos + base + extra) % BLKSZ:
+                    extra = (rem + slotpad) & ~slotpad
+                    if tail <= blksz - (pos + base + extra) % blksz:
                         pos += extra
                     else:  # no inline tail after all: a full block, and the inode starts a block
                         nblk[i] += 1
@@ -652,83 +814,75 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
                         if layouts[i] != _CHUNK:
                             layouts[i] = _PLAIN
                         if modes[i] & S_IFMT == S_IFDIR:
-                            sizes[i] = nblk[i] * BLKSZ
-                        pos = (pos + BLKSZ - 1) & ~(BLKSZ - 1)
-        nids[i] = pos >> 5
+                            sizes[i] = nblk[i] * blksz
+                        pos = (pos + blkpad) & ~blkpad
+        nids[i] = pos >> slotbits
         pos += base + tail
-    inodes_end = (pos + 31) & ~31
+    lay.inodes_end = (pos + slotpad) & ~slotpad
     if nids[0] > U16:
         raise FormatError("root inode beyond the 16-bit root_nid range")
+    lay.xsizes, lay.forms, lay.nids = xsizes, forms, nids
 
-    xattr_blkaddr = inodes_end // BLKSZ
+
+def _place_blocks(lay: _Layout) -> None:
+    """Pass 5: the shared xattrs right after the inodes (ids count 4-byte units from the block they
+    start in), then the data blocks in queue order."""
+    inodes_end = lay.inodes_end
+    lay.xattr_blkaddr = inodes_end // BLKSZ
     id_base = inodes_end % BLKSZ
-    shared_ids = {it: (id_base + o) >> 2 for it, o in shared_off.items()}
-    data_start = (inodes_end + shared_size + BLKSZ - 1) & ~(BLKSZ - 1)
-    total_blocks = data_start // BLKSZ + sum(nblk)
-    if total_blocks > U32:
+    lay.shared_ids = {it: (id_base + o) // XID for it, o in lay.shared_off.items()}
+    lay.data_start = (inodes_end + lay.shared_size + BLKPAD) & ~BLKPAD
+    lay.total_blocks = lay.data_start // BLKSZ + sum(lay.nblk)
+    if lay.total_blocks > U32:
         raise FormatError("image too large")
-    if layout_hook is None:
-        buf, lo, hi = bytearray(total_blocks * BLKSZ), 0, n
-    else:
-        import xxhash
-
-        layout = (struct.pack("<QQQQ", n, total_blocks, inodes_end, shared_size)
-                  + xxhash.xxh3_128_digest(array("q", nids)))
-        buf, lo, hi = layout_hook(n, layout, total_blocks * BLKSZ)
-    if not lo:   # the header, superblock and shared xattrs go with the first inodes
-        _emit_head(buf, has_acl, version, nids[0], n, build_sec, build_nsec, total_blocks, xattr_blkaddr,
-                   shared, keyinfo, inodes_end)
-    # ---- inodes, inline tails and data blocks -------------------------------------------------------
-    _emit(buf, lo, hi, nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems,
-          uids, gids, fast, tails, dnames, dkids, dstarts, ftypes, shared_ids, keyinfo, mc0,
-          data_start // BLKSZ + sum(nblk[:lo]))
-    return buf
 
 
-def _emit_head(buf, has_acl: bool, version: int, root_nid: int, n: int, build_sec: int, build_nsec: int,
-               total_blocks: int, xattr_blkaddr: int, shared: list, keyinfo: dict, inodes_end: int) -> None:
+def _emit_head(buf, lay: _Layout) -> None:
     """The composefs header, the superblock and the shared xattr entries (after the inodes)."""
-    # ---- header and superblock -----------------------------------------------------------------------
     fmt.COMPOSEFS_HEADER.pack_into(buf, 0, fmt.COMPOSEFS_MAGIC, fmt.COMPOSEFS_HEADER_VERSION,
-                                   fmt.ComposefsFlags.HAS_ACL if has_acl else 0, version, b"")
+                                   fmt.ComposefsFlags.HAS_ACL if lay.has_acl else 0, lay.version, b"")
     sb = fmt.Superblock(
         feature_compat=fmt.FeatureCompat.MTIME | fmt.FeatureCompat.XATTR_FILTER,
-        root_nid=root_nid, inos=n, build_time=build_sec, build_time_nsec=build_nsec,
-        blocks=total_blocks, meta_blkaddr=0, xattr_blkaddr=xattr_blkaddr)
+        root_nid=lay.nids[0], inos=len(lay.nodes), build_time=lay.build_sec, build_time_nsec=lay.build_nsec,
+        blocks=lay.total_blocks, meta_blkaddr=0, xattr_blkaddr=lay.xattr_blkaddr)
     try:
         fmt.SUPERBLOCK.pack_into(buf, fmt.SUPER_OFFSET, *sb)
     except Exception as e:
         raise FormatError(f"superblock field out of range: {e}") from None
 
-    # ---- shared xattr entries ----------------------------------------------------------------------
-    p = inodes_end
+    p = lay.inodes_end
     entry_pack = fmt.XATTR_ENTRY.pack_into
-    for k, v in shared:
+    keyinfo = lay.keyinfo
+    for k, v in lay.shared:
         index, suffix, _bit, nlen = keyinfo[k]
         entry_pack(buf, p, nlen, index, len(v))
-        q = p + 4
+        q = p + XENT
         buf[q:q + nlen] = suffix
         q += nlen
         buf[q:q + len(v)] = v
-        p += (4 + nlen + len(v) + 3) & ~3
+        p += (XENT + nlen + len(v) + XPAD) & ~XPAD
 
 
-def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: list[int], nblk: list[int],
-          iu: list[int], layouts: list[int], xsizes: list[int], sizes: list[int], nlink: list[int],
-          isz: list[int], forms: list[int], xitems: list, uids: list[int], gids: list[int], fast: list,
-          tails: list[int], dnames: dict, dkids: dict, dstarts: dict, ftypes: list[int], shared_ids: dict,
-          keyinfo: dict, mc0: tuple, cur_blk: int) -> None:
-    """Inodes [lo, hi) of the laid-out image (queue order), their inline tails and data blocks (the
-    first at block `cur_blk`), into `buf`."""
-    MC, RD = _MC, _RD
+def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
+    """Pass 6: inodes [lo, hi) (queue order), their xattr bodies, inline tails and data blocks, into
+    the zeroed `buf` (nothing that is zero is written).
+
+    The hot loop of the writer.  An external file, the most common inode, is written with one
+    `pack_into` of a struct made for its shape (inode, xattr body, chunk map: `fmt.external_inode_struct`),
+    cached per shape; its xattr body comes in one of three forms (see `_Layout.forms`)."""
+    nodes, dnames, dkids, dstarts = lay.nodes, lay.dnames, lay.dkids, lay.dstarts
+    nids, ftypes, tails = lay.nids, lay.ftypes, lay.tails
+    shared_ids, keyinfo = lay.shared_ids, lay.keyinfo
+    mc0 = _MC0
+    cur_blk = lay.data_start // BLKSZ + sum(lay.nblk[:lo])
     mc_header = fmt.METACOPY_HEADER
-    DIGEST_SIZE = fmt.DIGEST_SIZE
     cpack = fmt.INODE_COMPACT.pack_into
     epack = fmt.INODE_EXTENDED.pack_into
-    null_map = b"\xff\xff\xff\xff"
+    extended = fmt.I_FORMAT_EXTENDED
+    null_map = NULL_CHUNK
     body_cache: dict = {}
     heads: dict = {}
-    nulls = {4: null_map}
+    nulls = {CHUNK_ENTRY: null_map}     # chunk map bytes -> the NULL map of that size
     dirent_structs: dict[int, struct.Struct] = {}
 
     def pack_block(off: int, bnames: list[bytes], bkids: list[int]) -> None:
@@ -736,11 +890,11 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
         cnt = len(bnames)
         st = dirent_structs.get(cnt)
         if st is None:
-            st = dirent_structs[cnt] = struct.Struct("<" + "QHBx" * cnt)
+            st = dirent_structs[cnt] = fmt.dirents_pack_struct(cnt)
         st.pack_into(buf, off, *chain.from_iterable(zip(
-            map(nids.__getitem__, bkids), accumulate(map(len, bnames[:-1]), initial=12 * cnt),
+            map(nids.__getitem__, bkids), accumulate(map(len, bnames[:-1]), initial=DIRENT * cnt),
             map(ftypes.__getitem__, bkids), strict=True)))
-        off += 12 * cnt
+        off += DIRENT * cnt
         blob = b"".join(bnames)
         buf[off:off + len(blob)] = blob
 
@@ -748,21 +902,25 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
     fcache: dict[tuple, tuple] = {}
     f1cache: dict[object, tuple] = {}
     hexlify = _hexlify
-    mc_len = keyinfo[MC][3] if MC in keyinfo else 0
-    rd_len = keyinfo[RD][3] if RD in keyinfo else 0
-    columns = [nodes, modes, nids, nblk, iu, layouts, xsizes, sizes, nlink, isz, forms, xitems, uids, gids, fast]
+    mc_len = keyinfo[_MC][3] if _MC in keyinfo else 0
+    rd_len = keyinfo[_RD][3] if _RD in keyinfo else 0
+    # the layout constants as locals (the loop runs once per inode)
+    slotbits, xhdr, xid, xpad, compact, blksz, chunk_entry = SLOTBITS, XHDR, XID, XPAD, COMPACT, BLKSZ, CHUNK_ENTRY
+    both_inline, mc_shared, both_shared = _BOTH_INLINE, _MC_SHARED, _BOTH_SHARED
+    columns = [nodes, lay.modes, nids, lay.nblk, lay.iu, lay.layouts, lay.xsizes, lay.sizes, lay.nlink,
+               lay.isz, lay.forms, lay.xitems, lay.uids, lay.gids, lay.fast]
     if (lo, hi) != (0, len(nodes)):
         columns = [c[lo:hi] for c in columns]
     for i, node, mode, nid, nb, u, layout, xsize, size, nl, isize, form, items, uid, gid, fst in zip(
             range(lo, hi), *columns, strict=True):
         t = mode & S_IFMT
-        pos = nid << 5
+        pos = nid << slotbits
         if nb:
             # a chunk map moved to a block keeps its format in the low half of i_u (libcomposefs
             # writes blkaddr, then the chunk format over it in the same union)
-            u = (cur_blk & 0xFFFF0000) | u if layout == _CHUNK else cur_blk
-        icount = ((xsize - 12) >> 2) + 1 if xsize else 0
-        if form == 1 and not nb:
+            u = (cur_blk & ~fmt.CHUNK_FORMAT_MASK) | u if layout == _CHUNK else cur_blk
+        icount = (xsize - xhdr) // xid + 1 if xsize else 0
+        if form == both_inline and not nb:
             # content no other file shares (metacopy and redirect both inline): one cached pack and
             # entry heads per (value lengths, inode size, chunk map size)
             tail = tails[i]
@@ -773,34 +931,35 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
                 fc = f1cache.get(fk)
                 if fc is None:
                     h0, _, h1 = _inline_heads(items, shared_ids, xsize, keyinfo, mc_len, rd_len)
-                    fc = f1cache[fk] = (_external_struct(isize, [len(h0), len(mv), len(h1), len(rv)], xsize,
-                                                         tail).pack_into, h0, h1, null_map * (tail >> 2))
+                    fc = f1cache[fk] = (fmt.external_inode_struct(isize, [len(h0), len(mv), len(h1), len(rv)],
+                                                                  xsize, tail).pack_into,
+                                        h0, h1, null_map * (tail // chunk_entry))
             else:
-                # the most common inode of all: both made from the digest (pass 1), so the value
+                # the most common inode of all: both made from the digest (pass 2), so the value
                 # lengths and xsize are the same for all; the metacopy header goes with the head
                 # before the digest, the redirect's leading "/" with the one before "XX/<62 hex>"
                 mv = fst
-                rv = hexlify(mv, b"/", 31)
+                rv = hexlify(mv, b"/", _HEX_SPLIT)
                 fk = isize << 16 | tail
                 fc = f1cache.get(fk)
                 if fc is None:
                     h0, _, h1 = _inline_heads(_digest_items(mv), shared_ids, xsize, keyinfo, mc_len, rd_len)
-                    fc = f1cache[fk] = (_external_struct(isize, [len(h0) + len(mc_header), DIGEST_SIZE,
-                                                                 len(h1) + 1, _RD_SIZE - 1], xsize,
-                                                         tail).pack_into,
-                                        h0 + mc_header, h1 + b"/", null_map * (tail >> 2))
+                    fc = f1cache[fk] = (fmt.external_inode_struct(
+                                            isize, [len(h0) + len(mc_header), fmt.DIGEST_SIZE, len(h1) + 1,
+                                                    _RD_SIZE - 1], xsize, tail).pack_into,
+                                        h0 + mc_header, h1 + b"/", null_map * (tail // chunk_entry))
             pk, h0, h1, nm = fc
             try:
-                if isize == 32:
+                if isize == compact:
                     pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0, h0, mv, h1, rv, nm)
                 else:
                     sec, nsec = divmod(node.mtime_ns, NS)
-                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid, sec, nsec, nl,
+                    pk(buf, pos, layout | extended, icount, mode, 0, size, u, i, uid, gid, sec, nsec, nl,
                        h0, mv, h1, rv, nm)
             except struct.error as e:
                 raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
             continue
-        if form == 2 and not nb:
+        if form == mc_shared and not nb:
             # shared metacopy, redirect inline (files without a digest, or with a payload of their
             # own: read back from an image, for one): one cached pack per
             # (metacopy, redirect length, inode size, chunk map size), the redirect the only part of
@@ -811,32 +970,32 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
             fk = (len(rv), isize, tail) if it_m is mc0 else (it_m, len(rv), isize, tail)
             fc = fcache.get(fk)
             if fc is None:
-                head = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + 3) & ~3)]
-                fc = fcache[fk] = (_external_struct(isize, [len(head), len(rv)], xsize, tail).pack_into,
-                                   head, null_map * (tail >> 2))
+                head = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + xpad) & ~xpad)]
+                fc = fcache[fk] = (fmt.external_inode_struct(isize, [len(head), len(rv)], xsize, tail).pack_into,
+                                   head, null_map * (tail // chunk_entry))
             pk, head, nm = fc
             try:
-                if isize == 32:
+                if isize == compact:
                     pk(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0, head, rv, nm)
                 else:
                     sec, nsec = divmod(node.mtime_ns, NS)
-                    pk(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid, sec, nsec, nl,
+                    pk(buf, pos, layout | extended, icount, mode, 0, size, u, i, uid, gid, sec, nsec, nl,
                        head, rv, nm)
             except struct.error as e:
                 raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
             continue
         if form and not nb:
-            # an external file in its other forms (2, 3): inode, xattrs and chunk map in one pack
+            # an external file in its other forms: inode, xattrs and chunk map in one pack
             tail = tails[i]
-            if form == 2:  # shared metacopy: cached head (header, its id, redirect entry head) + value
+            if form == mc_shared:  # shared metacopy: cached head (header, its id, redirect entry head) + value
                 rv = items[1][1]
                 hk = (items[0], len(rv))
                 head = heads.get(hk)
                 if head is None:
-                    head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + 3) & ~3)]
+                    head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + xpad) & ~xpad)]
                 parts: tuple = (head, rv)
                 sk: tuple = (isize, len(head), len(rv), tail)
-            else:  # both shared: the body is the header and two ids (form 1 is handled above)
+            else:  # both_shared: the body is the header and two ids
                 body = body_cache.get(items)
                 if body is None:
                     body = body_cache[items] = _xattr_body(items, shared_ids, xsize, keyinfo)
@@ -844,44 +1003,44 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
                 sk = (isize, tail)
             st = packs.get(sk)
             if st is None:
-                st = packs[sk] = _external_struct(isize, [len(x) for x in parts], xsize, tail)
+                st = packs[sk] = fmt.external_inode_struct(isize, [len(x) for x in parts], xsize, tail)
             nm = nulls.get(tail)
             if nm is None:
-                nm = nulls[tail] = null_map * (tail >> 2)
+                nm = nulls[tail] = null_map * (tail // chunk_entry)
             try:
-                if isize == 32:
+                if isize == compact:
                     st.pack_into(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0,
                                  *parts, nm)
                 else:
                     sec, nsec = divmod(node.mtime_ns, NS)
-                    st.pack_into(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid,
+                    st.pack_into(buf, pos, layout | extended, icount, mode, 0, size, u, i, uid, gid,
                                  sec, nsec, nl, *parts, nm)
             except struct.error as e:
                 raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
             continue
-        if isize == 32:
+        # every other inode: the inode, then its xattr body, its inline tail and data blocks apart
+        if isize == compact:
             cpack(buf, pos, layout, icount, mode, nl, size, 0, u, i, uid, gid, 0)
-            p = pos + 32
         else:
             sec, nsec = divmod(node.mtime_ns, NS)
             try:
-                epack(buf, pos, layout | 1, icount, mode, 0, size, u, i, uid, gid,
+                epack(buf, pos, layout | extended, icount, mode, 0, size, u, i, uid, gid,
                       sec, nsec, nl, b"")
             except Exception as e:
                 raise _InodeError(i, _bad_field(node, isize, mode, nl, size, u, uid, gid, e)) from None
-            p = pos + 64
+        p = pos + isize
         if xsize:
             # the common forms of an external file first (the buffer is zeroed: no padding to write)
-            if form == 2:  # shared metacopy: cached head (header, its id, redirect entry head) + value
+            if form == mc_shared:  # shared metacopy: cached head (header, its id, redirect entry head) + value
                 rv = items[1][1]
                 hk = (items[0], len(rv))
                 head = heads.get(hk)
                 if head is None:
-                    head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + 3) & ~3)]
+                    head = heads[hk] = _xattr_body(items, shared_ids, xsize, keyinfo)[:xsize - ((len(rv) + xpad) & ~xpad)]
                 q = p + len(head)
                 buf[p:q] = head
                 buf[q:q + len(rv)] = rv
-            elif form == 1:  # both inline: cached entry heads (by value lengths) around the two values
+            elif form == both_inline:  # both inline: cached entry heads (by value lengths) around the two values
                 mv = items[0][1]
                 rv = items[1][1]
                 hk = (1, len(mv), len(rv))   # not the key of the 2-part heads of the path above
@@ -901,7 +1060,7 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
                 body = body_cache.get(key)
                 if body is None:
                     body = _xattr_body(items, shared_ids, xsize, keyinfo)
-                    if layout != _CHUNK or form == 3:  # an external file's body is unique unless all shared
+                    if layout != _CHUNK or form == both_shared:  # an external file's body is unique unless all shared
                         body_cache[key] = body
                 buf[p:p + xsize] = body
             p += xsize
@@ -911,21 +1070,21 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
             kids = dkids[i]
             starts = dstarts[i]
             if len(starts) == 1:   # one block (most directories): no slicing
-                pack_block(cur_blk * BLKSZ if nb else p, names, kids)
+                pack_block(cur_blk * blksz if nb else p, names, kids)
                 cur_blk += nb
                 continue
             starts = [*starts, len(names)]
-            q = cur_blk * BLKSZ
+            q = cur_blk * blksz
             for b in range(len(starts) - 1):
                 a, e = starts[b], starts[b + 1]
                 pack_block(q if b < nb else p, names[a:e], kids[a:e])
-                q += BLKSZ
+                q += blksz
         else:
             if tail:
                 if layout == _CHUNK:
                     nm = nulls.get(tail)
                     if nm is None:
-                        nm = nulls[tail] = null_map * (tail >> 2)
+                        nm = nulls[tail] = null_map * (tail // chunk_entry)
                     buf[p:p + tail] = nm
                 elif t == S_IFLNK:
                     buf[p:p + tail] = node.target
@@ -934,53 +1093,34 @@ def _emit(buf, lo: int, hi: int, nodes: list[Inode], modes: list[int], nids: lis
                     buf[p:p + tail] = content[len(content) - tail:]
             if nb:
                 if layout == _CHUNK:
-                    data = null_map * (BLKSZ >> 2)
+                    data = null_map * (blksz // chunk_entry)
                 else:
                     data = node.target if t == S_IFLNK else node.content
-                q = cur_blk * BLKSZ
-                ln = min(len(data), nb * BLKSZ)
+                q = cur_blk * blksz
+                ln = min(len(data), nb * blksz)
                 buf[q:q + ln] = data[:ln]
         cur_blk += nb
 
 
 def _digest_items(dg: bytes) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
     """The (metacopy, redirect) items of an external file known only by its digest."""
-    return (_MC, fmt.METACOPY_HEADER + dg), (_RD, b"/" + _hexlify(dg, b"/", 31))
+    return (_MC, fmt.METACOPY_HEADER + dg), (_RD, b"/" + _hexlify(dg, b"/", _HEX_SPLIT))
 
 
 def _digest_of_item(item: tuple[bytes, bytes]) -> bytes | None:
     """The digest whose `_digest_items` include `item`, or None."""
     k, v = item
     if k == _MC:
-        if len(v) == fmt.METACOPY_SIZE and v[:4] == fmt.METACOPY_HEADER:
-            return v[4:]
+        if len(v) == fmt.METACOPY_SIZE and v[:_MCH] == fmt.METACOPY_HEADER:
+            return v[_MCH:]
     elif k == _RD and len(v) == _RD_SIZE and v[0] == 0x2F and v[3] == 0x2F:
         try:
             dg = bytes.fromhex((v[1:3] + v[4:]).decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             return None
-        if b"/" + _hexlify(dg, b"/", 31) == v:
+        if b"/" + _hexlify(dg, b"/", _HEX_SPLIT) == v:
             return dg
     return None
-
-
-def _external_struct(isize: int, parts: list[int], xsize: int, tail: int) -> struct.Struct:
-    """One struct for an external file's inode (compact or extended), its xattr body given as byte
-    strings of the lengths `parts` (metacopy entry head, value, redirect entry head, value; or head
-    and redirect value; or the whole body), padded as in the body, then its NULL chunk map (`tail`
-    bytes)."""
-    f = ["<HHHHIIIIHHI" if isize == 32 else "<HHHHQIIIIqII16x"]
-    if len(parts) == 4:   # both inline: metacopy head + value (padded), redirect head + value
-        f += [f"{parts[0]}s{parts[1]}s{-(parts[0] + parts[1]) & 3}x", f"{parts[2]}s{parts[3]}s"]
-        used = 12 + ((parts[0] - 12 + parts[1] + 3) & ~3) + parts[2] + parts[3]
-    else:
-        f += [f"{n}s" for n in parts]
-        used = sum(parts)
-    f.append(f"{xsize - used}x")
-    f.append(f"{tail}s")
-    st = struct.Struct("".join(f))
-    assert st.size == isize + xsize + tail
-    return st
 
 
 def _shared_order(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -1001,8 +1141,8 @@ def _inline_heads(items, shared_ids: dict, xsize: int, keyinfo: dict, mc_len: in
     metacopy value, where the redirect entry starts, the redirect entry's head), the same for every
     file with those value lengths."""
     body = _xattr_body(items, shared_ids, xsize, keyinfo)
-    r0 = 12 + ((7 + mc_len + len(items[0][1])) & ~3)
-    return body[:16 + mc_len], r0, body[r0:r0 + 4 + rd_len]
+    r0 = XHDR + ((XENT + XPAD + mc_len + len(items[0][1])) & ~XPAD)
+    return body[:XHDR + XENT + mc_len], r0, body[r0:r0 + XENT + rd_len]
 
 
 def _xattr_body(items, shared_ids: dict, xsize: int, keyinfo: dict) -> bytes:
@@ -1019,7 +1159,7 @@ def _xattr_body(items, shared_ids: dict, xsize: int, keyinfo: dict) -> bytes:
             ids.append(sid)
         else:
             e = fmt.XATTR_ENTRY.pack(nlen, index, len(v)) + suffix + v
-            inline.append(e + b"\0" * (-len(e) & 3))
+            inline.append(e + b"\0" * (-len(e) % fmt.XATTR_ALIGN))
     body = b"".join([fmt.XATTR_IBODY_HEADER.pack(fmt.XATTR_FILTER_DEFAULT & ~used, len(ids), b""),
                      *[fmt.XATTR_SHARED_ID.pack(x) for x in ids], *inline])
     assert len(body) == xsize

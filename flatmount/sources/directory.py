@@ -109,7 +109,8 @@ class _Scanner:
         return fd
 
     def directory(self, fd: int, st: os.stat_result, path: bytes) -> Inode:
-        return Inode(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, xattrs=_xattrs(fd, path))
+        return Inode(st.st_mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns,
+                     xattrs=_xattrs(fd, path))
 
     def leaf(self, dfd: int, name: bytes, st: os.stat_result, path: bytes) -> Inode:
         mode = st.st_mode
@@ -122,7 +123,8 @@ class _Scanner:
         else:
             # no descriptor for symlinks/devices/fifos/sockets: name them through the open parent
             where = (b"/proc/self/fd/%d/" % dfd + name) if _PROC_FD else path
-            node = Inode(mode, st.st_uid, st.st_gid, st.st_mtime_ns, xattrs=_xattrs(where, path))
+            node = Inode(mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns,
+                         xattrs=_xattrs(where, path))
             if stat.S_ISLNK(mode):
                 try:
                     node.target = os.readlink(name, dir_fd=dfd)
@@ -138,7 +140,8 @@ class _Scanner:
     def _file(self, dfd: int, name: bytes, st: os.stat_result, path: bytes) -> Inode:
         fd = self.open_checked(dfd, name, st, path, _FILE_FLAGS)
         with open(fd, "rb") as f:
-            node = Inode(st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, xattrs=_xattrs(fd, path))
+            node = Inode(st.st_mode, uid=st.st_uid, gid=st.st_gid, mtime_ns=st.st_mtime_ns,
+                         xattrs=_xattrs(fd, path))
             try:
                 size = os.fstat(fd).st_size
                 if size <= _READ_WHOLE:        # most files: one read, no streaming machinery

@@ -65,6 +65,7 @@ from flatmount.image.tree import (
     S_IFLNK,
     S_IFREG,
     Inode,
+    lookup_parts,
 )
 from flatmount.sources import whiteouts as wh
 from flatmount.sources.pipeline import (
@@ -256,14 +257,7 @@ class LayerTreeBuilder:
         return node
 
     def _lookup(self, parts: list[bytes]) -> Inode | None:
-        node = self.root
-        for p in parts:
-            if node.entries is None:
-                return None
-            node = node.entries.get(p)
-            if node is None:
-                return None
-        return node
+        return lookup_parts(self.root, parts)
 
     def add(self, name: bytes, node: Inode | None, *, link: bytes | None = None, mtime_ns: int = 0) -> None:
         """Add an entry; `node` None with `link` set is a hardlink to the earlier entry `link`.
