@@ -10,6 +10,7 @@ import os
 import sqlite3
 import subprocess
 import sys
+import textwrap
 
 import pytest
 from conftest import ROOT, require_root
@@ -181,3 +182,33 @@ def test_lease_rows_are_written_without_fsync_or_tmp_cleaning(store_paths, monke
     store.tag("img", "other")
     assert calls[-1] == (True, True)
     store.close()
+
+
+def test_an_interrupt_raised_in_a_weakref_callback_is_not_lost():
+    """A SIGINT whose handler runs inside a weakref callback raises there, and Python drops it
+    ("Exception ignored in"): the CLI delivers it again, so a stalled command still stops."""
+    code = textwrap.dedent("""
+        import sys, time, weakref
+        from flatmount.cli import keep_interrupts
+        keep_interrupts()
+
+        class T:
+            pass
+
+        def callback(_ref):
+            raise KeyboardInterrupt
+
+        t = T()
+        r = weakref.ref(t, callback)
+        try:
+            del t   # the interrupt is raised in the callback: dropped by Python
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                time.sleep(0.01)
+            print("lost")
+        except KeyboardInterrupt:
+            print("interrupted")
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.stdout.strip() == "interrupted", (p.stdout, p.stderr)

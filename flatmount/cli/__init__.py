@@ -335,6 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     import gc
 
+    keep_interrupts()
     own = gc.get_freeze_count() == 0
     if own:
         gc.freeze()
@@ -343,6 +344,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if own and argv is not None:
             gc.unfreeze()
+
+
+def keep_interrupts() -> None:
+    """Never lose a Ctrl-C: Python drops an exception raised inside a weakref callback or `__del__`
+    ("Exception ignored in ..."), and a SIGINT whose handler runs there is gone: the command would
+    go on (a stalled pull would wait forever).  Such a KeyboardInterrupt is delivered to the main
+    thread again, a moment later (from a timer thread: raised from the hook itself, it would be
+    dropped again), where it runs its course (cleanup, one line, exit)."""
+    previous = sys.unraisablehook
+    if getattr(previous, "keeps_interrupts", False):
+        return
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
+            import _thread
+            import threading
+
+            threading.Timer(0.01, _thread.interrupt_main).start()
+            return
+        previous(unraisable)
+
+    hook.keeps_interrupts = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _main(argv: Sequence[str] | None) -> int:
