@@ -15,6 +15,7 @@ from flatmount.errors import FormatError
 from flatmount.flatten import flatten_trees
 from flatmount.image import diffindex as dx
 from flatmount.image.tree import S_IFDIR, S_IFREG, Inode
+from tests.corruption import damaged
 from tests.test_erofs import every_type_tree, trees
 
 IMAGE_ID = bytes(range(16))
@@ -59,20 +60,7 @@ def test_corruption_never_crashes(root, data):
     nor loop."""
     root = _flat(root)
     good = dx.encode(root, IMAGE_ID, 99)
-    buf = bytearray(good)
-    how = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete", "u32"]))
-    pos = data.draw(st.integers(0, len(buf) - 1))
-    if how == "flip":
-        buf[pos] ^= data.draw(st.integers(1, 255))
-    elif how == "truncate":
-        del buf[pos:]
-    elif how == "insert":
-        buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
-    elif how == "delete":
-        del buf[pos:pos + data.draw(st.integers(1, 8))]
-    else:
-        pos = data.draw(st.integers(0, max(0, len(buf) - 4)))
-        buf[pos:pos + 4] = struct.pack("<I", data.draw(st.sampled_from([0, 1, 255, 1 << 20, 2**32 - 1])))
+    buf = damaged(good, data)
     if bytes(buf) != good:
         with pytest.raises(FormatError):
             ImageIndex(bytes(buf), IMAGE_ID, 99)

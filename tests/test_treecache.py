@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from flatmount.errors import FormatError
 from flatmount.image import treecache
 from flatmount.image.tree import S_IFDIR, S_IFREG, Inode
+from tests.corruption import damaged
 from tests.test_erofs import every_type_tree, trees
 
 DIGEST = "ab" * 32
@@ -49,20 +50,7 @@ def test_corruption_never_crashes(root, data):
     a well-formed tree, and never raises anything else; with the checksum intact it always refuses."""
     good = treecache.encode(root, DIGEST, 7)
     head = treecache.HEAD.size
-    buf = bytearray(good)
-    how = data.draw(st.sampled_from(["flip", "truncate", "insert", "delete", "u32"]))
-    pos = data.draw(st.integers(0, len(buf) - 1))
-    if how == "flip":
-        buf[pos] ^= data.draw(st.integers(1, 255))
-    elif how == "truncate":
-        del buf[pos:]
-    elif how == "insert":
-        buf[pos:pos] = data.draw(st.binary(min_size=1, max_size=8))
-    elif how == "delete":
-        del buf[pos:pos + data.draw(st.integers(1, 8))]
-    else:   # a plausible-looking count or length: a big u32 somewhere in the payload
-        pos = data.draw(st.integers(head, max(head, len(buf) - 4)))
-        buf[pos:pos + 4] = struct.pack("<I", data.draw(st.sampled_from([0, 1, 255, 1 << 20, 2**32 - 1])))
+    buf = damaged(good, data, u32_from=head)
     if bytes(buf) != good:
         assert _decode_or_refuse(bytes(buf)) is None           # the checksum or header catches it
     if len(buf) >= head:
