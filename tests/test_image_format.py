@@ -70,3 +70,14 @@ def test_image_modules_do_not_import_their_package():
             if isinstance(n, ast.ImportFrom) and n.module == "flatmount.image" and not n.level:
                 bad.append(f"{path.name}:{n.lineno}")
     assert bad == []
+
+
+def test_image_kind_tells_composefs_erofs_and_other():
+    from flatmount.image.tree import Inode
+    from flatmount.image.writer import image_bytes
+
+    data = image_bytes(Inode.directory())
+    assert fmt.image_kind(data) == "composefs"
+    assert fmt.image_kind(bytes(4) + data[4:]) == "erofs"          # no composefs header magic
+    assert fmt.image_kind(data[: fmt.KIND_PROBE - 1]) == "other"   # too short to hold the superblock magic
+    assert fmt.image_kind(data[:1024] + bytes(4) + data[1028:]) == "other"

@@ -445,6 +445,17 @@ assert len(InodeExtended._fields) == len(INODE_EXTENDED.unpack(bytes(64)))
 
 
 # --- small pure helpers shared by writer and reader ----------------------------------------------
+MAGIC = struct.Struct("<I")   # the first field of the composefs header and of the superblock
+KIND_PROBE = SUPER_OFFSET + MAGIC.size   # bytes `image_kind` needs
+
+
+def image_kind(head: bytes) -> str:
+    """"composefs", "erofs" or "other", from the first KIND_PROBE bytes of a file."""
+    if len(head) < KIND_PROBE or MAGIC.unpack_from(head, SUPER_OFFSET)[0] != SUPER_MAGIC:
+        return "other"
+    return "composefs" if MAGIC.unpack_from(head, 0)[0] == COMPOSEFS_MAGIC else "erofs"
+
+
 def xattr_split(name: bytes) -> tuple[int, bytes]:
     """(e_name_index, suffix) for a full xattr name, composefs prefix order."""
     for prefix, index in XATTR_WRITE_PREFIXES:

@@ -617,7 +617,7 @@ def _image_kind(path: str) -> str:
     """"composefs" (EROFS with the composefs header), "erofs", "missing" or "other".
 
     Opened without following symlinks and without blocking (a FIFO named like an image)."""
-    from flatmount.image.format import COMPOSEFS_MAGIC, SUPER_MAGIC
+    from flatmount.image import format as fmt
 
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
@@ -629,14 +629,12 @@ def _image_kind(path: str) -> str:
         st = os.fstat(fd)
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             return "other"
-        head = os.pread(fd, 1028, 0)
+        head = os.pread(fd, fmt.KIND_PROBE, 0)
     except OSError:
         return "other"
     finally:
         os.close(fd)
-    if len(head) < 1028 or struct.unpack_from("<I", head, 1024)[0] != SUPER_MAGIC:
-        return "other"
-    return "composefs" if struct.unpack_from("<I", head, 0)[0] == COMPOSEFS_MAGIC else "erofs"
+    return fmt.image_kind(head)
 
 
 def _loop_backing_file(dev: str) -> str | None:
