@@ -188,8 +188,9 @@ def test_an_interrupt_raised_in_a_weakref_callback_is_not_lost():
     """A SIGINT whose handler runs inside a weakref callback raises there, and Python drops it
     ("Exception ignored in"): the CLI delivers it again, so a stalled command still stops."""
     code = textwrap.dedent("""
-        import sys, time, weakref
+        import signal, sys, time, weakref
         from flatmount.cli import keep_interrupts
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # as at a terminal, however started
         keep_interrupts()
 
         class T:

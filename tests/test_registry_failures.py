@@ -138,6 +138,12 @@ def test_wrong_blob_and_tampered_manifest(registry, tmp_path):
         fault.stop()
 
 
+def _interruptible() -> None:
+    """In the child: SIGINT as at a terminal, even when this test run was started with it ignored
+    (a background job of a non-interactive shell): Python then turns it into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_stalled_pull(registry: Registry, tmp_path: Path):
     tars = layer_tars(2, "stall")
     layout = tmp_path / "oci"
@@ -152,7 +158,8 @@ def _start_stalled_pull(registry: Registry, tmp_path: Path):
     proc = subprocess.Popen([sys.executable, "-m", "flatmount", "pull", "--root", str(store), "--runroot",
                              str(tmp_path / "store-run"), "--config", os.devnull, "--tls-verify=false",
                              f"docker://{fault.host}/stall/img:v1"], env=env, cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_interruptible)
     assert fault.stalled.wait(60), "the pull never reached the stalled blob"
     kids = [k for k in children(proc.pid) if Path(f"/proc/{k}/comm").read_text().strip() == "skopeo"]
     assert kids, "no skopeo child found"
