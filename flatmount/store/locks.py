@@ -124,6 +124,16 @@ def posix_read_lock(fd: int) -> None:
 
 
 @contextlib.contextmanager
+def _holding(fd: int, shared: bool) -> Iterator[None]:
+    """The flock of `fd` (shared or exclusive, waiting) for the block; the fd is closed after it."""
+    try:
+        flock(fd, shared=shared)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
 def gc_lock(store: Store, shared: bool, clean: bool = True) -> Iterator[None]:
     """flock on <root>/gc.lock: writers hold it shared from first object put to commit, gc exclusive.
 
@@ -143,11 +153,8 @@ def gc_lock(store: Store, shared: bool, clean: bool = True) -> Iterator[None]:
     else:
         store.ensure_writable(clean=clean)
         fd = open_lock_file(path, create=True)
-    try:
-        flock(fd, shared=shared)
+    with _holding(fd, shared):
         yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -189,11 +196,8 @@ def store_lock(store: Store, shared: bool) -> Iterator[None]:
     if fd < 0:  # no writer ever ran here (or we may not open the file): nothing to exclude
         yield
         return
-    try:
-        flock(fd, shared=shared)
+    with _holding(fd, shared):
         yield
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
