@@ -370,21 +370,38 @@ def open_regular(path: str, what: str, *, follow: bool, dir_fd: int | None = Non
         raise
 
 
-def open_parent_below(root: str, parts: list[str]) -> int | None:
-    """An fd of the directory holding `parts[-1]` below `root`, every component opened with O_NOFOLLOW;
-    None if one is absent, not a directory or a symlink."""
+def open_parent_below(root: str, parts: list[str], *, error: type[Exception] | None = None,
+                      what: str = "") -> int | None:
+    """An fd of the directory holding `parts[-1]` below `root`, every component opened with O_NOFOLLOW.
+
+    Without `error`: None if one is absent, not a directory or a symlink.  With it: a component that
+    is a symlink or not a directory raises `error` naming it (prefixed by `what`), and any other
+    OSError propagates."""
     try:
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
+        if error is not None:
+            raise
         return None
     try:
-        for p in parts[:-1]:
-            nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        for i, p in enumerate(parts[:-1]):
+            try:
+                nfd = os.open(p, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as e:
+                if error is not None and e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise error(f"{what}: {root}/{'/'.join(parts[:i + 1])} is not a directory "
+                                "(a symbolic link?): refused") from None
+                raise
             os.close(fd)
             fd = nfd
     except OSError:
         os.close(fd)
+        if error is not None:
+            raise
         return None
+    except BaseException:
+        os.close(fd)
+        raise
     return fd
 
 

@@ -19,7 +19,6 @@ read at all.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -115,22 +114,12 @@ class Layout:
         """File `rel` of the layout (e.g. `blobs/sha256/<hex>`): a regular file reached without following
         any symlink below the layout directory (which the user named, so it may be one).  The layout
         is someone else's: a symlink or FIFO there is refused, its target never looked at."""
-        from flatmount.safepath import open_regular
+        from flatmount.safepath import open_parent_below, open_regular
 
-        *dirs, name = rel.split("/")
-        fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        parts = rel.split("/")
+        fd = open_parent_below(self.path, parts, error=LayerError, what=what)
         try:
-            for i, d in enumerate(dirs):
-                try:
-                    sub = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
-                except OSError as e:
-                    if e.errno in (errno.ELOOP, errno.ENOTDIR):
-                        raise LayerError(f"{what}: {self.path}/{'/'.join(dirs[:i + 1])} is not a directory "
-                                         "(a symbolic link?): refused") from None
-                    raise
-                os.close(fd)
-                fd = sub
-            return open_regular(name, what, follow=False, dir_fd=fd, error=LayerError)
+            return open_regular(parts[-1], what, follow=False, dir_fd=fd, error=LayerError)
         finally:
             os.close(fd)
 
