@@ -30,12 +30,10 @@ additional stores are never locked or written at all.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flatmount.errors import (
@@ -45,6 +43,7 @@ from flatmount.errors import (
     ReadOnlyStoreError,
     StoreError,
 )
+from flatmount.record import record, replace
 from flatmount.store.leases import LEASE_COLS, Lease, judge_lease, lease_rows, lease_stale_reason
 from flatmount.store.locks import lock_dir
 from objects.writemode import boot_id  # leases from another boot are stale (also for gc, bundle)
@@ -57,7 +56,7 @@ DIR_MODE = 0o700
 CAP_SYS_ADMIN = 21
 
 
-@dataclass(frozen=True)
+@record
 class CleanupResult:
     """What `cleanup` repaired; `busy` are mount dirs another process is mounting or unmounting now."""
 
@@ -260,7 +259,7 @@ def _record_mount_id(store: Store, lease: Lease) -> Lease:
             db.execute("UPDATE leases SET mnt_id = ? WHERE id = ?", (mid, lease.id))
     except (StoreError, sqlite3.Error):
         return lease   # the mount is made and leased: failing it now would leave it to cleanup
-    return dataclasses.replace(lease, mnt_id=mid)
+    return replace(lease, mnt_id=mid)
 
 
 def _create_lease(store: Store, ref: str, flat: FlatImage) -> tuple[Lease, int]:
@@ -426,7 +425,7 @@ def _detach_lazily(store: Store, lease: Lease, via: str | None = None) -> Lease:
     if via and via != lease.merged and is_mountpoint(via):
         umount_image(via, lazy=True)
     umount_image(lease.merged, lazy=True)
-    return dataclasses.replace(lease, detached_sb=sb, mnt_id=mid)
+    return replace(lease, detached_sb=sb, mnt_id=mid)
 
 
 def _refuse_foreign_namespace(lease: Lease) -> None:

@@ -111,10 +111,11 @@ _LIST_MODULES = ("import atexit, runpy, sys\n"
                  "runpy.run_module('flatmount', run_name='__main__', alter_sys=True)\n")
 
 # what neither mount nor umount of a flattened image needs: the other areas' command modules, the
-# object store (put/hash code), hashlib (the image was verified when it was written), platform
+# object store (put/hash code), hashlib (the image was verified when it was written), platform,
+# dataclasses and the inspect it imports (the records are flatmount.record classes)
 NOT_NEEDED = {"flatmount.cli.maint", "flatmount.cli.diff", "flatmount.cli.image",
               "flatmount.cli.demo", "flatmount.cli.docs", "objects.store", "objects.digest",
-              "hashlib", "platform"}
+              "hashlib", "platform", "dataclasses", "inspect"}
 
 
 def _run(paths, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("flatmount", "objects")
 
 # The layers, bottom first: a module may import its own layer and those below it.
-BASE_HELPERS = ("errors", "log", "progress", "atomic", "safepath", "quoting", "reference")
+BASE_HELPERS = ("errors", "log", "progress", "atomic", "safepath", "quoting", "reference", "record")
 LAYERS = ("base", "image", "kernel", "store", "sources", "operations", "run", "api", "cli")
 PACKAGE_LAYERS = {"image": "image", "kernel": "kernel", "store": "store", "sources": "sources",
                   "run": "run", "api": "api", "cli": "cli", "__main__": "cli"}

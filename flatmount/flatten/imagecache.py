@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import flatmount.flatten.helper as forked
@@ -15,12 +14,13 @@ from flatmount.flatten.paths import _digest_of, cached_flat_image, chain_of, fla
 from flatmount.flatten.trees import DERIVERS, _remember_tree, flat_tree
 from flatmount.image.tree import Inode
 from flatmount.log import debug
+from flatmount.record import record
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store
 
 
-@dataclass(frozen=True)
+@record
 class FlatImage:
     """A flattened image of one chain: `path` is `<store>/images/<digest>.erofs`."""
 

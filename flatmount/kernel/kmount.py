@@ -31,10 +31,10 @@ import struct
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from flatmount.errors import MountError, PermissionRequiredError
 from flatmount.log import debug
+from flatmount.record import record
 
 __all__ = ["MountEntry", "find_mount", "is_mountpoint", "mount_id", "mount_image", "not_ours_reason",
            "umount_image"]
@@ -731,7 +731,7 @@ def is_mountpoint(path: str) -> bool:
     return find_mount(path) is not None
 
 
-@dataclass(frozen=True)
+@record
 class MountEntry:
     """One line of /proc/self/mountinfo."""
 

@@ -14,15 +14,15 @@ Explicit arguments override the file; `additional` replaces the configured list.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from flatmount.errors import StoreError
+from flatmount.record import record
 
 DEFAULT_CONFIG = "/etc/flatmount/storage.conf"
 
 
-@dataclass(frozen=True)
+@record
 class StoreConfig:
     root: str | None = None
     runroot: str | None = None

@@ -9,11 +9,10 @@ container (flatmount.store.containers) still uses its copy of the mount.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from flatmount.record import record, replace
 from flatmount.store.locks import dir_busy
 from objects.writemode import boot_id  # leases from another boot are stale
 
@@ -23,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 LEASE_COLS = "id, image_digest, image_ref, merged, pid, boot_id, created, mnt_ns, mnt_id, detached_sb"
 
 
-@dataclass(frozen=True)
+@record
 class Lease:
     """One mount: `merged` is the directory to use; `id` names it for `umount`."""
 
@@ -93,7 +92,7 @@ def _container_holds(merged: str) -> bool:
 
 def judge_lease(lease: Lease, boot: str | None = None) -> Lease:
     """`lease` with its `stale_reason` filled in."""
-    return dataclasses.replace(lease, stale_reason=lease_stale_reason(lease.merged, lease.boot_id, boot,
+    return replace(lease, stale_reason=lease_stale_reason(lease.merged, lease.boot_id, boot,
                                                                       mnt_ns=lease.mnt_ns,
                                                                       mnt_id=lease.mnt_id,
                                                                       detached_sb=lease.detached_sb))

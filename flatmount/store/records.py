@@ -4,7 +4,8 @@ rules that name records (layer chain ids, timestamps)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+
+from flatmount.record import field, record
 
 SCHEMA_VERSION = 2
 
@@ -35,7 +36,7 @@ MIGRATIONS = {2: ("ALTER TABLE layers ADD COLUMN image_digest TEXT",
                   "dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER)")}
 
 
-@dataclass(frozen=True)
+@record
 class LayerRecord:
     """One layer as recorded in some store; digests are `sha256:<hex>` strings, ids bare hex."""
 
@@ -52,7 +53,7 @@ class LayerRecord:
     image_digest: str | None = field(default=None, compare=False)   # sha256 hex of image_path's bytes
 
 
-@dataclass(frozen=True)
+@record
 class ImageRecord:
     """One image; `id` is its config digest hex, `names` sorted, `config` the parsed config JSON."""
 
@@ -64,7 +65,7 @@ class ImageRecord:
     config: dict | None
 
 
-@dataclass(frozen=True)
+@record
 class RemovedImage:
     """What `Store.remove_image` did: names untagged, and the image/layers deleted (if any)."""
 
