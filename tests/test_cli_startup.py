@@ -112,10 +112,13 @@ _LIST_MODULES = ("import atexit, runpy, sys\n"
 
 # what neither mount nor umount of a flattened image needs: the other areas' command modules, the
 # object store (put/hash code), hashlib (the image was verified when it was written), platform,
-# dataclasses and the inspect it imports (the records are flatmount.record classes)
+# dataclasses and the inspect it imports (the records are flatmount.record classes), and the code that
+# writes a flattened image (the image is cached: flatmount.flatten loads its writing side lazily)
 NOT_NEEDED = {"flatmount.cli.maint", "flatmount.cli.diff", "flatmount.cli.image",
               "flatmount.cli.demo", "flatmount.cli.docs", "objects.store", "objects.digest",
-              "hashlib", "platform", "dataclasses", "inspect"}
+              "hashlib", "platform", "dataclasses", "inspect", "flatmount.flatten.helper",
+              "flatmount.flatten.trees", "flatmount.flatten.merge", "flatmount.image.tree",
+              "flatmount.image.treecache"}
 
 
 def _run(paths, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:

@@ -58,32 +58,60 @@ which chain an image has).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from flatmount.flatten.imagecache import FlatImage, flatten_chain, flatten_image, write_flat_image
-from flatmount.flatten.merge import (
-    DEFAULT_ROOT_MODE,
-    apply_layer,
-    default_root,
-    flatten_trees,
-    root_has_attributes,
-)
 from flatmount.flatten.paths import cached_flat_image, chain_of
-from flatmount.flatten.trees import (
-    DERIVERS,
-    TREE_CACHE_SIZE,
-    flat_tree,
-    load_layer_tree_cache,
-    load_tree_cache,
-    save_tree_cache,
-)
-from flatmount.flatten.trees import (
-    _Derivers as _Derivers,
-)
-from flatmount.flatten.trees import (
-    _trees as _trees,
-)
+
+# The names below are loaded from their submodule on first use (PEP 562): a mount of a cached image
+# needs only `paths` and `imagecache`, not the tree code that writes one.
+_LAZY = {
+    "DEFAULT_ROOT_MODE": "merge", "apply_layer": "merge", "default_root": "merge", "flatten_trees": "merge",
+    "root_has_attributes": "merge",
+    "DERIVERS": "trees", "TREE_CACHE_SIZE": "trees", "flat_tree": "trees", "load_layer_tree_cache": "trees",
+    "load_tree_cache": "trees", "save_tree_cache": "trees", "_Derivers": "trees", "_trees": "trees",
+}
+_SUBMODULES = frozenset({"helper", "imagecache", "merge", "paths", "trees"})
+
+if TYPE_CHECKING:  # pragma: no cover
+    from flatmount.flatten.merge import (
+        DEFAULT_ROOT_MODE,
+        apply_layer,
+        default_root,
+        flatten_trees,
+        root_has_attributes,
+    )
+    from flatmount.flatten.trees import (
+        DERIVERS,
+        TREE_CACHE_SIZE,
+        flat_tree,
+        load_layer_tree_cache,
+        load_tree_cache,
+        save_tree_cache,
+    )
+    from flatmount.flatten.trees import _Derivers as _Derivers
+    from flatmount.flatten.trees import _trees as _trees
 
 __all__ = ["DEFAULT_ROOT_MODE", "DERIVERS", "TREE_CACHE_SIZE", "FlatImage",
            "apply_layer", "cached_flat_image", "chain_of", "default_root",
            "flat_tree", "flatten_chain", "flatten_image", "flatten_trees",
            "load_layer_tree_cache", "load_tree_cache", "root_has_attributes", "save_tree_cache",
            "write_flat_image"]
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    try:
+        module = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

@@ -8,16 +8,16 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-import flatmount.flatten.helper as forked
-from flatmount.flatten.merge import apply_layer, default_root
 from flatmount.flatten.paths import _digest_of, cached_flat_image, chain_of, flat_image_path
-from flatmount.flatten.trees import DERIVERS, _remember_tree, flat_tree
-from flatmount.image.tree import Inode
 from flatmount.log import debug
 from flatmount.record import record
 
 if TYPE_CHECKING:  # pragma: no cover
+    from flatmount.image.tree import Inode
     from flatmount.store.core import Store
+
+# The writing side (helper, merge, trees) is imported by the functions that write: a mount of a
+# cached image finds it with `paths` alone (CLI start-up, issue 17).
 
 
 @record
@@ -49,6 +49,9 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
     if store.readonly:
         raise ReadOnlyStoreError(f"the flattened image of layer {key} is not cached and the primary "
                                  f"store {store.root} is opened read-only")
+    import flatmount.flatten.helper as forked
+    from flatmount.flatten.trees import DERIVERS, _remember_tree
+
     with store.gc_lock(shared=True):
         path = cached_flat_image(store, key)  # another process may have written it meanwhile
         if path is not None:
@@ -96,6 +99,8 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
 def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
     """The flattened tree of the flat image `prefix` (None: an empty root) with `layers` (records)
     applied in order.  Reads files only (no database): a helper process builds it too."""
+    from flatmount.flatten.merge import apply_layer, default_root
+    from flatmount.flatten.trees import flat_tree
     from flatmount.store.integrity import read_layer_tree
 
     tree = flat_tree(prefix, save=save) if prefix is not None else default_root()
@@ -111,6 +116,8 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
 
     The caller holds `store.gc_lock(shared=True)` until the image is recorded (GC and `clean_tmp`
     treat files nobody records as garbage once that lock is free)."""
+    from flatmount.flatten.trees import DERIVERS
+
     digest, path, size, image_id = _write_image_file(store, tree)
     if derived:
         DERIVERS.start(store, path, tree, digest, size, image_id)
