@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 from conftest import ROOT, require_root
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from layerdirs import file_tree, store_image
 
 from flatmount import cli
@@ -34,6 +36,17 @@ SAMPLES = [
     ["--root"], ["mount-image", "i"],
     # help and version
     ["-h"], ["--help", "mount"], ["mount", "--help"], ["umount", "-h"], ["objects", "refs", "-h"], ["--version"],
+    # what the parser-free path (flatmount.cli.fastparse) answers, and what it must leave to argparse
+    ["--root=/r", "--runroot", "/x", "-q", "--json", "mount", "img", "--json", "--config", "c"],
+    ["--root", "/a", "mount", "img", "--root", "/b"], ["--root", "/a", "--root", "/b", "mount", "img"],
+    ["--additional-store", "a", "mount", "img", "--additional-store", "b", "--additional-store=c"],
+    ["--additional-store", "a", "mount", "img"], ["-v", "umount", "/m", "--force", "--lazy", "--lazy"],
+    ["--debug", "--quiet", "umount", "/m"], ["--quiet", "-q", "umount", "--root=", "/m"], ["umount", ""],
+    ["mount", "--root", "-x", "img"], ["mount", "img", "--json=1"], ["umount", "/m", "--lazy=yes"],
+    ["mount", "img", "--roo", "/r"], ["mount", "-", "--root", "/r"], ["mount", "img", "--", "x"],
+    ["mount", "-1"], ["--lazy", "umount", "/m"], ["mount", "img", "-q"], ["umount", "/m", "-h"],
+    ["mount", "img", "--version"], ["mount", "img", "--root"], ["-qv", "mount", "img"], ["mount", "a=b"],
+    ["umount", "--force", "/m", "x"], ["mount", "img", "--lazy"], ["mount", "img", "--additional-store"],
 ]
 
 
@@ -59,6 +72,44 @@ def _whole(argv: list[str]) -> argparse.Namespace:
 @pytest.mark.parametrize("argv", SAMPLES, ids=lambda a: " ".join(a) or "(none)")
 def test_parse_args_answers_as_the_whole_parser(argv):
     assert _outcome(cli.parse_args, argv) == _outcome(_whole, argv)
+
+
+_WORDS = ["mount", "umount", "img", "/m", "", "-", "--", "-q", "-v", "--quiet", "--debug", "--json", "--json=1",
+          "--root", "--root=/r", "--runroot", "--config=c", "--additional-store", "--additional-store=a",
+          "--lazy", "--force", "--lazy=1", "--roo", "-h", "--help", "--version", "-1", "a=b", "mount-image", "-x"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.sampled_from(_WORDS), max_size=8))
+def test_fast_path_answers_as_the_whole_parser_on_generated_command_lines(argv):
+    """Whatever the words, `parse_args` (which tries the parser-free path first) gives what argparse
+    gives: the same namespace, or the same exit code and messages."""
+    assert _outcome(cli.parse_args, argv) == _outcome(_whole, argv)
+
+
+def test_fast_path_takes_what_argparse_defines_for_mount_and_umount():
+    """flatmount.cli.fastparse's option table is the argparse definition of the two commands (an option
+    added to one and not the other fails here), and it answers plain command lines itself."""
+    from flatmount.cli import fastparse
+
+    def options(parser):
+        return {(o, a.dest, a.nargs, type(a).__name__) for a in parser._actions for o in a.option_strings}
+
+    whole = cli.build_parser()
+    assert {x for x in options(whole) if x[0] not in ("--version", "-h", "--help")} == \
+        {(o, d, None if d in ("root", "runroot", "config", "additional_stores") else 0,
+          "_AppendAction" if d == "additional_stores" else "_StoreAction" if d in fastparse._STORE_VALUES.values()
+          else "_StoreTrueAction") for o, d in {**fastparse._GLOBAL_FLAGS, **fastparse._STORE_VALUES}.items()}
+    sub = next(a for a in whole._actions if isinstance(a, argparse._SubParsersAction))
+    for name, (positionals, flags, func) in fastparse.COMMANDS.items():
+        p = sub.choices[name]
+        assert [a.dest for a in p._actions if not a.option_strings] == list(positionals)
+        assert all(a.nargs is None and a.type is None for a in p._actions if not a.option_strings)
+        own = {"--json": "json", **fastparse._STORE_VALUES, **flags}
+        assert {o: a.dest for a in p._actions for o in a.option_strings if a.dest != "help"} == own
+        assert p.get_default("func").__name__ == func
+    assert fastparse.parse_simple(["mount", "img", "--root", "/r"]) is not None
+    assert fastparse.parse_simple(["umount", "/m", "--lazy", "-h"]) is None
 
 
 def test_each_command_alone_parses_and_helps_as_in_the_whole_parser():
@@ -110,7 +161,8 @@ _LIST_MODULES = ("import atexit, runpy, sys\n"
                  "sys.argv = ['flatmount'] + sys.argv[1:]\n"
                  "runpy.run_module('flatmount', run_name='__main__', alter_sys=True)\n")
 
-# what neither mount nor umount of a flattened image needs: the other areas' command modules, the
+# what neither mount nor umount of a flattened image needs: argparse (a plain command line is parsed
+# by flatmount.cli.fastparse), the other areas' command modules, the
 # object store (put/hash code), hashlib (the image was verified when it was written), platform,
 # dataclasses and the inspect it imports (the records are flatmount.record classes), and the code that
 # writes a flattened image (the image is cached: flatmount.flatten loads its writing side lazily)
@@ -118,7 +170,7 @@ NOT_NEEDED = {"flatmount.cli.maint", "flatmount.cli.diff", "flatmount.cli.image"
               "flatmount.cli.demo", "flatmount.cli.docs", "objects.store", "objects.digest",
               "hashlib", "platform", "dataclasses", "inspect", "flatmount.flatten.helper",
               "flatmount.flatten.trees", "flatmount.flatten.merge", "flatmount.image.tree",
-              "flatmount.image.treecache"}
+              "flatmount.image.treecache", "argparse", "gettext", "locale", "flatmount.cli.parser"}
 
 
 def _run(paths, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
