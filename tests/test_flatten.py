@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -826,6 +828,36 @@ def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
         assert flatten.load_tree_cache(tp[: -len(".tree")] + ".erofs") is not None   # rewritten
     a.close()
     b.close()
+
+
+def test_flatten_from_tree_caches_does_not_import_the_reader(tmp_path):
+    """A new process extending a cached prefix by layers that have tree caches parses no image, so it
+    does not import the EROFS reader either (its import alone cost more than decoding the caches)."""
+    from layerdirs import store_image
+
+    from flatmount.api import open_store
+    from flatmount.flatten import flatten_image
+
+    trees = chain_trees()
+    a = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    ids = store_image(a, trees[:2], "two", blobs=BIG)
+    store_image(a, trees[2:], "three", parent=ids[-1], blobs=BIG)
+    flatten_image(a, "two")
+    store_paths.wait_derived()
+    a.close()
+    code = ("import sys\n"
+            "from flatmount.api import open_store\n"
+            "from flatmount.store import paths\n"
+            "s = open_store(sys.argv[1], runroot=sys.argv[2])\n"
+            "flat = s.flatten('three')\n"
+            "paths.wait_derived()\n"
+            "s.close()\n"
+            "print(flat.reused, 'flatmount.image.reader' in sys.modules)\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "run")], cwd=root,
+                       env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]
 
 
 def test_derived_files_backlog_is_bounded(tmp_path, monkeypatch):
