@@ -656,13 +656,18 @@ def test_helper_of_a_killed_flatten_exits_and_holds_no_lock(tmp_path):
         os.close(fd)
 
 
-def test_helper_only_for_big_trees_and_when_memory_allows(monkeypatch):
+def test_helper_only_for_big_trees_and_when_memory_and_cpus_allow(monkeypatch):
     from types import SimpleNamespace
 
     from flatmount import flatten
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(flatten.helper, "_mem_available", lambda: 8 << 30)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.5))
     big = [SimpleNamespace(inodes=15_000), SimpleNamespace(inodes=15_000)]
+    assert flatten.helper._helper_pays(None, big)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 0.5, 0.5))
+    assert not flatten.helper._helper_pays(None, big)                              # no CPU to spare
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 3.0, 3.0))
     assert flatten.helper._helper_pays(None, big)
     assert not flatten.helper._helper_pays(None, big[:1])                          # small
     assert not flatten.helper._helper_pays(None, [SimpleNamespace(inodes=None)])   # unknown
