@@ -865,6 +865,40 @@ def test_flatten_from_tree_caches_does_not_import_the_reader(tmp_path):
     assert r.stdout.split() == ["False", "False"]
 
 
+def test_flatten_leaves_the_store_cleaning_to_other_writers(tmp_path, monkeypatch):
+    """Flatten (and its derived files) does not run the store's write-open cleaning (a DB check and
+    scans of tmp/, objects/.tmp and layers/): what a crashed writer left goes at the next pull, rmi
+    or gc write-open, and the image is the same."""
+    from layerdirs import store_image
+
+    from flatmount.api import open_store
+    from flatmount.flatten import flatten_image
+    from flatmount.store.core import Store
+
+    trees = chain_trees()
+    a = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    store_image(a, trees, "three", blobs=BIG)
+    a.close()
+    stale = tmp_path / "a" / "tmp" / "image-x.tmp"
+    stale.write_bytes(b"x")
+    calls = []
+    clean = Store.clean_tmp
+    monkeypatch.setattr(Store, "clean_tmp", lambda self: calls.append(1) or clean(self))
+    s = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    flat = flatten_image(s, "three")
+    store_paths.wait_derived()
+    assert calls == [] and stale.exists()
+    assert os.path.isfile(store_paths.derived_paths(flat.path)[0])
+    b = open_store(tmp_path / "b", runroot=tmp_path / "run")   # the same chain, flattened after a pull's
+    store_image(b, trees, "three", blobs=BIG)                   # write-open
+    assert flatten_image(b, "three").digest == flat.digest
+    calls.clear()
+    s.ensure_writable()                                         # the next write-open cleans
+    assert calls == [1] and not stale.exists()
+    s.close()
+    b.close()
+
+
 def test_derived_files_backlog_is_bounded(tmp_path, monkeypatch):
     """Image after image: at most MAX_PENDING derived-file writers run (each holds its tree); all
     their files are there once waited for."""
