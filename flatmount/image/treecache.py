@@ -68,7 +68,7 @@ PURE = os.environ.get("FLATMOUNT_PURE", "") not in ("", "0")
 _ctree = None
 if not PURE and sorted(Inode.__slots__) == sorted(_SLOT_NAMES):
     try:
-        from flatmount.image import _ctree
+        import flatmount.image._ctree as _ctree
     except ImportError:   # not built (no C compiler at install): the Python decoder
         pass
 
