@@ -967,6 +967,26 @@ def test_tree_cache_gives_the_image_bytes(tree):
     assert image_bytes(Image(data).root()) == data
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(erofs_trees(max_nodes=20), min_size=2, max_size=4))
+def test_chain_over_a_decoded_prefix_gives_the_scratch_bytes(layers):
+    """Random chains: the prefix's tree cache decoded by the compiled decoder and by the Python one,
+    the top layer applied, written: the same bytes as the whole chain flattened from scratch."""
+    from flatmount.image import treecache
+    from flatmount.image.writer import image_bytes
+    from tests.test_treecache import _compiled, _decoder
+
+    want = image_bytes(flatten_trees(layers))
+    prefix = flatten_trees(layers[:-1])
+    size = len(image_bytes(prefix))
+    cache = treecache.encode(prefix, "00" * 32, size)
+    for module in (_compiled(), None):
+        with _decoder(module):
+            decoded = treecache.tree_from_cache(cache, "00" * 32, size)
+        assert decoded is not None
+        assert image_bytes(apply_layer(decoded, layers[-1])) == want
+
+
 def test_applied_tree_is_filed_with_old_objects():
     """apply_layer builds new directories (dicts and inodes) with the GC paused; they hold no cycles
     and must not be left for the next young collections to walk (before the image is written)."""
