@@ -63,10 +63,11 @@ _ROW = attrgetter(*_COLUMNS)
 # named here through their descriptors (no __init__ runs), so it is used only while they are these.
 _SLOT_NAMES = ("mode", "uid", "gid", "mtime_ns", "size", "rdev", "xattrs", "target", "content", "digest",
                "payload", "entries")
-_SLOTS = tuple(Inode.__dict__[name] for name in _SLOT_NAMES)
+_SLOTS = tuple(Inode.__dict__[name] for name in _SLOT_NAMES) \
+    if sorted(Inode.__slots__) == sorted(_SLOT_NAMES) else ()
 PURE = os.environ.get("FLATMOUNT_PURE", "") not in ("", "0")
 _ctree = None
-if not PURE and sorted(Inode.__slots__) == sorted(_SLOT_NAMES):
+if not PURE and _SLOTS:
     try:
         import flatmount.image._ctree as _ctree
     except ImportError:   # not built (no C compiler at install): the Python decoder
