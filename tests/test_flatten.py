@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -654,13 +656,18 @@ def test_helper_of_a_killed_flatten_exits_and_holds_no_lock(tmp_path):
         os.close(fd)
 
 
-def test_helper_only_for_big_trees_and_when_memory_allows(monkeypatch):
+def test_helper_only_for_big_trees_and_when_memory_and_cpus_allow(monkeypatch):
     from types import SimpleNamespace
 
     from flatmount import flatten
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
     monkeypatch.setattr(flatten.helper, "_mem_available", lambda: 8 << 30)
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.5))
     big = [SimpleNamespace(inodes=15_000), SimpleNamespace(inodes=15_000)]
+    assert flatten.helper._helper_pays(None, big)
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 0.5, 0.5))
+    assert not flatten.helper._helper_pays(None, big)                              # no CPU to spare
+    monkeypatch.setattr(os, "getloadavg", lambda: (1.4, 3.0, 3.0))
     assert flatten.helper._helper_pays(None, big)
     assert not flatten.helper._helper_pays(None, big[:1])                          # small
     assert not flatten.helper._helper_pays(None, [SimpleNamespace(inodes=None)])   # unknown
@@ -828,6 +835,70 @@ def test_flatten_uses_tree_cache_in_a_new_process(tmp_path, monkeypatch):
     b.close()
 
 
+def test_flatten_from_tree_caches_does_not_import_the_reader(tmp_path):
+    """A new process extending a cached prefix by layers that have tree caches parses no image, so it
+    does not import the EROFS reader either (its import alone cost more than decoding the caches)."""
+    from layerdirs import store_image
+
+    from flatmount.api import open_store
+    from flatmount.flatten import flatten_image
+
+    trees = chain_trees()
+    a = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    ids = store_image(a, trees[:2], "two", blobs=BIG)
+    store_image(a, trees[2:], "three", parent=ids[-1], blobs=BIG)
+    flatten_image(a, "two")
+    store_paths.wait_derived()
+    a.close()
+    code = ("import sys\n"
+            "from flatmount.api import open_store\n"
+            "from flatmount.store import paths\n"
+            "s = open_store(sys.argv[1], runroot=sys.argv[2])\n"
+            "flat = s.flatten('three')\n"
+            "paths.wait_derived()\n"
+            "s.close()\n"
+            "print(flat.reused, 'flatmount.image.reader' in sys.modules)\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "run")], cwd=root,
+                       env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["False", "False"]
+
+
+def test_flatten_leaves_the_store_cleaning_to_other_writers(tmp_path, monkeypatch):
+    """Flatten (and its derived files) does not run the store's write-open cleaning (a DB check and
+    scans of tmp/, objects/.tmp and layers/): what a crashed writer left goes at the next pull, rmi
+    or gc write-open, and the image is the same."""
+    from layerdirs import store_image
+
+    from flatmount.api import open_store
+    from flatmount.flatten import flatten_image
+    from flatmount.store.core import Store
+
+    trees = chain_trees()
+    a = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    store_image(a, trees, "three", blobs=BIG)
+    a.close()
+    stale = tmp_path / "a" / "tmp" / "image-x.tmp"
+    stale.write_bytes(b"x")
+    calls = []
+    clean = Store.clean_tmp
+    monkeypatch.setattr(Store, "clean_tmp", lambda self: calls.append(1) or clean(self))
+    s = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    flat = flatten_image(s, "three")
+    store_paths.wait_derived()
+    assert calls == [] and stale.exists()
+    assert os.path.isfile(store_paths.derived_paths(flat.path)[0])
+    b = open_store(tmp_path / "b", runroot=tmp_path / "run")   # the same chain, flattened after a pull's
+    store_image(b, trees, "three", blobs=BIG)                   # write-open
+    assert flatten_image(b, "three").digest == flat.digest
+    calls.clear()
+    s.ensure_writable()                                         # the next write-open cleans
+    assert calls == [1] and not stale.exists()
+    s.close()
+    b.close()
+
+
 def test_derived_files_backlog_is_bounded(tmp_path, monkeypatch):
     """Image after image: at most MAX_PENDING derived-file writers run (each holds its tree); all
     their files are there once waited for."""
@@ -894,6 +965,26 @@ def test_tree_cache_gives_the_image_bytes(tree):
     cached = tree_from_cache(tree_cache_bytes(tree, "00" * 32, len(data)), "00" * 32, len(data))
     assert image_bytes(cached) == data
     assert image_bytes(Image(data).root()) == data
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(erofs_trees(max_nodes=20), min_size=2, max_size=4))
+def test_chain_over_a_decoded_prefix_gives_the_scratch_bytes(layers):
+    """Random chains: the prefix's tree cache decoded by the compiled decoder and by the Python one,
+    the top layer applied, written: the same bytes as the whole chain flattened from scratch."""
+    from flatmount.image import treecache
+    from flatmount.image.writer import image_bytes
+    from tests.test_treecache import _compiled, _decoder
+
+    want = image_bytes(flatten_trees(layers))
+    prefix = flatten_trees(layers[:-1])
+    size = len(image_bytes(prefix))
+    cache = treecache.encode(prefix, "00" * 32, size)
+    for module in (_compiled(), None):
+        with _decoder(module):
+            decoded = treecache.tree_from_cache(cache, "00" * 32, size)
+        assert decoded is not None
+        assert image_bytes(apply_layer(decoded, layers[-1])) == want
 
 
 def test_applied_tree_is_filed_with_old_objects():

@@ -14,7 +14,9 @@ and again in that process with the prefix's tree already in memory (a runtime ke
 object content): `top_layer_only.read_apply_write_prefix_from_disk_s` gets the cached 4-layer prefix as flatten
 does in a new process (its image in a store's images/ with the tree cache flatten keeps beside it),
 `read_apply_write_prefix_image_parsed_s` parses the EROFS image instead (a prefix without its tree
-cache), `prefix_read_tree_s`/`prefix_tree_cache_load_s` are those two reads alone, and
+cache), `prefix_read_tree_s`/`prefix_tree_cache_load_s` are those two reads alone
+(`prefix_tree_cache_load_python_decoder_s`: the tree cache read by the Python decoder, the compiled
+one's specification and fallback), and
 `write_flat_image_with_derived_files_s` is what flatten's write costs in a real store (sha256, fsync,
 and the tree cache and diff index written beside the image; their builds are timed separately).  Mount figures use a real
 store holding a smaller synthetic 5-layer chain with real content (mount cost does not grow with the
@@ -123,6 +125,7 @@ def bench_flatten(dump: Path, repeat: int) -> dict:
 
     from flatmount import flatten
     from flatmount.flatten import apply_layer, flatten_trees
+    from flatmount.image import treecache
     from flatmount.image.dump import parse_dump
     from flatmount.image.reader import read_tree
     from flatmount.image.writer import image_bytes, write_image
@@ -164,7 +167,7 @@ def bench_flatten(dump: Path, repeat: int) -> dict:
         with open(ppath, "wb") as f:
             f.write(data)
         assert flatten.save_tree_cache(ppath, prefix)
-        warm, cold, parsed, apply_only, reads, loads = [], [], [], [], [], []
+        warm, cold, parsed, apply_only, reads, loads, loads_py = [], [], [], [], [], [], []
         for _ in range(repeat):
             gc.collect()   # each timed section starts without the garbage of the previous one
             t0 = time.perf_counter()
@@ -200,6 +203,14 @@ def bench_flatten(dump: Path, repeat: int) -> dict:
             t2 = time.perf_counter()
             reads.append(t1 - t0)
             loads.append(t2 - t1b)
+            compiled, treecache._ctree = treecache._ctree, None   # the Python decoder, same file
+            try:
+                gc.collect()
+                t0 = time.perf_counter()
+                flatten.load_tree_cache(ppath)
+                loads_py.append(time.perf_counter() - t0)
+            finally:
+                treecache._ctree = compiled
         out["top_layer_only"] = {"apply_s": round(min(apply_only), 4),
                                  "apply_write_prefix_in_memory_s": round(min(warm), 3),
                                  "read_apply_write_prefix_from_disk_s": round(min(cold), 3),
@@ -207,6 +218,8 @@ def bench_flatten(dump: Path, repeat: int) -> dict:
                                  "read_apply_write_prefix_image_parsed_s": round(min(parsed), 3),
                                  "prefix_read_tree_s": round(min(reads), 3),
                                  "prefix_tree_cache_load_s": round(min(loads), 3),
+                                 "prefix_tree_cache_load_python_decoder_s": round(min(loads_py), 3),
+                                 "tree_cache_decoder": "compiled" if treecache._ctree is not None else "python",
                                  "target_s": 0.3}
         out["top_layer_only"].update(_derived_costs(apply_layer(prefix, layers[4]), tmp, repeat))
     finally:

@@ -52,7 +52,10 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
     import flatmount.flatten.helper as forked
     from flatmount.flatten.trees import DERIVERS, _remember_tree
 
-    with store.gc_lock(shared=True):
+    # clean=False: the store's write-open cleaning (stale temp files, orphan layer files: a DB check
+    # and scans, ~15 ms of a new process) is left to the next pull, rmi or gc; flatten makes nothing
+    # that cleaning would have to wait for
+    with store.gc_lock(shared=True, clean=False):
         path = cached_flat_image(store, key)  # another process may have written it meanwhile
         if path is not None:
             return FlatImage(_digest_of(path), path, key, ids, True)
@@ -64,7 +67,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
                 start = i + 1
                 break
         layers = list(chain[start:])
-        store.ensure_writable()
+        store.ensure_writable(clean=False)
         helper = forked._Helper.start(store, lambda: _chain_tree(prefix, layers, save=False)) \
             if forked._helper_pays(prefix, chain) else None
         debug("flatten %s: %s", chain[-1].id[:12] if chain else "(empty chain)",
@@ -82,7 +85,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
             from flatmount.store.integrity import record_verified
 
             st = os.lstat(path)   # (we hashed what we wrote: verified as of this identity, for mount)
-            with store.transaction(durable=False) as db:  # no refs rows: the chain's layers hold its objects
+            with store.transaction(durable=False, clean=False) as db:  # no refs rows: the chain's layers hold its objects
                 db.execute("INSERT OR REPLACE INTO flat_images(chain_key, digest, created) VALUES (?, ?, ?)",
                            (key, digest, time.time()))
                 record_verified(db, os.path.abspath(path), digest, st)
@@ -133,7 +136,7 @@ def _write_image_file(store: Store, tree: Inode, buf=None) -> tuple[str, str, in
 
     from flatmount.atomic import AtomicFile
 
-    store.ensure_writable()
+    store.ensure_writable(clean=False)   # (see flatten_chain)
     if buf is None:
         from flatmount.image.writer import image_buffer
 

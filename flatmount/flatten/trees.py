@@ -140,7 +140,7 @@ class _Derivers:
 
         tree_path, index_path = derived_paths(path)
         try:
-            with store.gc_lock(shared=True):
+            with store.gc_lock(shared=True, clean=False):   # (no store cleaning: see imagecache)
                 enabled = gc.isenabled()
                 gc.disable()  # both build many objects, none cyclic
                 try:

@@ -30,6 +30,7 @@ is simply not written.
 from __future__ import annotations
 
 import gc
+import os
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -55,6 +56,22 @@ SPARSE = (("target", SEP), ("content", LEN), ("digest", FIX32), ("payload", SEP)
 _ENTRIES = attrgetter("entries")
 _COLUMNS = (*(attr for attr, _fmt in FIXED), *(attr for attr, _how in SPARSE), "xattrs")
 _ROW = attrgetter(*_COLUMNS)
+
+
+# The decoder: compiled (flatmount/image/_ctree.c, built where a C compiler is) unless absent or
+# FLATMOUNT_PURE=1; `_decode` below is its specification and the fallback.  It fills in the Inode slots
+# named here through their descriptors (no __init__ runs), so it is used only while they are these.
+_SLOT_NAMES = ("mode", "uid", "gid", "mtime_ns", "size", "rdev", "xattrs", "target", "content", "digest",
+               "payload", "entries")
+_SLOTS = tuple(Inode.__dict__[name] for name in _SLOT_NAMES) \
+    if sorted(Inode.__slots__) == sorted(_SLOT_NAMES) else ()
+PURE = os.environ.get("FLATMOUNT_PURE", "") not in ("", "0")
+_ctree = None
+if not PURE and _SLOTS:
+    try:
+        import flatmount.image._ctree as _ctree
+    except ImportError:   # not built (no C compiler at install): the Python decoder
+        pass
 
 
 def _checksum(payload) -> int:
@@ -270,7 +287,7 @@ def decode(data: bytes, digest: str, image_size: int) -> Inode:
     enabled = gc.isenabled()
     gc.disable()  # tens of thousands of objects, none cyclic: do not let the GC rescan them meanwhile
     try:
-        root = _decode(_Cursor(data, HEAD.size))
+        root = _decode(_Cursor(data, HEAD.size)) if _ctree is None else _decode_compiled(data)
         # the tree lives as long as it is used, and holds no cycles: file its objects with the old
         # ones at once (freeze then unfreeze moves every young object to the oldest generation),
         # rather than let the next young collections walk them all
@@ -282,6 +299,14 @@ def decode(data: bytes, digest: str, image_size: int) -> Inode:
     finally:
         if enabled:
             gc.enable()
+
+
+def _decode_compiled(data: bytes) -> Inode:
+    """`_decode` by flatmount.image._ctree: the same checks, the same tree, the same refusals."""
+    try:
+        return _ctree.decode(data, HEAD.size, Inode, _SLOTS)
+    except ValueError as e:
+        raise FormatError(str(e)) from None
 
 
 def _decode(cur: _Cursor) -> Inode:
@@ -357,6 +382,8 @@ def _decode(cur: _Cursor) -> Inode:
                 raise FormatError("tree cache: duplicate entry names")
             nodes[d].entries = ents
             p = q
+        if not nodes[0].is_dir:
+            raise FormatError("tree cache: the root is not a directory")
         _check_acyclic(nodes, dirs)
     else:
         it = iter(names)

@@ -168,7 +168,6 @@ def read_layer_tree(rec: LayerRecord) -> Inode:
     checked against the sha256 recorded with the layer (flatmount.store.integrity), so a damaged one never
     flows into a flattened image.  Reads files only (no database), so a flatten helper process may
     call it too."""
-    from flatmount.image.reader import Image
     from flatmount.image.treecache import tree_from_cache
     from flatmount.store.paths import layer_cache_path
 
@@ -180,4 +179,7 @@ def read_layer_tree(rec: LayerRecord) -> Inode:
         tree = None
     if tree is not None:
         return tree
+    # (imported only now: the reader's import costs more than decoding the cache)
+    from flatmount.image.reader import Image
+
     return Image(data).root()
