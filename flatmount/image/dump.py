@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import BinaryIO, TextIO
 
 from flatmount.errors import DumpSyntaxError
+from flatmount.image import cread
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup
 from flatmount.image.tree import S_IFDIR as _S_IFDIR
 from flatmount.image.tree import S_IFLNK as _S_IFLNK
@@ -545,6 +546,11 @@ def write_dump(root: Inode, out: BinaryIO) -> None:
     so the common line (a regular file named once) is formatted in the walk itself, and the escaped
     forms of xattr entries, mtimes and digests' object paths, which repeat across inodes, are memoised.
     """
+    if cread.CREAD is not None:   # the compiled writer: None unless it took the whole tree
+        text = cread.CREAD.dump(root)
+        if text is not None:
+            out.write(text)
+            return
     from flatmount.image.writer import dir_size
 
     if root.entries is None:
