@@ -185,8 +185,7 @@ typedef struct {
     const unsigned char *d;
     uint64_t n, meta, xbase, bs, nslots, max_dirents, dirents_seen;
     unsigned bits;
-    int64_t epoch_limit_ok;
-    uint64_t epoch;
+    int64_t epoch;
     int64_t build_nsec;
     int filter;
     PyObject *name_info;    /* callable (idx, suffix) -> (name, bit) */
@@ -329,10 +328,12 @@ static int read_rec(Reader *r, uint64_t nid, Rec *rec)
         isize = EXTENDED_SIZE;
     } else {
         rec->size = le32(p + 8);
-        uint64_t secs = r->epoch + le32(p + 12);
-        if (r->epoch > (uint64_t)INT64_MAX / NS || secs > (uint64_t)(INT64_MAX - NS) / NS)
+        if (r->epoch > INT64_MAX / NS || r->epoch < INT64_MIN / NS)
             GIVEUP(r);
-        rec->mtime_ns = (int64_t)secs * NS + r->build_nsec;
+        int64_t secs = r->epoch + (int64_t)le32(p + 12);   /* (the epoch is signed: the oldest mtime) */
+        if (secs > (INT64_MAX - NS) / NS || secs < INT64_MIN / NS + 1)
+            GIVEUP(r);
+        rec->mtime_ns = secs * NS + r->build_nsec;
         rec->iu = le32(p + 16);
         rec->uid = le16(p + 24);
         rec->gid = le16(p + 26);
@@ -756,8 +757,8 @@ static PyObject *read_tree(PyObject *self, PyObject *args)
 {
     (void)self;
     Py_buffer buf;
-    unsigned long long meta, xbase, epoch, root_nid;
-    long long build_nsec;
+    unsigned long long meta, xbase, root_nid;
+    long long epoch, build_nsec;
     unsigned bits;
     int filter;
     PyObject *name_info;
@@ -765,7 +766,7 @@ static PyObject *read_tree(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_RuntimeError, "_cread.setup() was not called");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "y*KKIKLKpO:read_tree", &buf, &meta, &xbase, &bits, &epoch, &build_nsec,
+    if (!PyArg_ParseTuple(args, "y*KKILLKpO:read_tree", &buf, &meta, &xbase, &bits, &epoch, &build_nsec,
                           &root_nid, &filter, &name_info))
         return NULL;
     Reader *r = PyMem_Calloc(1, sizeof(Reader));
@@ -1518,7 +1519,9 @@ static int exec_module(PyObject *m)
 {
     for (int h = 0; h < 256; h++) {
         if (hex_names[h] == NULL) {
-            hex_names[h] = PyBytes_FromFormat("%02x", h);
+            static const char hx[] = "0123456789abcdef";
+            char two[2] = {hx[h >> 4], hx[h & 15]};
+            hex_names[h] = PyBytes_FromStringAndSize(two, 2);
             if (hex_names[h] == NULL)
                 return -1;
         }
