@@ -847,6 +847,7 @@ done:
 typedef struct {
     char *p;
     size_t len, cap;
+    PyObject *obj;   /* when set, `p` is this bytes object's buffer (the result, written in place) */
 } Buf;
 
 static int grow(Buf *b, size_t extra)
@@ -860,6 +861,15 @@ static int grow(Buf *b, size_t extra)
             return -1;
         }
         cap *= 2;
+    }
+    if (b->obj != NULL) {
+        if (_PyBytes_Resize(&b->obj, (Py_ssize_t)cap) < 0) {   /* (frees it on failure) */
+            b->p = NULL;
+            return -1;
+        }
+        b->p = PyBytes_AS_STRING(b->obj);
+        b->cap = cap;
+        return 0;
     }
     char *p = PyMem_Realloc(b->p, cap);
     if (p == NULL) {
@@ -1024,7 +1034,7 @@ typedef struct {
     Links links;
     PyObject *root;
     int giveup;
-    size_t dir_visits;
+    size_t dir_visits, names;
 } Dumper;
 
 #define DGIVEUP(dm) do { (dm)->giveup = 1; return -1; } while (0)
@@ -1076,6 +1086,7 @@ static int count_links(Dumper *dm)
             dm->giveup = 1;
             goto out;
         }
+        dm->names += (size_t)PyDict_GET_SIZE(ents);
         Py_ssize_t pos = 0;
         PyObject *k, *child;
         while (PyDict_Next(ents, &pos, &k, &child)) {
@@ -1408,7 +1419,7 @@ static PyObject *dump(PyObject *self, PyObject *arg)
     Dumper dm;
     memset(&dm, 0, sizeof dm);
     dm.root = arg;
-    Buf path = {NULL, 0, 0};
+    Buf path = {NULL, 0, 0, NULL};
     Frame *frames = NULL;
     size_t nf = 0, capf = 0;
     PyObject *result = NULL;
@@ -1418,6 +1429,17 @@ static PyObject *dump(PyObject *self, PyObject *arg)
     }
     if (count_links(&dm) < 0)
         goto done;
+    /* the text goes straight into the result, sized for the usual line (~140 bytes; pages never
+     * written are never touched) */
+    if (dm.names > (PY_SSIZE_T_MAX - 4096) / 256) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    dm.out.cap = 192 * (dm.names + 1) + 4096;
+    dm.out.obj = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)dm.out.cap);
+    if (dm.out.obj == NULL)
+        goto done;
+    dm.out.p = PyBytes_AS_STRING(dm.out.obj);
     PyObject *names = sorted_names(&dm, SLOT(arg, F_ENTRIES));
     if (names == NULL)
         goto done;
@@ -1485,14 +1507,16 @@ static PyObject *dump(PyObject *self, PyObject *arg)
             frames[nf++] = (Frame){cnames, cents, 0, path.len};
         }
     }
-    if (!dm.giveup)
-        result = PyBytes_FromStringAndSize(dm.out.p, (Py_ssize_t)dm.out.len);
+    if (!dm.giveup && _PyBytes_Resize(&dm.out.obj, (Py_ssize_t)dm.out.len) == 0) {
+        result = dm.out.obj;
+        dm.out.obj = NULL;
+    }
 done:
     while (nf)
         Py_DECREF(frames[--nf].names);
     PyMem_Free(frames);
     PyMem_Free(path.p);
-    PyMem_Free(dm.out.p);
+    Py_XDECREF(dm.out.obj);
     PyMem_Free(dm.links.t);
     if (PyErr_Occurred()) {
         Py_XDECREF(result);
