@@ -18,6 +18,13 @@ form (no xattrs; an external file's metacopy/redirect pair, inline or shared) wi
 with the same checks as the general per-inode path (`_rec`/`_make`), which takes every other form and
 every inode that fails a check, so the two never disagree (tests/test_erofs_hostile.py damages images
 to check that).  Every layout size and struct comes from `format`, as in the writer.
+
+Where it was built, `root()` first tries the compiled whole-tree read (image/_cread.c, picked by
+image/cread.py; `FLATMOUNT_PURE=1` turns it off).  It takes only valid images of the common forms and
+gives up (returns None) on anything else: damage of any kind, whiteout files to convert, a bound that
+fails, an xattr name `_xname` refuses.  This Python code then reads the same bytes, so it stays the
+specification and the only place that words an error (tests/test_cread.py runs both on the same
+images, damaged ones included, and compares trees, dumps and messages).
 """
 
 from __future__ import annotations
