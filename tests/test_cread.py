@@ -335,3 +335,16 @@ def test_no_references_leak(native, tmp_path):
     finally:
         tracemalloc.stop()
     assert grown < 64 * 1024, grown
+
+
+def test_setup_refuses_another_model(native):
+    """A class whose slots are not the tree model's is refused (the compiled path would leave a new
+    field unset), and the module keeps working with the real one."""
+    class Other:
+        __slots__ = ("mode", "uid")
+
+    with pytest.raises(TypeError):
+        native.setup(Other)
+    native.setup(Inode)
+    tree = external_forms_tree()
+    assert native.dump(tree) == dump_with(None, tree)

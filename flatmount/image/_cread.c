@@ -82,6 +82,21 @@ static PyObject *setup(PyObject *self, PyObject *cls)
         PyErr_SetString(PyExc_TypeError, "setup() takes the Inode class");
         return NULL;
     }
+    /* exactly the slots this module fills (a new field would be left unset by new_inode) */
+    PyObject *declared = PyObject_GetAttrString(cls, "__slots__");
+    if (declared == NULL)
+        return NULL;
+    int same = PyTuple_Check(declared) && PyTuple_GET_SIZE(declared) == NFIELDS;
+    for (int i = 0; same && i < NFIELDS; i++) {
+        PyObject *name = PyTuple_GET_ITEM(declared, i);
+        same = PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, field_names[i]) == 0;
+    }
+    Py_DECREF(declared);
+    if (!same) {
+        PyErr_SetString(PyExc_TypeError, "Inode.__slots__ are not the fields _cread knows");
+        return NULL;
+    }
+    Py_ssize_t offs[NFIELDS];
     for (int i = 0; i < NFIELDS; i++) {
         PyObject *d = PyObject_GetAttrString(cls, field_names[i]);
         if (d == NULL)
@@ -92,9 +107,10 @@ static PyObject *setup(PyObject *self, PyObject *cls)
             PyErr_Format(PyExc_TypeError, "Inode.%s is not a __slots__ member", field_names[i]);
             return NULL;
         }
-        field_off[i] = ((PyMemberDescrObject *)d)->d_member->offset;
+        offs[i] = ((PyMemberDescrObject *)d)->d_member->offset;
         Py_DECREF(d);
     }
+    memcpy(field_off, offs, sizeof offs);
     Py_INCREF(cls);
     Py_XSETREF(inode_type, (PyTypeObject *)cls);
     Py_RETURN_NONE;
@@ -793,8 +809,8 @@ static PyObject *read_tree(PyObject *self, PyObject *args)
     r->nslots = ((r->n - meta) >> SLOTBITS) + 1;
     r->objs = PyMem_Calloc(r->nslots, sizeof(PyObject *));
     r->seen = PyMem_Calloc(r->nslots, 1);
-    if (r->objs == NULL || r->seen == NULL) {
-        PyErr_NoMemory();
+    if (r->objs == NULL || r->seen == NULL) {   /* (a huge image): the Python reader, with its dicts */
+        r->giveup = 1;
         goto done;
     }
     Rec rec;
