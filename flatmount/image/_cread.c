@@ -1319,15 +1319,22 @@ static int put_line(Dumper *dm, PyObject *node, const char *path, size_t path_le
             if (pl != Py_None) {
                 if (!PyUnicode_CheckExact(pl))
                     DGIVEUP(dm);
-                enc = PyUnicode_AsEncodedString(pl, "utf-8", "surrogateescape");
-                if (enc == NULL) {
-                    if (!PyErr_ExceptionMatches(PyExc_Exception))
-                        return -1;
-                    PyErr_Clear();
-                    DGIVEUP(dm);
+                if (PyUnicode_READY(pl) < 0)
+                    return -1;
+                if (PyUnicode_IS_ASCII(pl)) {   /* its UTF-8 is its own bytes */
+                    payload = (const unsigned char *)PyUnicode_DATA(pl);
+                    plen = (size_t)PyUnicode_GET_LENGTH(pl);
+                } else {
+                    enc = PyUnicode_AsEncodedString(pl, "utf-8", "surrogateescape");
+                    if (enc == NULL) {
+                        if (!PyErr_ExceptionMatches(PyExc_Exception))
+                            return -1;
+                        PyErr_Clear();
+                        DGIVEUP(dm);
+                    }
+                    payload = (const unsigned char *)PyBytes_AS_STRING(enc);
+                    plen = (size_t)PyBytes_GET_SIZE(enc);
                 }
-                payload = (const unsigned char *)PyBytes_AS_STRING(enc);
-                plen = (size_t)PyBytes_GET_SIZE(enc);
             }
             if (dg != Py_None) {
                 if (!PyBytes_CheckExact(dg)) {
