@@ -348,3 +348,25 @@ def test_setup_refuses_another_model(native):
     native.setup(Inode)
     tree = external_forms_tree()
     assert native.dump(tree) == dump_with(None, tree)
+
+
+@pytest.mark.parametrize("payload", ["ab/plain", "ab/caf\u00e9", "ab/\udcff\udcfe", "-", "", "ab/with space=x"])
+def test_payload_encodings_dump_alike(native, payload):
+    """Payloads: ASCII, other UTF-8, surrogate-escaped bytes, and the `-`/empty special cases."""
+    tree = Inode.directory()
+    tree.entries[b"f"] = Inode(stat.S_IFREG | 0o644, size=100, payload=payload, digest=b"\x01" * 32)
+    tree.entries[b"g"] = tree.entries[b"f"]
+    assert native.dump(tree) is not None
+    assert dump_with(native, tree) == dump_with(None, tree)
+
+
+def test_unencodable_payload_left_to_python(native):
+    tree = Inode.directory()
+    tree.entries[b"f"] = Inode(stat.S_IFREG | 0o644, size=100, payload="ab/\ud800")
+    assert native.dump(tree) is None
+    errors = []
+    for mod in (native, None):
+        with pytest.raises(UnicodeEncodeError) as e:
+            dump_with(mod, tree)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
