@@ -866,10 +866,17 @@ typedef struct {
     PyObject *obj;   /* when set, `p` is this bytes object's buffer (the result, written in place) */
 } Buf;
 
-static int grow(Buf *b, size_t extra)
+static int grow_slow(Buf *b, size_t extra);
+
+static inline int grow(Buf *b, size_t extra)
 {
     if (b->len + extra <= b->cap)
         return 0;
+    return grow_slow(b, extra);
+}
+
+static int grow_slow(Buf *b, size_t extra)
+{
     size_t cap = b->cap ? b->cap : 1 << 16;
     while (cap < b->len + extra) {
         if (cap > PY_SSIZE_T_MAX / 2) {
@@ -914,15 +921,26 @@ static inline int putc_(Buf *b, char c)
     return 0;
 }
 
-static int put_u64(Buf *b, unsigned long long v, int base)
+static int put_u64(Buf *b, unsigned long long v)
 {
-    char tmp[32];
-    int i = 32;
+    char tmp[24];
+    int i = 24;
     do {
-        tmp[--i] = (char)('0' + v % (unsigned)base);
-        v /= (unsigned)base;
+        tmp[--i] = (char)('0' + v % 10);
+        v /= 10;
     } while (v);
-    return put(b, tmp + i, (size_t)(32 - i));
+    return put(b, tmp + i, (size_t)(24 - i));
+}
+
+static int put_oct(Buf *b, unsigned long long v)
+{
+    char tmp[24];
+    int i = 24;
+    do {
+        tmp[--i] = (char)('0' + (v & 7));
+        v >>= 3;
+    } while (v);
+    return put(b, tmp + i, (size_t)(24 - i));
 }
 
 static int put_i64(Buf *b, long long v)
@@ -930,41 +948,54 @@ static int put_i64(Buf *b, long long v)
     if (v < 0) {
         if (putc_(b, '-') < 0)
             return -1;
-        return put_u64(b, (unsigned long long)0 - (unsigned long long)v, 10);
+        return put_u64(b, (unsigned long long)0 - (unsigned long long)v);
     }
-    return put_u64(b, (unsigned long long)v, 10);
+    return put_u64(b, (unsigned long long)v);
 }
 
 /* composefs-info's escaping (dump.py `escape`): bytes outside 0x21..0x7e as \xHH, except \\ \n \r \t;
  * `=` as \x3d when escape_equal. */
 static int put_escaped(Buf *b, const unsigned char *s, size_t k, int escape_equal)
 {
+    /* per byte: 0 copied as is, 1 (`=`) escaped only in xattrs, 2 escaped */
+    static unsigned char cls[256];
+    static int ready;
+    static const char hx[] = "0123456789abcdef";
+    if (!ready) {
+        for (int c = 0; c < 256; c++)
+            cls[c] = (c >= 0x21 && c <= 0x7e && c != '\\') ? 0 : 2;
+        cls['='] = 1;
+        ready = 1;
+    }
     if (grow(b, 4 * k) < 0)
         return -1;
     char *o = b->p + b->len;
-    static const char hx[] = "0123456789abcdef";
-    for (size_t i = 0; i < k; i++) {
-        unsigned c = s[i];
-        if (c == '\\') {
+    unsigned stop = escape_equal ? 1 : 2;   /* bytes of a class at or above this are escaped */
+    size_t i = 0;
+    while (i < k) {
+        size_t j = i;
+        while (j < k && cls[s[j]] < stop)
+            j++;
+        memcpy(o, s + i, j - i);
+        o += j - i;
+        if (j == k)
+            break;
+        unsigned c = s[j];
+        *o++ = '\\';
+        if (c == '\\')
             *o++ = '\\';
-            *o++ = '\\';
-        } else if (c == '\n') {
-            *o++ = '\\';
+        else if (c == '\n')
             *o++ = 'n';
-        } else if (c == '\r') {
-            *o++ = '\\';
+        else if (c == '\r')
             *o++ = 'r';
-        } else if (c == '\t') {
-            *o++ = '\\';
+        else if (c == '\t')
             *o++ = 't';
-        } else if (c >= 0x21 && c <= 0x7e && !(escape_equal && c == '=')) {
-            *o++ = (char)c;
-        } else {
-            *o++ = '\\';
+        else {
             *o++ = 'x';
             *o++ = hx[c >> 4];
             *o++ = hx[c & 15];
         }
+        i = j + 1;
     }
     b->len = (size_t)(o - b->p);
     return 0;
@@ -1361,7 +1392,7 @@ static int put_line(Dumper *dm, PyObject *node, const char *path, size_t path_le
     if (put(b, path, path_len) < 0)
         goto out;
     if (putc_(b, ' ') < 0 || put_i64(b, size) < 0 || putc_(b, ' ') < 0 || (later && putc_(b, '@') < 0)
-        || put_u64(b, (unsigned long long)mode, 8) < 0 || putc_(b, ' ') < 0 || put_i64(b, nlink) < 0
+        || put_oct(b, (unsigned long long)mode) < 0 || putc_(b, ' ') < 0 || put_i64(b, nlink) < 0
         || putc_(b, ' ') < 0 || put_i64(b, uid) < 0 || putc_(b, ' ') < 0 || put_i64(b, gid) < 0
         || putc_(b, ' ') < 0 || put_i64(b, rdev) < 0 || putc_(b, ' ') < 0 || put_mtime(b, mtime) < 0
         || putc_(b, ' ') < 0)
