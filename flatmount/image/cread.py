@@ -25,7 +25,7 @@ def _load() -> ModuleType | None:
     if PURE:
         return None
     try:
-        from flatmount.image import _cread
+        import flatmount.image._cread as _cread
     except ImportError:
         return None
     try:

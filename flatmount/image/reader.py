@@ -38,9 +38,9 @@ from collections.abc import Callable, Generator
 from operator import lt as _lt
 from operator import sub as _sub
 
+import flatmount.image.cread as cread
 import flatmount.image.format as fmt
 from flatmount.errors import CorruptImageError
-from flatmount.image import cread
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, split_path
 
 __all__ = ["Image", "read_tree", "collect_objects"]
