@@ -20,6 +20,7 @@ import os
 from collections.abc import Iterable
 from typing import BinaryIO, TextIO
 
+import flatmount.image.cread as cread
 from flatmount.errors import DumpSyntaxError
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup
 from flatmount.image.tree import S_IFDIR as _S_IFDIR
@@ -544,7 +545,15 @@ def write_dump(root: Inode, out: BinaryIO) -> None:
     `composefs-info dump` speed matters here (a 64k-inode image is dumped in a fraction of a second),
     so the common line (a regular file named once) is formatted in the walk itself, and the escaped
     forms of xattr entries, mtimes and digests' object paths, which repeat across inodes, are memoised.
+    Faster still, where it was built, the compiled writer (image/_cread.c) formats the whole text by
+    the same rules; it gives up (None) on any tree it does not fully take (a value of another type, an
+    empty symlink target, ...), and this code then writes it and raises what it raises.
     """
+    if cread.CREAD is not None:   # the compiled writer: None unless it took the whole tree
+        text = cread.CREAD.dump(root)
+        if text is not None:
+            out.write(text)
+            return
     from flatmount.image.writer import dir_size
 
     if root.entries is None:

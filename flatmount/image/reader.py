@@ -18,6 +18,13 @@ form (no xattrs; an external file's metacopy/redirect pair, inline or shared) wi
 with the same checks as the general per-inode path (`_rec`/`_make`), which takes every other form and
 every inode that fails a check, so the two never disagree (tests/test_erofs_hostile.py damages images
 to check that).  Every layout size and struct comes from `format`, as in the writer.
+
+Where it was built, `root()` first tries the compiled whole-tree read (image/_cread.c, picked by
+image/cread.py; `FLATMOUNT_PURE=1` turns it off).  It takes only valid images of the common forms and
+gives up (returns None) on anything else: damage of any kind, whiteout files to convert, a bound that
+fails, an xattr name `_xname` refuses.  This Python code then reads the same bytes, so it stays the
+specification and the only place that words an error (tests/test_cread.py runs both on the same
+images, damaged ones included, and compares trees, dumps and messages).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from collections.abc import Callable, Generator
 from operator import lt as _lt
 from operator import sub as _sub
 
+import flatmount.image.cread as cread
 import flatmount.image.format as fmt
 from flatmount.errors import CorruptImageError
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, split_path
@@ -948,9 +956,15 @@ class Image:
 
     def _root(self) -> Inode:
         self._dirents_seen = 0
-        rec = self._rec(self._root_nid)
-        node, _ = self._make(rec)
-        self._fill(rec, node, rec.nid, True)
+        node = None
+        if cread.CREAD is not None:   # the compiled read: None unless it took the whole image
+            node = cread.CREAD.read_tree(self._d, self._meta, self._xbase, self._bits, self._epoch,
+                                         self.superblock.build_time_nsec, self._root_nid, self._filter,
+                                         _name_info)
+        if node is None:
+            rec = self._rec(self._root_nid)
+            node, _ = self._make(rec)
+            self._fill(rec, node, rec.nid, True)
         # the whole tree is read (and the GC paused, see _guard): file its objects with the old ones
         # at once (freeze then unfreeze), or the next young collections would walk them all
         gc.freeze()
@@ -1001,6 +1015,12 @@ class Image:
                     return nids[a], ftypes[a]
                 return None
         return None
+
+def _name_info(index: int, suffix: bytes) -> tuple[bytes, int]:
+    """(full name, name-filter bit) of an xattr name, for the compiled read (it raises on a name
+    `_xname` refuses, and the compiled read then leaves the image to the Python path)."""
+    return Image._xname(index, suffix, 0, 0), 1 << fmt.xattr_filter_bit(index, suffix)
+
 
 def read_tree(path: str | os.PathLike) -> Inode:
     """The tree of the image file at `path`."""
