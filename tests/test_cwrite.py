@@ -1,0 +1,145 @@
+"""The compiled fast paths of `mkimage --from-dump` (flatmount/image/_cwrite.c) against the pure-Python
+code they stand in for: the same trees and the same bytes on every input, the same errors (the C
+gives up and Python words them), and FLATMOUNT_PURE=1 turning them off."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import subprocess
+import sys
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flatmount.errors import FlatmountError
+from flatmount.image import accel, dump
+from flatmount.image.dump import dump_bytes, parse_dump
+from flatmount.image.tree import Inode
+from tests import pin_trees
+from tests.conftest import ROOT, shared_data
+from tests.cwrite_helpers import require_cwrite, use
+from tests.test_dump import REJECTIONS, hardlink_groups, trees
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def parse_with(impl: str, data: bytes):
+    """("ok", tree) or ("error", class, message, line) of parse_dump with the implementation `impl`."""
+    saved = use(impl)
+    try:
+        return ("ok", parse_dump(data))
+    except FlatmountError as e:
+        return ("error", type(e), str(e), getattr(e, "offset", None))
+    finally:
+        accel.CWRITE = saved
+
+
+def native_tree(data: bytes) -> Inode | None:
+    """The compiled parser's own answer (None: it gave up), hardlinks resolved as parse_dump does."""
+    got = require_cwrite().parse_dump(data, Inode, dump._Fixup)
+    if got is None:
+        return None
+    root, fixups = got
+    if fixups:
+        dump._resolve_hardlinks(root, fixups)
+    return root
+
+
+def same_outcome(data: bytes) -> None:
+    a, b = parse_with("python", data), parse_with("native", data)
+    assert a[0] == b[0], (a, b)
+    if a[0] == "ok":
+        assert a[1] == b[1]
+        assert hardlink_groups(a[1]) == hardlink_groups(b[1])
+        assert dump_bytes(a[1]) == dump_bytes(b[1])
+    else:
+        assert a == b
+
+
+def test_pure_env_turns_the_compiled_code_off():
+    require_cwrite()
+    code = "from flatmount.image import accel; print(accel.CWRITE is None, accel.PURE)"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    for value, want in (("1", "True True"), ("0", "False False"), (None, "False False")):
+        env.pop("FLATMOUNT_PURE", None)
+        if value is not None:
+            env["FLATMOUNT_PURE"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout.split()
+        assert " ".join(out) == want, value
+
+
+@pytest.mark.parametrize("name", pin_trees.DUMPS)
+def test_cs9_dumps_parse_the_same(name):
+    data = gzip.decompress(shared_data(name).read_bytes())
+    fast = native_tree(data)
+    assert fast is not None                      # the compiled parser takes composefs' own dumps
+    ok, slow = parse_with("python", data)
+    assert ok == "ok" and fast == slow
+    assert dump_bytes(fast) == dump_bytes(slow) == data
+
+
+PIN_TREES = [pin_trees.every_type_tree, pin_trees.layer_tree, pin_trees.cfs_no_newline,
+             pin_trees.cfs_chardev_nonzero_size, pin_trees.cfs_longlink,
+             lambda: pin_trees.cfs_bigfile(1 << 40, {b"user.x": b"y"})]
+
+
+@pytest.mark.parametrize("make", PIN_TREES, ids=range(len(PIN_TREES)))
+def test_composefs_test_trees_parse_the_same(make):
+    data = dump_bytes(make())
+    fast = native_tree(data)
+    assert fast is not None
+    assert fast == parse_with("python", data)[1]
+    same_outcome(data)
+
+
+@pytest.mark.parametrize(("text", "lineno", "fragment"), REJECTIONS,
+                         ids=[f"r{i}" for i in range(len(REJECTIONS))])
+def test_bad_dumps_give_up_and_python_words_the_error(text, lineno, fragment):
+    data = text.encode()
+    got = require_cwrite().parse_dump(data, Inode, dump._Fixup)
+    assert got is None or got[1]    # gave up, or left `@` lines whose resolution (Python) fails
+    same_outcome(data)
+
+
+@SETTINGS
+@given(trees())
+def test_random_trees_parse_the_same(root):
+    data = dump_bytes(root)
+    fast = native_tree(data)
+    assert fast is not None and fast == root
+    assert hardlink_groups(fast) == hardlink_groups(root)
+    same_outcome(data)
+
+
+# bytes that make a valid dump invalid, or valid in another way, when they replace one of its bytes
+EDIT_BYTES = st.sampled_from([b" ", b"\\", b"\n", b"@", b"-", b"/", b".", b"=", b"0", b"7", b"9", b"x",
+                              b"a", b"", b"  ", b"\\x", b"\\x2d", b"\\x00", b"\\n", b"12", b"\x00"])
+
+
+@SETTINGS
+@given(trees(), st.lists(st.tuples(st.integers(0, 10**6), EDIT_BYTES), min_size=1, max_size=4))
+def test_edited_dumps_give_the_same_tree_or_error(root, edits):
+    data = bytearray(dump_bytes(root))
+    for pos, new in edits:
+        pos %= len(data)
+        data[pos:pos + 1] = new
+    same_outcome(bytes(data))
+
+
+@pytest.mark.parametrize("text", [
+    b"/ 0 40755 2 0 0 0 0.0 - - -\n/a 0 100644 1 0 0 0 0.0 - - -\n/b 0 @100644 1 0 0 0 0.0 /a - -\n",
+    b"/ 0 40755 2 0 0 0 0.0 - - -\n/b 0 @100644 1 0 0 0 0.0 /a - -\n/a 0 100644 1 0 0 0 0.0 - - -",
+    b"/ 0 40755 2 0 0 0 0.0 - - -\n/b 0 @100644 1 0 0 0 0.0 /c - -\n/c 0 @100644 1 0 0 0 0.0 /b - -\n",
+    b"/ 0 40755 2 0 0 0 0.0 - - -\n/b 0 @100644 1 0 0 0 0.0 /nope - -\n",
+    b"/ 0 40755 2 0 0 0 0.0 - - -\n/d 0 40755 2 0 0 0 0.0 - - -\n/b 0 @100644 1 0 0 0 0.0 /d - -\n",
+    b"/ 0 40755 2 0 0 0 0.0 - - -\n/a 0 100644 1 0 0 0 0.0 - - -\n/b 0 @100644 1 0 0 0 0.0 /a/../a - -\n",
+    b"/ 0 40755 2 0 0 0 -1.5 - - - \n/a\\x20b 3 100644 1 0 0 0 -0.999999999 - a\\x00b - user.k\\x3d=\\x3d\n",
+    b"/ 0 40755 2 0 0 0 99999999999.0 - - -\n",
+    b"/ 0 40755 2 0 0 0 0.0 - - -\n/a 0 100644 1 0 0 0 0.0 - - " + b"a" * 63 + b"\n",
+    b"/ 0 40755 2 0 0 0 0.0 - - -\n/a 0 100644 1 0 0 0 0.0 - - " + b"A" * 64 + b"\n",
+])
+def test_hardlinks_and_corner_cases_the_same(text):
+    same_outcome(text)
