@@ -4,6 +4,7 @@ gives up and Python words them), and FLATMOUNT_PURE=1 turning them off."""
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import subprocess
@@ -21,8 +22,11 @@ from tests import pin_trees
 from tests.conftest import ROOT, shared_data
 from tests.cwrite_helpers import require_cwrite, use
 from tests.test_dump import REJECTIONS, hardlink_groups, trees
+from tests.test_erofs import shared_content_trees
+from tests.test_erofs import trees as erofs_trees
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+WSETTINGS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def parse_with(impl: str, data: bytes):
@@ -143,3 +147,132 @@ def test_edited_dumps_give_the_same_tree_or_error(root, edits):
 ])
 def test_hardlinks_and_corner_cases_the_same(text):
     same_outcome(text)
+
+
+# --- the writer --------------------------------------------------------------------------------------
+
+def write_with(impl: str, root: Inode, **kw):
+    """("ok", image bytes) or ("error", class, message) of image_bytes with the implementation `impl`."""
+    from flatmount.image.writer import image_bytes
+
+    saved = use(impl)
+    try:
+        return ("ok", image_bytes(root, **kw))
+    except FlatmountError as e:
+        return ("error", type(e), str(e))
+    finally:
+        accel.CWRITE = saved
+
+
+@contextlib.contextmanager
+def compiled_emit_only():
+    """Within: the Python emit pass fails the test if it runs (the compiled one must take the tree)."""
+    from flatmount.image import writer
+
+    def refuse(*a, **kw):
+        raise AssertionError("the compiled emit_inodes gave up")
+
+    saved = writer._emit_inodes
+    writer._emit_inodes = refuse
+    try:
+        yield
+    finally:
+        writer._emit_inodes = saved
+
+
+def same_image(root: Inode, **kw) -> bytes | None:
+    """Both implementations give the same bytes or the same error; a valid tree is the compiled
+    pass's own work (it does not give up on it)."""
+    a = write_with("python", root, **kw)
+    if a[0] == "ok":
+        with compiled_emit_only():
+            b = write_with("native", root, **kw)
+    else:
+        b = write_with("native", root, **kw)
+    assert a == b
+    return a[1] if a[0] == "ok" else None
+
+
+PINS = pin_trees.load_pins()
+
+
+@pytest.mark.parametrize(("kind", "name"), [(k, n) for k in ("composefs", "flatmount") for n in sorted(PINS[k])])
+def test_pinned_images_both_ways(kind, name):
+    import hashlib
+
+    if name in pin_trees.DUMPS:
+        tree = parse_dump(shared_data(name).read_bytes())
+    else:
+        tree = pin_trees.build(name)
+    img = same_image(tree)
+    assert img is not None and hashlib.sha256(img).hexdigest() == PINS[kind][name]
+
+
+@WSETTINGS
+@given(erofs_trees())
+def test_random_images_the_same(root):
+    same_image(root)
+
+
+@WSETTINGS
+@given(shared_content_trees())
+def test_shared_content_images_the_same(root):
+    same_image(root)
+
+
+@WSETTINGS
+@given(trees())
+def test_dump_trees_images_the_same(root):
+    same_image(root)
+
+
+@WSETTINGS
+@given(erofs_trees(max_nodes=60), st.lists(st.integers(0, 100), min_size=1, max_size=3))
+def test_image_slices_the_same(root, cuts):
+    """The layout hook's slices (flatten writes an image in parts): each slice the same bytes."""
+    from flatmount.image.writer import image_buffer
+
+    def run(impl):
+        saved = use(impl)
+        try:
+            n_size = []
+
+            def hook(n, fingerprint, size):
+                n_size.append((n, size))
+                return bytearray(size), 0, n
+
+            full = bytes(image_buffer(root, layout_hook=hook))
+            n, size = n_size[0]
+            bounds = sorted({0, n, *(c % (n + 1) for c in cuts)})
+            parts = []
+            for lo, hi in zip(bounds, bounds[1:], strict=False):
+                parts.append(bytes(image_buffer(root, layout_hook=lambda n, f, s, lo=lo, hi=hi: (bytearray(s), lo, hi))))
+            return full, parts
+        finally:
+            accel.CWRITE = saved
+
+    assert run("python") == run("native")
+
+
+REJECT = [
+    lambda r: r.entries.__setitem__(b"s", Inode.symlink(b"t" * 4096)),
+    lambda r: r.entries.__setitem__(b"x", Inode.file(b"1", xattrs={b"user." + b"k" * 256: b""})),
+    lambda r: r.entries.__setitem__(b"x", Inode.file(b"1", xattrs={b"user.k": b"v" * 65536})),
+    lambda r: r.entries.__setitem__(b"x", Inode(0o100644, size=5, digest=b"short")),
+    lambda r: r.entries.__setitem__(b"x", Inode(0o020644, rdev=1 << 40)),
+    lambda r: r.entries.__setitem__(b"x", Inode(0o170644)),
+    lambda r: r.entries.__setitem__(b"x", Inode.file(b"", uid=1 << 32)),
+    lambda r: r.entries.__setitem__(b"x", Inode.file(b"", mtime_ns=1 << 70)),    # valid: seconds fit
+    lambda r: r.entries.__setitem__(b"x", Inode.file(b"", mtime_ns=-(1 << 70) - 1)),
+    lambda r: r.entries.__setitem__(b"x", Inode.file(b"", mtime_ns=1 << 93)),    # seconds too large
+    lambda r: r.entries.__setitem__(b"x", Inode(0o100644, size=1 << 64, payload="ab/cd")),
+    lambda r: r.entries.__setitem__(b"x", Inode(0o100644, size=-1)),
+]
+
+
+@pytest.mark.parametrize("bad", REJECT, ids=range(len(REJECT)))
+def test_odd_trees_same_image_or_error(bad):
+    root = Inode.directory(mtime_ns=5)
+    root.entries[b"d"] = Inode.directory(mtime_ns=7)
+    bad(root)
+    same_image(root)

@@ -634,9 +634,492 @@ done:
 }
 
 /* ---------------------------------------------------------------------------------------------- */
+/* emit_inodes: flatmount/image/writer.py `_emit_inodes` (pass 6) for the inodes the layout placed */
+
+#define BLKSZ 4096
+#define SLOTBITS 5
+#define COMPACT 32
+#define EXTENDED 64
+#define XHDR 12
+#define XID 4
+#define XENT 4
+#define DIRENT 12
+#define MAX_SHARED 128
+#define LAYOUT_CHUNK (4 << 1)       /* DataLayout.CHUNK_BASED << I_DATALAYOUT_BIT */
+#define CHUNK_FORMAT_MASK 0xFFFFLL
+
+static const unsigned char metacopy_header[4] = {0x00, 0x24, 0x00, 0x01};
+
+static inline void put16(unsigned char *p, unsigned long long v) { p[0] = (unsigned char)v; p[1] = (unsigned char)(v >> 8); }
+static inline void put32(unsigned char *p, unsigned long long v) { for (int k = 0; k < 4; k++) p[k] = (unsigned char)(v >> (8 * k)); }
+static inline void put64(unsigned char *p, unsigned long long v) { for (int k = 0; k < 8; k++) p[k] = (unsigned char)(v >> (8 * k)); }
+
+typedef struct {
+    unsigned char *buf;
+    Py_ssize_t len;
+} Out;
+
+/* room for `n` bytes at `off`? */
+static inline int fits(const Out *o, long long off, long long n)
+{
+    return off >= 0 && n >= 0 && off <= o->len && n <= o->len - off;
+}
+
+/* a list item as a C integer; GIVE_UP when it is not an int in [lo, hi] (FAIL: an exception) */
+static int item_ll(PyObject *list, Py_ssize_t i, long long lo, long long hi, long long *out)
+{
+    PyObject *v = PyList_GET_ITEM(list, i);
+    if (!PyLong_CheckExact(v))
+        return GIVE_UP;
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred())
+        return FAIL;
+    if (overflow || x < lo || x > hi)
+        return GIVE_UP;
+    *out = x;
+    return OK;
+}
+
+/* the facts `_keyinfo` keeps of an xattr name: (index, suffix, filter bit, suffix length) */
+typedef struct {
+    long index;
+    const char *suffix;
+    Py_ssize_t nlen;
+    unsigned long long bit;
+} KeyInfo;
+
+static int key_info(PyObject *keyinfo, PyObject *name, KeyInfo *ki)
+{
+    PyObject *t = PyDict_GetItemWithError(keyinfo, name);
+    if (t == NULL)
+        return PyErr_Occurred() ? FAIL : GIVE_UP;
+    if (!PyTuple_CheckExact(t) || PyTuple_GET_SIZE(t) != 4 || !PyBytes_CheckExact(PyTuple_GET_ITEM(t, 1)))
+        return GIVE_UP;
+    ki->index = PyLong_AsLong(PyTuple_GET_ITEM(t, 0));
+    ki->bit = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(t, 2));
+    if (PyErr_Occurred())
+        return FAIL;
+    ki->suffix = PyBytes_AS_STRING(PyTuple_GET_ITEM(t, 1));
+    ki->nlen = PyBytes_GET_SIZE(PyTuple_GET_ITEM(t, 1));
+    if (ki->index < 0 || ki->index > 255 || ki->nlen > 255 || ki->bit > 0xFFFFFFFFULL)
+        return GIVE_UP;
+    return OK;
+}
+
+/* one inline xattr entry at `p` (head, suffix, value; the padding is already zero); its padded size */
+static long long put_entry(unsigned char *p, const KeyInfo *ki, const char *v, Py_ssize_t vlen)
+{
+    p[0] = (unsigned char)ki->nlen;
+    p[1] = (unsigned char)ki->index;
+    put16(p + 2, (unsigned long long)vlen);
+    memcpy(p + XENT, ki->suffix, (size_t)ki->nlen);
+    memcpy(p + XENT + ki->nlen, v, (size_t)vlen);
+    return (XENT + ki->nlen + vlen + 3) & ~3LL;
+}
+
+/* `_xattr_body(items, shared_ids, xsize, keyinfo)` written at `p` (xsize bytes, zeroed) */
+static int xattr_body(const Out *o, long long p, long long xsize, PyObject *items, PyObject *shared_ids,
+                      PyObject *keyinfo)
+{
+    if (!PyTuple_CheckExact(items) && !PyList_CheckExact(items))
+        return GIVE_UP;
+    if (!fits(o, p, xsize) || xsize < XHDR)
+        return GIVE_UP;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(items);
+    PyObject **it = PySequence_Fast_ITEMS(items);
+    unsigned long long used = 0;
+    long long nids = 0, ninline = 0;
+    /* first the shared ids (they come first in the body), counting the inline bytes */
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = it[k];
+        if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 1)))
+            return GIVE_UP;
+        KeyInfo ki;
+        int r = key_info(keyinfo, PyTuple_GET_ITEM(item, 0), &ki);
+        if (r != OK)
+            return r;
+        used |= ki.bit;
+        PyObject *sid = PyDict_GetItemWithError(shared_ids, item);
+        if (sid == NULL && PyErr_Occurred())
+            return FAIL;
+        Py_ssize_t vlen = PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 1));
+        if (sid != NULL && nids < MAX_SHARED) {
+            long long id = PyLong_AsLongLong(sid);
+            if (id == -1 && PyErr_Occurred())
+                return FAIL;
+            if (id < 0 || id > 0xFFFFFFFFLL || XHDR + XID * (nids + 1) > xsize)
+                return GIVE_UP;
+            put32(o->buf + p + XHDR + XID * nids, (unsigned long long)id);
+            nids++;
+        } else {
+            if (vlen > 0xFFFF)
+                return GIVE_UP;
+            ninline += (XENT + ki.nlen + vlen + 3) & ~3LL;
+        }
+    }
+    if (XHDR + XID * nids + ninline != xsize)
+        return GIVE_UP;
+    put32(o->buf + p, 0xFFFFFFFFULL & ~used);
+    o->buf[p + 4] = (unsigned char)nids;
+    long long q = p + XHDR + XID * nids;
+    long long seen = 0;
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *item = it[k];
+        PyObject *sid = PyDict_GetItemWithError(shared_ids, item);
+        if (sid == NULL && PyErr_Occurred())
+            return FAIL;
+        if (sid != NULL && seen < MAX_SHARED) {
+            seen++;
+            continue;
+        }
+        KeyInfo ki;
+        int r = key_info(keyinfo, PyTuple_GET_ITEM(item, 0), &ki);
+        if (r != OK)
+            return r;
+        PyObject *v = PyTuple_GET_ITEM(item, 1);
+        q += put_entry(o->buf + q, &ki, PyBytes_AS_STRING(v), PyBytes_GET_SIZE(v));
+    }
+    return OK;
+}
+
+/* the xattr body of an external file known by its digest alone: metacopy and redirect inline */
+static int digest_body(const Out *o, long long p, long long xsize, PyObject *dg, const KeyInfo *mc,
+                       const KeyInfo *rd)
+{
+    static const char hex[] = "0123456789abcdef";
+    if (!PyBytes_CheckExact(dg) || PyBytes_GET_SIZE(dg) != 32)
+        return GIVE_UP;
+    const unsigned char *d = (const unsigned char *)PyBytes_AS_STRING(dg);
+    char mv[36], rv[66];
+    memcpy(mv, metacopy_header, 4);
+    memcpy(mv + 4, d, 32);
+    rv[0] = '/';
+    rv[1] = hex[d[0] >> 4];
+    rv[2] = hex[d[0] & 15];
+    rv[3] = '/';
+    for (int k = 1; k < 32; k++) {
+        rv[2 + 2 * k] = hex[d[k] >> 4];
+        rv[3 + 2 * k] = hex[d[k] & 15];
+    }
+    long long need = XHDR + ((XENT + mc->nlen + 36 + 3) & ~3LL) + ((XENT + rd->nlen + 66 + 3) & ~3LL);
+    if (need != xsize || !fits(o, p, xsize))
+        return GIVE_UP;
+    put32(o->buf + p, 0xFFFFFFFFULL & ~(mc->bit | rd->bit));
+    long long q = p + XHDR;
+    q += put_entry(o->buf + q, mc, mv, 36);
+    put_entry(o->buf + q, rd, rv, 66);
+    return OK;
+}
+
+/* one directory block at `off`: the dirents of names[a:e] (kids the inode indexes), then the names */
+static int dir_block(const Out *o, long long off, PyObject *names, PyObject *kids, Py_ssize_t a, Py_ssize_t e,
+                     PyObject *nids, PyObject *ftypes)
+{
+    Py_ssize_t cnt = e - a;
+    long long nameoff = DIRENT * (long long)cnt;
+    long long total = nameoff;
+    for (Py_ssize_t k = a; k < e; k++) {
+        PyObject *nm = PyList_GET_ITEM(names, k);
+        if (!PyBytes_CheckExact(nm))
+            return GIVE_UP;
+        total += PyBytes_GET_SIZE(nm);
+    }
+    if (total > BLKSZ || !fits(o, off, total))
+        return GIVE_UP;
+    Py_ssize_t n = PyList_GET_SIZE(nids);
+    for (Py_ssize_t k = a; k < e; k++) {
+        long long kid, nid, ft;
+        int r = item_ll(kids, k, 0, n - 1, &kid);
+        if (r == OK)
+            r = item_ll(nids, (Py_ssize_t)kid, 0, 0x7FFFFFFFFFFFFFFFLL, &nid);
+        if (r == OK)
+            r = item_ll(ftypes, (Py_ssize_t)kid, 0, 255, &ft);
+        if (r != OK)
+            return r;
+        unsigned char *d = o->buf + off + DIRENT * (k - a);
+        put64(d, (unsigned long long)nid);
+        put16(d + 8, (unsigned long long)nameoff);
+        d[10] = (unsigned char)ft;
+        PyObject *nm = PyList_GET_ITEM(names, k);
+        memcpy(o->buf + off + nameoff, PyBytes_AS_STRING(nm), (size_t)PyBytes_GET_SIZE(nm));
+        nameoff += PyBytes_GET_SIZE(nm);
+    }
+    return OK;
+}
+
+/* write `n` bytes of `src` (bytes) at `off`, the last `n` when `from_end` */
+static int put_bytes(const Out *o, long long off, PyObject *src, long long n, int from_end)
+{
+    if (!PyBytes_CheckExact(src) || n > PyBytes_GET_SIZE(src) || !fits(o, off, n))
+        return GIVE_UP;
+    const char *s = PyBytes_AS_STRING(src);
+    if (from_end)
+        s += PyBytes_GET_SIZE(src) - n;
+    memcpy(o->buf + off, s, (size_t)n);
+    return OK;
+}
+
+static int put_null_chunks(const Out *o, long long off, long long n)
+{
+    if (!fits(o, off, n))
+        return GIVE_UP;
+    memset(o->buf + off, 0xFF, (size_t)n);
+    return OK;
+}
+
+/* divmod(node.mtime_ns, 10**9) as C integers (seconds of a signed 64-bit field) */
+static int mtime_of(PyObject *node, long long *sec, long long *nsec)
+{
+    PyObject *mt = PyObject_GetAttrString(node, "mtime_ns");
+    if (mt == NULL)
+        return FAIL;
+    if (!PyLong_Check(mt)) {
+        Py_DECREF(mt);
+        return GIVE_UP;
+    }
+    int overflow;
+    long long m = PyLong_AsLongLongAndOverflow(mt, &overflow);
+    if (m == -1 && PyErr_Occurred()) {
+        Py_DECREF(mt);
+        return FAIL;
+    }
+    if (!overflow) {
+        Py_DECREF(mt);
+        *sec = m / NSEC;
+        *nsec = m % NSEC;
+        if (*nsec < 0) {
+            *nsec += NSEC;
+            *sec -= 1;
+        }
+        return OK;
+    }
+    /* beyond 64-bit nanoseconds (about the year 2262): Python's floor division */
+    PyObject *ns = PyLong_FromLongLong(NSEC);
+    PyObject *qr = ns ? PyNumber_Divmod(mt, ns) : NULL;
+    Py_XDECREF(ns);
+    Py_DECREF(mt);
+    if (qr == NULL)
+        return FAIL;
+    long long q = PyLong_AsLongLongAndOverflow(PyTuple_GET_ITEM(qr, 0), &overflow);
+    int r = (q == -1 && PyErr_Occurred()) ? FAIL : overflow ? GIVE_UP : OK;
+    if (r == OK) {
+        *sec = q;
+        *nsec = PyLong_AsLongLong(PyTuple_GET_ITEM(qr, 1));
+    }
+    Py_DECREF(qr);
+    return r;
+}
+
+enum { C_NODES, C_MODES, C_NIDS, C_NBLK, C_IU, C_LAYOUTS, C_XSIZES, C_SIZES, C_NLINK, C_ISZ, C_FORMS,
+       C_XITEMS, C_UIDS, C_GIDS, C_FAST, C_TAILS, C_FTYPES, NCOLS };
+
+static int emit_one(const Out *o, PyObject **col, Py_ssize_t i, long long *cur_blk, PyObject *dnames,
+                    PyObject *dkids, PyObject *dstarts, PyObject *shared_ids, PyObject *keyinfo,
+                    const KeyInfo *mc, const KeyInfo *rd, int have_digest_keys)
+{
+    long long mode, nid, nb, u, layout, xsize, size, nl, isize, uid, gid, tail;
+    int r;
+    if ((r = item_ll(col[C_MODES], i, 0, 0xFFFF, &mode)) != OK
+            || (r = item_ll(col[C_NIDS], i, 0, 1LL << 57, &nid)) != OK
+            || (r = item_ll(col[C_NBLK], i, 0, 0xFFFFFFFFLL, &nb)) != OK
+            || (r = item_ll(col[C_IU], i, 0, 0xFFFFFFFFLL, &u)) != OK
+            || (r = item_ll(col[C_LAYOUTS], i, 0, 0xFFFF, &layout)) != OK
+            || (r = item_ll(col[C_XSIZES], i, 0, XHDR + XID * 0xFFFELL, &xsize)) != OK
+            || (r = item_ll(col[C_NLINK], i, 0, 0xFFFFFFFFLL, &nl)) != OK
+            || (r = item_ll(col[C_ISZ], i, COMPACT, EXTENDED, &isize)) != OK
+            || (r = item_ll(col[C_UIDS], i, 0, 0xFFFFFFFFLL, &uid)) != OK
+            || (r = item_ll(col[C_GIDS], i, 0, 0xFFFFFFFFLL, &gid)) != OK
+            || (r = item_ll(col[C_TAILS], i, 0, 1LL << 40, &tail)) != OK
+            || (r = item_ll(col[C_SIZES], i, 0, 0x7FFFFFFFFFFFFFFFLL, &size)) != OK)
+        return r;
+    if (isize != COMPACT && isize != EXTENDED)
+        return GIVE_UP;
+    long long pos = nid << SLOTBITS;
+    long long t = mode & S_IFMT_;
+    PyObject *node = PyList_GET_ITEM(col[C_NODES], i);
+    if (nb)
+        u = layout == LAYOUT_CHUNK ? ((*cur_blk & ~CHUNK_FORMAT_MASK) | u) : *cur_blk;
+    long long icount = xsize ? (xsize - XHDR) / XID + 1 : 0;
+    if (!fits(o, pos, isize))
+        return GIVE_UP;
+    unsigned char *b = o->buf + pos;
+    if (isize == COMPACT) {
+        if (nl > 0xFFFF || size > 0xFFFFFFFFLL || uid > 0xFFFF || gid > 0xFFFF || u > 0xFFFFFFFFLL || i > 0xFFFFFFFFLL)
+            return GIVE_UP;
+        put16(b, (unsigned long long)layout);
+        put16(b + 2, (unsigned long long)icount);
+        put16(b + 4, (unsigned long long)mode);
+        put16(b + 6, (unsigned long long)nl);
+        put32(b + 8, (unsigned long long)size);
+        put32(b + 16, (unsigned long long)u);
+        put32(b + 20, (unsigned long long)i);
+        put16(b + 24, (unsigned long long)uid);
+        put16(b + 26, (unsigned long long)gid);
+    } else {
+        long long sec, nsec;
+        if ((r = mtime_of(node, &sec, &nsec)) != OK)
+            return r;
+        if (u > 0xFFFFFFFFLL || i > 0xFFFFFFFFLL)
+            return GIVE_UP;
+        put16(b, (unsigned long long)(layout | 1));
+        put16(b + 2, (unsigned long long)icount);
+        put16(b + 4, (unsigned long long)mode);
+        put64(b + 8, (unsigned long long)size);
+        put32(b + 16, (unsigned long long)u);
+        put32(b + 20, (unsigned long long)i);
+        put32(b + 24, (unsigned long long)uid);
+        put32(b + 28, (unsigned long long)gid);
+        put64(b + 32, (unsigned long long)sec);
+        put32(b + 40, (unsigned long long)nsec);
+        put32(b + 44, (unsigned long long)nl);
+    }
+    long long p = pos + isize;
+    if (xsize) {
+        PyObject *items = PyList_GET_ITEM(col[C_XITEMS], i);
+        PyObject *fst = PyList_GET_ITEM(col[C_FAST], i);
+        if (PyBytes_CheckExact(fst) && (PyTuple_CheckExact(items) && PyTuple_GET_SIZE(items) == 0)) {
+            if (!have_digest_keys)
+                return GIVE_UP;
+            r = digest_body(o, p, xsize, fst, mc, rd);
+        } else
+            r = xattr_body(o, p, xsize, items, shared_ids, keyinfo);
+        if (r != OK)
+            return r;
+        p += xsize;
+    }
+    if (t == S_IFDIR_) {
+        PyObject *key = PyLong_FromSsize_t(i);
+        if (key == NULL)
+            return FAIL;
+        PyObject *names = PyDict_GetItemWithError(dnames, key);
+        PyObject *kids = names ? PyDict_GetItemWithError(dkids, key) : NULL;
+        PyObject *starts = kids ? PyDict_GetItemWithError(dstarts, key) : NULL;
+        Py_DECREF(key);
+        if (starts == NULL)
+            return PyErr_Occurred() ? FAIL : GIVE_UP;
+        if (!PyList_CheckExact(names) || !PyList_CheckExact(kids) || !PyList_CheckExact(starts)
+                || PyList_GET_SIZE(names) != PyList_GET_SIZE(kids) || PyList_GET_SIZE(starts) < 1)
+            return GIVE_UP;
+        Py_ssize_t nblocks = PyList_GET_SIZE(starts), nn = PyList_GET_SIZE(names);
+        long long q = *cur_blk * BLKSZ;
+        for (Py_ssize_t k = 0; k < nblocks; k++) {
+            long long a, e = nn;
+            if ((r = item_ll(starts, k, 0, nn, &a)) != OK)
+                return r;
+            if (k + 1 < nblocks && (r = item_ll(starts, k + 1, a, nn, &e)) != OK)
+                return r;
+            if (e < a)
+                return GIVE_UP;
+            r = dir_block(o, k < nb ? q : p, names, kids, (Py_ssize_t)a, (Py_ssize_t)e, col[C_NIDS], col[C_FTYPES]);
+            if (r != OK)
+                return r;
+            q += BLKSZ;
+        }
+        *cur_blk += nb;
+        return OK;
+    }
+    if (tail) {
+        if (layout == LAYOUT_CHUNK)
+            r = put_null_chunks(o, p, tail);
+        else if (t == S_IFLNK_) {
+            PyObject *tg = PyObject_GetAttrString(node, "target");
+            if (tg == NULL)
+                return FAIL;
+            r = PyBytes_CheckExact(tg) && PyBytes_GET_SIZE(tg) == tail ? put_bytes(o, p, tg, tail, 0) : GIVE_UP;
+            Py_DECREF(tg);
+        } else {
+            PyObject *c = PyObject_GetAttrString(node, "content");
+            if (c == NULL)
+                return FAIL;
+            r = put_bytes(o, p, c, tail, 1);
+            Py_DECREF(c);
+        }
+        if (r != OK)
+            return r;
+    }
+    if (nb) {
+        long long q = *cur_blk * BLKSZ;
+        if (layout == LAYOUT_CHUNK)
+            r = put_null_chunks(o, q, BLKSZ);
+        else {
+            PyObject *data = PyObject_GetAttrString(node, t == S_IFLNK_ ? "target" : "content");
+            if (data == NULL)
+                return FAIL;
+            if (!PyBytes_CheckExact(data))
+                r = GIVE_UP;
+            else {
+                long long ln = PyBytes_GET_SIZE(data);
+                if (ln > nb * BLKSZ)
+                    ln = nb * BLKSZ;
+                r = put_bytes(o, q, data, ln, 0);
+            }
+            Py_DECREF(data);
+        }
+        if (r != OK)
+            return r;
+    }
+    *cur_blk += nb;
+    return OK;
+}
+
+PyDoc_STRVAR(emit_inodes_doc,
+"emit_inodes(buf, lo, hi, cur_blk, columns, dnames, dkids, dstarts, shared_ids, keyinfo, mc, rd) -> bool\n\n"
+"Inodes [lo, hi) of a laid-out image written into the zeroed writable `buf`, as\n"
+"flatmount.image.writer._emit_inodes writes them (`columns`: the layout's per-inode lists).  False\n"
+"when anything is out of the common case (the caller then runs the Python pass, which rewrites the\n"
+"same bytes and words any error).");
+
+static PyObject *emit_inodes(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer view;
+    Py_ssize_t lo, hi;
+    long long cur_blk;
+    PyObject *columns, *dnames, *dkids, *dstarts, *shared_ids, *keyinfo, *mc_name, *rd_name;
+    if (!PyArg_ParseTuple(args, "w*nnLO!O!O!O!O!O!OO:emit_inodes", &view, &lo, &hi, &cur_blk,
+                          &PyTuple_Type, &columns, &PyDict_Type, &dnames, &PyDict_Type, &dkids,
+                          &PyDict_Type, &dstarts, &PyDict_Type, &shared_ids, &PyDict_Type, &keyinfo,
+                          &mc_name, &rd_name))
+        return NULL;
+    int r = GIVE_UP;
+    Out o = {view.buf, view.len};
+    PyObject *col[NCOLS];
+    if (PyTuple_GET_SIZE(columns) != NCOLS)
+        goto done;
+    Py_ssize_t n = -1;
+    for (int c = 0; c < NCOLS; c++) {
+        col[c] = PyTuple_GET_ITEM(columns, c);
+        if (!PyList_CheckExact(col[c]) || (n >= 0 && PyList_GET_SIZE(col[c]) != n))
+            goto done;
+        n = PyList_GET_SIZE(col[c]);
+    }
+    if (lo < 0 || hi > n || lo > hi)
+        goto done;
+    KeyInfo mc = {0}, rd = {0};
+    int have_digest_keys = 0;
+    r = key_info(keyinfo, mc_name, &mc);
+    if (r == OK)
+        r = key_info(keyinfo, rd_name, &rd);
+    if (r == FAIL)
+        goto done;
+    have_digest_keys = r == OK;
+    r = OK;
+    for (Py_ssize_t i = lo; i < hi && r == OK; i++)
+        r = emit_one(&o, col, i, &cur_blk, dnames, dkids, dstarts, shared_ids, keyinfo, &mc, &rd,
+                     have_digest_keys);
+done:
+    PyBuffer_Release(&view);
+    if (r == FAIL)
+        return NULL;
+    return PyBool_FromLong(r == OK);
+}
+
+/* ---------------------------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
     {"parse_dump", parse_dump, METH_VARARGS, parse_dump_doc},
+    {"emit_inodes", emit_inodes, METH_VARARGS, emit_inodes_doc},
     {NULL, NULL, 0, NULL},
 };
 

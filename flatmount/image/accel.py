@@ -20,7 +20,7 @@ def _load() -> ModuleType | None:
     if PURE:
         return None
     try:
-        from flatmount.image import _cwrite
+        import flatmount.image._cwrite as _cwrite
     except ImportError:
         return None
     return _cwrite

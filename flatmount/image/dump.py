@@ -20,8 +20,8 @@ import os
 from collections.abc import Iterable
 from typing import BinaryIO, TextIO
 
+import flatmount.image.accel as accel
 from flatmount.errors import DumpSyntaxError
-from flatmount.image import accel
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup
 from flatmount.image.tree import S_IFDIR as _S_IFDIR
 from flatmount.image.tree import S_IFLNK as _S_IFLNK

@@ -54,6 +54,7 @@ from itertools import accumulate, chain
 from operator import attrgetter, itemgetter
 from typing import BinaryIO
 
+import flatmount.image.accel as accel
 import flatmount.image.format as fmt
 from flatmount.errors import FormatError
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode
@@ -458,7 +459,15 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
         buf, lo, hi = layout_hook(n, fingerprint, size)
     if not lo:   # the header, superblock and shared xattrs go with the first inodes
         _emit_head(buf, lay)
-    _emit_inodes(buf, lay, lo, hi)
+    # the compiled pass (flatmount/image/_cwrite.c) writes the same bytes; on anything out of its
+    # common case it returns False and the Python pass writes the slice (again) and words any error
+    cw = accel.CWRITE
+    if cw is None or not cw.emit_inodes(
+            buf, lo, hi, lay.data_start // BLKSZ + sum(lay.nblk[:lo]),
+            (lay.nodes, lay.modes, lay.nids, lay.nblk, lay.iu, lay.layouts, lay.xsizes, lay.sizes, lay.nlink,
+             lay.isz, lay.forms, lay.xitems, lay.uids, lay.gids, lay.fast, lay.tails, lay.ftypes),
+            lay.dnames, lay.dkids, lay.dstarts, lay.shared_ids, lay.keyinfo, _MC, _RD):
+        _emit_inodes(buf, lay, lo, hi)
     return buf
 
 
