@@ -172,12 +172,12 @@ def compiled_emit_only():
     def refuse(*a, **kw):
         raise AssertionError("the compiled emit_inodes gave up")
 
-    saved = writer._emit_inodes
-    writer._emit_inodes = refuse
+    saved = writer._emit_inodes_py
+    writer._emit_inodes_py = refuse
     try:
         yield
     finally:
-        writer._emit_inodes = saved
+        writer._emit_inodes_py = saved
 
 
 def same_image(root: Inode, **kw) -> bytes | None:

@@ -647,6 +647,7 @@ done:
 #define MAX_SHARED 128
 #define LAYOUT_CHUNK (4 << 1)       /* DataLayout.CHUNK_BASED << I_DATALAYOUT_BIT */
 #define CHUNK_FORMAT_MASK 0xFFFFLL
+#define CHUNK_ENTRY_SIZE 4
 
 static const unsigned char metacopy_header[4] = {0x00, 0x24, 0x00, 0x01};
 
@@ -1116,10 +1117,328 @@ done:
 }
 
 /* ---------------------------------------------------------------------------------------------- */
+/* inode_fields: the common inodes of flatmount/image/writer.py `_inode_fields` (pass 2) */
+
+#define DIR_INLINE_MAX (BLKSZ / 2)
+#define PATH_MAX_ 4096
+#define MAX_CHUNK_BITS (0x1F + 12)
+#define MAX_NONINLINE_CHUNKS 1024
+#define LAYOUT_PLAIN (0 << 1)
+#define LAYOUT_INLINE (2 << 1)
+#define FT_REG 1
+#define FT_DIR 2
+#define FT_CHR 3
+#define FT_BLK 4
+#define FT_FIFO 5
+#define FT_SOCK 6
+#define FT_LNK 7
+
+/* list[i] = C integer v */
+static int set_ll(PyObject *list, Py_ssize_t i, long long v)
+{
+    PyObject *o = PyLong_FromLongLong(v);
+    if (o == NULL)
+        return FAIL;
+    PyList_SetItem(list, i, o);   /* steals; i is in range (checked by the caller) */
+    return OK;
+}
+
+/* a slot of an inode as a C integer in [lo, hi]; GIVE_UP when it is anything else */
+static int slot_ll(PyObject *node, const InodeInfo *info, int f, long long lo, long long hi, long long *out)
+{
+    PyObject *v = SLOT(node, info, f);
+    if (v == NULL || !PyLong_CheckExact(v))
+        return GIVE_UP;
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred())
+        return FAIL;
+    if (overflow || x < lo || x > hi)
+        return GIVE_UP;
+    *out = x;
+    return OK;
+}
+
+static inline int bit_length(unsigned long long v)
+{
+    return v ? 64 - __builtin_clzll(v) : 0;
+}
+
+enum { F2_MODES, F2_SIZES, F2_LAYOUTS, F2_IU, F2_TAILS, F2_NBLK, F2_XITEMS, F2_FAST, F2_FTYPES, NCOLS2 };
+
+typedef struct {
+    InodeInfo info;
+    PyObject **col;
+    PyObject *dgs, *allitems, *rditems, *dnames, *dstarts, *wparents, *mc_name, *rd_name, *mc0;
+} Fields;
+
+/* the redirect value of an object path: b"/" + path.encode("utf-8", "surrogateescape") */
+static PyObject *redirect_of(PyObject *path)
+{
+    PyObject *enc;
+    if (PyUnicode_IS_ASCII(path))
+        enc = NULL;
+    else if ((enc = PyUnicode_AsEncodedString(path, "utf-8", "surrogateescape")) == NULL)
+        return NULL;
+    const char *s = enc ? PyBytes_AS_STRING(enc) : (const char *)PyUnicode_DATA(path);
+    Py_ssize_t n = enc ? PyBytes_GET_SIZE(enc) : PyUnicode_GET_LENGTH(path);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n + 1);
+    if (out != NULL) {
+        PyBytes_AS_STRING(out)[0] = '/';
+        memcpy(PyBytes_AS_STRING(out) + 1, s, (size_t)n);
+    }
+    Py_XDECREF(enc);
+    return out;
+}
+
+/* a regular file without xattrs */
+static int fields_reg(Fields *fs, PyObject *node, Py_ssize_t i, long long mode)
+{
+    PyObject **col = fs->col;
+    PyObject *content = SLOT(node, &fs->info, F_CONTENT);
+    long long size = 0;
+    int r;
+    if (content == NULL)
+        return GIVE_UP;
+    if (content != Py_None) {
+        if (!PyBytes_CheckExact(content))
+            return GIVE_UP;
+        size = PyBytes_GET_SIZE(content);
+        if (size) {
+            long long nb = size / BLKSZ, tail = size % BLKSZ;
+            if (tail > DIR_INLINE_MAX) {
+                nb++;
+                tail = 0;
+            }
+            if (set_ll(col[F2_NBLK], i, nb) || set_ll(col[F2_TAILS], i, tail)
+                    || set_ll(col[F2_LAYOUTS], i, tail ? LAYOUT_INLINE : LAYOUT_PLAIN))
+                return FAIL;
+        }
+    } else {
+        if ((r = slot_ll(node, &fs->info, F_SIZE, 0, 0x7FFFFFFFFFFFFFFFLL, &size)) != OK)
+            return r;
+        if (size > 0) {
+            PyObject *dg = SLOT(node, &fs->info, F_DIGEST), *path = SLOT(node, &fs->info, F_PAYLOAD);
+            if (dg == NULL || path == NULL || (dg != Py_None && (!PyBytes_CheckExact(dg) || PyBytes_GET_SIZE(dg) != 32))
+                    || (path != Py_None && !PyUnicode_CheckExact(path)))
+                return GIVE_UP;
+            long long tails, iu;
+            int cb = bit_length((unsigned long long)(size - 1));
+            if (cb <= MAX_CHUNK_BITS) {
+                tails = CHUNK_ENTRY_SIZE;
+                iu = cb > 12 ? cb - 12 : 0;
+            } else {
+                long long nch = (size + (1LL << MAX_CHUNK_BITS) - 1) >> MAX_CHUNK_BITS;
+                if (nch > MAX_NONINLINE_CHUNKS)
+                    return GIVE_UP;
+                tails = CHUNK_ENTRY_SIZE * nch;
+                iu = MAX_CHUNK_BITS - 12;
+            }
+            if (path == Py_None && dg != Py_None) {
+                /* known by its digest alone: metacopy and redirect are made from it later */
+                PyList_SetItem(col[F2_FAST], i, Py_NewRef(dg));
+                if (PyList_Append(fs->dgs, dg) < 0)
+                    return FAIL;
+            } else {
+                PyObject *mv, *items;
+                if (dg == Py_None)
+                    mv = PyBytes_FromStringAndSize("", 0);
+                else if ((mv = PyBytes_FromStringAndSize(NULL, 36)) != NULL) {
+                    memcpy(PyBytes_AS_STRING(mv), metacopy_header, 4);
+                    memcpy(PyBytes_AS_STRING(mv) + 4, PyBytes_AS_STRING(dg), 32);
+                }
+                if (mv == NULL)
+                    return FAIL;
+                if (path != Py_None && PyUnicode_GET_LENGTH(path) > 0) {
+                    PyObject *rv = redirect_of(path);
+                    PyObject *it_r = rv ? PyTuple_Pack(2, fs->rd_name, rv) : NULL;
+                    Py_XDECREF(rv);
+                    PyObject *it_m = dg == Py_None ? Py_NewRef(fs->mc0) : PyTuple_Pack(2, fs->mc_name, mv);
+                    items = it_r && it_m ? PyTuple_Pack(2, it_m, it_r) : NULL;
+                    if (items != NULL) {
+                        if (dg == Py_None)
+                            r = PyList_Append(fs->rditems, it_r);
+                        else
+                            r = PyList_Append(fs->allitems, it_m) < 0 ? -1 : PyList_Append(fs->allitems, it_r);
+                        if (r < 0)
+                            Py_CLEAR(items);
+                    }
+                    Py_XDECREF(it_r);
+                    Py_XDECREF(it_m);
+                    if (items != NULL)
+                        PyList_SetItem(col[F2_FAST], i, Py_NewRef(Py_True));
+                } else {
+                    PyObject *it_m = PyTuple_Pack(2, fs->mc_name, mv);
+                    items = it_m ? PyTuple_Pack(1, it_m) : NULL;
+                    if (items != NULL && PyList_Append(fs->allitems, it_m) < 0)
+                        Py_CLEAR(items);
+                    Py_XDECREF(it_m);
+                }
+                Py_DECREF(mv);
+                if (items == NULL)
+                    return FAIL;
+                PyList_SetItem(col[F2_XITEMS], i, items);
+            }
+            if (set_ll(col[F2_TAILS], i, tails) || set_ll(col[F2_IU], i, iu)
+                    || set_ll(col[F2_LAYOUTS], i, LAYOUT_CHUNK))
+                return FAIL;
+        }
+    }
+    if (set_ll(col[F2_FTYPES], i, FT_REG) || set_ll(col[F2_MODES], i, mode) || set_ll(col[F2_SIZES], i, size))
+        return FAIL;
+    return OK;
+}
+
+static int fields_one(Fields *fs, PyObject *node, Py_ssize_t i)
+{
+    PyObject **col = fs->col;
+    long long mode;
+    int r;
+    if (Py_TYPE(node) != fs->info.type)
+        return GIVE_UP;
+    if ((r = slot_ll(node, &fs->info, F_MODE, 0, 0xFFFF, &mode)) != OK)
+        return r;
+    PyObject *xs = SLOT(node, &fs->info, F_XATTRS);
+    if (xs == NULL || (xs != Py_None && !(PyDict_CheckExact(xs) && PyDict_GET_SIZE(xs) == 0)))
+        return GIVE_UP;                  /* xattrs: the composefs rewriting stays in Python */
+    long long t = mode & S_IFMT_, size = 0;
+    switch (t) {
+    case S_IFREG_:
+        return fields_reg(fs, node, i, mode);
+    case S_IFDIR_: {
+        if (i == 0)
+            return GIVE_UP;             /* the root: marked opaque */
+        PyObject *key = PyLong_FromSsize_t(i);
+        if (key == NULL)
+            return FAIL;
+        int wp = PySet_Contains(fs->wparents, key);
+        PyObject *names = wp == 0 ? PyDict_GetItemWithError(fs->dnames, key) : NULL;
+        if (names == NULL) {
+            Py_DECREF(key);
+            return wp < 0 || PyErr_Occurred() ? FAIL : GIVE_UP;
+        }
+        if (!PyList_CheckExact(names)) {
+            Py_DECREF(key);
+            return GIVE_UP;
+        }
+        long long used = DIRENT * (long long)PyList_GET_SIZE(names);
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(names); k++) {
+            PyObject *nm = PyList_GET_ITEM(names, k);
+            if (!PyBytes_CheckExact(nm)) {
+                Py_DECREF(key);
+                return GIVE_UP;
+            }
+            used += PyBytes_GET_SIZE(nm);
+        }
+        if (used > BLKSZ) {              /* several blocks: the greedy packing stays in Python */
+            Py_DECREF(key);
+            return GIVE_UP;
+        }
+        long long nb = 0, tail = used;
+        if (used > DIR_INLINE_MAX) {
+            nb = 1;
+            tail = 0;
+        }
+        PyObject *starts = Py_BuildValue("[i]", 0);
+        r = starts ? PyDict_SetItem(fs->dstarts, key, starts) : -1;
+        Py_XDECREF(starts);
+        Py_DECREF(key);
+        if (r < 0 || set_ll(col[F2_NBLK], i, nb) || set_ll(col[F2_TAILS], i, tail)
+                || set_ll(col[F2_LAYOUTS], i, tail ? LAYOUT_INLINE : LAYOUT_PLAIN) || set_ll(col[F2_FTYPES], i, FT_DIR))
+            return FAIL;
+        size = nb * BLKSZ + tail;
+        break;
+    }
+    case S_IFLNK_: {
+        PyObject *target = SLOT(node, &fs->info, F_TARGET);
+        if (target == NULL || !PyBytes_CheckExact(target) || PyBytes_GET_SIZE(target) == 0
+                || PyBytes_GET_SIZE(target) >= PATH_MAX_)
+            return GIVE_UP;
+        size = PyBytes_GET_SIZE(target);
+        if (set_ll(col[F2_TAILS], i, size) || set_ll(col[F2_LAYOUTS], i, LAYOUT_INLINE) || set_ll(col[F2_FTYPES], i, FT_LNK))
+            return FAIL;
+        break;
+    }
+    case 0020000: case 0060000: {
+        long long rdev;
+        if ((r = slot_ll(node, &fs->info, F_RDEV, 1, 0xFFFFFFFFLL, &rdev)) != OK)
+            return r;                    /* 0: a whiteout (or the writer's own), in Python */
+        if (set_ll(col[F2_IU], i, rdev) || set_ll(col[F2_FTYPES], i, t == 0020000 ? FT_CHR : FT_BLK))
+            return FAIL;
+        break;
+    }
+    case 0010000:
+        if (set_ll(col[F2_FTYPES], i, FT_FIFO))
+            return FAIL;
+        break;
+    case 0140000:
+        if (set_ll(col[F2_FTYPES], i, FT_SOCK))
+            return FAIL;
+        break;
+    default:
+        return GIVE_UP;
+    }
+    if (set_ll(col[F2_MODES], i, mode) || set_ll(col[F2_SIZES], i, size))
+        return FAIL;
+    return OK;
+}
+
+PyDoc_STRVAR(inode_fields_doc,
+"inode_fields(inode_cls, nodes, columns, dgs, allitems, rditems, dnames, dstarts, wparents, mc, rd, mc0)\n"
+"-> list of indexes\n\n"
+"Pass 2 of flatmount.image.writer (`_inode_fields`) for the common inodes (no xattrs, one-block\n"
+"directories, external files, symlinks, devices): their columns filled in as the Python loop fills them.\n"
+"Returns the indexes of the inodes it left (the Python loop runs those: the composefs rewriting of\n"
+"xattrs, whiteouts, the root, and every error).");
+
+static PyObject *inode_fields(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *inode_cls, *nodes, *columns;
+    Fields fs;
+    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!O!O!SSO!:inode_fields", &inode_cls, &PyList_Type, &nodes,
+                          &PyTuple_Type, &columns, &PyList_Type, &fs.dgs, &PyList_Type, &fs.allitems,
+                          &PyList_Type, &fs.rditems, &PyDict_Type, &fs.dnames, &PyDict_Type, &fs.dstarts,
+                          &PySet_Type, &fs.wparents, &fs.mc_name, &fs.rd_name, &PyTuple_Type, &fs.mc0))
+        return NULL;
+    Py_ssize_t n = PyList_GET_SIZE(nodes);
+    if (inode_info(inode_cls, &fs.info) < 0 || PyTuple_GET_SIZE(columns) != NCOLS2)
+        Py_RETURN_NONE;
+    PyObject *col[NCOLS2];
+    for (int c = 0; c < NCOLS2; c++) {
+        col[c] = PyTuple_GET_ITEM(columns, c);
+        if (!PyList_CheckExact(col[c]) || PyList_GET_SIZE(col[c]) != n)
+            Py_RETURN_NONE;
+    }
+    fs.col = col;
+    PyObject *todo = PyList_New(0);
+    if (todo == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int r = fields_one(&fs, PyList_GET_ITEM(nodes, i), i);
+        if (r == FAIL) {
+            Py_DECREF(todo);
+            return NULL;
+        }
+        if (r == GIVE_UP) {
+            PyObject *k = PyLong_FromSsize_t(i);
+            if (k == NULL || PyList_Append(todo, k) < 0) {
+                Py_XDECREF(k);
+                Py_DECREF(todo);
+                return NULL;
+            }
+            Py_DECREF(k);
+        }
+    }
+    return todo;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
     {"parse_dump", parse_dump, METH_VARARGS, parse_dump_doc},
     {"emit_inodes", emit_inodes, METH_VARARGS, emit_inodes_doc},
+    {"inode_fields", inode_fields, METH_VARARGS, inode_fields_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -459,15 +459,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
         buf, lo, hi = layout_hook(n, fingerprint, size)
     if not lo:   # the header, superblock and shared xattrs go with the first inodes
         _emit_head(buf, lay)
-    # the compiled pass (flatmount/image/_cwrite.c) writes the same bytes; on anything out of its
-    # common case it returns False and the Python pass writes the slice (again) and words any error
-    cw = accel.CWRITE
-    if cw is None or not cw.emit_inodes(
-            buf, lo, hi, lay.data_start // BLKSZ + sum(lay.nblk[:lo]),
-            (lay.nodes, lay.modes, lay.nids, lay.nblk, lay.iu, lay.layouts, lay.xsizes, lay.sizes, lay.nlink,
-             lay.isz, lay.forms, lay.xitems, lay.uids, lay.gids, lay.fast, lay.tails, lay.ftypes),
-            lay.dnames, lay.dkids, lay.dstarts, lay.shared_ids, lay.keyinfo, _MC, _RD):
-        _emit_inodes(buf, lay, lo, hi)
+    _emit_inodes(buf, lay, lo, hi)
     return buf
 
 
@@ -534,7 +526,14 @@ def _inode_fields(lay: _Layout) -> None:
     one_entry = CHUNK_ENTRY     # its chunk map: one block map entry
     REG, DIR, LNK, CHR, BLK, FIFO, SOCK = _FT_REG, _FT_DIR, _FT_LNK, _FT_CHR, _FT_BLK, _FT_FIFO, _FT_SOCK
     inline, plain, blksz = _INLINE, _PLAIN, BLKSZ
-    for i, node in enumerate(nodes):
+    # the compiled pass (flatmount/image/_cwrite.c) fills in the common inodes (no xattrs, one-block
+    # directories, files, symlinks, devices) and returns the others, which this loop does
+    todo = None
+    cw = accel.CWRITE
+    if cw is not None:
+        todo = cw.inode_fields(Inode, nodes, (modes, sizes, layouts, iu, tails, nblk, xitems, fast, ftypes),
+                               dgs, allitems, rditems, dnames, dstarts, wparents, MC, RD, mc0)
+    for i, node in enumerate(nodes) if todo is None else zip(todo, map(nodes.__getitem__, todo), strict=True):
         mode = node.mode
         t = mode & S_IFMT
         xs = node.xattrs
@@ -874,7 +873,21 @@ def _emit_head(buf, lay: _Layout) -> None:
 
 def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
     """Pass 6: inodes [lo, hi) (queue order), their xattr bodies, inline tails and data blocks, into
-    the zeroed `buf` (nothing that is zero is written).
+    the zeroed `buf`: the compiled pass (flatmount/image/_cwrite.c) where it takes the slice, else (on
+    anything out of its common case; it returns False) `_emit_inodes_py` writes it (again: the same
+    bytes) and words any error."""
+    cw = accel.CWRITE
+    if cw is None or not cw.emit_inodes(
+            buf, lo, hi, lay.data_start // BLKSZ + sum(lay.nblk[:lo]),
+            (lay.nodes, lay.modes, lay.nids, lay.nblk, lay.iu, lay.layouts, lay.xsizes, lay.sizes, lay.nlink,
+             lay.isz, lay.forms, lay.xitems, lay.uids, lay.gids, lay.fast, lay.tails, lay.ftypes),
+            lay.dnames, lay.dkids, lay.dstarts, lay.shared_ids, lay.keyinfo, _MC, _RD):
+        _emit_inodes_py(buf, lay, lo, hi)
+
+
+def _emit_inodes_py(buf, lay: _Layout, lo: int, hi: int) -> None:
+    """Pass 6 in Python (the specification of the compiled pass): inodes [lo, hi) (queue order), their
+    xattr bodies, inline tails and data blocks, into the zeroed `buf` (nothing that is zero is written).
 
     The hot loop of the writer.  An external file, the most common inode, is written with one
     `pack_into` of a struct made for its shape (inode, xattr body, chunk map: `fmt.external_inode_struct`),
