@@ -276,3 +276,70 @@ def test_odd_trees_same_image_or_error(bad):
     root.entries[b"d"] = Inode.directory(mtime_ns=7)
     bad(root)
     same_image(root)
+
+
+def walk_with(impl: str, root: Inode, root_whiteouts: bool):
+    """writer._collect's queue with `impl`, the writer's own whiteouts (new objects each call) by name."""
+    from flatmount.image import writer
+
+    saved = use(impl)
+    try:
+        got = writer._collect(root, root_whiteouts, None)
+    except FlatmountError as e:
+        return ("error", str(e))
+    finally:
+        accel.CWRITE = saved
+    nodes, dnames, dkids, nlink, wparents, raw, version, dups, nparent, dparent = got
+    ids = ["raw" if id(x) in raw else id(x) for x in nodes]
+    return ids, dnames, dkids, nlink, wparents, len(raw), version, dups, nparent, dparent
+
+
+@WSETTINGS
+@given(erofs_trees(max_nodes=60), st.booleans())
+def test_queue_the_same(root, root_whiteouts):
+    """The compiled walk queues a tree without hardlinks exactly as the Python walk (and leaves trees
+    with hardlinks to it)."""
+    from flatmount.image.tree import walk
+
+    py = walk_with("python", root, root_whiteouts)
+    assert walk_with("native", root, root_whiteouts) == py
+    names: dict[int, int] = {}
+    for _path, node in walk(root):
+        names[id(node)] = names.get(id(node), 0) + 1
+    hardlinks = max(names.values()) > 1
+    ents = dict(root.entries)
+    got = require_cwrite().collect(Inode, root, ents, set())
+    assert (got is None) == hardlinks
+
+
+def test_compiled_passes_take_the_cs9_tree(monkeypatch):
+    """On composefs' developer image the compiled walk and field pass leave (almost) nothing to Python."""
+    from flatmount.image import writer
+
+    root = parse_dump(shared_data("cs9-x86_64-developer.dump.gz").read_bytes())
+    saved = use("native")
+    left = []
+    real = accel.CWRITE
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def collect(self, *a):
+            got = real.collect(*a)
+            left.append(("collect", got is None))
+            return got
+
+        def inode_fields(self, *a):
+            todo = real.inode_fields(*a)
+            left.append(("fields", len(todo)))
+            return todo
+
+    try:
+        accel.CWRITE = Spy()
+        with compiled_emit_only():
+            writer.image_bytes(root)
+    finally:
+        accel.CWRITE = saved
+    assert left[0] == ("collect", False)
+    assert left[1][0] == "fields" and left[1][1] < 400      # the root, 4 inodes with xattrs, 00..ff, big dirs

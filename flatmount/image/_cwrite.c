@@ -1434,11 +1434,336 @@ static PyObject *inode_fields(PyObject *self, PyObject *args)
 }
 
 /* ---------------------------------------------------------------------------------------------- */
+/* collect: flatmount/image/writer.py `_collect` (pass 1) for a tree without hardlinks */
+
+/* a set of object addresses (open addressing; the inodes already queued) */
+typedef struct {
+    PyObject **slot;
+    size_t mask, used;
+} PtrSet;
+
+static int ptrset_init(PtrSet *ps, size_t want)
+{
+    size_t cap = 1024;
+    while (cap < 2 * want)
+        cap <<= 1;
+    ps->slot = PyMem_Calloc(cap, sizeof(PyObject *));
+    ps->mask = cap - 1;
+    ps->used = 0;
+    return ps->slot ? 0 : -1;
+}
+
+static inline size_t ptr_hash(const void *p)
+{
+    return (size_t)(((uintptr_t)p >> 4) * 0x9E3779B97F4A7C15ULL);
+}
+
+/* 1: added, 0: already there, -1: out of memory */
+static int ptrset_add(PtrSet *ps, PyObject *p)
+{
+    if (2 * (ps->used + 1) > ps->mask + 1) {
+        PtrSet bigger;
+        if (ptrset_init(&bigger, ps->used + 1) < 0)
+            return -1;
+        for (size_t k = 0; k <= ps->mask; k++)
+            if (ps->slot[k] != NULL) {
+                size_t h = ptr_hash(ps->slot[k]) & bigger.mask;
+                while (bigger.slot[h] != NULL)
+                    h = (h + 1) & bigger.mask;
+                bigger.slot[h] = ps->slot[k];
+            }
+        bigger.used = ps->used;
+        PyMem_Free(ps->slot);
+        *ps = bigger;
+    }
+    size_t h = ptr_hash(p) & ps->mask;
+    while (ps->slot[h] != NULL) {
+        if (ps->slot[h] == p)
+            return 0;
+        h = (h + 1) & ps->mask;
+    }
+    ps->slot[h] = p;
+    ps->used++;
+    return 1;
+}
+
+/* bytes order of two names (as `sorted` orders them) */
+static int name_cmp(PyObject *a, const char *b, Py_ssize_t nb)
+{
+    Py_ssize_t na = PyBytes_GET_SIZE(a);
+    int c = memcmp(PyBytes_AS_STRING(a), b, (size_t)(na < nb ? na : nb));
+    return c ? c : (na > nb) - (na < nb);
+}
+
+/* insert `name` into the sorted `names` where bisect_left puts it, and `kid` at the same place */
+static int insert_sorted(PyObject *names, PyObject *kids, const char *name, Py_ssize_t n, long long kid)
+{
+    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(names);
+    while (lo < hi) {
+        Py_ssize_t mid = (lo + hi) / 2;
+        if (name_cmp(PyList_GET_ITEM(names, mid), name, n) < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    PyObject *nm = PyBytes_FromStringAndSize(name, n);
+    PyObject *k = nm ? PyLong_FromLongLong(kid) : NULL;
+    int r = k && PyList_Insert(names, lo, nm) == 0 && PyList_Insert(kids, lo, k) == 0 ? 0 : -1;
+    Py_XDECREF(nm);
+    Py_XDECREF(k);
+    return r;
+}
+
+typedef struct {
+    InodeInfo info;
+    PyObject *nodes, *nlink, *nparent, *dparent, *dnames, *dkids, *wparents, *raw;
+    long version;
+    PtrSet seen;
+    Py_ssize_t *dirq;
+    Py_ssize_t ndirq, capdirq;
+} Collect;
+
+static int append_ll(PyObject *list, long long v)
+{
+    PyObject *o = PyLong_FromLongLong(v);
+    if (o == NULL)
+        return -1;
+    int r = PyList_Append(list, o);
+    Py_DECREF(o);
+    return r;
+}
+
+static int dict_set_ll(PyObject *dict, long long k, PyObject *v)
+{
+    PyObject *key = PyLong_FromLongLong(k);
+    if (key == NULL)
+        return -1;
+    int r = PyDict_SetItem(dict, key, v);
+    Py_DECREF(key);
+    return r;
+}
+
+/* one directory (queue index i, entries `ents`): its children queued, its sorted names and kids */
+static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
+{
+    if (!PyDict_CheckExact(ents))
+        return GIVE_UP;
+    PyObject *names = PyDict_Keys(ents);
+    if (names == NULL)
+        return FAIL;
+    Py_ssize_t n = PyList_GET_SIZE(names);
+    for (Py_ssize_t k = 0; k < n; k++) {
+        PyObject *nm = PyList_GET_ITEM(names, k);
+        if (!PyBytes_CheckExact(nm)) {
+            Py_DECREF(names);
+            return GIVE_UP;
+        }
+        Py_ssize_t ln = PyBytes_GET_SIZE(nm);
+        const char *s = PyBytes_AS_STRING(nm);
+        if (ln == 0 || ln > 255 || memchr(s, '/', (size_t)ln) || memchr(s, 0, (size_t)ln)
+                || (s[0] == '.' && (ln == 1 || (ln == 2 && s[1] == '.')))) {
+            Py_DECREF(names);
+            return GIVE_UP;              /* an invalid name: Python words the error */
+        }
+    }
+    if (PyList_Sort(names) < 0) {
+        Py_DECREF(names);
+        return FAIL;
+    }
+    PyObject *kids = PyList_New(n);
+    if (kids == NULL) {
+        Py_DECREF(names);
+        return FAIL;
+    }
+    int r = OK;
+    long long nsub = 0;
+    for (Py_ssize_t k = 0; k < n && r == OK; k++) {
+        PyObject *child = PyDict_GetItemWithError(ents, PyList_GET_ITEM(names, k));
+        if (child == NULL) {
+            r = PyErr_Occurred() ? FAIL : GIVE_UP;
+            break;
+        }
+        long long mode;
+        if (Py_TYPE(child) != c->info.type) {
+            r = GIVE_UP;
+            break;
+        }
+        if ((r = slot_ll(child, &c->info, F_MODE, 0, 0xFFFF, &mode)) != OK)
+            break;
+        PyObject *ce = SLOT(child, &c->info, F_ENTRIES);
+        long long cm = mode & S_IFMT_;
+        if (ce == NULL || (cm == S_IFDIR_) != (ce != Py_None)) {
+            r = GIVE_UP;
+            break;
+        }
+        int added = ptrset_add(&c->seen, child);
+        if (added < 0) {
+            PyErr_NoMemory();
+            r = FAIL;
+            break;
+        }
+        if (added == 0) {                /* a second name (hardlink) or a cycle: Python */
+            r = GIVE_UP;
+            break;
+        }
+        Py_ssize_t j = PyList_GET_SIZE(c->nodes);
+        if (PyList_Append(c->nodes, child) < 0 || append_ll(c->nlink, 1) < 0 || append_ll(c->nparent, i) < 0) {
+            r = FAIL;
+            break;
+        }
+        if (cm == S_IFDIR_) {
+            nsub++;
+            PyObject *pi = PyLong_FromSsize_t(i);
+            if (pi == NULL || dict_set_ll(c->dparent, j, pi) < 0) {
+                Py_XDECREF(pi);
+                r = FAIL;
+                break;
+            }
+            Py_DECREF(pi);
+            if (c->ndirq == c->capdirq) {
+                Py_ssize_t cap = c->capdirq * 2;
+                Py_ssize_t *q = PyMem_Realloc(c->dirq, (size_t)cap * sizeof(Py_ssize_t));
+                if (q == NULL) {
+                    PyErr_NoMemory();
+                    r = FAIL;
+                    break;
+                }
+                c->dirq = q;
+                c->capdirq = cap;
+            }
+            c->dirq[c->ndirq++] = j;
+        } else if (cm == 0020000) {
+            PyObject *rdev = SLOT(child, &c->info, F_RDEV);
+            if (rdev == NULL || !PyLong_CheckExact(rdev)) {
+                r = GIVE_UP;
+                break;
+            }
+            int overflow;
+            long long rv = PyLong_AsLongLongAndOverflow(rdev, &overflow);
+            if (rv == -1 && PyErr_Occurred()) {
+                r = FAIL;
+                break;
+            }
+            if (rv == 0 && !overflow) {
+                PyObject *cid = PyLong_FromVoidPtr(child);
+                int is_raw = cid ? PySet_Contains(c->raw, cid) : -1;
+                Py_XDECREF(cid);
+                if (is_raw < 0) {
+                    r = FAIL;
+                    break;
+                }
+                if (!is_raw) {           /* a whiteout: its directory is marked */
+                    PyObject *pi = PyLong_FromSsize_t(i);
+                    if (pi == NULL || PySet_Add(c->wparents, pi) < 0) {
+                        Py_XDECREF(pi);
+                        r = FAIL;
+                        break;
+                    }
+                    Py_DECREF(pi);
+                    c->version = 1;
+                }
+            }
+        }
+        PyList_SET_ITEM(kids, k, PyLong_FromSsize_t(j));
+        if (PyList_GET_ITEM(kids, k) == NULL)
+            r = FAIL;
+    }
+    if (r == OK) {
+        PyObject *nl = PyLong_FromLongLong(2 + nsub);
+        long long up;
+        PyObject *key = PyLong_FromSsize_t(i);
+        PyObject *upo = key ? PyDict_GetItemWithError(c->dparent, key) : NULL;
+        if (nl == NULL || upo == NULL)
+            r = FAIL;
+        else {
+            PyList_SetItem(c->nlink, i, nl);
+            nl = NULL;
+            up = PyLong_AsLongLong(upo);
+            if ((up == -1 && PyErr_Occurred()) || insert_sorted(names, kids, ".", 1, i) < 0
+                    || insert_sorted(names, kids, "..", 2, up) < 0 || PyDict_SetItem(c->dnames, key, names) < 0
+                    || PyDict_SetItem(c->dkids, key, kids) < 0)
+                r = FAIL;
+        }
+        Py_XDECREF(nl);
+        Py_XDECREF(key);
+        if (r == FAIL && !PyErr_Occurred())
+            PyErr_SetString(PyExc_SystemError, "collect: directory without a parent");
+    }
+    Py_DECREF(names);
+    Py_DECREF(kids);
+    return r;
+}
+
+PyDoc_STRVAR(collect_doc,
+"collect(inode_cls, root, root_entries, raw) -> the tuple of writer._collect, or None\n\n"
+"Pass 1 of flatmount.image.writer (`_collect` without `primary`): the breadth-first queue of a tree\n"
+"in which every inode has one name.  `root_entries` are the root's entries with the writer's own\n"
+"whiteouts (ids in `raw`).  None on a second name of an inode (hardlinks: the Python walk handles\n"
+"them) and on anything invalid (the Python walk words the error).");
+
+static PyObject *collect(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *inode_cls, *root, *root_ents, *raw;
+    if (!PyArg_ParseTuple(args, "OOO!O!:collect", &inode_cls, &root, &PyDict_Type, &root_ents, &PySet_Type, &raw))
+        return NULL;
+    Collect c;
+    memset(&c, 0, sizeof c);
+    PyObject *result = NULL;
+    int r = GIVE_UP;
+    if (inode_info(inode_cls, &c.info) < 0 || Py_TYPE(root) != c.info.type)
+        Py_RETURN_NONE;
+    c.raw = raw;
+    c.nodes = Py_BuildValue("[O]", root);
+    c.nlink = Py_BuildValue("[i]", 0);
+    c.nparent = Py_BuildValue("[i]", 0);
+    c.dparent = Py_BuildValue("{i:i}", 0, 0);
+    c.dnames = PyDict_New();
+    c.dkids = PyDict_New();
+    c.wparents = PySet_New(NULL);
+    c.capdirq = 1024;
+    c.dirq = PyMem_Malloc((size_t)c.capdirq * sizeof(Py_ssize_t));
+    if (!c.nodes || !c.nlink || !c.nparent || !c.dparent || !c.dnames || !c.dkids || !c.wparents
+            || !c.dirq || ptrset_init(&c.seen, 4096) < 0 || ptrset_add(&c.seen, root) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_NoMemory();
+        r = FAIL;
+        goto done;
+    }
+    c.dirq[c.ndirq++] = 0;
+    r = OK;
+    for (Py_ssize_t q = 0; q < c.ndirq && r == OK; q++) {
+        Py_ssize_t i = c.dirq[q];
+        PyObject *ents = i == 0 ? root_ents : SLOT(PyList_GET_ITEM(c.nodes, i), &c.info, F_ENTRIES);
+        r = ents == NULL ? GIVE_UP : collect_dir(&c, i, ents);
+    }
+    if (r == OK)
+        result = Py_BuildValue("(OOOOOOlNOO)", c.nodes, c.dnames, c.dkids, c.nlink, c.wparents, raw, c.version,
+                               PyList_New(0), c.nparent, c.dparent);
+done:
+    PyMem_Free(c.dirq);
+    PyMem_Free(c.seen.slot);
+    Py_XDECREF(c.nodes);
+    Py_XDECREF(c.nlink);
+    Py_XDECREF(c.nparent);
+    Py_XDECREF(c.dparent);
+    Py_XDECREF(c.dnames);
+    Py_XDECREF(c.dkids);
+    Py_XDECREF(c.wparents);
+    if (r == FAIL)
+        return NULL;
+    if (r == GIVE_UP)
+        Py_RETURN_NONE;
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
     {"parse_dump", parse_dump, METH_VARARGS, parse_dump_doc},
     {"emit_inodes", emit_inodes, METH_VARARGS, emit_inodes_doc},
     {"inode_fields", inode_fields, METH_VARARGS, inode_fields_doc},
+    {"collect", collect, METH_VARARGS, collect_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -187,6 +187,25 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
     """
     if root.mode & S_IFMT != S_IFDIR or root.entries is None:
         raise FormatError("the root of an image must be a directory")
+    root_ents = root.entries
+    raw: set[int] = set()
+    if root_whiteouts:
+        missing = [h for h in _HEX_NAMES if h not in root_ents]
+        if missing:
+            root_ents = dict(root_ents)
+            sel = root.xattrs.get(fmt.SELINUX) if root.xattrs else None
+            for h in missing:
+                w = Inode(S_IFCHR | 0o644, uid=root.uid, gid=root.gid, mtime_ns=root.mtime_ns,
+                          xattrs={fmt.SELINUX: sel} if sel is not None else None)
+                raw.add(id(w))
+                root_ents[h] = w
+    # the compiled walk (flatmount/image/_cwrite.c) takes a valid tree whose inodes have one name each;
+    # with hardlinks or anything invalid it returns None and this walk runs (and words the error)
+    cw = accel.CWRITE
+    if cw is not None and primary is None:
+        got = cw.collect(Inode, root, root_ents, raw)
+        if got is not None:
+            return got
     nodes: list[Inode] = [root]
     index: dict[int, int] = {id(root): 0}
     nlink: list[int] = [0]
@@ -195,24 +214,13 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
     dnames: dict[int, list[bytes]] = {}
     dkids: dict[int, list[int]] = {}
     whiteout_parents: set[int] = set()
-    raw: set[int] = set()
     version = 0
     dups: list[tuple[int, bytes, int]] = []
     pending: list[tuple[int, bytes, Inode]] = []
     dirq = [0]   # directories in queue order (only they need a visit of their own)
     for i in dirq:
         node = nodes[i]
-        ents = node.entries
-        if i == 0 and root_whiteouts:
-            missing = [h for h in _HEX_NAMES if h not in ents]
-            if missing:
-                ents = dict(ents)
-                sel = node.xattrs.get(fmt.SELINUX) if node.xattrs else None
-                for h in missing:
-                    w = Inode(S_IFCHR | 0o644, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns,
-                              xattrs={fmt.SELINUX: sel} if sel is not None else None)
-                    raw.add(id(w))
-                    ents[h] = w
+        ents = root_ents if i == 0 else node.entries
         names = sorted(ents)
         if names:
             joined = b"\0".join(names)
