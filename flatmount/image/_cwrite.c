@@ -731,7 +731,7 @@ static int xattr_body(const Out *o, long long p, long long xsize, PyObject *item
     PyObject **it = PySequence_Fast_ITEMS(items);
     unsigned long long used = 0;
     long long nids = 0, ninline = 0;
-    /* first the shared ids (they come first in the body), counting the inline bytes */
+    /* first the sizes (nothing is written unless the body is exactly `xsize` bytes) */
     for (Py_ssize_t k = 0; k < n; k++) {
         PyObject *item = it[k];
         if (!PyTuple_CheckExact(item) || PyTuple_GET_SIZE(item) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(item, 1)))
@@ -749,9 +749,8 @@ static int xattr_body(const Out *o, long long p, long long xsize, PyObject *item
             long long id = PyLong_AsLongLong(sid);
             if (id == -1 && PyErr_Occurred())
                 return FAIL;
-            if (id < 0 || id > 0xFFFFFFFFLL || XHDR + XID * (nids + 1) > xsize)
+            if (id < 0 || id > 0xFFFFFFFFLL)
                 return GIVE_UP;
-            put32(o->buf + p + XHDR + XID * nids, (unsigned long long)id);
             nids++;
         } else {
             if (vlen > 0xFFFF)
@@ -771,6 +770,7 @@ static int xattr_body(const Out *o, long long p, long long xsize, PyObject *item
         if (sid == NULL && PyErr_Occurred())
             return FAIL;
         if (sid != NULL && seen < MAX_SHARED) {
+            put32(o->buf + p + XHDR + XID * seen, (unsigned long long)PyLong_AsLongLong(sid));
             seen++;
             continue;
         }
