@@ -180,13 +180,55 @@ def compiled_emit_only():
         writer._emit_inodes_py = saved
 
 
+class Spy:
+    """The compiled module, recording what each of its writer passes answered."""
+
+    def __init__(self, real):
+        self.real = real
+        self.calls: list[tuple[str, object]] = []
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+    def collect(self, *a):
+        got = self.real.collect(*a)
+        self.calls.append(("collect", got is not None))
+        return got
+
+    def inode_fields(self, *a):
+        todo = self.real.inode_fields(*a)
+        self.calls.append(("fields", len(todo)))
+        return todo
+
+    def place_inodes(self, *a):
+        got = self.real.place_inodes(*a)
+        self.calls.append(("place", got is not None))
+        return got
+
+
+def write_spied(root: Inode, **kw):
+    """write_with("native") with the compiled module spied on: (outcome, calls)."""
+    spy = Spy(require_cwrite())
+    saved = accel.CWRITE
+    from flatmount.image.writer import image_bytes
+
+    accel.CWRITE = spy
+    try:
+        return ("ok", image_bytes(root, **kw)), spy.calls
+    except FlatmountError as e:
+        return ("error", type(e), str(e)), spy.calls
+    finally:
+        accel.CWRITE = saved
+
+
 def same_image(root: Inode, **kw) -> bytes | None:
     """Both implementations give the same bytes or the same error; a valid tree is the compiled
-    pass's own work (it does not give up on it)."""
+    passes' own work (emit and placement do not give up on it)."""
     a = write_with("python", root, **kw)
     if a[0] == "ok":
         with compiled_emit_only():
-            b = write_with("native", root, **kw)
+            b, calls = write_spied(root, **kw)
+        assert ("place", True) in calls and ("place", False) not in calls
     else:
         b = write_with("native", root, **kw)
     assert a == b
@@ -267,6 +309,7 @@ REJECT = [
     lambda r: r.entries.__setitem__(b"x", Inode.file(b"", mtime_ns=1 << 93)),    # seconds too large
     lambda r: r.entries.__setitem__(b"x", Inode(0o100644, size=1 << 64, payload="ab/cd")),
     lambda r: r.entries.__setitem__(b"x", Inode(0o100644, size=-1)),
+    lambda r: r.entries.__setitem__(b"x", Inode.file(b"1", xattrs={b"user.%d" % k: b"v" * 60000 for k in range(5)})),
 ]
 
 
@@ -312,34 +355,11 @@ def test_queue_the_same(root, root_whiteouts):
     assert (got is None) == hardlinks
 
 
-def test_compiled_passes_take_the_cs9_tree(monkeypatch):
-    """On composefs' developer image the compiled walk and field pass leave (almost) nothing to Python."""
-    from flatmount.image import writer
-
+def test_compiled_passes_take_the_cs9_tree():
+    """On composefs' developer image the compiled passes leave (almost) nothing to Python."""
     root = parse_dump(shared_data("cs9-x86_64-developer.dump.gz").read_bytes())
-    saved = use("native")
-    left = []
-    real = accel.CWRITE
-
-    class Spy:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def collect(self, *a):
-            got = real.collect(*a)
-            left.append(("collect", got is None))
-            return got
-
-        def inode_fields(self, *a):
-            todo = real.inode_fields(*a)
-            left.append(("fields", len(todo)))
-            return todo
-
-    try:
-        accel.CWRITE = Spy()
-        with compiled_emit_only():
-            writer.image_bytes(root)
-    finally:
-        accel.CWRITE = saved
-    assert left[0] == ("collect", False)
-    assert left[1][0] == "fields" and left[1][1] < 400      # the root, 4 inodes with xattrs, 00..ff, big dirs
+    with compiled_emit_only():
+        (ok, _img), calls = write_spied(root)
+    assert ok == "ok"
+    assert calls[0] == ("collect", True) and calls[2] == ("place", True)
+    assert calls[1][0] == "fields" and calls[1][1] < 400   # the root, 4 inodes with xattrs, 00..ff, big dirs

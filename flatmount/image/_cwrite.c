@@ -1758,12 +1758,282 @@ done:
 }
 
 /* ---------------------------------------------------------------------------------------------- */
+/* place_inodes: the loop of flatmount/image/writer.py `_place_inodes` (pass 4) */
+
+#define SLOTPAD 31
+#define FORM_OTHER 0
+#define FORM_BOTH_INLINE 1
+#define FORM_MC_SHARED 2
+#define FORM_BOTH_SHARED 3
+
+typedef struct {
+    long long xsize, tail, isz, mode, layout, nblk, size;
+    int form, fst;                   /* fst: fast[i] is true (an external regular file) */
+    int digest_items;                /* xitems[i] becomes _digest_items(fast[i]) */
+    int changed;                     /* nblk, tails, layouts or sizes changed */
+} Place;
+
+/* is `item` a (name, value) tuple whose value is bytes? */
+static inline int is_item(PyObject *it)
+{
+    return PyTuple_CheckExact(it) && PyTuple_GET_SIZE(it) == 2 && PyBytes_CheckExact(PyTuple_GET_ITEM(it, 1));
+}
+
+PyDoc_STRVAR(place_inodes_doc,
+"place_inodes(columns, keyinfo, shared_off, mc0, mc0_shared, shared_rd, mc_sh, rd_sh, rd_name,\n"
+"             mc_suffix, rd_suffix, dg_mc_size, dg_rd_size, pos, max_xsize, digest_items)\n"
+"-> (pos, xsizes, forms, nids) or None\n\n"
+"The loop of pass 4 of flatmount.image.writer (`_place_inodes`), the names being those of its locals;\n"
+"`columns` = (xitems, isz, tails, fast, modes, nblk, layouts, sizes), changed in place as the loop\n"
+"changes them.  None, with nothing changed, on anything out of the common case (the Python loop then\n"
+"runs and words any error).");
+
+static PyObject *place_inodes(PyObject *self, PyObject *args)
+{
+    (void)self;
+    PyObject *columns, *keyinfo, *shared_off, *mc0, *shared_rd, *mc_sh, *rd_sh, *rd_name, *digest_items;
+    int mc0_shared;
+    long long mc_suffix, rd_suffix, dg_mc_size, dg_rd_size, pos, max_xsize;
+    if (!PyArg_ParseTuple(args, "O!O!O!O!pO!O!O!SLLLLLLO:place_inodes", &PyTuple_Type, &columns,
+                          &PyDict_Type, &keyinfo, &PyDict_Type, &shared_off, &PyTuple_Type, &mc0, &mc0_shared,
+                          &PySet_Type, &shared_rd, &PySet_Type, &mc_sh, &PySet_Type, &rd_sh, &rd_name,
+                          &mc_suffix, &rd_suffix, &dg_mc_size, &dg_rd_size, &pos, &max_xsize, &digest_items))
+        return NULL;
+    enum { X_ITEMS, X_ISZ, X_TAILS, X_FAST, X_MODES, X_NBLK, X_LAYOUTS, X_SIZES, NX };
+    if (PyTuple_GET_SIZE(columns) != NX)
+        Py_RETURN_NONE;
+    PyObject *col[NX];
+    Py_ssize_t n = -1;
+    for (int c = 0; c < NX; c++) {
+        col[c] = PyTuple_GET_ITEM(columns, c);
+        if (!PyList_CheckExact(col[c]) || (n >= 0 && PyList_GET_SIZE(col[c]) != n))
+            Py_RETURN_NONE;
+        n = PyList_GET_SIZE(col[c]);
+    }
+    if (n == 0)
+        Py_RETURN_NONE;
+    int dg_shared = PySet_GET_SIZE(mc_sh) > 0 || PySet_GET_SIZE(rd_sh) > 0;
+    Place *pl = PyMem_Calloc((size_t)n, sizeof(Place));
+    long long *nids = PyMem_Calloc((size_t)n, sizeof(long long));
+    PyObject *result = NULL, *xs_list = NULL, *forms_list = NULL, *nids_list = NULL;
+    int r = OK;
+    if (pl == NULL || nids == NULL) {
+        PyErr_NoMemory();
+        r = FAIL;
+        goto done;
+    }
+    /* pass A: every inode's xattr body size and form, and its columns; nothing is changed */
+    for (Py_ssize_t i = 0; i < n && r == OK; i++) {
+        Place *p = &pl[i];
+        if ((r = item_ll(col[X_ISZ], i, COMPACT, EXTENDED, &p->isz)) != OK
+                || (r = item_ll(col[X_TAILS], i, 0, 1LL << 40, &p->tail)) != OK
+                || (r = item_ll(col[X_MODES], i, 0, 0xFFFF, &p->mode)) != OK
+                || (r = item_ll(col[X_NBLK], i, 0, 1LL << 40, &p->nblk)) != OK
+                || (r = item_ll(col[X_LAYOUTS], i, 0, 0xFFFF, &p->layout)) != OK
+                || (r = item_ll(col[X_SIZES], i, 0, 0x7FFFFFFFFFFFFFFFLL, &p->size)) != OK)
+            break;
+        PyObject *items = PyList_GET_ITEM(col[X_ITEMS], i), *fst = PyList_GET_ITEM(col[X_FAST], i);
+        if (!PyTuple_CheckExact(items) && !PyList_CheckExact(items)) {
+            r = GIVE_UP;
+            break;
+        }
+        Py_ssize_t ni = PySequence_Fast_GET_SIZE(items);
+        PyObject **it = PySequence_Fast_ITEMS(items);
+        int fst_true = PyObject_IsTrue(fst);
+        if (fst_true < 0) {
+            r = FAIL;
+            break;
+        }
+        if (ni) {
+            if (fst_true) {
+                if (ni != 2 || !is_item(it[0]) || !is_item(it[1])) {
+                    r = GIVE_UP;
+                    break;
+                }
+                int m_sh = it[0] == mc0 ? mc0_shared : PyDict_Contains(shared_off, it[0]);
+                PyObject *rv = PyTuple_GET_ITEM(it[1], 1);
+                int r_sh = PySet_Contains(shared_rd, rv);
+                if (m_sh < 0 || r_sh < 0) {
+                    r = FAIL;
+                    break;
+                }
+                if (r_sh) {
+                    int eq = PyObject_RichCompareBool(PyTuple_GET_ITEM(it[1], 0), rd_name, Py_EQ);
+                    if (eq < 0) {
+                        r = FAIL;
+                        break;
+                    }
+                    r_sh = eq;
+                }
+                long long xsize = m_sh ? XHDR + XID : XHDR + ((mc_suffix + PyBytes_GET_SIZE(PyTuple_GET_ITEM(it[0], 1))) & ~3LL);
+                if (r_sh) {
+                    xsize += XID;
+                    p->form = xsize == XHDR + 2 * XID ? FORM_BOTH_SHARED : FORM_OTHER;
+                } else {
+                    xsize += (rd_suffix + PyBytes_GET_SIZE(rv)) & ~3LL;
+                    p->form = m_sh ? FORM_MC_SHARED : FORM_BOTH_INLINE;
+                }
+                p->xsize = xsize;
+            } else {
+                long long nsh = 0, xsize = XHDR;
+                for (Py_ssize_t k = 0; k < ni; k++) {
+                    if (!is_item(it[k])) {
+                        r = GIVE_UP;
+                        break;
+                    }
+                    int sh = nsh < MAX_SHARED ? PyDict_Contains(shared_off, it[k]) : 0;
+                    if (sh < 0) {
+                        r = FAIL;
+                        break;
+                    }
+                    if (sh) {
+                        nsh++;
+                        xsize += XID;
+                    } else {
+                        KeyInfo ki;
+                        if ((r = key_info(keyinfo, PyTuple_GET_ITEM(it[k], 0), &ki)) != OK)
+                            break;
+                        xsize += (XENT + 3 + ki.nlen + PyBytes_GET_SIZE(PyTuple_GET_ITEM(it[k], 1))) & ~3LL;
+                    }
+                }
+                if (r != OK)
+                    break;
+                if (xsize > max_xsize) {    /* too many xattrs: Python words it */
+                    r = GIVE_UP;
+                    break;
+                }
+                p->xsize = xsize;
+            }
+        } else if (fst_true) {               /* metacopy and redirect from the digest `fst` */
+            if (!PyBytes_CheckExact(fst)) {
+                r = GIVE_UP;
+                break;
+            }
+            int in_mc = 0, in_rd = 0;
+            if (dg_shared) {
+                in_mc = PySet_Contains(mc_sh, fst);
+                in_rd = in_mc < 0 ? -1 : PySet_Contains(rd_sh, fst);
+                if (in_rd < 0) {
+                    r = FAIL;
+                    break;
+                }
+            }
+            if (in_mc || in_rd) {
+                long long xsize = in_mc ? XHDR + XID : dg_mc_size;
+                if (in_rd) {
+                    xsize += XID;
+                    p->form = xsize == XHDR + 2 * XID ? FORM_BOTH_SHARED : FORM_OTHER;
+                } else {
+                    xsize += dg_rd_size;
+                    p->form = FORM_MC_SHARED;
+                }
+                p->xsize = xsize;
+                p->digest_items = 1;
+            } else {
+                p->xsize = dg_mc_size + dg_rd_size;
+                p->form = FORM_BOTH_INLINE;
+            }
+        }
+        p->fst = fst_true;
+    }
+    if (r != OK)
+        goto done;
+    /* pass B: the positions (the inode moves down, or its tail becomes a full block) */
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Place *p = &pl[i];
+        int fst = p->fst;
+        long long base = p->isz + p->xsize, tail = p->tail;
+        pos = (pos + SLOTPAD) & ~(long long)SLOTPAD;
+        if (tail) {
+            if (!fst && (p->mode & S_IFMT_) == S_IFLNK_) {
+                long long total = base + tail;
+                if (total >= BLKSZ) {        /* inode, xattrs and target do not fit one block */
+                    p->nblk = 1;
+                    p->tail = tail = 0;
+                    p->layout = LAYOUT_PLAIN;
+                    p->changed = 1;
+                }
+                if (pos / BLKSZ != (pos + total - 1) / BLKSZ)
+                    pos = (pos + BLKSZ - 1) & ~(long long)(BLKSZ - 1);
+            } else {
+                long long rem = BLKSZ - (pos + base) % BLKSZ;
+                if (rem < tail) {
+                    long long extra = (rem + SLOTPAD) & ~(long long)SLOTPAD;
+                    if (tail <= BLKSZ - (pos + base + extra) % BLKSZ)
+                        pos += extra;
+                    else {                   /* no inline tail after all: a full block */
+                        p->nblk += 1;
+                        if (fst && PySequence_Fast_GET_SIZE(PyList_GET_ITEM(col[X_ITEMS], i)) == 0)
+                            p->digest_items = 1;
+                        p->tail = tail = 0;
+                        if (p->layout != LAYOUT_CHUNK)
+                            p->layout = LAYOUT_PLAIN;
+                        if ((p->mode & S_IFMT_) == S_IFDIR_)
+                            p->size = p->nblk * BLKSZ;
+                        p->changed = 1;
+                        pos = (pos + BLKSZ - 1) & ~(long long)(BLKSZ - 1);
+                    }
+                }
+            }
+        }
+        nids[i] = pos >> SLOTBITS;
+        pos += base + tail;
+    }
+    /* pass C: the results, and the changed columns */
+    xs_list = PyList_New(n);
+    forms_list = PyList_New(n);
+    nids_list = PyList_New(n);
+    if (xs_list == NULL || forms_list == NULL || nids_list == NULL) {
+        r = FAIL;
+        goto done;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Place *p = &pl[i];
+        PyObject *a = PyLong_FromLongLong(p->xsize), *b = PyLong_FromLong(p->form), *c = PyLong_FromLongLong(nids[i]);
+        if (a == NULL || b == NULL || c == NULL) {
+            Py_XDECREF(a); Py_XDECREF(b); Py_XDECREF(c);
+            r = FAIL;
+            goto done;
+        }
+        PyList_SET_ITEM(xs_list, i, a);
+        PyList_SET_ITEM(forms_list, i, b);
+        PyList_SET_ITEM(nids_list, i, c);
+        if (p->changed && (set_ll(col[X_NBLK], i, p->nblk) || set_ll(col[X_TAILS], i, p->tail)
+                           || set_ll(col[X_LAYOUTS], i, p->layout) || set_ll(col[X_SIZES], i, p->size))) {
+            r = FAIL;
+            goto done;
+        }
+        if (p->digest_items) {
+            PyObject *its = PyObject_CallOneArg(digest_items, PyList_GET_ITEM(col[X_FAST], i));
+            if (its == NULL) {
+                r = FAIL;
+                goto done;
+            }
+            PyList_SetItem(col[X_ITEMS], i, its);
+        }
+    }
+    result = Py_BuildValue("(LOOO)", pos, xs_list, forms_list, nids_list);
+done:
+    PyMem_Free(pl);
+    PyMem_Free(nids);
+    Py_XDECREF(xs_list);
+    Py_XDECREF(forms_list);
+    Py_XDECREF(nids_list);
+    if (r == FAIL)
+        return NULL;
+    if (r == GIVE_UP)
+        Py_RETURN_NONE;
+    return result;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
 
 static PyMethodDef methods[] = {
     {"parse_dump", parse_dump, METH_VARARGS, parse_dump_doc},
     {"emit_inodes", emit_inodes, METH_VARARGS, emit_inodes_doc},
     {"inode_fields", inode_fields, METH_VARARGS, inode_fields_doc},
     {"collect", collect, METH_VARARGS, collect_doc},
+    {"place_inodes", place_inodes, METH_VARARGS, place_inodes_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -765,75 +765,84 @@ def _place_inodes(lay: _Layout) -> None:
     dg_mc_size = XHDR + ((mc_suffix + fmt.METACOPY_SIZE) & ~XPAD)
     dg_rd_size = (rd_suffix + _RD_SIZE) & ~XPAD
     dg_shared = bool(mc_sh or rd_sh)
-    for i, items, base, tail, fst in zip(range(n), xitems, lay.isz, tails, fast, strict=True):
-        if items:
-            if fst:
-                it_m, it_r = items
-                m_sh = mc0_shared if it_m is mc0 else it_m in shared_off
-                xsize = one_id if m_sh else xhdr + ((mc_suffix + len(it_m[1])) & ~xpad)
-                if it_r[1] in shared_rd and it_r[0] == RD:   # it_r in shared_off, hashing bytes only
-                    xsize += xid
-                    forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
-                else:
-                    xsize += (rd_suffix + len(it_r[1])) & ~xpad
-                    forms[i] = _MC_SHARED if m_sh else _BOTH_INLINE
-            else:
-                nsh = 0
-                xsize = xhdr
-                for it in items:
-                    if nsh < MAXSH and it in shared_off:
-                        nsh += 1
+    # the compiled loop (flatmount/image/_cwrite.c) does the same; on anything out of its common case it
+    # returns None having changed nothing, and the loop here runs (and words any error)
+    cw = accel.CWRITE
+    got = None if cw is None else cw.place_inodes(
+        (xitems, lay.isz, tails, fast, modes, nblk, layouts, sizes), keyinfo, shared_off, mc0, mc0_shared,
+        shared_rd, mc_sh, rd_sh, RD, mc_suffix, rd_suffix, dg_mc_size, dg_rd_size, pos, max_xsize, _digest_items)
+    if got is not None:
+        pos, xsizes, forms, nids = got
+    else:
+        for i, items, base, tail, fst in zip(range(n), xitems, lay.isz, tails, fast, strict=True):
+            if items:
+                if fst:
+                    it_m, it_r = items
+                    m_sh = mc0_shared if it_m is mc0 else it_m in shared_off
+                    xsize = one_id if m_sh else xhdr + ((mc_suffix + len(it_m[1])) & ~xpad)
+                    if it_r[1] in shared_rd and it_r[0] == RD:   # it_r in shared_off, hashing bytes only
                         xsize += xid
+                        forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
                     else:
-                        xsize += (entry_pad + keyinfo[it[0]][3] + len(it[1])) & ~xpad
-                if xsize > max_xsize:
-                    raise _InodeError(i, "too many xattrs on one inode")
-            xsizes[i] = xsize
-            base += xsize
-        elif fst:   # metacopy and redirect from the digest `fst`
-            if dg_shared and (fst in mc_sh or fst in rd_sh):
-                m_sh = fst in mc_sh
-                xsize = one_id if m_sh else dg_mc_size
-                if fst in rd_sh:
-                    xsize += xid
-                    forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
+                        xsize += (rd_suffix + len(it_r[1])) & ~xpad
+                        forms[i] = _MC_SHARED if m_sh else _BOTH_INLINE
                 else:
-                    xsize += dg_rd_size
-                    forms[i] = _MC_SHARED
-                xitems[i] = _digest_items(fst)   # the rare forms take the general paths of the emit
-            else:
-                xsize = dg_mc_size + dg_rd_size
-                forms[i] = _BOTH_INLINE
-            xsizes[i] = xsize
-            base += xsize
-        pos = (pos + slotpad) & ~slotpad
-        if tail:
-            if not fst and modes[i] & S_IFMT == S_IFLNK:   # (fst: an external regular file)
-                total = base + tail
-                if total >= blksz:  # inode + xattrs + target do not fit one block: target in a block
-                    nblk[i] = 1
-                    tails[i] = tail = 0
-                    layouts[i] = _PLAIN
-                if pos // blksz != (pos + total - 1) // blksz:
-                    pos = (pos + blkpad) & ~blkpad
-            else:
-                rem = blksz - (pos + base) % blksz
-                if rem < tail:
-                    extra = (rem + slotpad) & ~slotpad
-                    if tail <= blksz - (pos + base + extra) % blksz:
-                        pos += extra
-                    else:  # no inline tail after all: a full block, and the inode starts a block
-                        nblk[i] += 1
-                        if fst and not xitems[i]:   # (the general path writes this one)
-                            xitems[i] = _digest_items(fst)
+                    nsh = 0
+                    xsize = xhdr
+                    for it in items:
+                        if nsh < MAXSH and it in shared_off:
+                            nsh += 1
+                            xsize += xid
+                        else:
+                            xsize += (entry_pad + keyinfo[it[0]][3] + len(it[1])) & ~xpad
+                    if xsize > max_xsize:
+                        raise _InodeError(i, "too many xattrs on one inode")
+                xsizes[i] = xsize
+                base += xsize
+            elif fst:   # metacopy and redirect from the digest `fst`
+                if dg_shared and (fst in mc_sh or fst in rd_sh):
+                    m_sh = fst in mc_sh
+                    xsize = one_id if m_sh else dg_mc_size
+                    if fst in rd_sh:
+                        xsize += xid
+                        forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
+                    else:
+                        xsize += dg_rd_size
+                        forms[i] = _MC_SHARED
+                    xitems[i] = _digest_items(fst)   # the rare forms take the general paths of the emit
+                else:
+                    xsize = dg_mc_size + dg_rd_size
+                    forms[i] = _BOTH_INLINE
+                xsizes[i] = xsize
+                base += xsize
+            pos = (pos + slotpad) & ~slotpad
+            if tail:
+                if not fst and modes[i] & S_IFMT == S_IFLNK:   # (fst: an external regular file)
+                    total = base + tail
+                    if total >= blksz:  # inode + xattrs + target do not fit one block: target in a block
+                        nblk[i] = 1
                         tails[i] = tail = 0
-                        if layouts[i] != _CHUNK:
-                            layouts[i] = _PLAIN
-                        if modes[i] & S_IFMT == S_IFDIR:
-                            sizes[i] = nblk[i] * blksz
+                        layouts[i] = _PLAIN
+                    if pos // blksz != (pos + total - 1) // blksz:
                         pos = (pos + blkpad) & ~blkpad
-        nids[i] = pos >> slotbits
-        pos += base + tail
+                else:
+                    rem = blksz - (pos + base) % blksz
+                    if rem < tail:
+                        extra = (rem + slotpad) & ~slotpad
+                        if tail <= blksz - (pos + base + extra) % blksz:
+                            pos += extra
+                        else:  # no inline tail after all: a full block, and the inode starts a block
+                            nblk[i] += 1
+                            if fst and not xitems[i]:   # (the general path writes this one)
+                                xitems[i] = _digest_items(fst)
+                            tails[i] = tail = 0
+                            if layouts[i] != _CHUNK:
+                                layouts[i] = _PLAIN
+                            if modes[i] & S_IFMT == S_IFDIR:
+                                sizes[i] = nblk[i] * blksz
+                            pos = (pos + blkpad) & ~blkpad
+            nids[i] = pos >> slotbits
+            pos += base + tail
     lay.inodes_end = (pos + slotpad) & ~slotpad
     if nids[0] > U16:
         raise FormatError("root inode beyond the 16-bit root_nid range")
