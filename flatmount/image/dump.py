@@ -10,6 +10,12 @@ The parser is the hot path of `mkimage --from-dump` (tens of thousands of lines)
 splits each line once and only unescapes lines that contain a backslash; the common numeric values
 (modes, ids, mtimes) are converted once and memoised.  Anything the fast path does not accept is
 re-examined by `_diagnose` so errors still name the exact problem and line.
+
+Where it was built, a compiled parser (flatmount/image/_cwrite.c `parse_dump`; off with FLATMOUNT_PURE=1)
+builds the same tree first.  It takes valid dumps only: on anything else (a syntax error, an unusual
+field, a value out of its range) it gives up and the Python parser here, the specification and the
+one place that words every error, parses the same bytes.  `@` hardlink lines are resolved here
+(`_resolve_hardlinks`) either way.
 """
 
 from __future__ import annotations
