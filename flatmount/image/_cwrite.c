@@ -78,13 +78,14 @@ static inline void set_slot(PyObject *obj, const InodeInfo *info, int f, PyObjec
     Py_XDECREF(old);
 }
 
-/* a new inode of `mode` with every other field at its __init__ default; NULL on error (set) */
-static PyObject *new_inode(const InodeInfo *info, long mode)
+/* a new inode of `mode` (`mode_obj`: that int, or NULL) with every other field at its __init__
+ * default; NULL on error (set) */
+static PyObject *new_inode(const InodeInfo *info, long mode, PyObject *mode_obj)
 {
     PyObject *obj = info->type->tp_alloc(info->type, 0);
     if (obj == NULL)
         return NULL;
-    PyObject *m = PyLong_FromLong(mode);
+    PyObject *m = mode_obj ? Py_NewRef(mode_obj) : PyLong_FromLong(mode);
     PyObject *zero = PyLong_FromLong(0);
     PyObject *x = PyDict_New();
     PyObject *e = (mode & S_IFMT_) == S_IFDIR_ ? PyDict_New() : Py_NewRef(Py_None);
@@ -267,7 +268,21 @@ typedef struct {
     Py_ssize_t last_parent_n;
     int have_last;
     char *scratch;           /* unescaped fields of the current line */
+    PyObject *modes[16];     /* memo: one int object per recent MODE value (as the Python parser keeps) */
 } Parser;
+
+/* the int object of `mode`, shared by the inodes of that mode; NULL on error (set) */
+static PyObject *mode_object(Parser *ps, long mode)
+{
+    PyObject **slot = &ps->modes[((unsigned long)mode * 2654435761UL >> 7) & 15];
+    if (*slot != NULL && PyLong_AsLong(*slot) == mode)
+        return *slot;
+    PyObject *m = PyLong_FromLong(mode);
+    if (m == NULL)
+        return NULL;
+    Py_XSETREF(*slot, m);
+    return m;
+}
 
 enum { OK = 0, GIVE_UP = 1, FAIL = -1 };
 
@@ -348,7 +363,7 @@ static int hardlink_line(Parser *ps, Py_ssize_t lineno, Span *f)
     int r = parent_of(ps, path, &ents, &name);
     if (r != OK)
         return r;
-    PyObject *node = new_inode(&ps->info, mode);
+    PyObject *node = new_inode(&ps->info, mode, NULL);
     if (node == NULL)
         return FAIL;
     r = add_entry(ents, name, node);
@@ -428,7 +443,8 @@ static int inode_line(Parser *ps, Span *f, Py_ssize_t nf)
             return r;
     }
 
-    PyObject *node = new_inode(&ps->info, mode);
+    PyObject *mode_obj = mode_object(ps, mode);
+    PyObject *node = mode_obj ? new_inode(&ps->info, mode, mode_obj) : NULL;
     if (node == NULL)
         return FAIL;
     int r = FAIL;
@@ -620,6 +636,8 @@ static PyObject *parse_dump(PyObject *self, PyObject *args)
     if (r == OK)
         result = PyTuple_Pack(2, ps.root, ps.fixups);
 done:
+    for (int k = 0; k < 16; k++)
+        Py_XDECREF(ps.modes[k]);
     PyMem_Free(f);
     PyMem_Free(ps.scratch);
     PyMem_Free(ps.last_parent);
@@ -1192,7 +1210,7 @@ static PyObject *redirect_of(PyObject *path)
 }
 
 /* a regular file without xattrs */
-static int fields_reg(Fields *fs, PyObject *node, Py_ssize_t i, long long mode)
+static int fields_reg(Fields *fs, PyObject *node, Py_ssize_t i)
 {
     PyObject **col = fs->col;
     PyObject *content = SLOT(node, &fs->info, F_CONTENT);
@@ -1284,7 +1302,12 @@ static int fields_reg(Fields *fs, PyObject *node, Py_ssize_t i, long long mode)
                 return FAIL;
         }
     }
-    if (set_ll(col[F2_FTYPES], i, FT_REG) || set_ll(col[F2_MODES], i, mode) || set_ll(col[F2_SIZES], i, size))
+    if (set_ll(col[F2_FTYPES], i, FT_REG))
+        return FAIL;
+    PyList_SetItem(col[F2_MODES], i, Py_NewRef(SLOT(node, &fs->info, F_MODE)));
+    if (content == Py_None)          /* the inode's own size object, as the Python loop stores it */
+        PyList_SetItem(col[F2_SIZES], i, Py_NewRef(SLOT(node, &fs->info, F_SIZE)));
+    else if (set_ll(col[F2_SIZES], i, size))
         return FAIL;
     return OK;
 }
@@ -1304,7 +1327,7 @@ static int fields_one(Fields *fs, PyObject *node, Py_ssize_t i)
     long long t = mode & S_IFMT_, size = 0;
     switch (t) {
     case S_IFREG_:
-        return fields_reg(fs, node, i, mode);
+        return fields_reg(fs, node, i);
     case S_IFDIR_: {
         if (i == 0)
             return GIVE_UP;             /* the root: marked opaque */
@@ -1378,7 +1401,8 @@ static int fields_one(Fields *fs, PyObject *node, Py_ssize_t i)
     default:
         return GIVE_UP;
     }
-    if (set_ll(col[F2_MODES], i, mode) || set_ll(col[F2_SIZES], i, size))
+    PyList_SetItem(col[F2_MODES], i, Py_NewRef(SLOT(node, &fs->info, F_MODE)));
+    if (set_ll(col[F2_SIZES], i, size))
         return FAIL;
     return OK;
 }
@@ -1495,23 +1519,20 @@ static int name_cmp(PyObject *a, const char *b, Py_ssize_t nb)
     return c ? c : (na > nb) - (na < nb);
 }
 
-/* insert `name` into the sorted `names` where bisect_left puts it, and `kid` at the same place */
-static int insert_sorted(PyObject *names, PyObject *kids, const char *name, Py_ssize_t n, long long kid)
+static PyObject *dot_names[2];      /* b"." and b"..", made once (every directory lists them) */
+
+/* insert `name` (bytes) into the sorted `names` where bisect_left puts it, and `kid` at the same place */
+static int insert_sorted(PyObject *names, PyObject *kids, PyObject *name, PyObject *kid)
 {
     Py_ssize_t lo = 0, hi = PyList_GET_SIZE(names);
     while (lo < hi) {
         Py_ssize_t mid = (lo + hi) / 2;
-        if (name_cmp(PyList_GET_ITEM(names, mid), name, n) < 0)
+        if (name_cmp(PyList_GET_ITEM(names, mid), PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)) < 0)
             lo = mid + 1;
         else
             hi = mid;
     }
-    PyObject *nm = PyBytes_FromStringAndSize(name, n);
-    PyObject *k = nm ? PyLong_FromLongLong(kid) : NULL;
-    int r = k && PyList_Insert(names, lo, nm) == 0 && PyList_Insert(kids, lo, k) == 0 ? 0 : -1;
-    Py_XDECREF(nm);
-    Py_XDECREF(k);
-    return r;
+    return PyList_Insert(names, lo, name) == 0 && PyList_Insert(kids, lo, kid) == 0 ? 0 : -1;
 }
 
 typedef struct {
@@ -1575,6 +1596,12 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
         Py_DECREF(names);
         return FAIL;
     }
+    PyObject *me = PyLong_FromSsize_t(i);   /* the parent index of every child: one object */
+    if (me == NULL) {
+        Py_DECREF(names);
+        Py_DECREF(kids);
+        return FAIL;
+    }
     int r = OK;
     long long nsub = 0;
     for (Py_ssize_t k = 0; k < n && r == OK; k++) {
@@ -1607,19 +1634,16 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
             break;
         }
         Py_ssize_t j = PyList_GET_SIZE(c->nodes);
-        if (PyList_Append(c->nodes, child) < 0 || append_ll(c->nlink, 1) < 0 || append_ll(c->nparent, i) < 0) {
+        if (PyList_Append(c->nodes, child) < 0 || append_ll(c->nlink, 1) < 0 || PyList_Append(c->nparent, me) < 0) {
             r = FAIL;
             break;
         }
         if (cm == S_IFDIR_) {
             nsub++;
-            PyObject *pi = PyLong_FromSsize_t(i);
-            if (pi == NULL || dict_set_ll(c->dparent, j, pi) < 0) {
-                Py_XDECREF(pi);
+            if (dict_set_ll(c->dparent, j, me) < 0) {
                 r = FAIL;
                 break;
             }
-            Py_DECREF(pi);
             if (c->ndirq == c->capdirq) {
                 Py_ssize_t cap = c->capdirq * 2;
                 Py_ssize_t *q = PyMem_Realloc(c->dirq, (size_t)cap * sizeof(Py_ssize_t));
@@ -1670,25 +1694,21 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
     }
     if (r == OK) {
         PyObject *nl = PyLong_FromLongLong(2 + nsub);
-        long long up;
-        PyObject *key = PyLong_FromSsize_t(i);
-        PyObject *upo = key ? PyDict_GetItemWithError(c->dparent, key) : NULL;
+        PyObject *upo = PyDict_GetItemWithError(c->dparent, me);   /* borrowed */
         if (nl == NULL || upo == NULL)
             r = FAIL;
         else {
             PyList_SetItem(c->nlink, i, nl);
             nl = NULL;
-            up = PyLong_AsLongLong(upo);
-            if ((up == -1 && PyErr_Occurred()) || insert_sorted(names, kids, ".", 1, i) < 0
-                    || insert_sorted(names, kids, "..", 2, up) < 0 || PyDict_SetItem(c->dnames, key, names) < 0
-                    || PyDict_SetItem(c->dkids, key, kids) < 0)
+            if (insert_sorted(names, kids, dot_names[0], me) < 0 || insert_sorted(names, kids, dot_names[1], upo) < 0
+                    || PyDict_SetItem(c->dnames, me, names) < 0 || PyDict_SetItem(c->dkids, me, kids) < 0)
                 r = FAIL;
         }
         Py_XDECREF(nl);
-        Py_XDECREF(key);
         if (r == FAIL && !PyErr_Occurred())
             PyErr_SetString(PyExc_SystemError, "collect: directory without a parent");
     }
+    Py_DECREF(me);
     Py_DECREF(names);
     Py_DECREF(kids);
     return r;
@@ -2045,5 +2065,11 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__cwrite(void)
 {
+    if (dot_names[0] == NULL) {
+        dot_names[0] = PyBytes_FromStringAndSize(".", 1);
+        dot_names[1] = PyBytes_FromStringAndSize("..", 2);
+        if (dot_names[0] == NULL || dot_names[1] == NULL)
+            return NULL;
+    }
     return PyModule_Create(&module);
 }
