@@ -26,6 +26,19 @@ from flatmount.image.dump import (
 from flatmount.image.tree import Inode, count_inodes, lookup, walk
 
 CS9_NAME = "cs9-x86_64-developer.dump.gz"
+
+
+@pytest.fixture(autouse=True, scope="module", params=["native", "python"])
+def parser_impl(request):
+    """Every test here runs with the compiled parser (flatmount/image/_cwrite.c) and with Python only."""
+    from flatmount.image import accel
+    from tests.cwrite_helpers import use
+
+    saved = use(request.param)
+    try:
+        yield request.param
+    finally:
+        accel.CWRITE = saved
 D1 = "1e2eaa4202d750a41174ee454970b92c1bc2f925b1e35076d8c7d5f56362ba64"  # any 64 hex digits
 
 

@@ -125,6 +125,14 @@ def run(quick: bool) -> dict:
         if mkcomposefs:
             with open(out, "rb") as a, open(peer_out, "rb") as b:
                 from_plain["same_bytes_as_peer"] = a.read() == b.read()
+        # the compiled fast paths (flatmount/image/_cwrite.c) against the pure-Python code they stand
+        # in for (FLATMOUNT_PURE=1), alternating in the same run
+        pure_out = os.path.join(tmp, "pure.erofs")
+        vs_pure = _paired([py, "-m", "flatmount", "mkimage", "--from-dump", plain, out],
+                          ["env", "FLATMOUNT_PURE=1", py, "-m", "flatmount", "mkimage", "--from-dump", plain,
+                           pure_out], runs)
+        with open(out, "rb") as a, open(pure_out, "rb") as b:
+            vs_pure["same_bytes_as_peer"] = a.read() == b.read()
         dumped = _paired([py, "-m", "flatmount", "dump", out],
                          [composefs_info, "dump", out] if composefs_info else None, runs)
 
@@ -158,6 +166,7 @@ def run(quick: bool) -> dict:
         "mkimage_plain_dump": {**from_plain, "target_peer_ratio": PEER_RATIO,
                                "meets_peer_target": (from_plain["ratio_median_paired"] <= PEER_RATIO
                                                      if mkcomposefs and not quick else None)},
+        "mkimage_vs_pure_python": vs_pure,
         "dump_command": {**dumped, "python_startup_best_s": round(min(startup), 3),
                          "read_tree_best_s": round(read_s, 3), "write_dump_best_s": round(text_s, 3),
                  "target_peer_ratio": DUMP_PEER_RATIO,

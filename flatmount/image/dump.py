@@ -10,6 +10,12 @@ The parser is the hot path of `mkimage --from-dump` (tens of thousands of lines)
 splits each line once and only unescapes lines that contain a backslash; the common numeric values
 (modes, ids, mtimes) are converted once and memoised.  Anything the fast path does not accept is
 re-examined by `_diagnose` so errors still name the exact problem and line.
+
+Where it was built, a compiled parser (flatmount/image/_cwrite.c `parse_dump`; off with FLATMOUNT_PURE=1)
+builds the same tree first.  It takes valid dumps only: on anything else (a syntax error, an unusual
+field, a value out of its range) it gives up and the Python parser here, the specification and the
+one place that words every error, parses the same bytes.  `@` hardlink lines are resolved here
+(`_resolve_hardlinks`) either way.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from collections.abc import Iterable
 from typing import BinaryIO, TextIO
 
 import flatmount.image.cread as cread
+import flatmount.image.accel as accel
 from flatmount.errors import DumpSyntaxError
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup
 from flatmount.image.tree import S_IFDIR as _S_IFDIR
@@ -183,20 +190,20 @@ def _read_input(f) -> bytes:
 def parse_dump(f: TextIO | BinaryIO | bytes | Iterable[str | bytes]) -> Inode:
     """The tree described by a composefs dump (text or binary stream, bytes, or lines; gzip ok)."""
     data = _read_input(f)
-    lines = data.split(b"\n")
-    if lines and not lines[-1]:
-        lines.pop()                       # the final newline is optional
-    if b"\0" in data:
-        raise _err(data.count(b"\n", 0, data.index(b"\0")) + 1, "NUL byte in line")
-    if lines and max(map(len, lines)) > MAX_LINE:
-        n = next(i for i, line in enumerate(lines, 1) if len(line) > MAX_LINE)
-        raise _err(n, f"line longer than {MAX_LINE} bytes")
     # The tree has no reference cycles, and cyclic GC passes over tens of thousands of fresh inodes
     # would cost a quarter of the parse time, so GC is paused while building it.
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
-        root = _parse_lines(lines)
+        # the compiled parser (flatmount/image/_cwrite.c) takes a valid dump; anything else, and
+        # with FLATMOUNT_PURE=1 everything, is parsed here, which words every error
+        native = accel.CWRITE.parse_dump(data, Inode, _Fixup) if accel.CWRITE is not None else None
+        if native is None:
+            root = _parse_data(data)
+        else:
+            root, fixups = native
+            if fixups:
+                _resolve_hardlinks(root, fixups)
         # and once built, its objects are filed with the old ones at once (freeze then unfreeze
         # moves every young object to the oldest generation): otherwise the first young collection
         # after this returns walks them all, and the next one again (50-70 ms for 64k inodes)
@@ -206,6 +213,19 @@ def parse_dump(f: TextIO | BinaryIO | bytes | Iterable[str | bytes]) -> Inode:
     finally:
         if gc_was_enabled:
             gc.enable()
+
+
+def _parse_data(data: bytes) -> Inode:
+    """The Python parser (the specification of the compiled one): the tree, or the error."""
+    lines = data.split(b"\n")
+    if lines and not lines[-1]:
+        lines.pop()                       # the final newline is optional
+    if b"\0" in data:
+        raise _err(data.count(b"\n", 0, data.index(b"\0")) + 1, "NUL byte in line")
+    if lines and max(map(len, lines)) > MAX_LINE:
+        n = next(i for i, line in enumerate(lines, 1) if len(line) > MAX_LINE)
+        raise _err(n, f"line longer than {MAX_LINE} bytes")
+    return _parse_lines(lines)
 
 
 def _err(lineno: int, msg: str) -> DumpSyntaxError:

@@ -19,6 +19,14 @@ per-inode lists (columns of the layout) and write with `struct.pack_into` into o
 per-inode helper calls are avoided in the hot loops on purpose.  Every layout size and struct comes
 from `format`.
 
+Compiled fast paths (flatmount/image/_cwrite.c, optional; `accel.CWRITE`, off with FLATMOUNT_PURE=1)
+stand in for the per-inode work of passes 1, 2, 4 and 6: `collect` (a tree whose inodes have one name
+each), `inode_fields` (the inodes without xattrs; it returns the others to the Python loop),
+`place_inodes` and `emit_inodes`.  They take the valid, common case only: on anything else they give
+up (None/False, having changed nothing the Python code reads) and the Python code here, which is the
+specification and the one place that words every error, runs the same input.  Tests run both and
+compare the bytes (tests/test_cwrite.py).
+
 Deviations from libcomposefs (each only reachable by trees libcomposefs rejects or mishandles):
 - a regular file with a digest but no payload gets the redirect `/XX/<62 hex>` derived from the
   digest (libcomposefs writes no redirect then, which overlayfs refuses with data-only layers);
@@ -54,6 +62,7 @@ from itertools import accumulate, chain
 from operator import attrgetter, itemgetter
 from typing import BinaryIO
 
+import flatmount.image.accel as accel
 import flatmount.image.format as fmt
 from flatmount.errors import FormatError
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode
@@ -186,6 +195,25 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
     """
     if root.mode & S_IFMT != S_IFDIR or root.entries is None:
         raise FormatError("the root of an image must be a directory")
+    root_ents = root.entries
+    raw: set[int] = set()
+    if root_whiteouts:
+        missing = [h for h in _HEX_NAMES if h not in root_ents]
+        if missing:
+            root_ents = dict(root_ents)
+            sel = root.xattrs.get(fmt.SELINUX) if root.xattrs else None
+            for h in missing:
+                w = Inode(S_IFCHR | 0o644, uid=root.uid, gid=root.gid, mtime_ns=root.mtime_ns,
+                          xattrs={fmt.SELINUX: sel} if sel is not None else None)
+                raw.add(id(w))
+                root_ents[h] = w
+    # the compiled walk (flatmount/image/_cwrite.c) takes a valid tree whose inodes have one name each;
+    # with hardlinks or anything invalid it returns None and this walk runs (and words the error)
+    cw = accel.CWRITE
+    if cw is not None and primary is None:
+        got = cw.collect(Inode, root, root_ents, raw)
+        if got is not None:
+            return got
     nodes: list[Inode] = [root]
     index: dict[int, int] = {id(root): 0}
     nlink: list[int] = [0]
@@ -194,24 +222,13 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
     dnames: dict[int, list[bytes]] = {}
     dkids: dict[int, list[int]] = {}
     whiteout_parents: set[int] = set()
-    raw: set[int] = set()
     version = 0
     dups: list[tuple[int, bytes, int]] = []
     pending: list[tuple[int, bytes, Inode]] = []
     dirq = [0]   # directories in queue order (only they need a visit of their own)
     for i in dirq:
         node = nodes[i]
-        ents = node.entries
-        if i == 0 and root_whiteouts:
-            missing = [h for h in _HEX_NAMES if h not in ents]
-            if missing:
-                ents = dict(ents)
-                sel = node.xattrs.get(fmt.SELINUX) if node.xattrs else None
-                for h in missing:
-                    w = Inode(S_IFCHR | 0o644, uid=node.uid, gid=node.gid, mtime_ns=node.mtime_ns,
-                              xattrs={fmt.SELINUX: sel} if sel is not None else None)
-                    raw.add(id(w))
-                    ents[h] = w
+        ents = root_ents if i == 0 else node.entries
         names = sorted(ents)
         if names:
             joined = b"\0".join(names)
@@ -525,7 +542,14 @@ def _inode_fields(lay: _Layout) -> None:
     one_entry = CHUNK_ENTRY     # its chunk map: one block map entry
     REG, DIR, LNK, CHR, BLK, FIFO, SOCK = _FT_REG, _FT_DIR, _FT_LNK, _FT_CHR, _FT_BLK, _FT_FIFO, _FT_SOCK
     inline, plain, blksz = _INLINE, _PLAIN, BLKSZ
-    for i, node in enumerate(nodes):
+    # the compiled pass (flatmount/image/_cwrite.c) fills in the common inodes (no xattrs, one-block
+    # directories, files, symlinks, devices) and returns the others, which this loop does
+    todo = None
+    cw = accel.CWRITE
+    if cw is not None:
+        todo = cw.inode_fields(Inode, nodes, (modes, sizes, layouts, iu, tails, nblk, xitems, fast, ftypes),
+                               dgs, allitems, rditems, dnames, dstarts, wparents, MC, RD, mc0)
+    for i, node in enumerate(nodes) if todo is None else zip(todo, map(nodes.__getitem__, todo), strict=True):
         mode = node.mode
         t = mode & S_IFMT
         xs = node.xattrs
@@ -749,75 +773,84 @@ def _place_inodes(lay: _Layout) -> None:
     dg_mc_size = XHDR + ((mc_suffix + fmt.METACOPY_SIZE) & ~XPAD)
     dg_rd_size = (rd_suffix + _RD_SIZE) & ~XPAD
     dg_shared = bool(mc_sh or rd_sh)
-    for i, items, base, tail, fst in zip(range(n), xitems, lay.isz, tails, fast, strict=True):
-        if items:
-            if fst:
-                it_m, it_r = items
-                m_sh = mc0_shared if it_m is mc0 else it_m in shared_off
-                xsize = one_id if m_sh else xhdr + ((mc_suffix + len(it_m[1])) & ~xpad)
-                if it_r[1] in shared_rd and it_r[0] == RD:   # it_r in shared_off, hashing bytes only
-                    xsize += xid
-                    forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
-                else:
-                    xsize += (rd_suffix + len(it_r[1])) & ~xpad
-                    forms[i] = _MC_SHARED if m_sh else _BOTH_INLINE
-            else:
-                nsh = 0
-                xsize = xhdr
-                for it in items:
-                    if nsh < MAXSH and it in shared_off:
-                        nsh += 1
+    # the compiled loop (flatmount/image/_cwrite.c) does the same; on anything out of its common case it
+    # returns None having changed nothing, and the loop here runs (and words any error)
+    cw = accel.CWRITE
+    got = None if cw is None else cw.place_inodes(
+        (xitems, lay.isz, tails, fast, modes, nblk, layouts, sizes), keyinfo, shared_off, mc0, mc0_shared,
+        shared_rd, mc_sh, rd_sh, RD, mc_suffix, rd_suffix, dg_mc_size, dg_rd_size, pos, max_xsize, _digest_items)
+    if got is not None:
+        pos, xsizes, forms, nids = got
+    else:
+        for i, items, base, tail, fst in zip(range(n), xitems, lay.isz, tails, fast, strict=True):
+            if items:
+                if fst:
+                    it_m, it_r = items
+                    m_sh = mc0_shared if it_m is mc0 else it_m in shared_off
+                    xsize = one_id if m_sh else xhdr + ((mc_suffix + len(it_m[1])) & ~xpad)
+                    if it_r[1] in shared_rd and it_r[0] == RD:   # it_r in shared_off, hashing bytes only
                         xsize += xid
+                        forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
                     else:
-                        xsize += (entry_pad + keyinfo[it[0]][3] + len(it[1])) & ~xpad
-                if xsize > max_xsize:
-                    raise _InodeError(i, "too many xattrs on one inode")
-            xsizes[i] = xsize
-            base += xsize
-        elif fst:   # metacopy and redirect from the digest `fst`
-            if dg_shared and (fst in mc_sh or fst in rd_sh):
-                m_sh = fst in mc_sh
-                xsize = one_id if m_sh else dg_mc_size
-                if fst in rd_sh:
-                    xsize += xid
-                    forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
+                        xsize += (rd_suffix + len(it_r[1])) & ~xpad
+                        forms[i] = _MC_SHARED if m_sh else _BOTH_INLINE
                 else:
-                    xsize += dg_rd_size
-                    forms[i] = _MC_SHARED
-                xitems[i] = _digest_items(fst)   # the rare forms take the general paths of the emit
-            else:
-                xsize = dg_mc_size + dg_rd_size
-                forms[i] = _BOTH_INLINE
-            xsizes[i] = xsize
-            base += xsize
-        pos = (pos + slotpad) & ~slotpad
-        if tail:
-            if not fst and modes[i] & S_IFMT == S_IFLNK:   # (fst: an external regular file)
-                total = base + tail
-                if total >= blksz:  # inode + xattrs + target do not fit one block: target in a block
-                    nblk[i] = 1
-                    tails[i] = tail = 0
-                    layouts[i] = _PLAIN
-                if pos // blksz != (pos + total - 1) // blksz:
-                    pos = (pos + blkpad) & ~blkpad
-            else:
-                rem = blksz - (pos + base) % blksz
-                if rem < tail:
-                    extra = (rem + slotpad) & ~slotpad
-                    if tail <= blksz - (pos + base + extra) % blksz:
-                        pos += extra
-                    else:  # no inline tail after all: a full block, and the inode starts a block
-                        nblk[i] += 1
-                        if fst and not xitems[i]:   # (the general path writes this one)
-                            xitems[i] = _digest_items(fst)
+                    nsh = 0
+                    xsize = xhdr
+                    for it in items:
+                        if nsh < MAXSH and it in shared_off:
+                            nsh += 1
+                            xsize += xid
+                        else:
+                            xsize += (entry_pad + keyinfo[it[0]][3] + len(it[1])) & ~xpad
+                    if xsize > max_xsize:
+                        raise _InodeError(i, "too many xattrs on one inode")
+                xsizes[i] = xsize
+                base += xsize
+            elif fst:   # metacopy and redirect from the digest `fst`
+                if dg_shared and (fst in mc_sh or fst in rd_sh):
+                    m_sh = fst in mc_sh
+                    xsize = one_id if m_sh else dg_mc_size
+                    if fst in rd_sh:
+                        xsize += xid
+                        forms[i] = _BOTH_SHARED if xsize == two_ids else _OTHER_BODY
+                    else:
+                        xsize += dg_rd_size
+                        forms[i] = _MC_SHARED
+                    xitems[i] = _digest_items(fst)   # the rare forms take the general paths of the emit
+                else:
+                    xsize = dg_mc_size + dg_rd_size
+                    forms[i] = _BOTH_INLINE
+                xsizes[i] = xsize
+                base += xsize
+            pos = (pos + slotpad) & ~slotpad
+            if tail:
+                if not fst and modes[i] & S_IFMT == S_IFLNK:   # (fst: an external regular file)
+                    total = base + tail
+                    if total >= blksz:  # inode + xattrs + target do not fit one block: target in a block
+                        nblk[i] = 1
                         tails[i] = tail = 0
-                        if layouts[i] != _CHUNK:
-                            layouts[i] = _PLAIN
-                        if modes[i] & S_IFMT == S_IFDIR:
-                            sizes[i] = nblk[i] * blksz
+                        layouts[i] = _PLAIN
+                    if pos // blksz != (pos + total - 1) // blksz:
                         pos = (pos + blkpad) & ~blkpad
-        nids[i] = pos >> slotbits
-        pos += base + tail
+                else:
+                    rem = blksz - (pos + base) % blksz
+                    if rem < tail:
+                        extra = (rem + slotpad) & ~slotpad
+                        if tail <= blksz - (pos + base + extra) % blksz:
+                            pos += extra
+                        else:  # no inline tail after all: a full block, and the inode starts a block
+                            nblk[i] += 1
+                            if fst and not xitems[i]:   # (the general path writes this one)
+                                xitems[i] = _digest_items(fst)
+                            tails[i] = tail = 0
+                            if layouts[i] != _CHUNK:
+                                layouts[i] = _PLAIN
+                            if modes[i] & S_IFMT == S_IFDIR:
+                                sizes[i] = nblk[i] * blksz
+                            pos = (pos + blkpad) & ~blkpad
+            nids[i] = pos >> slotbits
+            pos += base + tail
     lay.inodes_end = (pos + slotpad) & ~slotpad
     if nids[0] > U16:
         raise FormatError("root inode beyond the 16-bit root_nid range")
@@ -865,7 +898,21 @@ def _emit_head(buf, lay: _Layout) -> None:
 
 def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
     """Pass 6: inodes [lo, hi) (queue order), their xattr bodies, inline tails and data blocks, into
-    the zeroed `buf` (nothing that is zero is written).
+    the zeroed `buf`: the compiled pass (flatmount/image/_cwrite.c) where it takes the slice, else (on
+    anything out of its common case; it returns False) `_emit_inodes_py` writes it (again: the same
+    bytes) and words any error."""
+    cw = accel.CWRITE
+    if cw is None or not cw.emit_inodes(
+            buf, lo, hi, lay.data_start // BLKSZ + sum(lay.nblk[:lo]),
+            (lay.nodes, lay.modes, lay.nids, lay.nblk, lay.iu, lay.layouts, lay.xsizes, lay.sizes, lay.nlink,
+             lay.isz, lay.forms, lay.xitems, lay.uids, lay.gids, lay.fast, lay.tails, lay.ftypes),
+            lay.dnames, lay.dkids, lay.dstarts, lay.shared_ids, lay.keyinfo, _MC, _RD):
+        _emit_inodes_py(buf, lay, lo, hi)
+
+
+def _emit_inodes_py(buf, lay: _Layout, lo: int, hi: int) -> None:
+    """Pass 6 in Python (the specification of the compiled pass): inodes [lo, hi) (queue order), their
+    xattr bodies, inline tails and data blocks, into the zeroed `buf` (nothing that is zero is written).
 
     The hot loop of the writer.  An external file, the most common inode, is written with one
     `pack_into` of a struct made for its shape (inode, xattr body, chunk map: `fmt.external_inode_struct`),
