@@ -21,6 +21,7 @@ import sys
 from hashlib import sha256
 from typing import BinaryIO
 
+from .compiled import load
 from .errors import InvalidDigestError
 
 BLOCK_SIZE = 4096
@@ -54,10 +55,9 @@ def _hash_full_blocks_py(mv: memoryview) -> bytes:
     return b"".join([h(mv[i : i + BLOCK_SIZE]).digest() for i in range(0, len(mv), BLOCK_SIZE)])
 
 
-try:  # the same in one compiled loop, without the GIL (objects/_fsverity.c; optional at install)
-    from ._fsverity import hash_blocks as hash_full_blocks
-except ImportError:  # pragma: no cover - exercised where the extension is not built
-    hash_full_blocks = _hash_full_blocks_py
+# the same in one compiled loop, without the GIL (objects/_fsverity.c; optional at install)
+_fsverity = load("objects._fsverity")
+hash_full_blocks = _hash_full_blocks_py if _fsverity is None else _fsverity.hash_blocks
 
 NATIVE = hash_full_blocks is not _hash_full_blocks_py  # whether the compiled loop is in use
 
@@ -66,10 +66,8 @@ def implementation() -> str:
     """Which per-block SHA-256 the digests use: the compiled loop's path (e.g. `avx512`, `sha-ni`,
     `libcrypto`) or `hashlib` when the extension was not built."""
     if not NATIVE:
-        return "hashlib (objects/_fsverity.c not built)"
-    from ._fsverity import IMPLEMENTATION
-
-    return f"compiled loop, {IMPLEMENTATION}"
+        return "hashlib (objects/_fsverity.c not built, or FLATMOUNT_PURE set)"
+    return f"compiled loop, {_fsverity.IMPLEMENTATION}"
 
 
 if (_logging := sys.modules.get("logging")) is not None:  # `flatmount -v`: say which one was chosen

@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flatmount.errors import CorruptImageError
-from flatmount.image import cread
+from flatmount.image import accel
 from flatmount.image import format as fmt
 from flatmount.image import reader as reader_mod
 from flatmount.image.dump import ROOT_WHITEOUTS, write_dump
@@ -61,12 +61,12 @@ def native():
 @contextmanager
 def using(mod):
     """Run the reader and dump writer with `mod` as the compiled path (None: pure Python)."""
-    saved = cread.CREAD
-    cread.CREAD = mod
+    saved = accel.CREAD
+    accel.CREAD = mod
     try:
         yield
     finally:
-        cread.CREAD = saved
+        accel.CREAD = saved
 
 
 def raw_read(native, data) -> Inode | None:
@@ -140,7 +140,7 @@ def test_layout_constants_match_format(native):
 @pytest.mark.parametrize("pure,want", [("1", "None"), ("", "_cread")])
 def test_flatmount_pure_switches_it_off(native, pure, want):
     env = {**os.environ, "PYTHONPATH": str(ROOT), "FLATMOUNT_PURE": pure}
-    out = subprocess.run([sys.executable, "-c", "from flatmount.image import cread; print(cread.CREAD)"],
+    out = subprocess.run([sys.executable, "-c", "from flatmount.image import accel; print(accel.CREAD)"],
                          env=env, cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert want in out
 

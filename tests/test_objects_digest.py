@@ -282,3 +282,14 @@ def test_parse_digest_rejects(bad: object) -> None:
     with pytest.raises(InvalidDigestError) as exc:
         parse_digest(bad)  # type: ignore[arg-type]
     assert isinstance(exc.value, ValueError)
+
+
+def test_flatmount_pure_turns_the_compiled_loop_off() -> None:
+    """FLATMOUNT_PURE=1 (objects/compiled.py) turns the fs-verity loop off like every compiled loop."""
+    root = Path(__file__).resolve().parent.parent
+    code = "import objects.digest as d; print(d.NATIVE, d.implementation())"
+    for pure, native in (("1", "False"), ("", "True")):
+        env = {**os.environ, "PYTHONPATH": str(root), "FLATMOUNT_PURE": pure}
+        out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                             text=True, check=True).stdout
+        assert out.split()[0] == native, out

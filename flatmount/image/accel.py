@@ -1,29 +1,36 @@
-"""Which implementation the image code runs: the compiled fast paths (flatmount/image/_cwrite.c) or
-pure Python only.
+"""Which implementation the image code runs: its compiled fast paths or pure Python only.
 
-The compiled module is optional (built by `pip install -e .` where a C compiler is) and covers only the
-valid, common case: on anything else its functions return None and the Python code, which is the
-specification and words every error, runs on the same input.  `FLATMOUNT_PURE=1` in the environment
-(read once, here) turns every compiled accelerator off, to compare the two or to rule one out.
-Callers read `accel.CWRITE` at call time, so tests can swap it for None.
+- `CWRITE`: flatmount/image/_cwrite.c, the dump parser and the writer's per-inode passes;
+- `CREAD`: flatmount/image/_cread.c, whole-image reads and dump text.
+
+Each is optional (built by `pip install -e .` where a C compiler is; None otherwise, or with
+FLATMOUNT_PURE=1: objects/compiled.py) and covers only the valid, common case: on anything else its
+functions return None having changed nothing, and the Python code, which is the specification and
+words every error, runs on the same input.  Callers read `accel.CWRITE` / `accel.CREAD` at call time,
+so tests can swap either for None.  (The tree cache decoder, `_ctree`, is picked in treecache.py.)
 """
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 
-PURE = os.environ.get("FLATMOUNT_PURE", "") not in ("", "0")
+from flatmount.image.tree import Inode
+from objects.compiled import PURE, load
+
+__all__ = ["CREAD", "CWRITE", "PURE"]
+
+CWRITE: ModuleType | None = load("flatmount.image._cwrite")
 
 
-def _load() -> ModuleType | None:
-    if PURE:
+def _load_cread() -> ModuleType | None:
+    cread = load("flatmount.image._cread")
+    if cread is None:
         return None
     try:
-        import flatmount.image._cwrite as _cwrite
-    except ImportError:
+        cread.setup(Inode)
+    except TypeError:   # the tree model changed and the C code did not (tests/test_cread.py fails)
         return None
-    return _cwrite
+    return cread
 
 
-CWRITE: ModuleType | None = _load()
+CREAD: ModuleType | None = _load_cread()

@@ -26,7 +26,6 @@ import os
 from collections.abc import Iterable
 from typing import BinaryIO, TextIO
 
-import flatmount.image.cread as cread
 import flatmount.image.accel as accel
 from flatmount.errors import DumpSyntaxError
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFIFO, S_IFSOCK, Inode, lookup
@@ -569,8 +568,8 @@ def write_dump(root: Inode, out: BinaryIO) -> None:
     the same rules; it gives up (None) on any tree it does not fully take (a value of another type, an
     empty symlink target, ...), and this code then writes it and raises what it raises.
     """
-    if cread.CREAD is not None:   # the compiled writer: None unless it took the whole tree
-        text = cread.CREAD.dump(root)
+    if accel.CREAD is not None:   # the compiled writer: None unless it took the whole tree
+        text = accel.CREAD.dump(root)
         if text is not None:
             out.write(text)
             return

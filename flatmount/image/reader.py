@@ -20,7 +20,7 @@ every inode that fails a check, so the two never disagree (tests/test_erofs_host
 to check that).  Every layout size and struct comes from `format`, as in the writer.
 
 Where it was built, `root()` first tries the compiled whole-tree read (image/_cread.c, picked by
-image/cread.py; `FLATMOUNT_PURE=1` turns it off).  It takes only valid images of the common forms and
+image/accel.py; `FLATMOUNT_PURE=1` turns it off).  It takes only valid images of the common forms and
 gives up (returns None) on anything else: damage of any kind, whiteout files to convert, a bound that
 fails, an xattr name `_xname` refuses.  This Python code then reads the same bytes, so it stays the
 specification and the only place that words an error (tests/test_cread.py runs both on the same
@@ -38,7 +38,7 @@ from collections.abc import Callable, Generator
 from operator import lt as _lt
 from operator import sub as _sub
 
-import flatmount.image.cread as cread
+import flatmount.image.accel as accel
 import flatmount.image.format as fmt
 from flatmount.errors import CorruptImageError
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFLNK, S_IFMT, S_IFREG, Inode, split_path
@@ -957,8 +957,8 @@ class Image:
     def _root(self) -> Inode:
         self._dirents_seen = 0
         node = None
-        if cread.CREAD is not None:   # the compiled read: None unless it took the whole image
-            node = cread.CREAD.read_tree(self._d, self._meta, self._xbase, self._bits, self._epoch,
+        if accel.CREAD is not None:   # the compiled read: None unless it took the whole image
+            node = accel.CREAD.read_tree(self._d, self._meta, self._xbase, self._bits, self._epoch,
                                          self.superblock.build_time_nsec, self._root_nid, self._filter,
                                          _name_info)
         if node is None:

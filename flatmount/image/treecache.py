@@ -30,7 +30,6 @@ is simply not written.
 from __future__ import annotations
 
 import gc
-import os
 import struct
 from collections import deque
 from collections.abc import Sequence
@@ -39,6 +38,7 @@ from operator import add, attrgetter, is_not, lt, mul
 
 from flatmount.errors import FormatError
 from flatmount.image.tree import Inode
+from objects.compiled import load
 
 MAGIC = b"FMTREE\x00\x00"
 VERSION = 3          # 02 was a marshal payload (refused: different magic)
@@ -59,19 +59,13 @@ _ROW = attrgetter(*_COLUMNS)
 
 
 # The decoder: compiled (flatmount/image/_ctree.c, built where a C compiler is) unless absent or
-# FLATMOUNT_PURE=1; `_decode` below is its specification and the fallback.  It fills in the Inode slots
+# FLATMOUNT_PURE=1 (objects/compiled.py); `_decode` below is its specification and the fallback.  It fills in the Inode slots
 # named here through their descriptors (no __init__ runs), so it is used only while they are these.
 _SLOT_NAMES = ("mode", "uid", "gid", "mtime_ns", "size", "rdev", "xattrs", "target", "content", "digest",
                "payload", "entries")
 _SLOTS = tuple(Inode.__dict__[name] for name in _SLOT_NAMES) \
     if sorted(Inode.__slots__) == sorted(_SLOT_NAMES) else ()
-PURE = os.environ.get("FLATMOUNT_PURE", "") not in ("", "0")
-_ctree = None
-if not PURE and _SLOTS:
-    try:
-        import flatmount.image._ctree as _ctree
-    except ImportError:   # not built (no C compiler at install): the Python decoder
-        pass
+_ctree = load("flatmount.image._ctree") if _SLOTS else None   # None: not built, or FLATMOUNT_PURE
 
 
 def _checksum(payload) -> int:
