@@ -471,6 +471,70 @@ def _payload(src: ForwardReader, size: int, where: str) -> bytes:
 
 _FAST_TYPES = frozenset(b"0\x0012345" b"6")  # regular (and old regular), hardlink, symlink, char, block, dir, fifo
 
+PlainHeader = tuple[bytes, bytes, bytes, int, int, int, int, int, int, int]
+
+
+def _parse_plain_py(buf: bytes) -> PlainHeader | None:
+    """Decode a plain header block: (type, name, link, mode, uid, gid, size, mtime, devmajor, devminor).
+
+    The specification of the compiled `_tarscan.parse_plain` (which hands back None, to this code,
+    for anything but the common form).  None where `_fast_member` must leave the block to tarfile:
+    another type, a checksum that is not the unsigned sum, a number `_octal` refuses.  The type is
+    the header's, but `5` for an old V7 directory (a regular file whose name ends in `/`); the name
+    is prefix `/` name (a directory's without trailing slashes); `link` is the link field of a hard
+    or symbolic link, else empty.
+    """
+    if len(buf) != tarfile.BLOCKSIZE:
+        raise ValueError(f"a tar header block is {tarfile.BLOCKSIZE} bytes, not {len(buf)}")
+    if buf[156] not in _FAST_TYPES:
+        return None
+    try:
+        chksum = _octal(buf[148:156])
+        if chksum != 256 + sum(buf) - sum(buf[148:156]):
+            return None
+        mode = _octal(buf[100:108])
+        uid = _octal(buf[108:116])
+        gid = _octal(buf[116:124])
+        size = _octal(buf[124:136])
+        mtime = _octal(buf[136:148])
+        # (tarfile decodes the device numbers whatever the type: a malformed one is its error)
+        devmajor = _octal(buf[329:337])
+        devminor = _octal(buf[337:345])
+    except ValueError:
+        return None
+    kind = buf[156:157]
+    name = buf[0:100]
+    if (p := name.find(b"\0")) != -1:
+        name = name[:p]
+    prefix = buf[345:500]
+    if (p := prefix.find(b"\0")) != -1:
+        prefix = prefix[:p]
+    if kind == b"\x00" and name.endswith(b"/"):
+        kind = b"5"  # old V7 directory: a regular file with a trailing slash
+    if kind == b"5":
+        name = name.rstrip(b"/")
+    if prefix:
+        name = prefix + b"/" + name
+        if kind == b"5":
+            name = name.rstrip(b"/")
+    link = b""
+    if kind in (b"1", b"2"):
+        link = buf[157:257]
+        if (p := link.find(b"\0")) != -1:
+            link = link[:p]
+    return kind, name, link, mode, uid, gid, size, mtime, devmajor, devminor
+
+
+# FLATMOUNT_PURE=1: no compiled accelerator (the Python code above decodes every header)
+PURE = os.environ.get("FLATMOUNT_PURE", "") not in ("", "0")
+parse_plain: Callable[[bytes], PlainHeader | None] = _parse_plain_py
+if not PURE:
+    try:
+        from flatmount.sources._tarscan import parse_plain  # type: ignore[no-redef]
+    except ImportError:  # pragma: no cover - where the optional extension was not built
+        pass
+NATIVE = parse_plain is not _parse_plain_py  # whether the compiled header decoder is in use
+
 
 def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuilder,
                  put_small: Callable[[bytes], bytes]) -> bool:
@@ -494,42 +558,17 @@ def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuil
         if src.tell() != offset:
             return False  # truncated: tarfile says so
     buf = src.peek(tarfile.BLOCKSIZE)
-    if len(buf) != tarfile.BLOCKSIZE or buf[156] not in _FAST_TYPES:
+    if len(buf) != tarfile.BLOCKSIZE:
         return False
-    try:
-        chksum = _octal(buf[148:156])
-        if chksum != 256 + sum(buf) - sum(buf[148:156]):
-            return False
-        mode = _octal(buf[100:108])
-        uid = _octal(buf[108:116])
-        gid = _octal(buf[116:124])
-        size = _octal(buf[124:136])
-        mtime = _octal(buf[136:148])
-        kind = buf[156:157]
-        if kind in (b"3", b"4"):
-            rdev = os.makedev(_octal(buf[329:337]), _octal(buf[337:345]))
-        else:
-            _octal(buf[329:337])  # (tarfile decodes them whatever the type: a malformed one is its error)
-            _octal(buf[337:345])
-            rdev = 0
-    except ValueError:
+    fields = parse_plain(buf)
+    if fields is None and NATIVE:  # the compiled decoder leaves anything unusual to the Python one
+        fields = _parse_plain_py(buf)
+    if fields is None:
         return False
-    if kind in b"0\x00" and size >= OBJECT_CHUNK:
+    kind, name, link, mode, uid, gid, size, mtime, devmajor, devminor = fields
+    rdev = os.makedev(devmajor, devminor) if kind in (b"3", b"4") else 0
+    if buf[156] in b"0\x00" and size >= OBJECT_CHUNK:  # (the type byte itself: an old V7 directory too)
         return False  # streamed through a put of its own (`_add_member`)
-    name = buf[0:100]
-    if (p := name.find(b"\0")) != -1:
-        name = name[:p]
-    prefix = buf[345:500]
-    if (p := prefix.find(b"\0")) != -1:
-        prefix = prefix[:p]
-    if kind == b"\x00" and name.endswith(b"/"):
-        kind = b"5"  # old V7 directory: a regular file with a trailing slash
-    if kind == b"5":
-        name = name.rstrip(b"/")
-    if prefix:
-        name = prefix + b"/" + name
-        if kind == b"5":
-            name = name.rstrip(b"/")
     src.read(tarfile.BLOCKSIZE)
     data_offset = offset + tarfile.BLOCKSIZE
     regular = kind in b"0\x00"
@@ -537,9 +576,6 @@ def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuil
     mtime_ns = mtime * 1_000_000_000
     perm = mode & 0o7777
     if kind == b"1":
-        link = buf[157:257]
-        if (p := link.find(b"\0")) != -1:
-            link = link[:p]
         builder.add(name, None, link=link, mtime_ns=mtime_ns)
         return True
     if regular:
@@ -558,9 +594,7 @@ def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuil
     elif kind == b"5":
         node = Inode(S_IFDIR | perm, uid=uid, gid=gid, mtime_ns=mtime_ns, xattrs={})
     elif kind == b"2":
-        target = buf[157:257]
-        if (p := target.find(b"\0")) != -1:
-            target = target[:p]
+        target = link
         if not target:
             raise LayerError(f"{builder.where(name)}: symlink with an empty or NUL-containing target")
         node = Inode(S_IFLNK | 0o777, size=len(target), target=target, uid=uid, gid=gid, mtime_ns=mtime_ns,
