@@ -537,7 +537,7 @@ NATIVE = parse_plain is not _parse_plain_py  # whether the compiled header decod
 
 
 def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuilder,
-                 put_small: Callable[[bytes], bytes]) -> bool:
+                 put_small: Callable[[bytes | memoryview], bytes]) -> bool:
     """Add the next entry without tarfile, if it is a plain one; False (nothing consumed) otherwise.
 
     Why: with many small files, tarfile's per-member work (TarInfo objects, pax and GNU dispatch,
@@ -569,19 +569,22 @@ def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuil
     rdev = os.makedev(devmajor, devminor) if kind in (b"3", b"4") else 0
     if buf[156] in b"0\x00" and size >= OBJECT_CHUNK:  # (the type byte itself: an old V7 directory too)
         return False  # streamed through a put of its own (`_add_member`)
-    src.read(tarfile.BLOCKSIZE)
-    data_offset = offset + tarfile.BLOCKSIZE
     regular = kind in b"0\x00"
-    tf.offset = data_offset + (-(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if regular else 0)
+    padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if regular else 0
+    tf.offset = offset + tarfile.BLOCKSIZE + padded
+    # header, payload and padding in one read (a stream cut inside the padding leaves `src` short of
+    # `tf.offset`: the next call hands that to tarfile, which reports the truncation as before)
+    member = src.read(tarfile.BLOCKSIZE + padded)
     mtime_ns = mtime * 1_000_000_000
     perm = mode & 0o7777
     if kind == b"1":
         builder.add(name, None, link=link, mtime_ns=mtime_ns)
         return True
     if regular:
-        data = src.read(size) if size else b""
-        if len(data) != size:
+        if len(member) < tarfile.BLOCKSIZE + size:
             raise LayerError(f"{builder.where(name)}: archive ends inside this file (truncated)")
+        data = memoryview(member)[tarfile.BLOCKSIZE:tarfile.BLOCKSIZE + size] if size > INLINE_MAX else \
+            member[tarfile.BLOCKSIZE:tarfile.BLOCKSIZE + size]
         if wh.is_whiteout_name(name.rstrip(b"/").rpartition(b"/")[2]):
             # a whiteout or opaque marker: its name is all it says; its content is read past, not stored
             node = Inode(S_IFREG | perm, uid=uid, gid=gid, mtime_ns=mtime_ns, xattrs={})
