@@ -8,7 +8,9 @@ reader, so memory does not grow with layer or file size, only with the number of
 
 Speed (the import is meant to run near hashing speed): plain members (a ustar/GNU header of a file
 under 1 MiB, a directory, link, device or FIFO, no pax or GNU extension header) are decoded by us
-without tarfile (`_fast_member`: the same fields, the same result); tarfile decodes the others (the
+without tarfile (`_fast_member`: the same fields, the same result; the header block by the compiled
+`_tarscan.parse_plain` where it was built, which leaves anything unusual to `_parse_plain_py`, the
+specification; FLATMOUNT_PURE=1 uses only the Python code); tarfile decodes the others (the
 plain ustar header with a faster `frombuf`, see `_TarInfo`), but regular file content is read by us,
 right after the header: content of 1 MiB and more streams into `ObjectStore.put`, whose reader thread fills its
 aligned buffers straight from the file (uncompressed input: one copy, the kernel's; the diff_id is
@@ -206,17 +208,18 @@ def _xattrs(ti: tarfile.TarInfo, where: str) -> dict[bytes, bytes]:
     return out
 
 
-def _split(name: bytes, where: str) -> list[bytes]:
+def _split(name: bytes, where: Callable[[], str]) -> list[bytes]:
+    """The components of an entry name (see the rules above); `where()` names the entry in errors."""
     if b"\0" in name:
-        raise LayerError(f"{where}: NUL byte in entry name")
+        raise LayerError(f"{where()}: NUL byte in entry name")
     parts = []
     for p in name.split(b"/"):
         if not p or p == b".":
             continue
         if p == b"..":
-            raise LayerError(f"{where}: '..' in entry name (path traversal)")
+            raise LayerError(f"{where()}: '..' in entry name (path traversal)")
         if len(p) > NAME_MAX:
-            raise LayerError(f"{where}: name component longer than {NAME_MAX} bytes")
+            raise LayerError(f"{where()}: name component longer than {NAME_MAX} bytes")
         parts.append(p)
     return parts
 
@@ -265,13 +268,16 @@ class LayerTreeBuilder:
         `mtime_ns` (default: the node's) dates implicit parent directories.
         """
         self.entries += 1
-        where = self.where(name)
+
+        def where() -> str:  # (only an error needs the text: not built for every entry)
+            return self.where(name)
+
         parts = _split(name, where)
         if not parts:
             if node is None or not node.is_dir:
-                raise LayerError(f"{where}: the root must be a directory")
+                raise LayerError(f"{where()}: the root must be a directory")
             if self._root_explicit:
-                raise LayerError(f"{where}: duplicate entry for the root directory")
+                raise LayerError(f"{where()}: duplicate entry for the root directory")
             self._root_explicit = True
             self.root.mode, self.root.uid, self.root.gid = node.mode, node.uid, node.gid
             self.root.mtime_ns, self.root.xattrs = node.mtime_ns, node.xattrs
@@ -282,22 +288,22 @@ class LayerTreeBuilder:
         if kind != wh.ENTRY:
             parent = self._parent(parts[:-1], mtime, name)
             if node is not None and node.is_dir:
-                raise LayerError(f"{where}: a directory cannot be a whiteout (.wh.*)")
+                raise LayerError(f"{where()}: a directory cannot be a whiteout (.wh.*)")
             if kind == wh.OPAQUE:
                 if id(parent) in self._opaque:
-                    raise LayerError(f"{where}: duplicate opaque marker")
+                    raise LayerError(f"{where()}: duplicate opaque marker")
                 self._opaque[id(parent)] = parent
                 return
             if kind == wh.INVALID and not target:
-                raise LayerError(f"{where}: bare '.wh.' whiteout")
+                raise LayerError(f"{where()}: bare '.wh.' whiteout")
             if kind == wh.INVALID:
-                raise LayerError(f"{where}: whiteout of {'/' if target == b'.' else '..'} is not allowed")
+                raise LayerError(f"{where()}: whiteout of {'/' if target == b'.' else '..'} is not allowed")
             if kind == wh.AUFS_META:
-                raise LayerError(f"{where}: AUFS metadata entries (.wh..wh.*) are not supported")
+                raise LayerError(f"{where()}: AUFS metadata entries (.wh..wh.*) are not supported")
             assert target is not None
             _, names = self._whiteouts.setdefault(id(parent), (parent, set()))
             if target in names:
-                raise LayerError(f"{where}: duplicate whiteout")
+                raise LayerError(f"{where()}: duplicate whiteout")
             names.add(target)
             return
         parent = self._parent(parts[:-1], mtime, name)
@@ -308,7 +314,7 @@ class LayerTreeBuilder:
             if target is None or target.is_dir or target.is_whiteout:
                 what = "a directory" if target is not None and target.is_dir else (
                     "a whiteout" if target is not None else "missing or outside this layer")
-                raise LayerError(f"{where}: hardlink target {_show(link)!r} is {what}")
+                raise LayerError(f"{where()}: hardlink target {_show(link)!r} is {what}")
             node = target
         assert node is not None
         existing = parent.entries.get(base)
@@ -319,8 +325,8 @@ class LayerTreeBuilder:
                 existing.mtime_ns, existing.xattrs = node.mtime_ns, node.xattrs
                 return
             if id(existing) in self._implicit:
-                raise LayerError(f"{where}: not a directory, but earlier entries are below it")
-            raise LayerError(f"{where}: duplicate entry")
+                raise LayerError(f"{where()}: not a directory, but earlier entries are below it")
+            raise LayerError(f"{where()}: duplicate entry")
         parent.entries[base] = node
 
     def finish(self) -> Inode:
