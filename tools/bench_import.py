@@ -22,6 +22,9 @@ compete with the import's writes), and read from the page cache: the figures are
 pipeline, not for reading the source.
 
     python3 tools/bench_import.py [--quick]      # prints JSON
+    python3 tools/bench_import.py --small-only [--rounds N] [--old TREE]
+        # only the small files; with --old, a second checkout's pull (e.g. `git archive HEAD | tar -x
+        # -C TREE`) joins the same interleaving (floor, old, new per round), for A/B figures
 """
 
 from __future__ import annotations
@@ -123,29 +126,42 @@ def _settle(path: Path) -> None:
         os.close(fd)
 
 
-def _pull_in_child(workdir: Path, tar: Path, name: str, keep: bool = False) -> dict:
-    """Pull `tar` into a fresh store in a new process; the store is deleted after unless `keep`."""
-    script = workdir / "child.py"
-    script.write_text(CHILD.format(root=str(ROOT)))
+def _pull_in_child(workdir: Path, tar: Path, name: str, keep: bool = False, root: Path = ROOT) -> dict:
+    """Pull `tar` into a fresh store in a new process (the code of checkout `root`); the store is
+    deleted after unless `keep`.  Adds the child's CPU seconds (user+sys, helpers included)."""
+    import resource
+
+    script = workdir / f"child-{abs(hash(str(root)))}.py"
+    script.write_text(CHILD.format(root=str(root)))
     store = workdir / f"store-{name}"
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.run([sys.executable, str(script), str(store), str(tar)], capture_output=True, text=True,
                        check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = json.loads(p.stdout)
+    res["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if not keep:
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(str(store) + "-run", ignore_errors=True)
     return res
 
 
-def _tar_x_floor(tar: Path, dest: Path) -> float:
-    """The small-files floor: `tar -x` into a fresh directory, then `sync -f` on it, seconds."""
+def _tar_x_floor(tar: Path, dest: Path, cpu: list[float] | None = None) -> float:
+    """The small-files floor: `tar -x` into a fresh directory, then `sync -f` on it, seconds (its
+    CPU seconds, user+sys, appended to `cpu`)."""
+    import resource
     import time
 
     dest.mkdir()
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     subprocess.run(["tar", "-x", "-f", str(tar), "-C", str(dest)], check=True)
     subprocess.run(["sync", "-f", str(dest)], check=True)
-    return time.perf_counter() - t0
+    dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cpu is not None:
+        cpu.append((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+    return dt
 
 
 def _small_rounds(workdir: Path, small: Path, rounds: int) -> tuple[list[float], list[dict]]:
@@ -269,5 +285,64 @@ def run(quick: bool, rounds: int = 3) -> dict:
     }
 
 
+def run_small(quick: bool, rounds: int = 5, old: Path | None = None) -> dict:
+    """Only the small-files part: per round the floor, then (with `old`) the old checkout's pull, then
+    this one's; the medians of the paired ratios and the CPU seconds (user+sys, which others' load
+    on a shared machine changes less than wall time)."""
+    count = 10_000 if quick else 50_000
+    workdir = Path(tempfile.mkdtemp(prefix="flatmount-bench-small-", dir=os.environ.get("BENCH_TMP")))
+    floors: list[float] = []
+    floor_cpu: list[float] = []
+    pulls: dict[str, list[dict]] = {"new": [], "old": []}
+    try:
+        small = workdir / "small.tar"
+        _small_tar(small, count)
+        _settle(small)
+        for i in range(rounds):
+            floors.append(_tar_x_floor(small, workdir / f"floor-{i}", floor_cpu))
+            if old is not None:
+                pulls["old"].append(_pull_in_child(workdir, small, f"old-{i}", keep=True, root=old))
+            pulls["new"].append(_pull_in_child(workdir, small, f"new-{i}", keep=True))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    out: dict = {"small_files": count, "rounds": rounds,
+                 "floor_seconds": [round(x, 2) for x in floors],
+                 "floor_cpu_seconds": [round(x, 2) for x in floor_cpu]}
+    for which, ps in pulls.items():
+        if not ps:
+            continue
+        secs = [p["seconds"] for p in ps]
+        ratios = [p / f for p, f in zip(secs, floors, strict=True)]
+        s = max(ps, key=lambda p: p["rss_peak_kb"] + 2 * p["rss_helpers_kb"])
+        out[which] = {
+            "seconds": [round(x, 2) for x in secs],
+            "cpu_seconds": [round(p["cpu_s"], 2) for p in ps],
+            "files_per_s_median": round(count / statistics.median(secs), 0),
+            "vs_floor": [round(x, 3) for x in ratios],
+            "vs_floor_median": round(statistics.median(ratios), 3),
+            "cpu_vs_floor_cpu_median": round(statistics.median(
+                [p["cpu_s"] / f for p, f in zip(ps, floor_cpu, strict=True)]), 3),
+            "rss_with_helpers_peak_mb": round((s["rss_peak_kb"] + 2 * s["rss_helpers_kb"]) / 1024, 1),
+        }
+    if pulls["old"]:
+        out["new_vs_old_median"] = round(statistics.median(
+            [n["seconds"] / o["seconds"] for n, o in zip(pulls["new"], pulls["old"], strict=True)]), 3)
+        out["new_vs_old_cpu_median"] = round(statistics.median(
+            [n["cpu_s"] / o["cpu_s"] for n, o in zip(pulls["new"], pulls["old"], strict=True)]), 3)
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps(run("--quick" in sys.argv[1:]), indent=2, sort_keys=True))
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--small-only", action="store_true", help="only the small-files part")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the small-files part (--small-only)")
+    ap.add_argument("--old", type=Path, help="another checkout whose pull joins the interleaving (--small-only)")
+    a = ap.parse_args()
+    if a.small_only:
+        result = run_small(a.quick, a.rounds, a.old.resolve() if a.old else None)
+    else:
+        result = run(a.quick)
+    print(json.dumps(result, indent=2, sort_keys=True))

@@ -8,7 +8,9 @@ reader, so memory does not grow with layer or file size, only with the number of
 
 Speed (the import is meant to run near hashing speed): plain members (a ustar/GNU header of a file
 under 1 MiB, a directory, link, device or FIFO, no pax or GNU extension header) are decoded by us
-without tarfile (`_fast_member`: the same fields, the same result); tarfile decodes the others (the
+without tarfile (`_fast_member`: the same fields, the same result; the header block by the compiled
+`_tarscan.parse_plain` where it was built, which leaves anything unusual to `_parse_plain_py`, the
+specification; FLATMOUNT_PURE=1 uses only the Python code); tarfile decodes the others (the
 plain ustar header with a faster `frombuf`, see `_TarInfo`), but regular file content is read by us,
 right after the header: content of 1 MiB and more streams into `ObjectStore.put`, whose reader thread fills its
 aligned buffers straight from the file (uncompressed input: one copy, the kernel's; the diff_id is
@@ -76,6 +78,7 @@ from flatmount.sources.pipeline import (
     _zstd_chunks,
     detect_compression,
 )
+from objects.compiled import load
 
 if TYPE_CHECKING:  # pragma: no cover
     from objects import ObjectStore
@@ -206,17 +209,18 @@ def _xattrs(ti: tarfile.TarInfo, where: str) -> dict[bytes, bytes]:
     return out
 
 
-def _split(name: bytes, where: str) -> list[bytes]:
+def _split(name: bytes, where: Callable[[], str]) -> list[bytes]:
+    """The components of an entry name (see the rules above); `where()` names the entry in errors."""
     if b"\0" in name:
-        raise LayerError(f"{where}: NUL byte in entry name")
+        raise LayerError(f"{where()}: NUL byte in entry name")
     parts = []
     for p in name.split(b"/"):
         if not p or p == b".":
             continue
         if p == b"..":
-            raise LayerError(f"{where}: '..' in entry name (path traversal)")
+            raise LayerError(f"{where()}: '..' in entry name (path traversal)")
         if len(p) > NAME_MAX:
-            raise LayerError(f"{where}: name component longer than {NAME_MAX} bytes")
+            raise LayerError(f"{where()}: name component longer than {NAME_MAX} bytes")
         parts.append(p)
     return parts
 
@@ -265,13 +269,16 @@ class LayerTreeBuilder:
         `mtime_ns` (default: the node's) dates implicit parent directories.
         """
         self.entries += 1
-        where = self.where(name)
+
+        def where() -> str:  # (only an error needs the text: not built for every entry)
+            return self.where(name)
+
         parts = _split(name, where)
         if not parts:
             if node is None or not node.is_dir:
-                raise LayerError(f"{where}: the root must be a directory")
+                raise LayerError(f"{where()}: the root must be a directory")
             if self._root_explicit:
-                raise LayerError(f"{where}: duplicate entry for the root directory")
+                raise LayerError(f"{where()}: duplicate entry for the root directory")
             self._root_explicit = True
             self.root.mode, self.root.uid, self.root.gid = node.mode, node.uid, node.gid
             self.root.mtime_ns, self.root.xattrs = node.mtime_ns, node.xattrs
@@ -282,22 +289,22 @@ class LayerTreeBuilder:
         if kind != wh.ENTRY:
             parent = self._parent(parts[:-1], mtime, name)
             if node is not None and node.is_dir:
-                raise LayerError(f"{where}: a directory cannot be a whiteout (.wh.*)")
+                raise LayerError(f"{where()}: a directory cannot be a whiteout (.wh.*)")
             if kind == wh.OPAQUE:
                 if id(parent) in self._opaque:
-                    raise LayerError(f"{where}: duplicate opaque marker")
+                    raise LayerError(f"{where()}: duplicate opaque marker")
                 self._opaque[id(parent)] = parent
                 return
             if kind == wh.INVALID and not target:
-                raise LayerError(f"{where}: bare '.wh.' whiteout")
+                raise LayerError(f"{where()}: bare '.wh.' whiteout")
             if kind == wh.INVALID:
-                raise LayerError(f"{where}: whiteout of {'/' if target == b'.' else '..'} is not allowed")
+                raise LayerError(f"{where()}: whiteout of {'/' if target == b'.' else '..'} is not allowed")
             if kind == wh.AUFS_META:
-                raise LayerError(f"{where}: AUFS metadata entries (.wh..wh.*) are not supported")
+                raise LayerError(f"{where()}: AUFS metadata entries (.wh..wh.*) are not supported")
             assert target is not None
             _, names = self._whiteouts.setdefault(id(parent), (parent, set()))
             if target in names:
-                raise LayerError(f"{where}: duplicate whiteout")
+                raise LayerError(f"{where()}: duplicate whiteout")
             names.add(target)
             return
         parent = self._parent(parts[:-1], mtime, name)
@@ -308,7 +315,7 @@ class LayerTreeBuilder:
             if target is None or target.is_dir or target.is_whiteout:
                 what = "a directory" if target is not None and target.is_dir else (
                     "a whiteout" if target is not None else "missing or outside this layer")
-                raise LayerError(f"{where}: hardlink target {_show(link)!r} is {what}")
+                raise LayerError(f"{where()}: hardlink target {_show(link)!r} is {what}")
             node = target
         assert node is not None
         existing = parent.entries.get(base)
@@ -319,8 +326,8 @@ class LayerTreeBuilder:
                 existing.mtime_ns, existing.xattrs = node.mtime_ns, node.xattrs
                 return
             if id(existing) in self._implicit:
-                raise LayerError(f"{where}: not a directory, but earlier entries are below it")
-            raise LayerError(f"{where}: duplicate entry")
+                raise LayerError(f"{where()}: not a directory, but earlier entries are below it")
+            raise LayerError(f"{where()}: duplicate entry")
         parent.entries[base] = node
 
     def finish(self) -> Inode:
@@ -471,9 +478,69 @@ def _payload(src: ForwardReader, size: int, where: str) -> bytes:
 
 _FAST_TYPES = frozenset(b"0\x0012345" b"6")  # regular (and old regular), hardlink, symlink, char, block, dir, fifo
 
+PlainHeader = tuple[bytes, bytes, bytes, int, int, int, int, int, int, int]
+
+
+def _parse_plain_py(buf: bytes) -> PlainHeader | None:
+    """Decode a plain header block: (type, name, link, mode, uid, gid, size, mtime, devmajor, devminor).
+
+    The specification of the compiled `_tarscan.parse_plain` (which hands back None, to this code,
+    for anything but the common form).  None where `_fast_member` must leave the block to tarfile:
+    another type, a checksum that is not the unsigned sum, a number `_octal` refuses.  The type is
+    the header's, but `5` for an old V7 directory (a regular file whose name ends in `/`); the name
+    is prefix `/` name (a directory's without trailing slashes); `link` is the link field of a hard
+    or symbolic link, else empty.
+    """
+    if len(buf) != tarfile.BLOCKSIZE:
+        raise ValueError(f"a tar header block is {tarfile.BLOCKSIZE} bytes, not {len(buf)}")
+    if buf[156] not in _FAST_TYPES:
+        return None
+    try:
+        chksum = _octal(buf[148:156])
+        if chksum != 256 + sum(buf) - sum(buf[148:156]):
+            return None
+        mode = _octal(buf[100:108])
+        uid = _octal(buf[108:116])
+        gid = _octal(buf[116:124])
+        size = _octal(buf[124:136])
+        mtime = _octal(buf[136:148])
+        # (tarfile decodes the device numbers whatever the type: a malformed one is its error)
+        devmajor = _octal(buf[329:337])
+        devminor = _octal(buf[337:345])
+    except ValueError:
+        return None
+    kind = buf[156:157]
+    name = buf[0:100]
+    if (p := name.find(b"\0")) != -1:
+        name = name[:p]
+    prefix = buf[345:500]
+    if (p := prefix.find(b"\0")) != -1:
+        prefix = prefix[:p]
+    if kind == b"\x00" and name.endswith(b"/"):
+        kind = b"5"  # old V7 directory: a regular file with a trailing slash
+    if kind == b"5":
+        name = name.rstrip(b"/")
+    if prefix:
+        name = prefix + b"/" + name
+        if kind == b"5":
+            name = name.rstrip(b"/")
+    link = b""
+    if kind in (b"1", b"2"):
+        link = buf[157:257]
+        if (p := link.find(b"\0")) != -1:
+            link = link[:p]
+    return kind, name, link, mode, uid, gid, size, mtime, devmajor, devminor
+
+
+# the compiled decoder where it was built, unless FLATMOUNT_PURE=1 (objects/compiled.py): then the
+# Python code above decodes every header
+_tarscan = load("flatmount.sources._tarscan")
+parse_plain: Callable[[bytes], PlainHeader | None] = _parse_plain_py if _tarscan is None else _tarscan.parse_plain
+NATIVE = parse_plain is not _parse_plain_py  # whether the compiled header decoder is in use
+
 
 def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuilder,
-                 put_small: Callable[[bytes], bytes]) -> bool:
+                 put_small: Callable[[bytes | memoryview], bytes]) -> bool:
     """Add the next entry without tarfile, if it is a plain one; False (nothing consumed) otherwise.
 
     Why: with many small files, tarfile's per-member work (TarInfo objects, pax and GNU dispatch,
@@ -494,58 +561,33 @@ def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuil
         if src.tell() != offset:
             return False  # truncated: tarfile says so
     buf = src.peek(tarfile.BLOCKSIZE)
-    if len(buf) != tarfile.BLOCKSIZE or buf[156] not in _FAST_TYPES:
+    if len(buf) != tarfile.BLOCKSIZE:
         return False
-    try:
-        chksum = _octal(buf[148:156])
-        if chksum != 256 + sum(buf) - sum(buf[148:156]):
-            return False
-        mode = _octal(buf[100:108])
-        uid = _octal(buf[108:116])
-        gid = _octal(buf[116:124])
-        size = _octal(buf[124:136])
-        mtime = _octal(buf[136:148])
-        kind = buf[156:157]
-        if kind in (b"3", b"4"):
-            rdev = os.makedev(_octal(buf[329:337]), _octal(buf[337:345]))
-        else:
-            _octal(buf[329:337])  # (tarfile decodes them whatever the type: a malformed one is its error)
-            _octal(buf[337:345])
-            rdev = 0
-    except ValueError:
+    fields = parse_plain(buf)
+    if fields is None and NATIVE:  # the compiled decoder leaves anything unusual to the Python one
+        fields = _parse_plain_py(buf)
+    if fields is None:
         return False
-    if kind in b"0\x00" and size >= OBJECT_CHUNK:
+    kind, name, link, mode, uid, gid, size, mtime, devmajor, devminor = fields
+    rdev = os.makedev(devmajor, devminor) if kind in (b"3", b"4") else 0
+    if buf[156] in b"0\x00" and size >= OBJECT_CHUNK:  # (the type byte itself: an old V7 directory too)
         return False  # streamed through a put of its own (`_add_member`)
-    name = buf[0:100]
-    if (p := name.find(b"\0")) != -1:
-        name = name[:p]
-    prefix = buf[345:500]
-    if (p := prefix.find(b"\0")) != -1:
-        prefix = prefix[:p]
-    if kind == b"\x00" and name.endswith(b"/"):
-        kind = b"5"  # old V7 directory: a regular file with a trailing slash
-    if kind == b"5":
-        name = name.rstrip(b"/")
-    if prefix:
-        name = prefix + b"/" + name
-        if kind == b"5":
-            name = name.rstrip(b"/")
-    src.read(tarfile.BLOCKSIZE)
-    data_offset = offset + tarfile.BLOCKSIZE
     regular = kind in b"0\x00"
-    tf.offset = data_offset + (-(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if regular else 0)
+    padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if regular else 0
+    tf.offset = offset + tarfile.BLOCKSIZE + padded
+    # header, payload and padding in one read (a stream cut inside the padding leaves `src` short of
+    # `tf.offset`: the next call hands that to tarfile, which reports the truncation as before)
+    member = src.read(tarfile.BLOCKSIZE + padded)
     mtime_ns = mtime * 1_000_000_000
     perm = mode & 0o7777
     if kind == b"1":
-        link = buf[157:257]
-        if (p := link.find(b"\0")) != -1:
-            link = link[:p]
         builder.add(name, None, link=link, mtime_ns=mtime_ns)
         return True
     if regular:
-        data = src.read(size) if size else b""
-        if len(data) != size:
+        if len(member) < tarfile.BLOCKSIZE + size:
             raise LayerError(f"{builder.where(name)}: archive ends inside this file (truncated)")
+        data = memoryview(member)[tarfile.BLOCKSIZE:tarfile.BLOCKSIZE + size] if size > INLINE_MAX else \
+            member[tarfile.BLOCKSIZE:tarfile.BLOCKSIZE + size]
         if wh.is_whiteout_name(name.rstrip(b"/").rpartition(b"/")[2]):
             # a whiteout or opaque marker: its name is all it says; its content is read past, not stored
             node = Inode(S_IFREG | perm, uid=uid, gid=gid, mtime_ns=mtime_ns, xattrs={})
@@ -558,9 +600,7 @@ def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuil
     elif kind == b"5":
         node = Inode(S_IFDIR | perm, uid=uid, gid=gid, mtime_ns=mtime_ns, xattrs={})
     elif kind == b"2":
-        target = buf[157:257]
-        if (p := target.find(b"\0")) != -1:
-            target = target[:p]
+        target = link
         if not target:
             raise LayerError(f"{builder.where(name)}: symlink with an empty or NUL-containing target")
         node = Inode(S_IFLNK | 0o777, size=len(target), target=target, uid=uid, gid=gid, mtime_ns=mtime_ns,
