@@ -6,13 +6,15 @@ there); on another VM of the same kind O_DIRECT puts ran at 350 MB/s against 563
 the first big put of an object directory after each boot writes PROBE_BYTES both ways (ROUNDS times
 each, alternating; every write ends with fdatasync, as a put's data ends in a sync) into an
 anonymous temp file (O_TMPFILE: nothing is left behind, even by a crash) and keeps O_DIRECT unless
-even the slowest buffered round beats the fastest O_DIRECT one by more than MARGIN: O_DIRECT leaves
-the CPU to hashing, and on a busy machine single rounds are noisy (in a full benchmark run on the
-loaded development VM, "best against best" chose buffered for some fresh stores and O_DIRECT for
-others; the case that motivated this was 1.6x).  The
-choice is recorded in `<root>/.write-mode` (with the boot id and both figures, written atomically)
-and kept for the process, so it costs 30-150 ms once per boot and directory; a probe that cannot
-run (no O_TMPFILE, a full disk) chooses O_DIRECT for this process and records nothing.
+the median buffered round beats the median O_DIRECT one by more than MARGIN: O_DIRECT leaves the CPU
+to hashing.  Medians, not best against worst: on a busy machine single rounds are noisy both ways,
+and comparing the slowest buffered round with the fastest O_DIRECT one kept O_DIRECT on a host where
+buffered writes were 1.6x faster as soon as one round of each was unlucky (tests/test_writemode.py).
+Buffered puts are no less durable: their writer starts writeback as it goes (sync_file_range) and
+`ObjectStore.sync()` waits for it (fsync per file, or one syncfs) before any reference is recorded.
+The choice is recorded in `<root>/.write-mode` (with the boot id and both figures, written
+atomically) and kept for the process, so it costs 30-150 ms once per boot and directory; a probe
+that cannot run (no O_TMPFILE, a full disk) chooses O_DIRECT for this process and records nothing.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ STATE_FILE = ".write-mode"
 PROBE_BYTES = 8 << 20
 PROBE_WRITE = 1 << 20
 ROUNDS = 3
-MARGIN = 1.25  # buffered must be this much faster to be chosen (O_DIRECT spares the copy's CPU time)
+MARGIN = 1.25  # buffered must be this much faster (median against median) to be chosen: O_DIRECT spares the copy's CPU time
 
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -87,21 +89,30 @@ def read_state(dirfd: int) -> tuple[str, str] | None:
 
 
 def measure(dirfd: int) -> tuple[float, float] | None:
-    """Seconds to write PROBE_BYTES (+ fdatasync): the fastest O_DIRECT round and the slowest buffered
-    one; None if the probe cannot run here (then nothing is decided)."""
+    """Seconds to write PROBE_BYTES (+ fdatasync): the median O_DIRECT round and the median buffered
+    one (rounds alternate, so a burst of load from elsewhere hits both); None if the probe cannot run
+    here (then nothing is decided)."""
     buf = mmap.mmap(-1, PROBE_WRITE)  # page-aligned, as O_DIRECT needs
     try:
         buf.write(os.urandom(PROBE_WRITE))
-        direct_best, buffered_worst = float("inf"), 0.0
+        direct_s: list[float] = []
+        buffered_s: list[float] = []
         for _ in range(ROUNDS):
             t = _time_write(dirfd, buf, True)
             b = _time_write(dirfd, buf, False)
             if t is None or b is None:
                 return None
-            direct_best, buffered_worst = min(direct_best, t), max(buffered_worst, b)
-        return direct_best, buffered_worst
+            direct_s.append(t)
+            buffered_s.append(b)
+        return _median(direct_s), _median(buffered_s)
     finally:
         buf.close()
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
 
 
 def _time_write(dirfd: int, buf: mmap.mmap, direct: bool) -> float | None:
