@@ -727,15 +727,12 @@ class ObjectStore:
         run = _ChunkRun(chunks, to_write, written, release, deferred, read_done, pending)
         published = False
         writer: queue.SimpleQueue | None = None
-        workers: list[queue.SimpleQueue] = []
         try:
             writer = _WORKERS.run(_writer, fd, to_write, written, where, direct, release)
-            for _ in range(CHUNK_WORKERS - 1):
-                workers.append(_WORKERS.run(run.work))
+            _HELPERS.offer(run)
             run.work()
-            for job in workers:
-                job.get()
-            workers = []
+            _HELPERS.withdraw(run)
+            run.wait_helpers()
             run.check()
             to_write.put(_DONE)
             outcome = run.writer_outcome()
@@ -754,12 +751,12 @@ class ObjectStore:
                 published = True
             return digest
         finally:
+            _HELPERS.withdraw(run)
             run.stop()
             if buffers is not None:
                 for _ in range(CHUNK_WORKERS):
                     buffers.free.put(None)  # unblock a worker waiting for a buffer
-            for job in workers:
-                job.get()
+            run.wait_helpers()
             if writer is not None:
                 to_write.put(_DONE)  # (a second _DONE, after a normal end, is never read)
                 writer.get()
@@ -1018,6 +1015,62 @@ class _Workers:
 _WORKERS = _Workers()
 
 
+class _Helpers:
+    """The threads that help big puts' callers hash chunks: at most CHUNK_WORKERS - 1 per process,
+    each going from one put to the next without going back to sleep.
+
+    Why: a layer of many files of a few MiB starts and ends a put every few milliseconds.  With
+    helpers per put, each file's helpers were woken for it and slept after it, so on a loaded
+    machine every file began with the caller's thread alone and ended with the helpers waiting,
+    and two overlapping puts ran twice the threads.  Here a helper done with one put's last chunk
+    joins the next put whose source still has chunks (`offer`ed by its caller, oldest first); it
+    returns to the pool only when there is none.  A put's own thread always works on it, so no put
+    waits for a helper (nor ever depends on one being free)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[_ChunkRun] = []  # runs that may still have chunks to take, oldest first
+        self._count = 0  # helper threads alive (working, or about to look for the next run)
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._open = []
+        self._count = 0
+
+    def offer(self, run: _ChunkRun) -> None:
+        """Let helpers work on `run`; start new ones while fewer than CHUNK_WORKERS - 1 exist."""
+        with self._lock:
+            self._open.append(run)
+            while self._count < CHUNK_WORKERS - 1 and run.join():
+                self._count += 1
+                try:
+                    _WORKERS.run(self._help, run)
+                except BaseException:
+                    self._count -= 1
+                    run.leave()
+                    raise
+
+    def withdraw(self, run: _ChunkRun) -> None:
+        """No new helper joins `run` (its source has ended, or it stopped)."""
+        with self._lock:
+            if run in self._open:
+                self._open.remove(run)
+
+    def _help(self, run: _ChunkRun) -> None:
+        while True:
+            run.work(helper=True)
+            with self._lock:
+                nxt = next((r for r in self._open if r.join()), None)
+                if nxt is None:
+                    self._count -= 1
+                    return
+            run = nxt
+
+
+_HELPERS = _Helpers()
+
+
 class _Release:
     """Gives a pipeline buffer back to its put once both the writer and the worker are done with it."""
 
@@ -1062,9 +1115,38 @@ class _ChunkRun:
         self._stopped = False
         self._error: BaseException | None = None
         self._outcome: object = None  # the writer's, once seen
+        self._helpers = 0  # helper threads that joined (see _Helpers), until their work() returns
 
-    def work(self) -> None:
-        """Take, hash and finish chunks until the source ends or the run stops; never raises."""
+    def join(self) -> bool:
+        """Count in a helper thread that will call `work(helper=True)`; False (not counted) once no
+        chunk is left to take."""
+        with self._turn:
+            if self._eof or self._stopped:
+                return False
+            self._helpers += 1
+            return True
+
+    def leave(self) -> None:
+        """Count out a helper that joined; it must not touch the run afterwards."""
+        with self._turn:
+            self._helpers -= 1
+            self._turn.notify_all()
+
+    def wait_helpers(self) -> None:
+        """Wait until every helper that joined is done with this run's chunks."""
+        with self._turn:
+            self._turn.wait_for(lambda: not self._helpers)
+
+    def work(self, helper: bool = False) -> None:
+        """Take, hash and finish chunks until the source ends or the run stops; never raises.
+        `helper`: called by a thread counted in by `join()`."""
+        try:
+            self._work()
+        finally:
+            if helper:
+                self.leave()
+
+    def _work(self) -> None:
         try:
             while (got := self._take()) is not None:
                 seq, offset, mv, mark = got

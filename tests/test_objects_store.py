@@ -379,6 +379,39 @@ def test_put_async_overlaps_and_is_capped(store: ObjectStore, monkeypatch: pytes
     assert [p.result() for p in (first, second, third[0])] == [fsverity_digest(d) for d in datas]
 
 
+def test_helpers_go_from_one_put_to_the_next(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer of many medium files: the helper threads that hash chunks beside each put's own thread
+    move on to the next put when one's chunks are taken, rather than going back to the pool to be
+    woken again for the next file (which made every file start with one thread on a loaded machine).
+    Hashing is slowed down so that each next put starts while the helper still hashes the last one."""
+    monkeypatch.setattr(store_mod, "CHUNK_WORKERS", 2)
+    real_hash = store_mod.hash_full_blocks
+
+    def slow_hash(mv):
+        time.sleep(0.03)
+        return real_hash(mv)
+
+    monkeypatch.setattr(store_mod, "hash_full_blocks", slow_hash)
+    dispatched: list[str] = []
+    real_run = store_mod._WORKERS.run
+
+    def run(fn, *args):
+        dispatched.append(getattr(fn, "__name__", repr(fn)))
+        return real_run(fn, *args)
+
+    monkeypatch.setattr(store_mod._WORKERS, "run", run)
+    datas = [data_of(3 * MIB + 4096 * k + 5, 40 + k) for k in range(6)]
+    srcs = [DeferringSourceKnowingItsEnd(d) for d in datas]
+    pending = [store.put_async(src, size=len(d)) for src, d in zip(srcs, datas, strict=True)]
+    assert [p.result() for p in pending] == [fsverity_digest(d) for d in datas]
+    for src, d in zip(srcs, datas, strict=True):
+        assert src.sha.digest() == hashlib.sha256(d).digest() and src.ended == 1
+        assert Path(store.path(fsverity_digest(d))).read_bytes() == d
+    helpers = [n for n in dispatched if n not in ("_writer", "_put_large_job")]
+    assert dispatched.count("_put_large_job") == 6
+    assert len(helpers) <= 2, dispatched   # one helper started (two if one put found it between puts)
+
+
 def test_put_async_source_error_raised_at_once(store: ObjectStore) -> None:
     """A source that fails mid-way: put_async itself raises (the caller must not read on), after the
     put has cleaned up."""
