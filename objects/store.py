@@ -18,8 +18,11 @@ next put of that content and replaced.
 
 Speed: a big put is read in aligned 1 MiB chunks by one worker thread per CPU (up to four), each
 chunk fs-verity hashed (and the source's deferred work done on it, e.g. an uncompressed layer's
-sha256) by the worker that read it while it is in that core's cache, and written with O_DIRECT by
-another thread meanwhile; so it costs about as much as hashing, spread over the cores.  Many small
+sha256) by the worker that read it while it is in that core's cache, and written with O_DIRECT (or
+buffered, whichever this host does faster: objects.writemode) by another thread meanwhile; so it
+costs about as much as hashing, spread over the cores.  The workers besides each put's own thread
+go from one put to the next (`_Helpers`), so a layer of many files of a few MiB keeps them busy
+from file to file instead of waking them for each one.  Many small
 puts go through `bulk()` (objects.bulk), whose helper processes create the files on another core.
 
 Digests are accepted as 32 raw bytes, 64 hex digits (str or ASCII bytes) or an `XX/<62 hex>` object
@@ -711,7 +714,9 @@ class ObjectStore:
         so a slow write never holds up hashing.  `direct`: write with O_DIRECT (chunks must then be
         aligned buffers): on this kind of machine (a VM whose fresh page-cache pages cost a host fault
         each) copying into the page cache, not hashing, is what limits a buffered put; O_DIRECT lets
-        the device DMA from our buffers instead.  Threads are kept between puts (`_WORKERS`).
+        the device DMA from our buffers instead.  Threads are kept between puts (`_WORKERS`), and the
+        helpers working beside this thread move on to the next put offered when this one's chunks
+        are all taken (`_HELPERS`).
         `read_done` is set once no worker will touch the source again (`pending.read_error` set first
         if reading it failed).
         """
