@@ -1021,15 +1021,16 @@ _WORKERS = _Workers()
 
 
 class _Helpers:
-    """The threads that help big puts' callers hash chunks: at most CHUNK_WORKERS - 1 per process,
-    each going from one put to the next without going back to sleep.
+    """The threads that help big puts' own threads hash chunks: at most CHUNK_WORKERS - 1 per
+    process, each going from one put to the next.
 
     Why: a layer of many files of a few MiB starts and ends a put every few milliseconds.  With
-    helpers per put, each file's helpers were woken for it and slept after it, so on a loaded
-    machine every file began with the caller's thread alone and ended with the helpers waiting,
-    and two overlapping puts ran twice the threads.  Here a helper done with one put's last chunk
-    joins the next put whose source still has chunks (`offer`ed by its caller, oldest first); it
-    returns to the pool only when there is none.  A put's own thread always works on it, so no put
+    helpers per put, each put woke its own and they went back to the pool after it, while the
+    previous put's still worked: two overlapping puts ran twice the threads, each file's start
+    waited for a wake-up.  Here a helper done with one put's chunks joins the next put whose source
+    still has chunks (`offer`ed by its put's thread, oldest first), so the number of threads stays
+    the same whatever the file sizes; it returns to the pool when there is none (the next file not
+    offered yet: that offer starts it again).  A put's own thread always works on it, so no put
     waits for a helper (nor ever depends on one being free)."""
 
     def __init__(self) -> None:
