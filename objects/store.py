@@ -68,6 +68,7 @@ PIPELINE_BUFFERS = 8  # 1 MiB buffers of one big put in flight between its worke
 ASYNC_PUTS = 2  # big puts of one store in flight at once (put_async): one finishing while the next reads
 WRITEBACK_EVERY = 16 << 20  # buffered big objects: start disk writeback every 16 MiB, so sync() has less to do
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
+DIRECT_RUN = 4  # chunks a lagging O_DIRECT writer writes in one call (see _gather)
 SYNCFS_MIN = 64  # from this many pending files/dirs on, one syncfs() is cheaper than one fsync each
 CHUNK_WORKERS = max(1, min(usable_cpus(), 4))  # threads reading and hashing one big put's chunks
 
@@ -1256,18 +1257,24 @@ def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, wher
     """
     written = flushed = 0
     failed = False
+    held: list = []  # items taken from the queue while gathering a run, not written yet (in order)
     while True:
-        item = chunks.get()
+        item = held.pop(0) if held else chunks.get()
         if item is _DONE:
             if not direct and not failed and written > flushed:
                 _start_writeback(fd, flushed, written - flushed)  # (the final sync then finds it under way)
             if not failed:
                 outcome.put(_DONE)
             return
-        mv, offset = item
+        run = [item]
+        if direct and not failed and not held:
+            _gather(run, chunks, held)
         if not failed:
             try:
-                direct = _write_chunk(fd, mv, offset, direct)
+                if len(run) > 1:
+                    direct = _write_run(fd, run, direct)
+                else:
+                    direct = _write_chunk(fd, item[0], item[1], direct)
             except OSError as e:
                 err = ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}")
                 err.__cause__ = e
@@ -1277,11 +1284,50 @@ def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, wher
                 outcome.put(e)
                 failed = True
             else:
-                written += len(mv)
+                written += sum(len(mv) for mv, _ in run)
                 if not direct and written - flushed >= WRITEBACK_EVERY:
                     _start_writeback(fd, flushed, written - flushed)
                     flushed = written
-        release(mv)
+        for mv, _ in run:
+            release(mv)
+
+
+def _gather(run: list, chunks: queue.SimpleQueue, held: list) -> None:
+    """Add to `run` the chunks already queued that continue it, up to DIRECT_RUN of them, whole
+    aligned ones only; the first that does not (or `_DONE`) goes to `held`.  Why: O_DIRECT writes
+    go to the device one at a time, so when the writer lags (a disk slow with small O_DIRECT writes),
+    one write of several MiB gets more through than as many 1 MiB ones; when it keeps up, nothing
+    is queued and each chunk goes out at once."""
+    if len(run[0][0]) % DIRECT_ALIGN:
+        return
+    while len(run) < DIRECT_RUN:
+        try:
+            item = chunks.get_nowait()
+        except queue.Empty:
+            return
+        mv, offset = run[-1]
+        if item is _DONE or item[1] != offset + len(mv) or len(item[0]) % DIRECT_ALIGN:
+            held.append(item)
+            return
+        run.append(item)
+
+
+def _write_run(fd: int, run: list, direct: bool) -> bool:
+    """Write contiguous aligned chunks with one pwritev; returns whether the fd is still in O_DIRECT
+    mode.  A short or refused write goes on chunk by chunk (`_write_chunk`) from where it stopped."""
+    offset = run[0][1]
+    try:
+        done = os.pwritev(fd, [mv for mv, _ in run], offset)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        done = 0
+    for mv, at in run:
+        start = done - (at - offset)
+        if start < len(mv):
+            start = max(start, 0)
+            direct = _write_chunk(fd, mv[start:], at + start, direct)
+    return direct
 
 
 def _write_chunk(fd: int, mv: memoryview, offset: int, direct: bool) -> bool:
