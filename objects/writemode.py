@@ -35,7 +35,9 @@ PROBE_BYTES = 8 << 20
 PROBE_WRITE = 1 << 20
 PROBE_RUN = 4  # O_DIRECT writes of this many PROBE_WRITEs at once (objects.store.DIRECT_RUN)
 ROUNDS = 3
-MARGIN = 1.25  # buffered must be this much faster (median against median) to be chosen
+MARGIN = 1.5  # buffered must be this much faster (median against median) to be chosen: the figures
+# of the development VM under load reached 1.3 with O_DIRECT the better way there; the VM that ran
+# O_DIRECT at 350 MB/s and buffered at 563 gives 1.6
 
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
