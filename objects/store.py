@@ -18,8 +18,11 @@ next put of that content and replaced.
 
 Speed: a big put is read in aligned 1 MiB chunks by one worker thread per CPU (up to four), each
 chunk fs-verity hashed (and the source's deferred work done on it, e.g. an uncompressed layer's
-sha256) by the worker that read it while it is in that core's cache, and written with O_DIRECT by
-another thread meanwhile; so it costs about as much as hashing, spread over the cores.  Many small
+sha256) by the worker that read it while it is in that core's cache, and written with O_DIRECT (or
+buffered, whichever this host does faster: objects.writemode) by another thread meanwhile; so it
+costs about as much as hashing, spread over the cores.  The workers besides each put's own thread
+go from one put to the next (`_Helpers`), so a layer of many files of a few MiB keeps them busy
+from file to file instead of waking them for each one.  Many small
 puts go through `bulk()` (objects.bulk), whose helper processes create the files on another core.
 
 Digests are accepted as 32 raw bytes, 64 hex digits (str or ASCII bytes) or an `XX/<62 hex>` object
@@ -65,6 +68,7 @@ PIPELINE_BUFFERS = 8  # 1 MiB buffers of one big put in flight between its worke
 ASYNC_PUTS = 2  # big puts of one store in flight at once (put_async): one finishing while the next reads
 WRITEBACK_EVERY = 16 << 20  # buffered big objects: start disk writeback every 16 MiB, so sync() has less to do
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
+DIRECT_RUN = 4  # chunks a lagging O_DIRECT writer writes in one call (see _gather)
 SYNCFS_MIN = 64  # from this many pending files/dirs on, one syncfs() is cheaper than one fsync each
 CHUNK_WORKERS = max(1, min(usable_cpus(), 4))  # threads reading and hashing one big put's chunks
 
@@ -711,7 +715,9 @@ class ObjectStore:
         so a slow write never holds up hashing.  `direct`: write with O_DIRECT (chunks must then be
         aligned buffers): on this kind of machine (a VM whose fresh page-cache pages cost a host fault
         each) copying into the page cache, not hashing, is what limits a buffered put; O_DIRECT lets
-        the device DMA from our buffers instead.  Threads are kept between puts (`_WORKERS`).
+        the device DMA from our buffers instead.  Threads are kept between puts (`_WORKERS`), and the
+        helpers working beside this thread move on to the next put offered when this one's chunks
+        are all taken (`_HELPERS`).
         `read_done` is set once no worker will touch the source again (`pending.read_error` set first
         if reading it failed).
         """
@@ -727,15 +733,12 @@ class ObjectStore:
         run = _ChunkRun(chunks, to_write, written, release, deferred, read_done, pending)
         published = False
         writer: queue.SimpleQueue | None = None
-        workers: list[queue.SimpleQueue] = []
         try:
             writer = _WORKERS.run(_writer, fd, to_write, written, where, direct, release)
-            for _ in range(CHUNK_WORKERS - 1):
-                workers.append(_WORKERS.run(run.work))
+            _HELPERS.offer(run)
             run.work()
-            for job in workers:
-                job.get()
-            workers = []
+            _HELPERS.withdraw(run)
+            run.wait_helpers()
             run.check()
             to_write.put(_DONE)
             outcome = run.writer_outcome()
@@ -754,12 +757,12 @@ class ObjectStore:
                 published = True
             return digest
         finally:
+            _HELPERS.withdraw(run)
             run.stop()
             if buffers is not None:
                 for _ in range(CHUNK_WORKERS):
                     buffers.free.put(None)  # unblock a worker waiting for a buffer
-            for job in workers:
-                job.get()
+            run.wait_helpers()
             if writer is not None:
                 to_write.put(_DONE)  # (a second _DONE, after a normal end, is never read)
                 writer.get()
@@ -1018,6 +1021,63 @@ class _Workers:
 _WORKERS = _Workers()
 
 
+class _Helpers:
+    """The threads that help big puts' own threads hash chunks: at most CHUNK_WORKERS - 1 per
+    process, each going from one put to the next.
+
+    Why: a layer of many files of a few MiB starts and ends a put every few milliseconds.  With
+    helpers per put, each put woke its own and they went back to the pool after it, while the
+    previous put's still worked: two overlapping puts ran twice the threads, each file's start
+    waited for a wake-up.  Here a helper done with one put's chunks joins the next put whose source
+    still has chunks (`offer`ed by its put's thread, oldest first), so the number of threads stays
+    the same whatever the file sizes; it returns to the pool when there is none (the next file not
+    offered yet: that offer starts it again).  A put's own thread always works on it, so no put
+    waits for a helper (nor ever depends on one being free)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: list[_ChunkRun] = []  # runs that may still have chunks to take, oldest first
+        self._count = 0  # helper threads alive (working, or about to look for the next run)
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._open = []
+        self._count = 0
+
+    def offer(self, run: _ChunkRun) -> None:
+        """Let helpers work on `run`; start new ones while fewer than CHUNK_WORKERS - 1 exist."""
+        with self._lock:
+            self._open.append(run)
+            while self._count < CHUNK_WORKERS - 1 and run.join():
+                self._count += 1
+                try:
+                    _WORKERS.run(self._help, run)
+                except BaseException:
+                    self._count -= 1
+                    run.leave()
+                    raise
+
+    def withdraw(self, run: _ChunkRun) -> None:
+        """No new helper joins `run` (its source has ended, or it stopped)."""
+        with self._lock:
+            if run in self._open:
+                self._open.remove(run)
+
+    def _help(self, run: _ChunkRun) -> None:
+        while True:
+            run.work(helper=True)
+            with self._lock:
+                nxt = next((r for r in self._open if r.join()), None)
+                if nxt is None:
+                    self._count -= 1
+                    return
+            run = nxt
+
+
+_HELPERS = _Helpers()
+
+
 class _Release:
     """Gives a pipeline buffer back to its put once both the writer and the worker are done with it."""
 
@@ -1062,9 +1122,38 @@ class _ChunkRun:
         self._stopped = False
         self._error: BaseException | None = None
         self._outcome: object = None  # the writer's, once seen
+        self._helpers = 0  # helper threads that joined (see _Helpers), until their work() returns
 
-    def work(self) -> None:
-        """Take, hash and finish chunks until the source ends or the run stops; never raises."""
+    def join(self) -> bool:
+        """Count in a helper thread that will call `work(helper=True)`; False (not counted) once no
+        chunk is left to take."""
+        with self._turn:
+            if self._eof or self._stopped:
+                return False
+            self._helpers += 1
+            return True
+
+    def leave(self) -> None:
+        """Count out a helper that joined; it must not touch the run afterwards."""
+        with self._turn:
+            self._helpers -= 1
+            self._turn.notify_all()
+
+    def wait_helpers(self) -> None:
+        """Wait until every helper that joined is done with this run's chunks."""
+        with self._turn:
+            self._turn.wait_for(lambda: not self._helpers)
+
+    def work(self, helper: bool = False) -> None:
+        """Take, hash and finish chunks until the source ends or the run stops; never raises.
+        `helper`: called by a thread counted in by `join()`."""
+        try:
+            self._work()
+        finally:
+            if helper:
+                self.leave()
+
+    def _work(self) -> None:
         try:
             while (got := self._take()) is not None:
                 seq, offset, mv, mark = got
@@ -1168,18 +1257,24 @@ def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, wher
     """
     written = flushed = 0
     failed = False
+    held: list = []  # items taken from the queue while gathering a run, not written yet (in order)
     while True:
-        item = chunks.get()
+        item = held.pop(0) if held else chunks.get()
         if item is _DONE:
             if not direct and not failed and written > flushed:
                 _start_writeback(fd, flushed, written - flushed)  # (the final sync then finds it under way)
             if not failed:
                 outcome.put(_DONE)
             return
-        mv, offset = item
+        run = [item]
+        if direct and not failed and not held:
+            _gather(run, chunks, held)
         if not failed:
             try:
-                direct = _write_chunk(fd, mv, offset, direct)
+                if len(run) > 1:
+                    direct = _write_run(fd, run, direct)
+                else:
+                    direct = _write_chunk(fd, item[0], item[1], direct)
             except OSError as e:
                 err = ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}")
                 err.__cause__ = e
@@ -1189,11 +1284,50 @@ def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, wher
                 outcome.put(e)
                 failed = True
             else:
-                written += len(mv)
+                written += sum(len(mv) for mv, _ in run)
                 if not direct and written - flushed >= WRITEBACK_EVERY:
                     _start_writeback(fd, flushed, written - flushed)
                     flushed = written
-        release(mv)
+        for mv, _ in run:
+            release(mv)
+
+
+def _gather(run: list, chunks: queue.SimpleQueue, held: list) -> None:
+    """Add to `run` the chunks already queued that continue it, up to DIRECT_RUN of them, whole
+    aligned ones only; the first that does not (or `_DONE`) goes to `held`.  Why: O_DIRECT writes
+    go to the device one at a time, so when the writer lags (a disk slow with small O_DIRECT writes),
+    one write of several MiB gets more through than as many 1 MiB ones; when it keeps up, nothing
+    is queued and each chunk goes out at once."""
+    if len(run[0][0]) % DIRECT_ALIGN:
+        return
+    while len(run) < DIRECT_RUN:
+        try:
+            item = chunks.get_nowait()
+        except queue.Empty:
+            return
+        mv, offset = run[-1]
+        if item is _DONE or item[1] != offset + len(mv) or len(item[0]) % DIRECT_ALIGN:
+            held.append(item)
+            return
+        run.append(item)
+
+
+def _write_run(fd: int, run: list, direct: bool) -> bool:
+    """Write contiguous aligned chunks with one pwritev; returns whether the fd is still in O_DIRECT
+    mode.  A short or refused write goes on chunk by chunk (`_write_chunk`) from where it stopped."""
+    offset = run[0][1]
+    try:
+        done = os.pwritev(fd, [mv for mv, _ in run], offset)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+        done = 0
+    for mv, at in run:
+        start = done - (at - offset)
+        if start < len(mv):
+            start = max(start, 0)
+            direct = _write_chunk(fd, mv[start:], at + start, direct)
+    return direct
 
 
 def _write_chunk(fd: int, mv: memoryview, offset: int, direct: bool) -> bool:

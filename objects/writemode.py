@@ -5,14 +5,23 @@ at the disk's speed and buffered ones at 0.8 of it (each fresh page-cache page c
 there); on another VM of the same kind O_DIRECT puts ran at 350 MB/s against 563 MB/s buffered.  So
 the first big put of an object directory after each boot writes PROBE_BYTES both ways (ROUNDS times
 each, alternating; every write ends with fdatasync, as a put's data ends in a sync) into an
-anonymous temp file (O_TMPFILE: nothing is left behind, even by a crash) and keeps O_DIRECT unless
-even the slowest buffered round beats the fastest O_DIRECT one by more than MARGIN: O_DIRECT leaves
-the CPU to hashing, and on a busy machine single rounds are noisy (in a full benchmark run on the
-loaded development VM, "best against best" chose buffered for some fresh stores and O_DIRECT for
-others; the case that motivated this was 1.6x).  The
-choice is recorded in `<root>/.write-mode` (with the boot id and both figures, written atomically)
-and kept for the process, so it costs 30-150 ms once per boot and directory; a probe that cannot
-run (no O_TMPFILE, a full disk) chooses O_DIRECT for this process and records nothing.
+anonymous temp file (O_TMPFILE: nothing is left behind, even by a crash), timing each round and
+the CPU time its writes take, and hashes the same bytes as a put does (fs-verity blocks and a
+sha256, CPU time).  A round's figure is what a put of those bytes would take: the longer of the
+write's own time and the CPU time of hashing plus writing (a put writes in one thread while others
+hash, but the copy into the page cache takes CPU that hashing needs; one core's worth, since the
+hashing has a serial part and a loaded machine gives no more).  Writing speed alone misleads: on
+the development VM an 8 MiB buffered write ran 1.7-2.4x faster than O_DIRECT in most probes, but
+copying into fresh page-cache pages costs ~1.1 ns a byte of CPU there, and imports ran at 0.63x
+with buffered writes.  O_DIRECT is kept unless the median buffered figure beats the median O_DIRECT
+one by more than MARGIN: medians, not best against worst, since on a busy machine single rounds
+are noisy both ways (the slowest buffered round against the fastest O_DIRECT one kept O_DIRECT on
+a host where buffered writes were 1.6x faster as soon as one round of each was unlucky).
+Buffered puts are no less durable: their writer starts writeback as it goes (sync_file_range) and
+`ObjectStore.sync()` waits for it (fsync per file, or one syncfs) before any reference is recorded.
+The choice is recorded in `<root>/.write-mode` (with the boot id and both figures, written
+atomically) and kept for the process, so it costs 30-150 ms once per boot and directory; a probe
+that cannot run (no O_TMPFILE, a full disk) chooses O_DIRECT for this process and records nothing.
 """
 
 from __future__ import annotations
@@ -24,8 +33,11 @@ import time
 STATE_FILE = ".write-mode"
 PROBE_BYTES = 8 << 20
 PROBE_WRITE = 1 << 20
+PROBE_RUN = 4  # O_DIRECT writes of this many PROBE_WRITEs at once (objects.store.DIRECT_RUN)
 ROUNDS = 3
-MARGIN = 1.25  # buffered must be this much faster to be chosen (O_DIRECT spares the copy's CPU time)
+MARGIN = 1.5  # buffered must be this much faster (median against median) to be chosen: the figures
+# of the development VM under load reached 1.3 with O_DIRECT the better way there; the VM that ran
+# O_DIRECT at 350 MB/s and buffered at 563 gives 1.6
 
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -87,24 +99,53 @@ def read_state(dirfd: int) -> tuple[str, str] | None:
 
 
 def measure(dirfd: int) -> tuple[float, float] | None:
-    """Seconds to write PROBE_BYTES (+ fdatasync): the fastest O_DIRECT round and the slowest buffered
-    one; None if the probe cannot run here (then nothing is decided)."""
+    """Seconds a put of PROBE_BYTES would take (see the module docstring) with O_DIRECT and buffered
+    writes, the median round of each (rounds alternate, so a burst of load from elsewhere hits
+    both); None if the probe cannot run here (then nothing is decided)."""
     buf = mmap.mmap(-1, PROBE_WRITE)  # page-aligned, as O_DIRECT needs
     try:
         buf.write(os.urandom(PROBE_WRITE))
-        direct_best, buffered_worst = float("inf"), 0.0
+        hashing = _hash_seconds(buf)
+        direct_s: list[float] = []
+        buffered_s: list[float] = []
         for _ in range(ROUNDS):
             t = _time_write(dirfd, buf, True)
             b = _time_write(dirfd, buf, False)
             if t is None or b is None:
                 return None
-            direct_best, buffered_worst = min(direct_best, t), max(buffered_worst, b)
-        return direct_best, buffered_worst
+            direct_s.append(max(t[0], hashing + t[1]))
+            buffered_s.append(max(b[0], hashing + b[1]))
+        return _median(direct_s), _median(buffered_s)
     finally:
         buf.close()
 
 
-def _time_write(dirfd: int, buf: mmap.mmap, direct: bool) -> float | None:
+def _hash_seconds(buf: mmap.mmap) -> float:
+    """CPU seconds to hash PROBE_BYTES as an import does: fs-verity block hashes and a sha256."""
+    from hashlib import sha256
+
+    from .digest import hash_full_blocks
+
+    mv = memoryview(buf)
+    try:
+        h = sha256()
+        t0 = time.thread_time()
+        for _ in range(PROBE_BYTES // PROBE_WRITE):
+            hash_full_blocks(mv)
+            h.update(mv)
+        return time.thread_time() - t0
+    finally:
+        mv.release()
+
+
+def _median(xs: list[float]) -> float:
+    s = sorted(xs)
+    mid = len(s) // 2
+    return s[mid] if len(s) % 2 else (s[mid - 1] + s[mid]) / 2
+
+
+def _time_write(dirfd: int, buf: mmap.mmap, direct: bool) -> tuple[float, float] | None:
+    """(seconds, CPU seconds of this thread) to write PROBE_BYTES and fdatasync them."""
     flags = os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC | (_O_DIRECT if direct else 0)
     if not _O_TMPFILE:
         return None
@@ -118,12 +159,13 @@ def _time_write(dirfd: int, buf: mmap.mmap, direct: bool) -> float | None:
 
             if not fcntl.fcntl(fd, fcntl.F_GETFL) & _O_DIRECT:
                 return None
-        t0 = time.perf_counter()
-        for off in range(0, PROBE_BYTES, PROBE_WRITE):
-            if os.pwrite(fd, buf, off) != PROBE_WRITE:
+        run = PROBE_RUN if direct else 1  # (as a lagging O_DIRECT writer does: objects.store._gather)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        for off in range(0, PROBE_BYTES, PROBE_WRITE * run):
+            if os.pwritev(fd, [buf] * run, off) != PROBE_WRITE * run:
                 return None
         os.fdatasync(fd)
-        return time.perf_counter() - t0
+        return time.perf_counter() - t0, time.thread_time() - c0
     except OSError:
         return None
     finally:

@@ -411,6 +411,39 @@ def test_layer_sha256_deferred_to_the_object_pipeline(objects, monkeypatch, tmp_
     check_objects(objects, t)
 
 
+def test_starting_a_put_does_not_wait_for_deferred_hashing():
+    """The next file's put starts (defer_work) while a worker is still hashing the previous file's
+    chunks for the diff_id (settle): the reading thread never waits for that hashing."""
+    import threading
+    import time
+
+    from flatmount.sources.layers import HashingReader
+
+    class SlowHash:
+        def __init__(self):
+            self.real = hashlib.sha256()
+
+        def update(self, data):
+            time.sleep(0.5)
+            self.real.update(data)
+
+    data = os.urandom(4096)
+    reader = HashingReader(io.BytesIO(data))
+    slow = reader._hash = SlowHash()
+    reader.defer_work()
+    assert reader.read(4096) == data  # handed out, hashing deferred
+    worker = threading.Thread(target=reader.end)  # the previous file's last settle: 0.5 s of hashing
+    worker.start()
+    time.sleep(0.1)
+    t0 = time.perf_counter()
+    reader.defer_work()  # the next put starts
+    waited = time.perf_counter() - t0
+    worker.join()
+    reader.end()
+    assert waited < 0.2, f"defer_work waited {waited:.2f} s for the hashing"
+    assert slow.real.digest() == hashlib.sha256(data).digest()
+
+
 @pytest.mark.parametrize("cut", [512 + 1000, 512 + MIB + 5, 512 + 2 * MIB + 4096])
 def test_truncated_inside_a_big_file(objects, cut):
     t = Tar(root=False)

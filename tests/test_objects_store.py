@@ -379,6 +379,39 @@ def test_put_async_overlaps_and_is_capped(store: ObjectStore, monkeypatch: pytes
     assert [p.result() for p in (first, second, third[0])] == [fsverity_digest(d) for d in datas]
 
 
+def test_helpers_go_from_one_put_to_the_next(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer of many medium files: the helper threads that hash chunks beside each put's own thread
+    move on to the next put when one's chunks are taken, rather than going back to the pool to be
+    woken again for the next file (which made every file start with one thread on a loaded machine).
+    Hashing is slowed down so that each next put starts while the helper still hashes the last one."""
+    monkeypatch.setattr(store_mod, "CHUNK_WORKERS", 2)
+    real_hash = store_mod.hash_full_blocks
+
+    def slow_hash(mv):
+        time.sleep(0.03)
+        return real_hash(mv)
+
+    monkeypatch.setattr(store_mod, "hash_full_blocks", slow_hash)
+    dispatched: list[str] = []
+    real_run = store_mod._WORKERS.run
+
+    def run(fn, *args):
+        dispatched.append(getattr(fn, "__name__", repr(fn)))
+        return real_run(fn, *args)
+
+    monkeypatch.setattr(store_mod._WORKERS, "run", run)
+    datas = [data_of(3 * MIB + 4096 * k + 5, 40 + k) for k in range(6)]
+    srcs = [DeferringSourceKnowingItsEnd(d) for d in datas]
+    pending = [store.put_async(src, size=len(d)) for src, d in zip(srcs, datas, strict=True)]
+    assert [p.result() for p in pending] == [fsverity_digest(d) for d in datas]
+    for src, d in zip(srcs, datas, strict=True):
+        assert src.sha.digest() == hashlib.sha256(d).digest() and src.ended == 1
+        assert Path(store.path(fsverity_digest(d))).read_bytes() == d
+    helpers = [n for n in dispatched if n not in ("_writer", "_put_large_job")]
+    assert dispatched.count("_put_large_job") == 6
+    assert len(helpers) <= 2, dispatched   # one helper started (two if one put found it between puts)
+
+
 def test_put_async_source_error_raised_at_once(store: ObjectStore) -> None:
     """A source that fails mid-way: put_async itself raises (the caller must not read on), after the
     put has cleaned up."""
@@ -413,6 +446,7 @@ def test_put_async_write_error_surfaces_in_result(store: ObjectStore, monkeypatc
         raise OSError(errno_mod.EIO, "Input/output error")
 
     monkeypatch.setattr(store_mod.os, "pwrite", pwrite)
+    monkeypatch.setattr(store_mod.os, "pwritev", lambda fd, buffers, offset: pwrite(fd, buffers, offset))
     src = io.BytesIO(data_of(4 * MIB, 7))
     with pytest.raises(ObjectStoreError, match="Input/output error"):
         store.put_async(src, size=4 * MIB).result()
@@ -680,12 +714,12 @@ def test_full_filesystem_is_a_store_error(tmp_path: Path) -> None:
 
 
 def _record_pwrites(monkeypatch: pytest.MonkeyPatch, fail: Callable[[int, int], OSError | int | None]) -> list[tuple[bool, int, int]]:
-    """Wrap os.pwrite: record (O_DIRECT set?, offset, length) of each call; `fail(call_no, flags)` may
-    return an OSError to raise or a byte count to write short."""
+    """Wrap os.pwrite and os.pwritev: record (O_DIRECT set?, offset, length) of each call;
+    `fail(call_no, flags)` may return an OSError to raise or a byte count to write short."""
     import fcntl
 
     calls: list[tuple[bool, int, int]] = []
-    real = os.pwrite
+    real, real_v = os.pwrite, os.pwritev
 
     def pwrite(fd: int, data: memoryview, offset: int) -> int:
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
@@ -697,7 +731,23 @@ def _record_pwrites(monkeypatch: pytest.MonkeyPatch, fail: Callable[[int, int], 
             data = data[:outcome]
         return real(fd, data, offset)
 
+    def pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        total = sum(len(b) for b in buffers)
+        calls.append((bool(flags & os.O_DIRECT), offset, total))
+        outcome = fail(len(calls), flags)
+        if isinstance(outcome, OSError):
+            raise outcome
+        if isinstance(outcome, int):
+            head, left = [], outcome
+            for b in buffers:  # (slices of the aligned buffers: still fit for O_DIRECT)
+                head.append(memoryview(b)[:left])
+                left -= len(head[-1])
+            return real_v(fd, head, offset) if outcome else 0
+        return real_v(fd, buffers, offset)
+
     monkeypatch.setattr(store_mod.os, "pwrite", pwrite)
+    monkeypatch.setattr(store_mod.os, "pwritev", pwritev)
     return calls
 
 
@@ -728,6 +778,7 @@ def test_direct_write_falls_back_to_buffered(store: ObjectStore, monkeypatch: py
         return None
 
     store.direct_io = True  # (not measured: the probe's writes would meet the injected failure)
+    monkeypatch.setattr(store_mod, "DIRECT_RUN", 1)  # one write per chunk (runs: the test below)
     calls = _record_pwrites(monkeypatch, fail)
     data = data_of(3 * MIB + 100, 15)
     digest = store.put(io.BytesIO(data))
@@ -738,6 +789,45 @@ def test_direct_write_falls_back_to_buffered(store: ObjectStore, monkeypatch: py
         assert calls[2] == (False, MIB, MIB)  # the refused chunk again, buffered
     else:
         assert calls[2] == (True, MIB + 8192, MIB - 8192)
+
+
+@pytest.mark.parametrize("failure", [None, "einval", "short"])
+def test_lagging_direct_writer_writes_runs(store: ObjectStore, monkeypatch: pytest.MonkeyPatch,
+                                           failure: str | None) -> None:
+    """An O_DIRECT writer that lags behind the hashing (its first write is slow) writes the chunks
+    queued meanwhile in runs of up to DIRECT_RUN with one pwritev each; a run the file system
+    refuses (EINVAL) or writes short goes on chunk by chunk from where it stopped.  The object is
+    the same whatever happens."""
+    import errno as errno_mod
+
+    def fail(n: int, flags: int) -> OSError | int | None:
+        if n == 1:
+            time.sleep(0.2)  # the chunks hashed meanwhile queue up
+        if n == 2 and failure == "einval":
+            return OSError(errno_mod.EINVAL, "Invalid argument")
+        if n == 2 and failure == "short":
+            return MIB + 8192
+        return None
+
+    store.direct_io = True
+    calls = _record_pwrites(monkeypatch, fail)
+    data = data_of(9 * MIB + 100, 16)
+    digest = store.put(io.BytesIO(data))
+    assert digest == fsverity_digest(data)
+    assert Path(store.path(digest)).read_bytes() == data
+    lengths = [length for _, _, length in calls]
+    assert 2 * MIB <= lengths[1] <= store_mod.DIRECT_RUN * MIB  # the backlog in one call
+    run_offset = calls[1][1]
+    if failure is None:  # every byte written once
+        covered = 0
+        for offset, length in sorted((offset, length) for _, offset, length in calls):
+            assert offset == covered
+            covered += length
+        assert covered == len(data)
+    elif failure == "einval":  # the refused run again, chunk by chunk
+        assert calls[2] == (True, run_offset, MIB)
+    else:  # the rest of the short run: the rest of its second chunk first
+        assert calls[2] == (True, run_offset + MIB + 8192, MIB - 8192)
 
 
 # --- bulk writer: small objects stored by helper processes -------------------------------------------

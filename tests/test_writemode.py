@@ -120,3 +120,126 @@ def test_a_forced_mode_skips_the_probe(tmp_path, monkeypatch):
         seen = _opened_direct(store, monkeypatch)
         store.put(io.BytesIO(_big()))
         assert seen == [False]
+
+
+def _scripted_rounds(monkeypatch, rounds: list[tuple[float, float]], write_cpu: tuple[float, float],
+                     hashing: float) -> None:
+    """The probe's writes take the given (O_DIRECT, buffered) seconds, round after round, with
+    `write_cpu` CPU seconds each way, and hashing the probe's bytes takes `hashing` CPU seconds
+    (nothing is written: only the decision is under test)."""
+    times = [(t, cpu) for pair in rounds for t, cpu in zip(pair, write_cpu, strict=True)]
+    assert len(rounds) == writemode.ROUNDS
+    monkeypatch.setattr(writemode, "_time_write", lambda dirfd, buf, direct: times.pop(0))
+    monkeypatch.setattr(writemode, "_hash_seconds", lambda buf: hashing)
+
+
+def test_a_buffered_host_is_recognised_through_noise(tmp_path, monkeypatch):
+    """The second VM of issue 17 (O_DIRECT 350 MB/s, buffered 563 MB/s, both slower than hashing)
+    with one lucky O_DIRECT round and one unlucky buffered round: buffered is chosen
+    (best-against-worst kept O_DIRECT there)."""
+    _scripted_rounds(monkeypatch, [(0.024, 0.015), (0.015, 0.015), (0.024, 0.021)], (0.0005, 0.004), 0.010)
+    with ObjectStore(tmp_path / "o") as store:
+        seen = _opened_direct(store, monkeypatch)
+        store.put(io.BytesIO(_big()))
+        assert seen == [False]
+    line = (tmp_path / "o" / writemode.STATE_FILE).read_text().split()
+    assert line[0] == "buffered" and line[2] == f"direct={writemode.PROBE_BYTES / 0.024 / 1e6:.0f}MB/s"
+
+
+def test_a_direct_host_keeps_o_direct_through_noise(tmp_path, monkeypatch):
+    """The development VM (O_DIRECT faster) with one slow O_DIRECT round and one lucky buffered one."""
+    _scripted_rounds(monkeypatch, [(0.010, 0.014), (0.030, 0.006), (0.011, 0.015)], (0.0005, 0.004), 0.008)
+    with ObjectStore(tmp_path / "o") as store:
+        seen = _opened_direct(store, monkeypatch)
+        store.put(io.BytesIO(_big()))
+        assert seen == [True]
+
+
+def test_faster_buffered_writes_that_cost_the_hashing_cpu_keep_o_direct(tmp_path, monkeypatch):
+    """The development VM on a busy afternoon: 8 MiB buffered writes ran faster than O_DIRECT ones in
+    most rounds, but neither way is slower than hashing the same bytes, and buffered writes take
+    CPU that hashing needs (imports ran at 0.63x with them): O_DIRECT stays."""
+    _scripted_rounds(monkeypatch, [(0.012, 0.008), (0.021, 0.007), (0.006, 0.009)], (0.0005, 0.009), 0.0094)
+    with ObjectStore(tmp_path / "o") as store:
+        seen = _opened_direct(store, monkeypatch)
+        store.put(io.BytesIO(_big()))
+        assert seen == [True]
+
+
+def test_buffered_imports_are_durable_before_they_are_recorded(tmp_path, monkeypatch):
+    """On a host that chose buffered writes, a pull starts writeback of each big object while writing
+    it (sync_file_range over all of its bytes) and makes every object durable (an fsync of each, or
+    one syncfs) before the layer is committed: nothing is recorded that is not on disk."""
+    import tarfile
+
+    import flatmount
+    from flatmount.store import batch as batch_mod
+    from objects import store as store_mod
+
+    monkeypatch.setattr(writemode, "measure", lambda dirfd: (2.0, 1.0))   # buffered is twice as fast
+    sizes = [3 << 20, (5 << 20) + 4097, (1 << 20) + 1, 8000]
+    contents = [os.urandom(n) for n in sizes]
+    tar = tmp_path / "layer.tar"
+    with tarfile.open(tar, "w", format=tarfile.PAX_FORMAT) as tf:
+        for i, data in enumerate(contents):
+            ti = tarfile.TarInfo(f"f{i}")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+
+    writeback: dict[int, list[tuple[int, int]]] = {}
+    real_start = store_mod._start_writeback
+
+    def start_writeback(fd, offset, length):
+        writeback.setdefault(os.fstat(fd).st_ino, []).append((offset, length))
+        real_start(fd, offset, length)
+
+    durable: set[int] = set()
+    syncfs_calls: list[int] = []
+    real_fsync, real_syncfs = os.fsync, store_mod._syncfs
+
+    def fsync(fd):
+        real_fsync(fd)
+        durable.add(os.fstat(fd).st_ino)
+
+    def syncfs(fd):
+        ok = real_syncfs(fd)
+        syncfs_calls.append(fd)
+        return ok
+
+    opened_direct: list[bool] = []
+    real_open_temp = store_mod.ObjectStore._open_temp
+
+    def open_temp(self, fanout=None, direct=False):
+        opened_direct.append(direct)
+        return real_open_temp(self, fanout, direct)
+
+    at_commit: list[tuple[set[int], int]] = []
+    real_commit = batch_mod.ImportBatch.commit
+
+    def commit(self):
+        at_commit.append((set(durable), len(syncfs_calls)))
+        return real_commit(self)
+
+    monkeypatch.setattr(store_mod, "_start_writeback", start_writeback)
+    monkeypatch.setattr(store_mod.os, "fsync", fsync)
+    monkeypatch.setattr(store_mod, "_syncfs", syncfs)
+    monkeypatch.setattr(store_mod.ObjectStore, "_open_temp", open_temp)
+    monkeypatch.setattr(batch_mod.ImportBatch, "commit", commit)
+    with flatmount.open_store(tmp_path / "store", runroot=tmp_path / "run", config=os.devnull,
+                              additional=[]) as store:
+        store.pull(f"tar:{tar}")
+        objdir = store.objects_dir
+    paths = [objdir / d.hex()[:2] / d.hex()[2:] for d in map(fsverity_digest, contents[:3])]
+    assert opened_direct[:3] == [False] * 3   # the big puts were buffered
+    for path, data in zip(paths, contents, strict=False):
+        with open(path, "rb") as f:
+            assert f.read() == data
+        ranges = sorted(writeback[os.stat(path).st_ino])
+        covered = 0
+        for offset, length in ranges:   # contiguous from 0 to the end: every byte's writeback started
+            assert offset == covered
+            covered += length
+        assert covered == len(data)
+    assert len(at_commit) == 1
+    synced_inodes, syncfs_before = at_commit[0]
+    assert syncfs_before or {os.stat(p).st_ino for p in paths} <= synced_inodes

@@ -7,6 +7,10 @@
   the disk's sequential write+fsync MB/s (every byte is written once);
 - medium: the same number of bytes in files of 5 MB (100; quick: 12): what starting and finishing
   each file's put costs, as MB/s and against the big files;
+- CPU seconds of each big and medium pull (all its threads), and the share of them the two hashes
+  of every byte take at sha256's rate per CPU second (`*_hashing_share_of_cpu`; 1.0 would be
+  nothing but hashing): on a machine others load, MB/s fall with the cores we get, this share
+  hardly moves;
 - small: a tar of 50,000 small files (quick: 10,000; 1 .. 8 KB): files/s, next to its floor measured
   in the same run, interleaved: `tar -x` of the same tar into a fresh directory, then `sync -f` (one
   thread writing the same files, no hashing); the target is at most 0.9x its time (median of the
@@ -65,15 +69,18 @@ def rss_now_kb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 rss0 = rss_now_kb()
+ru0 = resource.getrusage(resource.RUSAGE_SELF)
 t0 = time.perf_counter()
 r = pull(s, "tar:" + source)
 dt = time.perf_counter() - t0
+ru1 = resource.getrusage(resource.RUSAGE_SELF)
+cpu = ru1.ru_utime - ru0.ru_utime + ru1.ru_stime - ru0.ru_stime  # all threads (helpers are processes: none here)
 with open("/proc/self/status") as f:  # VmHWM, not ru_maxrss: that one carries the parent's over exec
     rss1 = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 rss_helpers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # largest helper process, if any
 print(json.dumps({{"seconds": dt, "rss_before_kb": rss0, "rss_peak_kb": rss1, "entries": r.entries,
                   "bytes": r.bytes_read, "rss_helpers_kb": rss_helpers, "write_mode": write_mode,
-                  "probe_s": probe_s}}))
+                  "probe_s": probe_s, "cpu_s": cpu}}))
 """
 
 
@@ -178,6 +185,22 @@ def _small_rounds(workdir: Path, small: Path, rounds: int) -> tuple[list[float],
     return floors, pulls
 
 
+def _sha256_cpu_rate(total_mib: int = 256) -> float:
+    """hashlib sha256 MB per CPU second (thread time, not wall time: a baseline for CPU figures
+    must not fall when others load the machine, as `bench_sha256`'s wall-clock rate does)."""
+    import hashlib
+    import time
+
+    buf = os.urandom(1 << 20)
+    h = hashlib.sha256()
+    for _ in range(total_mib // 4):
+        h.update(buf)
+    t = time.thread_time()
+    for _ in range(total_mib):
+        h.update(buf)
+    return total_mib * (1 << 20) / MB / (time.thread_time() - t)
+
+
 def _quiet() -> None:
     """Let the file system finish a big write or delete (ext4 with `discard` trims freed blocks
     later) and wait for an idle disk, so that work does not slow the next measurement: the sha256
@@ -240,6 +263,10 @@ def run(quick: bool, rounds: int = 3) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
     imp = [tar_bytes / p["seconds"] / MB for p in pulls]
     medium_imp = [tar_bytes / p["seconds"] / MB for p in medium_pulls]
+    # CPU seconds of the two hashes every byte needs (diff_id sha256, fs-verity) at the 1-core sha256
+    # rate, against the pull's own: how much of its CPU is that unavoidable work.  Unlike the MB/s,
+    # this hardly moves when other work shares the machine (which takes cores, not instructions).
+    need_cpu = 2 * tar_bytes / MB / _sha256_cpu_rate()
     best = {"import": max(imp), "sha": max(sha), "disk": max(disk)}
     med = {"import": statistics.median(imp), "sha": statistics.median(sha), "disk": statistics.median(disk)}
     worst_rss = max(pulls, key=lambda p: p["rss_peak_kb"])
@@ -262,6 +289,10 @@ def run(quick: bool, rounds: int = 3) -> dict:
         "big_rss_growth_mb": round((worst_rss["rss_peak_kb"] - worst_rss["rss_before_kb"]) / 1024, 1),
         "write_mode": sorted({p["write_mode"] for p in pulls + medium_pulls}),  # objects.writemode's choice
         "write_mode_probe_ms": round(1000 * max(p["probe_s"] for p in pulls + medium_pulls), 1),
+        "big_import_cpu_s": [round(p["cpu_s"], 3) for p in pulls],
+        "big_hashing_share_of_cpu": round(need_cpu / statistics.median(p["cpu_s"] for p in pulls), 3),
+        "medium_import_cpu_s": [round(p["cpu_s"], 3) for p in medium_pulls],
+        "medium_hashing_share_of_cpu": round(need_cpu / statistics.median(p["cpu_s"] for p in medium_pulls), 3),
         "medium_files": big_size // MEDIUM_FILE,
         "medium_import_mb_per_s": [round(x, 1) for x in medium_imp],
         "medium_import_mb_per_s_best": round(max(medium_imp), 1),
