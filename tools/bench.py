@@ -110,6 +110,59 @@ def machine_state() -> dict:
             "sha256_1core_mb_s": round(bench_sha256(256))}
 
 
+def _get(results: dict, *path: str):
+    """results["areas"][path...], or None where an area did not run or did not report it."""
+    x = results["areas"]
+    for key in path:
+        if not isinstance(x, dict) or key not in x:
+            return None
+        x = x[key]
+    return x
+
+
+def _target(figure, limit, *, at_most: bool = True, **baseline) -> dict:
+    met = None if figure is None else (figure <= limit if at_most else figure >= limit)
+    return {"figure": figure, "target": ("<= " if at_most else ">= ") + str(limit), "met": met, **baseline}
+
+
+def targets(results: dict) -> dict:
+    """The speed targets of issue 17, each figure next to its baseline from the same run (None where
+    its area did not run): the summary a closing note quotes."""
+    g = lambda *p: _get(results, *p)  # noqa: E731
+    cli = g("mount", "cli") or {}
+    instr = cli.get("instructions_millions") or {}
+    return {
+        "1_small_files_vs_tar_x_sync": _target(
+            g("import", "small_vs_floor_median"), 0.9, files_per_s=g("import", "small_files_per_s_median"),
+            floor_files_per_s=g("import", "small_floor_files_per_s_median")),
+        "1_small_files_rss_mb": _target(g("import", "small_rss_with_helpers_peak_mb"), 150),
+        "2_big_import_vs_min_sha256_disk": _target(
+            g("import", "big_import_vs_ceiling_median"), 0.8, at_most=False,
+            mb_per_s=g("import", "big_import_mb_per_s_median"), write_mode=g("import", "write_mode")),
+        "2_medium_vs_big": _target(g("import", "medium_vs_big_median"), 0.95, at_most=False),
+        "3_mkimage_vs_mkcomposefs": _target(
+            g("image", "mkimage_plain_dump", "ratio_median_paired"), 1.0,
+            seconds=g("image", "mkimage_plain_dump", "median_s"),
+            mkcomposefs_s=g("image", "mkimage_plain_dump", "peer_median_s")),
+        "3_mkimage_gz_dump_wall_s": _target(g("image", "mkimage_best_s"), 0.45),
+        "3_dump_vs_composefs_info": _target(
+            g("image", "dump_command", "ratio_median_paired"), 1.5,
+            seconds=g("image", "dump_command", "median_s"),
+            composefs_info_s=g("image", "dump_command", "peer_median_s")),
+        "4_flatten_top_layer_new_process_s": _target(
+            g("flatten", "flatten", "store_top_layer_only", "store_flatten_top_layer_new_process_s"), 0.15,
+            median_s=g("flatten", "flatten", "store_top_layer_only",
+                       "store_flatten_top_layer_new_process_median_s")),
+        "5_cli_mount_over_python_ms": _target(
+            (cli.get("python -m flatmount: mount") or {}).get("over_floor_ms"), 15,
+            instructions_est_ms=instr.get("mount_over_floor_ms_est"),
+            python_c_pass_p50_ms=(cli.get("python_c_pass") or {}).get("p50_ms")),
+        "5_cli_umount_over_python_ms": _target(
+            (cli.get("python -m flatmount: umount") or {}).get("over_floor_ms"), 15,
+            instructions_est_ms=instr.get("umount_over_floor_ms_est")),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("areas", nargs="*", help=f"areas to run (default: all of {', '.join(areas())})")
@@ -143,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         results["areas"][area] = res
         print(json.dumps(res, indent=2, sort_keys=True), file=sys.stderr, flush=True)
     results["machine"]["state_after"] = machine_state()
+    results["targets"] = targets(results)
+    print(json.dumps(results["targets"], indent=2), file=sys.stderr)
     Path(args.output).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
     print(f"results written to {args.output}", file=sys.stderr)
     return 1 if failed else 0
