@@ -9,27 +9,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from flatmount.errors import FlatmountError
+from objects.lazy import lazy_names
 
 __all__ = ["FlatmountError", "Inode", "open_store"]
 __version__ = "0.1.0"
 
-_LAZY = {
-    "Inode": ("flatmount.image.tree", "Inode"),
-    "open_store": ("flatmount.api", "open_store"),
-}
+__getattr__ = lazy_names(__name__, globals(), {"Inode": "flatmount.image.tree", "open_store": "flatmount.api"})
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.api import open_store
     from flatmount.image.tree import Inode
 
-
-def __getattr__(name: str):
-    try:
-        module, attr = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'flatmount' has no attribute {name!r}") from None
-    import importlib
-
-    value = getattr(importlib.import_module(module), attr)
-    globals()[name] = value
-    return value

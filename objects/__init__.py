@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .lazy import lazy_names
+
 _LAZY = {
     "FsVerityHasher": "digest", "digest_file": "digest", "digest_stream": "digest",
     "fsverity_digest": "digest", "parse_digest": "digest",
@@ -40,13 +42,4 @@ if TYPE_CHECKING:  # pragma: no cover
     from .store import ObjectStore, PendingPut
 
 
-def __getattr__(name: str):
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module 'objects' has no attribute {name!r}") from None
-    import importlib
-
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, globals(), {name: "." + module for name, module in _LAZY.items()})

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from objects.lazy import lazy_names
+
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
 
@@ -25,12 +27,7 @@ _PARSER_NAMES = frozenset({"AREAS", "STORE_OPTIONS", "store_parser", "json_parse
                            "_VersionAction", "_command_word"})
 
 
-def __getattr__(name: str) -> Any:
-    if name in _PARSER_NAMES:
-        from flatmount.cli import parser
-
-        return getattr(parser, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, globals(), dict.fromkeys(_PARSER_NAMES, ".parser"))
 
 
 def _with_logging(args: argparse.Namespace, func: Callable[[argparse.Namespace], int | None]):

@@ -62,6 +62,7 @@ from typing import TYPE_CHECKING
 
 from flatmount.flatten.imagecache import FlatImage, flatten_chain, flatten_image, write_flat_image
 from flatmount.flatten.paths import cached_flat_image, chain_of
+from objects.lazy import lazy_names
 
 # The names below are loaded from their submodule on first use (PEP 562): a mount of a cached image
 # needs only `paths` and `imagecache`, not the tree code that writes one.
@@ -99,18 +100,8 @@ __all__ = ["DEFAULT_ROOT_MODE", "DERIVERS", "TREE_CACHE_SIZE", "FlatImage",
            "write_flat_image"]
 
 
-def __getattr__(name: str):
-    import importlib
-
-    if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
-    try:
-        module = _LAZY[name]
-    except KeyError:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+__getattr__ = lazy_names(__name__, globals(), {**{name: "." + module for name, module in _LAZY.items()},
+                                                **{name: f".{name}:" for name in _SUBMODULES}})
 
 
 def __dir__() -> list[str]:
