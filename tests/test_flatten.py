@@ -664,6 +664,8 @@ def test_helper_only_for_big_trees_and_when_memory_and_cpus_allow(monkeypatch):
     monkeypatch.setattr(flatten.helper, "_mem_available", lambda: 8 << 30)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.5))
     big = [SimpleNamespace(inodes=15_000), SimpleNamespace(inodes=15_000)]
+    assert not flatten.helper._helper_pays(None, big)   # off by default (see HELPER)
+    monkeypatch.setattr(flatten.helper, "HELPER", True)
     assert flatten.helper._helper_pays(None, big)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 0.5, 0.5))
     assert not flatten.helper._helper_pays(None, big)                              # no CPU to spare
