@@ -664,6 +664,8 @@ def test_helper_only_for_big_trees_and_when_memory_and_cpus_allow(monkeypatch):
     monkeypatch.setattr(flatten.helper, "_mem_available", lambda: 8 << 30)
     monkeypatch.setattr(os, "getloadavg", lambda: (0.3, 0.5, 0.5))
     big = [SimpleNamespace(inodes=15_000), SimpleNamespace(inodes=15_000)]
+    assert not flatten.helper._helper_pays(None, big)   # off by default (see HELPER)
+    monkeypatch.setattr(flatten.helper, "HELPER", True)
     assert flatten.helper._helper_pays(None, big)
     monkeypatch.setattr(os, "getloadavg", lambda: (1.9, 0.5, 0.5))
     assert not flatten.helper._helper_pays(None, big)                              # no CPU to spare
@@ -1007,3 +1009,35 @@ def test_applied_tree_is_filed_with_old_objects():
     finally:
         gc.enable()
     assert lookup(merged, b"/d7/new").content == b"y" and lookup(merged, b"/d7/f3").content == b"x"
+
+
+def test_remembered_trees_are_freed_before_the_exit_collections(tmp_path):
+    """A process that flattened drops its remembered trees at exit (after its derived-file writers)
+    by reference counting, so the interpreter's shutdown collections do not walk a whole image's
+    objects first.  Checked from an atexit handler registered before flatten (so it runs after ours):
+    no Inode is alive there any more, and the derived files were written."""
+    from layerdirs import store_image
+
+    from flatmount.api import open_store
+
+    trees = chain_trees()
+    a = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    store_image(a, trees, "all", blobs=BIG)
+    a.close()
+    code = ("import atexit, gc, os, sys\n"
+            "from flatmount.api import open_store\n"
+            "from flatmount.image.tree import Inode\n"
+            "from flatmount.store.paths import derived_paths\n"
+            "def check():\n"
+            "    alive = sum(1 for o in gc.get_objects() if type(o) is Inode)\n"
+            "    have = [os.path.exists(p) for p in derived_paths(flat.path)]\n"
+            "    print(alive, *have, flush=True)\n"
+            "atexit.register(check)\n"
+            "s = open_store(sys.argv[1], runroot=sys.argv[2])\n"
+            "flat = s.flatten('all')\n"
+            "assert not flat.reused\n")
+    root = str(Path(__file__).resolve().parent.parent)
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "run")], cwd=root,
+                       env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["0", "True", "True"]

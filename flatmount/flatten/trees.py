@@ -24,11 +24,29 @@ TREE_CACHE_SIZE = 2
 _trees: dict[str, Inode] = {}
 
 
+_drop_at_exit = False   # `_drop_trees` registered with atexit
+
+
 def _remember_tree(digest: str, tree: Inode) -> None:
+    global _drop_at_exit
     _trees.pop(digest, None)
     _trees[digest] = tree
     while len(_trees) > TREE_CACHE_SIZE:
         del _trees[next(iter(_trees))]
+    if not _drop_at_exit:
+        import atexit
+
+        atexit.register(_drop_trees)
+        _drop_at_exit = True
+
+
+def _drop_trees() -> None:
+    """At interpreter exit (after the derived-file threads are joined): forget the remembered trees.
+
+    They hold no cycles, so reference counting frees them here at once; left in place, the shutdown's
+    full collections would first walk their objects (two trees of a 64k-inode image: ~0.1 s of every
+    `flatmount flatten` process's exit) only to find them alive, and free them later anyway."""
+    _trees.clear()
 
 
 def flat_tree(path: str, *, save: bool = False) -> Inode:
