@@ -1408,25 +1408,67 @@ static int fields_one(Fields *fs, PyObject *node, Py_ssize_t i)
 }
 
 PyDoc_STRVAR(inode_fields_doc,
-"inode_fields(inode_cls, nodes, columns, dgs, allitems, rditems, dnames, dstarts, wparents, mc, rd, mc0)\n"
-"-> list of indexes\n\n"
+"inode_fields(inode_cls, nodes, columns, dgs, allitems, rditems, dnames, dstarts, wparents, mc, rd, mc0, nlink)\n"
+"-> (todo, min_mtime, rare, isz, uids, gids) or None\n\n"
 "Pass 2 of flatmount.image.writer (`_inode_fields`) for the common inodes (no xattrs, one-block\n"
 "directories, external files, symlinks, devices): their columns filled in as the Python loop fills them.\n"
-"Returns the indexes of the inodes it left (the Python loop runs those: the composefs rewriting of\n"
-"xattrs, whiteouts, the root, and every error).");
+"`todo` lists the indexes of the inodes it left (the Python loop runs those: the composefs rewriting of\n"
+"xattrs, whiteouts, the root, and every error); also the smallest mtime, the inode sizes (compact where\n"
+"the mtime is the smallest), the uid and gid columns, and `rare`: True when an inode it filled in, or\n"
+"any uid, gid or nlink, may need an extended inode or be out of range (the Python check then runs).\n"
+"None, having changed nothing, when an inode is not an Inode or its mtime, uid or gid is not an int\n"
+"of 64 bits (the Python pass words that).");
+
+#define INODE_COMPACT 32
+#define INODE_EXTENDED 64
+
+/* an exact int slot as a C long long; GIVE_UP when it is anything else */
+static int slot_any_ll(PyObject *node, const InodeInfo *info, int f, long long *out)
+{
+    return slot_ll(node, info, f, LLONG_MIN, LLONG_MAX, out);
+}
+
+/* the mtimes (into `mt`), uid and gid columns and their range flag, before anything is changed */
+static int scan_ids(const InodeInfo *info, PyObject *nodes, PyObject *nlink, long long *mt,
+                    PyObject *uids, PyObject *gids, int *rare)
+{
+    Py_ssize_t n = PyList_GET_SIZE(nodes);
+    int r;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *node = PyList_GET_ITEM(nodes, i);
+        long long uid, gid, nl;
+        if (Py_TYPE(node) != info->type)
+            return GIVE_UP;
+        if ((r = slot_any_ll(node, info, F_MTIME, &mt[i])) != OK || (r = slot_any_ll(node, info, F_UID, &uid)) != OK
+                || (r = slot_any_ll(node, info, F_GID, &gid)) != OK)
+            return r;
+        if (uid < 0 || uid > 0xFFFF || gid < 0 || gid > 0xFFFF)
+            *rare = 1;
+        r = item_ll(nlink, i, 0, 0xFFFF, &nl);
+        if (r == FAIL)
+            return FAIL;
+        if (r != OK)
+            *rare = 1;
+        PyList_SET_ITEM(uids, i, Py_NewRef(SLOT(node, info, F_UID)));
+        PyList_SET_ITEM(gids, i, Py_NewRef(SLOT(node, info, F_GID)));
+    }
+    return OK;
+}
 
 static PyObject *inode_fields(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *inode_cls, *nodes, *columns;
+    PyObject *inode_cls, *nodes, *columns, *nlink;
     Fields fs;
-    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!O!O!SSO!:inode_fields", &inode_cls, &PyList_Type, &nodes,
+    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!O!O!SSO!O!:inode_fields", &inode_cls, &PyList_Type, &nodes,
                           &PyTuple_Type, &columns, &PyList_Type, &fs.dgs, &PyList_Type, &fs.allitems,
                           &PyList_Type, &fs.rditems, &PyDict_Type, &fs.dnames, &PyDict_Type, &fs.dstarts,
-                          &PySet_Type, &fs.wparents, &fs.mc_name, &fs.rd_name, &PyTuple_Type, &fs.mc0))
+                          &PySet_Type, &fs.wparents, &fs.mc_name, &fs.rd_name, &PyTuple_Type, &fs.mc0,
+                          &PyList_Type, &nlink))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(nodes);
-    if (inode_info(inode_cls, &fs.info) < 0 || PyTuple_GET_SIZE(columns) != NCOLS2)
+    if (n == 0 || PyList_GET_SIZE(nlink) != n || inode_info(inode_cls, &fs.info) < 0
+            || PyTuple_GET_SIZE(columns) != NCOLS2)
         Py_RETURN_NONE;
     PyObject *col[NCOLS2];
     for (int c = 0; c < NCOLS2; c++) {
@@ -1435,26 +1477,55 @@ static PyObject *inode_fields(PyObject *self, PyObject *args)
             Py_RETURN_NONE;
     }
     fs.col = col;
-    PyObject *todo = PyList_New(0);
-    if (todo == NULL)
-        return NULL;
+    long long *mt = PyMem_Malloc((size_t)n * sizeof(long long));
+    PyObject *uids = PyList_New(n), *gids = PyList_New(n), *isz = PyList_New(n), *todo = PyList_New(0);
+    PyObject *out = NULL;
+    int rare = 0, r;
+    if (mt == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (uids == NULL || gids == NULL || isz == NULL || todo == NULL)
+        goto done;
+    r = scan_ids(&fs.info, nodes, nlink, mt, uids, gids, &rare);
+    if (r != OK) {   /* nothing changed yet: the Python pass runs (and words the error) */
+        if (r == GIVE_UP)
+            out = Py_NewRef(Py_None);
+        goto done;
+    }
+    long long min_mt = mt[0];
+    for (Py_ssize_t i = 1; i < n; i++)
+        if (mt[i] < min_mt)
+            min_mt = mt[i];
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyList_SET_ITEM(isz, i, PyLong_FromLong(mt[i] == min_mt ? INODE_COMPACT : INODE_EXTENDED));  /* small ints */
     for (Py_ssize_t i = 0; i < n; i++) {
-        int r = fields_one(&fs, PyList_GET_ITEM(nodes, i), i);
-        if (r == FAIL) {
-            Py_DECREF(todo);
-            return NULL;
-        }
+        r = fields_one(&fs, PyList_GET_ITEM(nodes, i), i);
+        if (r == FAIL)
+            goto done;
         if (r == GIVE_UP) {
             PyObject *k = PyLong_FromSsize_t(i);
             if (k == NULL || PyList_Append(todo, k) < 0) {
                 Py_XDECREF(k);
-                Py_DECREF(todo);
-                return NULL;
+                goto done;
             }
             Py_DECREF(k);
+        } else if (!rare) {   /* an inode size beyond 32 bits needs an extended inode */
+            long long size;
+            if ((r = item_ll(col[F2_SIZES], i, 0, 0xFFFFFFFFLL, &size)) == FAIL)
+                goto done;
+            if (r != OK)
+                rare = 1;
         }
     }
-    return todo;
+    out = Py_BuildValue("(OLOOOO)", todo, min_mt, rare ? Py_True : Py_False, isz, uids, gids);
+done:
+    PyMem_Free(mt);
+    Py_XDECREF(uids);
+    Py_XDECREF(gids);
+    Py_XDECREF(isz);
+    Py_XDECREF(todo);
+    return out;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
