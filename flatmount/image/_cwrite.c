@@ -1529,11 +1529,12 @@ done:
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* collect: flatmount/image/writer.py `_collect` (pass 1) for a tree without hardlinks */
+/* collect: flatmount/image/writer.py `_collect` (pass 1) without `primary` */
 
-/* a set of object addresses (open addressing; the inodes already queued) */
+/* a map of object addresses to queue indexes (open addressing; the inodes already queued) */
 typedef struct {
     PyObject **slot;
+    Py_ssize_t *val;
     size_t mask, used;
 } PtrSet;
 
@@ -1543,9 +1544,17 @@ static int ptrset_init(PtrSet *ps, size_t want)
     while (cap < 2 * want)
         cap <<= 1;
     ps->slot = PyMem_Calloc(cap, sizeof(PyObject *));
+    ps->val = PyMem_Malloc(cap * sizeof(Py_ssize_t));
     ps->mask = cap - 1;
     ps->used = 0;
-    return ps->slot ? 0 : -1;
+    if (ps->slot == NULL || ps->val == NULL) {
+        PyMem_Free(ps->slot);
+        PyMem_Free(ps->val);
+        ps->slot = NULL;
+        ps->val = NULL;
+        return -1;
+    }
+    return 0;
 }
 
 static inline size_t ptr_hash(const void *p)
@@ -1553,8 +1562,8 @@ static inline size_t ptr_hash(const void *p)
     return (size_t)(((uintptr_t)p >> 4) * 0x9E3779B97F4A7C15ULL);
 }
 
-/* 1: added, 0: already there, -1: out of memory */
-static int ptrset_add(PtrSet *ps, PyObject *p)
+/* 1: added with index `v`, 0: already there (its index in *old), -1: out of memory */
+static int ptrset_add(PtrSet *ps, PyObject *p, Py_ssize_t v, Py_ssize_t *old)
 {
     if (2 * (ps->used + 1) > ps->mask + 1) {
         PtrSet bigger;
@@ -1566,18 +1575,23 @@ static int ptrset_add(PtrSet *ps, PyObject *p)
                 while (bigger.slot[h] != NULL)
                     h = (h + 1) & bigger.mask;
                 bigger.slot[h] = ps->slot[k];
+                bigger.val[h] = ps->val[k];
             }
         bigger.used = ps->used;
         PyMem_Free(ps->slot);
+        PyMem_Free(ps->val);
         *ps = bigger;
     }
     size_t h = ptr_hash(p) & ps->mask;
     while (ps->slot[h] != NULL) {
-        if (ps->slot[h] == p)
+        if (ps->slot[h] == p) {
+            *old = ps->val[h];
             return 0;
+        }
         h = (h + 1) & ps->mask;
     }
     ps->slot[h] = p;
+    ps->val[h] = v;
     ps->used++;
     return 1;
 }
@@ -1608,7 +1622,7 @@ static int insert_sorted(PyObject *names, PyObject *kids, PyObject *name, PyObje
 
 typedef struct {
     InodeInfo info;
-    PyObject *nodes, *nlink, *nparent, *dparent, *dnames, *dkids, *wparents, *raw;
+    PyObject *nodes, *nlink, *nparent, *dparent, *dnames, *dkids, *wparents, *raw, *dups;
     long version;
     PtrSet seen;
     Py_ssize_t *dirq;
@@ -1633,6 +1647,34 @@ static int dict_set_ll(PyObject *dict, long long k, PyObject *v)
     int r = PyDict_SetItem(dict, key, v);
     Py_DECREF(key);
     return r;
+}
+
+/* is `child` (a character device) a whiteout of the tree (rdev 0, not one of the writer's own)?
+ * 1 or 0; GIVE_UP when rdev is not an int; FAIL on an error */
+static int is_whiteout(Collect *c, PyObject *child)
+{
+    PyObject *rdev = SLOT(child, &c->info, F_RDEV);
+    if (rdev == NULL || !PyLong_CheckExact(rdev))
+        return GIVE_UP;
+    int overflow;
+    long long rv = PyLong_AsLongLongAndOverflow(rdev, &overflow);
+    if (rv == -1 && PyErr_Occurred())
+        return FAIL;
+    if (rv != 0 || overflow)
+        return 0;
+    PyObject *cid = PyLong_FromVoidPtr(child);
+    int is_raw = cid ? PySet_Contains(c->raw, cid) : -1;
+    Py_XDECREF(cid);
+    return is_raw < 0 ? FAIL : !is_raw;
+}
+
+/* mark directory `i` as holding a whiteout */
+static int mark_wparent(Collect *c, Py_ssize_t i)
+{
+    PyObject *pi = PyLong_FromSsize_t(i);
+    int r = pi == NULL ? -1 : PySet_Add(c->wparents, pi);
+    Py_XDECREF(pi);
+    return r < 0 ? FAIL : OK;
 }
 
 /* one directory (queue index i, entries `ents`): its children queued, its sorted names and kids */
@@ -1694,68 +1736,70 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
             r = GIVE_UP;
             break;
         }
-        int added = ptrset_add(&c->seen, child);
+        Py_ssize_t j = PyList_GET_SIZE(c->nodes);
+        int added = ptrset_add(&c->seen, child, j, &j);
         if (added < 0) {
             PyErr_NoMemory();
             r = FAIL;
             break;
         }
-        if (added == 0) {                /* a second name (hardlink) or a cycle: Python */
-            r = GIVE_UP;
-            break;
-        }
-        Py_ssize_t j = PyList_GET_SIZE(c->nodes);
-        if (PyList_Append(c->nodes, child) < 0 || append_ll(c->nlink, 1) < 0 || PyList_Append(c->nparent, me) < 0) {
-            r = FAIL;
-            break;
-        }
-        if (cm == S_IFDIR_) {
-            nsub++;
-            if (dict_set_ll(c->dparent, j, me) < 0) {
-                r = FAIL;
-                break;
-            }
-            if (c->ndirq == c->capdirq) {
-                Py_ssize_t cap = c->capdirq * 2;
-                Py_ssize_t *q = PyMem_Realloc(c->dirq, (size_t)cap * sizeof(Py_ssize_t));
-                if (q == NULL) {
-                    PyErr_NoMemory();
-                    r = FAIL;
-                    break;
-                }
-                c->dirq = q;
-                c->capdirq = cap;
-            }
-            c->dirq[c->ndirq++] = j;
-        } else if (cm == 0020000) {
-            PyObject *rdev = SLOT(child, &c->info, F_RDEV);
-            if (rdev == NULL || !PyLong_CheckExact(rdev)) {
+        if (added == 0) {                /* a second name: a hardlink (a directory: Python words it) */
+            long long nl;
+            PyObject *dup;
+            if (cm == S_IFDIR_ || j >= PyList_GET_SIZE(c->nlink)) {
                 r = GIVE_UP;
                 break;
             }
-            int overflow;
-            long long rv = PyLong_AsLongLongAndOverflow(rdev, &overflow);
-            if (rv == -1 && PyErr_Occurred()) {
+            if ((r = item_ll(c->nlink, j, 0, LLONG_MAX - 1, &nl)) != OK || (r = set_ll(c->nlink, j, nl + 1)) != OK)
+                break;
+            dup = Py_BuildValue("(nOn)", i, PyList_GET_ITEM(names, k), j);
+            if (dup == NULL || PyList_Append(c->dups, dup) < 0) {
+                Py_XDECREF(dup);
                 r = FAIL;
                 break;
             }
-            if (rv == 0 && !overflow) {
-                PyObject *cid = PyLong_FromVoidPtr(child);
-                int is_raw = cid ? PySet_Contains(c->raw, cid) : -1;
-                Py_XDECREF(cid);
-                if (is_raw < 0) {
+            Py_DECREF(dup);
+            if (cm == 0020000) {         /* a hardlinked whiteout: every parent is marked */
+                int w = is_whiteout(c, child);
+                if (w == 1)
+                    w = mark_wparent(c, i);
+                if (w != 0) {
+                    r = w;
+                    break;
+                }
+            }
+        } else {
+            if (PyList_Append(c->nodes, child) < 0 || append_ll(c->nlink, 1) < 0 || PyList_Append(c->nparent, me) < 0) {
+                r = FAIL;
+                break;
+            }
+            if (cm == S_IFDIR_) {
+                nsub++;
+                if (dict_set_ll(c->dparent, j, me) < 0) {
                     r = FAIL;
                     break;
                 }
-                if (!is_raw) {           /* a whiteout: its directory is marked */
-                    PyObject *pi = PyLong_FromSsize_t(i);
-                    if (pi == NULL || PySet_Add(c->wparents, pi) < 0) {
-                        Py_XDECREF(pi);
+                if (c->ndirq == c->capdirq) {
+                    Py_ssize_t cap = c->capdirq * 2;
+                    Py_ssize_t *q = PyMem_Realloc(c->dirq, (size_t)cap * sizeof(Py_ssize_t));
+                    if (q == NULL) {
+                        PyErr_NoMemory();
                         r = FAIL;
                         break;
                     }
-                    Py_DECREF(pi);
+                    c->dirq = q;
+                    c->capdirq = cap;
+                }
+                c->dirq[c->ndirq++] = j;
+            } else if (cm == 0020000) {
+                int w = is_whiteout(c, child);
+                if (w == 1) {            /* a whiteout: its directory is marked */
+                    w = mark_wparent(c, i);
                     c->version = 1;
+                }
+                if (w != 0) {
+                    r = w;
+                    break;
                 }
             }
         }
@@ -1788,9 +1832,9 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
 PyDoc_STRVAR(collect_doc,
 "collect(inode_cls, root, root_entries, raw) -> the tuple of writer._collect, or None\n\n"
 "Pass 1 of flatmount.image.writer (`_collect` without `primary`): the breadth-first queue of a tree\n"
-"in which every inode has one name.  `root_entries` are the root's entries with the writer's own\n"
-"whiteouts (ids in `raw`).  None on a second name of an inode (hardlinks: the Python walk handles\n"
-"them) and on anything invalid (the Python walk words the error).");
+"(hardlinks too: every later name in `dups`, as the Python walk lists them).  `root_entries` are the root's\n"
+"entries with the writer's own whiteouts (ids in `raw`).  None on anything invalid (the Python walk\n"
+"words the error).");
 
 static PyObject *collect(PyObject *self, PyObject *args)
 {
@@ -1812,10 +1856,11 @@ static PyObject *collect(PyObject *self, PyObject *args)
     c.dnames = PyDict_New();
     c.dkids = PyDict_New();
     c.wparents = PySet_New(NULL);
+    c.dups = PyList_New(0);
     c.capdirq = 1024;
     c.dirq = PyMem_Malloc((size_t)c.capdirq * sizeof(Py_ssize_t));
     if (!c.nodes || !c.nlink || !c.nparent || !c.dparent || !c.dnames || !c.dkids || !c.wparents
-            || !c.dirq || ptrset_init(&c.seen, 4096) < 0 || ptrset_add(&c.seen, root) < 0) {
+            || !c.dups || !c.dirq || ptrset_init(&c.seen, 4096) < 0 || ptrset_add(&c.seen, root, 0, &c.ndirq) < 0) {   /* (new: ndirq not written) */
         if (!PyErr_Occurred())
             PyErr_NoMemory();
         r = FAIL;
@@ -1829,11 +1874,13 @@ static PyObject *collect(PyObject *self, PyObject *args)
         r = ents == NULL ? GIVE_UP : collect_dir(&c, i, ents);
     }
     if (r == OK)
-        result = Py_BuildValue("(OOOOOOlNOO)", c.nodes, c.dnames, c.dkids, c.nlink, c.wparents, raw, c.version,
-                               PyList_New(0), c.nparent, c.dparent);
+        result = Py_BuildValue("(OOOOOOlOOO)", c.nodes, c.dnames, c.dkids, c.nlink, c.wparents, raw, c.version,
+                               c.dups, c.nparent, c.dparent);
 done:
     PyMem_Free(c.dirq);
     PyMem_Free(c.seen.slot);
+    PyMem_Free(c.seen.val);
+    Py_XDECREF(c.dups);
     Py_XDECREF(c.nodes);
     Py_XDECREF(c.nlink);
     Py_XDECREF(c.nparent);

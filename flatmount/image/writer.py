@@ -207,8 +207,9 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
                           xattrs={fmt.SELINUX: sel} if sel is not None else None)
                 raw.add(id(w))
                 root_ents[h] = w
-    # the compiled walk (flatmount/image/_cwrite.c) takes a valid tree whose inodes have one name each;
-    # with hardlinks or anything invalid it returns None and this walk runs (and words the error)
+    # the compiled walk (flatmount/image/_cwrite.c) takes a valid tree, hardlinks listed in `dups` as
+    # here, but not the second walk with `primary`; on anything invalid it returns None and this walk
+    # runs (and words the error)
     cw = accel.CWRITE
     if cw is not None and primary is None:
         got = cw.collect(Inode, root, root_ents, raw)
