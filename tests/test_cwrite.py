@@ -196,9 +196,9 @@ class Spy:
         return got
 
     def inode_fields(self, *a):
-        todo = self.real.inode_fields(*a)
-        self.calls.append(("fields", len(todo)))
-        return todo
+        got = self.real.inode_fields(*a)
+        self.calls.append(("fields", None if got is None else len(got[0])))
+        return got
 
     def place_inodes(self, *a):
         got = self.real.place_inodes(*a)
@@ -340,19 +340,13 @@ def walk_with(impl: str, root: Inode, root_whiteouts: bool):
 @WSETTINGS
 @given(erofs_trees(max_nodes=60), st.booleans())
 def test_queue_the_same(root, root_whiteouts):
-    """The compiled walk queues a tree without hardlinks exactly as the Python walk (and leaves trees
-    with hardlinks to it)."""
-    from flatmount.image.tree import walk
-
+    """The compiled walk queues a tree exactly as the Python walk, hardlinks (their later names in
+    `dups`, nlink, whiteout parents) included; it takes every valid tree."""
     py = walk_with("python", root, root_whiteouts)
     assert walk_with("native", root, root_whiteouts) == py
-    names: dict[int, int] = {}
-    for _path, node in walk(root):
-        names[id(node)] = names.get(id(node), 0) + 1
-    hardlinks = max(names.values()) > 1
     ents = dict(root.entries)
     got = require_cwrite().collect(Inode, root, ents, set())
-    assert (got is None) == hardlinks
+    assert got is not None
 
 
 def test_compiled_passes_take_the_cs9_tree():
@@ -363,3 +357,96 @@ def test_compiled_passes_take_the_cs9_tree():
     assert ok == "ok"
     assert calls[0] == ("collect", True) and calls[2] == ("place", True)
     assert calls[1][0] == "fields" and calls[1][1] < 400   # the root, 4 inodes with xattrs, 00..ff, big dirs
+
+
+def _big_uid(r):
+    r.entries[b"u"] = Inode.file(b"x", uid=70000)
+
+
+def _big_gid(r):
+    r.entries[b"d"].entries[b"g"] = Inode.symlink(b"t", gid=65536)
+
+
+def _big_file(r):
+    r.entries[b"f"] = Inode(0o100644, size=1 << 33, digest=bytes(range(32)), mtime_ns=5)
+
+
+def _many_links(r):
+    f = Inode.file(b"y", mtime_ns=5)
+    for k in range(U16_PLUS):
+        r.entries[b"l%d" % k] = f
+
+
+U16_PLUS = 0x10000
+
+
+@pytest.mark.parametrize("extend", [_big_uid, _big_gid, _big_file, _many_links],
+                         ids=["uid", "gid", "size", "nlink"])
+def test_extended_inodes_from_the_compiled_fields(extend):
+    """A uid, gid, nlink or size beyond the compact inode: the compiled field pass says so (its `rare`
+    flag) and the inode becomes extended, as in Python; the pass takes the tree (it does not give up)."""
+    root = Inode.directory(mtime_ns=5)
+    root.entries[b"d"] = Inode.directory(mtime_ns=5)
+    extend(root)
+    img = same_image(root)
+    (ok, img2), calls = write_spied(root)
+    assert ok == "ok" and img2 == img
+    assert ("fields", None) not in [c for c in calls if c[0] == "fields"]
+    assert any(c[0] == "fields" for c in calls)
+
+
+def test_compiled_fields_give_up_on_odd_ids_and_python_words_them():
+    """mtime, uid or gid that is not a 64-bit int: the compiled pass changes nothing and Python runs."""
+    for bad in (dict(mtime_ns=1 << 70), dict(uid=-(1 << 63) - 1), dict(gid=1 << 64), dict(mtime_ns="5")):
+        root = Inode.directory(mtime_ns=5)
+        root.entries[b"x"] = Inode.file(b"", **bad)
+        same_image(root)
+        _, calls = write_spied(root)
+        assert ("fields", None) in calls
+    # a negative uid is a 64-bit int: the compiled pass flags it and the Python check words the error
+    root = Inode.directory(mtime_ns=5)
+    root.entries[b"x"] = Inode.file(b"", uid=-1)
+    assert same_image(root) is None
+    _, calls = write_spied(root)
+    assert ("fields", None) not in calls
+
+
+def _linked_tree(first_deep: bool) -> Inode:
+    """Hardlinks across depths (a file, a whiteout in two directories, a symlink with 3 names)."""
+    root = Inode.directory(mtime_ns=5)
+    a = root.entries[b"a"] = Inode.directory(mtime_ns=5)
+    b = a.entries[b"b"] = Inode.directory(mtime_ns=6)
+    f = Inode(0o100644, size=10, digest=bytes(range(32)), mtime_ns=5)
+    wh = Inode(0o020000, rdev=0, mtime_ns=5)
+    ln = Inode.symlink(b"/x", mtime_ns=7)
+    b.entries[b"f"] = f
+    root.entries[b"z" if first_deep else b"0"] = f
+    a.entries[b"w"] = wh
+    b.entries[b"w2"] = wh
+    for d, n in ((root, b"l"), (a, b"l"), (b, b"l")):
+        d.entries[n] = ln
+    return root
+
+
+@pytest.mark.parametrize("first_deep", [True, False])
+@pytest.mark.parametrize("root_whiteouts", [True, False])
+def test_compiled_walk_takes_hardlinks(first_deep, root_whiteouts):
+    """The compiled walk takes a tree with hardlinks (nlink, `dups`, every parent of a hardlinked
+    whiteout marked) as the Python walk does, and the image is the same."""
+    root = _linked_tree(first_deep)
+    py = walk_with("python", root, root_whiteouts)
+    assert walk_with("native", root, root_whiteouts) == py
+    assert py[7]   # dups
+    assert require_cwrite().collect(Inode, root, dict(root.entries), set()) is not None
+    same_image(root, root_whiteouts=root_whiteouts)
+    _, calls = write_spied(root, root_whiteouts=root_whiteouts)
+    assert ("collect", True) in calls
+
+
+def test_hardlinked_directory_gives_up_and_python_words_it():
+    root = Inode.directory(mtime_ns=5)
+    d = root.entries[b"d"] = Inode.directory(mtime_ns=5)
+    root.entries[b"e"] = d
+    assert require_cwrite().collect(Inode, root, dict(root.entries), set()) is None
+    got = write_with("native", root)
+    assert got == write_with("python", root) and got[0] == "error" and "appears twice" in got[2]

@@ -1408,25 +1408,67 @@ static int fields_one(Fields *fs, PyObject *node, Py_ssize_t i)
 }
 
 PyDoc_STRVAR(inode_fields_doc,
-"inode_fields(inode_cls, nodes, columns, dgs, allitems, rditems, dnames, dstarts, wparents, mc, rd, mc0)\n"
-"-> list of indexes\n\n"
+"inode_fields(inode_cls, nodes, columns, dgs, allitems, rditems, dnames, dstarts, wparents, mc, rd, mc0, nlink)\n"
+"-> (todo, min_mtime, rare, isz, uids, gids) or None\n\n"
 "Pass 2 of flatmount.image.writer (`_inode_fields`) for the common inodes (no xattrs, one-block\n"
 "directories, external files, symlinks, devices): their columns filled in as the Python loop fills them.\n"
-"Returns the indexes of the inodes it left (the Python loop runs those: the composefs rewriting of\n"
-"xattrs, whiteouts, the root, and every error).");
+"`todo` lists the indexes of the inodes it left (the Python loop runs those: the composefs rewriting of\n"
+"xattrs, whiteouts, the root, and every error); also the smallest mtime, the inode sizes (compact where\n"
+"the mtime is the smallest), the uid and gid columns, and `rare`: True when an inode it filled in, or\n"
+"any uid, gid or nlink, may need an extended inode or be out of range (the Python check then runs).\n"
+"None, having changed nothing, when an inode is not an Inode or its mtime, uid or gid is not an int\n"
+"of 64 bits (the Python pass words that).");
+
+#define INODE_COMPACT 32
+#define INODE_EXTENDED 64
+
+/* an exact int slot as a C long long; GIVE_UP when it is anything else */
+static int slot_any_ll(PyObject *node, const InodeInfo *info, int f, long long *out)
+{
+    return slot_ll(node, info, f, LLONG_MIN, LLONG_MAX, out);
+}
+
+/* the mtimes (into `mt`), uid and gid columns and their range flag, before anything is changed */
+static int scan_ids(const InodeInfo *info, PyObject *nodes, PyObject *nlink, long long *mt,
+                    PyObject *uids, PyObject *gids, int *rare)
+{
+    Py_ssize_t n = PyList_GET_SIZE(nodes);
+    int r;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *node = PyList_GET_ITEM(nodes, i);
+        long long uid, gid, nl;
+        if (Py_TYPE(node) != info->type)
+            return GIVE_UP;
+        if ((r = slot_any_ll(node, info, F_MTIME, &mt[i])) != OK || (r = slot_any_ll(node, info, F_UID, &uid)) != OK
+                || (r = slot_any_ll(node, info, F_GID, &gid)) != OK)
+            return r;
+        if (uid < 0 || uid > 0xFFFF || gid < 0 || gid > 0xFFFF)
+            *rare = 1;
+        r = item_ll(nlink, i, 0, 0xFFFF, &nl);
+        if (r == FAIL)
+            return FAIL;
+        if (r != OK)
+            *rare = 1;
+        PyList_SET_ITEM(uids, i, Py_NewRef(SLOT(node, info, F_UID)));
+        PyList_SET_ITEM(gids, i, Py_NewRef(SLOT(node, info, F_GID)));
+    }
+    return OK;
+}
 
 static PyObject *inode_fields(PyObject *self, PyObject *args)
 {
     (void)self;
-    PyObject *inode_cls, *nodes, *columns;
+    PyObject *inode_cls, *nodes, *columns, *nlink;
     Fields fs;
-    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!O!O!SSO!:inode_fields", &inode_cls, &PyList_Type, &nodes,
+    if (!PyArg_ParseTuple(args, "OO!O!O!O!O!O!O!O!SSO!O!:inode_fields", &inode_cls, &PyList_Type, &nodes,
                           &PyTuple_Type, &columns, &PyList_Type, &fs.dgs, &PyList_Type, &fs.allitems,
                           &PyList_Type, &fs.rditems, &PyDict_Type, &fs.dnames, &PyDict_Type, &fs.dstarts,
-                          &PySet_Type, &fs.wparents, &fs.mc_name, &fs.rd_name, &PyTuple_Type, &fs.mc0))
+                          &PySet_Type, &fs.wparents, &fs.mc_name, &fs.rd_name, &PyTuple_Type, &fs.mc0,
+                          &PyList_Type, &nlink))
         return NULL;
     Py_ssize_t n = PyList_GET_SIZE(nodes);
-    if (inode_info(inode_cls, &fs.info) < 0 || PyTuple_GET_SIZE(columns) != NCOLS2)
+    if (n == 0 || PyList_GET_SIZE(nlink) != n || inode_info(inode_cls, &fs.info) < 0
+            || PyTuple_GET_SIZE(columns) != NCOLS2)
         Py_RETURN_NONE;
     PyObject *col[NCOLS2];
     for (int c = 0; c < NCOLS2; c++) {
@@ -1435,34 +1477,64 @@ static PyObject *inode_fields(PyObject *self, PyObject *args)
             Py_RETURN_NONE;
     }
     fs.col = col;
-    PyObject *todo = PyList_New(0);
-    if (todo == NULL)
-        return NULL;
+    long long *mt = PyMem_Malloc((size_t)n * sizeof(long long));
+    PyObject *uids = PyList_New(n), *gids = PyList_New(n), *isz = PyList_New(n), *todo = PyList_New(0);
+    PyObject *out = NULL;
+    int rare = 0, r;
+    if (mt == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    if (uids == NULL || gids == NULL || isz == NULL || todo == NULL)
+        goto done;
+    r = scan_ids(&fs.info, nodes, nlink, mt, uids, gids, &rare);
+    if (r != OK) {   /* nothing changed yet: the Python pass runs (and words the error) */
+        if (r == GIVE_UP)
+            out = Py_NewRef(Py_None);
+        goto done;
+    }
+    long long min_mt = mt[0];
+    for (Py_ssize_t i = 1; i < n; i++)
+        if (mt[i] < min_mt)
+            min_mt = mt[i];
+    for (Py_ssize_t i = 0; i < n; i++)
+        PyList_SET_ITEM(isz, i, PyLong_FromLong(mt[i] == min_mt ? INODE_COMPACT : INODE_EXTENDED));  /* small ints */
     for (Py_ssize_t i = 0; i < n; i++) {
-        int r = fields_one(&fs, PyList_GET_ITEM(nodes, i), i);
-        if (r == FAIL) {
-            Py_DECREF(todo);
-            return NULL;
-        }
+        r = fields_one(&fs, PyList_GET_ITEM(nodes, i), i);
+        if (r == FAIL)
+            goto done;
         if (r == GIVE_UP) {
             PyObject *k = PyLong_FromSsize_t(i);
             if (k == NULL || PyList_Append(todo, k) < 0) {
                 Py_XDECREF(k);
-                Py_DECREF(todo);
-                return NULL;
+                goto done;
             }
             Py_DECREF(k);
+        } else if (!rare) {   /* an inode size beyond 32 bits needs an extended inode */
+            long long size;
+            if ((r = item_ll(col[F2_SIZES], i, 0, 0xFFFFFFFFLL, &size)) == FAIL)
+                goto done;
+            if (r != OK)
+                rare = 1;
         }
     }
-    return todo;
+    out = Py_BuildValue("(OLOOOO)", todo, min_mt, rare ? Py_True : Py_False, isz, uids, gids);
+done:
+    PyMem_Free(mt);
+    Py_XDECREF(uids);
+    Py_XDECREF(gids);
+    Py_XDECREF(isz);
+    Py_XDECREF(todo);
+    return out;
 }
 
 /* ---------------------------------------------------------------------------------------------- */
-/* collect: flatmount/image/writer.py `_collect` (pass 1) for a tree without hardlinks */
+/* collect: flatmount/image/writer.py `_collect` (pass 1) without `primary` */
 
-/* a set of object addresses (open addressing; the inodes already queued) */
+/* a map of object addresses to queue indexes (open addressing; the inodes already queued) */
 typedef struct {
     PyObject **slot;
+    Py_ssize_t *val;
     size_t mask, used;
 } PtrSet;
 
@@ -1472,9 +1544,17 @@ static int ptrset_init(PtrSet *ps, size_t want)
     while (cap < 2 * want)
         cap <<= 1;
     ps->slot = PyMem_Calloc(cap, sizeof(PyObject *));
+    ps->val = PyMem_Malloc(cap * sizeof(Py_ssize_t));
     ps->mask = cap - 1;
     ps->used = 0;
-    return ps->slot ? 0 : -1;
+    if (ps->slot == NULL || ps->val == NULL) {
+        PyMem_Free(ps->slot);
+        PyMem_Free(ps->val);
+        ps->slot = NULL;
+        ps->val = NULL;
+        return -1;
+    }
+    return 0;
 }
 
 static inline size_t ptr_hash(const void *p)
@@ -1482,8 +1562,8 @@ static inline size_t ptr_hash(const void *p)
     return (size_t)(((uintptr_t)p >> 4) * 0x9E3779B97F4A7C15ULL);
 }
 
-/* 1: added, 0: already there, -1: out of memory */
-static int ptrset_add(PtrSet *ps, PyObject *p)
+/* 1: added with index `v`, 0: already there (its index in *old), -1: out of memory */
+static int ptrset_add(PtrSet *ps, PyObject *p, Py_ssize_t v, Py_ssize_t *old)
 {
     if (2 * (ps->used + 1) > ps->mask + 1) {
         PtrSet bigger;
@@ -1495,18 +1575,23 @@ static int ptrset_add(PtrSet *ps, PyObject *p)
                 while (bigger.slot[h] != NULL)
                     h = (h + 1) & bigger.mask;
                 bigger.slot[h] = ps->slot[k];
+                bigger.val[h] = ps->val[k];
             }
         bigger.used = ps->used;
         PyMem_Free(ps->slot);
+        PyMem_Free(ps->val);
         *ps = bigger;
     }
     size_t h = ptr_hash(p) & ps->mask;
     while (ps->slot[h] != NULL) {
-        if (ps->slot[h] == p)
+        if (ps->slot[h] == p) {
+            *old = ps->val[h];
             return 0;
+        }
         h = (h + 1) & ps->mask;
     }
     ps->slot[h] = p;
+    ps->val[h] = v;
     ps->used++;
     return 1;
 }
@@ -1537,7 +1622,7 @@ static int insert_sorted(PyObject *names, PyObject *kids, PyObject *name, PyObje
 
 typedef struct {
     InodeInfo info;
-    PyObject *nodes, *nlink, *nparent, *dparent, *dnames, *dkids, *wparents, *raw;
+    PyObject *nodes, *nlink, *nparent, *dparent, *dnames, *dkids, *wparents, *raw, *dups;
     long version;
     PtrSet seen;
     Py_ssize_t *dirq;
@@ -1562,6 +1647,34 @@ static int dict_set_ll(PyObject *dict, long long k, PyObject *v)
     int r = PyDict_SetItem(dict, key, v);
     Py_DECREF(key);
     return r;
+}
+
+/* is `child` (a character device) a whiteout of the tree (rdev 0, not one of the writer's own)?
+ * 1 or 0; GIVE_UP when rdev is not an int; FAIL on an error */
+static int is_whiteout(Collect *c, PyObject *child)
+{
+    PyObject *rdev = SLOT(child, &c->info, F_RDEV);
+    if (rdev == NULL || !PyLong_CheckExact(rdev))
+        return GIVE_UP;
+    int overflow;
+    long long rv = PyLong_AsLongLongAndOverflow(rdev, &overflow);
+    if (rv == -1 && PyErr_Occurred())
+        return FAIL;
+    if (rv != 0 || overflow)
+        return 0;
+    PyObject *cid = PyLong_FromVoidPtr(child);
+    int is_raw = cid ? PySet_Contains(c->raw, cid) : -1;
+    Py_XDECREF(cid);
+    return is_raw < 0 ? FAIL : !is_raw;
+}
+
+/* mark directory `i` as holding a whiteout */
+static int mark_wparent(Collect *c, Py_ssize_t i)
+{
+    PyObject *pi = PyLong_FromSsize_t(i);
+    int r = pi == NULL ? -1 : PySet_Add(c->wparents, pi);
+    Py_XDECREF(pi);
+    return r < 0 ? FAIL : OK;
 }
 
 /* one directory (queue index i, entries `ents`): its children queued, its sorted names and kids */
@@ -1623,68 +1736,70 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
             r = GIVE_UP;
             break;
         }
-        int added = ptrset_add(&c->seen, child);
+        Py_ssize_t j = PyList_GET_SIZE(c->nodes);
+        int added = ptrset_add(&c->seen, child, j, &j);
         if (added < 0) {
             PyErr_NoMemory();
             r = FAIL;
             break;
         }
-        if (added == 0) {                /* a second name (hardlink) or a cycle: Python */
-            r = GIVE_UP;
-            break;
-        }
-        Py_ssize_t j = PyList_GET_SIZE(c->nodes);
-        if (PyList_Append(c->nodes, child) < 0 || append_ll(c->nlink, 1) < 0 || PyList_Append(c->nparent, me) < 0) {
-            r = FAIL;
-            break;
-        }
-        if (cm == S_IFDIR_) {
-            nsub++;
-            if (dict_set_ll(c->dparent, j, me) < 0) {
-                r = FAIL;
-                break;
-            }
-            if (c->ndirq == c->capdirq) {
-                Py_ssize_t cap = c->capdirq * 2;
-                Py_ssize_t *q = PyMem_Realloc(c->dirq, (size_t)cap * sizeof(Py_ssize_t));
-                if (q == NULL) {
-                    PyErr_NoMemory();
-                    r = FAIL;
-                    break;
-                }
-                c->dirq = q;
-                c->capdirq = cap;
-            }
-            c->dirq[c->ndirq++] = j;
-        } else if (cm == 0020000) {
-            PyObject *rdev = SLOT(child, &c->info, F_RDEV);
-            if (rdev == NULL || !PyLong_CheckExact(rdev)) {
+        if (added == 0) {                /* a second name: a hardlink (a directory: Python words it) */
+            long long nl;
+            PyObject *dup;
+            if (cm == S_IFDIR_ || j >= PyList_GET_SIZE(c->nlink)) {
                 r = GIVE_UP;
                 break;
             }
-            int overflow;
-            long long rv = PyLong_AsLongLongAndOverflow(rdev, &overflow);
-            if (rv == -1 && PyErr_Occurred()) {
+            if ((r = item_ll(c->nlink, j, 0, LLONG_MAX - 1, &nl)) != OK || (r = set_ll(c->nlink, j, nl + 1)) != OK)
+                break;
+            dup = Py_BuildValue("(nOn)", i, PyList_GET_ITEM(names, k), j);
+            if (dup == NULL || PyList_Append(c->dups, dup) < 0) {
+                Py_XDECREF(dup);
                 r = FAIL;
                 break;
             }
-            if (rv == 0 && !overflow) {
-                PyObject *cid = PyLong_FromVoidPtr(child);
-                int is_raw = cid ? PySet_Contains(c->raw, cid) : -1;
-                Py_XDECREF(cid);
-                if (is_raw < 0) {
+            Py_DECREF(dup);
+            if (cm == 0020000) {         /* a hardlinked whiteout: every parent is marked */
+                int w = is_whiteout(c, child);
+                if (w == 1)
+                    w = mark_wparent(c, i);
+                if (w != 0) {
+                    r = w;
+                    break;
+                }
+            }
+        } else {
+            if (PyList_Append(c->nodes, child) < 0 || append_ll(c->nlink, 1) < 0 || PyList_Append(c->nparent, me) < 0) {
+                r = FAIL;
+                break;
+            }
+            if (cm == S_IFDIR_) {
+                nsub++;
+                if (dict_set_ll(c->dparent, j, me) < 0) {
                     r = FAIL;
                     break;
                 }
-                if (!is_raw) {           /* a whiteout: its directory is marked */
-                    PyObject *pi = PyLong_FromSsize_t(i);
-                    if (pi == NULL || PySet_Add(c->wparents, pi) < 0) {
-                        Py_XDECREF(pi);
+                if (c->ndirq == c->capdirq) {
+                    Py_ssize_t cap = c->capdirq * 2;
+                    Py_ssize_t *q = PyMem_Realloc(c->dirq, (size_t)cap * sizeof(Py_ssize_t));
+                    if (q == NULL) {
+                        PyErr_NoMemory();
                         r = FAIL;
                         break;
                     }
-                    Py_DECREF(pi);
+                    c->dirq = q;
+                    c->capdirq = cap;
+                }
+                c->dirq[c->ndirq++] = j;
+            } else if (cm == 0020000) {
+                int w = is_whiteout(c, child);
+                if (w == 1) {            /* a whiteout: its directory is marked */
+                    w = mark_wparent(c, i);
                     c->version = 1;
+                }
+                if (w != 0) {
+                    r = w;
+                    break;
                 }
             }
         }
@@ -1717,9 +1832,9 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
 PyDoc_STRVAR(collect_doc,
 "collect(inode_cls, root, root_entries, raw) -> the tuple of writer._collect, or None\n\n"
 "Pass 1 of flatmount.image.writer (`_collect` without `primary`): the breadth-first queue of a tree\n"
-"in which every inode has one name.  `root_entries` are the root's entries with the writer's own\n"
-"whiteouts (ids in `raw`).  None on a second name of an inode (hardlinks: the Python walk handles\n"
-"them) and on anything invalid (the Python walk words the error).");
+"(hardlinks too: every later name in `dups`, as the Python walk lists them).  `root_entries` are the root's\n"
+"entries with the writer's own whiteouts (ids in `raw`).  None on anything invalid (the Python walk\n"
+"words the error).");
 
 static PyObject *collect(PyObject *self, PyObject *args)
 {
@@ -1741,10 +1856,11 @@ static PyObject *collect(PyObject *self, PyObject *args)
     c.dnames = PyDict_New();
     c.dkids = PyDict_New();
     c.wparents = PySet_New(NULL);
+    c.dups = PyList_New(0);
     c.capdirq = 1024;
     c.dirq = PyMem_Malloc((size_t)c.capdirq * sizeof(Py_ssize_t));
     if (!c.nodes || !c.nlink || !c.nparent || !c.dparent || !c.dnames || !c.dkids || !c.wparents
-            || !c.dirq || ptrset_init(&c.seen, 4096) < 0 || ptrset_add(&c.seen, root) < 0) {
+            || !c.dups || !c.dirq || ptrset_init(&c.seen, 4096) < 0 || ptrset_add(&c.seen, root, 0, &c.ndirq) < 0) {   /* (new: ndirq not written) */
         if (!PyErr_Occurred())
             PyErr_NoMemory();
         r = FAIL;
@@ -1758,11 +1874,13 @@ static PyObject *collect(PyObject *self, PyObject *args)
         r = ents == NULL ? GIVE_UP : collect_dir(&c, i, ents);
     }
     if (r == OK)
-        result = Py_BuildValue("(OOOOOOlNOO)", c.nodes, c.dnames, c.dkids, c.nlink, c.wparents, raw, c.version,
-                               PyList_New(0), c.nparent, c.dparent);
+        result = Py_BuildValue("(OOOOOOlOOO)", c.nodes, c.dnames, c.dkids, c.nlink, c.wparents, raw, c.version,
+                               c.dups, c.nparent, c.dparent);
 done:
     PyMem_Free(c.dirq);
     PyMem_Free(c.seen.slot);
+    PyMem_Free(c.seen.val);
+    Py_XDECREF(c.dups);
     Py_XDECREF(c.nodes);
     Py_XDECREF(c.nlink);
     Py_XDECREF(c.nparent);

@@ -20,9 +20,9 @@ per-inode helper calls are avoided in the hot loops on purpose.  Every layout si
 from `format`.
 
 Compiled fast paths (flatmount/image/_cwrite.c, optional; `accel.CWRITE`, off with FLATMOUNT_PURE=1)
-stand in for the per-inode work of passes 1, 2, 4 and 6: `collect` (a tree whose inodes have one name
-each), `inode_fields` (the inodes without xattrs; it returns the others to the Python loop),
-`place_inodes` and `emit_inodes`.  They take the valid, common case only: on anything else they give
+stand in for the per-inode work of passes 1, 2, 4 and 6: `collect` (the walk without `primary`,
+hardlinks included), `inode_fields` (the inodes without xattrs, plus the mtime/uid/gid columns; it
+returns the others to the Python loop), `place_inodes` and `emit_inodes`.  They take the valid, common case only: on anything else they give
 up (None/False, having changed nothing the Python code reads) and the Python code here, which is the
 specification and the one place that words every error, runs the same input.  Tests run both and
 compare the bytes (tests/test_cwrite.py).
@@ -207,8 +207,9 @@ def _collect(root: Inode, root_whiteouts: bool, primary: dict[int, tuple[int, by
                           xattrs={fmt.SELINUX: sel} if sel is not None else None)
                 raw.add(id(w))
                 root_ents[h] = w
-    # the compiled walk (flatmount/image/_cwrite.c) takes a valid tree whose inodes have one name each;
-    # with hardlinks or anything invalid it returns None and this walk runs (and words the error)
+    # the compiled walk (flatmount/image/_cwrite.c) takes a valid tree, hardlinks listed in `dups` as
+    # here, but not the second walk with `primary`; on anything invalid it returns None and this walk
+    # runs (and words the error)
     cw = accel.CWRITE
     if cw is not None and primary is None:
         got = cw.collect(Inode, root, root_ents, raw)
@@ -505,13 +506,6 @@ def _inode_fields(lay: _Layout) -> None:
     raw = lay.raw_whiteouts
     version = lay.version
     n = len(nodes)
-    mtimes = list(map(_MTIME, nodes))
-    try:
-        min_mtime = min(mtimes)
-    except TypeError:
-        raise FormatError("mtime_ns must be an integer") from None
-    lay.build_sec, lay.build_nsec = divmod(min_mtime, NS)
-
     modes = [0] * n
     sizes = [0] * n
     layouts = [0] * n
@@ -521,9 +515,6 @@ def _inode_fields(lay: _Layout) -> None:
     xitems: list = [()] * n
     fast: list = [False] * n
     dgs: list[bytes] = []
-    # an inode is compact when its mtime is the epoch (and its fields fit: checked below)
-    compact, extended = COMPACT, EXTENDED
-    isz = [compact if m == min_mtime else extended for m in mtimes]
     ftypes = [0] * n
     dstarts: dict[int, list[int]] = {}
     allitems: list = []
@@ -542,13 +533,28 @@ def _inode_fields(lay: _Layout) -> None:
     one_entry = CHUNK_ENTRY     # its chunk map: one block map entry
     REG, DIR, LNK, CHR, BLK, FIFO, SOCK = _FT_REG, _FT_DIR, _FT_LNK, _FT_CHR, _FT_BLK, _FT_FIFO, _FT_SOCK
     inline, plain, blksz = _INLINE, _PLAIN, BLKSZ
+    nlink = lay.nlink
     # the compiled pass (flatmount/image/_cwrite.c) fills in the common inodes (no xattrs, one-block
-    # directories, files, symlinks, devices) and returns the others, which this loop does
-    todo = None
+    # directories, files, symlinks, devices) and returns the others, which this loop does; it also
+    # takes the smallest mtime, the inode sizes and the uid/gid columns, and says whether the rare
+    # check below is needed (None: it changed nothing, and all of it is done here)
+    got = None
     cw = accel.CWRITE
     if cw is not None:
-        todo = cw.inode_fields(Inode, nodes, (modes, sizes, layouts, iu, tails, nblk, xitems, fast, ftypes),
-                               dgs, allitems, rditems, dnames, dstarts, wparents, MC, RD, mc0)
+        got = cw.inode_fields(Inode, nodes, (modes, sizes, layouts, iu, tails, nblk, xitems, fast, ftypes),
+                              dgs, allitems, rditems, dnames, dstarts, wparents, MC, RD, mc0, nlink)
+    if got is None:
+        todo = None
+        mtimes = list(map(_MTIME, nodes))
+        try:
+            min_mtime = min(mtimes)
+        except TypeError:
+            raise FormatError("mtime_ns must be an integer") from None
+        # an inode is compact when its mtime is the epoch (and its fields fit: checked below)
+        isz = [COMPACT if m == min_mtime else EXTENDED for m in mtimes]
+    else:
+        todo, min_mtime, rare, isz, uids, gids = got
+    lay.build_sec, lay.build_nsec = divmod(min_mtime, NS)
     for i, node in enumerate(nodes) if todo is None else zip(todo, map(nodes.__getitem__, todo), strict=True):
         mode = node.mode
         t = mode & S_IFMT
@@ -693,11 +699,14 @@ def _inode_fields(lay: _Layout) -> None:
         modes[i] = mode
         sizes[i] = size
     # the other reasons for an extended inode, rare: looked for inode by inode only when present
-    uids = list(map(_UID, nodes))
-    gids = list(map(_GID, nodes))
-    nlink = lay.nlink
-    if (n and (max(uids) > U16 or max(gids) > U16 or max(nlink) > U16 or max(sizes) > U32
-               or min(uids) < 0 or min(gids) < 0)):
+    if got is None:
+        uids = list(map(_UID, nodes))
+        gids = list(map(_GID, nodes))
+        rare = n and (max(uids) > U16 or max(gids) > U16 or max(nlink) > U16 or max(sizes) > U32
+                      or min(uids) < 0 or min(gids) < 0)
+    elif not rare and todo:   # the compiled pass checked all but the sizes of the inodes left here
+        rare = max(map(sizes.__getitem__, todo)) > U32
+    if rare:
         for i, uid, gid in zip(range(n), uids, gids, strict=True):
             if uid > U16 or gid > U16 or nlink[i] > U16 or sizes[i] > U32:
                 isz[i] = EXTENDED
