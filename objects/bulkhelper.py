@@ -63,6 +63,7 @@ def child_main(root: str, flush: bool = False) -> int:
     created: set[bytes] = set()
     message = _OK
     rc = 0
+    os.umask(0o022)  # new objects are created OBJECT_MODE (0644) as asked: _store_hashed_new needs no fstat
     try:
         store = ObjectStore(root)
         created = store.watch_created()
@@ -80,7 +81,7 @@ def child_main(root: str, flush: bool = False) -> int:
                 if len(data) < size:
                     message, rc = b"", 1
                     break
-                store._store_hashed(digest, data)
+                store._store_hashed_new(digest, data)  # (the parent sends each content once)
                 written += size
                 if flusher is not None and written - flushed >= FLUSH_EVERY:
                     flusher.wake.set()
