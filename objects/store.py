@@ -694,20 +694,23 @@ class ObjectStore:
         except OSError as e:
             raise ObjectStoreError(f"cannot store object {digest.hex()} in {self.root}: {e.strerror or e}") from e
 
-    def _store_hashed_new(self, digest: bytes, data: bytes | memoryview) -> None:
+    def _store_hashed_new(self, digest: bytes, data: bytes | memoryview) -> bool:
         """`_store_hashed` for content that is most likely not stored yet, in a process whose umask
         leaves OBJECT_MODE as it is (a bulk helper's: objects.bulkhelper sets it): four syscalls per
         object (open O_TMPFILE, write, link, close) instead of six.  No existence check before
         writing and no fstat of the mode: the link refuses an existing name, and only then is the
         stored object checked (a good one kept, the new copy dropped; a damaged one replaced), the
         same outcome as `_store_hashed` at the cost of one wasted write for content already stored.
+        True if this call created the object: then it is neither noted for `sync()` nor reported to
+        `watch_created()` sets, the caller does both (a helper reports to its parent, which notes
+        what it sent: kept per object here, 300 bytes each, that was a third of a helper's memory).
         """
         if not self._tmpfile:  # (named temp files: the general path)
             if self._tmpfile is None:
                 self._tmpfile = self._probe_tmpfile()
             if not self._tmpfile:
                 self._store_hashed(digest, data)
-                return
+                return False
         rel = _rel(digest)
         dirfd = self._dirfd
         try:
@@ -721,14 +724,12 @@ class ObjectStore:
                 if damaged is not False:  # the general path's publish (replaces a damaged copy)
                     _chmod_object(fd)
                     self._publish(fd, None, rel, damaged)
-                return
+                return False
             finally:
                 os.close(fd)
         except OSError as e:
             raise ObjectStoreError(f"cannot store object {digest.hex()} in {self.root}: {e.strerror or e}") from e
-        if self._created_watchers:
-            self._note_created((digest,))
-        self._note(rel)
+        return True
 
     def _put_large(
         self, chunks: Iterator[memoryview], buffers: _Buffers | None, expected: Digest | None, direct: bool,
