@@ -60,9 +60,11 @@ def child_main(root: str, flush: bool = False) -> int:
     signal.signal(signal.SIGTERM, _stop)  # unwinds: a named temp file being written is removed
     out = sys.stdout.buffer
     flusher = store = None
-    created: set[bytes] = set()
+    created: set[bytes] = set()  # objects created by the general path (store.watch_created)
+    new = bytearray()  # those _store_hashed_new created: 32 bytes each
     message = _OK
     rc = 0
+    os.umask(0o022)  # new objects are created OBJECT_MODE (0644) as asked: _store_hashed_new needs no fstat
     try:
         store = ObjectStore(root)
         created = store.watch_created()
@@ -80,7 +82,8 @@ def child_main(root: str, flush: bool = False) -> int:
                 if len(data) < size:
                     message, rc = b"", 1
                     break
-                store._store_hashed(digest, data)
+                if store._store_hashed_new(digest, data):  # (the parent sends each content once)
+                    new += digest
                 written += size
                 if flusher is not None and written - flushed >= FLUSH_EVERY:
                     flusher.wake.set()
@@ -92,5 +95,5 @@ def child_main(root: str, flush: bool = False) -> int:
             flusher.stop()
         if store is not None:
             store.close()
-        out.write(_COUNT.pack(len(created)) + b"".join(created) + message)
+        out.write(_COUNT.pack(len(created) + len(new) // 32) + b"".join(created) + new + message)
     return rc

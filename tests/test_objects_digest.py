@@ -124,7 +124,9 @@ def test_three_level_tree_matches_tool(tmp_path: Path, block_hasher: str) -> Non
         f.write(block[: size % MIB])
     expected = tool_digest(path)
     assert digest_file(path).hex() == expected
-    assert reference_digest(path.read_bytes()).hex() == expected
+    data = path.read_bytes()
+    assert reference_digest(data).hex() == expected
+    assert fsverity_digest(data).hex() == expected
 
 
 @pytest.fixture(params=["native", "hashlib"])
@@ -134,6 +136,9 @@ def block_hasher(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
         require_native()
     else:
         monkeypatch.setattr(digest_mod, "hash_full_blocks", digest_mod._hash_full_blocks_py)
+        # the whole-digest function too: the Python one, on the hashlib block loop
+        monkeypatch.setattr(digest_mod, "fsverity_digest", digest_mod._fsverity_digest_py)
+        monkeypatch.setitem(globals(), "fsverity_digest", digest_mod._fsverity_digest_py)
     return request.param
 
 
@@ -156,6 +161,42 @@ def test_native_block_hashes_equal_hashlib() -> None:
         hash_blocks("text")
 
 
+def test_native_whole_digest_equals_python(monkeypatch: pytest.MonkeyPatch) -> None:
+    """objects._fsverity.digest (tree and descriptor in C) against the Python specification on the
+    hashlib block loop, at every tree-level boundary, for each kind of buffer; bad buffers raise as
+    hash_blocks does."""
+    require_native()
+    from objects._fsverity import digest
+
+    assert digest_mod.fsverity_digest is digest  # the compiled one is what callers get
+    monkeypatch.setattr(digest_mod, "hash_full_blocks", digest_mod._hash_full_blocks_py)
+    data = pseudo_random(1000 * BLOCK_SIZE + 123, 11)
+    for size in [0, *BOUNDARY_SIZES, 7 * BLOCK_SIZE, 8 * BLOCK_SIZE + 1]:
+        part = data[:size]
+        expected = digest_mod._fsverity_digest_py(part)
+        assert expected == reference_digest(part)
+        assert digest(part) == expected, size
+        assert digest(bytearray(part)) == expected
+        assert digest(memoryview(data)[:size]) == expected
+    assert digest(array.array("I", [1, 2, 3])) == reference_digest(array.array("I", [1, 2, 3]).tobytes())
+    for name, vector, hexdigest in VECTORS:
+        assert digest(vector).hex() == hexdigest, name
+    with pytest.raises(BufferError):
+        digest(memoryview(data)[::2])  # not contiguous
+    with pytest.raises(TypeError):
+        digest("text")
+
+
+@settings(max_examples=80, deadline=None)
+@given(size=st.one_of(st.integers(0, 3 * BLOCK_SIZE), st.integers(0, 300 * BLOCK_SIZE)), seed=st.integers(0, 2**32))
+def test_native_whole_digest_matches_reference(size: int, seed: int) -> None:
+    require_native()
+    from objects._fsverity import digest
+
+    data = pseudo_random(size, seed)
+    assert digest(data) == reference_digest(data)
+
+
 def _cpu_flags() -> set[str]:
     for line in Path("/proc/cpuinfo").read_text().splitlines():
         if line.startswith("flags"):
@@ -167,7 +208,8 @@ def _cpu_flags() -> set[str]:
 def test_native_implementations_equal_hashlib(impl: str) -> None:
     """Each path of the compiled loop (AVX-512 sixteen blocks at a time, with its last blocks padded
     when forced alone; SHA-NI two at a time; libcrypto), in a fresh interpreter, against hashlib on
-    block counts around the multiples of two and sixteen.  A path this CPU lacks must refuse to load."""
+    block counts around the multiples of two and sixteen, and the whole digest (descriptor hashed with
+    SHA-NI or portable C) against Python's.  A path this CPU lacks must refuse to load."""
     require_native()
     code = (
         "import hashlib, os, random, sys\n"
@@ -177,6 +219,12 @@ def test_native_implementations_equal_hashlib(impl: str) -> None:
         "    part = data[: n * 4096]\n"
         "    ref = b''.join(hashlib.sha256(part[i : i + 4096]).digest() for i in range(0, len(part), 4096))\n"
         "    assert hash_blocks(part) == ref, (IMPLEMENTATION, n)\n"
+        "from objects._fsverity import digest\n"  # the whole digest: its descriptor hash follows the path
+        "from objects.digest import _fsverity_digest_py, _hash_full_blocks_py\n"
+        "import objects.digest as d\n"
+        "d.hash_full_blocks = _hash_full_blocks_py\n"
+        "for n in (0, 1, 4095, 4096, 5000, 17 * 4096 + 3, 67 * 4096):\n"
+        "    assert digest(data[:n]) == _fsverity_digest_py(data[:n]), (IMPLEMENTATION, n)\n"
         "print(IMPLEMENTATION)\n"
     )
     env = dict(os.environ)
@@ -287,9 +335,10 @@ def test_parse_digest_rejects(bad: object) -> None:
 def test_flatmount_pure_turns_the_compiled_loop_off() -> None:
     """FLATMOUNT_PURE=1 (objects/compiled.py) turns the fs-verity loop off like every compiled loop."""
     root = Path(__file__).resolve().parent.parent
-    code = "import objects.digest as d; print(d.NATIVE, d.implementation())"
+    code = ("import objects.digest as d; "
+            "print(d.NATIVE, d.fsverity_digest is not d._fsverity_digest_py, d.implementation())")
     for pure, native in (("1", "False"), ("", "True")):
         env = {**os.environ, "PYTHONPATH": str(root), "FLATMOUNT_PURE": pure}
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                              text=True, check=True).stdout
-        assert out.split()[0] == native, out
+        assert out.split()[:2] == [native, native], out

@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 APT_PACKAGES=(erofs-utils fsverity attr podman skopeo runc crun uidmap busybox-static util-linux kmod gcc python3-dev python3-venv groff-base)
 APT_PACKAGES+=(docker-registry apache2-utils openssl)  # registry tests: a real registry, htpasswd, a TLS cert
+APT_PACKAGES+=(strace)  # test_objects_store: counts the bulk helpers' syscalls per object
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
