@@ -195,17 +195,20 @@ def keep_interrupts() -> None:
     ("Exception ignored in ..."), and a SIGINT whose handler runs there is gone: the command would
     go on (a stalled pull would wait forever).  Such a KeyboardInterrupt is delivered to the main
     thread again, a moment later (from a timer thread: raised from the hook itself, it would be
-    dropped again), where it runs its course (cleanup, one line, exit)."""
+    dropped again), where it runs its course (cleanup, one line, exit).  It is sent as a real
+    SIGINT to that thread: `_thread.interrupt_main` only schedules the handler, which would then
+    wait for a blocking wait (a stalled layer's) to end by itself."""
     previous = sys.unraisablehook
     if getattr(previous, "keeps_interrupts", False):
         return
 
     def hook(unraisable) -> None:
         if unraisable.exc_type is not None and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            import _thread
+            import signal
             import threading
 
-            threading.Timer(0.01, _thread.interrupt_main).start()
+            main = threading.main_thread().ident
+            threading.Timer(0.01, signal.pthread_kill, (main, signal.SIGINT)).start()
             return
         previous(unraisable)
 

@@ -388,11 +388,20 @@ def _start_and_wait(store, runtime: str, cid: str, pid: int, console, timings: d
 STOP_TIMEOUT = 10.0   # s after a forwarded SIGINT/SIGTERM/SIGHUP before SIGKILL (podman stop's default)
 
 
+_NOT_YET = -1
+
+
 def _caught(pid: int) -> int | None:
-    """The mask of signals process `pid` has handlers for (SigCgt), or None if it is gone."""
+    """The mask of signals process `pid` has handlers for (SigCgt), or None if it is gone.
+
+    `_NOT_YET` while it is still the runtime's own init (`runc:[2:INIT]`, before its `exec`): its Go
+    runtime catches every signal but passes none on, and one it does not expect ends it or is lost,
+    so nothing is sent to it; what comes in meanwhile waits for the container's own program."""
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
+                if line.startswith(b"Name:") and line.split(b"\t", 1)[-1].startswith(b"runc:"):
+                    return _NOT_YET
                 if line.startswith(b"SigCgt:"):
                     return int(line.split()[1], 16)
     except (OSError, ValueError):
@@ -431,6 +440,9 @@ class _Forwarder:
         if signum in _DeferredStop.SIGNALS and self.deadline is None:
             self.deadline = time.monotonic() + self.timeout
         caught = _caught(self.pid)
+        if caught == _NOT_YET:
+            self.pending.setdefault(signum, time.monotonic())
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
         if caught is not None and not caught >> (signum - 1) & 1:
@@ -454,7 +466,7 @@ class _Forwarder:
             return
         now = time.monotonic()
         for s, since in list(self.pending.items()):
-            if caught >> (s - 1) & 1:
+            if caught != _NOT_YET and caught >> (s - 1) & 1:
                 del self.pending[s]
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, s)
