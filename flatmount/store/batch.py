@@ -324,23 +324,27 @@ class ImportBatch:
         if layer_id is not None and layer_id != lid:
             raise LayerError(f"layer id {layer_id} does not follow from parent {parent} and diff_id "
                              f"{diff_id} (expected {lid})")
-        objs = tree_objects(tree)
         tmp = self.staging / f"layer-{lid}.erofs"
         data = image_bytes(tree)
         image_digest = hashlib.sha256(data).hexdigest()
+        image_size = len(data)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
+        # one big buffer at a time: the image is not held while the tree cache is built, nor either
+        # of them while the object list is (peak memory of imports of many small files)
+        del data
         # its tree cache: flatten then loads the layer several times faster than parsing the image
         tree_tmp: str | None = str(self.staging / f"layer-{lid}.tree")
         try:
             with open(tree_tmp, "wb") as f:  # derived: no fsync (checked against the image at load)
-                f.write(tree_cache_bytes(tree, image_digest, len(data)))
+                f.write(tree_cache_bytes(tree, image_digest, image_size))
             os.chmod(tree_tmp, 0o644)
         except (OSError, ValueError):
             tree_tmp = None
+        objs = tree_objects(tree)
         self.store.objects.sync()
         self._layers = [p for p in self._layers if p.id != lid]
         self._layers.append(_PendingLayer(lid, parent, diff_id, diff_size, compressed_digest,
@@ -370,10 +374,10 @@ class ImportBatch:
         objdir = store.objects_dir
         store.require_sound_db("import into it")  # (whole DB: an import writes refs rows)
         # objects this batch stored are there (stored under the shared GC lock): check the others
-        ours = {_objpath(d) for d in self._objects.stored} if self._objects is not None else set()
+        ours = self._objects.stored if self._objects is not None else set()
         for p in self._layers:
-            for o in p.objects - ours:
-                if not os.path.isfile(f"{objdir}/{o}"):
+            for o in p.objects:  # (digests, not a second set of 64-character paths: less memory)
+                if bytes.fromhex(o[:2] + o[3:]) not in ours and not os.path.isfile(f"{objdir}/{o}"):
                     raise StoreError(f"layer {p.id} references object {o}, which is not in {objdir}")
         renamed: list[str] = []
         try:
@@ -413,8 +417,9 @@ class ImportBatch:
                        "diff_size, created, inodes, image_digest) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (p.id, p.parent, p.diff_id, p.compressed_digest, p.compressed_size,
                         p.diff_size, p.created, p.inodes, p.image_digest))
+            owner = "layer:" + p.id  # (one string for all rows: not one copy per object)
             db.executemany("INSERT OR IGNORE INTO refs(owner, object) VALUES (?, ?)",
-                           [("layer:" + p.id, o) for o in sorted(p.objects)])
+                           [(owner, o) for o in sorted(p.objects)])
         if renamed:
             fsync_dir(store.layers_dir)
         img = self._image
