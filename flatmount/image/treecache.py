@@ -54,8 +54,7 @@ SEP, LEN, FIX32 = "sep", "len", "fix32"      # how a column's values are laid ou
 SPARSE = (("target", SEP), ("content", LEN), ("digest", FIX32), ("payload", SEP))
 
 _ENTRIES = attrgetter("entries")
-_COLUMNS = (*(attr for attr, _fmt in FIXED), *(attr for attr, _how in SPARSE), "xattrs")
-_ROW = attrgetter(*_COLUMNS)
+_XATTRS = attrgetter("xattrs")
 
 
 # The decoder: compiled (flatmount/image/_ctree.c, built where a C compiler is) unless absent or
@@ -152,10 +151,10 @@ def encode(root: Inode, digest: str, image_size: int) -> bytes:
         nodes, dirs, counts, names, kids = _walk(root)
         flags = HAS_KIDS if kids is not None else 0
         parts = [b""]
-        # all columns in two C-speed passes: a row per inode, then rows to columns
-        columns = dict(zip(_COLUMNS, zip(*map(_ROW, nodes), strict=True), strict=True))
+        # each column in one C-speed pass, made when it is encoded and dropped after: no row tuples
+        # and no table of all columns at once (their memory was the peak of big imports)
         for attr, fmt in FIXED:
-            values = columns[attr]
+            values = list(map(attrgetter(attr), nodes))
             if attr == "mtime_ns" and not -(1 << 63) <= min(values) <= max(values) < 1 << 63:
                 flags |= WIDE_MTIME
                 secs, nsecs = zip(*map(divmod, values, repeat(NS)), strict=True)
@@ -166,7 +165,7 @@ def encode(root: Inode, digest: str, image_size: int) -> bytes:
             parts += wide
         parts.insert(1, COUNTS.pack(len(nodes), len(dirs), len(names), flags))
         for attr, how in SPARSE:   # (C-speed selection: most columns are mostly None)
-            column = columns[attr]
+            column = list(map(attrgetter(attr), nodes))
             present = list(map(is_not, column, repeat(None)))
             rows = list(compress(range(len(nodes)), present))
             vals = list(compress(column, present))
@@ -178,7 +177,8 @@ def encode(root: Inode, digest: str, image_size: int) -> bytes:
                 parts += [_U32.pack(len(rows)), _array("I", rows), _U32.pack(len(blob)), blob]
                 continue
             parts += [_U32.pack(len(rows)), _array("I", rows), *_values(how, vals)]
-        xrows = list(compress(range(len(nodes)), columns["xattrs"]))
+        del column, present, vals
+        xrows = list(compress(range(len(nodes)), map(_XATTRS, nodes)))
         pairs = [kv for i in xrows for kv in nodes[i].xattrs.items()]
         parts += [_U32.pack(len(xrows)), _array("I", xrows), _array("I", [len(nodes[i].xattrs) for i in xrows]),
                   _array("I", [len(k) for k, _ in pairs]), _array("I", [len(v) for _, v in pairs]),
@@ -190,6 +190,7 @@ def encode(root: Inode, digest: str, image_size: int) -> bytes:
         if enabled:
             gc.enable()
     payload = b"".join(parts)
+    del parts[1:]  # (the pieces: not held beside the payload and its copy below)
     parts[0] = HEAD.pack(MAGIC, VERSION, bytes.fromhex(digest), image_size, len(payload), _checksum(payload))
     return parts[0] + payload
 

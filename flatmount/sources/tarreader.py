@@ -225,6 +225,12 @@ def _split(name: bytes, where: Callable[[], str]) -> list[bytes]:
     return parts
 
 
+def _plain_component(p: bytes) -> bool:
+    """A name component `_split` keeps as it is and `add` enters as an entry (not a whiteout)."""
+    return bool(p) and p != b"." and p != b".." and len(p) <= NAME_MAX and b"\0" not in p \
+        and not p.startswith(wh.WHITEOUT_PREFIX)
+
+
 def _show(name: bytes) -> str:
     return name.decode("utf-8", "backslashreplace")
 
@@ -240,6 +246,10 @@ class LayerTreeBuilder:
         self._opaque: dict[int, Inode] = {}        # dirs with a .wh..wh..opq entry
         self._whiteouts: dict[int, tuple[Inode, set[bytes]]] = {}
         self.entries = 0
+        # the directory of the last entry: (its raw name, its inode).  Tar entries come directory by
+        # directory, so most names start with the last one's directory, already split, checked and
+        # walked (a directory, once in the tree, stays at its path while the layer is built)
+        self._last_dir: tuple[bytes, Inode] | None = None
 
     def where(self, name: bytes) -> str:
         return f"{self.label}: {_show(name)!r}"
@@ -273,6 +283,12 @@ class LayerTreeBuilder:
         def where() -> str:  # (only an error needs the text: not built for every entry)
             return self.where(name)
 
+        head, sep, base = name.rpartition(b"/")
+        plain = bool(sep) and _plain_component(base)
+        last = self._last_dir
+        if plain and last is not None and last[0] == head:
+            self._put(last[1], base, node, link, where)
+            return
         parts = _split(name, where)
         if not parts:
             if node is None or not node.is_dir:
@@ -308,6 +324,13 @@ class LayerTreeBuilder:
             names.add(target)
             return
         parent = self._parent(parts[:-1], mtime, name)
+        if plain:  # (then `base` is the last of `parts`, and `head` names `parent`)
+            self._last_dir = (head, parent)
+        self._put(parent, base, node, link, where)
+
+    def _put(self, parent: Inode, base: bytes, node: Inode | None, link: bytes | None,
+             where: Callable[[], str]) -> None:
+        """Enter `node` (or the hardlink target `link`) as `base` in `parent` (`add`'s last step)."""
         assert parent.entries is not None
         if link is not None:
             lparts = _split(link, where)

@@ -1,0 +1,146 @@
+"""The end of a layer import (ImportBatch.add_layer/commit), made faster for layers of many small
+files (issue 17): the objects' sync overlaps building the image, one walk gives the object list and
+the inode count, refs rows go in as one statement.  Same results, same errors."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+
+import pytest
+
+from flatmount.api import open_store
+from flatmount.errors import LayerError
+from flatmount.image.tree import Inode, count_inodes, inodes
+from flatmount.store import batch as batchmod
+from flatmount.store.batch import ImportBatch, tree_objects
+from objects.errors import ObjectStoreError
+from objects.paths import OBJPATH_RE
+
+
+def _reference_objects(tree: Inode) -> frozenset[str]:
+    """The definition (the code before): every distinct inode, its object path if external."""
+    out = set()
+    for node in inodes(tree):
+        if node.entries is None and node.is_reg and node.is_external:
+            p = node.object_path
+            if p is None or not OBJPATH_RE.fullmatch(p):
+                raise LayerError(f"file references a malformed object path {p!r}")
+            out.add(p)
+    return frozenset(out)
+
+
+def _digest(i: int) -> bytes:
+    return hashlib.sha256(i.to_bytes(4, "little")).digest()
+
+
+def _tree() -> Inode:
+    root = Inode.directory()
+    sub = Inode.directory()
+    root.entries[b"sub"] = sub
+    root.entries[b"empty"] = Inode.directory()
+    shared = Inode(0o100644, size=100, digest=_digest(1))
+    sub.entries[b"a"] = shared
+    sub.entries[b"hardlink"] = shared                      # one inode, two names
+    sub.entries[b"same-content"] = Inode(0o100644, size=100, digest=_digest(1))
+    sub.entries[b"b"] = Inode(0o100600, size=200, digest=_digest(2))
+    sub.entries[b"payload"] = Inode(0o100644, size=300, payload=hashlib.sha256(b"p").hexdigest()[:2] + "/"
+                                    + hashlib.sha256(b"p").hexdigest()[2:])
+    sub.entries[b"both"] = Inode(0o100644, size=300, digest=_digest(3), payload="ab/" + "c" * 62)
+    sub.entries[b"inline"] = Inode.file(b"small")
+    sub.entries[b"inline-with-digest"] = Inode(0o100644, size=5, content=b"small", digest=_digest(4))
+    sub.entries[b"empty-file"] = Inode.file(b"")
+    sub.entries[b"link"] = Inode.symlink(b"a")
+    sub.entries[b"dev"] = Inode(0o20644, rdev=os.makedev(1, 3), digest=_digest(5))  # not a regular file
+    sub.entries[b"wh"] = Inode.whiteout()
+    return root
+
+
+def test_object_list_and_count_are_the_definitions():
+    tree = _tree()
+    objs, count = batchmod._tree_refs(tree)
+    assert objs == _reference_objects(tree) == tree_objects(tree)
+    assert count == count_inodes(tree)
+    assert "ab/" + "c" * 62 in objs and batchmod.object_path(_digest(3)) not in objs
+
+
+@pytest.mark.parametrize("bad", [
+    {"payload": "../../etc/passwd"},
+    {"payload": "AB/" + "c" * 62},
+    {"digest": b"\x01" * 31},
+])
+def test_malformed_object_paths_are_refused_as_before(bad):
+    tree = _tree()
+    tree.entries[b"sub"].entries[b"bad"] = Inode(0o100644, size=100, **bad)
+    with pytest.raises(LayerError, match="malformed object path"):
+        _reference_objects(tree)
+    with pytest.raises(LayerError, match="malformed object path"):
+        tree_objects(tree)
+
+
+def _store(tmp_path):
+    return open_store(str(tmp_path / "store"), runroot=str(tmp_path / "run"), config=os.devnull, additional=[])
+
+
+def test_objects_sync_overlaps_building_the_image(tmp_path, monkeypatch):
+    """The sync has started by the time the image is built (before: only after it was written)."""
+    import flatmount.image.writer as writer
+
+    store = _store(tmp_path)
+    sync_started = threading.Event()
+    seen: list[bool] = []
+    real_sync, real_image = type(store.objects).sync, writer.image_bytes
+
+    def sync(self):
+        sync_started.set()
+        return real_sync(self)
+
+    def image_bytes(tree):
+        seen.append(sync_started.wait(10))
+        return real_image(tree)
+
+    monkeypatch.setattr(type(store.objects), "sync", sync)
+    monkeypatch.setattr(writer, "image_bytes", image_bytes)
+    with ImportBatch(store) as batch:
+        digest = batch.objects.put_bytes(b"x" * 5000)
+        root = Inode.directory()
+        root.entries[b"f"] = Inode(0o100644, size=5000, digest=digest)
+        lid = batch.add_layer(root, parent=None, diff_id="sha256:" + "cd" * 32)
+        batch.set_image("ef" * 32, lid)
+        batch.commit()
+    assert seen == [True]
+    db = store.connect()
+    assert db.execute("SELECT owner, object FROM refs").fetchall() == [(f"layer:{lid}", batchmod.object_path(digest))]
+
+
+def test_a_failed_sync_fails_add_layer(tmp_path, monkeypatch):
+    store = _store(tmp_path)
+
+    def sync(self):
+        raise ObjectStoreError("cannot make objects durable: EIO (test)")
+
+    with ImportBatch(store) as batch:
+        digest = batch.objects.put_bytes(b"y" * 5000)
+        root = Inode.directory()
+        root.entries[b"f"] = Inode(0o100644, size=5000, digest=digest)
+        monkeypatch.setattr(type(store.objects), "sync", sync)
+        with pytest.raises(ObjectStoreError, match="EIO"):
+            batch.add_layer(root, parent=None, diff_id="sha256:" + "cd" * 32)
+        assert batch._layers == []
+
+
+def test_refs_rows_of_a_big_layer(tmp_path):
+    """Every object of a layer gets its refs row (one statement over a JSON array), once."""
+    store = _store(tmp_path)
+    with ImportBatch(store) as batch:
+        digests = [batch.objects.put_bytes(i.to_bytes(4, "little") * 25) for i in range(3000)]
+        root = Inode.directory()
+        for i, d in enumerate(digests):
+            root.entries[f"f{i}".encode()] = Inode(0o100644, size=100, digest=d)
+        root.entries[b"again"] = Inode(0o100644, size=100, digest=digests[0])
+        lid = batch.add_layer(root, parent=None, diff_id="sha256:" + "12" * 32)
+        batch.set_image("34" * 32, lid)
+        batch.commit()
+    rows = store.connect().execute("SELECT owner, object FROM refs ORDER BY object").fetchall()
+    assert rows == sorted((f"layer:{lid}", batchmod.object_path(d)) for d in digests)
