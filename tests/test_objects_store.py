@@ -755,6 +755,7 @@ def _record_pwrites(monkeypatch: pytest.MonkeyPatch, fail: Callable[[int, int], 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
 def test_big_put_write_modes(store: ObjectStore, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
     store.direct_io = direct
+    monkeypatch.setattr(store_mod, "DIRECT_WRITERS", 1)  # (the order of one writer's calls; two: below)
     data = data_of(3 * MIB + 4097, 14)
     calls = _record_pwrites(monkeypatch, lambda n, flags: None)
     digest = store.put(io.BytesIO(data))
@@ -780,6 +781,7 @@ def test_direct_write_falls_back_to_buffered(store: ObjectStore, monkeypatch: py
 
     store.direct_io = True  # (not measured: the probe's writes would meet the injected failure)
     monkeypatch.setattr(store_mod, "DIRECT_RUN", 1)  # one write per chunk (runs: the test below)
+    monkeypatch.setattr(store_mod, "DIRECT_WRITERS", 1)  # (one writer's sequence of calls)
     calls = _record_pwrites(monkeypatch, fail)
     data = data_of(3 * MIB + 100, 15)
     digest = store.put(io.BytesIO(data))
@@ -811,6 +813,7 @@ def test_lagging_direct_writer_writes_runs(store: ObjectStore, monkeypatch: pyte
         return None
 
     store.direct_io = True
+    monkeypatch.setattr(store_mod, "DIRECT_WRITERS", 1)  # (one writer's sequence of calls)
     calls = _record_pwrites(monkeypatch, fail)
     data = data_of(9 * MIB + 100, 16)
     digest = store.put(io.BytesIO(data))
@@ -829,6 +832,94 @@ def test_lagging_direct_writer_writes_runs(store: ObjectStore, monkeypatch: pyte
         assert calls[2] == (True, run_offset, MIB)
     else:  # the rest of the short run: the rest of its second chunk first
         assert calls[2] == (True, run_offset + MIB + 8192, MIB - 8192)
+
+
+def _direct_supported(store: ObjectStore) -> bool:
+    try:
+        fd = os.open(os.path.join(store.root, ".tmp"), os.O_WRONLY | os.O_TMPFILE | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("size_known", [True, False], ids=["size", "no-size"])
+def test_two_direct_writes_in_flight(store: ObjectStore, monkeypatch: pytest.MonkeyPatch,
+                                     size_known: bool) -> None:
+    """O_DIRECT puts keep two writes in flight (one left the virtual disk idle between writes, at
+    0.7 of its rate): while one write is held up, the other writer writes the next chunk.  Every
+    byte is written exactly once and the object is whole, with or without its size known (known:
+    the temp file is allocated first, so ext4 can run the writes in parallel)."""
+    assert _direct_supported(store)
+    store.direct_io = True
+    monkeypatch.setattr(store_mod, "DIRECT_RUN", 1)
+    first_held = threading.Event()
+    overlapped = threading.Event()
+    lock = threading.Lock()
+    active = [0]
+
+    def fail(n: int, flags: int) -> None:
+        with lock:
+            active[0] += 1
+            if active[0] > 1:
+                overlapped.set()
+        try:
+            if n == 1:  # the first write waits (up to 5 s) until another one runs beside it
+                first_held.set()
+                overlapped.wait(5)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    calls = _record_pwrites(monkeypatch, fail)
+    data = data_of(6 * MIB + 12345, 61)
+    digest = store.put(io.BytesIO(data), size=len(data) if size_known else None)
+    assert overlapped.is_set(), calls
+    assert digest == fsverity_digest(data)
+    assert Path(store.path(digest)).read_bytes() == data
+    covered = 0
+    for offset, length in sorted((offset, length) for _, offset, length in calls):
+        assert offset == covered
+        covered += length
+    assert covered == len(data)
+    assert tmp_entries(store) == []
+
+
+def test_direct_put_of_a_stream_shorter_than_its_size(store: ObjectStore) -> None:
+    """The temp file of a put whose size is known is allocated to that size before writing: a
+    stream that ends early gives an object of what was read, not one padded with zeros."""
+    store.direct_io = True
+    data = data_of(3 * MIB + 777, 62)
+    digest = store.put(io.BytesIO(data), size=5 * MIB)
+    assert digest == fsverity_digest(data)
+    assert Path(store.path(digest)).read_bytes() == data
+    assert os.stat(store.path(digest)).st_size == len(data)
+    assert store.verify(digest)
+
+
+@pytest.mark.parametrize("which", [1, 2, 5])
+def test_one_of_two_direct_writers_failing(store: ObjectStore, monkeypatch: pytest.MonkeyPatch,
+                                           which: int) -> None:
+    """A write error in either writer fails the put with ObjectStoreError (naming the store); nothing
+    is published or left behind, and the store's next put works (no thread waits forever)."""
+    import errno as errno_mod
+
+    store.direct_io = True
+    monkeypatch.setattr(store_mod, "DIRECT_RUN", 1)
+
+    armed = [True]
+
+    def fail(n: int, flags: int) -> OSError | None:
+        return OSError(errno_mod.EIO, "Input/output error") if armed[0] and n == which else None
+
+    _record_pwrites(monkeypatch, fail)
+    data = data_of(7 * MIB + 5, 63)
+    with pytest.raises(ObjectStoreError, match="Input/output error"):
+        store.put(io.BytesIO(data), size=len(data))
+    assert list(store) == [] and tmp_entries(store) == []
+    armed[0] = False
+    digest = store.put(io.BytesIO(data), size=len(data))
+    assert Path(store.path(digest)).read_bytes() == data
 
 
 # --- bulk writer: small objects stored by helper processes -------------------------------------------
