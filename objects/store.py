@@ -89,6 +89,9 @@ class DeferredWork(Protocol):
 
     def end(self) -> None: ...
 
+    # optional: `settle_blocks(mark, chunk) -> bytes | None`, the settle of a chunk's mark that may also
+    # return the chunk's fs-verity block hashes, computed in the same pass (HashingReader)
+
 
 if TYPE_CHECKING:  # pragma: no cover
     from .bulk import BulkWriter
@@ -1178,6 +1181,7 @@ class _ChunkRun:
         self._writers = writers  # writer threads, each reporting one outcome on `written`
         self._outcomes: list[object] = []  # those seen so far
         self._helpers = 0  # helper threads that joined (see _Helpers), until their work() returns
+        self._settle_blocks = getattr(deferred, "settle_blocks", None)
 
     def join(self) -> bool:
         """Count in a helper thread that will call `work(helper=True)`; False (not counted) once no
@@ -1214,14 +1218,17 @@ class _ChunkRun:
                 seq, offset, mv, mark = got
                 self._to_write.put((mv, offset))
                 full = len(mv) - len(mv) % BLOCK_SIZE
-                hashes = hash_full_blocks(mv[:full]) if full else None
+                both = self._settle_blocks is not None and mark is not None
+                hashes = hash_full_blocks(mv[:full]) if full and not both else None
                 with self._turn:
                     self._turn.wait_for(lambda: self._next == seq or self._stopped)  # noqa: B023
                     if self._stopped:
                         self._release(mv)
                         return
                 try:
-                    if self._deferred is not None:
+                    if both:  # the source's sha256 and the block hashes in one pass, in turn
+                        hashes = self._settle_blocks(mark, mv)
+                    elif self._deferred is not None:
                         self._deferred.settle(mark)
                     self.hasher.update(mv, hashes)
                 finally:

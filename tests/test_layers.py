@@ -386,6 +386,7 @@ def test_layer_sha256_deferred_to_the_object_pipeline(objects, monkeypatch, tmp_
     import objects.store as store_mod
 
     real_settle = layers_mod.HashingReader.settle
+    real_settle_blocks = layers_mod.HashingReader.settle_blocks
     settles = []
 
     def slow_settle(self, upto=None):
@@ -393,7 +394,13 @@ def test_layer_sha256_deferred_to_the_object_pipeline(objects, monkeypatch, tmp_
         settles.append((upto, self._noted))
         real_settle(self, upto)
 
+    def slow_settle_blocks(self, upto, chunk):  # (the same, with the chunk's block hashes in one pass)
+        time.sleep(0.003)
+        settles.append((upto, self._noted))
+        return real_settle_blocks(self, upto, chunk)
+
     monkeypatch.setattr(layers_mod.HashingReader, "settle", slow_settle)
+    monkeypatch.setattr(layers_mod.HashingReader, "settle_blocks", slow_settle_blocks)
     t = Tar()
     for i, size in enumerate([20 * MIB + 3, MIB + 1, 9 * MIB + 4096, 2 * MIB]):
         t.file(f"big/{i}", os.urandom(size))
@@ -532,3 +539,36 @@ def test_sha512_blob_digest_with_direct_reads(objects):
     assert layer.compressed_digest == "sha512:" + hashlib.sha512(tar).hexdigest()
     assert layer.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
     check_objects(objects, t)
+
+
+def test_layer_sha256_and_block_hashes_in_one_pass(objects, monkeypatch, tmp_path):
+    """Where the compiled SHA-256 stream is (objects.digest.StreamSha256), each chunk of a big payload
+    is hashed for the diff_id and for fs-verity in one pass (HashingReader.settle_blocks), not
+    twice; the digests are those of hashlib and of the pure-Python block hashes."""
+    from conftest import require_native
+
+    import objects.digest as digest_mod
+
+    require_native()
+    assert digest_mod.STREAM_BLOCKS, "objects._fsverity has no SHA-256 stream (this CPU has SHA-NI)"
+    shared = []
+    real = digest_mod.StreamSha256.update_blocks
+
+    def spy(self, data):
+        hashes = real(self, data)
+        shared.append(len(data) if hashes is not None else 0)
+        return hashes
+
+    monkeypatch.setattr(digest_mod.StreamSha256, "update_blocks", spy)
+    t = Tar()
+    for i, size in enumerate([6 * MIB + 5, 3 * MIB + 4096, 2 * MIB]):
+        t.file(f"big/{i}", os.urandom(size))
+        t.file(f"small/{i}", os.urandom(100 + i))
+    data = t.bytes()
+    path = tmp_path / "layer.tar"
+    path.write_bytes(data)
+    with open(path, "rb") as src:
+        layer = read_tar(src, objects)
+    assert layer.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    check_objects(objects, t)
+    assert sum(shared) >= 9 * MIB  # most of the 11 MiB (not: the head of a member's first chunk, buffered with its header)

@@ -35,12 +35,15 @@ class HashingReader:
     thread calls `settle()`: the pipeline's worker that read a chunk settles up to that chunk's mark,
     in chunk order, after hashing the chunk for fs-verity.  Each chunk is then read and hashed twice
     on one core while in its cache, and two workers read and hash alternate chunks on two cores.
+    Where the compiled SHA-256 stream is (objects.digest.StreamSha256), a worker settling a chunk it
+    read hashes it for both in one pass instead (`settle_blocks`): the fs-verity block hashes then
+    cost almost nothing beside the stream's sha256.
     """
 
     def __init__(self, f: BinaryIO, algorithm: str = "sha256"):
         self._f = f
         self.algorithm = algorithm
-        self._hash = hashlib.new(algorithm)
+        self._hash = _stream_hash() if algorithm == "sha256" else hashlib.new(algorithm)
         self.size = 0
         self._pending = b""
         self._deferrals = 0  # pipelines reading from us now
@@ -73,6 +76,49 @@ class HashingReader:
         while waiting and (upto is None or self._settled < upto):
             update(waiting.popleft())
             self._settled += 1
+
+    def settle_blocks(self, upto: int, chunk: memoryview) -> bytes | None:
+        """`settle(upto)` where `chunk` (a buffer of the object store's) is what was last read before
+        that mark; where this hash can, the chunk's whole 4096-byte blocks are hashed for fs-verity
+        in the same pass, and their hashes (`hash_full_blocks` of them) returned; else None.
+
+        The last item noted before the mark, if it is a view of the chunk's buffer, holds the chunk's
+        last bytes (the readinto that filled it); bytes before them came from buffered input hashed
+        earlier in stream order.  Blocks wholly inside that item share the pass; the others (the
+        first one or two of a tar member's first chunk) are hashed apart."""
+        with self._settle_lock:
+            update_blocks = getattr(self._hash, "update_blocks", None)
+            n = len(chunk)
+            full = n - n % 4096
+            if update_blocks is None or not full or self._settled >= upto:
+                self._settle_locked(upto)
+                return None
+            self._settle_locked(upto - 1)
+            item = self._waiting[0] if self._waiting else None
+            if not (isinstance(item, memoryview) and item.obj is chunk.obj and len(item) <= n):
+                self._settle_locked(upto)
+                return None
+            self._waiting.popleft()
+            self._settled += 1
+            update = self._hash.update
+            start = n - len(item)
+            first = -(-start // 4096) * 4096  # the first block boundary in the item
+            if first >= full:
+                update(item)
+                return None
+            if first > start:
+                update(chunk[start:first])
+            shared = update_blocks(chunk[first:full])
+            if shared is None:  # (the stream not at a 64-byte boundary: no shared pass)
+                update(chunk[first:])
+                return None
+            if full < n:
+                update(chunk[full:])
+            if first:
+                from objects.digest import hash_full_blocks
+
+                return hash_full_blocks(chunk[:first]) + shared
+            return shared
 
     def end(self) -> None:
         """End one `defer_work()`: settle, and hash inline again once no other pipeline defers."""
@@ -143,6 +189,14 @@ class HashingReader:
     @property
     def digest(self) -> str:
         return f"{self.algorithm}:{self.hexdigest()}"
+
+
+def _stream_hash() -> object:
+    """sha256 for a HashingReader: the compiled stream that can share its pass with the fs-verity
+    block hashes (objects.digest.StreamSha256) where there is one, else hashlib's."""
+    from objects.digest import STREAM_BLOCKS, StreamSha256
+
+    return StreamSha256() if STREAM_BLOCKS else hashlib.sha256()
 
 
 def _plain_chunks(raw: HashingReader) -> Iterator[bytes]:
