@@ -89,8 +89,9 @@ class DeferredWork(Protocol):
 
     def end(self) -> None: ...
 
-    # optional: `settle_blocks(mark, chunk) -> bytes | None`, the settle of a chunk's mark that may also
-    # return the chunk's fs-verity block hashes, computed in the same pass (HashingReader)
+    # optional: `claim() -> int`, a mark to be settled by `settle_blocks(mark, chunk) -> bytes | None`,
+    # which may also return the chunk's fs-verity block hashes, computed in the same pass, or dropped
+    # by `unclaim(mark)` (HashingReader)
 
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -1223,6 +1224,8 @@ class _ChunkRun:
                 with self._turn:
                     self._turn.wait_for(lambda: self._next == seq or self._stopped)  # noqa: B023
                     if self._stopped:
+                        if both:
+                            self._deferred.unclaim(mark)
                         self._release(mv)
                         return
                 try:
@@ -1262,7 +1265,12 @@ class _ChunkRun:
             seq, offset = self._reads, self._offset
             self._reads += 1
             self._offset += len(mv)
-            mark = self._deferred.mark() if self._deferred is not None else None
+            if self._deferred is None:
+                mark = None
+            elif self._settle_blocks is not None:
+                mark = self._deferred.claim()
+            else:
+                mark = self._deferred.mark()
             if getattr(self._chunks, "exhausted", False):  # the caller may read on now (see _StreamChunks)
                 self._end_of_source(read_on=True)
             return seq, offset, mv, mark
