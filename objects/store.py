@@ -820,6 +820,8 @@ class ObjectStore:
                 for _ in range(CHUNK_WORKERS):
                     buffers.free.put(None)  # unblock a worker waiting for a buffer
             run.wait_helpers()
+            if deferred is not None and run.last_mark is not None:
+                deferred.settle(run.last_mark)  # (done unless the run stopped: our buffers hold it)
             for _ in writers:
                 to_write.put(_DONE)  # (a second _DONE, after a normal end, is never read)
             for writer in writers:
@@ -1183,6 +1185,7 @@ class _ChunkRun:
         self._outcomes: list[object] = []  # those seen so far
         self._helpers = 0  # helper threads that joined (see _Helpers), until their work() returns
         self._settle_blocks = getattr(deferred, "settle_blocks", None)
+        self.last_mark: int | None = None  # the deferred-work mark of the last chunk taken
 
     def join(self) -> bool:
         """Count in a helper thread that will call `work(helper=True)`; False (not counted) once no
@@ -1271,6 +1274,7 @@ class _ChunkRun:
                 mark = self._deferred.claim()
             else:
                 mark = self._deferred.mark()
+            self.last_mark = mark
             if getattr(self._chunks, "exhausted", False):  # the caller may read on now (see _StreamChunks)
                 self._end_of_source(read_on=True)
             return seq, offset, mv, mark

@@ -611,3 +611,34 @@ def test_consecutive_files_share_the_pass_to_their_last_chunk(objects, tmp_path)
     assert layer.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
     check_objects(objects, t)
     assert sum(shared) >= 0.9 * sum(sizes), (sum(shared) / sum(sizes), shared)
+
+
+def test_a_claim_never_settled_is_waited_for_once(tmp_path):
+    """A chunk claimed by a pipeline that then stopped without settling it: the next chunk's
+    settle_blocks waits for it at most CLAIM_WAIT, drops it, and no later one waits again; the
+    stream's sha256 stays right."""
+    import time
+
+    import flatmount.sources.pipeline as pipeline_mod
+    from flatmount.sources.layers import HashingReader
+
+    payload = os.urandom(3 * MIB)
+    path = tmp_path / "src"
+    path.write_bytes(payload)
+    with open(path, "rb") as f:
+        r = HashingReader(f)
+        r.defer_work()
+        bufs = [bytearray(MIB) for _ in range(3)]
+        r.readinto(bufs[0])
+        r.claim()  # (its settle_blocks never comes)
+        took = []
+        for buf in bufs[1:]:
+            r.readinto(buf)
+            mark = r.claim()
+            t0 = time.perf_counter()
+            r.settle_blocks(mark, memoryview(buf))
+            took.append(time.perf_counter() - t0)
+        r.end()
+        assert r.hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert took[0] >= pipeline_mod.CLAIM_WAIT * 0.9
+    assert took[1] < pipeline_mod.CLAIM_WAIT / 2

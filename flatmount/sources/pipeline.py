@@ -89,6 +89,8 @@ class HashingReader:
 
     def settle(self, upto: int | None = None) -> None:
         """Hash what was handed out up to `upto` (a `mark()`; default: everything), in order."""
+        if upto is not None and self._settled >= upto:  # (only grows: nothing to do, no lock to wait for)
+            return
         with self._settle_lock:
             self._settle_locked(upto)
 
@@ -113,7 +115,9 @@ class HashingReader:
         for fs-verity (a fifth of a layer of 5 MB files, the last chunk of each); the stream is
         hashed in order anyway, so the wait costs nothing."""
         with self._claims_done:
-            self._claims_done.wait_for(lambda: not self._claims or self._claims[0] >= upto, CLAIM_WAIT)
+            if not self._claims_done.wait_for(lambda: not self._claims or self._claims[0] >= upto, CLAIM_WAIT):
+                while self._claims and self._claims[0] < upto:  # (late, or left by a stopped pipeline:
+                    self._claims.popleft()                       # not waited for again)
         try:
             with self._settle_lock:
                 return self._settle_blocks_locked(upto, chunk)
@@ -158,7 +162,8 @@ class HashingReader:
         """End one `defer_work()`: settle, and hash inline again once no other pipeline defers.
 
         Settles up to the first chunk another pipeline has claimed (whose worker settles it, with
-        its block hashes; everything of the ending pipeline's comes before it)."""
+        its block hashes); the ending pipeline settled its own chunks before (ObjectStore._put_large
+        settles up to its last mark), whose buffers must not be reused before."""
         with self._count_lock:
             self._deferrals -= 1
         with self._claims_done:
