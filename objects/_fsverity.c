@@ -876,7 +876,7 @@ PyMODINIT_FUNC PyInit__fsverity(void)
     }
 #ifdef HAVE_X86_SIMD
     /* the stream functions: SHA-NI (allowed or not for the block hashes), after their self test */
-    stream_shani = cpu_has_shani() && getenv("OBJECTS_FSVERITY_NO_STREAM") == NULL && stream_self_test() == 0;
+    stream_shani = cpu_has_shani() && stream_self_test() == 0;
 #endif
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL)
