@@ -16,6 +16,10 @@
  *     so building needs no OpenSSL headers).
  * digest(data) computes a whole fs-verity digest (tree levels and descriptor) in one call: for a
  * small file hashed on its own, Python's calls around one block's hash cost more than the hash.
+ * stream_update / stream_blocks (SHA-NI only, STREAM = 1): a SHA-256 stream whose state the caller
+ * keeps (objects.digest.StreamSha256, an uncompressed layer's diff_id), and stream_blocks runs it
+ * over whole 4096-byte blocks while hashing each block on its own beside it, the two chains
+ * interleaved: one stream leaves the SHA unit half idle, so the block hashes cost almost nothing.
  * The module checks what it uses against known digests on import.  Without it (no C compiler at
  * install time, neither path usable), objects.digest hashes block by block with hashlib.
  */

@@ -18,8 +18,9 @@ next put of that content and replaced.
 
 Speed: a big put is read in aligned 1 MiB chunks by one worker thread per CPU (up to four), each
 chunk fs-verity hashed (and the source's deferred work done on it, e.g. an uncompressed layer's
-sha256) by the worker that read it while it is in that core's cache, and written with O_DIRECT (or
-buffered, whichever this host does faster: objects.writemode) by another thread meanwhile; so it
+sha256, in the same pass where the source can: HashingReader.settle_blocks) by the worker that read
+it while it is in that core's cache, and written with O_DIRECT (two writes in flight) or buffered,
+whichever this host does faster (objects.writemode), by other threads meanwhile; so it
 costs about as much as hashing, spread over the cores.  The workers besides each put's own thread
 go from one put to the next (`_Helpers`), so a layer of many files of a few MiB keeps them busy
 from file to file instead of waking them for each one.  Many small
