@@ -706,6 +706,7 @@ def test_full_filesystem_is_a_store_error(tmp_path: Path) -> None:
     with tiny_tmpfs(tmp_path / "small") as mnt:
         with ObjectStore(mnt / "objects") as s:
             for make in (lambda: s.put(io.BytesIO(data_of(3 * MIB, 11))),
+                         lambda: s.put(io.BytesIO(data_of(3 * MIB, 14)), size=3 * MIB),  # (allocated first)
                          lambda: s.put_bytes(data_of(MIB, 12)) and s.put_bytes(data_of(MIB - 1, 13))):
                 with pytest.raises(ObjectStoreError, match=str(mnt)) as exc:
                     make()
@@ -1085,3 +1086,23 @@ def test_bulk_refused_on_readonly_store(tmp_path: Path) -> None:
     ObjectStore(tmp_path / "o").close()
     with ObjectStore(tmp_path / "o", readonly=True) as s, pytest.raises(ReadOnlyObjectStoreError):
         s.bulk()
+
+
+@pytest.mark.parametrize(("direct", "size_known"), [(True, True), (True, False), (False, True)])
+def test_direct_temp_file_allocated_to_the_known_size(store: ObjectStore, monkeypatch: pytest.MonkeyPatch,
+                                                      direct: bool, size_known: bool) -> None:
+    """An O_DIRECT put whose size is known allocates its temp file to that size before the writes
+    (so ext4 can run two at once); a buffered one, or one of unknown size, does not."""
+    store.direct_io = direct
+    calls: list[int] = []
+    real = store_mod._fallocate
+
+    def spy(fd: int, size: int) -> bool:
+        calls.append(size)
+        return real(fd, size)
+
+    monkeypatch.setattr(store_mod, "_fallocate", spy)
+    data = data_of(4 * MIB + 99, 64)
+    digest = store.put(io.BytesIO(data), size=len(data) if size_known else None)
+    assert Path(store.path(digest)).read_bytes() == data
+    assert calls == ([len(data)] if direct and size_known else [])
