@@ -806,6 +806,8 @@ class ObjectStore:
             self._check_expected(digest, expected)
             rel = _rel(digest)
             damaged = self._existing_damaged(rel, run.hasher.size)
+            if damaged is False and self._has_hole(rel, run.hasher.size):
+                damaged = True
             if damaged is not False:
                 try:
                     _chmod_object(fd)
@@ -850,6 +852,26 @@ class ObjectStore:
         # It may come from a concurrent put that has not synced yet: our sync() covers it too.
         self._note(rel)
         return False
+
+    def _has_hole(self, rel: str, size: int) -> bool:
+        """Whether the object has a hole (or space allocated but never written) before `size`.
+
+        Why: what a power failure before sync() leaves may have the right size and no data: a big
+        put allocates its temp file to its size before writing (fallocate), and delayed allocation
+        can reach the disk with the size before the blocks.  The file system reports such ranges as
+        holes (SEEK_HOLE) as long as none of it is in the page cache, as after the reboot that
+        follows such a failure; no put leaves one, so the object is replaced (a file system that
+        stores zeros as holes only costs a rewrite).  False where it cannot tell."""
+        try:
+            fd = os.open(rel, os.O_RDONLY | os.O_NOFOLLOW | _O_CLOEXEC, dir_fd=self._dirfd)
+        except OSError:
+            return False
+        try:
+            return os.lseek(fd, 0, os.SEEK_HOLE) < size
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _open_temp(self, fanout: str | None = None, direct: bool = False) -> tuple[int, str | None]:
         """A new writable temp file: (fd, relative name), name None for an anonymous O_TMPFILE.

@@ -267,6 +267,38 @@ def test_truncated_object_is_replaced(store: ObjectStore) -> None:
     assert tmp_entries(store) == []
 
 
+@pytest.mark.parametrize("hole", ["all", "tail", "allocated"])
+def test_right_sized_object_without_its_data_is_replaced(store: ObjectStore, hole: str) -> None:
+    """What a power failure before sync() can leave of a big put (its temp file allocated to its
+    size before the writes, or delayed allocation): the right size, but a hole or allocated space
+    never written (reads as zeros).  The next put of that content replaces it."""
+    data = data_of(3 * MIB + 5, 65)
+    digest = fsverity_digest(data)
+    path = Path(store.path(digest))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        if hole == "tail":
+            os.write(fd, data[:MIB])
+        if hole == "allocated":
+            os.posix_fallocate(fd, 0, len(data))
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+    assert not store.verify(digest)
+    fd = os.open(path, os.O_RDONLY)  # (as after the reboot: none of it in the page cache, whose
+    try:                             # pages read as zeros count as data for SEEK_HOLE)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert store.put(io.BytesIO(data), size=len(data)) == digest
+    assert store.verify(digest) and path.read_bytes() == data
+    before = os.stat(path).st_ino
+    assert store.put(io.BytesIO(data), size=len(data)) == digest
+    assert os.stat(path).st_ino == before  # (a whole one is kept)
+    assert tmp_entries(store) == []
+
+
 def test_modes_ignore_umask(store: ObjectStore) -> None:
     old = os.umask(0o077)
     try:
