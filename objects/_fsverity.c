@@ -16,6 +16,10 @@
  *     so building needs no OpenSSL headers).
  * digest(data) computes a whole fs-verity digest (tree levels and descriptor) in one call: for a
  * small file hashed on its own, Python's calls around one block's hash cost more than the hash.
+ * stream_update / stream_blocks (SHA-NI only, STREAM = 1): a SHA-256 stream whose state the caller
+ * keeps (objects.digest.StreamSha256, an uncompressed layer's diff_id), and stream_blocks runs it
+ * over whole 4096-byte blocks while hashing each block on its own beside it, the two chains
+ * interleaved: one stream leaves the SHA unit half idle, so the block hashes cost almost nothing.
  * The module checks what it uses against known digests on import.  Without it (no C compiler at
  * install time, neither path usable), objects.digest hashes block by block with hashlib.
  */
@@ -214,6 +218,56 @@ static void hash_run_shani(const unsigned char *data, Py_ssize_t blocks, unsigne
                   out + (size_t)i * HASH_SIZE, out + (size_t)(i + 1) * HASH_SIZE);
     if (i < blocks)
         shani_one(data + (size_t)i * BLOCK_SIZE, out + (size_t)i * HASH_SIZE);
+}
+
+/*
+ * A SHA-256 stream (e.g. an uncompressed layer's diff_id) whose chaining value lives in 32 bytes, in
+ * the digest's byte order (H0..H7 big-endian): what a finished digest would be without padding.
+ */
+SHANI static void shani_load(const unsigned char *st, __m128i *s0, __m128i *s1)
+{
+    uint32_t h[8];
+    for (int i = 0; i < 8; i++)
+        h[i] = (uint32_t)st[4 * i] << 24 | (uint32_t)st[4 * i + 1] << 16 | (uint32_t)st[4 * i + 2] << 8 | st[4 * i + 3];
+    __m128i abcd = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[0]), 0xB1);  /* CDAB */
+    __m128i efgh = _mm_shuffle_epi32(_mm_loadu_si128((const __m128i *)&h[4]), 0x1B);  /* EFGH */
+    *s0 = _mm_alignr_epi8(abcd, efgh, 8);      /* ABEF */
+    *s1 = _mm_blend_epi16(efgh, abcd, 0xF0);   /* CDGH */
+}
+
+/* The stream state `st` over `len` bytes at p (a multiple of 64), one compression after another. */
+SHANI static void shani_stream(unsigned char *st, const unsigned char *p, size_t len)
+{
+    const __m128i BSWAP32 = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    __m128i A0, A1, WA[4], B0 = _mm_setzero_si128(), B1 = B0, WB[4];
+    shani_load(st, &A0, &A1);
+    for (size_t i = 0; i < len; i += 64)
+        COMPRESS(0, A0, A1, WA, p + i, B0, B1, WB, p + i);
+    shani_store(A0, A1, st);
+}
+
+/*
+ * The stream state `st` over `blocks` 4096-byte blocks at p AND each block's own SHA-256 (fs-verity's
+ * bottom level) into out, in one pass: lane A carries the stream, lane B hashes the same 64 bytes
+ * from the initial value.  A single SHA-256 stream keeps the SHA unit half busy (each round waits for
+ * the one before), so the block hashes come almost for free beside it, while the data is in L1.
+ */
+SHANI static void shani_stream_blocks(unsigned char *st, const unsigned char *p, size_t blocks, unsigned char *out)
+{
+    const __m128i BSWAP32 = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+    __m128i A0, A1, B0, B1, I0, I1, WA[4], WB[4], Z0 = _mm_setzero_si128(), Z1 = Z0;
+    shani_load(st, &A0, &A1);
+    shani_init(&I0, &I1);
+    for (size_t b = 0; b < blocks; b++) {
+        const unsigned char *q = p + b * BLOCK_SIZE;
+        B0 = I0;
+        B1 = I1;
+        for (int i = 0; i < BLOCK_SIZE; i += 64)
+            COMPRESS(1, A0, A1, WA, q + i, B0, B1, WB, q + i);
+        COMPRESS(0, B0, B1, WB, PAD4096, Z0, Z1, WA, PAD4096);
+        shani_store(B0, B1, out + b * HASH_SIZE);
+    }
+    shani_store(A0, A1, st);
 }
 
 static int cpu_has_shani(void)
@@ -559,9 +613,138 @@ static PyObject *hash_blocks(PyObject *module, PyObject *arg)
     return out;
 }
 
+#ifdef HAVE_X86_SIMD
+static int stream_shani;  /* whether stream_update / stream_blocks may run (SHA-NI, self-tested) */
+
+/* The 32-byte writable state and the data of a stream call; -1 with an exception set if either is
+ * unfit (the state not 32 bytes or read-only, the length not a multiple of `unit`). */
+static int stream_args(PyObject *args, const char *name, Py_buffer *state, Py_buffer *data, Py_ssize_t unit)
+{
+    PyObject *st, *d;
+    if (!stream_shani) {
+        PyErr_Format(PyExc_RuntimeError, "%s: no SHA-NI on this CPU", name);
+        return -1;
+    }
+    if (!PyArg_UnpackTuple(args, name, 2, 2, &st, &d))
+        return -1;
+    if (PyObject_GetBuffer(st, state, PyBUF_WRITABLE) < 0)
+        return -1;
+    if (state->len != HASH_SIZE) {
+        PyBuffer_Release(state);
+        PyErr_Format(PyExc_ValueError, "%s: the state is not 32 bytes", name);
+        return -1;
+    }
+    if (PyObject_GetBuffer(d, data, PyBUF_SIMPLE) < 0) {
+        PyBuffer_Release(state);
+        return -1;
+    }
+    if (data->len % unit != 0) {
+        PyBuffer_Release(state);
+        PyBuffer_Release(data);
+        PyErr_Format(PyExc_ValueError, "%s: length is not a multiple of %zd", name, unit);
+        return -1;
+    }
+    return 0;
+}
+
+PyDoc_STRVAR(stream_update_doc,
+"stream_update(state, data) -> None\n\n"
+"Run a SHA-256 stream's chaining value `state` (a writable 32-byte buffer: H0..H7 big-endian, the\n"
+"initial value or a previous call's) over `data`, whose length is a multiple of 64 (whole\n"
+"compression blocks; padding is the caller's).  SHA-NI only.");
+
+static PyObject *stream_update(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer state, data;
+    if (stream_args(args, "stream_update", &state, &data, 64) < 0)
+        return NULL;
+    unsigned char st[HASH_SIZE];
+    memcpy(st, state.buf, HASH_SIZE);
+    if (data.len >= GIL_MIN_BLOCKS * BLOCK_SIZE) {
+        Py_BEGIN_ALLOW_THREADS
+        shani_stream(st, data.buf, (size_t)data.len);
+        Py_END_ALLOW_THREADS
+    } else {
+        shani_stream(st, data.buf, (size_t)data.len);
+    }
+    memcpy(state.buf, st, HASH_SIZE);
+    PyBuffer_Release(&state);
+    PyBuffer_Release(&data);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(stream_blocks_doc,
+"stream_blocks(state, data) -> bytes\n\n"
+"`stream_update(state, data)` and `hash_blocks(data)` in one pass over `data` (its length a multiple\n"
+"of 4096): returns the SHA-256 of each 4096-byte block, concatenated.  SHA-NI only.");
+
+static PyObject *stream_blocks(PyObject *module, PyObject *args)
+{
+    (void)module;
+    Py_buffer state, data;
+    if (stream_args(args, "stream_blocks", &state, &data, BLOCK_SIZE) < 0)
+        return NULL;
+    size_t blocks = (size_t)(data.len / BLOCK_SIZE);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(blocks * HASH_SIZE));
+    if (out == NULL) {
+        PyBuffer_Release(&state);
+        PyBuffer_Release(&data);
+        return NULL;
+    }
+    unsigned char *md = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned char st[HASH_SIZE];
+    memcpy(st, state.buf, HASH_SIZE);
+    if (blocks >= GIL_MIN_BLOCKS) {
+        Py_BEGIN_ALLOW_THREADS
+        shani_stream_blocks(st, data.buf, blocks, md);
+        Py_END_ALLOW_THREADS
+    } else {
+        shani_stream_blocks(st, data.buf, blocks, md);
+    }
+    memcpy(state.buf, st, HASH_SIZE);
+    PyBuffer_Release(&state);
+    PyBuffer_Release(&data);
+    return out;
+}
+
+/* stream_blocks over the blocks i % 251 and (j(k+1)+k) % 251 against hash_run and the portable
+ * compression: the stream lane and the block lane must both agree with them. */
+static int stream_self_test(void)
+{
+    static unsigned char data[3 * BLOCK_SIZE];
+    unsigned char md[3 * HASH_SIZE], want[3 * HASH_SIZE], st[HASH_SIZE];
+    uint32_t ref[8];
+    for (int k = 0; k < 3; k++)
+        for (int j = 0; j < BLOCK_SIZE; j++)
+            data[k * BLOCK_SIZE + j] = (unsigned char)((j * (k + 1) + k) % 251);
+    for (int i = 0; i < 8; i++) {
+        st[4 * i] = (unsigned char)(H256[i] >> 24);
+        st[4 * i + 1] = (unsigned char)(H256[i] >> 16);
+        st[4 * i + 2] = (unsigned char)(H256[i] >> 8);
+        st[4 * i + 3] = (unsigned char)H256[i];
+    }
+    memcpy(ref, H256, sizeof ref);
+    shani_stream_blocks(st, data, 2, md);
+    shani_stream(st, data + 2 * BLOCK_SIZE, BLOCK_SIZE);
+    for (int off = 0; off < 3 * BLOCK_SIZE; off += 64)
+        compress_scalar(ref, data + off);
+    for (int i = 0; i < 8; i++)
+        if (((uint32_t)st[4 * i] << 24 | (uint32_t)st[4 * i + 1] << 16 | (uint32_t)st[4 * i + 2] << 8
+             | st[4 * i + 3]) != ref[i])
+            return -1;
+    hash_run_shani(data, 2, want);
+    return memcmp(md, want, 2 * HASH_SIZE) == 0 ? 0 : -1;
+}
+#endif
+
 static PyMethodDef methods[] = {
     {"hash_blocks", hash_blocks, METH_O, hash_blocks_doc},
     {"digest", digest, METH_O, digest_doc},
+#ifdef HAVE_X86_SIMD
+    {"stream_update", stream_update, METH_VARARGS, stream_update_doc},
+    {"stream_blocks", stream_blocks, METH_VARARGS, stream_blocks_doc},
+#endif
     {NULL, NULL, 0, NULL},
 };
 
@@ -695,8 +878,19 @@ PyMODINIT_FUNC PyInit__fsverity(void)
         PyErr_SetString(PyExc_ImportError, "objects._fsverity: no usable SHA-256 (AVX-512, SHA-NI or libcrypto)");
         return NULL;
     }
+#ifdef HAVE_X86_SIMD
+    /* the stream functions: SHA-NI (allowed or not for the block hashes), after their self test */
+    stream_shani = cpu_has_shani() && stream_self_test() == 0;
+#endif
     PyObject *module = PyModule_Create(&module_def);
-    if (module != NULL && PyModule_AddStringConstant(module, "IMPLEMENTATION", impl) < 0) {
+    if (module == NULL)
+        return NULL;
+    int stream = 0;
+#ifdef HAVE_X86_SIMD
+    stream = stream_shani;
+#endif
+    if (PyModule_AddStringConstant(module, "IMPLEMENTATION", impl) < 0
+        || PyModule_AddIntConstant(module, "STREAM", stream) < 0) {
         Py_DECREF(module);
         return NULL;
     }

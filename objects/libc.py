@@ -1,4 +1,4 @@
-"""libc calls the os module lacks (syncfs, sync_file_range), loaded on first use: ctypes is slow to
+"""libc calls the os module lacks (syncfs, sync_file_range, fallocate), loaded on first use: ctypes is slow to
 import and `import objects` must stay cheap."""
 
 from __future__ import annotations
@@ -9,11 +9,13 @@ from collections.abc import Callable
 
 
 class _Libc:
-    """syncfs() and sync_file_range(), which the os module lacks; loaded on first use (ctypes is slow to import)."""
+    """syncfs(), sync_file_range() and fallocate(), which the os module lacks (os.posix_fallocate
+    writes zeros where the file system cannot allocate); loaded on first use (ctypes is slow to import)."""
 
     _loaded = False
     syncfs: Callable[[int], int] | None = None
     sync_file_range: Callable[[int, int, int, int], int] | None = None
+    fallocate: Callable[[int, int, int, int], int] | None = None
 
     @classmethod
     def load(cls) -> type[_Libc]:
@@ -29,6 +31,10 @@ class _Libc:
                 fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
                 fn.restype = ctypes.c_int
                 cls.sync_file_range = fn
+                fn = libc.fallocate64
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+                fn.restype = ctypes.c_int
+                cls.fallocate = fn
             except (ImportError, OSError, AttributeError):
                 pass
             cls._loaded = True
@@ -48,3 +54,10 @@ def _syncfs(fd: int) -> bool:
             return False
         raise OSError(err, os.strerror(err))
     return True
+
+
+def _fallocate(fd: int, size: int) -> bool:
+    """Allocate the first `size` bytes of a file (its size then at least `size`) without writing
+    them; False where the file system or libc cannot (nothing changed then)."""
+    fn = _Libc.load().fallocate
+    return fn is not None and fn(fd, 0, 0, size) == 0

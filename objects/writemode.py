@@ -34,6 +34,7 @@ STATE_FILE = ".write-mode"
 PROBE_BYTES = 8 << 20
 PROBE_WRITE = 1 << 20
 PROBE_RUN = 4  # O_DIRECT writes of this many PROBE_WRITEs at once (objects.store.DIRECT_RUN)
+PROBE_WRITERS = 2  # O_DIRECT writes in flight, into an allocated file (objects.store.DIRECT_WRITERS)
 ROUNDS = 3
 MARGIN = 1.5  # buffered must be this much faster (median against median) to be chosen: the figures
 # of the development VM under load reached 1.3 with O_DIRECT the better way there; the VM that ran
@@ -124,15 +125,20 @@ def _hash_seconds(buf: mmap.mmap) -> float:
     """CPU seconds to hash PROBE_BYTES as an import does: fs-verity block hashes and a sha256."""
     from hashlib import sha256
 
-    from .digest import hash_full_blocks
+    from .digest import STREAM_BLOCKS, StreamSha256, hash_full_blocks
 
     mv = memoryview(buf)
     try:
-        h = sha256()
         t0 = time.thread_time()
-        for _ in range(PROBE_BYTES // PROBE_WRITE):
-            hash_full_blocks(mv)
-            h.update(mv)
+        if STREAM_BLOCKS:  # (both in one pass, as an uncompressed layer's chunks are)
+            s = StreamSha256()
+            for _ in range(PROBE_BYTES // PROBE_WRITE):
+                s.update_blocks(mv)
+        else:
+            h = sha256()
+            for _ in range(PROBE_BYTES // PROBE_WRITE):
+                hash_full_blocks(mv)
+                h.update(mv)
         return time.thread_time() - t0
     finally:
         mv.release()
@@ -145,7 +151,9 @@ def _median(xs: list[float]) -> float:
 
 
 def _time_write(dirfd: int, buf: mmap.mmap, direct: bool) -> tuple[float, float] | None:
-    """(seconds, CPU seconds of this thread) to write PROBE_BYTES and fdatasync them."""
+    """(seconds, CPU seconds of the writing threads) to write PROBE_BYTES and fdatasync them, as a
+    big put does: O_DIRECT into a file allocated first, PROBE_WRITERS writes in flight; buffered
+    from one thread."""
     flags = os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC | (_O_DIRECT if direct else 0)
     if not _O_TMPFILE:
         return None
@@ -161,15 +169,59 @@ def _time_write(dirfd: int, buf: mmap.mmap, direct: bool) -> tuple[float, float]
                 return None
         run = PROBE_RUN if direct else 1  # (as a lagging O_DIRECT writer does: objects.store._gather)
         t0, c0 = time.perf_counter(), time.thread_time()
-        for off in range(0, PROBE_BYTES, PROBE_WRITE * run):
-            if os.pwritev(fd, [buf] * run, off) != PROBE_WRITE * run:
+        if direct:
+            from .libc import _fallocate
+
+            _fallocate(fd, PROBE_BYTES)  # (as objects.store._put_large; without it, as there)
+        offsets = list(range(0, PROBE_BYTES, PROBE_WRITE * run))
+        if direct and PROBE_WRITERS > 1:
+            cpu = _write_threads(fd, buf, run, offsets)
+            if cpu is None:
                 return None
+        else:
+            for off in offsets:
+                if os.pwritev(fd, [buf] * run, off) != PROBE_WRITE * run:
+                    return None
+            cpu = 0.0
         os.fdatasync(fd)
-        return time.perf_counter() - t0, time.thread_time() - c0
+        return time.perf_counter() - t0, time.thread_time() - c0 + cpu
     except OSError:
         return None
     finally:
         os.close(fd)
+
+
+def _write_threads(fd: int, buf: mmap.mmap, run: int, offsets: list[int]) -> float | None:
+    """Write runs of `run` PROBE_WRITEs at `offsets` from PROBE_WRITERS threads (each takes the next);
+    their CPU seconds, or None if a write failed or was short."""
+    import threading
+
+    lock = threading.Lock()
+    todo = list(reversed(offsets))
+    cpu: list[float] = []
+    failed: list[bool] = []
+
+    def write() -> None:
+        c0 = time.thread_time()
+        try:
+            while True:
+                with lock:
+                    if not todo or failed:
+                        return
+                    off = todo.pop()
+                if os.pwritev(fd, [buf] * run, off) != PROBE_WRITE * run:
+                    failed.append(True)
+        except OSError:
+            failed.append(True)
+        finally:
+            cpu.append(time.thread_time() - c0)
+
+    threads = [threading.Thread(target=write, name="objects-probe") for _ in range(PROBE_WRITERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return None if failed else sum(cpu)
 
 
 def _record(dirfd: int, line: str) -> None:

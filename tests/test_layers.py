@@ -386,6 +386,7 @@ def test_layer_sha256_deferred_to_the_object_pipeline(objects, monkeypatch, tmp_
     import objects.store as store_mod
 
     real_settle = layers_mod.HashingReader.settle
+    real_settle_blocks = layers_mod.HashingReader.settle_blocks
     settles = []
 
     def slow_settle(self, upto=None):
@@ -393,7 +394,13 @@ def test_layer_sha256_deferred_to_the_object_pipeline(objects, monkeypatch, tmp_
         settles.append((upto, self._noted))
         real_settle(self, upto)
 
+    def slow_settle_blocks(self, upto, chunk):  # (the same, with the chunk's block hashes in one pass)
+        time.sleep(0.003)
+        settles.append((upto, self._noted))
+        return real_settle_blocks(self, upto, chunk)
+
     monkeypatch.setattr(layers_mod.HashingReader, "settle", slow_settle)
+    monkeypatch.setattr(layers_mod.HashingReader, "settle_blocks", slow_settle_blocks)
     t = Tar()
     for i, size in enumerate([20 * MIB + 3, MIB + 1, 9 * MIB + 4096, 2 * MIB]):
         t.file(f"big/{i}", os.urandom(size))
@@ -532,3 +539,106 @@ def test_sha512_blob_digest_with_direct_reads(objects):
     assert layer.compressed_digest == "sha512:" + hashlib.sha512(tar).hexdigest()
     assert layer.diff_id == "sha256:" + hashlib.sha256(tar).hexdigest()
     check_objects(objects, t)
+
+
+def test_layer_sha256_and_block_hashes_in_one_pass(objects, monkeypatch, tmp_path):
+    """Where the compiled SHA-256 stream is (objects.digest.StreamSha256), each chunk of a big payload
+    is hashed for the diff_id and for fs-verity in one pass (HashingReader.settle_blocks), not
+    twice; the digests are those of hashlib and of the pure-Python block hashes."""
+    from conftest import require_native
+
+    import objects.digest as digest_mod
+
+    require_native()
+    assert digest_mod.STREAM_BLOCKS, "objects._fsverity has no SHA-256 stream (this CPU has SHA-NI)"
+    shared = []
+    real = digest_mod.StreamSha256.update_blocks
+
+    def spy(self, data):
+        hashes = real(self, data)
+        shared.append(len(data) if hashes is not None else 0)
+        return hashes
+
+    monkeypatch.setattr(digest_mod.StreamSha256, "update_blocks", spy)
+    t = Tar()
+    for i, size in enumerate([6 * MIB + 5, 3 * MIB + 4096, 2 * MIB]):
+        t.file(f"big/{i}", os.urandom(size))
+        t.file(f"small/{i}", os.urandom(100 + i))
+    data = t.bytes()
+    path = tmp_path / "layer.tar"
+    path.write_bytes(data)
+    with open(path, "rb") as src:
+        layer = read_tar(src, objects)
+    assert layer.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    check_objects(objects, t)
+    # most of the 11 MiB: not the head of a member's first chunk (read with its header), and not a
+    # chunk whose bytes another thread had to settle first (a race at most once or twice a layer)
+    assert sum(shared) >= 8 * MIB
+
+
+def test_consecutive_files_share_the_pass_to_their_last_chunk(objects, tmp_path):
+    """A layer of files of a few MiB: the worker that starts the next file waits for the previous
+    file's last chunk (HashingReader.claim) instead of hashing its bytes for the diff_id itself,
+    which left that chunk's fs-verity hashes to be computed apart (a fifth of such a layer)."""
+    from conftest import require_native
+
+    import objects.digest as digest_mod
+
+    require_native()
+    assert digest_mod.STREAM_BLOCKS, "objects._fsverity has no SHA-256 stream (this CPU has SHA-NI)"
+    real = digest_mod.StreamSha256.update_blocks
+    shared = []
+
+    def spy(self, data):
+        hashes = real(self, data)
+        shared.append(len(data) if hashes is not None else 0)
+        return hashes
+
+    t = Tar()
+    sizes = [2 * MIB + MIB // 2 + 4096 * i for i in range(12)]
+    for i, size in enumerate(sizes):
+        t.file(f"f/{i}", os.urandom(size))
+    data = t.bytes()
+    path = tmp_path / "layer.tar"
+    path.write_bytes(data)
+    mp = pytest.MonkeyPatch()
+    mp.setattr(digest_mod.StreamSha256, "update_blocks", spy)
+    try:
+        with open(path, "rb") as src:
+            layer = read_tar(src, objects)
+    finally:
+        mp.undo()
+    assert layer.diff_id == "sha256:" + hashlib.sha256(data).hexdigest()
+    check_objects(objects, t)
+    assert sum(shared) >= 0.9 * sum(sizes), (sum(shared) / sum(sizes), shared)
+
+
+def test_a_claim_never_settled_is_waited_for_once(tmp_path):
+    """A chunk claimed by a pipeline that then stopped without settling it: the next chunk's
+    settle_blocks waits for it at most CLAIM_WAIT, drops it, and no later one waits again; the
+    stream's sha256 stays right."""
+    import time
+
+    import flatmount.sources.pipeline as pipeline_mod
+    from flatmount.sources.layers import HashingReader
+
+    payload = os.urandom(3 * MIB)
+    path = tmp_path / "src"
+    path.write_bytes(payload)
+    with open(path, "rb") as f:
+        r = HashingReader(f)
+        r.defer_work()
+        bufs = [bytearray(MIB) for _ in range(3)]
+        r.readinto(bufs[0])
+        r.claim()  # (its settle_blocks never comes)
+        took = []
+        for buf in bufs[1:]:
+            r.readinto(buf)
+            mark = r.claim()
+            t0 = time.perf_counter()
+            r.settle_blocks(mark, memoryview(buf))
+            took.append(time.perf_counter() - t0)
+        r.end()
+        assert r.hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert took[0] >= pipeline_mod.CLAIM_WAIT * 0.9
+    assert took[1] < pipeline_mod.CLAIM_WAIT / 2

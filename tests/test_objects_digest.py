@@ -342,3 +342,79 @@ def test_flatmount_pure_turns_the_compiled_loop_off() -> None:
         out = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
                              text=True, check=True).stdout
         assert out.split()[:2] == [native, native], out
+
+
+# --- the compiled SHA-256 stream that shares its pass with the block hashes (StreamSha256) ---------
+
+def require_stream() -> None:
+    """StreamSha256 needs the compiled loop and SHA-NI: where the CPU has SHA-NI, its absence is a
+    failure under CI (a broken build), elsewhere the hardware lacks it."""
+    require_native()
+    with open("/proc/cpuinfo") as f:
+        has_shani = " sha_ni" in f.read()
+    if not digest_mod.STREAM_BLOCKS:
+        if has_shani:
+            pytest.fail("objects._fsverity has no SHA-256 stream functions on a CPU with SHA-NI")
+        pytest.skip("no SHA-NI on this CPU")
+
+
+@settings(max_examples=120, deadline=None)
+@given(size=st.one_of(st.integers(0, 200), st.integers(0, 40 * BLOCK_SIZE)), seed=st.integers(0, 2**32),
+       cuts=st.lists(st.integers(0, 40 * BLOCK_SIZE), max_size=6), blocks_at=st.lists(st.booleans(), max_size=7))
+def test_stream_sha256_equals_hashlib_and_block_hashes(size: int, seed: int, cuts: list[int],
+                                                       blocks_at: list[bool]) -> None:
+    """Fed in pieces (some through `update_blocks`), the compiled stream gives hashlib's sha256, and
+    `update_blocks` gives the pure-Python block hashes (the reference) or declines (None, nothing
+    done) where the stream is not at a 64-byte boundary."""
+    require_stream()
+    data = random.Random(seed).randbytes(size)
+    h = digest_mod.StreamSha256()
+    bounds = sorted({min(c, size) for c in cuts} | {0, size})
+    for i, (a, b) in enumerate(zip(bounds, bounds[1:], strict=False)):
+        piece = memoryview(data)[a:b]
+        full = len(piece) - len(piece) % BLOCK_SIZE
+        if i < len(blocks_at) and blocks_at[i] and full:
+            hashes = h.update_blocks(piece[:full])
+            if hashes is None:
+                assert a % 64
+                h.update(piece)
+                continue
+            assert hashes == digest_mod._hash_full_blocks_py(piece[:full])
+            h.update(piece[full:])
+        else:
+            h.update(piece)
+        assert h.digest() == hashlib.sha256(data[:b]).digest()  # (digest() does not consume)
+    assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+
+
+def test_stream_functions_refuse_bad_arguments() -> None:
+    """The C stream functions check their arguments: an exception, never a crash or a write past the
+    32-byte state."""
+    require_stream()
+    from objects import _fsverity
+
+    state = bytearray(32)
+    for fn, args, err in [
+        (_fsverity.stream_update, (bytearray(31), b""), ValueError),
+        (_fsverity.stream_update, (bytearray(33), b""), ValueError),
+        (_fsverity.stream_update, (bytes(32), b""), (BufferError, TypeError)),
+        (_fsverity.stream_update, (state, b"x" * 65), ValueError),
+        (_fsverity.stream_blocks, (state, b"x" * 64), ValueError),
+        (_fsverity.stream_blocks, (state, "text"), TypeError),
+        (_fsverity.stream_blocks, (state,), TypeError),
+    ]:
+        with pytest.raises(err):
+            fn(*args)
+    assert state == bytearray(32)  # untouched by the refused calls
+    assert _fsverity.stream_blocks(state, b"") == b""
+
+
+def test_flatmount_pure_turns_the_stream_off() -> None:
+    """FLATMOUNT_PURE=1: no compiled stream; a layer's sha256 is hashlib's (the reference)."""
+    code = ("from objects.digest import STREAM_BLOCKS\n"
+            "from flatmount.sources.pipeline import _stream_hash\n"
+            "print(STREAM_BLOCKS, _stream_hash().name, type(_stream_hash()).__module__)")
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": root, "FLATMOUNT_PURE": "1"}).stdout.split()
+    assert out == ["False", "sha256", "_hashlib"]

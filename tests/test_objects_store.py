@@ -267,6 +267,38 @@ def test_truncated_object_is_replaced(store: ObjectStore) -> None:
     assert tmp_entries(store) == []
 
 
+@pytest.mark.parametrize("hole", ["all", "tail", "allocated"])
+def test_right_sized_object_without_its_data_is_replaced(store: ObjectStore, hole: str) -> None:
+    """What a power failure before sync() can leave of a big put (its temp file allocated to its
+    size before the writes, or delayed allocation): the right size, but a hole or allocated space
+    never written (reads as zeros).  The next put of that content replaces it."""
+    data = data_of(3 * MIB + 5, 65)
+    digest = fsverity_digest(data)
+    path = Path(store.path(digest))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        if hole == "tail":
+            os.write(fd, data[:MIB])
+        if hole == "allocated":
+            os.posix_fallocate(fd, 0, len(data))
+        os.ftruncate(fd, len(data))
+    finally:
+        os.close(fd)
+    assert not store.verify(digest)
+    fd = os.open(path, os.O_RDONLY)  # (as after the reboot: none of it in the page cache, whose
+    try:                             # pages read as zeros count as data for SEEK_HOLE)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    assert store.put(io.BytesIO(data), size=len(data)) == digest
+    assert store.verify(digest) and path.read_bytes() == data
+    before = os.stat(path).st_ino
+    assert store.put(io.BytesIO(data), size=len(data)) == digest
+    assert os.stat(path).st_ino == before  # (a whole one is kept)
+    assert tmp_entries(store) == []
+
+
 def test_modes_ignore_umask(store: ObjectStore) -> None:
     old = os.umask(0o077)
     try:
@@ -706,6 +738,7 @@ def test_full_filesystem_is_a_store_error(tmp_path: Path) -> None:
     with tiny_tmpfs(tmp_path / "small") as mnt:
         with ObjectStore(mnt / "objects") as s:
             for make in (lambda: s.put(io.BytesIO(data_of(3 * MIB, 11))),
+                         lambda: s.put(io.BytesIO(data_of(3 * MIB, 14)), size=3 * MIB),  # (allocated first)
                          lambda: s.put_bytes(data_of(MIB, 12)) and s.put_bytes(data_of(MIB - 1, 13))):
                 with pytest.raises(ObjectStoreError, match=str(mnt)) as exc:
                     make()
@@ -755,6 +788,7 @@ def _record_pwrites(monkeypatch: pytest.MonkeyPatch, fail: Callable[[int, int], 
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
 def test_big_put_write_modes(store: ObjectStore, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
     store.direct_io = direct
+    monkeypatch.setattr(store_mod, "DIRECT_WRITERS", 1)  # (the order of one writer's calls; two: below)
     data = data_of(3 * MIB + 4097, 14)
     calls = _record_pwrites(monkeypatch, lambda n, flags: None)
     digest = store.put(io.BytesIO(data))
@@ -780,6 +814,7 @@ def test_direct_write_falls_back_to_buffered(store: ObjectStore, monkeypatch: py
 
     store.direct_io = True  # (not measured: the probe's writes would meet the injected failure)
     monkeypatch.setattr(store_mod, "DIRECT_RUN", 1)  # one write per chunk (runs: the test below)
+    monkeypatch.setattr(store_mod, "DIRECT_WRITERS", 1)  # (one writer's sequence of calls)
     calls = _record_pwrites(monkeypatch, fail)
     data = data_of(3 * MIB + 100, 15)
     digest = store.put(io.BytesIO(data))
@@ -811,6 +846,7 @@ def test_lagging_direct_writer_writes_runs(store: ObjectStore, monkeypatch: pyte
         return None
 
     store.direct_io = True
+    monkeypatch.setattr(store_mod, "DIRECT_WRITERS", 1)  # (one writer's sequence of calls)
     calls = _record_pwrites(monkeypatch, fail)
     data = data_of(9 * MIB + 100, 16)
     digest = store.put(io.BytesIO(data))
@@ -829,6 +865,94 @@ def test_lagging_direct_writer_writes_runs(store: ObjectStore, monkeypatch: pyte
         assert calls[2] == (True, run_offset, MIB)
     else:  # the rest of the short run: the rest of its second chunk first
         assert calls[2] == (True, run_offset + MIB + 8192, MIB - 8192)
+
+
+def _direct_supported(store: ObjectStore) -> bool:
+    try:
+        fd = os.open(os.path.join(store.root, ".tmp"), os.O_WRONLY | os.O_TMPFILE | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+@pytest.mark.parametrize("size_known", [True, False], ids=["size", "no-size"])
+def test_two_direct_writes_in_flight(store: ObjectStore, monkeypatch: pytest.MonkeyPatch,
+                                     size_known: bool) -> None:
+    """O_DIRECT puts keep two writes in flight (one left the virtual disk idle between writes, at
+    0.7 of its rate): while one write is held up, the other writer writes the next chunk.  Every
+    byte is written exactly once and the object is whole, with or without its size known (known:
+    the temp file is allocated first, so ext4 can run the writes in parallel)."""
+    assert _direct_supported(store)
+    store.direct_io = True
+    monkeypatch.setattr(store_mod, "DIRECT_RUN", 1)
+    first_held = threading.Event()
+    overlapped = threading.Event()
+    lock = threading.Lock()
+    active = [0]
+
+    def fail(n: int, flags: int) -> None:
+        with lock:
+            active[0] += 1
+            if active[0] > 1:
+                overlapped.set()
+        try:
+            if n == 1:  # the first write waits (up to 5 s) until another one runs beside it
+                first_held.set()
+                overlapped.wait(5)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    calls = _record_pwrites(monkeypatch, fail)
+    data = data_of(6 * MIB + 12345, 61)
+    digest = store.put(io.BytesIO(data), size=len(data) if size_known else None)
+    assert overlapped.is_set(), calls
+    assert digest == fsverity_digest(data)
+    assert Path(store.path(digest)).read_bytes() == data
+    covered = 0
+    for offset, length in sorted((offset, length) for _, offset, length in calls):
+        assert offset == covered
+        covered += length
+    assert covered == len(data)
+    assert tmp_entries(store) == []
+
+
+def test_direct_put_of_a_stream_shorter_than_its_size(store: ObjectStore) -> None:
+    """The temp file of a put whose size is known is allocated to that size before writing: a
+    stream that ends early gives an object of what was read, not one padded with zeros."""
+    store.direct_io = True
+    data = data_of(3 * MIB + 777, 62)
+    digest = store.put(io.BytesIO(data), size=5 * MIB)
+    assert digest == fsverity_digest(data)
+    assert Path(store.path(digest)).read_bytes() == data
+    assert os.stat(store.path(digest)).st_size == len(data)
+    assert store.verify(digest)
+
+
+@pytest.mark.parametrize("which", [1, 2, 5])
+def test_one_of_two_direct_writers_failing(store: ObjectStore, monkeypatch: pytest.MonkeyPatch,
+                                           which: int) -> None:
+    """A write error in either writer fails the put with ObjectStoreError (naming the store); nothing
+    is published or left behind, and the store's next put works (no thread waits forever)."""
+    import errno as errno_mod
+
+    store.direct_io = True
+    monkeypatch.setattr(store_mod, "DIRECT_RUN", 1)
+
+    armed = [True]
+
+    def fail(n: int, flags: int) -> OSError | None:
+        return OSError(errno_mod.EIO, "Input/output error") if armed[0] and n == which else None
+
+    _record_pwrites(monkeypatch, fail)
+    data = data_of(7 * MIB + 5, 63)
+    with pytest.raises(ObjectStoreError, match="Input/output error"):
+        store.put(io.BytesIO(data), size=len(data))
+    assert list(store) == [] and tmp_entries(store) == []
+    armed[0] = False
+    digest = store.put(io.BytesIO(data), size=len(data))
+    assert Path(store.path(digest)).read_bytes() == data
 
 
 # --- bulk writer: small objects stored by helper processes -------------------------------------------
@@ -994,3 +1118,23 @@ def test_bulk_refused_on_readonly_store(tmp_path: Path) -> None:
     ObjectStore(tmp_path / "o").close()
     with ObjectStore(tmp_path / "o", readonly=True) as s, pytest.raises(ReadOnlyObjectStoreError):
         s.bulk()
+
+
+@pytest.mark.parametrize(("direct", "size_known"), [(True, True), (True, False), (False, True)])
+def test_direct_temp_file_allocated_to_the_known_size(store: ObjectStore, monkeypatch: pytest.MonkeyPatch,
+                                                      direct: bool, size_known: bool) -> None:
+    """An O_DIRECT put whose size is known allocates its temp file to that size before the writes
+    (so ext4 can run two at once); a buffered one, or one of unknown size, does not."""
+    store.direct_io = direct
+    calls: list[int] = []
+    real = store_mod._fallocate
+
+    def spy(fd: int, size: int) -> bool:
+        calls.append(size)
+        return real(fd, size)
+
+    monkeypatch.setattr(store_mod, "_fallocate", spy)
+    data = data_of(4 * MIB + 99, 64)
+    digest = store.put(io.BytesIO(data), size=len(data) if size_known else None)
+    assert Path(store.path(digest)).read_bytes() == data
+    assert calls == ([len(data)] if direct and size_known else [])

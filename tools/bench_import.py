@@ -29,6 +29,9 @@ pipeline, not for reading the source.
     python3 tools/bench_import.py --small-only [--rounds N] [--old TREE]
         # only the small files; with --old, a second checkout's pull (e.g. `git archive HEAD | tar -x
         # -C TREE`) joins the same interleaving (floor, old, new per round), for A/B figures
+    python3 tools/bench_import.py --big-only [--rounds N] [--old TREE]
+        # only the big and medium files, each round: the two ceilings, then (with --old) old and new
+        # pulls of both tars in alternating order; medians of paired ratios, CPU seconds
 """
 
 from __future__ import annotations
@@ -363,17 +366,77 @@ def run_small(quick: bool, rounds: int = 5, old: Path | None = None) -> dict:
     return out
 
 
+def run_big(quick: bool, rounds: int = 5, old: Path | None = None) -> dict:
+    """Only the big and medium parts, `rounds` rounds of: 1-core sha256 and disk write+fsync (the
+    ceilings), then the big and the medium tar pulled by this checkout and (with `old`) by the old
+    one, the two in alternating order (A B, B A, ...) so a burst of load from elsewhere hits both.
+    Figures: per-round MB/s and CPU seconds (user+sys of the child), medians, and the medians of
+    the paired ratios (new/old, import/ceiling of the same round, medium/big of the same round)."""
+    size = (64 if quick else 500) * MB
+    workdir = Path(tempfile.mkdtemp(prefix="flatmount-bench-big-", dir=os.environ.get("BENCH_TMP")))
+    trees = {"new": ROOT} | ({"old": old} if old is not None else {})
+    res: dict[str, dict[str, list[dict]]] = {w: {"big": [], "medium": []} for w in trees}
+    sha: list[float] = []
+    disk: list[float] = []
+    try:
+        big, medium = workdir / "big.tar", workdir / "medium.tar"
+        _big_tar(big, size)
+        _big_tar(medium, size, size // MEDIUM_FILE)
+        sizes = {"big": big.stat().st_size, "medium": medium.stat().st_size}
+        _quiet()
+        for r in range(rounds):
+            sha.append(bench_sha256(1024))
+            disk.append(max(bench_disk_write(workdir / "disk-baseline", min(size, 256 * MB) // MB)
+                            for _ in range(2)))
+            (workdir / "disk-baseline").unlink()
+            _quiet()
+            order = list(trees) if r % 2 == 0 else list(reversed(trees))
+            for kind, tar in (("big", big), ("medium", medium)):
+                for which in order:
+                    p = _pull_in_child(workdir, tar, f"{which}-{kind}", root=trees[which])
+                    p["mb_s"] = sizes[kind] / p["seconds"] / MB
+                    res[which][kind].append(p)
+                    _quiet()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    ceil = [min(a, b) for a, b in zip(sha, disk, strict=True)]
+    med = statistics.median
+    out: dict = {"rounds": rounds, "layer_mb": round(size / MB), "sha256_mb_s": [round(x) for x in sha],
+                 "disk_write_fsync_mb_s": [round(x) for x in disk], "ceiling_median": round(med(ceil))}
+    for which, kinds in res.items():
+        o: dict = {"write_mode": sorted({p["write_mode"] for ps in kinds.values() for p in ps})}
+        for kind, ps in kinds.items():
+            o[f"{kind}_mb_s"] = [round(p["mb_s"]) for p in ps]
+            o[f"{kind}_mb_s_median"] = round(med(p["mb_s"] for p in ps))
+            o[f"{kind}_cpu_s"] = [round(p["cpu_s"], 2) for p in ps]
+            o[f"{kind}_cpu_s_median"] = round(med(p["cpu_s"] for p in ps), 3)
+            o[f"{kind}_vs_ceiling_median"] = round(med(p["mb_s"] / c for p, c in zip(ps, ceil, strict=True)), 3)
+        o["medium_vs_big_median"] = round(med(m["mb_s"] / b["mb_s"]
+                                              for m, b in zip(kinds["medium"], kinds["big"], strict=True)), 3)
+        out[which] = o
+    if old is not None:
+        for kind in ("big", "medium"):
+            pairs = list(zip(res["new"][kind], res["old"][kind], strict=True))
+            out[f"{kind}_new_vs_old_mb_s_median"] = round(med(n["mb_s"] / o["mb_s"] for n, o in pairs), 3)
+            out[f"{kind}_new_vs_old_cpu_median"] = round(med(n["cpu_s"] / o["cpu_s"] for n, o in pairs), 3)
+    return out
+
+
 if __name__ == "__main__":
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--small-only", action="store_true", help="only the small-files part")
-    ap.add_argument("--rounds", type=int, default=5, help="rounds of the small-files part (--small-only)")
-    ap.add_argument("--old", type=Path, help="another checkout whose pull joins the interleaving (--small-only)")
+    ap.add_argument("--big-only", action="store_true", help="only the big and medium files")
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of --small-only / --big-only")
+    ap.add_argument("--old", type=Path,
+                    help="another checkout whose pull joins the interleaving (--small-only, --big-only)")
     a = ap.parse_args()
     if a.small_only:
         result = run_small(a.quick, a.rounds, a.old.resolve() if a.old else None)
+    elif a.big_only:
+        result = run_big(a.quick, a.rounds, a.old.resolve() if a.old else None)
     else:
         result = run(a.quick)
     print(json.dumps(result, indent=2, sort_keys=True))

@@ -6,6 +6,7 @@ The target: putting one big layer file reaches >= 70% of min(sha256, disk write)
 runs well above 10,000 files/s, each figure including the final sync().
 
     python tools/bench_objects.py [--quick]
+    python tools/bench_objects.py --budget [--quick]   # per-byte costs of a big import (see budget())
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -180,5 +182,141 @@ def run(quick: bool) -> dict:
     }
 
 
+def budget(quick: bool, rounds: int = 4) -> dict:
+    """The per-byte costs a big import is made of, each alone on one thread: CPU nanoseconds a byte
+    (user+sys of the thread, which others' load changes little; best of 3) and MB/s of wall time.
+
+    - reading a page-cached file into a 1 MiB user buffer (read()) or mapping it (mmap, first touch);
+    - fs-verity block hashes (objects._fsverity), hashlib sha256 (OpenSSL), both apart, and both in
+      the one SHA-NI pass of objects.digest.StreamSha256 where it exists;
+    - writing to disk with fdatasync: buffered, and O_DIRECT with 1, 2 and 4 writes in flight, into a
+      fresh file (extending: ext4 serialises those) and into one allocated first (fallocate); these
+      interleaved over `rounds` rounds, medians (the virtual disk drifts)."""
+    import hashlib
+    import mmap
+    import statistics
+    import threading
+
+    from objects import digest
+
+    size = (64 if quick else 256) * MIB
+    work = tempfile.mkdtemp(prefix="bench-budget-", dir=BENCH_DIR)
+    buf = mmap.mmap(-1, 4 * MIB)
+    buf.write(os.urandom(4 * MIB))
+    mv = memoryview(buf)
+    chunk = mv[:MIB]
+    out: dict = {"size_mib": size // MIB}
+    try:
+        src = os.path.join(work, "src.bin")
+        bench_disk_write(src, size // MIB)
+        with open(src, "rb") as f:  # (page-cache hot from here on)
+            while f.read(MIB):
+                pass
+
+        def cpu_ns(fn: Callable[[], None]) -> tuple[float, float]:
+            best_c = best_w = 1e9
+            for _ in range(3):
+                t0, c0 = time.perf_counter(), time.thread_time()
+                fn()
+                best_c = min(best_c, time.thread_time() - c0)
+                best_w = min(best_w, time.perf_counter() - t0)
+            return round(best_c / size * 1e9, 3), round(size / best_w / 1e6)
+
+        def read_file() -> None:
+            fd = os.open(src, os.O_RDONLY)
+            try:
+                while os.readv(fd, [chunk]) == MIB:
+                    pass
+            finally:
+                os.close(fd)
+
+        def map_file() -> None:
+            fd = os.open(src, os.O_RDONLY)
+            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            os.close(fd)
+            total = 0
+            for off in range(0, size, 4096):
+                total += m[off]
+            m.close()
+
+        def fsverity() -> None:
+            for _ in range(size // MIB):
+                digest.hash_full_blocks(chunk)
+
+        def sha() -> None:
+            h = hashlib.sha256()
+            for _ in range(size // MIB):
+                h.update(chunk)
+
+        def both_apart() -> None:
+            h = hashlib.sha256()
+            for _ in range(size // MIB):
+                digest.hash_full_blocks(chunk)
+                h.update(chunk)
+
+        def both_one_pass() -> None:
+            h = digest.StreamSha256()
+            for _ in range(size // MIB):
+                h.update_blocks(chunk)
+
+        cases = [("read_page_cache", read_file), ("mmap_first_touch", map_file), ("fsverity_blocks", fsverity),
+                 ("sha256_hashlib", sha), ("fsverity_and_sha256_apart", both_apart)]
+        if digest.STREAM_BLOCKS:
+            cases.append(("fsverity_and_sha256_one_pass", both_one_pass))
+        for name, fn in cases:
+            out[f"{name}_cpu_ns_per_byte"], out[f"{name}_mb_s"] = cpu_ns(fn)
+
+        def write(direct: bool, inflight: int, allocate: bool, wsize: int = MIB) -> float:
+            flags = os.O_WRONLY | os.O_TMPFILE | (os.O_DIRECT if direct else 0)
+            fd = os.open(work, flags, 0o600)
+            todo = list(range(size - wsize, -1, -wsize))
+            lock = threading.Lock()
+
+            def writer() -> None:
+                while True:
+                    with lock:
+                        if not todo:
+                            return
+                        off = todo.pop()
+                    os.pwrite(fd, mv[:wsize], off)
+
+            try:
+                t0 = time.perf_counter()
+                if allocate:
+                    os.posix_fallocate(fd, 0, size)
+                threads = [threading.Thread(target=writer) for _ in range(inflight)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                os.fdatasync(fd)
+                return size / (time.perf_counter() - t0) / 1e6
+            finally:
+                os.close(fd)
+
+        writes = {"buffered": lambda: write(False, 1, False),
+                  "direct_1_in_flight": lambda: write(True, 1, False),
+                  "direct_2_in_flight": lambda: write(True, 2, False),
+                  "direct_1_in_flight_allocated": lambda: write(True, 1, True),
+                  "direct_2_in_flight_allocated": lambda: write(True, 2, True),
+                  "direct_4_in_flight_allocated": lambda: write(True, 4, True)}
+        got: dict[str, list[float]] = {k: [] for k in writes}
+        for _ in range(1 if quick else rounds):
+            for k, fn in writes.items():
+                got[k].append(fn())
+        for k, v in got.items():
+            out[f"write_{k}_mb_s"] = [round(x) for x in v]
+            out[f"write_{k}_mb_s_median"] = round(statistics.median(v))
+    finally:
+        chunk.release()
+        mv.release()
+        buf.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
 if __name__ == "__main__":
-    print(json.dumps(run("--quick" in sys.argv[1:]), indent=2))
+    if "--budget" in sys.argv[1:]:
+        print(json.dumps(budget("--quick" in sys.argv[1:]), indent=2))
+    else:
+        print(json.dumps(run("--quick" in sys.argv[1:]), indent=2))

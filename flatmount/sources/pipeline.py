@@ -23,6 +23,7 @@ from flatmount.errors import DigestMismatchError, LayerError
 
 CHUNK = 1 << 20
 PLAIN_CHUNK = 64 << 10  # reads of an uncompressed tar outside big payloads (see _plain_chunks)
+CLAIM_WAIT = 0.05  # seconds a chunk's settle_blocks waits for an earlier claimed chunk's (see there)
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
@@ -35,12 +36,15 @@ class HashingReader:
     thread calls `settle()`: the pipeline's worker that read a chunk settles up to that chunk's mark,
     in chunk order, after hashing the chunk for fs-verity.  Each chunk is then read and hashed twice
     on one core while in its cache, and two workers read and hash alternate chunks on two cores.
+    Where the compiled SHA-256 stream is (objects.digest.StreamSha256), a worker settling a chunk it
+    read hashes it for both in one pass instead (`settle_blocks`): the fs-verity block hashes then
+    cost almost nothing beside the stream's sha256.
     """
 
     def __init__(self, f: BinaryIO, algorithm: str = "sha256"):
         self._f = f
         self.algorithm = algorithm
-        self._hash = hashlib.new(algorithm)
+        self._hash = _stream_hash() if algorithm == "sha256" else hashlib.new(algorithm)
         self.size = 0
         self._pending = b""
         self._deferrals = 0  # pipelines reading from us now
@@ -48,6 +52,9 @@ class HashingReader:
         self._noted = 0  # items ever put in _waiting
         self._settled = 0  # items ever taken from it and hashed
         self._settle_lock = threading.Lock()
+        # (its own lock, never held long: a reading worker claims while another hashes)
+        self._claims_done = threading.Condition()  # guards _claims; notified when a claim is dropped
+        self._claims: collections.deque = collections.deque()  # marks `claim()`ed, not settled yet, in order
         # (not _settle_lock: that one is held while a chunk is hashed, so a caller starting the next
         # file's put waited for the previous file's hashing, 0.3 ms a file on average)
         self._count_lock = threading.Lock()
@@ -63,8 +70,27 @@ class HashingReader:
         """A mark for `settle()`: everything handed out so far."""
         return self._noted
 
+    def claim(self) -> int:
+        """`mark()`, and a promise that `settle_blocks` (or `unclaim`) follows for it: a later
+        `settle_blocks` waits for it rather than hash the chunk before it apart (see there)."""
+        m = self._noted
+        with self._claims_done:
+            self._claims.append(m)
+        return m
+
+    def unclaim(self, upto: int) -> None:
+        """Drop a claim whose `settle_blocks` will not come (its pipeline stopped)."""
+        with self._claims_done:
+            try:
+                self._claims.remove(upto)
+            except ValueError:
+                return
+            self._claims_done.notify_all()
+
     def settle(self, upto: int | None = None) -> None:
         """Hash what was handed out up to `upto` (a `mark()`; default: everything), in order."""
+        if upto is not None and self._settled >= upto:  # (only grows: nothing to do, no lock to wait for)
+            return
         with self._settle_lock:
             self._settle_locked(upto)
 
@@ -74,11 +100,75 @@ class HashingReader:
             update(waiting.popleft())
             self._settled += 1
 
+    def settle_blocks(self, upto: int, chunk: memoryview) -> bytes | None:
+        """`settle(upto)` where `chunk` (a buffer of the object store's) is what was last read before
+        that mark; where this hash can, the chunk's whole 4096-byte blocks are hashed for fs-verity
+        in the same pass, and their hashes (`hash_full_blocks` of them) returned; else None.
+
+        The last item noted before the mark, if it is a view of the chunk's buffer, holds the chunk's
+        last bytes (the readinto that filled it); bytes before them came from buffered input hashed
+        earlier in stream order.  Blocks wholly inside that item share the pass; the others (the
+        first one or two of a tar member's first chunk) are hashed apart.
+
+        A chunk claimed earlier (`claim`, by the pipeline of the previous file) is waited for, up to
+        CLAIM_WAIT seconds: settling its bytes here would hash them apart, and its worker then again
+        for fs-verity (a fifth of a layer of 5 MB files, the last chunk of each); the stream is
+        hashed in order anyway, so the wait costs nothing."""
+        with self._claims_done:
+            if not self._claims_done.wait_for(lambda: not self._claims or self._claims[0] >= upto, CLAIM_WAIT):
+                while self._claims and self._claims[0] < upto:  # (late, or left by a stopped pipeline:
+                    self._claims.popleft()                       # not waited for again)
+        try:
+            with self._settle_lock:
+                return self._settle_blocks_locked(upto, chunk)
+        finally:
+            self.unclaim(upto)
+
+    def _settle_blocks_locked(self, upto: int, chunk: memoryview) -> bytes | None:
+        update_blocks = getattr(self._hash, "update_blocks", None)
+        n = len(chunk)
+        full = n - n % 4096
+        if update_blocks is None or not full or self._settled >= upto:
+            self._settle_locked(upto)
+            return None
+        self._settle_locked(upto - 1)
+        item = self._waiting[0] if self._waiting else None
+        if not (isinstance(item, memoryview) and item.obj is chunk.obj and len(item) <= n):
+            self._settle_locked(upto)
+            return None
+        self._waiting.popleft()
+        self._settled += 1
+        update = self._hash.update
+        start = n - len(item)
+        first = -(-start // 4096) * 4096  # the first block boundary in the item
+        if first >= full:
+            update(item)
+            return None
+        if first > start:
+            update(chunk[start:first])
+        shared = update_blocks(chunk[first:full])
+        if shared is None:  # (the stream not at a 64-byte boundary: no shared pass)
+            update(chunk[first:])
+            return None
+        if full < n:
+            update(chunk[full:])
+        if first:
+            from objects.digest import hash_full_blocks
+
+            return hash_full_blocks(chunk[:first]) + shared
+        return shared
+
     def end(self) -> None:
-        """End one `defer_work()`: settle, and hash inline again once no other pipeline defers."""
+        """End one `defer_work()`: settle, and hash inline again once no other pipeline defers.
+
+        Settles up to the first chunk another pipeline has claimed (whose worker settles it, with
+        its block hashes); the ending pipeline settled its own chunks before (ObjectStore._put_large
+        settles up to its last mark), whose buffers must not be reused before."""
         with self._count_lock:
             self._deferrals -= 1
-        self.settle()
+        with self._claims_done:
+            upto = self._claims[0] if self._claims else None
+        self.settle(None if upto is None else upto - 1)
 
     def _hashed(self, data: bytes | memoryview) -> None:
         """Hash `data` now, or note it if a pipeline settles for us (it then must not change till settled)."""
@@ -143,6 +233,14 @@ class HashingReader:
     @property
     def digest(self) -> str:
         return f"{self.algorithm}:{self.hexdigest()}"
+
+
+def _stream_hash() -> object:
+    """sha256 for a HashingReader: the compiled stream that can share its pass with the fs-verity
+    block hashes (objects.digest.StreamSha256) where there is one, else hashlib's."""
+    from objects.digest import STREAM_BLOCKS, StreamSha256
+
+    return StreamSha256() if STREAM_BLOCKS else hashlib.sha256()
 
 
 def _plain_chunks(raw: HashingReader) -> Iterator[bytes]:
