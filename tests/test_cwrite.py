@@ -450,3 +450,34 @@ def test_hardlinked_directory_gives_up_and_python_words_it():
     assert require_cwrite().collect(Inode, root, dict(root.entries), set()) is None
     got = write_with("native", root)
     assert got == write_with("python", root) and got[0] == "error" and "appears twice" in got[2]
+
+
+# names that sort around b"." and b".." (which the walk adds to every directory)
+_DOTTY = [b"-", b".-a", b".\x01", b".a", b"..a", b"...", b"a", b"\x01", b"\xff", b"A", b".", b".."]
+
+
+@pytest.mark.parametrize("order", ["sorted", "reversed", "shuffled"])
+@pytest.mark.parametrize("root_whiteouts", [True, False])
+def test_compiled_walk_orders_entries_of_any_dict_order(order, root_whiteouts):
+    """The compiled walk lists a directory's names (and `.`, `..` among them) in bytes order whatever
+    order its dict holds them in (it sorts only dicts not already in order)."""
+    import random
+
+    names = sorted(n for n in _DOTTY if n not in (b".", b".."))
+    if order == "reversed":
+        names.reverse()
+    elif order == "shuffled":
+        random.Random(17).shuffle(names)
+    root = Inode.directory(mtime_ns=5)
+    sub = root.entries[b"sub"] = Inode.directory(mtime_ns=6)
+    for k, n in enumerate(names):
+        root.entries[n] = Inode.file(b"x" * k, mtime_ns=5)
+        sub.entries[n] = Inode.directory(mtime_ns=7) if k % 3 == 0 else Inode.symlink(b"/t" + n, mtime_ns=5)
+    for ns in ([b"..a", b"-"], [b"..a"], [b"-"], [b".a"]):   # nothing between `.` and `..`, or only that
+        d = root.entries[b"d" + b"".join(ns)] = Inode.directory(mtime_ns=5)
+        for n in (ns if order == "sorted" else reversed(ns)):
+            d.entries[n] = Inode.file(b"", mtime_ns=5)
+    py = walk_with("python", root, root_whiteouts)
+    assert walk_with("native", root, root_whiteouts) == py
+    assert require_cwrite().collect(Inode, root, dict(root.entries), set()) is not None
+    assert same_image(root, root_whiteouts=root_whiteouts) is not None
