@@ -481,3 +481,34 @@ def test_compiled_walk_orders_entries_of_any_dict_order(order, root_whiteouts):
     assert walk_with("native", root, root_whiteouts) == py
     assert require_cwrite().collect(Inode, root, dict(root.entries), set()) is not None
     assert same_image(root, root_whiteouts=root_whiteouts) is not None
+
+
+@WSETTINGS
+@given(shared_content_trees(), st.sampled_from(["python", "native"]))
+def test_shared_digests_as_the_shared_items_name_them(root, impl):
+    """`_share_xattrs` names the digests whose derived metacopy / redirect is shared without parsing
+    every shared item (and counts repeated digests with the compiled `repeated` where it may): the
+    same sets as parsing every shared item of each key, as the writer once did."""
+    from flatmount.image import writer
+
+    saved = use(impl)
+    try:
+        lay = writer._queue_inodes(root, True)
+        writer._inode_fields(lay)
+        writer._share_xattrs(lay)
+    finally:
+        accel.CWRITE = saved
+    for key, got in ((writer._MC, lay.mc_sh), (writer._RD, lay.rd_sh)):
+        assert got == {dg for it in lay.shared_off if it[0] == key and (dg := writer._digest_of_item(it))}
+    for dg, items in lay.dg_items.items():
+        assert items == writer._digest_items(dg)
+
+
+def test_repeated_counts_what_counter_counts():
+    from collections import Counter
+
+    rep = require_cwrite().repeated
+    values = [bytes([k % 7]) * (k % 3) for k in range(500)] + [b"x" * 32] * 3 + [b"y" * 32]
+    assert rep(values) == {v: c for v, c in Counter(values).items() if c > 1}
+    assert rep([]) == {} and rep([b"a", b"b"]) == {}
+    assert rep([b"a", "a"]) is None and rep((b"a",)) is None

@@ -2238,12 +2238,80 @@ done:
 
 /* ---------------------------------------------------------------------------------------------- */
 
+/* ---------------------------------------------------------------------------------------------- */
+/* repeated: the digests of flatmount/image/writer.py `_share_xattrs` used more than once */
+
+typedef struct {
+    Py_hash_t hash;
+    PyObject *key;                   /* borrowed from the list (which nothing changes meanwhile) */
+    Py_ssize_t count;
+} Tally;
+
+PyDoc_STRVAR(repeated_doc,
+"repeated(values) -> {value: count} of the bytes values of the list met more than once, or None\n\n"
+"`{v: c for v, c in Counter(values).items() if c > 1}` for a list of exact bytes objects (None for\n"
+"anything else): `_share_xattrs` needs the counts of the digests that repeat only, and most do not.");
+
+static PyObject *repeated(PyObject *self, PyObject *values)
+{
+    (void)self;
+    if (!PyList_CheckExact(values))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    size_t cap = 16;
+    while (cap < 2 * (size_t)n)
+        cap <<= 1;
+    Tally *t = PyMem_Calloc(cap, sizeof(Tally));
+    if (t == NULL)
+        return PyErr_NoMemory();
+    PyObject *out = NULL;
+    int some = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyList_GET_ITEM(values, i);
+        if (!PyBytes_CheckExact(v)) {
+            PyMem_Free(t);
+            Py_RETURN_NONE;
+        }
+        Py_hash_t h = PyObject_Hash(v);      /* (bytes: cached in the object, never fails) */
+        if (h == -1 && PyErr_Occurred()) {
+            PyMem_Free(t);
+            return NULL;
+        }
+        size_t k = (size_t)h & (cap - 1);
+        Py_ssize_t len = PyBytes_GET_SIZE(v);
+        while (t[k].key != NULL) {
+            PyObject *w = t[k].key;
+            if (t[k].hash == h && PyBytes_GET_SIZE(w) == len
+                    && memcmp(PyBytes_AS_STRING(w), PyBytes_AS_STRING(v), (size_t)len) == 0)
+                break;
+            k = (k + 1) & (cap - 1);
+        }
+        if (t[k].key == NULL) {
+            t[k].key = v;
+            t[k].hash = h;
+        } else
+            some = 1;
+        t[k].count++;
+    }
+    out = PyDict_New();
+    for (size_t k = 0; out != NULL && some && k < cap; k++)
+        if (t[k].count > 1) {
+            PyObject *c = PyLong_FromSsize_t(t[k].count);
+            if (c == NULL || PyDict_SetItem(out, t[k].key, c) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(c);
+        }
+    PyMem_Free(t);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"parse_dump", parse_dump, METH_VARARGS, parse_dump_doc},
     {"emit_inodes", emit_inodes, METH_VARARGS, emit_inodes_doc},
     {"inode_fields", inode_fields, METH_VARARGS, inode_fields_doc},
     {"collect", collect, METH_VARARGS, collect_doc},
     {"place_inodes", place_inodes, METH_VARARGS, place_inodes_doc},
+    {"repeated", repeated, METH_O, repeated_doc},
     {NULL, NULL, 0, NULL},
 };
 
