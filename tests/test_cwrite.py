@@ -205,6 +205,16 @@ class Spy:
         self.calls.append(("place", got is not None))
         return got
 
+    def emit_shared(self, *a):
+        got = self.real.emit_shared(*a)
+        self.calls.append(("shared", got))
+        return got
+
+    def repeated(self, *a):
+        got = self.real.repeated(*a)
+        self.calls.append(("repeated", got is not None))
+        return got
+
 
 def write_spied(root: Inode, **kw):
     """write_with("native") with the compiled module spied on: (outcome, calls)."""
@@ -357,6 +367,19 @@ def test_compiled_passes_take_the_cs9_tree():
     assert ok == "ok"
     assert calls[0] == ("collect", True) and calls[2] == ("place", True)
     assert calls[1][0] == "fields" and calls[1][1] < 400   # the root, 4 inodes with xattrs, 00..ff, big dirs
+    assert ("shared", True) in calls and ("shared", False) not in calls
+
+
+def test_compiled_count_of_repeated_digests_takes_digest_only_files():
+    """Files known by their digest alone, some digests repeated: the compiled count takes them (and
+    the image is the same as the Python passes write)."""
+    root = Inode.directory(mtime_ns=5)
+    for k in range(40):
+        dg = bytes([k % 7]) * 32
+        root.entries[b"f%d" % k] = Inode(0o100644, size=100 + k % 3, digest=dg, mtime_ns=5 + k % 2)
+    assert same_image(root) is not None
+    _, calls = write_spied(root)
+    assert ("repeated", True) in calls and ("shared", True) in calls
 
 
 def _big_uid(r):

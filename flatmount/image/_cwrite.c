@@ -2305,6 +2305,54 @@ static PyObject *repeated(PyObject *self, PyObject *values)
     return out;
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* emit_shared: the shared xattr entries of flatmount/image/writer.py `_emit_head` */
+
+PyDoc_STRVAR(emit_shared_doc,
+"emit_shared(buf, pos, shared, keyinfo) -> bool\n\n"
+"The shared xattr entries `shared` ((name, value) tuples in on-disk order) written into the zeroed\n"
+"writable `buf` from byte `pos` on, as flatmount.image.writer._emit_head writes them.  False when\n"
+"anything is out of the common case (the caller then writes them in Python: the same bytes).");
+
+static PyObject *emit_shared(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer view;
+    long long p;
+    PyObject *shared, *keyinfo;
+    if (!PyArg_ParseTuple(args, "w*LO!O!:emit_shared", &view, &p, &PyList_Type, &shared, &PyDict_Type, &keyinfo))
+        return NULL;
+    Out o = {view.buf, view.len};
+    int r = OK;
+    PyObject *last = NULL;               /* the name `ki` describes (items come grouped by name) */
+    KeyInfo ki = {0};
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(shared) && r == OK; i++) {
+        PyObject *it = PyList_GET_ITEM(shared, i);
+        if (!PyTuple_CheckExact(it) || PyTuple_GET_SIZE(it) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(it, 0))
+                || !PyBytes_CheckExact(PyTuple_GET_ITEM(it, 1))) {
+            r = GIVE_UP;
+            break;
+        }
+        PyObject *k = PyTuple_GET_ITEM(it, 0), *v = PyTuple_GET_ITEM(it, 1);
+        if (k != last) {
+            if ((r = key_info(keyinfo, k, &ki)) != OK)
+                break;
+            last = k;
+        }
+        Py_ssize_t vlen = PyBytes_GET_SIZE(v);
+        long long size = (XENT + ki.nlen + vlen + 3) & ~3LL;
+        if (vlen > 0xFFFF || !fits(&o, p, size)) {
+            r = GIVE_UP;
+            break;
+        }
+        p += put_entry(o.buf + p, &ki, PyBytes_AS_STRING(v), vlen);
+    }
+    PyBuffer_Release(&view);
+    if (r == FAIL)
+        return NULL;
+    return PyBool_FromLong(r == OK);
+}
+
 static PyMethodDef methods[] = {
     {"parse_dump", parse_dump, METH_VARARGS, parse_dump_doc},
     {"emit_inodes", emit_inodes, METH_VARARGS, emit_inodes_doc},
@@ -2312,6 +2360,7 @@ static PyMethodDef methods[] = {
     {"collect", collect, METH_VARARGS, collect_doc},
     {"place_inodes", place_inodes, METH_VARARGS, place_inodes_doc},
     {"repeated", repeated, METH_O, repeated_doc},
+    {"emit_shared", emit_shared, METH_VARARGS, emit_shared_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -918,6 +918,9 @@ def _emit_head(buf, lay: _Layout) -> None:
         raise FormatError(f"superblock field out of range: {e}") from None
 
     p = lay.inodes_end
+    cw = accel.CWRITE   # the compiled loop writes the same bytes; False: out of its common case
+    if cw is not None and cw.emit_shared(buf, p, lay.shared, lay.keyinfo):
+        return
     entry_pack = fmt.XATTR_ENTRY.pack_into
     keyinfo = lay.keyinfo
     for k, v in lay.shared:
