@@ -101,6 +101,34 @@ static int inode_info(PyObject *cls, InodeInfo *info)
 
 #define SLOT(obj, info, f) (*(PyObject **)((char *)(obj) + (info)->off[f]))
 
+/* Prefetching.  The writer's passes are bound by memory latency, not work: every inode, and the int,
+ * bytes and dict objects its slots point to, lie scattered over the heap, and each pass meets them in
+ * queue order.  A pass asks for the inode PF_AHEAD places ahead, and for the objects of the one
+ * PF_AHEAD / 2 ahead (whose own line was asked for earlier); hints only, no side effect. */
+#define PF_AHEAD 16
+
+static inline void prefetch_item(PyObject *list, Py_ssize_t i)
+{
+    if (i < PyList_GET_SIZE(list))
+        __builtin_prefetch(PyList_GET_ITEM(list, i));
+}
+
+/* the objects of the inode at `i` of `nodes` that the passes read (only for the class `info` describes:
+ * slot offsets mean nothing in another object) */
+static inline void prefetch_slots(PyObject *nodes, Py_ssize_t i, const InodeInfo *info, int f1, int f2, int f3,
+                                  int f4)
+{
+    if (i >= PyList_GET_SIZE(nodes))
+        return;
+    PyObject *node = PyList_GET_ITEM(nodes, i);
+    if (Py_TYPE(node) != info->type)
+        return;
+    __builtin_prefetch(SLOT(node, info, f1));
+    __builtin_prefetch(SLOT(node, info, f2));
+    __builtin_prefetch(SLOT(node, info, f3));
+    __builtin_prefetch(SLOT(node, info, f4));
+}
+
 /* set slot `f` of a new inode, stealing `v` (NULL: the slot keeps None) */
 static inline void set_slot(PyObject *obj, const InodeInfo *info, int f, PyObject *v)
 {
@@ -1175,9 +1203,16 @@ static PyObject *emit_inodes(PyObject *self, PyObject *args)
     InodeInfo info;
     const InodeInfo *pinfo = n > 0 && inode_info((PyObject *)Py_TYPE(PyList_GET_ITEM(col[C_NODES], 0)), &info) == 0
                              ? &info : NULL;
-    for (Py_ssize_t i = lo; i < hi && r == OK; i++)
+    for (Py_ssize_t i = lo; i < hi && r == OK; i++) {
+        prefetch_item(col[C_NODES], i + PF_AHEAD);
+        prefetch_item(col[C_MODES], i + PF_AHEAD);
+        prefetch_item(col[C_SIZES], i + PF_AHEAD);
+        prefetch_item(col[C_NIDS], i + PF_AHEAD);
+        if (pinfo != NULL)
+            prefetch_slots(col[C_NODES], i + PF_AHEAD / 2, pinfo, F_MTIME, F_MTIME, F_MTIME, F_MTIME);
         r = emit_one(&o, col, i, &cur_blk, dnames, dkids, dstarts, shared_ids, keyinfo, &mc, &rd,
                      have_digest_keys, pinfo);
+    }
 done:
     PyBuffer_Release(&view);
     if (r == FAIL)
@@ -1488,6 +1523,8 @@ static int scan_ids(const InodeInfo *info, PyObject *nodes, PyObject *nlink, lon
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *node = PyList_GET_ITEM(nodes, i);
         long long uid, gid, nl;
+        prefetch_item(nodes, i + PF_AHEAD);
+        prefetch_slots(nodes, i + PF_AHEAD / 2, info, F_MTIME, F_UID, F_GID, F_MTIME);
         if (Py_TYPE(node) != info->type)
             return GIVE_UP;
         if ((r = slot_any_ll(node, info, F_MTIME, &mt[i])) != OK || (r = slot_any_ll(node, info, F_UID, &uid)) != OK
@@ -1551,6 +1588,8 @@ static PyObject *inode_fields(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++)
         PyList_SET_ITEM(isz, i, PyLong_FromLong(mt[i] == min_mt ? INODE_COMPACT : INODE_EXTENDED));  /* small ints */
     for (Py_ssize_t i = 0; i < n; i++) {
+        prefetch_item(nodes, i + PF_AHEAD);
+        prefetch_slots(nodes, i + PF_AHEAD / 2, &fs.info, F_XATTRS, F_MODE, F_SIZE, F_DIGEST);
         r = fields_one(&fs, PyList_GET_ITEM(nodes, i), i);
         if (r == FAIL)
             goto done;
@@ -1792,6 +1831,13 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
     for (Py_ssize_t k = 0; k < n && r == OK; k++) {
         PyObject *child = es[k].child;
         long long mode;
+        if (k + PF_AHEAD < n) {          /* (hints: see PF_AHEAD) */
+            PyObject *ahead = es[k + PF_AHEAD].child;
+            __builtin_prefetch(ahead);
+            __builtin_prefetch(&c->seen.slot[ptr_hash(ahead) & c->seen.mask]);
+        }
+        if (k + PF_AHEAD / 2 < n && Py_TYPE(es[k + PF_AHEAD / 2].child) == c->info.type)
+            __builtin_prefetch(SLOT(es[k + PF_AHEAD / 2].child, &c->info, F_MODE));
         if (Py_TYPE(child) != c->info.type) {
             r = GIVE_UP;
             break;
