@@ -1208,6 +1208,7 @@ static PyObject *emit_inodes(PyObject *self, PyObject *args)
         prefetch_item(col[C_MODES], i + PF_AHEAD);
         prefetch_item(col[C_SIZES], i + PF_AHEAD);
         prefetch_item(col[C_NIDS], i + PF_AHEAD);
+        prefetch_item(col[C_FAST], i + PF_AHEAD);
         if (pinfo != NULL)
             prefetch_slots(col[C_NODES], i + PF_AHEAD / 2, pinfo, F_MTIME, F_MTIME, F_MTIME, F_MTIME);
         r = emit_one(&o, col, i, &cur_blk, dnames, dkids, dstarts, shared_ids, keyinfo, &mc, &rd,
@@ -2081,6 +2082,9 @@ static PyObject *place_inodes(PyObject *self, PyObject *args)
     /* pass A: every inode's xattr body size and form, and its columns; nothing is changed */
     for (Py_ssize_t i = 0; i < n && r == OK; i++) {
         Place *p = &pl[i];
+        prefetch_item(col[X_MODES], i + PF_AHEAD);   /* (hints: see PF_AHEAD) */
+        prefetch_item(col[X_SIZES], i + PF_AHEAD);
+        prefetch_item(col[X_FAST], i + PF_AHEAD);
         if ((r = item_ll(col[X_ISZ], i, COMPACT, EXTENDED, &p->isz)) != OK
                 || (r = item_ll(col[X_TAILS], i, 0, 1LL << 40, &p->tail)) != OK
                 || (r = item_ll(col[X_MODES], i, 0, 0xFFFF, &p->mode)) != OK
