@@ -22,7 +22,10 @@ from `format`.
 Compiled fast paths (flatmount/image/_cwrite.c, optional; `accel.CWRITE`, off with FLATMOUNT_PURE=1)
 stand in for the per-inode work of passes 1, 2, 4 and 6: `collect` (the walk without `primary`,
 hardlinks included), `inode_fields` (the inodes without xattrs, plus the mtime/uid/gid columns; it
-returns the others to the Python loop), `place_inodes` and `emit_inodes`.  They take the valid, common case only: on anything else they give
+returns the others to the Python loop), `place_inodes` and `emit_inodes`, plus `repeated` (pass 3's count of
+the digests used more than once) and `emit_shared` (the shared xattr entries).  Those passes wait on memory
+more than they compute (the inodes and their slot objects lie scattered over the heap), so their loops
+prefetch a few inodes ahead.  They take the valid, common case only: on anything else they give
 up (None/False, having changed nothing the Python code reads) and the Python code here, which is the
 specification and the one place that words every error, runs the same input.  Tests run both and
 compare the bytes (tests/test_cwrite.py).
