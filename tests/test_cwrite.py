@@ -205,6 +205,16 @@ class Spy:
         self.calls.append(("place", got is not None))
         return got
 
+    def emit_shared(self, *a):
+        got = self.real.emit_shared(*a)
+        self.calls.append(("shared", got))
+        return got
+
+    def repeated(self, *a):
+        got = self.real.repeated(*a)
+        self.calls.append(("repeated", got is not None))
+        return got
+
 
 def write_spied(root: Inode, **kw):
     """write_with("native") with the compiled module spied on: (outcome, calls)."""
@@ -357,6 +367,19 @@ def test_compiled_passes_take_the_cs9_tree():
     assert ok == "ok"
     assert calls[0] == ("collect", True) and calls[2] == ("place", True)
     assert calls[1][0] == "fields" and calls[1][1] < 400   # the root, 4 inodes with xattrs, 00..ff, big dirs
+    assert ("shared", True) in calls and ("shared", False) not in calls
+
+
+def test_compiled_count_of_repeated_digests_takes_digest_only_files():
+    """Files known by their digest alone, some digests repeated: the compiled count takes them (and
+    the image is the same as the Python passes write)."""
+    root = Inode.directory(mtime_ns=5)
+    for k in range(40):
+        dg = bytes([k % 7]) * 32
+        root.entries[b"f%d" % k] = Inode(0o100644, size=100 + k % 3, digest=dg, mtime_ns=5 + k % 2)
+    assert same_image(root) is not None
+    _, calls = write_spied(root)
+    assert ("repeated", True) in calls and ("shared", True) in calls
 
 
 def _big_uid(r):
@@ -450,3 +473,65 @@ def test_hardlinked_directory_gives_up_and_python_words_it():
     assert require_cwrite().collect(Inode, root, dict(root.entries), set()) is None
     got = write_with("native", root)
     assert got == write_with("python", root) and got[0] == "error" and "appears twice" in got[2]
+
+
+# names that sort around b"." and b".." (which the walk adds to every directory)
+_DOTTY = [b"-", b".-a", b".\x01", b".a", b"..a", b"...", b"a", b"\x01", b"\xff", b"A", b".", b".."]
+
+
+@pytest.mark.parametrize("order", ["sorted", "reversed", "shuffled"])
+@pytest.mark.parametrize("root_whiteouts", [True, False])
+def test_compiled_walk_orders_entries_of_any_dict_order(order, root_whiteouts):
+    """The compiled walk lists a directory's names (and `.`, `..` among them) in bytes order whatever
+    order its dict holds them in (it sorts only dicts not already in order)."""
+    import random
+
+    names = sorted(n for n in _DOTTY if n not in (b".", b".."))
+    if order == "reversed":
+        names.reverse()
+    elif order == "shuffled":
+        random.Random(17).shuffle(names)
+    root = Inode.directory(mtime_ns=5)
+    sub = root.entries[b"sub"] = Inode.directory(mtime_ns=6)
+    for k, n in enumerate(names):
+        root.entries[n] = Inode.file(b"x" * k, mtime_ns=5)
+        sub.entries[n] = Inode.directory(mtime_ns=7) if k % 3 == 0 else Inode.symlink(b"/t" + n, mtime_ns=5)
+    for ns in ([b"..a", b"-"], [b"..a"], [b"-"], [b".a"]):   # nothing between `.` and `..`, or only that
+        d = root.entries[b"d" + b"".join(ns)] = Inode.directory(mtime_ns=5)
+        for n in (ns if order == "sorted" else reversed(ns)):
+            d.entries[n] = Inode.file(b"", mtime_ns=5)
+    py = walk_with("python", root, root_whiteouts)
+    assert walk_with("native", root, root_whiteouts) == py
+    assert require_cwrite().collect(Inode, root, dict(root.entries), set()) is not None
+    assert same_image(root, root_whiteouts=root_whiteouts) is not None
+
+
+@WSETTINGS
+@given(shared_content_trees(), st.sampled_from(["python", "native"]))
+def test_shared_digests_as_the_shared_items_name_them(root, impl):
+    """`_share_xattrs` names the digests whose derived metacopy / redirect is shared without parsing
+    every shared item (and counts repeated digests with the compiled `repeated` where it may): the
+    same sets as parsing every shared item of each key, as the writer once did."""
+    from flatmount.image import writer
+
+    saved = use(impl)
+    try:
+        lay = writer._queue_inodes(root, True)
+        writer._inode_fields(lay)
+        writer._share_xattrs(lay)
+    finally:
+        accel.CWRITE = saved
+    for key, got in ((writer._MC, lay.mc_sh), (writer._RD, lay.rd_sh)):
+        assert got == {dg for it in lay.shared_off if it[0] == key and (dg := writer._digest_of_item(it))}
+    for dg, items in lay.dg_items.items():
+        assert items == writer._digest_items(dg)
+
+
+def test_repeated_counts_what_counter_counts():
+    from collections import Counter
+
+    rep = require_cwrite().repeated
+    values = [bytes([k % 7]) * (k % 3) for k in range(500)] + [b"x" * 32] * 3 + [b"y" * 32]
+    assert rep(values) == {v: c for v, c in Counter(values).items() if c > 1}
+    assert rep([]) == {} and rep([b"a", b"b"]) == {}
+    assert rep([b"a", "a"]) is None and rep((b"a",)) is None

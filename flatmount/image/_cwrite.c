@@ -31,6 +31,38 @@
 #define S_IFREG_ 0100000
 #define S_IFLNK_ 0120000
 
+/* An exact int as a C long long without a call for the common small ones (one or two digits, read
+ * directly); anything bigger goes through PyLong_AsLongLongAndOverflow.  1: read; 0: out of the
+ * long long range; -1: an exception.  Every column read of the writer passes comes through here. */
+static inline int long_ll(PyObject *v, long long *out)
+{
+#if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
+    Py_ssize_t sz = Py_SIZE(v);
+    const digit *d = ((PyLongObject *)v)->ob_digit;
+    switch (sz) {
+    case 0: *out = 0; return 1;
+    case 1: *out = (long long)d[0]; return 1;
+    case -1: *out = -(long long)d[0]; return 1;
+    case 2: *out = (long long)d[0] | ((long long)d[1] << 30); return 1;
+    case -2: *out = -((long long)d[0] | ((long long)d[1] << 30)); return 1;
+    default: break;
+    }
+#elif PY_VERSION_HEX >= 0x030C0000
+    if (PyUnstable_Long_IsCompact((PyLongObject *)v)) {
+        *out = (long long)PyUnstable_Long_CompactValue((PyLongObject *)v);
+        return 1;
+    }
+#endif
+    int overflow;
+    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
+    if (x == -1 && PyErr_Occurred())
+        return -1;
+    if (overflow)
+        return 0;
+    *out = x;
+    return 1;
+}
+
 /* ---------------------------------------------------------------------------------------------- */
 /* Inode slots: the offsets of the `__slots__` members of flatmount.image.tree.Inode, read from its
  * member descriptors, so new inodes are filled without running __init__ (a Python call per inode). */
@@ -68,6 +100,34 @@ static int inode_info(PyObject *cls, InodeInfo *info)
 }
 
 #define SLOT(obj, info, f) (*(PyObject **)((char *)(obj) + (info)->off[f]))
+
+/* Prefetching.  The writer's passes are bound by memory latency, not work: every inode, and the int,
+ * bytes and dict objects its slots point to, lie scattered over the heap, and each pass meets them in
+ * queue order.  A pass asks for the inode PF_AHEAD places ahead, and for the objects of the one
+ * PF_AHEAD / 2 ahead (whose own line was asked for earlier); hints only, no side effect. */
+#define PF_AHEAD 16
+
+static inline void prefetch_item(PyObject *list, Py_ssize_t i)
+{
+    if (i < PyList_GET_SIZE(list))
+        __builtin_prefetch(PyList_GET_ITEM(list, i));
+}
+
+/* the objects of the inode at `i` of `nodes` that the passes read (only for the class `info` describes:
+ * slot offsets mean nothing in another object) */
+static inline void prefetch_slots(PyObject *nodes, Py_ssize_t i, const InodeInfo *info, int f1, int f2, int f3,
+                                  int f4)
+{
+    if (i >= PyList_GET_SIZE(nodes))
+        return;
+    PyObject *node = PyList_GET_ITEM(nodes, i);
+    if (Py_TYPE(node) != info->type)
+        return;
+    __builtin_prefetch(SLOT(node, info, f1));
+    __builtin_prefetch(SLOT(node, info, f2));
+    __builtin_prefetch(SLOT(node, info, f3));
+    __builtin_prefetch(SLOT(node, info, f4));
+}
 
 /* set slot `f` of a new inode, stealing `v` (NULL: the slot keeps None) */
 static inline void set_slot(PyObject *obj, const InodeInfo *info, int f, PyObject *v)
@@ -690,11 +750,11 @@ static int item_ll(PyObject *list, Py_ssize_t i, long long lo, long long hi, lon
     PyObject *v = PyList_GET_ITEM(list, i);
     if (!PyLong_CheckExact(v))
         return GIVE_UP;
-    int overflow;
-    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-    if (x == -1 && PyErr_Occurred())
+    long long x;
+    int got = long_ll(v, &x);
+    if (got < 0)
         return FAIL;
-    if (overflow || x < lo || x > hi)
+    if (!got || x < lo || x > hi)
         return GIVE_UP;
     *out = x;
     return OK;
@@ -887,10 +947,24 @@ static int put_null_chunks(const Out *o, long long off, long long n)
     return OK;
 }
 
-/* divmod(node.mtime_ns, 10**9) as C integers (seconds of a signed 64-bit field) */
-static int mtime_of(PyObject *node, long long *sec, long long *nsec)
+/* attribute `name` (slot `f`) of an inode, a new reference: read from the slot when the inode is of the
+ * class `info` describes (NULL: not known), else by the attribute lookup */
+static PyObject *node_attr(PyObject *node, const InodeInfo *info, int f, const char *name)
 {
-    PyObject *mt = PyObject_GetAttrString(node, "mtime_ns");
+    if (info != NULL && Py_TYPE(node) == info->type) {
+        PyObject *v = SLOT(node, info, f);
+        if (v != NULL) {
+            Py_INCREF(v);
+            return v;
+        }
+    }
+    return PyObject_GetAttrString(node, name);
+}
+
+/* divmod(node.mtime_ns, 10**9) as C integers (seconds of a signed 64-bit field) */
+static int mtime_of(PyObject *node, const InodeInfo *info, long long *sec, long long *nsec)
+{
+    PyObject *mt = node_attr(node, info, F_MTIME, "mtime_ns");
     if (mt == NULL)
         return FAIL;
     if (!PyLong_Check(mt)) {
@@ -935,7 +1009,7 @@ enum { C_NODES, C_MODES, C_NIDS, C_NBLK, C_IU, C_LAYOUTS, C_XSIZES, C_SIZES, C_N
 
 static int emit_one(const Out *o, PyObject **col, Py_ssize_t i, long long *cur_blk, PyObject *dnames,
                     PyObject *dkids, PyObject *dstarts, PyObject *shared_ids, PyObject *keyinfo,
-                    const KeyInfo *mc, const KeyInfo *rd, int have_digest_keys)
+                    const KeyInfo *mc, const KeyInfo *rd, int have_digest_keys, const InodeInfo *info)
 {
     long long mode, nid, nb, u, layout, xsize, size, nl, isize, uid, gid, tail;
     int r;
@@ -977,7 +1051,7 @@ static int emit_one(const Out *o, PyObject **col, Py_ssize_t i, long long *cur_b
         put16(b + 26, (unsigned long long)gid);
     } else {
         long long sec, nsec;
-        if ((r = mtime_of(node, &sec, &nsec)) != OK)
+        if ((r = mtime_of(node, info, &sec, &nsec)) != OK)
             return r;
         if (u > 0xFFFFFFFFLL || i > 0xFFFFFFFFLL)
             return GIVE_UP;
@@ -1042,13 +1116,13 @@ static int emit_one(const Out *o, PyObject **col, Py_ssize_t i, long long *cur_b
         if (layout == LAYOUT_CHUNK)
             r = put_null_chunks(o, p, tail);
         else if (t == S_IFLNK_) {
-            PyObject *tg = PyObject_GetAttrString(node, "target");
+            PyObject *tg = node_attr(node, info, F_TARGET, "target");
             if (tg == NULL)
                 return FAIL;
             r = PyBytes_CheckExact(tg) && PyBytes_GET_SIZE(tg) == tail ? put_bytes(o, p, tg, tail, 0) : GIVE_UP;
             Py_DECREF(tg);
         } else {
-            PyObject *c = PyObject_GetAttrString(node, "content");
+            PyObject *c = node_attr(node, info, F_CONTENT, "content");
             if (c == NULL)
                 return FAIL;
             r = put_bytes(o, p, c, tail, 1);
@@ -1062,7 +1136,8 @@ static int emit_one(const Out *o, PyObject **col, Py_ssize_t i, long long *cur_b
         if (layout == LAYOUT_CHUNK)
             r = put_null_chunks(o, q, BLKSZ);
         else {
-            PyObject *data = PyObject_GetAttrString(node, t == S_IFLNK_ ? "target" : "content");
+            PyObject *data = t == S_IFLNK_ ? node_attr(node, info, F_TARGET, "target")
+                                            : node_attr(node, info, F_CONTENT, "content");
             if (data == NULL)
                 return FAIL;
             if (!PyBytes_CheckExact(data))
@@ -1124,9 +1199,21 @@ static PyObject *emit_inodes(PyObject *self, PyObject *args)
         goto done;
     have_digest_keys = r == OK;
     r = OK;
-    for (Py_ssize_t i = lo; i < hi && r == OK; i++)
+    /* the inodes' class (that of the first one), for reading their fields from its slots */
+    InodeInfo info;
+    const InodeInfo *pinfo = n > 0 && inode_info((PyObject *)Py_TYPE(PyList_GET_ITEM(col[C_NODES], 0)), &info) == 0
+                             ? &info : NULL;
+    for (Py_ssize_t i = lo; i < hi && r == OK; i++) {
+        prefetch_item(col[C_NODES], i + PF_AHEAD);
+        prefetch_item(col[C_MODES], i + PF_AHEAD);
+        prefetch_item(col[C_SIZES], i + PF_AHEAD);
+        prefetch_item(col[C_NIDS], i + PF_AHEAD);
+        prefetch_item(col[C_FAST], i + PF_AHEAD);
+        if (pinfo != NULL)
+            prefetch_slots(col[C_NODES], i + PF_AHEAD / 2, pinfo, F_MTIME, F_MTIME, F_MTIME, F_MTIME);
         r = emit_one(&o, col, i, &cur_blk, dnames, dkids, dstarts, shared_ids, keyinfo, &mc, &rd,
-                     have_digest_keys);
+                     have_digest_keys, pinfo);
+    }
 done:
     PyBuffer_Release(&view);
     if (r == FAIL)
@@ -1167,11 +1254,11 @@ static int slot_ll(PyObject *node, const InodeInfo *info, int f, long long lo, l
     PyObject *v = SLOT(node, info, f);
     if (v == NULL || !PyLong_CheckExact(v))
         return GIVE_UP;
-    int overflow;
-    long long x = PyLong_AsLongLongAndOverflow(v, &overflow);
-    if (x == -1 && PyErr_Occurred())
+    long long x;
+    int got = long_ll(v, &x);
+    if (got < 0)
         return FAIL;
-    if (overflow || x < lo || x > hi)
+    if (!got || x < lo || x > hi)
         return GIVE_UP;
     *out = x;
     return OK;
@@ -1437,6 +1524,8 @@ static int scan_ids(const InodeInfo *info, PyObject *nodes, PyObject *nlink, lon
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *node = PyList_GET_ITEM(nodes, i);
         long long uid, gid, nl;
+        prefetch_item(nodes, i + PF_AHEAD);
+        prefetch_slots(nodes, i + PF_AHEAD / 2, info, F_MTIME, F_UID, F_GID, F_MTIME);
         if (Py_TYPE(node) != info->type)
             return GIVE_UP;
         if ((r = slot_any_ll(node, info, F_MTIME, &mt[i])) != OK || (r = slot_any_ll(node, info, F_UID, &uid)) != OK
@@ -1500,6 +1589,8 @@ static PyObject *inode_fields(PyObject *self, PyObject *args)
     for (Py_ssize_t i = 0; i < n; i++)
         PyList_SET_ITEM(isz, i, PyLong_FromLong(mt[i] == min_mt ? INODE_COMPACT : INODE_EXTENDED));  /* small ints */
     for (Py_ssize_t i = 0; i < n; i++) {
+        prefetch_item(nodes, i + PF_AHEAD);
+        prefetch_slots(nodes, i + PF_AHEAD / 2, &fs.info, F_XATTRS, F_MODE, F_SIZE, F_DIGEST);
         r = fields_one(&fs, PyList_GET_ITEM(nodes, i), i);
         if (r == FAIL)
             goto done;
@@ -1606,18 +1697,16 @@ static int name_cmp(PyObject *a, const char *b, Py_ssize_t nb)
 
 static PyObject *dot_names[2];      /* b"." and b"..", made once (every directory lists them) */
 
-/* insert `name` (bytes) into the sorted `names` where bisect_left puts it, and `kid` at the same place */
-static int insert_sorted(PyObject *names, PyObject *kids, PyObject *name, PyObject *kid)
+/* a directory entry as collect meets it: name and inode, borrowed from the directory's dict (which
+ * nothing changes while collect runs: it calls no Python code) */
+typedef struct {
+    PyObject *name, *child;
+} Entry;
+
+static int entry_cmp(const void *a, const void *b)
 {
-    Py_ssize_t lo = 0, hi = PyList_GET_SIZE(names);
-    while (lo < hi) {
-        Py_ssize_t mid = (lo + hi) / 2;
-        if (name_cmp(PyList_GET_ITEM(names, mid), PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name)) < 0)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return PyList_Insert(names, lo, name) == 0 && PyList_Insert(kids, lo, kid) == 0 ? 0 : -1;
+    PyObject *x = ((const Entry *)a)->name, *y = ((const Entry *)b)->name;
+    return name_cmp(x, PyBytes_AS_STRING(y), PyBytes_GET_SIZE(y));
 }
 
 typedef struct {
@@ -1627,6 +1716,8 @@ typedef struct {
     PtrSet seen;
     Py_ssize_t *dirq;
     Py_ssize_t ndirq, capdirq;
+    Entry *ents;                     /* scratch: the entries of the directory at hand */
+    Py_ssize_t capents;
 } Collect;
 
 static int append_ll(PyObject *list, long long v)
@@ -1682,48 +1773,72 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
 {
     if (!PyDict_CheckExact(ents))
         return GIVE_UP;
-    PyObject *names = PyDict_Keys(ents);
-    if (names == NULL)
-        return FAIL;
-    Py_ssize_t n = PyList_GET_SIZE(names);
-    for (Py_ssize_t k = 0; k < n; k++) {
-        PyObject *nm = PyList_GET_ITEM(names, k);
-        if (!PyBytes_CheckExact(nm)) {
-            Py_DECREF(names);
+    Py_ssize_t n = PyDict_GET_SIZE(ents);
+    if (n > c->capents) {
+        Py_ssize_t cap = n > 2 * c->capents ? n : 2 * c->capents;
+        Entry *e = PyMem_Realloc(c->ents, (size_t)cap * sizeof(Entry));
+        if (e == NULL) {
+            PyErr_NoMemory();
+            return FAIL;
+        }
+        c->ents = e;
+        c->capents = cap;
+    }
+    Entry *es = c->ents;
+    Py_ssize_t pos = 0, k = 0;
+    PyObject *key, *value;
+    int sorted = 1;
+    while (k < n && PyDict_Next(ents, &pos, &key, &value)) {
+        if (!PyBytes_CheckExact(key))
             return GIVE_UP;
-        }
-        Py_ssize_t ln = PyBytes_GET_SIZE(nm);
-        const char *s = PyBytes_AS_STRING(nm);
+        Py_ssize_t ln = PyBytes_GET_SIZE(key);
+        const char *s = PyBytes_AS_STRING(key);
         if (ln == 0 || ln > 255 || memchr(s, '/', (size_t)ln) || memchr(s, 0, (size_t)ln)
-                || (s[0] == '.' && (ln == 1 || (ln == 2 && s[1] == '.')))) {
-            Py_DECREF(names);
+                || (s[0] == '.' && (ln == 1 || (ln == 2 && s[1] == '.'))))
             return GIVE_UP;              /* an invalid name: Python words the error */
-        }
+        if (sorted && k && name_cmp(es[k - 1].name, s, ln) > 0)
+            sorted = 0;
+        es[k].name = key;
+        es[k].child = value;
+        k++;
     }
-    if (PyList_Sort(names) < 0) {
-        Py_DECREF(names);
-        return FAIL;
-    }
-    PyObject *kids = PyList_New(n);
-    if (kids == NULL) {
-        Py_DECREF(names);
-        return FAIL;
-    }
-    PyObject *me = PyLong_FromSsize_t(i);   /* the parent index of every child: one object */
+    if (k != n)
+        return GIVE_UP;
+    if (!sorted)                         /* (names are distinct: any sort gives `sorted(ents)`) */
+        qsort(es, (size_t)n, sizeof(Entry), entry_cmp);
+    /* where bisect_left puts b"." and then b".." (b"." sorts before b"..") among the names */
+    Py_ssize_t p1 = 0, p2;
+    while (p1 < n && name_cmp(es[p1].name, ".", 1) < 0)
+        p1++;
+    p2 = p1;
+    while (p2 < n && name_cmp(es[p2].name, "..", 2) < 0)
+        p2++;
+    PyObject *names = PyList_New(n + 2);
+    PyObject *kids = names ? PyList_New(n + 2) : NULL;
+    PyObject *me = kids ? PyLong_FromSsize_t(i) : NULL;   /* the parent index of every child: one object */
     if (me == NULL) {
-        Py_DECREF(names);
-        Py_DECREF(kids);
+        Py_XDECREF(names);
+        Py_XDECREF(kids);
         return FAIL;
     }
+    /* the list slot of entry k: after b"." once k >= p1, after b".." too once k >= p2 */
+#define AT(k) ((k) + ((k) >= p1) + ((k) >= p2))
+    for (Py_ssize_t q = 0; q < n; q++)
+        PyList_SET_ITEM(names, AT(q), Py_NewRef(es[q].name));
+    PyList_SET_ITEM(names, p1, Py_NewRef(dot_names[0]));
+    PyList_SET_ITEM(names, p2 + 1, Py_NewRef(dot_names[1]));
     int r = OK;
     long long nsub = 0;
     for (Py_ssize_t k = 0; k < n && r == OK; k++) {
-        PyObject *child = PyDict_GetItemWithError(ents, PyList_GET_ITEM(names, k));
-        if (child == NULL) {
-            r = PyErr_Occurred() ? FAIL : GIVE_UP;
-            break;
-        }
+        PyObject *child = es[k].child;
         long long mode;
+        if (k + PF_AHEAD < n) {          /* (hints: see PF_AHEAD) */
+            PyObject *ahead = es[k + PF_AHEAD].child;
+            __builtin_prefetch(ahead);
+            __builtin_prefetch(&c->seen.slot[ptr_hash(ahead) & c->seen.mask]);
+        }
+        if (k + PF_AHEAD / 2 < n && Py_TYPE(es[k + PF_AHEAD / 2].child) == c->info.type)
+            __builtin_prefetch(SLOT(es[k + PF_AHEAD / 2].child, &c->info, F_MODE));
         if (Py_TYPE(child) != c->info.type) {
             r = GIVE_UP;
             break;
@@ -1752,7 +1867,7 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
             }
             if ((r = item_ll(c->nlink, j, 0, LLONG_MAX - 1, &nl)) != OK || (r = set_ll(c->nlink, j, nl + 1)) != OK)
                 break;
-            dup = Py_BuildValue("(nOn)", i, PyList_GET_ITEM(names, k), j);
+            dup = Py_BuildValue("(nOn)", i, es[k].name, j);
             if (dup == NULL || PyList_Append(c->dups, dup) < 0) {
                 Py_XDECREF(dup);
                 r = FAIL;
@@ -1803,10 +1918,12 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
                 }
             }
         }
-        PyList_SET_ITEM(kids, k, PyLong_FromSsize_t(j));
-        if (PyList_GET_ITEM(kids, k) == NULL)
+        PyObject *kid = PyLong_FromSsize_t(j);
+        if (kid == NULL)
             r = FAIL;
+        PyList_SET_ITEM(kids, AT(k), kid);
     }
+#undef AT
     if (r == OK) {
         PyObject *nl = PyLong_FromLongLong(2 + nsub);
         PyObject *upo = PyDict_GetItemWithError(c->dparent, me);   /* borrowed */
@@ -1815,8 +1932,9 @@ static int collect_dir(Collect *c, Py_ssize_t i, PyObject *ents)
         else {
             PyList_SetItem(c->nlink, i, nl);
             nl = NULL;
-            if (insert_sorted(names, kids, dot_names[0], me) < 0 || insert_sorted(names, kids, dot_names[1], upo) < 0
-                    || PyDict_SetItem(c->dnames, me, names) < 0 || PyDict_SetItem(c->dkids, me, kids) < 0)
+            PyList_SET_ITEM(kids, p1, Py_NewRef(me));
+            PyList_SET_ITEM(kids, p2 + 1, Py_NewRef(upo));
+            if (PyDict_SetItem(c->dnames, me, names) < 0 || PyDict_SetItem(c->dkids, me, kids) < 0)
                 r = FAIL;
         }
         Py_XDECREF(nl);
@@ -1878,6 +1996,7 @@ static PyObject *collect(PyObject *self, PyObject *args)
                                c.dups, c.nparent, c.dparent);
 done:
     PyMem_Free(c.dirq);
+    PyMem_Free(c.ents);
     PyMem_Free(c.seen.slot);
     PyMem_Free(c.seen.val);
     Py_XDECREF(c.dups);
@@ -1963,6 +2082,9 @@ static PyObject *place_inodes(PyObject *self, PyObject *args)
     /* pass A: every inode's xattr body size and form, and its columns; nothing is changed */
     for (Py_ssize_t i = 0; i < n && r == OK; i++) {
         Place *p = &pl[i];
+        prefetch_item(col[X_MODES], i + PF_AHEAD);   /* (hints: see PF_AHEAD) */
+        prefetch_item(col[X_SIZES], i + PF_AHEAD);
+        prefetch_item(col[X_FAST], i + PF_AHEAD);
         if ((r = item_ll(col[X_ISZ], i, COMPACT, EXTENDED, &p->isz)) != OK
                 || (r = item_ll(col[X_TAILS], i, 0, 1LL << 40, &p->tail)) != OK
                 || (r = item_ll(col[X_MODES], i, 0, 0xFFFF, &p->mode)) != OK
@@ -2166,12 +2288,129 @@ done:
 
 /* ---------------------------------------------------------------------------------------------- */
 
+/* ---------------------------------------------------------------------------------------------- */
+/* repeated: the digests of flatmount/image/writer.py `_share_xattrs` used more than once */
+
+typedef struct {
+    Py_hash_t hash;
+    PyObject *key;                   /* borrowed from the list (which nothing changes meanwhile) */
+    Py_ssize_t count;
+} Tally;
+
+PyDoc_STRVAR(repeated_doc,
+"repeated(values) -> {value: count} of the bytes values of the list met more than once, or None\n\n"
+"`{v: c for v, c in Counter(values).items() if c > 1}` for a list of exact bytes objects (None for\n"
+"anything else): `_share_xattrs` needs the counts of the digests that repeat only, and most do not.");
+
+static PyObject *repeated(PyObject *self, PyObject *values)
+{
+    (void)self;
+    if (!PyList_CheckExact(values))
+        Py_RETURN_NONE;
+    Py_ssize_t n = PyList_GET_SIZE(values);
+    size_t cap = 16;
+    while (cap < 2 * (size_t)n)
+        cap <<= 1;
+    Tally *t = PyMem_Calloc(cap, sizeof(Tally));
+    if (t == NULL)
+        return PyErr_NoMemory();
+    PyObject *out = NULL;
+    int some = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyList_GET_ITEM(values, i);
+        if (!PyBytes_CheckExact(v)) {
+            PyMem_Free(t);
+            Py_RETURN_NONE;
+        }
+        Py_hash_t h = PyObject_Hash(v);      /* (bytes: cached in the object, never fails) */
+        if (h == -1 && PyErr_Occurred()) {
+            PyMem_Free(t);
+            return NULL;
+        }
+        size_t k = (size_t)h & (cap - 1);
+        Py_ssize_t len = PyBytes_GET_SIZE(v);
+        while (t[k].key != NULL) {
+            PyObject *w = t[k].key;
+            if (t[k].hash == h && PyBytes_GET_SIZE(w) == len
+                    && memcmp(PyBytes_AS_STRING(w), PyBytes_AS_STRING(v), (size_t)len) == 0)
+                break;
+            k = (k + 1) & (cap - 1);
+        }
+        if (t[k].key == NULL) {
+            t[k].key = v;
+            t[k].hash = h;
+        } else
+            some = 1;
+        t[k].count++;
+    }
+    out = PyDict_New();
+    for (size_t k = 0; out != NULL && some && k < cap; k++)
+        if (t[k].count > 1) {
+            PyObject *c = PyLong_FromSsize_t(t[k].count);
+            if (c == NULL || PyDict_SetItem(out, t[k].key, c) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(c);
+        }
+    PyMem_Free(t);
+    return out;
+}
+
+/* ---------------------------------------------------------------------------------------------- */
+/* emit_shared: the shared xattr entries of flatmount/image/writer.py `_emit_head` */
+
+PyDoc_STRVAR(emit_shared_doc,
+"emit_shared(buf, pos, shared, keyinfo) -> bool\n\n"
+"The shared xattr entries `shared` ((name, value) tuples in on-disk order) written into the zeroed\n"
+"writable `buf` from byte `pos` on, as flatmount.image.writer._emit_head writes them.  False when\n"
+"anything is out of the common case (the caller then writes them in Python: the same bytes).");
+
+static PyObject *emit_shared(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer view;
+    long long p;
+    PyObject *shared, *keyinfo;
+    if (!PyArg_ParseTuple(args, "w*LO!O!:emit_shared", &view, &p, &PyList_Type, &shared, &PyDict_Type, &keyinfo))
+        return NULL;
+    Out o = {view.buf, view.len};
+    int r = OK;
+    PyObject *last = NULL;               /* the name `ki` describes (items come grouped by name) */
+    KeyInfo ki = {0};
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(shared) && r == OK; i++) {
+        PyObject *it = PyList_GET_ITEM(shared, i);
+        if (!PyTuple_CheckExact(it) || PyTuple_GET_SIZE(it) != 2 || !PyBytes_CheckExact(PyTuple_GET_ITEM(it, 0))
+                || !PyBytes_CheckExact(PyTuple_GET_ITEM(it, 1))) {
+            r = GIVE_UP;
+            break;
+        }
+        PyObject *k = PyTuple_GET_ITEM(it, 0), *v = PyTuple_GET_ITEM(it, 1);
+        if (k != last) {
+            if ((r = key_info(keyinfo, k, &ki)) != OK)
+                break;
+            last = k;
+        }
+        Py_ssize_t vlen = PyBytes_GET_SIZE(v);
+        long long size = (XENT + ki.nlen + vlen + 3) & ~3LL;
+        if (vlen > 0xFFFF || !fits(&o, p, size)) {
+            r = GIVE_UP;
+            break;
+        }
+        p += put_entry(o.buf + p, &ki, PyBytes_AS_STRING(v), vlen);
+    }
+    PyBuffer_Release(&view);
+    if (r == FAIL)
+        return NULL;
+    return PyBool_FromLong(r == OK);
+}
+
 static PyMethodDef methods[] = {
     {"parse_dump", parse_dump, METH_VARARGS, parse_dump_doc},
     {"emit_inodes", emit_inodes, METH_VARARGS, emit_inodes_doc},
     {"inode_fields", inode_fields, METH_VARARGS, inode_fields_doc},
     {"collect", collect, METH_VARARGS, collect_doc},
     {"place_inodes", place_inodes, METH_VARARGS, place_inodes_doc},
+    {"repeated", repeated, METH_O, repeated_doc},
+    {"emit_shared", emit_shared, METH_VARARGS, emit_shared_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -22,7 +22,10 @@ from `format`.
 Compiled fast paths (flatmount/image/_cwrite.c, optional; `accel.CWRITE`, off with FLATMOUNT_PURE=1)
 stand in for the per-inode work of passes 1, 2, 4 and 6: `collect` (the walk without `primary`,
 hardlinks included), `inode_fields` (the inodes without xattrs, plus the mtime/uid/gid columns; it
-returns the others to the Python loop), `place_inodes` and `emit_inodes`.  They take the valid, common case only: on anything else they give
+returns the others to the Python loop), `place_inodes` and `emit_inodes`, plus `repeated` (pass 3's count of
+the digests used more than once) and `emit_shared` (the shared xattr entries).  Those passes wait on memory
+more than they compute (the inodes and their slot objects lie scattered over the heap), so their loops
+prefetch a few inodes ahead.  They take the valid, common case only: on anything else they give
 up (None/False, having changed nothing the Python code reads) and the Python code here, which is the
 specification and the one place that words every error, runs the same input.  Tests run both and
 compare the bytes (tests/test_cwrite.py).
@@ -408,7 +411,7 @@ class _Layout:
         "build_sec", "build_nsec", "modes", "sizes", "layouts", "iu", "tails", "nblk", "xitems", "fast",
         "digests", "isz", "ftypes", "dstarts", "uids", "gids", "allitems", "rditems",
         # _share_xattrs
-        "shared", "shared_off", "shared_size", "keyinfo", "has_acl",
+        "shared", "shared_off", "shared_size", "keyinfo", "has_acl", "mc_sh", "rd_sh", "dg_items",
         # _place_inodes
         "xsizes", "forms", "nids", "inodes_end",
         # _place_blocks
@@ -443,6 +446,9 @@ class _Layout:
     rditems: list                        # redirects of files whose metacopy is the empty one (_MC0)
     shared: list                         # the shared xattr items in on-disk order
     shared_off: dict                     # shared item -> byte offset in the shared area
+    mc_sh: set[bytes]                    # digests whose derived metacopy item is shared
+    rd_sh: set[bytes]                    # digests whose derived redirect item is shared
+    dg_items: _DigestItems               # digest -> its `_digest_items` (made once per digest)
     shared_size: int
     keyinfo: dict[bytes, tuple[int, bytes, int, int]]   # xattr name -> _keyinfo
     has_acl: bool
@@ -729,15 +735,36 @@ def _share_xattrs(lay: _Layout) -> None:
     if rditems:
         counts.update(rditems)
         counts[_MC0] += len(rditems)
+    general = list(counts)   # the items of the inodes' own xattrs (and their metacopy/redirect)
+    dg_items = _DigestItems()
+    many: set[bytes] = set()
     if dgs:   # the digest-only files' items, where they may be shared (more than one use)
-        per_digest = Counter(dgs)
-        many = {dg for dg, c in per_digest.items() if c > 1}
-        many.update(filter(per_digest.__contains__, map(_digest_of_item, list(counts))))
+        # digests that a general item names too (rare: files with xattrs of their own) count once used
+        named = [dg for dg in map(_digest_of_item, general) if dg is not None]
+        cw = accel.CWRITE
+        # the compiled count keeps only the digests used more than once (most are not): enough when
+        # no general item names one
+        per_digest = cw.repeated(dgs) if cw is not None and not named else None
+        if per_digest is None:
+            per_digest = Counter(dgs)
+            many = {dg for dg, c in per_digest.items() if c > 1}
+            many.update(filter(per_digest.__contains__, named))
+        else:
+            many = set(per_digest)
         for dg in many:
-            it_m, it_r = _digest_items(dg)
+            it_m, it_r = dg_items[dg] = _digest_items(dg)
             counts[it_m] += per_digest[dg]
             counts[it_r] += per_digest[dg]
     shared = _shared_order([it for it, c in counts.items() if c > 1])
+    # the digests whose derived metacopy / redirect is shared (every shared item of key _MC / _RD that
+    # names a digest): those of `many` whose item counts twice at least, and those general shared items
+    # name
+    gshared = [it for it in general if counts[it] > 1]
+    lay.mc_sh = {dg for dg, its in dg_items.items() if counts[its[0]] > 1}
+    lay.mc_sh.update(filter(None, [_digest_of_item(it) for it in gshared if it[0] == _MC]))
+    lay.rd_sh = {dg for dg, its in dg_items.items() if counts[its[1]] > 1}
+    lay.rd_sh.update(filter(None, [_digest_of_item(it) for it in gshared if it[0] == _RD]))
+    lay.dg_items = dg_items
     shared_off: dict[tuple[bytes, bytes], int] = {}
     off = 0
     for it in shared:
@@ -776,9 +803,9 @@ def _place_inodes(lay: _Layout) -> None:
     rd_suffix = entry_pad + keyinfo[RD][3] if RD in keyinfo else 0
     mc0_shared = mc0 in shared_off
     shared_rd = {v for k, v in shared_off if k == RD}   # the values of the shared redirects
-    # the digests whose derived metacopy / redirect is shared, and the sizes of the inline ones
-    mc_sh = set(filter(None, [_digest_of_item(it) for it in shared_off if it[0] == _MC]))
-    rd_sh = set(filter(None, [_digest_of_item(it) for it in shared_off if it[0] == RD]))
+    # the digests whose derived metacopy / redirect is shared (`_share_xattrs`), and the sizes of the
+    # inline ones
+    mc_sh, rd_sh = lay.mc_sh, lay.rd_sh
     dg_mc_size = XHDR + ((mc_suffix + fmt.METACOPY_SIZE) & ~XPAD)
     dg_rd_size = (rd_suffix + _RD_SIZE) & ~XPAD
     dg_shared = bool(mc_sh or rd_sh)
@@ -787,7 +814,8 @@ def _place_inodes(lay: _Layout) -> None:
     cw = accel.CWRITE
     got = None if cw is None else cw.place_inodes(
         (xitems, lay.isz, tails, fast, modes, nblk, layouts, sizes), keyinfo, shared_off, mc0, mc0_shared,
-        shared_rd, mc_sh, rd_sh, RD, mc_suffix, rd_suffix, dg_mc_size, dg_rd_size, pos, max_xsize, _digest_items)
+        shared_rd, mc_sh, rd_sh, RD, mc_suffix, rd_suffix, dg_mc_size, dg_rd_size, pos, max_xsize,
+        lay.dg_items.__getitem__)
     if got is not None:
         pos, xsizes, forms, nids = got
     else:
@@ -893,6 +921,9 @@ def _emit_head(buf, lay: _Layout) -> None:
         raise FormatError(f"superblock field out of range: {e}") from None
 
     p = lay.inodes_end
+    cw = accel.CWRITE   # the compiled loop writes the same bytes; False: out of its common case
+    if cw is not None and cw.emit_shared(buf, p, lay.shared, lay.keyinfo):
+        return
     entry_pack = fmt.XATTR_ENTRY.pack_into
     keyinfo = lay.keyinfo
     for k, v in lay.shared:
@@ -1161,6 +1192,15 @@ def _emit_inodes_py(buf, lay: _Layout, lo: int, hi: int) -> None:
 def _digest_items(dg: bytes) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
     """The (metacopy, redirect) items of an external file known only by its digest."""
     return (_MC, fmt.METACOPY_HEADER + dg), (_RD, b"/" + _hexlify(dg, b"/", _HEX_SPLIT))
+
+
+class _DigestItems(dict):
+    """digest -> `_digest_items(digest)`, made on first use: the files sharing a digest (the ones
+    whose items are shared) share those tuples too."""
+
+    def __missing__(self, dg: bytes) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+        items = self[dg] = _digest_items(dg)
+        return items
 
 
 def _digest_of_item(item: tuple[bytes, bytes]) -> bytes | None:
