@@ -860,10 +860,7 @@ def test_flatten_from_tree_caches_does_not_import_the_reader(tmp_path):
             "paths.wait_derived()\n"
             "s.close()\n"
             "print(flat.reused, 'flatmount.image.reader' in sys.modules)\n")
-    root = str(Path(__file__).resolve().parent.parent)
-    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "run")], cwd=root,
-                       env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
+    r = _store_child(code, tmp_path)
     assert r.stdout.split() == ["False", "False"]
 
 
@@ -1036,8 +1033,14 @@ def test_remembered_trees_are_freed_before_the_exit_collections(tmp_path):
             "s = open_store(sys.argv[1], runroot=sys.argv[2])\n"
             "flat = s.flatten('all')\n"
             "assert not flat.reused\n")
+    r = _store_child(code, tmp_path)
+    assert r.stdout.split() == ["0", "True", "True"]
+
+
+def _store_child(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run `code` in a new interpreter with the store at tmp_path/a (argv[1], runroot argv[2])."""
     root = str(Path(__file__).resolve().parent.parent)
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "a"), str(tmp_path / "run")], cwd=root,
                        env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split() == ["0", "True", "True"]
+    return r

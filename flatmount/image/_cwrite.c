@@ -346,6 +346,17 @@ static PyObject *mode_object(Parser *ps, long mode)
 
 enum { OK = 0, GIVE_UP = 1, FAIL = -1 };
 
+/* What a pass returns once cleaned up: NULL after an error (set), None where it gave up (the
+ * Python pass runs on the same input and words any error), else its result. */
+static PyObject *pass_outcome(int r, PyObject *result)
+{
+    if (r == FAIL)
+        return NULL;
+    if (r == GIVE_UP)
+        Py_RETURN_NONE;
+    return result;
+}
+
 /* the entries dict of the parent directory of `path` (not "/"), and its name; GIVE_UP when the
  * parent is not a known directory or the name is empty, `.` or `..` */
 static int parent_of(Parser *ps, Span path, PyObject **ents, Span *name)
@@ -704,11 +715,7 @@ done:
     Py_XDECREF(ps.fixups);
     Py_XDECREF(ps.dirs);
     PyBuffer_Release(&buf);
-    if (r == FAIL)
-        return NULL;
-    if (r == GIVE_UP)
-        Py_RETURN_NONE;
-    return result;
+    return pass_outcome(r, result);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -2007,11 +2014,7 @@ done:
     Py_XDECREF(c.dnames);
     Py_XDECREF(c.dkids);
     Py_XDECREF(c.wparents);
-    if (r == FAIL)
-        return NULL;
-    if (r == GIVE_UP)
-        Py_RETURN_NONE;
-    return result;
+    return pass_outcome(r, result);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
@@ -2279,11 +2282,7 @@ done:
     Py_XDECREF(xs_list);
     Py_XDECREF(forms_list);
     Py_XDECREF(nids_list);
-    if (r == FAIL)
-        return NULL;
-    if (r == GIVE_UP)
-        Py_RETURN_NONE;
-    return result;
+    return pass_outcome(r, result);
 }
 
 /* ---------------------------------------------------------------------------------------------- */
