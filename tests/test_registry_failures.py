@@ -219,3 +219,19 @@ def test_bad_environment_and_options_are_clean_errors(registry, tmp_path):
             pull(s, f"docker://{registry.host}/env/img:nope", registry=PLAIN)
         r = pull(s, ref, registry=RegistryOptions(tls_verify=False, jobs=1))
         assert len(r.imported) == 1
+
+
+@pytest.mark.parametrize("message, hint", [
+    ('pinging container registry 127.0.0.1:40105: Get "https://127.0.0.1:40105/v2/": x509: certificate '
+     'signed by unknown authority', "--cert-dir"),
+    ("reading manifest v1 in 127.0.0.1:5000/a: unauthorized: authentication required", "--creds"),
+    ("received unexpected HTTP status: 401 Unauthorized", "--creds"),
+    ("Get https://h:401/v2/: dial tcp 127.0.0.1:401: connect: connection refused", "registry up"),
+    ("fetching blob sha256:401ab: x509: certificate has expired", "--cert-dir"),
+])
+def test_error_hints_follow_the_cause_not_digits_of_an_address(message, hint):
+    """The hint names the cause's remedy; a port such as 40105 is no HTTP 401."""
+    from flatmount.sources.registry import _clean_error
+
+    out = _clean_error(message, "docker://h/img:v1")
+    assert out.startswith("docker://h/img:v1: ") and hint in out

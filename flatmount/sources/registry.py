@@ -250,7 +250,8 @@ def _clean_error(message: str, ref: str) -> str:
     one = " ".join(message.split())
     low = one.lower()
     hint = ""
-    if "unauthorized" in low or "authentication required" in low or "401" in low:
+    # a 401 status, not those digits in an address (port 40105) or a digest
+    if "unauthorized" in low or "authentication required" in low or re.search(r"(?<![\w.:/@-])401\b", low):
         hint = " (check --creds or --authfile)"
     elif "connection refused" in low or "no such host" in low or "i/o timeout" in low:
         hint = " (is the registry up and its address right?)"
