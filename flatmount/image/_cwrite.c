@@ -590,22 +590,14 @@ static int inode_line(Parser *ps, Span *f, Py_ssize_t nf)
         set_slot(node, &ps->info, F_TARGET, t);
     }
     {
-        PyObject *v;
-        if ((v = PyLong_FromLongLong(uid)) == NULL)
-            goto out;
-        set_slot(node, &ps->info, F_UID, v);
-        if ((v = PyLong_FromLongLong(gid)) == NULL)
-            goto out;
-        set_slot(node, &ps->info, F_GID, v);
-        if ((v = PyLong_FromLongLong(mtime)) == NULL)
-            goto out;
-        set_slot(node, &ps->info, F_MTIME, v);
-        if ((v = PyLong_FromLongLong(sz)) == NULL)
-            goto out;
-        set_slot(node, &ps->info, F_SIZE, v);
-        if ((v = PyLong_FromLongLong(rdev)) == NULL)
-            goto out;
-        set_slot(node, &ps->info, F_RDEV, v);
+        const long long vals[] = {uid, gid, mtime, sz, rdev};
+        const int slots[] = {F_UID, F_GID, F_MTIME, F_SIZE, F_RDEV};
+        for (size_t k = 0; k < sizeof(vals) / sizeof(vals[0]); k++) {
+            PyObject *v = PyLong_FromLongLong(vals[k]);
+            if (v == NULL)
+                goto out;
+            set_slot(node, &ps->info, slots[k], v);
+        }
     }
     if (is_root) {
         PyObject *key = PyBytes_FromStringAndSize("", 0);
