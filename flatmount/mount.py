@@ -176,8 +176,7 @@ def mount_image_ref(store: Store, ref: str) -> Lease:
 
     _require_writable(store)
     _require_mount_privilege()
-    image = store.resolve_image(ref)
-    chain = chain_of(store, image)
+    chain = chain_of(store, ref)
     with store.gc_lock(shared=True, clean=False):   # tmp/ is cleaned by flatten if it writes (_LEASE_WRITE)
         flat = flatten_chain(store, chain)
         verify_flat_image(store, flat.path, flat.digest)   # unless verified since last written
@@ -247,9 +246,8 @@ def _record_mount_id(store: Store, lease: Lease) -> Lease:
     """Note the overlay's unique mount id in the lease (lets another namespace ask the kernel about
     it exactly).  Not durable: a power loss changes the boot id, which makes the lease stale anyway;
     a lease without it is judged from /proc."""
-    import sqlite3
-
     from flatmount.kernel.kmount import mount_id
+    from flatmount.store.sqlite import sqlite3
 
     mid = mount_id(lease.merged)
     if mid is None:

@@ -153,7 +153,7 @@ def test_mount_uses_require_only_when_everything_has_verity(tmp_path: Path):
         flat = flatten_image(store, "app")
         from flatmount.flatten import chain_of
 
-        dirs = involved_object_dirs(store, chain_of(store, store.resolve_image("app")), flat.path)
+        dirs = involved_object_dirs(store, chain_of(store, "app"), flat.path)
         assert len(dirs) == 2
         assert _verity_ready(store, flat, dirs) == supported
         with mount(store, "app") as merged:

@@ -248,7 +248,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return 3
     except Exception as e:  # noqa: BLE001 - the last line of defence: no traceback reaches a user
         _debug_traceback()
-        sqlite3 = sys.modules.get("sqlite3")
+        sqlite3 = sys.modules.get("_sqlite3") or sys.modules.get("sqlite3")   # (flatmount.store.sqlite)
         if sqlite3 is not None and isinstance(e, sqlite3.Error):
             print(f"flatmount: {command}: store database error: {_one_line(str(e))}", file=sys.stderr)
             return 3

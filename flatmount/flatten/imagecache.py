@@ -33,8 +33,7 @@ class FlatImage:
 
 def flatten_image(store: Store, ref: str) -> FlatImage:
     """The flattened image of image `ref` (name, id or id prefix), from the cache or freshly written."""
-    image = store.resolve_image(ref)
-    return flatten_chain(store, chain_of(store, image))
+    return flatten_chain(store, chain_of(store, ref))
 
 
 def flatten_chain(store: Store, chain: Sequence) -> FlatImage:

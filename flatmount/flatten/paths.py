@@ -30,7 +30,7 @@ def cached_flat_image(store: Store, chain_key: str) -> str | None:
 
 
 def _is_sqlite_error(e: BaseException) -> bool:
-    import sqlite3
+    from flatmount.store.sqlite import sqlite3
 
     return isinstance(e, sqlite3.Error)
 
@@ -39,10 +39,12 @@ def _digest_of(path: str) -> str:
     return os.path.basename(path)[: -len(".erofs")]
 
 
-def chain_of(store: Store, image) -> list:
-    """The layer records (base first) of an ImageRecord; an image without layers is an error."""
+def chain_of(store: Store, ref: str) -> list:
+    """The layer records (base first) of the image `ref` (name, id or id prefix) means; an image
+    without layers is an error."""
     from flatmount.errors import StoreError
 
-    if image.top_layer is None:
-        raise StoreError(f"image {image.id[:12]} has no layers: there is nothing to flatten")
-    return store.layer_chain(image.top_layer)
+    image_id, top_layer = store.resolve_top_layer(ref)
+    if top_layer is None:
+        raise StoreError(f"image {image_id[:12]} has no layers: there is nothing to flatten")
+    return store.layer_chain(top_layer)

@@ -367,7 +367,7 @@ class Store:
                 return db
             except Exception:  # noqa: BLE001
                 self._db = None
-        import sqlite3
+        from flatmount.store.sqlite import sqlite3
 
         deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
         while True:
@@ -420,7 +420,7 @@ class Store:
         """What is wrong with this store's DB ([] when sound): empty while the store holds data, or what
         SQLite's own check finds (`full`: PRAGMA integrity_check, else quick_check; `tables`: only
         those tables and their indexes)."""
-        import sqlite3
+        from flatmount.store.sqlite import sqlite3
 
         if not self.db_path.exists() or _db_empty(self.db_path):
             data = self.data_besides_db()
@@ -446,7 +446,7 @@ class Store:
         SQLite's quick_check (`full`: of the whole DB, else of `tables` only).  A passed check is
         remembered until another process commits (PRAGMA data_version), so a process pays for it once
         (writes check WRITE_CHECK_TABLES; gc, rmi and imports, which read or write refs, the whole DB)."""
-        import sqlite3
+        from flatmount.store.sqlite import sqlite3
 
         version = -1
         if self._db is not None or self.db_path.exists():
@@ -538,7 +538,7 @@ class Store:
         it, and a lease from another boot is stale): the commit skips the WAL fsync
         (synchronous=NORMAL); a power loss may forget the row, never corrupt the DB, and the next
         durable commit of any process makes it durable.  `clean`: see `ensure_writable`."""
-        import sqlite3
+        from flatmount.store.sqlite import sqlite3
 
         self.ensure_writable(clean=clean)
         db = self.connect()
@@ -597,7 +597,7 @@ class Store:
 
     def _rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple]:
         """Rows of a read query; a primary store that was never written reads as empty."""
-        import sqlite3
+        from flatmount.store.sqlite import sqlite3
 
         if not self.readonly and not self.db_path.exists():
             return []
@@ -731,29 +731,34 @@ class Store:
 
     def resolve_image(self, ref: str) -> ImageRecord:
         """The image `ref` means: full id, then name, then unique id prefix (>= 3 hex digits)."""
-        ref = ref.strip()
         rows = self._image_rows()
         names = self._name_map()
-        by_id: dict[str, list[str]] = {}
-        for name, (image_id, _s) in names.items():
-            by_id.setdefault(image_id, []).append(name)
+        image_id = self._resolve_id(ref.strip(), rows, names)
+        row, s = rows[image_id]
+        return self._image_record(row, s, [name for name, (iid, _s) in names.items() if iid == image_id])
 
-        def record(iid: str) -> ImageRecord:
-            row, s = rows[iid]
-            return self._image_record(row, s, by_id.get(iid, ()))
+    def resolve_top_layer(self, ref: str) -> tuple[str, str | None]:
+        """(id, top layer id) of the image `ref` means, as `resolve_image` finds it, without parsing
+        its config (a mount needs only the chain: every millisecond of CLI start-up counts)."""
+        rows = self._image_rows()
+        image_id = self._resolve_id(ref.strip(), rows, self._name_map())
+        return image_id, rows[image_id][0][1]
 
+    def _resolve_id(self, ref: str, rows: dict[str, tuple[tuple, Store]],
+                    names: dict[str, tuple[str, Store]]) -> str:
+        """THE lookup order of `resolve_image` (NotFoundError when nothing matches)."""
         hexref = ref.removeprefix("sha256:")
         if _HEX64.fullmatch(hexref) and hexref in rows:
-            return record(hexref)
+            return hexref
         if ref:
             for cand in name_candidates(ref):
                 hit = names.get(cand)
                 if hit is not None and hit[0] in rows:
-                    return record(hit[0])
+                    return hit[0]
         if _HEX_PREFIX.fullmatch(hexref):
             matches = sorted(i for i in rows if i.startswith(hexref))
             if len(matches) == 1:
-                return record(matches[0])
+                return matches[0]
             if len(matches) > 1:
                 raise NotFoundError(f"image id prefix {ref!r} is ambiguous: "
                                     + ", ".join(m[:12] for m in matches))

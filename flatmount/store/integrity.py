@@ -88,7 +88,7 @@ def verify_flat_image(store: Store, path: str, digest: str) -> bool:
     """Check that the flattened image at `path` hashes to `digest` unless it was verified since it was
     last written (see the module docstring); CorruptImageError if it does not.  Returns True when it
     was hashed now (False: the recorded verification still holds)."""
-    import sqlite3
+    from flatmount.store.sqlite import sqlite3
 
     path = os.path.abspath(path)
     db = store.connect()
@@ -123,9 +123,8 @@ def layer_damage(store: Store, rec: LayerRecord) -> str | None:
     sha256 recorded with it) or an object its refs rows name that no object directory (primary, then
     the additional stores) holds.  Why: a pull of an image whose layers are "already present" must not
     leave them broken; ImportBatch imports such a layer again, which repairs it."""
-    import sqlite3
-
     from flatmount.errors import FlatmountError
+    from flatmount.store.sqlite import sqlite3
 
     try:
         read_layer_image(rec)
