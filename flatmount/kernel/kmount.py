@@ -22,7 +22,6 @@ becomes `PermissionRequiredError`.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno as E
 import fcntl
 import os
@@ -35,6 +34,7 @@ from collections.abc import Sequence
 from flatmount.errors import MountError, PermissionRequiredError
 from flatmount.log import debug
 from flatmount.record import record
+from objects.compiled import load
 
 __all__ = ["MountEntry", "find_mount", "is_mountpoint", "mount_id", "mount_image", "not_ours_reason",
            "umount_image"]
@@ -110,11 +110,8 @@ APIS = ("auto", "fd", "path", "mount2", "legacy")
 _AUTO_ORDER = ("fd", "path", "mount2")
 _learned_api: str | None = None  # what "auto" found this kernel accepts
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
-_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+# The raw calls compiled (flatmount/kernel/_ksys.c: no ctypes at start-up), else through ctypes below.
+_ksys = load("flatmount.kernel._ksys")
 
 
 # --- errors ----------------------------------------------------------------------------------------
@@ -196,15 +193,77 @@ class _KernelLog:
             self.fd = -1
 
 
-# --- raw calls -------------------------------------------------------------------------------------
-def _sys(nr: int, *args: int | bytes | None) -> int:
-    """syscall(nr, ...) with every integer widened to a long; raises OSError(errno)."""
-    cargs = [ctypes.c_long(a) if isinstance(a, int) else a for a in args]
-    r = _syscall(ctypes.c_long(nr), *cargs)
+# --- raw calls: the ctypes code is the specification of flatmount/kernel/_ksys.c ---------------------
+class _Libc:
+    """libc through ctypes, loaded on first use (importing ctypes costs about 1 ms)."""
+
+    _lib = None
+
+    @classmethod
+    def get(cls):
+        if cls._lib is None:
+            import ctypes
+
+            lib = ctypes.CDLL(None, use_errno=True)
+            lib.syscall.restype = ctypes.c_long
+            lib.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                                  ctypes.c_char_p]
+            lib.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+            cls._lib = lib
+        return cls._lib
+
+
+def _raise_errno(*filename: str) -> None:
+    import ctypes
+
+    err = ctypes.get_errno()
+    raise OSError(err, os.strerror(err), *filename)
+
+
+def _sys_ctypes(nr: int, *args: int | bytes | bytearray | None) -> int:
+    import ctypes
+
+    cargs = [ctypes.c_long(a) if isinstance(a, int) else
+             (ctypes.c_char * len(a)).from_buffer(a) if isinstance(a, bytearray) else a for a in args]
+    r = _Libc.get().syscall(ctypes.c_long(nr), *cargs)
     if r < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+        _raise_errno()
     return int(r)
+
+
+def _mount2_ctypes(source: bytes | None, target: bytes, fstype: bytes | None, flags: int,
+                   data: bytes | None) -> None:
+    if _Libc.get().mount(source, target, fstype, flags, data) != 0:
+        _raise_errno()
+
+
+def _umount2_ctypes(target: bytes, flags: int) -> None:
+    if _Libc.get().umount2(target, flags) != 0:
+        _raise_errno()
+
+
+def _statx_ctypes(dirfd: int, path: bytes, flags: int, mask: int) -> bytes:
+    import ctypes
+
+    buf = ctypes.create_string_buffer(_STATX_SIZE)
+    fn = getattr(_Libc.get(), "statx", None)
+    if fn is None:
+        raise OSError(E.ENOSYS, os.strerror(E.ENOSYS), os.fsdecode(path))
+    if fn(ctypes.c_int(dirfd), path, ctypes.c_int(flags), ctypes.c_uint(mask), buf) != 0:
+        _raise_errno(os.fsdecode(path))
+    return buf.raw
+
+
+if _ksys is not None:
+    _sys_raw, _mount_raw, _umount_raw, _statx_raw = _ksys.syscall, _ksys.mount, _ksys.umount2, _ksys.statx
+else:
+    _sys_raw, _mount_raw, _umount_raw, _statx_raw = _sys_ctypes, _mount2_ctypes, _umount2_ctypes, _statx_ctypes
+
+
+def _sys(nr: int, *args: int | bytes | bytearray | None) -> int:
+    """syscall(nr, ...): integers as longs, bytes-likes as pointers to their bytes (a bytearray is the
+    kernel's to write); raises OSError(errno)."""
+    return _sys_raw(nr, *args)
 
 
 def _b(s: str) -> bytes:
@@ -212,17 +271,12 @@ def _b(s: str) -> bytes:
 
 
 def _mount2(source: str | None, target: str, fstype: str | None, flags: int, data: str | None) -> None:
-    r = _libc.mount(None if source is None else _b(source), _b(target),
-                    None if fstype is None else _b(fstype), flags, None if data is None else _b(data))
-    if r != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _mount_raw(None if source is None else _b(source), _b(target), None if fstype is None else _b(fstype),
+               flags, None if data is None else _b(data))
 
 
 def _umount2(target: str, flags: int) -> None:
-    if _libc.umount2(_b(target), flags) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    _umount_raw(_b(target), flags)
 
 
 class _FsContext:
@@ -676,17 +730,10 @@ def not_ours_reason(entry: MountEntry) -> str | None:
     return f"a {entry.fstype} mount"
 
 
-def _statx(path: str, mask: int) -> ctypes.Array | None:
-    """statx(2) of `path` (no automount, following a final symlink as stat does) into a raw buffer;
-    None where libc has no statx; OSError on failure."""
-    statx = getattr(_libc, "statx", None)
-    if statx is None:
-        return None
-    buf = ctypes.create_string_buffer(_STATX_SIZE)
-    if statx(ctypes.c_int(AT_FDCWD), _b(path), ctypes.c_int(AT_NO_AUTOMOUNT), ctypes.c_uint(mask), buf) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err), path)
-    return buf
+def _statx(path: str, mask: int) -> bytes:
+    """statx(2) of `path` (no automount, following a final symlink as stat does): the raw struct;
+    OSError on failure (ENOSYS where neither the kernel nor libc has statx)."""
+    return _statx_raw(AT_FDCWD, _b(path), AT_NO_AUTOMOUNT, mask)
 
 
 def _statx_mount_root(path: str) -> bool | None:
@@ -697,8 +744,6 @@ def _statx_mount_root(path: str) -> bool | None:
         if e.errno == E.ENOSYS:
             return None
         raise
-    if buf is None:
-        return None
     (attrs,) = struct.unpack_from("=Q", buf, _STATX_ATTRIBUTES_OFF)
     (mask,) = struct.unpack_from("=Q", buf, _STATX_ATTRIBUTES_MASK_OFF)
     if not mask & STATX_ATTR_MOUNT_ROOT:
@@ -711,8 +756,6 @@ def mount_id(path: str) -> int | None:
     try:
         buf = _statx(path, STATX_MNT_ID_UNIQUE)
     except OSError:
-        return None
-    if buf is None:
         return None
     (mask,) = struct.unpack_from("=I", buf, 0)
     if not mask & STATX_MNT_ID_UNIQUE:

@@ -206,16 +206,13 @@ def _mnt_req(mnt_id: int, param: int, ns_id: int) -> bytes:
 def mount_in_ns(mnt_id: int, ns_id: int) -> bool | None:
     """Whether mount `mnt_id` (unique id) exists in mount namespace `ns_id`, asked of the kernel;
     None when it cannot say (no statmount with namespace ids, or an untrusted ENOENT)."""
-    import ctypes
-
     from flatmount.kernel.kmount import _UNIFIED_SYSCALL_TABLE, _sys
 
     if not _UNIFIED_SYSCALL_TABLE or not _trusted_for_foreign_namespaces():
         return None
-    buf = ctypes.create_string_buffer(512)
+    buf = bytearray(512)
     try:
-        _sys(SYS_STATMOUNT, _mnt_req(mnt_id, STATMOUNT_SB_BASIC, ns_id), ctypes.addressof(buf),
-             len(buf), 0)
+        _sys(SYS_STATMOUNT, _mnt_req(mnt_id, STATMOUNT_SB_BASIC, ns_id), buf, len(buf), 0)
     except OSError as e:
         if e.errno == 2:   # ENOENT: no such namespace, or no such mount in it
             return False
@@ -225,15 +222,13 @@ def mount_in_ns(mnt_id: int, ns_id: int) -> bool | None:
 
 def ns_exists(ns_id: int) -> bool | None:
     """Whether mount namespace `ns_id` exists (listmount(2) by namespace id), None if unknown."""
-    import ctypes
-
     from flatmount.kernel.kmount import _UNIFIED_SYSCALL_TABLE, _sys
 
     if not _UNIFIED_SYSCALL_TABLE or not _trusted_for_foreign_namespaces():
         return None
-    buf = (ctypes.c_uint64 * 1)()
+    buf = bytearray(8)   # room for one u64 mount id
     try:
-        _sys(SYS_LISTMOUNT, _mnt_req(LSMT_ROOT, 0, ns_id), ctypes.addressof(buf), 1, 0)
+        _sys(SYS_LISTMOUNT, _mnt_req(LSMT_ROOT, 0, ns_id), buf, 1, 0)
     except OSError as e:
         return False if e.errno == 2 else None
     return True
