@@ -8,6 +8,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flatmount.api import open_store
 from flatmount.cli import main
@@ -76,3 +78,40 @@ def test_cli_pull_with_a_bad_name_exits_3(tmp_path, capsys):
                "pull", f"tar:{_tar(tmp_path)}", "--name", "Foo"])
     err = capsys.readouterr().err
     assert rc == 3 and "invalid image name 'Foo'" in err and "Traceback" not in err
+
+
+def _whole_grammar_accepts(text: str) -> bool:
+    import re
+
+    from flatmount.reference import NAME_MAX, REFERENCE
+
+    m = re.fullmatch(REFERENCE, text)
+    return m is not None and text.isascii() and len(m.group("name")) <= NAME_MAX
+
+
+def _check_accepts(text: str) -> bool:
+    try:
+        check_reference(text)
+    except StoreError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("text", [*ACCEPTED, *ACCEPTED.values(), *REFUSED, "a" * 255, "a" * 255 + ":t",
+                                  "a-" * 120 + "b", "a__b", "a--b", "a.b_c-d:" + "T" * 128, "a:" + "T" * 129,
+                                  "a:.t", "a:_t", "a:", ":t", "", "a\n", "a:t\n", "A", "ab:ü"])
+def test_the_short_name_path_decides_as_the_whole_grammar(text):
+    assert _check_accepts(text) == _whole_grammar_accepts(text)
+
+
+@given(st.text(alphabet="ab09._-:/@Z\n ü", max_size=300))
+@settings(max_examples=3000, deadline=None)
+def test_the_short_name_path_decides_as_the_whole_grammar_on_random_names(text):
+    assert _check_accepts(text) == _whole_grammar_accepts(text)
+
+
+@given(st.from_regex(r"[a-z0-9]{1,3}(?:[._-][a-z0-9]{1,3}){0,90}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,130})?",
+                     fullmatch=True))
+@settings(max_examples=1000, deadline=None)
+def test_names_of_the_short_form_are_valid_references(text):
+    assert _check_accepts(text) == _whole_grammar_accepts(text)
