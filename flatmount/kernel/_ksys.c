@@ -123,6 +123,26 @@ static int opt_bytes(PyObject *obj, const char **out, const char *what) {
     return 0;
 }
 
+/* A bytes argument that must be given. */
+static int req_bytes(PyObject *obj, const char **out, const char *what) {
+    if (opt_bytes(obj, out, what))
+        return -1;
+    if (*out == NULL) {
+        PyErr_Format(PyExc_TypeError, "%s must be bytes", what);
+        return -1;
+    }
+    return 0;
+}
+
+/* None after a call that succeeded, else OSError(err, strerror). */
+static PyObject *none_or_oserror(int failed, int err) {
+    if (failed) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    Py_RETURN_NONE;
+}
+
 static PyObject *ksys_mount(PyObject *self, PyObject *args) {
     (void)self;
     PyObject *source_o, *target_o, *fstype_o, *data_o;
@@ -130,23 +150,15 @@ static PyObject *ksys_mount(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "OOOkO:mount", &source_o, &target_o, &fstype_o, &flags, &data_o))
         return NULL;
     const char *source, *target, *fstype, *data;
-    if (opt_bytes(source_o, &source, "source") || opt_bytes(target_o, &target, "target") ||
+    if (opt_bytes(source_o, &source, "source") || req_bytes(target_o, &target, "target") ||
         opt_bytes(fstype_o, &fstype, "fstype") || opt_bytes(data_o, &data, "data"))
         return NULL;
-    if (target == NULL) {
-        PyErr_SetString(PyExc_TypeError, "target must be bytes");
-        return NULL;
-    }
     int r, err;
     Py_BEGIN_ALLOW_THREADS
     r = mount(source, target, fstype, flags, data);
     err = errno;
     Py_END_ALLOW_THREADS
-    if (r != 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return none_or_oserror(r != 0, err);
 }
 
 static PyObject *ksys_umount2(PyObject *self, PyObject *args) {
@@ -156,22 +168,14 @@ static PyObject *ksys_umount2(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "Oi:umount2", &target_o, &flags))
         return NULL;
     const char *target;
-    if (opt_bytes(target_o, &target, "target"))
+    if (req_bytes(target_o, &target, "target"))
         return NULL;
-    if (target == NULL) {
-        PyErr_SetString(PyExc_TypeError, "target must be bytes");
-        return NULL;
-    }
     int r, err;
     Py_BEGIN_ALLOW_THREADS
     r = umount2(target, flags);
     err = errno;
     Py_END_ALLOW_THREADS
-    if (r != 0) {
-        errno = err;
-        return PyErr_SetFromErrno(PyExc_OSError);
-    }
-    Py_RETURN_NONE;
+    return none_or_oserror(r != 0, err);
 }
 
 static PyObject *ksys_statx(PyObject *self, PyObject *args) {
@@ -182,12 +186,8 @@ static PyObject *ksys_statx(PyObject *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "iOiI:statx", &dirfd, &path_o, &flags, &mask))
         return NULL;
     const char *path;
-    if (opt_bytes(path_o, &path, "path"))
+    if (req_bytes(path_o, &path, "path"))
         return NULL;
-    if (path == NULL) {
-        PyErr_SetString(PyExc_TypeError, "path must be bytes");
-        return NULL;
-    }
     PyObject *out = PyBytes_FromStringAndSize(NULL, STATX_BUF_BYTES);
     if (out == NULL)
         return NULL;
