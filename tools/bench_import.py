@@ -14,7 +14,10 @@
 - small: a tar of 50,000 small files (quick: 10,000; 1 .. 8 KB): files/s, next to its floor measured
   in the same run, interleaved: `tar -x` of the same tar into a fresh directory, then `sync -f` (one
   thread writing the same files, no hashing); the target is at most 0.9x its time (median of the
-  paired ratios), with peak RSS (the pull's own plus its largest helper's) under 150 MB;
+  paired ratios), with peak RSS (the pull's own plus its largest helper's) under 150 MB.  As root,
+  each floor and each pull runs on a file system of its own, made for it (tools/freshfs.py: the
+  same type, features and mount options as the work dir's, loop-mounted); `fs` in the JSON says
+  what was used;
 - peak RSS of each pull, measured in a child process (ru_maxrss), with the RSS of the same child
   before the pull (current RSS, /proc/self/status VmRSS), so the figure that should stay flat as
   layers grow is `big_rss_growth_mb` (the small-files layer grows with the number of entries: the
@@ -26,7 +29,7 @@ compete with the import's writes), and read from the page cache: the figures are
 pipeline, not for reading the source.
 
     python3 tools/bench_import.py [--quick]      # prints JSON
-    python3 tools/bench_import.py --small-only [--rounds N] [--old TREE]
+    python3 tools/bench_import.py --small-only [--rounds N] [--old TREE] [--same-fs]
         # only the small files; with --old, a second checkout's pull (e.g. `git archive HEAD | tar -x
         # -C TREE`) joins the same interleaving (floor, old, new per round), for A/B figures
     python3 tools/bench_import.py --big-only [--rounds N] [--old TREE]
