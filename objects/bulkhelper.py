@@ -9,11 +9,22 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from .bulk import _COUNT, _OK, _RECORD, FLUSH_EVERY, PIPE_BUFFER
+from .compiled import load
 from .errors import ObjectStoreError
 from .libc import _syncfs
+from .paths import object_path
 from .store import ObjectStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterator
+    from typing import BinaryIO
+
+# the compiled store loop where it was built, unless FLATMOUNT_PURE=1 (objects/compiled.py)
+_bulkstore = load("objects._bulkstore")
+_MORE, _EXISTS, _GIVE_UP, _CLOSE_FAILED = range(4)  # its statuses
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -52,6 +63,56 @@ class _Flusher(threading.Thread):
         self.join()
 
 
+class _Truncated(Exception):
+    """The input ended inside a record."""
+
+
+def _records(store: ObjectStore, inp: BinaryIO, new: bytearray) -> Iterator[int]:
+    """Store each record of `inp` (the specification of `_compiled_records`); yields the bytes
+    stored so far since the last yield, adds the digests of the objects it created to `new`."""
+    while head := inp.read(_RECORD.size):
+        if len(head) < _RECORD.size:
+            raise _Truncated
+        digest, size = _RECORD.unpack(head)
+        data = inp.read(size)
+        if len(data) < size:
+            raise _Truncated
+        if store._store_hashed_new(digest, data):  # (the parent sends each content once)
+            new += digest
+        yield size
+
+
+def _compiled_records(store: ObjectStore, inp: BinaryIO, new: bytearray) -> Iterator[int]:
+    """`_records` with the loop in C (objects/_bulkstore.c: the same objects, created the same way,
+    several hundred per call); every record it hands back (an existing name, an error, a missing
+    fan-out dir) goes through the same Python code as in `_records`."""
+    assert _bulkstore is not None
+    store_records = _bulkstore.store_records
+    dirfd = store._dirfd
+    path_link = False
+    pending = bytearray()
+    while chunk := inp.read1(PIPE_BUFFER):
+        pending += chunk
+        while True:
+            at, created, status, err, path_link = store_records(dirfd, pending, path_link)
+            new += created
+            if status == _MORE:
+                break
+            digest, size = _RECORD.unpack_from(pending, at)
+            end = at + _RECORD.size + size
+            data = bytes(pending[at + _RECORD.size:end])
+            del pending[:end]
+            if status == _CLOSE_FAILED:
+                raise ObjectStoreError(f"cannot store object {digest.hex()} in {store.root}: {os.strerror(err)}")
+            if status == _GIVE_UP or store._existing_damaged(object_path(digest), size) is not False:
+                if store._store_hashed_new(digest, data):
+                    new += digest
+        yield at
+        del pending[:at]
+    if pending:
+        raise _Truncated
+
+
 def child_main(root: str, flush: bool = False) -> int:
     """The helper: store each record read from stdin; print `ok` at EOF, or the first error and stop."""
     import signal
@@ -73,21 +134,19 @@ def child_main(root: str, flush: bool = False) -> int:
             flusher.start()
         written = flushed = 0
         with os.fdopen(0, "rb", buffering=PIPE_BUFFER) as inp:
-            while head := inp.read(_RECORD.size):
-                if len(head) < _RECORD.size:
-                    message, rc = b"", 1  # the parent went away mid-record: store nothing half-sent
-                    break
-                digest, size = _RECORD.unpack(head)
-                data = inp.read(size)
-                if len(data) < size:
-                    message, rc = b"", 1
-                    break
-                if store._store_hashed_new(digest, data):  # (the parent sends each content once)
-                    new += digest
+            if store._tmpfile is None:
+                store._tmpfile = store._probe_tmpfile()
+            if _bulkstore is not None and store._tmpfile:  # (it links anonymous files, as _store_hashed_new)
+                records = _compiled_records(store, inp, new)
+            else:
+                records = _records(store, inp, new)
+            for size in records:
                 written += size
                 if flusher is not None and written - flushed >= FLUSH_EVERY:
                     flusher.wake.set()
                     flushed = written
+    except _Truncated:
+        message, rc = b"", 1  # the parent went away mid-record: store nothing half-sent
     except ObjectStoreError as e:
         message, rc = str(e).encode("utf-8", "replace"), 1
     finally:
