@@ -85,31 +85,46 @@ def _records(store: ObjectStore, inp: BinaryIO, new: bytearray) -> Iterator[int]
 def _compiled_records(store: ObjectStore, inp: BinaryIO, new: bytearray) -> Iterator[int]:
     """`_records` with the loop in C (objects/_bulkstore.c: the same objects, created the same way,
     several hundred per call); every record it hands back (an existing name, an error, a missing
-    fan-out dir) goes through the same Python code as in `_records`."""
+    fan-out dir) goes through the same Python code as in `_records`.  `inp.readinto` is called for
+    up to PIPE_BUFFER bytes at a time and may return fewer (an unbuffered pipe: what is there)."""
     assert _bulkstore is not None
     store_records = _bulkstore.store_records
     dirfd = store._dirfd
     path_link = False
-    pending = bytearray()
-    while chunk := inp.read1(PIPE_BUFFER):
-        pending += chunk
+    # one buffer for the whole stream, read into in place: records are stored from it, the rest of
+    # a record cut by a read is moved to its start (a fresh 1 MiB bytes object per read cost a
+    # copy and, being memory new to the process each time, a page fault per 4 KiB)
+    buf = bytearray(2 * PIPE_BUFFER)
+    start = end = 0
+    while True:
+        if len(buf) - end < PIPE_BUFFER:  # room for a full read: move the cut record to the front
+            buf[:end - start] = buf[start:end]
+            end -= start
+            start = 0
+            if len(buf) - end < PIPE_BUFFER:  # a record bigger than the buffer
+                buf.extend(bytes(end + PIPE_BUFFER - len(buf)))
+        with memoryview(buf) as mv:
+            n = inp.readinto(mv[end:end + PIPE_BUFFER])  # type: ignore[attr-defined]
+        if not n:
+            break
+        end += n
         while True:
-            at, created, status, err, path_link = store_records(dirfd, pending, path_link)
+            with memoryview(buf) as mv:
+                at, created, status, err, path_link = store_records(dirfd, mv[start:end], path_link)
             new += created
+            at += start
             if status == _MORE:
                 break
-            digest, size = _RECORD.unpack_from(pending, at)
-            end = at + _RECORD.size + size
-            data = bytes(pending[at + _RECORD.size:end])
-            del pending[:end]
+            digest, size = _RECORD.unpack_from(buf, at)
+            start = at + _RECORD.size + size
             if status == _CLOSE_FAILED:
                 raise ObjectStoreError(f"cannot store object {digest.hex()} in {store.root}: {os.strerror(err)}")
             if status == _GIVE_UP or store._existing_damaged(object_path(digest), size) is not False:
-                if store._store_hashed_new(digest, data):
+                if store._store_hashed_new(digest, bytes(buf[at + _RECORD.size:start])):
                     new += digest
-        yield at
-        del pending[:at]
-    if pending:
+        yield at - start
+        start = at
+    if end > start:
         raise _Truncated
 
 
@@ -133,13 +148,12 @@ def child_main(root: str, flush: bool = False) -> int:
             flusher = _Flusher(store._dirfd)
             flusher.start()
         written = flushed = 0
-        with os.fdopen(0, "rb", buffering=PIPE_BUFFER) as inp:
-            if store._tmpfile is None:
-                store._tmpfile = store._probe_tmpfile()
-            if _bulkstore is not None and store._tmpfile:  # (it links anonymous files, as _store_hashed_new)
-                records = _compiled_records(store, inp, new)
-            else:
-                records = _records(store, inp, new)
+        if store._tmpfile is None:
+            store._tmpfile = store._probe_tmpfile()
+        compiled = _bulkstore is not None and store._tmpfile  # (it links anonymous files, as _store_hashed_new)
+        # the compiled loop reads into its own buffer, one read() at a time: unbuffered
+        with os.fdopen(0, "rb", buffering=0 if compiled else PIPE_BUFFER) as inp:
+            records = (_compiled_records if compiled else _records)(store, inp, new)
             for size in records:
                 written += size
                 if flusher is not None and written - flushed >= FLUSH_EVERY:

@@ -60,6 +60,18 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes, int]]:
     return out
 
 
+class _Pieces:
+    """A pipe's reads: `readinto` gives at most `chunk` bytes at a time."""
+
+    def __init__(self, data: bytes, chunk: int) -> None:
+        self.f = io.BytesIO(data)
+        self.chunk = chunk
+
+    def readinto(self, b) -> int:
+        with memoryview(b) as mv:
+            return self.f.readinto(mv[:self.chunk])
+
+
 def _run(which, root: Path, stream: bytes, prepare=None, chunk: int | None = None):
     """Store `stream` with `which` (_records or _compiled_records) into a new store at `root`; returns
     (store snapshot, created digests, error or None)."""
@@ -71,7 +83,10 @@ def _run(which, root: Path, stream: bytes, prepare=None, chunk: int | None = Non
             store._tmpfile = store._probe_tmpfile()
             assert store._tmpfile
             new = bytearray()
-            inp = io.BufferedReader(io.BytesIO(stream), buffer_size=chunk or 8192) if chunk else io.BytesIO(stream)
+            if which is bulkhelper._records:
+                inp = io.BufferedReader(io.BytesIO(stream), buffer_size=chunk) if chunk else io.BytesIO(stream)
+            else:
+                inp = _Pieces(stream, chunk or 1 << 20)
             error = None
             try:
                 for _ in which(store, inp, new):
@@ -116,7 +131,7 @@ def test_stored_damaged_and_missing_dirs(tmp_path: Path) -> None:
         os.makedirs(os.path.dirname(rel), exist_ok=True)
         Path(rel).write_bytes(damaged[:100])
 
-    for chunk in (None, 4096, 100_000):
+    for chunk in (None, 1, 100, 4096, 100_000):
         sub = tmp_path / f"chunk-{chunk}"
         snap, created, error = _both(sub, _stream([good, *fresh[:150], damaged, *fresh[150:]]), prepare, chunk)
         assert error is None
@@ -136,7 +151,7 @@ def test_stream_cut_inside_a_record(tmp_path: Path, cut: int) -> None:
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sizes=st.lists(st.integers(0, 20_000), max_size=40), stored=st.sets(st.integers(0, 39), max_size=5),
-       chunk=st.sampled_from([None, 512, 4096]), seed=st.integers(0, 1000))
+       chunk=st.sampled_from([None, 1, 37, 512, 4096]), seed=st.integers(0, 1000))
 def test_random_streams(tmp_path_factory: pytest.TempPathFactory, sizes: list[int], stored: set[int],
                         chunk: int | None, seed: int) -> None:
     contents = list({_data(n, seed * 100 + i): None for i, n in enumerate(sizes)})  # each once, as sent
