@@ -32,12 +32,12 @@ import sys
 from typing import TYPE_CHECKING, Protocol
 
 from .cpus import usable_cpus
-from .digest import READ_CHUNK, fsverity_digest
+from .digest import READ_CHUNK, fsverity_digest, fsverity_digests
 from .errors import ObjectStoreError
 
 if TYPE_CHECKING:  # pragma: no cover
     import subprocess
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
 
 class BulkTarget(Protocol):
@@ -97,7 +97,20 @@ class BulkWriter:
             self._count += 1
             if not self._use_helper or self._count <= self._start_after or big or not self._start():
                 return self.store.put_bytes(data)
-        digest = fsverity_digest(data)
+        return self._send(fsverity_digest(data), data)
+
+    def put_many(self, datas: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:
+        """`put_bytes` of each (same objects, same digests, in order), the digests of a run of small
+        contents computed together (`objects.digest.fsverity_digests`)."""
+        if self._closed:
+            raise ObjectStoreError(f"bulk writer of {self.store.root} is closed")
+        if not self._procs or any(memoryview(d).nbytes > READ_CHUNK for d in datas):
+            return [self.put_bytes(d) for d in datas]
+        send = self._send
+        return [send(digest, data) for digest, data in zip(fsverity_digests(datas), datas, strict=True)]
+
+    def _send(self, digest: bytes, data: bytes | bytearray | memoryview) -> bytes:
+        """Hand `data`, whose digest is `digest`, to its helper (unless it was sent already)."""
         if digest in self._sent:
             return digest
         self._sent.add(digest)

@@ -398,13 +398,14 @@ def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
     # many small files: their object files are written by a helper process while we parse on
     bulk = objects.bulk() if callable(getattr(objects, "bulk", None)) else None
     put_small = bulk.put_bytes if bulk is not None else objects.put_bytes
+    put_many = getattr(bulk, "put_many", None)  # (many small contents hashed together)
     # big files: hashed and written while the next members are read (their digests are set below)
     later: list[tuple[Inode, Any]] | None = [] if callable(getattr(objects, "put_async", None)) else None
     try:
         try:
             while True:
                 if tf.firstmember is None and not tf.pax_headers:
-                    if _fast_batch(tf, src, builder, put_small, progress):
+                    if _fast_batch(tf, src, builder, put_small, progress, put_many):
                         continue  # (progress reported per member)
                     if _fast_member(tf, src, builder, put_small):
                         if progress is not None:
@@ -597,11 +598,14 @@ BATCH = 512  # members decoded per scan_plain call at most (a 1 MiB chunk of sma
 
 
 def _fast_batch(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuilder,
-                put_small: Callable[[bytes | memoryview], bytes], progress: Progress | None = None) -> int:
+                put_small: Callable[[bytes | memoryview], bytes], progress: Progress | None = None,
+                put_many: Callable[[list[memoryview]], list[bytes]] | None = None) -> int:
     """Add the plain members lying whole in what `src` holds buffered (`scan_plain`); how many (0:
     nothing consumed).  The same entries as `_fast_member` one by one, without its per-member
-    reads, copies and calls: the payloads are handed on as views of the buffered chunk.
-    `progress` is called after each member, as `read_tar` does after `_fast_member`."""
+    reads, copies and calls: the payloads are handed on as views of the buffered chunk, with
+    `put_many` (a bulk writer's) all contents to store at once (hashed together), else one by one
+    with `put_small`.  `progress` is called after each member, as `read_tar` does after
+    `_fast_member`."""
     offset = tf.offset
     if src.tell() != offset:
         return 0
@@ -611,11 +615,19 @@ def _fast_batch(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuild
         return 0
     view = memoryview(buf)
     base = offset - off
-    for kind, name, link, mode, uid, gid, size, mtime, devmajor, devminor, at in members:
+    digests: list[bytes | None] = [None] * len(members)
+    if put_many is not None:
+        stored = [i for i, m in enumerate(members) if _stores_content(m[0], m[1], m[6])]
+        if stored:
+            for i, d in zip(stored, put_many([view[members[i][10]:members[i][10] + members[i][6]] for i in stored]),
+                            strict=True):
+                digests[i] = d
+    for (kind, name, link, mode, uid, gid, size, mtime, devmajor, devminor, at), digest in zip(members, digests,
+                                                                                             strict=True):
         regular = kind in (b"0", b"\x00")
         _add_plain(builder, put_small, kind, name, link, mode, uid, gid, size, mtime,
                    os.makedev(devmajor, devminor) if kind in (b"3", b"4") else 0,
-                   (view[at:at + size] if size > INLINE_MAX else buf[at:at + size]) if regular else b"")
+                   (view[at:at + size] if size > INLINE_MAX else buf[at:at + size]) if regular else b"", digest)
         if progress is not None:
             progress(base + at + (-(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if regular else 0),
                      builder.entries)
@@ -673,11 +685,19 @@ def _fast_member(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuil
     return True
 
 
+def _stores_content(kind: bytes, name: bytes, size: int) -> bool:
+    """Whether `_add_plain` stores this member's content as an object (a regular file, not inlined,
+    not a whiteout)."""
+    return kind in (b"0", b"\x00") and size > INLINE_MAX and \
+        not wh.is_whiteout_name(name.rstrip(b"/").rpartition(b"/")[2])
+
+
 def _add_plain(builder: LayerTreeBuilder, put_small: Callable[[bytes | memoryview], bytes], kind: bytes,
                name: bytes, link: bytes, mode: int, uid: int, gid: int, size: int, mtime: int, rdev: int,
-               data: bytes | memoryview) -> None:
+               data: bytes | memoryview, digest: bytes | None = None) -> None:
     """Enter one plain member (`_parse_plain_py`'s fields; `data` its payload, a regular file's,
-    bytes when it is inlined; `rdev` a device's number) into the tree, its content into the store."""
+    bytes when it is inlined; `rdev` a device's number) into the tree, its content into the store
+    (unless the caller stored it already: `digest`, for a member `_stores_content` names)."""
     mtime_ns = mtime * 1_000_000_000
     perm = mode & 0o7777
     if kind == b"1":
@@ -688,7 +708,8 @@ def _add_plain(builder: LayerTreeBuilder, put_small: Callable[[bytes | memoryvie
             # a whiteout or opaque marker: its name is all it says; its content is read past, not stored
             node = Inode(S_IFREG | perm, uid=uid, gid=gid, mtime_ns=mtime_ns, xattrs={})
         elif size > INLINE_MAX:
-            digest = put_small(data)
+            if digest is None:
+                digest = put_small(data)
             node = Inode(S_IFREG | perm, size=size, digest=digest, uid=uid, gid=gid, mtime_ns=mtime_ns, xattrs={})
         else:
             node = Inode(S_IFREG | perm, size=size, content=data or None, uid=uid, gid=gid, mtime_ns=mtime_ns,

@@ -183,6 +183,12 @@ class _RecordingBulk:
         self._pending.append(d)
         return d
 
+    def put_many(self, datas) -> list[bytes]:
+        ds = self._bulk.put_many(datas)
+        self._recording.digests.update(ds)
+        self._pending += ds
+        return ds
+
     def close(self) -> None:
         self._bulk.close()
         self._recording.stored.update(self._pending)
