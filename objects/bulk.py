@@ -190,6 +190,14 @@ class BulkWriter:
                 return out[end:]
         return out
 
+    def end_input(self) -> None:
+        """No more puts: the helpers get the rest of their input and its end, and store it while the
+        caller goes on; `close()` still waits for them (and reports their errors)."""
+        self._closed = True
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # type: ignore[union-attr]  # flushes the rest; the helper stops at EOF
+
     def close(self) -> None:
         """Wait until every object put is stored (and noted for `sync()`); ObjectStoreError if not."""
         if self._procs:
