@@ -625,9 +625,13 @@ def _fast_batch(tf: tarfile.TarFile, src: ForwardReader, builder: LayerTreeBuild
     for (kind, name, link, mode, uid, gid, size, mtime, devmajor, devminor, at), digest in zip(members, digests,
                                                                                              strict=True):
         regular = kind in (b"0", b"\x00")
-        _add_plain(builder, put_small, kind, name, link, mode, uid, gid, size, mtime,
-                   os.makedev(devmajor, devminor) if kind in (b"3", b"4") else 0,
-                   (view[at:at + size] if size > INLINE_MAX else buf[at:at + size]) if regular else b"", digest)
+        if digest is not None:  # (_add_plain's node for stored content, without its tests and call)
+            builder.add(name, Inode(S_IFREG | mode & 0o7777, size=size, digest=digest, uid=uid, gid=gid,
+                                    mtime_ns=mtime * 1_000_000_000, xattrs={}))
+        else:
+            _add_plain(builder, put_small, kind, name, link, mode, uid, gid, size, mtime,
+                       os.makedev(devmajor, devminor) if kind in (b"3", b"4") else 0,
+                       (view[at:at + size] if size > INLINE_MAX else buf[at:at + size]) if regular else b"")
         if progress is not None:
             progress(base + at + (-(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if regular else 0),
                      builder.entries)
