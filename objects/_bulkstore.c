@@ -22,7 +22,8 @@
  *      _store_hashed_new raises; not in `created`, as there).
  * Objects are created exactly as _store_hashed_new creates them (mode 0644 under the helper's umask
  * 022, no temp name ever visible); nothing is synced here.  `path_link` true: link through
- * /proc/self/fd/N only; the returned one is true once the kernel refused AT_EMPTY_PATH (pass it on).
+ * /proc/self/fd/N only; the returned one is true once the kernel refused AT_EMPTY_PATH and
+ * /proc/self/fd/N worked instead (pass it on).
  * Every length is checked against the buffer before it is used.
  */
 #define _GNU_SOURCE
@@ -64,20 +65,29 @@ static int write_all(int fd, const unsigned char *p, size_t n)
     return 0;
 }
 
-/* linkat of the anonymous file `fd` to `rel` under `dirfd`: AT_EMPTY_PATH first (unless *path_only),
- * then /proc/self/fd/N; *path_only is set once the kernel refused AT_EMPTY_PATH (EPERM). */
-static int link_tmpfile(int fd, int dirfd, const char *rel, int *path_only)
+static int link_proc(int fd, int dirfd, const char *rel)
 {
-    if (!*path_only) {
-        if (linkat(fd, "", dirfd, rel, AT_EMPTY_PATH) == 0)
-            return 0;
-        if (errno != EPERM && errno != EINVAL && errno != ENOSYS)
-            return -1;
-        *path_only = 1;
-    }
     char proc[64];
     snprintf(proc, sizeof proc, "/proc/self/fd/%d", fd);
     return linkat(AT_FDCWD, proc, dirfd, rel, AT_SYMLINK_FOLLOW);
+}
+
+/* linkat of the anonymous file `fd` to `rel` under `dirfd`: AT_EMPTY_PATH first (unless *path_only),
+ * else /proc/self/fd/N.  Kernels before 6.10 refuse AT_EMPTY_PATH to a caller without
+ * CAP_DAC_READ_SEARCH with ENOENT, which also means a vanished fan-out dir: where /proc/self/fd/N
+ * then links, *path_only is set and AT_EMPTY_PATH not tried again. */
+static int link_tmpfile(int fd, int dirfd, const char *rel, int *path_only)
+{
+    if (*path_only)
+        return link_proc(fd, dirfd, rel);
+    if (linkat(fd, "", dirfd, rel, AT_EMPTY_PATH) == 0)
+        return 0;
+    if (errno != ENOENT && errno != EPERM && errno != EINVAL && errno != ENOSYS)
+        return -1;
+    if (link_proc(fd, dirfd, rel) != 0)
+        return -1;
+    *path_only = 1;
+    return 0;
 }
 
 static PyObject *store_records(PyObject *self, PyObject *args)

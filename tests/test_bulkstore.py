@@ -208,3 +208,21 @@ def test_helpers_link_without_proc_paths(tmp_path: Path) -> None:
     assert len(empty) >= 900 - START_AFTER, links[:5]
     # (the first START_AFTER puts are stored in-process by the Python code, plus the temp-file probes)
     assert sum("/proc/self/fd" in line for line in links) <= START_AFTER + 3, links[:5]
+
+
+def test_linking_through_proc_paths(tmp_path: Path) -> None:
+    """`path_link` (where the kernel refused AT_EMPTY_PATH): the same objects through /proc/self/fd/N."""
+    bulkstore = _compiled()
+    contents = [_data(1000 + i, 500 + i) for i in range(50)]
+    stream = _stream(contents)
+    want = _run(bulkhelper._records, tmp_path / "py", stream)
+    old_umask = os.umask(0o022)
+    try:
+        with ObjectStore(tmp_path / "c") as store:
+            for d in {bulkhelper.object_path(fsverity_digest(c))[:2] for c in contents}:
+                os.mkdir(tmp_path / "c" / d, 0o755)
+            at, created, status, err, path_link = bulkstore.store_records(store._dirfd, stream, True)
+    finally:
+        os.umask(old_umask)
+    assert (at, status, err, path_link) == (len(stream), 0, 0, True)
+    assert (_snapshot(tmp_path / "c"), created, None) == want
