@@ -32,12 +32,12 @@ import sys
 from typing import TYPE_CHECKING, Protocol
 
 from .cpus import usable_cpus
-from .digest import READ_CHUNK, fsverity_digest
+from .digest import READ_CHUNK, fsverity_digest, fsverity_digests
 from .errors import ObjectStoreError
 
 if TYPE_CHECKING:  # pragma: no cover
     import subprocess
-    from collections.abc import Iterable
+    from collections.abc import Iterable, Sequence
 
 
 class BulkTarget(Protocol):
@@ -97,7 +97,20 @@ class BulkWriter:
             self._count += 1
             if not self._use_helper or self._count <= self._start_after or big or not self._start():
                 return self.store.put_bytes(data)
-        digest = fsverity_digest(data)
+        return self._send(fsverity_digest(data), data)
+
+    def put_many(self, datas: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:
+        """`put_bytes` of each (same objects, same digests, in order), the digests of a run of small
+        contents computed together (`objects.digest.fsverity_digests`)."""
+        if self._closed:
+            raise ObjectStoreError(f"bulk writer of {self.store.root} is closed")
+        if not self._procs or any(memoryview(d).nbytes > READ_CHUNK for d in datas):
+            return [self.put_bytes(d) for d in datas]
+        send = self._send
+        return [send(digest, data) for digest, data in zip(fsverity_digests(datas), datas, strict=True)]
+
+    def _send(self, digest: bytes, data: bytes | bytearray | memoryview) -> bytes:
+        """Hand `data`, whose digest is `digest`, to its helper (unless it was sent already)."""
         if digest in self._sent:
             return digest
         self._sent.add(digest)
@@ -176,6 +189,14 @@ class BulkWriter:
                 self.store._note_created(out[i:i + 32] for i in range(_COUNT.size, end, 32))
                 return out[end:]
         return out
+
+    def end_input(self) -> None:
+        """No more puts: the helpers get the rest of their input and its end, and store it while the
+        caller goes on; `close()` still waits for them (and reports their errors)."""
+        self._closed = True
+        for proc in self._procs:
+            with contextlib.suppress(OSError):
+                proc.stdin.close()  # type: ignore[union-attr]  # flushes the rest; the helper stops at EOF
 
     def close(self) -> None:
         """Wait until every object put is stored (and noted for `sync()`); ObjectStoreError if not."""

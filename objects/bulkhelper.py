@@ -9,11 +9,22 @@ from __future__ import annotations
 import os
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from .bulk import _COUNT, _OK, _RECORD, FLUSH_EVERY, PIPE_BUFFER
+from .compiled import load
 from .errors import ObjectStoreError
 from .libc import _syncfs
+from .paths import object_path
 from .store import ObjectStore
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterator
+    from typing import BinaryIO
+
+# the compiled store loop where it was built, unless FLATMOUNT_PURE=1 (objects/compiled.py)
+_bulkstore = load("objects._bulkstore")
+_MORE, _EXISTS, _GIVE_UP, _CLOSE_FAILED = range(4)  # its statuses
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -52,6 +63,71 @@ class _Flusher(threading.Thread):
         self.join()
 
 
+class _Truncated(Exception):
+    """The input ended inside a record."""
+
+
+def _records(store: ObjectStore, inp: BinaryIO, new: bytearray) -> Iterator[int]:
+    """Store each record of `inp` (the specification of `_compiled_records`); yields the bytes
+    stored so far since the last yield, adds the digests of the objects it created to `new`."""
+    while head := inp.read(_RECORD.size):
+        if len(head) < _RECORD.size:
+            raise _Truncated
+        digest, size = _RECORD.unpack(head)
+        data = inp.read(size)
+        if len(data) < size:
+            raise _Truncated
+        if store._store_hashed_new(digest, data):  # (the parent sends each content once)
+            new += digest
+        yield size
+
+
+def _compiled_records(store: ObjectStore, inp: BinaryIO, new: bytearray) -> Iterator[int]:
+    """`_records` with the loop in C (objects/_bulkstore.c: the same objects, created the same way,
+    several hundred per call); every record it hands back (an existing name, an error, a missing
+    fan-out dir) goes through the same Python code as in `_records`.  `inp.readinto` is called for
+    up to PIPE_BUFFER bytes at a time and may return fewer (an unbuffered pipe: what is there)."""
+    assert _bulkstore is not None
+    store_records = _bulkstore.store_records
+    dirfd = store._dirfd
+    path_link = False
+    # one buffer for the whole stream, read into in place: records are stored from it, the rest of
+    # a record cut by a read is moved to its start (a fresh 1 MiB bytes object per read cost a
+    # copy and, being memory new to the process each time, a page fault per 4 KiB)
+    buf = bytearray(2 * PIPE_BUFFER)
+    start = end = 0
+    while True:
+        if len(buf) - end < PIPE_BUFFER:  # room for a full read: move the cut record to the front
+            buf[:end - start] = buf[start:end]
+            end -= start
+            start = 0
+            if len(buf) - end < PIPE_BUFFER:  # a record bigger than the buffer
+                buf.extend(bytes(end + PIPE_BUFFER - len(buf)))
+        with memoryview(buf) as mv:
+            n = inp.readinto(mv[end:end + PIPE_BUFFER])  # type: ignore[attr-defined]
+        if not n:
+            break
+        end += n
+        while True:
+            with memoryview(buf) as mv:
+                at, created, status, err, path_link = store_records(dirfd, mv[start:end], path_link)
+            new += created
+            at += start
+            if status == _MORE:
+                break
+            digest, size = _RECORD.unpack_from(buf, at)
+            start = at + _RECORD.size + size
+            if status == _CLOSE_FAILED:
+                raise ObjectStoreError(f"cannot store object {digest.hex()} in {store.root}: {os.strerror(err)}")
+            if status == _GIVE_UP or store._existing_damaged(object_path(digest), size) is not False:
+                if store._store_hashed_new(digest, bytes(buf[at + _RECORD.size:start])):
+                    new += digest
+        yield at - start
+        start = at
+    if end > start:
+        raise _Truncated
+
+
 def child_main(root: str, flush: bool = False) -> int:
     """The helper: store each record read from stdin; print `ok` at EOF, or the first error and stop."""
     import signal
@@ -72,22 +148,19 @@ def child_main(root: str, flush: bool = False) -> int:
             flusher = _Flusher(store._dirfd)
             flusher.start()
         written = flushed = 0
-        with os.fdopen(0, "rb", buffering=PIPE_BUFFER) as inp:
-            while head := inp.read(_RECORD.size):
-                if len(head) < _RECORD.size:
-                    message, rc = b"", 1  # the parent went away mid-record: store nothing half-sent
-                    break
-                digest, size = _RECORD.unpack(head)
-                data = inp.read(size)
-                if len(data) < size:
-                    message, rc = b"", 1
-                    break
-                if store._store_hashed_new(digest, data):  # (the parent sends each content once)
-                    new += digest
+        if store._tmpfile is None:
+            store._tmpfile = store._probe_tmpfile()
+        compiled = _bulkstore is not None and store._tmpfile  # (it links anonymous files, as _store_hashed_new)
+        # the compiled loop reads into its own buffer, one read() at a time: unbuffered
+        with os.fdopen(0, "rb", buffering=0 if compiled else PIPE_BUFFER) as inp:
+            records = (_compiled_records if compiled else _records)(store, inp, new)
+            for size in records:
                 written += size
                 if flusher is not None and written - flushed >= FLUSH_EVERY:
                     flusher.wake.set()
                     flushed = written
+    except _Truncated:
+        message, rc = b"", 1  # the parent went away mid-record: store nothing half-sent
     except ObjectStoreError as e:
         message, rc = str(e).encode("utf-8", "replace"), 1
     finally:

@@ -19,10 +19,13 @@ import os
 import struct
 import sys
 from hashlib import sha256
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from .compiled import load
 from .errors import InvalidDigestError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Sequence
 
 BLOCK_SIZE = 4096
 HASH_SIZE = 32
@@ -267,6 +270,21 @@ _ONE_LEVEL_MAX = BLOCK_SIZE // HASH_SIZE * BLOCK_SIZE  # 128 blocks: their hashe
 # which are hashed one at a time in the importing process, the Python calls around the per-block
 # hashes cost several times the hashing itself.  Same digests (tests compare the two).
 fsverity_digest = _fsverity_digest_py if _fsverity is None else _fsverity.digest
+
+
+def _fsverity_digests_py(datas: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:
+    """`fsverity_digest` of each buffer: the specification of the compiled `_fsverity.digests`."""
+    return [fsverity_digest(d) for d in datas]
+
+
+def _fsverity_digests_c(datas: Sequence[bytes | bytearray | memoryview]) -> list[bytes]:
+    out = _fsverity.digests(datas)
+    return [out[i:i + DIGEST_SIZE] for i in range(0, len(out), DIGEST_SIZE)]
+
+
+# the digests of many small buffers (a layer's small files), their blocks hashed together in one
+# compiled loop (SHA-NI pairs blocks of different files: about a third less CPU than one by one)
+fsverity_digests = _fsverity_digests_py if _fsverity is None else _fsverity_digests_c
 
 
 def digest_stream(f: BinaryIO) -> bytes:

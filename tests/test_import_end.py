@@ -144,3 +144,60 @@ def test_refs_rows_of_a_big_layer(tmp_path):
         batch.commit()
     rows = store.connect().execute("SELECT owner, object FROM refs ORDER BY object").fetchall()
     assert rows == sorted((f"layer:{lid}", batchmod.object_path(d)) for d in digests)
+
+
+def _small_files_tar(n: int) -> bytes:
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for i in range(n):
+            data = hashlib.sha256(b"%d" % i).digest() * (40 + i % 50)
+            ti = tarfile.TarInfo(f"d{i // 100}/f{i}")
+            ti.size = len(data)
+            tf.addfile(ti, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_bulk_helpers_finish_while_the_layer_is_staged(tmp_path):
+    """read_tar returns once the bulk helpers have their input, not once they stored it: the batch
+    waits for them before the objects' sync (add_layer), so staging the layer image overlaps their
+    last writes; every object is there and recorded at commit."""
+    import io
+
+    from flatmount.sources.layers import read_tar
+
+    store = _store(tmp_path)
+    with ImportBatch(store) as batch:
+        layer = read_tar(io.BytesIO(_small_files_tar(800)), batch.objects)
+        pending = list(batch._objects._closing)
+        assert len(pending) == 1 and pending[0]._bulk._procs  # helpers not waited for yet
+        lid = batch.add_layer(layer.tree, parent=None, diff_id=layer.diff_id)
+        assert batch._objects._closing == [] and pending[0]._bulk._procs == []
+        batch.set_image("ab" * 32, lid)
+        batch.commit()
+    objs = tree_objects(layer.tree)
+    assert len(objs) == 800
+    assert all(os.path.isfile(store.objects_dir / o) for o in objs)
+    db = store.connect()
+    assert db.execute("SELECT count(*) FROM refs").fetchone()[0] == 800
+
+
+def test_a_failure_after_read_tar_stops_the_helpers_and_rolls_back(tmp_path):
+    """An import failing after read_tar (e.g. a digest mismatch): the helpers still storing are
+    stopped under the import's GC lock, and every object they created is removed."""
+    import io
+
+    from flatmount.sources.layers import read_tar
+
+    store = _store(tmp_path)
+    with pytest.raises(LayerError, match="test"), ImportBatch(store) as batch:  # noqa: PT012
+        read_tar(io.BytesIO(_small_files_tar(800)), batch.objects)
+        procs = list(batch._objects._closing[0]._bulk._procs)
+        assert procs
+        raise LayerError("digest mismatch (test)")
+    assert all(p.returncode is not None for p in procs)
+    left = [p for p in store.objects_dir.rglob("*") if p.is_file() and OBJPATH_RE.fullmatch(
+        p.relative_to(store.objects_dir).as_posix())]
+    assert left == []

@@ -44,6 +44,27 @@ def _compiled():
     return parse_plain
 
 
+def _compiled_scan():
+    _compiled()
+    from flatmount.sources._tarscan import scan_plain
+
+    return scan_plain
+
+
+def _scan_agrees(buf: bytes, off: int, limit: int, max_size: int) -> None:
+    """The compiled batch decoder gives what the Python one gives, or stops earlier, and only
+    before a header its `parse_plain` leaves to Python."""
+    got, got_end = _compiled_scan()(buf, off, limit, max_size)
+    want, want_end = tarreader._scan_plain_py(buf, off, limit, max_size)
+    assert got == want[:len(got)]
+    assert [[type(x) for x in m] for m in got] == [[type(x) for x in m] for m in want[:len(got)]]
+    if len(got) == len(want):
+        assert got_end == want_end
+    else:
+        assert _compiled()(buf[got_end:got_end + 512]) is None
+        assert got_end == (want[len(got)][-1] - 512)
+
+
 def _agree(block: bytes) -> None:
     """The compiled decoder says what the Python one says, or leaves the block to it (None)."""
     got = _compiled()(block)
@@ -209,6 +230,7 @@ def _read(data: bytes, store_dir: Path, native: bool, monkeypatch: pytest.Monkey
     parse = _compiled() if native else tarreader._parse_plain_py
     with monkeypatch.context() as m:
         m.setattr(tarreader, "parse_plain", parse)
+        m.setattr(tarreader, "scan_plain", _compiled_scan() if native else tarreader._scan_plain_py)
         m.setattr(tarreader, "NATIVE", native)
         with ObjectStore(str(store_dir)) as objects:
             try:
@@ -289,12 +311,76 @@ def test_random_tars_read_the_same_compiled_and_pure(entries, fmt, seed, tmp_pat
 
 def test_flatmount_pure_turns_the_compiled_decoder_off():
     _compiled()
-    code = "from flatmount.sources import tarreader as t; print(t.NATIVE, t.parse_plain.__name__)"
+    code = "from flatmount.sources import tarreader as t; print(t.NATIVE, t.parse_plain.__name__, t.scan_plain.__name__)"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code], env={**env, "FLATMOUNT_PURE": "1"}, cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["False", "_parse_plain_py"]
+    assert out == ["False", "_parse_plain_py", "_scan_plain_py"]
     env.pop("FLATMOUNT_PURE", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["True", "parse_plain"]
+    assert out == ["True", "parse_plain", "scan_plain"]
+
+
+# --- batches of members (scan_plain) -----------------------------------------------------------
+
+def _small_files_tar(n: int, seed: int, fmt=tarfile.GNU_FORMAT) -> bytes:
+    rng = random.Random(seed)
+    members = [(_ti(f"d{i // 50}/f{i}", size=(size := rng.choice([0, 1, 64, 65, 511, 512, 513, 3000, 9000]))),
+                rng.randbytes(size)) for i in range(n)]
+    members.insert(n // 2, (_ti("d0/dev", tarfile.CHRTYPE, devmajor=3, devminor=7), None))
+    members.insert(n // 3, (_ti("d0/link", tarfile.SYMTYPE, linkname="f1"), None))
+    members.insert(n // 4, (_ti("d0/hard", tarfile.LNKTYPE, linkname="d0/f1"), None))
+    return _tar(members, fmt)
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_scan_agrees_on_every_form(form):
+    data = FORMS[form]()
+    for off in range(0, len(data), 512):
+        for limit, max_size in ((1000, 1 << 20), (2, 1 << 20), (1000, 100)):
+            _scan_agrees(data, off, limit, max_size)
+            _scan_agrees(data[:off + 700], off, limit, max_size)  # members cut by the buffer's end
+
+
+def test_scan_agrees_on_cut_buffers_and_odd_offsets():
+    data = _small_files_tar(120, 3)
+    for end in range(0, len(data), 97):
+        _scan_agrees(data[:end], 0, 1000, 1 << 20)
+    for off in (-5, len(data), len(data) + 512, 1, 511):
+        _scan_agrees(data, off, 1000, 1 << 20)
+    assert _compiled_scan()(data, 0, 0, 1 << 20) == ([], 0)
+    with pytest.raises(TypeError):
+        _compiled_scan()("x" * 512, 0, 1, 1)
+
+
+@settings(max_examples=200, deadline=None)
+@given(block=st.binary(min_size=512, max_size=512), pos=st.sampled_from([124, 148, 156, 0, 345]),
+       text=st.binary(min_size=1, max_size=12))
+def test_scan_agrees_on_random_headers(block, pos, text):
+    data = bytearray(_small_files_tar(3, 1))
+    hdr = bytearray(block)
+    hdr[pos:pos + len(text)] = text
+    hdr[156:157] = random.Random(len(text)).choice([b"0", b"5", b"2", b"\0", hdr[156:157]])
+    hdr[148:156] = b" " * 8
+    hdr[148:156] = b"%06o\0 " % sum(hdr)
+    data[512:1024] = hdr
+    _scan_agrees(bytes(data), 0, 1000, 1 << 20)
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_many_small_files_read_the_same_compiled_and_pure(fmt, tmp_path, monkeypatch):
+    """Hundreds of members over many of the reader's 64 KiB chunks: batches, members cut by a
+    chunk's end (read one by one), devices, links."""
+    assert _same_both_ways(_small_files_tar(700, 9, fmt), tmp_path, monkeypatch)[0] == "ok"
+
+
+def test_batches_are_used(tmp_path, monkeypatch):
+    """With the compiled scanner most members of a tar of small files are read in batches."""
+    _compiled_scan()
+    calls = []
+    real = tarreader._fast_batch
+    monkeypatch.setattr(tarreader, "_fast_batch", lambda *a: calls.append(real(*a)) or calls[-1])
+    with ObjectStore(str(tmp_path / "o")) as objects:
+        layer = read_tar(io.BytesIO(_small_files_tar(700, 9)), objects)
+    assert sum(calls) > 600 and layer.entries == 703

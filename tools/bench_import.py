@@ -14,7 +14,10 @@
 - small: a tar of 50,000 small files (quick: 10,000; 1 .. 8 KB): files/s, next to its floor measured
   in the same run, interleaved: `tar -x` of the same tar into a fresh directory, then `sync -f` (one
   thread writing the same files, no hashing); the target is at most 0.9x its time (median of the
-  paired ratios), with peak RSS (the pull's own plus its largest helper's) under 150 MB;
+  paired ratios), with peak RSS (the pull's own plus its largest helper's) under 150 MB.  As root,
+  each floor and each pull runs on a file system of its own, made for it (tools/freshfs.py: the
+  same type, features and mount options as the work dir's, loop-mounted); `fs` in the JSON says
+  what was used;
 - peak RSS of each pull, measured in a child process (ru_maxrss), with the RSS of the same child
   before the pull (current RSS, /proc/self/status VmRSS), so the figure that should stay flat as
   layers grow is `big_rss_growth_mb` (the small-files layer grows with the number of entries: the
@@ -26,7 +29,7 @@ compete with the import's writes), and read from the page cache: the figures are
 pipeline, not for reading the source.
 
     python3 tools/bench_import.py [--quick]      # prints JSON
-    python3 tools/bench_import.py --small-only [--rounds N] [--old TREE]
+    python3 tools/bench_import.py --small-only [--rounds N] [--old TREE] [--same-fs]
         # only the small files; with --old, a second checkout's pull (e.g. `git archive HEAD | tar -x
         # -C TREE`) joins the same interleaving (floor, old, new per round), for A/B figures
     python3 tools/bench_import.py --big-only [--rounds N] [--old TREE]
@@ -36,6 +39,7 @@ pipeline, not for reading the source.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -45,7 +49,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from bench_objects import bench_disk_write, bench_sha256
 
@@ -174,18 +180,52 @@ def _tar_x_floor(tar: Path, dest: Path, cpu: list[float] | None = None) -> float
     return dt
 
 
-def _small_rounds(workdir: Path, small: Path, rounds: int) -> tuple[list[float], list[dict]]:
-    """Interleaved (floor, pull) pairs; nothing is deleted until all are done, so each one allocates
-    its inodes in the same file-system state (see the note in `run`)."""
+def _small_places(workdir: Path, same_fs: bool = False) -> tuple[dict, Callable[[str], Any]]:
+    """Where each small-files measurement runs: by default a fresh file system of the same kind as
+    the work dir's, one per measurement (tools/freshfs.py: a slow floor after others' big deletes
+    made the ratio meaningless), else (`same_fs`, or not root, or not ext2/3/4) a new directory in
+    the work dir, as before.  Returns what was used (for the JSON) and `place(name)`, a context
+    manager giving the directory to measure in.
+
+    One file system per measurement, not one per round for the floor and the pulls together: the
+    second writer in a shared one would start in block groups and directories the first one
+    filled, so the two would no longer start from the same state."""
+    import freshfs
+
+    desc = freshfs.describe(workdir)
+    if same_fs or not desc["usable"]:
+        why = "--same-fs" if same_fs else desc["why"]
+
+        @contextlib.contextmanager
+        def plain(name: str) -> Iterator[Path]:
+            d = workdir / name
+            d.mkdir()
+            yield d
+
+        return {"fresh_fs_per_measurement": False, "why": why, "fs": desc["original"]}, plain
+
+    def fresh(name: str) -> Any:
+        return freshfs.fresh(workdir / f"{name}.img", desc)
+
+    return {"fresh_fs_per_measurement": True} | {k: v for k, v in desc.items() if k != "usable"}, fresh
+
+
+def _small_rounds(workdir: Path, small: Path, rounds: int) -> tuple[list[float], list[dict], dict]:
+    """Interleaved (floor, pull) pairs, each on a fresh file system (`_small_places`); nothing is
+    deleted until all are done (on the shared file system: each one then allocates its inodes in
+    the same state, see the note in `run`)."""
     floors: list[float] = []
     pulls: list[dict] = []
+    used, place = _small_places(workdir)
     for i in range(rounds):
-        floors.append(_tar_x_floor(small, workdir / f"floor-{i}"))
-        pulls.append(_pull_in_child(workdir, small, f"small-{i}", keep=True))
-    for i in range(rounds):
-        for d in (f"floor-{i}", f"store-small-{i}", f"store-small-{i}-run"):
-            shutil.rmtree(workdir / d, ignore_errors=True)
-    return floors, pulls
+        with place(f"floor-{i}") as d:
+            floors.append(_tar_x_floor(small, d / "x"))
+        with place(f"small-{i}") as d:
+            pulls.append(_pull_in_child(d, small, "small", keep=True))
+    for p in workdir.iterdir():
+        if p != small:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    return floors, pulls, used
 
 
 def _sha256_cpu_rate(total_mib: int = 256) -> float:
@@ -234,7 +274,7 @@ def run(quick: bool, rounds: int = 3) -> dict:
         small = workdir / "small.tar"
         _small_tar(small, small_count)
         _settle(small)
-        small_floors, small_pulls = _small_rounds(workdir, small, small_rounds)
+        small_floors, small_pulls, small_fs = _small_rounds(workdir, small, small_rounds)
         small.unlink()
         _quiet()
 
@@ -303,6 +343,7 @@ def run(quick: bool, rounds: int = 3) -> dict:
         "medium_vs_big_median": round(statistics.median(medium_imp) / med["import"], 3),
         "small_files": small_count,
         "small_rounds": small_rounds,
+        "small_fs": small_fs,  # where the floor and the pulls ran (tools/freshfs.py)
         "small_files_per_s": round(small_count / min(small_s), 0),  # best round
         "small_files_per_s_median": round(small_count / statistics.median(small_s), 0),
         "small_seconds": [round(x, 2) for x in small_s],
@@ -319,10 +360,11 @@ def run(quick: bool, rounds: int = 3) -> dict:
     }
 
 
-def run_small(quick: bool, rounds: int = 5, old: Path | None = None) -> dict:
+def run_small(quick: bool, rounds: int = 5, old: Path | None = None, same_fs: bool = False) -> dict:
     """Only the small-files part: per round the floor, then (with `old`) the old checkout's pull, then
-    this one's; the medians of the paired ratios and the CPU seconds (user+sys, which others' load
-    on a shared machine changes less than wall time)."""
+    this one's, each on a fresh file system (`_small_places`; `same_fs`: all in the work dir); the
+    medians of the paired ratios and the CPU seconds (user+sys, which others' load on a shared
+    machine changes less than wall time)."""
     count = 10_000 if quick else 50_000
     workdir = Path(tempfile.mkdtemp(prefix="flatmount-bench-small-", dir=os.environ.get("BENCH_TMP")))
     floors: list[float] = []
@@ -332,14 +374,18 @@ def run_small(quick: bool, rounds: int = 5, old: Path | None = None) -> dict:
         small = workdir / "small.tar"
         _small_tar(small, count)
         _settle(small)
+        used, place = _small_places(workdir, same_fs)
         for i in range(rounds):
-            floors.append(_tar_x_floor(small, workdir / f"floor-{i}", floor_cpu))
+            with place(f"floor-{i}") as d:
+                floors.append(_tar_x_floor(small, d / "x", floor_cpu))
             if old is not None:
-                pulls["old"].append(_pull_in_child(workdir, small, f"old-{i}", keep=True, root=old))
-            pulls["new"].append(_pull_in_child(workdir, small, f"new-{i}", keep=True))
+                with place(f"old-{i}") as d:
+                    pulls["old"].append(_pull_in_child(d, small, "old", keep=True, root=old))
+            with place(f"new-{i}") as d:
+                pulls["new"].append(_pull_in_child(d, small, "new", keep=True))
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    out: dict = {"small_files": count, "rounds": rounds,
+    out: dict = {"small_files": count, "rounds": rounds, "fs": used,
                  "floor_seconds": [round(x, 2) for x in floors],
                  "floor_cpu_seconds": [round(x, 2) for x in floor_cpu]}
     for which, ps in pulls.items():
@@ -430,11 +476,13 @@ if __name__ == "__main__":
     ap.add_argument("--small-only", action="store_true", help="only the small-files part")
     ap.add_argument("--big-only", action="store_true", help="only the big and medium files")
     ap.add_argument("--rounds", type=int, default=5, help="rounds of --small-only / --big-only")
+    ap.add_argument("--same-fs", action="store_true",
+                    help="--small-only: measure in the work dir's file system, not on a fresh one per measurement")
     ap.add_argument("--old", type=Path,
                     help="another checkout whose pull joins the interleaving (--small-only, --big-only)")
     a = ap.parse_args()
     if a.small_only:
-        result = run_small(a.quick, a.rounds, a.old.resolve() if a.old else None)
+        result = run_small(a.quick, a.rounds, a.old.resolve() if a.old else None, a.same_fs)
     elif a.big_only:
         result = run_big(a.quick, a.rounds, a.old.resolve() if a.old else None)
     else:

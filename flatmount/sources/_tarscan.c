@@ -11,6 +11,8 @@
  *
  * Only the 512 bytes handed in are read, every field at its fixed offset inside them; no Python
  * object is touched without the GIL (none is released: a header is a few hundred nanoseconds).
+ * scan_plain decodes the plain members lying whole in a buffer in one call (a chunk of the stream
+ * holds a few hundred small files), checking each header's and payload's extent against it.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -63,36 +65,30 @@ PyDoc_STRVAR(parse_plain_doc,
 "A plain tar header block (512 bytes) decoded exactly as tarreader._parse_plain does; None where\n"
 "that function must decide (anything unusual).  ValueError if `block` is not 512 bytes.");
 
-static PyObject *parse_plain(PyObject *self, PyObject *arg)
+/*
+ * The 512 bytes at `b` decoded as parse_plain does: its tuple, with `payload` appended when it is
+ * >= 0 (scan_plain's payload offset); a new reference to None where Python must decide; NULL on a
+ * Python error (memory).
+ */
+static PyObject *decode_block(const unsigned char *b, Py_ssize_t payload)
 {
-    (void)self;
-    Py_buffer view;
-    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    if (view.len != BLOCK) {
-        PyBuffer_Release(&view);
-        PyErr_Format(PyExc_ValueError, "a tar header block is %d bytes, not %zd", BLOCK, view.len);
-        return NULL;
-    }
-    const unsigned char *b = view.buf;
-    PyObject *result = NULL;
     unsigned char kind = b[156];
     if (memchr(FAST_TYPES, kind, sizeof FAST_TYPES - 1) == NULL)
-        goto fallback;
+        Py_RETURN_NONE;
 
     int64_t chksum, mode, uid, gid, size, mtime, devmajor, devminor;
     if (plain_octal(b + 148, 8, &chksum) < 0)
-        goto fallback;
+        Py_RETURN_NONE;
     uint64_t sum = 256;
     for (int i = 0; i < BLOCK; i++)
         sum += (i >= 148 && i < 156) ? 0 : b[i];
     if ((uint64_t)chksum != sum)
-        goto fallback;
+        Py_RETURN_NONE;
     if (plain_octal(b + 100, 8, &mode) < 0 || plain_octal(b + 108, 8, &uid) < 0 ||
         plain_octal(b + 116, 8, &gid) < 0 || plain_octal(b + 124, 12, &size) < 0 ||
         plain_octal(b + 136, 12, &mtime) < 0 || plain_octal(b + 329, 8, &devmajor) < 0 ||
         plain_octal(b + 337, 8, &devminor) < 0)
-        goto fallback;
+        Py_RETURN_NONE;
 
     /* the name: prefix "/" name, as ustar; a V7 directory is a regular file named with a slash */
     Py_ssize_t nlen = field_len(b, 100), plen = field_len(b + 345, 155);
@@ -116,19 +112,98 @@ static PyObject *parse_plain(PyObject *self, PyObject *arg)
     }
     Py_ssize_t llen = (kind == '1' || kind == '2') ? field_len(b + 157, 100) : 0;
     /* Py_BuildValue "y#" copies; "L" is long long: int64_t fits */
-    result = Py_BuildValue("y#y#y#LLLLLLL", (const char *)&kind, (Py_ssize_t)1, name, len,
-                           (const char *)(b + 157), llen, (long long)mode, (long long)uid, (long long)gid,
-                           (long long)size, (long long)mtime, (long long)devmajor, (long long)devminor);
+    if (payload >= 0)
+        return Py_BuildValue("y#y#y#LLLLLLLn", (const char *)&kind, (Py_ssize_t)1, name, len,
+                             (const char *)(b + 157), llen, (long long)mode, (long long)uid, (long long)gid,
+                             (long long)size, (long long)mtime, (long long)devmajor, (long long)devminor,
+                             payload);
+    return Py_BuildValue("y#y#y#LLLLLLL", (const char *)&kind, (Py_ssize_t)1, name, len,
+                         (const char *)(b + 157), llen, (long long)mode, (long long)uid, (long long)gid,
+                         (long long)size, (long long)mtime, (long long)devmajor, (long long)devminor);
+}
+
+static PyObject *parse_plain(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (view.len != BLOCK) {
+        PyBuffer_Release(&view);
+        PyErr_Format(PyExc_ValueError, "a tar header block is %d bytes, not %zd", BLOCK, view.len);
+        return NULL;
+    }
+    PyObject *result = decode_block(view.buf, -1);
     PyBuffer_Release(&view);
     return result;
+}
 
-fallback:
+PyDoc_STRVAR(scan_plain_doc,
+"scan_plain(buf, off, limit, max_size) -> (members, end)\n\n"
+"The plain members that lie whole in buf[off:], one after the other, at most `limit`: each\n"
+"parse_plain's tuple plus the offset of its payload in `buf`; `end` is the offset after the last\n"
+"one's padding.  Stops before anything parse_plain leaves to Python, a regular file (header type\n"
+"0 or NUL) of `max_size` bytes or more, and a member whose payload and padding are not all in\n"
+"`buf`.  As tarreader._scan_plain_py, where parse_plain gives what _parse_plain_py gives.");
+
+static PyObject *scan_plain(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer view;
+    Py_ssize_t off, limit;
+    long long max_size;
+    if (!PyArg_ParseTuple(args, "y*nnL", &view, &off, &limit, &max_size))
+        return NULL;
+    PyObject *members = PyList_New(0);
+    if (members == NULL) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    const unsigned char *buf = view.buf;
+    Py_ssize_t len = view.len;
+    if (off < 0)
+        off = len; /* nothing to scan */
+    while (PyList_GET_SIZE(members) < limit && off <= len - BLOCK) {
+        const unsigned char *b = buf + off;
+        PyObject *t = decode_block(b, off + BLOCK);
+        if (t == NULL)
+            goto error;
+        if (t == Py_None) {
+            Py_DECREF(t);
+            break;
+        }
+        /* size and the adjusted kind from the tuple: what decode_block decided */
+        long long size = PyLong_AsLongLong(PyTuple_GET_ITEM(t, 6));
+        char kind = PyBytes_AS_STRING(PyTuple_GET_ITEM(t, 0))[0];
+        int regular = kind == '0' || kind == '\0';
+        if ((b[156] == '0' || b[156] == '\0') && size >= max_size) {
+            Py_DECREF(t);
+            break;
+        }
+        /* size < 8**12 (12 octal digits): no overflow in Py_ssize_t */
+        Py_ssize_t padded = regular ? (Py_ssize_t)((size + BLOCK - 1) / BLOCK * BLOCK) : 0;
+        if (padded > len - off - BLOCK) {
+            Py_DECREF(t);
+            break;
+        }
+        int r = PyList_Append(members, t);
+        Py_DECREF(t);
+        if (r < 0)
+            goto error;
+        off += BLOCK + padded;
+    }
     PyBuffer_Release(&view);
-    Py_RETURN_NONE;
+    return Py_BuildValue("Nn", members, off);
+
+error:
+    Py_DECREF(members);
+    PyBuffer_Release(&view);
+    return NULL;
 }
 
 static PyMethodDef methods[] = {
     {"parse_plain", parse_plain, METH_O, parse_plain_doc},
+    {"scan_plain", scan_plain, METH_VARARGS, scan_plain_doc},
     {NULL, NULL, 0, NULL},
 };
 

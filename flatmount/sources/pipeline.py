@@ -500,6 +500,18 @@ class ForwardReader:
             self._buf, self._off = b"", 0
         return n
 
+    def buffered(self) -> tuple[bytes, int]:
+        """The chunk held and the offset of the next byte in it (what `read` would return first),
+        for a caller that decodes it in place (tarreader's batches of small members)."""
+        return self._buf, self._off
+
+    def skip_buffered(self, n: int) -> None:
+        """Consume `n` bytes of what `buffered` showed (at most all of it), without a copy."""
+        if not 0 <= n <= len(self._buf) - self._off:
+            raise ValueError(f"cannot skip {n} of {len(self._buf) - self._off} buffered bytes")
+        self._off += n
+        self._pos += n
+
     def defer_work(self) -> HashingReader | None:
         """For `ObjectStore.put_async`: uncompressed input read straight from the file is hashed by
         whoever settles (see HashingReader)."""

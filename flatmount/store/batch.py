@@ -126,10 +126,36 @@ class _RecordingObjects:
     """
 
     def __init__(self, objects: ObjectStore):
+        import threading
+
         self._objects = objects
         self.digests: set[bytes] = set()
         self.stored: set[bytes] = set()
         self.created = objects.watch_created()  # objects that did not exist before a put created them
+        self._closing: list[_RecordingBulk] = []  # bulk writers closed, their helpers maybe still writing
+        self._closing_lock = threading.Lock()
+
+    def finish_bulks(self) -> None:
+        """Wait for the bulk writers closed so far (`_RecordingBulk.close` does not): their objects
+        stored, noted for `sync()` and recorded as stored; raises the first error one reported."""
+        with self._closing_lock:
+            pending, self._closing = self._closing, []
+        error: BaseException | None = None
+        for bulk in pending:
+            try:
+                bulk._finish()
+            except BaseException as e:  # noqa: BLE001 - the others are finished (or aborted) first
+                error = error or e
+        if error is not None:
+            raise error
+
+    def abort_bulks(self) -> None:
+        """Stop the helpers of the bulk writers closed so far, once they stored what they were sent
+        (a failed import: what they created is then known, for the rollback)."""
+        with self._closing_lock:
+            pending, self._closing = self._closing, []
+        for bulk in pending:
+            bulk.abort()
 
     def unwatch(self) -> None:
         self._objects.unwatch_created(self.created)
@@ -183,7 +209,21 @@ class _RecordingBulk:
         self._pending.append(d)
         return d
 
+    def put_many(self, datas) -> list[bytes]:
+        ds = self._bulk.put_many(datas)
+        self._recording.digests.update(ds)
+        self._pending += ds
+        return ds
+
     def close(self) -> None:
+        """Closed without waiting: its helpers finish storing what they were sent while the import
+        goes on (e.g. builds the layer image); the batch waits for them before its objects' sync
+        (`ImportBatch.add_layer`), at commit, or stops them on failure."""
+        self._bulk.end_input()
+        with self._recording._closing_lock:
+            self._recording._closing.append(self)
+
+    def _finish(self) -> None:
         self._bulk.close()
         self._recording.stored.update(self._pending)
         self._pending = []
@@ -247,6 +287,15 @@ class ImportBatch:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        try:
+            if self._objects is not None and not self.committed:
+                # still under the shared GC lock: no helper writes once it is released, and what
+                # they created is known for the rollback
+                self._objects.abort_bulks()
+        finally:
+            self._exit()
+
+    def _exit(self) -> None:
         try:
             self._cleanup()
         finally:
@@ -345,9 +394,10 @@ class ImportBatch:
             raise LayerError(f"layer id {layer_id} does not follow from parent {parent} and diff_id "
                              f"{diff_id} (expected {lid})")
         tmp = self.staging / f"layer-{lid}.erofs"
-        # the objects' sync (mostly waiting for the disk) runs while this thread builds the image,
-        # its tree cache and the object list (CPU), which do not touch the object store
-        syncing = _Background(self.store.objects.sync)
+        # the objects' sync (mostly waiting for the disk), after the bulk helpers finished writing,
+        # runs while this thread builds the image, its tree cache and the object list (CPU), which do
+        # not touch the object store
+        syncing = _Background(self._finish_objects)
         try:
             image_digest, image_size, tree_tmp, objs, count = self._stage_files(tree, lid, tmp)
         except BaseException:
@@ -360,6 +410,12 @@ class ImportBatch:
                                           compressed_size, created or now_iso(), count,
                                           objs, str(tmp), tree_tmp, image_digest))
         return lid
+
+    def _finish_objects(self) -> None:
+        """The objects put so far stored (bulk writers finished) and synced."""
+        if self._objects is not None:
+            self._objects.finish_bulks()
+        self.store.objects.sync()
 
     def _stage_files(self, tree: Inode, lid: str, tmp: Path) -> tuple[str, int, str | None, frozenset[str], int]:
         """Write the layer image (fsynced) and its tree cache to staging: (image sha256 hex, image
@@ -409,6 +465,8 @@ class ImportBatch:
         """Record everything staged in one transaction; returns the image record (if one was set)."""
         store = self.store
         objdir = store.objects_dir
+        if self._objects is not None:
+            self._objects.finish_bulks()  # (add_layer did, unless content was put after it)
         store.require_sound_db("import into it")  # (whole DB: an import writes refs rows)
         # objects this batch stored are there (stored under the shared GC lock): check the others
         ours = self._objects.stored if self._objects is not None else set()
