@@ -61,7 +61,7 @@ from array import array
 from binascii import hexlify as _hexlify
 from collections import Counter
 from collections.abc import Callable, Iterable
-from itertools import accumulate, chain
+from itertools import accumulate, chain, repeat
 from operator import attrgetter, itemgetter
 from typing import BinaryIO
 
@@ -756,6 +756,8 @@ def _share_xattrs(lay: _Layout) -> None:
         # the compiled count keeps only the digests used more than once (most are not): enough when
         # no general item names one
         per_digest = cw.repeated(dgs) if cw is not None and not named else None
+        if per_digest is not None and _share_repeated(lay, counts, general, per_digest, dg_items):
+            return
         if per_digest is None:
             per_digest = Counter(dgs)
             many = {dg for dg, c in per_digest.items() if c > 1}
@@ -766,6 +768,15 @@ def _share_xattrs(lay: _Layout) -> None:
             it_m, it_r = dg_items[dg] = _digest_items(dg)
             counts[it_m] += per_digest[dg]
             counts[it_r] += per_digest[dg]
+    _share_counted(lay, counts, general, dg_items)
+
+
+def _share_counted(lay: _Layout, counts: Counter, general: list, dg_items: _DigestItems) -> None:
+    """`_share_xattrs` once every item is counted (`counts`; `general`: the items of the inodes' own
+    xattrs): the shared items in order, their offsets, and the facts of the names."""
+    allitems = lay.allitems
+    rditems = lay.rditems
+    dgs = lay.digests
     shared = _shared_order([it for it, c in counts.items() if c > 1])
     # the digests whose derived metacopy / redirect is shared (every shared item of key _MC / _RD that
     # names a digest): those of `many` whose item counts twice at least, and those general shared items
@@ -789,6 +800,56 @@ def _share_xattrs(lay: _Layout) -> None:
         raise FormatError(f"xattr {k[:64]!r} value too long ({len(v)} bytes)")
     lay.shared, lay.shared_off, lay.shared_size, lay.keyinfo = shared, shared_off, off, keyinfo
     lay.has_acl = fmt.POSIX_ACL_ACCESS in keyinfo or fmt.POSIX_ACL_DEFAULT in keyinfo
+
+
+def _share_repeated(lay: _Layout, counts: Counter, general: list, per_digest: dict[bytes, int],
+                    dg_items: _DigestItems) -> bool:
+    """`_share_counted` for the common case, in bulk: no item of the inodes' own xattrs names a
+    digest of `per_digest` (the digest-only files' digests used more than once, with their counts),
+    and none is a metacopy or redirect that is shared.  Each of those digests then has a metacopy and
+    a redirect item of its own, both shared, all of one length per name: they go into the shared
+    area in descending digest order (libcomposefs' order: by name, then length, then value, all
+    descending), between the other shared items by name.  False (nothing changed) otherwise: the
+    general code then counts them one by one (the specification; tests compare both)."""
+    gshared = [it for it in general if counts[it] > 1]
+    if any(k == _MC or k == _RD for k, _v in gshared):
+        return False
+    keyinfo: dict[bytes, tuple[int, bytes, int, int]] = {}
+    try:   # (an invalid name or value: the general code words the error)
+        for k in {*map(itemgetter(0), lay.allitems), _MC, _RD}:
+            keyinfo[k] = _keyinfo(k)
+    except FormatError:
+        return False
+    if general and max(map(len, map(itemgetter(1), general))) > U16:
+        return False
+    many = sorted(per_digest, reverse=True)
+    hdr = fmt.METACOPY_HEADER
+    mcs = list(zip(repeat(_MC), [hdr + dg for dg in many]))
+    rds = list(zip(repeat(_RD), [b"/" + _hexlify(dg, b"/", _HEX_SPLIT) for dg in many]))
+    dg_items.update(zip(many, zip(mcs, rds, strict=True), strict=True))
+    blocks = {_MC: mcs, _RD: rds} if many else {}
+    for it in _shared_order(gshared):
+        blocks.setdefault(it[0], []).append(it)
+    shared: list = []
+    shared_off: dict[tuple[bytes, bytes], int] = {}
+    off = 0
+    for name in sorted(blocks, reverse=True):
+        items = blocks[name]
+        if name == _MC or name == _RD:   # one entry size for the whole block
+            step = (XENT + keyinfo[name][3] + len(items[0][1]) + XPAD) & ~XPAD
+            shared_off.update(zip(items, range(off, off + step * len(items), step), strict=True))
+            off += step * len(items)
+        else:
+            for it in items:
+                shared_off[it] = off
+                off += (XENT + keyinfo[name][3] + len(it[1]) + XPAD) & ~XPAD
+        shared += items
+    lay.mc_sh = set(many)
+    lay.rd_sh = set(many)
+    lay.dg_items = dg_items
+    lay.shared, lay.shared_off, lay.shared_size, lay.keyinfo = shared, shared_off, off, keyinfo
+    lay.has_acl = fmt.POSIX_ACL_ACCESS in keyinfo or fmt.POSIX_ACL_DEFAULT in keyinfo
+    return True
 
 
 def _place_inodes(lay: _Layout) -> None:

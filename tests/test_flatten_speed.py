@@ -1,0 +1,162 @@
+"""The shortcuts of flatten's new-process path (issue 17, target 4) against the code they stand in
+for: the bulk sharing of repeated digests' xattrs (`writer._share_repeated`) gives the layout and bytes
+of the item-by-item count; the derived-file thread leaves the GIL to flatten's caller; the writer's
+layout can be left to the caller to free."""
+
+from __future__ import annotations
+
+import gc
+import sys
+import threading
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from flatmount.image import accel
+from flatmount.image.dump import parse_dump
+from flatmount.image.tree import Inode
+from tests import pin_trees
+from tests.conftest import shared_data
+from tests.cwrite_helpers import use
+
+SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# --- the bulk sharing of repeated digests ---------------------------------------------------------
+
+_LAYOUT_FIELDS = ("shared", "shared_off", "shared_size", "keyinfo", "has_acl", "mc_sh", "rd_sh")
+_POOL = [bytes([k]) * 31 + bytes([255 - k]) for k in range(6)]
+# names around the metacopy/redirect ones in bytes order, values shared or not
+_XATTRS = [(b"user.a", b"1"), (b"user.a", b"22"), (b"security.capability", b"\x01\x02"),
+           (b"trusted.overlay.metacopx", b"v"), (b"trusted.overlay.redirecz", b"/v"), (b"trusted.p", b"")]
+
+
+@st.composite
+def digest_trees(draw) -> Inode:
+    """Digest-only files (digests from a small pool: repeated, or unique), and directories, symlinks
+    and inline files with xattrs of their own (shared or not) whose names sort before, between and
+    after the metacopy and redirect names; sometimes a file with a digest and xattrs."""
+    root = Inode.directory(0o755, mtime_ns=draw(st.integers(0, 3)))
+    dirs = [root]
+    for k in range(draw(st.integers(0, 40))):
+        kind = draw(st.sampled_from(["digest", "digest", "digest", "unique", "dir", "symlink", "inline",
+                                     "digest+xattrs"]))
+        parent = draw(st.sampled_from(dirs))
+        xattrs = dict(draw(st.lists(st.sampled_from(_XATTRS), max_size=2)))
+        mtime = draw(st.integers(0, 3))
+        name = b"n%d" % k
+        if kind in ("digest", "unique", "digest+xattrs"):
+            dg = draw(st.sampled_from(_POOL)) if kind != "unique" else bytes([k]) * 32
+            node = Inode(0o100644, size=draw(st.integers(65, 1 << 20)), digest=dg, mtime_ns=mtime,
+                         xattrs=xattrs if kind == "digest+xattrs" else None)
+        elif kind == "dir":
+            node = Inode.directory(0o755, mtime_ns=mtime, xattrs=xattrs)
+            dirs.append(node)
+        elif kind == "symlink":
+            node = Inode.symlink(b"target%d" % k, mtime_ns=mtime, xattrs=xattrs)
+        else:
+            node = Inode.file(b"x" * draw(st.integers(0, 80)), mtime_ns=mtime, xattrs=xattrs)
+        parent.entries[name] = node
+    return root
+
+
+def _layouts(root: Inode):
+    """The layout of `root` after pass 3 with the bulk sharing (where it takes the tree) and with the
+    item-by-item count alone, and the image bytes of each; (taken, bulk, general)."""
+    from flatmount.image import writer
+
+    use("native")   # (fails under CI when the compiled module is missing)
+    out = []
+    taken = []
+    real = writer._share_repeated
+
+    def spy(*a):
+        got = real(*a)
+        taken.append(got)
+        return got
+
+    for share in (spy, lambda *a: False):
+        saved = accel.CWRITE
+        writer._share_repeated = share
+        try:
+            lay = writer._queue_inodes(root, True)
+            writer._inode_fields(lay)
+            writer._share_xattrs(lay)
+            fields = {f: getattr(lay, f) for f in _LAYOUT_FIELDS}
+            fields["dg_items"] = {dg: lay.dg_items[dg] for dg in lay.mc_sh | lay.rd_sh}
+            out.append((fields, writer.image_bytes(root)))
+        finally:
+            writer._share_repeated = real
+            accel.CWRITE = saved
+    return any(taken), out[0], out[1]
+
+
+@SETTINGS
+@given(digest_trees())
+def test_bulk_sharing_is_the_item_by_item_count(root):
+    _taken, bulk, general = _layouts(root)
+    assert bulk == general
+
+
+def test_bulk_sharing_takes_repeated_digests_among_shared_xattrs():
+    """Repeated digests and shared xattrs of names on both sides of the metacopy/redirect names: the
+    bulk path takes the tree (and agrees with the general one)."""
+    root = Inode.directory(0o755)
+    for k in range(12):
+        root.entries[b"f%d" % k] = Inode(0o100644, size=1000, digest=_POOL[k % 3], mtime_ns=k % 2)
+        root.entries[b"d%d" % k] = Inode.directory(0o755, xattrs=dict(_XATTRS[k % 3: k % 3 + 2]))
+        root.entries[b"s%d" % k] = Inode.symlink(b"t", xattrs={b"trusted.p": b""})
+    taken, bulk, general = _layouts(root)
+    assert taken and bulk == general
+    names = [k for k, _v in bulk[0]["shared"]]
+    assert names == sorted(names, reverse=True) and b"user.a" in names and b"security.capability" in names
+
+
+@pytest.mark.parametrize("name", sorted(pin_trees.DUMPS))
+def test_bulk_sharing_on_the_cs9_dumps(name):
+    taken, bulk, general = _layouts(parse_dump(shared_data(name).read_bytes()))
+    assert bulk == general
+
+
+@pytest.mark.parametrize("name", sorted(n for n in pin_trees.load_pins()["composefs"] if n not in pin_trees.DUMPS))
+def test_bulk_sharing_on_the_composefs_test_trees(name):
+    _taken, bulk, general = _layouts(pin_trees.build(name))
+    assert bulk == general
+
+
+# --- the derived-file thread and the layout ---------------------------------------------------------
+
+def test_derived_writer_starts_after_start_returned():
+    """`DerivedWriters.start` returns with the GIL: the writer's target runs only once the caller
+    let go of it (before, the new thread ran its target at once, and the caller, whose result was
+    ready, waited for the GIL: a switch interval or a whole C call of the writer)."""
+    from flatmount.store.paths import DerivedWriters
+
+    writers = DerivedWriters()
+    returned = []
+    seen = []
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(5.0)   # (no forced switch: only a release of the GIL lets the thread run)
+    try:
+        writers.start(lambda: seen.append(bool(returned)))
+        returned.append(True)
+    finally:
+        sys.setswitchinterval(interval)
+        writers.wait()
+    assert seen == [True]
+    assert not [t for t in threading.enumerate() if t.name == "flatmount-derived"]
+
+
+def test_image_buffer_leaves_the_layout_to_the_caller():
+    """`image_buffer(keep=)`: the same bytes; the layout handed over, already in the old generation
+    (a young collection would otherwise walk all of it)."""
+    from flatmount.image import writer
+
+    root = parse_dump(shared_data("cs9-x86_64-minimal.dump.gz").read_bytes())
+    keep: list = []
+    buf = writer.image_buffer(root, keep=keep)
+    assert bytes(buf) == writer.image_bytes(root)
+    (lay,) = keep
+    assert len(lay.nodes) > 10000
+    young = {id(o) for o in gc.get_objects(generation=0)}
+    assert id(lay.nodes) not in young and id(lay.dnames) not in young
