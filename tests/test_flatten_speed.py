@@ -160,3 +160,28 @@ def test_image_buffer_leaves_the_layout_to_the_caller():
     assert len(lay.nodes) > 10000
     young = {id(o) for o in gc.get_objects(generation=0)}
     assert id(lay.nodes) not in young and id(lay.dnames) not in young
+
+
+# --- the compiled tree cache decoder's shared integers ------------------------------------------------
+
+def test_tree_cache_decoder_shares_equal_integers():
+    """flatmount/image/_ctree.c gives equal integer fields one object (fewer allocations when a
+    new process decodes a big prefix), without mixing up a signed mtime and an unsigned size of the
+    same bit pattern, and the Python decoder (the specification) reads the same tree."""
+    from flatmount.image import treecache
+    from tests.test_treecache import DIGEST, _decode_both
+
+    root = Inode.directory(0o755, mtime_ns=1_700_000_000 * 10**9)
+    for k in range(300):
+        root.entries[b"f%d" % k] = Inode(0o100644, uid=1000, gid=1000, mtime_ns=1_700_000_000 * 10**9,
+                                         size=5000 + k % 3, digest=bytes([k % 256]) * 32)
+    root.entries[b"neg"] = Inode(0o100600, mtime_ns=-1000, size=(1 << 64) - 1000, digest=b"\1" * 32)
+    root.entries[b"pos"] = Inode(0o100600, mtime_ns=(1 << 63) - 1, size=1000, digest=b"\2" * 32)
+    back = _decode_both(treecache.encode(root, DIGEST, 7))
+    assert back == root
+    files = [back.entries[b"f%d" % k] for k in range(300)]
+    for field in ("mode", "uid", "mtime_ns"):
+        assert len({id(getattr(f, field)) for f in files}) == 1, field
+    assert len({id(f.size) for f in files}) == 3
+    neg, pos = back.entries[b"neg"], back.entries[b"pos"]
+    assert (neg.mtime_ns, neg.size, pos.mtime_ns, pos.size) == (-1000, (1 << 64) - 1000, (1 << 63) - 1, 1000)
