@@ -185,3 +185,23 @@ def test_tree_cache_decoder_shares_equal_integers():
     assert len({id(f.size) for f in files}) == 3
     neg, pos = back.entries[b"neg"], back.entries[b"pos"]
     assert (neg.mtime_ns, neg.size, pos.mtime_ns, pos.size) == (-1000, (1 << 64) - 1000, (1 << 63) - 1, 1000)
+
+
+# --- imports of a new process's flatten ----------------------------------------------------------------
+
+def test_flatten_in_a_new_process_does_not_import_the_helper(tmp_path):
+    """The forked helper is off (helper.HELPER): flatten does not import its module (~1 ms)."""
+    from layerdirs import store_image
+
+    from flatmount.api import open_store
+    from tests.test_flatten import BIG, _store_child, chain_trees
+
+    a = open_store(tmp_path / "a", runroot=tmp_path / "run")
+    store_image(a, chain_trees(), "all", blobs=BIG)
+    a.close()
+    code = ("import sys\n"
+            "from flatmount.api import open_store\n"
+            "s = open_store(sys.argv[1], runroot=sys.argv[2])\n"
+            "flat = s.flatten('all')\n"
+            "print(flat.reused, 'flatmount.flatten.helper' in sys.modules)\n")
+    assert _store_child(code, tmp_path).stdout.split() == ["False", "False"]

@@ -4,6 +4,7 @@ from its longest cached prefix (two processes for a big one), recorded, and its 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -49,7 +50,6 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
     if store.readonly:
         raise ReadOnlyStoreError(f"the flattened image of layer {key} is not cached and the primary "
                                  f"store {store.root} is opened read-only")
-    import flatmount.flatten.helper as forked
     from flatmount.flatten.trees import DERIVERS, _remember_tree
 
     # clean=False: the store's write-open cleaning (stale temp files, orphan layer files: a DB check
@@ -68,8 +68,11 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
                 break
         layers = list(chain[start:])
         store.ensure_writable(clean=False)
+        # the helper is off unless turned on (helper.HELPER), which imports its module: not imported,
+        # it is off, and its import (~1 ms of a new process) is not paid
+        forked = sys.modules.get("flatmount.flatten.helper")
         helper = forked._Helper.start(store, lambda: _chain_tree(prefix, layers, save=False)) \
-            if forked._helper_pays(prefix, chain) else None
+            if forked is not None and forked._helper_pays(prefix, chain) else None
         debug("flatten %s: %s", chain[-1].id[:12] if chain else "(empty chain)",
               "a forked helper writes half the image" if helper is not None else
               "this process writes the whole image (small chain, cached prefix or no helper)")
