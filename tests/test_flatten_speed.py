@@ -13,6 +13,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from flatmount.flatten.imagecache import _set_direct as _REAL_SET_DIRECT
+from flatmount.flatten.imagecache import _write_direct as _REAL_WRITE_DIRECT
 from flatmount.image import accel
 from flatmount.image.dump import parse_dump
 from flatmount.image.tree import Inode
@@ -205,3 +207,132 @@ def test_flatten_in_a_new_process_does_not_import_the_helper(tmp_path):
             "flat = s.flatten('all')\n"
             "print(flat.reused, 'flatmount.flatten.helper' in sys.modules)\n")
     assert _store_child(code, tmp_path).stdout.split() == ["False", "False"]
+
+
+# --- the image written with O_DIRECT -------------------------------------------------------------------
+
+
+def _o_direct_works(directory) -> bool:
+    import os
+
+    try:
+        fd = os.open(os.path.join(directory, "probe"), os.O_WRONLY | os.O_CREAT | os.O_DIRECT, 0o600)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(os.path.join(directory, "probe"))
+    return True
+
+
+def _flatten_recording(tmp_path, name, monkeypatch, *, write=None, set_direct=None):
+    """Flatten the test chain in a fresh store `name`; (image bytes, digest, [O_DIRECT flag of each
+    image write])."""
+    import fcntl
+    import os
+
+    from layerdirs import store_image
+
+    from flatmount.api import open_store
+    from flatmount.flatten import imagecache
+    from flatmount.store import paths as store_paths
+    from tests.test_flatten import BIG, chain_trees
+
+    flags: list[bool] = []
+    real_write = _REAL_WRITE_DIRECT
+
+    def spy(fd, buf):
+        flags.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return (write or real_write)(fd, buf)
+
+    monkeypatch.setattr(imagecache, "_write_direct", spy)
+    monkeypatch.setattr(imagecache, "_set_direct", set_direct or _REAL_SET_DIRECT)
+    store = open_store(tmp_path / name, runroot=tmp_path / "run")
+    try:
+        store_image(store, chain_trees(), "all", blobs=BIG)
+        flat = store.flatten("all")
+        store_paths.wait_derived()
+        with open(flat.path, "rb") as f:
+            data = f.read()
+    finally:
+        store.close()
+    import hashlib
+
+    assert hashlib.sha256(data).hexdigest() == flat.digest and not flat.reused
+    return data, flat.digest, flags
+
+
+def test_image_written_with_o_direct_is_the_same(tmp_path, monkeypatch):
+    """Where the filesystem takes O_DIRECT the image is written with it (by the fsync thread, while
+    this one hashes), and its bytes are those of a buffered write; where it does not, buffered."""
+    from flatmount.flatten import imagecache
+    from flatmount.image.writer import image_bytes
+
+    data, digest, flags = _flatten_recording(tmp_path, "a", monkeypatch)
+    want = _o_direct_works(tmp_path / "a" / "tmp")
+    assert flags == ([True] if want else [])
+    monkeypatch.setattr(imagecache, "_direct_images", lambda store: False)
+    data2, digest2, flags2 = _flatten_recording(tmp_path, "b", monkeypatch)
+    assert flags2 == []
+    assert digest2 == digest and data2 == data
+    from flatmount.flatten import flat_tree
+
+    assert image_bytes(flat_tree(str(tmp_path / "b" / "images" / (digest + ".erofs")))) == data
+
+
+def test_image_write_falls_back_to_buffered(tmp_path, monkeypatch):
+    """O_DIRECT refused for the file (tmpfs...), or refused half-way (EINVAL after a short write):
+    the image is written buffered, the same bytes."""
+    import errno
+    import os
+
+
+    data, digest, _ = _flatten_recording(tmp_path, "a", monkeypatch)
+    refused, _, flags = _flatten_recording(tmp_path, "b", monkeypatch,
+                                           set_direct=lambda fd, on: False if on else _REAL_SET_DIRECT(fd, on))
+    assert flags == []
+    assert refused == data
+    if not _o_direct_works(tmp_path / "a" / "tmp"):
+        return
+    calls = []
+    real_write = os.write
+
+    def short_then_einval(fd, b):
+        calls.append(len(b))
+        if len(calls) == 1:
+            return real_write(fd, b[:8192])      # a short (aligned) write
+        if len(calls) == 2:
+            raise OSError(errno.EINVAL, "refused")
+        return real_write(fd, b)
+
+    def write(fd, buf):
+        monkeypatch.setattr(os, "write", short_then_einval)
+        try:
+            _REAL_WRITE_DIRECT(fd, buf)
+        finally:
+            monkeypatch.setattr(os, "write", real_write)
+
+    half, _, flags = _flatten_recording(tmp_path, "c", monkeypatch, write=write)
+    assert (flags, calls[1:], len(data)) == ([True], [len(data) - 8192] * 2, len(data))
+    assert half == data
+
+
+def test_buffered_write_mode_of_this_boot_keeps_images_buffered(tmp_path):
+    """objects.writemode recorded buffered writes as faster for the store's objects on this boot:
+    images are written buffered too; a record of another boot does not count."""
+    from flatmount.api import open_store
+    from flatmount.flatten.imagecache import _direct_images
+    from objects.writemode import STATE_FILE, boot_id
+
+    store = open_store(tmp_path / "s", runroot=tmp_path / "run")
+    try:
+        store.ensure_writable()
+        assert _direct_images(store)
+        state = store.objects_dir / STATE_FILE
+        state.write_text(f"buffered {boot_id()} direct=1MB/s buffered=2MB/s\n")
+        assert not _direct_images(store)
+        state.write_text("buffered 00000000-0000-0000-0000-000000000000 direct=1MB/s buffered=2MB/s\n")
+        assert _direct_images(store)
+        state.write_text(f"direct {boot_id()} direct=2MB/s buffered=1MB/s\n")
+        assert _direct_images(store)
+    finally:
+        store.close()

@@ -345,14 +345,14 @@ LayoutHook = Callable[[int, bytes, int], tuple]
 
 
 def _build(root: Inode, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None,
-           keep: list | None = None):
+           keep: list | None = None, alloc: Callable[[int], object] | None = None):
     """The whole image in one buffer; the cyclic GC is paused meanwhile (it would rescan the tree
     for every few hundred tuples allocated here, for nothing: nothing built here is cyclic).
     `keep`: a list the layout is appended to, for a caller that frees it later (see image_buffer)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        buf = _build_image(root, root_whiteouts, layout_hook, keep)
+        buf = _build_image(root, root_whiteouts, layout_hook, keep, alloc)
         if keep:
             # the kept layout's containers join the old generation at once (freeze, then unfreeze:
             # two list splices), or the first young collection after this would walk them all
@@ -472,7 +472,8 @@ class _Layout:
     total_blocks: int
 
 
-def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | None, keep: list | None = None):
+def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | None, keep: list | None = None,
+                 alloc: Callable[[int], object] | None = None):
     """The passes, in order; each fills in its part of the layout (EROFS.md section 10)."""
     lay = _queue_inodes(root, root_whiteouts)
     if keep is not None:
@@ -484,7 +485,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
     n = len(lay.nodes)
     size = lay.total_blocks * BLKSZ
     if layout_hook is None:
-        buf, lo, hi = bytearray(size), 0, n
+        buf, lo, hi = bytearray(size) if alloc is None else alloc(size), 0, n
     else:
         import xxhash
 
@@ -1335,15 +1336,17 @@ def _xattr_body(items, shared_ids: dict, xsize: int, keyinfo: dict) -> bytes:
 
 
 def image_buffer(root: Inode, *, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None,
-                 keep: list | None = None):
+                 keep: list | None = None, alloc: Callable[[int], object] | None = None):
     """`image_bytes` without the copy into a bytes object (for a caller that only writes and hashes
     it): a bytearray, or with `layout_hook` (see LayoutHook) the buffer it gave, written in part.
 
     `keep`: a list the writer's layout (its columns: a few hundred thousand objects for a big tree)
     is appended to instead of being freed on return, for a caller that has better things to do
     first (freeing the layout of a 64k-inode tree takes ~6 ms; flatten leaves it to its
-    background thread)."""
-    return _build(root, root_whiteouts, layout_hook, keep)
+    background thread).  `alloc(size)`: the zeroed writable buffer to write the image into, instead
+    of a bytearray (flatten takes page-aligned memory, to write it with O_DIRECT); not with
+    `layout_hook`, which gives its own."""
+    return _build(root, root_whiteouts, layout_hook, keep, alloc)
 
 
 def image_bytes(root: Inode, *, root_whiteouts: bool = True) -> bytes:
