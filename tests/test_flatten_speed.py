@@ -336,3 +336,77 @@ def test_buffered_write_mode_of_this_boot_keeps_images_buffered(tmp_path):
         assert _direct_images(store)
     finally:
         store.close()
+
+
+# --- small-object arenas with their pages allocated at once -------------------------------------------
+
+ARENA_CHILD = r"""
+import ctypes, mmap, sys
+from objects.compiled import load
+arena = load("flatmount.flatten._carena")
+if arena is None:
+    print("missing"); sys.exit(0)
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+PAGE = mmap.PAGESIZE
+
+def resident(addr):
+    vec = ctypes.create_string_buffer(1)
+    if libc.mincore(addr & ~(PAGE - 1), PAGE, vec) != 0:
+        return None   # (not mapped)
+    return bool(vec.raw[0] & 1)
+
+def fresh_arena_tail():
+    # enough small objects to need new arenas; a page 192 KiB past the last one (same arena: pymalloc
+    # carves its pools in address order) is touched only if the arena was populated
+    keep = [(i,) for i in range(300_000)]
+    return keep, resident(id(keep[-1]) + 192 * 1024)
+
+off = fresh_arena_tail()[1]
+if sys.argv[1] == "push":
+    arena.push(); arena.push(); arena.pop()   # nested: still pushed
+on = fresh_arena_tail()[1]
+arena.pop() if sys.argv[1] == "push" else None
+after = fresh_arena_tail()[1]
+try:
+    arena.pop()
+except RuntimeError:
+    unbalanced = "refused"
+else:
+    unbalanced = "accepted"
+print(off, on, after, unbalanced)
+"""
+
+
+@pytest.mark.parametrize("mode", ["push", "none"])
+def test_pushed_arenas_are_populated(mode):
+    """Between push() and the last pop(), a new small-object arena is resident as a whole at once;
+    before and after, and without push, only as far as it was used.  pop() without push() is
+    refused.  (A new process: the arenas it allocates are fresh.)"""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import IN_CI, ROOT
+
+    out = subprocess.run([sys.executable, "-c", ARENA_CHILD, mode], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "FLATMOUNT_PURE": ""}, check=True).stdout.split()
+    if out == ["missing"]:
+        msg = "flatmount.flatten._carena is not built (pip install -e . builds it with a C compiler)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    assert out == ["False", "True" if mode == "push" else "False", "False", "refused"]
+
+
+def test_pure_env_turns_the_arena_populating_off():
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = "from objects.compiled import load; print(load('flatmount.flatten._carena') is None)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "FLATMOUNT_PURE": "1"}).stdout.split()
+    assert out == ["True"]

@@ -3,10 +3,11 @@ from its longest cached prefix (two processes for a big one), recorded, and its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from flatmount.flatten.paths import _digest_of, cached_flat_image, chain_of, flat_image_path
@@ -80,11 +81,12 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
         # call returned, not before the image is recorded (~6 ms for a 64k-inode tree)
         garbage: list = []
         try:
-            if helper is not None:
-                tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
-            else:
-                tree, buf = _chain_tree(prefix, layers, save=save), None
-            digest, path, size, image_id = _write_image_file(store, tree, buf, garbage)
+            with _populated_arenas():
+                if helper is not None:
+                    tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
+                else:
+                    tree, buf = _chain_tree(prefix, layers, save=save), None
+                digest, path, size, image_id = _write_image_file(store, tree, buf, garbage)
             del buf
             _remember_tree(digest, tree)
             # not durable: a lost row costs one flatten again (the image is durable, named by content)
@@ -104,6 +106,24 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
             if helper is not None:
                 helper.close()
     return FlatImage(digest, path, key, ids, False)
+
+
+@contextlib.contextmanager
+def _populated_arenas() -> Iterator[None]:
+    """Within: Python's new small-object arenas get their pages at once (flatmount/flatten/_carena.c,
+    optional: the trees and the writer's columns of a big chain are a few hundred thousand objects in
+    fresh memory, and on the development VM faulting their pages in one at a time cost twice as much)."""
+    from objects.compiled import load
+
+    arena = load("flatmount.flatten._carena")
+    if arena is None:
+        yield
+        return
+    arena.push()
+    try:
+        yield
+    finally:
+        arena.pop()
 
 
 def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
