@@ -37,11 +37,9 @@ class AtomicFile:
     def __enter__(self) -> AtomicFile:
         return self
 
-    def sync_while(self, work, write=None):
+    def sync_while(self, work):
         """Flush the content and fsync it in a helper thread while this one runs `work()` (e.g. hashing
-        the content for the final name: both release the GIL); returns what `work` returns.
-        `write`: what writes (the rest of) the content to the file's descriptor itself (e.g. with
-        O_DIRECT), run by that thread before the fsync, so it too overlaps `work`."""
+        the content for the final name: both release the GIL); returns what `work` returns."""
         import threading
 
         self.file.flush()
@@ -49,8 +47,6 @@ class AtomicFile:
 
         def sync() -> None:
             try:
-                if write is not None:
-                    write()
                 os.fsync(self.file.fileno())
             except BaseException as e:  # noqa: BLE001 - raised by the caller's thread below
                 failed.append(e)

@@ -6,6 +6,7 @@ layout can be left to the caller to free."""
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 
@@ -13,8 +14,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flatmount.flatten.imagecache import _set_direct as _REAL_SET_DIRECT
-from flatmount.flatten.imagecache import _write_direct as _REAL_WRITE_DIRECT
+from flatmount.flatten.imagefile import _Stream
+from flatmount.flatten.imagefile import direct_images as _REAL_DIRECT_IMAGES
+from flatmount.flatten.imagefile import set_direct as _REAL_SET_DIRECT
 from flatmount.image import accel
 from flatmount.image.dump import parse_dump
 from flatmount.image.tree import Inode
@@ -22,6 +24,8 @@ from tests import pin_trees
 from tests.conftest import shared_data
 from tests.cwrite_helpers import use
 
+_REAL_STREAM_WRITE = _Stream._write
+_REAL_PWRITE = os.pwrite
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- the bulk sharing of repeated digests ---------------------------------------------------------
@@ -209,8 +213,7 @@ def test_flatten_in_a_new_process_does_not_import_the_helper(tmp_path):
     assert _store_child(code, tmp_path).stdout.split() == ["False", "False"]
 
 
-# --- the image written with O_DIRECT -------------------------------------------------------------------
-
+# --- the image written (O_DIRECT) and hashed while the writer emits it ---------------------------------
 
 def _o_direct_works(directory) -> bool:
     import os
@@ -224,58 +227,58 @@ def _o_direct_works(directory) -> bool:
     return True
 
 
-def _flatten_recording(tmp_path, name, monkeypatch, *, write=None, set_direct=None):
-    """Flatten the test chain in a fresh store `name`; (image bytes, digest, [O_DIRECT flag of each
-    image write])."""
+def _flatten_recording(tmp_path, name, monkeypatch, *, pwrite=None, set_direct=None, direct=None):
+    """Flatten the test chain in a fresh store `name`; (image bytes, digest, [whether O_DIRECT was on
+    for each write of a range]).  `pwrite`, `set_direct`: stand-ins for os.pwrite and
+    imagefile.set_direct; `direct`: what imagefile.direct_images answers."""
     import fcntl
+    import hashlib
     import os
 
     from layerdirs import store_image
 
     from flatmount.api import open_store
-    from flatmount.flatten import imagecache
+    from flatmount.flatten import imagefile
     from flatmount.store import paths as store_paths
     from tests.test_flatten import BIG, chain_trees
 
     flags: list[bool] = []
-    real_write = _REAL_WRITE_DIRECT
 
-    def spy(fd, buf):
-        flags.append(bool(fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT))
-        return (write or real_write)(fd, buf)
+    def spy(self, chunk, off):
+        flags.append(bool(fcntl.fcntl(self.fd, fcntl.F_GETFL) & os.O_DIRECT))
+        return _REAL_STREAM_WRITE(self, chunk, off)
 
-    monkeypatch.setattr(imagecache, "_write_direct", spy)
-    monkeypatch.setattr(imagecache, "_set_direct", set_direct or _REAL_SET_DIRECT)
+    monkeypatch.setattr(imagefile._Stream, "_write", spy)
+    monkeypatch.setattr(imagefile, "set_direct", set_direct or _REAL_SET_DIRECT)
+    monkeypatch.setattr(imagefile, "direct_images", _REAL_DIRECT_IMAGES if direct is None else lambda store: direct)
+    if pwrite is not None:
+        monkeypatch.setattr(os, "pwrite", pwrite)
     store = open_store(tmp_path / name, runroot=tmp_path / "run")
     try:
         store_image(store, chain_trees(), "all", blobs=BIG)
         flat = store.flatten("all")
-        store_paths.wait_derived()
-        with open(flat.path, "rb") as f:
-            data = f.read()
     finally:
+        if pwrite is not None:
+            monkeypatch.setattr(os, "pwrite", _REAL_PWRITE)
+        store_paths.wait_derived()
         store.close()
-    import hashlib
-
+    with open(flat.path, "rb") as f:
+        data = f.read()
     assert hashlib.sha256(data).hexdigest() == flat.digest and not flat.reused
     return data, flat.digest, flags
 
 
 def test_image_written_with_o_direct_is_the_same(tmp_path, monkeypatch):
-    """Where the filesystem takes O_DIRECT the image is written with it (by the fsync thread, while
-    this one hashes), and its bytes are those of a buffered write; where it does not, buffered."""
-    from flatmount.flatten import imagecache
+    """Where the filesystem takes O_DIRECT the image is written with it, and its bytes are those of a
+    buffered write (and those the writer makes of its tree read back)."""
+    from flatmount.flatten import flat_tree
     from flatmount.image.writer import image_bytes
 
     data, digest, flags = _flatten_recording(tmp_path, "a", monkeypatch)
-    want = _o_direct_works(tmp_path / "a" / "tmp")
-    assert flags == ([True] if want else [])
-    monkeypatch.setattr(imagecache, "_direct_images", lambda store: False)
-    data2, digest2, flags2 = _flatten_recording(tmp_path, "b", monkeypatch)
-    assert flags2 == []
+    assert flags and set(flags) == {_o_direct_works(tmp_path / "a" / "tmp")}
+    data2, digest2, flags2 = _flatten_recording(tmp_path, "b", monkeypatch, direct=False)
+    assert flags2 and not any(flags2)
     assert digest2 == digest and data2 == data
-    from flatmount.flatten import flat_tree
-
     assert image_bytes(flat_tree(str(tmp_path / "b" / "images" / (digest + ".erofs")))) == data
 
 
@@ -283,36 +286,27 @@ def test_image_write_falls_back_to_buffered(tmp_path, monkeypatch):
     """O_DIRECT refused for the file (tmpfs...), or refused half-way (EINVAL after a short write):
     the image is written buffered, the same bytes."""
     import errno
-    import os
-
 
     data, digest, _ = _flatten_recording(tmp_path, "a", monkeypatch)
     refused, _, flags = _flatten_recording(tmp_path, "b", monkeypatch,
                                            set_direct=lambda fd, on: False if on else _REAL_SET_DIRECT(fd, on))
-    assert flags == []
+    assert flags and not any(flags)
     assert refused == data
     if not _o_direct_works(tmp_path / "a" / "tmp"):
         return
     calls = []
-    real_write = os.write
 
-    def short_then_einval(fd, b):
-        calls.append(len(b))
+    def short_then_einval(fd, b, off):
+        calls.append((len(b), off))
         if len(calls) == 1:
-            return real_write(fd, b[:8192])      # a short (aligned) write
+            return _REAL_PWRITE(fd, b[:8192], off)      # a short (aligned) write
         if len(calls) == 2:
             raise OSError(errno.EINVAL, "refused")
-        return real_write(fd, b)
+        return _REAL_PWRITE(fd, b, off)
 
-    def write(fd, buf):
-        monkeypatch.setattr(os, "write", short_then_einval)
-        try:
-            _REAL_WRITE_DIRECT(fd, buf)
-        finally:
-            monkeypatch.setattr(os, "write", real_write)
-
-    half, _, flags = _flatten_recording(tmp_path, "c", monkeypatch, write=write)
-    assert (flags, calls[1:], len(data)) == ([True], [len(data) - 8192] * 2, len(data))
+    half, _, flags = _flatten_recording(tmp_path, "c", monkeypatch, pwrite=short_then_einval)
+    assert flags[0] is True
+    assert calls[:3] == [(len(data), 0), (len(data) - 8192, 8192), (len(data) - 8192, 8192)]
     assert half == data
 
 
@@ -320,22 +314,82 @@ def test_buffered_write_mode_of_this_boot_keeps_images_buffered(tmp_path):
     """objects.writemode recorded buffered writes as faster for the store's objects on this boot:
     images are written buffered too; a record of another boot does not count."""
     from flatmount.api import open_store
-    from flatmount.flatten.imagecache import _direct_images
+    from flatmount.flatten.imagefile import direct_images
     from objects.writemode import STATE_FILE, boot_id
 
     store = open_store(tmp_path / "s", runroot=tmp_path / "run")
     try:
         store.ensure_writable()
-        assert _direct_images(store)
+        assert direct_images(store)
         state = store.objects_dir / STATE_FILE
         state.write_text(f"buffered {boot_id()} direct=1MB/s buffered=2MB/s\n")
-        assert not _direct_images(store)
+        assert not direct_images(store)
         state.write_text("buffered 00000000-0000-0000-0000-000000000000 direct=1MB/s buffered=2MB/s\n")
-        assert _direct_images(store)
+        assert direct_images(store)
         state.write_text(f"direct {boot_id()} direct=2MB/s buffered=1MB/s\n")
-        assert _direct_images(store)
+        assert direct_images(store)
     finally:
         store.close()
+
+
+def _final_ranges(root: Inode, monkeypatch, slice_min: int, slices: int):
+    """image_buffer(final=) of `root`: (the image, [(end, bytes below end at that call)])."""
+    from flatmount.image import writer
+
+    monkeypatch.setattr(writer, "FINAL_SLICE", slice_min)
+    monkeypatch.setattr(writer, "FINAL_SLICES", slices)
+    seen: list[tuple[int, bytes]] = []
+    buf = writer.image_buffer(root, final=lambda b, end: seen.append((end, bytes(b[:end]))))
+    return bytes(buf), seen
+
+
+def _check_final(img: bytes, seen: list) -> None:
+    ends = [end for end, _ in seen]
+    assert ends == sorted(ends) and ends[-1] == len(img) and all(end % 4096 == 0 for end in ends)
+    for end, below in seen:
+        assert below == img[:end]
+
+
+@pytest.mark.parametrize("impl", ["native", "python"])
+def test_final_ranges_hold_final_bytes_cs9(monkeypatch, impl):
+    """What `final` is told is final is: the bytes below each `end` do not change afterwards (the
+    threads writing and hashing them read them meanwhile); in slices of the cs9 minimal tree."""
+    from flatmount.image.writer import image_bytes
+
+    root = parse_dump(shared_data("cs9-x86_64-minimal.dump.gz").read_bytes())
+    saved = use(impl)
+    try:
+        img, seen = _final_ranges(root, monkeypatch, 1000, 7)
+    finally:
+        accel.CWRITE = saved
+    assert len(seen) == 7 and img == image_bytes(root)
+    _check_final(img, seen)
+
+
+@SETTINGS
+@given(digest_trees(), st.integers(1, 5), st.integers(1, 6))
+def test_final_ranges_hold_final_bytes_random(root, slice_min, slices):
+    from flatmount.image.writer import image_bytes
+
+    with pytest.MonkeyPatch.context() as mp:
+        img, seen = _final_ranges(root, mp, slice_min, slices)
+    assert img == image_bytes(root)
+    _check_final(img, seen)
+
+
+def test_streamed_write_failure_leaves_nothing(tmp_path, monkeypatch):
+    """A write that fails (ENOSPC) fails the flatten with that error, and leaves no temp file and no
+    thread behind."""
+    import errno
+    import os
+
+    def full(fd, b, off):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match="No space left"):
+        _flatten_recording(tmp_path, "a", monkeypatch, pwrite=full)
+    assert os.listdir(tmp_path / "a" / "tmp") == []
+    assert not [t for t in threading.enumerate() if t.name == "flatmount-image"]
 
 
 # --- small-object arenas with their pages allocated at once -------------------------------------------

@@ -156,103 +156,22 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
 
 def _write_image_file(store: Store, tree: Inode, buf=None, keep: list | None = None) -> tuple[str, str, int, bytes]:
     """`write_flat_image` without its derived files: (digest, path, size, xxh3-128 of the image).
-    `buf`: the image of `tree` if already built; `keep`: see `image_buffer`."""
+    `buf`: the image of `tree` if already built (else it is built, written and hashed at once:
+    flatmount.flatten.imagefile); `keep`: see `image_buffer`."""
+    store.ensure_writable(clean=False)   # (see flatten_chain)
+    if buf is None:
+        from flatmount.flatten.imagefile import write_streamed
+
+        return write_streamed(store, tree, keep)
     import hashlib
 
     import xxhash
 
     from flatmount.atomic import AtomicFile
 
-    store.ensure_writable(clean=False)   # (see flatten_chain)
-    direct = False
-    if buf is None:
-        from flatmount.image.writer import image_buffer
-
-        direct = _direct_images(store)
-        buf = image_buffer(tree, keep=keep, alloc=_aligned_buffer if direct else None)
     with AtomicFile(store.tmp_dir, prefix="flat-") as af:
-        # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is written
-        # (O_DIRECT) and fsynced
-        def names() -> tuple[str, bytes]:
-            return hashlib.sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)
-
-        fd = af.file.fileno()
-        if direct and _set_direct(fd, True):
-            digest, image_id = af.sync_while(names, write=lambda: _write_direct(fd, buf))
-        else:
-            af.file.write(buf)
-            digest, image_id = af.sync_while(names)
+        af.file.write(buf)
+        # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced
+        digest, image_id = af.sync_while(lambda: (hashlib.sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)))
         path = af.commit(flat_image_path(store.root, digest))  # same bytes if it existed: content-addressed
     return digest, path, len(buf), image_id
-
-
-# --- writing an image with O_DIRECT ------------------------------------------------------------------
-# Copying a 10 MB image into fresh page-cache pages costs more CPU than the rest of its write on the
-# development VM (each new page is a host fault there: 11.5 ms of CPU buffered against 8 ms with
-# O_DIRECT for write + fsync + hashing, interleaved), and the copy would hold up the hashing that
-# runs meanwhile.  So the image is built in page-aligned memory and written with O_DIRECT by the
-# fsync thread while this one hashes it, where the store's object directory did not measure
-# buffered writes faster on this boot (objects.writemode: the same disk), and where the
-# filesystem takes O_DIRECT (else, or on any refusal half-way, the rest is written buffered).
-
-def _direct_images(store: Store) -> bool:
-    """Whether to write a new image with O_DIRECT: unless objects.writemode recorded buffered writes
-    as the faster way for the store's objects on this boot (no measurement is started here)."""
-    if not getattr(os, "O_DIRECT", 0):
-        return False
-    from objects.writemode import boot_id, read_state
-
-    try:
-        dirfd = os.open(store.objects_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        return True
-    try:
-        recorded = read_state(dirfd)
-    finally:
-        os.close(dirfd)
-    return not (recorded is not None and recorded[0] == "buffered" and recorded[1] == boot_id())
-
-
-def _aligned_buffer(size: int):
-    """Zeroed, page-aligned memory of `size` bytes (anonymous mmap), as O_DIRECT writes need; its
-    pages allocated by the mmap call itself (MAP_POPULATE: half the cost of faulting them in one by
-    one as the writer fills them, 3.5 against 7.4 ms for 11 MB on the development VM)."""
-    import mmap
-
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    return mmap.mmap(-1, max(size, 1), flags=flags)
-
-
-def _set_direct(fd: int, on: bool) -> bool:
-    """Turn O_DIRECT on or off for `fd`; False where the filesystem refuses (tmpfs, ...)."""
-    import fcntl
-
-    try:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
-    except OSError:
-        return False
-    return True
-
-
-def _write_direct(fd: int, buf) -> None:
-    """All of `buf` (page-aligned, whole blocks) to `fd` (O_DIRECT on) from its start; what O_DIRECT
-    refuses on the way (EINVAL: an unaligned rest after a short write, a filesystem that takes the
-    flag but not the write) is written buffered."""
-    import errno
-
-    direct = True
-    with memoryview(buf) as mv:
-        off = 0
-        while off < len(mv):
-            try:
-                n = os.write(fd, mv[off:])
-            except OSError as e:
-                if e.errno != errno.EINVAL or not direct or not _set_direct(fd, False):
-                    raise
-                direct = False
-                os.lseek(fd, off, os.SEEK_SET)
-                continue
-            if n <= 0:
-                raise OSError(errno.EIO, "short write of a flattened image")
-            off += n

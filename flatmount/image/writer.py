@@ -345,14 +345,15 @@ LayoutHook = Callable[[int, bytes, int], tuple]
 
 
 def _build(root: Inode, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None,
-           keep: list | None = None, alloc: Callable[[int], object] | None = None):
+           keep: list | None = None, alloc: Callable[[int], object] | None = None,
+           final: Callable[[object, int], None] | None = None):
     """The whole image in one buffer; the cyclic GC is paused meanwhile (it would rescan the tree
     for every few hundred tuples allocated here, for nothing: nothing built here is cyclic).
     `keep`: a list the layout is appended to, for a caller that frees it later (see image_buffer)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        buf = _build_image(root, root_whiteouts, layout_hook, keep, alloc)
+        buf = _build_image(root, root_whiteouts, layout_hook, keep, alloc, final)
         if keep:
             # the kept layout's containers join the old generation at once (freeze, then unfreeze:
             # two list splices), or the first young collection after this would walk them all
@@ -473,7 +474,7 @@ class _Layout:
 
 
 def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | None, keep: list | None = None,
-                 alloc: Callable[[int], object] | None = None):
+                 alloc: Callable[[int], object] | None = None, final: Callable[[object, int], None] | None = None):
     """The passes, in order; each fills in its part of the layout (EROFS.md section 10)."""
     lay = _queue_inodes(root, root_whiteouts)
     if keep is not None:
@@ -494,8 +495,24 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
         buf, lo, hi = layout_hook(n, fingerprint, size)
     if not lo:   # the header, superblock and shared xattrs go with the first inodes
         _emit_head(buf, lay)
-    _emit_inodes(buf, lay, lo, hi)
+    if final is None or layout_hook is not None:
+        _emit_inodes(buf, lay, lo, hi)
+        return buf
+    # in slices, telling `final` after each how far the image is final: an inode's bytes lie below
+    # the next inode's; directory and data blocks and the shared xattrs lie after all the inodes
+    step = max(FINAL_SLICE, -(-n // FINAL_SLICES))
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        _emit_inodes(buf, lay, a, b)
+        if b < n:
+            final(buf, (lay.nids[b] << SLOTBITS) & ~BLKPAD)
+    final(buf, size)
     return buf
+
+
+# `final`'s slices (image_buffer): at most this many, of at least FINAL_SLICE inodes
+FINAL_SLICES = 6
+FINAL_SLICE = 4096
 
 
 def _queue_inodes(root: Inode, root_whiteouts: bool) -> _Layout:
@@ -1336,7 +1353,8 @@ def _xattr_body(items, shared_ids: dict, xsize: int, keyinfo: dict) -> bytes:
 
 
 def image_buffer(root: Inode, *, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None,
-                 keep: list | None = None, alloc: Callable[[int], object] | None = None):
+                 keep: list | None = None, alloc: Callable[[int], object] | None = None,
+                 final: Callable[[object, int], None] | None = None):
     """`image_bytes` without the copy into a bytes object (for a caller that only writes and hashes
     it): a bytearray, or with `layout_hook` (see LayoutHook) the buffer it gave, written in part.
 
@@ -1345,8 +1363,12 @@ def image_buffer(root: Inode, *, root_whiteouts: bool = True, layout_hook: Layou
     first (freeing the layout of a 64k-inode tree takes ~6 ms; flatten leaves it to its
     background thread).  `alloc(size)`: the zeroed writable buffer to write the image into, instead
     of a bytearray (flatten takes page-aligned memory, to write it with O_DIRECT); not with
-    `layout_hook`, which gives its own."""
-    return _build(root, root_whiteouts, layout_hook, keep, alloc)
+    `layout_hook`, which gives its own.
+
+    `final(buf, end)`: called as the inodes are written, `buf[:end]` then holding its final bytes
+    (whole blocks; `end` grows, the last call has the whole size), so the caller can write and hash
+    the image on other threads meanwhile (they must only read below `end`).  Not with `layout_hook`."""
+    return _build(root, root_whiteouts, layout_hook, keep, alloc, final)
 
 
 def image_bytes(root: Inode, *, root_whiteouts: bool = True) -> bytes:
