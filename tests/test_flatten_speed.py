@@ -118,6 +118,23 @@ def test_bulk_sharing_takes_repeated_digests_among_shared_xattrs():
     assert names == sorted(names, reverse=True) and b"user.a" in names and b"security.capability" in names
 
 
+def test_bulk_sharing_takes_files_with_xattrs_of_their_own():
+    """Files with a digest and xattrs of their own (a capability: their metacopy and redirect are
+    items of their own, equal to digest-only files' ones where the content is the same, or used once
+    otherwise): the bulk path takes them too, and agrees with the general one."""
+    root = Inode.directory(0o755)
+    for k in range(30):
+        root.entries[b"f%d" % k] = Inode(0o100755, size=4000, digest=_POOL[k % 4], mtime_ns=1)
+    cap = {b"security.capability": b"\x01\x00\x00\x02"}
+    root.entries[b"ping"] = Inode(0o100755, size=4000, digest=_POOL[0], xattrs=dict(cap))      # shared content
+    root.entries[b"arping"] = Inode(0o100755, size=4000, digest=_POOL[5], xattrs=dict(cap))    # its own
+    root.entries[b"once"] = Inode(0o100755, size=4000, digest=_POOL[4], mtime_ns=1)            # used once...
+    root.entries[b"clock"] = Inode(0o100755, size=4000, digest=_POOL[4], xattrs=dict(cap))     # ...and named
+    taken, bulk, general = _layouts(root)
+    assert taken and bulk == general
+    assert bulk[0]["mc_sh"] >= {_POOL[0], _POOL[4]} and _POOL[5] not in bulk[0]["mc_sh"]
+
+
 @pytest.mark.parametrize("name", sorted(pin_trees.DUMPS))
 def test_bulk_sharing_on_the_cs9_dumps(name):
     taken, bulk, general = _layouts(parse_dump(shared_data(name).read_bytes()))

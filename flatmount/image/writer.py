@@ -773,9 +773,11 @@ def _share_xattrs(lay: _Layout) -> None:
         cw = accel.CWRITE
         # the compiled count keeps only the digests used more than once (most are not): enough when
         # no general item names one
-        per_digest = cw.repeated(dgs) if cw is not None and not named else None
-        if per_digest is not None and _share_repeated(lay, counts, general, per_digest, dg_items):
+        per_digest = cw.repeated(dgs) if cw is not None else None
+        if per_digest is not None and _share_repeated(lay, counts, general, per_digest, dg_items, named):
             return
+        if per_digest is not None and named:   # (the compiled count lacks the named digests used once)
+            per_digest = None
         if per_digest is None:
             per_digest = Counter(dgs)
             many = {dg for dg, c in per_digest.items() if c > 1}
@@ -821,17 +823,16 @@ def _share_counted(lay: _Layout, counts: Counter, general: list, dg_items: _Dige
 
 
 def _share_repeated(lay: _Layout, counts: Counter, general: list, per_digest: dict[bytes, int],
-                    dg_items: _DigestItems) -> bool:
-    """`_share_counted` for the common case, in bulk: no item of the inodes' own xattrs names a
-    digest of `per_digest` (the digest-only files' digests used more than once, with their counts),
-    and none is a metacopy or redirect that is shared.  Each of those digests then has a metacopy and
-    a redirect item of its own, both shared, all of one length per name: they go into the shared
-    area in descending digest order (libcomposefs' order: by name, then length, then value, all
-    descending), between the other shared items by name.  False (nothing changed) otherwise: the
-    general code then counts them one by one (the specification; tests compare both)."""
-    gshared = [it for it in general if counts[it] > 1]
-    if any(k == _MC or k == _RD for k, _v in gshared):
-        return False
+                    dg_items: _DigestItems, named: list[bytes]) -> bool:
+    """`_share_counted` in bulk, for the usual case: the digests used more than once by digest-only
+    files (`per_digest`, with their counts) and those an item of the inodes' own xattrs names
+    (`named`: a file with xattrs of its own and a digest; few) get their metacopy and redirect items
+    made and counted all at once (with the equal items of the inodes' own xattrs, if any), not one by
+    one.  A metacopy or redirect block of the shared area holds items of one length: the digests'
+    order (descending) is libcomposefs' order (by name, then length, then value, all descending);
+    where the inodes' own shared metacopies or redirects join a block, it is sorted whole.  False
+    (nothing changed) for what it does not take (an invalid name or value, many `named`): the
+    general code then counts item by item (the specification; tests compare both)."""
     keyinfo: dict[bytes, tuple[int, bytes, int, int]] = {}
     try:   # (an invalid name or value: the general code words the error)
         for k in {*map(itemgetter(0), lay.allitems), _MC, _RD}:
@@ -840,21 +841,64 @@ def _share_repeated(lay: _Layout, counts: Counter, general: list, per_digest: di
         return False
     if general and max(map(len, map(itemgetter(1), general))) > U16:
         return False
+    if named:   # as `many` of the general code: each named digest that digest-only files use too
+        if len(named) > _NAMED_MAX:
+            return False
+        per_digest = dict(per_digest)
+        dgs = lay.digests
+        for dg in set(named).difference(per_digest):
+            c = dgs.count(dg)
+            if c:
+                per_digest[dg] = c
     many = sorted(per_digest, reverse=True)
     hdr = fmt.METACOPY_HEADER
     mcs = list(zip(repeat(_MC), [hdr + dg for dg in many]))
     rds = list(zip(repeat(_RD), [b"/" + _hexlify(dg, b"/", _HEX_SPLIT) for dg in many]))
     dg_items.update(zip(many, zip(mcs, rds, strict=True), strict=True))
-    blocks = {_MC: mcs, _RD: rds} if many else {}
+    if named or any(k == _MC or k == _RD for k, _v in general):
+        # the inodes' own items may equal digest items: counted together, and listed once
+        uses = [per_digest[dg] for dg in many]
+        comb = dict(zip(mcs, uses, strict=True))
+        comb.update(zip(rds, uses, strict=True))
+        own = []
+        for it in general:
+            c = comb.get(it)
+            if c is None:
+                own.append(it)
+            else:
+                comb[it] = c + counts[it]
+        gshared = [it for it in own if counts[it] > 1]
+        mc_keep = [comb[it] > 1 for it in mcs]
+        rd_keep = [comb[it] > 1 for it in rds]
+        lay.mc_sh = {dg for dg, keep in zip(many, mc_keep, strict=True) if keep}
+        lay.rd_sh = {dg for dg, keep in zip(many, rd_keep, strict=True) if keep}
+        lay.mc_sh.update(filter(None, [_digest_of_item(it) for it in gshared if it[0] == _MC]))
+        lay.rd_sh.update(filter(None, [_digest_of_item(it) for it in gshared if it[0] == _RD]))
+        mcs = [it for it, keep in zip(mcs, mc_keep, strict=True) if keep]
+        rds = [it for it, keep in zip(rds, rd_keep, strict=True) if keep]
+    else:   # every digest item counts twice at least, and no other item is one
+        gshared = [it for it in general if counts[it] > 1]
+        lay.mc_sh = set(many)
+        lay.rd_sh = set(many)
+    blocks: dict[bytes, list] = {}
+    if mcs:
+        blocks[_MC] = mcs
+    if rds:
+        blocks[_RD] = rds
+    mixed = set()
     for it in _shared_order(gshared):
+        if it[0] in blocks and (it[0] == _MC or it[0] == _RD):
+            mixed.add(it[0])
         blocks.setdefault(it[0], []).append(it)
     shared: list = []
     shared_off: dict[tuple[bytes, bytes], int] = {}
     off = 0
     for name in sorted(blocks, reverse=True):
         items = blocks[name]
-        if name == _MC or name == _RD:   # one entry size for the whole block
-            step = (XENT + keyinfo[name][3] + len(items[0][1]) + XPAD) & ~XPAD
+        if name in mixed:
+            items.sort(key=_len_value, reverse=True)
+        if (name == _MC or name == _RD) and name not in mixed and len(items[0][1]) == len(items[-1][1]):
+            step = (XENT + keyinfo[name][3] + len(items[0][1]) + XPAD) & ~XPAD   # one size for all
             shared_off.update(zip(items, range(off, off + step * len(items), step), strict=True))
             off += step * len(items)
         else:
@@ -862,12 +906,17 @@ def _share_repeated(lay: _Layout, counts: Counter, general: list, per_digest: di
                 shared_off[it] = off
                 off += (XENT + keyinfo[name][3] + len(it[1]) + XPAD) & ~XPAD
         shared += items
-    lay.mc_sh = set(many)
-    lay.rd_sh = set(many)
     lay.dg_items = dg_items
     lay.shared, lay.shared_off, lay.shared_size, lay.keyinfo = shared, shared_off, off, keyinfo
     lay.has_acl = fmt.POSIX_ACL_ACCESS in keyinfo or fmt.POSIX_ACL_DEFAULT in keyinfo
     return True
+
+
+_NAMED_MAX = 64   # `_share_repeated` counts each named digest with one scan of the digests
+
+
+def _len_value(item: tuple[bytes, bytes]) -> tuple[int, bytes]:
+    return len(item[1]), item[1]
 
 
 def _place_inodes(lay: _Layout) -> None:
