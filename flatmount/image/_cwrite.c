@@ -34,7 +34,7 @@
 /* An exact int as a C long long without a call for the common small ones (one or two digits, read
  * directly); anything bigger goes through PyLong_AsLongLongAndOverflow.  1: read; 0: out of the
  * long long range; -1: an exception.  Every column read of the writer passes comes through here. */
-static inline int long_ll(PyObject *v, long long *out)
+static inline __attribute__((always_inline)) int long_ll(PyObject *v, long long *out)
 {
 #if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
     Py_ssize_t sz = Py_SIZE(v);
@@ -744,7 +744,7 @@ static inline int fits(const Out *o, long long off, long long n)
 }
 
 /* a list item as a C integer; GIVE_UP when it is not an int in [lo, hi] (FAIL: an exception) */
-static int item_ll(PyObject *list, Py_ssize_t i, long long lo, long long hi, long long *out)
+static inline __attribute__((always_inline)) int item_ll(PyObject *list, Py_ssize_t i, long long lo, long long hi, long long *out)
 {
     PyObject *v = PyList_GET_ITEM(list, i);
     if (!PyLong_CheckExact(v))

@@ -501,9 +501,11 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
     # in slices, telling `final` after each how far the image is final: an inode's bytes lie below
     # the next inode's; directory and data blocks and the shared xattrs lie after all the inodes
     step = max(FINAL_SLICE, -(-n // FINAL_SLICES))
+    blk = lay.data_start // BLKSZ   # the first data block of the slice at hand
     for a in range(0, n, step):
         b = min(a + step, n)
-        _emit_inodes(buf, lay, a, b)
+        _emit_inodes(buf, lay, a, b, blk)
+        blk += sum(lay.nblk[a:b])
         if b < n:
             final(buf, (lay.nids[b] << SLOTBITS) & ~BLKPAD)
     final(buf, size)
@@ -1075,14 +1077,14 @@ def _emit_head(buf, lay: _Layout) -> None:
         p += (XENT + nlen + len(v) + XPAD) & ~XPAD
 
 
-def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
+def _emit_inodes(buf, lay: _Layout, lo: int, hi: int, first_blk: int | None = None) -> None:
     """Pass 6: inodes [lo, hi) (queue order), their xattr bodies, inline tails and data blocks, into
     the zeroed `buf`: the compiled pass (flatmount/image/_cwrite.c) where it takes the slice, else (on
     anything out of its common case; it returns False) `_emit_inodes_py` writes it (again: the same
-    bytes) and words any error."""
+    bytes) and words any error.  `first_blk`: the first data block of inode `lo`'s, if known."""
     cw = accel.CWRITE
     if cw is None or not cw.emit_inodes(
-            buf, lo, hi, lay.data_start // BLKSZ + sum(lay.nblk[:lo]),
+            buf, lo, hi, lay.data_start // BLKSZ + sum(lay.nblk[:lo]) if first_blk is None else first_blk,
             (lay.nodes, lay.modes, lay.nids, lay.nblk, lay.iu, lay.layouts, lay.xsizes, lay.sizes, lay.nlink,
              lay.isz, lay.forms, lay.xitems, lay.uids, lay.gids, lay.fast, lay.tails, lay.ftypes),
             lay.dnames, lay.dkids, lay.dstarts, lay.shared_ids, lay.keyinfo, _MC, _RD):
