@@ -489,3 +489,72 @@ def test_pure_env_turns_the_arena_populating_off():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "FLATMOUNT_PURE": "1"}).stdout.split()
     assert out == ["True"]
+
+
+def _carena():
+    from objects.compiled import load
+    from tests.conftest import IN_CI
+
+    arena = load("flatmount.flatten._carena")
+    if arena is None:
+        msg = "flatmount.flatten._carena is not built (pip install -e . builds it with a C compiler)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return arena
+
+
+def test_populate_allocates_pages_and_changes_no_byte():
+    import ctypes
+    import mmap
+
+    arena = _carena()
+    size = 64 * mmap.PAGESIZE
+    buf = mmap.mmap(-1, size)
+    buf[5 * mmap.PAGESIZE: 5 * mmap.PAGESIZE + 3] = b"abc"
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    anchor = ctypes.c_char.from_buffer(buf)
+    addr = ctypes.addressof(anchor)
+
+    def resident() -> int:
+        vec = ctypes.create_string_buffer(size // mmap.PAGESIZE)
+        assert libc.mincore(addr, size, vec) == 0
+        return sum(b & 1 for b in vec.raw)
+
+    before = resident()
+    assert arena.populate(buf) is True
+    assert before <= 2 and resident() == size // mmap.PAGESIZE
+    assert buf[5 * mmap.PAGESIZE: 5 * mmap.PAGESIZE + 3] == b"abc" and bytes(buf).count(0) == size - 3
+    with pytest.raises(BufferError):
+        arena.populate(b"read-only")
+    del anchor
+    buf.close()
+
+
+@pytest.mark.parametrize("hint", ["none", "small", "fits"])
+def test_early_buffer_gives_the_same_image(tmp_path, monkeypatch, hint):
+    """The image's buffer allocated early from a size hint: the same bytes whether the image fits
+    the hint, does not (memory of its own), or there is none."""
+    from flatmount.flatten import imagecache, imagefile
+
+    _carena()
+    data, digest, _ = _flatten_recording(tmp_path, "a", monkeypatch)
+    allocs = []
+    real = imagefile._EarlyBuffer.alloc
+
+    def spy(self, size):
+        got = real(self, size)
+        allocs.append((len(self.buf), size, type(got).__name__))
+        return got
+
+    monkeypatch.setattr(imagefile._EarlyBuffer, "alloc", spy)
+    size = {"none": 0, "small": 4096, "fits": 1 << 20}[hint]
+    monkeypatch.setattr(imagecache, "_size_hint", lambda prefix, layers: size)
+    data2, digest2, _ = _flatten_recording(tmp_path, "b", monkeypatch)
+    assert (digest2, data2) == (digest, data)
+    if hint == "none" or not _o_direct_works(tmp_path / "b" / "tmp"):
+        assert allocs == []
+    else:
+        assert allocs == [(4096 if hint == "small" else 1 << 20, len(data),
+                           "mmap" if hint == "small" else "memoryview")]

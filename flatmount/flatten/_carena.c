@@ -12,6 +12,9 @@
  * each new arena.  A kernel without MADV_POPULATE_WRITE refuses it and nothing else changes: the
  * pages then fault in as before.  Nothing here touches a Python object or changes what any
  * allocation returns; without this module (or with FLATMOUNT_PURE=1) flatten runs the same, slower.
+ *
+ * `populate(buffer)` does the same for the buffer flatten writes the image into, on another thread
+ * while the writer lays the image out (the GIL released: it touches no Python object).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -85,9 +88,34 @@ static PyObject *pop(PyObject *self, PyObject *noargs)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(populate_doc,
+"populate(buffer) -> bool\n\n"
+"Allocate the pages of the writable `buffer` (e.g. an anonymous mmap) at once, with the GIL released\n"
+"(another thread fills it meanwhile: the call never changes a byte).  False where the kernel refuses\n"
+"(no MADV_POPULATE_WRITE): its pages then fault in as they are written.");
+
+static PyObject *populate(PyObject *self, PyObject *arg)
+{
+    (void)self;
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_WRITABLE) < 0)
+        return NULL;
+    uintptr_t a = ((uintptr_t)view.buf + (uintptr_t)page - 1) & ~((uintptr_t)page - 1);
+    uintptr_t e = ((uintptr_t)view.buf + (uintptr_t)view.len) & ~((uintptr_t)page - 1);
+    int ok = 1;
+    if (e > a) {
+        Py_BEGIN_ALLOW_THREADS
+        ok = madvise((void *)a, e - a, MADV_POPULATE_WRITE) == 0;
+        Py_END_ALLOW_THREADS
+    }
+    PyBuffer_Release(&view);
+    return PyBool_FromLong(ok);
+}
+
 static PyMethodDef methods[] = {
     {"push", push, METH_NOARGS, push_doc},
     {"pop", pop, METH_NOARGS, pop_doc},
+    {"populate", populate, METH_O, populate_doc},
     {NULL, NULL, 0, NULL},
 };
 

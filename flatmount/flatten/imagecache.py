@@ -86,7 +86,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
                     tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
                 else:
                     tree, buf = _chain_tree(prefix, layers, save=save), None
-                digest, path, size, image_id = _write_image_file(store, tree, buf, garbage)
+                digest, path, size, image_id = _write_image_file(store, tree, buf, garbage, _size_hint(prefix, layers))
             del buf
             _remember_tree(digest, tree)
             # not durable: a lost row costs one flatten again (the image is durable, named by content)
@@ -126,6 +126,15 @@ def _populated_arenas() -> Iterator[None]:
         arena.pop()
 
 
+def _size_hint(prefix: str | None, layers: Sequence) -> int:
+    """About how big the image of `prefix` plus `layers` gets: their images' sizes added (a layer
+    image holds about what it adds to a flattened one; 0 where a file cannot be seen)."""
+    try:
+        return sum(os.stat(p).st_size for p in ([prefix] if prefix else []) + [r.image_path for r in layers])
+    except OSError:
+        return 0
+
+
 def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
     """The flattened tree of the flat image `prefix` (None: an empty root) with `layers` (records)
     applied in order.  Reads files only (no database): a helper process builds it too."""
@@ -154,15 +163,16 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
     return digest, path
 
 
-def _write_image_file(store: Store, tree: Inode, buf=None, keep: list | None = None) -> tuple[str, str, int, bytes]:
+def _write_image_file(store: Store, tree: Inode, buf=None, keep: list | None = None,
+                      size_hint: int = 0) -> tuple[str, str, int, bytes]:
     """`write_flat_image` without its derived files: (digest, path, size, xxh3-128 of the image).
     `buf`: the image of `tree` if already built (else it is built, written and hashed at once:
-    flatmount.flatten.imagefile); `keep`: see `image_buffer`."""
+    flatmount.flatten.imagefile, `size_hint` its guess of the size); `keep`: see `image_buffer`."""
     store.ensure_writable(clean=False)   # (see flatten_chain)
     if buf is None:
         from flatmount.flatten.imagefile import write_streamed
 
-        return write_streamed(store, tree, keep)
+        return write_streamed(store, tree, keep, size_hint)
     import hashlib
 
     import xxhash
