@@ -9,6 +9,7 @@ import gc
 import os
 import sys
 import threading
+import time
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -558,3 +559,32 @@ def test_early_buffer_gives_the_same_image(tmp_path, monkeypatch, hint):
     else:
         assert allocs == [(4096 if hint == "small" else 1 << 20, len(data),
                            "mmap" if hint == "small" else "memoryview")]
+
+
+def test_writer_failure_half_way_leaves_nothing(tmp_path, monkeypatch):
+    """The writer fails after its first slices were handed to the threads (a FormatError half-way):
+    that error, no temp file, no thread left running."""
+    import os
+
+    from flatmount.errors import FormatError
+    from flatmount.image import writer
+
+    monkeypatch.setattr(writer, "FINAL_SLICE", 1)
+    real = writer._emit_inodes
+    calls = []
+
+    def fail_third(*a, **k):
+        calls.append(a[2])
+        if len(calls) == 3:
+            raise FormatError("no good")
+        return real(*a, **k)
+
+    monkeypatch.setattr(writer, "_emit_inodes", fail_third)
+    threads = len(os.listdir("/proc/self/task"))
+    with pytest.raises(FormatError, match="no good"):
+        _flatten_recording(tmp_path, "a", monkeypatch)
+    assert len(calls) == 3 and os.listdir(tmp_path / "a" / "tmp") == []
+    deadline = time.monotonic() + 5
+    while len(os.listdir("/proc/self/task")) > threads and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert len(os.listdir("/proc/self/task")) <= threads
