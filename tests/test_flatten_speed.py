@@ -588,3 +588,28 @@ def test_writer_failure_half_way_leaves_nothing(tmp_path, monkeypatch):
     while len(os.listdir("/proc/self/task")) > threads and time.monotonic() < deadline:
         time.sleep(0.01)
     assert len(os.listdir("/proc/self/task")) <= threads
+
+
+def test_tree_cache_decoder_big_directories_and_a_directory_listed_twice():
+    """Directories of more than a few entries get their entries dict made big enough at once by the
+    compiled decoder: the same trees as the Python decoder, and the same refusals of a file listing a
+    big directory twice (with entry rows, and in breadth-first order)."""
+    from flatmount.errors import FormatError
+    from flatmount.image.tree import S_IFDIR, S_IFREG
+    from tests.test_treecache import _decode_both, _hand_made
+
+    d, reg = S_IFDIR | 0o755, S_IFREG | 0o644
+    names = [b"f%02d" % k for k in range(20)]
+    # root -> dir "d" -> 20 files; then the same with "d" listed twice
+    rows = [(d, 1), (d, 2)] + [(reg, 3)] * 20
+    ok = _hand_made(rows, [0, 1], [1, 20], [b"d", *names], list(range(1, 22)))
+    root = _decode_both(ok)
+    assert sorted(root.entries[b"d"].entries) == names
+    ok_bfs = _hand_made(rows, [0, 1], [1, 20], [b"d", *names], None)
+    assert _decode_both(ok_bfs) == root
+    twice = [_hand_made(rows, [0, 1, 1], [1, 10, 10], [b"d", *names], list(range(1, 22))),
+             _hand_made(rows, [0, 1, 1], [1, 10, 10], [b"d", *names], None),
+             _hand_made(rows, [0, 1, 1], [1, 0, 20], [b"d", *names], list(range(1, 22)))]
+    for bad in twice:
+        with pytest.raises(FormatError):
+            _decode_both(bad)

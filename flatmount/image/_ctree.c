@@ -160,6 +160,27 @@ static inline void set_slot(PyObject *obj, int s, PyObject *v)
     Py_XDECREF(old);
 }
 
+/* The entries dict of directory `node` about to take `cnt` names: its own empty one, made big enough
+ * at once for a big directory (no resizes on the way: a 64k-inode prefix has directories of
+ * thousands of entries).  A dict that holds names already (a directory listed twice: refused later,
+ * as by the Python decoder) stays as it is.  Borrowed; NULL on an error. */
+static PyObject *entries_for(PyObject *node, uint32_t cnt)
+{
+    PyObject *ents = SLOT(node, S_ENTRIES);
+#if PY_VERSION_HEX < 0x030D0000
+    if (cnt > 8 && PyDict_CheckExact(ents) && PyDict_GET_SIZE(ents) == 0) {
+        PyObject *d = _PyDict_NewPresized((Py_ssize_t)cnt);
+        if (d == NULL)
+            return NULL;
+        set_slot(node, S_ENTRIES, d);
+        ents = d;
+    }
+#else
+    (void)cnt;
+#endif
+    return ents;
+}
+
 static int check_slots(PyTypeObject *type, PyObject *descrs)
 {
     if (!PyTuple_Check(descrs) || PyTuple_GET_SIZE(descrs) != NSLOTS) {
@@ -488,7 +509,9 @@ static PyObject *decode_impl(cursor *c, PyTypeObject *type)
         uint64_t p = 0;
         for (uint32_t i = 0; i < ndirs; i++) {
             uint32_t cnt = rd32(counts, i);
-            PyObject *ents = SLOT(PyList_GET_ITEM(nodes, rd32(dirs, i)), S_ENTRIES);
+            PyObject *ents = entries_for(PyList_GET_ITEM(nodes, rd32(dirs, i)), cnt);
+            if (ents == NULL)
+                goto done;
             for (uint32_t j = 0; j < cnt; j++, p++)
                 if (PyDict_SetItem(ents, PyList_GET_ITEM(names, p), PyList_GET_ITEM(nodes, rd32(kids, p))) < 0)
                     goto done;
@@ -556,7 +579,9 @@ static PyObject *decode_impl(cursor *c, PyTypeObject *type)
                 fail("tree cache: a directory before its parent");
                 goto done;
             }
-            PyObject *ents = SLOT(PyList_GET_ITEM(nodes, d), S_ENTRIES);
+            PyObject *ents = entries_for(PyList_GET_ITEM(nodes, d), cnt);
+            if (ents == NULL)
+                goto done;
             for (uint32_t j = 0; j < cnt; j++)   /* p + cnt <= n: the counts add up to n - 1 */
                 if (PyDict_SetItem(ents, PyList_GET_ITEM(names, p - 1 + j), PyList_GET_ITEM(nodes, p + j)) < 0)
                     goto done;
