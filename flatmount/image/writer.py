@@ -161,8 +161,8 @@ def _dir_blocks(names: list[bytes]) -> tuple[list[int], int, int]:
     starts = [0]
     used = DIRENT * len(names) + sum(map(len, names))
     if used > BLKSZ:  # more than one block: greedy, by binary search over the running sizes
-        cum = list(accumulate(map(len, names), initial=0))
-        run = [c + DIRENT * k for k, c in enumerate(cum)]   # bytes taken by the first k entries
+        # bytes taken by the first k entries (each: its dirent and its name), at C speed
+        run = list(accumulate(map(DIRENT.__add__, map(len, names)), initial=0))
         a = 0
         while True:
             e = bisect.bisect_right(run, run[a] + BLKSZ) - 1   # entries a..e-1 fit one block
