@@ -4,6 +4,8 @@ chain mounted as a plain multi-lowerdir overlay of extracted layers (the c/stora
 
     python tools/bench.py flatten            # full: cs9 developer dump (64k inodes) split in 5 layers
     python tools/bench.py --quick flatten    # cs9 minimal dump (22k inodes), fewer mount cycles
+    python tools/bench_flatten.py --ab OLD_TREE [PAIRS]   # target 4's case, OLD_TREE against this one,
+                                                          # interleaved (OLD_TREE: `git archive` + its .so)
 
 `store_top_layer_only` is the issue's case (target 0.15 s, issue 17 item 4) measured whole: `store.flatten(image)` in a
 new process on a real store holding the 5-layer chain (with real objects), the 4-layer prefix already
@@ -584,7 +586,70 @@ def run(quick: bool) -> dict:
     return res
 
 
+# --- A/B of two trees: the issue-17 target 4 case, interleaved ---------------------------------------
+
+AB_CHILD = r"""
+import json, os, sys, time
+sys.path.insert(0, sys.argv[1])
+from flatmount.api import open_store
+from flatmount.store import paths as store_paths
+store = open_store(sys.argv[2], runroot=sys.argv[3], config=os.devnull, additional=[])
+t0, c0 = time.perf_counter(), time.thread_time()
+flat = store.flatten("full")
+t1, c1 = time.perf_counter(), time.thread_time()
+store_paths.wait_derived()
+store.close()
+assert not flat.reused
+print(json.dumps({"flatten_s": t1 - t0, "thread_cpu_s": c1 - c0, "digest": flat.digest}))
+"""
+
+
+def ab_store_flatten(dump: Path, old: str, pairs: int) -> dict:
+    """`store.flatten` with only the top layer new, in a new process, by the tree at `old` and by this
+    one, interleaved (A B, then B A, ...) on one store: the medians of each and of the paired ratios
+    (new / old) of the call's wall time, the CPU time of the thread that called it (others' load
+    changes it little; the writer's helper threads are not in it) and the CPU time of the whole
+    child (user + sys, start to exit, derived files included).  Both must write the same image."""
+    tmp = tempfile.mkdtemp(prefix="bench-ab-flatten-")
+    try:
+        root, run = os.path.join(tmp, "store"), os.path.join(tmp, "run")
+        full_key = build_chain_store(dump, root, run)
+        trees = {"old": os.path.abspath(old), "new": str(ROOT)}
+        res: dict[str, list[dict]] = {"old": [], "new": []}
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        for i in range(pairs):
+            for which in (("old", "new") if i % 2 == 0 else ("new", "old")):
+                drop_flat_image(root, run, full_key)
+                os.sync()
+                ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                p = subprocess.run([sys.executable, "-c", AB_CHILD, trees[which], root, run],
+                                   capture_output=True, text=True, env=env)
+                ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+                if p.returncode:
+                    raise RuntimeError(f"{which} flatten child failed: {p.stderr.strip()[-2000:]}")
+                out = __import__("json").loads(p.stdout)
+                out["child_cpu_s"] = ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime
+                res[which].append(out)
+    finally:
+        shutil.rmtree(tmp)
+    if len({r["digest"] for rs in res.values() for r in rs}) != 1:
+        raise RuntimeError("the two trees wrote different images")
+    summary: dict = {"pairs": pairs, "old": trees["old"]}
+    for key in ("flatten_s", "thread_cpu_s", "child_cpu_s"):
+        for which in ("old", "new"):
+            summary[f"{which}_{key}_median"] = round(statistics.median(r[key] for r in res[which]), 4)
+        summary[f"{key}_new_over_old_paired_median"] = round(statistics.median(
+            n[key] / o[key] for o, n in zip(res["old"], res["new"], strict=True)), 3)
+    return summary
+
+
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(run("--quick" in sys.argv), indent=2, sort_keys=True))
+    if "--ab" in sys.argv:   # python3 tools/bench_flatten.py --ab OLD_TREE [PAIRS]
+        k = sys.argv.index("--ab")
+        old_tree = sys.argv[k + 1]
+        n_pairs = int(sys.argv[k + 2]) if len(sys.argv) > k + 2 else 10
+        print(json.dumps(ab_store_flatten(DATA / "cs9-x86_64-developer.dump.gz", old_tree, n_pairs), indent=2))
+    else:
+        print(json.dumps(run("--quick" in sys.argv), indent=2, sort_keys=True))

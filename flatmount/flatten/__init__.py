@@ -51,7 +51,8 @@ size and its own xxh3 checksum before use, ignored (and rewritten where the stor
 missing or damaged.  `derived_paths` names them; whoever removes an image removes those too.
 
 The package: `merge` (layer trees -> one tree, the rules above), `imagecache` (flattened images in the
-store: cached, written, recorded), `helper` (the forked process that writes half of a big image),
+store: cached, written, recorded), `imagefile` (a new image's file, written with O_DIRECT and hashed
+while the writer emits it), `helper` (the forked process that writes half of a big image; off),
 `trees` (trees in memory and tree cache files; the derived-file writers), `paths` (where the files are,
 which chain an image has).
 """

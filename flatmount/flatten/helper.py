@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # pragma: no cover
 # chain, 5 layers, store.flatten in a new process, medians of interleaved pairs, at a load of 4 and
 # again at nice -15): top layer new 0.27 s without, 0.71 s with; whole chain 0.58 s / 1.18 s.
 # Kept (tests force it on) for a writer whose per-inode share is big again.
-HELPER = False
+HELPER = False   # (False: flatten does not even import this module; see imagecache.flatten_chain)
 HELPER_MIN_INODES = 20_000   # inodes in the chain's layers (an upper bound of the image's)
 HELPER_SHARE = 0.5   # of the inodes (queue order), written by the helper
 HELPER_BYTES_PER_INODE = 2048   # a generous bound of what one inode of a tree takes in memory

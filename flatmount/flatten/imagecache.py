@@ -3,9 +3,11 @@ from its longest cached prefix (two processes for a big one), recorded, and its 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from flatmount.flatten.paths import _digest_of, cached_flat_image, chain_of, flat_image_path
@@ -48,7 +50,6 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
     if store.readonly:
         raise ReadOnlyStoreError(f"the flattened image of layer {key} is not cached and the primary "
                                  f"store {store.root} is opened read-only")
-    import flatmount.flatten.helper as forked
     from flatmount.flatten.trees import DERIVERS, _remember_tree
 
     # clean=False: the store's write-open cleaning (stale temp files, orphan layer files: a DB check
@@ -67,17 +68,24 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
                 break
         layers = list(chain[start:])
         store.ensure_writable(clean=False)
+        # the helper is off unless turned on (helper.HELPER), which imports its module: not imported,
+        # it is off, and its import (~1 ms of a new process) is not paid
+        forked = sys.modules.get("flatmount.flatten.helper")
         helper = forked._Helper.start(store, lambda: _chain_tree(prefix, layers, save=False)) \
-            if forked._helper_pays(prefix, chain) else None
+            if forked is not None and forked._helper_pays(prefix, chain) else None
         debug("flatten %s: %s", chain[-1].id[:12] if chain else "(empty chain)",
               "a forked helper writes half the image" if helper is not None else
               "this process writes the whole image (small chain, cached prefix or no helper)")
+        # what the writer leaves to free (its layout): freed by the derived-file thread, once this
+        # call returned, not before the image is recorded (~6 ms for a 64k-inode tree)
+        garbage: list = []
         try:
-            if helper is not None:
-                tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
-            else:
-                tree, buf = _chain_tree(prefix, layers, save=save), None
-            digest, path, size, image_id = _write_image_file(store, tree, buf)
+            with _populated_arenas():
+                if helper is not None:
+                    tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
+                else:
+                    tree, buf = _chain_tree(prefix, layers, save=save), None
+                digest, path, size, image_id = _write_image_file(store, tree, buf, garbage, _size_hint(prefix, layers))
             del buf
             _remember_tree(digest, tree)
             # not durable: a lost row costs one flatten again (the image is durable, named by content)
@@ -91,11 +99,39 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
             # derived files once the image is recorded: started earlier, their thread would take the
             # GIL from this one at every release (the record's I/O) for a switch interval each time
             if helper is None or not helper.derive(path, digest, size, image_id):
-                DERIVERS.start(store, path, tree, digest, size, image_id)
+                DERIVERS.start(store, path, tree, digest, size, image_id, garbage)
+                garbage = []
         finally:
             if helper is not None:
                 helper.close()
     return FlatImage(digest, path, key, ids, False)
+
+
+@contextlib.contextmanager
+def _populated_arenas() -> Iterator[None]:
+    """Within: Python's new small-object arenas get their pages at once (flatmount/flatten/_carena.c,
+    optional: the trees and the writer's columns of a big chain are a few hundred thousand objects in
+    fresh memory, and on the development VM faulting their pages in one at a time cost twice as much)."""
+    from objects.compiled import load
+
+    arena = load("flatmount.flatten._carena")
+    if arena is None:
+        yield
+        return
+    arena.push()
+    try:
+        yield
+    finally:
+        arena.pop()
+
+
+def _size_hint(prefix: str | None, layers: Sequence) -> int:
+    """About how big the image of `prefix` plus `layers` gets: their images' sizes added (a layer
+    image holds about what it adds to a flattened one; 0 where a file cannot be seen)."""
+    try:
+        return sum(os.stat(p).st_size for p in ([prefix] if prefix else []) + [r.image_path for r in layers])
+    except OSError:
+        return 0
 
 
 def _chain_tree(prefix: str | None, layers: Sequence, *, save: bool) -> Inode:
@@ -126,20 +162,22 @@ def write_flat_image(store: Store, tree: Inode, *, derived: bool = True) -> tupl
     return digest, path
 
 
-def _write_image_file(store: Store, tree: Inode, buf=None) -> tuple[str, str, int, bytes]:
+def _write_image_file(store: Store, tree: Inode, buf=None, keep: list | None = None,
+                      size_hint: int = 0) -> tuple[str, str, int, bytes]:
     """`write_flat_image` without its derived files: (digest, path, size, xxh3-128 of the image).
-    `buf`: the image of `tree` if already built."""
+    `buf`: the image of `tree` if already built (else it is built, written and hashed at once:
+    flatmount.flatten.imagefile, `size_hint` its guess of the size); `keep`: see `image_buffer`."""
+    store.ensure_writable(clean=False)   # (see flatten_chain)
+    if buf is None:
+        from flatmount.flatten.imagefile import write_streamed
+
+        return write_streamed(store, tree, keep, size_hint)
     import hashlib
 
     import xxhash
 
     from flatmount.atomic import AtomicFile
 
-    store.ensure_writable(clean=False)   # (see flatten_chain)
-    if buf is None:
-        from flatmount.image.writer import image_buffer
-
-        buf = image_buffer(tree)
     with AtomicFile(store.tmp_dir, prefix="flat-") as af:
         af.file.write(buf)
         # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced

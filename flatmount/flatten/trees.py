@@ -145,15 +145,20 @@ class _Derivers:
 
     MAX_PENDING = DerivedWriters.MAX_PENDING
 
-    def start(self, store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
-        DERIVED.start(self.write_derived, store, path, tree, digest, size, image_id)
+    def start(self, store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes,
+              garbage: object = None) -> None:
+        """Write the derived files of the image at `path` in a background thread; `garbage` (what the
+        caller leaves to free, e.g. the writer's layout) is dropped by that thread when it is done."""
+        DERIVED.start(self.write_derived, store, path, tree, digest, size, image_id, garbage)
 
     def adopt(self, pid: int) -> None:
         DERIVED.adopt(pid)
 
     @staticmethod
-    def write_derived(store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes) -> None:
-        """Write the tree cache and diff index of the image at `path` (best effort, never raises)."""
+    def write_derived(store: Store, path: str, tree: Inode, digest: str, size: int, image_id: bytes,
+                      garbage: object = None) -> None:
+        """Write the tree cache and diff index of the image at `path` (best effort, never raises);
+        `garbage` is only held (and freed with this call's arguments)."""
         from flatmount.image.diffindex import encode as index_file_bytes
 
         tree_path, index_path = derived_paths(path)

@@ -160,6 +160,27 @@ static inline void set_slot(PyObject *obj, int s, PyObject *v)
     Py_XDECREF(old);
 }
 
+/* The entries dict of directory `node` about to take `cnt` names: its own empty one, made big enough
+ * at once for a big directory (no resizes on the way: a 64k-inode prefix has directories of
+ * thousands of entries).  A dict that holds names already (a directory listed twice: refused later,
+ * as by the Python decoder) stays as it is.  Borrowed; NULL on an error. */
+static PyObject *entries_for(PyObject *node, uint32_t cnt)
+{
+    PyObject *ents = SLOT(node, S_ENTRIES);
+#if PY_VERSION_HEX < 0x030D0000
+    if (cnt > 8 && PyDict_CheckExact(ents) && PyDict_GET_SIZE(ents) == 0) {
+        PyObject *d = _PyDict_NewPresized((Py_ssize_t)cnt);
+        if (d == NULL)
+            return NULL;
+        set_slot(node, S_ENTRIES, d);
+        ents = d;
+    }
+#else
+    (void)cnt;
+#endif
+    return ents;
+}
+
 static int check_slots(PyTypeObject *type, PyObject *descrs)
 {
     if (!PyTuple_Check(descrs) || PyTuple_GET_SIZE(descrs) != NSLOTS) {
@@ -200,8 +221,37 @@ typedef struct {
     uint32_t k;
 } sparse;
 
+/* Equal integers as one object: a small direct-mapped cache per decode (values repeat: the modes of
+ * most files are the same few, and so are the mtimes of a layer's files, their owners and many sizes).
+ * Integers are immutable, so which object a slot holds is not seen; tens of thousands of allocations
+ * fewer (a 64k-inode prefix: ~2 MB of new memory less to fault in, ~10% of the decode). */
+#define ICACHE 256
+typedef struct {
+    long long v;
+    int sign;                        /* v was given as signed (mtime) or unsigned (the others) */
+    PyObject *o;
+} IntSlot;
+
+static PyObject *cached_int(IntSlot *cache, long long v, int sign)
+{
+    if (sign ? (v >= -5 && v <= 256) : ((unsigned long long)v <= 256))   /* CPython's own small ints */
+        return sign ? PyLong_FromLongLong(v) : PyLong_FromUnsignedLongLong((unsigned long long)v);
+    IntSlot *s = &cache[((unsigned long long)v * 0x9E3779B97F4A7C15ULL) >> 56];
+    if (s->o != NULL && s->v == v && s->sign == sign)
+        return Py_NewRef(s->o);
+    PyObject *o = sign ? PyLong_FromLongLong(v) : PyLong_FromUnsignedLongLong((unsigned long long)v);
+    if (o == NULL)
+        return NULL;
+    Py_XSETREF(s->o, Py_NewRef(o));
+    s->v = v;
+    s->sign = sign;
+    return o;
+}
+
 static PyObject *decode_impl(cursor *c, PyTypeObject *type)
 {
+    IntSlot ints[ICACHE];
+    memset(ints, 0, sizeof(ints));
     PyObject *nodes = NULL, *result = NULL, *names = NULL;
     PyObject **target = NULL, **content = NULL, **digest = NULL, **payload = NULL, **xattrs = NULL;
     PyObject *nsobj = NULL;
@@ -364,12 +414,12 @@ static PyObject *decode_impl(cursor *c, PyTypeObject *type)
             Py_XDECREF(prod);
             Py_XDECREF(ns);
         } else {
-            mt = PyLong_FromLongLong((long long)rd64(mtimes, i));
+            mt = cached_int(ints, (long long)rd64(mtimes, i), 1);
         }
-        PyObject *vals[6] = {PyLong_FromUnsignedLong(mode), PyLong_FromUnsignedLong(rd32(uids, i)),
-                             PyLong_FromUnsignedLong(rd32(gids, i)), mt,
-                             PyLong_FromUnsignedLongLong(rd64(sizes, i)),
-                             PyLong_FromUnsignedLongLong(rd64(rdevs, i))};
+        PyObject *vals[6] = {cached_int(ints, mode, 0), cached_int(ints, rd32(uids, i), 0),
+                             cached_int(ints, rd32(gids, i), 0), mt,
+                             cached_int(ints, (long long)rd64(sizes, i), 0),
+                             cached_int(ints, (long long)rd64(rdevs, i), 0)};
         int bad = 0;
         for (int s = 0; s < 6; s++) {
             if (vals[s] == NULL)
@@ -459,7 +509,9 @@ static PyObject *decode_impl(cursor *c, PyTypeObject *type)
         uint64_t p = 0;
         for (uint32_t i = 0; i < ndirs; i++) {
             uint32_t cnt = rd32(counts, i);
-            PyObject *ents = SLOT(PyList_GET_ITEM(nodes, rd32(dirs, i)), S_ENTRIES);
+            PyObject *ents = entries_for(PyList_GET_ITEM(nodes, rd32(dirs, i)), cnt);
+            if (ents == NULL)
+                goto done;
             for (uint32_t j = 0; j < cnt; j++, p++)
                 if (PyDict_SetItem(ents, PyList_GET_ITEM(names, p), PyList_GET_ITEM(nodes, rd32(kids, p))) < 0)
                     goto done;
@@ -527,7 +579,9 @@ static PyObject *decode_impl(cursor *c, PyTypeObject *type)
                 fail("tree cache: a directory before its parent");
                 goto done;
             }
-            PyObject *ents = SLOT(PyList_GET_ITEM(nodes, d), S_ENTRIES);
+            PyObject *ents = entries_for(PyList_GET_ITEM(nodes, d), cnt);
+            if (ents == NULL)
+                goto done;
             for (uint32_t j = 0; j < cnt; j++)   /* p + cnt <= n: the counts add up to n - 1 */
                 if (PyDict_SetItem(ents, PyList_GET_ITEM(names, p - 1 + j), PyList_GET_ITEM(nodes, p + j)) < 0)
                     goto done;
@@ -569,6 +623,8 @@ done:
     Py_XDECREF(nsobj);
     Py_XDECREF(names);
     Py_XDECREF(nodes);
+    for (int k = 0; k < ICACHE; k++)
+        Py_XDECREF(ints[k].o);
     return result;
 }
 

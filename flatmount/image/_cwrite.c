@@ -34,7 +34,7 @@
 /* An exact int as a C long long without a call for the common small ones (one or two digits, read
  * directly); anything bigger goes through PyLong_AsLongLongAndOverflow.  1: read; 0: out of the
  * long long range; -1: an exception.  Every column read of the writer passes comes through here. */
-static inline int long_ll(PyObject *v, long long *out)
+static inline __attribute__((always_inline)) int long_ll(PyObject *v, long long *out)
 {
 #if PY_VERSION_HEX < 0x030C0000 && PyLong_SHIFT == 30
     Py_ssize_t sz = Py_SIZE(v);
@@ -744,7 +744,7 @@ static inline int fits(const Out *o, long long off, long long n)
 }
 
 /* a list item as a C integer; GIVE_UP when it is not an int in [lo, hi] (FAIL: an exception) */
-static int item_ll(PyObject *list, Py_ssize_t i, long long lo, long long hi, long long *out)
+static inline __attribute__((always_inline)) int item_ll(PyObject *list, Py_ssize_t i, long long lo, long long hi, long long *out)
 {
     PyObject *v = PyList_GET_ITEM(list, i);
     if (!PyLong_CheckExact(v))
@@ -2283,9 +2283,9 @@ done:
 /* repeated: the digests of flatmount/image/writer.py `_share_xattrs` used more than once */
 
 typedef struct {
-    Py_hash_t hash;
     PyObject *key;                   /* borrowed from the list (which nothing changes meanwhile) */
-    Py_ssize_t count;
+    uint32_t hash;                   /* the low bits of the key's hash */
+    uint32_t count;
 } Tally;
 
 PyDoc_STRVAR(repeated_doc,
@@ -2299,9 +2299,11 @@ static PyObject *repeated(PyObject *self, PyObject *values)
     if (!PyList_CheckExact(values))
         Py_RETURN_NONE;
     Py_ssize_t n = PyList_GET_SIZE(values);
+    if ((size_t)n >= UINT32_MAX / 2)
+        Py_RETURN_NONE;                  /* (counts in 32 bits) */
     size_t cap = 16;
-    while (cap < 2 * (size_t)n)
-        cap <<= 1;
+    while (4 * cap < 5 * (size_t)n)      /* at most 80% full: a smaller table (fewer fresh pages to */
+        cap <<= 1;                       /* fault in) at the price of a few more probes */
     Tally *t = PyMem_Calloc(cap, sizeof(Tally));
     if (t == NULL)
         return PyErr_NoMemory();
@@ -2322,14 +2324,14 @@ static PyObject *repeated(PyObject *self, PyObject *values)
         Py_ssize_t len = PyBytes_GET_SIZE(v);
         while (t[k].key != NULL) {
             PyObject *w = t[k].key;
-            if (t[k].hash == h && PyBytes_GET_SIZE(w) == len
+            if (t[k].hash == (uint32_t)h && PyBytes_GET_SIZE(w) == len
                     && memcmp(PyBytes_AS_STRING(w), PyBytes_AS_STRING(v), (size_t)len) == 0)
                 break;
             k = (k + 1) & (cap - 1);
         }
         if (t[k].key == NULL) {
             t[k].key = v;
-            t[k].hash = h;
+            t[k].hash = (uint32_t)h;
         } else
             some = 1;
         t[k].count++;

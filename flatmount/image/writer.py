@@ -61,7 +61,7 @@ from array import array
 from binascii import hexlify as _hexlify
 from collections import Counter
 from collections.abc import Callable, Iterable
-from itertools import accumulate, chain
+from itertools import accumulate, chain, repeat
 from operator import attrgetter, itemgetter
 from typing import BinaryIO
 
@@ -161,8 +161,8 @@ def _dir_blocks(names: list[bytes]) -> tuple[list[int], int, int]:
     starts = [0]
     used = DIRENT * len(names) + sum(map(len, names))
     if used > BLKSZ:  # more than one block: greedy, by binary search over the running sizes
-        cum = list(accumulate(map(len, names), initial=0))
-        run = [c + DIRENT * k for k, c in enumerate(cum)]   # bytes taken by the first k entries
+        # bytes taken by the first k entries (each: its dirent and its name), at C speed
+        run = list(accumulate(map(DIRENT.__add__, map(len, names)), initial=0))
         a = 0
         while True:
             e = bisect.bisect_right(run, run[a] + BLKSZ) - 1   # entries a..e-1 fit one block
@@ -344,13 +344,23 @@ def _primary_names(nodes: list[Inode], dnames: dict[int, list[bytes]], dkids: di
 LayoutHook = Callable[[int, bytes, int], tuple]
 
 
-def _build(root: Inode, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None):
+def _build(root: Inode, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None,
+           keep: list | None = None, alloc: Callable[[int], object] | None = None,
+           final: Callable[[object, int], None] | None = None):
     """The whole image in one buffer; the cyclic GC is paused meanwhile (it would rescan the tree
-    for every few hundred tuples allocated here, for nothing: nothing built here is cyclic)."""
+    for every few hundred tuples allocated here, for nothing: nothing built here is cyclic).
+    `keep`: a list the layout is appended to, for a caller that frees it later (see image_buffer)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
-        return _build_image(root, root_whiteouts, layout_hook)
+        buf = _build_image(root, root_whiteouts, layout_hook, keep, alloc, final)
+        if keep:
+            # the kept layout's containers join the old generation at once (freeze, then unfreeze:
+            # two list splices), or the first young collection after this would walk them all
+            # (10-20 ms for a 64k-inode tree) only to find them alive
+            gc.freeze()
+            gc.unfreeze()
+        return buf
     except _InodeError as e:  # name the entry: found again by the same (deterministic) walk
         raise FormatError(f"{_path_of(root, root_whiteouts, e.index)}: {e.args[0]}") from None
     finally:
@@ -463,9 +473,12 @@ class _Layout:
     total_blocks: int
 
 
-def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | None):
+def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | None, keep: list | None = None,
+                 alloc: Callable[[int], object] | None = None, final: Callable[[object, int], None] | None = None):
     """The passes, in order; each fills in its part of the layout (EROFS.md section 10)."""
     lay = _queue_inodes(root, root_whiteouts)
+    if keep is not None:
+        keep.append(lay)
     _inode_fields(lay)
     _share_xattrs(lay)
     _place_inodes(lay)
@@ -473,7 +486,7 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
     n = len(lay.nodes)
     size = lay.total_blocks * BLKSZ
     if layout_hook is None:
-        buf, lo, hi = bytearray(size), 0, n
+        buf, lo, hi = bytearray(size) if alloc is None else alloc(size), 0, n
     else:
         import xxhash
 
@@ -482,8 +495,26 @@ def _build_image(root: Inode, root_whiteouts: bool, layout_hook: LayoutHook | No
         buf, lo, hi = layout_hook(n, fingerprint, size)
     if not lo:   # the header, superblock and shared xattrs go with the first inodes
         _emit_head(buf, lay)
-    _emit_inodes(buf, lay, lo, hi)
+    if final is None or layout_hook is not None:
+        _emit_inodes(buf, lay, lo, hi)
+        return buf
+    # in slices, telling `final` after each how far the image is final: an inode's bytes lie below
+    # the next inode's; directory and data blocks and the shared xattrs lie after all the inodes
+    step = max(FINAL_SLICE, -(-n // FINAL_SLICES))
+    blk = lay.data_start // BLKSZ   # the first data block of the slice at hand
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        _emit_inodes(buf, lay, a, b, blk)
+        blk += sum(lay.nblk[a:b])
+        if b < n:
+            final(buf, (lay.nids[b] << SLOTBITS) & ~BLKPAD)
+    final(buf, size)
     return buf
+
+
+# `final`'s slices (image_buffer): at most this many, of at least FINAL_SLICE inodes
+FINAL_SLICES = 6
+FINAL_SLICE = 4096
 
 
 def _queue_inodes(root: Inode, root_whiteouts: bool) -> _Layout:
@@ -744,7 +775,11 @@ def _share_xattrs(lay: _Layout) -> None:
         cw = accel.CWRITE
         # the compiled count keeps only the digests used more than once (most are not): enough when
         # no general item names one
-        per_digest = cw.repeated(dgs) if cw is not None and not named else None
+        per_digest = cw.repeated(dgs) if cw is not None else None
+        if per_digest is not None and _share_repeated(lay, counts, general, per_digest, dg_items, named):
+            return
+        if per_digest is not None and named:   # (the compiled count lacks the named digests used once)
+            per_digest = None
         if per_digest is None:
             per_digest = Counter(dgs)
             many = {dg for dg, c in per_digest.items() if c > 1}
@@ -755,6 +790,15 @@ def _share_xattrs(lay: _Layout) -> None:
             it_m, it_r = dg_items[dg] = _digest_items(dg)
             counts[it_m] += per_digest[dg]
             counts[it_r] += per_digest[dg]
+    _share_counted(lay, counts, general, dg_items)
+
+
+def _share_counted(lay: _Layout, counts: Counter, general: list, dg_items: _DigestItems) -> None:
+    """`_share_xattrs` once every item is counted (`counts`; `general`: the items of the inodes' own
+    xattrs): the shared items in order, their offsets, and the facts of the names."""
+    allitems = lay.allitems
+    rditems = lay.rditems
+    dgs = lay.digests
     shared = _shared_order([it for it, c in counts.items() if c > 1])
     # the digests whose derived metacopy / redirect is shared (every shared item of key _MC / _RD that
     # names a digest): those of `many` whose item counts twice at least, and those general shared items
@@ -778,6 +822,103 @@ def _share_xattrs(lay: _Layout) -> None:
         raise FormatError(f"xattr {k[:64]!r} value too long ({len(v)} bytes)")
     lay.shared, lay.shared_off, lay.shared_size, lay.keyinfo = shared, shared_off, off, keyinfo
     lay.has_acl = fmt.POSIX_ACL_ACCESS in keyinfo or fmt.POSIX_ACL_DEFAULT in keyinfo
+
+
+def _share_repeated(lay: _Layout, counts: Counter, general: list, per_digest: dict[bytes, int],
+                    dg_items: _DigestItems, named: list[bytes]) -> bool:
+    """`_share_counted` in bulk, for the usual case: the digests used more than once by digest-only
+    files (`per_digest`, with their counts) and those an item of the inodes' own xattrs names
+    (`named`: a file with xattrs of its own and a digest; few) get their metacopy and redirect items
+    made and counted all at once (with the equal items of the inodes' own xattrs, if any), not one by
+    one.  A metacopy or redirect block of the shared area holds items of one length: the digests'
+    order (descending) is libcomposefs' order (by name, then length, then value, all descending);
+    where the inodes' own shared metacopies or redirects join a block, it is sorted whole.  False
+    (nothing changed) for what it does not take (an invalid name or value, many `named`): the
+    general code then counts item by item (the specification; tests compare both)."""
+    keyinfo: dict[bytes, tuple[int, bytes, int, int]] = {}
+    try:   # (an invalid name or value: the general code words the error)
+        for k in {*map(itemgetter(0), lay.allitems), _MC, _RD}:
+            keyinfo[k] = _keyinfo(k)
+    except FormatError:
+        return False
+    if general and max(map(len, map(itemgetter(1), general))) > U16:
+        return False
+    if named:   # as `many` of the general code: each named digest that digest-only files use too
+        if len(named) > _NAMED_MAX:
+            return False
+        per_digest = dict(per_digest)
+        dgs = lay.digests
+        for dg in set(named).difference(per_digest):
+            c = dgs.count(dg)
+            if c:
+                per_digest[dg] = c
+    many = sorted(per_digest, reverse=True)
+    hdr = fmt.METACOPY_HEADER
+    mcs = list(zip(repeat(_MC), [hdr + dg for dg in many]))
+    rds = list(zip(repeat(_RD), [b"/" + _hexlify(dg, b"/", _HEX_SPLIT) for dg in many]))
+    dg_items.update(zip(many, zip(mcs, rds, strict=True), strict=True))
+    if named or any(k == _MC or k == _RD for k, _v in general):
+        # the inodes' own items may equal digest items: counted together, and listed once
+        uses = [per_digest[dg] for dg in many]
+        comb = dict(zip(mcs, uses, strict=True))
+        comb.update(zip(rds, uses, strict=True))
+        own = []
+        for it in general:
+            c = comb.get(it)
+            if c is None:
+                own.append(it)
+            else:
+                comb[it] = c + counts[it]
+        gshared = [it for it in own if counts[it] > 1]
+        mc_keep = [comb[it] > 1 for it in mcs]
+        rd_keep = [comb[it] > 1 for it in rds]
+        lay.mc_sh = {dg for dg, keep in zip(many, mc_keep, strict=True) if keep}
+        lay.rd_sh = {dg for dg, keep in zip(many, rd_keep, strict=True) if keep}
+        lay.mc_sh.update(filter(None, [_digest_of_item(it) for it in gshared if it[0] == _MC]))
+        lay.rd_sh.update(filter(None, [_digest_of_item(it) for it in gshared if it[0] == _RD]))
+        mcs = [it for it, keep in zip(mcs, mc_keep, strict=True) if keep]
+        rds = [it for it, keep in zip(rds, rd_keep, strict=True) if keep]
+    else:   # every digest item counts twice at least, and no other item is one
+        gshared = [it for it in general if counts[it] > 1]
+        lay.mc_sh = set(many)
+        lay.rd_sh = set(many)
+    blocks: dict[bytes, list] = {}
+    if mcs:
+        blocks[_MC] = mcs
+    if rds:
+        blocks[_RD] = rds
+    mixed = set()
+    for it in _shared_order(gshared):
+        if it[0] in blocks and (it[0] == _MC or it[0] == _RD):
+            mixed.add(it[0])
+        blocks.setdefault(it[0], []).append(it)
+    shared: list = []
+    shared_off: dict[tuple[bytes, bytes], int] = {}
+    off = 0
+    for name in sorted(blocks, reverse=True):
+        items = blocks[name]
+        if name in mixed:
+            items.sort(key=_len_value, reverse=True)
+        if (name == _MC or name == _RD) and name not in mixed and len(items[0][1]) == len(items[-1][1]):
+            step = (XENT + keyinfo[name][3] + len(items[0][1]) + XPAD) & ~XPAD   # one size for all
+            shared_off.update(zip(items, range(off, off + step * len(items), step), strict=True))
+            off += step * len(items)
+        else:
+            for it in items:
+                shared_off[it] = off
+                off += (XENT + keyinfo[name][3] + len(it[1]) + XPAD) & ~XPAD
+        shared += items
+    lay.dg_items = dg_items
+    lay.shared, lay.shared_off, lay.shared_size, lay.keyinfo = shared, shared_off, off, keyinfo
+    lay.has_acl = fmt.POSIX_ACL_ACCESS in keyinfo or fmt.POSIX_ACL_DEFAULT in keyinfo
+    return True
+
+
+_NAMED_MAX = 64   # `_share_repeated` counts each named digest with one scan of the digests
+
+
+def _len_value(item: tuple[bytes, bytes]) -> tuple[int, bytes]:
+    return len(item[1]), item[1]
 
 
 def _place_inodes(lay: _Layout) -> None:
@@ -936,14 +1077,14 @@ def _emit_head(buf, lay: _Layout) -> None:
         p += (XENT + nlen + len(v) + XPAD) & ~XPAD
 
 
-def _emit_inodes(buf, lay: _Layout, lo: int, hi: int) -> None:
+def _emit_inodes(buf, lay: _Layout, lo: int, hi: int, first_blk: int | None = None) -> None:
     """Pass 6: inodes [lo, hi) (queue order), their xattr bodies, inline tails and data blocks, into
     the zeroed `buf`: the compiled pass (flatmount/image/_cwrite.c) where it takes the slice, else (on
     anything out of its common case; it returns False) `_emit_inodes_py` writes it (again: the same
-    bytes) and words any error."""
+    bytes) and words any error.  `first_blk`: the first data block of inode `lo`'s, if known."""
     cw = accel.CWRITE
     if cw is None or not cw.emit_inodes(
-            buf, lo, hi, lay.data_start // BLKSZ + sum(lay.nblk[:lo]),
+            buf, lo, hi, lay.data_start // BLKSZ + sum(lay.nblk[:lo]) if first_blk is None else first_blk,
             (lay.nodes, lay.modes, lay.nids, lay.nblk, lay.iu, lay.layouts, lay.xsizes, lay.sizes, lay.nlink,
              lay.isz, lay.forms, lay.xitems, lay.uids, lay.gids, lay.fast, lay.tails, lay.ftypes),
             lay.dnames, lay.dkids, lay.dstarts, lay.shared_ids, lay.keyinfo, _MC, _RD):
@@ -1262,10 +1403,23 @@ def _xattr_body(items, shared_ids: dict, xsize: int, keyinfo: dict) -> bytes:
     return body
 
 
-def image_buffer(root: Inode, *, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None):
+def image_buffer(root: Inode, *, root_whiteouts: bool = True, layout_hook: LayoutHook | None = None,
+                 keep: list | None = None, alloc: Callable[[int], object] | None = None,
+                 final: Callable[[object, int], None] | None = None):
     """`image_bytes` without the copy into a bytes object (for a caller that only writes and hashes
-    it): a bytearray, or with `layout_hook` (see LayoutHook) the buffer it gave, written in part."""
-    return _build(root, root_whiteouts, layout_hook)
+    it): a bytearray, or with `layout_hook` (see LayoutHook) the buffer it gave, written in part.
+
+    `keep`: a list the writer's layout (its columns: a few hundred thousand objects for a big tree)
+    is appended to instead of being freed on return, for a caller that has better things to do
+    first (freeing the layout of a 64k-inode tree takes ~6 ms; flatten leaves it to its
+    background thread).  `alloc(size)`: the zeroed writable buffer to write the image into, instead
+    of a bytearray (flatten takes page-aligned memory, to write it with O_DIRECT); not with
+    `layout_hook`, which gives its own.
+
+    `final(buf, end)`: called as the inodes are written, `buf[:end]` then holding its final bytes
+    (whole blocks; `end` grows, the last call has the whole size), so the caller can write and hash
+    the image on other threads meanwhile (they must only read below `end`).  Not with `layout_hook`."""
+    return _build(root, root_whiteouts, layout_hook, keep, alloc, final)
 
 
 def image_bytes(root: Inode, *, root_whiteouts: bool = True) -> bytes:
