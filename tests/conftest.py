@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -44,16 +47,30 @@ def shared_data(name: str) -> Path:
     return path
 
 
+def compiled_missing(name: str) -> NoReturn:
+    """A compiled module (built by `pip install -e .` where a C compiler is) is not there: a failure
+    under CI (the pure-Python fallback would hide a broken build), a skip elsewhere."""
+    msg = f"{name} is not built (pip install -e . builds it with a C compiler)"
+    if IN_CI:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def require_compiled(name: str) -> ModuleType:
+    """The compiled module `name` itself, whatever FLATMOUNT_PURE says (its tests compare both paths)."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        compiled_missing(name)
+
+
 def require_native() -> None:
     """The compiled block loop (objects/_fsverity.c) is built by `pip install -e .` where a C compiler
     is; under CI its absence is a failure (the fallback would hide a broken build)."""
     from objects.digest import NATIVE
 
     if not NATIVE:
-        msg = "objects._fsverity is not built (pip install -e . builds it with a C compiler)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        compiled_missing("objects._fsverity")
 
 
 def require_root() -> None:

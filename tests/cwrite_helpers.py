@@ -6,19 +6,13 @@ from __future__ import annotations
 import pytest
 
 from flatmount.image import accel
-from tests.conftest import IN_CI
+from tests.conftest import IN_CI, require_compiled
 
 
 def require_cwrite():
     """The compiled module (built by `pip install -e .` where a C compiler is); under CI its absence
     is a failure, not a skip (the fallback would hide a broken build)."""
-    try:
-        from flatmount.image import _cwrite
-    except ImportError:
-        msg = "flatmount.image._cwrite is not built (pip install -e . builds it with a C compiler)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+    _cwrite = require_compiled("flatmount.image._cwrite")
     if accel.PURE:
         msg = "FLATMOUNT_PURE is set: the compiled fast paths are off"
         if IN_CI:

@@ -9,7 +9,6 @@ the Python ones).  Under CI a missing compiled module fails these tests; it is n
 
 from __future__ import annotations
 
-import importlib
 import io
 import os
 import random
@@ -34,7 +33,7 @@ from flatmount.image.reader import Image
 from flatmount.image.tree import Inode, walk
 from flatmount.image.writer import dir_size, image_bytes
 from tests import pin_trees
-from tests.conftest import IN_CI, shared_data
+from tests.conftest import require_compiled, shared_data
 from tests.corruption import damaged
 from tests.test_dump import trees as dump_trees
 from tests.test_erofs import shared_content_trees
@@ -47,13 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def native():
     """The compiled module itself (whatever FLATMOUNT_PURE says: these tests compare both paths)."""
-    try:
-        mod = importlib.import_module("flatmount.image._cread")
-    except ImportError:
-        msg = "flatmount.image._cread is not built (pip install -e . builds it with a C compiler)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+    mod = require_compiled("flatmount.image._cread")
     mod.setup(Inode)
     return mod
 

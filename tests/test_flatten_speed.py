@@ -22,7 +22,7 @@ from flatmount.image import accel
 from flatmount.image.dump import parse_dump
 from flatmount.image.tree import Inode
 from tests import pin_trees
-from tests.conftest import shared_data
+from tests.conftest import compiled_missing, shared_data
 from tests.cwrite_helpers import use
 
 _REAL_STREAM_WRITE = _Stream._write
@@ -467,15 +467,12 @@ def test_pushed_arenas_are_populated(mode):
     import subprocess
     import sys
 
-    from tests.conftest import IN_CI, ROOT
+    from tests.conftest import ROOT
 
     out = subprocess.run([sys.executable, "-c", ARENA_CHILD, mode], cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT), "FLATMOUNT_PURE": ""}, check=True).stdout.split()
     if out == ["missing"]:
-        msg = "flatmount.flatten._carena is not built (pip install -e . builds it with a C compiler)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        compiled_missing("flatmount.flatten._carena")
     assert out == ["True", "True" if mode == "push" else "False", "True", "refused"]
 
 
@@ -494,14 +491,10 @@ def test_pure_env_turns_the_arena_populating_off():
 
 def _carena():
     from objects.compiled import load
-    from tests.conftest import IN_CI
 
     arena = load("flatmount.flatten._carena")
     if arena is None:
-        msg = "flatmount.flatten._carena is not built (pip install -e . builds it with a C compiler)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        compiled_missing("flatmount.flatten._carena")
     return arena
 
 

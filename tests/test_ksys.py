@@ -14,20 +14,13 @@ from pathlib import Path
 import pytest
 
 from flatmount.kernel import kmount
-from tests.conftest import IN_CI, require_root
+from tests.conftest import require_compiled, require_root
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _compiled():
-    try:
-        from flatmount.kernel import _ksys
-    except ImportError:
-        msg = "flatmount.kernel._ksys is not built (pip install -e . builds it with a C compiler)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return _ksys
+    return require_compiled("flatmount.kernel._ksys")
 
 
 def _paths():

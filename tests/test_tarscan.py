@@ -26,7 +26,7 @@ from flatmount.image.dump import dump_bytes
 from flatmount.sources import tarreader
 from flatmount.sources.layers import read_tar
 from objects import ObjectStore
-from tests.conftest import IN_CI
+from tests.conftest import require_compiled
 from tests.tarbuild import bad_tars, compress
 from tests.test_layers_fast import FORMS, _plain_entries, _tar, _ti
 
@@ -34,14 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _compiled():
-    try:
-        from flatmount.sources._tarscan import parse_plain
-    except ImportError:
-        msg = "flatmount.sources._tarscan is not built (pip install -e . builds it with a C compiler)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return parse_plain
+    return require_compiled("flatmount.sources._tarscan").parse_plain
 
 
 def _compiled_scan():

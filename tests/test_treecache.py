@@ -8,13 +8,14 @@ import struct
 
 import pytest
 import xxhash
-from conftest import IN_CI, shared_data
+from conftest import shared_data
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from flatmount.errors import FormatError
 from flatmount.image import treecache
 from flatmount.image.tree import S_IFDIR, S_IFREG, Inode, inodes
+from tests.conftest import require_compiled
 from tests.corruption import damaged
 from tests.test_erofs import every_type_tree, trees
 
@@ -26,14 +27,7 @@ DIGEST = "ab" * 32
 def _compiled():
     """flatmount.image._ctree; its absence fails under CI (the Python fallback would hide a broken
     build) and skips elsewhere."""
-    try:
-        from flatmount.image import _ctree
-    except ImportError:
-        msg = "flatmount.image._ctree is not built (pip install -e . builds it with a C compiler)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
-    return _ctree
+    return require_compiled("flatmount.image._ctree")
 
 
 @contextlib.contextmanager
