@@ -78,7 +78,6 @@ _HEX = frozenset("0123456789abcdef")
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-_DONE = object()
 
 
 class DeferredWork(Protocol):
@@ -293,6 +292,7 @@ class ObjectStore:
         self._buffer_pool: queue.SimpleQueue = queue.SimpleQueue()  # idle aligned buffers of big puts
         self._async_slots = threading.BoundedSemaphore(ASYNC_PUTS)
         self._created_watchers: list[set[bytes]] = []  # see watch_created()
+        self._spare: dict[bool, tuple[int, int]] = {}  # O_DIRECT wanted -> (pid, fd): see _take_temp
         if readonly:
             if not os.path.isdir(self.root):
                 raise ObjectStoreError(f"object store {self.root} does not exist or is not a directory")
@@ -316,6 +316,11 @@ class ObjectStore:
         fd, self._dirfd = self._dirfd, -1
         if fd >= 0:
             os.close(fd)
+        with self._lock:
+            spares, self._spare = list(self._spare.values()), {}
+        for pid, spare in spares:
+            if pid == os.getpid():
+                os.close(spare)
 
     def __enter__(self) -> ObjectStore:
         return self
@@ -492,6 +497,8 @@ class ObjectStore:
             buffers.release()
             pending.set(digest, error)
             read_done.set()  # (already set at the end of the source, unless it was not reached)
+            if error is None:
+                self._open_spare(direct and bool(_O_DIRECT))
 
     def put_file(self, path: str | os.PathLike[str], expected: Digest | None = None) -> bytes:
         """Store a copy of a file's content; returns its digest."""
@@ -771,32 +778,28 @@ class ObjectStore:
         """
         where = f"{self.root}/{TMP_DIR}"
         try:
-            fd, name = self._open_temp(direct=direct and bool(_O_DIRECT))
+            fd, name = self._take_temp(direct and bool(_O_DIRECT))
         except OSError as e:
             raise ObjectStoreError(f"cannot create a temp file in {where}: {e.strerror or e}") from e
         direct = direct and bool(_O_DIRECT) and bool(_getfl(fd) & _O_DIRECT)
         nwriters = max(1, DIRECT_WRITERS) if direct else 1  # (buffered: one, its writeback follows the offset)
         # (a file shorter than promised is cut to what was read before it is published)
         allocated = direct and size is not None and size > READ_CHUNK and _fallocate(fd, size)
-        to_write: queue.SimpleQueue = queue.SimpleQueue()
-        written: queue.SimpleQueue = queue.SimpleQueue()  # each writer's outcome: _DONE or an exception
         release = _Release(buffers)
-        run = _ChunkRun(chunks, to_write, written, release, deferred, read_done, pending, nwriters)
         published = False
-        writers: list[queue.SimpleQueue] = []
+        writes: _FileWrites | None = None
+        run: _ChunkRun | None = None
         try:
-            for _ in range(nwriters):
-                writers.append(_WORKERS.run(_writer, fd, to_write, written, where, direct, release))
+            writes = _FileWrites(fd, direct, where, release, _WRITERS.queue(nwriters))
+            run = _ChunkRun(chunks, writes, release, deferred, read_done, pending)
             _HELPERS.offer(run)
             run.work()
             _HELPERS.withdraw(run)
             run.wait_helpers()
             run.check()
-            for _ in writers:
-                to_write.put(_DONE)
-            outcome = run.writer_outcome()
-            if isinstance(outcome, BaseException):
-                raise outcome
+            error = writes.finish()
+            if error is not None:
+                raise error
             if allocated and run.hasher.size != size:
                 try:
                     os.ftruncate(fd, run.hasher.size)
@@ -817,18 +820,17 @@ class ObjectStore:
                 published = True
             return digest
         finally:
-            _HELPERS.withdraw(run)
-            run.stop()
-            if buffers is not None:
-                for _ in range(CHUNK_WORKERS):
-                    buffers.free.put(None)  # unblock a worker waiting for a buffer
-            run.wait_helpers()
-            if deferred is not None and run.last_mark is not None:
-                deferred.settle(run.last_mark)  # (done unless the run stopped: our buffers hold it)
-            for _ in writers:
-                to_write.put(_DONE)  # (a second _DONE, after a normal end, is never read)
-            for writer in writers:
-                writer.get()
+            if run is not None:
+                _HELPERS.withdraw(run)
+                run.stop()
+                if buffers is not None:
+                    for _ in range(CHUNK_WORKERS):
+                        buffers.free.put(None)  # unblock a worker waiting for a buffer
+                run.wait_helpers()
+                if deferred is not None and run.last_mark is not None:
+                    deferred.settle(run.last_mark)  # (done unless the run stopped: our buffers hold it)
+            if writes is not None:
+                writes.finish(abandon=True)  # (after a normal end: nothing left; else no write touches fd after)
             os.close(fd)
             if name is not None and not published:
                 _unlink_quiet(name, self._dirfd)
@@ -889,6 +891,41 @@ class ObjectStore:
                 if e.errno != errno.EINVAL:
                     raise
         return self._open_temp_flags(fanout, 0)
+
+    def _take_temp(self, direct: bool) -> tuple[int, str | None]:
+        """`_open_temp` for a big put: the spare anonymous temp file a finished put opened, if any.
+
+        Why: creating a file costs 0.1-0.5 ms (ext4 inode allocation, longer after many deletes),
+        and in a big put it comes before the first chunk can be hashed, so a layer of 5 MB files
+        left the serial sha256 lane idle that long per file.  The spare is opened by the previous
+        put's thread after that put is over, while the next one runs."""
+        with self._lock:
+            got = self._spare.pop(direct, None)
+        if got is not None:
+            if got[0] == os.getpid():  # (a forked child must not write into its parent's file)
+                return got[1], None
+        return self._open_temp(direct=direct)
+
+    def _open_spare(self, direct: bool) -> None:
+        """Open the next big put's temp file (see `_take_temp`); only an anonymous one (nothing to
+        clean up if the process dies), and nothing on any error (the put then opens its own)."""
+        with self._lock:
+            if direct in self._spare or self._dirfd < 0 or not self._tmpfile:
+                return
+        try:
+            fd, name = self._open_temp(direct=direct)
+        except OSError:
+            return
+        if name is not None:  # (cannot happen with _tmpfile)
+            os.close(fd)
+            _unlink_quiet(name, self._dirfd)
+            return
+        with self._lock:
+            if direct not in self._spare and self._dirfd >= 0:
+                self._spare[direct] = (os.getpid(), fd)
+                fd = -1
+        if fd >= 0:
+            os.close(fd)
 
     def _open_temp_flags(self, fanout: str | None, extra: int) -> tuple[int, str | None]:
         if self._tmpfile is None:
@@ -1185,13 +1222,12 @@ class _Release:
 class _ChunkRun:
     """The shared state of one big put's workers (see `ObjectStore._put_large`)."""
 
-    def __init__(self, chunks: Iterator[memoryview], to_write: queue.SimpleQueue, written: queue.SimpleQueue,
-                 release: _Release, deferred: DeferredWork | None, read_done: threading.Event | None,
-                 pending: PendingPut | None, writers: int = 1) -> None:
+    def __init__(self, chunks: Iterator[memoryview], writes: _FileWrites, release: _Release,
+                 deferred: DeferredWork | None, read_done: threading.Event | None,
+                 pending: PendingPut | None) -> None:
         self.hasher = FsVerityHasher()
         self._chunks = chunks
-        self._to_write = to_write
-        self._written = written
+        self._writes = writes
         self._release = release
         self._deferred = deferred
         self._read_done = read_done
@@ -1204,8 +1240,6 @@ class _ChunkRun:
         self._next = 0  # the chunk whose turn it is
         self._stopped = False
         self._error: BaseException | None = None
-        self._writers = writers  # writer threads, each reporting one outcome on `written`
-        self._outcomes: list[object] = []  # those seen so far
         self._helpers = 0  # helper threads that joined (see _Helpers), until their work() returns
         self._settle_blocks = getattr(deferred, "settle_blocks", None)
         self.last_mark: int | None = None  # the deferred-work mark of the last chunk taken
@@ -1243,7 +1277,7 @@ class _ChunkRun:
         try:
             while (got := self._take()) is not None:
                 seq, offset, mv, mark = got
-                self._to_write.put((mv, offset))
+                self._writes.add(mv, offset)
                 full = len(mv) - len(mv) % BLOCK_SIZE
                 both = self._settle_blocks is not None and mark is not None
                 hashes = hash_full_blocks(mv[:full]) if full and not both else None
@@ -1310,28 +1344,10 @@ class _ChunkRun:
             self._read_done.set()
 
     def _watch_writer(self) -> None:
-        """Stop early once a writer reports a failure."""
-        if self._written.empty():
-            return
-        with self._turn:
-            while len(self._outcomes) < self._writers:
-                try:
-                    self._outcomes.append(self._written.get_nowait())
-                except queue.Empty:
-                    break
-        error = self._writer_error()
+        """Stop early once a write of this put failed."""
+        error = self._writes.error
         if error is not None:
             self._fail(error)
-
-    def _writer_error(self) -> BaseException | None:
-        return next((o for o in self._outcomes if isinstance(o, BaseException)), None)
-
-    def writer_outcome(self) -> object:
-        """`_DONE`, or the first error a writer reported, waiting for every writer's outcome (call
-        after the last chunk and a `_DONE` for each writer were queued, once no worker runs)."""
-        while len(self._outcomes) < self._writers:
-            self._outcomes.append(self._written.get())
-        return self._writer_error() or _DONE
 
     def _fail(self, e: BaseException) -> None:
         with self._turn:
@@ -1351,68 +1367,150 @@ class _ChunkRun:
             raise self._error
 
 
-def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, where: str, direct: bool,
-            release: _Release) -> None:
-    """Helper stage of `_put_large`: write the (chunk, offset) pairs the workers hand on, releasing
-    each chunk once written; `_DONE` ends it.
+class _FileWrites:
+    """The writes of one big put, done by the shared writer threads (`_WRITERS`): the put's workers
+    `add` (chunk, offset) pairs, `finish` waits until every one added is written (or dropped).
 
-    Puts exactly one item on `outcome`: `_DONE` once everything is written, or (as soon as a write
-    fails) an ObjectStoreError, after which it only releases the remaining chunks, so no worker
-    waits for a buffer that will not come back.  With `direct`, an unaligned tail (or a file
-    system refusing the aligned writes) switches the fd back to buffered writes.
-    """
-    written = flushed = 0
-    failed = False
+    Why shared threads, not writers per put: a layer of many files of a few MiB started two writer
+    jobs per file and joined them at its end, a hand-off and a wake-up each; long-lived writers
+    take one queue of (file, chunk) items, so the writes of the next file go out as soon as its
+    first chunk is read, behind the last ones of the file before.
+
+    Each chunk is released once written (or dropped after a failure, so no worker waits for a
+    buffer that will not come back).  The first failure is kept in `error` (an ObjectStoreError
+    for an OSError) and later chunks are not written.  With `direct`, an unaligned tail (or a file
+    system refusing the aligned writes) switches the fd to buffered writes (see `_write_chunk`)."""
+
+    __slots__ = ("fd", "direct", "where", "release", "error", "_queue", "_lock", "_left", "_closed",
+                 "_done", "_written", "_flushed", "_abandoned")
+
+    def __init__(self, fd: int, direct: bool, where: str, release: _Release, chunks: queue.SimpleQueue) -> None:
+        self.fd = fd
+        self.direct = direct
+        self.where = where
+        self.release = release
+        self.error: BaseException | None = None
+        self._queue = chunks
+        self._lock = threading.Lock()
+        self._left = 0  # chunks added, not yet written or dropped
+        self._closed = False
+        self._done = threading.Event()
+        self._written = 0  # bytes written (buffered: for early writeback)
+        self._flushed = 0  # ... of which writeback was started for
+        self._abandoned = False
+
+    def add(self, mv: memoryview, offset: int) -> None:
+        with self._lock:
+            self._left += 1
+        self._queue.put((self, mv, offset))
+
+    def finish(self, abandon: bool = False) -> BaseException | None:
+        """Wait until every chunk added is written; the first error, if any.  `abandon`: chunks not
+        written yet are dropped (the put failed).  Call once no worker adds any more."""
+        with self._lock:
+            self._closed = True
+            self._abandoned = self._abandoned or abandon
+            if not self._left:
+                self._done.set()
+        self._done.wait()
+        if self.error is None and not abandon and not self.direct and self._written > self._flushed:
+            _start_writeback(self.fd, self._flushed, self._written - self._flushed)  # (sync() finds it under way)
+            self._flushed = self._written
+        return self.error
+
+    def write(self, run: list) -> None:
+        """Write a run of contiguous (self, chunk, offset) items (see `_gather`), then release them."""
+        if self.error is None and not self._abandoned:
+            try:
+                if len(run) > 1:
+                    direct = _write_run(self.fd, [(mv, at) for _, mv, at in run], self.direct)
+                else:
+                    direct = _write_chunk(self.fd, run[0][1], run[0][2], self.direct)
+            except OSError as e:
+                err = ObjectStoreError(f"cannot write a temp file in {self.where}: {e.strerror or e}")
+                err.__cause__ = e
+                self._failed(err)
+            except BaseException as e:  # noqa: BLE001 - the put's thread raises it
+                self._failed(e)
+            else:
+                n = sum(len(mv) for _, mv, _ in run)
+                with self._lock:
+                    self.direct = self.direct and direct
+                    self._written += n
+                    start = not self.direct and self._written - self._flushed >= WRITEBACK_EVERY
+                    if start:
+                        flushed, self._flushed = self._flushed, self._written
+                if start:
+                    _start_writeback(self.fd, flushed, self._written - flushed)
+        for _, mv, _ in run:
+            self.release(mv)
+        with self._lock:
+            self._left -= len(run)
+            if self._closed and not self._left:
+                self._done.set()
+
+    def _failed(self, e: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = e
+
+
+class _WriterPool:
+    """Long-lived writer threads of big puts (see `_FileWrites`): for each number of writes in
+    flight a put asks for (DIRECT_WRITERS with O_DIRECT, one buffered), that many threads sharing
+    one queue; started on first use, forgotten in a forked child (its threads do not exist there)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[int, queue.SimpleQueue] = {}
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._queues = {}
+
+    def queue(self, writers: int) -> queue.SimpleQueue:
+        """The queue that `writers` threads take (file, chunk, offset) items from."""
+        with self._lock:
+            q = self._queues.get(writers)
+            if q is None:
+                q = queue.SimpleQueue()
+                for _ in range(writers):
+                    threading.Thread(target=_write_loop, args=(q,), name="objects-writer", daemon=True).start()
+                self._queues[writers] = q
+            return q
+
+
+_WRITERS = _WriterPool()
+
+
+def _write_loop(chunks: queue.SimpleQueue) -> None:
+    """A writer thread of `_WRITERS`: forever, the next item and those queued right behind it that
+    continue it (`_gather`), written by their file's `write` (which never raises)."""
     held: list = []  # items taken from the queue while gathering a run, not written yet (in order)
     while True:
         item = held.pop(0) if held else chunks.get()
-        if item is _DONE:
-            if not direct and not failed and written > flushed:
-                _start_writeback(fd, flushed, written - flushed)  # (the final sync then finds it under way)
-            if not failed:
-                outcome.put(_DONE)
-            return
         run = [item]
-        if direct and not failed and not held:
+        if item[0].direct and not held:
             _gather(run, chunks, held)
-        if not failed:
-            try:
-                if len(run) > 1:
-                    direct = _write_run(fd, run, direct)
-                else:
-                    direct = _write_chunk(fd, item[0], item[1], direct)
-            except OSError as e:
-                err = ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}")
-                err.__cause__ = e
-                outcome.put(err)
-                failed = True
-            except BaseException as e:
-                outcome.put(e)
-                failed = True
-            else:
-                written += sum(len(mv) for mv, _ in run)
-                if not direct and written - flushed >= WRITEBACK_EVERY:
-                    _start_writeback(fd, flushed, written - flushed)
-                    flushed = written
-        for mv, _ in run:
-            release(mv)
+        item[0].write(run)
 
 
 def _gather(run: list, chunks: queue.SimpleQueue, held: list) -> None:
-    """Add to `run` the chunks already queued that continue it, up to DIRECT_RUN of them, whole
-    aligned ones only; the first that does not (or `_DONE`) goes to `held`.  Why: O_DIRECT writes
-    go to the device one at a time, so when the writer lags (a disk slow with small O_DIRECT writes),
-    one write of several MiB gets more through than as many 1 MiB ones; when it keeps up, nothing
-    is queued and each chunk goes out at once."""
-    if len(run[0][0]) % DIRECT_ALIGN:
+    """Add to `run` the (file, chunk, offset) items already queued that continue it (same file,
+    the next offset), up to DIRECT_RUN of them, whole aligned ones only; the first that does not
+    goes to `held`.  Why: O_DIRECT writes go to the device one at a time, so when the writer lags
+    (a disk slow with small O_DIRECT writes), one write of several MiB gets more through than as
+    many 1 MiB ones; when it keeps up, nothing is queued and each chunk goes out at once."""
+    if len(run[0][1]) % DIRECT_ALIGN:
         return
     while len(run) < DIRECT_RUN:
         try:
             item = chunks.get_nowait()
         except queue.Empty:
             return
-        mv, offset = run[-1]
-        if item is _DONE or item[1] != offset + len(mv) or len(item[0]) % DIRECT_ALIGN:
+        f, mv, offset = run[-1]
+        if item[0] is not f or item[2] != offset + len(mv) or len(item[1]) % DIRECT_ALIGN:
             held.append(item)
             return
         run.append(item)
