@@ -18,12 +18,14 @@ next put of that content and replaced.
 
 Speed: a big put is read in aligned 1 MiB chunks by one worker thread per CPU (up to four), each
 chunk fs-verity hashed (and the source's deferred work done on it, e.g. an uncompressed layer's
-sha256, in the same pass where the source can: HashingReader.settle_blocks) by the worker that read
-it while it is in that core's cache, and written with O_DIRECT (two writes in flight) or buffered,
-whichever this host does faster (objects.writemode), by other threads meanwhile; so it
-costs about as much as hashing, spread over the cores.  The workers besides each put's own thread
-go from one put to the next (`_Helpers`), so a layer of many files of a few MiB keeps them busy
-from file to file instead of waking them for each one.  Many small
+sha256, in the same pass where the source can: HashingReader.settle_blocks) in read order by
+whichever worker holds the source's lane (`_Lane`), while the others read on, and written with
+O_DIRECT (two writes in flight) or buffered, whichever this host does faster (objects.writemode),
+by long-lived writer threads meanwhile (`_FileWrites`); so it costs about as much as hashing,
+spread over the cores.  A layer of many files of a few MiB is one pipeline: the workers besides
+each put's own thread go from one put to the next (`_Helpers`), the lane goes on from the last
+chunk of one file to the first of the next, the writers take the chunks of every file from one
+queue, and each put's temp file was opened by the put before it (`_take_temp`).  Many small
 puts go through `bulk()` (objects.bulk), whose helper processes create the files on another core.
 
 Digests are accepted as 32 raw bytes, 64 hex digits (str or ASCII bytes) or an `XX/<62 hex>` object
@@ -66,7 +68,9 @@ TMP_DIR = ".tmp"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
 PIPELINE_BUFFERS = 8  # 1 MiB buffers of one big put in flight between its workers and its writer
-ASYNC_PUTS = 2  # big puts of one store in flight at once (put_async): one finishing while the next reads
+ASYNC_PUTS = 3  # big puts of one store in flight at once (put_async): two finishing while the next reads
+# (two: a put whose thread finished the last chunks of its file and then, in the lane, the first of
+# the next file (see _Lane) published late, and the file after waited for its slot, the lane idle)
 WRITEBACK_EVERY = 16 << 20  # buffered big objects: start disk writeback every 16 MiB, so sync() has less to do
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
 DIRECT_RUN = 4  # chunks a lagging O_DIRECT writer writes in one call (see _gather)
@@ -758,21 +762,22 @@ class ObjectStore:
         temp file; publish.
 
         Each worker takes the next 1 MiB chunk from the source (one at a time, in order), hands it to
-        the writer, hashes its fs-verity blocks, and then, in chunk order, does the source's deferred
-        work on it (`deferred`: an uncompressed layer's sha256) and adds its block hashes to the
-        object's Merkle tree.  A chunk is thus read, hashed and hashed again on one core, while it is
-        in that core's cache (handing it to another core to hash costs that core a third more); two
-        workers keep two cores busy.  The buffer goes back to the source once the writer is done too,
-        so a slow write never holds up hashing.  `direct`: write with O_DIRECT (chunks must then be
+        the writers, hashes its fs-verity blocks (unless the source's deferred work does them in the
+        same pass), and places it in the source's lane (`_Lane`), where whichever worker holds the
+        lane, in chunk order and across the puts of one source, does the source's deferred work on
+        it (`deferred`: an uncompressed layer's sha256) and adds its block hashes to the object's
+        Merkle tree.  (A chunk read on one core and hashed on the other cost 0-4% more hashing CPU
+        here, far less than a wake-up per chunk.)  The buffer goes back to the source once the
+        writer is done too, so a slow write never holds up hashing.  `direct`: write with O_DIRECT (chunks must then be
         aligned buffers): on this kind of machine (a VM whose fresh page-cache pages cost a host fault
         each) copying into the page cache, not hashing, is what limits a buffered put; O_DIRECT lets
         the device DMA from our buffers instead, from DIRECT_WRITERS threads: one O_DIRECT write in
         flight left the virtual disk idle between writes (1,100-1,300 MB/s against 1,500-1,700 with
         two).  When the stream's `size` is known, the temp file is first allocated to it (fallocate):
         ext4 runs O_DIRECT writes that extend a file one at a time (under the inode lock), while
-        writes into allocated space go in parallel.  Threads are kept between puts (`_WORKERS`), and the
-        helpers working beside this thread move on to the next put offered when this one's chunks
-        are all taken (`_HELPERS`).
+        writes into allocated space go in parallel.  Threads are kept between puts (`_WORKERS`,
+        `_WRITERS`), and the helpers working beside this thread move on to the next put offered when
+        this one's chunks are all taken (`_HELPERS`).
         `read_done` is set once no worker will touch the source again (`pending.read_error` set first
         if reading it failed).
         """
@@ -796,6 +801,7 @@ class ObjectStore:
             run.work()
             _HELPERS.withdraw(run)
             run.wait_helpers()
+            run.wait_finished()
             run.check()
             error = writes.finish()
             if error is not None:
@@ -827,7 +833,7 @@ class ObjectStore:
                     for _ in range(CHUNK_WORKERS):
                         buffers.free.put(None)  # unblock a worker waiting for a buffer
                 run.wait_helpers()
-                run.drop_ready()
+                run.wait_finished()  # (the chunks taken: finished, or dropped in their turn)
                 if deferred is not None and run.last_mark is not None:
                     deferred.settle(run.last_mark)  # (done unless the run stopped: our buffers hold it)
             if writes is not None:
@@ -1220,6 +1226,95 @@ class _Release:
         self._free.put(buf)
 
 
+class _Lane:
+    """The order in which chunks are finished (the source's deferred work, the Merkle tree): the
+    order they were taken from the source, across all the big puts reading one source (one lane
+    per `deferred`, see `_Lanes`; a put without one has its own).
+
+    Whichever worker holds the lane (`drive`) finishes every chunk whose turn it is and that has
+    been read, in turn, for whichever put it belongs to; a worker that finds it held reads on.  Why:
+    when each worker finished its own chunks, every chunk (the serial sha256 of an uncompressed
+    layer runs there, with the block hashes in one pass) began with a wake-up of its worker, and
+    every file with one more for the first chunk of the next put waiting for the last one of the
+    put before, 0.1-0.3 ms each on a busy machine with the lane idle.  The lane is checked again
+    after it is let go, so no chunk placed meanwhile is left behind; every chunk taken is placed
+    (`_ChunkRun._work`), so a put never waits for one that will not come."""
+
+    __slots__ = ("_lock", "_guard", "_ready", "_taken", "_next", "runs")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held by the one thread finishing chunks
+        self._guard = threading.Lock()  # guards the fields below
+        self._ready: dict[int, tuple] = {}  # number -> (run, chunk, mark, hashes): taken, not finished
+        self._taken = 0  # chunks numbered so far
+        self._next = 0  # the number of the next chunk to finish
+        self.runs = 0  # puts using the lane (see _Lanes)
+
+    def number(self) -> int:
+        """The next chunk's number (call in the order chunks are taken from the source)."""
+        with self._guard:
+            n = self._taken
+            self._taken += 1
+            return n
+
+    def place(self, number: int, item: tuple) -> None:
+        with self._guard:
+            self._ready[number] = item
+
+    def drive(self) -> None:
+        """Finish the chunks whose turn it is, unless another thread does (see the class docstring)."""
+        while self._lock.acquire(blocking=False):
+            try:
+                while True:
+                    with self._guard:
+                        item = self._ready.pop(self._next, None)
+                    if item is None:
+                        break
+                    item[0].finish_chunk(*item[1:])
+                    with self._guard:
+                        self._next += 1
+            finally:
+                self._lock.release()
+            with self._guard:
+                if self._next not in self._ready:
+                    return
+
+
+class _Lanes:
+    """The lane of each source that big puts are reading (keyed by their `deferred`, alive while a
+    put uses it); a put without deferred work gets a lane of its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lanes: dict[int, _Lane] = {}
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._lanes = {}
+
+    def enter(self, deferred: object | None) -> _Lane:
+        if deferred is None:
+            return _Lane()
+        with self._lock:
+            lane = self._lanes.get(id(deferred))  # (the put holds `deferred`: its id is not reused meanwhile)
+            if lane is None:
+                lane = self._lanes[id(deferred)] = _Lane()
+            lane.runs += 1
+            return lane
+
+    def leave(self, deferred: object | None, lane: _Lane) -> None:
+        if deferred is None:
+            return
+        with self._lock:
+            lane.runs -= 1
+            if not lane.runs and self._lanes.get(id(deferred)) is lane:
+                del self._lanes[id(deferred)]
+
+
+_LANES = _Lanes()
+
+
 class _ChunkRun:
     """The shared state of one big put's workers (see `ObjectStore._put_large`)."""
 
@@ -1237,10 +1332,10 @@ class _ChunkRun:
         self._offset = 0  # of the next chunk read
         self._reads = 0  # chunks read
         self._eof = False
-        self._turn = threading.Condition()  # guards _ready, _next, _stopped, _helpers
-        self._ready: dict[int, tuple[memoryview, int | None, bytes | None]] = {}  # read, not finished
-        self._next = 0  # the chunk whose turn it is to be finished (deferred work, Merkle tree)
-        self._lane = threading.Lock()  # held by the one worker finishing chunks (see _finish_ready)
+        self._turn = threading.Condition()  # guards _next, _stopped, _helpers
+        self._next = 0  # chunks finished (deferred work, Merkle tree), in read order: see _Lane
+        self._lane = _LANES.enter(deferred)
+        self._in_lane = True  # until wait_finished() leaves it
         self._stopped = False
         self._error: BaseException | None = None
         self._helpers = 0  # helper threads that joined (see _Helpers), until their work() returns
@@ -1268,7 +1363,8 @@ class _ChunkRun:
             self._turn.wait_for(lambda: not self._helpers)
 
     def work(self, helper: bool = False) -> None:
-        """Take, hash and finish chunks until the source ends or the run stops; never raises.
+        """Take, hash and place chunks (finishing those whose turn it is, if the lane is free) until
+        the source ends or the run stops; never raises.
         `helper`: called by a thread counted in by `join()`."""
         try:
             self._work()
@@ -1279,58 +1375,50 @@ class _ChunkRun:
     def _work(self) -> None:
         try:
             while (got := self._take()) is not None:
-                seq, offset, mv, mark = got
-                self._writes.add(mv, offset)
-                full = len(mv) - len(mv) % BLOCK_SIZE
-                both = self._settle_blocks is not None and mark is not None
-                hashes = hash_full_blocks(mv[:full]) if full and not both else None
-                with self._turn:
-                    self._ready[seq] = (mv, mark, hashes)
-                self._finish_ready()
+                number, offset, mv, mark = got
+                hashes = None
+                try:
+                    self._writes.add(mv, offset)
+                    full = len(mv) - len(mv) % BLOCK_SIZE
+                    if full and not (self._settle_blocks is not None and mark is not None):
+                        hashes = hash_full_blocks(mv[:full])
+                finally:  # (every chunk taken is placed: the lane finishes chunks in the order taken)
+                    self._lane.place(number, (self, mv, mark, hashes))
+                self._lane.drive()
                 self._watch_writer()
         except BaseException as e:  # noqa: BLE001 - raised by check() in the put's thread
             self._fail(e)
 
-    def _finish_ready(self) -> None:
-        """Finish the chunks that are next in turn and read: in chunk order, by whichever worker
-        holds the lane, while the others read on (a worker that finds it held does not wait).
-
-        Why: workers that each finished their own chunk waited for its turn, so every chunk of an
-        uncompressed layer (whose serial sha256 runs here, with the block hashes in one pass)
-        began with a wake-up of its worker, 0.1-0.2 ms on a busy machine, with the lane idle.  The
-        lane is checked again after it is let go, so no chunk made ready meanwhile is left."""
-        while self._lane.acquire(blocking=False):
-            try:
-                while True:
-                    with self._turn:
-                        item = None if self._stopped else self._ready.pop(self._next, None)
-                    if item is None:
-                        break
-                    mv, mark, hashes = item
-                    try:
-                        if mark is not None and self._settle_blocks is not None:  # (the source's sha256 and
-                            hashes = self._settle_blocks(mark, mv)              # the block hashes in one pass)
-                        elif self._deferred is not None:
-                            self._deferred.settle(mark)
-                        self.hasher.update(mv, hashes)
-                    finally:
-                        with self._turn:
-                            self._next += 1
-                    self._release(mv)
-            finally:
-                self._lane.release()
+    def finish_chunk(self, mv: memoryview, mark: int | None, hashes: bytes | None) -> None:
+        """Finish a chunk in its turn (called by the lane's driver, see _Lane); never raises."""
+        try:
+            if self._stopped:
+                if mark is not None and self._settle_blocks is not None:
+                    self._deferred.unclaim(mark)
+            else:
+                if mark is not None and self._settle_blocks is not None:  # (the source's sha256 and the
+                    hashes = self._settle_blocks(mark, mv)              # block hashes in one pass)
+                elif self._deferred is not None:
+                    self._deferred.settle(mark)
+                self.hasher.update(mv, hashes)
+        except BaseException as e:  # noqa: BLE001 - raised by check() in the put's thread
+            self._fail(e)
+        finally:
             with self._turn:
-                if self._stopped or self._next not in self._ready:
-                    return
-
-    def drop_ready(self) -> None:
-        """After a stop (once no worker runs): give back the chunks read but never finished."""
-        with self._turn:
-            items, self._ready = list(self._ready.values()), {}
-        for mv, mark, _ in items:
-            if mark is not None and self._settle_blocks is not None:
-                self._deferred.unclaim(mark)
+                self._next += 1
+                if self._next == self._reads:
+                    self._turn.notify_all()
             self._release(mv)
+
+    def wait_finished(self) -> None:
+        """Wait until every chunk taken is finished (or dropped, after a stop); call once no worker
+        takes any more.  Leaves the lane: the run is done with it."""
+        self._lane.drive()
+        with self._turn:
+            self._turn.wait_for(lambda: self._next == self._reads)
+            lane, self._in_lane = self._in_lane, False
+        if lane:
+            _LANES.leave(self._deferred, self._lane)
 
     def _take(self) -> tuple[int, int, memoryview, int | None] | None:
         """The next chunk with its number, offset and deferred-work mark; None at the end."""
@@ -1351,8 +1439,9 @@ class _ChunkRun:
                     self._release(mv)
                     self._release(mv)
                 return None
-            seq, offset = self._reads, self._offset
-            self._reads += 1
+            number, offset = self._lane.number(), self._offset
+            with self._turn:
+                self._reads += 1
             self._offset += len(mv)
             if self._deferred is None:
                 mark = None
@@ -1363,7 +1452,7 @@ class _ChunkRun:
             self.last_mark = mark
             if getattr(self._chunks, "exhausted", False):  # the caller may read on now (see _StreamChunks)
                 self._end_of_source(read_on=True)
-            return seq, offset, mv, mark
+            return number, offset, mv, mark
 
     def _end_of_source(self, read_on: bool) -> None:
         """No worker reads the source any more; `read_on`: its owner may go on reading it (so
@@ -1394,7 +1483,7 @@ class _ChunkRun:
         """Raise the first error of a worker (a source error as it is); call once no worker runs."""
         if self._error is not None:
             raise self._error
-        if self._next != self._reads:  # (cannot happen: every chunk read is finished or the run stopped)
+        if self._next != self._reads:  # (cannot happen: wait_finished() waits for them)
             raise ObjectStoreError(f"internal error: {self._reads - self._next} chunks of a put not hashed")
 
 
