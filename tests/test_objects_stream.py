@@ -234,3 +234,39 @@ def test_workers_read_on_while_a_chunk_is_finished(objects, monkeypatch):
     assert src.sha.digest() == hashlib.sha256(data).digest()
     assert src.reads_at_first_settle is not None and src.reads_at_first_settle >= 4
     assert tmp_entries(objects) == []
+
+
+def test_the_next_file_never_waits_for_the_last_chunk_of_the_one_before(objects, monkeypatch):
+    """The chunks of a layer's files are finished in one lane, in read order: the first chunk of a
+    file is settled (the layer's sha256 with the block hashes, HashingReader.settle_blocks) right
+    after the last chunk of the file before, by the thread that settled that one, never by a worker
+    that sleeps until it is done (which cost a wake-up per file).  Settling each file's last chunk
+    is slowed down here, so that the next file's first chunk is read meanwhile."""
+    import flatmount.sources.pipeline as pipeline
+
+    waited: list[int] = []
+    real_settle, real_locked = pipeline.HashingReader.settle_blocks, pipeline.HashingReader._settle_blocks_locked
+
+    def settle_blocks(self, upto, chunk):
+        with self._claims_done:
+            if self._claims and self._claims[0] < upto:  # an earlier chunk's claim still pending
+                waited.append(upto)
+        return real_settle(self, upto, chunk)
+
+    def settle_locked(self, upto, chunk):
+        if len(chunk) < store_mod.READ_CHUNK:  # (a file's last chunk)
+            time.sleep(0.03)
+        return real_locked(self, upto, chunk)
+
+    monkeypatch.setattr(pipeline.HashingReader, "settle_blocks", settle_blocks)
+    monkeypatch.setattr(pipeline.HashingReader, "_settle_blocks_locked", settle_locked)
+    contents = [random.Random(60 + i).randbytes(2 * MIB + 100 * (i + 1)) for i in range(5)]
+    t = Tar()
+    for i, data in enumerate(contents):
+        t.file(f"f{i}", data)
+    layer = read_tar(io.BytesIO(t.bytes()), objects)
+    assert layer.tree == t.tree()
+    assert layer.diff_id == "sha256:" + hashlib.sha256(t.bytes()).hexdigest()
+    assert waited == []
+    for data in contents:
+        assert objects.verify(fsverity_digest(data))
