@@ -1439,10 +1439,6 @@ class _ChunkRun:
                     self._release(mv)
                     self._release(mv)
                 return None
-            number, offset = self._lane.number(), self._offset
-            with self._turn:
-                self._reads += 1
-            self._offset += len(mv)
             if self._deferred is None:
                 mark = None
             elif self._settle_blocks is not None:
@@ -1450,6 +1446,11 @@ class _ChunkRun:
             else:
                 mark = self._deferred.mark()
             self.last_mark = mark
+            # (numbered last, and before the caller may read on: a chunk numbered is always placed)
+            number, offset = self._lane.number(), self._offset
+            with self._turn:
+                self._reads += 1
+            self._offset += len(mv)
             if getattr(self._chunks, "exhausted", False):  # the caller may read on now (see _StreamChunks)
                 self._end_of_source(read_on=True)
             return number, offset, mv, mark
