@@ -60,17 +60,24 @@ def test_no_writer_started_or_joined_per_file(objects, monkeypatch):
         return real_run(fn, *args)
 
     monkeypatch.setattr(store_mod._WORKERS, "run", run)
-    contents = [medium(i) for i in range(8)]
-    t = layer_of(contents)
-    layer = read_tar(io.BytesIO(t.bytes()), objects)
-    assert layer.tree == t.tree()
-    assert dispatched.count("_put_large_job") == len(contents)
+
+    def writer_threads() -> int:
+        return sum(th.name == "objects-writer" for th in threading.enumerate())
+
+    for layer_no in range(2):
+        contents = [medium(10 * layer_no + i) for i in range(8)]
+        t = layer_of(contents)
+        layer = read_tar(io.BytesIO(t.bytes()), objects)
+        assert layer.tree == t.tree()
+        if not layer_no:
+            writers = writer_threads()
+            assert writers >= 1
+        for data in contents:
+            with objects.open(fsverity_digest(data)) as f:
+                assert f.read() == data
+    assert writer_threads() == writers  # (the second layer's files: no new writer)
+    assert dispatched.count("_put_large_job") == 16
     assert "_writer" not in dispatched and "_write_loop" not in dispatched, dispatched
-    writers = [th for th in threading.enumerate() if th.name == "objects-writer"]
-    assert 1 <= len(writers) <= store_mod.DIRECT_WRITERS + 1  # (one pool for O_DIRECT, one buffered)
-    for data in contents:
-        with objects.open(fsverity_digest(data)) as f:
-            assert f.read() == data
     assert tmp_entries(objects) == []
 
 
