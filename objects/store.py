@@ -18,12 +18,14 @@ next put of that content and replaced.
 
 Speed: a big put is read in aligned 1 MiB chunks by one worker thread per CPU (up to four), each
 chunk fs-verity hashed (and the source's deferred work done on it, e.g. an uncompressed layer's
-sha256, in the same pass where the source can: HashingReader.settle_blocks) by the worker that read
-it while it is in that core's cache, and written with O_DIRECT (two writes in flight) or buffered,
-whichever this host does faster (objects.writemode), by other threads meanwhile; so it
-costs about as much as hashing, spread over the cores.  The workers besides each put's own thread
-go from one put to the next (`_Helpers`), so a layer of many files of a few MiB keeps them busy
-from file to file instead of waking them for each one.  Many small
+sha256, in the same pass where the source can: HashingReader.settle_blocks) in read order by
+whichever worker holds the source's lane (`_Lane`), while the others read on, and written with
+O_DIRECT (two writes in flight) or buffered, whichever this host does faster (objects.writemode),
+by long-lived writer threads meanwhile (`_FileWrites`); so it costs about as much as hashing,
+spread over the cores.  A layer of many files of a few MiB is one pipeline: the workers besides
+each put's own thread go from one put to the next (`_Helpers`), the lane goes on from the last
+chunk of one file to the first of the next, the writers take the chunks of every file from one
+queue, and each put's temp file was opened by the put before it (`_take_temp`).  Many small
 puts go through `bulk()` (objects.bulk), whose helper processes create the files on another core.
 
 Digests are accepted as 32 raw bytes, 64 hex digits (str or ASCII bytes) or an `XX/<62 hex>` object
@@ -66,7 +68,9 @@ TMP_DIR = ".tmp"
 OBJECT_MODE = 0o644
 DIR_MODE = 0o755
 PIPELINE_BUFFERS = 8  # 1 MiB buffers of one big put in flight between its workers and its writer
-ASYNC_PUTS = 2  # big puts of one store in flight at once (put_async): one finishing while the next reads
+ASYNC_PUTS = 3  # big puts of one store in flight at once (put_async): two finishing while the next reads
+# (two: a put whose thread finished the last chunks of its file and then, in the lane, the first of
+# the next file (see _Lane) published late, and the file after waited for its slot, the lane idle)
 WRITEBACK_EVERY = 16 << 20  # buffered big objects: start disk writeback every 16 MiB, so sync() has less to do
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
 DIRECT_RUN = 4  # chunks a lagging O_DIRECT writer writes in one call (see _gather)
@@ -78,7 +82,6 @@ _HEX = frozenset("0123456789abcdef")
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
-_DONE = object()
 
 
 class DeferredWork(Protocol):
@@ -293,6 +296,7 @@ class ObjectStore:
         self._buffer_pool: queue.SimpleQueue = queue.SimpleQueue()  # idle aligned buffers of big puts
         self._async_slots = threading.BoundedSemaphore(ASYNC_PUTS)
         self._created_watchers: list[set[bytes]] = []  # see watch_created()
+        self._spare: dict[bool, tuple[int, int]] = {}  # O_DIRECT wanted -> (pid, fd): see _take_temp
         if readonly:
             if not os.path.isdir(self.root):
                 raise ObjectStoreError(f"object store {self.root} does not exist or is not a directory")
@@ -316,6 +320,11 @@ class ObjectStore:
         fd, self._dirfd = self._dirfd, -1
         if fd >= 0:
             os.close(fd)
+        with self._lock:
+            spares, self._spare = list(self._spare.values()), {}
+        for pid, spare in spares:
+            if pid == os.getpid():
+                os.close(spare)
 
     def __enter__(self) -> ObjectStore:
         return self
@@ -492,6 +501,8 @@ class ObjectStore:
             buffers.release()
             pending.set(digest, error)
             read_done.set()  # (already set at the end of the source, unless it was not reached)
+            if error is None:
+                self._open_spare(direct and bool(_O_DIRECT))
 
     def put_file(self, path: str | os.PathLike[str], expected: Digest | None = None) -> bytes:
         """Store a copy of a file's content; returns its digest."""
@@ -751,52 +762,50 @@ class ObjectStore:
         temp file; publish.
 
         Each worker takes the next 1 MiB chunk from the source (one at a time, in order), hands it to
-        the writer, hashes its fs-verity blocks, and then, in chunk order, does the source's deferred
-        work on it (`deferred`: an uncompressed layer's sha256) and adds its block hashes to the
-        object's Merkle tree.  A chunk is thus read, hashed and hashed again on one core, while it is
-        in that core's cache (handing it to another core to hash costs that core a third more); two
-        workers keep two cores busy.  The buffer goes back to the source once the writer is done too,
-        so a slow write never holds up hashing.  `direct`: write with O_DIRECT (chunks must then be
+        the writers, hashes its fs-verity blocks (unless the source's deferred work does them in the
+        same pass), and places it in the source's lane (`_Lane`), where whichever worker holds the
+        lane, in chunk order and across the puts of one source, does the source's deferred work on
+        it (`deferred`: an uncompressed layer's sha256) and adds its block hashes to the object's
+        Merkle tree.  (A chunk read on one core and hashed on the other cost 0-4% more hashing CPU
+        here, far less than a wake-up per chunk.)  The buffer goes back to the source once the
+        writer is done too, so a slow write never holds up hashing.  `direct`: write with O_DIRECT (chunks must then be
         aligned buffers): on this kind of machine (a VM whose fresh page-cache pages cost a host fault
         each) copying into the page cache, not hashing, is what limits a buffered put; O_DIRECT lets
         the device DMA from our buffers instead, from DIRECT_WRITERS threads: one O_DIRECT write in
         flight left the virtual disk idle between writes (1,100-1,300 MB/s against 1,500-1,700 with
         two).  When the stream's `size` is known, the temp file is first allocated to it (fallocate):
         ext4 runs O_DIRECT writes that extend a file one at a time (under the inode lock), while
-        writes into allocated space go in parallel.  Threads are kept between puts (`_WORKERS`), and the
-        helpers working beside this thread move on to the next put offered when this one's chunks
-        are all taken (`_HELPERS`).
+        writes into allocated space go in parallel.  Threads are kept between puts (`_WORKERS`,
+        `_WRITERS`), and the helpers working beside this thread move on to the next put offered when
+        this one's chunks are all taken (`_HELPERS`).
         `read_done` is set once no worker will touch the source again (`pending.read_error` set first
         if reading it failed).
         """
         where = f"{self.root}/{TMP_DIR}"
         try:
-            fd, name = self._open_temp(direct=direct and bool(_O_DIRECT))
+            fd, name = self._take_temp(direct and bool(_O_DIRECT))
         except OSError as e:
             raise ObjectStoreError(f"cannot create a temp file in {where}: {e.strerror or e}") from e
         direct = direct and bool(_O_DIRECT) and bool(_getfl(fd) & _O_DIRECT)
         nwriters = max(1, DIRECT_WRITERS) if direct else 1  # (buffered: one, its writeback follows the offset)
         # (a file shorter than promised is cut to what was read before it is published)
         allocated = direct and size is not None and size > READ_CHUNK and _fallocate(fd, size)
-        to_write: queue.SimpleQueue = queue.SimpleQueue()
-        written: queue.SimpleQueue = queue.SimpleQueue()  # each writer's outcome: _DONE or an exception
         release = _Release(buffers)
-        run = _ChunkRun(chunks, to_write, written, release, deferred, read_done, pending, nwriters)
         published = False
-        writers: list[queue.SimpleQueue] = []
+        writes: _FileWrites | None = None
+        run: _ChunkRun | None = None
         try:
-            for _ in range(nwriters):
-                writers.append(_WORKERS.run(_writer, fd, to_write, written, where, direct, release))
+            writes = _FileWrites(fd, direct, where, release, _WRITERS.queue(nwriters))
+            run = _ChunkRun(chunks, writes, release, deferred, read_done, pending)
             _HELPERS.offer(run)
             run.work()
             _HELPERS.withdraw(run)
             run.wait_helpers()
+            run.wait_finished()
             run.check()
-            for _ in writers:
-                to_write.put(_DONE)
-            outcome = run.writer_outcome()
-            if isinstance(outcome, BaseException):
-                raise outcome
+            error = writes.finish()
+            if error is not None:
+                raise error
             if allocated and run.hasher.size != size:
                 try:
                     os.ftruncate(fd, run.hasher.size)
@@ -817,18 +826,18 @@ class ObjectStore:
                 published = True
             return digest
         finally:
-            _HELPERS.withdraw(run)
-            run.stop()
-            if buffers is not None:
-                for _ in range(CHUNK_WORKERS):
-                    buffers.free.put(None)  # unblock a worker waiting for a buffer
-            run.wait_helpers()
-            if deferred is not None and run.last_mark is not None:
-                deferred.settle(run.last_mark)  # (done unless the run stopped: our buffers hold it)
-            for _ in writers:
-                to_write.put(_DONE)  # (a second _DONE, after a normal end, is never read)
-            for writer in writers:
-                writer.get()
+            if run is not None:
+                _HELPERS.withdraw(run)
+                run.stop()
+                if buffers is not None:
+                    for _ in range(CHUNK_WORKERS):
+                        buffers.free.put(None)  # unblock a worker waiting for a buffer
+                run.wait_helpers()
+                run.wait_finished()  # (the chunks taken: finished, or dropped in their turn)
+                if deferred is not None and run.last_mark is not None:
+                    deferred.settle(run.last_mark)  # (done unless the run stopped: our buffers hold it)
+            if writes is not None:
+                writes.finish(abandon=True)  # (after a normal end: nothing left; else no write touches fd after)
             os.close(fd)
             if name is not None and not published:
                 _unlink_quiet(name, self._dirfd)
@@ -889,6 +898,41 @@ class ObjectStore:
                 if e.errno != errno.EINVAL:
                     raise
         return self._open_temp_flags(fanout, 0)
+
+    def _take_temp(self, direct: bool) -> tuple[int, str | None]:
+        """`_open_temp` for a big put: the spare anonymous temp file a finished put opened, if any.
+
+        Why: creating a file costs 0.1-0.5 ms (ext4 inode allocation, longer after many deletes),
+        and in a big put it comes before the first chunk can be hashed, so a layer of 5 MB files
+        left the serial sha256 lane idle that long per file.  The spare is opened by the previous
+        put's thread after that put is over, while the next one runs."""
+        with self._lock:
+            got = self._spare.pop(direct, None)
+        if got is not None:
+            if got[0] == os.getpid():  # (a forked child must not write into its parent's file)
+                return got[1], None
+        return self._open_temp(direct=direct)
+
+    def _open_spare(self, direct: bool) -> None:
+        """Open the next big put's temp file (see `_take_temp`); only an anonymous one (nothing to
+        clean up if the process dies), and nothing on any error (the put then opens its own)."""
+        with self._lock:
+            if direct in self._spare or self._dirfd < 0 or not self._tmpfile:
+                return
+        try:
+            fd, name = self._open_temp(direct=direct)
+        except OSError:
+            return
+        if name is not None:  # (cannot happen with _tmpfile)
+            os.close(fd)
+            _unlink_quiet(name, self._dirfd)
+            return
+        with self._lock:
+            if direct not in self._spare and self._dirfd >= 0:
+                self._spare[direct] = (os.getpid(), fd)
+                fd = -1
+        if fd >= 0:
+            os.close(fd)
 
     def _open_temp_flags(self, fanout: str | None, extra: int) -> tuple[int, str | None]:
         if self._tmpfile is None:
@@ -1182,16 +1226,104 @@ class _Release:
         self._free.put(buf)
 
 
+class _Lane:
+    """The order in which chunks are finished (the source's deferred work, the Merkle tree): the
+    order they were taken from the source, across all the big puts reading one source (one lane
+    per `deferred`, see `_Lanes`; a put without one has its own).
+
+    Whichever worker holds the lane (`drive`) finishes every chunk whose turn it is and that has
+    been read, in turn, for whichever put it belongs to; a worker that finds it held reads on.  Why:
+    when each worker finished its own chunks, every chunk (the serial sha256 of an uncompressed
+    layer runs there, with the block hashes in one pass) began with a wake-up of its worker, and
+    every file with one more for the first chunk of the next put waiting for the last one of the
+    put before, 0.1-0.3 ms each on a busy machine with the lane idle.  The lane is checked again
+    after it is let go, so no chunk placed meanwhile is left behind; every chunk taken is placed
+    (`_ChunkRun._work`), so a put never waits for one that will not come."""
+
+    __slots__ = ("_lock", "_guard", "_ready", "_taken", "_next", "runs")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # held by the one thread finishing chunks
+        self._guard = threading.Lock()  # guards the fields below
+        self._ready: dict[int, tuple] = {}  # number -> (run, chunk, mark, hashes): taken, not finished
+        self._taken = 0  # chunks numbered so far
+        self._next = 0  # the number of the next chunk to finish
+        self.runs = 0  # puts using the lane (see _Lanes)
+
+    def number(self) -> int:
+        """The next chunk's number (call in the order chunks are taken from the source)."""
+        with self._guard:
+            n = self._taken
+            self._taken += 1
+            return n
+
+    def place(self, number: int, item: tuple) -> None:
+        with self._guard:
+            self._ready[number] = item
+
+    def drive(self) -> None:
+        """Finish the chunks whose turn it is, unless another thread does (see the class docstring)."""
+        while self._lock.acquire(blocking=False):
+            try:
+                while True:
+                    with self._guard:
+                        item = self._ready.pop(self._next, None)
+                    if item is None:
+                        break
+                    item[0].finish_chunk(*item[1:])
+                    with self._guard:
+                        self._next += 1
+            finally:
+                self._lock.release()
+            with self._guard:
+                if self._next not in self._ready:
+                    return
+
+
+class _Lanes:
+    """The lane of each source that big puts are reading (keyed by their `deferred`, alive while a
+    put uses it); a put without deferred work gets a lane of its own."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._lanes: dict[int, _Lane] = {}
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._lanes = {}
+
+    def enter(self, deferred: object | None) -> _Lane:
+        if deferred is None:
+            return _Lane()
+        with self._lock:
+            lane = self._lanes.get(id(deferred))  # (the put holds `deferred`: its id is not reused meanwhile)
+            if lane is None:
+                lane = self._lanes[id(deferred)] = _Lane()
+            lane.runs += 1
+            return lane
+
+    def leave(self, deferred: object | None, lane: _Lane) -> None:
+        if deferred is None:
+            return
+        with self._lock:
+            lane.runs -= 1
+            if not lane.runs and self._lanes.get(id(deferred)) is lane:
+                del self._lanes[id(deferred)]
+
+
+_LANES = _Lanes()
+
+
 class _ChunkRun:
     """The shared state of one big put's workers (see `ObjectStore._put_large`)."""
 
-    def __init__(self, chunks: Iterator[memoryview], to_write: queue.SimpleQueue, written: queue.SimpleQueue,
-                 release: _Release, deferred: DeferredWork | None, read_done: threading.Event | None,
-                 pending: PendingPut | None, writers: int = 1) -> None:
+    def __init__(self, chunks: Iterator[memoryview], writes: _FileWrites, release: _Release,
+                 deferred: DeferredWork | None, read_done: threading.Event | None,
+                 pending: PendingPut | None) -> None:
         self.hasher = FsVerityHasher()
         self._chunks = chunks
-        self._to_write = to_write
-        self._written = written
+        self._writes = writes
         self._release = release
         self._deferred = deferred
         self._read_done = read_done
@@ -1200,12 +1332,12 @@ class _ChunkRun:
         self._offset = 0  # of the next chunk read
         self._reads = 0  # chunks read
         self._eof = False
-        self._turn = threading.Condition()  # chunks finish (deferred work, Merkle tree) in read order
-        self._next = 0  # the chunk whose turn it is
+        self._turn = threading.Condition()  # guards _next, _stopped, _helpers
+        self._next = 0  # chunks finished (deferred work, Merkle tree), in read order: see _Lane
+        self._lane = _LANES.enter(deferred)
+        self._in_lane = True  # until wait_finished() leaves it
         self._stopped = False
         self._error: BaseException | None = None
-        self._writers = writers  # writer threads, each reporting one outcome on `written`
-        self._outcomes: list[object] = []  # those seen so far
         self._helpers = 0  # helper threads that joined (see _Helpers), until their work() returns
         self._settle_blocks = getattr(deferred, "settle_blocks", None)
         self.last_mark: int | None = None  # the deferred-work mark of the last chunk taken
@@ -1231,7 +1363,8 @@ class _ChunkRun:
             self._turn.wait_for(lambda: not self._helpers)
 
     def work(self, helper: bool = False) -> None:
-        """Take, hash and finish chunks until the source ends or the run stops; never raises.
+        """Take, hash and place chunks (finishing those whose turn it is, if the lane is free) until
+        the source ends or the run stops; never raises.
         `helper`: called by a thread counted in by `join()`."""
         try:
             self._work()
@@ -1242,32 +1375,50 @@ class _ChunkRun:
     def _work(self) -> None:
         try:
             while (got := self._take()) is not None:
-                seq, offset, mv, mark = got
-                self._to_write.put((mv, offset))
-                full = len(mv) - len(mv) % BLOCK_SIZE
-                both = self._settle_blocks is not None and mark is not None
-                hashes = hash_full_blocks(mv[:full]) if full and not both else None
-                with self._turn:
-                    self._turn.wait_for(lambda: self._next == seq or self._stopped)  # noqa: B023
-                    if self._stopped:
-                        if both:
-                            self._deferred.unclaim(mark)
-                        self._release(mv)
-                        return
+                number, offset, mv, mark = got
+                hashes = None
                 try:
-                    if both:  # the source's sha256 and the block hashes in one pass, in turn
-                        hashes = self._settle_blocks(mark, mv)
-                    elif self._deferred is not None:
-                        self._deferred.settle(mark)
-                    self.hasher.update(mv, hashes)
-                finally:
-                    with self._turn:
-                        self._next += 1
-                        self._turn.notify_all()
-                self._release(mv)
+                    self._writes.add(mv, offset)
+                    full = len(mv) - len(mv) % BLOCK_SIZE
+                    if full and not (self._settle_blocks is not None and mark is not None):
+                        hashes = hash_full_blocks(mv[:full])
+                finally:  # (every chunk taken is placed: the lane finishes chunks in the order taken)
+                    self._lane.place(number, (self, mv, mark, hashes))
+                self._lane.drive()
                 self._watch_writer()
         except BaseException as e:  # noqa: BLE001 - raised by check() in the put's thread
             self._fail(e)
+
+    def finish_chunk(self, mv: memoryview, mark: int | None, hashes: bytes | None) -> None:
+        """Finish a chunk in its turn (called by the lane's driver, see _Lane); never raises."""
+        try:
+            if self._stopped:
+                if mark is not None and self._settle_blocks is not None:
+                    self._deferred.unclaim(mark)
+            else:
+                if mark is not None and self._settle_blocks is not None:  # (the source's sha256 and the
+                    hashes = self._settle_blocks(mark, mv)              # block hashes in one pass)
+                elif self._deferred is not None:
+                    self._deferred.settle(mark)
+                self.hasher.update(mv, hashes)
+        except BaseException as e:  # noqa: BLE001 - raised by check() in the put's thread
+            self._fail(e)
+        finally:
+            with self._turn:
+                self._next += 1
+                if self._next == self._reads:
+                    self._turn.notify_all()
+            self._release(mv)
+
+    def wait_finished(self) -> None:
+        """Wait until every chunk taken is finished (or dropped, after a stop); call once no worker
+        takes any more.  Leaves the lane: the run is done with it."""
+        self._lane.drive()
+        with self._turn:
+            self._turn.wait_for(lambda: self._next == self._reads)
+            lane, self._in_lane = self._in_lane, False
+        if lane:
+            _LANES.leave(self._deferred, self._lane)
 
     def _take(self) -> tuple[int, int, memoryview, int | None] | None:
         """The next chunk with its number, offset and deferred-work mark; None at the end."""
@@ -1288,9 +1439,6 @@ class _ChunkRun:
                     self._release(mv)
                     self._release(mv)
                 return None
-            seq, offset = self._reads, self._offset
-            self._reads += 1
-            self._offset += len(mv)
             if self._deferred is None:
                 mark = None
             elif self._settle_blocks is not None:
@@ -1298,9 +1446,14 @@ class _ChunkRun:
             else:
                 mark = self._deferred.mark()
             self.last_mark = mark
+            # (numbered last, and before the caller may read on: a chunk numbered is always placed)
+            number, offset = self._lane.number(), self._offset
+            with self._turn:
+                self._reads += 1
+            self._offset += len(mv)
             if getattr(self._chunks, "exhausted", False):  # the caller may read on now (see _StreamChunks)
                 self._end_of_source(read_on=True)
-            return seq, offset, mv, mark
+            return number, offset, mv, mark
 
     def _end_of_source(self, read_on: bool) -> None:
         """No worker reads the source any more; `read_on`: its owner may go on reading it (so
@@ -1310,28 +1463,10 @@ class _ChunkRun:
             self._read_done.set()
 
     def _watch_writer(self) -> None:
-        """Stop early once a writer reports a failure."""
-        if self._written.empty():
-            return
-        with self._turn:
-            while len(self._outcomes) < self._writers:
-                try:
-                    self._outcomes.append(self._written.get_nowait())
-                except queue.Empty:
-                    break
-        error = self._writer_error()
+        """Stop early once a write of this put failed."""
+        error = self._writes.error
         if error is not None:
             self._fail(error)
-
-    def _writer_error(self) -> BaseException | None:
-        return next((o for o in self._outcomes if isinstance(o, BaseException)), None)
-
-    def writer_outcome(self) -> object:
-        """`_DONE`, or the first error a writer reported, waiting for every writer's outcome (call
-        after the last chunk and a `_DONE` for each writer were queued, once no worker runs)."""
-        while len(self._outcomes) < self._writers:
-            self._outcomes.append(self._written.get())
-        return self._writer_error() or _DONE
 
     def _fail(self, e: BaseException) -> None:
         with self._turn:
@@ -1346,73 +1481,157 @@ class _ChunkRun:
             self._turn.notify_all()
 
     def check(self) -> None:
-        """Raise the first error of a worker (a source error as it is)."""
+        """Raise the first error of a worker (a source error as it is); call once no worker runs."""
         if self._error is not None:
             raise self._error
+        if self._next != self._reads:  # (cannot happen: wait_finished() waits for them)
+            raise ObjectStoreError(f"internal error: {self._reads - self._next} chunks of a put not hashed")
 
 
-def _writer(fd: int, chunks: queue.SimpleQueue, outcome: queue.SimpleQueue, where: str, direct: bool,
-            release: _Release) -> None:
-    """Helper stage of `_put_large`: write the (chunk, offset) pairs the workers hand on, releasing
-    each chunk once written; `_DONE` ends it.
+class _FileWrites:
+    """The writes of one big put, done by the shared writer threads (`_WRITERS`): the put's workers
+    `add` (chunk, offset) pairs, `finish` waits until every one added is written (or dropped).
 
-    Puts exactly one item on `outcome`: `_DONE` once everything is written, or (as soon as a write
-    fails) an ObjectStoreError, after which it only releases the remaining chunks, so no worker
-    waits for a buffer that will not come back.  With `direct`, an unaligned tail (or a file
-    system refusing the aligned writes) switches the fd back to buffered writes.
-    """
-    written = flushed = 0
-    failed = False
+    Why shared threads, not writers per put: a layer of many files of a few MiB started two writer
+    jobs per file and joined them at its end, a hand-off and a wake-up each; long-lived writers
+    take one queue of (file, chunk) items, so the writes of the next file go out as soon as its
+    first chunk is read, behind the last ones of the file before.
+
+    Each chunk is released once written (or dropped after a failure, so no worker waits for a
+    buffer that will not come back).  The first failure is kept in `error` (an ObjectStoreError
+    for an OSError) and later chunks are not written.  With `direct`, an unaligned tail (or a file
+    system refusing the aligned writes) switches the fd to buffered writes (see `_write_chunk`)."""
+
+    __slots__ = ("fd", "direct", "where", "release", "error", "_queue", "_lock", "_left", "_closed",
+                 "_done", "_written", "_flushed", "_abandoned")
+
+    def __init__(self, fd: int, direct: bool, where: str, release: _Release, chunks: queue.SimpleQueue) -> None:
+        self.fd = fd
+        self.direct = direct
+        self.where = where
+        self.release = release
+        self.error: BaseException | None = None
+        self._queue = chunks
+        self._lock = threading.Lock()
+        self._left = 0  # chunks added, not yet written or dropped
+        self._closed = False
+        self._done = threading.Event()
+        self._written = 0  # bytes written (buffered: for early writeback)
+        self._flushed = 0  # ... of which writeback was started for
+        self._abandoned = False
+
+    def add(self, mv: memoryview, offset: int) -> None:
+        with self._lock:
+            self._left += 1
+        self._queue.put((self, mv, offset))
+
+    def finish(self, abandon: bool = False) -> BaseException | None:
+        """Wait until every chunk added is written; the first error, if any.  `abandon`: chunks not
+        written yet are dropped (the put failed).  Call once no worker adds any more."""
+        with self._lock:
+            self._closed = True
+            self._abandoned = self._abandoned or abandon
+            if not self._left:
+                self._done.set()
+        self._done.wait()
+        if self.error is None and not abandon and not self.direct and self._written > self._flushed:
+            _start_writeback(self.fd, self._flushed, self._written - self._flushed)  # (sync() finds it under way)
+            self._flushed = self._written
+        return self.error
+
+    def write(self, run: list) -> None:
+        """Write a run of contiguous (self, chunk, offset) items (see `_gather`), then release them."""
+        if self.error is None and not self._abandoned:
+            try:
+                if len(run) > 1:
+                    direct = _write_run(self.fd, [(mv, at) for _, mv, at in run], self.direct)
+                else:
+                    direct = _write_chunk(self.fd, run[0][1], run[0][2], self.direct)
+            except OSError as e:
+                err = ObjectStoreError(f"cannot write a temp file in {self.where}: {e.strerror or e}")
+                err.__cause__ = e
+                self._failed(err)
+            except BaseException as e:  # noqa: BLE001 - the put's thread raises it
+                self._failed(e)
+            else:
+                n = sum(len(mv) for _, mv, _ in run)
+                with self._lock:
+                    self.direct = self.direct and direct
+                    self._written += n
+                    start = not self.direct and self._written - self._flushed >= WRITEBACK_EVERY
+                    if start:
+                        flushed, self._flushed = self._flushed, self._written
+                if start:
+                    _start_writeback(self.fd, flushed, self._written - flushed)
+        for _, mv, _ in run:
+            self.release(mv)
+        with self._lock:
+            self._left -= len(run)
+            if self._closed and not self._left:
+                self._done.set()
+
+    def _failed(self, e: BaseException) -> None:
+        with self._lock:
+            if self.error is None:
+                self.error = e
+
+
+class _WriterPool:
+    """Long-lived writer threads of big puts (see `_FileWrites`): for each number of writes in
+    flight a put asks for (DIRECT_WRITERS with O_DIRECT, one buffered), that many threads sharing
+    one queue; started on first use, forgotten in a forked child (its threads do not exist there)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queues: dict[int, queue.SimpleQueue] = {}
+        os.register_at_fork(after_in_child=self._forget)
+
+    def _forget(self) -> None:
+        self._lock = threading.Lock()
+        self._queues = {}
+
+    def queue(self, writers: int) -> queue.SimpleQueue:
+        """The queue that `writers` threads take (file, chunk, offset) items from."""
+        with self._lock:
+            q = self._queues.get(writers)
+            if q is None:
+                q = queue.SimpleQueue()
+                for _ in range(writers):
+                    threading.Thread(target=_write_loop, args=(q,), name="objects-writer", daemon=True).start()
+                self._queues[writers] = q
+            return q
+
+
+_WRITERS = _WriterPool()
+
+
+def _write_loop(chunks: queue.SimpleQueue) -> None:
+    """A writer thread of `_WRITERS`: forever, the next item and those queued right behind it that
+    continue it (`_gather`), written by their file's `write` (which never raises)."""
     held: list = []  # items taken from the queue while gathering a run, not written yet (in order)
     while True:
         item = held.pop(0) if held else chunks.get()
-        if item is _DONE:
-            if not direct and not failed and written > flushed:
-                _start_writeback(fd, flushed, written - flushed)  # (the final sync then finds it under way)
-            if not failed:
-                outcome.put(_DONE)
-            return
         run = [item]
-        if direct and not failed and not held:
+        if item[0].direct and not held:
             _gather(run, chunks, held)
-        if not failed:
-            try:
-                if len(run) > 1:
-                    direct = _write_run(fd, run, direct)
-                else:
-                    direct = _write_chunk(fd, item[0], item[1], direct)
-            except OSError as e:
-                err = ObjectStoreError(f"cannot write a temp file in {where}: {e.strerror or e}")
-                err.__cause__ = e
-                outcome.put(err)
-                failed = True
-            except BaseException as e:
-                outcome.put(e)
-                failed = True
-            else:
-                written += sum(len(mv) for mv, _ in run)
-                if not direct and written - flushed >= WRITEBACK_EVERY:
-                    _start_writeback(fd, flushed, written - flushed)
-                    flushed = written
-        for mv, _ in run:
-            release(mv)
+        item[0].write(run)
 
 
 def _gather(run: list, chunks: queue.SimpleQueue, held: list) -> None:
-    """Add to `run` the chunks already queued that continue it, up to DIRECT_RUN of them, whole
-    aligned ones only; the first that does not (or `_DONE`) goes to `held`.  Why: O_DIRECT writes
-    go to the device one at a time, so when the writer lags (a disk slow with small O_DIRECT writes),
-    one write of several MiB gets more through than as many 1 MiB ones; when it keeps up, nothing
-    is queued and each chunk goes out at once."""
-    if len(run[0][0]) % DIRECT_ALIGN:
+    """Add to `run` the (file, chunk, offset) items already queued that continue it (same file,
+    the next offset), up to DIRECT_RUN of them, whole aligned ones only; the first that does not
+    goes to `held`.  Why: O_DIRECT writes go to the device one at a time, so when the writer lags
+    (a disk slow with small O_DIRECT writes), one write of several MiB gets more through than as
+    many 1 MiB ones; when it keeps up, nothing is queued and each chunk goes out at once."""
+    if len(run[0][1]) % DIRECT_ALIGN:
         return
     while len(run) < DIRECT_RUN:
         try:
             item = chunks.get_nowait()
         except queue.Empty:
             return
-        mv, offset = run[-1]
-        if item is _DONE or item[1] != offset + len(mv) or len(item[0]) % DIRECT_ALIGN:
+        f, mv, offset = run[-1]
+        if item[0] is not f or item[2] != offset + len(mv) or len(item[1]) % DIRECT_ALIGN:
             held.append(item)
             return
         run.append(item)

@@ -388,8 +388,8 @@ def test_put_async_small_and_unknown_size(store: ObjectStore) -> None:
 
 
 def test_put_async_overlaps_and_is_capped(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Two big puts may be in flight at once (the first one finishing while the next is read); a
-    third waits for a slot."""
+    """ASYNC_PUTS big puts may be in flight at once (the first ones finishing while the next is
+    read); one more waits for a slot."""
     held = threading.Event()
     real_existing = store_mod.ObjectStore._existing_damaged
 
@@ -398,18 +398,19 @@ def test_put_async_overlaps_and_is_capped(store: ObjectStore, monkeypatch: pytes
         return real_existing(self, rel, size)
 
     monkeypatch.setattr(store_mod.ObjectStore, "_existing_damaged", slow_existing)
-    datas = [data_of(2 * MIB, 30 + k) for k in range(3)]
-    first = store.put_async(io.BytesIO(datas[0]), size=2 * MIB)   # read (into buffers), not hashed yet
-    second = store.put_async(io.BytesIO(datas[1]), size=2 * MIB)
-    assert not first.done() and not second.done()
-    third: list = []
-    t = threading.Thread(target=lambda: third.append(store.put_async(io.BytesIO(datas[2]), size=2 * MIB)))
+    n = store_mod.ASYNC_PUTS
+    assert n >= 2
+    datas = [data_of(2 * MIB, 30 + k) for k in range(n + 1)]
+    in_flight = [store.put_async(io.BytesIO(d), size=2 * MIB) for d in datas[:n]]  # read, not published
+    assert not any(p.done() for p in in_flight)
+    last: list = []
+    t = threading.Thread(target=lambda: last.append(store.put_async(io.BytesIO(datas[n]), size=2 * MIB)))
     t.start()
     t.join(0.3)
-    assert t.is_alive() and not third     # no third slot while two are in flight
+    assert t.is_alive() and not last     # no slot while ASYNC_PUTS are in flight
     held.set()
     t.join()
-    assert [p.result() for p in (first, second, third[0])] == [fsverity_digest(d) for d in datas]
+    assert [p.result() for p in (*in_flight, last[0])] == [fsverity_digest(d) for d in datas]
 
 
 def test_helpers_go_from_one_put_to_the_next(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:

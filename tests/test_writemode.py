@@ -22,6 +22,8 @@ def _big() -> bytes:
 
 
 def _opened_direct(store: ObjectStore, monkeypatch) -> list[bool]:
+    """Whether each temp file of a big put was opened O_DIRECT (a put may also open the spare for the
+    next one, in the same mode: objects.store._take_temp)."""
     seen: list[bool] = []
     real = store._open_temp
 
@@ -57,7 +59,8 @@ def test_the_faster_way_is_used(tmp_path, monkeypatch, direct_s, buffered_s, dir
         assert store.put(io.BytesIO(data)) == fsverity_digest(data)
         assert store.put(io.BytesIO(data[::-1])) == fsverity_digest(data[::-1])
         store.sync()
-        assert seen == [direct, direct]
+        assert seen[0] == direct and set(seen) == {direct}  # (the second put may take the spare the
+        #                                                       first one opened: objects.store._take_temp)
         with open(store.path(fsverity_digest(data)), "rb") as f:
             assert f.read() == data
     assert (tmp_path / "o" / writemode.STATE_FILE).read_text().split()[0] == ("direct" if direct else "buffered")
@@ -75,7 +78,7 @@ def test_a_record_of_this_boot_is_reused_another_is_not(tmp_path, monkeypatch):
     with ObjectStore(root) as store:
         seen = _opened_direct(store, monkeypatch)
         store.put(io.BytesIO(_big()))
-        assert seen == [False]
+        assert set(seen) == {False}
 
     monkeypatch.setattr(writemode, "_chosen", {})
     (root / writemode.STATE_FILE).write_text("buffered 00000000-another-boot direct=1MB/s buffered=2MB/s\n")
@@ -83,7 +86,7 @@ def test_a_record_of_this_boot_is_reused_another_is_not(tmp_path, monkeypatch):
     with ObjectStore(root) as store:
         seen = _opened_direct(store, monkeypatch)
         store.put(io.BytesIO(_big()))
-        assert seen == [True]
+        assert set(seen) == {True}
     assert (root / writemode.STATE_FILE).read_text().startswith(f"direct {writemode.boot_id()} ")
 
 
@@ -97,7 +100,7 @@ def test_symlinked_record_is_not_followed(tmp_path, monkeypatch):
     with ObjectStore(root) as store:
         seen = _opened_direct(store, monkeypatch)
         store.put(io.BytesIO(_big()))
-        assert seen == [True]  # measured, not read through the link
+        assert set(seen) == {True}  # measured, not read through the link
     assert not (root / writemode.STATE_FILE).is_symlink()
     assert elsewhere.read_text() == f"buffered {writemode.boot_id()}\n"
 
@@ -107,7 +110,7 @@ def test_no_probe_means_o_direct_and_no_record(tmp_path, monkeypatch):
     with ObjectStore(tmp_path / "o") as store:
         seen = _opened_direct(store, monkeypatch)
         store.put(io.BytesIO(_big()))
-        assert seen == [True]
+        assert set(seen) == {True}
     assert not (tmp_path / "o" / writemode.STATE_FILE).exists()
 
 
@@ -120,7 +123,7 @@ def test_a_forced_mode_skips_the_probe(tmp_path, monkeypatch):
         store.direct_io = False
         seen = _opened_direct(store, monkeypatch)
         store.put(io.BytesIO(_big()))
-        assert seen == [False]
+        assert set(seen) == {False}
 
 
 def _scripted_rounds(monkeypatch, rounds: list[tuple[float, float]], write_cpu: tuple[float, float],
@@ -142,7 +145,7 @@ def test_a_buffered_host_is_recognised_through_noise(tmp_path, monkeypatch):
     with ObjectStore(tmp_path / "o") as store:
         seen = _opened_direct(store, monkeypatch)
         store.put(io.BytesIO(_big()))
-        assert seen == [False]
+        assert set(seen) == {False}
     line = (tmp_path / "o" / writemode.STATE_FILE).read_text().split()
     assert line[0] == "buffered" and line[2] == f"direct={writemode.PROBE_BYTES / 0.024 / 1e6:.0f}MB/s"
 
@@ -153,7 +156,7 @@ def test_a_direct_host_keeps_o_direct_through_noise(tmp_path, monkeypatch):
     with ObjectStore(tmp_path / "o") as store:
         seen = _opened_direct(store, monkeypatch)
         store.put(io.BytesIO(_big()))
-        assert seen == [True]
+        assert set(seen) == {True}
 
 
 def test_faster_buffered_writes_that_cost_the_hashing_cpu_keep_o_direct(tmp_path, monkeypatch):
@@ -164,7 +167,7 @@ def test_faster_buffered_writes_that_cost_the_hashing_cpu_keep_o_direct(tmp_path
     with ObjectStore(tmp_path / "o") as store:
         seen = _opened_direct(store, monkeypatch)
         store.put(io.BytesIO(_big()))
-        assert seen == [True]
+        assert set(seen) == {True}
 
 
 def test_buffered_imports_are_durable_before_they_are_recorded(tmp_path, monkeypatch):

@@ -156,6 +156,7 @@ def _pull_in_child(workdir: Path, tar: Path, name: str, keep: bool = False, root
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     res = json.loads(p.stdout)
     res["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    res["vcsw"] = after.ru_nvcsw - before.ru_nvcsw  # voluntary context switches: threads waiting for each other
     if not keep:
         shutil.rmtree(store, ignore_errors=True)
         shutil.rmtree(str(store) + "-run", ignore_errors=True)
@@ -417,7 +418,9 @@ def run_big(quick: bool, rounds: int = 5, old: Path | None = None) -> dict:
     ceilings), then the big and the medium tar pulled by this checkout and (with `old`) by the old
     one, the two in alternating order (A B, B A, ...) so a burst of load from elsewhere hits both.
     Figures: per-round MB/s and CPU seconds (user+sys of the child), medians, and the medians of
-    the paired ratios (new/old, import/ceiling of the same round, medium/big of the same round)."""
+    the paired ratios (new/old, import/ceiling of the same round, medium/big of the same round);
+    also the voluntary context switches of each pull (threads waiting for one another: what a
+    pipeline that hands work on per file or per chunk pays; others' load moves it less than MB/s)."""
     size = (64 if quick else 500) * MB
     workdir = Path(tempfile.mkdtemp(prefix="flatmount-bench-big-", dir=os.environ.get("BENCH_TMP")))
     trees = {"new": ROOT} | ({"old": old} if old is not None else {})
@@ -456,6 +459,7 @@ def run_big(quick: bool, rounds: int = 5, old: Path | None = None) -> dict:
             o[f"{kind}_mb_s_median"] = round(med(p["mb_s"] for p in ps))
             o[f"{kind}_cpu_s"] = [round(p["cpu_s"], 2) for p in ps]
             o[f"{kind}_cpu_s_median"] = round(med(p["cpu_s"] for p in ps), 3)
+            o[f"{kind}_vcsw_median"] = round(med(p["vcsw"] for p in ps))
             o[f"{kind}_vs_ceiling_median"] = round(med(p["mb_s"] / c for p, c in zip(ps, ceil, strict=True)), 3)
         o["medium_vs_big_median"] = round(med(m["mb_s"] / b["mb_s"]
                                               for m, b in zip(kinds["medium"], kinds["big"], strict=True)), 3)
@@ -465,6 +469,7 @@ def run_big(quick: bool, rounds: int = 5, old: Path | None = None) -> dict:
             pairs = list(zip(res["new"][kind], res["old"][kind], strict=True))
             out[f"{kind}_new_vs_old_mb_s_median"] = round(med(n["mb_s"] / o["mb_s"] for n, o in pairs), 3)
             out[f"{kind}_new_vs_old_cpu_median"] = round(med(n["cpu_s"] / o["cpu_s"] for n, o in pairs), 3)
+            out[f"{kind}_new_vs_old_vcsw_median"] = round(med(n["vcsw"] / max(1, o["vcsw"]) for n, o in pairs), 3)
     return out
 
 
