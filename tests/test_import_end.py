@@ -201,3 +201,59 @@ def test_a_failure_after_read_tar_stops_the_helpers_and_rolls_back(tmp_path):
     left = [p for p in store.objects_dir.rglob("*") if p.is_file() and OBJPATH_RE.fullmatch(
         p.relative_to(store.objects_dir).as_posix())]
     assert left == []
+
+
+
+def test_commit_checks_only_objects_the_batch_did_not_store(tmp_path, monkeypatch):
+    """add_layer notes which of the layer's objects its batch did not store (a set difference while
+    the objects' sync runs); commit looks for those alone on disk, and still refuses a missing one.
+    An object a later layer of the batch stores counts as stored at commit, as before."""
+    from flatmount.errors import StoreError
+    from objects.digest import fsverity_digest
+
+    store = _store(tmp_path)
+    path = batchmod.object_path
+    with ImportBatch(store) as batch:  # an object that was there before the imports below
+        before = batch.objects.put_bytes(b"b" * 3000)
+        root = Inode.directory()
+        root.entries[b"x"] = Inode(0o100644, size=3000, digest=before)
+        batch.set_image("56" * 32, batch.add_layer(root, parent=None, diff_id="sha256:" + "aa" * 32))
+        batch.commit()
+    looked: list[str] = []
+    real_isfile = batchmod.os.path.isfile
+
+    def isfile(p):
+        looked.append(os.path.relpath(p, store.objects_dir))
+        return real_isfile(p)
+
+    monkeypatch.setattr(batchmod.os.path, "isfile", isfile)
+    later = fsverity_digest(b"l" * 3000)  # in no store until a later layer of the batch puts it
+    with ImportBatch(store) as batch:
+        ours = batch.objects.put_bytes(b"o" * 3000)
+        root = Inode.directory()
+        root.entries[b"ours"] = Inode(0o100644, size=3000, digest=ours)
+        root.entries[b"before"] = Inode(0o100644, size=3000, digest=before)
+        root.entries[b"later"] = Inode(0o100644, size=3000, digest=later)
+        batch.set_image("78" * 32, batch.add_layer(root, parent=None, diff_id="sha256:" + "bb" * 32))
+        assert batch._layers[-1].objects == {path(ours), path(before), path(later)}
+        assert batch._layers[-1].unproven == {path(before), path(later)}
+        with pytest.raises(StoreError, match=f"references object {path(later)}, which is not in"):
+            batch.commit()
+    assert path(ours) not in looked and path(later) in looked
+    looked.clear()
+    with ImportBatch(store) as batch:  # the same, with a second layer storing `later`
+        root = Inode.directory()
+        root.entries[b"before"] = Inode(0o100644, size=3000, digest=before)
+        root.entries[b"later"] = Inode(0o100644, size=3000, digest=later)
+        lid = batch.add_layer(root, parent=None, diff_id="sha256:" + "dd" * 32)
+        assert batch._layers[-1].unproven == {path(before), path(later)}
+        root2 = Inode.directory()
+        root2.entries[b"l"] = Inode(0o100644, size=3000, digest=batch.objects.put_bytes(b"l" * 3000))
+        top = batch.add_layer(root2, parent=lid, diff_id="sha256:" + "ee" * 32)
+        assert batch._layers[-1].unproven == frozenset()
+        batch.set_image("9a" * 32, top)
+        batch.commit()
+    assert looked == [path(before)]  # stored by this batch by the time of the commit: not looked for
+    rows = store.connect().execute("SELECT object FROM refs WHERE owner = ? ORDER BY object",
+                                   (f"layer:{lid}",)).fetchall()
+    assert rows == sorted([(path(before),), (path(later),)])

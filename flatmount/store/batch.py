@@ -71,6 +71,7 @@ class _PendingLayer:
     image_tmp: str
     tree_tmp: str | None = None     # its tree cache (flatmount.store.paths.layer_cache_path), if written
     image_digest: str | None = None  # sha256 hex of the layer image (recorded: flatten and fsck check it)
+    unproven: frozenset[str] | None = None  # objects not known stored by this batch (None: all of them)
 
 
 @dataclass
@@ -92,6 +93,14 @@ def _tree_refs(tree: Inode) -> tuple[frozenset[str], int]:
     """(`tree_objects`, `count_inodes`) in one walk, with one path per distinct digest (not per
     file, through the generic walk and properties): an import of many small files needs both at
     its end, while nothing else can go on."""
+    paths, digests, count = _tree_walk(tree)
+    return frozenset(paths.union(map(object_path, digests))), count
+
+
+def _tree_walk(tree: Inode) -> tuple[set[str], set[bytes], int]:
+    """The walk of `_tree_refs`: (object paths the tree names, digests of the other external files,
+    inode count), each checked to be well formed; `add_layer` keeps the digests apart, so that
+    `commit` need check only those its batch did not store itself."""
     paths: set[str] = set()
     digests: set[bytes] = set()
     seen = {id(tree)}  # every distinct inode (a hardlink group once): the count
@@ -115,8 +124,7 @@ def _tree_refs(tree: Inode) -> tuple[frozenset[str], int]:
     for d in digests:
         if len(d) != 32:  # (the hex of 32 bytes is exactly what OBJPATH_RE takes)
             raise LayerError(f"file references a malformed object path {object_path(d)!r}")
-    paths.update(map(object_path, digests))
-    return frozenset(paths), len(seen)
+    return paths, digests, len(seen)
 
 
 class _RecordingObjects:
@@ -399,16 +407,21 @@ class ImportBatch:
         # not touch the object store
         syncing = _Background(self._finish_objects)
         try:
-            image_digest, image_size, tree_tmp, objs, count = self._stage_files(tree, lid, tmp)
+            image_digest, image_size, tree_tmp, (paths, digests, count) = self._stage_files(tree, lid, tmp)
+            objs = frozenset(paths.union(map(object_path, digests)))
         except BaseException:
             with contextlib.suppress(BaseException):  # (this error is the one to report)
                 syncing.join()
             raise
         syncing.join()  # (raises what the sync raised)
+        # what this batch stored (and only grows) needs no check at commit: a set difference now,
+        # not one lookup per object then, when the other core has nothing to do
+        ours = self._objects.stored if self._objects is not None else set()
+        unproven = frozenset(paths.union(map(object_path, digests.difference(ours))))
         self._layers = [p for p in self._layers if p.id != lid]
         self._layers.append(_PendingLayer(lid, parent, diff_id, diff_size, compressed_digest,
                                           compressed_size, created or now_iso(), count,
-                                          objs, str(tmp), tree_tmp, image_digest))
+                                          objs, str(tmp), tree_tmp, image_digest, unproven))
         return lid
 
     def _finish_objects(self) -> None:
@@ -417,9 +430,10 @@ class ImportBatch:
             self._objects.finish_bulks()
         self.store.objects.sync()
 
-    def _stage_files(self, tree: Inode, lid: str, tmp: Path) -> tuple[str, int, str | None, frozenset[str], int]:
+    def _stage_files(self, tree: Inode, lid: str,
+                     tmp: Path) -> tuple[str, int, str | None, tuple[set[str], set[bytes], int]]:
         """Write the layer image (fsynced) and its tree cache to staging: (image sha256 hex, image
-        size, tree cache path or None, object paths, inode count)."""
+        size, tree cache path or None, `_tree_walk` of the tree)."""
         from flatmount.image.treecache import tree_cache_bytes
         from flatmount.image.writer import image_bytes
 
@@ -442,8 +456,7 @@ class ImportBatch:
             os.chmod(tree_tmp, 0o644)
         except (OSError, ValueError):
             tree_tmp = None
-        objs, count = _tree_refs(tree)
-        return image_digest, image_size, tree_tmp, objs, count
+        return image_digest, image_size, tree_tmp, _tree_walk(tree)
 
     def set_image(self, image_id: str, top_layer: str | None, *, config: dict | bytes | str | None = None,
                   manifest: bytes | str | None = None, names: Iterable[str] = (),
@@ -471,7 +484,8 @@ class ImportBatch:
         # objects this batch stored are there (stored under the shared GC lock): check the others
         ours = self._objects.stored if self._objects is not None else set()
         for p in self._layers:
-            for o in p.objects:  # (digests, not a second set of 64-character paths: less memory)
+            for o in (p.objects if p.unproven is None else p.unproven):  # (digests, not a second set
+                # of 64-character paths: less memory)
                 if bytes.fromhex(o[:2] + o[3:]) not in ours and not os.path.isfile(f"{objdir}/{o}"):
                     raise StoreError(f"layer {p.id} references object {o}, which is not in {objdir}")
         renamed: list[str] = []
