@@ -443,7 +443,9 @@ def test_helpers_go_from_one_put_to_the_next(store: ObjectStore, monkeypatch: py
         assert Path(store.path(fsverity_digest(d))).read_bytes() == d
     helpers = [n for n in dispatched if n not in ("_writer", "_put_large_job")]
     assert dispatched.count("_put_large_job") == 6
-    assert len(helpers) <= 2, dispatched   # one helper started (two if one put found it between puts)
+    # one helper started (one more each time a put found it between puts, which a loaded machine makes
+    # likelier); a helper per put, as before, would be six
+    assert len(helpers) <= len(datas) // 2, dispatched
 
 
 def test_put_async_source_error_raised_at_once(store: ObjectStore) -> None:
