@@ -131,7 +131,13 @@ class HashingReader:
         if update_blocks is None or not full or self._settled >= upto:
             self._settle_locked(upto)
             return None
-        self._settle_locked(upto - 1)
+        if self._settled < upto - 1:
+            self._settle_locked(upto - 2)
+            if self._settled == upto - 2:
+                shared = self._settle_head(chunk, full, update_blocks)
+                if shared is not False:
+                    return shared
+            self._settle_locked(upto - 1)
         item = self._waiting[0] if self._waiting else None
         if not (isinstance(item, memoryview) and item.obj is chunk.obj and len(item) <= n):
             self._settle_locked(upto)
@@ -156,6 +162,37 @@ class HashingReader:
             from objects.digest import hash_full_blocks
 
             return hash_full_blocks(chunk[:first]) + shared
+        return shared
+
+    def _settle_head(self, chunk: memoryview, full: int, update_blocks: object) -> bytes | None | bool:
+        """`_settle_blocks_locked` for a chunk that begins with the tail of the item before its own
+        (a tar member's first chunk: its head was read along with the member's header, 64 KiB at a
+        time, and copied from there): that item's bytes before the head, then the whole chunk in
+        the shared pass (the head's bytes are the same, so the stream is the same); False (nothing
+        settled) unless the two items are exactly that.
+
+        Why: hashing the head apart (sha256, then its fs-verity blocks again) cost the serial lane
+        about 0.1 ms a member, 10 ms of a layer of 100 files of 5 MB."""
+        waiting = self._waiting
+        if len(waiting) < 2:
+            return False
+        prev, item = waiting[0], waiting[1]
+        start = len(chunk) - len(item) if isinstance(item, memoryview) else -1
+        if (start <= 0 or item.obj is not chunk.obj or not isinstance(prev, bytes) or len(prev) < start
+                or not prev.endswith(chunk[:start])):
+            return False
+        waiting.popleft()
+        waiting.popleft()
+        self._settled += 2
+        update = self._hash.update
+        if len(prev) > start:
+            update(memoryview(prev)[: len(prev) - start])
+        shared = update_blocks(chunk[:full])  # type: ignore[operator]
+        if shared is None:  # (the stream not at a 64-byte boundary: no shared pass)
+            update(chunk)
+            return None
+        if full < len(chunk):
+            update(chunk[full:])
         return shared
 
     def end(self) -> None:
