@@ -47,6 +47,17 @@ def shared_data(name: str) -> Path:
     return path
 
 
+def import_tool(name: str) -> ModuleType:
+    """A module of tools/ (scripts beside each other, not a package), imported with tools/ on
+    sys.path only while it loads."""
+    tools = str(ROOT / "tools")
+    sys.path.insert(0, tools)
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(tools)
+
+
 def compiled_missing(name: str) -> NoReturn:
     """A compiled module (built by `pip install -e .` where a C compiler is) is not there: a failure
     under CI (the pure-Python fallback would hide a broken build), a skip elsewhere."""

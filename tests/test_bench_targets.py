@@ -2,19 +2,11 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from conftest import import_tool
 
 
 def _bench():
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import bench
-    finally:
-        sys.path.remove(str(TOOLS))
-    return bench
+    return import_tool("bench")
 
 
 def test_targets_read_each_area_and_say_whether_met() -> None:

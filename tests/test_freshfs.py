@@ -4,22 +4,14 @@ dir's, mounted, and gone afterwards (unmounted, loop device detached) even when 
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import require_root, require_tool
-
-TOOLS = Path(__file__).resolve().parent.parent / "tools"
+from conftest import import_tool, require_root, require_tool
 
 
 def _freshfs():
-    sys.path.insert(0, str(TOOLS))
-    try:
-        import freshfs
-    finally:
-        sys.path.remove(str(TOOLS))
-    return freshfs
+    return import_tool("freshfs")
 
 
 def _loops_of(image: Path) -> str:

@@ -413,6 +413,19 @@ def test_put_async_overlaps_and_is_capped(store: ObjectStore, monkeypatch: pytes
     assert [p.result() for p in (*in_flight, last[0])] == [fsverity_digest(d) for d in datas]
 
 
+def record_dispatches(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the jobs objects.store hands its worker pool from now on (until the test ends)."""
+    dispatched: list[str] = []
+    real_run = store_mod._WORKERS.run
+
+    def run(fn, *args):
+        dispatched.append(getattr(fn, "__name__", repr(fn)))
+        return real_run(fn, *args)
+
+    monkeypatch.setattr(store_mod._WORKERS, "run", run)
+    return dispatched
+
+
 def test_helpers_go_from_one_put_to_the_next(store: ObjectStore, monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer of many medium files: the helper threads that hash chunks beside each put's own thread
     move on to the next put when one's chunks are taken, rather than going back to the pool to be
@@ -426,14 +439,7 @@ def test_helpers_go_from_one_put_to_the_next(store: ObjectStore, monkeypatch: py
         return real_hash(mv)
 
     monkeypatch.setattr(store_mod, "hash_full_blocks", slow_hash)
-    dispatched: list[str] = []
-    real_run = store_mod._WORKERS.run
-
-    def run(fn, *args):
-        dispatched.append(getattr(fn, "__name__", repr(fn)))
-        return real_run(fn, *args)
-
-    monkeypatch.setattr(store_mod._WORKERS, "run", run)
+    dispatched = record_dispatches(monkeypatch)
     datas = [data_of(3 * MIB + 4096 * k + 5, 40 + k) for k in range(6)]
     srcs = [DeferringSourceKnowingItsEnd(d) for d in datas]
     pending = [store.put_async(src, size=len(d)) for src, d in zip(srcs, datas, strict=True)]

@@ -22,6 +22,7 @@ from flatmount.sources.layers import read_tar
 from objects import ObjectStore, ObjectStoreError
 from objects.digest import fsverity_digest
 from tests.tarbuild import Tar
+from tests.test_objects_store import DeferringSource, record_dispatches
 
 MIB = 1 << 20
 
@@ -52,14 +53,7 @@ def layer_of(contents: list[bytes]) -> Tar:
 def test_no_writer_started_or_joined_per_file(objects, monkeypatch):
     """The writes of every file go to the same long-lived writer threads: no writer job per put
     (two were started and joined for each file), and the threads stay as many whatever the files."""
-    dispatched: list[str] = []
-    real_run = store_mod._WORKERS.run
-
-    def run(fn, *args):
-        dispatched.append(getattr(fn, "__name__", repr(fn)))
-        return real_run(fn, *args)
-
-    monkeypatch.setattr(store_mod._WORKERS, "run", run)
+    dispatched = record_dispatches(monkeypatch)
 
     def writer_threads() -> int:
         return sum(th.name == "objects-writer" for th in threading.enumerate())
@@ -185,48 +179,22 @@ def test_a_failed_pull_keeps_only_what_was_there(tmp_path, monkeypatch, k):
             assert tmp_entries(objs) == []
 
 
-class _SlowFirstSettle:
-    """A 6 MiB source whose deferred work on its first chunk lasts until 4 chunks are read (at most
-    2 s): `reads_at_first_settle` tells how far the other worker got meanwhile."""
+class _SlowFirstSettle(DeferringSource):
+    """A source whose deferred work on its first chunk lasts until 4 chunks are read (at most 2 s):
+    `reads_at_first_settle` tells how far the other worker got meanwhile."""
 
     def __init__(self, data: bytes) -> None:
-        self._f = io.BytesIO(data)
-        self.reads = 0
-        self.marks: list[int] = []
+        super().__init__(data)
         self.reads_at_first_settle: int | None = None
-        self.sha = hashlib.sha256()
-        self._noted: list[bytes] = []
-        self._settled = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        n = self._f.readinto(b)
-        if n:
-            self.reads += 1
-            self._noted.append(bytes(memoryview(b)[:n]))
-        return n
-
-    def defer_work(self) -> _SlowFirstSettle:
-        return self
-
-    def mark(self) -> int:
-        return len(self._noted)
 
     def settle(self, upto: int | None = None) -> None:
-        end = len(self._noted) if upto is None else upto
+        end = len(self.noted) if upto is None else upto
         if self.reads_at_first_settle is None and end:
             deadline = time.monotonic() + 2
-            while self.reads < 4 and time.monotonic() < deadline:
+            while len(self.noted) < 4 and time.monotonic() < deadline:
                 time.sleep(0.002)
-            self.reads_at_first_settle = self.reads
-        while self._settled < end:
-            self.sha.update(self._noted[self._settled])
-            self._settled += 1
-
-    def end(self) -> None:
-        self.settle()
+            self.reads_at_first_settle = len(self.noted)
+        super().settle(upto)
 
 
 def test_workers_read_on_while_a_chunk_is_finished(objects, monkeypatch):
