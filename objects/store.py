@@ -1065,13 +1065,6 @@ def _getfl(fd: int) -> int:
     return fcntl.fcntl(fd, fcntl.F_GETFL)
 
 
-def _stop_direct(fd: int) -> None:
-    """Switch an fd from O_DIRECT to buffered writes (for an unaligned tail)."""
-    import fcntl
-
-    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~_O_DIRECT)
-
-
 class PendingPut:
     """A big put under way (`ObjectStore.put_async`): `result()` waits for it and gives its digest."""
 
@@ -1673,7 +1666,9 @@ def _write_chunk(fd: int, mv: memoryview, offset: int, direct: bool) -> bool:
             if e.errno != errno.EINVAL:
                 raise
         if pos < n:
-            _stop_direct(fd)
+            from .writemode import set_direct
+
+            set_direct(fd, False)  # (where that fails, the buffered pwrite below says why)
             direct = False
     while pos < n:
         pos += os.pwrite(fd, mv[pos:], offset + pos)

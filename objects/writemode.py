@@ -63,9 +63,9 @@ def use_direct(dirfd: int, readonly: bool = False) -> bool:
     if known is not None:
         return known
     bid = boot_id()
-    recorded = read_state(dirfd)
-    if recorded is not None and bid and recorded[1] == bid:
-        direct = recorded[0] == "direct"
+    recorded = recorded_direct(dirfd, bid)
+    if recorded is not None:
+        direct = recorded
     else:
         figures = None if readonly or not _O_DIRECT else measure(dirfd)
         if figures is None:
@@ -79,6 +79,28 @@ def use_direct(dirfd: int, readonly: bool = False) -> bool:
                                f"buffered={PROBE_BYTES / buffered_s / 1e6:.0f}MB/s")
     _chosen[key] = direct
     return direct
+
+
+def recorded_direct(dirfd: int, bid: str | None = None) -> bool | None:
+    """The choice `.write-mode` records for this boot (`bid`, default `boot_id()`): True for
+    O_DIRECT, False for buffered; None where none is recorded for it (nothing is measured here)."""
+    bid = boot_id() if bid is None else bid
+    recorded = read_state(dirfd)
+    if recorded is None or not bid or recorded[1] != bid:
+        return None
+    return recorded[0] == "direct"
+
+
+def set_direct(fd: int, on: bool) -> bool:
+    """Turn O_DIRECT on or off for `fd`; False where that fails (a file system refusing it)."""
+    import fcntl
+
+    try:
+        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT if on else flags & ~_O_DIRECT)
+    except OSError:
+        return False
+    return True
 
 
 def read_state(dirfd: int) -> tuple[str, str] | None:

@@ -24,6 +24,7 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from flatmount.flatten.paths import flat_image_path
+from objects.writemode import set_direct
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.image.tree import Inode
@@ -204,17 +205,16 @@ def direct_images(store: Store) -> bool:
     as the faster way for the store's objects on this boot (no measurement is started here)."""
     if not getattr(os, "O_DIRECT", 0):
         return False
-    from objects.writemode import boot_id, read_state
+    from objects.writemode import recorded_direct
 
     try:
         dirfd = os.open(store.objects_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return True
     try:
-        recorded = read_state(dirfd)
+        return recorded_direct(dirfd) is not False
     finally:
         os.close(dirfd)
-    return not (recorded is not None and recorded[0] == "buffered" and recorded[1] == boot_id())
 
 
 def aligned_buffer(size: int):
@@ -227,13 +227,3 @@ def aligned_buffer(size: int):
     return mmap.mmap(-1, max(size, 1), flags=flags)
 
 
-def set_direct(fd: int, on: bool) -> bool:
-    """Turn O_DIRECT on or off for `fd`; False where the filesystem refuses (tmpfs, ...)."""
-    import fcntl
-
-    try:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT if on else flags & ~os.O_DIRECT)
-    except OSError:
-        return False
-    return True
