@@ -10,9 +10,9 @@ Names are loaded on first use so that `import objects.errors` (done by every CLI
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .lazy import lazy_names
+
+TYPE_CHECKING = False  # (not typing's: a bulk helper process imports this package, and starts fast)
 
 _LAZY = {
     "FsVerityHasher": "digest", "digest_file": "digest", "digest_stream": "digest",

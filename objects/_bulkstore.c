@@ -158,7 +158,24 @@ static PyObject *store_records(PyObject *self, PyObject *args)
     return Py_BuildValue("nNiiN", (Py_ssize_t)pos, out, status, err, PyBool_FromLong(path_only));
 }
 
+/* syncfs(fd) with the GIL released (the helper's background writeback: objects/bulkhelper.py), so
+ * that a helper need not load ctypes for it; OSError on failure. */
+static PyObject *py_syncfs(PyObject *self, PyObject *args)
+{
+    (void)self;
+    int fd, rc;
+    if (!PyArg_ParseTuple(args, "i", &fd))
+        return NULL;
+    Py_BEGIN_ALLOW_THREADS
+    rc = syncfs(fd);
+    Py_END_ALLOW_THREADS
+    if (rc != 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"syncfs", py_syncfs, METH_VARARGS, "syncfs(fd): flush the file system holding fd (GIL released)"},
     {"store_records", store_records, METH_VARARGS,
      "store_records(dirfd, buf, path_link) -> (at, created, status, errno, path_link): store the "
      "complete bulk records at the start of buf until one needs the caller (see the module source)"},

@@ -27,10 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-import struct
 import sys
 from typing import TYPE_CHECKING, Protocol
 
+from .bulkwire import COUNT, OK, PIPE_BUFFER, RECORD
 from .cpus import usable_cpus
 from .digest import READ_CHUNK, fsverity_digest, fsverity_digests
 from .errors import ObjectStoreError
@@ -38,6 +38,7 @@ from .errors import ObjectStoreError
 if TYPE_CHECKING:  # pragma: no cover
     import subprocess
     from collections.abc import Iterable, Sequence
+    from typing import BinaryIO
 
 
 class BulkTarget(Protocol):
@@ -54,16 +55,11 @@ class BulkTarget(Protocol):
 
 START_AFTER = 256  # puts done in-process before helpers are started
 HELPERS = 2  # helper processes (each object goes to one by its digest): inode allocation is slow on busy ext4
-FLUSH_EVERY = 16 << 20  # the first helper starts writeback of the file system after this many bytes
-PIPE_BUFFER = 1 << 20  # bytes buffered before a write to the helper (and the pipe size asked for)
-_RECORD = struct.Struct("<32sI")  # digest, data size; the data follows
 _F_SETPIPE_SZ = 1031
-_OK = b"ok\n"
-_COUNT = struct.Struct("<I")  # a helper's output: count, the digests it created, then `ok` or an error
 
-_CHILD = (
-    "import sys; sys.path.insert(0, sys.argv[1]); from objects.bulkhelper import child_main; "
-    "sys.exit(child_main(sys.argv[2], sys.argv[3] == 'flush'))"
+_CHILD = (  # (os._exit: nothing is left to clean up, and the parent waits for the exit)
+    "import os, sys; sys.path.insert(0, sys.argv[1]); from objects.bulkhelper import child_main; "
+    "os._exit(child_main(sys.argv[2], sys.argv[3] == 'flush', {'1': True, '0': False}.get(sys.argv[4])))"
 )
 
 
@@ -118,7 +114,7 @@ class BulkWriter:
         stdin = procs[digest[0] % len(procs)].stdin
         assert stdin is not None
         try:
-            stdin.write(_RECORD.pack(digest, memoryview(data).nbytes))
+            stdin.write(RECORD.pack(digest, memoryview(data).nbytes))
             stdin.write(data)
         except OSError:  # a helper stopped (BrokenPipeError): report why
             self._finish()
@@ -130,19 +126,23 @@ class BulkWriter:
         import subprocess  # (here: most imports never start helpers, and it is slow to import)
 
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        tmpfile = getattr(self.store, "_tmpfile", None)  # (what the store probed: not probed again there)
         try:
             for i in range(HELPERS):
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", "-c", _CHILD, pkg_parent, self.store.root,
-                     "flush" if i == 0 else "-"],
+                     "flush" if i == 0 else "-", {True: "1", False: "0"}.get(tmpfile, "?")],
                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, bufsize=PIPE_BUFFER,
                 )
                 self._procs.append(proc)
-                assert proc.stdin is not None
-                with contextlib.suppress(OSError):
-                    import fcntl
+                assert proc.stdin is not None and proc.stdout is not None
+                import fcntl
 
-                    fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_BUFFER)
+                # its report (32 bytes per object created) written at once, not a pipe's worth per
+                # wake-up of a parent thread that has to win the GIL back each time
+                for pipe in (proc.stdin, proc.stdout):
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(pipe.fileno(), _F_SETPIPE_SZ, PIPE_BUFFER)
         except OSError:
             self.abort()
             self._closed = False
@@ -162,9 +162,9 @@ class BulkWriter:
                     proc.stdin.close()  # flushes the rest; the helper stops at EOF
             for proc in procs:
                 assert proc.stdout is not None
-                out = self._report(proc.stdout.read())
+                out = self._report(_read_all(proc.stdout))
                 rc = proc.wait()
-                if rc != 0 or out != _OK:
+                if rc != 0 or out != OK:
                     text = out.decode("utf-8", "replace").strip()
                     if not text.startswith("cannot "):
                         text = f"helper storing objects in {self.store.root} failed (exit status {rc}): {text}"
@@ -182,11 +182,11 @@ class BulkWriter:
     def _report(self, out: bytes) -> bytes:
         """Take the digests of the objects a helper created from its output (`_child_main`): they are
         the store's creations (ObjectStore.watch_created); returns the rest (`ok` or an error)."""
-        if len(out) >= _COUNT.size:
-            (n,) = _COUNT.unpack_from(out)
-            end = _COUNT.size + 32 * n
+        if len(out) >= COUNT.size:
+            (n,) = COUNT.unpack_from(out)
+            end = COUNT.size + 32 * n
             if len(out) >= end:
-                self.store._note_created(out[i:i + 32] for i in range(_COUNT.size, end, 32))
+                self.store._note_created(out[i:i + 32] for i in range(COUNT.size, end, 32))
                 return out[end:]
         return out
 
@@ -215,10 +215,20 @@ class BulkWriter:
                 proc.stdin.close()  # type: ignore[union-attr]  # the helper stops at EOF
         for proc in procs:
             try:
-                self._report(proc.stdout.read())  # type: ignore[union-attr]
+                self._report(_read_all(proc.stdout))  # type: ignore[arg-type]
             except (OSError, ValueError):
                 with contextlib.suppress(OSError):
                     proc.terminate()
             proc.wait()
             with contextlib.suppress(OSError):
                 proc.stdout.close()  # type: ignore[union-attr]
+
+
+def _read_all(f: BinaryIO) -> bytes:
+    """Everything until EOF from a helper's output, in reads of up to PIPE_BUFFER bytes (a buffered
+    `read()` grows its buffer from 8 KiB, one read, and one wait for the GIL, at a time)."""
+    fd = f.fileno()
+    chunks = []
+    while chunk := os.read(fd, PIPE_BUFFER):
+        chunks.append(chunk)
+    return b"".join(chunks)

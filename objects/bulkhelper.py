@@ -1,7 +1,8 @@
 """The helper process of objects.bulk.BulkWriter: stores the records its parent pipes to it.
 
-A module of its own above objects.store (it opens an ObjectStore), so that objects.bulk stays below
-the store that creates bulk writers.
+A module of its own above objects.store (it may open an ObjectStore), so that objects.bulk stays
+below the store that creates bulk writers.  It starts on what the compiled loop needs (the object
+directory's fd); objects.store, slow to import, is loaded only for a record the loop hands back.
 """
 
 from __future__ import annotations
@@ -9,22 +10,22 @@ from __future__ import annotations
 import os
 import sys
 import threading
-from typing import TYPE_CHECKING
 
-from .bulk import _COUNT, _OK, _RECORD, FLUSH_EVERY, PIPE_BUFFER
+from .bulkwire import COUNT, FLUSH_EVERY, OK, PIPE_BUFFER, RECORD
 from .compiled import load
 from .errors import ObjectStoreError
-from .libc import _syncfs
-from .paths import object_path
-from .store import ObjectStore
 
+TYPE_CHECKING = False  # (typing is slow to import, and a helper starts for every big import)
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Iterator
     from typing import BinaryIO
 
+    from .store import ObjectStore
+
 # the compiled store loop where it was built, unless FLATMOUNT_PURE=1 (objects/compiled.py)
 _bulkstore = load("objects._bulkstore")
 _MORE, _EXISTS, _GIVE_UP, _CLOSE_FAILED = range(4)  # its statuses
+_O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 
 def _stop(signum: int, frame: object) -> None:
@@ -70,10 +71,10 @@ class _Truncated(Exception):
 def _records(store: ObjectStore, inp: BinaryIO, new: bytearray) -> Iterator[int]:
     """Store each record of `inp` (the specification of `_compiled_records`); yields the bytes
     stored so far since the last yield, adds the digests of the objects it created to `new`."""
-    while head := inp.read(_RECORD.size):
-        if len(head) < _RECORD.size:
+    while head := inp.read(RECORD.size):
+        if len(head) < RECORD.size:
             raise _Truncated
-        digest, size = _RECORD.unpack(head)
+        digest, size = RECORD.unpack(head)
         data = inp.read(size)
         if len(data) < size:
             raise _Truncated
@@ -115,12 +116,12 @@ def _compiled_records(store: ObjectStore, inp: BinaryIO, new: bytearray) -> Iter
             at += start
             if status == _MORE:
                 break
-            digest, size = _RECORD.unpack_from(buf, at)
-            start = at + _RECORD.size + size
+            digest, size = RECORD.unpack_from(buf, at)
+            start = at + RECORD.size + size
             if status == _CLOSE_FAILED:
                 raise ObjectStoreError(f"cannot store object {digest.hex()} in {store.root}: {os.strerror(err)}")
-            if status == _GIVE_UP or store._existing_damaged(object_path(digest), size) is not False:
-                if store._store_hashed_new(digest, bytes(buf[at + _RECORD.size:start])):
+            if status == _GIVE_UP or store._existing_damaged(_object_path(digest), size) is not False:
+                if store._store_hashed_new(digest, bytes(buf[at + RECORD.size:start])):
                     new += digest
         yield at - start
         start = at
@@ -128,32 +129,88 @@ def _compiled_records(store: ObjectStore, inp: BinaryIO, new: bytearray) -> Iter
         raise _Truncated
 
 
-def child_main(root: str, flush: bool = False) -> int:
-    """The helper: store each record read from stdin; print `ok` at EOF, or the first error and stop."""
+class _HelperStore:
+    """The object store as a helper uses it: the directory's fd at once, the ObjectStore (for the
+    records the compiled loop hands back, or every record without it) on first use."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+        self._dirfd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | _O_CLOEXEC)
+        self._store: ObjectStore | None = None
+        self.created: set[bytes] = set()  # objects the ObjectStore created (its watch_created)
+
+    def general(self) -> ObjectStore:
+        if self._store is None:
+            from .store import ObjectStore
+
+            try:
+                self._store = ObjectStore(self.root)
+            except OSError as e:
+                raise ObjectStoreError(f"cannot open object store {self.root}: {e.strerror or e}") from None
+            self.created = self._store.watch_created()
+        return self._store
+
+    def _existing_damaged(self, rel: str, size: int) -> bool | None:
+        return self.general()._existing_damaged(rel, size)
+
+    def _store_hashed_new(self, digest: bytes, data: bytes) -> bool:
+        return self.general()._store_hashed_new(digest, data)
+
+    def tmpfile(self) -> bool:
+        """Whether anonymous files can be linked into the store (as the ObjectStore probes it)."""
+        store = self.general()
+        if store._tmpfile is None:
+            store._tmpfile = store._probe_tmpfile()
+        return store._tmpfile
+
+    def close(self) -> None:
+        if self._store is not None:
+            self._store.close()
+        os.close(self._dirfd)
+
+
+def _object_path(digest: bytes) -> str:
+    from .paths import object_path  # (its patterns compile `re`: only for records handed back)
+
+    return object_path(digest)
+
+
+def _syncfs(fd: int) -> None:
+    if _bulkstore is not None:
+        _bulkstore.syncfs(fd)
+    else:
+        from .libc import _syncfs as libc_syncfs
+
+        libc_syncfs(fd)
+
+
+def child_main(root: str, flush: bool = False, tmpfile: bool | None = None) -> int:
+    """The helper: store each record read from stdin; print `ok` at EOF, or the first error and stop.
+    `tmpfile`: whether the parent's ObjectStore found anonymous files linkable there (None: probe)."""
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides (and terminates us on abort)
     signal.signal(signal.SIGTERM, _stop)  # unwinds: a named temp file being written is removed
     out = sys.stdout.buffer
     flusher = store = None
-    created: set[bytes] = set()  # objects created by the general path (store.watch_created)
     new = bytearray()  # those _store_hashed_new created: 32 bytes each
-    message = _OK
+    message = OK
     rc = 0
     os.umask(0o022)  # new objects are created OBJECT_MODE (0644) as asked: _store_hashed_new needs no fstat
     try:
-        store = ObjectStore(root)
-        created = store.watch_created()
+        try:
+            store = _HelperStore(root)
+        except OSError as e:
+            raise ObjectStoreError(f"cannot open object store {root}: {e.strerror or e}") from None
         if flush:
             flusher = _Flusher(store._dirfd)
             flusher.start()
         written = flushed = 0
-        if store._tmpfile is None:
-            store._tmpfile = store._probe_tmpfile()
-        compiled = _bulkstore is not None and store._tmpfile  # (it links anonymous files, as _store_hashed_new)
+        # (the compiled loop links anonymous files, as _store_hashed_new)
+        compiled = _bulkstore is not None and (store.tmpfile() if tmpfile is None else tmpfile)
         # the compiled loop reads into its own buffer, one read() at a time: unbuffered
         with os.fdopen(0, "rb", buffering=0 if compiled else PIPE_BUFFER) as inp:
-            records = (_compiled_records if compiled else _records)(store, inp, new)
+            records = (_compiled_records if compiled else _records)(store, inp, new)  # type: ignore[arg-type]
             for size in records:
                 written += size
                 if flusher is not None and written - flushed >= FLUSH_EVERY:
@@ -166,7 +223,10 @@ def child_main(root: str, flush: bool = False) -> int:
     finally:
         if flusher is not None:
             flusher.stop()
+        created: set[bytes] = set()
         if store is not None:
+            created = store.created
             store.close()
-        out.write(_COUNT.pack(len(created) + len(new) // 32) + b"".join(created) + new + message)
+        out.write(COUNT.pack(len(created) + len(new) // 32) + b"".join(created) + new + message)
+        out.flush()  # (the caller may leave with os._exit)
     return rc

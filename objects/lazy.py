@@ -3,9 +3,12 @@ package of flatmount uses, so that `import flatmount` and CLI start-up load only
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from importlib import import_module
-from typing import Any
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: see objects/__init__.py)
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable
+    from typing import Any
 
 
 def lazy_names(package: str, namespace: dict[str, Any], table: dict[str, str]) -> Callable[[str], Any]:

@@ -289,6 +289,8 @@ class ObjectStore:
         self._lock = threading.Lock()
         self._pending_files: set[str] = set()  # relative paths of objects put since the last sync()
         self._pending_dirs: set[str] = set()  # relative paths of directories whose entries changed
+        self._pending_digests: list[list[bytes]] = []  # objects helpers stored (`_note_many`): named only
+        # when sync() needs their names (its fsync per file, fs-verity), not when one syncfs covers them
         self._tmpfile: bool | None = None  # O_TMPFILE + link via /proc works here (probed on first put)
         self._verity: str | None = None  # objects.verity state of this directory (read or probed at sync)
         self._token = os.urandom(4).hex()
@@ -560,16 +562,30 @@ class ObjectStore:
         with self._lock:
             files, self._pending_files = self._pending_files, set()
             dirs, self._pending_dirs = self._pending_dirs, set()
-        if not files and not dirs:
+            noted, self._pending_digests = self._pending_digests, []
+        count = len(files) + len(dirs) + sum(map(len, noted))
+        if not count:
             return
         dirfd = self._dirfd
         if dirfd < 0:
             raise ObjectStoreError(f"object store {self.root} is closed: cannot sync")
-        if files and self.verity_state(files) != "off":
-            self._enable_verity(files)
+
+        def named() -> None:  # the objects helpers stored, by name (once)
+            rels = [_rel(d) for batch in noted for d in batch]
+            noted.clear()
+            files.update(rels)
+            dirs.update(r[:2] for r in rels)
+
+        if files or noted:
+            # (a first sync's probe reads the names of the objects being synced only where the
+            # file system has fs-verity)
+            if self.verity_state(itertools.chain(files, (_rel(d) for batch in noted for d in batch))) != "off":
+                named()
+                self._enable_verity(files)
         try:
-            if len(files) + len(dirs) >= SYNCFS_MIN and _syncfs(dirfd):
+            if count >= SYNCFS_MIN and _syncfs(dirfd):
                 return
+            named()
             for rel in files:
                 self._fsync(rel, os.O_RDONLY)
             for rel in sorted(dirs, key=len, reverse=True):  # children before parents
@@ -1029,12 +1045,13 @@ class ObjectStore:
             self._pending_dirs.add(rel[:2])
 
     def _note_many(self, digests: Iterable[bytes]) -> None:
-        """Note objects another process stored here (and fan-out dirs it may have made) for `sync()`."""
-        rels = [_rel(d) for d in digests]
+        """Note objects another process stored here (and fan-out dirs it may have made) for `sync()`:
+        by digest, named only if sync() needs the names (a bulk writer's 50,000 objects cost a
+        twentieth of a second to name, at the end of an import, where one syncfs covers them)."""
+        batch = list(digests)
         with self._lock:
-            self._pending_files.update(rels)
-            self._pending_dirs.update(r[:2] for r in rels)
-            if rels:
+            self._pending_digests.append(batch)
+            if batch:
                 self._pending_dirs.add(".")
 
 

@@ -22,9 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from objects import bulkhelper
-from objects.bulk import _RECORD, START_AFTER
+from objects.bulk import START_AFTER
+from objects.bulkwire import RECORD as _RECORD
 from objects.digest import fsverity_digest
 from objects.errors import ObjectStoreError
+from objects.paths import object_path
 from objects.store import ObjectStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +137,7 @@ def test_stored_damaged_and_missing_dirs(tmp_path: Path) -> None:
         sub = tmp_path / f"chunk-{chunk}"
         snap, created, error = _both(sub, _stream([good, *fresh[:150], damaged, *fresh[150:]]), prepare, chunk)
         assert error is None
-        assert snap[bulkhelper.object_path(fsverity_digest(damaged))][0] == damaged
+        assert snap[object_path(fsverity_digest(damaged))][0] == damaged
         assert fsverity_digest(good) not in {created[i:i + 32] for i in range(0, len(created), 32)}
 
 
@@ -189,7 +191,7 @@ def test_helpers_with_and_without_the_compiled_loop(tmp_path: Path, pure: bool) 
                           check=True).stdout.strip()
     assert used == str(not pure)
     rng = random.Random(5)
-    want = {bulkhelper.object_path(fsverity_digest(c)): (c, 0o644)
+    want = {object_path(fsverity_digest(c)): (c, 0o644)
             for c in (rng.randbytes(100 + i) for i in range(700))}
     assert _snapshot(tmp_path / "s") == want
 
@@ -219,7 +221,7 @@ def test_linking_through_proc_paths(tmp_path: Path) -> None:
     old_umask = os.umask(0o022)
     try:
         with ObjectStore(tmp_path / "c") as store:
-            for d in {bulkhelper.object_path(fsverity_digest(c))[:2] for c in contents}:
+            for d in {object_path(fsverity_digest(c))[:2] for c in contents}:
                 os.mkdir(tmp_path / "c" / d, 0o755)
             at, created, status, err, path_link = bulkstore.store_records(store._dirfd, stream, True)
     finally:
