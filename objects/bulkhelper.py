@@ -176,8 +176,10 @@ def _object_path(digest: bytes) -> str:
 
 
 def _syncfs(fd: int) -> None:
-    if _bulkstore is not None:
-        _bulkstore.syncfs(fd)
+    """syncfs(), from the compiled module where it has it (a build older than its syncfs has not)."""
+    compiled = getattr(_bulkstore, "syncfs", None)
+    if compiled is not None:
+        compiled(fd)
     else:
         from .libc import _syncfs as libc_syncfs
 
