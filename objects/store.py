@@ -538,6 +538,7 @@ class ObjectStore:
 
     def _note_created(self, digests: Iterable[bytes]) -> None:
         if self._created_watchers:
+            digests = list(digests)  # (every watcher gets them all: a generator would go to the first only)
             with self._lock:
                 for w in self._created_watchers:
                     w.update(digests)

@@ -1016,6 +1016,20 @@ def test_bulk_helper_keeps_mode_and_replaces_damaged(store: ObjectStore) -> None
     assert tmp_entries(store) == []
 
 
+def test_bulk_helper_creations_reach_every_watcher(store: ObjectStore) -> None:
+    """Two imports in one process watch the same store: each is told of every object the helpers
+    created (the rollback of a failed one removes exactly those)."""
+    first, second = store.watch_created(), store.watch_created()
+    try:
+        with store.bulk(helper=True) as bulk:
+            digests = {bulk.put_bytes(data_of(1500, 100 + i)) for i in range(40)}
+            assert bulk._procs
+        assert digests <= first and digests <= second
+    finally:
+        store.unwatch_created(first)
+        store.unwatch_created(second)
+
+
 _SYSCALLS_CHILD = """
 import os, random, sys
 sys.path.insert(0, sys.argv[1])
