@@ -143,10 +143,7 @@ class _HelperStore:
         if self._store is None:
             from .store import ObjectStore
 
-            try:
-                self._store = ObjectStore(self.root)
-            except OSError as e:
-                raise ObjectStoreError(f"cannot open object store {self.root}: {e.strerror or e}") from None
+            self._store = ObjectStore(self.root)  # (ObjectStoreError if it cannot be opened)
             self.created = self._store.watch_created()
         return self._store
 

@@ -571,8 +571,11 @@ class ObjectStore:
         if dirfd < 0:
             raise ObjectStoreError(f"object store {self.root} is closed: cannot sync")
 
-        def named() -> None:  # the objects helpers stored, by name (once)
-            rels = [_rel(d) for batch in noted for d in batch]
+        def noted_rels() -> Iterator[str]:  # the names of the objects helpers stored
+            return (_rel(d) for batch in noted for d in batch)
+
+        def named() -> None:  # ... added to `files` and `dirs` (once)
+            rels = list(noted_rels())
             noted.clear()
             files.update(rels)
             dirs.update(r[:2] for r in rels)
@@ -580,7 +583,7 @@ class ObjectStore:
         if files or noted:
             # (a first sync's probe reads the names of the objects being synced only where the
             # file system has fs-verity)
-            if self.verity_state(itertools.chain(files, (_rel(d) for batch in noted for d in batch))) != "off":
+            if self.verity_state(itertools.chain(files, noted_rels())) != "off":
                 named()
                 self._enable_verity(files)
         try:
