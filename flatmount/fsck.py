@@ -78,6 +78,7 @@ from typing import TYPE_CHECKING
 from flatmount.errors import FlatmountError, ReadOnlyStoreError, StoreError
 from flatmount.gc import image_files, layer_files
 from flatmount.progress import EVERY, step
+from flatmount.store import reftable
 from flatmount.store.leases import read_leases
 from flatmount.store.locks import entry_held, gc_lock_if_idle, store_lock
 from flatmount.store.paths import scan_objects, wait_derived
@@ -251,13 +252,12 @@ def _witness(path: str) -> str | None:
 
 def _snapshot(db, digest_col: str = "NULL") -> dict[str, list[tuple]]:
     """Every table fsck compares, read in ONE transaction (a consistent view while imports commit)."""
-    queries = {"refs": "SELECT owner, object FROM refs",
-               "layers": f"SELECT id, parent, {digest_col} FROM layers",
+    queries = {"layers": f"SELECT id, parent, {digest_col} FROM layers",
                "flat": "SELECT chain_key, digest FROM flat_images", "images": "SELECT id, top_layer FROM images",
                "names": "SELECT name, image_id FROM names"}
     db.execute("BEGIN")
     try:
-        return {k: db.execute(q).fetchall() for k, q in queries.items()}
+        return {k: db.execute(q).fetchall() for k, q in queries.items()} | {"refs": reftable.rows(db)}
     finally:
         db.execute("COMMIT")
 
@@ -457,14 +457,14 @@ def _repair_records(run: _Run, s: Store, rewrite: dict[str, set[str]], drop_owne
             kind, _, key = owner.partition(":")
             if kind == "layer" and not _still(tx, "SELECT 1 FROM layers WHERE id = ?", key):
                 continue  # removed by rmi meanwhile: its refs went with it
-            tx.execute("DELETE FROM refs WHERE owner = ?", (owner,))
-            tx.executemany("INSERT INTO refs(owner, object) VALUES (?, ?)", [(owner, o) for o in sorted(objs)])
+            reftable.delete_owner(tx, owner)
+            reftable.insert_paths(tx, owner, objs)
         for digest, kind in sorted(bad_digests.items()):
             tx.execute("DELETE FROM flat_images WHERE digest = ?", (digest,))
             if kind == "corrupt-flat-image":
                 quarantine.append(digest)
         for owner in sorted(drop_owners):
-            tx.execute("DELETE FROM refs WHERE owner = ?", (owner,))
+            reftable.delete_owner(tx, owner)
         for name in bad_names:
             tx.execute("DELETE FROM names WHERE name = ?", (name,))
     for digest in quarantine:
@@ -597,7 +597,7 @@ def _check_orphans(run: _Run) -> None:
     if not has_db(s):
         refd: set[str] = set()
     else:
-        refd = {r[0] for r in s.connect().execute("SELECT DISTINCT object FROM refs")}
+        refd = reftable.referenced(s.connect())
     for owners in run.needed.get(str(s.root), {}).values():
         refd |= owners
     for root, owners in run.needed.items():   # objects an AIS needs but lacks are not orphans here

@@ -63,12 +63,12 @@ from typing import TYPE_CHECKING
 
 from flatmount.errors import ReadOnlyStoreError, StoreError
 from flatmount.progress import EVERY, step
+from flatmount.store import reftable
 from flatmount.store.leases import read_leases
 from flatmount.store.locks import store_lock
 from flatmount.store.paths import derived_paths, scan_objects, wait_derived
 from flatmount.store.refs import (
     has_db,
-    json_list,
     kept_chain_keys,
     leased_objects,
     needed_by_additional,
@@ -298,7 +298,7 @@ def _plan(store: Store, db: sqlite3.Connection, start: float, grace_s: float) ->
     remove_layer_files = {lid: p for lid, p in layer_files(store).items()
                           if lid not in layer_ids and not _fresh(p, cutoff)}
     dead: set[str] = set()
-    for (owner,) in db.execute("SELECT DISTINCT owner FROM refs"):
+    for owner in reftable.owners(db):
         kind, _, key = owner.partition(":")
         if kind == "layer":
             if key not in layer_ids:
@@ -347,7 +347,7 @@ def _drop_records(store: Store, db: sqlite3.Connection, plan: _Plan) -> None:
         tx.executemany("DELETE FROM flat_images WHERE chain_key = ? AND digest = ?", plan.remove_rows)
         n = 0
         for owner in sorted(plan.dead_owners):
-            n += tx.execute("DELETE FROM refs WHERE owner = ?", (owner,)).rowcount
+            n += reftable.delete_owner(tx, owner)
     plan.refs_removed = n
 
 
@@ -358,13 +358,9 @@ def _live_objects(store: Store, db: sqlite3.Connection, plan: _Plan) -> set[str]
     db.execute("BEGIN")
     try:
         if plan.dead_owners and not plan.dropped:  # dry run: the dead rows are still there
-            param = (json_list(plan.dead_owners),)
-            live = {r[0] for r in db.execute(
-                "SELECT DISTINCT object FROM refs WHERE owner NOT IN (SELECT value FROM json_each(?))", param)}
-            plan.refs_removed = db.execute(
-                "SELECT count(*) FROM refs WHERE owner IN (SELECT value FROM json_each(?))", param).fetchone()[0]
+            live, plan.refs_removed = reftable.referenced_except(db, plan.dead_owners)
         else:
-            live = {r[0] for r in db.execute("SELECT DISTINCT object FROM refs")}
+            live = reftable.referenced(db)
         uncovered = uncovered_leases(store, db) - plan.extra_read
     finally:
         db.execute("COMMIT")

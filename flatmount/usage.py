@@ -38,10 +38,11 @@ from typing import TYPE_CHECKING
 
 from flatmount.errors import FlatmountError, NotFoundError, StoreError
 from flatmount.progress import EVERY, step
+from flatmount.store import reftable
 from flatmount.store.leases import read_leases
 from flatmount.store.locks import store_lock
 from flatmount.store.paths import scan_objects
-from flatmount.store.refs import has_db, json_list, leased_beyond_records
+from flatmount.store.refs import has_db, leased_beyond_records
 from objects.paths import OBJPATH_IN_TEXT_RE, object_path_hex
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -189,11 +190,8 @@ class _Index:
             if not has_db(s):
                 continue
             wanted = {"layer:" + lid: 1 << self.layer_index[lid] for lid in lids}
-            rows = s.connect().execute(
-                "SELECT owner, object FROM refs WHERE owner IN (SELECT value FROM json_each(?))",
-                (json_list(wanted),))
             ol = self.obj_layers
-            for owner, obj in rows:
+            for owner, obj in reftable.rows_of(s.connect(), wanted):
                 ol[obj] = ol.get(obj, 0) | wanted[owner]
         self._mask_cache: dict[int, int] = {}
         # sizes and locations
@@ -279,7 +277,7 @@ def usage(store: Store) -> UsageReport:
         referenced_primary: set[str] = set()
         if has_db(store):
             db = store.connect()
-            referenced_primary = {r[0] for r in db.execute("SELECT DISTINCT object FROM refs")}
+            referenced_primary = reftable.referenced(db)
             referenced_primary |= leased_beyond_records(store, db)   # what gc keeps for live mounts
         layer_count = len(store.layers())
     groups = idx.groups()
@@ -449,8 +447,7 @@ def object_refs(store: Store, text: str) -> ObjectRefs:
             if not has_db(s):
                 continue
             db = s.connect()
-            owners = [r[0] for r in db.execute("SELECT owner FROM refs WHERE object = ? ORDER BY owner", (obj,))]
-            for owner in owners:
+            for owner in reftable.owners_of(db, obj):
                 kind, _, key = owner.partition(":")
                 if kind == "layer":
                     layer_hits.add(key)

@@ -117,3 +117,25 @@ def unmount_all_under(path: str | os.PathLike) -> list[str]:
         except Exception:  # noqa: BLE001 - teardown must go on
             subprocess.run(["umount", "-l", mp], capture_output=True)
     return left
+
+
+def refs_as_text(db_path: str | os.PathLike, extra: list[tuple[str, str]] = ()) -> None:
+    """Turn a store's refs table into the text layout of schema 2 (as flatmount wrote it before
+    flatmount.store.reftable), with `extra` rows added, and mark the DB schema 2."""
+    import sqlite3
+
+    from flatmount.store import reftable
+
+    con = sqlite3.connect(db_path)
+    try:
+        rows = reftable.rows(con)
+        con.execute("DROP TABLE refs")
+        con.execute("DROP TABLE owners")
+        con.execute("CREATE TABLE refs(owner TEXT NOT NULL, object TEXT NOT NULL, PRIMARY KEY(owner, object)) "
+                    "WITHOUT ROWID")
+        con.execute("CREATE INDEX refs_object ON refs(object)")
+        con.executemany("INSERT INTO refs VALUES (?, ?)", [*rows, *extra])
+        con.execute("PRAGMA user_version=2")
+        con.commit()
+    finally:
+        con.close()

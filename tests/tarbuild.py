@@ -27,6 +27,7 @@ from flatmount.image.tree import (
     Inode,
     lookup_parts,
 )
+from flatmount.store import reftable
 from objects.digest import fsverity_digest
 
 NS = 1_000_000_000
@@ -262,8 +263,11 @@ def db_rows(root: str | os.PathLike) -> dict[str, list]:
     try:
         present = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         # a store killed before its schema committed has a DB file without tables: that is "no rows"
-        return {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr) if t in present else []
-                for t in TABLES}
+        out = {t: sorted(con.execute(f"SELECT * FROM {t}").fetchall(), key=repr) if t in present else []
+               for t in TABLES}
+        if "refs" in present:  # as (owner, object path), whichever layout the store has
+            out["refs"] = sorted(reftable.rows(con))
+        return out
     finally:
         con.close()
 

@@ -20,6 +20,7 @@ from flatmount.flatten import apply_layer, default_root, flatten_trees
 from flatmount.image.tree import OPAQUE_XATTR, S_IFCHR, S_IFIFO, Inode, lookup, walk
 from flatmount.sources.directory import scan_directory
 from flatmount.store import paths as store_paths
+from flatmount.store import reftable
 from tests.test_erofs import trees as erofs_trees
 
 # --- helpers --------------------------------------------------------------------------------------
@@ -422,11 +423,11 @@ def test_flatten_image_writes_once_and_records_no_refs(tmp_path):
     assert db.execute("SELECT digest FROM flat_images WHERE chain_key = ?", (ids[-1],)).fetchone() == (
         flat.digest,)
     # no refs rows of its own: every object it references is one of its chain's layers' (their refs)
-    assert not db.execute("SELECT 1 FROM refs WHERE owner = ?", ("flat:" + flat.digest,)).fetchone()
+    assert reftable.objects_of(db, "flat:" + flat.digest) == []
     from objects.paths import object_path
 
     used = {object_path(n.digest) for _, n in walk(tree) if n.digest}
-    layer_refs = {o for (owner, o) in db.execute("SELECT owner, object FROM refs") if owner[6:] in ids}
+    layer_refs = {o for (owner, o) in reftable.rows(db) if owner[6:] in ids}
     assert len(used) == 3 and used <= layer_refs
     from flatmount.store.paths import wait_derived
 

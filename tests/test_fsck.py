@@ -13,6 +13,7 @@ from flatmount.api import open_store
 from flatmount.cli import main
 from flatmount.flatten import flatten_image
 from flatmount.fsck import ERROR, NOTICE, fsck
+from flatmount.store import reftable
 from tests.conftest import require_root
 from tests.maint_helpers import content, new_store, objpath, primary_objects, pull_image, unmount_all_under
 
@@ -163,8 +164,8 @@ def test_bad_refs_are_rebuilt(store):
     flat = flatten_image(store, "x")
     owner = "layer:" + x.top_layer
     with store.transaction() as db:
-        db.execute("DELETE FROM refs WHERE owner = ?", (owner,))
-        db.execute("INSERT INTO refs VALUES (?, ?)", ("flat:" + flat.digest, objpath(D["d1"])))
+        reftable.delete_owner(db, owner)
+        reftable.insert_paths(db, "flat:" + flat.digest, [objpath(D["d1"])])
     res = fsck(store)
     k = kinds(res)
     assert [p.subject for p in k["refs-missing"]] == [owner]
@@ -173,9 +174,8 @@ def test_bad_refs_are_rebuilt(store):
     assert not res.ok
     res = fsck(store, repair=True)
     assert all(p.repaired for p in res.problems) and res.ok
-    rows = {r[0] for r in store.connect().execute("SELECT object FROM refs WHERE owner = ?", (owner,))}
-    assert rows == {objpath(B["b1"])}
-    assert not store.connect().execute("SELECT 1 FROM refs WHERE owner LIKE 'flat:%'").fetchone()
+    assert reftable.objects_of(store.connect(), owner) == [objpath(B["b1"])]
+    assert not any(o.startswith("flat:") for o in reftable.owners(store.connect()))
     assert fsck(store).problems == ()
 
 
@@ -193,7 +193,7 @@ def test_missing_and_corrupt_flat_images(store):
     res = fsck(store, repair=True)
     assert res.ok and all(p.repaired for p in res.problems if p.severity == ERROR)
     assert store.connect().execute("SELECT count(*) FROM flat_images").fetchone()[0] == 0
-    owners = {r[0] for r in store.connect().execute("SELECT DISTINCT owner FROM refs")}
+    owners = reftable.owners(store.connect())
     assert not any(o.startswith("flat:") for o in owners)
     assert (store.root / "quarantine" / f"image-{fz.digest}.erofs").exists()
     # re-made on demand
@@ -245,7 +245,7 @@ def test_cli_exit_codes(store, capsys):
     capsys.readouterr()
     x = store.resolve_image("x")
     with store.transaction() as db:
-        db.execute("DELETE FROM refs WHERE owner = ?", ("layer:" + x.top_layer,))
+        reftable.delete_owner(db, "layer:" + x.top_layer)
     assert main(["fsck", "--json", *root]) == 1
     out = json.loads(capsys.readouterr().out)
     assert not out["ok"] and out["counts"] == {"refs-missing": 1}

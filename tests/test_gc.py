@@ -15,6 +15,7 @@ from flatmount.errors import ReadOnlyStoreError, StoreError
 from flatmount.flatten import flatten_image
 from flatmount.fsck import fsck
 from flatmount.gc import gc
+from flatmount.store import reftable
 from flatmount.store.leases import read_leases
 from tests.conftest import require_root
 from tests.maint_helpers import (
@@ -44,7 +45,7 @@ def store(tmp_path):
 
 
 def referenced(store) -> set[str]:
-    return {r[0] for r in store.connect().execute("SELECT DISTINCT object FROM refs")}
+    return reftable.referenced(store.connect())
 
 
 def objs(*layers) -> set[str]:
@@ -102,7 +103,7 @@ def test_flat_images_policy(store, tmp_path):
     assert os.path.exists(fx.path) and not os.path.exists(fbase.path) and not os.path.exists(fz.path)
     rows = store.connect().execute("SELECT chain_key FROM flat_images").fetchall()
     assert rows == [(fx.chain_key,)]
-    owners = {r[0] for r in store.connect().execute("SELECT DISTINCT owner FROM refs")}
+    owners = reftable.owners(store.connect())
     assert not any(o.startswith("flat:") for o in owners)  # flat images hold no refs: their layers do
     assert res.refs_removed == 0   # no layer was removed: refs rows are only the layers'
     assert primary_objects(store) == ALL - objs(D)
@@ -119,8 +120,7 @@ def test_orphan_files_and_dangling_refs(store):
     image_file.write_bytes(b"left by a killed flatten")
     store.objects.put_bytes(content("dangling", 500))
     with store.transaction() as db:
-        db.execute("INSERT INTO refs(owner, object) VALUES (?, ?)",
-                   ("layer:" + "d" * 64, objpath(content("dangling", 500))))
+        reftable.insert_paths(db, "layer:" + "d" * 64, [objpath(content("dangling", 500))])
     res = gc(store, grace_s=3600)  # young files without records are kept within the grace period
     assert layer_file.exists() and image_file.exists()
     assert res.refs_removed == 1 and res.objects_kept_recent == 1
@@ -138,7 +138,7 @@ def test_leased_image_keeps_its_objects(store, tmp_path):
     lease = mount_image_ref(store, "z")
     try:
         store.remove_image("z")  # the layer goes now; the lease alone must keep the objects
-        assert not store.connect().execute("SELECT 1 FROM refs WHERE object = ?", (objpath(D["d1"]),)).fetchone()
+        assert reftable.owners_of(store.connect(), objpath(D["d1"])) == []
         from flatmount.usage import usage
 
         assert usage(store).unreferenced_objects == 0   # what gc would free: nothing the mount uses

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pytest
 
+from flatmount.store import reftable
 from tests.conftest import require_root
 from tests.maint_helpers import content, oci_image, primary_objects, unmount_all_under
 
@@ -211,7 +212,7 @@ def test_gc_under_load(tmp_path, no_mounts_left):
         assert res.ok, [p for p in res.problems if p.severity == "error"]
         assert "missing-object" not in res.counts and "corrupt-object" not in res.counts
         gc(store, grace_s=0)
-        refs = {r[0] for r in store.connect().execute("SELECT DISTINCT object FROM refs")}
+        refs = reftable.referenced(store.connect())
         assert primary_objects(store) == refs
         for img in store.images():
             store.remove_image(img.id)

@@ -14,6 +14,7 @@ from flatmount.api import open_store
 from flatmount.errors import LayerError
 from flatmount.image.tree import Inode, count_inodes, inodes
 from flatmount.store import batch as batchmod
+from flatmount.store import reftable
 from flatmount.store.batch import ImportBatch, tree_objects
 from objects.errors import ObjectStoreError
 from objects.paths import OBJPATH_RE
@@ -111,7 +112,7 @@ def test_objects_sync_overlaps_building_the_image(tmp_path, monkeypatch):
         batch.commit()
     assert seen == [True]
     db = store.connect()
-    assert db.execute("SELECT owner, object FROM refs").fetchall() == [(f"layer:{lid}", batchmod.object_path(digest))]
+    assert reftable.rows(db) == [(f"layer:{lid}", batchmod.object_path(digest))]
 
 
 def test_a_failed_sync_fails_add_layer(tmp_path, monkeypatch):
@@ -142,7 +143,7 @@ def test_refs_rows_of_a_big_layer(tmp_path):
         lid = batch.add_layer(root, parent=None, diff_id="sha256:" + "12" * 32)
         batch.set_image("34" * 32, lid)
         batch.commit()
-    rows = store.connect().execute("SELECT owner, object FROM refs ORDER BY object").fetchall()
+    rows = sorted(reftable.rows(store.connect()))
     assert rows == sorted((f"layer:{lid}", batchmod.object_path(d)) for d in digests)
 
 
@@ -181,7 +182,7 @@ def test_bulk_helpers_finish_while_the_layer_is_staged(tmp_path):
     assert len(objs) == 800
     assert all(os.path.isfile(store.objects_dir / o) for o in objs)
     db = store.connect()
-    assert db.execute("SELECT count(*) FROM refs").fetchone()[0] == 800
+    assert len(reftable.rows(db)) == 800
 
 
 def test_a_failure_after_read_tar_stops_the_helpers_and_rolls_back(tmp_path):
@@ -235,7 +236,7 @@ def test_commit_checks_only_objects_the_batch_did_not_store(tmp_path, monkeypatc
         root.entries[b"before"] = Inode(0o100644, size=3000, digest=before)
         root.entries[b"later"] = Inode(0o100644, size=3000, digest=later)
         batch.set_image("78" * 32, batch.add_layer(root, parent=None, diff_id="sha256:" + "bb" * 32))
-        assert batchmod._refs_paths(batch._layers[-1].refs) == sorted({path(ours), path(before), path(later)})
+        assert batch._layers[-1].refs == b"".join(sorted({ours, before, later}))
         assert batch._layers[-1].unproven == {path(before), path(later)}
         with pytest.raises(StoreError, match=f"references object {path(later)}, which is not in"):
             batch.commit()
@@ -254,6 +255,4 @@ def test_commit_checks_only_objects_the_batch_did_not_store(tmp_path, monkeypatc
         batch.set_image("9a" * 32, top)
         batch.commit()
     assert looked == [path(before)]  # stored by this batch by the time of the commit: not looked for
-    rows = store.connect().execute("SELECT object FROM refs WHERE owner = ? ORDER BY object",
-                                   (f"layer:{lid}",)).fetchall()
-    assert rows == sorted([(path(before),), (path(later),)])
+    assert reftable.objects_of(store.connect(), f"layer:{lid}") == sorted([path(before), path(later)])

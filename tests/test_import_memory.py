@@ -1,6 +1,6 @@
 """Peak memory of the end of an import of many small files (issue 17): add_layer builds the layer
-image, then the object list, each freed before the next (the list kept as the refs rows' JSON
-text only); commit builds the tree cache (in a thread, while SQLite inserts the refs rows) and
+image, then the object list, each freed before the next (the list kept as the refs rows' blob of
+digests only); commit builds the tree cache (in a thread, while SQLite inserts the refs rows) and
 nothing else big; the tree cache is encoded column by column (no row tuples, no table of every
 column at once)."""
 
@@ -14,7 +14,7 @@ from flatmount.api import open_store
 from flatmount.image.tree import Inode
 from flatmount.image.treecache import tree_cache_bytes
 from flatmount.image.writer import image_bytes
-from flatmount.store.batch import ImportBatch, _refs_json, tree_objects
+from flatmount.store.batch import ImportBatch, _refs_blob, tree_objects
 from objects.digest import fsverity_digest
 
 FILES = 20_000
@@ -63,7 +63,7 @@ def test_import_end_holds_one_big_buffer_at_a_time(tmp_path):
     p_img, img = _peak(image_bytes, tree)
     p_tc, _ = _peak(tree_cache_bytes, tree, hashlib.sha256(img).hexdigest(), len(img))
     p_objs, objs = _peak(tree_objects, tree)
-    p_refs, _ = _peak(_refs_json, set(objs))
+    p_refs, _ = _peak(_refs_blob, set(objs))
     del img, objs
     store = open_store(str(tmp_path / "store"), runroot=str(tmp_path / "run"), config=os.devnull,
                        additional=[])

@@ -17,6 +17,7 @@ from tests.maint_helpers import (
     objpath,
     primary_objects,
     pull_image,
+    refs_as_text,
     unmount_all_under,
 )
 
@@ -316,6 +317,7 @@ def test_schema_1_store_is_read_as_additional_and_upgraded_as_primary(tmp_path):
     old = new_store(tmp_path / "old")
     pull_image(old, tmp_path, "x", [{"f": content("f", 3000)}])
     old.close()
+    refs_as_text(tmp_path / "old" / "flatmount.db")
     with sqlite3.connect(tmp_path / "old" / "flatmount.db") as c:
         c.execute("ALTER TABLE layers DROP COLUMN image_digest")
         c.execute("DROP TABLE verified")

@@ -21,6 +21,7 @@ from flatmount.cli import main
 from flatmount.errors import LayerError, NotFoundError, ReadOnlyStoreError, StoreError
 from flatmount.image.tree import lookup
 from flatmount.pull import TerminalProgress, pull
+from flatmount.store import reftable
 from flatmount.store.core import Store
 from flatmount.store.names import name_candidates, normalise_name
 from flatmount.store.records import SCHEMA_VERSION, chain_id
@@ -240,8 +241,7 @@ def test_tag_and_rmi(store, tmp_path):
     assert store.layer(chain[0]).id == chain[0]
     with pytest.raises(NotFoundError):
         store.layer(chain[1])
-    assert store.connect().execute("SELECT count(*) FROM refs WHERE owner = ?",
-                                   ("layer:" + chain[1],)).fetchone() == (0,)
+    assert reftable.objects_of(store.connect(), "layer:" + chain[1]) == []
     assert sorted(p for p in (store.root / "objects").rglob("*") if p.is_file()) == objects_before
     # by id: every name goes, and now the base layer too
     r = store.remove_image(shared.id)

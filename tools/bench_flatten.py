@@ -359,6 +359,12 @@ def drop_flat_image(root: str, run: str, chain_key: str) -> None:
     from flatmount.api import open_store
     from flatmount.store.paths import derived_paths
 
+    try:
+        from flatmount.store.reftable import delete_owner
+    except ImportError:  # (a checkout from before it, measured for comparison: text rows)
+        def delete_owner(tx, owner: str) -> None:
+            tx.execute("DELETE FROM refs WHERE owner = ?", (owner,))
+
     store = open_store(root, runroot=run, config=os.devnull, additional=[])
     try:
         row = store.connect().execute("SELECT digest FROM flat_images WHERE chain_key = ?",
@@ -366,7 +372,7 @@ def drop_flat_image(root: str, run: str, chain_key: str) -> None:
         if row is not None:
             with store.transaction() as tx:
                 tx.execute("DELETE FROM flat_images WHERE chain_key = ?", (chain_key,))
-                tx.execute("DELETE FROM refs WHERE owner = ?", ("flat:" + row[0],))
+                delete_owner(tx, "flat:" + row[0])
             path = os.path.join(root, "images", row[0] + ".erofs")
             for p in (path, *derived_paths(path)):
                 if os.path.exists(p):

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from flatmount.atomic import fsync_dir
 from flatmount.errors import LayerError, StoreError
 from flatmount.image.tree import S_IFMT, S_IFREG
+from flatmount.store import reftable
 from flatmount.store.locks import hold
 from flatmount.store.names import normalise_name
 from flatmount.store.records import chain_id, layer_is_unverified, now_iso, unverified_chain_id
@@ -68,7 +69,7 @@ class _PendingLayer:
     compressed_size: int | None
     created: str
     inodes: int
-    refs: tuple[str, ...]  # the object paths it references, sorted, as `_insert_refs` inserts them
+    refs: bytes  # the digests of the objects it references, sorted, as `reftable.insert` takes them
     image_tmp: str
     tree_tmp: str | None = None     # its tree cache (flatmount.store.paths.layer_cache_path), if written
     image_digest: str | None = None  # sha256 hex of the layer image (recorded: flatten and fsck check it)
@@ -368,10 +369,8 @@ class ImportBatch:
 
             db = store.connect()
             rels = sorted(_objpath(d) for d in digests)
-            referenced = {r[0] for r in db.execute(
-                "SELECT DISTINCT object FROM refs WHERE object IN (SELECT value FROM json_each(?))",
-                (json.dumps(rels),))}
-            keep = referenced | leased_beyond_records(store, db) | needed_by_additional(store, rels)
+            keep = (reftable.referenced_among(db, rels) | leased_beyond_records(store, db)
+                    | needed_by_additional(store, rels))
             for rel in rels:
                 if rel not in keep:
                     with contextlib.suppress(FileNotFoundError):
@@ -440,9 +439,9 @@ class ImportBatch:
         finishing: _Background | None = None
         try:
             image_digest, finishing, cache, (paths, digests, count) = self._stage_files(tree, lid, tmp)
-            # (the refs rows' text at once: a third of a set of 50,000 paths, which commit would
-            # hold while it builds the tree cache)
-            refs = _refs_json(paths, digests)
+            # (the refs rows' digests at once, in one blob: 1.6 MB, not the sets of a layer of
+            # 50,000 files, which commit would hold while it builds the tree cache)
+            refs = _refs_blob(paths, digests)
             syncing.join()  # (raises what the sync raised)
         except BaseException:
             with contextlib.suppress(BaseException):  # (this error is the one to report)
@@ -534,8 +533,7 @@ class ImportBatch:
         # objects this batch stored are there (stored under the shared GC lock): check the others
         ours = self._objects.stored if self._objects is not None else set()
         for p in self._layers:
-            for o in (_refs_paths(p.refs) if p.unproven is None else p.unproven):  # (digests, not a second set
-                # of 64-character paths: less memory)
+            for o in (map(_objpath, _blob_digests(p.refs)) if p.unproven is None else p.unproven):
                 if bytes.fromhex(o[:2] + o[3:]) not in ours and not os.path.isfile(f"{objdir}/{o}"):
                     raise StoreError(f"layer {p.id} references object {o}, which is not in {objdir}")
         renamed: list[str] = []
@@ -571,7 +569,7 @@ class ImportBatch:
             with _quick_gil_handoff():
                 caching = p.write_cache(background=True)
                 try:
-                    _insert_refs(db, "layer:" + p.id, p.refs)
+                    reftable.insert(db, "layer:" + p.id, (p.refs,))
                 finally:
                     if caching is not None:
                         caching.join()
@@ -655,7 +653,7 @@ class ImportBatch:
                 os.unlink(cache)
         fsync_dir(store.layers_dir)
         db.execute("UPDATE layers SET image_digest = ? WHERE id = ?", (p.image_digest, p.id))
-        _insert_refs(db, "layer:" + p.id, p.refs)
+        reftable.insert(db, "layer:" + p.id, (p.refs,))
 
     def _recorded(self, db, layer_id: str) -> bool:
         if db.execute("SELECT 1 FROM layers WHERE id = ?", (layer_id,)).fetchone():
@@ -663,45 +661,26 @@ class ImportBatch:
         return any(s.own_layer(layer_id) is not None for s in self.store.additional)
 
 
-REFS_CHUNK = 4096  # object paths per refs insert: SQLite parses the whole JSON array of one at once
-
-
-def _refs_json(paths: set[str], digests: Iterable[bytes] = ()) -> tuple[str, ...]:
-    """The object paths `paths` and those of `digests`, as `_insert_refs` takes them: sorted, in JSON
-    arrays of REFS_CHUNK paths (SQLite held 12 MB more while it inserted the 50,000 of one layer
-    from a single array, 3 MB in chunks), each joined, not json.dumps'd (a fifth of the time): the
-    paths are checked by `_tree_walk` (`XX/<62 hex>`) and have nothing to escape.  Digests alone
-    (the common case) are sorted as bytes (the same order) and named a chunk at a time, without a
-    set of 50,000 paths first."""
+def _refs_blob(paths: set[str], digests: Iterable[bytes] = ()) -> bytes:
+    """The digests of the object paths `paths` and `digests`, sorted and joined, as `reftable.insert`
+    takes them (the paths are checked by `_tree_walk`); one blob of 32 bytes an object, where
+    the text of schema 2 was a JSON array of 68 an object, built a path at a time."""
     if paths:
-        rels = sorted(paths.union(map(object_path, digests)))
-        return tuple('["' + '","'.join(rels[i:i + REFS_CHUNK]) + '"]' for i in range(0, len(rels), REFS_CHUNK))
-    ds = sorted(set(digests))
-    chunks = []
-    for i in range(0, len(ds), REFS_CHUNK):
-        h = b"".join(ds[i:i + REFS_CHUNK]).hex()
-        chunks.append('["' + '","'.join(f"{h[j:j + 2]}/{h[j + 2:j + 64]}" for j in range(0, len(h), 64)) + '"]')
-    return tuple(chunks)
+        digests = set(digests).union(reftable.digest_of(p) for p in paths)
+    return b"".join(sorted(digests if isinstance(digests, (set, frozenset)) else set(digests)))
 
 
-def _refs_paths(refs: tuple[str, ...]) -> list[str]:
-    """The object paths of `_refs_json`'s arrays."""
-    return [p for chunk in refs for p in json.loads(chunk)]
-
-
-def _insert_refs(db, owner: str, refs: tuple[str, ...]) -> None:
-    """The refs rows of `owner`, from `refs` (`_refs_json`: in object order): one statement per JSON
-    array, not one bound row per object (a layer of 50,000 small files spent a quarter second in
-    executemany)."""
-    for chunk in refs:
-        db.execute("INSERT OR IGNORE INTO refs(owner, object) SELECT ?, value FROM json_each(?)", (owner, chunk))
+def _blob_digests(blob: bytes) -> Iterator[bytes]:
+    """The digests of a `_refs_blob`."""
+    return (blob[i:i + 32] for i in range(0, len(blob), 32))
 
 
 @contextlib.contextmanager
 def _quick_gil_handoff() -> Iterator[None]:
     """A short switch interval while one thread runs Python and another SQLite: SQLite releases
     the GIL for each statement and has to win it back after, which took up to the default 5 ms
-    each time the other thread held it (a layer's refs inserts then took 0.09 s instead of 0.055)."""
+    each time the other thread held it (a layer's refs rows, the
+    owner's and one statement of digests, then took 0.06-0.08 s of commit instead of 0.05-0.06)."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, 0.0002))
     try:

@@ -7,7 +7,7 @@ Why one class for every store: every part (import, flatten, mount, diff, gc) nee
 for writing safely (one transaction per import, GC lock, temp + fsync + rename) must be the same for
 all.  The rest of the store layer, by concern: config (storage.conf, default roots), records (schema,
 record types, chain ids), names (image names), locks, paths (the layout below), leases, containers,
-refs (what is referenced), integrity (checked files), batch (imports).
+reftable (the refs table's rows), refs (what is referenced), integrity (checked files), batch (imports).
 
 Layout of a store directory (primary and additional stores alike):
     flatmount.db            SQLite (WAL), schema below, versioned with PRAGMA user_version
@@ -30,7 +30,8 @@ it rather than starting afresh (which would make every layer image an orphan and
 garbage).  gc, rmi and imports run SQLite's quick_check of the whole DB first, every other write
 that of the small tables (WRITE_CHECK_TABLES), once per process until another process commits
 (`require_sound_db`); fsck runs integrity_check.  Schema 2 records each layer image's sha256 and
-the `verified` stamps of flatmount.store.integrity.
+the `verified` stamps of flatmount.store.integrity; schema 3 keeps refs rows as ids and digests
+(flatmount.store.reftable, which also reads the text rows of schema 2 in stores it only reads).
 
 Image names: a stored name always carries a tag or digest; `foo` is stored as `foo:latest`
 (flatmount.store.names).  `resolve_image(ref)` tries, as containers/storage does: a full image id (64 hex,
@@ -53,6 +54,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import NotFoundError, ReadOnlyStoreError, StoreError
+from flatmount.store import reftable
 from flatmount.store.config import default_root, default_runroot, load_config
 from flatmount.store.locks import GC_LOCK
 from flatmount.store.names import name_candidates, normalise_name
@@ -521,8 +523,11 @@ class Store:
                         db.execute(stmt)
                 version = 1
             for v in range(version + 1, SCHEMA_VERSION + 1):
-                for stmt in MIGRATIONS[v]:
-                    db.execute(stmt)
+                for step in MIGRATIONS[v]:
+                    if callable(step):
+                        step(db)
+                    else:
+                        db.execute(step)
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             db.execute("COMMIT")
         except BaseException:
@@ -826,7 +831,7 @@ class Store:
                 removed_layers = self._unused_layers(db, image.top_layer)
                 for lid in removed_layers:
                     db.execute("DELETE FROM layers WHERE id = ?", (lid,))
-                    db.execute("DELETE FROM refs WHERE owner = ?", ("layer:" + lid,))
+                    reftable.delete_owner(db, "layer:" + lid)
         from flatmount.store.paths import layer_cache_path
 
         for lid in removed_layers:  # records first, files after: never a record without its file

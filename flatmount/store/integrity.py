@@ -23,6 +23,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from flatmount.errors import CorruptImageError, StoreError
+from flatmount.store import reftable
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.image.tree import Inode
@@ -134,8 +135,7 @@ def layer_damage(store: Store, rec: LayerRecord) -> str | None:
     if owner is None:
         return None
     try:
-        objs = [r[0] for r in owner.connect().execute("SELECT object FROM refs WHERE owner = ?",
-                                                      ("layer:" + rec.id,))]
+        objs = reftable.objects_of(owner.connect(), "layer:" + rec.id)
     except sqlite3.Error as e:
         return f"layer {rec.id}: cannot read its records: {e}"
     fds = []

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 
 from flatmount.record import field, record
+from flatmount.store.reftable import migrate_to_compact
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS layers(id TEXT PRIMARY KEY, parent TEXT, diff_id TEXT NOT NULL,
@@ -28,12 +29,15 @@ WRITE_CHECK_TABLES = ("layers", "images", "names", "flat_images", "leases")
 DB_ADVICE = ("; the store's records are damaged: run `flatmount fsck` and restore flatmount.db from a "
              "backup (nothing was changed)")
 
+# a step is SQL text or a function of the connection; a DB is brought up to date in one transaction.
 # version 2: each layer's image digest (sha256 of layers/<id>.erofs, checked by flatten and fsck; NULL
 # for layers recorded before), and `verified`: files whose sha256 was checked, with their identity then
-# (flatmount.store.integrity), so a mount need not hash an image again until it is rewritten
+# (flatmount.store.integrity), so a mount need not hash an image again until it is rewritten;
+# version 3: refs rows as (owner id, 32-byte digest), a quarter of the pages (flatmount.store.reftable)
 MIGRATIONS = {2: ("ALTER TABLE layers ADD COLUMN image_digest TEXT",
                   "CREATE TABLE IF NOT EXISTS verified(path TEXT PRIMARY KEY, digest TEXT NOT NULL, "
-                  "dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER)")}
+                  "dev INTEGER, ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER)"),
+              3: (migrate_to_compact,)}
 
 
 @record

@@ -5,12 +5,11 @@ reports ask the same questions, so the rules live here once.
 
 from __future__ import annotations
 
-import json
 import os
-from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from flatmount.store.leases import read_leases
+from flatmount.store.reftable import referenced_among
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -21,11 +20,6 @@ if TYPE_CHECKING:  # pragma: no cover
 def has_db(store: Store) -> bool:
     """Whether the store has records at all (reading a missing DB would create it)."""
     return store.db_path.exists()
-
-
-def json_list(items: Iterable[str]) -> str:
-    """A list as one SQL parameter, for `IN (SELECT value FROM json_each(?))` (no variable limit)."""
-    return json.dumps(list(items))
 
 
 def kept_chain_keys(store: Store) -> set[str]:
@@ -67,14 +61,10 @@ def needed_by_additional(store: Store, candidates: list[str]) -> set[str]:
     if not candidates or not store.additional:
         return set()
     needed: set[str] = set()
-    param = json_list(candidates)
     for ais in store.additional:
         if not has_db(ais):
             continue
-        rows = ais.connect().execute(
-            "SELECT DISTINCT object FROM refs WHERE object IN (SELECT value FROM json_each(?))",
-            (param,)).fetchall()
-        for (obj,) in rows:
+        for obj in referenced_among(ais.connect(), candidates):
             if not os.path.isfile(os.path.join(ais.objects_dir, obj)):
                 needed.add(obj)
     return needed
