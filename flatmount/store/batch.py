@@ -679,8 +679,8 @@ def _blob_digests(blob: bytes) -> Iterator[bytes]:
 def _quick_gil_handoff() -> Iterator[None]:
     """A short switch interval while one thread runs Python and another SQLite: SQLite releases
     the GIL for each statement and has to win it back after, which took up to the default 5 ms
-    each time the other thread held it (a layer's refs rows, the
-    owner's and one statement of digests, then took 0.06-0.08 s of commit instead of 0.05-0.06)."""
+    each time the other thread held it (a layer's refs rows, its owner's row and one statement of
+    digests, then took 0.06-0.08 s of commit instead of 0.05-0.06)."""
     interval = sys.getswitchinterval()
     sys.setswitchinterval(min(interval, 0.0002))
     try:
