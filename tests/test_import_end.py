@@ -256,3 +256,44 @@ def test_commit_checks_only_objects_the_batch_did_not_store(tmp_path, monkeypatc
         batch.commit()
     assert looked == [path(before)]  # stored by this batch by the time of the commit: not looked for
     assert reftable.objects_of(store.connect(), f"layer:{lid}") == sorted([path(before), path(later)])
+
+
+def test_quick_gil_handoff_restores_the_interval_whatever_the_order(tmp_path):
+    """Two threads in `_quick_gil_handoff` at once (e.g. the tree caches of two imports in one
+    process), leaving in the other order than they came: the first in sets 0.2 ms, the last out
+    restores what was there; an import leaves the interval as it found it."""
+    import sys
+
+    before = sys.getswitchinterval()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen = []
+
+    def a():
+        with batchmod._quick_gil_handoff():
+            a_in.set()
+            b_in.wait()
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with batchmod._quick_gil_handoff():
+            b_in.set()
+            a_out.wait()
+            seen.append(sys.getswitchinterval())
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [pytest.approx(0.0002)] and sys.getswitchinterval() == before
+    store = open_store(str(tmp_path / "s"), runroot=str(tmp_path / "r"), config=os.devnull, additional=[])
+    try:
+        with ImportBatch(store) as batch:
+            root = Inode.directory()
+            root.entries[b"f"] = Inode(0o100644, size=3000, digest=batch.objects.put_bytes(b"f" * 3000))
+            batch.set_image("56" * 32, batch.add_layer(root, parent=None, diff_id="sha256:" + "12" * 32))
+            batch.commit()
+    finally:
+        store.close()
+    assert sys.getswitchinterval() == before

@@ -75,7 +75,7 @@ class _PendingLayer:
     image_digest: str | None = None  # sha256 hex of the layer image (recorded: flatten and fsck check it)
     unproven: frozenset[str] | None = None  # objects not known stored by this batch (None: all of them)
     finishing: _Background | None = None  # the image's fsync (`files_ready`)
-    cache: Callable[[], str | None] | None = None  # writes the tree cache, not yet called (`write_cache`)
+    caching: _Background | None = None  # the thread writing its tree cache (`cache_ready`)
 
     def files_ready(self) -> None:
         """Wait until the image is fsynced; raises what the fsync raised."""
@@ -83,20 +83,11 @@ class _PendingLayer:
         if finishing is not None:
             finishing.join()
 
-    def write_cache(self, background: bool = False) -> _Background | None:
-        """Write the tree cache, if not done yet (`tree_tmp` then says where, None if it could not
-        be); `background`: in a thread, returned (its join() sets `tree_tmp`)."""
-        cache, self.cache = self.cache, None
-        if cache is None:
-            return None
-
-        def write() -> None:
-            self.tree_tmp = cache()
-
-        if background:
-            return _Background(write)
-        write()
-        return None
+    def cache_ready(self) -> None:
+        """Wait until the tree cache is written (`tree_tmp` then says where, None if it could not be)."""
+        caching, self.caching = self.caching, None
+        if caching is not None:
+            self.tree_tmp = caching.join()
 
 
 @dataclass
@@ -331,6 +322,8 @@ class ImportBatch:
     def _exit(self) -> None:
         for p in self._layers:  # (committed: all are ready; else none may write into staging now)
             with contextlib.suppress(Exception):
+                p.cache_ready()
+            with contextlib.suppress(Exception):
                 p.files_ready()
         try:
             self._cleanup()
@@ -428,27 +421,29 @@ class ImportBatch:
             raise LayerError(f"layer id {layer_id} does not follow from parent {parent} and diff_id "
                              f"{diff_id} (expected {lid})")
         tmp = self.staging / f"layer-{lid}.erofs"
-        for p in self._layers:  # at most one tree cache waits (the last layer's: see `_stage_files`)
-            p.write_cache()
+        for p in self._layers:  # at most one tree cache is being written (the last layer's)
+            p.cache_ready()
             if p.id == lid:  # staged again: the earlier staging's files are done with first
                 p.files_ready()
         # the objects' sync (mostly waiting for the disk), after the bulk helpers finished writing,
         # runs while this thread builds the image and the object list (CPU), which do not touch the
         # object store
         syncing = _Background(self._finish_objects)
-        finishing: _Background | None = None
+        finishing = caching = None
         try:
             image_digest, finishing, cache, (paths, digests, count) = self._stage_files(tree, lid, tmp)
             # (the refs rows' digests at once, in one blob: 1.6 MB, not the sets of a layer of
             # 50,000 files, which commit would hold while it builds the tree cache)
             refs = _refs_blob(paths, digests)
+            # the tree cache (CPU) is built while this thread waits for the sync and, if that takes
+            # less time, while commit's SQLite inserts run without the GIL
+            caching = _Background(cache, quick_gil=True)
             syncing.join()  # (raises what the sync raised)
         except BaseException:
-            with contextlib.suppress(BaseException):  # (this error is the one to report)
-                syncing.join()
-            if finishing is not None:
-                with contextlib.suppress(BaseException):
-                    finishing.join()
+            for thread in (syncing, finishing, caching):  # (this error is the one to report)
+                if thread is not None:
+                    with contextlib.suppress(BaseException):
+                        thread.join()
             raise
         # what this batch stored (and only grows) needs no check at commit: a set difference now,
         # not one lookup per object then, when the other core has nothing to do
@@ -457,7 +452,7 @@ class ImportBatch:
         self._layers = [p for p in self._layers if p.id != lid]
         self._layers.append(_PendingLayer(lid, parent, diff_id, diff_size, compressed_digest,
                                           compressed_size, created or now_iso(), count,
-                                          refs, str(tmp), None, image_digest, unproven, finishing, cache))
+                                          refs, str(tmp), None, image_digest, unproven, finishing, caching))
         return lid
 
     def _finish_objects(self) -> None:
@@ -473,9 +468,9 @@ class ImportBatch:
         `_tree_walk` of the tree).
 
         Why a thread and a call for later: the fsync waits for the disk while this one builds the
-        object list (CPU); the tree cache (CPU) is built in a thread while commit's SQLite inserts
-        run without the GIL (`_record`), or before the next layer is staged.  So `tree` must not
-        change until then (no importer changes a tree it staged)."""
+        object list (CPU); the tree cache (CPU) is built by a thread (`add_layer`) once the object
+        list is made, which may run until commit's inserts.  So `tree` must not change until then
+        (no importer changes a tree it staged)."""
         from flatmount.image.treecache import tree_cache_bytes
         from flatmount.image.writer import image_bytes
 
@@ -558,21 +553,16 @@ class ImportBatch:
         for p in self._layers:
             row = db.execute("SELECT image_digest FROM layers WHERE id = ?", (p.id,)).fetchone()
             if row is not None:  # recorded already: by a concurrent import, or a layer being repaired
-                p.write_cache()
+                p.cache_ready()
                 p.files_ready()
                 self._repair_layer(db, p, row[0])
                 continue
             if p.parent is not None and p.parent not in in_batch and not self._recorded(db, p.parent):
                 raise StoreError(f"parent layer {p.parent} of layer {p.id} is in no store "
                                  "(removed meanwhile?)")
-            # its tree cache built while SQLite inserts the refs rows (without the GIL)
-            with _quick_gil_handoff():
-                caching = p.write_cache(background=True)
-                try:
-                    reftable.insert(db, "layer:" + p.id, (p.refs,))
-                finally:
-                    if caching is not None:
-                        caching.join()
+            # (its tree cache, if still being written, goes on while SQLite inserts without the GIL)
+            reftable.insert(db, "layer:" + p.id, (p.refs,))
+            p.cache_ready()
             p.files_ready()
             os.replace(p.image_tmp, store.layer_image_path(p.id))
             renamed.append(store.layer_image_path(p.id))
@@ -675,36 +665,55 @@ def _blob_digests(blob: bytes) -> Iterator[bytes]:
     return (blob[i:i + 32] for i in range(0, len(blob), 32))
 
 
+_HANDOFF: list = []  # [lock, interval to restore, threads in `_quick_gil_handoff`], made on first use
+
+
 @contextlib.contextmanager
 def _quick_gil_handoff() -> Iterator[None]:
-    """A short switch interval while one thread runs Python and another SQLite: SQLite releases
-    the GIL for each statement and has to win it back after, which took up to the default 5 ms
-    each time the other thread held it (a layer's refs rows, its owner's row and one statement of
-    digests, then took 0.06-0.08 s of commit instead of 0.05-0.06)."""
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(min(interval, 0.0002))
+    """A short switch interval while a thread of the import runs Python beside the importing one:
+    when that one returns from a wait or an SQLite statement (both release the GIL), winning the
+    GIL back took up to the default 5 ms each time (a layer's refs rows then took 0.06-0.08 s of
+    commit instead of 0.05-0.06).  The first thread in sets it, the last one out restores it."""
+    if not _HANDOFF:
+        import threading
+
+        _HANDOFF[:] = [threading.Lock(), None, 0]
+    with _HANDOFF[0]:
+        if _HANDOFF[2] == 0:
+            _HANDOFF[1] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_HANDOFF[1], 0.0002))
+        _HANDOFF[2] += 1
     try:
         yield
     finally:
-        sys.setswitchinterval(interval)
+        with _HANDOFF[0]:
+            _HANDOFF[2] -= 1
+            if _HANDOFF[2] == 0:
+                sys.setswitchinterval(_HANDOFF[1])
 
 
 class _Background:
     """`fn()` in a thread of its own; `join()` waits for it and returns what it returned, or raises
-    what it raised."""
+    what it raised.  `quick_gil`: under `_quick_gil_handoff` while it runs (Python work beside the
+    importing thread's)."""
 
-    def __init__(self, fn: Callable[[], Any]) -> None:
+    def __init__(self, fn: Callable[[], Any], quick_gil: bool = False) -> None:
         import threading
 
         self._error: BaseException | None = None
         self._result: Any = None
         self._fn = fn
+        self._quick = quick_gil
         self._thread = threading.Thread(target=self._run, name="flatmount-stage", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
         try:
-            self._result = self._fn()
+            if self._quick:
+                with _quick_gil_handoff():
+                    self._result = self._fn()
+            else:
+                self._result = self._fn()
         except BaseException as e:  # noqa: BLE001 - handed to the joining thread
             self._error = e
 
