@@ -170,3 +170,23 @@ def test_schema_2_additional_store_is_read_as_is(tmp_path):
     finally:
         con.close()
 
+
+
+def test_rows_whose_owner_row_is_gone_are_named_by_id_and_can_be_dropped(tmp_path):
+    """(Only a damaged DB has them: every write removes an owner's rows and name together.)"""
+    db = _compact_db(tmp_path / "t.db")
+    try:
+        a, b = object_path(b"a" * 32), object_path(b"b" * 32)
+        reftable.insert_paths(db, OWNERS[0], [a, b])
+        reftable.insert_paths(db, OWNERS[1], [b])
+        (oid,) = db.execute("SELECT id FROM owners WHERE name = ?", (OWNERS[0],)).fetchone()
+        db.execute("DELETE FROM owners WHERE id = ?", (oid,))
+        lost = f"#{oid}"
+        assert reftable.owners(db) == sorted([lost, OWNERS[1]])
+        assert sorted(reftable.rows(db)) == sorted([(lost, a), (lost, b), (OWNERS[1], b)])
+        assert reftable.owners_of(db, b) == sorted([lost, OWNERS[1]])
+        assert reftable.referenced_except(db, [lost]) == ({b}, 2)
+        assert reftable.delete_owner(db, lost) == 2
+        assert reftable.rows(db) == [(OWNERS[1], b)]
+    finally:
+        db.close()
