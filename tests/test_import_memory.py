@@ -63,7 +63,7 @@ def test_import_end_holds_one_big_buffer_at_a_time(tmp_path):
     p_img, img = _peak(image_bytes, tree)
     p_tc, _ = _peak(tree_cache_bytes, tree, hashlib.sha256(img).hexdigest(), len(img))
     p_objs, objs = _peak(tree_objects, tree)
-    p_refs, _ = _peak(_refs_blob, set(objs))
+    p_refs, _ = _peak(_refs_blob, set(objs), set())
     del img, objs
     store = open_store(str(tmp_path / "store"), runroot=str(tmp_path / "run"), config=os.devnull,
                        additional=[])

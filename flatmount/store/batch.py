@@ -12,6 +12,7 @@ or an additional store needs them by then (see `ImportBatch._rollback_objects`).
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import hashlib
 import json
@@ -651,13 +652,11 @@ class ImportBatch:
         return any(s.own_layer(layer_id) is not None for s in self.store.additional)
 
 
-def _refs_blob(paths: set[str], digests: Iterable[bytes] = ()) -> bytes:
-    """The digests of the object paths `paths` and `digests`, sorted and joined, as `reftable.insert`
-    takes them (the paths are checked by `_tree_walk`); one blob of 32 bytes an object, where
-    the text of schema 2 was a JSON array of 68 an object, built a path at a time."""
-    if paths:
-        digests = set(digests).union(reftable.digest_of(p) for p in paths)
-    return b"".join(sorted(digests if isinstance(digests, (set, frozenset)) else set(digests)))
+def _refs_blob(paths: set[str], digests: set[bytes]) -> bytes:
+    """The digests of the object paths `paths` and `digests` (`_tree_walk`'s), sorted and joined, as
+    `reftable.insert` takes them: 32 bytes an object, where the text of schema 2 was a JSON array
+    of 68 an object, built a path at a time."""
+    return b"".join(sorted(digests.union(map(reftable.digest_of, paths)) if paths else digests))
 
 
 def _blob_digests(blob: bytes) -> Iterator[bytes]:
@@ -665,7 +664,8 @@ def _blob_digests(blob: bytes) -> Iterator[bytes]:
     return (blob[i:i + 32] for i in range(0, len(blob), 32))
 
 
-_HANDOFF: list = []  # [lock, interval to restore, threads in `_quick_gil_handoff`], made on first use
+_HANDOFF_LOCK = _thread.allocate_lock()
+_handoff = [0.0, 0]  # the interval to restore, how many threads are in `_quick_gil_handoff`
 
 
 @contextlib.contextmanager
@@ -674,22 +674,18 @@ def _quick_gil_handoff() -> Iterator[None]:
     when that one returns from a wait or an SQLite statement (both release the GIL), winning the
     GIL back took up to the default 5 ms each time (a layer's refs rows then took 0.06-0.08 s of
     commit instead of 0.05-0.06).  The first thread in sets it, the last one out restores it."""
-    if not _HANDOFF:
-        import threading
-
-        _HANDOFF[:] = [threading.Lock(), None, 0]
-    with _HANDOFF[0]:
-        if _HANDOFF[2] == 0:
-            _HANDOFF[1] = sys.getswitchinterval()
-            sys.setswitchinterval(min(_HANDOFF[1], 0.0002))
-        _HANDOFF[2] += 1
+    with _HANDOFF_LOCK:
+        if _handoff[1] == 0:
+            _handoff[0] = sys.getswitchinterval()
+            sys.setswitchinterval(min(_handoff[0], 0.0002))
+        _handoff[1] += 1
     try:
         yield
     finally:
-        with _HANDOFF[0]:
-            _HANDOFF[2] -= 1
-            if _HANDOFF[2] == 0:
-                sys.setswitchinterval(_HANDOFF[1])
+        with _HANDOFF_LOCK:
+            _handoff[1] -= 1
+            if _handoff[1] == 0:
+                sys.setswitchinterval(_handoff[0])
 
 
 class _Background:
