@@ -40,6 +40,7 @@ import hashlib
 import json
 import os
 import re
+import stat
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -135,7 +136,7 @@ def pull_tar(store: Store, path: str, name: str | None = None, *, progress: Prog
         if path != "-":
             stack.enter_context(f)
         with ImportBatch(store) as batch:
-            layer = read_tar(f, batch.objects, label=label, progress=progress)
+            layer = read_tar(f, batch.objects, label=label, progress=progress, size=_file_size(f))
             lid = chain_id(None, layer.diff_id)
             present = batch.has_layer(lid)
             if not present:
@@ -192,6 +193,15 @@ def _content_size(tree: Inode) -> int:
     return sum(n.size for n in inodes(tree) if n.entries is None and n.is_reg)
 
 
+def _file_size(f) -> int | None:
+    """The size of a regular file (None for stdin's pipe or anything else that has none)."""
+    try:
+        st = os.fstat(f.fileno())
+    except (OSError, ValueError, AttributeError):
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
 # --- progress ------------------------------------------------------------------------------------
 
 class TerminalProgress:
@@ -218,3 +228,4 @@ class TerminalProgress:
         if self._drawn:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
+

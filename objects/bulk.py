@@ -11,7 +11,9 @@ up); a helper stores each one exactly as `ObjectStore.put_bytes` would (the same
 link, never overwrite, damaged copies replaced).  The first helper also starts writeback of the file
 system every `FLUSH_EVERY` bytes, so the caller's final `sync()` finds little left to write.
 
-Helpers start only after `START_AFTER` puts (a few files are not worth a process), never on a
+Helpers start only after `START_AFTER` puts (a few files are not worth a process), or after
+`START_SOON` where the caller expects many (`many`: a big layer; the first 256 puts took 40-60 ms of
+one core while the other idled), never on a
 single-CPU machine or where they cannot be started; puts then simply happen in-process, as do puts
 of content over 1 MiB (`ObjectStore.put_bytes` streams those through its writer thread).
 
@@ -54,6 +56,7 @@ class BulkTarget(Protocol):
     def _note_created(self, digests: Iterable[bytes]) -> None: ...
 
 START_AFTER = 256  # puts done in-process before helpers are started
+START_SOON = 16  # the same, where the caller expects many small objects (`BulkWriter(many=True)`)
 HELPERS = 2  # helper processes (each object goes to one by its digest): inode allocation is slow on busy ext4
 _F_SETPIPE_SZ = 1031
 
@@ -66,10 +69,10 @@ _CHILD = (  # (os._exit: nothing is left to clean up, and the parent waits for t
 class BulkWriter:
     """`put_bytes()` many small objects (see module docstring); a context manager."""
 
-    def __init__(self, store: BulkTarget, helper: bool | None = None) -> None:
+    def __init__(self, store: BulkTarget, helper: bool | None = None, many: bool = False) -> None:
         self.store = store
         self._use_helper = usable_cpus() >= 2 if helper is None else helper
-        self._start_after = START_AFTER if helper is None else 0
+        self._start_after = (START_SOON if many else START_AFTER) if helper is None else 0
         self._count = 0
         self._procs: list[subprocess.Popen] = []
         self._sent: set[bytes] = set()

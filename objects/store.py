@@ -512,8 +512,9 @@ class ObjectStore:
             st = os.fstat(f.fileno())
             return self.put(f, expected, st.st_size if stat.S_ISREG(st.st_mode) else None)
 
-    def bulk(self, helper: bool | None = None) -> BulkWriter:
-        """A writer for many small objects whose files a helper process creates (see objects.bulk).
+    def bulk(self, helper: bool | None = None, many: bool = False) -> BulkWriter:
+        """A writer for many small objects whose files a helper process creates (see objects.bulk;
+        `many`: the caller expects many, so the helpers start after a few puts, not 256).
 
         Use as a context manager (or `close()` it): objects are only stored, and noted for `sync()`,
         once it is closed without error.
@@ -521,7 +522,7 @@ class ObjectStore:
         from .bulk import BulkWriter
 
         self._check_writable("put")
-        return BulkWriter(self, helper)
+        return BulkWriter(self, helper, many)
 
     def watch_created(self) -> set[bytes]:
         """A set that from now on receives the digest of every object a put of this store (or of its

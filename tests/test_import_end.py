@@ -297,3 +297,33 @@ def test_quick_gil_handoff_restores_the_interval_whatever_the_order(tmp_path):
     finally:
         store.close()
     assert sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize("size, expected", [(None, 256), (1 << 20, 256), (16 << 20, 16)])
+def test_a_big_tarball_hands_its_small_files_to_the_helpers_early(tmp_path, monkeypatch, size, expected):
+    """A tarball the caller says is big (`read_tar(size=)`, 16 MiB or more): its first 16 small
+    files are stored in-process, the rest by the bulk helpers; otherwise the first 256 (a layer
+    with a few files is not worth starting two processes).  The same objects either way."""
+    import io
+
+    from flatmount.sources.layers import read_tar
+    from objects import bulk as bulkmod
+    from objects.store import ObjectStore
+
+    monkeypatch.setattr(bulkmod, "usable_cpus", lambda: 2)  # (what this counts, whatever the machine)
+    in_process = []
+    real = ObjectStore.put_bytes
+
+    def put_bytes(self, data, expected=None):
+        in_process.append(len(data))
+        return real(self, data, expected)
+
+    monkeypatch.setattr(ObjectStore, "put_bytes", put_bytes)
+    store = _store(tmp_path)
+    with ImportBatch(store) as batch:
+        layer = read_tar(io.BytesIO(_small_files_tar(400)), batch.objects, size=size)
+        batch.set_image("cd" * 32, batch.add_layer(layer.tree, parent=None, diff_id=layer.diff_id))
+        batch.commit()
+    assert len(in_process) == expected
+    objs = tree_objects(layer.tree)
+    assert len(objs) == 400 and all(os.path.isfile(store.objects_dir / o) for o in objs)

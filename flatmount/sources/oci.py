@@ -380,7 +380,7 @@ def pull_oci(store: Store, spec: str, name: str | None = None, *,
 
             with layout.open_blob(desc, label) as f:
                 layer = read_tar(HashingReader(f, alg), batch.objects, label=label,
-                                 progress=report if progress is not None else None)
+                                 progress=report if progress is not None else None, size=desc.size)
             verify(layer, blob_digest=desc.digest, blob_size=desc.size, diff_id=diff_id, label=label)
             total_bytes += layer.diff_size
             total_entries += layer.entries

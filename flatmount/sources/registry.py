@@ -507,7 +507,7 @@ class _Fetcher:
                           "size": desc.size})
 
                 layer = read_tar(HashingReader(stream, alg), self.objects, label=label,  # type: ignore[arg-type]
-                                 progress=report)
+                                 progress=report, size=desc.size)
         except RegistryError as e:
             if self.cancelled.is_set():
                 raise _Cancelled() from None

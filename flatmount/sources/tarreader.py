@@ -84,6 +84,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from objects import ObjectStore
 
 OBJECT_CHUNK = 1 << 20  # payloads below this are read whole and stored with put_bytes (objects' READ_CHUNK)
+MANY_BYTES = 16 << 20  # a tarball this big: its small files, if it has a few, are likely many (`read_tar`)
 NAME_MAX = 255
 _U32 = 0xFFFFFFFF  # uid, gid and device major/minor numbers (base-256 tar fields can be larger)
 
@@ -365,10 +366,12 @@ class LayerTreeBuilder:
 
 
 def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
-             progress: Progress | None = None, algorithm: str = "sha256") -> TarLayer:
+             progress: Progress | None = None, algorithm: str = "sha256", size: int | None = None) -> TarLayer:
     """Read one layer tarball (any supported compression) into a tree, content into `objects`.
 
-    Digests are not checked here (see `verify`); `objects` is not synced.
+    Digests are not checked here (see `verify`); `objects` is not synced.  `size`: the tarball's
+    bytes as stored or sent (compressed), where the caller knows them: a big one's small files are
+    handed to the bulk writer's helpers from the first few (`MANY_BYTES`).
     """
     raw = stream if isinstance(stream, HashingReader) else HashingReader(stream, algorithm)
     compression = detect_compression(raw, label)
@@ -396,7 +399,8 @@ def read_tar(stream: BinaryIO, objects: ObjectStore, *, label: str = "layer",
             raise
         raise LayerError(f"{label}: bad tar archive (malformed pax or GNU sparse header: {e})") from None
     # many small files: their object files are written by a helper process while we parse on
-    bulk = objects.bulk() if callable(getattr(objects, "bulk", None)) else None
+    bulk = objects.bulk(many=size is not None and size >= MANY_BYTES) \
+        if callable(getattr(objects, "bulk", None)) else None
     put_small = bulk.put_bytes if bulk is not None else objects.put_bytes
     put_many = getattr(bulk, "put_many", None)  # (many small contents hashed together)
     # big files: hashed and written while the next members are read (their digests are set below)

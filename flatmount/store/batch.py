@@ -202,8 +202,8 @@ class _RecordingObjects:
     def put_file(self, path, expected=None) -> bytes:
         return self._record(self._objects.put_file(path, expected))
 
-    def bulk(self, helper=None) -> _RecordingBulk:
-        return _RecordingBulk(self._objects.bulk(helper), self)
+    def bulk(self, helper=None, many=False) -> _RecordingBulk:
+        return _RecordingBulk(self._objects.bulk(helper, many), self)
 
     def __getattr__(self, name: str):
         return getattr(self._objects, name)
