@@ -228,4 +228,3 @@ class TerminalProgress:
         if self._drawn:
             self.stream.write("\r\x1b[K")
             self.stream.flush()
-

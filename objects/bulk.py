@@ -12,10 +12,10 @@ link, never overwrite, damaged copies replaced).  The first helper also starts w
 system every `FLUSH_EVERY` bytes, so the caller's final `sync()` finds little left to write.
 
 Helpers start only after `START_AFTER` puts (a few files are not worth a process), or after
-`START_SOON` where the caller expects many (`many`: a big layer; the first 256 puts took 40-60 ms of
-one core while the other idled), never on a
-single-CPU machine or where they cannot be started; puts then simply happen in-process, as do puts
-of content over 1 MiB (`ObjectStore.put_bytes` streams those through its writer thread).
+`START_SOON` where the caller expects many (`many`: a big layer; its first 256 puts took 40-60 ms of
+one core while the other idled), never on a single-CPU machine or where they cannot be started;
+puts then simply happen in-process, as do puts of content over 1 MiB (`ObjectStore.put_bytes`
+streams those through its writer thread).
 
 Errors: a helper that fails (e.g. ENOSPC) stops and reports; the next put or `close()` raises
 ObjectStoreError with its message.  `abort()` (also on leaving the `with` block with an exception)
