@@ -820,6 +820,38 @@ def test_kill9_of_bundle_then_remove_leaves_nothing(env, tmp_path):
     assert_nothing_left(env)
 
 
+def test_bundle_records_its_rootfs_before_making_it(env, tmp_path, monkeypatch):
+    """The rootfs dir is made only once the record names it: a bundle killed between the two must
+    leave nothing `bundle --remove` does not know of (its dir could not be removed: ENOTEMPTY); one
+    killed right after recording it is removed cleanly."""
+    from flatmount.kernel.kmount import umount_image
+    from flatmount.run import bundle as bundlemod
+
+    d = tmp_path / "b"
+    seen = []
+    real_mkdir = os.mkdir
+
+    def mkdir(path, *a, **kw):
+        if os.fspath(path) == str(d / "rootfs"):
+            seen.append(json.loads((d / "flatmount-bundle.json").read_text()).get("rootfs"))
+        return real_mkdir(path, *a, **kw)
+
+    monkeypatch.setattr(bundlemod.os, "mkdir", mkdir)
+    with open_store(env["root"], runroot=env["runroot"]) as store:
+        b = bundlemod.create_bundle(store, "demo", str(d))
+        try:
+            assert seen == [str(d / "rootfs")] and b.root == str(d / "rootfs")
+            umount_image(b.root)  # as if killed between recording the rootfs and making it
+            os.rmdir(b.root)
+        except BaseException:
+            bundlemod.remove_bundle(store, b.dir)
+            raise
+    r = cli(env, "bundle", "--remove", str(d))
+    assert r.returncode == 0, r.stderr
+    assert not d.exists()
+    assert_nothing_left(env)
+
+
 def test_bundle_remove_finds_a_lease_its_creator_did_not_record(env, tmp_path):
     """Killed after mounting, before recording the lease: the record has no lease id; the lease of
     the dead creator (same pid and boot, created after the record) is found and released."""

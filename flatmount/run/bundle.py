@@ -219,9 +219,9 @@ def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = 
             created = _make_stubs(lease.merged, stubs_dir, missing)
             record["stubs"] = created
             root = os.path.join(d, "rootfs")
-            os.mkdir(root, 0o755)
-            record["rootfs"] = root
+            record["rootfs"] = root  # recorded first: a kill between the two leaves nothing unknown
             _write_json(os.path.join(d, RECORD), record)
+            os.mkdir(root, 0o755)
             _mount_overlay([stubs_dir, lease.merged], root)
         cid = container_id or os.path.basename(d)
         spec = build_spec(root, d, rec_image.config, opts, cid, image_root=lease.merged,
