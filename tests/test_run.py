@@ -65,9 +65,12 @@ def _leftovers_fail_only_their_test(request):
     paths = request.getfixturevalue("env")
     cdir = os.path.join(paths["runroot"], "containers")
     rroot = os.path.join(paths["runroot"], "runc")
+    # (a test's own bundles and rootfs mounts live in its tmp_path, outside the store's base)
+    own = request.node.funcargs.get("tmp_path")  # (its value: the fixture is torn down by now)
+    prefixes = (paths["base"], *((str(own) + "/",) if own is not None else ()))
 
     def left() -> list[str]:
-        found = _our_mounts(paths["base"])
+        found = _our_mounts(*prefixes)
         if os.path.isdir(cdir):
             found += [os.path.join(cdir, n) for n in os.listdir(cdir)]
         if os.path.isdir(rroot):
@@ -83,19 +86,20 @@ def _leftovers_fail_only_their_test(request):
         out = subprocess.run(["runc", "--root", rroot, "list", "-q"], capture_output=True, text=True)
         for cid in out.stdout.split():
             subprocess.run(["runc", "--root", rroot, "delete", "--force", cid], capture_output=True)
-    for m in reversed(_our_mounts(paths["base"])):
+    for m in reversed(_our_mounts(*prefixes)):
         subprocess.run(["umount", "-l", m], check=False)
     with contextlib.suppress(subprocess.SubprocessError):
         cli(paths, "cleanup")   # the leases of what was unmounted by force
     pytest.fail(f"left behind: {before}; still there after a forced cleanup: {left()}")
 
 
-def _our_mounts(prefix: str) -> list[str]:
+def _our_mounts(*prefixes: str) -> list[str]:
+    """Mount points below any of `prefixes`, in mountinfo order (a mount after the one it covers)."""
     out = []
     with open("/proc/self/mountinfo") as f:
         for line in f:
             mp = line.split(" ")[4]
-            if mp.startswith(prefix):
+            if mp.startswith(prefixes):
                 out.append(mp)
     return out
 
