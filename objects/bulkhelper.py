@@ -155,10 +155,7 @@ class _HelperStore:
 
     def tmpfile(self) -> bool:
         """Whether anonymous files can be linked into the store (as the ObjectStore probes it)."""
-        store = self.general()
-        if store._tmpfile is None:
-            store._tmpfile = store._probe_tmpfile()
-        return store._tmpfile
+        return self.general()._tmpfile_ok()
 
     def close(self) -> None:
         if self._store is not None:

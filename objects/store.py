@@ -748,12 +748,9 @@ class ObjectStore:
         `watch_created()` sets, the caller does both (a helper reports to its parent, which notes
         what it sent: kept per object here, 300 bytes each, that was a third of a helper's memory).
         """
-        if not self._tmpfile:  # (named temp files: the general path)
-            if self._tmpfile is None:
-                self._tmpfile = self._probe_tmpfile()
-            if not self._tmpfile:
-                self._store_hashed(digest, data)
-                return False
+        if not self._tmpfile and not self._tmpfile_ok():  # (named temp files: the general path)
+            self._store_hashed(digest, data)
+            return False
         rel = _rel(digest)
         dirfd = self._dirfd
         try:
@@ -956,10 +953,8 @@ class ObjectStore:
             os.close(fd)
 
     def _open_temp_flags(self, fanout: str | None, extra: int) -> tuple[int, str | None]:
-        if self._tmpfile is None:
-            self._tmpfile = self._probe_tmpfile()
         dirfd = self._dirfd
-        if self._tmpfile:
+        if self._tmpfile_ok():
             where = fanout or TMP_DIR
             flags = os.O_WRONLY | _O_TMPFILE | _O_CLOEXEC | extra
             try:
@@ -987,6 +982,12 @@ class ObjectStore:
 
     def _temp_name(self) -> str:
         return f"{TMP_DIR}/{os.getpid()}-{self._token}-{next(self._seq)}"
+
+    def _tmpfile_ok(self) -> bool:
+        """Whether anonymous files can be linked into the store (`_probe_tmpfile`, once)."""
+        if self._tmpfile is None:
+            self._tmpfile = self._probe_tmpfile()
+        return self._tmpfile
 
     def _probe_tmpfile(self) -> bool:
         """Whether O_TMPFILE files in .tmp/ can be linked into the store via /proc/self/fd."""

@@ -74,7 +74,7 @@ class _PendingLayer:
     image_tmp: str
     tree_tmp: str | None = None     # its tree cache (flatmount.store.paths.layer_cache_path), if written
     image_digest: str | None = None  # sha256 hex of the layer image (recorded: flatten and fsck check it)
-    unproven: frozenset[str] | None = None  # objects not known stored by this batch (None: all of them)
+    unproven: frozenset[str] = frozenset()  # the objects not known to be stored by this batch
     finishing: _Background | None = None  # the image's fsync (`files_ready`)
     caching: _Background | None = None  # the thread writing its tree cache (`cache_ready`)
 
@@ -362,7 +362,7 @@ class ImportBatch:
             from flatmount.store.refs import leased_beyond_records, needed_by_additional
 
             db = store.connect()
-            rels = sorted(_objpath(d) for d in digests)
+            rels = sorted(map(object_path, digests))
             keep = (reftable.referenced_among(db, rels) | leased_beyond_records(store, db)
                     | needed_by_additional(store, rels))
             for rel in rels:
@@ -529,7 +529,7 @@ class ImportBatch:
         # objects this batch stored are there (stored under the shared GC lock): check the others
         ours = self._objects.stored if self._objects is not None else set()
         for p in self._layers:
-            for o in (map(_objpath, _blob_digests(p.refs)) if p.unproven is None else p.unproven):
+            for o in p.unproven:
                 if bytes.fromhex(o[:2] + o[3:]) not in ours and not os.path.isfile(f"{objdir}/{o}"):
                     raise StoreError(f"layer {p.id} references object {o}, which is not in {objdir}")
         renamed: list[str] = []
@@ -659,11 +659,6 @@ def _refs_blob(paths: set[str], digests: set[bytes]) -> bytes:
     return b"".join(sorted(digests.union(map(reftable.digest_of, paths)) if paths else digests))
 
 
-def _blob_digests(blob: bytes) -> Iterator[bytes]:
-    """The digests of a `_refs_blob`."""
-    return (blob[i:i + 32] for i in range(0, len(blob), 32))
-
-
 _HANDOFF_LOCK = _thread.allocate_lock()
 _handoff = [0.0, 0]  # the interval to restore, how many threads are in `_quick_gil_handoff`
 
@@ -728,10 +723,6 @@ def _fsync_close(f) -> None:
         os.fsync(f.fileno())
     finally:
         f.close()
-
-
-def _objpath(digest: bytes) -> str:
-    return object_path(digest)
 
 
 # --- configs for single-layer sources ------------------------------------------------------------
