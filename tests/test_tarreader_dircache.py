@@ -67,6 +67,54 @@ def test_shortcut_gives_the_tree_and_errors_of_the_full_path(entries):
         assert got[1] == want[1] and got[2] == want[2]
 
 
+def _run_files(builder: LayerTreeBuilder, entries) -> tuple:
+    """`_run`, with each run of files and symlinks entered by one `add_files` (as `_fast_batch` does)."""
+    try:
+        files: list = []
+        for i, (name, kind, link) in enumerate(entries):
+            node = _node(kind, i)
+            if kind in ("file", "symlink"):
+                files.append((name, node))
+                continue
+            if files:
+                builder.add_files(files)
+                files = []
+            builder.add(name, node, link=link if node is None else None, mtime_ns=i)
+        if files:
+            builder.add_files(files)
+        root = builder.finish()
+    except LayerError as e:
+        return ("error", str(e))
+    groups: dict[int, bytes] = {}
+    shape = [(path, groups.setdefault(id(n), path)) for path, n in walk(root)]
+    return ("tree", root, shape)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(prefixed, st.sampled_from(["dir", "file", "symlink", "link"]), names),
+                max_size=12))
+def test_add_files_gives_the_tree_and_errors_of_add(entries):
+    got, want = _run_files(LayerTreeBuilder("l"), entries), _run(_NoShortcut("l"), entries)
+    assert got[0] == want[0]
+    if got[0] == "error":
+        assert got[1] == want[1]
+    else:
+        assert got[1] == want[1] and got[2] == want[2]
+
+
+def test_add_files_enters_a_directory_s_files_without_add(monkeypatch):
+    b = LayerTreeBuilder("l")
+    b.add(b"d/e/f", Inode(0o100644, size=0))
+    calls = []
+    real = LayerTreeBuilder.add
+    monkeypatch.setattr(LayerTreeBuilder, "add", lambda self, name, *a, **k: calls.append(name) or real(self, name, *a, **k))
+    b.add_files([(b"d/e/g%d" % i, Inode(0o100644, size=0)) for i in range(100)] + [(b"d/x/y", Inode(0o100644))])
+    assert calls == [b"d/x/y"]  # (another directory: through add, which walks to it)
+    assert b.entries == 102 and len(b.finish().entries[b"d"].entries[b"e"].entries) == 101
+    with pytest.raises(LayerError, match="duplicate entry"):
+        b.add_files([(b"d/x/y", Inode(0o100644))])
+
+
 def test_shortcut_is_taken_and_keeps_the_rules(monkeypatch):
     calls = []
     real = tarreader._split
