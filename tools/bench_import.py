@@ -282,8 +282,12 @@ def run(quick: bool, rounds: int = 3) -> dict:
         big = workdir / "big.tar"
         _big_tar(big, big_size)
         tar_bytes = big.stat().st_size
-        _quiet()  # (flushes the tar too)
-        for _ in range(rounds):
+        # the same bytes in 100 files of 5 MB (shared libraries, binaries): each file is a put of
+        # its own, so what a put costs to start and finish shows here
+        medium = workdir / "medium.tar"
+        _big_tar(medium, big_size, big_size // MEDIUM_FILE)
+        _quiet()  # (flushes the tars too)
+        for i in range(rounds):
             sha.append(bench_sha256(1024))
             # twice: on this thin-provisioned virtual disk the first big write after a delete often
             # runs at a third of the speed (the host allocating again what the trim gave back)
@@ -291,17 +295,13 @@ def run(quick: bool, rounds: int = 3) -> dict:
             disk.append(max(bench_disk_write(workdir / "disk-baseline", disk_mib) for _ in range(2)))
             (workdir / "disk-baseline").unlink()
             _quiet()
-            pulls.append(_pull_in_child(workdir, big, "big"))
-            _quiet()
+            # big and medium in the same round, in alternating order: this disk's speed drifts over
+            # minutes, so rounds of all big pulls, then all medium ones, compared unlike disks
+            for kind in (("big", "medium") if i % 2 == 0 else ("medium", "big")):
+                done = _pull_in_child(workdir, big if kind == "big" else medium, kind)
+                (pulls if kind == "big" else medium_pulls).append(done)
+                _quiet()
         big.unlink()
-        # the same bytes in 100 files of 5 MB (shared libraries, binaries): each file is a put of
-        # its own, so what a put costs to start and finish shows here
-        medium = workdir / "medium.tar"
-        _big_tar(medium, big_size, big_size // MEDIUM_FILE)
-        _quiet()
-        for _ in range(rounds):
-            medium_pulls.append(_pull_in_child(workdir, medium, "medium"))
-            _quiet()
         medium.unlink()
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
@@ -341,7 +341,8 @@ def run(quick: bool, rounds: int = 3) -> dict:
         "medium_import_mb_per_s": [round(x, 1) for x in medium_imp],
         "medium_import_mb_per_s_best": round(max(medium_imp), 1),
         "medium_vs_big_best": round(max(medium_imp) / best["import"], 3),
-        "medium_vs_big_median": round(statistics.median(medium_imp) / med["import"], 3),
+        # the median of each round's ratio (the two pulls of a round ran minutes apart at most)
+        "medium_vs_big_median": round(statistics.median(m / b for m, b in zip(medium_imp, imp, strict=True)), 3),
         "small_files": small_count,
         "small_rounds": small_rounds,
         "small_fs": small_fs,  # where the floor and the pulls ran (tools/freshfs.py)
