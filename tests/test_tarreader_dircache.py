@@ -42,11 +42,22 @@ def _node(kind: str, i: int) -> Inode | None:
     return None  # a hardlink
 
 
-def _run(builder: LayerTreeBuilder, entries) -> tuple:
+def _run(builder: LayerTreeBuilder, entries, batched: bool = False) -> tuple:
+    """The tree (or the error) of `entries`; `batched`: each run of files and symlinks entered by one
+    `add_files`, as `_fast_batch` does."""
     try:
+        files: list = []
         for i, (name, kind, link) in enumerate(entries):
             node = _node(kind, i)
+            if batched and kind in ("file", "symlink"):
+                files.append((name, node))
+                continue
+            if files:
+                builder.add_files(files)
+                files = []
             builder.add(name, node, link=link if node is None else None, mtime_ns=i)
+        if files:
+            builder.add_files(files)
         root = builder.finish()
     except LayerError as e:
         return ("error", str(e))
@@ -67,34 +78,11 @@ def test_shortcut_gives_the_tree_and_errors_of_the_full_path(entries):
         assert got[1] == want[1] and got[2] == want[2]
 
 
-def _run_files(builder: LayerTreeBuilder, entries) -> tuple:
-    """`_run`, with each run of files and symlinks entered by one `add_files` (as `_fast_batch` does)."""
-    try:
-        files: list = []
-        for i, (name, kind, link) in enumerate(entries):
-            node = _node(kind, i)
-            if kind in ("file", "symlink"):
-                files.append((name, node))
-                continue
-            if files:
-                builder.add_files(files)
-                files = []
-            builder.add(name, node, link=link if node is None else None, mtime_ns=i)
-        if files:
-            builder.add_files(files)
-        root = builder.finish()
-    except LayerError as e:
-        return ("error", str(e))
-    groups: dict[int, bytes] = {}
-    shape = [(path, groups.setdefault(id(n), path)) for path, n in walk(root)]
-    return ("tree", root, shape)
-
-
 @settings(max_examples=400, deadline=None)
 @given(st.lists(st.tuples(prefixed, st.sampled_from(["dir", "file", "symlink", "link"]), names),
                 max_size=12))
 def test_add_files_gives_the_tree_and_errors_of_add(entries):
-    got, want = _run_files(LayerTreeBuilder("l"), entries), _run(_NoShortcut("l"), entries)
+    got, want = _run(LayerTreeBuilder("l"), entries, batched=True), _run(_NoShortcut("l"), entries)
     assert got[0] == want[0]
     if got[0] == "error":
         assert got[1] == want[1]
