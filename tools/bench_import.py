@@ -341,7 +341,7 @@ def run(quick: bool, rounds: int = 3) -> dict:
         "medium_import_mb_per_s": [round(x, 1) for x in medium_imp],
         "medium_import_mb_per_s_best": round(max(medium_imp), 1),
         "medium_vs_big_best": round(max(medium_imp) / best["import"], 3),
-        # the median of each round's ratio (the two pulls of a round ran minutes apart at most)
+        # the median of each round's ratio (the two pulls of a round ran seconds apart)
         "medium_vs_big_median": round(statistics.median(m / b for m, b in zip(medium_imp, imp, strict=True)), 3),
         "small_files": small_count,
         "small_rounds": small_rounds,
