@@ -73,9 +73,6 @@ PIPELINE_BUFFERS = 16  # 1 MiB buffers of one big put in flight between its work
 ASYNC_PUTS = 3  # big puts of one store in flight at once (put_async): two finishing while the next reads
 # (two: a put whose thread finished the last chunks of its file and then, in the lane, the first of
 # the next file (see _Lane) published late, and the file after waited for its slot, the lane idle)
-# A put whose whole file fits in its PIPELINE_BUFFERS takes half a slot: twice as many files of a
-# few MiB are in flight, so their writes keep the disk queue as deep as a big file's do (a layer of
-# 5 MB files had 2.7-3.1 requests in flight against 5.3-7.8; 1.04-1.05x the MB/s, big files 1.0x)
 WRITEBACK_EVERY = 16 << 20  # buffered big objects: start disk writeback every 16 MiB, so sync() has less to do
 DIRECT_ALIGN = 4096  # O_DIRECT needs buffer address, length and file offset aligned to the logical block size
 DIRECT_RUN = 4  # chunks a lagging O_DIRECT writer writes in one call (see _gather)
@@ -301,8 +298,7 @@ class ObjectStore:
         self._token = os.urandom(4).hex()
         self._seq = itertools.count()
         self._buffer_pool: queue.SimpleQueue = queue.SimpleQueue()  # idle aligned buffers of big puts
-        self._async_slots = threading.BoundedSemaphore(2 * ASYNC_PUTS)  # in halves (see ASYNC_PUTS)
-        self._slots_lock = threading.Lock()  # a put's halves are taken by one thread at a time
+        self._async_slots = threading.BoundedSemaphore(ASYNC_PUTS)
         self._created_watchers: list[set[bytes]] = []  # see watch_created()
         self._spare: dict[bool, tuple[int, int]] = {}  # O_DIRECT wanted -> (pid, fd): see _take_temp
         if readonly:
@@ -453,11 +449,8 @@ class ObjectStore:
                 if n < len(buf):
                     return PendingPut.completed(self._put_small(bytes(buf[:n]), expected))
                 first = memoryview(buf)
-            halves = 1 if size is not None and size <= PIPELINE_BUFFERS * READ_CHUNK else 2
-            with self._slots_lock:  # (two threads each holding one half of a slot cannot wait forever)
-                for _ in range(halves):
-                    self._async_slots.acquire()
-            pending = PendingPut(self._async_slots, halves)   # (its set() gives the slot back)
+            self._async_slots.acquire()
+            pending = PendingPut(self._async_slots)   # (its set() gives the slot back)
             read_done = threading.Event()
             defer_work = getattr(stream, "defer_work", None)
             deferred = defer_work() if defer_work is not None else None
@@ -1100,14 +1093,13 @@ def _getfl(fd: int) -> int:
 class PendingPut:
     """A big put under way (`ObjectStore.put_async`): `result()` waits for it and gives its digest."""
 
-    __slots__ = ("_done", "_digest", "_error", "_slot", "_halves", "read_error")
+    __slots__ = ("_done", "_digest", "_error", "_slot", "read_error")
 
-    def __init__(self, slot: threading.BoundedSemaphore | None = None, halves: int = 1) -> None:
+    def __init__(self, slot: threading.BoundedSemaphore | None = None) -> None:
         self._done = threading.Event()
         self._digest: bytes | None = None
         self._error: BaseException | None = None
         self._slot = slot              # released when the put is over
-        self._halves = halves          # how much of `slot` it holds (ASYNC_PUTS)
         self.read_error = False        # the source was not read to its end (the put failed first)
 
     @classmethod
@@ -1120,7 +1112,7 @@ class PendingPut:
         self._digest, self._error = digest, error
         slot, self._slot = self._slot, None
         if slot is not None:
-            slot.release(self._halves)
+            slot.release()
         self._done.set()
 
     def done(self) -> bool:
