@@ -93,7 +93,7 @@ class DeferredWork(Protocol):
 
     def settle(self, upto: int | None = None) -> None: ...
 
-    def end(self) -> None: ...
+    def end(self, upto: int | None = None) -> None: ...
 
     # optional: `claim() -> int`, a mark to be settled by `settle_blocks(mark, chunk) -> bytes | None`,
     # which may also return the chunk's fs-verity block hashes, computed in the same pass, or dropped
@@ -211,10 +211,13 @@ class _StreamChunks:
     """
 
     def __init__(self, first: memoryview | None, stream: BinaryIO, buffers: _Buffers,
-                 prefetch: bool = False) -> None:
+                 prefetch: bool = False, deferred: DeferredWork | None = None) -> None:
         self._first = first
         self._stream = stream
         self._buffers = buffers
+        self._deferred = deferred
+        self.read_mark = deferred.mark() if deferred is not None else None  # the deferred work's mark
+        # after our last read: what the source hands out after it is read by the next put (see `end`)
         self._ended = False
         self._prefetched: threading.Event | None = threading.Event() if prefetch else None
         self._prefetch_error: BaseException | None = None
@@ -255,6 +258,8 @@ class _StreamChunks:
         if self._ended or (buf := self._buffers.take()) is None:
             return None
         n = _fill(self._stream, buf)
+        if self._deferred is not None:
+            self.read_mark = self._deferred.mark()
         if n < len(buf):
             self._ended = True
             if not n:
@@ -435,8 +440,9 @@ class ObjectStore:
         it reads (e.g. hashing it) that it leaves for later.  Right after reading each chunk the
         pipeline takes its `mark()`; `settle(mark)`, called in chunk order by the thread that read
         the chunk, before the chunk's buffer may be refilled, must do the work on everything read up
-        to that mark; `end()` (once the pipeline is done with the stream) does the rest.  So the work
-        runs on the core that has the chunk in its cache (see `_put_large`)."""
+        to that mark; `end(upto)` (once the pipeline is done with the stream; `upto`: the mark after
+        its last read, or None) does the rest of what it read.  So the work runs on the core that has
+        the chunk in its cache (see `_put_large`)."""
         self._check_writable("put")
         buffers = _Buffers(self._buffer_pool)
         handed_over = False
@@ -454,7 +460,7 @@ class ObjectStore:
             read_done = threading.Event()
             defer_work = getattr(stream, "defer_work", None)
             deferred = defer_work() if defer_work is not None else None
-            chunks = _StreamChunks(first, stream, buffers, prefetch=first is None)
+            chunks = _StreamChunks(first, stream, buffers, prefetch=first is None, deferred=deferred)
             try:
                 _WORKERS.run(self._put_large_job, chunks, buffers, expected, self._use_direct(), pending,
                              read_done, deferred, size)
@@ -501,7 +507,7 @@ class ObjectStore:
             if isinstance(chunks, _StreamChunks):
                 chunks.wait_prefetch()  # (the caller may still be reading into one of our buffers)
             if deferred is not None:  # (no worker reads any more: what it handed out is in our buffers)
-                deferred.end()
+                deferred.end(chunks.read_mark if isinstance(chunks, _StreamChunks) else None)
             buffers.release()
             pending.set(digest, error)
             read_done.set()  # (already set at the end of the source, unless it was not reached)

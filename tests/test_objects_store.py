@@ -155,6 +155,7 @@ class DeferringSource(io.RawIOBase):
         self.settled = 0
         self.sha = hashlib.sha256()
         self.ended = 0
+        self.end_marks: list[int | None] = []  # the `upto` of each end()
 
     def readable(self) -> bool:
         return True
@@ -181,9 +182,10 @@ class DeferringSource(io.RawIOBase):
             self.sha.update(mv)
             self.settled += 1
 
-    def end(self) -> None:
-        self.settle()
+    def end(self, upto: int | None = None) -> None:
+        self.settle(upto)
         self.ended += 1
+        self.end_marks.append(upto)
 
 
 class DeferringSourceKnowingItsEnd(DeferringSource):
@@ -217,6 +219,7 @@ def test_big_put_workers(store: ObjectStore, monkeypatch: pytest.MonkeyPatch, wo
     assert digest == fsverity_digest(data)
     assert Path(store.path(digest)).read_bytes() == data
     assert src.sha.digest() == hashlib.sha256(data).digest() and src.ended == 1
+    assert src.end_marks == [len(src.noted)]  # (its end() settles what it read, no further)
     assert tmp_entries(store) == []
 
 

@@ -195,17 +195,23 @@ class HashingReader:
             update(chunk[full:])
         return shared
 
-    def end(self) -> None:
-        """End one `defer_work()`: settle, and hash inline again once no other pipeline defers.
+    def end(self, upto: int | None = None) -> None:
+        """End one `defer_work()`: settle what the ending pipeline read, and hash inline again once
+        no other pipeline defers.
 
-        Settles up to the first chunk another pipeline has claimed (whose worker settles it, with
-        its block hashes); the ending pipeline settled its own chunks before (ObjectStore._put_large
-        settles up to its last mark), whose buffers must not be reused before."""
+        `upto`: the mark after the pipeline's last read (None: everything).  What was handed out
+        after it is the next pipeline's: its first chunk, read ahead into its buffer before its
+        worker claims it, is settled there with its block hashes; settled here it was hashed apart,
+        and again for fs-verity (8% of a layer of 2 MiB files).  Never past the first chunk another
+        pipeline has claimed either (whose worker settles it).  The ending pipeline settled its
+        taken chunks before (ObjectStore._put_large settles up to its last mark); this settles the
+        rest of what it read (a chunk read after it stopped) before its buffers are reused."""
         with self._count_lock:
             self._deferrals -= 1
         with self._claims_done:
-            upto = self._claims[0] if self._claims else None
-        self.settle(None if upto is None else upto - 1)
+            if self._claims and (upto is None or self._claims[0] <= upto):
+                upto = self._claims[0] - 1
+        self.settle(upto)
 
     def _hashed(self, data: bytes | memoryview) -> None:
         """Hash `data` now, or note it if a pipeline settles for us (it then must not change till settled)."""
