@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flatmount.flatten.imagefile import _Stream
+from flatmount.flatten.imagefile import _Stream, aligned_buffer
 from flatmount.flatten.imagefile import direct_images as _REAL_DIRECT_IMAGES
 from flatmount.flatten.imagefile import set_direct as _REAL_SET_DIRECT
 from flatmount.image import accel
@@ -408,6 +408,41 @@ def test_streamed_write_failure_leaves_nothing(tmp_path, monkeypatch):
         _flatten_recording(tmp_path, "a", monkeypatch, pwrite=full)
     assert os.listdir(tmp_path / "a" / "tmp") == []
     assert not [t for t in threading.enumerate() if t.name == "flatmount-image"]
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_buffered_ranges_are_flushed_as_they_are_written(tmp_path, monkeypatch, direct):
+    """Written buffered, a range the writer catches up with is made durable at once (fdatasync, in
+    the writer's thread, while the image is still being built), so the commit's fsync is left with
+    the last; O_DIRECT writes are not flushed on the way.  The file holds the image's bytes."""
+    real_fdatasync = os.fdatasync
+    synced: list[int] = []
+
+    def spy(fd):
+        synced.append(os.fstat(fd).st_size)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    img = os.urandom(3 * 4096)
+    buf = aligned_buffer(len(img))   # (page-aligned: O_DIRECT writes need it)
+    buf[:] = img
+    fd = os.open(tmp_path / "image", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        stream = _Stream(fd, direct and _REAL_SET_DIRECT(fd, True))
+        stream.final(buf, 4096)
+        deadline = time.monotonic() + 10
+        while stream.queues[0] and time.monotonic() < deadline:   # (the writer took the first range)
+            time.sleep(0.001)
+        time.sleep(0.05)
+        stream.final(buf, len(img))
+        stream.finish()
+    finally:
+        os.close(fd)
+    assert (tmp_path / "image").read_bytes() == img
+    if stream.direct:
+        assert synced == []
+    else:
+        assert synced and synced[0] == 4096
 
 
 # --- small-object arenas with their pages allocated at once -------------------------------------------
