@@ -80,6 +80,7 @@ def test_digests_on_every_hashing_path(impl: str) -> None:
     require_native()
     code = (
         "import random, sys\n"
+        "import objects._fsverity\n"   # (directly: objects.digest would fall back to Python quietly)
         "import objects.digest as d\n"
         "from objects.digest import _fsverity_digest_py, _hash_full_blocks_py\n"
         f"sizes = {SIZES!r} + [random.Random(1).randrange(20000) for _ in range(100)]\n"
