@@ -797,6 +797,32 @@ def _record_pwrites(monkeypatch: pytest.MonkeyPatch, fail: Callable[[int, int], 
     return calls
 
 
+def test_buffered_big_puts_are_flushed_as_they_go(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buffered, a big put's file is flushed (fdatasync) by the flusher thread, through a duplicate
+    of its fd that is closed after: no fd is left, the object is intact."""
+    real, flushed, lock = os.fdatasync, [], threading.Lock()
+
+    def spy(fd: int) -> None:
+        real(fd)
+        with lock:
+            flushed.append(threading.current_thread().name)
+
+    monkeypatch.setattr(store_mod.os, "fdatasync", spy)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    data = data_of(3 * store_mod.WRITEBACK_EVERY + 5, 21)
+    with ObjectStore(tmp_path / "objects") as store:
+        store.direct_io = False
+        digest = store.put(io.BytesIO(data))
+        store.sync()
+    deadline = time.monotonic() + 10
+    while (store_mod._FLUSHER._queued is not None or len(os.listdir("/proc/self/fd")) > fds_before) \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert Path(tmp_path / "objects" / store_mod.object_path(digest)).read_bytes() == data
+    assert flushed and set(flushed) == {"objects-flusher"}
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+
+
 @pytest.mark.parametrize("direct", [True, False], ids=["direct", "buffered"])
 def test_big_put_write_modes(store: ObjectStore, monkeypatch: pytest.MonkeyPatch, direct: bool) -> None:
     store.direct_io = direct
