@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 from .bulkwire import COUNT, FLUSH_EVERY, OK, PIPE_BUFFER, RECORD
 from .compiled import load
@@ -30,38 +29,6 @@ _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 
 def _stop(signum: int, frame: object) -> None:
     raise SystemExit(1)
-
-
-class _Flusher(threading.Thread):
-    """Starts writing the file system's dirty data out while objects are still being stored.
-
-    `ObjectStore.sync()` at the end of an import has to wait for every byte written since the last
-    sync (syncfs), including unrelated data such as the freshly written layer tarball; flushing in
-    the background, on the helper's core, leaves it little to do.  Durability still comes only from
-    that sync.
-    """
-
-    def __init__(self, dirfd: int) -> None:
-        super().__init__(name="objects-flush", daemon=True)
-        self.dirfd = dirfd
-        self.wake = threading.Event()
-        self._stopped = False
-
-    def run(self) -> None:
-        while True:
-            self.wake.wait()
-            self.wake.clear()
-            if self._stopped:
-                return
-            try:
-                _syncfs(self.dirfd)
-            except OSError:
-                return  # only an optimisation: the final sync() reports real errors
-
-    def stop(self) -> None:
-        self._stopped = True
-        self.wake.set()
-        self.join()
 
 
 class _Truncated(Exception):
@@ -199,8 +166,9 @@ def child_main(root: str, flush: bool = False, tmpfile: bool | None = None) -> i
         except OSError as e:
             raise ObjectStoreError(f"cannot open object store {root}: {e.strerror or e}") from None
         if flush:
-            flusher = _Flusher(store._dirfd)
-            flusher.start()
+            from .flush import Flusher
+
+            flusher = Flusher(_syncfs, "objects-flush")
         written = flushed = 0
         # (the compiled loop links anonymous files, as _store_hashed_new)
         compiled = _bulkstore is not None and (store.tmpfile() if tmpfile is None else tmpfile)
@@ -210,7 +178,7 @@ def child_main(root: str, flush: bool = False, tmpfile: bool | None = None) -> i
             for size in records:
                 written += size
                 if flusher is not None and written - flushed >= FLUSH_EVERY:
-                    flusher.wake.set()
+                    flusher.kick(store._dirfd)
                     flushed = written
     except _Truncated:
         message, rc = b"", 1  # the parent went away mid-record: store nothing half-sent

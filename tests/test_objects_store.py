@@ -815,7 +815,7 @@ def test_buffered_big_puts_are_flushed_as_they_go(tmp_path: Path, monkeypatch: p
         digest = store.put(io.BytesIO(data))
         store.sync()
     deadline = time.monotonic() + 10
-    while (store_mod._FLUSHER._queued is not None or len(os.listdir("/proc/self/fd")) > fds_before) \
+    while (not store_mod._FLUSHER.idle() or len(os.listdir("/proc/self/fd")) > fds_before) \
             and time.monotonic() < deadline:
         time.sleep(0.01)
     assert Path(tmp_path / "objects" / store_mod.object_path(digest)).read_bytes() == data
