@@ -19,9 +19,8 @@ are noisy both ways (the slowest buffered round against the fastest O_DIRECT one
 a host where buffered writes were 1.6x faster as soon as one round of each was unlucky).  Where
 the flush after the O_DIRECT writes takes a good share of their round (CACHED_SHARE), the host
 caches them and writes them out only when flushed, so O_DIRECT pays the disk twice; buffered
-writes flushed as they go win there by more than the probe shows, and need only beat it by
-MARGIN_CACHED.  Buffered puts are no less durable: their writer starts writeback as it goes
-(sync_file_range), a thread flushes their files meanwhile (objects.store._Flusher), and
+writes flushed as they go win there by more than the probe shows, and need only beat it.  Buffered puts are no less durable: their writer starts writeback as it goes
+(sync_file_range), a thread flushes their files meanwhile (objects.flush), and
 `ObjectStore.sync()` waits for it all (fsync per file, or one syncfs) before any reference is
 recorded.  The choice is recorded in `<root>/.write-mode` (with the boot id, both figures and the
 flush share, written atomically) and kept for the process, so it costs 30-150 ms once per boot and directory; a probe
@@ -47,8 +46,10 @@ CACHED_SHARE = 0.3  # from this share of an O_DIRECT round spent in its fdatasyn
 # what O_DIRECT writes (and writes it out only when flushed): O_DIRECT then pays the disk twice
 # (a VM doing 400-500 MB/s: 0.44-0.51 in 8 rounds of 8; a write that reaches the disk leaves
 # the flush next to nothing) ...
-MARGIN_CACHED = 1.1  # ... and buffered writes, flushed as they go (objects.store._Flusher), need
-# only beat it: there they ran 459-490 MB/s against 297-381 with O_DIRECT (probe ratios 1.09-1.82)
+MARGIN_CACHED = 1.0  # ... and buffered writes, flushed as they go (objects.flush), need only beat
+# it: there they ran 459-490 MB/s against 297-381 with O_DIRECT, while the probe's ratio was
+# 1.07-1.82 (its O_DIRECT rounds look fast when the host takes their writes into its cache, and
+# then their flush is longer: a share of 0.73 with a ratio of 1.07)
 
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
