@@ -19,12 +19,14 @@ are noisy both ways (the slowest buffered round against the fastest O_DIRECT one
 a host where buffered writes were 1.6x faster as soon as one round of each was unlucky).  Where
 the flush after the O_DIRECT writes takes a good share of their round (CACHED_SHARE), the host
 caches them and writes them out only when flushed, so O_DIRECT pays the disk twice; buffered
-writes flushed as they go win there by more than the probe shows, and need only beat it.  Buffered puts are no less durable: their writer starts writeback as it goes
-(sync_file_range), a thread flushes their files meanwhile (objects.flush), and
-`ObjectStore.sync()` waits for it all (fsync per file, or one syncfs) before any reference is
+writes flushed as they go win there by more than the probe shows, and are chosen unless O_DIRECT
+is clearly faster (MARGIN_CACHED).  Buffered puts are no less durable: their writer starts
+writeback as it goes (sync_file_range), a thread flushes their files meanwhile (objects.flush),
+and `ObjectStore.sync()` waits for it all (fsync per file, or one syncfs) before any reference is
 recorded.  The choice is recorded in `<root>/.write-mode` (with the boot id, both figures and the
-flush share, written atomically) and kept for the process, so it costs 30-150 ms once per boot and directory; a probe
-that cannot run (no O_TMPFILE, a full disk) chooses O_DIRECT for this process and records nothing.
+flush share, written atomically) and kept for the process, so it costs 30-250 ms once per boot and
+directory; a probe that cannot run (no O_TMPFILE, a full disk) chooses O_DIRECT for this process
+and records nothing.
 """
 
 from __future__ import annotations
@@ -46,10 +48,10 @@ CACHED_SHARE = 0.3  # from this share of an O_DIRECT round spent in its fdatasyn
 # what O_DIRECT writes (and writes it out only when flushed): O_DIRECT then pays the disk twice
 # (a VM doing 400-500 MB/s: 0.44-0.51 in 8 rounds of 8; a write that reaches the disk leaves
 # the flush next to nothing) ...
-MARGIN_CACHED = 1.0  # ... and buffered writes, flushed as they go (objects.flush), need only beat
-# it: there they ran 459-490 MB/s against 297-381 with O_DIRECT, while the probe's ratio was
-# 1.07-1.82 (its O_DIRECT rounds look fast when the host takes their writes into its cache, and
-# then their flush is longer: a share of 0.73 with a ratio of 1.07)
+MARGIN_CACHED = 0.8  # ... and buffered writes, flushed as they go (objects.flush), are chosen there
+# unless O_DIRECT is clearly faster: they ran 459-490 MB/s against 297-381 with O_DIRECT, while the
+# probe's ratio was 0.98-1.82 (its O_DIRECT rounds look fast when the host takes their writes into
+# its cache, and their flush is then the longer: shares of 0.73-0.74 with ratios of 0.98-1.07)
 
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -94,8 +96,9 @@ def use_direct(dirfd: int, readonly: bool = False) -> bool:
 
 
 def choose_direct(direct_s: float, buffered_s: float, flush_share: float) -> bool:
-    """O_DIRECT, unless buffered writes beat it by MARGIN (MARGIN_CACHED where the host caches
-    O_DIRECT writes: `flush_share` of an O_DIRECT round spent in its flush, see CACHED_SHARE)."""
+    """O_DIRECT, unless buffered writes beat it by MARGIN; where the host caches O_DIRECT writes
+    (`flush_share` of an O_DIRECT round spent in its flush, see CACHED_SHARE), buffered unless
+    O_DIRECT is clearly faster (MARGIN_CACHED)."""
     return direct_s <= buffered_s * (MARGIN_CACHED if flush_share >= CACHED_SHARE else MARGIN)
 
 

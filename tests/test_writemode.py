@@ -305,7 +305,7 @@ def test_a_host_caching_o_direct_writes_gets_buffered_writes(tmp_path, monkeypat
 
 @pytest.mark.parametrize(("direct_s", "buffered_s", "share", "direct"), [
     (1.6, 1.0, 0.0, False), (1.4, 1.0, 0.0, True), (1.4, 1.0, 0.3, False), (1.07, 1.0, 0.73, False),
-    (1.0, 1.0, 0.9, True), (0.9, 1.0, 0.5, True)])
+    (0.98, 1.0, 0.74, False), (0.8, 1.0, 0.5, True), (0.9, 1.0, 0.2, True)])
 def test_choose_direct(direct_s, buffered_s, share, direct):
     assert writemode.choose_direct(direct_s, buffered_s, share) is direct
 
