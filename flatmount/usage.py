@@ -43,7 +43,8 @@ from flatmount.store.leases import read_leases
 from flatmount.store.locks import store_lock
 from flatmount.store.paths import scan_objects
 from flatmount.store.refs import has_db, leased_beyond_records
-from objects.paths import OBJPATH_IN_TEXT_RE, object_path_hex
+from objects import paths as objpaths
+from objects.paths import object_path_hex
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store
@@ -380,7 +381,7 @@ def parse_object(text: str) -> str:
     m = _HEX64.fullmatch(t)
     if m:
         return object_path_hex(m.group(1))
-    m = OBJPATH_IN_TEXT_RE.search(t.rstrip("/"))
+    m = objpaths.OBJPATH_IN_TEXT_RE.search(t.rstrip("/"))
     if m:
         return f"{m.group(1)}/{m.group(2)}"
     raise NotFoundError(f"{text!r} is not an object digest (64 hex digits) or object path (XX/<62 hex>)")

@@ -63,7 +63,7 @@ from .errors import (
 )
 from .flush import Flusher
 from .libc import _fallocate, _Libc, _syncfs
-from .paths import object_path
+from .paths import is_hex, object_path
 
 TMP_DIR = ".tmp"
 OBJECT_MODE = 0o644
@@ -81,7 +81,6 @@ DIRECT_WRITERS = 2  # O_DIRECT writer threads of one put: two writes in flight (
 SYNCFS_MIN = 64  # from this many pending files/dirs on, one syncfs() is cheaper than one fsync each
 CHUNK_WORKERS = max(1, min(usable_cpus(), 4))  # threads reading and hashing one big put's chunks
 
-_HEX = frozenset("0123456789abcdef")
 _O_TMPFILE = getattr(os, "O_TMPFILE", 0)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECT = getattr(os, "O_DIRECT", 0)
@@ -390,7 +389,7 @@ class ObjectStore:
         try:
             with os.scandir(self.root) as it:
                 fanout = sorted(
-                    e.name for e in it if _is_hex(e.name, 2) and e.is_dir(follow_symlinks=False)
+                    e.name for e in it if is_hex(e.name, 2) and e.is_dir(follow_symlinks=False)
                 )
         except FileNotFoundError:
             return
@@ -398,7 +397,7 @@ class ObjectStore:
             try:
                 with os.scandir(os.path.join(self.root, xx)) as it:
                     names = sorted(
-                        e.name for e in it if _is_hex(e.name, 62) and e.is_file(follow_symlinks=False)
+                        e.name for e in it if is_hex(e.name, 62) and e.is_file(follow_symlinks=False)
                     )
             except FileNotFoundError:
                 continue
@@ -635,7 +634,7 @@ class ObjectStore:
     def _holds_only(self, rels: set[str]) -> bool:
         """Whether every object file in the directory is one of `rels` (stops at the first other)."""
         with os.scandir(self.root) as top:
-            fanouts = [e.name for e in top if _is_hex(e.name, 2) and e.is_dir(follow_symlinks=False)]
+            fanouts = [e.name for e in top if is_hex(e.name, 2) and e.is_dir(follow_symlinks=False)]
         for xx in fanouts:
             with os.scandir(os.path.join(self.root, xx)) as it:
                 if any(f"{xx}/{e.name}" not in rels for e in it):
@@ -1074,10 +1073,6 @@ class ObjectStore:
             self._pending_digests.append(batch)
             if batch:
                 self._pending_dirs.add(".")
-
-
-def _is_hex(name: str, length: int) -> bool:
-    return len(name) == length and _HEX.issuperset(name)
 
 
 _rel = object_path   # `XX/<62 hex>` of a raw digest (objects.paths)

@@ -34,7 +34,8 @@ from flatmount.store import reftable
 from flatmount.store.locks import hold
 from flatmount.store.names import normalise_name
 from flatmount.store.records import chain_id, layer_is_unverified, now_iso, unverified_chain_id
-from objects.paths import OBJPATH_RE, object_path
+from objects import paths as objpaths
+from objects.paths import object_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.image.tree import Inode
@@ -136,7 +137,7 @@ def _tree_walk(tree: Inode) -> tuple[set[str], set[bytes], int]:
                 elif node.digest is not None:
                     digests.add(node.digest)
     for p in paths:
-        if not OBJPATH_RE.fullmatch(p):
+        if not objpaths.OBJPATH_RE.fullmatch(p):
             raise LayerError(f"file references a malformed object path {p!r}")
     for d in digests:
         if len(d) != 32:  # (the hex of 32 bytes is exactly what OBJPATH_RE takes)

@@ -46,7 +46,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import re
 import stat
 import time
 from collections.abc import Iterator, Sequence
@@ -69,7 +68,8 @@ from flatmount.store.records import (
     LayerRecord,
     RemovedImage,
 )
-from objects.paths import OBJPATH_RE
+from objects import paths as objpaths
+from objects.paths import is_hex
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -81,9 +81,6 @@ ROOT_MODE = 0o700          # like c/storage's graphroot: other users have no bus
 SUBDIR_MODE = 0o755        # objects/, layers/, images/: overlayfs reads them with the mounter's creds
 TMP_MODE = 0o700
 STALE_TMP_AGE_S = 24 * 3600  # tmp files of writers that may still run are removed only after this
-
-_HEX64 = re.compile(r"[0-9a-f]{64}")
-_HEX_PREFIX = re.compile(r"[0-9a-f]{3,64}")
 
 
 def _check_access(root: str) -> None:
@@ -203,7 +200,7 @@ class Store:
 
     def find_object(self, objpath: str) -> str | None:
         """Absolute path of object `XX/<62 hex>` in the first store that has it, else None."""
-        if not OBJPATH_RE.fullmatch(objpath):
+        if not objpaths.OBJPATH_RE.fullmatch(objpath):
             raise StoreError(f"not an object path: {objpath!r} (want XX/<62 hex>)")
         for d in self.object_dirs():
             p = os.path.join(d, objpath)
@@ -347,7 +344,7 @@ class Store:
             n = 0
             for name in names:
                 lid = name[:-6] if name.endswith(".erofs") else name[:-5] if name.endswith(".tree") else None
-                if lid is None or (_HEX64.fullmatch(lid) and lid not in known):
+                if lid is None or (is_hex(lid, 64) and lid not in known):
                     with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                         os.unlink(name, dir_fd=dfd)
                         n += 1
@@ -753,14 +750,14 @@ class Store:
                     names: dict[str, tuple[str, Store]]) -> str:
         """THE lookup order of `resolve_image` (NotFoundError when nothing matches)."""
         hexref = ref.removeprefix("sha256:")
-        if _HEX64.fullmatch(hexref) and hexref in rows:
+        if is_hex(hexref, 64) and hexref in rows:
             return hexref
         if ref:
             for cand in name_candidates(ref):
                 hit = names.get(cand)
                 if hit is not None and hit[0] in rows:
                     return hit[0]
-        if _HEX_PREFIX.fullmatch(hexref):
+        if is_hex(hexref, 3, 64):
             matches = sorted(i for i in rows if i.startswith(hexref))
             if len(matches) == 1:
                 return matches[0]

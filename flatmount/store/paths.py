@@ -11,7 +11,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 
-from objects.paths import FANOUT_RE, REST_RE
+from objects import paths as objpaths
 
 DB_NAME = "flatmount.db"
 TREE_SUFFIX = ".tree"     # images/<digest>.tree: the tree cache (flatmount.image.treecache)
@@ -46,7 +46,7 @@ def scan_objects(objects_dir: str | os.PathLike) -> Iterator[tuple[str, str]]:
     root = os.fspath(objects_dir)
     try:
         with os.scandir(root) as it:
-            fanout = [e.name for e in it if FANOUT_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
+            fanout = [e.name for e in it if objpaths.FANOUT_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)]
     except FileNotFoundError:
         return
     for xx in fanout:
@@ -54,7 +54,7 @@ def scan_objects(objects_dir: str | os.PathLike) -> Iterator[tuple[str, str]]:
         try:
             with os.scandir(d) as it:
                 for e in it:
-                    if REST_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                    if objpaths.REST_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False):
                         yield f"{xx}/{e.name}", e.path
         except FileNotFoundError:
             continue

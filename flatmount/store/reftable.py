@@ -18,7 +18,7 @@ from itertools import repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING
 
-from objects.paths import OBJPATH_RE
+from objects import paths as objpaths
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -44,7 +44,7 @@ def compact(db: sqlite3.Connection) -> bool:
 
 def digest_of(path: str) -> bytes:
     """The 32-byte digest an object path names; ValueError if it is not `XX/<62 hex>`."""
-    if not OBJPATH_RE.fullmatch(path):
+    if not objpaths.OBJPATH_RE.fullmatch(path):
         raise ValueError(f"malformed object path {path!r}")
     return bytes.fromhex(path[:2] + path[3:])
 
@@ -89,7 +89,7 @@ def referenced_among(db: sqlite3.Connection, paths: Iterable[str]) -> set[str]:
     if not paths:
         return set()
     if compact(db):
-        blob = digests_blob(p for p in paths if OBJPATH_RE.fullmatch(p))
+        blob = digests_blob(p for p in paths if objpaths.OBJPATH_RE.fullmatch(p))
         if not blob:
             return set()
         return set(_paths(_firsts(db.execute(f"SELECT DISTINCT d FROM ({_DIGEST_ROWS}) "
