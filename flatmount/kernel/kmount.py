@@ -27,7 +27,6 @@ import fcntl
 import os
 import stat
 import struct
-import tempfile
 import time
 from collections.abc import Sequence
 
@@ -500,6 +499,8 @@ class _Mounter:
 
     def erofs_dir(self) -> str:
         """The image mounted with mount(2) at a private temporary dir, detached again on exit."""
+        import tempfile  # (here: with shutil and random behind it, 7 ms of every command's start-up)
+
         tmp = tempfile.mkdtemp(prefix="flatmount-erofs-")
         self.stack.callback(_quietly, os.rmdir, tmp)
         try:
