@@ -6,10 +6,10 @@ The public API is loaded lazily so that `import flatmount` (and so CLI start-up)
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from flatmount.errors import FlatmountError
 from objects.lazy import lazy_names
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 
 __all__ = ["FlatmountError", "Inode", "open_store"]
 __version__ = "0.1.0"

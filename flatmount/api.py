@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
 
 from flatmount.store import core
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Sequence
+    from typing import Any
+
     from flatmount.diff import Change
     from flatmount.flatten import FlatImage
     from flatmount.fsck import FsckResult

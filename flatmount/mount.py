@@ -33,8 +33,6 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from flatmount.errors import (
     MountError,
@@ -48,7 +46,11 @@ from flatmount.store.leases import LEASE_COLS, Lease, judge_lease, lease_rows, l
 from flatmount.store.locks import lock_dir
 from objects.writemode import boot_id  # leases from another boot are stale (also for gc, bundle)
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterator
+
     from flatmount.flatten import FlatImage
     from flatmount.store.core import Store
 

@@ -15,10 +15,11 @@ only a caller that asks for them pays for `dataclasses`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 
 if TYPE_CHECKING:  # pragma: no cover
-    from typing import dataclass_transform
+    from typing import Any, dataclass_transform
 else:
     def dataclass_transform(**_: object):
         return lambda f: f

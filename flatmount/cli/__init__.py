@@ -10,13 +10,15 @@ Exit codes: 0 success; 1 differences found (only `diff --exit-code`); 2 usage er
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
 
 from objects.lazy import lazy_names
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
     import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Any
 
 # The parser itself lives in flatmount.cli.parser (argparse is imported only when a command line
 # needs it); its names stay reachable here as before (`cli.build_parser`, `from flatmount.cli import

@@ -59,11 +59,11 @@ which chain an image has).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from flatmount.flatten.imagecache import FlatImage, flatten_chain, flatten_image, write_flat_image
 from flatmount.flatten.paths import cached_flat_image, chain_of
 from objects.lazy import lazy_names
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 
 # The names below are loaded from their submodule on first use (PEP 562): a mount of a cached image
 # needs only `paths` and `imagecache`, not the tree code that writes one.

@@ -7,14 +7,16 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 from flatmount.flatten.paths import _digest_of, cached_flat_image, chain_of, flat_image_path
 from flatmount.log import debug
 from flatmount.record import record
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterator, Sequence
+
     from flatmount.image.tree import Inode
     from flatmount.store.core import Store
 

@@ -4,9 +4,10 @@ image's chain holds (the paths themselves: flatmount.store.paths)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from flatmount.store.paths import flat_image_path
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store

@@ -28,12 +28,15 @@ import os
 import stat
 import struct
 import time
-from collections.abc import Sequence
 
 from flatmount.errors import MountError, PermissionRequiredError
 from flatmount.log import debug
 from flatmount.record import record
 from objects.compiled import load
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Sequence
 
 __all__ = ["MountEntry", "find_mount", "is_mountpoint", "mount_id", "mount_image", "not_ours_reason",
            "umount_image"]

@@ -14,10 +14,13 @@ Explicit arguments override the file; `additional` replaces the configured list.
 from __future__ import annotations
 
 import os
-from typing import Any
 
 from flatmount.errors import StoreError
 from flatmount.record import record
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
 
 DEFAULT_CONFIG = "/etc/flatmount/storage.conf"
 

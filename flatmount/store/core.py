@@ -48,9 +48,7 @@ import errno
 import os
 import stat
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import NotFoundError, ReadOnlyStoreError, StoreError
 from flatmount.store import reftable
@@ -71,8 +69,12 @@ from flatmount.store.records import (
 from objects import paths as objpaths
 from objects.paths import is_hex
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
+    from collections.abc import Iterator, Sequence
+    from typing import Any
 
     from objects import ObjectStore
 

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import TYPE_CHECKING
 
 from flatmount.errors import CorruptImageError, StoreError
 from flatmount.store import reftable
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.image.tree import Inode

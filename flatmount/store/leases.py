@@ -10,11 +10,12 @@ container (flatmount.store.containers) still uses its copy of the mount.
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from flatmount.record import record, replace
 from flatmount.store.locks import dir_busy
 from objects.writemode import boot_id  # leases from another boot are stale
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3

@@ -19,24 +19,26 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Protocol
 
 from flatmount.errors import ReadOnlyStoreError, StoreError
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterator
+    from pathlib import Path
+    from typing import Protocol
+
+    class Store(Protocol):
+        """What the GC lock needs of a store (flatmount.store.core.Store, which calls this module)."""
+
+        root: Path
+        readonly: bool
+
+        def ensure_writable(self, clean: bool = True) -> None: ...
+
+        def gc_lock(self, shared: bool, clean: bool = True) -> contextlib.AbstractContextManager[None]: ...
+
 GC_LOCK = "gc.lock"
-
-
-class Store(Protocol):
-    """What the GC lock needs of a store (flatmount.store.core.Store, which calls this module)."""
-
-    root: Path
-    readonly: bool
-
-    def ensure_writable(self, clean: bool = True) -> None: ...
-
-    def gc_lock(self, shared: bool, clean: bool = True) -> contextlib.AbstractContextManager[None]: ...
 
 
 def open_lock_file(path: str | os.PathLike, create: bool) -> int:

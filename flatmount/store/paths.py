@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from collections.abc import Callable, Iterator
 
 from objects import paths as objpaths
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable, Iterator
 
 DB_NAME = "flatmount.db"
 TREE_SUFFIX = ".tree"     # images/<digest>.tree: the tree cache (flatmount.image.treecache)

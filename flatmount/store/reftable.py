@@ -13,15 +13,16 @@ Objects come and go as `XX/<62 hex>` paths (objects.paths), as everywhere else.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
 from itertools import repeat
 from operator import itemgetter
-from typing import TYPE_CHECKING
 
 from objects import paths as objpaths
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
+    from collections.abc import Iterable, Iterator
 
 COMPACT_SINCE = 3  # the schema version that stores refs as (owner id, digest)
 
