@@ -31,9 +31,12 @@ and records nothing.
 
 from __future__ import annotations
 
-import mmap
 import os
 import time
+
+TYPE_CHECKING = False  # (mmap only where the probe runs: every command imports this module for boot_id)
+if TYPE_CHECKING:  # pragma: no cover
+    import mmap
 
 STATE_FILE = ".write-mode"
 PROBE_BYTES = 8 << 20
@@ -147,6 +150,8 @@ def measure(dirfd: int) -> tuple[float, float, float] | None:
     writes, the median round of each (rounds alternate, so a burst of load from elsewhere hits
     both), and the median share of an O_DIRECT round its flush took; None if the probe cannot run
     here (then nothing is decided)."""
+    import mmap
+
     buf = mmap.mmap(-1, PROBE_WRITE)  # page-aligned, as O_DIRECT needs
     try:
         buf.write(os.urandom(PROBE_WRITE))

@@ -6,14 +6,15 @@ of these asks here, so the layout is written down once.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import os
-import threading
 
 from objects import paths as objpaths
 
 TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 if TYPE_CHECKING:  # pragma: no cover
+    import threading
     from collections.abc import Callable, Iterator
 
 DB_NAME = "flatmount.db"
@@ -82,7 +83,8 @@ class DerivedWriters:
     def __init__(self) -> None:
         self._threads: list[threading.Thread] = []
         self._helpers: list[int] = []   # pids
-        self._lock = threading.Lock()
+        self._lock = _thread.allocate_lock()  # (threading itself is imported by the first writer:
+        # a millisecond of start-up for the commands that start none, mount and umount)
 
     def start(self, target: Callable[..., None], *args: object) -> None:
         """Run `target(*args)` in a writer thread (after the oldest ones beyond MAX_PENDING finish).
@@ -93,6 +95,8 @@ class DerivedWriters:
         is ready, could return it (measured: 0.5-17 ms, typically 7-11 ms, of every flatten of a
         64k-inode chain).  So the thread first waits for `go`, which is set once `start` returned
         from the thread's start-up: it then asks for the GIL as any other thread does."""
+        import threading
+
         go = threading.Event()
         t = threading.Thread(target=_after, args=(go, target, args), name="flatmount-derived", daemon=False)
         with self._lock:
@@ -122,10 +126,13 @@ class DerivedWriters:
         with self._lock:
             threads, self._threads = self._threads, []
             helpers, self._helpers = self._helpers, []
-        me = threading.current_thread()
-        for t in threads:
-            if t is not me:
-                t.join()
+        if threads:
+            import threading
+
+            me = threading.current_thread()
+            for t in threads:
+                if t is not me:
+                    t.join()
         for pid in helpers:
             reap(pid)
 
