@@ -156,10 +156,12 @@ def targets(results: dict) -> dict:
         "5_cli_mount_over_python_ms": _target(
             (cli.get("python -m flatmount: mount") or {}).get("over_floor_ms"), 15,
             instructions_est_ms=instr.get("mount_over_floor_ms_est"),
-            python_c_pass_p50_ms=(cli.get("python_c_pass") or {}).get("p50_ms")),
+            python_c_pass_p50_ms=(cli.get("python_c_pass") or {}).get("p50_ms"),
+            without_site_ms=(cli.get("python -S -m flatmount: mount") or {}).get("over_floor_ms")),
         "5_cli_umount_over_python_ms": _target(
             (cli.get("python -m flatmount: umount") or {}).get("over_floor_ms"), 15,
-            instructions_est_ms=instr.get("umount_over_floor_ms_est")),
+            instructions_est_ms=instr.get("umount_over_floor_ms_est"),
+            without_site_ms=(cli.get("python -S -m flatmount: umount") or {}).get("over_floor_ms")),
     }
 
 
