@@ -213,8 +213,8 @@ def run_cli(quick: bool, workdir: str | None = None) -> dict:
             result[name] = _pct(xs)
             if not name.endswith("_c_pass"):   # (a cycle is two processes: two floors)
                 floors = 2 if name.endswith("cycle") else 1
-                base = floor_s_p50 if name.startswith("python -S") else floor_p50
-                result[name]["over_floor_ms"] = round((statistics.median(xs) - floors * base) * 1e3, 1)
+                floor0 = floor_s_p50 if name.startswith("python -S") else floor_p50
+                result[name]["over_floor_ms"] = round((statistics.median(xs) - floors * floor0) * 1e3, 1)
         return result
     finally:
         while kmount.is_mountpoint(str(mnt)):
