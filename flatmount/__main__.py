@@ -1,5 +1,3 @@
-import sys
+from flatmount.cli import run
 
-from flatmount.cli import main
-
-sys.exit(main())
+run()

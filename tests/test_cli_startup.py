@@ -200,6 +200,8 @@ def test_mount_and_umount_import_only_their_path(store_paths):
     try:
         assert open(os.path.join(merged, "big"), "rb").read() == BIG
         assert [m for _, m in _leases(store_paths)] == [merged]   # committed: another connection sees it
+        # the CLI closed its store: the WAL was checkpointed into the DB and removed, as at every close
+        assert not os.path.exists(os.path.join(store_paths["root"], "flatmount.db-wal"))
         assert "flatmount.mount" in mods and "flatmount.cli.mount" in mods
         assert mods & NOT_NEEDED == set()
     finally:
@@ -272,3 +274,46 @@ def test_an_interrupt_raised_in_a_weakref_callback_is_not_lost():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
                        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert p.stdout.strip() == "interrupted", (p.stdout, p.stderr)
+
+
+# --- the end of a command (flatmount.cli.run: the interpreter's teardown is skipped when safe) ------
+
+_RUN = textwrap.dedent("""
+    import atexit, os, sys, threading, time
+
+    class Teardown:
+        def __del__(self, write=os.write):   # (the module's globals may be gone by then)
+            write(1, b"teardown ran\\n")
+
+    def at_exit():
+        print("atexit ran")
+        garbage = Teardown()
+        garbage.cycle = garbage   # freed only by a collection: the teardown's final ones
+
+    what = sys.argv[1]
+    if what != "plain":
+        atexit.register(at_exit)
+    if what == "thread":   # still running when the command ends: the interpreter must join it
+        threading.Thread(target=lambda: (time.sleep(2), print("thread ran"))).start()
+    sys.argv = ["flatmount", *sys.argv[2:]]
+    from flatmount.cli import run
+    run()
+""")
+
+
+@pytest.mark.parametrize("what", ["plain", "atexit", "thread"])
+def test_run_ends_the_process_as_the_interpreter_would(tmp_path, what):
+    """The output, the exit code and the atexit callbacks are what a normal exit gives; the teardown
+    itself (the final collections, objects freed one by one) is skipped, unless a thread still runs."""
+    where = ["--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run")]
+    for command, code in ((["mounts"], 0), (["mount", "nosuch"], 3)):
+        p = subprocess.run([sys.executable, "-c", _RUN, what, *command, *where], capture_output=True,
+                           text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert p.returncode == code, p.stderr
+        lines = p.stdout.splitlines()
+        if code == 0:
+            assert lines[0].split() == ["LEASE", "IMAGE", "DIGEST", "PID", "CREATED", "STATE", "MERGED"]
+        else:
+            assert p.stderr.startswith("flatmount: "), p.stderr
+        assert ("atexit ran" in lines) == (what != "plain")
+        assert ("thread ran" in lines) == ("teardown ran" in lines) == (what == "thread"), lines

@@ -35,12 +35,14 @@ DUMP_PEER_RATIO = 1.5     # dump / composefs-info dump
 
 # Run the CLI as `python -m flatmount` would, then report the process's own peak RSS (VmHWM): ru_maxrss
 # of a child is useless here, Linux carries the (large) parent's peak over fork and exec into it.
-_PEAK = ("import runpy, sys\n"
-         "sys.argv = ['flatmount', *sys.argv[1:]]\n"
-         "try:\n    runpy.run_module('flatmount', run_name='__main__', alter_sys=True)\n"
-         "finally:\n"
+# (At exit: the CLI ends the process itself (flatmount.cli.run), after the atexit callbacks.)
+_PEAK = ("import atexit, runpy, sys\n"
+         "def peak():\n"
          "    hwm = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-         "    sys.stderr.write(f'\\nVmHWM_KB={hwm}\\n')\n")
+         "    sys.stderr.write(f'\\nVmHWM_KB={hwm}\\n')\n"
+         "atexit.register(peak)\n"
+         "sys.argv = ['flatmount', *sys.argv[1:]]\n"
+         "runpy.run_module('flatmount', run_name='__main__', alter_sys=True)\n")
 
 
 def _timed_child(argv: list[str]) -> tuple[float, int]:

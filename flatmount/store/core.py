@@ -151,6 +151,15 @@ def _has_entries(path: str) -> bool:
 
 # --- the store -------------------------------------------------------------------------------------
 
+_open_dbs = 0   # DB connections this process's stores hold open (see `open_connections`)
+
+
+def open_connections() -> int:
+    """How many store DB connections this process holds open.  At 0 no SQLite connection is left for
+    the interpreter's teardown to close (flatmount.cli.run may then skip that teardown)."""
+    return _open_dbs
+
+
 class Store:
     """One flatmount store directory; the primary one also carries `additional` (read-only) stores.
 
@@ -367,7 +376,7 @@ class Store:
                 db.total_changes  # noqa: B018 - raises if someone closed it
                 return db
             except Exception:  # noqa: BLE001
-                self._db = None
+                self._forget_db()
         from flatmount.store.sqlite import sqlite3
 
         deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
@@ -395,7 +404,15 @@ class Store:
                                  + (": run as a user who may read the store, or choose another one "
                                     "with --root" if isinstance(e, PermissionError) else "")) from None
         self._db = db
+        global _open_dbs
+        _open_dbs += 1
         return db
+
+    def _forget_db(self) -> None:
+        global _open_dbs
+        self._db = None
+        self._db_sound = None   # (data_version counts per connection)
+        _open_dbs -= 1
 
     # --- database integrity -----------------------------------------------------------------------
     def data_besides_db(self) -> str | None:
@@ -586,9 +603,9 @@ class Store:
         wait_derived()
         for s in (self, *self.additional):
             if s._db is not None:
-                s._db.close()
-                s._db = None
-                s._db_sound = None   # (data_version counts per connection)
+                db = s._db
+                s._forget_db()
+                db.close()
             if s._objects is not None:
                 s._objects.close()
                 s._objects = None
