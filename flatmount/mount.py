@@ -72,7 +72,7 @@ class CleanupResult:
 # --- helpers --------------------------------------------------------------------------------------
 
 def mounts_dir(store: Store) -> str:
-    return os.path.join(os.fspath(store.runroot), "mounts")
+    return os.path.join(store.runroot_str, "mounts")
 
 
 def _require_mount_privilege() -> None:
@@ -92,7 +92,7 @@ def _require_mount_privilege() -> None:
 
 def _require_writable(store: Store) -> None:
     if store.readonly:
-        raise ReadOnlyStoreError(f"store {store.root} is opened read-only: mounts need a writable primary "
+        raise ReadOnlyStoreError(f"store {store.root_str} is opened read-only: mounts need a writable primary "
                                  "store for their leases")
 
 
@@ -128,7 +128,7 @@ def _ensure_ns_column(db) -> None:
 
 
 def _leases(store: Store, where: str = "", params: tuple = ()) -> list[Lease]:
-    if not store.db_path.exists():
+    if not os.path.exists(store.db_file):
         return []
     return lease_rows(store.connect(), where, params)
 
@@ -154,13 +154,13 @@ def involved_object_dirs(store: Store, chain, image_path: str) -> list[str]:
     need.add(os.path.dirname(os.path.dirname(os.path.abspath(image_path))))
     out = []
     for s in (store, *store.additional):
-        if s is not store and str(s.root) not in need:
+        if s is not store and s.root_str not in need:
             continue
-        d = str(s.objects_dir)
+        d = os.path.join(s.root_str, "objects")
         if not os.path.isdir(d):
-            if s is store and str(s.root) not in need:
+            if s is store and s.root_str not in need:
                 continue
-            raise StoreError(f"object directory {d} of store {s.root} is missing: the image's files "
+            raise StoreError(f"object directory {d} of store {s.root_str} is missing: the image's files "
                              "live there (store damaged? run fsck)")
         out.append(d)
     return out
@@ -221,7 +221,7 @@ def _verity_ready(store: Store, flat: FlatImage, dirs: list[str]) -> bool:
         return False
     try:
         digest = verity.measure(fd)
-        if digest is None and not store.readonly and flat.path == flat_image_path(store.root, flat.digest):
+        if digest is None and not store.readonly and flat.path == flat_image_path(store.root_str, flat.digest):
             try:
                 verity.enable(fd)
             except ObjectStoreError:

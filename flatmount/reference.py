@@ -8,8 +8,6 @@ flatmount records is one podman would accept too.
 
 from __future__ import annotations
 
-import re
-
 from flatmount.errors import StoreError
 
 _ALNUM = r"[a-z0-9]+"
@@ -22,16 +20,39 @@ _TAG = r"[\w][\w.-]{0,127}"
 _DIGEST = r"[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,}"
 REFERENCE = rf"(?P<name>{_NAME})(?::(?P<tag>{_TAG}))?(?:@(?P<digest>{_DIGEST}))?"
 NAME_MAX = 255
-# One path component with an optional tag (`alpine`, `my-app:1.2`): a subset of the grammar that a far
-# smaller pattern checks, so most commands never compile the whole one (half a millisecond of CLI
-# start-up).  tests/test_store_names.py checks that it decides as the whole grammar does.
+# One path component with an optional tag (`alpine`, `my-app:1.2`): a subset of the grammar, checked
+# without `re` (`is_short`), so most commands never import it nor compile the whole pattern (5 ms of
+# CLI start-up).  tests/test_store_names.py checks that it decides as this pattern and as the whole
+# grammar do.
 SHORT = r"[a-z0-9]+(?:[._-][a-z0-9]+)*(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?"
+_COMPONENT_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789")
+_TAG_FIRST = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_")
+_TAG_CHARS = _TAG_FIRST | {".", "-"}
+
+
+def is_short(text: str) -> bool:
+    """Whether `text` matches SHORT in full: lowercase letters and digits in runs joined by single
+    '.', '_' or '-', then optionally ':' and a tag."""
+    name, colon, tag = text.partition(":")
+    if colon and not (len(tag) <= 128 and tag[:1] in _TAG_FIRST and _TAG_CHARS.issuperset(tag)):
+        return False
+    after_separator = True   # (a name neither starts nor ends with a separator, nor has two in a row)
+    for c in name:
+        if c in _COMPONENT_CHARS:
+            after_separator = False
+        elif c in "._-" and not after_separator:
+            after_separator = True
+        else:
+            return False
+    return not after_separator
 
 
 def check_reference(text: str) -> str:
     """`text` if it is a valid image reference, else StoreError saying what the grammar allows."""
-    if re.fullmatch(SHORT, text) and len(text.partition(":")[0]) <= NAME_MAX:
+    if is_short(text) and len(text.partition(":")[0]) <= NAME_MAX:
         return text
+    import re
+
     m = re.fullmatch(REFERENCE, text)   # (compiled once: re caches patterns)
     if m is None or not text.isascii():
         raise StoreError(f"invalid image name {text!r}: use [HOST[:PORT]/]PATH[:TAG], PATH of lowercase "

@@ -167,8 +167,12 @@ _LIST_MODULES = ("import atexit, runpy, sys\n"
 # dataclasses and the inspect it imports (the records are flatmount.record classes), the code that
 # writes a flattened image (the image is cached: flatmount.flatten loads its writing side lazily),
 # json (a mount needs the image's chain, not its config), the sqlite3 package and the datetime it
-# imports (flatmount.store.sqlite loads the C module alone)
-NOT_NEEDED = {"json", "sqlite3", "sqlite3.dbapi2", "datetime", "flatmount.cli.maint", "flatmount.cli.diff", "flatmount.cli.image",
+# imports (flatmount.store.sqlite loads the C module alone), pathlib and the re, fnmatch and
+# urllib.parse behind it (a store's paths are str until a Path is asked for), re for a short name
+# (flatmount.reference.is_short), typing.  The wrapper runs without site (-S), so that no module
+# the environment preloads (a .pth file's) hides one of these.
+NOT_NEEDED = {"pathlib", "re", "fnmatch", "urllib.parse", "typing",
+              "json", "sqlite3", "sqlite3.dbapi2", "datetime", "flatmount.cli.maint", "flatmount.cli.diff", "flatmount.cli.image",
               "flatmount.cli.demo", "flatmount.cli.docs", "objects.store", "objects.digest",
               "hashlib", "platform", "dataclasses", "inspect", "flatmount.flatten.helper",
               "flatmount.flatten.trees", "flatmount.flatten.merge", "flatmount.image.tree",
@@ -176,9 +180,12 @@ NOT_NEEDED = {"json", "sqlite3", "sqlite3.dbapi2", "datetime", "flatmount.cli.ma
 
 
 def _run(paths, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
-    cmd = [sys.executable, "-c", _LIST_MODULES, *args, "--root", paths["root"], "--runroot", paths["run"]]
+    cmd = [sys.executable, "-S", "-c", _LIST_MODULES, *args, "--root", paths["root"], "--runroot", paths["run"]]
+    import site  # (-S: the installed packages, e.g. xxhash for `flatten`, by PYTHONPATH, no .pth run)
+
+    path = os.pathsep.join([str(ROOT), *site.getsitepackages(), site.getusersitepackages()])
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=120,
-                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+                       env={**os.environ, "PYTHONPATH": path})
     line = next((x for x in r.stderr.splitlines() if x.startswith("MODULES ")), "MODULES ")
     return r, set(line.split()[1:])
 

@@ -110,6 +110,18 @@ def test_the_short_name_path_decides_as_the_whole_grammar_on_random_names(text):
     assert _check_accepts(text) == _whole_grammar_accepts(text)
 
 
+@given(st.one_of(st.text(alphabet="az09._-:Z\n \u00fc/@", max_size=140),
+                 st.from_regex(r"[a-z0-9]{1,3}(?:[._-]{1,2}[a-z0-9]{1,3}){0,4}(?::[A-Za-z0-9_.-]{0,130})?",
+                               fullmatch=True)))
+@settings(max_examples=3000, deadline=None)
+def test_is_short_decides_as_its_pattern(text):
+    import re
+
+    from flatmount.reference import SHORT, is_short
+
+    assert is_short(text) == (re.fullmatch(SHORT, text) is not None)
+
+
 @given(st.from_regex(r"[a-z0-9]{1,3}(?:[._-][a-z0-9]{1,3}){0,90}(?::[A-Za-z0-9_][A-Za-z0-9_.-]{0,130})?",
                      fullmatch=True))
 @settings(max_examples=1000, deadline=None)

@@ -76,9 +76,12 @@ def parse_simple(words: list[str]) -> SimpleNamespace | None:
     names, flags, func = COMMANDS[command]
     if len(positionals) != len(names) or (top.get("quiet") and top.get("debug")):
         return None
-    import importlib  # as flatmount.cli.parser loads the areas: the dispatcher imports no area by name
+    import sys
 
-    area = importlib.import_module("flatmount.cli.mount")
+    # by name, as flatmount.cli.parser loads the areas (the dispatcher imports no area itself); with
+    # __import__, not importlib: that package and the warnings it loads are not needed here
+    __import__("flatmount.cli.mount")
+    area = sys.modules["flatmount.cli.mount"]
     ns = {"quiet": False, "debug": False, **top, "command": command, **dict.fromkeys(flags.values(), False),
           **sub, **dict(zip(names, positionals, strict=True)), "func": getattr(area, func)}
     return SimpleNamespace(**ns)

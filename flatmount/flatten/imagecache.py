@@ -51,7 +51,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
 
     if store.readonly:
         raise ReadOnlyStoreError(f"the flattened image of layer {key} is not cached and the primary "
-                                 f"store {store.root} is opened read-only")
+                                 f"store {store.root_str} is opened read-only")
     from flatmount.flatten.trees import DERIVERS, _remember_tree
 
     # clean=False: the store's write-open cleaning (stale temp files, orphan layer files: a DB check
@@ -65,7 +65,7 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
         for i in range(len(ids) - 2, -1, -1):  # the longest cached proper prefix
             prefix = cached_flat_image(store, ids[i])
             if prefix is not None:  # its tree cache may be (re)written only in the primary store
-                save = os.path.dirname(os.path.dirname(prefix)) == os.fspath(store.root)
+                save = os.path.dirname(os.path.dirname(prefix)) == store.root_str
                 start = i + 1
                 break
         layers = list(chain[start:])
@@ -184,5 +184,5 @@ def _write_image_file(store: Store, tree: Inode, buf=None, keep: list | None = N
         af.file.write(buf)
         # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced
         digest, image_id = af.sync_while(lambda: (hashlib.sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)))
-        path = af.commit(flat_image_path(store.root, digest))  # same bytes if it existed: content-addressed
+        path = af.commit(flat_image_path(store.root_str, digest))  # same bytes if it existed: content-addressed
     return digest, path, len(buf), image_id

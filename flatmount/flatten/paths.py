@@ -24,7 +24,7 @@ def cached_flat_image(store: Store, chain_key: str) -> str | None:
                 continue
             raise
         if row is not None:
-            path = flat_image_path(s.root, row[0])
+            path = flat_image_path(s.root_str, row[0])
             if os.path.exists(path):
                 return path
     return None

@@ -48,7 +48,6 @@ import errno
 import os
 import stat
 import time
-from pathlib import Path
 
 from flatmount.errors import NotFoundError, ReadOnlyStoreError, StoreError
 from flatmount.store import reftable
@@ -74,6 +73,7 @@ TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI sta
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
     from collections.abc import Iterator, Sequence
+    from pathlib import Path
     from typing import Any
 
     from objects import ObjectStore
@@ -121,7 +121,7 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
                          "with --runroot or runroot in storage.conf)")
     primary = (store_class or Store)(root_s, runroot_s, readonly=readonly)
     primary.check_paths()
-    seen = {os.path.realpath(primary.root)}
+    seen = {os.path.realpath(primary.root_str)}
     for a in ais:
         real = os.path.realpath(a)
         if real in seen:
@@ -130,7 +130,7 @@ def open_store(root: str | os.PathLike | None = None, additional: Sequence[str |
         if not os.path.isdir(a):
             raise StoreError(f"additional store {a} does not exist or is not a directory")
         extra = Store(a, runroot_s, readonly=True, is_additional=True)
-        if not os.path.lexists(extra.db_path) and _has_entries(a):
+        if not os.path.lexists(extra.db_file) and _has_entries(a):
             # (an empty dir is an empty store: nothing in it to misread)
             raise StoreError(f"additional store {a} is not a flatmount store (it has files but no "
                              f"{DB_NAME}): give a store directory flatmount wrote (`flatmount --root DIR "
@@ -169,8 +169,13 @@ class Store:
 
     def __init__(self, root: str | os.PathLike, runroot: str | os.PathLike | None = None, *,
                  readonly: bool = False, is_additional: bool = False):
-        self.root = Path(os.path.abspath(os.fspath(root)))
-        self.runroot = Path(os.path.abspath(os.fspath(runroot))) if runroot is not None else self.root / "run"
+        # the paths as str; `root`, `runroot` (and db_path, ...) give them as pathlib.Path, made on first
+        # use: pathlib with its re, fnmatch and urllib.parse is a third of a `flatmount mount`'s imports
+        self.root_str = os.path.abspath(os.fspath(root))
+        self.runroot_str = (os.path.abspath(os.fspath(runroot)) if runroot is not None
+                            else os.path.join(self.root_str, "run"))
+        self.db_file = os.path.join(self.root_str, DB_NAME)   # db_path as str
+        self._paths: tuple[Path, Path] | None = None
         self.readonly = readonly or is_additional
         self.is_additional = is_additional
         self.additional: list[Store] = []
@@ -183,9 +188,25 @@ class Store:
 
     def __repr__(self) -> str:
         kind = "additional" if self.is_additional else ("read-only" if self.readonly else "primary")
-        return f"<Store {kind} {self.root}>"
+        return f"<Store {kind} {self.root_str}>"
 
     # --- paths ------------------------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        """The store's directory (`root_str` as a Path)."""
+        return (self._paths or self._make_paths())[0]
+
+    @property
+    def runroot(self) -> Path:
+        """The runtime directory: mounts' dirs and locks (`runroot_str` as a Path)."""
+        return (self._paths or self._make_paths())[1]
+
+    def _make_paths(self) -> tuple[Path, Path]:
+        from pathlib import Path
+
+        self._paths = (Path(self.root_str), Path(self.runroot_str))
+        return self._paths
+
     @property
     def db_path(self) -> Path:
         return self.root / DB_NAME
@@ -203,11 +224,11 @@ class Store:
         return self.root / "tmp"
 
     def layer_image_path(self, layer_id: str) -> str:
-        return str(self.layers_dir / f"{layer_id}.erofs")
+        return os.path.join(self.root_str, "layers", f"{layer_id}.erofs")
 
     def object_dirs(self) -> list[str]:
         """Object directories to back a mount: the primary's, then each additional store's."""
-        return [str(s.objects_dir) for s in (self, *self.additional)]
+        return [os.path.join(s.root_str, "objects") for s in (self, *self.additional)]
 
     def find_object(self, objpath: str) -> str | None:
         """Absolute path of object `XX/<62 hex>` in the first store that has it, else None."""
@@ -231,7 +252,7 @@ class Store:
                 try:
                     self._objects = ObjectStore(self.objects_dir, readonly=True)
                 except ObjectStoreError as e:
-                    raise StoreError(f"store {self.root}: {e}") from None
+                    raise StoreError(f"store {self.root_str}: {e}") from None
             else:
                 self.ensure_writable()
                 self._objects = ObjectStore(self.objects_dir)
@@ -249,7 +270,7 @@ class Store:
         a warning: object contents are not for other users.  Nothing is created."""
         import flatmount.safepath as safepath
         own = not self.readonly
-        if safepath.check_dir(str(self.root), self._what(), own=own, private=not self.is_additional,
+        if safepath.check_dir(self.root_str, self._what(), own=own, private=not self.is_additional,
                               fix=True):
             self._check_entries()
 
@@ -258,7 +279,7 @@ class Store:
 
     def _check_entries(self) -> None:
         import flatmount.safepath as safepath
-        what, root, own = f"{self._what()} {self.root}", str(self.root), not self.readonly
+        what, root, own = f"{self._what()} {self.root_str}", self.root_str, not self.readonly
         for name in self._DIR_ENTRIES:
             safepath.check_entry(root, name, "dir", what, own=own)
         for name in self._FILE_ENTRIES:
@@ -274,24 +295,24 @@ class Store:
         write-opened in full all the same."""
         if self.readonly:
             what = "an additional store" if self.is_additional else "opened read-only"
-            raise ReadOnlyStoreError(f"store {self.root} is {what}: it cannot be written")
+            raise ReadOnlyStoreError(f"store {self.root_str} is {what}: it cannot be written")
         if self._write_opened or (self._dirs_made and not clean):
             return
         import flatmount.safepath as safepath
         try:
-            safepath.make_dir(str(self.root), "store root", ROOT_MODE, private=True, fix=True)
+            safepath.make_dir(self.root_str, "store root", ROOT_MODE, private=True, fix=True)
             self._check_entries()
             for sub in ("objects", "layers", "images"):
-                _mkdir(self.root / sub, SUBDIR_MODE)
-            _mkdir(self.tmp_dir, TMP_MODE)
+                _mkdir(os.path.join(self.root_str, sub), SUBDIR_MODE)
+            _mkdir(os.path.join(self.root_str, "tmp"), TMP_MODE)
             self._check_entries()
         except OSError as e:
-            raise StoreError(f"cannot create store {self.root}: {e.strerror}") from None
+            raise StoreError(f"cannot create store {self.root_str}: {e.strerror}") from None
         self._dirs_made = True
-        if not clean and self.db_path.exists():
+        if not clean and os.path.exists(self.db_file):
             return
         self._write_opened = True
-        if not self.db_path.exists():
+        if not os.path.exists(self.db_file):
             self.connect()  # the DB exists before any object: an empty DB then always means lost records
         self.clean_tmp()
 
@@ -303,7 +324,7 @@ class Store:
         stale.  Otherwise only entries of `tmp/` nobody holds an flock on and older than a day go.
         """
         if self.readonly:
-            raise ReadOnlyStoreError(f"store {self.root} is read-only: cannot clean it")
+            raise ReadOnlyStoreError(f"store {self.root_str} is read-only: cannot clean it")
         if not self.root.is_dir():
             return 0
         removed = 0
@@ -327,7 +348,7 @@ class Store:
         swapped for a symlink is refused, an entry swapped for one is removed itself."""
         from flatmount.safepath import open_dir_nofollow
 
-        dfd = open_dir_nofollow(str(self.tmp_dir), f"store {self.root}")
+        dfd = open_dir_nofollow(str(self.tmp_dir), f"store {self.root_str}")
         if dfd is None:
             return 0
         removed = 0
@@ -346,7 +367,7 @@ class Store:
         commit; files of no layer's name shape."""
         from flatmount.safepath import open_dir_nofollow
 
-        dfd = open_dir_nofollow(str(self.layers_dir), f"store {self.root}")
+        dfd = open_dir_nofollow(str(self.layers_dir), f"store {self.root_str}")
         if dfd is None:
             return 0
         try:
@@ -385,7 +406,7 @@ class Store:
                 if self.readonly:
                     db = self._connect_readonly(sqlite3)
                 else:
-                    if not self.db_path.exists():
+                    if not os.path.exists(self.db_file):
                         self.ensure_writable()
                     db = self._connect_writable(sqlite3)
                 break
@@ -393,14 +414,14 @@ class Store:
                 # opening can meet SQLITE_BUSY without the busy handler (another process switching
                 # the WAL on or recovering it): wait and try again, like the busy timeout would
                 if ("locked" not in str(e) and "busy" not in str(e)) or time.monotonic() > deadline:
-                    raise StoreError(f"cannot open the database of store {self.root}: {e}") from None
+                    raise StoreError(f"cannot open the database of store {self.root_str}: {e}") from None
                 time.sleep(0.01)
             except sqlite3.Error as e:
-                raise StoreError(f"cannot open the database of store {self.root}: {e}"
+                raise StoreError(f"cannot open the database of store {self.root_str}: {e}"
                                  + (DB_ADVICE if _is_corruption(e) else "")) from None
             except OSError as e:  # e.g. a store of another user: EACCES on its directory
                 where = f" ({os.fsdecode(e.filename)})" if e.filename is not None else ""
-                raise StoreError(f"cannot open the database of store {self.root}: {e.strerror}{where}"
+                raise StoreError(f"cannot open the database of store {self.root_str}: {e.strerror}{where}"
                                  + (": run as a user who may read the store, or choose another one "
                                     "with --root" if isinstance(e, PermissionError) else "")) from None
         self._db = db
@@ -440,15 +461,15 @@ class Store:
         those tables and their indexes)."""
         from flatmount.store.sqlite import sqlite3
 
-        if not self.db_path.exists() or _db_empty(self.db_path):
+        if not os.path.exists(self.db_file) or _db_empty(self.db_file):
             data = self.data_besides_db()
-            what = "missing" if not self.db_path.exists() else "empty"
-            return [f"database {self.db_path} is {what} but the store holds {data}"] if data else []
+            what = "missing" if not os.path.exists(self.db_file) else "empty"
+            return [f"database {self.db_file} is {what} but the store holds {data}"] if data else []
         try:
             db = self.connect()
             if db.execute("PRAGMA user_version").fetchone()[0] == 0:
                 data = self.data_besides_db()
-                return [f"database {self.db_path} has no schema but the store holds {data}"] if data else []
+                return [f"database {self.db_file} has no schema but the store holds {data}"] if data else []
             pragma = "integrity_check" if full else "quick_check"
             rows: list[str] = []
             for t in tables or (None,):
@@ -456,7 +477,7 @@ class Store:
         except StoreError as e:
             return [str(e)]
         except sqlite3.Error as e:
-            return [f"database {self.db_path}: {e}"]
+            return [f"database {self.db_file}: {e}"]
         return [] if rows == ["ok"] * len(rows) else [r for r in rows if r != "ok"]
 
     def require_sound_db(self, what: str, full: bool = True, tables: Sequence[str] = ()) -> None:
@@ -467,7 +488,7 @@ class Store:
         from flatmount.store.sqlite import sqlite3
 
         version = -1
-        if self._db is not None or self.db_path.exists():
+        if self._db is not None or os.path.exists(self.db_file):
             try:
                 version = self.connect().execute("PRAGMA data_version").fetchone()[0]
             except sqlite3.Error:
@@ -478,12 +499,12 @@ class Store:
         problems = self.db_problems(tables=() if full else tables)
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise StoreError(f"store {self.root}: refusing to {what}: {problems[0]}{more}" + DB_ADVICE)
+            raise StoreError(f"store {self.root_str}: refusing to {what}: {problems[0]}{more}" + DB_ADVICE)
         if version >= 0:
             self._db_sound = (version, full or not tables)
 
     def _connect_writable(self, sqlite3):
-        db = sqlite3.connect(self.db_path, isolation_level=None, check_same_thread=False,
+        db = sqlite3.connect(self.db_file, isolation_level=None, check_same_thread=False,
                              timeout=BUSY_TIMEOUT_MS / 1000)
         try:
             db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
@@ -497,21 +518,21 @@ class Store:
         return db
 
     def _connect_readonly(self, sqlite3):
-        path = self.db_path
-        if not path.exists():
+        path = self.db_file
+        if not os.path.exists(path):
             return _empty_db(sqlite3)
         from urllib.parse import quote
 
-        uri = f"file:{quote(str(path))}?mode=ro"
+        uri = f"file:{quote(path)}?mode=ro"
         live_writer = os.path.exists(f"{path}-wal") and os.path.exists(f"{path}-shm")
-        if not _dir_writable(self.root) or (self.is_additional and not live_writer):
+        if not _dir_writable(self.root_str) or (self.is_additional and not live_writer):
             uri += "&immutable=1"
         db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False,
                              timeout=BUSY_TIMEOUT_MS / 1000)
         db.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         version = db.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            raise StoreError(f"store {self.root} has schema version {version}; this flatmount "
+            raise StoreError(f"store {self.root_str} has schema version {version}; this flatmount "
                              f"understands up to {SCHEMA_VERSION}")
         if version == 0:  # an empty or half-created DB: read it as empty
             db.close()
@@ -523,11 +544,11 @@ class Store:
         if version == SCHEMA_VERSION:
             return
         if version > SCHEMA_VERSION:
-            raise StoreError(f"store {self.root} has schema version {version}; this flatmount "
+            raise StoreError(f"store {self.root_str} has schema version {version}; this flatmount "
                              f"understands up to {SCHEMA_VERSION}")
         data = self.data_besides_db() if version == 0 else None
         if data:
-            raise StoreError(f"store {self.root}: database {self.db_path} is empty but the store holds {data}: "
+            raise StoreError(f"store {self.root_str}: database {self.db_path} is empty but the store holds {data}: "
                              "refusing to write to it (its records would be lost and gc would delete every "
                              "object); restore flatmount.db from a backup (nothing was changed)")
         db.execute("BEGIN IMMEDIATE")
@@ -572,14 +593,14 @@ class Store:
             try:
                 db.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as e:
-                raise StoreError(f"store {self.root} is busy: {e}") from None
+                raise StoreError(f"store {self.root_str} is busy: {e}") from None
             try:
                 yield db
             except sqlite3.DatabaseError as e:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
                 if _is_corruption(e):
-                    raise StoreError(f"store {self.root}: database error: {e}" + DB_ADVICE) from None
+                    raise StoreError(f"store {self.root_str}: database error: {e}" + DB_ADVICE) from None
                 raise
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
@@ -590,7 +611,7 @@ class Store:
             except sqlite3.Error as e:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("ROLLBACK")
-                raise StoreError(f"cannot commit to store {self.root}: {e}") from None
+                raise StoreError(f"cannot commit to store {self.root_str}: {e}") from None
         finally:
             if not durable:
                 db.execute("PRAGMA synchronous=FULL")
@@ -620,12 +641,12 @@ class Store:
         """Rows of a read query; a primary store that was never written reads as empty."""
         from flatmount.store.sqlite import sqlite3
 
-        if not self.readonly and not self.db_path.exists():
+        if not self.readonly and not os.path.exists(self.db_file):
             return []
         try:
             return self.connect().execute(sql, params).fetchall()
         except sqlite3.Error as e:
-            raise StoreError(f"cannot read the database of store {self.root}: {e}") from None
+            raise StoreError(f"cannot read the database of store {self.root_str}: {e}") from None
 
     # --- locks ------------------------------------------------------------------------------------
     def gc_lock(self, shared: bool, clean: bool = True) -> contextlib.AbstractContextManager[None]:
@@ -646,7 +667,7 @@ class Store:
         """The layer columns to SELECT (image_digest as NULL from a DB of schema 1, e.g. an older
         additional store)."""
         cols = "id, parent, diff_id, compressed_digest, compressed_size, diff_size, created, inodes"
-        if not self.readonly and not self.db_path.exists():
+        if not self.readonly and not os.path.exists(self.db_file):
             return cols + ", NULL"   # (nothing to read: `_rows` gives no rows)
         db = self.connect()
         has = self._has_image_digest
@@ -659,7 +680,7 @@ class Store:
         return cols + (", image_digest" if has[1] else ", NULL")
 
     def _layer_record(self, row: tuple) -> LayerRecord:
-        return LayerRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], str(self.root),
+        return LayerRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], self.root_str,
                            self.layer_image_path(row[0]), row[7], row[8])
 
     def own_layer(self, layer_id: str) -> LayerRecord | None:
@@ -734,7 +755,7 @@ class Store:
                 config = None
             if not isinstance(config, dict):
                 config = None
-        return ImageRecord(row[0], tuple(sorted(names)), row[1], row[3], str(store.root), config)
+        return ImageRecord(row[0], tuple(sorted(names)), row[1], row[3], store.root_str, config)
 
     def images(self) -> list[ImageRecord]:
         """Every image (primary first, an id recorded in several stores listed once) with its names."""
@@ -786,7 +807,7 @@ class Store:
         raise NotFoundError(f"image {ref!r} not found in {self._store_list()}")
 
     def _store_list(self) -> str:
-        return ", ".join(str(s.root) for s in (self, *self.additional))
+        return ", ".join(s.root_str for s in (self, *self.additional))
 
     # --- image edits (primary only) ---------------------------------------------------------------
     def tag(self, ref: str, name: str) -> ImageRecord:
@@ -832,7 +853,7 @@ class Store:
             untag = [n for n in image.names if names[n][1] is self]
             delete = True
         removed_layers: list[str] = []
-        if delete and image.store_root != str(self.root):
+        if delete and image.store_root != self.root_str:
             if by_name:
                 delete = False  # untagging a name of an additional-store image is fine
             else:
@@ -894,7 +915,7 @@ def _empty_db(sqlite3):
     return db
 
 
-def _db_empty(path: Path) -> bool:
+def _db_empty(path: str) -> bool:
     try:
         return os.stat(path).st_size == 0
     except FileNotFoundError:
@@ -906,11 +927,12 @@ def _is_corruption(e: BaseException) -> bool:
     return "malformed" in text or "not a database" in text or "corrupt" in text
 
 
-def _mkdir(path: Path, mode: int, parents: bool = False) -> None:
-    if path.is_dir():
+def _mkdir(path: str, mode: int, parents: bool = False) -> None:
+    if os.path.isdir(path):
         return
-    if parents and not path.parent.is_dir():
-        os.makedirs(path.parent, exist_ok=True)
+    parent = os.path.dirname(path)
+    if parents and not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)
     try:
         os.mkdir(path, mode)
     except FileExistsError:
@@ -918,7 +940,7 @@ def _mkdir(path: Path, mode: int, parents: bool = False) -> None:
     os.chmod(path, mode)  # whatever the umask
 
 
-def _dir_writable(path: Path) -> bool:
+def _dir_writable(path: str) -> bool:
     try:
         if os.statvfs(path).f_flag & os.ST_RDONLY:
             return False

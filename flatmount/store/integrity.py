@@ -132,7 +132,7 @@ def layer_damage(store: Store, rec: LayerRecord) -> str | None:
         read_layer_image(rec)
     except FlatmountError as e:
         return str(e)
-    owner = next((s for s in (store, *store.additional) if str(s.root) == rec.store_root), None)
+    owner = next((s for s in (store, *store.additional) if s.root_str == rec.store_root), None)
     if owner is None:
         return None
     try:

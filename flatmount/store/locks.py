@@ -25,13 +25,12 @@ from flatmount.errors import ReadOnlyStoreError, StoreError
 TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 if TYPE_CHECKING:  # pragma: no cover
     from collections.abc import Iterator
-    from pathlib import Path
     from typing import Protocol
 
     class Store(Protocol):
         """What the GC lock needs of a store (flatmount.store.core.Store, which calls this module)."""
 
-        root: Path
+        root_str: str
         readonly: bool
 
         def ensure_writable(self, clean: bool = True) -> None: ...
@@ -143,10 +142,10 @@ def gc_lock(store: Store, shared: bool, clean: bool = True) -> Iterator[None]:
     an exclusive one is refused.  Locks on separate opens conflict even within one process.
     `clean`: see `Store.ensure_writable`.
     """
-    path = store.root / GC_LOCK
+    path = os.path.join(store.root_str, GC_LOCK)
     if store.readonly:
         if not shared:
-            raise ReadOnlyStoreError(f"store {store.root} is read-only: no exclusive GC lock")
+            raise ReadOnlyStoreError(f"store {store.root_str} is read-only: no exclusive GC lock")
         try:
             fd = open_lock_file(path, create=False)
         except (OSError, StoreError):
@@ -163,7 +162,7 @@ def gc_lock(store: Store, shared: bool, clean: bool = True) -> Iterator[None]:
 def try_exclusive(store: Store) -> Iterator[bool]:
     """The exclusive GC lock if free right now (True), without waiting; else False."""
     try:
-        fd = open_lock_file(store.root / GC_LOCK, create=True)
+        fd = open_lock_file(os.path.join(store.root_str, GC_LOCK), create=True)
     except OSError:
         yield False
         return
@@ -185,12 +184,12 @@ def store_lock(store: Store, shared: bool) -> Iterator[None]:
         with store.gc_lock(shared=False):
             yield
         return
-    path = store.root / GC_LOCK
+    path = os.path.join(store.root_str, GC_LOCK)
     try:
         fd = open_lock_file(path, create=False)
     except FileNotFoundError:
         fd = -1
-        if not store.readonly and store.root.is_dir():
+        if not store.readonly and os.path.isdir(store.root_str):
             with contextlib.suppress(OSError):
                 fd = open_lock_file(path, create=True)
     except OSError:
@@ -207,7 +206,7 @@ def gc_lock_if_idle(store: Store) -> Iterator[bool | None]:
     """Probe the GC lock without creating it: True if it was free (held exclusive meanwhile), False
     if a writer holds it, None if there is no lock file to probe (no writer ever ran)."""
     try:
-        fd = open_lock_file(store.root / GC_LOCK, create=False)
+        fd = open_lock_file(os.path.join(store.root_str, GC_LOCK), create=False)
     except OSError:
         yield None
         return
