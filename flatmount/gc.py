@@ -56,7 +56,6 @@ lock file) and writes nothing at all.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -74,6 +73,7 @@ from flatmount.store.refs import (
     needed_by_additional,
     uncovered_leases,
 )
+from objects.paths import is_hex
 
 if TYPE_CHECKING:  # pragma: no cover
     import sqlite3
@@ -85,8 +85,6 @@ DEFAULT_GRACE_S = 600.0
 REMOVE_THREADS = 8     # unlinks in flight (measured: ~2.4x faster than one at a time on ext4)
 REMOVE_BATCH = 512
 
-HEX64 = re.compile(r"[0-9a-f]{64}")
-
 
 def _erofs_files(d: os.PathLike) -> dict[str, str]:
     """<64 hex> -> path of the `<64 hex>.erofs` files in directory `d`."""
@@ -94,7 +92,7 @@ def _erofs_files(d: os.PathLike) -> dict[str, str]:
     try:
         with os.scandir(d) as it:
             for e in it:
-                if e.name.endswith(".erofs") and HEX64.fullmatch(e.name[:-6]):
+                if e.name.endswith(".erofs") and is_hex(e.name[:-6], 64):
                     out[e.name[:-6]] = e.path
     except FileNotFoundError:
         pass
@@ -118,7 +116,7 @@ def derived_orphans(store: Store) -> list[str]:
         except FileNotFoundError:
             continue
         out += [str(d / n) for n in sorted(names)
-                if n.endswith(suffixes) and HEX64.fullmatch(n.rpartition(".")[0])
+                if n.endswith(suffixes) and is_hex(n.rpartition(".")[0], 64)
                 and n.rpartition(".")[0] + ".erofs" not in names]
     return out
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import heapq
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -44,14 +43,13 @@ from flatmount.store.locks import store_lock
 from flatmount.store.paths import scan_objects
 from flatmount.store.refs import has_db, leased_beyond_records
 from objects import paths as objpaths
-from objects.paths import object_path_hex
+from objects.paths import is_hex, object_path_hex
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store
     from flatmount.store.records import ImageRecord
 
 PRIMARY, ADDITIONAL, MISSING = "primary", "additional", "missing"
-_HEX64 = re.compile(r"(?:sha256:)?([0-9a-f]{64})")
 
 
 # --- result types --------------------------------------------------------------------------------
@@ -378,9 +376,9 @@ def top(store: Store, n: int = 10) -> TopReport:
 def parse_object(text: str) -> str:
     """`XX/<62 hex>` from a 64-hex digest (`sha256:` allowed) or any path ending in XX/<62 hex>."""
     t = text.strip().lower()
-    m = _HEX64.fullmatch(t)
-    if m:
-        return object_path_hex(m.group(1))
+    digest = t.removeprefix("sha256:")
+    if is_hex(digest, 64):
+        return object_path_hex(digest)
     m = objpaths.OBJPATH_IN_TEXT_RE.search(t.rstrip("/"))
     if m:
         return f"{m.group(1)}/{m.group(2)}"

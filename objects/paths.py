@@ -31,6 +31,11 @@ def is_hex(s: str, shortest: int, longest: int | None = None) -> bool:
     return shortest <= len(s) <= (longest or shortest) and not s.strip("0123456789abcdef")
 
 
+def is_sha256_digest(s: object) -> bool:
+    """Whether `s` is a sha256 digest as OCI and containers/storage write one: `sha256:<64 hex>`."""
+    return isinstance(s, str) and s.startswith("sha256:") and is_hex(s[7:], 64)
+
+
 def object_path(digest: bytes) -> str:
     """`XX/<62 hex>` of a 32-byte digest."""
     h = digest.hex()

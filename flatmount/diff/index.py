@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import mmap
 import os
-import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +23,7 @@ from flatmount.image.diffindex import dir_fingerprint as _dir_fingerprint
 from flatmount.image.diffindex import dir_key as _dir_key
 from flatmount.image.diffindex import walk_dirs as _walk_dirs
 from flatmount.image.tree import Inode
+from objects.paths import is_hex
 
 
 class TreeIndex:
@@ -229,14 +229,11 @@ def index_file_bytes(root: Inode, image_id: bytes, image_size: int) -> bytes:
     return dx.encode(root, image_id, image_size)
 
 
-_STORE_IMAGE_NAME = re.compile(r"[0-9a-f]{64}\.erofs")
-
-
 def store_index_path(image: str | os.PathLike) -> str | None:
     """`<root>/images/<digest>.index` for a store's flattened image `<root>/images/<digest>.erofs`
     (flatten writes the index there, see flatmount.flatten), else None (a loose image file)."""
     d, name = os.path.split(os.path.abspath(os.fspath(image)))
-    if os.path.basename(d) != "images" or not _STORE_IMAGE_NAME.fullmatch(name):
+    if os.path.basename(d) != "images" or not (name.endswith(".erofs") and is_hex(name[:-6], 64)):
         return None
     return os.path.join(d, name[:-len(".erofs")] + ".index")
 

@@ -58,6 +58,7 @@ from flatmount.image.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
 from flatmount.sources import whiteouts as wh
 from flatmount.store.locks import posix_read_lock
 from flatmount.store.records import chain_id
+from objects.paths import is_hex, is_sha256_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store
@@ -547,7 +548,7 @@ class CStore:
             out: dict[str, CLayer] = {}
             for e in _load_json_list(self.graphroot, "overlay-layers/layers.json", self.layers_lock):
                 lid = e.get("id")
-                if not isinstance(lid, str) or not re.fullmatch(r"[0-9a-f]{64}", lid):
+                if not isinstance(lid, str) or not is_hex(lid, 64):
                     raise FormatError(f"{path}: bad layer id {lid!r}")
                 where = f"{path}: layer {lid}"
                 flags = _field(e, "flags", dict, where) or {}
@@ -574,7 +575,7 @@ class CStore:
             out: list[CImage] = []
             for e in _load_json_list(self.graphroot, "overlay-images/images.json", self.images_lock):
                 iid = e.get("id")
-                if not isinstance(iid, str) or not re.fullmatch(r"[0-9a-f]{64}", iid):
+                if not isinstance(iid, str) or not is_hex(iid, 64):
                     raise FormatError(f"{path}: bad image id {iid!r}")
                 where = f"{path}: image {iid}"
                 digest = _str_or_none(e, "digest", where)
@@ -1048,7 +1049,7 @@ def layer_ids(chain: Sequence[CLayer]) -> list[str]:
     ids: list[str] = []
     parent: str | None = None
     for layer in chain:
-        if not layer.diff_id or not re.fullmatch(r"sha256:[0-9a-f]{64}", layer.diff_id):
+        if not layer.diff_id or not is_sha256_digest(layer.diff_id):
             raise LayerError(f"layer {layer.id} in {layer.graphroot} has no usable diff-digest "
                              f"({layer.diff_id!r}); only committed image layers can be imported")
         parent = chain_id(parent, layer.diff_id)

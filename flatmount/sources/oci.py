@@ -21,12 +21,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flatmount.errors import DigestMismatchError, LayerError, NotFoundError
 from flatmount.store.records import chain_id
+from objects.paths import is_hex, is_sha256_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.sources.layers import Progress
@@ -53,7 +53,7 @@ LAYER_MEDIA_TYPES = {
     "application/vnd.docker.image.rootfs.diff.tar.gzip",
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 }
-_DIGEST_RE = {"sha256": re.compile(r"[0-9a-f]{64}"), "sha512": re.compile(r"[0-9a-f]{128}")}
+_DIGEST_HEX = {"sha256": 64, "sha512": 128}   # algorithm -> hex digits of its digest
 
 
 @dataclass(frozen=True)
@@ -74,10 +74,10 @@ class Descriptor:
         if not isinstance(size, int) or isinstance(size, bool) or size < 0:
             raise LayerError(f"{where}: descriptor {digest} has no valid size")
         alg, _, hexpart = digest.partition(":")
-        pat = _DIGEST_RE.get(alg)
-        if pat is None:
+        digits = _DIGEST_HEX.get(alg)
+        if digits is None:
             raise LayerError(f"{where}: unsupported digest algorithm in {digest!r}")
-        if not pat.fullmatch(hexpart):
+        if not is_hex(hexpart, digits):
             raise LayerError(f"{where}: malformed digest {digest!r}")
         ann = d.get("annotations") or {}
         if not isinstance(ann, dict):
@@ -330,7 +330,7 @@ def image_layers(manifest: dict, config: dict, source: str, mwhere: str,
     rootfs = config.get("rootfs")
     diff_ids = rootfs.get("diff_ids") if isinstance(rootfs, dict) else None
     if not isinstance(diff_ids, list) or not all(
-            isinstance(x, str) and re.fullmatch(r"sha256:[0-9a-f]{64}", x) for x in diff_ids):
+            isinstance(x, str) and is_sha256_digest(x) for x in diff_ids):
         raise LayerError(f"{cwhere}: rootfs.diff_ids missing or malformed")
     if len(diff_ids) != len(ldescs):
         raise LayerError(f"{source}: manifest has {len(ldescs)} layers but the config {len(diff_ids)} diff_ids")

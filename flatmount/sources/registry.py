@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import DigestMismatchError, FlatmountError, LayerError, RegistryError
+from objects.paths import is_hex, is_sha256_digest
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.sources.imageproxy import Proxy
@@ -47,7 +48,6 @@ TRANSPORTS = ("docker", "docker-archive", "oci-archive", "docker-daemon", "sif",
 DEFAULT_JOBS = 3
 Events = Callable[[dict], None]
 _PARTIAL_DIR = "pull-partial"
-_LAYER_ID = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -324,7 +324,7 @@ def _pull(store: Store, source: str, transport: str, rest: str, name: str | None
     manifest = _parse_json(mbytes, f"{source} manifest")
     if manifest.get("mediaType", MT_MANIFEST[0]) not in MT_MANIFEST:
         raise LayerError(f"{source}: unsupported manifest media type {manifest.get('mediaType')!r}")
-    if not isinstance(mdigest, str) or not re.fullmatch(r"sha256:[0-9a-f]{64}", mdigest):
+    if not isinstance(mdigest, str) or not is_sha256_digest(mdigest):
         raise RegistryError(f"{source}: the proxy gave no valid manifest digest ({mdigest!r})")
     emit({"event": "manifest", "digest": mdigest})
     cdesc = Descriptor.parse(manifest.get("config"), f"{source} manifest config")
@@ -549,7 +549,7 @@ class _Partial:
         from flatmount.image.reader import Image
         from flatmount.store.batch import tree_objects
 
-        if not _LAYER_ID.fullmatch(lid):
+        if not is_hex(lid, 64):
             return None
         meta = self.meta(lid)
         if meta.get("digest") != blob_digest or meta.get("diff_id") != diff_id:

@@ -18,7 +18,6 @@ import hashlib
 import json
 import os
 import platform
-import re
 import shutil
 import sys
 import tempfile
@@ -35,7 +34,7 @@ from flatmount.store.locks import hold
 from flatmount.store.names import normalise_name
 from flatmount.store.records import chain_id, layer_is_unverified, now_iso, unverified_chain_id
 from objects import paths as objpaths
-from objects.paths import object_path
+from objects.paths import is_hex, is_sha256_digest, object_path
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.image.tree import Inode
@@ -43,7 +42,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.records import ImageRecord, LayerRecord
     from objects import ObjectStore
 
-_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386", "ppc64le": "ppc64le",
            "s390x": "s390x", "riscv64": "riscv64"}
 
@@ -416,7 +414,7 @@ class ImportBatch:
 
         `verified=False`: `tree` was not proven to hash to `diff_id`; it is staged under
         `unverified_chain_id`, which no verified import ever reuses."""
-        if not _DIGEST.fullmatch(diff_id):
+        if not is_sha256_digest(diff_id):
             raise LayerError(f"diff_id {diff_id!r} is not sha256:<64 hex>")
         lid = chain_id(parent, diff_id) if verified else unverified_chain_id(parent, diff_id)
         if layer_id is not None and layer_id != lid:
@@ -509,7 +507,7 @@ class ImportBatch:
                   created: str | None = None) -> None:
         """The image to record with the layers (names normalised; they move from other images)."""
         image_id = image_id.removeprefix("sha256:")
-        if not re.fullmatch(r"[0-9a-f]{64}", image_id):
+        if not is_hex(image_id, 64):
             raise StoreError(f"image id {image_id!r} is not 64 hex digits")
         if isinstance(config, dict):
             config = json.dumps(config, sort_keys=True, separators=(",", ":")).encode()
