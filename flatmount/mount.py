@@ -153,10 +153,9 @@ def involved_object_dirs(store: Store, chain, image_path: str) -> list[str]:
     need = {layer.store_root for layer in chain}
     need.add(os.path.dirname(os.path.dirname(os.path.abspath(image_path))))
     out = []
-    for s in (store, *store.additional):
+    for s, d in zip((store, *store.additional), store.object_dirs(), strict=True):
         if s is not store and s.root_str not in need:
             continue
-        d = os.path.join(s.root_str, "objects")
         if not os.path.isdir(d):
             if s is store and s.root_str not in need:
                 continue
