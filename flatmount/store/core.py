@@ -548,7 +548,7 @@ class Store:
                              f"understands up to {SCHEMA_VERSION}")
         data = self.data_besides_db() if version == 0 else None
         if data:
-            raise StoreError(f"store {self.root_str}: database {self.db_path} is empty but the store holds {data}: "
+            raise StoreError(f"store {self.root_str}: database {self.db_file} is empty but the store holds {data}: "
                              "refusing to write to it (its records would be lost and gc would delete every "
                              "object); restore flatmount.db from a backup (nothing was changed)")
         db.execute("BEGIN IMMEDIATE")
