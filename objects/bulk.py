@@ -5,10 +5,10 @@ entry, the write), not hashing, and every one of those syscalls needs the GIL ba
 A helper *thread* would therefore only run while the importing thread happens to release the GIL,
 which a tar parser rarely does; a helper process runs on another core for real.  The caller keeps
 hashing (it needs the digests at once, e.g. for a layer tree) and streams `(digest, size, data)`
-records through pipes, each object to one of `HELPERS` helpers by its digest (two: on a file system
-with many recently deleted inodes, ext4's inode allocator is slow enough that one helper cannot keep
-up); a helper stores each one exactly as `ObjectStore.put_bytes` would (the same code: temp file,
-link, never overwrite, damaged copies replaced).  The first helper also starts writeback of the file
+records through pipes, each object to one of `helper_count()` helpers by its digest (one CPU stays
+the caller's, the others, up to `MAX_HELPERS`, are the helpers'); a helper stores each one exactly as
+`ObjectStore.put_bytes` would (the same code: temp file, link, never overwrite, damaged copies
+replaced).  The first helper also starts writeback of the file
 system every `FLUSH_EVERY` bytes, so the caller's final `sync()` finds little left to write.
 
 Helpers start only after `START_AFTER` puts (a few files are not worth a process), or after
@@ -57,8 +57,19 @@ class BulkTarget(Protocol):
 
 START_AFTER = 256  # puts done in-process before helpers are started
 START_SOON = 16  # the same, where the caller expects many small objects (`BulkWriter(many=True)`)
-HELPERS = 2  # helper processes (each object goes to one by its digest): inode allocation is slow on busy ext4
+MAX_HELPERS = 2  # helper processes at most (each object goes to one by its digest)
 _F_SETPIPE_SZ = 1031
+
+
+def helper_count(cpus: int | None = None) -> int:
+    """How many helpers a bulk writer starts: one per CPU beside the caller's, at most MAX_HELPERS.
+
+    Why not more: the caller parses and hashes all the while, so it keeps a CPU busy itself.  On 2
+    CPUs a second helper only took turns with the caller and the first helper for the same two
+    (and the kernel's writeback): a 50,000-file layer imported in 2.7-2.9 s with one helper against
+    2.9-3.1 s with two, on a fresh ext4 and on a long-used one alike (`tools/bench_import.py
+    --small-only [--same-fs] --old`, interleaved, session 18)."""
+    return max(1, min(MAX_HELPERS, (usable_cpus() if cpus is None else cpus) - 1))
 
 _CHILD = (  # (os._exit: nothing is left to clean up, and the parent waits for the exit)
     "import os, sys; sys.path.insert(0, sys.argv[1]); from objects.bulkhelper import child_main; "
@@ -131,7 +142,7 @@ class BulkWriter:
         pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         tmpfile = getattr(self.store, "_tmpfile", None)  # (what the store probed: not probed again there)
         try:
-            for i in range(HELPERS):
+            for i in range(helper_count()):
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-S", "-c", _CHILD, pkg_parent, self.store.root,
                      "flush" if i == 0 else "-", {True: "1", False: "0"}.get(tmpfile, "?")],

@@ -170,21 +170,28 @@ _PULL = """
 import sys
 sys.path.insert(0, sys.argv[1])
 from objects.store import ObjectStore
-from objects import bulkhelper
+from objects import bulk as bulkwriter, bulkhelper
 import random
+if len(sys.argv) > 4:  # this many helpers, whatever the CPUs
+    bulkwriter.helper_count = lambda cpus=None: int(sys.argv[4])
 with ObjectStore(sys.argv[2]) as s, s.bulk(helper=True) as bulk:
     rng = random.Random(5)
     for i in range(int(sys.argv[3])):
         bulk.put_bytes(rng.randbytes(100 + i))
+    print(len(bulk._procs))
 """
 
 
+@pytest.mark.parametrize("helpers", [1, 2])
 @pytest.mark.parametrize("pure", [False, True], ids=["compiled", "pure"])
-def test_helpers_with_and_without_the_compiled_loop(tmp_path: Path, pure: bool) -> None:
-    """Through BulkWriter's helper processes: the same store with FLATMOUNT_PURE=1 as without."""
+def test_helpers_with_and_without_the_compiled_loop(tmp_path: Path, pure: bool, helpers: int) -> None:
+    """Through BulkWriter's helper processes (one, as on 2 CPUs, or two, each object to one by its
+    digest): the same store with FLATMOUNT_PURE=1 as without."""
     _compiled()
     env = dict(os.environ, FLATMOUNT_PURE="1" if pure else "0")
-    subprocess.run([sys.executable, "-c", _PULL, str(ROOT), str(tmp_path / "s"), "700"], check=True, env=env)
+    started = subprocess.run([sys.executable, "-c", _PULL, str(ROOT), str(tmp_path / "s"), "700", str(helpers)],
+                             check=True, env=env, capture_output=True, text=True).stdout.strip()
+    assert started == str(helpers)
     code = "import sys; sys.path.insert(0, sys.argv[1]); from objects import bulkhelper as b; " \
         "print(b._bulkstore is not None)"
     used = subprocess.run([sys.executable, "-c", code, str(ROOT)], env=env, capture_output=True, text=True,
@@ -228,3 +235,12 @@ def test_linking_through_proc_paths(tmp_path: Path) -> None:
         os.umask(old_umask)
     assert (at, status, err, path_link) == (len(stream), 0, 0, True)
     assert (_snapshot(tmp_path / "c"), created, None) == want
+
+
+def test_one_cpu_stays_the_callers() -> None:
+    """A bulk writer starts a helper per CPU beside the importing process's own, one at least (it
+    starts none on one CPU: BulkWriter) and MAX_HELPERS at most."""
+    from objects.bulk import MAX_HELPERS, helper_count
+
+    assert [helper_count(n) for n in (1, 2, 3)] == [1, 1, 2]
+    assert helper_count(64) == MAX_HELPERS == 2
