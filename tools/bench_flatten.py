@@ -12,6 +12,8 @@ new process on a real store holding the 5-layer chain (with real objects), the 4
 flattened; timed from the call to its return (image written, fsynced and recorded; its tree cache and
 diff index are then written by a background thread: `derived_files_done_s` is when they are done),
 and again in that process with the prefix's tree already in memory (a runtime keeping the store open);
+the store runs its write-mode probe when it is set up, as any store that pulled a big file did, so its
+images are written the way that measurement chose (`image_write`: direct or buffered);
 `store_flatten_5_layers_new_process_s` is the whole chain flattened from its layer images that way;
 `store_flatten_child_process_{wall,cpu}_median_s` is that child process whole, from its start to its exit
 (interpreter, imports, both flattens, the derived files it waits for, the interpreter's exit).  The other flatten figures take it apart, on trees in memory (the dump has no
@@ -287,10 +289,15 @@ for p in (flat.path, *store_paths.derived_paths(flat.path)):
 t3 = time.perf_counter()
 again = store.flatten(sys.argv[3])
 t4 = time.perf_counter()
+try:  # how the images were written (a checkout from before the choice: None)
+    from flatmount.flatten.imagefile import direct_images
+    mode = "direct" if direct_images(store) else "buffered"
+except ImportError:
+    mode = None
 store.close()
 assert again.digest == flat.digest
 print(json.dumps({{"flatten_s": t1 - t0, "derived_done_s": t2 - t0, "warm_flatten_s": t4 - t3,
-                  "reused": flat.reused, "digest": flat.digest}}))
+                  "reused": flat.reused, "digest": flat.digest, "image_write": mode}}))
 """
 
 
@@ -332,6 +339,7 @@ def build_chain_store(dump: Path, root: str, run: str) -> str:
         layers = split_layers(parse_dump(f))
     store = open_store(root, runroot=run, config=os.devnull, additional=[])
     try:
+        _record_write_mode(store)
         parent = None
         diff_ids: list[str] = []
         for k, (first, last, name) in enumerate(((0, 4, "prefix"), (4, 5, "full"))):
@@ -351,6 +359,18 @@ def build_chain_store(dump: Path, root: str, run: str) -> str:
         store.close()
     assert parent is not None
     return parent
+
+
+def _record_write_mode(store) -> str | None:
+    """Run the store's write-mode probe now (objects.writemode, untimed), as the first big put after
+    each boot does in any store that pulled a layer with a big file: flatten writes its images as that
+    measurement chose (flatmount.flatten.imagefile), and this store's own objects are all small.
+    Returns the mode chosen ("direct", "buffered"; None in a checkout from before the probe)."""
+    try:
+        from objects import writemode
+    except ImportError:
+        return None
+    return "direct" if writemode.use_direct(store.objects._dirfd) else "buffered"
 
 
 def drop_flat_image(root: str, run: str, chain_key: str) -> None:
@@ -394,7 +414,7 @@ def bench_store_flatten(dump: Path, rounds: int) -> dict:
         script = os.path.join(tmp, "child.py")
         with open(script, "w") as f:
             f.write(STORE_CHILD.format(root=str(ROOT)))
-        times, derived, warm, proc_wall, proc_cpu = [], [], [], [], []
+        times, derived, warm, proc_wall, proc_cpu, modes = [], [], [], [], [], set()
         for _ in range(rounds):
             drop_flat_image(root, run, full_key)
             os.sync()
@@ -411,6 +431,7 @@ def bench_store_flatten(dump: Path, rounds: int) -> dict:
             proc_cpu.append(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime)
             derived.append(res["derived_done_s"])
             warm.append(res["warm_flatten_s"])
+            modes.add(res.get("image_write"))
         # the whole chain from its layer images (no flat image cached), in a new process
         from flatmount.api import open_store
 
@@ -435,6 +456,7 @@ def bench_store_flatten(dump: Path, rounds: int) -> dict:
             "store_flatten_child_process_cpu_median_s": round(statistics.median(proc_cpu), 3),
             "store_flatten_top_layer_prefix_in_memory_s": round(min(warm), 3),
             "store_flatten_top_layer_prefix_in_memory_median_s": round(statistics.median(warm), 3),
+            "image_write": "/".join(sorted(str(m) for m in modes)),   # direct or buffered (objects.writemode)
             "rounds": rounds, "target_s": TOP_LAYER_TARGET_S,
             "meets_target": min(times) < TOP_LAYER_TARGET_S}
 
