@@ -48,6 +48,18 @@ def test_field_offsets_match_the_spec():
     assert (fmt.DIRENT_AT["nameoff"], fmt.DIRENT_AT["file_type"]) == (8, 10)
 
 
+def test_codes_split_every_layout_as_struct_reads_it():
+    """`field_offsets` walks a layout's codes without `re`: each code with its count, in order, the
+    sizes adding up to the struct's."""
+    layouts = [v for v in vars(fmt).values() if isinstance(v, struct.Struct)]
+    assert len(layouts) > 10
+    for st in layouts:
+        codes = fmt._codes(st.format[1:])
+        assert "".join(codes) == st.format[1:].replace(" ", "")
+        assert sum(struct.calcsize(st.format[0] + c) for c in codes) == st.size   # (little-endian: no padding)
+    assert fmt._codes("I 16sHx") == ["I", "16s", "H", "x"]
+
+
 def test_derived_structs():
     assert fmt.dirents_struct(3).size == fmt.dirents_pack_struct(3).size == 3 * fmt.DIRENT_SIZE
     assert fmt.xattr_ids_struct(5).size == 5 * fmt.XATTR_ID_SIZE
