@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_root
+from conftest import require_compiled, require_root
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from layerdirs import extract, mount_overlay, umount
@@ -1045,3 +1045,90 @@ def _store_child(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
                        env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     return r
+
+
+# --- the compiled merge (flatmount/image/_ctree.c) against the Python one ----------------------------
+
+def _shape(node: Inode, inputs: set[int]) -> tuple:
+    """What a merge result is, dict order and object identity included: an object of the inputs by
+    its id (shared, not copied), a new directory by every slot and its entries in order."""
+    if id(node) in inputs:
+        return ("input", id(node))
+    return ("new", node.mode, node.uid, node.gid, node.mtime_ns, node.size, node.rdev, list(node.xattrs.items()),
+            node.target, node.content, node.digest, node.payload,
+            None if node.entries is None else [(name, _shape(child, inputs)) for name, child in node.entries.items()])
+
+
+def _ids(tree: Inode) -> set[int]:
+    ids, todo = set(), [tree]
+    while todo:
+        node = todo.pop()
+        ids.add(id(node))
+        todo.extend((node.entries or {}).values())
+    return ids
+
+
+def _snapshot(tree: Inode) -> list:
+    return [(path, n.mode, list(n.xattrs.items()), None if n.entries is None else list(n.entries))
+            for path, n in walk(tree)]
+
+
+def _merges():
+    from flatmount.flatten import merge as merge_mod
+    from flatmount.image import treecache
+
+    require_compiled("flatmount.image._ctree")   # (its absence fails under CI)
+    ctree, slots = treecache.compiled_tree()
+    return merge_mod._merge_dir, lambda base, layer: ctree.merge(base, layer, Inode, slots, OPAQUE_XATTR)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_dirs(TREES), _dirs(TREES))
+def test_compiled_merge_builds_what_the_python_merge_builds(base, layer):
+    python, compiled = _merges()
+    inputs = _ids(base) | _ids(layer)
+    before = (_snapshot(base), _snapshot(layer))
+    want = python(base, layer)
+    got = compiled(base, layer)
+    assert got is not None
+    assert _shape(got, inputs) == _shape(want, inputs)
+    assert (_snapshot(base), _snapshot(layer)) == before   # neither input changed
+
+
+def test_compiled_merge_leaves_the_uncommon_to_the_python_code():
+    """Anything but exact Inodes, dicts and bytes: None, nothing changed, and apply_layer's result
+    is the Python code's."""
+    python, compiled = _merges()
+
+    class Sub(Inode):
+        __slots__ = ()
+
+    base = Inode.directory(0o755, entries={b"a": Inode.file(b"x")})
+    for odd in ({b"s": Sub(stat.S_IFREG | 0o644)}, {"text": Inode.file(b"y")},
+                {b"d": Inode.directory(0o700, xattrs={OPAQUE_XATTR: bytearray(b"y")})}):
+        layer = Inode.directory(0o755, entries=odd)
+        inputs = _ids(base) | _ids(layer)
+        assert compiled(base, layer) is None
+        assert _shape(apply_layer(base, layer), inputs) == _shape(python(base, layer), inputs)
+
+
+def test_compiled_merge_takes_any_depth():
+    """A layer nesting directories 5,000 deep (no recursion in C) over a base 3,000 deep."""
+    python, compiled = _merges()
+    base = layer = None
+    for depth, top in ((3000, "base"), (5000, "layer")):
+        root_ = node = Inode.directory(0o755)
+        for _ in range(depth):
+            child = Inode.directory(0o750)
+            node.entries[b"d"] = child
+            node = child
+        node.entries[b"f"] = Inode.file(b"deep")
+        if top == "base":
+            base = root_
+        else:
+            layer = root_
+    got = compiled(base, layer)
+    node, depth = got, 0
+    while b"d" in node.entries:
+        node, depth = node.entries[b"d"], depth + 1
+    assert depth == 5000 and node.entries[b"f"].content == b"deep"

@@ -5,14 +5,10 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 from flatmount.image.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
+from flatmount.image.treecache import compiled_tree
 from flatmount.sources.whiteouts import WHITEOUT_RDEV, WHITEOUT_TYPE, is_opaque_xattrs
-
-if TYPE_CHECKING:  # pragma: no cover
-    pass
-
 
 DEFAULT_ROOT_MODE = S_IFDIR | 0o755
 
@@ -35,10 +31,15 @@ def apply_layer(base: Inode, layer: Inode) -> Inode:
     """
     if not base.is_dir or not layer.is_dir:
         raise ValueError("apply_layer needs two directory roots")
+    compiled = compiled_tree()
     enabled = gc.isenabled()
     gc.disable()  # thousands of new dicts, none cyclic: no rescans of the (big) trees meanwhile
     try:
-        root = _merge_dir(base, layer)
+        # the compiled merge (flatmount/image/_ctree.c) where it is built and the trees are of the
+        # common kind it takes; else (None) the Python code, its specification
+        root = compiled[0].merge(base, layer, Inode, compiled[1], OPAQUE_XATTR) if compiled else None
+        if root is None:
+            root = _merge_dir(base, layer)
         # nor after: the new inodes and dicts join the old generation at once (freeze then unfreeze;
         # see tree_from_cache), so the next young collections do not walk them all
         gc.freeze()

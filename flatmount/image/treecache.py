@@ -35,6 +35,7 @@ from collections import deque
 from collections.abc import Sequence
 from itertools import accumulate, compress, islice, repeat
 from operator import add, attrgetter, is_not, lt, mul
+from types import ModuleType
 
 from flatmount.errors import FormatError
 from flatmount.image.tree import Inode
@@ -65,6 +66,12 @@ _SLOT_NAMES = ("mode", "uid", "gid", "mtime_ns", "size", "rdev", "xattrs", "targ
 _SLOTS = tuple(Inode.__dict__[name] for name in _SLOT_NAMES) \
     if sorted(Inode.__slots__) == sorted(_SLOT_NAMES) else ()
 _ctree = load("flatmount.image._ctree") if _SLOTS else None   # None: not built, or FLATMOUNT_PURE
+
+
+def compiled_tree() -> tuple[ModuleType, tuple] | None:
+    """The compiled tree code in use (flatmount/image/_ctree.c: the decoder above and flatten's layer
+    merge) and the Inode slot descriptors it fills in; None where the Python code runs instead."""
+    return None if _ctree is None else (_ctree, _SLOTS)
 
 
 def _checksum(payload) -> int:
