@@ -7,7 +7,7 @@ Each is optional (built by `pip install -e .` where a C compiler is; None otherw
 FLATMOUNT_PURE=1: objects/compiled.py) and covers only the valid, common case: on anything else its
 functions return None having changed nothing, and the Python code, which is the specification and
 words every error, runs on the same input.  Callers read `accel.CWRITE` / `accel.CREAD` at call time,
-so tests can swap either for None.  (The tree cache decoder, `_ctree`, is picked in treecache.py.)
+so tests can swap either for None.  (The tree cache decoder and layer merge, `_ctree`, is picked in treecache.py.)
 """
 
 from __future__ import annotations
