@@ -183,12 +183,12 @@ def test_hardlinked_directory_is_refused():
     rows, ndirs, nents, flags = treecache.COUNTS.unpack_from(data, treecache.HEAD.size)
     assert flags == treecache.HAS_KIDS
     kids = struct.unpack_from(f"<{nents}I", data, len(data) - 4 * nents)
-    for bad_kids in ((1, 2, 1), (2, 1, 1)):     # d (row 1) inside itself; d under two names
+    assert kids == (1, 2, 1)   # root: a (row 1), d (row 2), in name order; d: b (row 1, the same file)
+    for bad_kids in ((1, 2, 2), (2, 2, 1)):     # d (row 2) inside itself; d under two names
         buf = bytearray(data)
         struct.pack_into(f"<{nents}I", buf, len(buf) - 4 * nents, *bad_kids)
         with pytest.raises(FormatError):
             _decode_both(_reseal(buf), DIGEST, 7)
-    assert kids == (1, 2, 2)
 
 
 def test_far_mtimes_round_trip():
@@ -309,3 +309,25 @@ def test_flatmount_pure_turns_the_compiled_decoder_off():
         out = subprocess.run([sys.executable, "-c", code], env={**e, **env, "PYTHONPATH": root}, cwd=root,
                              capture_output=True, text=True, check=True).stdout.strip()
         assert out == expect
+
+
+def test_decoded_directories_list_their_names_in_order():
+    """Names are encoded sorted (the image's order), whatever order the tree's dicts had: the writer
+    then finds the prefix of a chain already in order."""
+    root = Inode(S_IFDIR | 0o755)
+    for name in (b"zeta", b"a", b"m", b"B"):
+        d = root.entries[name] = Inode(S_IFDIR | 0o755)
+        for sub in (b"y", b"x", b"\xff", b"-"):
+            d.entries[sub] = Inode.file(name + sub)
+    hard = root.entries[b"m"].entries[b"x"]
+    root.entries[b"a"].entries[b"link"] = hard   # (a hardlink: the explicit entry rows)
+    for tree in (root, root.entries[b"zeta"]):
+        for module in (_compiled(), None):
+            with _decoder(module):
+                decoded = treecache.tree_from_cache(treecache.encode(tree, DIGEST, 7), DIGEST, 7)
+            assert decoded == tree
+            todo = [decoded]
+            while todo:
+                node = todo.pop()
+                assert list(node.entries) == sorted(node.entries)
+                todo.extend(c for c in node.entries.values() if c.entries is not None)
