@@ -8,8 +8,8 @@ hashing (it needs the digests at once, e.g. for a layer tree) and streams `(dige
 records through pipes, each object to one of `helper_count()` helpers by its digest (one CPU stays
 the caller's, the others, up to `MAX_HELPERS`, are the helpers'); a helper stores each one exactly as
 `ObjectStore.put_bytes` would (the same code: temp file, link, never overwrite, damaged copies
-replaced).  The first helper also starts writeback of the file
-system every `FLUSH_EVERY` bytes, so the caller's final `sync()` finds little left to write.
+replaced).  The first helper also starts writeback of the file system every `FLUSH_EVERY` bytes, so
+the caller's final `sync()` finds little left to write.
 
 Helpers start only after `START_AFTER` puts (a few files are not worth a process), or after
 `START_SOON` where the caller expects many (`many`: a big layer; its first 256 puts took 40-60 ms of
@@ -70,6 +70,7 @@ def helper_count(cpus: int | None = None) -> int:
     2.9-3.1 s with two, on a fresh ext4 and on a long-used one alike (`tools/bench_import.py
     --small-only [--same-fs] --old`, interleaved, session 18)."""
     return max(1, min(MAX_HELPERS, (usable_cpus() if cpus is None else cpus) - 1))
+
 
 _CHILD = (  # (os._exit: nothing is left to clean up, and the parent waits for the exit)
     "import os, sys; sys.path.insert(0, sys.argv[1]); from objects.bulkhelper import child_main; "

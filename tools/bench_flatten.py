@@ -361,16 +361,16 @@ def build_chain_store(dump: Path, root: str, run: str) -> str:
     return parent
 
 
-def _record_write_mode(store) -> str | None:
+def _record_write_mode(store) -> None:
     """Run the store's write-mode probe now (objects.writemode, untimed), as the first big put after
     each boot does in any store that pulled a layer with a big file: flatten writes its images as that
-    measurement chose (flatmount.flatten.imagefile), and this store's own objects are all small.
-    Returns the mode chosen ("direct", "buffered"; None in a checkout from before the probe)."""
+    measurement chose (flatmount.flatten.imagefile; the child reports which), and this store's own
+    objects are all small.  (A checkout from before the probe has nothing to run.)"""
     try:
         from objects import writemode
     except ImportError:
-        return None
-    return "direct" if writemode.use_direct(store.objects._dirfd) else "buffered"
+        return
+    writemode.use_direct(store.objects._dirfd)
 
 
 def drop_flat_image(root: str, run: str, chain_key: str) -> None:
