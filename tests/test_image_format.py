@@ -60,6 +60,33 @@ def test_codes_split_every_layout_as_struct_reads_it():
     assert fmt._codes("I 16sHx") == ["I", "16s", "H", "x"]
 
 
+def test_records_are_named_tuples_of_their_layouts():
+    """Each record class has one field per code of its struct, defaults that pack, and the named-tuple
+    behaviour the reader and writer use (`_make` of an unpack, keyword construction, `*record` to pack),
+    with wrong field counts or names refused."""
+    pairs = [(fmt.COMPOSEFS_HEADER, fmt.ComposefsHeader), (fmt.SUPERBLOCK, fmt.Superblock),
+             (fmt.INODE_COMPACT, fmt.InodeCompact), (fmt.INODE_EXTENDED, fmt.InodeExtended),
+             (fmt.CHUNK_INDEX, fmt.ChunkIndex), (fmt.XATTR_IBODY_HEADER, fmt.XattrIbodyHeader),
+             (fmt.XATTR_ENTRY, fmt.XattrEntry), (fmt.DIRENT, fmt.Dirent)]
+    for st, rec in pairs:
+        assert len(rec._fields) == len(fmt._codes(st.format[1:])), rec
+        default = rec()
+        assert isinstance(default, tuple) and list(default) == [rec._field_defaults[n] for n in rec._fields]
+        assert rec._make(st.unpack(st.pack(*default))) == default
+    sb = fmt.Superblock(root_nid=7, blocks=9)
+    assert (sb.root_nid, sb.blocks, sb.magic) == (7, 9, fmt.SUPER_MAGIC)
+    assert fmt.Superblock._make(fmt.SUPERBLOCK.unpack(fmt.SUPERBLOCK.pack(*sb))) == sb
+    d = fmt.Dirent(5, 12, fmt.FileType.DIR)
+    assert (d.nid, d.nameoff, d.file_type, d.reserved) == (5, 12, fmt.FileType.DIR, 0)
+    assert repr(d) == "Dirent(nid=5, nameoff=12, file_type=2, reserved=0)"
+    with pytest.raises(AttributeError):
+        d.nid = 6
+    for bad in (lambda: fmt.Dirent(1, 2, 3, 4, 5), lambda: fmt.Dirent(nids=1), lambda: fmt.Dirent(1, nid=1),
+                lambda: fmt.Dirent._make((1, 2, 3))):
+        with pytest.raises(TypeError):
+            bad()
+
+
 def test_derived_structs():
     assert fmt.dirents_struct(3).size == fmt.dirents_pack_struct(3).size == 3 * fmt.DIRENT_SIZE
     assert fmt.xattr_ids_struct(5).size == 5 * fmt.XATTR_ID_SIZE

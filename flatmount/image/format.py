@@ -3,14 +3,14 @@
 Layouts follow torvalds/linux `fs/erofs/erofs_fs.h` (6.15+ field names in comments) and composefs
 `libcomposefs/lcfs-erofs.h`; /work/shared/spec/EROFS.md has the byte tables.  All integers are
 little-endian.  Each record is a `struct.Struct` (format string grouped by 16 bytes) plus a
-`NamedTuple` with the fields in on-disk order, reserved fields included, so that
+`_Fields` class (a named tuple) with the fields in on-disk order, reserved fields included, so that
 `Superblock._make(SUPERBLOCK.unpack_from(buf, off))` reads and `SUPERBLOCK.pack(*sb)` writes.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from operator import itemgetter
 
 import xxhash
 
@@ -37,6 +37,50 @@ class _Constants:
     for six of them (~2 ms of a `flatmount flatten` or `mkimage`)."""
 
 
+class _Fields(tuple):
+    """The fields of one on-disk struct, in layout order, each declared with its default: a named
+    tuple as `typing.NamedTuple` makes one (fields by name and by position, `_fields`, `_make`,
+    keyword construction), without its class creation, which compiles a `__new__` for every class
+    (0.2-0.3 ms each: the eight records here were half of this module's import, paid by every
+    process that writes or reads an image)."""
+
+    __slots__ = ()
+    _fields: tuple[str, ...] = ()
+    _field_defaults: dict[str, object] = {}
+
+    def __init_subclass__(cls) -> None:
+        names = tuple(cls.__annotations__)
+        cls._field_defaults = {name: cls.__dict__[name] for name in names}
+        cls._fields = names
+        for i, name in enumerate(names):
+            setattr(cls, name, property(itemgetter(i)))
+
+    def __new__(cls, *args: object, **kwargs: object):
+        names = cls._fields
+        if len(args) > len(names):
+            raise TypeError(f"{cls.__name__} takes {len(names)} fields, got {len(args)}")
+        values = list(args)
+        for name in names[len(args):]:
+            values.append(kwargs.pop(name) if name in kwargs else cls._field_defaults[name])
+        if kwargs:
+            raise TypeError(f"{cls.__name__}: unexpected or repeated fields {sorted(kwargs)}")
+        return tuple.__new__(cls, values)
+
+    @classmethod
+    def _make(cls, values):
+        """The record of `values` (one per field, in order), as a struct's unpack gives them."""
+        record = tuple.__new__(cls, values)
+        if len(record) != len(cls._fields):
+            raise TypeError(f"{cls.__name__} takes {len(cls._fields)} fields, got {len(record)}")
+        return record
+
+    def __getnewargs__(self) -> tuple:
+        return tuple(self)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{n}={v!r}' for n, v in zip(self._fields, self, strict=True))})"
+
+
 # --- composefs header (bytes 0..31) --------------------------------------------------------------
 COMPOSEFS_MAGIC = 0xD078629A
 COMPOSEFS_HEADER_VERSION = 1   # lcfs_erofs_header_s.version (LCFS_EROFS_VERSION)
@@ -52,7 +96,7 @@ COMPOSEFS_HEADER = struct.Struct(
 )
 
 
-class ComposefsHeader(NamedTuple):
+class ComposefsHeader(_Fields):
     magic: int = COMPOSEFS_MAGIC
     version: int = COMPOSEFS_HEADER_VERSION
     flags: int = 0
@@ -96,7 +140,7 @@ SUPERBLOCK = struct.Struct(
 )
 
 
-class Superblock(NamedTuple):
+class Superblock(_Fields):
     magic: int = SUPER_MAGIC
     checksum: int = 0
     feature_compat: int = 0
@@ -161,7 +205,7 @@ INODE_COMPACT = struct.Struct(
 )
 
 
-class InodeCompact(NamedTuple):
+class InodeCompact(_Fields):
     i_format: int = 0
     i_xattr_icount: int = 0
     i_mode: int = 0
@@ -187,7 +231,7 @@ INODE_EXTENDED_HEAD = struct.Struct(INODE_EXTENDED.format[:-3])
 INODE_EXTENDED_PADDED = struct.Struct(INODE_EXTENDED.format[:-3] + "16x")
 
 
-class InodeExtended(NamedTuple):
+class InodeExtended(_Fields):
     i_format: int = 1
     i_xattr_icount: int = 0
     i_mode: int = 0
@@ -208,7 +252,7 @@ CHUNK_INDEX = struct.Struct(
 )
 
 
-class ChunkIndex(NamedTuple):
+class ChunkIndex(_Fields):
     startblk_hi: int = 0
     device_id: int = 0
     startblk_lo: int = NULL_ADDR
@@ -262,7 +306,7 @@ XATTR_ALIGN = 4
 XATTR_ICOUNT_MAX = 0xFFFF     # i_xattr_icount: xattr body = 12 + 4 * (icount - 1) bytes
 
 
-class XattrIbodyHeader(NamedTuple):
+class XattrIbodyHeader(_Fields):
     h_name_filter: int = XATTR_FILTER_DEFAULT
     h_shared_count: int = 0
     h_reserved2: bytes = bytes(7)
@@ -273,7 +317,7 @@ XATTR_ENTRY = struct.Struct(
 )
 
 
-class XattrEntry(NamedTuple):
+class XattrEntry(_Fields):
     e_name_len: int = 0
     e_name_index: int = 0
     e_value_size: int = 0
@@ -319,7 +363,7 @@ def dirents_pack_struct(count: int) -> struct.Struct:
     return st
 
 
-class Dirent(NamedTuple):
+class Dirent(_Fields):
     nid: int = 0
     nameoff: int = 0
     file_type: int = 0
@@ -406,7 +450,7 @@ LAYOUT_FINGERPRINT = struct.Struct("<QQQQ")
 
 
 def field_offsets(st: struct.Struct, record: type) -> dict[str, int]:
-    """Byte offset of each field of a record (`record`: its NamedTuple), for messages that point at
+    """Byte offset of each field of a record (`record`: its `_Fields` class), for messages that point at
     the damaged field."""
     offsets = {}
     prefix = st.format[0]
