@@ -180,7 +180,7 @@ def _write_image_file(store: Store, tree: Inode, buf=None, keep: list | None = N
 
     from flatmount.atomic import AtomicFile
 
-    with AtomicFile(store.tmp_dir, prefix="flat-") as af:
+    with AtomicFile(store.tmp_str, prefix="flat-") as af:
         af.file.write(buf)
         # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced
         digest, image_id = af.sync_while(lambda: (hashlib.sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)))

@@ -21,10 +21,11 @@ import os
 import sys
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
 
 from flatmount.flatten.paths import flat_image_path
 from objects.writemode import set_direct
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.image.tree import Inode
@@ -53,7 +54,7 @@ def write_streamed(store: Store, tree: Inode, keep: list | None = None,
 
 def _write_streamed(store: Store, tree: Inode, keep: list | None, direct: bool, image_buffer, AtomicFile,
                     alloc) -> tuple[str, str, int, bytes]:
-    with AtomicFile(store.tmp_dir, prefix="flat-") as af:
+    with AtomicFile(store.tmp_str, prefix="flat-") as af:
         stream = _Stream(af.file.fileno(), direct and set_direct(af.file.fileno(), True))
         # the threads need the GIL between two system calls: a shorter switch interval gets it to them
         # when the writer returns from a slice of inodes, not once every 5 ms
@@ -69,7 +70,7 @@ def _write_streamed(store: Store, tree: Inode, keep: list | None, direct: bool, 
         digest, image_id = stream.finish()
         size = len(buf)
         del buf
-        path = af.commit(flat_image_path(store.root, digest))  # (fsync, rename; content-addressed)
+        path = af.commit(flat_image_path(store.root_str, digest))  # (fsync, rename; content-addressed)
     return digest, path, size, image_id
 
 
@@ -223,7 +224,7 @@ def direct_images(store: Store) -> bool:
     from objects.writemode import recorded_direct
 
     try:
-        dirfd = os.open(store.objects_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        dirfd = os.open(store.objects_str, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         return True
     try:

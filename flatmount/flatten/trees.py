@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import gc
 import os
-from typing import TYPE_CHECKING
 
 from flatmount.flatten.paths import _digest_of
 from flatmount.image.tree import Inode
 from flatmount.image.treecache import tree_cache_bytes, tree_from_cache
 from flatmount.store.paths import DERIVED, DerivedWriters, derived_paths, layer_cache_path, wait_derived
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 
 if TYPE_CHECKING:  # pragma: no cover
     from flatmount.store.core import Store

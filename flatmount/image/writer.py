@@ -63,13 +63,17 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from itertools import accumulate, chain, repeat
 from operator import attrgetter, itemgetter
-from typing import BinaryIO
 
 import flatmount.image.accel as accel
 import flatmount.image.format as fmt
 from flatmount.errors import FormatError
 from flatmount.image.tree import S_IFBLK, S_IFCHR, S_IFDIR, S_IFIFO, S_IFLNK, S_IFMT, S_IFREG, S_IFSOCK, Inode
 from objects.paths import object_path
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from typing import BinaryIO
 
 __all__ = ["write_image", "image_bytes", "image_buffer", "dir_size"]
 

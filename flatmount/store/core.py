@@ -175,6 +175,8 @@ class Store:
         self.runroot_str = (os.path.abspath(os.fspath(runroot)) if runroot is not None
                             else os.path.join(self.root_str, "run"))
         self.db_file = os.path.join(self.root_str, DB_NAME)   # db_path as str
+        self.tmp_str = os.path.join(self.root_str, "tmp")     # tmp_dir as str
+        self.objects_str = os.path.join(self.root_str, "objects")   # objects_dir as str
         self._paths: tuple[Path, Path] | None = None
         self.readonly = readonly or is_additional
         self.is_additional = is_additional
@@ -213,7 +215,9 @@ class Store:
 
     @property
     def objects_dir(self) -> Path:
-        return self.root / "objects"
+        from pathlib import Path
+
+        return Path(self.objects_str)
 
     @property
     def layers_dir(self) -> Path:
@@ -221,14 +225,16 @@ class Store:
 
     @property
     def tmp_dir(self) -> Path:
-        return self.root / "tmp"
+        from pathlib import Path
+
+        return Path(self.tmp_str)
 
     def layer_image_path(self, layer_id: str) -> str:
         return os.path.join(self.root_str, "layers", f"{layer_id}.erofs")
 
     def object_dirs(self) -> list[str]:
         """Object directories to back a mount: the primary's, then each additional store's."""
-        return [os.path.join(s.root_str, "objects") for s in (self, *self.additional)]
+        return [s.objects_str for s in (self, *self.additional)]
 
     def find_object(self, objpath: str) -> str | None:
         """Absolute path of object `XX/<62 hex>` in the first store that has it, else None."""
@@ -304,7 +310,7 @@ class Store:
             self._check_entries()
             for sub in ("objects", "layers", "images"):
                 _mkdir(os.path.join(self.root_str, sub), SUBDIR_MODE)
-            _mkdir(os.path.join(self.root_str, "tmp"), TMP_MODE)
+            _mkdir(self.tmp_str, TMP_MODE)
             self._check_entries()
         except OSError as e:
             raise StoreError(f"cannot create store {self.root_str}: {e.strerror}") from None
@@ -348,7 +354,7 @@ class Store:
         swapped for a symlink is refused, an entry swapped for one is removed itself."""
         from flatmount.safepath import open_dir_nofollow
 
-        dfd = open_dir_nofollow(str(self.tmp_dir), f"store {self.root_str}")
+        dfd = open_dir_nofollow(self.tmp_str, f"store {self.root_str}")
         if dfd is None:
             return 0
         removed = 0
