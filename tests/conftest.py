@@ -92,6 +92,27 @@ def require_root() -> None:
         pytest.skip("needs root")
 
 
+# a wrapper that runs the CLI as `python -m flatmount` does and then lists every module it imported
+_LIST_MODULES = ("import atexit, runpy, sys\n"
+                 "before = set(sys.modules)\n"
+                 "atexit.register(lambda: sys.stderr.write('MODULES ' + ' '.join(sorted(set(sys.modules) - before))))\n"
+                 "sys.argv = ['flatmount'] + sys.argv[1:]\n"
+                 "runpy.run_module('flatmount', run_name='__main__', alter_sys=True)\n")
+
+
+def cli_modules(*args: str, timeout: float = 120):
+    """`flatmount ARGS` in a new interpreter without site (-S, so that no module the environment
+    preloads, a .pth file's, hides one): (the CompletedProcess, the modules it imported)."""
+    import site
+    import subprocess
+
+    path = os.pathsep.join([str(ROOT), *site.getsitepackages(), site.getusersitepackages()])
+    r = subprocess.run([sys.executable, "-S", "-c", _LIST_MODULES, *args], capture_output=True, text=True,
+                       cwd=str(ROOT), timeout=timeout, env={**os.environ, "PYTHONPATH": path})
+    line = next((x for x in r.stderr.splitlines() if x.startswith("MODULES ")), "MODULES ")
+    return r, set(line.split()[1:])
+
+
 # Under CI the property tests run a fixed (derandomized) set of examples, so a landing is judged on the
 # same inputs every time; elsewhere they explore new random examples on every run.
 try:

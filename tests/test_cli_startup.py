@@ -13,7 +13,7 @@ import sys
 import textwrap
 
 import pytest
-from conftest import ROOT, require_root
+from conftest import ROOT, cli_modules, require_root
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from layerdirs import file_tree, store_image
@@ -154,13 +154,6 @@ def store_paths(tmp_path):
                 kmount.umount_image(m.mountpoint, lazy=True)
 
 
-# a wrapper that runs the CLI as `python -m flatmount` does and then lists every module it imported
-_LIST_MODULES = ("import atexit, runpy, sys\n"
-                 "before = set(sys.modules)\n"
-                 "atexit.register(lambda: sys.stderr.write('MODULES ' + ' '.join(sorted(set(sys.modules) - before))))\n"
-                 "sys.argv = ['flatmount'] + sys.argv[1:]\n"
-                 "runpy.run_module('flatmount', run_name='__main__', alter_sys=True)\n")
-
 # what neither mount nor umount of a flattened image needs: argparse (a plain command line is parsed
 # by flatmount.cli.fastparse), the other areas' command modules, the
 # object store (put/hash code), hashlib (the image was verified when it was written), platform,
@@ -180,14 +173,7 @@ NOT_NEEDED = {"pathlib", "re", "fnmatch", "urllib.parse", "typing",
 
 
 def _run(paths, *args: str) -> tuple[subprocess.CompletedProcess, set[str]]:
-    cmd = [sys.executable, "-S", "-c", _LIST_MODULES, *args, "--root", paths["root"], "--runroot", paths["run"]]
-    import site  # (-S: the installed packages, e.g. xxhash for `flatten`, by PYTHONPATH, no .pth run)
-
-    path = os.pathsep.join([str(ROOT), *site.getsitepackages(), site.getusersitepackages()])
-    r = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT), timeout=120,
-                       env={**os.environ, "PYTHONPATH": path})
-    line = next((x for x in r.stderr.splitlines() if x.startswith("MODULES ")), "MODULES ")
-    return r, set(line.split()[1:])
+    return cli_modules(*args, "--root", paths["root"], "--runroot", paths["run"])
 
 
 def _leases(paths) -> list[tuple]:

@@ -91,6 +91,34 @@ def test_record_errors_are_the_dataclass_errors():
     assert R(1, 2).e == [] and R(1, 2).e is not R(1, 2).e   # a fresh default per instance
 
 
+def test_post_init_runs_after_the_fields_as_a_dataclass_runs_it():
+    """A record's `__post_init__` sees every field set (defaults too) and may refuse the values; a
+    replace() runs it again, as `dataclasses.replace` does."""
+    seen = []
+
+    def make(deco):
+        class Q:
+            a: int
+            b: tuple = ()
+
+            def __post_init__(self) -> None:
+                seen.append((self.a, self.b))
+                if self.a < 0:
+                    raise ValueError(f"negative a {self.a}")
+        return deco(Q)
+
+    for Q, repl in ((make(record), replace), (make(dataclasses.dataclass(frozen=True)), dataclasses.replace)):
+        seen.clear()
+        q = Q(1)
+        assert seen == [(1, ())]
+        with pytest.raises(ValueError, match="negative a -2"):
+            Q(-2, (3,))
+        assert seen[-1] == (-2, (3,))
+        assert repl(q, b=(4,)).b == (4,) and seen[-1] == (1, (4,))
+        with pytest.raises(ValueError, match="negative a -1"):
+            repl(q, a=-1)
+
+
 def test_record_class_is_a_dataclass_to_the_dataclasses_module():
     assert dataclasses.is_dataclass(R) and dataclasses.is_dataclass(R(1, 2))
     assert R.__dataclass_params__.frozen

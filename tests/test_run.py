@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, require_root, require_tool
+from conftest import ROOT, cli_modules, require_root, require_tool
 
 from flatmount.api import open_store
 from tools.busybox_image import write_oci
@@ -223,6 +223,20 @@ def test_exit_status_propagated(env, code):
     r = cli(env, "run", "--rm", "bb", "--", "sh", "-c", f"echo out; echo err >&2; exit {code}")
     assert r.returncode == code, r.stderr
     assert r.stdout == "out\n" and r.stderr == "err\n"
+    assert_nothing_left(env)
+
+
+def test_a_container_start_imports_no_heavy_modules(env):
+    """`run` (bundle, runc create/start, wait, clean up) needs json and subprocess, and argparse for its
+    options, but not dataclasses (with inspect, ast and dis behind it: its records are
+    flatmount.record classes), typing or pathlib: ~30 ms of a start in a new interpreter without
+    site.  (tomllib is read once per runroot: the confinement cache.)"""
+    for _ in range(2):   # (the first may read containers.conf and flatten the image)
+        r, mods = cli_modules("--root", env["root"], "--runroot", env["runroot"], "run", "--rm", "bb", "--", "true")
+        assert r.returncode == 0, r.stderr
+        assert "flatmount.run.container" in mods and "json" in mods
+        assert mods & {"dataclasses", "inspect", "ast", "typing", "pathlib"} == set()
+    assert "tomllib" not in mods
     assert_nothing_left(env)
 
 

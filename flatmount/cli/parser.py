@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-from collections.abc import Sequence
-from typing import Any
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Sequence
+    from typing import Any
 
 # in the order of the data flow: import and records, flatten and mount, containers, diff, maintenance, the
 # store-less building blocks, the demo (the help lists subcommands in this order)

@@ -11,9 +11,12 @@ import os
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
+
     from flatmount.sources.registry import RegistryOptions
 
 

@@ -22,9 +22,9 @@ import errno
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from flatmount.errors import FlatmountError, MountError
+from flatmount.record import record
 from flatmount.run.runspec import ETC_FILES, RunOptions, build_spec, etc_files, image_path_kind, mount_targets
 from flatmount.store.containers import RECORD, owner_alive, pid_start, read_record
 
@@ -35,7 +35,7 @@ class BundleError(FlatmountError):
     """A bundle directory that cannot be created or is not a flatmount bundle."""
 
 
-@dataclass(frozen=True)
+@record
 class Bundle:
     """A ready bundle: `runc run -b dir ID` runs it.  `timings` in seconds (mount, spec, write)."""
 
@@ -225,7 +225,7 @@ def create_bundle(store, image: str, bundle_dir: str, opts: RunOptions | None = 
             _mount_overlay([stubs_dir, lease.merged], root)
         cid = container_id or os.path.basename(d)
         spec = build_spec(root, d, rec_image.config, opts, cid, image_root=lease.merged,
-                          cache_dir=os.fspath(store.runroot), netns_path=netns_path)
+                          cache_dir=store.runroot_str, netns_path=netns_path)
         if net_hook and opts.net == "none":
             spec["hooks"] = {"createRuntime": [net_hook_spec(opts.net)]}
         t2 = time.perf_counter()
@@ -359,7 +359,7 @@ def _undo(store, d: str, record: dict, umount, keep_record: bool = False, force:
     # fds, where nobody else can have put anything there: a container's dir under the runroot
     # (0700), or a bundle dir that is the caller's and not writable by others (as create requires)
     ours = ((record.get("kind") == "container"
-             and os.path.dirname(d) == os.path.join(os.fspath(store.runroot), "containers"))
+             and os.path.dirname(d) == os.path.join(store.runroot_str, "containers"))
             or _private_dir(d))
     for p in reversed(record.get("stubs") or []):
         try:

@@ -29,9 +29,9 @@ import os
 import re
 import signal
 import time
-from dataclasses import dataclass, field
 
 from flatmount.errors import FlatmountError, NotFoundError
+from flatmount.record import field, record
 from flatmount.run.bundle import (
     BundleError,
     create_bundle,
@@ -53,7 +53,7 @@ class ContainerRuntimeError(FlatmountError):
     """The OCI runtime failed (its own message is quoted)."""
 
 
-@dataclass(frozen=True)
+@record
 class RunResult:
     """A finished (or, with `detached`, started) container: `exit_status` is 128+N after signal N."""
 
@@ -65,7 +65,7 @@ class RunResult:
     timings: dict = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
+@record
 class Container:
     """One container under the runroot, as `ps` lists it."""
 
@@ -83,11 +83,11 @@ class Container:
 # --- paths and the runtime ------------------------------------------------------------------------
 
 def containers_dir(store) -> str:
-    return os.path.join(os.fspath(store.runroot), "containers")
+    return os.path.join(store.runroot_str, "containers")
 
 
 def runtime_root(store, runtime: str) -> str:
-    return os.path.join(os.fspath(store.runroot), runtime)
+    return os.path.join(store.runroot_str, runtime)
 
 
 def _runtime_path(runtime: str) -> str:

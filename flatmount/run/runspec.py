@@ -17,9 +17,9 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 from flatmount.errors import FlatmountError
+from flatmount.record import field, record
 from flatmount.safepath import open_parent_below, read_file_below
 
 CONTAINERS_CONF = ("/etc/containers/containers.conf", "/usr/share/containers/containers.conf")
@@ -47,7 +47,7 @@ class RunSpecError(FlatmountError):
     """Options or an image config that cannot make a container (bad -v, unknown user, no command)."""
 
 
-@dataclass(frozen=True)
+@record
 class Volume:
     """`-v HOST:CTR[:ro]`: a bind mount of a host path into the container."""
 
@@ -71,7 +71,7 @@ class Volume:
         return cls(host, os.path.normpath(parts[1]), ro)
 
 
-@dataclass(frozen=True)
+@record
 class RunOptions:
     """What `bundle` and `run` take besides the image: overrides of the image config and the mounts."""
 
@@ -206,7 +206,7 @@ def _db(text: bytes | None) -> list[list[str]]:
     return out
 
 
-@dataclass(frozen=True)
+@record
 class User:
     uid: int
     gid: int

@@ -529,7 +529,7 @@ class _Partial:
     def __init__(self, store: Store):
         from flatmount.safepath import check_private_subdir
 
-        self.dir = os.path.join(os.fspath(store.runroot), _PARTIAL_DIR)
+        self.dir = os.path.join(store.runroot_str, _PARTIAL_DIR)
         check_private_subdir(self.dir, "runroot")   # prune() unlinks in it: never through a symlink
 
     def _path(self, lid: str, ext: str) -> str:
