@@ -72,12 +72,12 @@ import random
 import stat
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flatmount.errors import FlatmountError, ReadOnlyStoreError, StoreError
 from flatmount.gc import image_files, layer_files
 from flatmount.progress import EVERY, step
+from flatmount.record import field, record
 from flatmount.store import reftable
 from flatmount.store.leases import read_leases
 from flatmount.store.locks import entry_held, gc_lock_if_idle, store_lock
@@ -102,7 +102,7 @@ STALE_TMP_AGE_S = 24 * 3600
 QUARANTINE = "quarantine"
 
 
-@dataclass(frozen=True)
+@record
 class Problem:
     """One finding.  `repaired`: fixed by this run; `note`: what was done, or why it cannot be."""
 
@@ -115,7 +115,7 @@ class Problem:
     note: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class FsckResult:
     ok: bool                          # no error-severity problem remains
     repair: bool

@@ -57,11 +57,11 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flatmount.errors import ReadOnlyStoreError, StoreError
 from flatmount.progress import EVERY, step
+from flatmount.record import record
 from flatmount.store import reftable
 from flatmount.store.leases import read_leases
 from flatmount.store.locks import store_lock
@@ -132,7 +132,7 @@ def _age_stamp(st: os.stat_result) -> float:
 
 # --- gc ------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class GcResult:
     """What one gc did (or, with dry_run, would do).  Byte counts are file sizes (st_size)."""
 
@@ -157,21 +157,29 @@ class GcResult:
     errors: tuple[str, ...]
 
 
-@dataclass
 class _Plan:
-    start: float
-    remove_rows: list[tuple[str, str]]
-    remove_images: dict[str, str]   # digest -> path
-    remove_layer_files: dict[str, str]
-    dead_owners: set[str]
-    kept_digests: set[str]
-    extra_live: set[str]            # objects of leased images no image record covers (read from them)
-    leases: list[Lease]
-    layers_unused: list[str]
-    covered: set[str] = field(default_factory=set)  # digests of rows whose chain an image names
-    extra_read: set[str] = field(default_factory=set)  # leased images whose objects are in extra_live
-    dropped: bool = False           # records deleted (not a dry run)
-    refs_removed: int = 0
+    """What a gc run found to remove and keep; filled in as it goes (a plain class: it changes)."""
+
+    __slots__ = ("start", "remove_rows", "remove_images", "remove_layer_files", "dead_owners", "kept_digests",
+                 "extra_live", "leases", "layers_unused", "covered", "extra_read", "dropped", "refs_removed")
+
+    def __init__(self, start: float, remove_rows: list[tuple[str, str]], remove_images: dict[str, str],
+                 remove_layer_files: dict[str, str], dead_owners: set[str], kept_digests: set[str],
+                 extra_live: set[str], leases: list[Lease], layers_unused: list[str],
+                 covered: set[str] | None = None, extra_read: set[str] | None = None) -> None:
+        self.start = start
+        self.remove_rows = remove_rows
+        self.remove_images = remove_images               # digest -> path
+        self.remove_layer_files = remove_layer_files
+        self.dead_owners = dead_owners
+        self.kept_digests = kept_digests
+        self.extra_live = extra_live    # objects of leased images no image record covers (read from them)
+        self.leases = leases
+        self.layers_unused = layers_unused
+        self.covered = set() if covered is None else covered   # digests of rows whose chain an image names
+        self.extra_read = set() if extra_read is None else extra_read   # leased images whose objects are in extra_live
+        self.dropped = False                # records deleted (not a dry run)
+        self.refs_removed = 0
 
 
 def gc(store: Store, dry_run: bool = False, grace_s: float = DEFAULT_GRACE_S) -> GcResult:

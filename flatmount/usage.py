@@ -32,11 +32,11 @@ from __future__ import annotations
 import heapq
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from flatmount.errors import FlatmountError, NotFoundError, StoreError
 from flatmount.progress import EVERY, step
+from flatmount.record import field, record
 from flatmount.store import reftable
 from flatmount.store.leases import read_leases
 from flatmount.store.locks import store_lock
@@ -54,7 +54,7 @@ PRIMARY, ADDITIONAL, MISSING = "primary", "additional", "missing"
 
 # --- result types --------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@record
 class ImageUsage:
     """One image's bytes; see the module docstring for unique/shared/additional."""
 
@@ -76,7 +76,7 @@ class ImageUsage:
         return self.names[0] if self.names else self.id[:12]
 
 
-@dataclass(frozen=True)
+@record
 class UsageReport:
     store_root: str
     objects: int               # files in the primary object dir
@@ -95,7 +95,7 @@ class UsageReport:
     images: tuple[ImageUsage, ...] = field(default=())
 
 
-@dataclass(frozen=True)
+@record
 class ObjectUser:
     kind: str                  # "layer", "flat", "image", "mount"
     id: str                    # layer id, flat image digest, image id, lease id
@@ -103,7 +103,7 @@ class ObjectUser:
     detail: str = ""           # image names, chain key, merged dir...
 
 
-@dataclass(frozen=True)
+@record
 class ObjectRefs:
     """Who uses one object (`refs DIGEST`)."""
 
@@ -117,7 +117,7 @@ class ObjectRefs:
         return bool(self.users)
 
 
-@dataclass(frozen=True)
+@record
 class TopObject:
     object: str
     size: int
@@ -126,13 +126,13 @@ class TopObject:
     image_labels: tuple[str, ...]
 
 
-@dataclass(frozen=True)
+@record
 class TopReport:
     largest: tuple[TopObject, ...]
     most_shared: tuple[TopObject, ...]
 
 
-@dataclass(frozen=True)
+@record
 class SharePair:
     a: str
     b: str
@@ -140,7 +140,7 @@ class SharePair:
     bytes: int
 
 
-@dataclass(frozen=True)
+@record
 class ShareReport:
     images: tuple[str, ...]        # labels, in the order of `usage().images`
     pairs: tuple[SharePair, ...]   # every pair (a before b), most bytes first

@@ -102,11 +102,16 @@ def want_json(args: argparse.Namespace) -> bool:
 
 
 def to_jsonable(obj: Any) -> Any:
-    """dataclasses, bytes, paths and sets as JSON values (bytes as text with surrogateescape)."""
-    import dataclasses
+    """Records (flatmount.record) and dataclasses, bytes, paths and sets as JSON values (bytes as text
+    with surrogateescape)."""
     import os
 
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+    fields = getattr(type(obj), "__record_specs__", None)   # (by its own field list: no `dataclasses`)
+    if fields is not None:
+        return {name: to_jsonable(getattr(obj, name)) for name in fields}
+    if hasattr(type(obj), "__dataclass_fields__"):
+        import dataclasses
+
         return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, dict):
         return {str(to_jsonable(k)): to_jsonable(v) for k, v in obj.items()}

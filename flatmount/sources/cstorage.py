@@ -50,11 +50,11 @@ import threading
 import tomllib
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import FormatError, LayerError, NotFoundError, StoreError
 from flatmount.image.tree import OPAQUE_XATTR, S_IFDIR, S_IFMT, Inode
+from flatmount.record import record
 from flatmount.sources import whiteouts as wh
 from flatmount.store.locks import posix_read_lock
 from flatmount.store.records import chain_id
@@ -87,7 +87,7 @@ _IGNORED_XATTRS = frozenset({b"security.selinux"})
 # storage.conf
 # ==================================================================================================
 
-@dataclass(frozen=True)
+@record
 class StorageConfig:
     """The part of a containers storage.conf that locating layers and images needs."""
 
@@ -162,7 +162,7 @@ def load_config(path: str | os.PathLike | None = None) -> StorageConfig:
 # the containers-storage: transport reference
 # ==================================================================================================
 
-@dataclass(frozen=True)
+@record
 class CStorageRef:
     """`containers-storage:[driver@GRAPHROOT+RUNROOT:options]REF` split into its parts."""
 
@@ -398,7 +398,7 @@ def read_lock(path: str | os.PathLike, root: str | None = None) -> Iterator[None
 # layers.json / images.json
 # ==================================================================================================
 
-@dataclass(frozen=True)
+@record
 class IDMap:
     """One uidmap/gidmap entry of a c/storage layer."""
 
@@ -407,7 +407,7 @@ class IDMap:
     size: int
 
 
-@dataclass(frozen=True)
+@record
 class CLayer:
     """One entry of a store's layers.json."""
 
@@ -433,7 +433,7 @@ class CLayer:
         return os.path.join(self.layer_dir, "diff")
 
 
-@dataclass(frozen=True)
+@record
 class CImage:
     """One entry of a store's images.json."""
 

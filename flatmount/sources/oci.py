@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flatmount.errors import DigestMismatchError, LayerError, NotFoundError
+from flatmount.record import record
 from flatmount.store.records import chain_id
 from objects.paths import is_hex, is_sha256_digest
 
@@ -56,7 +56,7 @@ LAYER_MEDIA_TYPES = {
 _DIGEST_HEX = {"sha256": 64, "sha512": 128}   # algorithm -> hex digits of its digest
 
 
-@dataclass(frozen=True)
+@record
 class Descriptor:
     media_type: str
     digest: str

@@ -30,10 +30,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import DigestMismatchError, FlatmountError, LayerError, RegistryError
+from flatmount.record import record
 from objects.paths import is_hex, is_sha256_digest
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -50,7 +50,7 @@ Events = Callable[[dict], None]
 _PARTIAL_DIR = "pull-partial"
 
 
-@dataclass(frozen=True)
+@record
 class RegistryOptions:
     """Options as skopeo and podman spell them (see `flatmount pull --help`)."""
 
@@ -153,7 +153,7 @@ def registries_conf_paths() -> list[str]:
     return out
 
 
-@dataclass(frozen=True)
+@record
 class SearchConfig:
     registries: tuple[str, ...]
     aliases: dict

@@ -54,7 +54,6 @@ import contextlib
 import os
 import tarfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flatmount.errors import FormatError, LayerError
@@ -69,6 +68,7 @@ from flatmount.image.tree import (
     Inode,
     lookup_parts,
 )
+from flatmount.record import record
 from flatmount.sources import whiteouts as wh
 from flatmount.sources.pipeline import (
     ForwardReader,
@@ -91,7 +91,7 @@ _U32 = 0xFFFFFFFF  # uid, gid and device major/minor numbers (base-256 tar field
 Progress = Callable[[int, int], None]   # (uncompressed bytes read so far, entries read so far)
 
 
-@dataclass
+@record
 class TarLayer:
     """Result of reading one layer tarball."""
 
