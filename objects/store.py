@@ -468,7 +468,7 @@ class ObjectStore:
             deferred = defer_work() if defer_work is not None else None
             chunks = _StreamChunks(first, stream, buffers, prefetch=first is None, deferred=deferred)
             try:
-                _WORKERS.run(self._put_large_job, chunks, buffers, expected, self._use_direct(), pending,
+                _WORKERS.run(self._put_large_job, chunks, buffers, expected, self._use_direct(size), pending,
                              read_done, deferred, size)
             except BaseException as e:   # no thread to run it (the slot must not leak)
                 if deferred is not None:
@@ -486,14 +486,15 @@ class ObjectStore:
             pending.result()  # raises the put's error once it has cleaned up
         return pending
 
-    def _use_direct(self) -> bool:
-        """O_DIRECT for big puts: as set in `direct_io`, else as measured (objects.writemode)."""
+    def _use_direct(self, size: int | None = None) -> bool:
+        """O_DIRECT for big puts: as set in `direct_io`, else as measured (objects.writemode; `size`:
+        the put's, if known)."""
         if self.direct_io is not None:
             return self.direct_io
         from .writemode import use_direct
 
         try:
-            return use_direct(self._dirfd)
+            return use_direct(self._dirfd, size=size)
         except OSError:
             return True
 

@@ -15,6 +15,7 @@ from objects.digest import fsverity_digest
 @pytest.fixture(autouse=True)
 def fresh_choice(monkeypatch):
     monkeypatch.setattr(writemode, "_chosen", {})
+    monkeypatch.setattr(writemode, "_unmeasured", {})
 
 
 def _big() -> bytes:
@@ -47,6 +48,26 @@ def test_first_big_put_measures_and_records(tmp_path):
     assert os.listdir(tmp_path / "o" / ".tmp") == []  # the probe's files were anonymous
     others = {n for n in os.listdir(tmp_path / "o") if len(n) != 2}
     assert others <= {".tmp", writemode.STATE_FILE, ".verity"}  # (no probe or temp file left)
+
+
+def test_the_probe_waits_for_enough_bytes_of_known_size(tmp_path, monkeypatch):
+    """Puts of known size run O_DIRECT, unmeasured and unrecorded, until they add up to PROBE_AFTER
+    (a small image's first pull never pays for the probe); the put that reaches it measures, once."""
+    monkeypatch.setattr(writemode, "PROBE_AFTER", 7 << 20)
+    probes = []
+    monkeypatch.setattr(writemode, "measure", lambda dirfd: probes.append(dirfd) or (2.0, 1.0, 0.0))   # buffered
+    state = tmp_path / "o" / writemode.STATE_FILE
+    with ObjectStore(tmp_path / "o") as store:
+        seen = _opened_direct(store, monkeypatch)
+        datas = [_big(), _big(), _big(), _big()]   # 3 MiB each
+        for i, data in enumerate(datas):
+            assert store.put_async(io.BytesIO(data), size=len(data)).result() == fsverity_digest(data)
+            assert len(probes) == (0 if i < 2 else 1)   # 3 + 3 < 7 MiB; the third reaches it
+            assert state.exists() == (i >= 2)
+        store.sync()
+    assert seen[0] is True and seen[1] is True   # (the first two: O_DIRECT, as without a measurement)
+    assert seen[-1] is False                     # then as measured
+    assert state.read_text().split()[0] == "buffered"
 
 
 @pytest.mark.parametrize(("direct_s", "buffered_s", "direct"), [(2.0, 1.0, False), (1.0, 1.2, True),
@@ -182,6 +203,7 @@ def test_buffered_imports_are_durable_before_they_are_recorded(tmp_path, monkeyp
     from objects import store as store_mod
 
     monkeypatch.setattr(writemode, "measure", lambda dirfd: (2.0, 1.0, 0.0))   # buffered is twice as fast
+    monkeypatch.setattr(writemode, "PROBE_AFTER", 0)   # (measured at the first big put, as a big layer's)
     sizes = [3 << 20, (5 << 20) + 4097, (1 << 20) + 1, 8000]
     contents = [os.urandom(n) for n in sizes]
     tar = tmp_path / "layer.tar"
