@@ -47,16 +47,31 @@ SAMPLES = [
     ["mount", "-1"], ["--lazy", "umount", "/m"], ["mount", "img", "-q"], ["umount", "/m", "-h"],
     ["mount", "img", "--version"], ["mount", "img", "--root"], ["-qv", "mount", "img"], ["mount", "a=b"],
     ["umount", "--force", "/m", "x"], ["mount", "img", "--lazy"], ["mount", "img", "--additional-store"],
+    ["run", "bb"], ["run", "bb", "--"], ["run", "--rm", "bb", "--", "sh", "-c", "echo x"], ["run", "bb", "--", "--rm"],
+    ["run", "-e", "A=1", "--env=B=2", "-e", "C", "-v", "/h:/c:ro", "--tmpfs", "/t", "-w", "/w", "-u", "1:2", "bb"],
+    ["--root", "/r", "run", "--root", "/s", "--json", "--name", "x", "--name", "y", "bb", "--", "true"],
+    ["run", "--net", "none", "--network=host", "--runtime", "crun", "--entrypoint", "sh", "--hostname", "h", "bb"],
+    ["run", "-d", "--detach", "-t", "--tty", "-i", "--interactive", "bb", "--", "top"],
+    ["run", "--net", "bogus", "bb"], ["run", "--runtime=docker", "bb"], ["run", "-it", "bb"], ["run", "bb", "true"],
+    ["run", "bb", "--rm"], ["run", "bb", "--rm", "--", "true"], ["run", "--", "bb"], ["run"], ["run", "-e", "-x", "bb"],
+    ["run", "--name=", "bb"], ["run", "--rm=1", "bb"], ["run", "--ne", "none", "bb"], ["run", "bb", "-h"],
+    ["-q", "run", "bb", "--", "-q"], ["run", "-q", "bb"], ["run", "bb", "--", "--", "x"],
 ]
 
 
 def _outcome(parse, argv: list[str]):
-    """(namespace as a dict, or the exit code) and what was printed."""
+    """(namespace as a dict, or the exit code) and what was printed.  The words after `run`'s or
+    `bundle`'s positionals count as what the command makes of them (flatmount.cli.run.split_late:
+    argparse's handling of a `--` there changed between Python versions)."""
+    from flatmount.cli.run import split_late
+
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             ns = vars(parse(argv))
             ns = {k: (v.__qualname__ if callable(v) else v) for k, v in ns.items() if k != "mkimage_parser"}
+            if "cmd" in ns:
+                ns["cmd"] = split_late(list(ns["cmd"]))
         except SystemExit as e:
             ns = e.code
     return ns, out.getvalue(), err.getvalue()
@@ -76,7 +91,9 @@ def test_parse_args_answers_as_the_whole_parser(argv):
 
 _WORDS = ["mount", "umount", "img", "/m", "", "-", "--", "-q", "-v", "--quiet", "--debug", "--json", "--json=1",
           "--root", "--root=/r", "--runroot", "--config=c", "--additional-store", "--additional-store=a",
-          "--lazy", "--force", "--lazy=1", "--roo", "-h", "--help", "--version", "-1", "a=b", "mount-image", "-x"]
+          "--lazy", "--force", "--lazy=1", "--roo", "-h", "--help", "--version", "-1", "a=b", "mount-image", "-x",
+          "run", "--rm", "-d", "-t", "-it", "--name", "--net", "none", "--net=host", "--network", "bogus", "-e",
+          "--env=K=V", "--tmpfs", "--runtime", "crun", "--entrypoint", "-w", "-u", "--volume", "true", "bundle"]
 
 
 @settings(max_examples=400, deadline=None)
@@ -87,8 +104,8 @@ def test_fast_path_answers_as_the_whole_parser_on_generated_command_lines(argv):
     assert _outcome(cli.parse_args, argv) == _outcome(_whole, argv)
 
 
-def test_fast_path_takes_what_argparse_defines_for_mount_and_umount():
-    """flatmount.cli.fastparse's option table is the argparse definition of the two commands (an option
+def test_fast_path_takes_what_argparse_defines_for_mount_umount_and_run():
+    """flatmount.cli.fastparse's option tables are the argparse definitions of its commands (an option
     added to one and not the other fails here), and it answers plain command lines itself."""
     from flatmount.cli import fastparse
 
@@ -101,15 +118,46 @@ def test_fast_path_takes_what_argparse_defines_for_mount_and_umount():
           "_AppendAction" if d == "additional_stores" else "_StoreAction" if d in fastparse._STORE_VALUES.values()
           else "_StoreTrueAction") for o, d in {**fastparse._GLOBAL_FLAGS, **fastparse._STORE_VALUES}.items()}
     sub = next(a for a in whole._actions if isinstance(a, argparse._SubParsersAction))
-    for name, (positionals, flags, func) in fastparse.COMMANDS.items():
+    for name, (positionals, flags, func, area) in fastparse.COMMANDS.items():
         p = sub.choices[name]
-        assert [a.dest for a in p._actions if not a.option_strings] == list(positionals)
-        assert all(a.nargs is None and a.type is None for a in p._actions if not a.option_strings)
-        own = {"--json": "json", **fastparse._STORE_VALUES, **flags}
+        remainder = fastparse.REMAINDER.get(name)
+        assert [a.dest for a in p._actions if not a.option_strings] == [*positionals, *([remainder] if remainder else [])]
+        for a in p._actions:
+            if not a.option_strings:
+                assert (a.nargs, a.type) == ((argparse.REMAINDER, None) if a.dest == remainder else (None, None))
+        values = fastparse.VALUES.get(name, {})
+        own = {"--json": "json", **fastparse._STORE_VALUES, **flags, **{o: v[0] for o, v in values.items()}}
         assert {o: a.dest for a in p._actions for o in a.option_strings if a.dest != "help"} == own
+        for a in p._actions:
+            for o in a.option_strings:
+                if o in values:
+                    dest, default, choices, repeated = values[o]
+                    assert (a.default, a.choices, type(a).__name__, a.nargs, a.type) == \
+                        (list(default) if repeated else default, choices,
+                         "_AppendAction" if repeated else "_StoreAction", None, None), o
+                elif o in flags:
+                    assert type(a).__name__ == "_StoreTrueAction", o
         assert p.get_default("func").__name__ == func
+        assert p.get_default("func").__module__ == "flatmount.cli." + area
     assert fastparse.parse_simple(["mount", "img", "--root", "/r"]) is not None
     assert fastparse.parse_simple(["umount", "/m", "--lazy", "-h"]) is None
+    assert fastparse.parse_simple(["run", "--rm", "-e", "A=1", "bb", "--", "true"]) is not None
+    assert fastparse.parse_simple(["run", "-it", "bb"]) is None and fastparse.parse_simple(["run", "bb", "true"]) is None
+
+
+def test_words_after_the_image_split_into_options_and_command():
+    from flatmount.cli.run import split_late
+
+    assert split_late([]) == ([], [])
+    assert split_late(["true"]) == ([], ["true"])
+    assert split_late(["echo", "--", "hi"]) == ([], ["echo", "--", "hi"])   # a command's own `--`
+    assert split_late(["--", "echo", "--", "hi"]) == ([], ["echo", "--", "hi"])   # (`--` kept by argparse)
+    assert split_late(["--net", "none", "--", "sh", "--", "x"]) == (["--net", "none"], ["sh", "--", "x"])
+    assert split_late(["--net", "none"]) == (["--net", "none"], [])
+    args = cli.parse_args(["run", "bb", "--", "sh", "-c", "x", "--", "y"])
+    from flatmount.cli.run import options_from
+
+    assert options_from(args).command == ("sh", "-c", "x", "--", "y")
 
 
 def test_each_command_alone_parses_and_helps_as_in_the_whole_parser():

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, cli_modules, require_root, require_tool
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flatmount.api import open_store
 from tools.busybox_image import write_oci
@@ -223,6 +225,34 @@ def test_exit_status_propagated(env, code):
     r = cli(env, "run", "--rm", "bb", "--", "sh", "-c", f"echo out; echo err >&2; exit {code}")
     assert r.returncode == code, r.stderr
     assert r.stdout == "out\n" and r.stderr == "err\n"
+    assert_nothing_left(env)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="aZ09_.-/ \n\u00e9\u0661", max_size=70) | st.text(alphabet="ab.-", min_size=60, max_size=70)
+       | st.text(alphabet="a1_.-", min_size=120, max_size=135))
+def test_id_and_hostname_checks_are_their_patterns(name):
+    """The container id and hostname checks (written without `re`, for start-up) accept exactly what
+    their patterns do."""
+    import re
+
+    from flatmount.run.container import valid_id
+    from flatmount.run.runspec import valid_hostname
+
+    assert valid_id(name) == bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name))
+    assert valid_hostname(name) == bool(re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?", name))
+
+
+def test_a_double_dash_in_the_command_is_the_commands(env):
+    """Only the first `--` after IMAGE ends flatmount's options: a later one is passed to the command
+    (it used to cut the command there and run what followed); options written after IMAGE still
+    count up to the first `--`."""
+    r = cli(env, "run", "--rm", "bb", "--", "sh", "-c", 'echo "[$*]"', "--", "a", "b")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "[a b]\n"
+    r = cli(env, "run", "--rm", "bb", "-e", "X=1", "--", "sh", "-c", 'echo "$X[$*]"', "--", "-x")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "1[-x]\n"
     assert_nothing_left(env)
 
 

@@ -6,11 +6,17 @@ fails before the container runs is not used: a FlatmountError exits 3 like every
 
 from __future__ import annotations
 
-import argparse
 import sys
+
+TYPE_CHECKING = False  # (argparse only where a parser is built: `run` is parsed without it, cli.fastparse)
+
+if TYPE_CHECKING:  # pragma: no cover
+    import argparse
 
 
 def _container_options(p: argparse.ArgumentParser) -> None:
+    import argparse
+
     p.add_argument("--net", "--network", dest="net", default="loopback",
                    choices=("none", "loopback", "host"),
                    help="network: own namespace with lo up (loopback, default), lo down (none), or the "
@@ -29,6 +35,8 @@ def _container_options(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    import argparse
+
     p = sub.add_parser(
         "bundle", parents=[common], help="mount an image and write an OCI runtime bundle for it",
         description="Mount IMAGE privately (leased, as `mount` does) and write an OCI runtime bundle at "
@@ -84,26 +92,40 @@ def register(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -
     p.set_defaults(func=cmd_rm)
 
 
+def split_late(words: list[str]) -> tuple[list[str], list[str]]:
+    """(option words, command words) of what follows `run`'s or `bundle`'s positionals (`args.cmd`):
+    options come first and end at `--`; a first word that is no option starts the command, whatever
+    follows it.  (argparse drops a `--` written right after the positionals, so a later `--` is the
+    command's own: `run IMAGE -- sh -c 'echo "$@"' -- a b`.)"""
+    if not words:
+        return [], []
+    if words[0] == "--":
+        return [], words[1:]
+    if not words[0].startswith("-"):
+        return [], words
+    if "--" in words:
+        i = words.index("--")
+        return words[:i], words[i + 1:]
+    return words, []
+
+
 def _late_options(args: argparse.Namespace) -> list[str]:
     """The command after the positionals; options written between them and `--` (as in `bundle IMAGE
     DIR --net none -- CMD`) are parsed into `args`."""
-    cmd = list(args.cmd)
-    if "--" not in cmd and cmd and cmd[0].startswith("-"):
-        cmd.append("--")     # options after the positionals and no command
-    if "--" in cmd:
-        i = cmd.index("--")
-        if i:
-            late = argparse.ArgumentParser(prog="flatmount", add_help=False)
-            _container_options(late)
-            ns = late.parse_args(cmd[:i])
-            for k, v in vars(ns).items():
-                if k == "cmd":
-                    continue
-                if isinstance(v, list):
-                    setattr(args, k, getattr(args, k) + v)
-                elif v != late.get_default(k):
-                    setattr(args, k, v)
-        cmd = cmd[i + 1:]
+    late_words, cmd = split_late(list(args.cmd))
+    if late_words:
+        import argparse
+
+        late = argparse.ArgumentParser(prog="flatmount", add_help=False)
+        _container_options(late)
+        ns = late.parse_args(late_words)
+        for k, v in vars(ns).items():
+            if k == "cmd":
+                continue
+            if isinstance(v, list):
+                setattr(args, k, getattr(args, k) + v)
+            elif v != late.get_default(k):
+                setattr(args, k, v)
     return cmd
 
 

@@ -15,7 +15,6 @@ the capability set as podman does (`includes`/`excludes` of arches, caps and min
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Mapping, Sequence
 
 from flatmount.errors import FlatmountError
@@ -36,7 +35,11 @@ MASKED_PATHS = ("/proc/acpi", "/proc/kcore", "/proc/keys", "/proc/latency_stats"
 READONLY_PATHS = ("/proc/asound", "/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys",
                   "/proc/sysrq-trigger")
 
-_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?")
+def valid_hostname(name: str) -> bool:
+    """`[A-Za-z0-9](?:[A-Za-z0-9.-]{0,62}[A-Za-z0-9])?`: letters, digits, `-` and `.`, at most 64,
+    starting and ending with a letter or digit (without `re`: a container's start-up)."""
+    return (0 < len(name) <= 64 and name.isascii() and name[0].isalnum() and name[-1].isalnum()
+            and all(c.isalnum() or c in ".-" for c in name))
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 NET_MODES = ("none", "loopback", "host")
 # files flatmount writes in the bundle and bind-mounts read-only into the container
@@ -98,7 +101,7 @@ class RunOptions:
                 raise RunSpecError(f"bad --tmpfs {t!r}: expected an absolute path")
         if self.workdir is not None and not self.workdir.startswith("/"):
             raise RunSpecError(f"bad working directory {self.workdir!r}: expected an absolute path")
-        if self.hostname is not None and not _HOSTNAME.fullmatch(self.hostname):
+        if self.hostname is not None and not valid_hostname(self.hostname):
             # it is written into the container's /etc/hosts: a newline there would add entries
             raise RunSpecError(f"bad hostname {self.hostname!r}: letters, digits, '-' and '.', at most "
                                "64 characters")
