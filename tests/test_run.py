@@ -257,15 +257,16 @@ def test_a_double_dash_in_the_command_is_the_commands(env):
 
 
 def test_a_container_start_imports_no_heavy_modules(env):
-    """`run` (bundle, runc create/start, wait, clean up) needs json and subprocess, and argparse for its
-    options, but not dataclasses (with inspect, ast and dis behind it: its records are
-    flatmount.record classes), typing or pathlib: ~30 ms of a start in a new interpreter without
-    site.  (tomllib is read once per runroot: the confinement cache.)"""
+    """`run` (bundle, runc create/start, wait, clean up) needs json and subprocess, but not argparse
+    (a plain `run` command line is parsed by flatmount.cli.fastparse), dataclasses (with inspect, ast
+    and dis behind it: its records are flatmount.record classes), typing, pathlib or shutil: ~55 ms of
+    a start in a new interpreter without site.  (tomllib is read once per runroot: the confinement
+    cache.)"""
     for _ in range(2):   # (the first may read containers.conf and flatten the image)
         r, mods = cli_modules("--root", env["root"], "--runroot", env["runroot"], "run", "--rm", "bb", "--", "true")
         assert r.returncode == 0, r.stderr
         assert "flatmount.run.container" in mods and "json" in mods
-        assert mods & {"dataclasses", "inspect", "ast", "typing", "pathlib"} == set()
+        assert mods & {"argparse", "gettext", "dataclasses", "inspect", "ast", "typing", "pathlib", "shutil"} == set()
     assert "tomllib" not in mods
     assert_nothing_left(env)
 
