@@ -12,8 +12,12 @@ import contextlib
 import contextvars
 import sys
 import time
-from collections.abc import Iterator
-from typing import TextIO
+
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
+if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Iterator
+    from typing import TextIO
 
 _current: contextvars.ContextVar[TerminalLine | None] = contextvars.ContextVar("flatmount_progress",
                                                                                default=None)

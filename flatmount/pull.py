@@ -43,14 +43,17 @@ import re
 import stat
 import sys
 import time
-from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import LayerError
 from flatmount.image.tree import inodes
 from flatmount.store.batch import ImportBatch, PullResult, host_architecture
 from flatmount.store.records import chain_id
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
+
     from flatmount.image.tree import Inode
     from flatmount.sources.layers import Progress
     from flatmount.sources.registry import Events, RegistryOptions

@@ -21,14 +21,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flatmount.errors import DigestMismatchError, LayerError, NotFoundError
 from flatmount.record import record
 from flatmount.store.records import chain_id
 from objects.paths import is_hex, is_sha256_digest
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any, BinaryIO
+
     from flatmount.sources.layers import Progress
     from flatmount.store.batch import PullResult
     from flatmount.store.core import Store

@@ -30,13 +30,16 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
 
 from flatmount.errors import DigestMismatchError, FlatmountError, LayerError, RegistryError
 from flatmount.record import record
 from objects.paths import is_hex, is_sha256_digest
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
+    from typing import Any
+
     from flatmount.sources.imageproxy import Proxy
     from flatmount.sources.oci import Descriptor
     from flatmount.store.batch import ImportBatch, PullResult
@@ -565,7 +568,7 @@ class _Partial:
             objs = tree_objects(tree)
         except (OSError, FlatmountError, ValueError):
             return None
-        objdir = store.objects_dir
+        objdir = store.objects_str
         if not all(os.path.isfile(f"{objdir}/{o}") for o in objs):
             return None
         return tree
@@ -574,12 +577,13 @@ class _Partial:
         """Keep a copy of the staged layer image (until the pull commits); best effort."""
         from flatmount.atomic import AtomicFile
 
-        src = batch.staging / f"layer-{lid}.erofs"
+        src = os.path.join(batch.staging, f"layer-{lid}.erofs")
         try:
             from flatmount.safepath import make_private_subdir
 
             make_private_subdir(self.dir, "runroot")
-            data = src.read_bytes()
+            with open(src, "rb") as f:
+                data = f.read()
             meta = json.dumps({"digest": blob_digest, "diff_id": diff_id, "diff_size": diff_size,
                                "sha256": hashlib.sha256(data).hexdigest()}).encode()
             for ext, content in (("erofs", data), ("json", meta)):  # derived, checked at load: no fsync

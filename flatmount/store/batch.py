@@ -17,18 +17,12 @@ import contextlib
 import hashlib
 import json
 import os
-import platform
-import shutil
 import sys
-import tempfile
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from flatmount.atomic import fsync_dir
+from flatmount.atomic import fsync_dir, make_temp_dir
 from flatmount.errors import LayerError, StoreError
 from flatmount.image.tree import S_IFMT, S_IFREG
+from flatmount.record import field, record
 from flatmount.store import reftable
 from flatmount.store.locks import hold
 from flatmount.store.names import normalise_name
@@ -36,7 +30,12 @@ from flatmount.store.records import chain_id, layer_is_unverified, now_iso, unve
 from objects import paths as objpaths
 from objects.paths import is_hex, is_sha256_digest, object_path
 
+TYPE_CHECKING = False  # (typing and collections.abc are slow to import: CLI start-up, see objects/lazy.py)
+
 if TYPE_CHECKING:  # pragma: no cover
+    from collections.abc import Callable, Iterable, Iterator
+    from typing import Any
+
     from flatmount.image.tree import Inode
     from flatmount.store.core import Store
     from flatmount.store.records import ImageRecord, LayerRecord
@@ -46,7 +45,7 @@ _GOARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"
            "s390x": "s390x", "riscv64": "riscv64"}
 
 
-@dataclass(frozen=True)
+@record
 class PullResult:
     """What a pull did: the image, and which of its layers were imported or already present."""
 
@@ -59,23 +58,28 @@ class PullResult:
 
 # --- staging + commit ----------------------------------------------------------------------------
 
-@dataclass
 class _PendingLayer:
-    id: str
-    parent: str | None
-    diff_id: str
-    diff_size: int | None
-    compressed_digest: str | None
-    compressed_size: int | None
-    created: str
-    inodes: int
-    refs: bytes  # the digests of the objects it references, sorted, as `reftable.insert` takes them
-    image_tmp: str
-    tree_tmp: str | None = None     # its tree cache (flatmount.store.paths.layer_cache_path), if written
-    image_digest: str | None = None  # sha256 hex of the layer image (recorded: flatten and fsck check it)
-    unproven: frozenset[str] = frozenset()  # the objects not known to be stored by this batch
-    finishing: _Background | None = None  # the image's fsync (`files_ready`)
-    caching: _Background | None = None  # the thread writing its tree cache (`cache_ready`)
+    """A layer staged by `add_layer`, recorded by `commit` (a plain class: its threads are taken as
+    they finish)."""
+
+    __slots__ = ("id", "parent", "diff_id", "diff_size", "compressed_digest", "compressed_size", "created",
+                 "inodes", "refs", "image_tmp", "tree_tmp", "image_digest", "unproven", "finishing", "caching")
+
+    def __init__(self, id: str, parent: str | None, diff_id: str, diff_size: int | None,  # noqa: A002
+                 compressed_digest: str | None, compressed_size: int | None, created: str, inodes: int,
+                 refs: bytes, image_tmp: str, tree_tmp: str | None = None, image_digest: str | None = None,
+                 unproven: frozenset[str] = frozenset(), finishing: _Background | None = None,
+                 caching: _Background | None = None) -> None:
+        self.id, self.parent, self.diff_id, self.diff_size = id, parent, diff_id, diff_size
+        self.compressed_digest, self.compressed_size = compressed_digest, compressed_size
+        self.created, self.inodes = created, inodes
+        self.refs = refs                    # the digests of the objects it references, sorted, as `reftable.insert` takes them
+        self.image_tmp = image_tmp
+        self.tree_tmp = tree_tmp            # its tree cache (flatmount.store.paths.layer_cache_path), if written
+        self.image_digest = image_digest    # sha256 hex of the layer image (recorded: flatten and fsck check it)
+        self.unproven = unproven            # the objects not known to be stored by this batch
+        self.finishing = finishing          # the image's fsync (`files_ready`)
+        self.caching = caching              # the thread writing its tree cache (`cache_ready`)
 
     def files_ready(self) -> None:
         """Wait until the image is fsynced; raises what the fsync raised."""
@@ -90,7 +94,7 @@ class _PendingLayer:
             self.tree_tmp = caching.join()
 
 
-@dataclass
+@record
 class _PendingImage:
     id: str
     top_layer: str | None
@@ -283,7 +287,7 @@ class ImportBatch:
         self.store = store
         self._layers: list[_PendingLayer] = []
         self._image: _PendingImage | None = None
-        self._staging: Path | None = None
+        self._staging: str | None = None
         self._staging_fd = -1
         self._objects: _RecordingObjects | None = None
         self._lock: contextlib.ExitStack | None = None
@@ -296,9 +300,9 @@ class ImportBatch:
         stack = contextlib.ExitStack()
         stack.enter_context(store.gc_lock(shared=True))
         try:
-            self._fanout_before = set(os.listdir(store.objects_dir))
-            os.makedirs(store.tmp_dir, mode=0o700, exist_ok=True)
-            self._staging = Path(tempfile.mkdtemp(prefix=f"import-{os.getpid()}-", dir=store.tmp_dir))
+            self._fanout_before = set(os.listdir(store.objects_str))
+            os.makedirs(store.tmp_str, mode=0o700, exist_ok=True)
+            self._staging = make_temp_dir(store.tmp_str, f"import-{os.getpid()}-")
             self._staging_fd = os.open(self._staging, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             # blocking: a cleaner (clean_tmp, fsck) may be probing the new dir this very moment,
             # and holds the lock only for that probe
@@ -340,6 +344,8 @@ class ImportBatch:
 
     def _cleanup(self) -> None:
         if self._staging is not None:
+            import shutil
+
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
         if self._staging_fd >= 0:
@@ -367,13 +373,13 @@ class ImportBatch:
             for rel in rels:
                 if rel not in keep:
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(store.objects_dir / rel)
+                        os.unlink(os.path.join(store.objects_str, rel))
             for xx in {rel[:2] for rel in rels} - self._fanout_before:
                 with contextlib.suppress(OSError):
-                    os.rmdir(store.objects_dir / xx)
+                    os.rmdir(os.path.join(store.objects_str, xx))
 
     @property
-    def staging(self) -> Path:
+    def staging(self) -> str:
         if self._staging is None:
             raise StoreError("ImportBatch used outside its `with` block")
         return self._staging
@@ -420,7 +426,7 @@ class ImportBatch:
         if layer_id is not None and layer_id != lid:
             raise LayerError(f"layer id {layer_id} does not follow from parent {parent} and diff_id "
                              f"{diff_id} (expected {lid})")
-        tmp = self.staging / f"layer-{lid}.erofs"
+        tmp = os.path.join(self.staging, f"layer-{lid}.erofs")
         for p in self._layers:  # at most one tree cache is being written (the last layer's)
             p.cache_ready()
             if p.id == lid:  # staged again: the earlier staging's files are done with first
@@ -452,7 +458,7 @@ class ImportBatch:
         self._layers = [p for p in self._layers if p.id != lid]
         self._layers.append(_PendingLayer(lid, parent, diff_id, diff_size, compressed_digest,
                                           compressed_size, created or now_iso(), count,
-                                          refs, str(tmp), None, image_digest, unproven, finishing, caching))
+                                          refs, tmp, None, image_digest, unproven, finishing, caching))
         return lid
 
     def _finish_objects(self) -> None:
@@ -461,7 +467,7 @@ class ImportBatch:
             self._objects.finish_bulks()
         self.store.objects.sync()
 
-    def _stage_files(self, tree: Inode, lid: str, tmp: Path) -> tuple[
+    def _stage_files(self, tree: Inode, lid: str, tmp: str) -> tuple[
             str, _Background, Callable[[], str | None], tuple[set[str], set[bytes], int]]:
         """Write the layer image to staging: (image sha256 hex, the thread that fsyncs it, the call
         that writes its tree cache there (returns the cache's path, None if it could not), and
@@ -491,7 +497,7 @@ class ImportBatch:
         def cache() -> str | None:
             """The tree cache: flatten then loads the layer several times faster than parsing the
             image; derived, so not fsynced (it is checked against the image at load)."""
-            path: str | None = str(staging / f"layer-{lid}.tree")
+            path: str | None = os.path.join(staging, f"layer-{lid}.tree")
             try:
                 with open(path, "wb") as out:
                     out.write(tree_cache_bytes(tree, image_digest, image_size))
@@ -521,7 +527,7 @@ class ImportBatch:
     def commit(self) -> ImageRecord | None:
         """Record everything staged in one transaction; returns the image record (if one was set)."""
         store = self.store
-        objdir = store.objects_dir
+        objdir = store.objects_str
         if self._objects is not None:
             self._objects.finish_bulks()  # (add_layer did, unless content was put after it)
         store.require_sound_db("import into it")  # (whole DB: an import writes refs rows)
@@ -576,7 +582,7 @@ class ImportBatch:
                        (p.id, p.parent, p.diff_id, p.compressed_digest, p.compressed_size,
                         p.diff_size, p.created, p.inodes, p.image_digest))
         if renamed:
-            fsync_dir(store.layers_dir)
+            fsync_dir(store.layers_str)
         img = self._image
         if img is not None:
             top = img.top_layer
@@ -641,7 +647,7 @@ class ImportBatch:
         else:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(cache)
-        fsync_dir(store.layers_dir)
+        fsync_dir(store.layers_str)
         db.execute("UPDATE layers SET image_digest = ? WHERE id = ?", (p.image_digest, p.id))
         reftable.insert(db, "layer:" + p.id, (p.refs,))
 
@@ -727,7 +733,7 @@ def _fsync_close(f) -> None:
 # --- configs for single-layer sources ------------------------------------------------------------
 
 def host_architecture() -> str:
-    m = platform.machine()
+    m = os.uname().machine   # (what platform.machine() gives on POSIX, without its import: start-up)
     return _GOARCH.get(m, m)
 
 

@@ -177,6 +177,7 @@ class Store:
         self.db_file = os.path.join(self.root_str, DB_NAME)   # db_path as str
         self.tmp_str = os.path.join(self.root_str, "tmp")     # tmp_dir as str
         self.objects_str = os.path.join(self.root_str, "objects")   # objects_dir as str
+        self.layers_str = os.path.join(self.root_str, "layers")     # layers_dir as str
         self._paths: tuple[Path, Path] | None = None
         self.readonly = readonly or is_additional
         self.is_additional = is_additional
@@ -221,7 +222,9 @@ class Store:
 
     @property
     def layers_dir(self) -> Path:
-        return self.root / "layers"
+        from pathlib import Path
+
+        return Path(self.layers_str)
 
     @property
     def tmp_dir(self) -> Path:
@@ -230,7 +233,7 @@ class Store:
         return Path(self.tmp_str)
 
     def layer_image_path(self, layer_id: str) -> str:
-        return os.path.join(self.root_str, "layers", f"{layer_id}.erofs")
+        return os.path.join(self.layers_str, f"{layer_id}.erofs")
 
     def object_dirs(self) -> list[str]:
         """Object directories to back a mount: the primary's, then each additional store's."""
@@ -256,12 +259,12 @@ class Store:
 
             if self.readonly:
                 try:
-                    self._objects = ObjectStore(self.objects_dir, readonly=True)
+                    self._objects = ObjectStore(self.objects_str, readonly=True)
                 except ObjectStoreError as e:
                     raise StoreError(f"store {self.root_str}: {e}") from None
             else:
                 self.ensure_writable()
-                self._objects = ObjectStore(self.objects_dir)
+                self._objects = ObjectStore(self.objects_str)
         return self._objects
 
     # --- path safety (flatmount.safepath) ---------------------------------------------------------
@@ -331,19 +334,19 @@ class Store:
         """
         if self.readonly:
             raise ReadOnlyStoreError(f"store {self.root_str} is read-only: cannot clean it")
-        if not self.root.is_dir():
+        if not os.path.isdir(self.root_str):
             return 0
         removed = 0
         with self._try_exclusive_gc() as idle:
             cutoff = None if idle else time.time() - STALE_TMP_AGE_S
             removed += self._clean_tmp_dir(cutoff)
-            if self.objects_dir.is_dir():
+            if os.path.isdir(self.objects_str):
                 try:
                     removed += self.objects.clean_temp(0 if idle else STALE_TMP_AGE_S)
                 except Exception as e:  # noqa: BLE001 - cleaning is best effort
                     if not _is_object_store_error(e):
                         raise
-            if idle and self.db_path.exists():
+            if idle and os.path.exists(self.db_file):
                 self.require_sound_db("remove layer images without a record", full=False,
                                       tables=WRITE_CHECK_TABLES)
                 removed += self._remove_orphan_layer_files()
@@ -373,7 +376,7 @@ class Store:
         commit; files of no layer's name shape."""
         from flatmount.safepath import open_dir_nofollow
 
-        dfd = open_dir_nofollow(str(self.layers_dir), f"store {self.root_str}")
+        dfd = open_dir_nofollow(self.layers_str, f"store {self.root_str}")
         if dfd is None:
             return 0
         try:
@@ -447,7 +450,8 @@ class Store:
         empty (0 bytes, no schema) or missing while this is not None has lost the store's records:
         written to, it would make every layer image an orphan and every object garbage."""
         found = []
-        for d, label in ((self.layers_dir, "layer images"), (self.root / "images", "flattened images")):
+        for d, label in ((self.layers_str, "layer images"),
+                         (os.path.join(self.root_str, "images"), "flattened images")):
             try:
                 with os.scandir(d) as it:
                     n = sum(1 for e in it if e.name.endswith(".erofs"))
@@ -457,7 +461,7 @@ class Store:
                 found.append(f"{n} {label}")
         from flatmount.store.paths import scan_objects
 
-        if next(scan_objects(self.objects_dir), None) is not None:
+        if next(scan_objects(self.objects_str), None) is not None:
             found.append("objects")
         return ", ".join(found) or None
 
