@@ -275,6 +275,18 @@ def test_a_first_mount_writes_its_image_without_the_heavy_modules(store_paths):
     assert r.returncode == 0, r.stderr
 
 
+def test_a_pull_imports_no_heavy_modules(tmp_path):
+    """A pull (the example OCI layout into a new store) needs neither dataclasses (inspect, ast, dis
+    behind it), tempfile nor pathlib.  (platform, a dozen regexes compiled at import, comes only
+    with zstandard, for the example's zstd layers; shutil with argparse.)"""
+    require_root()
+    r, mods = cli_modules("--root", str(tmp_path / "root"), "--runroot", str(tmp_path / "run"), "pull",
+                          f"oci:{ROOT}/flatmount/examples/demo-oci:demo", "--name", "demo")
+    assert r.returncode == 0, r.stderr
+    assert "flatmount.sources.oci" in mods and "flatmount.store.batch" in mods
+    assert mods & {"dataclasses", "inspect", "tempfile", "pathlib"} == set()
+
+
 def test_lease_rows_are_written_without_fsync_or_tmp_cleaning(store_paths, monkeypatch):
     """A lease row needs no fsync and no first-write cleaning of tmp/ (flatmount.mount._LEASE_WRITE):
     every write of a mount and unmount of a flattened image asks for neither; other writes still do."""
