@@ -56,7 +56,7 @@ def parse_simple(words: list[str]) -> SimpleNamespace | None:
     sub: dict = {}
     positionals: list[str] = []
     command = None
-    rest: list[str] | None = None   # `run`'s words from `--` on
+    rest: list[str] | None = None   # `run`'s words after its `--`
     i, n = 0, len(words)
     while i < n:
         word = words[i]
