@@ -93,7 +93,8 @@ _WORDS = ["mount", "umount", "img", "/m", "", "-", "--", "-q", "-v", "--quiet", 
           "--root", "--root=/r", "--runroot", "--config=c", "--additional-store", "--additional-store=a",
           "--lazy", "--force", "--lazy=1", "--roo", "-h", "--help", "--version", "-1", "a=b", "mount-image", "-x",
           "run", "--rm", "-d", "-t", "-it", "--name", "--net", "none", "--net=host", "--network", "bogus", "-e",
-          "--env=K=V", "--tmpfs", "--runtime", "crun", "--entrypoint", "-w", "-u", "--volume", "true", "bundle"]
+          "--env=K=V", "--tmpfs", "--runtime", "crun", "--entrypoint", "-w", "-u", "--volume", "true", "bundle",
+          "-e=X", "-eX", "-u=1", "--tty=1"]
 
 
 @settings(max_examples=400, deadline=None)
