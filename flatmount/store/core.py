@@ -160,6 +160,14 @@ def open_connections() -> int:
     return _open_dbs
 
 
+def _as_path(path: str) -> Path:
+    """`path` as a Path: the Store keeps its paths as str (pathlib costs CLI start-up), and the
+    properties that give Paths make them on demand."""
+    from pathlib import Path
+
+    return Path(path)
+
+
 class Store:
     """One flatmount store directory; the primary one also carries `additional` (read-only) stores.
 
@@ -205,9 +213,7 @@ class Store:
         return (self._paths or self._make_paths())[1]
 
     def _make_paths(self) -> tuple[Path, Path]:
-        from pathlib import Path
-
-        self._paths = (Path(self.root_str), Path(self.runroot_str))
+        self._paths = (_as_path(self.root_str), _as_path(self.runroot_str))
         return self._paths
 
     @property
@@ -216,21 +222,15 @@ class Store:
 
     @property
     def objects_dir(self) -> Path:
-        from pathlib import Path
-
-        return Path(self.objects_str)
+        return _as_path(self.objects_str)
 
     @property
     def layers_dir(self) -> Path:
-        from pathlib import Path
-
-        return Path(self.layers_str)
+        return _as_path(self.layers_str)
 
     @property
     def tmp_dir(self) -> Path:
-        from pathlib import Path
-
-        return Path(self.tmp_str)
+        return _as_path(self.tmp_str)
 
     def layer_image_path(self, layer_id: str) -> str:
         return os.path.join(self.layers_str, f"{layer_id}.erofs")
