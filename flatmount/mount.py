@@ -228,9 +228,9 @@ def _verity_ready(store: Store, flat: FlatImage, dirs: list[str]) -> bool:
             digest = verity.measure(fd)
         if digest is None:
             return False
-        import hashlib
+        from objects.sha256 import sha256
 
-        h = hashlib.sha256()
+        h = sha256()
         while chunk := os.read(fd, 1 << 20):
             h.update(chunk)
         if h.hexdigest() != flat.digest:

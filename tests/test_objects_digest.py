@@ -418,3 +418,34 @@ def test_flatmount_pure_turns_the_stream_off() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": root, "FLATMOUNT_PURE": "1"}).stdout.split()
     assert out == ["False", "sha256", "_hashlib"]
+
+
+# --- objects.sha256: an image's name without hashlib's import -------------------------------------
+
+@settings(max_examples=60, deadline=None)
+@given(size=st.one_of(st.integers(0, 200), st.integers(0, 3 * 8 * BLOCK_SIZE + 100)), seed=st.integers(0, 2**32))
+def test_sha256_is_hashlibs(size: int, seed: int) -> None:
+    """`objects.sha256.sha256` (the compiled stream where the CPU has SHA-NI) gives hashlib's digest,
+    for data given at once or in pieces, big ones included (those hash with the GIL released)."""
+    require_stream()
+    from objects.sha256 import StreamSha256, sha256
+
+    data = random.Random(seed).randbytes(size)
+    h = sha256(data)
+    assert isinstance(h, StreamSha256)
+    assert h.hexdigest() == hashlib.sha256(data).hexdigest()
+    h = sha256()
+    for a in range(0, size, 10_007):
+        h.update(memoryview(data)[a:a + 10_007])
+    assert h.digest() == hashlib.sha256(data).digest()
+
+
+def test_sha256_without_the_compiled_stream_is_hashlibs() -> None:
+    """FLATMOUNT_PURE=1: `objects.sha256.sha256` is hashlib's (the reference), same digest."""
+    code = ("from objects.sha256 import STREAM, sha256\n"
+            "h = sha256(b'abc')\n"
+            "print(STREAM, type(h).__module__, h.hexdigest())")
+    root = str(Path(__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": root, "FLATMOUNT_PURE": "1"}).stdout.split()
+    assert out == ["False", "_hashlib", hashlib.sha256(b"abc").hexdigest()]

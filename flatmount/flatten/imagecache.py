@@ -174,15 +174,14 @@ def _write_image_file(store: Store, tree: Inode, buf=None, keep: list | None = N
         from flatmount.flatten.imagefile import write_streamed
 
         return write_streamed(store, tree, keep, size_hint)
-    import hashlib
-
     import xxhash
 
     from flatmount.atomic import AtomicFile
+    from objects.sha256 import sha256
 
     with AtomicFile(store.tmp_str, prefix="flat-") as af:
         af.file.write(buf)
         # the image's names (sha256 for the file, xxh3-128 for the diff index) while it is fsynced
-        digest, image_id = af.sync_while(lambda: (hashlib.sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)))
+        digest, image_id = af.sync_while(lambda: (sha256(buf).hexdigest(), xxhash.xxh3_128_digest(buf)))
         path = af.commit(flat_image_path(store.root_str, digest))  # same bytes if it existed: content-addressed
     return digest, path, len(buf), image_id

@@ -79,12 +79,12 @@ class _Stream:
     them `buf[:end]`, `finish()` waits for them and gives (sha256 hex, xxh3-128) of all of it."""
 
     def __init__(self, fd: int, direct: bool) -> None:
-        import hashlib
-
         import xxhash
 
+        from objects.sha256 import sha256
+
         self.fd, self.direct = fd, direct
-        self.sha, self.xxh = hashlib.sha256(), xxhash.xxh3_128()
+        self.sha, self.xxh = sha256(), xxhash.xxh3_128()
         self.view: memoryview | None = None
         self.given = 0
         self.queues: tuple[deque, deque] = (deque(), deque())

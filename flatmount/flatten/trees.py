@@ -61,13 +61,12 @@ def flat_tree(path: str, *, save: bool = False) -> Inode:
     if tree is None:
         tree = load_tree_cache(path)
         if tree is None:   # read from the image, once checked against its name
-            import hashlib
-
             from flatmount.image.reader import Image
             from flatmount.store.integrity import damaged_flat_image, read_file
+            from objects.sha256 import sha256
 
             data = read_file(path)[0]
-            actual = hashlib.sha256(data).hexdigest()
+            actual = sha256(data).hexdigest()
             if actual != digest:
                 raise damaged_flat_image(digest, path, actual)
             tree = Image(data).root()
@@ -100,7 +99,7 @@ def load_tree_cache(image_path: str | os.PathLike) -> Inode | None:
 def load_layer_tree_cache(layer_image: str | os.PathLike) -> Inode | None:
     """The tree cached beside a layer image, or None (missing, damaged, or not that image's: the
     image is hashed to check, a few ms against the much longer parse it saves)."""
-    import hashlib
+    from objects.sha256 import sha256
 
     try:
         with open(layer_image, "rb") as f:
@@ -109,7 +108,7 @@ def load_layer_tree_cache(layer_image: str | os.PathLike) -> Inode | None:
             cache = f.read()
     except OSError:
         return None
-    return tree_from_cache(cache, hashlib.sha256(data).hexdigest(), len(data))
+    return tree_from_cache(cache, sha256(data).hexdigest(), len(data))
 
 
 def save_tree_cache(image_path: str | os.PathLike, tree: Inode) -> bool:

@@ -63,9 +63,9 @@ def read_layer_image(rec: LayerRecord) -> tuple[bytes, str]:
     except OSError as e:
         raise StoreError(f"layer {rec.id} in {rec.store_root}: cannot read {rec.image_path}: "
                          f"{e.strerror}") from None
-    import hashlib  # here, not at the top: a mount of a verified image hashes nothing (start-up)
+    from objects.sha256 import sha256  # here, not at the top: a mount of a verified image hashes nothing
 
-    digest = hashlib.sha256(data).hexdigest()
+    digest = sha256(data).hexdigest()
     if rec.image_digest is not None and digest != rec.image_digest:
         raise CorruptImageError(f"layer {rec.id} in {rec.store_root}: image {rec.image_path} is damaged "
                                 f"(sha256 {digest[:16]}..., recorded {rec.image_digest[:16]}...); pull an "
@@ -109,9 +109,9 @@ def verify_flat_image(store: Store, path: str, digest: str) -> bool:
         data, st = read_file(path)
     except OSError as e:
         raise StoreError(f"cannot read flattened image {path}: {e.strerror}") from None
-    import hashlib
+    from objects.sha256 import sha256
 
-    actual = hashlib.sha256(data).hexdigest()
+    actual = sha256(data).hexdigest()
     if actual != digest:
         raise damaged_flat_image(digest, path, actual)
     if not store.readonly:
