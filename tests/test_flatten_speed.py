@@ -511,6 +511,88 @@ def test_pushed_arenas_are_populated(mode):
     assert out == ["True", "True" if mode == "push" else "False", "True", "refused"]
 
 
+RESERVE_CHILD = r"""
+import ctypes, mmap, sys, time
+from objects.compiled import load
+arena = load("flatmount.flatten._carena")
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+ALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
+
+class Allocator(ctypes.Structure):
+    _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ALLOC), ("free", FREE)]
+
+SIZE, PAGE = 1 << 20, mmap.PAGESIZE
+
+def allocator():
+    a = Allocator()
+    ctypes.pythonapi.PyObject_GetArenaAllocator(ctypes.byref(a))
+    return a
+
+def resident(p, size):   # pages of [p, p + size) resident; -1: not mapped
+    vec = ctypes.create_string_buffer(size // PAGE)
+    if libc.mincore(p, size, vec) != 0:
+        return -1
+    return sum(b & 1 for b in vec.raw)
+
+arena.push(4 * SIZE)
+a = allocator()
+time.sleep(0.2)   # the populater is done by now
+got = [a.alloc(a.ctx, SIZE) for _ in range(6)]
+base = got[0]
+print("in-order", [p - base for p in got[:4]] == [0, SIZE, 2 * SIZE, 3 * SIZE])
+print("populated", all(resident(p, SIZE) == SIZE // PAGE for p in got[:4]))
+print("beyond", all(not base <= p < base + 4 * SIZE for p in got[4:]))
+ctypes.memset(got[1], 0x5A, SIZE)
+a.free(a.ctx, got[2], SIZE)
+again = a.alloc(a.ctx, SIZE)
+print("reused", again == got[2])
+a.free(a.ctx, again, SIZE)
+a.free(a.ctx, got[3], SIZE)
+arena.pop()
+print("freed-unmapped", resident(got[2], SIZE) == -1 and resident(got[3], SIZE) == -1)
+print("kept", ctypes.string_at(got[1], SIZE) == b"\x5a" * SIZE and resident(got[0], SIZE) == SIZE // PAGE)
+b = allocator()   # the allocator before push: frees the reserve's arenas still held (munmap)
+for p in (got[0], got[1], got[4], got[5]):
+    b.free(b.ctx, p, SIZE)
+print("unmapped", resident(got[1], SIZE) == -1)
+# a reserve bigger than what is used: the rest is unmapped at pop; nested pushes keep it
+arena.push(8 * SIZE)
+c = allocator()
+p = c.alloc(c.ctx, SIZE)
+arena.push(); arena.pop()
+q = c.alloc(c.ctx, SIZE)
+arena.pop()
+print("nested", q == p + SIZE and resident(q + SIZE, SIZE) == -1)
+b.free(b.ctx, p, SIZE); b.free(b.ctx, q, SIZE)
+# Python objects made under a reserve are whole after pop
+arena.push(16 * SIZE)
+data = [(str(i), i * 7, b"x" * (i % 50)) for i in range(200_000)]
+arena.pop()
+print("objects", all(d == (str(i), i * 7, b"x" * (i % 50)) for i, d in enumerate(data)))
+"""
+
+
+def test_a_reserve_hands_out_populated_arenas_and_unmaps_the_rest():
+    """push(reserve): new arenas come from one mapping, in order, their pages resident (a thread
+    populated them); a freed one is handed out again; at the last pop what no arena holds is unmapped,
+    what one holds stays (contents kept) until it is freed; objects made meanwhile are intact."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    _carena()
+    out = subprocess.run([sys.executable, "-c", RESERVE_CHILD], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), "FLATMOUNT_PURE": ""})
+    assert out.returncode == 0, out.stderr
+    lines = dict(line.split() for line in out.stdout.splitlines())
+    assert lines == dict.fromkeys(["in-order", "populated", "beyond", "reused", "freed-unmapped", "kept",
+                                   "unmapped", "nested", "objects"], "True")
+
+
 def test_pure_env_turns_the_arena_populating_off():
     import os
     import subprocess

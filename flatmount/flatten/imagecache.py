@@ -52,6 +52,14 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
     if store.readonly:
         raise ReadOnlyStoreError(f"the flattened image of layer {key} is not cached and the primary "
                                  f"store {store.root_str} is opened read-only")
+    # from here on, the arenas for the trees and the layout are populated ahead (from before the
+    # imports and lookups below: a head start the populating thread needs, see _populated_arenas)
+    with _populated_arenas(HEAP_PER_IMAGE_BYTE * _size_hint(None, chain)):
+        return _flatten_new(store, chain, ids, key)
+
+
+def _flatten_new(store: Store, chain: Sequence, ids: tuple[str, ...], key: str) -> FlatImage:
+    """`flatten_chain` of a chain whose image is not cached (as far as it looked)."""
     from flatmount.flatten.trees import DERIVERS, _remember_tree
 
     # clean=False: the store's write-open cleaning (stale temp files, orphan layer files: a DB check
@@ -82,12 +90,11 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
         # call returned, not before the image is recorded (~6 ms for a 64k-inode tree)
         garbage: list = []
         try:
-            with _populated_arenas():
-                if helper is not None:
-                    tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
-                else:
-                    tree, buf = _chain_tree(prefix, layers, save=save), None
-                digest, path, size, image_id = _write_image_file(store, tree, buf, garbage, _size_hint(prefix, layers))
+            if helper is not None:
+                tree, buf = helper.image(lambda: _chain_tree(prefix, layers, save=save))
+            else:
+                tree, buf = _chain_tree(prefix, layers, save=save), None
+            digest, path, size, image_id = _write_image_file(store, tree, buf, garbage, _size_hint(prefix, layers))
             del buf
             _remember_tree(digest, tree)
             # not durable: a lost row costs one flatten again (the image is durable, named by content)
@@ -109,18 +116,28 @@ def flatten_chain(store: Store, chain: Sequence) -> FlatImage:
     return FlatImage(digest, path, key, ids, False)
 
 
+# The memory flatten's trees and layout take, about, per byte of the image it writes (the 64k-inode
+# chain: 18 MB of small-object arenas for an 11 MB image): the reserve `_populated_arenas` is given.
+HEAP_PER_IMAGE_BYTE = 2
+RESERVE_MAX = 256 << 20
+
+
 @contextlib.contextmanager
-def _populated_arenas() -> Iterator[None]:
+def _populated_arenas(reserve: int = 0) -> Iterator[None]:
     """Within: Python's new small-object arenas get their pages at once (flatmount/flatten/_carena.c,
     optional: the trees and the writer's columns of a big chain are a few hundred thousand objects in
-    fresh memory, and on the development VM faulting their pages in one at a time cost twice as much)."""
+    fresh memory, and on the development VM faulting their pages in one at a time cost twice as much);
+    the first `reserve` bytes of them (at most RESERVE_MAX) are mapped at once and populated ahead by
+    another thread, on a second CPU where there is one."""
     from objects.compiled import load
 
     arena = load("flatmount.flatten._carena")
     if arena is None:
         yield
         return
-    arena.push()
+    from objects.cpus import usable_cpus
+
+    arena.push(min(reserve, RESERVE_MAX) if usable_cpus() > 1 else 0)
     try:
         yield
     finally:
