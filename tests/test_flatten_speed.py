@@ -447,8 +447,9 @@ def test_buffered_ranges_are_flushed_as_they_are_written(tmp_path, monkeypatch, 
 
 # --- small-object arenas with their pages allocated at once -------------------------------------------
 
-ARENA_CHILD = r"""
-import ctypes, mmap, sys
+# the arena allocator in place, through ctypes, and mincore(2): the start of both child scripts below
+ARENA_PRELUDE = r"""
+import ctypes, mmap, sys, time
 from objects.compiled import load
 arena = load("flatmount.flatten._carena")
 if arena is None:
@@ -461,8 +462,10 @@ FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
 class Allocator(ctypes.Structure):
     _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ALLOC), ("free", FREE)]
 
-SIZE = 1 << 20
+SIZE, PAGE = 1 << 20, mmap.PAGESIZE
+"""
 
+ARENA_CHILD = ARENA_PRELUDE + r"""
 def resident_pages():
     # a new arena from the arena allocator in place now: how many of its pages are resident at once
     a = Allocator()
@@ -511,20 +514,7 @@ def test_pushed_arenas_are_populated(mode):
     assert out == ["True", "True" if mode == "push" else "False", "True", "refused"]
 
 
-RESERVE_CHILD = r"""
-import ctypes, mmap, sys, time
-from objects.compiled import load
-arena = load("flatmount.flatten._carena")
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-ALLOC = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-FREE = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t)
-
-class Allocator(ctypes.Structure):
-    _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ALLOC), ("free", FREE)]
-
-SIZE, PAGE = 1 << 20, mmap.PAGESIZE
-
+RESERVE_CHILD = ARENA_PRELUDE + r"""
 def allocator():
     a = Allocator()
     ctypes.pythonapi.PyObject_GetArenaAllocator(ctypes.byref(a))

@@ -410,14 +410,18 @@ def test_stream_functions_refuse_bad_arguments() -> None:
 
 
 def test_flatmount_pure_turns_the_stream_off() -> None:
-    """FLATMOUNT_PURE=1: no compiled stream; a layer's sha256 is hashlib's (the reference)."""
+    """FLATMOUNT_PURE=1: no compiled stream; a layer's sha256 and `objects.sha256.sha256` (an image's
+    name) are hashlib's (the reference), with the same digest."""
     code = ("from objects.digest import STREAM_BLOCKS\n"
+            "from objects.sha256 import STREAM, sha256\n"
             "from flatmount.sources.pipeline import _stream_hash\n"
-            "print(STREAM_BLOCKS, _stream_hash().name, type(_stream_hash()).__module__)")
+            "h = sha256(b'abc')\n"
+            "print(STREAM_BLOCKS, _stream_hash().name, type(_stream_hash()).__module__,\n"
+            "      STREAM, type(h).__module__, h.hexdigest())")
     root = str(Path(__file__).resolve().parent.parent)
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": root, "FLATMOUNT_PURE": "1"}).stdout.split()
-    assert out == ["False", "sha256", "_hashlib"]
+    assert out == ["False", "sha256", "_hashlib", "False", "_hashlib", hashlib.sha256(b"abc").hexdigest()]
 
 
 # --- objects.sha256: an image's name without hashlib's import -------------------------------------
@@ -439,13 +443,3 @@ def test_sha256_is_hashlibs(size: int, seed: int) -> None:
         h.update(memoryview(data)[a:a + 10_007])
     assert h.digest() == hashlib.sha256(data).digest()
 
-
-def test_sha256_without_the_compiled_stream_is_hashlibs() -> None:
-    """FLATMOUNT_PURE=1: `objects.sha256.sha256` is hashlib's (the reference), same digest."""
-    code = ("from objects.sha256 import STREAM, sha256\n"
-            "h = sha256(b'abc')\n"
-            "print(STREAM, type(h).__module__, h.hexdigest())")
-    root = str(Path(__file__).resolve().parent.parent)
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": root, "FLATMOUNT_PURE": "1"}).stdout.split()
-    assert out == ["False", "_hashlib", hashlib.sha256(b"abc").hexdigest()]
