@@ -527,11 +527,23 @@ def test_shared_digests_as_the_shared_items_name_them(root, impl):
         assert items == writer._digest_items(dg)
 
 
-def test_repeated_counts_what_counter_counts():
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=3), max_size=300), st.lists(st.binary(max_size=3), max_size=8))
+def test_repeated_counts_what_counter_counts(values, also):
+    """`repeated(values, also)`: the counts of the values met more than once and of those in `also`
+    met at all, as Counter counts them."""
     from collections import Counter
 
     rep = require_cwrite().repeated
-    values = [bytes([k % 7]) * (k % 3) for k in range(500)] + [b"x" * 32] * 3 + [b"y" * 32]
-    assert rep(values) == {v: c for v, c in Counter(values).items() if c > 1}
-    assert rep([]) == {} and rep([b"a", b"b"]) == {}
+    want = {v: c for v, c in Counter(values).items() if c > 1}
+    assert rep(values) == want
+    assert rep(values, also) == {**want, **{v: c for v, c in Counter(values).items() if v in also}}
+
+
+def test_repeated_refuses_what_it_does_not_take():
+    """Anything but lists of exact bytes: None (the Python count runs then)."""
+    rep = require_cwrite().repeated
+    assert rep([]) == {} and rep([b"a", b"b"]) == {} and rep([], [b"a"]) == {}
+    assert rep([b"a", b"b", b"a"], [b"b", b"c"]) == {b"a": 2, b"b": 1}
     assert rep([b"a", "a"]) is None and rep((b"a",)) is None
+    assert rep([b"a"], ["a"]) is None and rep([b"a"], (b"a",)) is None

@@ -2289,15 +2289,23 @@ typedef struct {
 } Tally;
 
 PyDoc_STRVAR(repeated_doc,
-"repeated(values) -> {value: count} of the bytes values of the list met more than once, or None\n\n"
-"`{v: c for v, c in Counter(values).items() if c > 1}` for a list of exact bytes objects (None for\n"
-"anything else): `_share_xattrs` needs the counts of the digests that repeat only, and most do not.");
+"repeated(values, also=()) -> {value: count} of the bytes values of the list met more than once, and\n"
+"of those in the list `also` met at all; or None\n\n"
+"`{v: c for v, c in Counter(values).items() if c > 1 or v in also}` for lists of exact bytes objects\n"
+"(None for anything else): `_share_xattrs` needs the counts of the digests that repeat and of the\n"
+"few an xattr of an inode names (most digests are used once), without a scan of `values` for each.");
 
-static PyObject *repeated(PyObject *self, PyObject *values)
+static PyObject *repeated(PyObject *self, PyObject *args)
 {
     (void)self;
-    if (!PyList_CheckExact(values))
+    PyObject *values, *also = NULL;
+    if (!PyArg_ParseTuple(args, "O|O:repeated", &values, &also))
+        return NULL;
+    if (!PyList_CheckExact(values) || (also != NULL && !PyList_CheckExact(also)))
         Py_RETURN_NONE;
+    for (Py_ssize_t i = 0; also != NULL && i < PyList_GET_SIZE(also); i++)
+        if (!PyBytes_CheckExact(PyList_GET_ITEM(also, i)))
+            Py_RETURN_NONE;
     Py_ssize_t n = PyList_GET_SIZE(values);
     if ((size_t)n >= UINT32_MAX / 2)
         Py_RETURN_NONE;                  /* (counts in 32 bits) */
@@ -2344,6 +2352,26 @@ static PyObject *repeated(PyObject *self, PyObject *values)
                 Py_CLEAR(out);
             Py_XDECREF(c);
         }
+    /* the values of `also` met once too (the table looked up, not the list scanned) */
+    for (Py_ssize_t i = 0; out != NULL && also != NULL && i < PyList_GET_SIZE(also); i++) {
+        PyObject *v = PyList_GET_ITEM(also, i);
+        Py_hash_t h = PyObject_Hash(v);
+        if (h == -1 && PyErr_Occurred()) {
+            Py_CLEAR(out);
+            break;
+        }
+        Py_ssize_t len = PyBytes_GET_SIZE(v);
+        size_t k = (size_t)h & (cap - 1);
+        while (t[k].key != NULL && !(t[k].hash == (uint32_t)h && PyBytes_GET_SIZE(t[k].key) == len
+                                     && memcmp(PyBytes_AS_STRING(t[k].key), PyBytes_AS_STRING(v), (size_t)len) == 0))
+            k = (k + 1) & (cap - 1);
+        if (t[k].key != NULL && t[k].count == 1) {
+            PyObject *c = PyLong_FromSsize_t(1);
+            if (c == NULL || PyDict_SetItem(out, t[k].key, c) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(c);
+        }
+    }
     PyMem_Free(t);
     return out;
 }
@@ -2402,7 +2430,7 @@ static PyMethodDef methods[] = {
     {"inode_fields", inode_fields, METH_VARARGS, inode_fields_doc},
     {"collect", collect, METH_VARARGS, collect_doc},
     {"place_inodes", place_inodes, METH_VARARGS, place_inodes_doc},
-    {"repeated", repeated, METH_O, repeated_doc},
+    {"repeated", repeated, METH_VARARGS, repeated_doc},
     {"emit_shared", emit_shared, METH_VARARGS, emit_shared_doc},
     {NULL, NULL, 0, NULL},
 };

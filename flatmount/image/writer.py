@@ -777,13 +777,11 @@ def _share_xattrs(lay: _Layout) -> None:
         # digests that a general item names too (rare: files with xattrs of their own) count once used
         named = [dg for dg in map(_digest_of_item, general) if dg is not None]
         cw = accel.CWRITE
-        # the compiled count keeps only the digests used more than once (most are not): enough when
-        # no general item names one
-        per_digest = cw.repeated(dgs) if cw is not None else None
+        # the compiled count keeps only the digests used more than once (most are not), and the
+        # named ones used at all
+        per_digest = cw.repeated(dgs, named) if cw is not None else None
         if per_digest is not None and _share_repeated(lay, counts, general, per_digest, dg_items, named):
             return
-        if per_digest is not None and named:   # (the compiled count lacks the named digests used once)
-            per_digest = None
         if per_digest is None:
             per_digest = Counter(dgs)
             many = {dg for dg, c in per_digest.items() if c > 1}
@@ -831,14 +829,14 @@ def _share_counted(lay: _Layout, counts: Counter, general: list, dg_items: _Dige
 def _share_repeated(lay: _Layout, counts: Counter, general: list, per_digest: dict[bytes, int],
                     dg_items: _DigestItems, named: list[bytes]) -> bool:
     """`_share_counted` in bulk, for the usual case: the digests used more than once by digest-only
-    files (`per_digest`, with their counts) and those an item of the inodes' own xattrs names
-    (`named`: a file with xattrs of its own and a digest; few) get their metacopy and redirect items
-    made and counted all at once (with the equal items of the inodes' own xattrs, if any), not one by
-    one.  A metacopy or redirect block of the shared area holds items of one length: the digests'
-    order (descending) is libcomposefs' order (by name, then length, then value, all descending);
-    where the inodes' own shared metacopies or redirects join a block, it is sorted whole.  False
-    (nothing changed) for what it does not take (an invalid name or value, many `named`): the
-    general code then counts item by item (the specification; tests compare both)."""
+    files and those of them an item of the inodes' own xattrs names (`named`: a file with xattrs of
+    its own and a digest; few), all in `per_digest` with their counts, get their metacopy and redirect
+    items made and counted all at once (with the equal items of the inodes' own xattrs, if any), not
+    one by one.  A metacopy or redirect block of the shared area holds items of one length: the
+    digests' order (descending) is libcomposefs' order (by name, then length, then value, all
+    descending); where the inodes' own shared metacopies or redirects join a block, it is sorted
+    whole.  False (nothing changed) for what it does not take (an invalid name or value): the general
+    code then counts item by item (the specification; tests compare both)."""
     keyinfo: dict[bytes, tuple[int, bytes, int, int]] = {}
     try:   # (an invalid name or value: the general code words the error)
         for k in {*map(itemgetter(0), lay.allitems), _MC, _RD}:
@@ -847,16 +845,7 @@ def _share_repeated(lay: _Layout, counts: Counter, general: list, per_digest: di
         return False
     if general and max(map(len, map(itemgetter(1), general))) > U16:
         return False
-    if named:   # as `many` of the general code: each named digest that digest-only files use too
-        if len(named) > _NAMED_MAX:
-            return False
-        per_digest = dict(per_digest)
-        dgs = lay.digests
-        for dg in set(named).difference(per_digest):
-            c = dgs.count(dg)
-            if c:
-                per_digest[dg] = c
-    many = sorted(per_digest, reverse=True)
+    many = sorted(per_digest, reverse=True)   # (with the named digests digest-only files use too)
     hdr = fmt.METACOPY_HEADER
     mcs = list(zip(repeat(_MC), [hdr + dg for dg in many]))
     rds = list(zip(repeat(_RD), [b"/" + _hexlify(dg, b"/", _HEX_SPLIT) for dg in many]))
@@ -916,9 +905,6 @@ def _share_repeated(lay: _Layout, counts: Counter, general: list, per_digest: di
     lay.shared, lay.shared_off, lay.shared_size, lay.keyinfo = shared, shared_off, off, keyinfo
     lay.has_acl = fmt.POSIX_ACL_ACCESS in keyinfo or fmt.POSIX_ACL_DEFAULT in keyinfo
     return True
-
-
-_NAMED_MAX = 64   # `_share_repeated` counts each named digest with one scan of the digests
 
 
 def _len_value(item: tuple[bytes, bytes]) -> tuple[int, bytes]:
