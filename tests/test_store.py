@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flatmount.api import open_store
 from flatmount.cli import main
@@ -107,6 +109,58 @@ def test_bad_config(tmp_path, text, message):
     conf.write_text(text)
     with pytest.raises(StoreError, match=message):
         open_store(config=conf)
+
+
+_TOML_HEADERS = ["[storage]", "[storage.options]", "[ storage ]", "[a.b]", "[a]", "[[x]]", "[storage] # c",
+                 "[storage]x", "[a..b]", "[]", "[storage.options.x]", "[é]"]
+_TOML_KEYS = ["root", "runroot", "graphroot", "additionalimagestores", "driver", "options", "a.b", "'q'",
+              "1", "-_", "b", "x y", ""]
+_TOML_VALUES = ['"/x"', "'/y'", '"a\\"b"', '"a\\\\b"', '"""m"""', "[]", '["/a", "/b"]', "[ '/a' ,]",
+                "[,]", '["a" "b"]', "1", "true", "{}", '"#"', '"é"', '"\t"', "'a\"b'", '"', '["a"',
+                '["a", # c ]', "", '"/z" "/w"', "[[]]"]
+_TOML_TAILS = ["", " # c", "#c", " x", "\t", " # \x01"]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.lists(st.one_of(
+    st.sampled_from(_TOML_HEADERS),
+    st.tuples(st.sampled_from(_TOML_KEYS), st.sampled_from([" = ", "=", " =", " "]), st.sampled_from(_TOML_VALUES),
+              st.sampled_from(_TOML_TAILS)).map("".join),
+    st.sampled_from(["", "# comment", "  # indented", "\x01", "\r", "   ", "\t# tab"])), max_size=8),
+    st.sampled_from(["\n", "\r\n"]), st.booleans())
+def test_plain_config_reads_as_tomllib_reads_it(lines, newline, bad_utf8):
+    """`simple_toml` (the config file's plain form, without tomllib's import) gives what tomllib gives,
+    or None (tomllib then reads the file); never a result for a file tomllib refuses."""
+    import tomllib
+
+    from flatmount.store.config import simple_toml
+
+    raw = newline.join(lines).encode() + (b"\n# \xff" if bad_utf8 else b"")
+    try:
+        want = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError):
+        want = None
+    got = simple_toml(raw)
+    assert got is None or got == want
+
+
+def test_plain_config_is_read_without_tomllib(tmp_path):
+    """A config file in the documented form is read without importing tomllib (and re, enum behind
+    it): a new process's store opening, where nothing preloads them."""
+    conf = tmp_path / "storage.conf"
+    conf.write_text(textwrap.dedent(f"""
+        # the operator's stores
+        [storage]
+        root = "{tmp_path}/r"    # primary
+        runroot = '{tmp_path}/run'
+        [storage.options]
+        additionalimagestores = ["{tmp_path}/a1", "{tmp_path}/a2",]
+    """))
+    code = ("import sys\nfrom flatmount.store.config import load_config\nc = load_config(sys.argv[1])\n"
+            "print(c.root, c.runroot, *c.additional, 'tomllib' in sys.modules, 're' in sys.modules)")
+    out = subprocess.run([sys.executable, "-S", "-c", code, str(conf)], capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}).stdout.split()
+    assert out == [f"{tmp_path}/r", f"{tmp_path}/run", f"{tmp_path}/a1", f"{tmp_path}/a2", "False", "False"]
 
 
 def test_missing_explicit_config_and_additional_store(tmp_path, monkeypatch):

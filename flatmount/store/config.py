@@ -45,21 +45,27 @@ def load_config(path: str | os.PathLike | None = None) -> StoreConfig:
         else:
             return StoreConfig()
     path = os.fspath(path)
-    import tomllib
-
     try:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            raw = f.read()
     except FileNotFoundError:
         if explicit:
             raise StoreError(f"config file {path} does not exist") from None
         return StoreConfig()
     except OSError as e:
         raise StoreError(f"cannot read config file {path}: {e.strerror}") from None
-    except tomllib.TOMLDecodeError as e:
-        raise StoreError(f"config file {path} is not valid TOML: {e}") from None
-    except RecursionError:
-        raise StoreError(f"config file {path} is not usable TOML: arrays or tables nested too deeply") from None
+    data = simple_toml(raw)
+    if data is None:   # more than the plain form: the full parser
+        import tomllib
+
+        try:
+            data = tomllib.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise StoreError(f"config file {path} is not valid TOML: not UTF-8 ({e.reason})") from None
+        except tomllib.TOMLDecodeError as e:
+            raise StoreError(f"config file {path} is not valid TOML: {e}") from None
+        except RecursionError:
+            raise StoreError(f"config file {path} is not usable TOML: arrays or tables nested too deeply") from None
     storage = data.get("storage", {})
     if not isinstance(storage, dict):
         raise StoreError(f"{path}: [storage] must be a table")
@@ -84,6 +90,98 @@ def load_config(path: str | os.PathLike | None = None) -> StoreConfig:
         additional=tuple(path_value("additionalimagestores", a) for a in ais),
         path=path,
     )
+
+
+# --- the plain form of a config file, without tomllib ---------------------------------------------
+# `import tomllib` (re, enum, datetime and string behind it) costs a new process 8-12 ms where nothing
+# preloads them, which every command that opens a store would pay where a config file exists (an
+# operator's additional stores); the file is almost always the plain form of the module docstring.
+# `simple_toml` reads that form only: tables with bare dotted names, bare keys, strings without escapes
+# and one-line arrays of them, comments; anything else (or anything tomllib would refuse) gives None,
+# and tomllib, the specification, reads the file (tests/test_store.py compares the two).
+
+_BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_CONTROL = frozenset(chr(c) for c in (*range(0x09), *range(0x0A, 0x20), 0x7F))
+
+
+def _bare(name: str) -> bool:
+    return bool(name) and _BARE.issuperset(name)
+
+
+def _string(text: str) -> tuple[str, str] | None:
+    """A basic string without escapes or a literal string at the start of `text`: (value, rest)."""
+    if not text or text[0] not in "\"'":
+        return None
+    end = text.find(text[0], 1)
+    if end < 0:
+        return None
+    value = text[1:end]
+    if "\\" in value and text[0] == '"':
+        return None
+    return value, text[end + 1:]
+
+
+def _value(text: str) -> tuple[object, str] | None:
+    """A string or a one-line array of strings at the start of `text`: (value, rest)."""
+    if text[:1] != "[":
+        return _string(text)
+    items: list[str] = []
+    rest = text[1:].lstrip(" \t")
+    while rest[:1] != "]":
+        got = _string(rest)
+        if got is None:
+            return None
+        items.append(got[0])
+        rest = got[1].lstrip(" \t")
+        if rest[:1] == ",":
+            rest = rest[1:].lstrip(" \t")
+        elif rest[:1] != "]":
+            return None
+    return items, rest[1:]
+
+
+def simple_toml(raw: bytes) -> dict | None:
+    """`tomllib.loads` of a config file in the plain form (see above), or None for any other file."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    if "\r" in text.replace("\r\n", "\n"):
+        return None
+    doc: dict = {}
+    table = doc
+    headers: set[tuple[str, ...]] = set()
+    for line in text.split("\n"):
+        if _CONTROL.intersection(line.rstrip("\r")):
+            return None
+        line = line.strip(" \t\r")
+        if not line or line[0] == "#":
+            continue
+        if line[0] == "[":
+            end = line.find("]")
+            tail = line[end + 1:].lstrip(" \t")
+            parts = tuple(line[1:end].split("."))
+            if end < 0 or line[1:2] == "[" or (tail and tail[0] != "#") or parts in headers \
+                    or not all(map(_bare, parts)):
+                return None
+            headers.add(parts)
+            table = doc
+            for part in parts:
+                table = table.setdefault(part, {})
+                if not isinstance(table, dict):
+                    return None
+            continue
+        key, eq, rest = line.partition("=")
+        key = key.rstrip(" \t")
+        got = _value(rest.lstrip(" \t")) if eq else None
+        if got is None or not _bare(key) or key in table:
+            return None
+        value, tail = got
+        tail = tail.lstrip(" \t")
+        if tail and tail[0] != "#":
+            return None
+        table[key] = value
+    return doc
 
 
 def default_root() -> str:
