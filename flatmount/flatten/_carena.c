@@ -171,7 +171,7 @@ static PyObject *push(PyObject *self, PyObject *args)
         ours.free = populated_free;
         PyObject_SetArenaAllocator(&ours);
         size_t want = reserve > 0 ? ((size_t)reserve + (size_t)page - 1) & ~((size_t)page - 1) : 0;
-        void *m = want && !refused ? mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+        void *m = want ? mmap(NULL, want, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
                                    : MAP_FAILED;
         size_t cap = want / ((size_t)256 << 10) + 1;   /* arenas are 256 KiB at least (1 MiB since 3.10) */
         void **list = m != MAP_FAILED ? PyMem_RawMalloc(cap * sizeof(void *)) : NULL;

@@ -116,9 +116,11 @@ def _flatten_new(store: Store, chain: Sequence, ids: tuple[str, ...], key: str) 
     return FlatImage(digest, path, key, ids, False)
 
 
-# The memory flatten's trees and layout take, about, per byte of the image it writes (the 64k-inode
-# chain: 18 MB of small-object arenas for an 11 MB image): the reserve `_populated_arenas` is given.
+# The memory flatten's trees and layout take, about, per byte of the chain's layer images (the
+# 64k-inode chain: 18 MB of small-object arenas, 12.6 MB of layer images): the reserve
+# `_populated_arenas` is given; none below RESERVE_MIN (a few arenas: not worth a thread).
 HEAP_PER_IMAGE_BYTE = 2
+RESERVE_MIN = 4 << 20
 RESERVE_MAX = 256 << 20
 
 
@@ -137,7 +139,7 @@ def _populated_arenas(reserve: int = 0) -> Iterator[None]:
         return
     from objects.cpus import usable_cpus
 
-    arena.push(min(reserve, RESERVE_MAX) if usable_cpus() > 1 else 0)
+    arena.push(min(reserve, RESERVE_MAX) if reserve >= RESERVE_MIN and usable_cpus() > 1 else 0)
     try:
         yield
     finally:
