@@ -757,3 +757,36 @@ def _same_file(a: ImageIndex, b: ImageIndex, path: str) -> bool:
     fa, fb = _side_lookup(a, os.fsencode(path)), _side_lookup(b, os.fsencode(path))
     return fa is not None and fb is not None and not fa[0].is_dir and not D.compare_inodes(fa[0], fb[0])
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 300), st.sampled_from([1, 16, 20]), st.lists(st.integers(0, 10_000), max_size=12),
+       st.integers(0, 2**32))
+def test_differing_chunks_compiled_and_python_agree(n, size, flips, seed):
+    """The entry hashes two directories differ in: the compiled walk (flatmount/image/_cread.c) and the
+    Python halving (its specification) find the same chunks, the ones a plain comparison finds."""
+    import random
+
+    from conftest import compiled_missing
+
+    import flatmount.image.accel as accel
+
+    changes_mod = __import__("flatmount.diff.changes", fromlist=["_differing_chunks"])
+    a = random.Random(seed).randbytes(n * size)
+    b = bytearray(a)
+    for f in flips:
+        if b:
+            b[f % len(b)] ^= 1 + f % 255
+    b = bytes(b)
+    want = [i for i in range(n) if a[i * size:(i + 1) * size] != b[i * size:(i + 1) * size]]
+    if accel.CREAD is None:
+        compiled_missing("flatmount.image._cread")
+    assert accel.CREAD.differing_chunks(a, b, size) == want
+    saved, accel.CREAD = accel.CREAD, None
+    try:
+        assert sorted(changes_mod._differing_chunks(a, b, size)) == want
+    finally:
+        accel.CREAD = saved
+    assert accel.CREAD.differing_chunks(a, b + b"x", size) is None          # lengths differ
+    if size > 1:
+        assert accel.CREAD.differing_chunks(a + b"x", b + b"y", size) is None   # not whole chunks

@@ -1583,8 +1583,45 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------------------------------------- */
+/* differing_chunks: flatmount/diff/changes.py `_differing_chunks`, for two diff index records' entry
+ * hashes (16 bytes an entry): a walk of memcmp calls, not slices compared by halves in Python */
+
+PyDoc_STRVAR(differing_chunks_doc,
+"differing_chunks(a, b, size) -> list[int] | None\n\n"
+"The indices, in order, of the `size`-byte chunks that differ between the bytes-like `a` and `b` of one\n"
+"length, a multiple of `size`; None for anything else (the Python function, the specification, decides).");
+
+static PyObject *differing_chunks(PyObject *self, PyObject *args)
+{
+    (void)self;
+    Py_buffer a, b;
+    Py_ssize_t size;
+    if (!PyArg_ParseTuple(args, "y*y*n:differing_chunks", &a, &b, &size))
+        return NULL;
+    PyObject *out;
+    if (size <= 0 || a.len != b.len || a.len % size != 0) {
+        out = Py_NewRef(Py_None);
+    } else {
+        out = PyList_New(0);
+        const char *pa = a.buf, *pb = b.buf;
+        for (Py_ssize_t i = 0, n = a.len / size; out != NULL && i < n; i++) {
+            if (memcmp(pa + i * size, pb + i * size, (size_t)size) == 0)
+                continue;
+            PyObject *k = PyLong_FromSsize_t(i);
+            if (k == NULL || PyList_Append(out, k) < 0)
+                Py_CLEAR(out);
+            Py_XDECREF(k);
+        }
+    }
+    PyBuffer_Release(&a);
+    PyBuffer_Release(&b);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"setup", setup, METH_O, "setup(Inode): the tree class whose __slots__ the fast paths fill and read."},
+    {"differing_chunks", differing_chunks, METH_VARARGS, differing_chunks_doc},
     {"read_tree", read_tree, METH_VARARGS,
      "read_tree(data, meta, xbase, blkbits, epoch, build_nsec, root_nid, filter, name_info) -> Inode | None\n"
      "The whole tree of a composefs image, or None: the Python reader must decide."},
