@@ -2288,6 +2288,21 @@ typedef struct {
     uint32_t count;
 } Tally;
 
+/* the slot of bytes `v` (hash `h`) in the table of `cap` slots: its own, or the empty one where it goes */
+static inline size_t tally_slot(const Tally *t, size_t cap, PyObject *v, Py_hash_t h)
+{
+    size_t k = (size_t)h & (cap - 1);
+    Py_ssize_t len = PyBytes_GET_SIZE(v);
+    while (t[k].key != NULL) {
+        PyObject *w = t[k].key;
+        if (t[k].hash == (uint32_t)h && PyBytes_GET_SIZE(w) == len
+                && memcmp(PyBytes_AS_STRING(w), PyBytes_AS_STRING(v), (size_t)len) == 0)
+            break;
+        k = (k + 1) & (cap - 1);
+    }
+    return k;
+}
+
 PyDoc_STRVAR(repeated_doc,
 "repeated(values, also=()) -> {value: count} of the bytes values of the list met more than once, and\n"
 "of those in the list `also` met at all; or None\n\n"
@@ -2328,15 +2343,7 @@ static PyObject *repeated(PyObject *self, PyObject *args)
             PyMem_Free(t);
             return NULL;
         }
-        size_t k = (size_t)h & (cap - 1);
-        Py_ssize_t len = PyBytes_GET_SIZE(v);
-        while (t[k].key != NULL) {
-            PyObject *w = t[k].key;
-            if (t[k].hash == (uint32_t)h && PyBytes_GET_SIZE(w) == len
-                    && memcmp(PyBytes_AS_STRING(w), PyBytes_AS_STRING(v), (size_t)len) == 0)
-                break;
-            k = (k + 1) & (cap - 1);
-        }
+        size_t k = tally_slot(t, cap, v, h);
         if (t[k].key == NULL) {
             t[k].key = v;
             t[k].hash = (uint32_t)h;
@@ -2360,11 +2367,7 @@ static PyObject *repeated(PyObject *self, PyObject *args)
             Py_CLEAR(out);
             break;
         }
-        Py_ssize_t len = PyBytes_GET_SIZE(v);
-        size_t k = (size_t)h & (cap - 1);
-        while (t[k].key != NULL && !(t[k].hash == (uint32_t)h && PyBytes_GET_SIZE(t[k].key) == len
-                                     && memcmp(PyBytes_AS_STRING(t[k].key), PyBytes_AS_STRING(v), (size_t)len) == 0))
-            k = (k + 1) & (cap - 1);
+        size_t k = tally_slot(t, cap, v, h);
         if (t[k].key != NULL && t[k].count == 1) {
             PyObject *c = PyLong_FromSsize_t(1);
             if (c == NULL || PyDict_SetItem(out, t[k].key, c) < 0)
